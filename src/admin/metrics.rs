@@ -1,0 +1,128 @@
+//! Prometheus metrics (prometheus-client). One `Metrics` per process, shared by `Arc`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub result: &'static str,
+    pub status: u16,
+    pub reason: &'static str,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerResultLabels {
+    pub issuer: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerLabels {
+    pub issuer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub decision_seconds: Histogram,
+    pub token_cache_hits: Counter,
+    pub token_cache_misses: Counter,
+    pub token_cache_entries: Gauge,
+    pub jwks_fetches: Family<IssuerResultLabels, Counter>,
+    pub jwks_seconds_since_success: Family<IssuerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self {
+            decisions: Family::default(),
+            decision_seconds: Histogram::new(
+                [
+                    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
+                    0.025, 0.05, 0.1, 0.25,
+                ]
+                .into_iter(),
+            ),
+            token_cache_hits: Counter::default(),
+            token_cache_misses: Counter::default(),
+            token_cache_entries: Gauge::default(),
+            jwks_fetches: Family::default(),
+            jwks_seconds_since_success: Family::default(),
+            config_reloads: Family::default(),
+        }
+    }
+
+    /// Records the outcome of one JWKS (or discovery) fetch: `result` is a short code such as
+    /// `ok`, `timeout`, `refused`, `http_status`, `not_json`, `no_keys`, `too_large`, `redirect`,
+    /// `tls`.
+    pub fn record_jwks_fetch(&self, issuer: &str, result: &'static str) {
+        self.jwks_fetches
+            .get_or_create(&IssuerResultLabels {
+                issuer: issuer.to_string(),
+                result,
+            })
+            .inc();
+    }
+
+    /// A registry holding every metric, for the text encoder.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("portcullis");
+        r.register(
+            "decisions",
+            "Authorization decisions by result, HTTP status, reason and route",
+            self.decisions.clone(),
+        );
+        r.register(
+            "decision_duration_seconds",
+            "Time to decide one Check request",
+            self.decision_seconds.clone(),
+        );
+        r.register(
+            "token_cache_hits",
+            "Verified-token cache hits",
+            self.token_cache_hits.clone(),
+        );
+        r.register(
+            "token_cache_misses",
+            "Verified-token cache misses",
+            self.token_cache_misses.clone(),
+        );
+        r.register(
+            "token_cache_entries",
+            "Verified tokens currently cached",
+            self.token_cache_entries.clone(),
+        );
+        r.register(
+            "jwks_fetches",
+            "JWKS and discovery fetches by issuer and result",
+            self.jwks_fetches.clone(),
+        );
+        r.register(
+            "jwks_seconds_since_last_success",
+            "Seconds since the issuer's key set was last fetched successfully",
+            self.jwks_seconds_since_success.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Configuration loads by result",
+            self.config_reloads.clone(),
+        );
+        r
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

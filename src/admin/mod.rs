@@ -1,0 +1,3 @@
+//! Admin HTTP listener: /healthz, /readyz, /metrics.
+
+pub mod metrics;

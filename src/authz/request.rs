@@ -1,0 +1,29 @@
+//! The request as the decision core sees it: borrowed, already lower-cased header names
+//! (Envoy lower-cases them), nothing from the wire types.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+/// A view of one HTTP request. Built by `grpc` from a CheckRequest, or by the CLI's `explain`.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    /// The HTTP method, exactly as sent (case-sensitive).
+    pub method: &'a str,
+    /// The `:authority` / Host, as sent.
+    pub host: &'a str,
+    /// The raw `:path`, including any query string and fragment.
+    pub path: &'a str,
+    /// Request headers with lower-case names. Repeated headers arrive joined with `,`.
+    pub headers: &'a HashMap<String, String>,
+    /// The peer address Envoy reports (the downstream connection's source).
+    pub source_ip: Option<IpAddr>,
+    /// The peer principal Envoy reports (e.g. a SPIFFE ID), empty when none.
+    pub source_principal: &'a str,
+}
+
+impl<'a> RequestView<'a> {
+    /// A header value by lower-case name.
+    pub fn header(&self, name: &str) -> Option<&'a str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}

@@ -1,0 +1,400 @@
+//! The configuration file's shape, exactly as written in YAML.
+//!
+//! Every struct denies unknown fields so a misspelt key is an error that names the field.
+//! Defaults live here, next to the field they belong to, so the schema documents itself.
+//! Nothing here validates cross-field rules: that is `compile`'s job.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::duration::HumanDuration;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub tokens: TokenConfig,
+    /// Token issuers Portcullis trusts. An empty list means no bearer token is ever accepted.
+    #[serde(default)]
+    pub issuers: Vec<IssuerConfig>,
+    /// Headers added to allowed requests for the upstream, and the spoof protection around them.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    /// How the client address is derived.
+    #[serde(default)]
+    pub network: NetworkConfig,
+    /// Audit log settings.
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// The routes, most specific wins; a request that matches none is denied.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listener for Envoy's ext_authz Check calls.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Admin HTTP listener: /healthz, /readyz, /metrics.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: String,
+    /// How long in-flight checks may take to finish after SIGTERM/SIGINT.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: HumanDuration,
+    /// The longest a Check waits for a key fetch triggered by an unknown `kid`.
+    #[serde(default = "default_key_wait")]
+    pub key_fetch_wait: HumanDuration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            shutdown_grace: default_shutdown_grace(),
+            key_fetch_wait: default_key_wait(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9191".to_string()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9192".to_string()
+}
+fn default_shutdown_grace() -> HumanDuration {
+    HumanDuration::from_secs(10)
+}
+fn default_key_wait() -> HumanDuration {
+    HumanDuration::from_millis(100)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Tokens longer than this are rejected before any parsing.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_bytes: usize,
+    #[serde(default)]
+    pub cache: TokenCacheConfig,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_max_token_bytes(),
+            cache: TokenCacheConfig::default(),
+        }
+    }
+}
+
+fn default_max_token_bytes() -> usize {
+    8 * 1024
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCacheConfig {
+    /// Maximum number of verified tokens kept; 0 disables the cache.
+    #[serde(default = "default_cache_capacity")]
+    pub capacity: u64,
+    /// A verified token is kept at most this long (and never past its `exp`).
+    #[serde(default = "default_cache_ttl")]
+    pub max_ttl: HumanDuration,
+}
+
+impl Default for TokenCacheConfig {
+    fn default() -> Self {
+        Self {
+            capacity: default_cache_capacity(),
+            max_ttl: default_cache_ttl(),
+        }
+    }
+}
+
+fn default_cache_capacity() -> u64 {
+    100_000
+}
+fn default_cache_ttl() -> HumanDuration {
+    HumanDuration::from_secs(300)
+}
+
+/// One trusted token issuer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// Short name used in logs, metrics and decisions. Defaults to the issuer URL.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The exact `iss` value.
+    pub issuer: String,
+    /// The token's `aud` (string or list) must contain one of these.
+    pub audiences: Vec<String>,
+    /// Allowed `alg` values. Default: every asymmetric algorithm.
+    #[serde(default)]
+    pub algorithms: Option<Vec<String>>,
+    /// Where the verification keys come from: exactly one of `file`, `url`, `discovery`.
+    pub keys: KeySourceConfig,
+    /// Where the token is carried.
+    #[serde(default)]
+    pub token: TokenLocationConfig,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`.
+    #[serde(default = "default_leeway")]
+    pub leeway: HumanDuration,
+    /// Optional maximum for `exp - iat`.
+    #[serde(default)]
+    pub max_lifetime: Option<HumanDuration>,
+    /// Optional required `typ` header, e.g. `at+jwt` (RFC 9068).
+    #[serde(default)]
+    pub required_typ: Option<String>,
+    /// Which claims carry scopes and roles.
+    #[serde(default)]
+    pub claims: ClaimPathsConfig,
+}
+
+fn default_leeway() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySourceConfig {
+    /// A local JWKS file (may hold any key type, it is trusted as configured).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// A JWKS URL fetched over HTTPS (HTTP only on loopback or with `allow_http`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Use OIDC discovery from `<issuer>/.well-known/openid-configuration`.
+    #[serde(default)]
+    pub discovery: bool,
+    /// Allow plain HTTP to a non-loopback host. Only for test setups.
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Refresh interval bounds: Cache-Control max-age is clamped into [min_refresh, max_refresh].
+    #[serde(default = "default_min_refresh")]
+    pub min_refresh: HumanDuration,
+    #[serde(default = "default_max_refresh")]
+    pub max_refresh: HumanDuration,
+    /// After the last good fetch, keys stay usable this long while fetches fail.
+    #[serde(default = "default_max_stale")]
+    pub max_stale: HumanDuration,
+    /// An unknown `kid` triggers at most one refetch per this interval.
+    #[serde(default = "default_unknown_kid_interval")]
+    pub unknown_kid_interval: HumanDuration,
+    /// Timeout of one fetch.
+    #[serde(default = "default_fetch_timeout")]
+    pub fetch_timeout: HumanDuration,
+    /// Largest accepted JWKS document.
+    #[serde(default = "default_max_jwks_bytes")]
+    pub max_bytes: usize,
+}
+
+fn default_min_refresh() -> HumanDuration {
+    HumanDuration::from_secs(60)
+}
+fn default_max_refresh() -> HumanDuration {
+    HumanDuration::from_secs(3600)
+}
+fn default_max_stale() -> HumanDuration {
+    HumanDuration::from_secs(24 * 3600)
+}
+fn default_unknown_kid_interval() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+fn default_fetch_timeout() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+fn default_max_jwks_bytes() -> usize {
+    256 * 1024
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenLocationConfig {
+    /// Header carrying the token (lower-case compared).
+    #[serde(default = "default_token_header")]
+    pub header: String,
+    /// Scheme before the token, compared case-insensitively; empty for the bare header value.
+    #[serde(default = "default_token_scheme")]
+    pub scheme: String,
+}
+
+impl Default for TokenLocationConfig {
+    fn default() -> Self {
+        Self {
+            header: default_token_header(),
+            scheme: default_token_scheme(),
+        }
+    }
+}
+
+fn default_token_header() -> String {
+    "authorization".to_string()
+}
+fn default_token_scheme() -> String {
+    "Bearer".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimPathsConfig {
+    /// Claim holding scopes: a space-separated string or a list (dotted path).
+    #[serde(default = "default_scope_claim")]
+    pub scopes: String,
+    /// Claim holding roles: a list or a single string (dotted path, e.g. `realm_access.roles`).
+    #[serde(default = "default_roles_claim")]
+    pub roles: String,
+}
+
+impl Default for ClaimPathsConfig {
+    fn default() -> Self {
+        Self {
+            scopes: default_scope_claim(),
+            roles: default_roles_claim(),
+        }
+    }
+}
+
+fn default_scope_claim() -> String {
+    "scope".to_string()
+}
+fn default_roles_claim() -> String {
+    "roles".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Header name -> claim path. Each is set on allowed requests and always removed from the
+    /// client's request first, so the upstream can trust them.
+    #[serde(default = "default_identity_headers")]
+    pub identity_headers: BTreeMap<String, String>,
+    /// Remove the credential header before the request reaches the upstream.
+    #[serde(default)]
+    pub strip_authorization: bool,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            identity_headers: default_identity_headers(),
+            strip_authorization: false,
+        }
+    }
+}
+
+fn default_identity_headers() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("x-portcullis-subject".to_string(), "sub".to_string()),
+        ("x-portcullis-issuer".to_string(), "iss".to_string()),
+        ("x-portcullis-scopes".to_string(), "scope".to_string()),
+    ])
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Number of trusted proxies in front of Envoy that append to X-Forwarded-For.
+    /// 0 (default): the client address is the source address Envoy reports.
+    #[serde(default)]
+    pub trusted_proxy_hops: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// One JSON line per decision on stdout.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// One route: where it applies and who may use it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Unique id, reported in decisions, logs and metrics.
+    pub id: String,
+    /// Hosts this route applies to (case-insensitive, port and trailing dot ignored).
+    /// Absent or empty: any host. `*.example.com` matches one or more labels below.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Methods, case-sensitive. HEAD is not implied by GET.
+    pub methods: Vec<String>,
+    /// Path template: `/exact`, `/users/{id}`, `*` for one segment, trailing `/**` for any tail.
+    pub path: String,
+    /// No identity needed.
+    #[serde(default)]
+    pub public: bool,
+    /// Alternatives: the request is allowed when any rule holds.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// One grant; all of its conditions must hold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub id: String,
+    /// Restrict to these issuer names (default: any configured issuer).
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    /// All of these scopes.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Any of these roles.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// All of these claim conditions.
+    #[serde(default)]
+    pub claims: Vec<ClaimConditionConfig>,
+    /// Resource binding: path parameters tied to claims.
+    #[serde(default)]
+    pub bind: Vec<BindingConfig>,
+}
+
+/// A claim condition: exactly one of `equals`, `one_of`, `contains`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimConditionConfig {
+    /// Dotted claim path.
+    pub claim: String,
+    #[serde(default)]
+    pub equals: Option<serde_json::Value>,
+    #[serde(default)]
+    pub one_of: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    pub contains: Option<serde_json::Value>,
+}
+
+/// Resource binding: exactly one of `equals_claim`, `in_claim`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingConfig {
+    /// Path parameter name from the route template (`{user}` -> `user`).
+    pub param: String,
+    /// The parameter must equal this (string) claim, e.g. `sub`.
+    #[serde(default)]
+    pub equals_claim: Option<String>,
+    /// The parameter must be a member of this list claim, e.g. `tenants`.
+    #[serde(default)]
+    pub in_claim: Option<String>,
+}

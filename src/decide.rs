@@ -1,0 +1,211 @@
+//! The whole decision for one request, as a pure function of (config, request, key sets, now).
+//!
+//! Steps, each usable alone so the shell (`engine`) can put its token cache between them:
+//! 1. `match_route`: path hygiene and route matching (deny by default).
+//! 2. `extract_credential`: exactly one credential, from a configured header.
+//! 3. `verify_credential`: pick the issuer by `iss`, verify against its keys.
+//! 4. `Policy::authorize`: the route's rules against the identity.
+//!
+//! No I/O, no clock, no async. Keys are looked up through a closure so callers decide where
+//! they come from (the live `KeyStore`, or fixed sets in tests and `explain`).
+
+use std::sync::Arc;
+
+use crate::authz::{Decision, ReasonCode, RequestView, RouteMatch};
+use crate::config::{CompiledIssuer, Config};
+use crate::identity::{Identity, KeySet, jwt};
+use crate::keys::KeyError;
+
+/// Query parameters that carry bearer tokens (RFC 6750 section 2.3). Never accepted: URLs end
+/// up in logs and browser history. Their presence next to a header is "several credentials".
+const QUERY_TOKEN_PARAMS: &[&str] = &["access_token"];
+
+/// The credential found in a request, with the issuers that may have sent it.
+#[derive(Debug)]
+pub struct Credential<'r> {
+    pub token: &'r str,
+    /// The header it was found in (lower-case).
+    pub header: &'r str,
+}
+
+/// Decides a request without a token cache. Used by `explain`, the corpus and as the
+/// reference the cached path in `engine` must agree with.
+pub fn decide(
+    config: &Config,
+    req: &RequestView<'_>,
+    keys: &dyn Fn(&str) -> Result<Arc<KeySet>, KeyError>,
+    now: i64,
+) -> Decision {
+    let m = match config.policy.match_route(req) {
+        Ok(m) => m,
+        Err(deny) => return deny,
+    };
+    if m.public {
+        return public_allow(&m);
+    }
+    let route = Some(m.route_id.clone());
+    let cred = match extract_credential(config, req) {
+        Ok(c) => c,
+        Err(deny) => return deny.with_route(route),
+    };
+    let identity = match verify_credential(config, &cred, keys, now) {
+        Ok(id) => id,
+        Err(deny) => return deny.with_route(route),
+    };
+    config.policy.authorize(&m, &identity)
+}
+
+/// The allow decision for a public route.
+pub fn public_allow(m: &RouteMatch<'_>) -> Decision {
+    Decision::new(ReasonCode::Public, "route is public").with_route(Some(m.route_id.clone()))
+}
+
+/// Finds exactly one credential. None is `CredentialMissing`; several (repeated headers joined
+/// with `,`, two configured headers, or a header plus a query token) is `MultipleCredentials`.
+pub fn extract_credential<'r>(
+    config: &Config,
+    req: &RequestView<'r>,
+) -> Result<Credential<'r>, Decision> {
+    let mut found: Option<Credential<'r>> = None;
+    let mut count = 0usize;
+    let mut scheme_mismatch = false;
+
+    // Each distinct header once, even when several issuers share it.
+    let mut seen: Vec<&str> = Vec::with_capacity(config.issuers.len());
+    for issuer in &config.issuers {
+        let name = issuer.header.as_str();
+        if seen.contains(&name) {
+            continue;
+        }
+        seen.push(name);
+        let Some((header, value)) = req.headers.get_key_value(name) else {
+            continue;
+        };
+        if value.contains(',') {
+            return Err(multiple());
+        }
+        count += 1;
+        match strip_scheme(config, name, value) {
+            Some(token) => {
+                found = Some(Credential {
+                    token,
+                    header: header.as_str(),
+                })
+            }
+            None => scheme_mismatch = true,
+        }
+    }
+
+    let query_token = query_has_token(req.path);
+    if query_token {
+        count += 1;
+    }
+    if count > 1 {
+        return Err(multiple());
+    }
+    if query_token {
+        return Err(Decision::new(
+            ReasonCode::InvalidToken,
+            "access tokens in the URL query are not accepted; send them in the Authorization header",
+        ));
+    }
+    if scheme_mismatch {
+        return Err(Decision::new(
+            ReasonCode::InvalidToken,
+            "unsupported authorization scheme",
+        ));
+    }
+    match found {
+        Some(c) if c.token.is_empty() => Err(Decision::new(
+            ReasonCode::InvalidToken,
+            "the credential is empty",
+        )),
+        Some(c) => Ok(c),
+        None => Err(Decision::new(
+            ReasonCode::CredentialMissing,
+            "this route requires a bearer token",
+        )),
+    }
+}
+
+fn multiple() -> Decision {
+    Decision::new(
+        ReasonCode::MultipleCredentials,
+        "the request carries more than one credential",
+    )
+}
+
+/// Strips the scheme of any issuer using this header. `None` when no scheme fits.
+fn strip_scheme<'r>(config: &Config, header: &str, value: &'r str) -> Option<&'r str> {
+    let value = value.trim();
+    for issuer in config.issuers.iter().filter(|i| i.header == header) {
+        if issuer.scheme.is_empty() {
+            return Some(value);
+        }
+        let n = issuer.scheme.len();
+        if value.len() > n
+            && value.is_char_boundary(n)
+            && value[..n].eq_ignore_ascii_case(&issuer.scheme)
+            && value.as_bytes()[n].is_ascii_whitespace()
+        {
+            return Some(value[n..].trim_start());
+        }
+    }
+    None
+}
+
+/// True when the query string carries a token parameter (any case of its name, encoded or not).
+fn query_has_token(path: &str) -> bool {
+    let Some((_, query)) = path.split_once('?') else {
+        return false;
+    };
+    let query = query.split('#').next().unwrap_or_default();
+    query.split('&').any(|pair| {
+        let name = pair.split('=').next().unwrap_or_default();
+        let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+        QUERY_TOKEN_PARAMS
+            .iter()
+            .any(|p| name.trim().eq_ignore_ascii_case(p))
+    })
+}
+
+/// Picks the issuer by the token's `iss` and the header it came in, then verifies it.
+pub fn verify_credential(
+    config: &Config,
+    cred: &Credential<'_>,
+    keys: &dyn Fn(&str) -> Result<Arc<KeySet>, KeyError>,
+    now: i64,
+) -> Result<Arc<Identity>, Decision> {
+    let issuer = select_issuer(config, cred)?;
+    let set = keys(&issuer.name).map_err(keys_unavailable)?;
+    let verified = jwt::verify(cred.token, &issuer.rules, &set, now).map_err(invalid_token)?;
+    Ok(Arc::new(Identity::from_verified(
+        issuer.name.clone(),
+        verified,
+        &issuer.claims,
+    )))
+}
+
+/// The issuer a credential claims to come from, checked against where it was found.
+pub fn select_issuer<'c>(
+    config: &'c Config,
+    cred: &Credential<'_>,
+) -> Result<&'c Arc<CompiledIssuer>, Decision> {
+    let max = config.file.tokens.max_bytes;
+    let iss = jwt::peek_issuer(cred.token, max).map_err(invalid_token)?;
+    config
+        .issuers
+        .iter()
+        .find(|i| i.rules.issuer == iss && i.header == cred.header)
+        .ok_or_else(|| Decision::new(ReasonCode::UnknownIssuer, "the token's issuer is not trusted"))
+}
+
+/// A JWT rejection as a 401 decision.
+pub fn invalid_token(e: jwt::JwtError) -> Decision {
+    Decision::new(ReasonCode::InvalidToken, e.to_string())
+}
+
+/// Unusable keys as a 401 decision (fail closed).
+pub fn keys_unavailable(e: KeyError) -> Decision {
+    Decision::new(ReasonCode::KeysUnavailable, e.to_string())
+}

@@ -1,0 +1,113 @@
+//! Who is calling: JWT verification against a key set, and the verified identity it yields.
+//!
+//! Pure and synchronous: no I/O, no clock (the caller passes `now`), no tokio, no tracing.
+//! Key *fetching* lives in `keys`; this module only parses key sets it is handed.
+
+pub mod jwk;
+pub mod jwt;
+pub mod strict_json;
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+pub use jwk::{KeyOrigin, KeySet, LoadedKeys, VerifyKey};
+pub use jwt::{JwtError, JwtRules, VerifiedJwt};
+
+/// Where scopes and roles live in an issuer's claims (dotted paths).
+#[derive(Debug, Clone)]
+pub struct ClaimPaths {
+    pub scopes: String,
+    pub roles: String,
+}
+
+/// A verified caller.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The configured issuer name that verified this identity.
+    pub issuer_name: Arc<str>,
+    /// The `iss` claim.
+    pub issuer: String,
+    /// The `sub` claim (empty when absent).
+    pub subject: String,
+    /// All claims, as verified.
+    pub claims: Map<String, Value>,
+    /// Scopes, from the issuer's scope claim (space-separated string or list).
+    pub scopes: Vec<String>,
+    /// Roles, from the issuer's role claim (list or single string).
+    pub roles: Vec<String>,
+    /// `exp`, seconds since the epoch.
+    pub expires_at: i64,
+    pub not_before: Option<i64>,
+    pub issued_at: Option<i64>,
+    /// Fingerprint of the key that verified the token (see `VerifyKey::fingerprint`).
+    pub key_fingerprint: Arc<str>,
+}
+
+impl Identity {
+    /// Builds an identity from verified claims.
+    pub fn from_verified(issuer_name: Arc<str>, jwt: VerifiedJwt, paths: &ClaimPaths) -> Self {
+        let scopes = string_list(claim_path(&jwt.claims, &paths.scopes), true);
+        let roles = string_list(claim_path(&jwt.claims, &paths.roles), false);
+        let issuer = jwt
+            .claims
+            .get("iss")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let subject = jwt
+            .claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        Identity {
+            issuer_name,
+            issuer,
+            subject,
+            scopes,
+            roles,
+            expires_at: jwt.exp,
+            not_before: jwt.nbf,
+            issued_at: jwt.iat,
+            key_fingerprint: jwt.key_fingerprint,
+            claims: jwt.claims,
+        }
+    }
+
+    /// A claim by dotted path (`realm_access.roles`).
+    pub fn claim(&self, path: &str) -> Option<&Value> {
+        claim_path(&self.claims, path)
+    }
+}
+
+/// Looks up a dotted claim path. A key that itself contains dots is found when it exists
+/// literally at the top level (e.g. `https://example.com/roles`).
+pub fn claim_path<'a>(claims: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    if let Some(v) = claims.get(path) {
+        return Some(v);
+    }
+    let mut parts = path.split('.');
+    let mut cur = claims.get(parts.next()?)?;
+    for part in parts {
+        cur = cur.as_object()?.get(part)?;
+    }
+    Some(cur)
+}
+
+/// A claim as a list of strings: a JSON list of strings, or one string (split on spaces when
+/// `split_spaces`, as OAuth's `scope` claim is).
+pub fn string_list(value: Option<&Value>, split_spaces: bool) -> Vec<String> {
+    match value {
+        Some(Value::String(s)) if split_spaces => {
+            s.split(' ').filter(|p| !p.is_empty()).map(str::to_string).collect()
+        }
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    }
+}

@@ -1,0 +1,1 @@
+//! JSON parsing that rejects duplicate object keys at any depth. OWNER: identity helper.
