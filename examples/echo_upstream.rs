@@ -29,7 +29,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    eprintln!("echo_upstream listening on http://{}", listener.local_addr()?);
+    eprintln!(
+        "echo_upstream listening on http://{}",
+        listener.local_addr()?
+    );
     let app = Router::new().fallback(echo);
     axum::serve(listener, app).await?;
     Ok(())

@@ -1,0 +1,105 @@
+//! Every shipped Envoy config (`envoy/*.yaml`) passes `envoy --mode validate` with the pinned
+//! Envoy, so a typo or a field removed in a new Envoy release fails the build, not a deploy.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::Command;
+
+#[test]
+fn every_shipped_envoy_config_passes_envoy_validate() {
+    let envoy = support::envoy_binary();
+    let dir = support::repo_root().join("envoy");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    assert!(
+        !files.is_empty(),
+        "no Envoy configs found in {}",
+        dir.display()
+    );
+    for file in files {
+        let output = Command::new(&envoy)
+            .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && stdout.contains("OK"),
+            "envoy --mode validate failed for {}:\n{stdout}\n{stderr}",
+            file.display()
+        );
+        // Deprecated fields validate today and break on the next Envoy upgrade.
+        assert!(
+            !stderr.to_ascii_lowercase().contains("deprecated"),
+            "{} uses deprecated Envoy fields:\n{stderr}",
+            file.display()
+        );
+    }
+}
+
+/// The safety knobs the README tells operators never to change are actually in the file.
+#[test]
+fn shipped_envoy_config_keeps_fail_closed_and_path_hygiene() {
+    let text = std::fs::read_to_string(support::repo_root().join("envoy/envoy.yaml")).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let listener = &doc["static_resources"]["listeners"][0];
+    let hcm = &listener["filter_chains"][0]["filters"][0]["typed_config"];
+    assert_eq!(hcm["codec_type"].as_str(), Some("AUTO"));
+    assert_eq!(hcm["normalize_path"].as_bool(), Some(true));
+    assert_eq!(hcm["merge_slashes"].as_bool(), Some(true));
+    assert_eq!(
+        hcm["path_with_escaped_slashes_action"].as_str(),
+        Some("REJECT_REQUEST")
+    );
+    assert_eq!(
+        hcm["common_http_protocol_options"]["headers_with_underscores_action"].as_str(),
+        Some("REJECT_REQUEST")
+    );
+    let filters = hcm["http_filters"].as_sequence().unwrap();
+    assert_eq!(
+        filters[0]["name"].as_str(),
+        Some("envoy.filters.http.ext_authz"),
+        "ext_authz must be the first HTTP filter"
+    );
+    assert_eq!(
+        filters.last().unwrap()["name"].as_str(),
+        Some("envoy.filters.http.router")
+    );
+    let authz = &filters[0]["typed_config"];
+    assert_eq!(authz["transport_api_version"].as_str(), Some("V3"));
+    assert_eq!(authz["failure_mode_allow"].as_bool(), Some(false));
+    assert_eq!(authz["status_on_error"]["code"].as_str(), Some("Forbidden"));
+    assert_eq!(authz["include_peer_certificate"].as_bool(), Some(true));
+    assert!(
+        authz.get("with_request_body").is_none(),
+        "request bodies must not be sent to Portcullis"
+    );
+    assert_eq!(
+        authz["grpc_service"]["envoy_grpc"]["cluster_name"].as_str(),
+        Some("portcullis")
+    );
+    // No route may switch ext_authz off: a per-route `typed_per_filter_config` disabling it
+    // would make that route unauthenticated.
+    assert!(
+        !text.contains("typed_per_filter_config"),
+        "the shipped config must not override ext_authz per route"
+    );
+    let clusters = doc["static_resources"]["clusters"].as_sequence().unwrap();
+    let portcullis = clusters
+        .iter()
+        .find(|c| c["name"].as_str() == Some("portcullis"))
+        .unwrap();
+    assert!(
+        !portcullis["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+            ["http2_protocol_options"]
+            .is_null(),
+        "the portcullis cluster must speak HTTP/2 (gRPC)"
+    );
+}
