@@ -3,8 +3,13 @@
 //! See ARCHITECTURE.md for the module map and its invariants.
 
 pub mod admin;
+pub mod audit;
 pub mod authz;
+pub mod cli;
 pub mod config;
 pub mod decide;
+pub mod engine;
+pub mod grpc;
 pub mod identity;
 pub mod keys;
+pub mod server;

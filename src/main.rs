@@ -1,4 +1,102 @@
-//! The `portcullis` binary. Skeleton; the CLI is filled in by the shell work.
-fn main() -> anyhow::Result<()> {
+//! The `portcullis` binary: parse arguments, set up logging, run a command, exit non-zero
+//! with a clear message on failure. No logic of its own (see `cli` and `server`).
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use portcullis::cli::{self, Cli, Command};
+use portcullis::server::Server;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => serve(cli.config),
+        Some(Command::Serve { config }) => serve(config),
+        Some(Command::Check { config, strict }) => cli::check(&config, strict)
+            .map(|report| print!("{report}"))
+            .map_err(anyhow::Error::from),
+        Some(Command::Explain(args)) => explain(args),
+        Some(Command::Token(args)) => cli::token(&args)
+            .map(|t| {
+                eprintln!(
+                    "development-only token for {} (never valid in production)",
+                    cli::DEV_ISSUER
+                );
+                println!("{t}");
+            })
+            .map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn init_logging() {
+    // Logs are JSON on stderr; stdout carries only the audit log.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .init();
+}
+
+fn explain(args: cli::ExplainArgs) -> anyhow::Result<()> {
+    let explanation = runtime()?.block_on(cli::explain(&args))?;
+    if args.json {
+        println!("{}", explanation.to_json());
+    } else {
+        print!("{}", explanation.to_text());
+    }
     Ok(())
+}
+
+fn serve(config_path: std::path::PathBuf) -> anyhow::Result<()> {
+    init_logging();
+    let config = portcullis::config::load(&config_path)?;
+    for warning in &config.warnings {
+        tracing::warn!(config = %config_path.display(), "{warning}");
+    }
+    runtime()?.block_on(async move {
+        let server = Server::start(config).await?;
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing in-flight checks");
+        server.shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
 }

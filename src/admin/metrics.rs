@@ -46,13 +46,10 @@ impl Metrics {
     pub fn new() -> Self {
         Self {
             decisions: Family::default(),
-            decision_seconds: Histogram::new(
-                [
-                    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
-                    0.025, 0.05, 0.1, 0.25,
-                ]
-                .into_iter(),
-            ),
+            decision_seconds: Histogram::new([
+                0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
+                0.025, 0.05, 0.1, 0.25,
+            ]),
             token_cache_hits: Counter::default(),
             token_cache_misses: Counter::default(),
             token_cache_entries: Gauge::default(),

@@ -1,3 +1,97 @@
-//! Admin HTTP listener: /healthz, /readyz, /metrics.
+//! Admin HTTP listener: `/healthz` (process alive), `/readyz` (config loaded and every issuer's
+//! keys usable), `/metrics` (Prometheus text). Read-only; it never changes a decision.
 
 pub mod metrics;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::engine::Engine;
+use metrics::{IssuerLabels, Metrics};
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub engine: Arc<ArcSwap<Engine>>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let engine = state.engine.load();
+    let issuers: Vec<_> = engine
+        .keys
+        .status()
+        .into_iter()
+        .map(|s| {
+            serde_json::json!({
+                "issuer": &*s.name,
+                "usable": s.usable,
+                "keys": s.key_count,
+                "last_error": s.last_error,
+            })
+        })
+        .collect();
+    let ready = engine.keys.ready();
+    let body = serde_json::json!({ "ready": ready, "issuers": issuers });
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body)).into_response()
+}
+
+async fn metrics_text(State(state): State<AdminState>) -> Response {
+    let engine = state.engine.load();
+    refresh_gauges(&engine, &state.metrics);
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &state.metrics.registry()) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Gauges that are computed at scrape time rather than kept up to date on the hot path.
+fn refresh_gauges(engine: &Engine, metrics: &Metrics) {
+    metrics
+        .token_cache_entries
+        .set(i64::try_from(engine.cached_tokens()).unwrap_or(i64::MAX));
+    let now = SystemTime::now();
+    for s in engine.keys.status() {
+        let age = s
+            .last_good
+            .and_then(|t| now.duration_since(t).ok())
+            .map_or(f64::INFINITY, |d| d.as_secs_f64());
+        metrics
+            .jwks_seconds_since_success
+            .get_or_create(&IssuerLabels {
+                issuer: s.name.to_string(),
+            })
+            .set(age);
+    }
+}

@@ -1,0 +1,329 @@
+//! The command line: `serve` (default), `check`, `explain`, `token`. Argument types and the
+//! logic of each command live here so they can be tested; `main.rs` only dispatches.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Map, Value, json};
+
+use crate::authz::{Decision, RequestView};
+use crate::config::{self, Config};
+use crate::decide;
+use crate::engine::unix_now;
+use crate::grpc::www_authenticate;
+use crate::identity::{KeyOrigin, KeySet};
+use crate::keys::KeyError;
+
+/// The issuer of the checked-in development key. `token` signs only for this issuer.
+pub const DEV_ISSUER: &str = "https://dev.portcullis.invalid";
+/// The default config path, relative to the working directory.
+pub const DEFAULT_CONFIG: &str = "config/portcullis.yaml";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Least-privilege authorization service for Envoy (ext_authz)",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Config file, when no subcommand is given (same as `serve --config`).
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve ext_authz on the configured listeners (the default command).
+    Serve {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate a config file: exit 0 when valid, non-zero naming file, field and a hint.
+    Check {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Treat warnings (e.g. unreachable routes) as errors.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Show the decision for one request, and which route and rule made it.
+    Explain(ExplainArgs),
+    /// Mint a DEVELOPMENT-ONLY token with the checked-in dev key (config/dev/).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// The request path, with any query string, exactly as the client sends it.
+    #[arg(long)]
+    pub path: String,
+    #[arg(long, default_value = "localhost")]
+    pub host: String,
+    /// A bearer token, sent as `authorization: Bearer <token>`.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Extra request header, `name: value` (repeatable).
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+    /// The client address Envoy would report.
+    #[arg(long)]
+    pub source_ip: Option<IpAddr>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Subject (`sub`).
+    #[arg(long)]
+    pub sub: String,
+    /// Scope (repeatable, or space-separated).
+    #[arg(long = "scope")]
+    pub scopes: Vec<String>,
+    /// Role (repeatable).
+    #[arg(long = "role")]
+    pub roles: Vec<String>,
+    /// Extra claim `name=value`; the value is parsed as JSON when it is valid JSON
+    /// (`tenants=["acme"]`, `level=3`), else taken as a string (repeatable).
+    #[arg(long = "claim", value_name = "NAME=VALUE")]
+    pub claims: Vec<String>,
+    /// Lifetime, e.g. `15m`, `1h`.
+    #[arg(long, default_value = "1h")]
+    pub ttl: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Keys(String),
+}
+
+/// `check`: the report to print on success (errors are returned).
+pub fn check(path: &Path, strict: bool) -> Result<String, CliError> {
+    let config = config::load(path)?;
+    // Local key files are part of the config: load them now rather than at first request.
+    for issuer in &config.issuers {
+        if let Some(file) = &issuer.keys.file {
+            let bytes = std::fs::read(file).map_err(|source| CliError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            KeySet::from_jwks(&bytes, KeyOrigin::LocalFile).map_err(|e| {
+                CliError::Keys(format!(
+                    "{}: issuers[{}].keys.file: `{}`: {e}",
+                    path.display(),
+                    issuer.name,
+                    file.display()
+                ))
+            })?;
+        }
+    }
+    let mut out = format!(
+        "{}: ok ({} issuer(s), {} route(s))\n",
+        path.display(),
+        config.issuers.len(),
+        config.file.routes.len()
+    );
+    for w in &config.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
+    if strict && !config.warnings.is_empty() {
+        return Err(CliError::Usage(format!(
+            "{out}{}: {} warning(s) with --strict",
+            path.display(),
+            config.warnings.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// The result of `explain`, printable as text or JSON.
+pub struct Explanation {
+    pub decision: Decision,
+}
+
+impl Explanation {
+    pub fn to_json(&self) -> Value {
+        let d = &self.decision;
+        json!({
+            "decision": if d.is_allow() { "allow" } else { "deny" },
+            "status": d.http_status(),
+            "reason": d.code.as_str(),
+            "detail": d.detail,
+            "route": d.route.as_deref(),
+            "rule": d.rule.as_deref(),
+            "subject": d.identity.as_ref().map(|i| i.subject.as_str()),
+            "issuer": d.identity.as_ref().map(|i| &*i.issuer_name),
+            "www_authenticate": www_authenticate(d),
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        let d = &self.decision;
+        let mut out = format!(
+            "decision: {}\nstatus:   {}\nreason:   {} ({})\nroute:    {}\nrule:     {}\n",
+            if d.is_allow() { "ALLOW" } else { "DENY" },
+            d.http_status(),
+            d.code.as_str(),
+            d.detail,
+            d.route.as_deref().unwrap_or("-"),
+            d.rule.as_deref().unwrap_or("-"),
+        );
+        if let Some(id) = &d.identity {
+            out.push_str(&format!(
+                "subject:  {} (issuer {})\n",
+                id.subject, id.issuer_name
+            ));
+        }
+        if let Some(challenge) = www_authenticate(d) {
+            out.push_str(&format!("www-authenticate: {challenge}\n"));
+        }
+        out
+    }
+}
+
+/// `explain`: decides the described request against the config, with keys loaded as the
+/// server would (files read, URLs fetched).
+pub async fn explain(args: &ExplainArgs) -> Result<Explanation, CliError> {
+    let config = config::load(&args.config)?;
+    let mut headers: HashMap<String, String> = HashMap::new();
+    for raw in &args.headers {
+        let (name, value) = raw
+            .split_once(':')
+            .ok_or_else(|| CliError::Usage(format!("--header `{raw}`: expected `name: value`")))?;
+        let name = name.trim().to_ascii_lowercase();
+        let value = value.trim().to_string();
+        // Repeated headers reach Portcullis joined with `,`, exactly as Envoy sends them.
+        headers
+            .entry(name)
+            .and_modify(|v| {
+                v.push(',');
+                v.push_str(&value);
+            })
+            .or_insert(value);
+    }
+    if let Some(token) = &args.token {
+        headers.insert("authorization".into(), format!("Bearer {token}"));
+    }
+    let metrics = Arc::new(crate::admin::metrics::Metrics::new());
+    let store = Arc::new(crate::server::key_store(&config, metrics));
+    store.start().await;
+    let view = RequestView {
+        method: &args.method,
+        host: &args.host,
+        path: &args.path,
+        headers: &headers,
+        source_ip: args.source_ip,
+        source_principal: "",
+    };
+    let keys = |name: &str| -> Result<Arc<KeySet>, KeyError> { store.get(name) };
+    let decision = decide::decide(&config, &view, &keys, unix_now());
+    Ok(Explanation { decision })
+}
+
+/// `token`: a signed development token for the dev issuer of the config.
+pub fn token(args: &TokenArgs) -> Result<String, CliError> {
+    let config = config::load(&args.config)?;
+    let ttl = humantime::parse_duration(&args.ttl).map_err(|e| {
+        CliError::Usage(format!("--ttl `{}`: {e} (use e.g. `15m`, `1h`)", args.ttl))
+    })?;
+    mint_dev_token(&config, args, unix_now(), ttl.as_secs() as i64)
+}
+
+/// Signs a token with the dev key for the config's dev issuer. Refuses any other issuer.
+pub fn mint_dev_token(
+    config: &Config,
+    args: &TokenArgs,
+    now: i64,
+    ttl_secs: i64,
+) -> Result<String, CliError> {
+    let issuer = config
+        .issuers
+        .iter()
+        .find(|i| i.rules.issuer == DEV_ISSUER)
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "{}: no issuer `{DEV_ISSUER}`: `portcullis token` signs only for the development \
+                 issuer, never for a real one",
+                args.config.display()
+            ))
+        })?;
+    let jwks_path = issuer.keys.file.as_ref().ok_or_else(|| {
+        CliError::Usage("the dev issuer must use a local key file (keys.file)".into())
+    })?;
+    let key_path = jwks_path.with_file_name("signing-key.pem");
+    let pem = std::fs::read(&key_path).map_err(|source| CliError::Read {
+        path: key_path.clone(),
+        source,
+    })?;
+    let jwks: Value = std::fs::read(jwks_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    let kid = jwks["keys"][0]["kid"].as_str().map(str::to_string);
+
+    let mut claims = Map::new();
+    claims.insert("iss".into(), json!(DEV_ISSUER));
+    claims.insert("sub".into(), json!(args.sub));
+    let aud = issuer.rules.audiences.first().cloned().unwrap_or_default();
+    claims.insert("aud".into(), json!(aud));
+    claims.insert("iat".into(), json!(now));
+    claims.insert("nbf".into(), json!(now));
+    claims.insert("exp".into(), json!(now + ttl_secs));
+    claims.insert("jti".into(), json!(uuid::Uuid::new_v4().to_string()));
+    let scopes: Vec<&str> = args
+        .scopes
+        .iter()
+        .flat_map(|s| s.split_whitespace())
+        .collect();
+    if !scopes.is_empty() {
+        claims.insert(issuer.claims.scopes.clone(), json!(scopes.join(" ")));
+    }
+    if !args.roles.is_empty() {
+        claims.insert(issuer.claims.roles.clone(), json!(args.roles));
+    }
+    for raw in &args.claims {
+        let (name, value) = raw
+            .split_once('=')
+            .ok_or_else(|| CliError::Usage(format!("--claim `{raw}`: expected `name=value`")))?;
+        let value = serde_json::from_str(value).unwrap_or_else(|_| json!(value));
+        claims.insert(name.to_string(), value);
+    }
+
+    let alg = jsonwebtoken::Algorithm::RS256;
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = kid;
+    header.typ = Some(
+        issuer
+            .rules
+            .required_typ
+            .clone()
+            .unwrap_or_else(|| "JWT".to_string()),
+    );
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem)
+        .map_err(|e| CliError::Keys(format!("`{}`: {e}", key_path.display())))?;
+    jsonwebtoken::encode(&header, &claims, &key)
+        .map_err(|e| CliError::Keys(format!("cannot sign the token: {e}")))
+}

@@ -1,0 +1,191 @@
+//! The decision shell: the pure `decide` pipeline plus the verified-token cache and the
+//! unknown-`kid` refetch. Owns the clock. No wire types here (`grpc` converts), no metrics
+//! or audit output (the caller records the `Decision`).
+//!
+//! INVARIANT: a cache hit decides exactly as a miss would at the same `now` and key sets:
+//! the time checks and every grant run again, and the entry is honoured only while the key
+//! that verified it is still in its issuer's key set.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use moka::sync::Cache;
+
+use crate::admin::metrics::Metrics;
+use crate::authz::{Decision, RequestView};
+use crate::config::Config;
+use crate::decide::{self, Credential};
+use crate::identity::{Identity, jwt};
+use crate::keys::KeyStore;
+
+/// Seconds since the Unix epoch, as the core takes `now`.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Per-entry lifetime: until the token expires, capped by the configured maximum.
+struct TokenExpiry {
+    max_ttl: Duration,
+}
+
+impl moka::Expiry<Arc<str>, Arc<Identity>> for TokenExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &Arc<str>,
+        value: &Arc<Identity>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        let left = value.expires_at.saturating_sub(unix_now()).max(0) as u64;
+        Some(self.max_ttl.min(Duration::from_secs(left)))
+    }
+}
+
+/// One loaded configuration with its keys and token cache. A config reload builds a new one.
+pub struct Engine {
+    pub config: Arc<Config>,
+    pub keys: Arc<KeyStore>,
+    cache: Option<Cache<Arc<str>, Arc<Identity>>>,
+    metrics: Arc<Metrics>,
+    key_wait: Duration,
+}
+
+impl Engine {
+    pub fn new(config: Arc<Config>, keys: Arc<KeyStore>, metrics: Arc<Metrics>) -> Self {
+        let cache_cfg = &config.file.tokens.cache;
+        let cache = (cache_cfg.capacity > 0).then(|| {
+            Cache::builder()
+                .max_capacity(cache_cfg.capacity)
+                .expire_after(TokenExpiry {
+                    max_ttl: cache_cfg.max_ttl.get(),
+                })
+                .build()
+        });
+        let key_wait = config.file.server.key_fetch_wait.get();
+        Self {
+            config,
+            keys,
+            cache,
+            metrics,
+            key_wait,
+        }
+    }
+
+    /// Number of cached verified tokens (approximate, for metrics).
+    pub fn cached_tokens(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |c| c.entry_count())
+    }
+
+    /// Decides one request at the current time.
+    pub async fn check(&self, req: &RequestView<'_>) -> Decision {
+        self.check_at(req, unix_now()).await
+    }
+
+    /// Decides one request at `now`.
+    pub async fn check_at(&self, req: &RequestView<'_>, now: i64) -> Decision {
+        let config = &*self.config;
+        let m = match config.policy.match_route(req) {
+            Ok(m) => m,
+            Err(deny) => return deny,
+        };
+        if m.public {
+            return decide::public_allow(&m);
+        }
+        let route = Some(m.route_id.clone());
+        let cred = match decide::extract_credential(config, req) {
+            Ok(c) => c,
+            Err(deny) => return deny.with_route(route),
+        };
+        let identity = match self.identity(&cred, now).await {
+            Ok(id) => id,
+            Err(deny) => return deny.with_route(route),
+        };
+        config.policy.authorize(&m, &identity)
+    }
+
+    /// The verified identity for a credential: from the cache when still valid, else verified
+    /// (refetching keys once, within `key_fetch_wait`, when the token names an unknown `kid`).
+    async fn identity(&self, cred: &Credential<'_>, now: i64) -> Result<Arc<Identity>, Decision> {
+        if let Some(hit) = self.cached(cred, now)? {
+            self.metrics.token_cache_hits.inc();
+            return Ok(hit);
+        }
+        if self.cache.is_some() {
+            self.metrics.token_cache_misses.inc();
+        }
+
+        let issuer = decide::select_issuer(&self.config, cred)?;
+        let set = self
+            .keys
+            .get(&issuer.name)
+            .map_err(decide::keys_unavailable)?;
+        let jwt = match jwt::verify(cred.token, &issuer.rules, &set, now) {
+            Ok(v) => v,
+            Err(e) if e.is_unknown_kid() => {
+                match self
+                    .keys
+                    .refresh_for_unknown_kid(&issuer.name, self.key_wait)
+                    .await
+                {
+                    Some(fresh) => jwt::verify(cred.token, &issuer.rules, &fresh, now)
+                        .map_err(decide::invalid_token)?,
+                    None => return Err(decide::invalid_token(e)),
+                }
+            }
+            Err(e) => return Err(decide::invalid_token(e)),
+        };
+        let verified = Arc::new(Identity::from_verified(
+            issuer.name.clone(),
+            jwt,
+            &issuer.claims,
+        ));
+
+        // INVARIANT: only tokens within the size cap are ever cached (verify enforces it).
+        if let Some(cache) = &self.cache {
+            cache.insert(Arc::from(cred.token), verified.clone());
+        }
+        Ok(verified)
+    }
+
+    /// A cache hit that is still valid at `now`: same header as its issuer expects, time checks
+    /// pass again, and the verifying key is still in the issuer's current key set.
+    /// `Ok(None)` is a miss; `Err` is a deny the hit itself proves (e.g. expired).
+    fn cached(&self, cred: &Credential<'_>, now: i64) -> Result<Option<Arc<Identity>>, Decision> {
+        let Some(cache) = &self.cache else {
+            return Ok(None);
+        };
+        if cred.token.len() > self.config.file.tokens.max_bytes {
+            return Ok(None);
+        }
+        let Some(hit) = cache.get(cred.token) else {
+            return Ok(None);
+        };
+        let Some(issuer) = self
+            .config
+            .issuers
+            .iter()
+            .find(|i| i.name == hit.issuer_name && i.header == cred.header)
+        else {
+            return Ok(None);
+        };
+        jwt::check_times(
+            hit.expires_at,
+            hit.not_before,
+            hit.issued_at,
+            &issuer.rules,
+            now,
+        )
+        .map_err(decide::invalid_token)?;
+        let set = self
+            .keys
+            .get(&issuer.name)
+            .map_err(decide::keys_unavailable)?;
+        if !set.contains(&hit.key_fingerprint) {
+            cache.invalidate(cred.token);
+            return Ok(None);
+        }
+        Ok(Some(hit))
+    }
+}

@@ -1,0 +1,305 @@
+//! The Envoy ext_authz gRPC service. The only module that imports `envoy_types` or builds a
+//! `CheckResponse`: it turns a CheckRequest into a `RequestView`, asks the `Engine`, records
+//! the decision (metrics + audit), and turns the `Decision` into an explicit response.
+//!
+//! INVARIANT: `check` never returns a gRPC error and never an empty response. Envoy treats a
+//! response without status as an allow and, under `failure_mode_allow`, a gRPC error too; so
+//! every deny — including internal failures and panics — is a `CheckResponse` with a non-OK
+//! status and a `DeniedHttpResponse`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use envoy_types::ext_authz::v3::pb::{
+    Address, Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
+    HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+};
+use envoy_types::pb::google::rpc;
+use tonic::{Request, Response, Status};
+
+use crate::admin::metrics::{DecisionLabels, Metrics};
+use crate::audit::{AuditEvent, AuditSink};
+use crate::authz::{Decision, ReasonCode, RequestView};
+use crate::engine::Engine;
+use crate::identity::{Identity, string_list};
+
+/// gRPC status codes (google.rpc.Code) used in responses.
+const RPC_OK: i32 = 0;
+const RPC_PERMISSION_DENIED: i32 = 7;
+const RPC_UNAUTHENTICATED: i32 = 16;
+
+/// The ext_authz service. Holds the current engine behind an `ArcSwap` so a config reload
+/// swaps it atomically while in-flight checks finish on the one they started with.
+pub struct AuthzService {
+    engine: Arc<ArcSwap<Engine>>,
+    metrics: Arc<Metrics>,
+    audit: AuditSink,
+}
+
+impl AuthzService {
+    pub fn new(engine: Arc<ArcSwap<Engine>>, metrics: Arc<Metrics>, audit: AuditSink) -> Self {
+        Self {
+            engine,
+            metrics,
+            audit,
+        }
+    }
+
+    /// Decides one CheckRequest. Public so tests and benchmarks can call it without a socket.
+    pub async fn decide(&self, req: &CheckRequest) -> CheckResponse {
+        let started = Instant::now();
+        let engine = self.engine.load_full();
+        let empty = HashMap::new();
+        let parts = RequestParts::from_check(req, &empty);
+        let view = parts.view();
+        let request_id = parts.request_id;
+
+        // A panic anywhere below must still produce a deny, never a dropped stream.
+        let decision = {
+            let fut = engine.check(&view);
+            match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(fut)).await {
+                Ok(d) => d,
+                Err(_) => Decision::new(ReasonCode::Internal, "internal error while deciding"),
+            }
+        };
+        let elapsed = started.elapsed();
+
+        let response = to_response(&decision, &engine, request_id);
+        self.record(&decision, &view, request_id, elapsed);
+        response
+    }
+
+    fn record(
+        &self,
+        decision: &Decision,
+        view: &RequestView<'_>,
+        request_id: &str,
+        elapsed: std::time::Duration,
+    ) {
+        let route = decision.route.as_deref().unwrap_or("").to_string();
+        self.metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                result: if decision.is_allow() { "allow" } else { "deny" },
+                status: decision.http_status(),
+                reason: decision.code.as_str(),
+                route,
+            })
+            .inc();
+        self.metrics.decision_seconds.observe(elapsed.as_secs_f64());
+        self.audit
+            .record(AuditEvent::new(decision, view, request_id, elapsed));
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for AuthzService {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        Ok(Response::new(self.decide(request.get_ref()).await))
+    }
+}
+
+/// The parts of a CheckRequest the core needs, borrowed.
+struct RequestParts<'a> {
+    method: &'a str,
+    host: &'a str,
+    path: &'a str,
+    headers: &'a HashMap<String, String>,
+    source_ip: Option<IpAddr>,
+    principal: &'a str,
+    request_id: &'a str,
+}
+
+impl<'a> RequestParts<'a> {
+    fn from_check(req: &'a CheckRequest, empty: &'a HashMap<String, String>) -> Self {
+        let attrs = req.attributes.as_ref();
+        let http = attrs
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref());
+        let source = attrs.and_then(|a| a.source.as_ref());
+        let source_ip = source
+            .and_then(|s| s.address.as_ref())
+            .and_then(|a| a.address.as_ref())
+            .and_then(|a| match a {
+                Address::SocketAddress(sa) => sa.address.parse::<IpAddr>().ok(),
+                _ => None,
+            });
+        let headers = http.map_or(empty, |h| &h.headers);
+        let request_id = headers
+            .get("x-request-id")
+            .map(String::as_str)
+            .or_else(|| http.map(|h| h.id.as_str()))
+            .unwrap_or_default();
+        // Envoy sends the `:authority` as `host`; fall back to the header for older Envoys.
+        let host = http
+            .map(|h| h.host.as_str())
+            .filter(|h| !h.is_empty())
+            .or_else(|| headers.get(":authority").map(String::as_str))
+            .unwrap_or_default();
+        Self {
+            method: http.map_or("", |h| h.method.as_str()),
+            host,
+            path: http.map_or("", |h| h.path.as_str()),
+            headers,
+            source_ip,
+            principal: source.map_or("", |s| s.principal.as_str()),
+            request_id,
+        }
+    }
+
+    fn view(&self) -> RequestView<'a> {
+        RequestView {
+            method: self.method,
+            host: self.host,
+            path: self.path,
+            headers: self.headers,
+            source_ip: self.source_ip,
+            source_principal: self.principal,
+        }
+    }
+}
+
+/// Turns a decision into Envoy's answer.
+pub fn to_response(decision: &Decision, engine: &Engine, request_id: &str) -> CheckResponse {
+    if decision.is_allow() {
+        allow_response(decision.identity.as_deref(), engine)
+    } else {
+        deny_response(decision, request_id)
+    }
+}
+
+fn allow_response(identity: Option<&Identity>, engine: &Engine) -> CheckResponse {
+    let upstream = &engine.config.file.upstream;
+    let mut headers = Vec::new();
+    let mut remove = Vec::new();
+    // Each identity header is either overwritten with our value or removed, so a copy the
+    // client sent never reaches the upstream, whatever order Envoy applies the two lists in.
+    for (name, claim) in &upstream.identity_headers {
+        match identity.and_then(|id| identity_header_value(id, claim)) {
+            Some(value) => headers.push(set_header(name, value)),
+            None => remove.push(name.clone()),
+        }
+    }
+    if upstream.strip_authorization {
+        let mut names: Vec<&str> = engine
+            .config
+            .issuers
+            .iter()
+            .map(|i| i.header.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        remove.extend(names.into_iter().map(str::to_string));
+    }
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: RPC_OK,
+            ..Default::default()
+        }),
+        http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+            headers,
+            headers_to_remove: remove,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// The header value for a claim: strings as they are, lists joined with a space (the `scope`
+/// convention), numbers and booleans as JSON. Values with control characters are dropped.
+fn identity_header_value(identity: &Identity, claim: &str) -> Option<String> {
+    let value = identity.claim(claim)?;
+    let text = match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(_) => string_list(Some(value), false).join(" "),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        _ => return None,
+    };
+    (!text.is_empty() && !text.chars().any(|c| c.is_control())).then_some(text)
+}
+
+fn set_header(name: &str, value: String) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: name.to_string(),
+            value,
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+fn deny_response(decision: &Decision, request_id: &str) -> CheckResponse {
+    let status = decision.http_status();
+    let mut headers = vec![
+        set_header("content-type", "application/json".to_string()),
+        set_header("cache-control", "no-store".to_string()),
+    ];
+    if let Some(challenge) = www_authenticate(decision) {
+        headers.push(set_header("www-authenticate", challenge));
+    }
+    let body = serde_json::json!({
+        "error": decision.code.as_str(),
+        "reason": decision.detail,
+        "request_id": request_id,
+    })
+    .to_string();
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: if status == 401 {
+                RPC_UNAUTHENTICATED
+            } else {
+                RPC_PERMISSION_DENIED
+            },
+            message: decision.code.as_str().to_string(),
+            ..Default::default()
+        }),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus {
+                code: i32::from(status),
+            }),
+            headers,
+            body,
+        })),
+        ..Default::default()
+    }
+}
+
+/// The RFC 6750 challenge: `invalid_token` for 401s, `insufficient_scope` for a valid
+/// identity that no grant matched; none for path or routing denials.
+pub fn www_authenticate(decision: &Decision) -> Option<String> {
+    let error = match decision.http_status() {
+        401 => "invalid_token",
+        _ if matches!(
+            decision.code,
+            ReasonCode::InsufficientScope | ReasonCode::ResourceMismatch
+        ) =>
+        {
+            "insufficient_scope"
+        }
+        _ => return None,
+    };
+    Some(format!(
+        "Bearer realm=\"portcullis\", error=\"{error}\", error_description=\"{}\"",
+        quoted_string_safe(&decision.detail)
+    ))
+}
+
+/// RFC 6750 restricts error_description to %x20-21 / %x23-5B / %x5D-7E.
+fn quoted_string_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '"' | '\\' => '\'',
+            ' '..='~' => c,
+            _ => '?',
+        })
+        .collect()
+}

@@ -1,0 +1,203 @@
+//! Starting and stopping the service: binds the gRPC and admin listeners, starts the key
+//! store, serves ext_authz + gRPC health + admin, and shuts down gracefully.
+//! Used by `main` and, in-process on `127.0.0.1:0`, by the integration tests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::admin::{self, AdminState, metrics::Metrics};
+use crate::audit::AuditSink;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::grpc::AuthzService;
+use crate::keys::{IssuerKeySource, KeyStore};
+
+/// The gRPC service name Envoy calls, reported by the health service.
+pub const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on `{addr}`: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the audit log writer: {0}")]
+    Audit(std::io::Error),
+}
+
+/// A running Portcullis.
+pub struct Server {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub engine: Arc<ArcSwap<Engine>>,
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
+    admin_task: JoinHandle<std::io::Result<()>>,
+    grace: Duration,
+}
+
+/// Builds the key store for a config's issuers (not started).
+pub fn key_store(config: &Config, metrics: Arc<Metrics>) -> KeyStore {
+    let sources = config
+        .issuers
+        .iter()
+        .map(|i| IssuerKeySource {
+            name: i.name.clone(),
+            issuer: i.rules.issuer.clone(),
+            source: i.keys.clone(),
+        })
+        .collect();
+    KeyStore::new(sources, metrics)
+}
+
+impl Server {
+    /// Binds both listeners, loads keys (first attempt), and starts serving.
+    pub async fn start(config: Config) -> Result<Server, ServeError> {
+        let metrics = Arc::new(Metrics::new());
+        let audit = if config.file.audit.enabled {
+            AuditSink::stdout().map_err(ServeError::Audit)?
+        } else {
+            AuditSink::disabled()
+        };
+        let grace = config.file.server.shutdown_grace.get();
+        let grpc_listener = bind(&config.file.server.listen).await?;
+        let admin_listener = bind(&config.file.server.admin_listen).await?;
+        let grpc_addr = local_addr(&grpc_listener, &config.file.server.listen)?;
+        let admin_addr = local_addr(&admin_listener, &config.file.server.admin_listen)?;
+
+        let keys = Arc::new(key_store(&config, metrics.clone()));
+        keys.start().await;
+        let engine = Arc::new(ArcSwap::from_pointee(Engine::new(
+            Arc::new(config),
+            keys,
+            metrics.clone(),
+        )));
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        spawn_health_updater(engine.clone(), health, shutdown_rx.clone());
+
+        let authz = AuthzService::new(engine.clone(), metrics.clone(), audit);
+        let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+        let mut grpc_stop = shutdown_rx.clone();
+        let grpc_task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(AuthorizationServer::new(authz))
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = grpc_stop.wait_for(|stop| *stop).await;
+                }),
+        );
+
+        let app = admin::router(AdminState {
+            engine: engine.clone(),
+            metrics: metrics.clone(),
+        });
+        let mut admin_stop = shutdown_rx;
+        let admin_task = tokio::spawn(async move {
+            axum::serve(admin_listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = admin_stop.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+
+        tracing::info!(
+            grpc.addr = %grpc_addr,
+            admin.addr = %admin_addr,
+            "portcullis listening"
+        );
+        Ok(Server {
+            grpc_addr,
+            admin_addr,
+            engine,
+            metrics,
+            shutdown,
+            grpc_task,
+            admin_task,
+            grace,
+        })
+    }
+
+    /// Stops accepting, lets in-flight checks finish (up to `shutdown_grace`), then returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let drain = async {
+            let _ = self.grpc_task.await;
+            let _ = self.admin_task.await;
+        };
+        if tokio::time::timeout(self.grace, drain).await.is_err() {
+            tracing::warn!(
+                grace = %humantime::format_duration(self.grace),
+                "shutdown grace period over; dropping remaining connections"
+            );
+        }
+    }
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+fn local_addr(listener: &TcpListener, addr: &str) -> Result<SocketAddr, ServeError> {
+    listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+/// Keeps the gRPC health status in step with readiness: SERVING only while the config is
+/// loaded and every issuer's keys are usable.
+fn spawn_health_updater(
+    engine: Arc<ArcSwap<Engine>>,
+    health: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut last: Option<bool> = None;
+        loop {
+            let ready = engine.load().keys.ready();
+            if last != Some(ready) {
+                let status = if ready {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                health.set_service_status("", status).await;
+                health.set_service_status(AUTHZ_SERVICE, status).await;
+                last = Some(ready);
+            }
+            let stopping = tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => false,
+                // A dropped sender also means stop: never spin on a closed channel.
+                _ = stop.wait_for(|s| *s) => true,
+            };
+            if stopping {
+                health
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+                health
+                    .set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing)
+                    .await;
+                return;
+            }
+        }
+    });
+}

@@ -1,0 +1,512 @@
+//! In-process integration tests: the real gRPC server on 127.0.0.1:0, a real loopback JWKS
+//! HTTP server, a tonic client speaking ext_authz and gRPC health, and the admin listener.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
+use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use portcullis::server::Server;
+use serde_json::{Value, json};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const DEV_ISSUER: &str = "https://dev.portcullis.invalid";
+const DEV_KID: &str = "portcullis-dev-1";
+
+/// A loopback JWKS server whose document can be swapped at runtime.
+struct Jwks {
+    addr: SocketAddr,
+    body: Arc<Mutex<String>>,
+    hits: Arc<Mutex<u32>>,
+}
+
+impl Jwks {
+    async fn start(body: String) -> Jwks {
+        let body = Arc::new(Mutex::new(body));
+        let hits = Arc::new(Mutex::new(0u32));
+        let (b, h) = (body.clone(), hits.clone());
+        let app = axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(move || {
+                let (b, h) = (b.clone(), h.clone());
+                async move {
+                    *h.lock().unwrap() += 1;
+                    (
+                        [("content-type", "application/json"), ("cache-control", "max-age=1")],
+                        b.lock().unwrap().clone(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Jwks { addr, body, hits }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/jwks.json", self.addr)
+    }
+
+    fn set(&self, body: String) {
+        *self.body.lock().unwrap() = body;
+    }
+}
+
+fn dev_jwks() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev/jwks.json")).unwrap()
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn mint(claims: Value) -> String {
+    let pem =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev/signing-key.pem")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(DEV_KID.to_string());
+    let mut full = json!({
+        "iss": DEV_ISSUER,
+        "aud": "portcullis-sample-api",
+        "iat": now(),
+        "exp": now() + 600,
+    });
+    for (k, v) in claims.as_object().unwrap() {
+        full[k] = v.clone();
+    }
+    jsonwebtoken::encode(&header, &full, &key).unwrap()
+}
+
+/// The shipped sample config with the dev issuer's keys served over loopback HTTP.
+fn config_text(jwks_url: &str) -> String {
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/portcullis.yaml"
+    ))
+    .unwrap();
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&shipped).unwrap();
+    doc["server"]["listen"] = "127.0.0.1:0".into();
+    doc["server"]["admin_listen"] = "127.0.0.1:0".into();
+    doc["audit"]["enabled"] = false.into();
+    let keys: serde_yaml::Value = serde_yaml::from_str(&format!(
+        "{{url: '{jwks_url}', min_refresh: 1s, max_refresh: 1s, max_stale: 1h, unknown_kid_interval: 1s}}"
+    ))
+    .unwrap();
+    doc["issuers"][0]["keys"] = keys;
+    serde_yaml::to_string(&doc).unwrap()
+}
+
+struct Harness {
+    server: Server,
+    jwks: Jwks,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let jwks = Jwks::start(dev_jwks()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.yaml");
+        std::fs::write(&path, config_text(&jwks.url())).unwrap();
+        let config = portcullis::config::load(&path).unwrap();
+        let server = Server::start(config).await.unwrap();
+        let h = Harness {
+            server,
+            jwks,
+            _dir: dir,
+        };
+        h.wait_serving().await;
+        h
+    }
+
+    async fn client(&self) -> AuthorizationClient<tonic::transport::Channel> {
+        AuthorizationClient::connect(format!("http://{}", self.server.grpc_addr))
+            .await
+            .unwrap()
+    }
+
+    async fn health(&self) -> i32 {
+        let mut c = HealthClient::new(channel(self.server.grpc_addr).await);
+        c.check(HealthCheckRequest {
+            service: "envoy.service.auth.v3.Authorization".into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+    }
+
+    async fn wait_serving(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.health().await != ServingStatus::Serving as i32 {
+            assert!(Instant::now() < deadline, "health never reported SERVING");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn check(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> CheckResponse {
+        let mut map: HashMap<String, String> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        map.entry("x-request-id".into()).or_insert("req-1".into());
+        let req = CheckRequest {
+            attributes: Some(AttributeContext {
+                source: Some(Peer {
+                    address: Some(Address {
+                        address: Some(address::Address::SocketAddress(SocketAddress {
+                            address: "10.0.0.7".into(),
+                            port_specifier: Some(socket_address::PortSpecifier::PortValue(5555)),
+                            ..Default::default()
+                        })),
+                    }),
+                    ..Default::default()
+                }),
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        method: method.into(),
+                        path: path.into(),
+                        host: "api.example.com".into(),
+                        headers: map,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        self.client().await.check(req).await.unwrap().into_inner()
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.server.admin_addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+fn status(resp: &CheckResponse) -> i32 {
+    resp.status.as_ref().expect("every response carries a status").code
+}
+
+fn denied(resp: &CheckResponse) -> (u16, HashMap<String, String>, Value) {
+    match resp.http_response.as_ref() {
+        Some(HttpResponse::DeniedResponse(d)) => {
+            let headers = d
+                .headers
+                .iter()
+                .map(|h| {
+                    let h = h.header.as_ref().unwrap();
+                    (h.key.clone(), h.value.clone())
+                })
+                .collect();
+            let code = d.status.as_ref().unwrap().code as u16;
+            (code, headers, serde_json::from_str(&d.body).unwrap())
+        }
+        other => panic!("expected a denied response, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn allowed_request_gets_identity_headers_and_removes_unset_ones() {
+    let h = Harness::start().await;
+    let token = mint(json!({"sub": "alice", "scope": "orders:read"}));
+    let resp = h
+        .check("GET", "/orders/42", &[("authorization", &bearer(&token))])
+        .await;
+    assert_eq!(status(&resp), 0, "{resp:?}");
+    let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
+        panic!("expected an OK response: {resp:?}");
+    };
+    let set: HashMap<_, _> = ok
+        .headers
+        .iter()
+        .map(|h| {
+            let hv = h.header.as_ref().unwrap();
+            (hv.key.as_str(), hv.value.as_str())
+        })
+        .collect();
+    assert_eq!(set.get("x-portcullis-subject"), Some(&"alice"));
+    assert_eq!(set.get("x-portcullis-issuer"), Some(&DEV_ISSUER));
+    assert_eq!(set.get("x-portcullis-scopes"), Some(&"orders:read"));
+    // Every identity header is either overwritten or removed.
+    for name in ["x-portcullis-subject", "x-portcullis-issuer", "x-portcullis-scopes"] {
+        assert!(set.contains_key(name) || ok.headers_to_remove.iter().any(|r| r == name));
+    }
+}
+
+#[tokio::test]
+async fn public_route_removes_all_identity_headers() {
+    let h = Harness::start().await;
+    let resp = h
+        .check("GET", "/healthz", &[("x-portcullis-subject", "spoofed")])
+        .await;
+    assert_eq!(status(&resp), 0);
+    let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
+        panic!("expected OK");
+    };
+    assert!(ok.headers.is_empty());
+    assert!(ok.headers_to_remove.contains(&"x-portcullis-subject".to_string()));
+}
+
+#[tokio::test]
+async fn missing_token_is_an_explicit_401_with_challenge_and_json_body() {
+    let h = Harness::start().await;
+    let resp = h
+        .check("GET", "/orders/42", &[("x-request-id", "abc-123")])
+        .await;
+    assert_eq!(status(&resp), 16, "UNAUTHENTICATED");
+    let (code, headers, body) = denied(&resp);
+    assert_eq!(code, 401);
+    let challenge = &headers["www-authenticate"];
+    assert!(challenge.starts_with("Bearer "), "{challenge}");
+    assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
+    assert_eq!(body["error"], "credential_missing");
+    assert_eq!(body["request_id"], "abc-123");
+    assert!(body["reason"].as_str().unwrap().contains("bearer token"));
+}
+
+#[tokio::test]
+async fn wrong_scope_is_403_insufficient_scope() {
+    let h = Harness::start().await;
+    let token = mint(json!({"sub": "alice", "scope": "orders:read"}));
+    let resp = h
+        .check("POST", "/orders", &[("authorization", &bearer(&token))])
+        .await;
+    assert_eq!(status(&resp), 7, "PERMISSION_DENIED");
+    let (code, headers, body) = denied(&resp);
+    assert_eq!(code, 403);
+    assert!(headers["www-authenticate"].contains("error=\"insufficient_scope\""));
+    assert_eq!(body["error"], "insufficient_scope");
+}
+
+#[tokio::test]
+async fn garbage_token_is_401_and_never_echoed() {
+    let h = Harness::start().await;
+    let secretish = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJtYWxsb3J5In0.c2VjcmV0LXNpZ25hdHVyZQ";
+    let resp = h
+        .check("GET", "/orders/1", &[("authorization", &bearer(secretish))])
+        .await;
+    let (code, headers, body) = denied(&resp);
+    assert_eq!(code, 401);
+    let all = format!("{headers:?}{body}");
+    assert!(!all.contains(secretish), "token leaked into the response");
+    assert!(!all.contains("c2VjcmV0LXNpZ25hdHVyZQ"), "signature leaked");
+}
+
+#[tokio::test]
+async fn token_cache_hit_decides_like_a_miss() {
+    let h = Harness::start().await;
+    let token = mint(json!({"sub": "alice", "scope": "orders:read"}));
+    let auth = bearer(&token);
+    let first = h.check("GET", "/orders/1", &[("authorization", &auth)]).await;
+    let second = h.check("GET", "/orders/1", &[("authorization", &auth)]).await;
+    assert_eq!(status(&first), 0);
+    assert_eq!(status(&second), 0);
+    // A hit still applies every grant.
+    let third = h.check("POST", "/orders", &[("authorization", &auth)]).await;
+    assert_eq!(denied(&third).0, 403);
+    let metrics = h.metrics().await;
+    let hits = metric_value(&metrics, "portcullis_token_cache_hits_total");
+    assert!(hits >= 2.0, "expected cache hits, metrics:\n{metrics}");
+}
+
+#[tokio::test]
+async fn cached_token_is_refused_once_expired() {
+    let h = Harness::start().await;
+    let token = mint(json!({"sub": "alice", "scope": "orders:read", "exp": now() + 60}));
+    let auth = bearer(&token);
+    assert_eq!(status(&h.check("GET", "/orders/1", &[("authorization", &auth)]).await), 0);
+    // Same engine, same cache, a clock past exp + leeway.
+    let headers = HashMap::from([("authorization".to_string(), auth.clone())]);
+    let view = portcullis::authz::RequestView {
+        method: "GET",
+        host: "api.example.com",
+        path: "/orders/1",
+        headers: &headers,
+        source_ip: None,
+        source_principal: "",
+    };
+    let engine = h.server.engine.load_full();
+    let later = engine.check_at(&view, now() + 3600).await;
+    assert_eq!(later.http_status(), 401, "{later:?}");
+}
+
+#[tokio::test]
+async fn cached_token_is_refused_after_its_key_leaves_the_set() {
+    let h = Harness::start().await;
+    let token = mint(json!({"sub": "alice", "scope": "orders:read"}));
+    let auth = bearer(&token);
+    assert_eq!(status(&h.check("GET", "/orders/1", &[("authorization", &auth)]).await), 0);
+    // Rotate to a set without the dev key: keep a valid, unrelated EC key so the set is usable.
+    h.jwks.set(
+        json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "kid": "other", "use": "sig", "alg": "ES256",
+            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"
+        }]})
+        .to_string(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let resp = h.check("GET", "/orders/1", &[("authorization", &auth)]).await;
+        if status(&resp) != 0 {
+            assert_eq!(denied(&resp).0, 401);
+            break;
+        }
+        assert!(Instant::now() < deadline, "removed key still accepted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(*h.jwks.hits.lock().unwrap() >= 2);
+}
+
+#[tokio::test]
+async fn metrics_count_decisions_by_result_status_reason_and_route() {
+    let h = Harness::start().await;
+    h.check("GET", "/orders/9", &[]).await;
+    h.check("GET", "/healthz", &[]).await;
+    let text = h.metrics().await;
+    assert!(
+        text.lines().any(|l| l.starts_with("portcullis_decisions_total{")
+            && l.contains("result=\"deny\"")
+            && l.contains("status=\"401\"")
+            && l.contains("reason=\"credential_missing\"")
+            && l.contains("route=\"orders-read\"")),
+        "{text}"
+    );
+    assert!(text.contains("portcullis_decision_duration_seconds_bucket"));
+    assert!(text.contains("portcullis_jwks_fetches_total"));
+    assert!(text.contains("portcullis_jwks_seconds_since_last_success"));
+}
+
+#[tokio::test]
+async fn readyz_and_healthz_answer() {
+    let h = Harness::start().await;
+    let ready = reqwest::get(format!("http://{}/readyz", h.server.admin_addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["ready"], true);
+    let live = reqwest::get(format!("http://{}/healthz", h.server.admin_addr))
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200);
+}
+
+#[tokio::test]
+async fn health_is_not_serving_while_keys_are_unavailable() {
+    // A JWKS URL that refuses connections: bind a port, then drop the listener.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.yaml");
+    std::fs::write(&path, config_text(&format!("http://{dead}/jwks.json"))).unwrap();
+    let server = Server::start(portcullis::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let mut c = HealthClient::new(channel(server.grpc_addr).await);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Ok(r) = c
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+        {
+            break r.into_inner().status;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, ServingStatus::NotServing as i32);
+    let ready = reqwest::get(format!("http://{}/readyz", server.admin_addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    // And a request that needs those keys is refused with a reason, never allowed.
+    let token = mint(json!({"sub": "alice", "scope": "orders:read"}));
+    let mut client = AuthorizationClient::connect(format!("http://{}", server.grpc_addr))
+        .await
+        .unwrap();
+    let headers = HashMap::from([("authorization".to_string(), bearer(&token))]);
+    let resp = client
+        .check(CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        method: "GET".into(),
+                        path: "/orders/1".into(),
+                        host: "api.example.com".into(),
+                        headers,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (code, _, body) = denied(&resp);
+    assert_eq!(code, 401);
+    assert_eq!(body["error"], "keys_unavailable");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn empty_check_request_is_denied_not_allowed() {
+    let h = Harness::start().await;
+    let resp = h
+        .client()
+        .await
+        .check(CheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(status(&resp), 0);
+    assert!(denied(&resp).0 >= 400);
+}
+
+#[tokio::test]
+async fn shutdown_stops_listening() {
+    let h = Harness::start().await;
+    let addr = h.server.grpc_addr;
+    h.server.shutdown().await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+async fn channel(addr: SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
