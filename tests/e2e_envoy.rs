@@ -1,0 +1,995 @@
+//! End to end through a real Envoy: the SHIPPED `envoy/envoy.yaml` (only its ports rewritten),
+//! the real `portcullis` binary, a loopback JWKS server and an upstream that records exactly
+//! what it received. Every case is a real HTTP request to Envoy, over HTTP/1.1 and h2c where
+//! the client allows it; path tricks use a raw TCP client so nothing normalizes them first.
+//!
+//! Each test starts its own stack (processes are killed when the test ends, pass or fail), so
+//! tests run in parallel and never share mutable state.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use support::{ChildGuard, free_port, raw_http, wait_for_status};
+
+const ISSUER: &str = "https://issuer.e2e.invalid";
+const AUDIENCE: &str = "e2e-api";
+const IDENTITY_HEADERS: [&str; 3] = [
+    "x-portcullis-subject",
+    "x-portcullis-issuer",
+    "x-portcullis-scopes",
+];
+
+// ---------------------------------------------------------------------------------------
+// Keys and tokens
+// ---------------------------------------------------------------------------------------
+
+/// The two test signing keys (tests/fixtures/e2e): `A` is served from the start, `B` is the
+/// rotation target.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Key {
+    A,
+    B,
+}
+
+impl Key {
+    fn name(self) -> &'static str {
+        match self {
+            Key::A => "a",
+            Key::B => "b",
+        }
+    }
+
+    fn kid(self) -> String {
+        format!("e2e-{}", self.name())
+    }
+
+    fn jwk(self) -> Value {
+        let path = fixture(&format!("key-{}.jwk.json", self.name()));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+}
+
+fn fixture(name: &str) -> PathBuf {
+    support::repo_root().join("tests/fixtures/e2e").join(name)
+}
+
+fn jwks(keys: &[Key]) -> String {
+    json!({ "keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>() }).to_string()
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A fresh token (its own `jti`, so never a token-cache hit) signed by `key`; `extra`
+/// claims are merged over the defaults.
+fn mint(key: Key, extra: Value) -> String {
+    let pem = std::fs::read(fixture(&format!("key-{}.pem", key.name()))).unwrap();
+    let signing = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(key.kid());
+    static SERIAL: AtomicUsize = AtomicUsize::new(0);
+    let mut claims = json!({
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "alice",
+        "iat": now(),
+        "nbf": now(),
+        "exp": now() + 600,
+        "jti": format!("e2e-{}-{}", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed)),
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        claims[k] = v.clone();
+    }
+    jsonwebtoken::encode(&header, &claims, &signing).unwrap()
+}
+
+fn reader_token(key: Key) -> String {
+    mint(key, json!({ "scope": "orders:read" }))
+}
+
+// ---------------------------------------------------------------------------------------
+// In-test servers: JWKS and the recording upstream
+// ---------------------------------------------------------------------------------------
+
+/// A loopback JWKS server whose key set can be swapped, and which can be taken "down"
+/// (answers 503 to every fetch, as a failing identity provider does).
+struct JwksServer {
+    addr: SocketAddr,
+    body: Arc<Mutex<String>>,
+    up: Arc<AtomicBool>,
+    hits: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+}
+
+impl JwksServer {
+    async fn start(keys: &[Key]) -> JwksServer {
+        let body = Arc::new(Mutex::new(jwks(keys)));
+        let up = Arc::new(AtomicBool::new(true));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let (b, u, h, f) = (body.clone(), up.clone(), hits.clone(), failed.clone());
+        let app = axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(move || {
+                let (b, u, h, f) = (b.clone(), u.clone(), h.clone(), f.clone());
+                async move {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    if !u.load(Ordering::SeqCst) {
+                        f.fetch_add(1, Ordering::SeqCst);
+                        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, String::new());
+                    }
+                    (axum::http::StatusCode::OK, b.lock().unwrap().clone())
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        JwksServer {
+            addr,
+            body,
+            up,
+            hits,
+            failed,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/jwks.json", self.addr)
+    }
+
+    fn serve(&self, keys: &[Key]) {
+        *self.body.lock().unwrap() = jwks(keys);
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+    }
+}
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    /// Path and query, exactly as received.
+    path: String,
+    /// Lower-case names, in order; duplicates kept.
+    headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    fn values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    fn path_only(&self) -> &str {
+        self.path.split('?').next().unwrap_or("")
+    }
+}
+
+/// The upstream: records every request and answers 200 with a marker header, so a test can
+/// tell an upstream answer from an Envoy or Portcullis one.
+struct Upstream {
+    port: u16,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+const UPSTREAM_MARKER: &str = "x-e2e-upstream";
+
+impl Upstream {
+    async fn start() -> Upstream {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let s = s.clone();
+            async move {
+                let headers = request
+                    .headers()
+                    .iter()
+                    .map(|(n, v)| {
+                        (
+                            n.as_str().to_string(),
+                            String::from_utf8_lossy(v.as_bytes()).to_string(),
+                        )
+                    })
+                    .collect();
+                s.lock().unwrap().push(Seen {
+                    method: request.method().to_string(),
+                    path: request
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_default(),
+                    headers,
+                });
+                ([(UPSTREAM_MARKER, "1")], "upstream")
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Upstream { port, seen }
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    fn since(&self, index: usize) -> Vec<Seen> {
+        self.seen.lock().unwrap()[index..].to_vec()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Portcullis and Envoy processes
+// ---------------------------------------------------------------------------------------
+
+/// The shipped sample policy (config/portcullis.yaml) with its listeners on the given ports
+/// and its issuer replaced by the test issuer, whose keys come from the JWKS server with
+/// short refresh intervals.
+fn portcullis_config(grpc: u16, admin: u16, jwks_url: &str) -> String {
+    let shipped =
+        std::fs::read_to_string(support::repo_root().join("config/portcullis.yaml")).unwrap();
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&shipped).unwrap();
+    doc["server"]["listen"] = format!("127.0.0.1:{grpc}").into();
+    doc["server"]["admin_listen"] = format!("127.0.0.1:{admin}").into();
+    doc["server"]["shutdown_grace"] = "1s".into();
+    doc["issuers"] = serde_yaml::from_str(&format!(
+        "- name: e2e
+  issuer: {ISSUER}
+  audiences: [{AUDIENCE}]
+  algorithms: [RS256]
+  keys: {{url: '{jwks_url}', min_refresh: 1s, max_refresh: 2s, max_stale: 5s, unknown_kid_interval: 1s}}
+  leeway: 5s"
+    ))
+    .unwrap();
+    serde_yaml::to_string(&doc).unwrap()
+}
+
+struct Portcullis {
+    config: PathBuf,
+    grpc: u16,
+    admin: u16,
+    process: Option<ChildGuard>,
+}
+
+impl Portcullis {
+    fn start(dir: &std::path::Path, jwks: &JwksServer) -> Portcullis {
+        let grpc = free_port();
+        let admin = free_port();
+        let config = dir.join("portcullis.yaml");
+        std::fs::write(&config, portcullis_config(grpc, admin, &jwks.url())).unwrap();
+        let mut p = Portcullis {
+            config,
+            grpc,
+            admin,
+            process: None,
+        };
+        p.restart();
+        p
+    }
+
+    /// Starts the binary on the same config and ports and waits until `/readyz` is 200.
+    fn restart(&mut self) {
+        self.stop();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        command.arg("serve").arg("--config").arg(&self.config);
+        let mut child = ChildGuard::spawn("portcullis", command);
+        wait_for_status(
+            &mut child,
+            self.admin_addr(),
+            "/readyz",
+            200,
+            Duration::from_secs(30),
+        );
+        self.process = Some(child);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    fn admin_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.admin))
+    }
+
+    fn logs(&self) -> String {
+        self.process
+            .as_ref()
+            .map(ChildGuard::logs)
+            .unwrap_or_default()
+    }
+}
+
+/// Envoy running the shipped envoy/envoy.yaml with its four ports rewritten.
+struct Envoy {
+    addr: SocketAddr,
+    process: ChildGuard,
+}
+
+impl Envoy {
+    fn start(dir: &std::path::Path, authz_port: u16, upstream_port: u16) -> Envoy {
+        let listen = free_port();
+        let admin = free_port();
+        let shipped =
+            std::fs::read_to_string(support::repo_root().join("envoy/envoy.yaml")).unwrap();
+        let config = support::rewrite_envoy_config(
+            &shipped,
+            &[
+                (9901, admin),
+                (10000, listen),
+                (9191, authz_port),
+                (8080, upstream_port),
+            ],
+        );
+        let path = dir.join("envoy.yaml");
+        std::fs::write(&path, config).unwrap();
+        let process = support::start_envoy(&path, SocketAddr::from(([127, 0, 0, 1], admin)));
+        Envoy {
+            addr: SocketAddr::from(([127, 0, 0, 1], listen)),
+            process,
+        }
+    }
+}
+
+/// One test's world: JWKS server, upstream, Portcullis (optional) and Envoy.
+struct Stack {
+    jwks: JwksServer,
+    upstream: Upstream,
+    portcullis: Option<Portcullis>,
+    envoy: Envoy,
+    h1: reqwest::Client,
+    h2c: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+/// The answer to one request through Envoy.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn from_upstream(&self) -> bool {
+        self.header(UPSTREAM_MARKER).is_some()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Proto {
+    Http1,
+    H2c,
+}
+
+const PROTOCOLS: [Proto; 2] = [Proto::Http1, Proto::H2c];
+
+impl Stack {
+    async fn start(keys: &[Key]) -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let jwks = JwksServer::start(keys).await;
+        let upstream = Upstream::start().await;
+        let portcullis = Portcullis::start(dir.path(), &jwks);
+        let envoy = Envoy::start(dir.path(), portcullis.grpc, upstream.port);
+        Stack::assemble(dir, jwks, upstream, Some(portcullis), envoy)
+    }
+
+    /// Envoy pointed at a port nobody listens on: Portcullis is unreachable.
+    async fn start_without_portcullis() -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let jwks = JwksServer::start(&[Key::A]).await;
+        let upstream = Upstream::start().await;
+        let envoy = Envoy::start(dir.path(), free_port(), upstream.port);
+        Stack::assemble(dir, jwks, upstream, None, envoy)
+    }
+
+    fn assemble(
+        dir: tempfile::TempDir,
+        jwks: JwksServer,
+        upstream: Upstream,
+        portcullis: Option<Portcullis>,
+        envoy: Envoy,
+    ) -> Stack {
+        let h1 = reqwest::Client::builder()
+            .http1_only()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let h2c = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        Stack {
+            jwks,
+            upstream,
+            portcullis,
+            envoy,
+            h1,
+            h2c,
+            _dir: dir,
+        }
+    }
+
+    fn portcullis(&mut self) -> &mut Portcullis {
+        self.portcullis.as_mut().unwrap()
+    }
+
+    /// Sends `method path` through Envoy with `headers` (and a bearer token when given).
+    async fn send(
+        &self,
+        proto: Proto,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let client = match proto {
+            Proto::Http1 => &self.h1,
+            Proto::H2c => &self.h2c,
+        };
+        let url = format!("http://{}{}", self.envoy.addr, path);
+        let mut request = client.request(method.parse().unwrap(), &url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        for (n, v) in headers {
+            request = request.header(*n, *v);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{proto:?} {method} {path}: {e}\n{}", self.logs()));
+        if proto == Proto::H2c {
+            assert_eq!(response.version(), reqwest::Version::HTTP_2, "h2c expected");
+        }
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).to_string(),
+                )
+            })
+            .collect();
+        let body = response.text().await.unwrap();
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn get(&self, proto: Proto, path: &str, token: Option<&str>) -> Answer {
+        self.send(proto, "GET", path, token, &[]).await
+    }
+
+    fn logs(&self) -> String {
+        let portcullis = self
+            .portcullis
+            .as_ref()
+            .map(Portcullis::logs)
+            .unwrap_or_default();
+        format!("{}\n{portcullis}", self.envoy.process.logs())
+    }
+
+    async fn metrics(&mut self) -> String {
+        let url = format!("http://{}/metrics", self.portcullis().admin_addr());
+        self.h1.get(url).send().await.unwrap().text().await.unwrap()
+    }
+}
+
+/// Polls `check` every 100ms until it returns true, or panics at `timeout` with `what`.
+/// Used where the system changes state on its own schedule (key refresh, staleness).
+async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn assert_denied_by_portcullis(answer: &Answer, status: u16, error: &str, context: &str) {
+    assert_eq!(answer.status, status, "{context}: {answer:?}");
+    assert!(
+        !answer.from_upstream(),
+        "{context}: answered by the upstream"
+    );
+    let challenge = answer
+        .header("www-authenticate")
+        .unwrap_or_else(|| panic!("{context}: no WWW-Authenticate: {answer:?}"));
+    assert!(
+        challenge.starts_with("Bearer ") && challenge.contains(&format!("error=\"{error}\"")),
+        "{context}: challenge {challenge:?}"
+    );
+    let body = answer.json();
+    assert_eq!(body["error"].as_str(), Some(error), "{context}: {body}");
+    assert!(body["reason"].is_string(), "{context}: {body}");
+    assert!(
+        body["request_id"].as_str().is_some_and(|s| !s.is_empty()),
+        "{context}: {body}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_request_reaches_upstream_with_identity_headers_over_http1_and_h2c() {
+    let stack = Stack::start(&[Key::A]).await;
+    for proto in PROTOCOLS {
+        let before = stack.upstream.count();
+        let token = reader_token(Key::A);
+        let answer = stack.get(proto, "/orders/42", Some(&token)).await;
+        assert_eq!(
+            answer.status,
+            200,
+            "{proto:?}: {answer:?}\n{}",
+            stack.logs()
+        );
+        assert!(answer.from_upstream());
+        let seen = stack.upstream.since(before);
+        assert_eq!(seen.len(), 1, "{proto:?}: exactly one upstream request");
+        let seen = &seen[0];
+        assert_eq!(seen.method, "GET");
+        assert_eq!(seen.path, "/orders/42");
+        assert_eq!(seen.values("x-portcullis-subject"), ["alice"], "{proto:?}");
+        assert_eq!(seen.values("x-portcullis-issuer"), [ISSUER], "{proto:?}");
+        assert_eq!(
+            seen.values("x-portcullis-scopes"),
+            ["orders:read"],
+            "{proto:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_sent_identity_headers_never_reach_the_upstream() {
+    let stack = Stack::start(&[Key::A]).await;
+    let spoofs: Vec<(&str, &str)> = IDENTITY_HEADERS
+        .iter()
+        .flat_map(|h| [(*h, "mallory"), (*h, "admin orders:write")])
+        .collect();
+    for proto in PROTOCOLS {
+        // Allowed request: each header carries Portcullis' value, once.
+        let before = stack.upstream.count();
+        let token = reader_token(Key::A);
+        let answer = stack
+            .send(proto, "GET", "/orders/7", Some(&token), &spoofs)
+            .await;
+        assert_eq!(answer.status, 200, "{proto:?}: {answer:?}");
+        let seen = stack.upstream.since(before);
+        assert_eq!(
+            seen[0].values("x-portcullis-subject"),
+            ["alice"],
+            "{proto:?}"
+        );
+        assert_eq!(seen[0].values("x-portcullis-issuer"), [ISSUER], "{proto:?}");
+        assert_eq!(seen[0].values("x-portcullis-scopes"), ["orders:read"]);
+
+        // Allowed request whose token has no `scope` claim: the header Portcullis cannot set
+        // is removed, not passed through from the client.
+        let before = stack.upstream.count();
+        let token = mint(Key::A, json!({ "sub": "bob" }));
+        let answer = stack
+            .send(proto, "GET", "/users/bob/profile", Some(&token), &spoofs)
+            .await;
+        assert_eq!(answer.status, 200, "{proto:?}: {answer:?}");
+        let seen = stack.upstream.since(before);
+        assert_eq!(seen[0].values("x-portcullis-subject"), ["bob"]);
+        assert!(
+            seen[0].values("x-portcullis-scopes").is_empty(),
+            "{proto:?}: spoofed scopes reached the upstream: {:?}",
+            seen[0].headers
+        );
+
+        // Public route, no identity at all: every identity header is removed.
+        let before = stack.upstream.count();
+        let answer = stack.send(proto, "GET", "/healthz", None, &spoofs).await;
+        assert_eq!(answer.status, 200, "{proto:?}: {answer:?}");
+        let seen = stack.upstream.since(before);
+        for name in IDENTITY_HEADERS {
+            assert!(
+                seen[0].values(name).is_empty(),
+                "{proto:?}: spoofed {name} reached the upstream on a public route"
+            );
+        }
+    }
+
+    // The underscore spelling (`x_portcullis_subject`), which some frameworks fold into the
+    // dash one, is refused by Envoy before anything else happens.
+    let before = stack.upstream.count();
+    let response = raw_http(
+        stack.envoy.addr,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nx_portcullis_subject: mallory\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(response.status, 400, "{response:?}");
+    assert_eq!(stack.upstream.count(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_token_is_401_with_challenge_and_wrong_scope_is_403() {
+    let stack = Stack::start(&[Key::A]).await;
+    for proto in PROTOCOLS {
+        let answer = stack.get(proto, "/orders/1", None).await;
+        assert_denied_by_portcullis(&answer, 401, "invalid_token", &format!("{proto:?} none"));
+
+        let garbage = stack.get(proto, "/orders/1", Some("not.a.jwt")).await;
+        assert_denied_by_portcullis(&garbage, 401, "invalid_token", &format!("{proto:?} bad"));
+        assert!(!garbage.body.contains("not.a.jwt"), "token echoed back");
+
+        // A valid token without `orders:write` may not POST /orders.
+        let token = reader_token(Key::A);
+        let answer = stack
+            .send(proto, "POST", "/orders", Some(&token), &[])
+            .await;
+        assert_denied_by_portcullis(
+            &answer,
+            403,
+            "insufficient_scope",
+            &format!("{proto:?} scope"),
+        );
+        assert!(!answer.body.contains(&token), "token echoed back");
+
+        // And the right scope may.
+        let writer = mint(Key::A, json!({ "scope": "orders:write" }));
+        let answer = stack
+            .send(proto, "POST", "/orders", Some(&writer), &[])
+            .await;
+        assert_eq!(answer.status, 200, "{proto:?}: {answer:?}");
+    }
+    assert_eq!(
+        stack.upstream.count(),
+        2,
+        "only the two allowed POSTs may reach the upstream"
+    );
+}
+
+/// Requests whose path could mean `/admin/...` to someone along the way. Sent with a token
+/// that has no admin role, byte for byte over HTTP/1.1 (no client-side normalization).
+const PATH_TRICKS: &[&str] = &[
+    "//admin/users",
+    "///admin/users",
+    "/healthz/../admin/users",
+    "/healthz/./../admin/users",
+    "/./admin/users",
+    "/healthz/%2e%2e/admin/users",
+    "/healthz/%2E%2E/admin/users",
+    "/admin%2Fusers",
+    "/admin%2fusers",
+    "/healthz%2F..%2Fadmin%2Fusers",
+    "/healthz%2f..%2fadmin",
+    "/healthz%5C..%5Cadmin",
+    "/healthz%5c..%5cadmin",
+    "/healthz\\..\\admin",
+    "/healthz%252F..%252Fadmin",
+    "/admin;/users",
+    "/admin;x=y/users",
+    "/healthz;/../admin/users",
+    "/healthz/..;/admin/users",
+    "/admin/users#x",
+    "/healthz#/../admin/users",
+    "/admin/users?x=/healthz",
+    "/admin?/../healthz",
+    "/healthz%3F/../admin/users",
+    "/healthz%23/../admin/users",
+    "/ADMIN/users",
+    "/Admin/users",
+    "/%61dmin/users",
+    "/admin%00/users",
+    "/admin/users%00",
+    "/admin/ users",
+    "http://localhost/admin/users",
+    "*",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_tricks_never_reach_a_protected_upstream_route() {
+    let stack = Stack::start(&[Key::A]).await;
+
+    // Control: an admin token does reach /admin/users, so the denials below are decisions,
+    // not a missing route.
+    let admin = mint(Key::A, json!({ "roles": ["admin"] }));
+    let answer = stack.get(Proto::Http1, "/admin/users", Some(&admin)).await;
+    assert_eq!(answer.status, 200, "{answer:?}\n{}", stack.logs());
+    assert_eq!(stack.upstream.count(), 1);
+
+    let reader = reader_token(Key::A);
+    for path in PATH_TRICKS {
+        for token in [None, Some(reader.as_str())] {
+            let before = stack.upstream.count();
+            let auth = token
+                .map(|t| format!("Authorization: Bearer {t}\r\n"))
+                .unwrap_or_default();
+            let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n");
+            let context = format!("GET {path} (token: {})", token.is_some());
+            let response = match raw_http(stack.envoy.addr, &request) {
+                Ok(r) => r,
+                // Envoy may close the connection on a request line it refuses to parse.
+                Err(e) => {
+                    assert_eq!(stack.upstream.count(), before, "{context}: {e}");
+                    continue;
+                }
+            };
+            let seen = stack.upstream.since(before);
+            for s in &seen {
+                assert!(
+                    !s.path_only().to_ascii_lowercase().contains("admin"),
+                    "{context}: the upstream received {:?} (status {})",
+                    s.path,
+                    response.status
+                );
+            }
+            if (200..300).contains(&response.status) {
+                // Only a request Envoy resolved to the public /healthz route may succeed.
+                assert!(
+                    seen.len() == 1 && seen[0].path_only() == "/healthz",
+                    "{context}: {} with upstream seeing {seen:?}",
+                    response.status
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_rejects_encoded_slashes_and_underscore_headers_before_authorization() {
+    // No Portcullis at all: a 400 here comes from Envoy's own path hygiene, not from a
+    // decision (a request that got as far as ext_authz would be a 403).
+    let stack = Stack::start_without_portcullis().await;
+    for path in [
+        "/admin%2Fusers",
+        "/admin%2fusers",
+        "/healthz%2F..%2Fadmin",
+        "/healthz%5C..%5Cadmin",
+        "/healthz%5c..%5cadmin",
+    ] {
+        let response = raw_http(
+            stack.envoy.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+        )
+        .unwrap();
+        assert_eq!(response.status, 400, "GET {path}: {response:?}");
+    }
+    let response = raw_http(
+        stack.envoy.addr,
+        "GET /orders/1 HTTP/1.1\r\nHost: localhost\r\nx_portcullis_subject: mallory\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(response.status, 400, "underscore header: {response:?}");
+    assert_eq!(stack.upstream.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_closed_with_403_when_portcullis_is_unreachable() {
+    let stack = Stack::start_without_portcullis().await;
+    let token = reader_token(Key::A);
+    for proto in PROTOCOLS {
+        for (path, token) in [
+            ("/healthz", None),
+            ("/orders/1", Some(token.as_str())),
+            ("/admin/users", None),
+        ] {
+            let answer = stack.get(proto, path, token).await;
+            assert_eq!(answer.status, 403, "{proto:?} {path}: {answer:?}");
+            assert!(!answer.from_upstream());
+        }
+    }
+    assert_eq!(stack.upstream.count(), 0, "the upstream must see nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portcullis_stopped_fails_closed_and_restart_recovers_without_restarting_envoy() {
+    let mut stack = Stack::start(&[Key::A]).await;
+    let token = reader_token(Key::A);
+    for proto in PROTOCOLS {
+        let answer = stack.get(proto, "/orders/1", Some(&token)).await;
+        assert_eq!(answer.status, 200, "{proto:?} before: {answer:?}");
+    }
+
+    stack.portcullis().stop();
+    let before = stack.upstream.count();
+    for proto in PROTOCOLS {
+        for (path, token) in [("/orders/1", Some(token.as_str())), ("/healthz", None)] {
+            let answer = stack.get(proto, path, token).await;
+            assert_eq!(
+                answer.status, 403,
+                "{proto:?} {path} while down: {answer:?}"
+            );
+            assert!(!answer.from_upstream());
+        }
+    }
+    assert_eq!(
+        stack.upstream.count(),
+        before,
+        "nothing reaches the upstream while down"
+    );
+
+    stack.portcullis().restart();
+    for proto in PROTOCOLS {
+        // Envoy reconnects on its own; the first request may still race the old connection.
+        let stack = &stack;
+        let token = token.as_str();
+        eventually(
+            Duration::from_secs(10),
+            "allowed again after restart",
+            || async move { stack.get(proto, "/orders/1", Some(token)).await.status == 200 },
+        )
+        .await;
+    }
+    stack.envoy.process.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_key_is_accepted_and_removed_key_refused_without_restart() {
+    let mut stack = Stack::start(&[Key::A]).await;
+    let old = reader_token(Key::A);
+    assert_eq!(
+        stack
+            .get(Proto::Http1, "/orders/1", Some(&old))
+            .await
+            .status,
+        200
+    );
+
+    // Key B is unknown: refused (401), not an error that lets anything through.
+    let answer = stack
+        .get(Proto::Http1, "/orders/1", Some(&reader_token(Key::B)))
+        .await;
+    assert_denied_by_portcullis(&answer, 401, "invalid_token", "unknown kid");
+
+    // The provider publishes B next to A: B is accepted without restarting anything.
+    stack.jwks.serve(&[Key::A, Key::B]);
+    let s = &stack;
+    eventually(Duration::from_secs(10), "new kid accepted", || async move {
+        s.get(Proto::H2c, "/orders/1", Some(&reader_token(Key::B)))
+            .await
+            .status
+            == 200
+    })
+    .await;
+
+    // The provider retires A: after a refresh, tokens signed by A are refused, including one
+    // that was accepted (and possibly cached) before.
+    stack.jwks.serve(&[Key::B]);
+    eventually(
+        Duration::from_secs(10),
+        "removed kid refused",
+        || async move {
+            s.get(Proto::Http1, "/orders/1", Some(&reader_token(Key::A)))
+                .await
+                .status
+                == 401
+        },
+    )
+    .await;
+    let answer = stack.get(Proto::Http1, "/orders/1", Some(&old)).await;
+    assert_denied_by_portcullis(&answer, 401, "invalid_token", "cached token of removed key");
+    let answer = stack
+        .get(Proto::H2c, "/orders/1", Some(&reader_token(Key::B)))
+        .await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+
+    let metrics = stack.metrics().await;
+    assert!(metrics.contains("portcullis_decisions"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_outage_keeps_cached_keys_until_max_stale_then_fails_closed() {
+    let stack = Stack::start(&[Key::A]).await;
+    let early = reader_token(Key::A);
+    assert_eq!(
+        stack
+            .get(Proto::Http1, "/orders/1", Some(&early))
+            .await
+            .status,
+        200
+    );
+
+    stack.jwks.set_up(false);
+    let down = Instant::now();
+    let failed_before = stack.jwks.failed.load(Ordering::SeqCst);
+
+    // Cached keys keep working through a failed refresh (max_refresh is 2s).
+    let s = &stack;
+    eventually(
+        Duration::from_secs(5),
+        "a refresh attempt during the outage",
+        || async move { s.jwks.failed.load(Ordering::SeqCst) > failed_before },
+    )
+    .await;
+    let answer = stack
+        .get(Proto::H2c, "/orders/1", Some(&reader_token(Key::A)))
+        .await;
+    assert_eq!(
+        answer.status,
+        200,
+        "cached keys must survive a failed fetch: {answer:?}\n{}",
+        stack.logs()
+    );
+
+    // Past max_stale (5s after the last good fetch), every token is refused.
+    eventually(
+        Duration::from_secs(20),
+        "refused after max_stale",
+        || async move {
+            s.get(Proto::Http1, "/orders/1", Some(&reader_token(Key::A)))
+                .await
+                .status
+                == 401
+        },
+    )
+    .await;
+    let stale_after = down.elapsed();
+    // The last good fetch was at most max_refresh (2s) before the outage began.
+    assert!(
+        stale_after >= Duration::from_secs(2),
+        "keys dropped after {stale_after:?}, before max_stale"
+    );
+    let answer = stack.get(Proto::H2c, "/orders/1", Some(&early)).await;
+    assert_denied_by_portcullis(
+        &answer,
+        401,
+        "invalid_token",
+        "cached token after max_stale",
+    );
+
+    // The provider comes back: tokens are accepted again without a restart.
+    stack.jwks.set_up(true);
+    eventually(
+        Duration::from_secs(10),
+        "accepted after recovery",
+        || async move {
+            s.get(Proto::Http1, "/orders/1", Some(&reader_token(Key::A)))
+                .await
+                .status
+                == 200
+        },
+    )
+    .await;
+    assert!(stack.jwks.hits.load(Ordering::SeqCst) >= 3);
+}
