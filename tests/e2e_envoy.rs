@@ -777,7 +777,7 @@ async fn path_tricks_never_reach_a_protected_upstream_route() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoy_rejects_encoded_slashes_and_underscore_headers_before_authorization() {
+async fn envoy_rejects_encoded_slashes_fragments_and_underscore_headers_before_authorization() {
     // No Portcullis at all: a 400 here comes from Envoy's own path hygiene, not from a
     // decision (a request that got as far as ext_authz would be a 403).
     let stack = Stack::start_without_portcullis().await;
@@ -787,6 +787,8 @@ async fn envoy_rejects_encoded_slashes_and_underscore_headers_before_authorizati
         "/healthz%2F..%2Fadmin",
         "/healthz%5C..%5Cadmin",
         "/healthz%5c..%5cadmin",
+        "/admin/users#x",
+        "/healthz#/../admin/users",
     ] {
         let response = raw_http(
             stack.envoy.addr,
