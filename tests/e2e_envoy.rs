@@ -177,10 +177,6 @@ impl Seen {
             .map(|(_, v)| v.as_str())
             .collect()
     }
-
-    fn path_only(&self) -> &str {
-        self.path.split('?').next().unwrap_or("")
-    }
 }
 
 /// The upstream: records every request and answers 200 with a marker header, so a test can
@@ -377,7 +373,7 @@ impl Answer {
             .map(|(_, v)| v.as_str())
     }
 
-    fn from_upstream(&self) -> bool {
+    fn answered_by_upstream(&self) -> bool {
         self.header(UPSTREAM_MARKER).is_some()
     }
 
@@ -536,7 +532,7 @@ where
 fn assert_denied_by_portcullis(answer: &Answer, status: u16, error: &str, context: &str) {
     assert_eq!(answer.status, status, "{context}: {answer:?}");
     assert!(
-        !answer.from_upstream(),
+        !answer.answered_by_upstream(),
         "{context}: answered by the upstream"
     );
     let challenge = answer
@@ -578,7 +574,7 @@ async fn allowed_request_reaches_upstream_with_identity_headers_over_http1_and_h
             "{proto:?}: {answer:?}\n{}",
             stack.logs()
         );
-        assert!(answer.from_upstream());
+        assert!(answer.answered_by_upstream());
         let seen = stack.upstream.since(before);
         assert_eq!(seen.len(), 1, "{proto:?}: exactly one upstream request");
         let seen = &seen[0];
@@ -891,7 +887,7 @@ async fn fails_closed_with_403_when_portcullis_is_unreachable() {
         ] {
             let answer = stack.get(proto, path, token).await;
             assert_eq!(answer.status, 403, "{proto:?} {path}: {answer:?}");
-            assert!(!answer.from_upstream());
+            assert!(!answer.answered_by_upstream());
         }
     }
     assert_eq!(stack.upstream.count(), 0, "the upstream must see nothing");
@@ -915,7 +911,7 @@ async fn portcullis_stopped_fails_closed_and_restart_recovers_without_restarting
                 answer.status, 403,
                 "{proto:?} {path} while down: {answer:?}"
             );
-            assert!(!answer.from_upstream());
+            assert!(!answer.answered_by_upstream());
         }
     }
     assert_eq!(
