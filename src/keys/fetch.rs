@@ -339,7 +339,11 @@ async fn get_capped(
 
 fn parse(body: &[u8], origin: KeyOrigin) -> Result<LoadedKeys, FetchError> {
     KeySet::from_jwks(body, origin).map_err(|e| match e {
+        // The parser's JSON message may quote document bytes; keep only the class.
         JwkError::NotJson(_) => FetchError::NotJson("key set is not valid JSON".into()),
+        JwkError::NotAKeySet(why) => {
+            FetchError::NotJson(format!("key set is not a JWKS document: {why}"))
+        }
         JwkError::NoUsableKeys => FetchError::NoKeys,
     })
 }
