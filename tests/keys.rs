@@ -423,7 +423,7 @@ async fn connection_refused_is_classified() {
 }
 
 #[tokio::test]
-async fn tls_failure_is_classified() {
+async fn https_to_a_plain_http_server_is_a_tls_failure() {
     // An https URL pointing at a plain-HTTP server: the TLS handshake fails.
     let server = TestServer::start(Mode::SetA).await;
     let url = format!("https://{}/jwks", server.state.addr);
@@ -431,6 +431,59 @@ async fn tls_failure_is_classified() {
     store.start().await;
     assert!(!store.ready());
     assert_eq!(fetches(&metrics, "tls"), 1, "{:?}", store.status());
+    let err = store.get("dev").unwrap_err().to_string();
+    assert!(err.contains("tls failure"), "{err}");
+}
+
+/// A TLS server presenting a self-signed certificate: the handshake succeeds on the server's
+/// side only up to the client's certificate check, which must reject it.
+async fn untrusted_tls_server() -> SocketAddr {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let certs = vec![
+        CertificateDer::from_pem_slice(include_bytes!("fixtures/tls/self-signed.crt")).unwrap(),
+    ];
+    let key =
+        PrivateKeyDer::from_pem_slice(include_bytes!("fixtures/tls/self-signed.key")).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // The client aborts the handshake; nothing to serve.
+                let _ = acceptor.accept(tcp).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn untrusted_certificate_is_a_tls_failure() {
+    let addr = untrusted_tls_server().await;
+    let (store, metrics) = store_for(
+        "https://idp.test",
+        source(&format!("url: https://{addr}/jwks"), ""),
+    );
+    store.start().await;
+    assert!(!store.ready());
+    let err = store.get("dev").unwrap_err().to_string();
+    assert!(
+        err.contains("tls failure") && err.contains("certificate"),
+        "{err}"
+    );
+    assert_eq!(fetches(&metrics, "tls"), 1);
 }
 
 #[tokio::test]

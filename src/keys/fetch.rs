@@ -312,7 +312,7 @@ async fn get_capped(
     let exchange = async {
         let mut resp = client
             .get(url.clone())
-            .header(ACCEPT, "application/json")
+            .header(ACCEPT, "application/jwk-set+json, application/json")
             .send()
             .await
             .map_err(|e| classify(&e, timeout))?;

@@ -8,6 +8,19 @@
 //! after the last good fetch, or before the first one, `get` returns an error and `ready()` is
 //! false. Never logs key material; metrics go only through `Metrics::record_jwks_fetch`.
 //!
+//! Policy, per issuer:
+//! - Refresh: after a good fetch, at 90% of the response's Cache-Control `max-age` (`no-cache`
+//!   and `no-store` count as 0; no header counts as 5 minutes), clamped into
+//!   `[min_refresh, max_refresh]`. Key files are re-read every `min_refresh`.
+//! - Retry: after a failed load, 1 s, doubling, capped at `min_refresh`; the last good set stays
+//!   in use until `max_stale` after the last good load, then `get` fails with `Stale`.
+//! - Single flight: at most one load per issuer at a time; everyone else joins it.
+//! - Unknown `kid`: at most one load *started* for it per `unknown_kid_interval`; joining a load
+//!   already running is free.
+//! - Transport: HTTPS unless the host is loopback or `allow_http` is set (also checked for a
+//!   discovered `jwks_uri`), at most 3 redirects and only within the same origin, `max_bytes`
+//!   enforced while streaming, `fetch_timeout` per GET (discovery is two GETs).
+//!
 //! Must never touch: token verification (`identity`), decisions (`authz`, `decide`).
 
 mod fetch;
