@@ -11,7 +11,7 @@
 //! Policy, per issuer:
 //! - Refresh: after a good fetch, at 90% of the response's Cache-Control `max-age` (`no-cache`
 //!   and `no-store` count as 0; no header counts as 5 minutes), clamped into
-//!   `[min_refresh, max_refresh]`. Key files are re-read every `min_refresh`.
+//!   `[min_refresh, max_refresh]`, minus up to 10% jitter (never below `min_refresh`). Key files are re-read every `min_refresh`.
 //! - Retry: after a failed load, 1 s, doubling, capped at `min_refresh`; the last good set stays
 //!   in use until `max_stale` after the last good load, then `get` fails with `Stale`.
 //! - Single flight: at most one load per issuer at a time; everyone else joins it.
@@ -25,8 +25,6 @@
 
 mod fetch;
 mod schedule;
-
-pub use fetch::FetchError;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -356,10 +354,14 @@ async fn load_once(slot: &Slot, shared: &Shared) {
             let delay = match slot.kind {
                 // A local file has no Cache-Control; re-reading it is cheap.
                 SourceKind::File(_) => slot.cfg.min_refresh.get(),
-                _ => schedule::after_success(
-                    loaded.max_age,
+                _ => schedule::jittered(
+                    schedule::after_success(
+                        loaded.max_age,
+                        slot.cfg.min_refresh.get(),
+                        slot.cfg.max_refresh.get(),
+                    ),
                     slot.cfg.min_refresh.get(),
-                    slot.cfg.max_refresh.get(),
+                    random(),
                 ),
             };
             let set = publishable(slot, old.set.as_ref(), loaded);
@@ -444,6 +446,14 @@ fn publishable(slot: &Slot, current: Option<&Arc<KeySet>>, loaded: Loaded) -> Ar
         "key set loaded"
     );
     Arc::new(keys.set)
+}
+
+/// A random number for jitter; `RandomState` is seeded randomly per thread and advanced per call.
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 /// Same keys in the same order, with the same `kid` and `alg` (a changed `kid` on the same key

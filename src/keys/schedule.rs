@@ -20,6 +20,17 @@ pub(crate) fn after_success(max_age: Option<Duration>, min: Duration, max: Durat
     early.min(max).max(min)
 }
 
+/// Takes up to 10% off a refresh delay, never going below `min`, so many replicas started
+/// together do not keep fetching from the issuer in lockstep. `random` is any random number.
+pub(crate) fn jittered(delay: Duration, min: Duration, random: u64) -> Duration {
+    let spread = delay.saturating_sub(min).min(delay / 10);
+    let nanos = u64::try_from(spread.as_nanos()).unwrap_or(u64::MAX);
+    if nanos == 0 {
+        return delay;
+    }
+    delay - Duration::from_nanos(random % (nanos + 1))
+}
+
 /// Delay until the retry after `failures` consecutive failed fetches (1 for the first):
 /// exponential from one second, never slower than `min_refresh`, so an outage is noticed to
 /// be over within `min_refresh`. When `min_refresh` is below a second (test setups), it is the
@@ -49,6 +60,19 @@ mod tests {
         assert_eq!(after_success(None, s(1), s(10)), s(10));
         // Inverted bounds: the floor wins.
         assert_eq!(after_success(Some(s(1)), s(100), s(10)), s(100));
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent_and_above_min() {
+        for r in [0, 1, 7, u64::MAX / 3, u64::MAX] {
+            let d = jittered(s(100), s(10), r);
+            assert!(d <= s(100) && d >= s(90), "{d:?}");
+            assert_eq!(jittered(s(100), s(100), r), s(100));
+            let d = jittered(s(100), s(95), r);
+            assert!(d >= s(95), "{d:?}");
+        }
+        assert_eq!(jittered(s(100), s(10), 0), s(100));
+        assert_eq!(jittered(s(100), s(10), 10_000_000_000), s(90));
     }
 
     #[test]
