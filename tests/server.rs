@@ -9,14 +9,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
 use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use portcullis::server::Server;
 use serde_json::{Value, json};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 const DEV_ISSUER: &str = "https://dev.portcullis.invalid";
 const DEV_KID: &str = "portcullis-dev-1";
@@ -40,7 +40,10 @@ impl Jwks {
                 async move {
                     *h.lock().unwrap() += 1;
                     (
-                        [("content-type", "application/json"), ("cache-control", "max-age=1")],
+                        [
+                            ("content-type", "application/json"),
+                            ("cache-control", "max-age=1"),
+                        ],
                         b.lock().unwrap().clone(),
                     )
                 }
@@ -66,12 +69,18 @@ fn dev_jwks() -> String {
 }
 
 fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 fn mint(claims: Value) -> String {
-    let pem =
-        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev/signing-key.pem")).unwrap();
+    let pem = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/dev/signing-key.pem"
+    ))
+    .unwrap();
     let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
     header.kid = Some(DEV_KID.to_string());
@@ -202,7 +211,10 @@ fn bearer(token: &str) -> String {
 }
 
 fn status(resp: &CheckResponse) -> i32 {
-    resp.status.as_ref().expect("every response carries a status").code
+    resp.status
+        .as_ref()
+        .expect("every response carries a status")
+        .code
 }
 
 fn denied(resp: &CheckResponse) -> (u16, HashMap<String, String>, Value) {
@@ -246,7 +258,11 @@ async fn allowed_request_gets_identity_headers_and_removes_unset_ones() {
     assert_eq!(set.get("x-portcullis-issuer"), Some(&DEV_ISSUER));
     assert_eq!(set.get("x-portcullis-scopes"), Some(&"orders:read"));
     // Every identity header is either overwritten or removed.
-    for name in ["x-portcullis-subject", "x-portcullis-issuer", "x-portcullis-scopes"] {
+    for name in [
+        "x-portcullis-subject",
+        "x-portcullis-issuer",
+        "x-portcullis-scopes",
+    ] {
         assert!(set.contains_key(name) || ok.headers_to_remove.iter().any(|r| r == name));
     }
 }
@@ -262,7 +278,10 @@ async fn public_route_removes_all_identity_headers() {
         panic!("expected OK");
     };
     assert!(ok.headers.is_empty());
-    assert!(ok.headers_to_remove.contains(&"x-portcullis-subject".to_string()));
+    assert!(
+        ok.headers_to_remove
+            .contains(&"x-portcullis-subject".to_string())
+    );
 }
 
 #[tokio::test]
@@ -315,12 +334,18 @@ async fn token_cache_hit_decides_like_a_miss() {
     let h = Harness::start().await;
     let token = mint(json!({"sub": "alice", "scope": "orders:read"}));
     let auth = bearer(&token);
-    let first = h.check("GET", "/orders/1", &[("authorization", &auth)]).await;
-    let second = h.check("GET", "/orders/1", &[("authorization", &auth)]).await;
+    let first = h
+        .check("GET", "/orders/1", &[("authorization", &auth)])
+        .await;
+    let second = h
+        .check("GET", "/orders/1", &[("authorization", &auth)])
+        .await;
     assert_eq!(status(&first), 0);
     assert_eq!(status(&second), 0);
     // A hit still applies every grant.
-    let third = h.check("POST", "/orders", &[("authorization", &auth)]).await;
+    let third = h
+        .check("POST", "/orders", &[("authorization", &auth)])
+        .await;
     assert_eq!(denied(&third).0, 403);
     let metrics = h.metrics().await;
     let hits = metric_value(&metrics, "portcullis_token_cache_hits_total");
@@ -332,7 +357,13 @@ async fn cached_token_is_refused_once_expired() {
     let h = Harness::start().await;
     let token = mint(json!({"sub": "alice", "scope": "orders:read", "exp": now() + 60}));
     let auth = bearer(&token);
-    assert_eq!(status(&h.check("GET", "/orders/1", &[("authorization", &auth)]).await), 0);
+    assert_eq!(
+        status(
+            &h.check("GET", "/orders/1", &[("authorization", &auth)])
+                .await
+        ),
+        0
+    );
     // Same engine, same cache, a clock past exp + leeway.
     let headers = HashMap::from([("authorization".to_string(), auth.clone())]);
     let view = portcullis::authz::RequestView {
@@ -353,7 +384,13 @@ async fn cached_token_is_refused_after_its_key_leaves_the_set() {
     let h = Harness::start().await;
     let token = mint(json!({"sub": "alice", "scope": "orders:read"}));
     let auth = bearer(&token);
-    assert_eq!(status(&h.check("GET", "/orders/1", &[("authorization", &auth)]).await), 0);
+    assert_eq!(
+        status(
+            &h.check("GET", "/orders/1", &[("authorization", &auth)])
+                .await
+        ),
+        0
+    );
     // Rotate to a set without the dev key: keep a valid, unrelated EC key so the set is usable.
     h.jwks.set(
         json!({"keys": [{
@@ -365,7 +402,9 @@ async fn cached_token_is_refused_after_its_key_leaves_the_set() {
     );
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let resp = h.check("GET", "/orders/1", &[("authorization", &auth)]).await;
+        let resp = h
+            .check("GET", "/orders/1", &[("authorization", &auth)])
+            .await;
         if status(&resp) != 0 {
             assert_eq!(denied(&resp).0, 401);
             break;
@@ -383,11 +422,12 @@ async fn metrics_count_decisions_by_result_status_reason_and_route() {
     h.check("GET", "/healthz", &[]).await;
     let text = h.metrics().await;
     assert!(
-        text.lines().any(|l| l.starts_with("portcullis_decisions_total{")
-            && l.contains("result=\"deny\"")
-            && l.contains("status=\"401\"")
-            && l.contains("reason=\"credential_missing\"")
-            && l.contains("route=\"orders-read\"")),
+        text.lines()
+            .any(|l| l.starts_with("portcullis_decisions_total{")
+                && l.contains("result=\"deny\"")
+                && l.contains("status=\"401\"")
+                && l.contains("reason=\"credential_missing\"")
+                && l.contains("route=\"orders-read\"")),
         "{text}"
     );
     assert!(text.contains("portcullis_decision_duration_seconds_bucket"));
