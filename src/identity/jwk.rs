@@ -177,11 +177,11 @@ impl KeySet {
     }
 
     /// The keys that may verify a token with this `kid` (or any key without one) and `alg`.
-    pub fn candidates<'s>(
+    pub fn candidates<'s, 'a>(
         &'s self,
-        kid: Option<&'s str>,
+        kid: Option<&'a str>,
         alg: Algorithm,
-    ) -> impl Iterator<Item = &'s Arc<VerifyKey>> + 's {
+    ) -> impl Iterator<Item = &'s Arc<VerifyKey>> + use<'s, 'a> {
         self.keys
             .iter()
             .filter(move |k| kid.is_none_or(|kid| k.kid.as_deref() == Some(kid)) && k.fits(alg))
