@@ -99,9 +99,11 @@ pub fn claim_path<'a>(claims: &'a Map<String, Value>, path: &str) -> Option<&'a 
 /// `split_spaces`, as OAuth's `scope` claim is).
 pub fn string_list(value: Option<&Value>, split_spaces: bool) -> Vec<String> {
     match value {
-        Some(Value::String(s)) if split_spaces => {
-            s.split(' ').filter(|p| !p.is_empty()).map(str::to_string).collect()
-        }
+        Some(Value::String(s)) if split_spaces => s
+            .split(' ')
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect(),
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) => items
             .iter()
