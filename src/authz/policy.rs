@@ -672,7 +672,7 @@ impl fmt::Display for Failure<'_> {
 
 fn evaluate<'r>(rule: &'r CompiledRule, m: &RouteMatch<'_>, id: &Identity) -> Vec<Failure<'r>> {
     let mut failures = Vec::new();
-    if !rule.issuers.is_empty() && !rule.issuers.iter().any(|i| *i == id.issuer_name) {
+    if !rule.issuers.is_empty() && !rule.issuers.contains(&id.issuer_name) {
         failures.push(Failure::Issuer);
     }
     for s in &rule.scopes {

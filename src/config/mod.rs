@@ -140,8 +140,11 @@ fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
     };
     // A first, shape-free parse tells an empty file (which must never mean "allow all" or
     // silently "no routes") from a real one.
-    let value: serde_yaml::Value =
-        serde_yaml::from_str(text).map_err(|e| err("", format!("invalid YAML: {e}"), None))?;
+    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+        let message = e.to_string();
+        let (field, message) = split_yaml_path(&message);
+        err(field, format!("invalid YAML: {message}"), None)
+    })?;
     if value.is_null() {
         return Err(err(
             "",
@@ -159,14 +162,38 @@ fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
     }
     let de = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let field = match e.path().to_string() {
+        let mut field = match e.path().to_string() {
             p if p == "." => String::new(),
             p => p,
         };
         let message = e.into_inner().to_string();
-        let hint = parse_hint(&message);
-        err(&field, message, hint)
+        // serde_yaml repeats (a shorter form of) the path in front of its message.
+        let (_, message) = split_yaml_path(&message);
+        if let Some(missing) = message
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+        {
+            if !field.is_empty() {
+                field.push('.');
+            }
+            field.push_str(missing);
+        }
+        let hint = parse_hint(message);
+        err(&field, message.to_string(), hint)
     })
+}
+
+/// Splits serde_yaml's `path: message` into its parts (`""` when there is no path).
+fn split_yaml_path(message: &str) -> (&str, &str) {
+    match message.split_once(": ") {
+        Some((path, rest))
+            if !path.is_empty()
+                && !path.contains(|c: char| c.is_whitespace() || c == '`' || c == '"') =>
+        {
+            (path, rest)
+        }
+        _ => ("", message),
+    }
 }
 
 /// A hint for a serde error message.
@@ -185,7 +212,7 @@ fn parse_hint(message: &str) -> Option<String> {
         }
         return None;
     }
-    if message.contains("invalid duration") {
+    if message.contains("invalid duration") && !message.contains("e.g.") {
         return Some("write durations like `30s`, `15m`, `1h 30m` or `250ms`".to_string());
     }
     if message.starts_with("missing field `") {
