@@ -197,7 +197,12 @@ pub fn select_issuer<'c>(
         .issuers
         .iter()
         .find(|i| i.rules.issuer == iss && i.header == cred.header)
-        .ok_or_else(|| Decision::new(ReasonCode::UnknownIssuer, "the token's issuer is not trusted"))
+        .ok_or_else(|| {
+            Decision::new(
+                ReasonCode::UnknownIssuer,
+                "the token's issuer is not trusted",
+            )
+        })
 }
 
 /// A JWT rejection as a 401 decision.
