@@ -135,6 +135,8 @@ pub enum JwtError {
     IssuerNotString,
     #[error("token `aud` claim must be a string or a list of strings")]
     AudienceNotStrings,
+    #[error("token `sub` claim is not a string")]
+    SubjectNotString,
     #[error("token `iss` is not this issuer")]
     WrongIssuer,
     #[error("token `aud` does not name an accepted audience")]
@@ -298,6 +300,11 @@ pub fn verify(
     let claims = parsed.claims;
     check_issuer(&claims, rules)?;
     check_audience(&claims, rules)?;
+    // RFC 7519 4.1.2: `sub` is a string. Identity and resource bindings read it as one, so a
+    // list or number there must not quietly become an empty subject.
+    if claims.get("sub").is_some_and(|sub| !sub.is_string()) {
+        return Err(JwtError::SubjectNotString);
+    }
     let exp = time_claim(&claims, "exp")?.ok_or(JwtError::MissingClaim("exp"))?;
     let nbf = time_claim(&claims, "nbf")?;
     let iat = time_claim(&claims, "iat")?;

@@ -830,6 +830,23 @@ fn audience_is_required_and_must_match() {
 }
 
 #[test]
+fn subject_must_be_a_string_when_present() {
+    for bad in [
+        json!(["alice"]),
+        json!(1),
+        json!({"id": "alice"}),
+        json!(true),
+    ] {
+        assert_eq!(
+            err(&with_claims(claims_with("sub", bad.clone()))),
+            JwtError::SubjectNotString,
+            "{bad}"
+        );
+    }
+    assert!(verify(&with_claims(claims_with("sub", Value::Null))).is_ok());
+}
+
+#[test]
 fn exp_is_required() {
     assert_eq!(
         err(&with_claims(claims_with("exp", Value::Null))),
