@@ -424,6 +424,16 @@ impl Compiler {
                 ),
             ));
         }
+        // Zero intervals would let a flood of unknown `kid`s (or a zero max-age) turn every
+        // request into a fetch against the identity provider.
+        for (name, d) in [
+            ("min_refresh", keys.min_refresh),
+            ("unknown_kid_interval", keys.unknown_kid_interval),
+        ] {
+            if d.get().as_secs() == 0 {
+                return Err(self.err(f(&format!("keys.{name}")), "must be at least 1s"));
+            }
+        }
         if keys.max_bytes == 0 {
             return Err(self.err(f("keys.max_bytes"), "must be greater than 0"));
         }

@@ -308,6 +308,26 @@ fn key_urls_must_be_https_unless_loopback_or_allowed() {
         "issuers[0].keys.min_refresh",
         "greater than max_refresh",
     );
+    fails(
+        &iss("url: \"https://a.test/k\", min_refresh: 0s"),
+        "issuers[0].keys.min_refresh",
+        "at least 1s",
+    );
+    fails(
+        &iss("url: \"https://a.test/k\", unknown_kid_interval: 500ms"),
+        "issuers[0].keys.unknown_kid_interval",
+        "at least 1s",
+    );
+    fails(
+        &iss("url: \"https://a.test/k\", fetch_timeout: 0s"),
+        "issuers[0].keys.fetch_timeout",
+        "greater than 0",
+    );
+    fails(
+        &iss("url: \"https://a.test/k\", max_bytes: 0"),
+        "issuers[0].keys.max_bytes",
+        "greater than 0",
+    );
 }
 
 #[test]
