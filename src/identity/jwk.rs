@@ -140,9 +140,13 @@ pub enum JwkError {
 }
 
 impl KeySet {
-    /// Parses a JWKS document, dropping keys that must not be used (RSA < 2048 bits, `oct`
-    /// from a fetched set, unsupported types, `use` other than `sig`).
-    /// `NoUsableKeys` when every key was dropped; use `parse_jwks` to see why.
+    /// Parses a JWKS document (`{"keys":[...]}`, strict JSON), dropping with a reason each
+    /// key that must not or cannot be used: RSA under 2048 (or over 8192) bits, `oct` from a
+    /// fetched set (or under 256 bits), `use` other than `sig`, `key_ops` without `verify`,
+    /// unsupported `kty`/`crv`/`alg`, an `alg` that does not fit the key type, private
+    /// members, malformed members, points not on the curve. Duplicate kids are kept.
+    /// `NotJson`/`NotAKeySet` when the document itself is wrong; `NoUsableKeys` when every
+    /// key was dropped (use `parse_jwks` to see why).
     pub fn from_jwks(json: &[u8], origin: KeyOrigin) -> Result<LoadedKeys, JwkError> {
         let loaded = Self::parse_jwks(json, origin)?;
         if loaded.set.is_empty() {
@@ -176,12 +180,13 @@ impl KeySet {
         Ok(LoadedKeys { set, dropped })
     }
 
-    /// The keys that may verify a token with this `kid` (or any key without one) and `alg`.
-    pub fn candidates<'s>(
+    /// The keys that may verify a token signed with `alg`: with a `kid`, only keys carrying
+    /// exactly that kid; without one, every key. Either way only keys that `fits(alg)`.
+    pub fn candidates<'s, 'a>(
         &'s self,
-        kid: Option<&'s str>,
+        kid: Option<&'a str>,
         alg: Algorithm,
-    ) -> impl Iterator<Item = &'s Arc<VerifyKey>> + 's {
+    ) -> impl Iterator<Item = &'s Arc<VerifyKey>> + use<'s, 'a> {
         self.keys
             .iter()
             .filter(move |k| kid.is_none_or(|kid| k.kid.as_deref() == Some(kid)) && k.fits(alg))
