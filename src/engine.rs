@@ -131,7 +131,15 @@ impl Engine {
                 {
                     Some(fresh) => jwt::verify(cred.token, &issuer.rules, &fresh, now)
                         .map_err(decide::invalid_token)?,
-                    None => return Err(decide::invalid_token(e)),
+                    // A background refresh may have swapped the set between our `get` and the
+                    // refetch request: verify once more against whatever is current now.
+                    None => match self.keys.get(&issuer.name) {
+                        Ok(current) if !Arc::ptr_eq(&current, &set) => {
+                            jwt::verify(cred.token, &issuer.rules, &current, now)
+                                .map_err(decide::invalid_token)?
+                        }
+                        _ => return Err(decide::invalid_token(e)),
+                    },
                 }
             }
             Err(e) => return Err(decide::invalid_token(e)),

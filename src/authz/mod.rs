@@ -6,36 +6,10 @@
 //! are the shared contract.
 
 pub mod decision;
+pub mod path;
+pub mod policy;
 pub mod request;
 
-use std::sync::Arc;
-
 pub use decision::{Decision, ReasonCode};
+pub use policy::{Policy, RouteMatch};
 pub use request::RequestView;
-
-use crate::identity::Identity;
-
-/// The compiled route table.
-#[derive(Debug, Default)]
-pub struct Policy {}
-
-/// A matched route with its captured path parameters.
-#[derive(Debug)]
-pub struct RouteMatch<'p> {
-    pub route_id: &'p Arc<str>,
-    pub public: bool,
-    pub params: Vec<(&'p str, String)>,
-}
-
-impl Policy {
-    /// Path hygiene, then host + method + path matching (most specific wins).
-    /// `Err` is the deny decision (`PathRejected` or `NoRoute`).
-    pub fn match_route<'p>(&'p self, _req: &RequestView<'_>) -> Result<RouteMatch<'p>, Decision> {
-        todo!("policy helper")
-    }
-
-    /// Evaluates the matched route's rules for a verified identity.
-    pub fn authorize(&self, _m: &RouteMatch<'_>, _identity: &Arc<Identity>) -> Decision {
-        todo!("policy helper")
-    }
-}

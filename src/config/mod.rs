@@ -1,27 +1,54 @@
 //! Configuration: YAML text -> validated, compiled `Config`. OWNER: policy helper.
 //!
 //! Takes text and a path (for error messages and for resolving relative key files); reads
-//! the file only in `load`. Every error names the file, the field path and a hint.
+//! the file only in `load`, and otherwise touches the filesystem only to check that a
+//! configured key file exists. Every error names the file, the field path and, where it
+//! helps, a hint. A config either compiles completely or not at all: there is no partial or
+//! "allow-all" fallback.
 
 pub mod duration;
 pub mod schema;
 
+use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 
+use jsonwebtoken::Algorithm;
+
 use crate::authz::Policy;
+use crate::authz::policy::{
+    Binding, BindingKind, ClaimCondition, ClaimTest, CompiledRoute, CompiledRule, HostPattern,
+    Template, is_tchar,
+};
 use crate::identity::{ClaimPaths, JwtRules};
 
 pub use schema::ConfigFile;
+use schema::{IssuerConfig, RouteConfig, RuleConfig};
 
 /// A config error: file, field path (e.g. `routes[2].rules[0].scopes`), message and a hint.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{file}: {field}: {message}{}", hint.as_ref().map(|h| format!(" (hint: {h})")).unwrap_or_default())]
 pub struct ConfigError {
     pub file: PathBuf,
+    /// Empty when the error concerns the whole file.
     pub field: String,
     pub message: String,
     pub hint: Option<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.file.display())?;
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        f.write_str(&self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, " (hint: {h})")?;
+        }
+        Ok(())
+    }
 }
 
 /// One trusted issuer, compiled.
@@ -51,12 +78,779 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
+/// Algorithms accepted when an issuer lists none: every asymmetric one.
+pub const DEFAULT_ALGORITHMS: &[Algorithm] = &[
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+/// Bounds of `tokens.max_bytes`.
+const TOKEN_BYTES_MIN: usize = 256;
+const TOKEN_BYTES_MAX: usize = 65_536;
+
+/// Headers an identity header must never replace: pseudo-headers are checked separately.
+const FORBIDDEN_IDENTITY_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "cookie",
+];
+
 /// Reads and compiles a config file.
-pub fn load(_path: &Path) -> Result<Config, ConfigError> {
-    todo!("policy helper")
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        field: String::new(),
+        message: format!("cannot read the config file: {e}"),
+        hint: None,
+    })?;
+    from_str(&text, path)
 }
 
 /// Compiles config text. `path` is used for messages and to resolve relative key files.
-pub fn from_str(_text: &str, _path: &Path) -> Result<Config, ConfigError> {
-    todo!("policy helper")
+pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let file = parse(text, path)?;
+    Compiler::new(path).compile(file)
 }
+
+/// YAML -> `ConfigFile`, with the field path of any error.
+fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
+    let err = |field: &str, message: String, hint: Option<String>| ConfigError {
+        file: path.to_path_buf(),
+        field: field.to_string(),
+        message,
+        hint,
+    };
+    // A first, shape-free parse tells an empty file (which must never mean "allow all" or
+    // silently "no routes") from a real one.
+    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+        let message = e.to_string();
+        let (field, message) = split_yaml_path(&message);
+        err(field, format!("invalid YAML: {message}"), None)
+    })?;
+    if value.is_null() {
+        return Err(err(
+            "",
+            "the config file is empty".to_string(),
+            Some("start from the shipped config/portcullis.yaml".to_string()),
+        ));
+    }
+    if !value.is_mapping() {
+        return Err(err(
+            "",
+            "the top level must be a mapping of sections (`server`, `issuers`, `routes`, ...)"
+                .to_string(),
+            None,
+        ));
+    }
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut field = match e.path().to_string() {
+            p if p == "." => String::new(),
+            p => p,
+        };
+        let message = e.into_inner().to_string();
+        // serde_yaml repeats (a shorter form of) the path in front of its message.
+        let (_, message) = split_yaml_path(&message);
+        if let Some(missing) = message
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+        {
+            if !field.is_empty() {
+                field.push('.');
+            }
+            field.push_str(missing);
+        }
+        let hint = parse_hint(message);
+        err(&field, message.to_string(), hint)
+    })
+}
+
+/// Splits serde_yaml's `path: message` into its parts (`""` when there is no path).
+fn split_yaml_path(message: &str) -> (&str, &str) {
+    match message.split_once(": ") {
+        Some((path, rest))
+            if !path.is_empty()
+                && !path.contains(|c: char| c.is_whitespace() || c == '`' || c == '"') =>
+        {
+            (path, rest)
+        }
+        _ => ("", message),
+    }
+}
+
+/// A hint for a serde error message.
+fn parse_hint(message: &str) -> Option<String> {
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let unknown = rest.split('`').next().unwrap_or_default();
+        let expected: Vec<&str> = rest
+            .split_once("expected")
+            .map(|(_, e)| e.split('`').skip(1).step_by(2).collect())
+            .unwrap_or_default();
+        if let Some(best) = closest(unknown, &expected) {
+            return Some(format!("did you mean `{best}`?"));
+        }
+        if !expected.is_empty() {
+            return Some(format!("valid fields here: {}", expected.join(", ")));
+        }
+        return None;
+    }
+    if message.contains("invalid duration") && !message.contains("e.g.") {
+        return Some("write durations like `30s`, `15m`, `1h 30m` or `250ms`".to_string());
+    }
+    if message.starts_with("missing field `") {
+        let name = message.split('`').nth(1).unwrap_or_default();
+        return Some(format!("add `{name}:`"));
+    }
+    if message.contains("expected a sequence") {
+        return Some("write a list, e.g. `[a, b]`".to_string());
+    }
+    None
+}
+
+/// The candidate closest to `word` by edit distance, when it is close enough to be a typo.
+fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    let limit = (word.len() / 3).max(2);
+    candidates
+        .iter()
+        .map(|c| (edit_distance(word, c), *c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Validation and compilation of a parsed file.
+struct Compiler {
+    file: PathBuf,
+    dir: PathBuf,
+    warnings: Vec<String>,
+}
+
+type Res<T> = Result<T, ConfigError>;
+
+impl Compiler {
+    fn new(path: &Path) -> Self {
+        Compiler {
+            file: path.to_path_buf(),
+            dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            warnings: Vec::new(),
+        }
+    }
+
+    fn err(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            field: field.into(),
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    fn hint(
+        &self,
+        field: impl Into<String>,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            hint: Some(hint.into()),
+            ..self.err(field, message)
+        }
+    }
+
+    fn compile(mut self, file: ConfigFile) -> Res<Config> {
+        let max_bytes = file.tokens.max_bytes;
+        if !(TOKEN_BYTES_MIN..=TOKEN_BYTES_MAX).contains(&max_bytes) {
+            return Err(self.err(
+                "tokens.max_bytes",
+                format!(
+                    "`{max_bytes}` is out of range: use {TOKEN_BYTES_MIN} to {TOKEN_BYTES_MAX}"
+                ),
+            ));
+        }
+
+        let mut issuers: Vec<Arc<CompiledIssuer>> = Vec::with_capacity(file.issuers.len());
+        for (i, ic) in file.issuers.iter().enumerate() {
+            let compiled = self.issuer(i, ic, max_bytes)?;
+            let field = format!("issuers[{i}]");
+            if issuers.iter().any(|o| o.name == compiled.name) {
+                return Err(self.hint(
+                    format!("{field}.name"),
+                    format!("duplicate issuer name `{}`", compiled.name),
+                    "give each issuer a unique `name`",
+                ));
+            }
+            if issuers
+                .iter()
+                .any(|o| o.rules.issuer == compiled.rules.issuer && o.header == compiled.header)
+            {
+                return Err(self.err(
+                    format!("{field}.issuer"),
+                    format!(
+                        "issuer `{}` is already configured for header `{}`",
+                        compiled.rules.issuer, compiled.header
+                    ),
+                ));
+            }
+            issuers.push(Arc::new(compiled));
+        }
+
+        self.identity_headers(&file, &issuers)?;
+
+        if file.routes.is_empty() {
+            return Err(self.hint(
+                "routes",
+                "no routes are configured: every request would be denied",
+                "add at least one route; a deny-all setup needs no Portcullis",
+            ));
+        }
+        let issuer_names: HashSet<&str> = issuers.iter().map(|i| &*i.name).collect();
+        let mut routes = Vec::with_capacity(file.routes.len());
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        for (i, rc) in file.routes.iter().enumerate() {
+            if let Some(first) = ids.insert(rc.id.as_str(), i) {
+                return Err(self.err(
+                    format!("routes[{i}].id"),
+                    format!("duplicate route id `{}` (also routes[{first}])", rc.id),
+                ));
+            }
+            routes.push(self.route(i, rc, &issuer_names)?);
+        }
+        if issuers.is_empty() && routes.iter().any(|r| !r.public) {
+            self.warnings
+                .push("no issuers are configured: every non-public route answers 401".to_string());
+        }
+
+        let policy = Policy::new(routes);
+        self.warnings.extend(policy.shadow_warnings());
+        Ok(Config {
+            source: self.file,
+            file,
+            issuers,
+            policy,
+            warnings: self.warnings,
+        })
+    }
+
+    fn issuer(&mut self, i: usize, ic: &IssuerConfig, max_bytes: usize) -> Res<CompiledIssuer> {
+        let f = |s: &str| format!("issuers[{i}].{s}");
+        if ic.issuer.trim().is_empty() || ic.issuer.trim() != ic.issuer {
+            return Err(self.err(
+                f("issuer"),
+                "the issuer must be the exact, non-empty `iss` value",
+            ));
+        }
+        let name = ic.name.clone().unwrap_or_else(|| ic.issuer.clone());
+        if name.trim().is_empty() {
+            return Err(self.err(f("name"), "the issuer name must not be empty"));
+        }
+        if ic.audiences.is_empty() {
+            return Err(self.hint(
+                f("audiences"),
+                "at least one audience is required",
+                "list the `aud` values your API accepts, e.g. `[orders-api]`",
+            ));
+        }
+        if let Some(j) = ic.audiences.iter().position(|a| a.trim().is_empty()) {
+            return Err(self.err(f(&format!("audiences[{j}]")), "empty audience"));
+        }
+
+        // Key source: exactly one of file / url / discovery.
+        let keys = &ic.keys;
+        let set: Vec<&str> = [
+            ("file", keys.file.is_some()),
+            ("url", keys.url.is_some()),
+            ("discovery", keys.discovery),
+        ]
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| *n)
+        .collect();
+        if set.len() != 1 {
+            let found = if set.is_empty() {
+                "none is set".to_string()
+            } else {
+                format!("found {}", set.join(" and "))
+            };
+            return Err(self.hint(
+                f("keys"),
+                format!("exactly one of `file`, `url` or `discovery: true` is required, {found}"),
+                "e.g. `keys: { url: https://idp.example.com/jwks.json }`",
+            ));
+        }
+        if let Some(url) = &keys.url {
+            self.check_url(&f("keys.url"), url, keys.allow_http)?;
+        }
+        if keys.discovery {
+            self.check_url(&f("issuer"), &ic.issuer, keys.allow_http)?;
+        }
+        if keys.min_refresh > keys.max_refresh {
+            return Err(self.err(
+                f("keys.min_refresh"),
+                format!(
+                    "min_refresh ({}) is greater than max_refresh ({})",
+                    keys.min_refresh, keys.max_refresh
+                ),
+            ));
+        }
+        // Zero intervals would let a flood of unknown `kid`s (or a zero max-age) turn every
+        // request into a fetch against the identity provider.
+        for (name, d) in [
+            ("min_refresh", keys.min_refresh),
+            ("unknown_kid_interval", keys.unknown_kid_interval),
+        ] {
+            if d.get().as_secs() == 0 {
+                return Err(self.err(f(&format!("keys.{name}")), "must be at least 1s"));
+            }
+        }
+        if keys.max_bytes == 0 {
+            return Err(self.err(f("keys.max_bytes"), "must be greater than 0"));
+        }
+        if keys.fetch_timeout.get().is_zero() {
+            return Err(self.err(f("keys.fetch_timeout"), "must be greater than 0"));
+        }
+        let mut resolved_keys = keys.clone();
+        if let Some(file) = &keys.file {
+            let resolved = crate::keys::resolve_path(&self.dir, file);
+            if !resolved.is_file() {
+                return Err(self.hint(
+                    f("keys.file"),
+                    format!("key file `{}` does not exist", resolved.display()),
+                    "relative paths are resolved against the config file's folder",
+                ));
+            }
+            resolved_keys.file = Some(resolved);
+        }
+
+        let algorithms = match &ic.algorithms {
+            None => DEFAULT_ALGORITHMS.to_vec(),
+            Some(list) if list.is_empty() => {
+                return Err(self.hint(
+                    f("algorithms"),
+                    "the list is empty: no token could ever verify",
+                    "omit `algorithms` for the asymmetric defaults",
+                ));
+            }
+            Some(list) => {
+                let mut out = Vec::with_capacity(list.len());
+                for (j, a) in list.iter().enumerate() {
+                    let field = f(&format!("algorithms[{j}]"));
+                    if a.eq_ignore_ascii_case("none") {
+                        return Err(self.err(field, "`none` (unsigned tokens) is never accepted"));
+                    }
+                    let alg = Algorithm::from_str(a).map_err(|_| {
+                        self.hint(
+                            &field,
+                            format!("unknown algorithm `{a}`"),
+                            "use one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA (HS256/384/512 only with `keys.file`)",
+                        )
+                    })?;
+                    let hmac =
+                        matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
+                    if hmac && keys.file.is_none() {
+                        return Err(self.hint(
+                            field,
+                            format!("`{a}` (a shared secret) is only accepted with keys from a local `file`"),
+                            "a fetched key set is public: a symmetric key in it would let anyone sign tokens",
+                        ));
+                    }
+                    if !out.contains(&alg) {
+                        out.push(alg);
+                    }
+                }
+                out
+            }
+        };
+
+        let header = ic.token.header.to_ascii_lowercase();
+        if !valid_header_name(&header) {
+            return Err(self.err(
+                f("token.header"),
+                format!("`{}` is not a valid header name", ic.token.header),
+            ));
+        }
+        let scheme = ic.token.scheme.clone();
+        if !scheme.bytes().all(is_tchar) {
+            return Err(self.hint(
+                f("token.scheme"),
+                format!("`{scheme}` is not a valid authorization scheme"),
+                "e.g. `Bearer`, or `\"\"` for a bare header value",
+            ));
+        }
+        if scheme.is_empty() && header == "authorization" {
+            self.warnings.push(format!(
+                "issuers[{i}]: a bare token in the `authorization` header (empty scheme) is unusual"
+            ));
+        }
+        if ic.claims.scopes.trim().is_empty() {
+            return Err(self.err(f("claims.scopes"), "the claim path must not be empty"));
+        }
+        if ic.claims.roles.trim().is_empty() {
+            return Err(self.err(f("claims.roles"), "the claim path must not be empty"));
+        }
+        if let Some(typ) = &ic.required_typ
+            && typ.trim().is_empty()
+        {
+            return Err(self.hint(
+                f("required_typ"),
+                "must not be empty",
+                "e.g. `at+jwt`, or omit the field",
+            ));
+        }
+        if let Some(l) = ic.max_lifetime
+            && l.get().as_secs() == 0
+        {
+            return Err(self.err(f("max_lifetime"), "must be at least 1s"));
+        }
+        if ic.leeway.get().as_secs() > 300 {
+            self.warnings.push(format!(
+                "issuers[{i}].leeway: {} of clock skew is unusually large",
+                ic.leeway
+            ));
+        }
+
+        Ok(CompiledIssuer {
+            name: Arc::from(name),
+            rules: JwtRules {
+                issuer: ic.issuer.clone(),
+                audiences: ic.audiences.clone(),
+                algorithms,
+                leeway_secs: ic.leeway.get().as_secs(),
+                max_lifetime_secs: ic.max_lifetime.map(|d| d.get().as_secs()),
+                required_typ: ic.required_typ.clone(),
+                max_token_bytes: max_bytes,
+            },
+            claims: ClaimPaths {
+                scopes: ic.claims.scopes.clone(),
+                roles: ic.claims.roles.clone(),
+            },
+            header,
+            scheme,
+            keys: resolved_keys,
+        })
+    }
+
+    /// A key or discovery URL: https, or http to a loopback host, or http with `allow_http`.
+    fn check_url(&self, field: &str, url: &str, allow_http: bool) -> Res<()> {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(self.hint(
+                field,
+                format!("`{url}` is not a URL"),
+                "e.g. `https://idp.example.com`",
+            ));
+        };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if authority.contains('@') {
+            // Credentials in a URL end up in logs; refuse them without echoing the URL.
+            return Err(self.err(field, "the URL must not contain user credentials"));
+        }
+        let host = crate::authz::policy::normalize_host(authority);
+        if host.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(self.err(field, format!("`{url}` is not a valid URL")));
+        }
+        match scheme.to_ascii_lowercase().as_str() {
+            "https" => Ok(()),
+            "http" if allow_http || is_loopback(host) => Ok(()),
+            "http" => Err(self.hint(
+                field,
+                format!("`{url}` uses plain http to a non-loopback host"),
+                "use https, or set `keys.allow_http: true` for a test setup",
+            )),
+            _ => Err(self.err(
+                field,
+                format!("unsupported URL scheme `{scheme}`: use https"),
+            )),
+        }
+    }
+
+    fn identity_headers(&self, file: &ConfigFile, issuers: &[Arc<CompiledIssuer>]) -> Res<()> {
+        for (name, claim) in &file.upstream.identity_headers {
+            let field = format!("upstream.identity_headers.{name}");
+            if name.starts_with(':') {
+                return Err(self.err(field, format!("`{name}` is a pseudo-header")));
+            }
+            if *name != name.to_ascii_lowercase() {
+                return Err(self.hint(
+                    field,
+                    format!("header name `{name}` must be lower-case"),
+                    format!("write `{}`", name.to_ascii_lowercase()),
+                ));
+            }
+            if !valid_header_name(name) {
+                return Err(self.err(field, format!("`{name}` is not a valid header name")));
+            }
+            if FORBIDDEN_IDENTITY_HEADERS.contains(&name.as_str()) {
+                return Err(self.err(
+                    field,
+                    format!(
+                        "`{name}` cannot carry identity (it is a protocol or credential header)"
+                    ),
+                ));
+            }
+            if issuers.iter().any(|i| i.header == *name) {
+                return Err(self.err(
+                    field,
+                    format!("`{name}` is where an issuer's token is read from"),
+                ));
+            }
+            if claim.trim().is_empty() {
+                return Err(self.err(field, "the claim path must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    fn route(&mut self, i: usize, rc: &RouteConfig, issuers: &HashSet<&str>) -> Res<CompiledRoute> {
+        let f = |s: &str| format!("routes[{i}].{s}");
+        if rc.id.trim().is_empty() {
+            return Err(self.err(f("id"), "the route id must not be empty"));
+        }
+        let mut hosts = Vec::with_capacity(rc.hosts.len());
+        for (j, h) in rc.hosts.iter().enumerate() {
+            let p = HostPattern::parse(h).map_err(|m| self.err(f(&format!("hosts[{j}]")), m))?;
+            if !hosts.contains(&p) {
+                hosts.push(p);
+            }
+        }
+        if rc.methods.is_empty() {
+            return Err(self.hint(
+                f("methods"),
+                "no methods: the route would match nothing",
+                "e.g. `methods: [GET]`",
+            ));
+        }
+        let mut methods: Vec<Box<str>> = Vec::with_capacity(rc.methods.len());
+        for (j, m) in rc.methods.iter().enumerate() {
+            if m.is_empty() || !m.bytes().all(is_tchar) {
+                return Err(self.err(
+                    f(&format!("methods[{j}]")),
+                    format!("`{m}` is not a valid HTTP method"),
+                ));
+            }
+            if m.bytes().any(|b| b.is_ascii_lowercase()) {
+                self.warnings.push(format!(
+                    "routes[{i}].methods[{j}]: `{m}` is not upper-case; methods are case-sensitive, so it will not match `{}`",
+                    m.to_ascii_uppercase()
+                ));
+            }
+            if !methods.iter().any(|x| **x == **m) {
+                methods.push(Box::from(m.as_str()));
+            }
+        }
+        let template = Template::parse(&rc.path).map_err(|e| {
+            self.hint(
+                f("path"),
+                format!("invalid path template `{}`: {e}", rc.path),
+                "e.g. `/orders/{id}`, `/files/*/raw` or `/admin/**`",
+            )
+        })?;
+        match (rc.public, rc.rules.is_empty()) {
+            (true, false) => {
+                return Err(self.hint(
+                    f("rules"),
+                    "a public route cannot have rules",
+                    "remove `public: true` to require the rules, or remove the rules",
+                ));
+            }
+            (false, true) => {
+                return Err(self.hint(
+                    f("rules"),
+                    "the route has no rules and is not public: it would grant nothing",
+                    "add a rule, or `public: true` for a route that needs no identity",
+                ));
+            }
+            _ => {}
+        }
+        let mut rules: Vec<CompiledRule> = Vec::with_capacity(rc.rules.len());
+        for (j, rule) in rc.rules.iter().enumerate() {
+            let compiled = self.rule(i, j, rc, rule, &template, issuers)?;
+            if rules.iter().any(|r| r.id == compiled.id) {
+                return Err(self.err(
+                    format!("routes[{i}].rules[{j}].id"),
+                    format!("duplicate rule id `{}` in route `{}`", rule.id, rc.id),
+                ));
+            }
+            rules.push(compiled);
+        }
+        Ok(CompiledRoute {
+            id: Arc::from(rc.id.as_str()),
+            hosts,
+            methods,
+            template,
+            public: rc.public,
+            rules,
+        })
+    }
+
+    fn rule(
+        &mut self,
+        i: usize,
+        j: usize,
+        rc: &RouteConfig,
+        rule: &RuleConfig,
+        template: &Template,
+        issuers: &HashSet<&str>,
+    ) -> Res<CompiledRule> {
+        let f = |s: &str| format!("routes[{i}].rules[{j}].{s}");
+        if rule.id.trim().is_empty() {
+            return Err(self.err(f("id"), "the rule id must not be empty"));
+        }
+        for (k, name) in rule.issuers.iter().enumerate() {
+            if !issuers.contains(name.as_str()) {
+                let known: Vec<&str> = issuers.iter().copied().collect();
+                let hint = match closest(name, &known) {
+                    Some(c) => format!("did you mean `{c}`?"),
+                    None => "use an issuer's `name` (it defaults to its `issuer` URL)".to_string(),
+                };
+                return Err(self.hint(
+                    f(&format!("issuers[{k}]")),
+                    format!("unknown issuer `{name}`"),
+                    hint,
+                ));
+            }
+        }
+        for (k, s) in rule.scopes.iter().enumerate() {
+            if s.is_empty() || s.chars().any(char::is_whitespace) {
+                return Err(self.hint(
+                    f(&format!("scopes[{k}]")),
+                    format!("invalid scope `{s}`"),
+                    "scopes are single words; list several as separate items",
+                ));
+            }
+        }
+        if let Some(k) = rule.roles.iter().position(|r| r.is_empty()) {
+            return Err(self.err(f(&format!("roles[{k}]")), "empty role"));
+        }
+        let mut claims = Vec::with_capacity(rule.claims.len());
+        for (k, c) in rule.claims.iter().enumerate() {
+            let field = f(&format!("claims[{k}]"));
+            if c.claim.trim().is_empty() {
+                return Err(self.err(format!("{field}.claim"), "the claim path must not be empty"));
+            }
+            let test = match (&c.equals, &c.one_of, &c.contains) {
+                (Some(v), None, None) => ClaimTest::Equals(v.clone()),
+                (None, Some(v), None) if v.is_empty() => {
+                    return Err(self.err(
+                        format!("{field}.one_of"),
+                        "the list is empty: the condition could never hold",
+                    ));
+                }
+                (None, Some(v), None) => ClaimTest::OneOf(v.clone()),
+                (None, None, Some(v)) => ClaimTest::Contains(v.clone()),
+                _ => {
+                    return Err(self.hint(
+                        field,
+                        "exactly one of `equals`, `one_of` or `contains` is required",
+                        "e.g. `{ claim: email_verified, equals: true }`",
+                    ));
+                }
+            };
+            claims.push(ClaimCondition {
+                claim: c.claim.clone(),
+                test,
+            });
+        }
+        let mut bind = Vec::with_capacity(rule.bind.len());
+        for (k, b) in rule.bind.iter().enumerate() {
+            let field = f(&format!("bind[{k}]"));
+            let Some(param) = template.params().find(|p| *p == b.param) else {
+                let names: Vec<String> = template.params().map(|p| format!("`{p}`")).collect();
+                let hint = if names.is_empty() {
+                    format!("the path `{}` has no `{{param}}` segments", rc.path)
+                } else {
+                    format!("parameters of `{}`: {}", rc.path, names.join(", "))
+                };
+                return Err(self.hint(
+                    format!("{field}.param"),
+                    format!("`{}` is not a parameter of the route's path", b.param),
+                    hint,
+                ));
+            };
+            let kind = match (&b.equals_claim, &b.in_claim) {
+                (Some(c), None) if !c.trim().is_empty() => BindingKind::EqualsClaim(c.clone()),
+                (None, Some(c)) if !c.trim().is_empty() => BindingKind::InClaim(c.clone()),
+                (Some(_), None) | (None, Some(_)) => {
+                    return Err(self.err(field, "the claim path must not be empty"));
+                }
+                _ => {
+                    return Err(self.hint(
+                        field,
+                        "exactly one of `equals_claim` or `in_claim` is required",
+                        "e.g. `{ param: user, equals_claim: sub }`",
+                    ));
+                }
+            };
+            bind.push(Binding {
+                param: Arc::from(param),
+                kind,
+            });
+        }
+        if rule.issuers.is_empty()
+            && rule.scopes.is_empty()
+            && rule.roles.is_empty()
+            && claims.is_empty()
+            && bind.is_empty()
+        {
+            self.warnings.push(format!(
+                "routes[{i}].rules[{j}]: rule `{}` has no conditions: any valid token from any configured issuer is allowed",
+                rule.id
+            ));
+        }
+        Ok(CompiledRule {
+            id: Arc::from(rule.id.as_str()),
+            issuers: rule.issuers.iter().map(|s| Arc::from(s.as_str())).collect(),
+            scopes: rule.scopes.clone(),
+            roles: rule.roles.clone(),
+            claims,
+            bind,
+        })
+    }
+}
+
+/// A lower-case RFC 9110 field name.
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| is_tchar(b) && !b.is_ascii_uppercase())
+}
+
+fn is_loopback(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,728 @@
+//! The compiled route table and its rules: which route a request reaches (most specific wins,
+//! deny by default) and whether an identity satisfies one of the route's rules.
+//!
+//! Built once by `config` from a validated file; matching a request allocates only the cleaned
+//! path's segment list and the captured parameter values. Pure: no I/O, no clock, no logging.
+//!
+//! Matching, and why:
+//! - Hosts: case-insensitive, port and trailing dot ignored; `*.example.com` matches one or more
+//!   labels below `example.com` (never `example.com` itself); no hosts = any host.
+//! - Methods: exact and case-sensitive (`get` is not `GET`); HEAD is not implied by GET.
+//! - Templates: literal segments, `{name}` (one non-empty segment, captured), `*` (one non-empty
+//!   segment), and a trailing `/**` matching zero or more further segments. `/admin/**` DOES
+//!   match `/admin` and `/admin/`: a prefix protected by a rule must never have an unprotected
+//!   root.
+//! - Most specific wins: segment by segment, literal > `{param}`/`*` > `/**` (a template that
+//!   ends beats one that continues with `/**`), then exact host > wildcard host (longer suffix
+//!   first) > any host, then file order.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::decision::{Decision, ReasonCode};
+use super::path;
+use super::request::RequestView;
+use crate::identity::Identity;
+
+/// One segment of a path template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seg {
+    Literal(Box<str>),
+    Param(Arc<str>),
+    Any,
+}
+
+/// A compiled path template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pub segs: Vec<Seg>,
+    /// Ends with `/**`.
+    pub tail: bool,
+}
+
+/// Why a path template is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("a path template must start with `/`")]
+    NotAbsolute,
+    #[error("a path template must not contain `?`, `#` or `%`")]
+    ForbiddenChar,
+    #[error("empty segment in path template (`//` or a trailing `/`)")]
+    EmptySegment,
+    #[error("`**` is only allowed as the last segment")]
+    TailNotLast,
+    #[error("parameter `{0}` appears more than once")]
+    DuplicateParam(String),
+    #[error("invalid parameter name `{0}`")]
+    BadParamName(String),
+    #[error("segment `{0}` mixes a parameter or wildcard with text")]
+    MixedSegment(String),
+    #[error("segment `{0}` is not a clean path segment: {1}")]
+    UncleanLiteral(String, path::PathError),
+}
+
+impl Template {
+    /// Parses `/orders/{id}`, `/files/*/raw`, `/admin/**`, `/`.
+    pub fn parse(text: &str) -> Result<Template, TemplateError> {
+        if text.contains(['?', '#', '%']) {
+            return Err(TemplateError::ForbiddenChar);
+        }
+        let Some(rest) = text.strip_prefix('/') else {
+            return Err(TemplateError::NotAbsolute);
+        };
+        let mut segs = Vec::new();
+        let mut tail = false;
+        if rest.is_empty() {
+            return Ok(Template { segs, tail });
+        }
+        let parts: Vec<&str> = rest.split('/').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let last = i + 1 == parts.len();
+            match *part {
+                "" => return Err(TemplateError::EmptySegment),
+                "**" if last => tail = true,
+                "**" => return Err(TemplateError::TailNotLast),
+                "*" => segs.push(Seg::Any),
+                p if p.starts_with('{') && p.ends_with('}') && p.len() >= 2 => {
+                    let name = &p[1..p.len() - 1];
+                    if !valid_param_name(name) {
+                        return Err(TemplateError::BadParamName(name.to_string()));
+                    }
+                    if segs
+                        .iter()
+                        .any(|s| matches!(s, Seg::Param(n) if &**n == name))
+                    {
+                        return Err(TemplateError::DuplicateParam(name.to_string()));
+                    }
+                    segs.push(Seg::Param(Arc::from(name)));
+                }
+                p if p.contains(['{', '}', '*']) => {
+                    return Err(TemplateError::MixedSegment(p.to_string()));
+                }
+                p => {
+                    // A literal must itself be a clean path segment, so that a request can
+                    // ever match it (and so `..` or `;` never appear in a template).
+                    let raw = format!("/{p}");
+                    path::clean(&raw)
+                        .map_err(|e| TemplateError::UncleanLiteral(p.to_string(), e))?;
+                    segs.push(Seg::Literal(Box::from(p)));
+                }
+            }
+        }
+        Ok(Template { segs, tail })
+    }
+
+    /// The names of the template's parameters.
+    pub fn params(&self) -> impl Iterator<Item = &str> {
+        self.segs.iter().filter_map(|s| match s {
+            Seg::Param(n) => Some(&**n),
+            _ => None,
+        })
+    }
+
+    /// True when the cleaned segments match.
+    pub fn matches(&self, segs: &[Cow<'_, str>]) -> bool {
+        let n = self.segs.len();
+        if (self.tail && segs.len() < n) || (!self.tail && segs.len() != n) {
+            return false;
+        }
+        self.segs.iter().zip(segs).all(|(t, s)| match t {
+            Seg::Literal(l) => **l == **s,
+            // INVARIANT: a parameter or `*` never matches an empty segment, so a trailing `/`
+            // is never captured as an empty resource name.
+            Seg::Param(_) | Seg::Any => !s.is_empty(),
+        })
+    }
+
+    /// The captured parameters of a matching request.
+    fn capture<'p>(&'p self, segs: &[Cow<'_, str>]) -> Vec<(&'p str, String)> {
+        self.segs
+            .iter()
+            .zip(segs)
+            .filter_map(|(t, s)| match t {
+                Seg::Param(n) => Some((&**n, s.to_string())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Specificity key: lower is more specific, compared lexicographically.
+    fn rank(&self) -> Vec<u8> {
+        let mut r: Vec<u8> = self
+            .segs
+            .iter()
+            .map(|s| match s {
+                Seg::Literal(_) => 0,
+                Seg::Param(_) | Seg::Any => 1,
+            })
+            .collect();
+        if self.tail {
+            r.push(2);
+        }
+        r
+    }
+
+    /// Two templates with the same shape match exactly the same requests.
+    fn same_shape(&self, other: &Template) -> bool {
+        self.tail == other.tail
+            && self.segs.len() == other.segs.len()
+            && self
+                .segs
+                .iter()
+                .zip(&other.segs)
+                .all(|(a, b)| match (a, b) {
+                    (Seg::Literal(x), Seg::Literal(y)) => x == y,
+                    (Seg::Param(_) | Seg::Any, Seg::Param(_) | Seg::Any) => true,
+                    _ => false,
+                })
+    }
+}
+
+impl fmt::Display for Template {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.segs.is_empty() && !self.tail {
+            return f.write_str("/");
+        }
+        for s in &self.segs {
+            match s {
+                Seg::Literal(l) => write!(f, "/{l}")?,
+                Seg::Param(n) => write!(f, "/{{{n}}}")?,
+                Seg::Any => f.write_str("/*")?,
+            }
+        }
+        if self.tail {
+            f.write_str("/**")?;
+        }
+        Ok(())
+    }
+}
+
+fn valid_param_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// A host a route applies to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HostPattern {
+    /// Lower-case host without port or trailing dot.
+    Exact(Box<str>),
+    /// `*.example.com`, stored as `.example.com`.
+    Suffix(Box<str>),
+}
+
+impl HostPattern {
+    /// Parses a configured host: `api.example.com`, `*.example.com`, `[::1]`.
+    pub fn parse(text: &str) -> Result<HostPattern, String> {
+        let lower = text.trim().to_ascii_lowercase();
+        let lower = lower.strip_suffix('.').unwrap_or(&lower);
+        if lower.is_empty() {
+            return Err("empty host".to_string());
+        }
+        if let Some(suffix) = lower.strip_prefix("*.") {
+            if !valid_dns_name(suffix) {
+                return Err(format!("invalid host pattern `{text}`"));
+            }
+            return Ok(HostPattern::Suffix(Box::from(format!(".{suffix}"))));
+        }
+        if lower.starts_with('[') {
+            let ok = lower.ends_with(']')
+                && lower[1..lower.len() - 1]
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_ok();
+            if !ok {
+                return Err(format!(
+                    "invalid IPv6 host `{text}` (write it as `[::1]`, without a port)"
+                ));
+            }
+            return Ok(HostPattern::Exact(Box::from(lower)));
+        }
+        if lower.contains(':') {
+            return Err(format!(
+                "host `{text}` has a port: hosts match without the port"
+            ));
+        }
+        if !valid_dns_name(lower) {
+            return Err(format!("invalid host `{text}`"));
+        }
+        Ok(HostPattern::Exact(Box::from(lower)))
+    }
+
+    /// Rank of a match (lower is more specific), or `None`. `host` is already normalized.
+    fn matches(&self, host: &str) -> Option<(u8, usize)> {
+        match self {
+            HostPattern::Exact(h) => host.eq_ignore_ascii_case(h).then_some((0, 0)),
+            HostPattern::Suffix(s) => {
+                let (hb, sb) = (host.as_bytes(), s.as_bytes());
+                if hb.len() <= sb.len() {
+                    return None;
+                }
+                let (prefix, end) = hb.split_at(hb.len() - sb.len());
+                let ok = end.eq_ignore_ascii_case(sb) && !prefix.ends_with(b".");
+                ok.then_some((1, usize::MAX - sb.len()))
+            }
+        }
+    }
+}
+
+fn valid_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// The request's host without port or trailing dot. `[::1]:8080` -> `[::1]`.
+pub fn normalize_host(raw: &str) -> &str {
+    let host = if raw.starts_with('[') {
+        match raw.find(']') {
+            Some(end) => {
+                let rest = &raw[end + 1..];
+                let port_ok = rest.is_empty()
+                    || rest
+                        .strip_prefix(':')
+                        .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()));
+                // Anything else after `]` is garbage: keep it, so it matches no host.
+                if port_ok { &raw[..=end] } else { raw }
+            }
+            None => raw,
+        }
+    } else {
+        match raw.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => raw,
+        }
+    };
+    host.strip_suffix('.').unwrap_or(host)
+}
+
+/// A claim test of a rule.
+#[derive(Debug, Clone)]
+pub enum ClaimTest {
+    /// The claim is JSON-equal to the value.
+    Equals(Value),
+    /// The claim is JSON-equal to one of the values.
+    OneOf(Vec<Value>),
+    /// The claim is an array with a JSON-equal member. Substrings of string claims never count:
+    /// `"admin-readonly"` must not satisfy `contains: admin`.
+    Contains(Value),
+}
+
+#[derive(Debug, Clone)]
+pub struct ClaimCondition {
+    pub claim: String,
+    pub test: ClaimTest,
+}
+
+/// How a path parameter is tied to the caller.
+#[derive(Debug, Clone)]
+pub enum BindingKind {
+    /// The parameter equals this string claim.
+    EqualsClaim(String),
+    /// The parameter is a member of this string-list claim (or equals a single-string claim).
+    InClaim(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Binding {
+    pub param: Arc<str>,
+    pub kind: BindingKind,
+}
+
+/// One grant; all conditions must hold.
+#[derive(Debug, Clone)]
+pub struct CompiledRule {
+    pub id: Arc<str>,
+    /// Issuer names; empty = any configured issuer.
+    pub issuers: Vec<Arc<str>>,
+    /// All of these.
+    pub scopes: Vec<String>,
+    /// Any of these (none configured = no role condition).
+    pub roles: Vec<String>,
+    pub claims: Vec<ClaimCondition>,
+    pub bind: Vec<Binding>,
+}
+
+/// One route.
+#[derive(Debug, Clone)]
+pub struct CompiledRoute {
+    pub id: Arc<str>,
+    /// Empty = any host.
+    pub hosts: Vec<HostPattern>,
+    pub methods: Vec<Box<str>>,
+    pub template: Template,
+    pub public: bool,
+    pub rules: Vec<CompiledRule>,
+}
+
+impl CompiledRoute {
+    fn host_rank(&self, host: &str) -> Option<(u8, usize)> {
+        if self.hosts.is_empty() {
+            return Some((2, 0));
+        }
+        self.hosts.iter().filter_map(|p| p.matches(host)).min()
+    }
+}
+
+/// The compiled route table.
+#[derive(Debug, Default)]
+pub struct Policy {
+    routes: Vec<CompiledRoute>,
+    /// Specificity group of each route: equal groups have equal path rank.
+    group: Vec<usize>,
+    /// Candidates per first literal segment (routes starting with it, plus every route that
+    /// starts with a parameter, `*` or `**`), most specific first.
+    by_first: HashMap<Box<str>, Vec<usize>>,
+    /// Candidates for any other first segment (and for `/`), most specific first.
+    generic: Vec<usize>,
+}
+
+/// A matched route with its captured path parameters.
+#[derive(Debug)]
+pub struct RouteMatch<'p> {
+    pub route_id: &'p Arc<str>,
+    pub public: bool,
+    pub params: Vec<(&'p str, String)>,
+    /// Index of the route in the policy that produced this match.
+    pub route_index: usize,
+}
+
+impl RouteMatch<'_> {
+    /// A captured path parameter by name.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Policy {
+    /// Builds the table. Routes are already validated; file order breaks exact ties.
+    pub fn new(routes: Vec<CompiledRoute>) -> Policy {
+        let ranks: Vec<Vec<u8>> = routes.iter().map(|r| r.template.rank()).collect();
+        let mut order: Vec<usize> = (0..routes.len()).collect();
+        // A stable sort keeps file order among equally specific routes.
+        order.sort_by(|&a, &b| ranks[a].cmp(&ranks[b]));
+        let mut group = vec![0usize; routes.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            group[i] = match pos.checked_sub(1).map(|p| order[p]) {
+                Some(prev) if ranks[prev] == ranks[i] => group[prev],
+                Some(prev) => group[prev] + 1,
+                None => 0,
+            };
+        }
+        let first_literal = |i: usize| match routes[i].template.segs.first() {
+            Some(Seg::Literal(l)) => Some(l.clone()),
+            _ => None,
+        };
+        let generic: Vec<usize> = order
+            .iter()
+            .copied()
+            .filter(|&i| first_literal(i).is_none())
+            .collect();
+        let mut by_first: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+        for &i in &order {
+            if let Some(l) = first_literal(i) {
+                by_first.entry(l).or_default();
+            }
+        }
+        for (lit, list) in by_first.iter_mut() {
+            list.extend(order.iter().copied().filter(|&i| match first_literal(i) {
+                Some(l) => l == *lit,
+                None => true,
+            }));
+        }
+        Policy {
+            routes,
+            group,
+            by_first,
+            generic,
+        }
+    }
+
+    /// The routes, in file order.
+    pub fn routes(&self) -> &[CompiledRoute] {
+        &self.routes
+    }
+
+    /// Path hygiene, then host + method + path matching (most specific wins).
+    /// `Err` is the deny decision (`PathRejected` or `NoRoute`).
+    pub fn match_route<'p>(&'p self, req: &RequestView<'_>) -> Result<RouteMatch<'p>, Decision> {
+        let segs = path::clean(req.path)
+            .map_err(|e| Decision::new(ReasonCode::PathRejected, format!("path rejected: {e}")))?;
+        let host = normalize_host(req.host);
+        let candidates = segs
+            .first()
+            .and_then(|s| self.by_first.get(s.as_ref()))
+            .unwrap_or(&self.generic);
+        let mut best: Option<(usize, (u8, usize))> = None;
+        for &i in candidates {
+            if let Some((b, _)) = best
+                && self.group[b] != self.group[i]
+            {
+                // Candidates are sorted by specificity: every later one is less specific.
+                break;
+            }
+            let route = &self.routes[i];
+            if !route.template.matches(&segs) || !route.methods.iter().any(|m| **m == *req.method) {
+                continue;
+            }
+            let Some(rank) = route.host_rank(host) else {
+                continue;
+            };
+            if best.is_none_or(|(_, b)| rank < b) {
+                best = Some((i, rank));
+            }
+        }
+        let Some((i, _)) = best else {
+            return Err(no_route(req));
+        };
+        let route = &self.routes[i];
+        Ok(RouteMatch {
+            route_id: &route.id,
+            public: route.public,
+            params: route.template.capture(&segs),
+            route_index: i,
+        })
+    }
+
+    /// Evaluates the matched route's rules for a verified identity.
+    pub fn authorize(&self, m: &RouteMatch<'_>, identity: &Arc<Identity>) -> Decision {
+        let route_id = Some(m.route_id.clone());
+        let with = |d: Decision| {
+            d.with_route(route_id.clone())
+                .with_identity(Some(identity.clone()))
+        };
+        let Some(route) = self
+            .routes
+            .get(m.route_index)
+            .filter(|r| Arc::ptr_eq(&r.id, m.route_id) || r.id == *m.route_id)
+        else {
+            // A match from another policy (e.g. across a reload): fail closed.
+            return with(Decision::new(
+                ReasonCode::Internal,
+                "the matched route is not part of this policy",
+            ));
+        };
+        if route.public {
+            return with(Decision::new(ReasonCode::Public, "route is public"));
+        }
+        let mut closest: Option<(&CompiledRule, Vec<Failure<'_>>)> = None;
+        for rule in &route.rules {
+            let failures = evaluate(rule, m, identity);
+            if failures.is_empty() {
+                return with(
+                    Decision::new(
+                        ReasonCode::Allowed,
+                        format!("granted by rule `{}`", rule.id),
+                    )
+                    .with_rule(Some(rule.id.clone())),
+                );
+            }
+            if closest
+                .as_ref()
+                .is_none_or(|(_, f)| failures.len() < f.len())
+            {
+                closest = Some((rule, failures));
+            }
+        }
+        let Some((rule, failures)) = closest else {
+            return with(Decision::new(
+                ReasonCode::InsufficientScope,
+                "the route grants nothing",
+            ));
+        };
+        let code = if failures.iter().all(|f| matches!(f, Failure::Binding(_))) {
+            ReasonCode::ResourceMismatch
+        } else {
+            ReasonCode::InsufficientScope
+        };
+        let detail = failures
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        with(Decision::new(code, detail).with_rule(Some(rule.id.clone())))
+    }
+
+    /// Routes that some other route always beats for some of their methods: same host set,
+    /// overlapping methods and the same template shape (or a duplicate).
+    pub fn shadow_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (j, later) in self.routes.iter().enumerate() {
+            for earlier in &self.routes[..j] {
+                if !earlier.template.same_shape(&later.template)
+                    || sorted(&earlier.hosts) != sorted(&later.hosts)
+                {
+                    continue;
+                }
+                let shared: Vec<&str> = later
+                    .methods
+                    .iter()
+                    .filter(|m| earlier.methods.contains(m))
+                    .map(|m| &**m)
+                    .collect();
+                if shared.is_empty() {
+                    continue;
+                }
+                let what = if shared.len() == later.methods.len() {
+                    "can never be chosen".to_string()
+                } else {
+                    format!("is never chosen for {}", shared.join(", "))
+                };
+                out.push(format!(
+                    "route `{}` {what}: route `{}` has the same hosts and path shape `{}` and comes first",
+                    later.id, earlier.id, earlier.template
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn sorted(hosts: &[HostPattern]) -> Vec<&HostPattern> {
+    let mut v: Vec<&HostPattern> = hosts.iter().collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+fn no_route(req: &RequestView<'_>) -> Decision {
+    let (p, _query) = path::split_query(req.path);
+    // The query is never echoed (it may carry secrets); method and path are cut short so a
+    // hostile request cannot inflate logs.
+    let method =
+        if !req.method.is_empty() && req.method.len() <= 32 && req.method.bytes().all(is_tchar) {
+            req.method
+        } else {
+            "(invalid method)"
+        };
+    let p = if p.len() > 256 {
+        // The path passed hygiene, so it is ASCII and any byte index is a char boundary.
+        &p[..256]
+    } else {
+        p
+    };
+    Decision::new(ReasonCode::NoRoute, format!("no route for `{method} {p}`"))
+}
+
+/// An RFC 9110 token character.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
+}
+
+/// One unmet condition of a rule. Its text names configuration, never the caller's claim values.
+#[derive(Debug)]
+enum Failure<'r> {
+    Issuer,
+    Scope(&'r str),
+    Roles(&'r [String]),
+    Claim(&'r str),
+    Binding(&'r Binding),
+}
+
+impl fmt::Display for Failure<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Issuer => f.write_str("the token's issuer is not accepted by this rule"),
+            Failure::Scope(s) => write!(f, "missing scope `{s}`"),
+            Failure::Roles(r) => {
+                let list = r.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>();
+                write!(f, "missing role {}", list.join(" or "))
+            }
+            Failure::Claim(c) => write!(f, "claim `{c}` does not satisfy the rule"),
+            Failure::Binding(b) => match &b.kind {
+                BindingKind::EqualsClaim(c) => {
+                    write!(f, "path parameter `{}` does not match claim `{c}`", b.param)
+                }
+                BindingKind::InClaim(c) => {
+                    write!(f, "path parameter `{}` is not in claim `{c}`", b.param)
+                }
+            },
+        }
+    }
+}
+
+fn evaluate<'r>(rule: &'r CompiledRule, m: &RouteMatch<'_>, id: &Identity) -> Vec<Failure<'r>> {
+    let mut failures = Vec::new();
+    if !rule.issuers.is_empty() && !rule.issuers.contains(&id.issuer_name) {
+        failures.push(Failure::Issuer);
+    }
+    for s in &rule.scopes {
+        if !id.scopes.iter().any(|h| h == s) {
+            failures.push(Failure::Scope(s));
+        }
+    }
+    if !rule.roles.is_empty() && !rule.roles.iter().any(|r| id.roles.contains(r)) {
+        failures.push(Failure::Roles(&rule.roles));
+    }
+    for c in &rule.claims {
+        if !claim_holds(c, id.claim(&c.claim)) {
+            failures.push(Failure::Claim(&c.claim));
+        }
+    }
+    for b in &rule.bind {
+        if !binding_holds(b, m, id) {
+            failures.push(Failure::Binding(b));
+        }
+    }
+    failures
+}
+
+fn claim_holds(c: &ClaimCondition, value: Option<&Value>) -> bool {
+    let Some(value) = value else {
+        return false;
+    };
+    match &c.test {
+        ClaimTest::Equals(want) => value == want,
+        ClaimTest::OneOf(wants) => wants.iter().any(|w| w == value),
+        ClaimTest::Contains(want) => value.as_array().is_some_and(|a| a.contains(want)),
+    }
+}
+
+fn binding_holds(b: &Binding, m: &RouteMatch<'_>, id: &Identity) -> bool {
+    // INVARIANT: config validation guarantees every bound parameter is in the template, so a
+    // missing one means a mismatched match; it fails (closed).
+    let Some(param) = m.param(&b.param) else {
+        return false;
+    };
+    match &b.kind {
+        BindingKind::EqualsClaim(c) => id.claim(c).and_then(Value::as_str) == Some(param),
+        BindingKind::InClaim(c) => match id.claim(c) {
+            Some(Value::String(s)) => s == param,
+            Some(Value::Array(items)) => items.iter().any(|v| v.as_str() == Some(param)),
+            _ => false,
+        },
+    }
+}
+
+#[cfg(test)]
+#[path = "policy_tests.rs"]
+mod tests;

@@ -1,0 +1,672 @@
+//! Config loading and validation: every error names its field.
+
+use std::path::{Path, PathBuf};
+
+use jsonwebtoken::Algorithm;
+
+use super::*;
+
+fn shipped() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/portcullis.yaml")
+}
+
+/// A path inside `config/`, so `dev/jwks.json` resolves to the shipped dev key set.
+fn beside_shipped() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/test.yaml")
+}
+
+const ROUTE: &str = "routes:\n  - { id: h, methods: [GET], path: /h, public: true }\n";
+
+fn compile(text: &str) -> Result<Config, ConfigError> {
+    from_str(text, &beside_shipped())
+}
+
+/// An issuer entry (YAML flow mapping body) plus one public route.
+fn with_issuer(issuer: &str) -> String {
+    format!("issuers:\n  - {{ {issuer} }}\n{ROUTE}")
+}
+
+const DEV: &str =
+    "name: dev, issuer: \"https://dev.test\", audiences: [api], keys: { file: dev/jwks.json }";
+
+#[track_caller]
+fn fails(text: &str, field: &str, message: &str) -> ConfigError {
+    let e = match compile(text) {
+        Ok(_) => panic!("compiled, expected an error at `{field}`"),
+        Err(e) => e,
+    };
+    assert_eq!(e.field, field, "{e}");
+    assert!(
+        e.message.contains(message),
+        "message `{}` lacks `{message}`",
+        e.message
+    );
+    assert_eq!(e.file, beside_shipped());
+    e
+}
+
+#[test]
+fn shipped_config_compiles_without_warnings() {
+    let c = load(&shipped()).unwrap();
+    assert_eq!(c.issuers.len(), 1);
+    let dev = &c.issuers[0];
+    assert_eq!(&*dev.name, "dev");
+    assert_eq!(dev.rules.algorithms, vec![Algorithm::RS256]);
+    assert_eq!(dev.rules.max_token_bytes, 8192);
+    assert_eq!(dev.rules.leeway_secs, 30);
+    assert_eq!(
+        (dev.header.as_str(), dev.scheme.as_str()),
+        ("authorization", "Bearer")
+    );
+    assert_eq!(c.policy.routes().len(), 6);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let keys = dev.keys.file.as_ref().unwrap();
+    assert!(keys.is_absolute() && keys.is_file(), "{}", keys.display());
+}
+
+#[test]
+fn load_names_a_missing_file() {
+    let e = load(Path::new("/nonexistent/portcullis.yaml")).unwrap_err();
+    assert_eq!(e.field, "");
+    assert!(e.message.starts_with("cannot read the config file"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/portcullis.yaml: cannot read"),
+        "{e}"
+    );
+}
+
+#[test]
+fn empty_or_shapeless_files_are_errors() {
+    fails("", "", "the config file is empty");
+    fails("# only a comment\n", "", "the config file is empty");
+    fails("---\n", "", "the config file is empty");
+    fails("[]\n", "", "top level must be a mapping");
+    fails("routes: [\n", "", "invalid YAML");
+    fails("routes: []\n", "routes", "no routes are configured");
+    fails("server: {}\n", "routes", "no routes are configured");
+}
+
+#[test]
+fn unknown_fields_name_the_field_and_suggest_the_closest() {
+    let e = fails("rotues: []\n", "rotues", "unknown field `rotues`");
+    assert_eq!(e.hint.as_deref(), Some("did you mean `routes`?"));
+    let e = fails(
+        "routes:\n  - { id: a, methods: [GET], path: /a, rules: [{ id: r, scope: [x] }] }\n",
+        "routes[0].rules[0].scope",
+        "unknown field `scope`",
+    );
+    assert_eq!(e.hint.as_deref(), Some("did you mean `scopes`?"));
+    let e = fails(
+        "routes:\n  - { id: a, methods: [GET], path: /a, zzzzzzzz: 1 }\n",
+        "routes[0].zzzzzzzz",
+        "unknown field",
+    );
+    assert!(e.hint.unwrap().starts_with("valid fields here: id, hosts"));
+    let e = fails(
+        &with_issuer(&format!("{DEV}, token: {{ headr: x }}")),
+        "issuers[0].token.headr",
+        "unknown field",
+    );
+    assert_eq!(e.hint.as_deref(), Some("did you mean `header`?"));
+}
+
+#[test]
+fn type_errors_name_the_field() {
+    let e = fails(
+        "routes:\n  - { id: a, path: /a, public: true }\n",
+        "routes[0].methods",
+        "missing field `methods`",
+    );
+    assert_eq!(e.hint.as_deref(), Some("add `methods:`"));
+    fails(
+        "routes:\n  - { id: a, methods: GET, path: /a, public: true }\n",
+        "routes[0].methods",
+        "expected a sequence",
+    );
+    fails(
+        &format!("server: {{ shutdown_grace: soon }}\n{ROUTE}"),
+        "server.shutdown_grace",
+        "invalid duration `soon`",
+    );
+    fails(
+        &format!("tokens: {{ max_bytes: -1 }}\n{ROUTE}"),
+        "tokens.max_bytes",
+        "invalid type: integer `-1`",
+    );
+    fails(
+        "routes:\n  - { id: a, id: b, methods: [GET], path: /a, public: true }\n",
+        "routes[0]",
+        "duplicate entry",
+    );
+}
+
+#[test]
+fn token_size_must_be_sane() {
+    fails(
+        &format!("tokens: {{ max_bytes: 100 }}\n{ROUTE}"),
+        "tokens.max_bytes",
+        "out of range",
+    );
+    fails(
+        &format!("tokens: {{ max_bytes: 100000 }}\n{ROUTE}"),
+        "tokens.max_bytes",
+        "out of range",
+    );
+    let c = compile(&format!(
+        "tokens: {{ max_bytes: 256 }}\n{}",
+        with_issuer(DEV)
+    ))
+    .unwrap();
+    assert_eq!(c.issuers[0].rules.max_token_bytes, 256);
+}
+
+#[test]
+fn issuer_name_defaults_to_the_url_and_must_be_unique() {
+    let c = compile(&with_issuer(
+        "issuer: \"https://a.test\", audiences: [x], keys: { url: \"https://a.test/k\" }",
+    ))
+    .unwrap();
+    assert_eq!(&*c.issuers[0].name, "https://a.test");
+    assert_eq!(c.issuers[0].rules.algorithms, DEFAULT_ALGORITHMS);
+    let two = format!(
+        "issuers:\n  - {{ {DEV} }}\n  - {{ {} }}\n{ROUTE}",
+        DEV.replace("dev.test", "other.test")
+    );
+    fails(&two, "issuers[1].name", "duplicate issuer name `dev`");
+    let same_iss = format!(
+        "issuers:\n  - {{ {DEV} }}\n  - {{ {} }}\n{ROUTE}",
+        DEV.replace("name: dev", "name: dev2")
+    );
+    fails(
+        &same_iss,
+        "issuers[1].issuer",
+        "already configured for header `authorization`",
+    );
+    fails(
+        &with_issuer("issuer: \"\", audiences: [x], keys: { file: dev/jwks.json }"),
+        "issuers[0].issuer",
+        "non-empty",
+    );
+}
+
+#[test]
+fn audiences_are_required() {
+    fails(
+        &with_issuer("issuer: \"https://a.test\", audiences: [], keys: { file: dev/jwks.json }"),
+        "issuers[0].audiences",
+        "at least one audience",
+    );
+    fails(
+        &with_issuer(
+            "issuer: \"https://a.test\", audiences: [\"\"], keys: { file: dev/jwks.json }",
+        ),
+        "issuers[0].audiences[0]",
+        "empty audience",
+    );
+}
+
+#[test]
+fn algorithms_are_parsed_and_restricted() {
+    fails(
+        &with_issuer(&format!("{DEV}, algorithms: [RS256, none]")),
+        "issuers[0].algorithms[1]",
+        "`none`",
+    );
+    fails(
+        &with_issuer(&format!("{DEV}, algorithms: [rs256]")),
+        "issuers[0].algorithms[0]",
+        "unknown algorithm `rs256`",
+    );
+    fails(
+        &with_issuer(&format!("{DEV}, algorithms: []")),
+        "issuers[0].algorithms",
+        "empty",
+    );
+    let url = "issuer: \"https://a.test\", audiences: [x], keys: { url: \"https://a.test/k\" }";
+    fails(
+        &with_issuer(&format!("{url}, algorithms: [HS256]")),
+        "issuers[0].algorithms[0]",
+        "only accepted with keys from a local `file`",
+    );
+    let disc = "issuer: \"https://a.test\", audiences: [x], keys: { discovery: true }";
+    fails(
+        &with_issuer(&format!("{disc}, algorithms: [ES256, HS512]")),
+        "issuers[0].algorithms[1]",
+        "local `file`",
+    );
+    let c = compile(&with_issuer(&format!(
+        "{DEV}, algorithms: [HS256, EdDSA, HS256]"
+    )))
+    .unwrap();
+    assert_eq!(
+        c.issuers[0].rules.algorithms,
+        vec![Algorithm::HS256, Algorithm::EdDSA]
+    );
+}
+
+#[test]
+fn exactly_one_key_source() {
+    fails(
+        &with_issuer("issuer: \"https://a.test\", audiences: [x], keys: {}"),
+        "issuers[0].keys",
+        "none is set",
+    );
+    fails(
+        &with_issuer(
+            "issuer: \"https://a.test\", audiences: [x], keys: { file: dev/jwks.json, discovery: true }",
+        ),
+        "issuers[0].keys",
+        "found file and discovery",
+    );
+}
+
+#[test]
+fn key_urls_must_be_https_unless_loopback_or_allowed() {
+    let iss = |keys: &str| {
+        with_issuer(&format!(
+            "issuer: \"https://a.test\", audiences: [x], keys: {{ {keys} }}"
+        ))
+    };
+    fails(
+        &iss("url: \"http://idp.test/k\""),
+        "issuers[0].keys.url",
+        "plain http",
+    );
+    fails(
+        &iss("url: \"ftp://idp.test/k\""),
+        "issuers[0].keys.url",
+        "unsupported URL scheme",
+    );
+    fails(
+        &iss("url: \"idp.test/k\""),
+        "issuers[0].keys.url",
+        "is not a URL",
+    );
+    let e = fails(
+        &iss("url: \"https://user:hunter2@idp.test/k\""),
+        "issuers[0].keys.url",
+        "user credentials",
+    );
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    for ok in [
+        "url: \"http://127.0.0.1:8080/k\"",
+        "url: \"http://localhost/k\"",
+        "url: \"http://[::1]:9/k\"",
+        "url: \"http://idp.test/k\", allow_http: true",
+        "url: \"HTTPS://idp.test/k\"",
+    ] {
+        compile(&iss(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    fails(
+        &with_issuer("issuer: \"http://a.test\", audiences: [x], keys: { discovery: true }"),
+        "issuers[0].issuer",
+        "plain http",
+    );
+    fails(
+        &iss("url: \"https://a.test/k\", min_refresh: 2h, max_refresh: 1h"),
+        "issuers[0].keys.min_refresh",
+        "greater than max_refresh",
+    );
+    fails(
+        &iss("url: \"https://a.test/k\", min_refresh: 0s"),
+        "issuers[0].keys.min_refresh",
+        "at least 1s",
+    );
+    fails(
+        &iss("url: \"https://a.test/k\", unknown_kid_interval: 500ms"),
+        "issuers[0].keys.unknown_kid_interval",
+        "at least 1s",
+    );
+    fails(
+        &iss("url: \"https://a.test/k\", fetch_timeout: 0s"),
+        "issuers[0].keys.fetch_timeout",
+        "greater than 0",
+    );
+    fails(
+        &iss("url: \"https://a.test/k\", max_bytes: 0"),
+        "issuers[0].keys.max_bytes",
+        "greater than 0",
+    );
+}
+
+#[test]
+fn key_file_is_resolved_and_must_exist() {
+    let e = fails(
+        &with_issuer(
+            "issuer: \"https://a.test\", audiences: [x], keys: { file: dev/missing.json }",
+        ),
+        "issuers[0].keys.file",
+        "does not exist",
+    );
+    assert!(e.message.contains("config/dev/missing.json"), "{e}");
+    let c = compile(&with_issuer(DEV)).unwrap();
+    let f = c.issuers[0].keys.file.clone().unwrap();
+    assert_eq!(
+        f,
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/dev/jwks.json")
+    );
+}
+
+#[test]
+fn token_location_is_checked() {
+    let c = compile(&with_issuer(&format!(
+        "{DEV}, token: {{ header: X-Api-Token, scheme: \"\" }}"
+    )))
+    .unwrap();
+    assert_eq!(
+        (c.issuers[0].header.as_str(), c.issuers[0].scheme.as_str()),
+        ("x-api-token", "")
+    );
+    fails(
+        &with_issuer(&format!("{DEV}, token: {{ header: \"x token\" }}")),
+        "issuers[0].token.header",
+        "not a valid header name",
+    );
+    fails(
+        &with_issuer(&format!("{DEV}, token: {{ header: \"\" }}")),
+        "issuers[0].token.header",
+        "not a valid header name",
+    );
+    fails(
+        &with_issuer(&format!("{DEV}, token: {{ scheme: \"Bear er\" }}")),
+        "issuers[0].token.scheme",
+        "not a valid authorization scheme",
+    );
+    fails(
+        &with_issuer(&format!("{DEV}, claims: {{ scopes: \"\" }}")),
+        "issuers[0].claims.scopes",
+        "must not be empty",
+    );
+    fails(
+        &with_issuer(&format!("{DEV}, max_lifetime: 0s")),
+        "issuers[0].max_lifetime",
+        "at least 1s",
+    );
+    fails(
+        &with_issuer(&format!("{DEV}, required_typ: \"\"")),
+        "issuers[0].required_typ",
+        "must not be empty",
+    );
+}
+
+#[test]
+fn identity_headers_are_safe_header_names() {
+    let up = |h: &str| format!("upstream:\n  identity_headers: {{ {h} }}\n{ROUTE}");
+    fails(
+        &up("X-User: sub"),
+        "upstream.identity_headers.X-User",
+        "must be lower-case",
+    );
+    fails(
+        &up("\":authority\": sub"),
+        "upstream.identity_headers.:authority",
+        "pseudo-header",
+    );
+    fails(
+        &up("authorization: sub"),
+        "upstream.identity_headers.authorization",
+        "cannot carry identity",
+    );
+    fails(
+        &up("host: sub"),
+        "upstream.identity_headers.host",
+        "cannot carry identity",
+    );
+    fails(
+        &up("connection: sub"),
+        "upstream.identity_headers.connection",
+        "cannot carry identity",
+    );
+    fails(
+        &up("transfer-encoding: sub"),
+        "upstream.identity_headers.transfer-encoding",
+        "cannot carry identity",
+    );
+    fails(
+        &up("\"x user\": sub"),
+        "upstream.identity_headers.x user",
+        "not a valid header name",
+    );
+    fails(
+        &up("x-user: \"\""),
+        "upstream.identity_headers.x-user",
+        "claim path must not be empty",
+    );
+    let clash = format!(
+        "issuers:\n  - {{ {DEV}, token: {{ header: x-token }} }}\nupstream:\n  identity_headers: {{ x-token: sub }}\n{ROUTE}"
+    );
+    fails(
+        &clash,
+        "upstream.identity_headers.x-token",
+        "where an issuer's token is read from",
+    );
+}
+
+#[test]
+fn routes_are_public_xor_ruled() {
+    fails(
+        "routes:\n  - { id: a, methods: [GET], path: /a, public: true, rules: [{ id: r }] }\n",
+        "routes[0].rules",
+        "a public route cannot have rules",
+    );
+    fails(
+        "routes:\n  - { id: a, methods: [GET], path: /a }\n",
+        "routes[0].rules",
+        "would grant nothing",
+    );
+}
+
+#[test]
+fn route_ids_and_rule_ids_are_unique() {
+    fails(
+        "routes:\n  - { id: a, methods: [GET], path: /a, public: true }\n  - { id: a, methods: [GET], path: /b, public: true }\n",
+        "routes[1].id",
+        "duplicate route id `a` (also routes[0])",
+    );
+    fails(
+        "routes:\n  - { id: a, methods: [GET], path: /a, rules: [{ id: r, scopes: [x] }, { id: r, scopes: [y] }] }\n",
+        "routes[0].rules[1].id",
+        "duplicate rule id `r`",
+    );
+    fails(
+        "routes:\n  - { id: \"\", methods: [GET], path: /a, public: true }\n",
+        "routes[0].id",
+        "must not be empty",
+    );
+}
+
+#[test]
+fn methods_hosts_and_paths_are_validated() {
+    let r = |body: &str| format!("routes:\n  - {{ id: a, {body} }}\n");
+    fails(
+        &r("methods: [], path: /a, public: true"),
+        "routes[0].methods",
+        "would match nothing",
+    );
+    fails(
+        &r("methods: [GET, \"GE T\"], path: /a, public: true"),
+        "routes[0].methods[1]",
+        "not a valid HTTP method",
+    );
+    fails(
+        &r("methods: [GET], path: a, public: true"),
+        "routes[0].path",
+        "must start with `/`",
+    );
+    fails(
+        &r("methods: [GET], path: \"/a/**/b\", public: true"),
+        "routes[0].path",
+        "only allowed as the last segment",
+    );
+    fails(
+        &r("methods: [GET], path: \"/a/{x}/{x}\", public: true"),
+        "routes[0].path",
+        "parameter `x` appears more than once",
+    );
+    fails(
+        &r("methods: [GET], path: \"/a%20b\", public: true"),
+        "routes[0].path",
+        "`?`, `#` or `%`",
+    );
+    fails(
+        &r("methods: [GET], path: \"/a?b=1\", public: true"),
+        "routes[0].path",
+        "`?`, `#` or `%`",
+    );
+    fails(
+        &r("methods: [GET], path: \"/a/../b\", public: true"),
+        "routes[0].path",
+        "not a clean path segment",
+    );
+    fails(
+        &r("methods: [GET], path: /a, hosts: [\"a.test:8080\"], public: true"),
+        "routes[0].hosts[0]",
+        "has a port",
+    );
+    fails(
+        &r("methods: [GET], path: /a, hosts: [\"*\"], public: true"),
+        "routes[0].hosts[0]",
+        "invalid host",
+    );
+    fails(
+        &r("methods: [GET], path: /a, hosts: [\"a b\"], public: true"),
+        "routes[0].hosts[0]",
+        "invalid host",
+    );
+    fails(
+        &r("methods: [GET], path: /a, hosts: [\"[::1\"], public: true"),
+        "routes[0].hosts[0]",
+        "invalid IPv6 host",
+    );
+    let c = compile(&r("methods: [get], path: /a, public: true")).unwrap();
+    assert_eq!(c.warnings.len(), 1);
+    assert!(
+        c.warnings[0].contains("`get` is not upper-case"),
+        "{}",
+        c.warnings[0]
+    );
+}
+
+#[test]
+fn rule_conditions_are_validated() {
+    let rule = |body: &str| {
+        format!(
+            "routes:\n  - {{ id: a, methods: [GET], path: \"/u/{{user}}\", rules: [{{ id: r, {body} }}] }}\n"
+        )
+    };
+    fails(
+        &rule("scopes: [\"a b\"]"),
+        "routes[0].rules[0].scopes[0]",
+        "invalid scope `a b`",
+    );
+    fails(
+        &rule("roles: [\"\"]"),
+        "routes[0].rules[0].roles[0]",
+        "empty role",
+    );
+    let e = fails(
+        &rule("bind: [{ param: usr, equals_claim: sub }]"),
+        "routes[0].rules[0].bind[0].param",
+        "`usr` is not a parameter",
+    );
+    assert_eq!(e.hint.as_deref(), Some("parameters of `/u/{user}`: `user`"));
+    fails(
+        &rule("bind: [{ param: user, equals_claim: sub, in_claim: t }]"),
+        "routes[0].rules[0].bind[0]",
+        "exactly one of `equals_claim` or `in_claim`",
+    );
+    fails(
+        &rule("bind: [{ param: user }]"),
+        "routes[0].rules[0].bind[0]",
+        "exactly one of `equals_claim` or `in_claim`",
+    );
+    fails(
+        &rule("bind: [{ param: user, in_claim: \"\" }]"),
+        "routes[0].rules[0].bind[0]",
+        "must not be empty",
+    );
+    fails(
+        &rule("claims: [{ claim: a }]"),
+        "routes[0].rules[0].claims[0]",
+        "exactly one of `equals`, `one_of` or `contains`",
+    );
+    fails(
+        &rule("claims: [{ claim: a, equals: 1, contains: 2 }]"),
+        "routes[0].rules[0].claims[0]",
+        "exactly one of",
+    );
+    fails(
+        &rule("claims: [{ claim: a, one_of: [] }]"),
+        "routes[0].rules[0].claims[0].one_of",
+        "could never hold",
+    );
+    fails(
+        &rule("claims: [{ claim: \"\", equals: 1 }]"),
+        "routes[0].rules[0].claims[0].claim",
+        "must not be empty",
+    );
+    let e = fails(
+        &rule("issuers: [corp]"),
+        "routes[0].rules[0].issuers[0]",
+        "unknown issuer `corp`",
+    );
+    assert!(e.hint.unwrap().contains("defaults to its `issuer` URL"));
+    let e = fails(
+        &format!("issuers:\n  - {{ {DEV} }}\n{}", rule("issuers: [deb]")),
+        "routes[0].rules[0].issuers[0]",
+        "unknown issuer `deb`",
+    );
+    assert_eq!(e.hint.as_deref(), Some("did you mean `dev`?"));
+    let bind_literal = "routes:\n  - { id: a, methods: [GET], path: /u, rules: [{ id: r, bind: [{ param: u, equals_claim: sub }] }] }\n";
+    let e = fails(
+        bind_literal,
+        "routes[0].rules[0].bind[0].param",
+        "not a parameter",
+    );
+    assert!(e.hint.unwrap().contains("has no `{param}` segments"));
+}
+
+#[test]
+fn risky_but_valid_setups_warn() {
+    let c = compile("routes:\n  - { id: a, methods: [GET], path: /a, rules: [{ id: anyone }] }\n")
+        .unwrap();
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("no issuers are configured"))
+    );
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("rule `anyone` has no conditions"))
+    );
+    let dup = "routes:\n  - { id: a, methods: [GET], path: /a, public: true }\n  - { id: b, methods: [GET], path: /a, public: true }\n";
+    let c = compile(dup).unwrap();
+    assert_eq!(c.warnings, vec!["route `b` can never be chosen: route `a` has the same hosts and path shape `/a` and comes first".to_string()]);
+    let other_host = "routes:\n  - { id: a, methods: [GET], path: /a, public: true }\n  - { id: b, methods: [GET], path: /a, hosts: [x.test], public: true }\n";
+    assert!(compile(other_host).unwrap().warnings.is_empty());
+}
+
+#[test]
+fn error_display_has_file_field_message_and_hint() {
+    let e = fails("rotues: []\n", "rotues", "unknown field");
+    let s = e.to_string();
+    assert!(
+        s.starts_with(&format!(
+            "{}: rotues: unknown field `rotues`",
+            beside_shipped().display()
+        )),
+        "{s}"
+    );
+    assert!(s.ends_with("(hint: did you mean `routes`?)"), "{s}");
+}
+
+#[test]
+fn edit_distance_and_closest() {
+    assert_eq!(edit_distance("rotues", "routes"), 2);
+    assert_eq!(edit_distance("", "ab"), 2);
+    assert_eq!(closest("scope", &["scopes", "roles"]), Some("scopes"));
+    assert_eq!(closest("zzzzzz", &["scopes", "roles"]), None);
+}
