@@ -12,7 +12,7 @@ mod support;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -103,47 +103,74 @@ fn reader_token(key: Key) -> String {
 // In-test servers: JWKS and the recording upstream
 // ---------------------------------------------------------------------------------------
 
-/// A loopback JWKS server whose key set can be swapped, and which can be taken "down"
-/// (answers 503 to every fetch, as a failing identity provider does).
+/// A loopback JWKS server whose key set can be swapped, and which can be stopped (its port
+/// then refuses connections, as a crashed identity provider's does) and started again on the
+/// same address.
 struct JwksServer {
     addr: SocketAddr,
     body: Arc<Mutex<String>>,
-    up: Arc<AtomicBool>,
     hits: Arc<AtomicUsize>,
-    failed: Arc<AtomicUsize>,
+    running: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    )>,
 }
 
 impl JwksServer {
     async fn start(keys: &[Key]) -> JwksServer {
-        let body = Arc::new(Mutex::new(jwks(keys)));
-        let up = Arc::new(AtomicBool::new(true));
-        let hits = Arc::new(AtomicUsize::new(0));
-        let failed = Arc::new(AtomicUsize::new(0));
-        let (b, u, h, f) = (body.clone(), up.clone(), hits.clone(), failed.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut server = JwksServer {
+            addr: listener.local_addr().unwrap(),
+            body: Arc::new(Mutex::new(jwks(keys))),
+            hits: Arc::new(AtomicUsize::new(0)),
+            running: None,
+        };
+        server.serve_on(listener);
+        server
+    }
+
+    fn serve_on(&mut self, listener: tokio::net::TcpListener) {
+        let (b, h) = (self.body.clone(), self.hits.clone());
         let app = axum::Router::new().route(
             "/jwks.json",
             axum::routing::get(move || {
-                let (b, u, h, f) = (b.clone(), u.clone(), h.clone(), f.clone());
+                let (b, h) = (b.clone(), h.clone());
                 async move {
                     h.fetch_add(1, Ordering::SeqCst);
-                    if !u.load(Ordering::SeqCst) {
-                        f.fetch_add(1, Ordering::SeqCst);
-                        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, String::new());
-                    }
-                    (axum::http::StatusCode::OK, b.lock().unwrap().clone())
+                    b.lock().unwrap().clone()
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        JwksServer {
-            addr,
-            body,
-            up,
-            hits,
-            failed,
-        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        self.running = Some((stop, task));
+    }
+
+    /// Stops listening and closes every connection (keep-alive ones included).
+    async fn stop(&mut self) {
+        let (stop, task) = self.running.take().expect("JWKS server is running");
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("JWKS server stops within 5s")
+            .unwrap()
+            .unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(self.addr).await.is_err(),
+            "the stopped JWKS server still accepts connections"
+        );
+    }
+
+    /// Listens again on the same address.
+    async fn restart(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        self.serve_on(listener);
     }
 
     fn url(&self) -> String {
@@ -152,10 +179,6 @@ impl JwksServer {
 
     fn serve(&self, keys: &[Key]) {
         *self.body.lock().unwrap() = jwks(keys);
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.store(up, Ordering::SeqCst);
     }
 }
 
@@ -504,8 +527,11 @@ impl Stack {
         format!("{}\n{portcullis}", self.envoy.process.logs())
     }
 
-    async fn metrics(&mut self) -> String {
-        let url = format!("http://{}/metrics", self.portcullis().admin_addr());
+    async fn metrics(&self) -> String {
+        let url = format!(
+            "http://{}/metrics",
+            self.portcullis.as_ref().unwrap().admin_addr()
+        );
         self.h1.get(url).send().await.unwrap().text().await.unwrap()
     }
 }
@@ -937,7 +963,7 @@ async fn portcullis_stopped_fails_closed_and_restart_recovers_without_restarting
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_key_is_accepted_and_removed_key_refused_without_restart() {
-    let mut stack = Stack::start(&[Key::A]).await;
+    let stack = Stack::start(&[Key::A]).await;
     let old = reader_token(Key::A);
     assert_eq!(
         stack
@@ -989,9 +1015,18 @@ async fn rotated_key_is_accepted_and_removed_key_refused_without_restart() {
     assert!(metrics.contains("portcullis_decisions"), "{metrics}");
 }
 
+/// The number of failed JWKS fetches in Portcullis' metrics (every result but `ok`).
+fn failed_jwks_fetches(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("portcullis_jwks_fetches_total{") && !l.contains("result=\"ok\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwks_outage_keeps_cached_keys_until_max_stale_then_fails_closed() {
-    let stack = Stack::start(&[Key::A]).await;
+    let mut stack = Stack::start(&[Key::A]).await;
     let early = reader_token(Key::A);
     assert_eq!(
         stack
@@ -1001,16 +1036,17 @@ async fn jwks_outage_keeps_cached_keys_until_max_stale_then_fails_closed() {
         200
     );
 
-    stack.jwks.set_up(false);
+    stack.jwks.stop().await;
     let down = Instant::now();
-    let failed_before = stack.jwks.failed.load(Ordering::SeqCst);
 
-    // Cached keys keep working through a failed refresh (max_refresh is 2s).
+    // Cached keys keep working through a failed refresh (max_refresh is 2s): wait until
+    // Portcullis reports a failed fetch, then verify a fresh token.
+    let failed_before = failed_jwks_fetches(&stack.metrics().await);
     let s = &stack;
     eventually(
         Duration::from_secs(5),
-        "a refresh attempt during the outage",
-        || async move { s.jwks.failed.load(Ordering::SeqCst) > failed_before },
+        "a failed refresh during the outage",
+        || async move { failed_jwks_fetches(&s.metrics().await) > failed_before },
     )
     .await;
     let answer = stack
@@ -1048,9 +1084,12 @@ async fn jwks_outage_keeps_cached_keys_until_max_stale_then_fails_closed() {
         "invalid_token",
         "cached token after max_stale",
     );
+    assert_eq!(answer.json()["error"].as_str(), Some("keys_unavailable"));
 
     // The provider comes back: tokens are accepted again without a restart.
-    stack.jwks.set_up(true);
+    let hits_before = stack.jwks.hits.load(Ordering::SeqCst);
+    stack.jwks.restart().await;
+    let s = &stack;
     eventually(
         Duration::from_secs(10),
         "accepted after recovery",
@@ -1062,7 +1101,7 @@ async fn jwks_outage_keeps_cached_keys_until_max_stale_then_fails_closed() {
         },
     )
     .await;
-    assert!(stack.jwks.hits.load(Ordering::SeqCst) >= 3);
+    assert!(stack.jwks.hits.load(Ordering::SeqCst) > hits_before);
 }
 
 /// A stand-in authorizer that allows everything and records the path it was asked about, so
