@@ -25,6 +25,14 @@ find_binary() {
     fi
 }
 
+mkdir -p "$root/.tools"
+# Serialize concurrent runs (parallel test processes, two terminals) where flock exists; the
+# staging-and-rename below keeps a half-finished install invisible either way.
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$root/.tools/install-envoy.sh.lock"
+    flock 9
+fi
+
 if [[ -f "$stamp" ]]; then
     bin="$(find_binary)"
     if [[ -n "$bin" ]]; then
@@ -41,7 +49,6 @@ fi
 
 # Install into a fresh folder and move it into place, so a concurrent or interrupted run never
 # leaves a half-installed .tools/envoy behind.
-mkdir -p "$root/.tools"
 staging="$(mktemp -d "$root/.tools/envoy.staging.XXXXXX")"
 trap 'rm -rf "$staging"' EXIT
 PIP_ROOT_USER_ACTION=ignore "$python" -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
