@@ -13,3 +13,4 @@ pub mod grpc;
 pub mod identity;
 pub mod keys;
 pub mod server;
+pub mod state;
