@@ -114,7 +114,7 @@ impl MemoryStore {
     /// Every 4096 operations, drop expired entries so memory stays bounded by live data.
     fn maybe_sweep(&self, map: &mut HashMap<String, Entry>, now: Instant) {
         let n = self.ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if n % 4096 == 0 {
+        if n.is_multiple_of(4096) {
             map.retain(|_, e| e.expires > now);
         }
     }
