@@ -12,11 +12,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use moka::sync::Cache;
 
 use crate::admin::metrics::Metrics;
-use crate::authz::{Decision, RequestView};
+use crate::authz::{Decision, RequestView, RouteMatch};
 use crate::config::Config;
 use crate::decide::{self, Credential};
 use crate::identity::{Identity, jwt};
 use crate::keys::KeyStore;
+use crate::state::StateStore;
 
 /// Seconds since the Unix epoch, as the core takes `now`.
 pub fn unix_now() -> i64 {
@@ -47,13 +48,20 @@ impl moka::Expiry<Arc<str>, Arc<Identity>> for TokenExpiry {
 pub struct Engine {
     pub config: Arc<Config>,
     pub keys: Arc<KeyStore>,
+    /// Shared state (revocations, rate limits, DPoP replay, approvals).
+    pub state: Arc<dyn StateStore>,
     cache: Option<Cache<Arc<str>, Arc<Identity>>>,
     metrics: Arc<Metrics>,
     key_wait: Duration,
 }
 
 impl Engine {
-    pub fn new(config: Arc<Config>, keys: Arc<KeyStore>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        keys: Arc<KeyStore>,
+        state: Arc<dyn StateStore>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let cache_cfg = &config.file.tokens.cache;
         let cache = (cache_cfg.capacity > 0).then(|| {
             Cache::builder()
@@ -67,6 +75,7 @@ impl Engine {
         Self {
             config,
             keys,
+            state,
             cache,
             metrics,
             key_wait,
@@ -102,7 +111,35 @@ impl Engine {
             Ok(id) => id,
             Err(deny) => return deny.with_route(route),
         };
-        config.policy.authorize(&m, &identity)
+        if let Err(deny) = self.identity_checks(req, &cred, &identity, now).await {
+            return deny.with_route(route).with_identity(Some(identity.clone()));
+        }
+        let decision = config.policy.authorize(&m, &identity);
+        self.after_grant(req, &m, decision, now).await
+    }
+
+    /// Checks on a verified identity that need more than the token: revocation, DPoP proof
+    /// and replay, certificate binding. They run on cache hits and misses alike.
+    async fn identity_checks(
+        &self,
+        _req: &RequestView<'_>,
+        _cred: &Credential<'_>,
+        _identity: &Arc<Identity>,
+        _now: i64,
+    ) -> Result<(), Decision> {
+        Ok(())
+    }
+
+    /// Stateful limits applied to a granted request: rate limits and quotas, just-in-time
+    /// approvals. A deny passes through unchanged.
+    async fn after_grant(
+        &self,
+        _req: &RequestView<'_>,
+        _m: &RouteMatch<'_>,
+        decision: Decision,
+        _now: i64,
+    ) -> Decision {
+        decision
     }
 
     /// The verified identity for a credential: from the cache when still valid, else verified

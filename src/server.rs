@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::grpc::AuthzService;
 use crate::keys::{IssuerKeySource, KeyStore};
+use crate::state::{MemoryStore, StateStore};
 
 /// The gRPC service name Envoy calls, reported by the health service.
 pub const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -78,9 +79,11 @@ impl Server {
 
         let keys = Arc::new(key_store(&config, metrics.clone()));
         keys.start().await;
+        let state: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
         let engine = Arc::new(ArcSwap::from_pointee(Engine::new(
             Arc::new(config),
             keys,
+            state,
             metrics.clone(),
         )));
 

@@ -34,6 +34,18 @@ pub enum ReasonCode {
     ResourceMismatch,
     /// Portcullis itself failed; fail closed.
     Internal,
+    /// The credential was revoked (`jti`, `sid` or `sub` on the revocation list).
+    Revoked,
+    /// A DPoP proof is missing, invalid or replayed (RFC 9449).
+    InvalidDpopProof,
+    /// A context condition failed: source network, time window, session age, posture.
+    ContextDenied,
+    /// Over a rate limit or quota.
+    RateLimited,
+    /// The action needs a just-in-time approval that has not been granted (or was used up).
+    ApprovalRequired,
+    /// Shared state (e.g. Redis) is unreachable and this decision needs it: fail closed.
+    StateUnavailable,
 }
 
 impl ReasonCode {
@@ -51,6 +63,12 @@ impl ReasonCode {
             ReasonCode::InsufficientScope => "insufficient_scope",
             ReasonCode::ResourceMismatch => "resource_mismatch",
             ReasonCode::Internal => "internal_error",
+            ReasonCode::Revoked => "revoked",
+            ReasonCode::InvalidDpopProof => "invalid_dpop_proof",
+            ReasonCode::ContextDenied => "context_denied",
+            ReasonCode::RateLimited => "rate_limited",
+            ReasonCode::ApprovalRequired => "approval_required",
+            ReasonCode::StateUnavailable => "state_unavailable",
         }
     }
 
@@ -62,11 +80,18 @@ impl ReasonCode {
             | ReasonCode::MultipleCredentials
             | ReasonCode::InvalidToken
             | ReasonCode::UnknownIssuer
-            | ReasonCode::KeysUnavailable => 401,
+            | ReasonCode::KeysUnavailable
+            | ReasonCode::Revoked
+            | ReasonCode::InvalidDpopProof => 401,
             ReasonCode::PathRejected
             | ReasonCode::NoRoute
             | ReasonCode::InsufficientScope
-            | ReasonCode::ResourceMismatch => 403,
+            | ReasonCode::ResourceMismatch
+            | ReasonCode::ContextDenied
+            | ReasonCode::ApprovalRequired => 403,
+            ReasonCode::RateLimited => 429,
+            // Temporary and not the client's fault; never an allow.
+            ReasonCode::StateUnavailable => 503,
             // Internal failures are still a deny, never an allow; 403 keeps Envoy from retrying
             // a request the client cannot fix either way, and never leaks what broke.
             ReasonCode::Internal => 403,
@@ -90,6 +115,11 @@ pub struct Decision {
     pub rule: Option<Arc<str>>,
     /// The verified identity, when one was established.
     pub identity: Option<Arc<Identity>>,
+    /// Extra response headers for a deny (e.g. `retry-after`, `ratelimit`, an approval id,
+    /// a DPoP challenge). Lower-case names.
+    pub response_headers: Vec<(Cow<'static, str>, String)>,
+    /// Extra members of the JSON deny body (e.g. `approval_id`).
+    pub body_fields: Vec<(&'static str, String)>,
 }
 
 impl Decision {
@@ -100,7 +130,21 @@ impl Decision {
             route: None,
             rule: None,
             identity: None,
+            response_headers: Vec::new(),
+            body_fields: Vec::new(),
         }
+    }
+
+    /// Adds a response header to a deny.
+    pub fn with_header(mut self, name: impl Into<Cow<'static, str>>, value: String) -> Self {
+        self.response_headers.push((name.into(), value));
+        self
+    }
+
+    /// Adds a member to the JSON deny body.
+    pub fn with_body_field(mut self, name: &'static str, value: String) -> Self {
+        self.body_fields.push((name, value));
+        self
     }
 
     pub fn with_route(mut self, route: Option<Arc<str>>) -> Self {

@@ -29,6 +29,8 @@ use crate::identity::{Identity, string_list};
 /// gRPC status codes (google.rpc.Code) used in responses.
 const RPC_OK: i32 = 0;
 const RPC_PERMISSION_DENIED: i32 = 7;
+const RPC_RESOURCE_EXHAUSTED: i32 = 8;
+const RPC_UNAVAILABLE: i32 = 14;
 const RPC_UNAUTHENTICATED: i32 = 16;
 
 /// The ext_authz service. Holds the current engine behind an `ArcSwap` so a config reload
@@ -243,21 +245,32 @@ fn deny_response(decision: &Decision, request_id: &str) -> CheckResponse {
         set_header("content-type", "application/json".to_string()),
         set_header("cache-control", "no-store".to_string()),
     ];
-    if let Some(challenge) = www_authenticate(decision) {
+    let own_challenge = decision
+        .response_headers
+        .iter()
+        .any(|(name, _)| name == "www-authenticate");
+    if !own_challenge && let Some(challenge) = www_authenticate(decision) {
         headers.push(set_header("www-authenticate", challenge));
     }
-    let body = serde_json::json!({
+    for (name, value) in &decision.response_headers {
+        headers.push(set_header(name, value.clone()));
+    }
+    let mut body = serde_json::json!({
         "error": decision.code.as_str(),
         "reason": decision.detail,
         "request_id": request_id,
-    })
-    .to_string();
+    });
+    for (name, value) in &decision.body_fields {
+        body[*name] = serde_json::Value::String(value.clone());
+    }
+    let body = body.to_string();
     CheckResponse {
         status: Some(rpc::Status {
-            code: if status == 401 {
-                RPC_UNAUTHENTICATED
-            } else {
-                RPC_PERMISSION_DENIED
+            code: match status {
+                401 => RPC_UNAUTHENTICATED,
+                429 => RPC_RESOURCE_EXHAUSTED,
+                503 => RPC_UNAVAILABLE,
+                _ => RPC_PERMISSION_DENIED,
             },
             message: decision.code.as_str().to_string(),
             ..Default::default()
