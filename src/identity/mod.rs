@@ -113,3 +113,6 @@ pub fn string_list(value: Option<&Value>, split_spaces: bool) -> Vec<String> {
         _ => Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,528 @@
+//! The decision corpus: data-driven cases, each a request (and optionally a token minted from
+//! a test key) decided by `portcullis::decide::decide` against a config, compared with the
+//! expected decision. Adding a case is adding YAML; the runner never changes for it.
+//!
+//! Every `tests/corpus/*.yaml` file is run. All cases run; every mismatch is collected (file,
+//! case name, expected vs got) and the test fails once at the end listing them all.
+//!
+//! # File format
+//!
+//! ```yaml
+//! config: ../../config/portcullis.yaml   # relative to this yaml file (default: the shipped config)
+//! cases:
+//!   - name: alice reads an order           # unique within the file
+//!     now: 1800000000                      # optional; default 1_800_000_000
+//!     request:
+//!       method: GET                        # default GET
+//!       path: /orders/42                   # required; raw :path, query included
+//!       host: api.example.com              # default api.example.com
+//!       headers: {x-request-id: abc}       # lower-case names
+//!       source_ip: 10.1.2.3                # optional
+//!       source_principal: spiffe://x/y     # optional; default ""
+//!     token:                               # optional; minted and sent in a header
+//!       key: dev                           # dev = config/dev/signing-key.pem (kid portcullis-dev-1),
+//!                                          # or a fixture: rsa2048, ec-p256, ec-p384, ed25519
+//!                                          # (tests/fixtures/keys/<name>.pem, kid = name)
+//!       secret: some-shared-secret         # instead of `key`: sign with HMAC over these bytes
+//!       secret_file: ../../config/dev/jwks.json   # ... or over this file's bytes (relative)
+//!       alg: RS256                         # signing alg; default: the key's natural alg
+//!                                          # (RS256, ES256, ES384, EdDSA; HS256 for secrets)
+//!       kid: portcullis-dev-1              # default: the key's kid; `~` (null) = no kid header
+//!       header: {typ: at+jwt}              # extra/override header members; a `~` value removes
+//!                                          # the member (e.g. `{alg: ~}`). `alg` here changes
+//!                                          # only the header, the token is still signed with `alg`
+//!       claims: {sub: alice, scope: orders:read}  # merged over the defaults: iss/aud of the
+//!                                          # config's FIRST issuer, iat=now, exp=now+600
+//!       omit: [exp]                        # default claims to drop
+//!       header_json: '{"alg":"RS256","alg":"none"}'  # raw header JSON text, replaces header
+//!       claims_json: '{"sub":"a","sub":"b"}'         # raw claims JSON text, replaces claims
+//!                                          # (no defaults)
+//!       raw: 'not.a.token'                 # a literal token string, nothing minted
+//!       tamper: true                       # flip a bit in the signature
+//!       send_as: 'Bearer {token}'          # header value; `{token}` is replaced (default shown)
+//!       send_in: authorization             # header name (default authorization)
+//!     expect:
+//!       decision: deny                     # allow | deny (required)
+//!       status: 401                        # optional
+//!       reason: invalid_token              # optional; ReasonCode::as_str()
+//!       route: orders-read                 # optional
+//!       rule: orders-reader                # optional
+//!       detail_contains: expired           # optional substring of Decision.detail
+//! ```
+//!
+//! Key sets: each issuer with a `keys.file` gets `KeySet::from_jwks(file, LocalFile)`; an
+//! issuer with fetched keys (url/discovery) has none, so its tokens decide `keys_unavailable`.
+//!
+//! Invariant checked on every case: a decision's detail never contains the token.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, EncodingKey};
+use portcullis::authz::{Decision, RequestView};
+use portcullis::config::Config;
+use portcullis::identity::{KeyOrigin, KeySet};
+use portcullis::keys::KeyError;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+const DEFAULT_NOW: i64 = 1_800_000_000;
+const DEFAULT_HOST: &str = "api.example.com";
+const DEFAULT_LIFETIME: i64 = 600;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CorpusFile {
+    #[serde(default)]
+    config: Option<String>,
+    cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    #[serde(default)]
+    now: Option<i64>,
+    request: RequestSpec,
+    #[serde(default)]
+    token: Option<TokenSpec>,
+    expect: Expect,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestSpec {
+    #[serde(default = "default_method")]
+    method: String,
+    path: String,
+    #[serde(default = "default_host")]
+    host: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    source_ip: Option<IpAddr>,
+    #[serde(default)]
+    source_principal: String,
+}
+
+fn default_method() -> String {
+    "GET".into()
+}
+fn default_host() -> String {
+    DEFAULT_HOST.into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenSpec {
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    secret: Option<String>,
+    #[serde(default)]
+    secret_file: Option<String>,
+    #[serde(default)]
+    alg: Option<String>,
+    /// Absent: the key's kid. `~`: no kid header. A string: that kid.
+    #[serde(default, deserialize_with = "present")]
+    kid: Option<Option<String>>,
+    #[serde(default)]
+    header: Option<Map<String, Value>>,
+    #[serde(default)]
+    claims: Option<Map<String, Value>>,
+    #[serde(default)]
+    omit: Vec<String>,
+    #[serde(default)]
+    header_json: Option<String>,
+    #[serde(default)]
+    claims_json: Option<String>,
+    #[serde(default)]
+    raw: Option<String>,
+    #[serde(default)]
+    tamper: bool,
+    #[serde(default)]
+    send_as: Option<String>,
+    #[serde(default)]
+    send_in: Option<String>,
+}
+
+/// Tells a present `~` (Some(None)) from an absent field (None, via `default`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expect {
+    decision: Outcome,
+    #[serde(default)]
+    status: Option<u16>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    route: Option<String>,
+    #[serde(default)]
+    rule: Option<String>,
+    #[serde(default)]
+    detail_contains: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Outcome {
+    Allow,
+    Deny,
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A config with the key sets of its file-backed issuers.
+struct Loaded {
+    config: Config,
+    keys: HashMap<String, Arc<KeySet>>,
+}
+
+fn load_config(path: &Path) -> Result<Loaded, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config `{}`: {e}", path.display()))?;
+    let config = portcullis::config::from_str(&text, path).map_err(|e| e.to_string())?;
+    let mut keys = HashMap::new();
+    for issuer in &config.issuers {
+        if let Some(file) = &issuer.keys.file {
+            let bytes = std::fs::read(file)
+                .map_err(|e| format!("cannot read key file `{}`: {e}", file.display()))?;
+            let loaded = KeySet::from_jwks(&bytes, KeyOrigin::LocalFile)
+                .map_err(|e| format!("key file `{}`: {e}", file.display()))?;
+            keys.insert(issuer.name.to_string(), Arc::new(loaded.set));
+        }
+    }
+    Ok(Loaded { config, keys })
+}
+
+/// A signing key and its defaults.
+struct Signer {
+    key: EncodingKey,
+    kid: Option<String>,
+    alg: Algorithm,
+}
+
+fn signer(spec: &TokenSpec, yaml_dir: &Path) -> Result<Signer, String> {
+    if let Some(secret) = &spec.secret {
+        return Ok(Signer {
+            key: EncodingKey::from_secret(secret.as_bytes()),
+            kid: None,
+            alg: Algorithm::HS256,
+        });
+    }
+    if let Some(file) = &spec.secret_file {
+        let path = yaml_dir.join(file);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| format!("cannot read secret_file `{}`: {e}", path.display()))?;
+        return Ok(Signer {
+            key: EncodingKey::from_secret(&bytes),
+            kid: None,
+            alg: Algorithm::HS256,
+        });
+    }
+    let name = spec.key.as_deref().unwrap_or("dev");
+    let (pem_path, kid) = if name == "dev" {
+        (
+            root().join("config/dev/signing-key.pem"),
+            "portcullis-dev-1".to_string(),
+        )
+    } else {
+        (
+            root().join(format!("tests/fixtures/keys/{name}.pem")),
+            name.to_string(),
+        )
+    };
+    let pem = std::fs::read(&pem_path)
+        .map_err(|e| format!("unknown key `{name}` ({}): {e}", pem_path.display()))?;
+    let (key, alg) = match name {
+        "ec-p256" => (EncodingKey::from_ec_pem(&pem), Algorithm::ES256),
+        "ec-p384" => (EncodingKey::from_ec_pem(&pem), Algorithm::ES384),
+        "ed25519" => (EncodingKey::from_ed_pem(&pem), Algorithm::EdDSA),
+        _ => (EncodingKey::from_rsa_pem(&pem), Algorithm::RS256),
+    };
+    Ok(Signer {
+        key: key.map_err(|e| format!("key `{name}`: {e}"))?,
+        kid: Some(kid),
+        alg,
+    })
+}
+
+/// Builds the token a case sends.
+fn mint(spec: &TokenSpec, config: &Config, now: i64, yaml_dir: &Path) -> Result<String, String> {
+    if let Some(raw) = &spec.raw {
+        return Ok(raw.clone());
+    }
+    let signer = signer(spec, yaml_dir)?;
+    let alg = match &spec.alg {
+        Some(a) => a
+            .parse::<Algorithm>()
+            .map_err(|_| format!("unknown signing alg `{a}`"))?,
+        None => signer.alg,
+    };
+
+    let header_text = match &spec.header_json {
+        Some(text) => text.clone(),
+        None => {
+            let mut header = Map::new();
+            header.insert("alg".into(), Value::String(alg_name(alg)));
+            let kid = match &spec.kid {
+                Some(explicit) => explicit.clone(),
+                None => signer.kid.clone(),
+            };
+            if let Some(kid) = kid {
+                header.insert("kid".into(), Value::String(kid));
+            }
+            for (k, v) in spec.header.iter().flatten() {
+                if v.is_null() {
+                    header.remove(k);
+                } else {
+                    header.insert(k.clone(), v.clone());
+                }
+            }
+            Value::Object(header).to_string()
+        }
+    };
+
+    let claims_text = match &spec.claims_json {
+        Some(text) => text.clone(),
+        None => {
+            let mut claims = Map::new();
+            if let Some(first) = config.issuers.first() {
+                claims.insert("iss".into(), Value::String(first.rules.issuer.clone()));
+                if let Some(aud) = first.rules.audiences.first() {
+                    claims.insert("aud".into(), Value::String(aud.clone()));
+                }
+            }
+            claims.insert("iat".into(), now.into());
+            claims.insert("exp".into(), (now + DEFAULT_LIFETIME).into());
+            for name in &spec.omit {
+                claims.remove(name);
+            }
+            for (k, v) in spec.claims.iter().flatten() {
+                claims.insert(k.clone(), v.clone());
+            }
+            Value::Object(claims).to_string()
+        }
+    };
+
+    let message = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header_text.as_bytes()),
+        URL_SAFE_NO_PAD.encode(claims_text.as_bytes())
+    );
+    let mut signature = jsonwebtoken::crypto::sign(message.as_bytes(), &signer.key, alg)
+        .map_err(|e| format!("signing failed: {e}"))?;
+    if spec.tamper {
+        let mut bytes = URL_SAFE_NO_PAD.decode(&signature).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x01;
+        signature = URL_SAFE_NO_PAD.encode(bytes);
+    }
+    Ok(format!("{message}.{signature}"))
+}
+
+/// The JOSE name of an algorithm (`Algorithm`'s Debug form is exactly that).
+fn alg_name(alg: Algorithm) -> String {
+    format!("{alg:?}")
+}
+
+/// What a decision looked like, for messages.
+fn describe(d: &Decision) -> String {
+    format!(
+        "{} {} {} (route {:?}, rule {:?}, detail `{}`)",
+        if d.is_allow() { "allow" } else { "deny" },
+        d.http_status(),
+        d.code.as_str(),
+        d.route.as_deref(),
+        d.rule.as_deref(),
+        d.detail
+    )
+}
+
+/// Runs one case; returns its mismatches.
+fn run_case(case: &Case, loaded: &Loaded, yaml_dir: &Path) -> Vec<String> {
+    let now = case.now.unwrap_or(DEFAULT_NOW);
+    let mut headers: HashMap<String, String> = case
+        .request
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
+    let token = match &case.token {
+        None => None,
+        Some(spec) => match mint(spec, &loaded.config, now, yaml_dir) {
+            Ok(t) => {
+                let value = spec
+                    .send_as
+                    .as_deref()
+                    .unwrap_or("Bearer {token}")
+                    .replace("{token}", &t);
+                let name = spec.send_in.as_deref().unwrap_or("authorization");
+                headers.insert(name.to_ascii_lowercase(), value);
+                Some(t)
+            }
+            Err(e) => return vec![format!("cannot build the token: {e}")],
+        },
+    };
+    let req = RequestView {
+        method: &case.request.method,
+        host: &case.request.host,
+        path: &case.request.path,
+        headers: &headers,
+        source_ip: case.request.source_ip,
+        source_principal: &case.request.source_principal,
+    };
+    let keys = |name: &str| -> Result<Arc<KeySet>, KeyError> {
+        if let Some(set) = loaded.keys.get(name) {
+            return Ok(set.clone());
+        }
+        if loaded.config.issuers.iter().any(|i| &*i.name == name) {
+            Err(KeyError::NotLoaded {
+                issuer: name.to_string(),
+                reason: "the corpus loads only file-backed key sets".to_string(),
+            })
+        } else {
+            Err(KeyError::UnknownIssuer(name.to_string()))
+        }
+    };
+    let d = portcullis::decide::decide(&loaded.config, &req, &keys, now);
+
+    let e = &case.expect;
+    let mut problems = Vec::new();
+    let got_outcome = if d.is_allow() {
+        Outcome::Allow
+    } else {
+        Outcome::Deny
+    };
+    if got_outcome != e.decision {
+        problems.push(format!("expected {:?}", e.decision));
+    }
+    if let Some(status) = e.status
+        && status != d.http_status()
+    {
+        problems.push(format!("expected status {status}"));
+    }
+    if let Some(reason) = &e.reason
+        && reason != d.code.as_str()
+    {
+        problems.push(format!("expected reason `{reason}`"));
+    }
+    if let Some(route) = &e.route
+        && Some(route.as_str()) != d.route.as_deref()
+    {
+        problems.push(format!("expected route `{route}`"));
+    }
+    if let Some(rule) = &e.rule
+        && Some(rule.as_str()) != d.rule.as_deref()
+    {
+        problems.push(format!("expected rule `{rule}`"));
+    }
+    if let Some(fragment) = &e.detail_contains
+        && !d.detail.contains(fragment.as_str())
+    {
+        problems.push(format!("expected detail containing `{fragment}`"));
+    }
+    // INVARIANT: no decision ever echoes the credential.
+    if let Some(t) = &token {
+        let leaked = t
+            .split('.')
+            .filter(|s| s.len() >= 16)
+            .any(|segment| d.detail.contains(segment));
+        if leaked {
+            problems.push("the decision detail contains the token".to_string());
+        }
+    }
+    if problems.is_empty() {
+        Vec::new()
+    } else {
+        vec![format!("{}; got {}", problems.join(", "), describe(&d))]
+    }
+}
+
+#[test]
+fn corpus() {
+    let dir = root().join("tests/corpus");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no corpus files in {}", dir.display());
+
+    let mut configs: HashMap<PathBuf, Result<Loaded, String>> = HashMap::new();
+    let mut failures = Vec::new();
+    let mut passed = 0usize;
+    let mut ran = 0usize;
+    for file in &files {
+        let label = file
+            .strip_prefix(root())
+            .unwrap_or(file)
+            .display()
+            .to_string();
+        let text = std::fs::read_to_string(file).unwrap();
+        let corpus: CorpusFile = match serde_yaml::from_str(&text) {
+            Ok(c) => c,
+            Err(e) => {
+                failures.push(format!("{label}: not a corpus file: {e}"));
+                continue;
+            }
+        };
+        let yaml_dir = file.parent().unwrap().to_path_buf();
+        let config_path = match &corpus.config {
+            Some(rel) => yaml_dir.join(rel),
+            None => root().join("config/portcullis.yaml"),
+        };
+        let loaded = configs
+            .entry(config_path.clone())
+            .or_insert_with(|| load_config(&config_path));
+        let loaded = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                failures.push(format!(
+                    "{label}: config `{}` does not load: {e}",
+                    config_path.display()
+                ));
+                continue;
+            }
+        };
+        let mut names = std::collections::HashSet::new();
+        for case in &corpus.cases {
+            ran += 1;
+            if !names.insert(case.name.as_str()) {
+                failures.push(format!("{label} :: {}: duplicate case name", case.name));
+                continue;
+            }
+            let problems = run_case(case, loaded, &yaml_dir);
+            if problems.is_empty() {
+                passed += 1;
+            }
+            for p in problems {
+                failures.push(format!("{label} :: {}: {p}", case.name));
+            }
+        }
+    }
+
+    assert!(ran > 0, "the corpus holds no cases");
+    if !failures.is_empty() {
+        panic!(
+            "corpus: {} of {ran} cases failed:\n  {}",
+            ran - passed,
+            failures.join("\n  ")
+        );
+    }
+    println!("corpus: {passed} cases passed");
+}
