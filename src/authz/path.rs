@@ -285,6 +285,50 @@ mod tests {
         bad("/admin%%41", PathError::MalformedEscape);
     }
 
+    /// Every path built from up to five risky pieces (~580k paths): whatever `clean` accepts must be a path
+    /// that a decoding, dot-removing, slash-merging server would leave exactly as it is.
+    #[test]
+    fn accepted_paths_are_already_normal() {
+        const PIECES: &[&str] = &[
+            "/", ".", "%2e", "%2f", "a", ";", "%", "%41", "\\", "?", "%25", "%5c", "%00", " ",
+        ];
+        let mut accepted = 0usize;
+        let mut stack: Vec<(String, usize)> = vec![(String::new(), 0)];
+        while let Some((prefix, depth)) = stack.pop() {
+            if depth < 5 {
+                for p in PIECES {
+                    stack.push((format!("{prefix}{p}"), depth + 1));
+                }
+            }
+            let raw = format!("/{prefix}");
+            let Ok(segs) = clean(&raw) else { continue };
+            accepted += 1;
+            let (path, _) = split_query(&raw);
+            let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+            let parts: Vec<&str> = decoded.split('/').skip(1).collect();
+            let n = parts.len();
+            let got: Vec<&str> = segs.iter().map(|s| s.as_ref()).collect();
+            // A server that decodes first sees the same segments (no hidden `/`), none of them
+            // a dot segment, none empty except a final one, and nothing it would strip.
+            let want: Vec<&str> = if decoded == "/" {
+                vec![]
+            } else {
+                parts.clone()
+            };
+            assert_eq!(got, want, "`{raw}`");
+            for (i, s) in got.iter().enumerate() {
+                assert!(*s != "." && *s != "..", "`{raw}`");
+                assert!(!s.is_empty() || i + 1 == n, "`{raw}`");
+                assert!(!s.contains(['\\', ';', '%', '\0']), "`{raw}`");
+                assert!(!s.ends_with('.') && !s.ends_with(' '), "`{raw}`");
+            }
+        }
+        assert!(
+            accepted > 100,
+            "the generator must exercise accepted paths too"
+        );
+    }
+
     #[test]
     fn query_is_split_off_first() {
         assert_eq!(split_query("/a?b?c"), ("/a", Some("b?c")));

@@ -658,6 +658,13 @@ impl Compiler {
                     format!("`{m}` is not a valid HTTP method"),
                 ));
             }
+            if m == "*" {
+                return Err(self.hint(
+                    f(&format!("methods[{j}]")),
+                    "`*` is not a method: there is no any-method wildcard",
+                    "list the methods explicitly, e.g. `[GET, POST]`",
+                ));
+            }
             if m.bytes().any(|b| b.is_ascii_lowercase()) {
                 self.warnings.push(format!(
                     "routes[{i}].methods[{j}]: `{m}` is not upper-case; methods are case-sensitive, so it will not match `{}`",
@@ -691,6 +698,12 @@ impl Compiler {
                 ));
             }
             _ => {}
+        }
+        if rc.public && template.segs.is_empty() && template.tail {
+            self.warnings.push(format!(
+                "routes[{i}]: route `{}` is public and matches every path: only more specific routes are protected",
+                rc.id
+            ));
         }
         let mut rules: Vec<CompiledRule> = Vec::with_capacity(rc.rules.len());
         for (j, rule) in rc.rules.iter().enumerate() {

@@ -539,6 +539,18 @@ fn methods_hosts_and_paths_are_validated() {
         "routes[0].hosts[0]",
         "invalid IPv6 host",
     );
+    fails(
+        &r("methods: [\"*\"], path: /a, public: true"),
+        "routes[0].methods[0]",
+        "no any-method wildcard",
+    );
+    let c = compile(&r("methods: [GET], path: /**, public: true")).unwrap();
+    assert_eq!(c.warnings.len(), 1);
+    assert!(
+        c.warnings[0].contains("public and matches every path"),
+        "{}",
+        c.warnings[0]
+    );
     let c = compile(&r("methods: [get], path: /a, public: true")).unwrap();
     assert_eq!(c.warnings.len(), 1);
     assert!(
