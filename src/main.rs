@@ -70,8 +70,9 @@ fn serve(config_path: std::path::PathBuf) -> anyhow::Result<()> {
     for warning in &config.warnings {
         tracing::warn!(config = %config_path.display(), "{warning}");
     }
-    runtime()?.block_on(async move {
+    runtime()?.block_on(async {
         let server = Server::start(config).await?;
+        server.watch_config(config_path.clone());
         shutdown_signal().await;
         tracing::info!("shutting down: finishing in-flight checks");
         server.shutdown().await;

@@ -27,11 +27,8 @@ pub const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on `{addr}`: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error("cannot listen on `{addr}`: {cause}")]
+    Bind { addr: String, cause: std::io::Error },
     #[error("cannot start the audit log writer: {0}")]
     Audit(std::io::Error),
 }
@@ -134,6 +131,15 @@ impl Server {
         })
     }
 
+    /// Reloads the config (and its key files) from `path` on change and on SIGHUP until
+    /// shutdown.
+    pub fn watch_config(&self, path: std::path::PathBuf) {
+        let reloader =
+            crate::reload::Reloader::new(path, self.engine.clone(), self.metrics.clone());
+        let stop = self.shutdown.subscribe();
+        tokio::spawn(reloader.run(crate::reload::POLL_INTERVAL, stop));
+    }
+
     /// Stops accepting, lets in-flight checks finish (up to `shutdown_grace`), then returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -153,16 +159,16 @@ impl Server {
 async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| ServeError::Bind {
+        .map_err(|cause| ServeError::Bind {
             addr: addr.to_string(),
-            source,
+            cause,
         })
 }
 
 fn local_addr(listener: &TcpListener, addr: &str) -> Result<SocketAddr, ServeError> {
-    listener.local_addr().map_err(|source| ServeError::Bind {
+    listener.local_addr().map_err(|cause| ServeError::Bind {
         addr: addr.to_string(),
-        source,
+        cause,
     })
 }
 

@@ -146,6 +146,11 @@ impl ChildGuard {
     }
 
     /// Panics (with the logs) if the process has exited.
+    /// The child's process id (e.g. to send it a signal).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     pub fn assert_running(&mut self) {
         if let Some(child) = self.child.as_mut()
             && let Ok(Some(status)) = child.try_wait()

@@ -1,0 +1,233 @@
+//! Hot reload of the policy file and the issuers' key files, on change (polled) and on
+//! SIGHUP. A new config is validated in full and swapped atomically; an invalid one is
+//! rejected with an error log line and a `config_reloads{result="error"}` count while the
+//! last good config stays in force. In-flight checks finish on the engine they started with
+//! (they hold an `Arc` to it).
+//!
+//! INVARIANT: nothing here ever installs a config that failed to load: an empty, deleted or
+//! unparsable file is an error, never "no routes" and never allow-all.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::admin::metrics::{Metrics, ResultLabels};
+use crate::config::{self, Config};
+use crate::engine::Engine;
+
+/// How often the watched files are compared with what was last loaded.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What a reload attempt did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// The new config is in force.
+    Applied,
+    /// The files did not change (nothing to do).
+    Unchanged,
+    /// The new config was refused; the reason names file and field.
+    Rejected(String),
+}
+
+/// Watches a config file and its key files; swaps the engine when they change.
+pub struct Reloader {
+    path: PathBuf,
+    engine: Arc<ArcSwap<Engine>>,
+    metrics: Arc<Metrics>,
+    /// Contents of every watched file at the last attempt (`None`: missing or unreadable).
+    seen: Vec<(PathBuf, Option<Vec<u8>>)>,
+}
+
+impl Reloader {
+    pub fn new(path: PathBuf, engine: Arc<ArcSwap<Engine>>, metrics: Arc<Metrics>) -> Self {
+        let mut r = Self {
+            path,
+            engine,
+            metrics,
+            seen: Vec::new(),
+        };
+        r.seen = r.snapshot();
+        r
+    }
+
+    /// The config file plus every local key file of the config in force.
+    fn watched(&self) -> Vec<PathBuf> {
+        let engine = self.engine.load();
+        let mut files = vec![self.path.clone()];
+        files.extend(
+            engine
+                .config
+                .issuers
+                .iter()
+                .filter_map(|i| i.keys.file.clone()),
+        );
+        files
+    }
+
+    fn snapshot(&self) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+        self.watched()
+            .into_iter()
+            .map(|p| {
+                let bytes = std::fs::read(&p).ok();
+                (p, bytes)
+            })
+            .collect()
+    }
+
+    /// Reloads when a watched file changed since the last attempt, or always with `force`.
+    pub async fn poll(&mut self, force: bool) -> ReloadOutcome {
+        let now = self.snapshot();
+        if !force && now == self.seen {
+            return ReloadOutcome::Unchanged;
+        }
+        let keys_changed = force || key_files_changed(&self.seen, &now);
+        // Remember this state even when it is rejected: a bad file is reported once, not
+        // every second, and the next edit is tried again.
+        self.seen = now;
+        let outcome = self.reload(keys_changed).await;
+        self.seen = self.snapshot();
+        outcome
+    }
+
+    async fn reload(&self, reload_keys: bool) -> ReloadOutcome {
+        let result = match config::load(&self.path) {
+            Ok(new) => self.apply(new, reload_keys).await,
+            Err(e) => Err(e.to_string()),
+        };
+        let label = match &result {
+            Ok(()) => "ok",
+            Err(_) => "error",
+        };
+        self.metrics
+            .config_reloads
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
+        match result {
+            Ok(()) => ReloadOutcome::Applied,
+            Err(reason) => {
+                tracing::error!(
+                    config = %self.path.display(),
+                    error = %reason,
+                    "config reload rejected; the last good config stays in force"
+                );
+                ReloadOutcome::Rejected(reason)
+            }
+        }
+    }
+
+    async fn apply(&self, new: Config, reload_keys: bool) -> Result<(), String> {
+        let old = self.engine.load_full();
+        for warning in &new.warnings {
+            tracing::warn!(config = %self.path.display(), "{warning}");
+        }
+        if new.file.server.listen != old.config.file.server.listen
+            || new.file.server.admin_listen != old.config.file.server.admin_listen
+        {
+            tracing::warn!(
+                config = %self.path.display(),
+                "listener addresses changed; they take effect only after a restart"
+            );
+        }
+        let keys = if !reload_keys && same_key_sources(&old.config, &new) {
+            old.keys.clone()
+        } else {
+            let store = Arc::new(crate::server::key_store(&new, self.metrics.clone()));
+            store.start().await;
+            // Never trade usable keys for unusable ones: a reload that would leave an issuer
+            // without keys is refused while the config in force still has them.
+            if !store.ready() && old.keys.ready() {
+                let missing: Vec<String> = store
+                    .status()
+                    .into_iter()
+                    .filter(|s| !s.usable)
+                    .map(|s| {
+                        format!(
+                            "`{}`: {}",
+                            s.name,
+                            s.last_error.unwrap_or_else(|| "not loaded".into())
+                        )
+                    })
+                    .collect();
+                store.shutdown();
+                return Err(format!(
+                    "{}: keys unavailable for issuer(s) {}",
+                    self.path.display(),
+                    missing.join(", ")
+                ));
+            }
+            store
+        };
+        let routes = new.file.routes.len();
+        let engine = Engine::new(Arc::new(new), keys, old.state.clone(), self.metrics.clone());
+        self.engine.store(Arc::new(engine));
+        tracing::info!(config = %self.path.display(), routes, "config reloaded");
+        Ok(())
+    }
+
+    /// Runs until `stop`: polls every `interval` and reloads on change or SIGHUP.
+    pub async fn run(mut self, interval: Duration, mut stop: watch::Receiver<bool>) {
+        let mut hangup = hangup_signal();
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let force = tokio::select! {
+                _ = tick.tick() => false,
+                _ = recv_hangup(&mut hangup) => {
+                    tracing::info!(config = %self.path.display(), "SIGHUP: reloading");
+                    true
+                }
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            self.poll(force).await;
+        }
+    }
+}
+
+fn key_files_changed(
+    before: &[(PathBuf, Option<Vec<u8>>)],
+    after: &[(PathBuf, Option<Vec<u8>>)],
+) -> bool {
+    // The first entry is the config file itself; the rest are key files.
+    before.get(1..) != after.get(1..)
+}
+
+/// True when both configs fetch the same keys the same way, so the key store can be kept.
+fn same_key_sources(old: &Config, new: &Config) -> bool {
+    old.issuers.len() == new.issuers.len()
+        && old.issuers.iter().zip(&new.issuers).all(|(a, b)| {
+            a.name == b.name
+                && a.rules.issuer == b.rules.issuer
+                && format!("{:?}", a.keys) == format!("{:?}", b.keys)
+        })
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = ();
+
+#[cfg(unix)]
+fn hangup_signal() -> Hangup {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+#[cfg(not(unix))]
+fn hangup_signal() -> Hangup {}
+
+#[cfg(unix)]
+async fn recv_hangup(h: &mut Hangup) {
+    match h {
+        Some(sig) => {
+            if sig.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+#[cfg(not(unix))]
+async fn recv_hangup(_: &mut Hangup) {
+    std::future::pending().await
+}

@@ -1,0 +1,383 @@
+//! Hot reload: policy and key-file edits take effect, bad edits are refused while the last
+//! good config stays in force, edits under load never fail a request, and SIGHUP reloads
+//! the real binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use envoy_types::ext_authz::v3::pb::CheckRequest;
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use portcullis::authz::RequestView;
+use portcullis::reload::{ReloadOutcome, Reloader};
+use portcullis::server::Server;
+use serde_json::{Value, json};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Signs claims (over dev-issuer defaults) with a PEM key and kid.
+fn mint(pem: &Path, kid: &str, claims: Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&std::fs::read(pem).unwrap()).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(kid.to_string());
+    let mut full = json!({
+        "iss": "https://dev.portcullis.invalid",
+        "aud": "portcullis-sample-api",
+        "iat": now(),
+        "exp": now() + 600,
+    });
+    for (k, v) in claims.as_object().unwrap() {
+        full[k] = v.clone();
+    }
+    jsonwebtoken::encode(&header, &full, &key).unwrap()
+}
+
+fn dev_token(claims: Value) -> String {
+    mint(
+        &root().join("config/dev/signing-key.pem"),
+        "portcullis-dev-1",
+        claims,
+    )
+}
+
+/// The shipped config in a temp dir (with a copy of the dev JWKS), on free ports.
+struct Setup {
+    dir: tempfile::TempDir,
+    shipped: String,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("dev")).unwrap();
+        std::fs::copy(
+            root().join("config/dev/jwks.json"),
+            dir.path().join("dev/jwks.json"),
+        )
+        .unwrap();
+        let shipped = std::fs::read_to_string(root().join("config/portcullis.yaml"))
+            .unwrap()
+            .replace("listen: 127.0.0.1:9191", "listen: 127.0.0.1:0")
+            .replace("admin_listen: 127.0.0.1:9192", "admin_listen: 127.0.0.1:0")
+            .replace("  enabled: true ", "  enabled: false ");
+        let s = Setup { dir, shipped };
+        s.write(&s.shipped.clone());
+        s
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("portcullis.yaml")
+    }
+
+    fn write(&self, text: &str) {
+        // Write-then-rename, as editors and ConfigMap updates do: never a half-written file.
+        let tmp = self.dir.path().join(".portcullis.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.path()).unwrap();
+    }
+
+    /// The shipped policy with `orders:read` replaced by another scope.
+    fn orders_read_needs(&self, scope: &str) -> String {
+        self.shipped
+            .replace("scopes: [orders:read]", &format!("scopes: [{scope}]"))
+    }
+}
+
+async fn decide(server: &Server, method: &str, path: &str, token: &str) -> u16 {
+    let headers = HashMap::from([("authorization".to_string(), format!("Bearer {token}"))]);
+    let view = RequestView {
+        method,
+        host: "api.example.com",
+        path,
+        headers: &headers,
+        source_ip: None,
+        source_principal: "",
+    };
+    server.engine.load_full().check(&view).await.http_status()
+}
+
+fn reloads(server: &Server, result: &'static str) -> u64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &server.metrics.registry()).unwrap();
+    text.lines()
+        .find(|l| l.starts_with("portcullis_config_reloads_total{") && l.contains(result))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+#[tokio::test]
+async fn a_policy_edit_takes_effect_and_is_counted() {
+    let s = Setup::new();
+    let server = Server::start(portcullis::config::load(&s.path()).unwrap())
+        .await
+        .unwrap();
+    let mut reloader = Reloader::new(s.path(), server.engine.clone(), server.metrics.clone());
+    let alice = dev_token(json!({"sub": "alice", "scope": "orders:read"}));
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Unchanged);
+
+    s.write(&s.orders_read_needs("orders:audit"));
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 403);
+    assert_eq!(reloads(&server, "ok"), 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_empty_and_deleted_configs_are_refused_and_the_last_good_one_stays() {
+    let s = Setup::new();
+    let server = Server::start(portcullis::config::load(&s.path()).unwrap())
+        .await
+        .unwrap();
+    let mut reloader = Reloader::new(s.path(), server.engine.clone(), server.metrics.clone());
+    let alice = dev_token(json!({"sub": "alice", "scope": "orders:read"}));
+    let nobody = dev_token(json!({"sub": "mallory"}));
+
+    // A misspelt field: refused, naming the field.
+    s.write(
+        &s.shipped
+            .replace("scopes: [orders:read]", "scpoes: [orders:read]"),
+    );
+    match reloader.poll(false).await {
+        ReloadOutcome::Rejected(reason) => assert!(reason.contains("scpoes"), "{reason}"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    // An empty file: refused, never allow-all.
+    s.write("");
+    assert!(matches!(
+        reloader.poll(false).await,
+        ReloadOutcome::Rejected(_)
+    ));
+    // A deleted file: refused.
+    std::fs::remove_file(s.path()).unwrap();
+    assert!(matches!(
+        reloader.poll(false).await,
+        ReloadOutcome::Rejected(_)
+    ));
+
+    // The original policy is still in force: alice allowed, mallory and no-route denied.
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
+    assert_eq!(decide(&server, "GET", "/orders/1", &nobody).await, 403);
+    assert_eq!(decide(&server, "GET", "/anything-else", &alice).await, 403);
+    assert_eq!(reloads(&server, "error"), 3);
+    assert_eq!(reloads(&server, "ok"), 0);
+
+    // A fixed file is picked up again.
+    s.write(&s.orders_read_needs("orders:audit"));
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 403);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rotated_key_file_is_reloaded() {
+    let s = Setup::new();
+    let server = Server::start(portcullis::config::load(&s.path()).unwrap())
+        .await
+        .unwrap();
+    let mut reloader = Reloader::new(s.path(), server.engine.clone(), server.metrics.clone());
+    let fixtures = root().join("tests/fixtures/keys");
+    let old = dev_token(json!({"sub": "alice", "scope": "orders:read"}));
+    let new = mint(
+        &fixtures.join("rsa2048.pem"),
+        "rsa2048",
+        json!({"sub": "alice", "scope": "orders:read"}),
+    );
+    assert_eq!(decide(&server, "GET", "/orders/1", &old).await, 200);
+    assert_eq!(decide(&server, "GET", "/orders/1", &new).await, 401);
+
+    std::fs::copy(
+        fixtures.join("rsa2048.jwks.json"),
+        s.dir.path().join("dev/jwks.json"),
+    )
+    .unwrap();
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
+    assert_eq!(decide(&server, "GET", "/orders/1", &new).await, 200);
+    assert_eq!(decide(&server, "GET", "/orders/1", &old).await, 401);
+
+    // A key file that stops parsing is refused; the rotated key keeps working.
+    std::fs::write(s.dir.path().join("dev/jwks.json"), "{\"keys\": []}").unwrap();
+    assert!(matches!(
+        reloader.poll(false).await,
+        ReloadOutcome::Rejected(_)
+    ));
+    assert_eq!(decide(&server, "GET", "/orders/1", &new).await, 200);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_edits_under_load_never_fail_a_request() {
+    let s = Setup::new();
+    let server = Server::start(portcullis::config::load(&s.path()).unwrap())
+        .await
+        .unwrap();
+    server.watch_config(s.path());
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let token = dev_token(json!({"sub": "alice", "scope": "orders:read"}));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (allowed, denied, broken) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let mut client = AuthorizationClient::new(channel.clone());
+        let (stop, allowed, denied, broken) = (
+            stop.clone(),
+            allowed.clone(),
+            denied.clone(),
+            broken.clone(),
+        );
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let req = check_request("GET", "/orders/7", &token);
+                match client.check(req).await {
+                    Ok(resp) => match resp.into_inner().status.map(|s| s.code) {
+                        Some(0) => allowed.fetch_add(1, Ordering::Relaxed),
+                        Some(7) => denied.fetch_add(1, Ordering::Relaxed),
+                        _ => broken.fetch_add(1, Ordering::Relaxed),
+                    },
+                    Err(_) => broken.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    // Flip the policy back and forth while requests are in flight; wait for each flip to
+    // be seen (the watcher polls every second).
+    for round in 0..4 {
+        let scope = if round % 2 == 0 {
+            "orders:audit"
+        } else {
+            "orders:read"
+        };
+        s.write(&s.orders_read_needs(scope));
+        let expect = if round % 2 == 0 { 403 } else { 200 };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while decide(&server, "GET", "/orders/7", &token).await != expect {
+            assert!(Instant::now() < deadline, "edit {round} never took effect");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (a, d, b) = (
+        allowed.load(Ordering::Relaxed),
+        denied.load(Ordering::Relaxed),
+        broken.load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        b, 0,
+        "requests failed during reloads ({a} allowed, {d} denied)"
+    );
+    assert!(
+        a > 0 && d > 0,
+        "both policies should have answered: {a} allowed, {d} denied"
+    );
+    assert_eq!(reloads(&server, "ok"), 4);
+    server.shutdown().await;
+}
+
+fn check_request(method: &str, path: &str, token: &str) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: method.into(),
+                    path: path.into(),
+                    host: "api.example.com".into(),
+                    headers: HashMap::from([(
+                        "authorization".to_string(),
+                        format!("Bearer {token}"),
+                    )]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+#[test]
+fn sighup_reloads_the_running_binary() {
+    let s = Setup::new();
+    let grpc = support::free_port();
+    let admin = support::free_port();
+    s.write(
+        &s.shipped
+            .replace(
+                "admin_listen: 127.0.0.1:0",
+                &format!("admin_listen: 127.0.0.1:{admin}"),
+            )
+            .replace(
+                "  listen: 127.0.0.1:0",
+                &format!("  listen: 127.0.0.1:{grpc}"),
+            ),
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    cmd.args(["serve", "--config"]).arg(s.path());
+    let mut child = support::ChildGuard::spawn("portcullis", cmd);
+    let admin_addr = format!("127.0.0.1:{admin}").parse().unwrap();
+    support::wait_for_status(
+        &mut child,
+        admin_addr,
+        "/readyz",
+        200,
+        Duration::from_secs(20),
+    );
+
+    let pid = child.pid();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The file did not change: only SIGHUP can have caused this reload.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = support::raw_http(
+            admin_addr,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        if metrics
+            .body
+            .lines()
+            .any(|l| l.starts_with("portcullis_config_reloads_total{result=\"ok\"} 1"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reload after SIGHUP:\n{}",
+            metrics.body
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.assert_running();
+}
