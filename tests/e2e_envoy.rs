@@ -12,7 +12,7 @@ mod support;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -1187,4 +1187,96 @@ async fn envoy_authorizes_the_canonical_path_the_upstream_receives() {
         assert_eq!(seen.len(), 1, "GET {raw}");
         assert_eq!(seen[0].path, canonical, "GET {raw}: the upstream received");
     }
+}
+
+/// Issue 5, hot reload: the policy is edited while many requests are in flight through
+/// Envoy. No request fails, none is wrongly allowed (a route denied by every version of the
+/// policy is never allowed), every edit takes effect without a restart, and a broken edit is
+/// rejected with the previous policy still enforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_edited_under_load_never_fails_or_wrongly_allows() {
+    let stack = Arc::new(Stack::start(&[Key::A]).await);
+    let reader = reader_token(Key::A);
+    let config_path = stack.portcullis.as_ref().unwrap().config.clone();
+    let policy_a = std::fs::read_to_string(&config_path).unwrap();
+    // Policy B: reading an order needs a scope the reader lacks.
+    let policy_b = policy_a.replace("    - orders:read\n", "    - orders:audit\n");
+    assert_ne!(policy_a, policy_b, "the edit must change the policy");
+    let write = |text: &str| {
+        let tmp = config_path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &config_path).unwrap();
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for worker in 0..8 {
+        let (stack, stop, reader) = (stack.clone(), stop.clone(), reader.clone());
+        load.push(tokio::spawn(async move {
+            let proto = PROTOCOLS[worker % 2];
+            let (mut allowed, mut denied) = (0u32, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                // Allowed under A, denied under B: either answer is right, nothing else is.
+                let read = stack.get(proto, "/orders/7", Some(&reader)).await;
+                match read.status {
+                    200 if read.answered_by_upstream() => allowed += 1,
+                    403 if !read.answered_by_upstream() => denied += 1,
+                    _ => panic!("request failed during a reload: {read:?}"),
+                }
+                // Denied under every version of the policy: must never be allowed.
+                let write = stack
+                    .send(proto, "POST", "/orders", Some(&reader), &[])
+                    .await;
+                assert_denied_by_portcullis(&write, 403, "insufficient_scope", "POST /orders");
+            }
+            (allowed, denied)
+        }));
+    }
+
+    for (round, (text, want)) in [(&policy_b, 403), (&policy_a, 200), (&policy_b, 403)]
+        .into_iter()
+        .enumerate()
+    {
+        write(text);
+        eventually(
+            Duration::from_secs(15),
+            &format!("edit {round}"),
+            || async {
+                stack
+                    .get(Proto::Http1, "/orders/7", Some(&reader))
+                    .await
+                    .status
+                    == want
+            },
+        )
+        .await;
+    }
+    // A broken edit (misspelt field) is refused; policy B stays in force.
+    write(&policy_a.replacen("    scopes:\n", "    scpoes:\n", 1));
+    eventually(Duration::from_secs(15), "broken edit reported", || async {
+        stack
+            .metrics()
+            .await
+            .contains("portcullis_config_reloads_total{result=\"error\"} 1")
+    })
+    .await;
+    let after = stack.get(Proto::H2c, "/orders/7", Some(&reader)).await;
+    assert_denied_by_portcullis(&after, 403, "insufficient_scope", "after the broken edit");
+
+    stop.store(true, Ordering::Relaxed);
+    let (mut allowed, mut denied) = (0, 0);
+    for task in load {
+        let (a, d) = task.await.unwrap();
+        allowed += a;
+        denied += d;
+    }
+    assert!(
+        allowed > 0 && denied > 0,
+        "both policies answered under load: {allowed} allowed, {denied} denied"
+    );
+    let metrics = stack.metrics().await;
+    assert!(
+        metrics.contains("portcullis_config_reloads_total{result=\"ok\"} 3"),
+        "{metrics}"
+    );
 }
