@@ -315,3 +315,235 @@ impl Compiler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::super::{Config, ConfigError, from_str};
+    use super::*;
+
+    const HASH: &str = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    const HASH2: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+    fn path() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/test.yaml")
+    }
+
+    fn key(id: &str, hash: &str) -> String {
+        format!(
+            "{{id: {id}, owner: team, hash: \"{hash}\", expires: 2030-01-01T00:00:00Z, routes: [\"GET /orders/{{id}}\"]}}"
+        )
+    }
+
+    /// A config with `api_keys` holding `keys`, a route whose rule names `rule_keys`, and
+    /// `extra` YAML appended.
+    fn config(keys: &[String], rule: &str, extra: &str) -> String {
+        format!(
+            "api_keys:\n  keys: [{}]\nroutes:\n  - id: orders\n    methods: [GET]\n    path: /orders/{{id}}\n    rules: [{rule}]\n{extra}",
+            keys.join(", ")
+        )
+    }
+
+    fn compile(text: &str) -> Result<Config, ConfigError> {
+        from_str(text, &path())
+    }
+
+    #[track_caller]
+    fn fails(text: &str, field: &str, message: &str) {
+        match compile(text) {
+            Ok(_) => panic!("compiled, expected an error at `{field}`"),
+            Err(e) => {
+                assert_eq!(e.field, field, "{e}");
+                assert!(e.message.contains(message), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn keys_compile_with_the_default_header_and_named_rules() {
+        let c = compile(&config(&[key("k1", HASH)], "{id: r, api_keys: [k1]}", "")).unwrap();
+        let keys = c.api_keys.as_ref().unwrap();
+        assert_eq!(keys.header, "x-api-key");
+        assert_eq!(keys.verify("abc", 0).unwrap().id.as_ref(), "k1");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn bad_key_entries_name_their_field() {
+        let rule = "{id: r, api_keys: [\"*\"]}";
+        fails(
+            &config(&[key("k 1", HASH)], rule, ""),
+            "api_keys.keys[0].id",
+            "invalid key id",
+        );
+        fails(
+            &config(&[key("k1", "abc")], rule, ""),
+            "api_keys.keys[0].hash",
+            "sha256",
+        );
+        fails(
+            &config(&[key("k1", HASH), key("k1", HASH2)], rule, ""),
+            "api_keys.keys[1].id",
+            "duplicate",
+        );
+        fails(
+            &config(&[key("k1", HASH), key("k2", HASH)], rule, ""),
+            "api_keys.keys[1].hash",
+            "same hash",
+        );
+        let expiry = key("k1", HASH).replace("2030-01-01T00:00:00Z", "2030-01-01");
+        fails(
+            &config(&[expiry], rule, ""),
+            "api_keys.keys[0].expires",
+            "RFC 3339",
+        );
+        let no_routes = key("k1", HASH).replace("[\"GET /orders/{id}\"]", "[]");
+        fails(
+            &config(&[no_routes], rule, ""),
+            "api_keys.keys[0].routes",
+            "no routes",
+        );
+        let bad_route = key("k1", HASH).replace("GET /orders/{id}", "/orders");
+        fails(
+            &config(&[bad_route], rule, ""),
+            "api_keys.keys[0].routes[0]",
+            "METHOD",
+        );
+    }
+
+    #[test]
+    fn rules_name_only_known_keys_and_never_mix_with_token_conditions() {
+        let keys = [key("k1", HASH)];
+        fails(
+            &config(&keys, "{id: r, api_keys: [k2]}", ""),
+            "routes[0].rules[0].api_keys[0]",
+            "unknown API key `k2`",
+        );
+        fails(
+            &config(&keys, "{id: r, api_keys: [k1], scopes: [a]}", ""),
+            "routes[0].rules[0].api_keys",
+            "cannot also require",
+        );
+        let no_section =
+            "routes:\n  - {id: o, methods: [GET], path: /o, rules: [{id: r, api_keys: [k1]}]}\n";
+        fails(
+            no_section,
+            "routes[0].rules[0].api_keys",
+            "no `api_keys` section",
+        );
+    }
+
+    #[test]
+    fn the_key_header_cannot_be_a_credential_or_identity_header() {
+        let keys = [key("k1", HASH)];
+        let with_header = |h: &str| {
+            config(&keys, "{id: r, api_keys: [k1]}", "")
+                .replace("api_keys:\n", &format!("api_keys:\n  header: {h}\n"))
+        };
+        fails(
+            &with_header("authorization"),
+            "api_keys.header",
+            "cannot carry",
+        );
+        fails(
+            &with_header("x-portcullis-subject"),
+            "api_keys.header",
+            "identity header",
+        );
+        fails(
+            &with_header("bad header"),
+            "api_keys.header",
+            "not a valid header",
+        );
+    }
+
+    #[test]
+    fn the_api_key_issuer_name_is_reserved() {
+        let text = "issuers:\n  - {name: api-key, issuer: \"https://x.test\", audiences: [a], keys: {file: dev/jwks.json}}\nroutes:\n  - {id: h, methods: [GET], path: /h, public: true}\n";
+        fails(text, "issuers[0].name", "reserved");
+    }
+
+    #[test]
+    fn a_key_no_rule_names_is_a_warning() {
+        let c = compile(&config(
+            &[key("k1", HASH), key("k2", HASH2)],
+            "{id: r, api_keys: [k1]}",
+            "",
+        ))
+        .unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("`k2`"), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn rate_limits_compile_with_burst_defaulting_to_requests() {
+        let c = compile(&config(
+            &[key("k1", HASH)],
+            "{id: r, api_keys: [k1]}",
+            "rate_limits:\n  - {id: a, by: api_key, requests: 10, per: 1m}\n  - {id: b, by: client_ip, requests: 5, per: 1s, burst: 2, routes: [orders]}\n",
+        ))
+        .unwrap();
+        assert_eq!(c.rate_limits.len(), 2);
+        assert_eq!(c.rate_limits[0].limit.burst, 10);
+        assert_eq!(
+            c.rate_limits[0].limit.per,
+            std::time::Duration::from_secs(60)
+        );
+        assert!(c.rate_limits[0].covers("anything"));
+        assert_eq!(c.rate_limits[1].limit.burst, 2);
+        assert!(c.rate_limits[1].covers("orders") && !c.rate_limits[1].covers("other"));
+    }
+
+    #[test]
+    fn bad_rate_limits_name_their_field() {
+        let base = config(&[key("k1", HASH)], "{id: r, api_keys: [k1]}", "");
+        let with = |rl: &str| format!("{base}rate_limits:\n  - {rl}\n");
+        fails(
+            &with("{id: a, by: route, requests: 0, per: 1m}"),
+            "rate_limits[0].requests",
+            "at least 1",
+        );
+        fails(
+            &with("{id: a, by: route, requests: 1, per: 10ms}"),
+            "rate_limits[0].per",
+            "out of range",
+        );
+        fails(
+            &with("{id: a, by: route, requests: 1, per: 1m, burst: 0}"),
+            "rate_limits[0].burst",
+            "at least 1",
+        );
+        fails(
+            &with("{id: a, by: route, requests: 1, per: 1m, routes: [ordrs]}"),
+            "rate_limits[0].routes[0]",
+            "unknown route",
+        );
+        fails(
+            &with("{id: \"a b\", by: route, requests: 1, per: 1m}"),
+            "rate_limits[0].id",
+            "invalid",
+        );
+        let e = compile(&with("{id: a, by: user, requests: 1, per: 1m}")).unwrap_err();
+        assert!(e.field.starts_with("rate_limits[0]"), "{e}");
+    }
+
+    #[test]
+    fn the_key_file_is_read_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("keys.yaml"),
+            format!("keys: [{}]\n", key("from-file", HASH)),
+        )
+        .unwrap();
+        let text = "api_keys:\n  file: keys.yaml\nroutes:\n  - {id: o, methods: [GET], path: \"/orders/{id}\", rules: [{id: r, api_keys: [from-file]}]}\n";
+        let c = from_str(text, &dir.path().join("portcullis.yaml")).unwrap();
+        assert!(c.api_keys.as_ref().unwrap().get("from-file").is_some());
+        let e = from_str(
+            &text.replace("keys.yaml", "missing.yaml"),
+            &dir.path().join("portcullis.yaml"),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "api_keys.file");
+    }
+}

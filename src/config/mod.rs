@@ -367,7 +367,7 @@ impl Compiler {
             }
             routes.push(self.route(i, rc, &issuer_names)?);
         }
-        if issuers.is_empty() && routes.iter().any(|r| !r.public) {
+        if issuers.is_empty() && self.api_keys.is_none() && routes.iter().any(|r| !r.public) {
             self.warnings
                 .push("no issuers are configured: every non-public route answers 401".to_string());
         }
