@@ -489,3 +489,64 @@ pub fn mint_dev_token(
     jsonwebtoken::encode(&header, &claims, &key)
         .map_err(|e| CliError::Keys(format!("cannot sign the token: {e}")))
 }
+
+#[cfg(test)]
+mod apikey_tests {
+    use super::*;
+
+    fn args(routes: &[&str], id: Option<&str>) -> ApikeyNewArgs {
+        ApikeyNewArgs {
+            owner: "team orders".into(),
+            routes: routes.iter().map(|r| r.to_string()).collect(),
+            expires: "30d".into(),
+            id: id.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn the_printed_entry_compiles_and_accepts_the_printed_key_only() {
+        let now = 1_800_000_000;
+        let new = build_api_key(
+            &args(&["GET /orders/{id}", "POST  /orders"], None),
+            &[9u8; 32],
+            "abc123",
+            now,
+            30 * 86_400,
+        )
+        .unwrap();
+        assert!(new.key.starts_with("pck_"));
+        assert!(
+            !new.entry.contains(&new.key),
+            "the entry must hold only the hash"
+        );
+        let indented: String = new.entry.lines().map(|l| format!("    {l}\n")).collect();
+        let text = format!(
+            "api_keys:\n  keys:\n{indented}routes:\n  - {{id: o, methods: [GET], path: \"/orders/{{id}}\", rules: [{{id: r, api_keys: [\"*\"]}}]}}\n"
+        );
+        let config = config::from_str(&text, Path::new("test.yaml")).unwrap();
+        let keys = config.api_keys.as_ref().unwrap();
+        let key = keys.verify(&new.key, now).unwrap();
+        assert_eq!(&*key.id, "team-orders-abc123");
+        assert_eq!(key.owner, "team orders");
+        assert_eq!(key.expires_at, now + 30 * 86_400);
+        let routes: Vec<String> = key.endpoints.iter().map(ToString::to_string).collect();
+        assert_eq!(routes, ["GET /orders/{id}", "POST /orders"]);
+        assert!(keys.verify(&new.key, now + 30 * 86_400).is_err(), "expired");
+    }
+
+    #[test]
+    fn bad_arguments_are_usage_errors() {
+        let r = |a: &ApikeyNewArgs| build_api_key(a, &[0; 32], "x", 0, 60).map(|_| ());
+        assert!(r(&args(&["GET orders"], None)).is_err());
+        assert!(r(&args(&["* /orders"], None)).is_err());
+        assert!(r(&args(&["GET /orders"], Some("bad id"))).is_err());
+        assert!(build_api_key(&args(&["GET /o"], None), &[0; 32], "x", 0, 0).is_err());
+    }
+
+    #[test]
+    fn different_randomness_gives_different_keys() {
+        let a = build_api_key(&args(&["GET /o"], None), &[1; 32], "x", 0, 60).unwrap();
+        let b = build_api_key(&args(&["GET /o"], None), &[2; 32], "x", 0, 60).unwrap();
+        assert_ne!(a.key, b.key);
+    }
+}

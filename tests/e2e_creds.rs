@@ -186,7 +186,7 @@ impl Answer {
             .map(|(_, v)| v.as_str())
     }
 
-    fn from_upstream(&self) -> bool {
+    fn answered_by_upstream(&self) -> bool {
         self.header(UPSTREAM_MARKER).is_some()
     }
 
@@ -204,7 +204,7 @@ async fn an_api_key_is_allowed_on_its_route_and_refused_elsewhere() {
 
     let ok = stack.send("GET", "/orders/42", Some(ORDERS_KEY)).await;
     assert_eq!(ok.status, 200, "{ok:?}");
-    assert!(ok.from_upstream(), "{ok:?}");
+    assert!(ok.answered_by_upstream(), "{ok:?}");
     let seen = stack.seen.lock().unwrap().last().cloned().unwrap();
     let subject = seen
         .iter()
@@ -259,7 +259,10 @@ async fn an_api_key_is_allowed_on_its_route_and_refused_elsewhere() {
     for (method, path, key, status, error) in cases {
         let answer = stack.send(method, path, key).await;
         assert_eq!(answer.status, status, "{method} {path}: {answer:?}");
-        assert!(!answer.from_upstream(), "{method} {path}: {answer:?}");
+        assert!(
+            !answer.answered_by_upstream(),
+            "{method} {path}: {answer:?}"
+        );
         assert_eq!(answer.error(), error, "{method} {path}: {answer:?}");
         assert!(
             !answer.body.contains(ORDERS_KEY) && !answer.body.contains(OTHER_KEY),
@@ -275,11 +278,11 @@ async fn over_the_limit_the_client_gets_429_with_retry_after_and_ratelimit_heade
     for i in 0..2 {
         let answer = stack.send("POST", "/orders", Some(OTHER_KEY)).await;
         assert_eq!(answer.status, 200, "request {i}: {answer:?}");
-        assert!(answer.from_upstream(), "request {i}: {answer:?}");
+        assert!(answer.answered_by_upstream(), "request {i}: {answer:?}");
     }
     let limited = stack.send("POST", "/orders", Some(OTHER_KEY)).await;
     assert_eq!(limited.status, 429, "{limited:?}");
-    assert!(!limited.from_upstream(), "{limited:?}");
+    assert!(!limited.answered_by_upstream(), "{limited:?}");
     assert_eq!(limited.error(), "rate_limited");
     // Envoy sent it: the deny is its local reply, built from Portcullis' answer.
     assert_eq!(limited.header("server"), Some("envoy"), "{limited:?}");

@@ -321,7 +321,6 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::super::{Config, ConfigError, from_str};
-    use super::*;
 
     const HASH: &str = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
     const HASH2: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
