@@ -72,6 +72,7 @@ impl Compiler {
         }
 
         // (field prefix, entry) for inline keys, then the key file's.
+        let mut key_file = None;
         let mut entries: Vec<(String, ApiKeyConfig)> = section
             .keys
             .iter()
@@ -81,6 +82,7 @@ impl Compiler {
         if let Some(rel) = &section.file {
             let path = crate::keys::resolve_path(&self.dir, rel);
             let parsed = self.key_file(&path)?;
+            key_file = Some(path.clone());
             entries.extend(
                 parsed
                     .keys
@@ -152,7 +154,9 @@ impl Compiler {
             self.warnings
                 .push("api_keys: no keys are configured: every API key is refused".to_string());
         }
-        Ok(Some(Arc::new(ApiKeys::new(header, keys))))
+        let mut table = ApiKeys::new(header, keys);
+        table.file = key_file;
+        Ok(Some(Arc::new(table)))
     }
 
     fn key_file(&self, path: &Path) -> Res<ApiKeyFileConfig> {
@@ -537,7 +541,12 @@ mod tests {
         .unwrap();
         let text = "api_keys:\n  file: keys.yaml\nroutes:\n  - {id: o, methods: [GET], path: \"/orders/{id}\", rules: [{id: r, api_keys: [from-file]}]}\n";
         let c = from_str(text, &dir.path().join("portcullis.yaml")).unwrap();
-        assert!(c.api_keys.as_ref().unwrap().get("from-file").is_some());
+        let keys = c.api_keys.as_ref().unwrap();
+        assert!(keys.get("from-file").is_some());
+        assert_eq!(
+            keys.file.as_deref(),
+            Some(dir.path().join("keys.yaml").as_path())
+        );
         let e = from_str(
             &text.replace("keys.yaml", "missing.yaml"),
             &dir.path().join("portcullis.yaml"),

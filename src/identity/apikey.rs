@@ -122,6 +122,9 @@ impl ApiKey {
 pub struct ApiKeys {
     /// Lower-case header carrying the key.
     pub header: String,
+    /// The separate key file, resolved against the config's folder (hot reload watches it:
+    /// deleting an entry there revokes the key).
+    pub file: Option<std::path::PathBuf>,
     keys: Vec<ApiKey>,
     by_hash: HashMap<[u8; 32], usize>,
 }
@@ -132,6 +135,7 @@ impl ApiKeys {
         let by_hash = keys.iter().enumerate().map(|(i, k)| (k.hash, i)).collect();
         ApiKeys {
             header,
+            file: None,
             keys,
             by_hash,
         }
