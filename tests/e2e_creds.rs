@@ -67,6 +67,7 @@ struct Stack {
     envoy_addr: SocketAddr,
     seen: Seen,
     client: reqwest::Client,
+    h2c: reqwest::Client,
     _portcullis: ChildGuard,
     _envoy: ChildGuard,
     _dir: tempfile::TempDir,
@@ -138,6 +139,12 @@ impl Stack {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap(),
+            h2c: reqwest::Client::builder()
+                .http2_prior_knowledge()
+                .no_proxy()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
             _portcullis: portcullis,
             _envoy: envoy,
             _dir: dir,
@@ -145,8 +152,18 @@ impl Stack {
     }
 
     async fn send(&self, method: &str, path: &str, key: Option<&str>) -> Answer {
+        self.send_with(&self.client, method, path, key).await
+    }
+
+    async fn send_with(
+        &self,
+        client: &reqwest::Client,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+    ) -> Answer {
         let url = format!("http://{}{}", self.envoy_addr, path);
-        let mut request = self.client.request(method.parse().unwrap(), &url);
+        let mut request = client.request(method.parse().unwrap(), &url);
         if let Some(key) = key {
             request = request.header("x-api-key", key);
         }
@@ -199,11 +216,18 @@ impl Answer {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_api_key_is_allowed_on_its_route_and_refused_elsewhere() {
+async fn an_api_key_is_allowed_on_its_route_and_refused_elsewhere_over_http1_and_h2c() {
     let stack = Stack::start().await;
+    for (proto, client) in [("http/1.1", &stack.client), ("h2c", &stack.h2c)] {
+        check_key_routes(&stack, client, proto).await;
+    }
+}
 
-    let ok = stack.send("GET", "/orders/42", Some(ORDERS_KEY)).await;
-    assert_eq!(ok.status, 200, "{ok:?}");
+async fn check_key_routes(stack: &Stack, client: &reqwest::Client, proto: &str) {
+    let ok = stack
+        .send_with(client, "GET", "/orders/42", Some(ORDERS_KEY))
+        .await;
+    assert_eq!(ok.status, 200, "{proto}: {ok:?}");
     assert!(ok.answered_by_upstream(), "{ok:?}");
     let seen = stack.seen.lock().unwrap().last().cloned().unwrap();
     let subject = seen
@@ -257,8 +281,8 @@ async fn an_api_key_is_allowed_on_its_route_and_refused_elsewhere() {
         ),
     ];
     for (method, path, key, status, error) in cases {
-        let answer = stack.send(method, path, key).await;
-        assert_eq!(answer.status, status, "{method} {path}: {answer:?}");
+        let answer = stack.send_with(client, method, path, key).await;
+        assert_eq!(answer.status, status, "{proto} {method} {path}: {answer:?}");
         assert!(
             !answer.answered_by_upstream(),
             "{method} {path}: {answer:?}"
