@@ -24,6 +24,9 @@ pub struct AuditEvent {
     pub rule: Option<String>,
     pub subject: Option<String>,
     pub issuer: Option<String>,
+    /// The API key id (never the key) when the caller used one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
     pub client_ip: Option<String>,
     pub method: String,
     pub host: String,
@@ -52,6 +55,11 @@ impl AuditEvent {
             rule: decision.rule.as_deref().map(str::to_string),
             subject: decision.identity.as_ref().map(|i| i.subject.clone()),
             issuer: decision.identity.as_ref().map(|i| i.issuer.clone()),
+            api_key: decision
+                .identity
+                .as_ref()
+                .and_then(|i| i.api_key_id())
+                .map(str::to_string),
             client_ip: view.source_ip.map(|ip| ip.to_string()),
             method: view.method.to_string(),
             host: view.host.to_string(),

@@ -1,4 +1,4 @@
-//! The command line: `serve` (default), `check`, `explain`, `token`. Argument types and the
+//! The command line: `serve` (default), `check`, `explain`, `token`, `apikey`. Argument types and the
 //! logic of each command live here so they can be tested; `main.rs` only dispatches.
 
 use std::collections::HashMap;
@@ -56,6 +56,31 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Mint a DEVELOPMENT-ONLY token with the checked-in dev key (config/dev/).
     Token(TokenArgs),
+    /// Manage scoped API keys.
+    #[command(subcommand)]
+    Apikey(ApikeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApikeyCommand {
+    /// Generate a key: print it once, and the config entry that holds only its hash.
+    New(ApikeyNewArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ApikeyNewArgs {
+    /// Who holds the key (becomes the identity's subject).
+    #[arg(long)]
+    pub owner: String,
+    /// An endpoint the key works on, `METHOD /path/template` (repeatable, at least one).
+    #[arg(long = "route", value_name = "METHOD /PATH", required = true)]
+    pub routes: Vec<String>,
+    /// Lifetime from now, e.g. `30d`, `12h`.
+    #[arg(long, default_value = "30d")]
+    pub expires: String,
+    /// Key id (default: the owner and a random suffix).
+    #[arg(long)]
+    pub id: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -146,22 +171,139 @@ pub fn check(path: &Path, strict: bool) -> Result<String, CliError> {
         config.issuers.len(),
         config.file.routes.len()
     );
-    for w in &config.warnings {
+    let mut warnings = config.warnings.clone();
+    warnings.extend(key_expiry_warnings(&config, unix_now()));
+    for w in &warnings {
         out.push_str(&format!("warning: {w}\n"));
     }
-    if strict && !config.warnings.is_empty() {
+    if strict && !warnings.is_empty() {
         return Err(CliError::Usage(format!(
             "{out}{}: {} warning(s) with --strict",
             path.display(),
-            config.warnings.len()
+            warnings.len()
         )));
     }
     Ok(out)
 }
 
+/// API keys that have expired or expire within a week, at `now`.
+pub fn key_expiry_warnings(config: &Config, now: i64) -> Vec<String> {
+    const WEEK: i64 = 7 * 24 * 3600;
+    let Some(keys) = &config.api_keys else {
+        return Vec::new();
+    };
+    keys.keys()
+        .iter()
+        .filter_map(|k| {
+            if k.expires_at <= now {
+                Some(format!(
+                    "api_keys: key `{}` has expired: it is refused",
+                    k.id
+                ))
+            } else if k.expires_at - now <= WEEK {
+                Some(format!(
+                    "api_keys: key `{}` expires within a week (in {}h)",
+                    k.id,
+                    (k.expires_at - now) / 3600
+                ))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// A new API key and its config entry.
+pub struct NewApiKey {
+    /// The key: shown once, never stored.
+    pub key: String,
+    /// The YAML entry for `api_keys.keys` (or the key file): id, owner, hash, expiry, routes.
+    pub entry: String,
+}
+
+/// `apikey new`: generates 32 random bytes from the system CSPRNG.
+pub fn apikey_new(args: &ApikeyNewArgs) -> Result<NewApiKey, CliError> {
+    let mut random = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut random)
+        .map_err(|_| CliError::Keys("the system random generator failed".into()))?;
+    let mut suffix = [0u8; 3];
+    aws_lc_rs::rand::fill(&mut suffix)
+        .map_err(|_| CliError::Keys("the system random generator failed".into()))?;
+    let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
+    let ttl = humantime::parse_duration(&args.expires).map_err(|e| {
+        CliError::Usage(format!(
+            "--expires `{}`: {e} (use e.g. `30d`, `12h`)",
+            args.expires
+        ))
+    })?;
+    build_api_key(args, &random, &suffix, unix_now(), ttl.as_secs() as i64)
+}
+
+/// Builds the key and its entry from given randomness (deterministic, for tests).
+pub fn build_api_key(
+    args: &ApikeyNewArgs,
+    random: &[u8; 32],
+    suffix: &str,
+    now: i64,
+    ttl_secs: i64,
+) -> Result<NewApiKey, CliError> {
+    use crate::identity::apikey;
+    let owner = args.owner.trim();
+    if owner.is_empty() || owner.chars().any(char::is_control) {
+        return Err(CliError::Usage("--owner must be a non-empty name".into()));
+    }
+    if ttl_secs <= 0 {
+        return Err(CliError::Usage("--expires must be in the future".into()));
+    }
+    let id = match &args.id {
+        Some(id) => id.clone(),
+        None => {
+            let base: String = owner
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .take(40)
+                .collect();
+            format!("{base}-{suffix}")
+        }
+    };
+    if !apikey::valid_id(&id) {
+        return Err(CliError::Usage(format!(
+            "--id `{id}`: use 1 to 64 letters, digits, `.`, `_` or `-`"
+        )));
+    }
+    let mut routes = Vec::with_capacity(args.routes.len());
+    for r in &args.routes {
+        let ep = apikey::KeyEndpoint::parse(r)
+            .map_err(|e| CliError::Usage(format!("--route: {e} (e.g. `GET /orders/{{id}}`)")))?;
+        routes.push(ep.to_string());
+    }
+    let key = apikey::encode_key(random);
+    let expires = std::time::UNIX_EPOCH + std::time::Duration::from_secs((now + ttl_secs) as u64);
+    // JSON strings are valid YAML scalars: the owner and routes are quoted safely whatever
+    // they contain.
+    let q = |s: &str| Value::String(s.to_string()).to_string();
+    let entry = format!(
+        "- id: {}\n  owner: {}\n  hash: {}\n  expires: {}\n  routes: [{}]\n",
+        q(&id),
+        q(owner),
+        q(&apikey::format_hash(&apikey::hash_key(&key))),
+        humantime::format_rfc3339_seconds(expires),
+        routes.iter().map(|r| q(r)).collect::<Vec<_>>().join(", ")
+    );
+    Ok(NewApiKey { key, entry })
+}
+
 /// The result of `explain`, printable as text or JSON.
 pub struct Explanation {
     pub decision: Decision,
+    /// Ids of the rate limits that would count this request (explain spends no budget).
+    pub rate_limits: Vec<String>,
 }
 
 impl Explanation {
@@ -176,6 +318,8 @@ impl Explanation {
             "rule": d.rule.as_deref(),
             "subject": d.identity.as_ref().map(|i| i.subject.as_str()),
             "issuer": d.identity.as_ref().map(|i| &*i.issuer_name),
+            "api_key": d.identity.as_ref().and_then(|i| i.api_key_id()),
+            "rate_limits": self.rate_limits,
             "www_authenticate": www_authenticate(d),
         })
     }
@@ -196,6 +340,12 @@ impl Explanation {
                 "subject:  {} (issuer {})\n",
                 id.subject, id.issuer_name
             ));
+            if let Some(key) = id.api_key_id() {
+                out.push_str(&format!("api key:  {key}\n"));
+            }
+        }
+        if !self.rate_limits.is_empty() {
+            out.push_str(&format!("rate limits: {}\n", self.rate_limits.join(", ")));
         }
         if let Some(challenge) = www_authenticate(d) {
             out.push_str(&format!("www-authenticate: {challenge}\n"));
@@ -240,7 +390,19 @@ pub async fn explain(args: &ExplainArgs) -> Result<Explanation, CliError> {
     };
     let keys = |name: &str| -> Result<Arc<KeySet>, KeyError> { store.get(name) };
     let decision = decide::decide(&config, &view, &keys, unix_now());
-    Ok(Explanation { decision })
+    let rate_limits = match (&decision.route, decision.is_allow()) {
+        (Some(route), true) => {
+            crate::ratelimit::applicable(&config, &view, route, decision.identity.as_deref())
+                .into_iter()
+                .map(|(l, _)| l.id.to_string())
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    Ok(Explanation {
+        decision,
+        rate_limits,
+    })
 }
 
 /// `token`: a signed development token for the dev issuer of the config.
@@ -326,4 +488,65 @@ pub fn mint_dev_token(
         .map_err(|e| CliError::Keys(format!("`{}`: {e}", key_path.display())))?;
     jsonwebtoken::encode(&header, &claims, &key)
         .map_err(|e| CliError::Keys(format!("cannot sign the token: {e}")))
+}
+
+#[cfg(test)]
+mod apikey_tests {
+    use super::*;
+
+    fn args(routes: &[&str], id: Option<&str>) -> ApikeyNewArgs {
+        ApikeyNewArgs {
+            owner: "team orders".into(),
+            routes: routes.iter().map(|r| r.to_string()).collect(),
+            expires: "30d".into(),
+            id: id.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn the_printed_entry_compiles_and_accepts_the_printed_key_only() {
+        let now = 1_800_000_000;
+        let new = build_api_key(
+            &args(&["GET /orders/{id}", "POST  /orders"], None),
+            &[9u8; 32],
+            "abc123",
+            now,
+            30 * 86_400,
+        )
+        .unwrap();
+        assert!(new.key.starts_with("pck_"));
+        assert!(
+            !new.entry.contains(&new.key),
+            "the entry must hold only the hash"
+        );
+        let indented: String = new.entry.lines().map(|l| format!("    {l}\n")).collect();
+        let text = format!(
+            "api_keys:\n  keys:\n{indented}routes:\n  - {{id: o, methods: [GET], path: \"/orders/{{id}}\", rules: [{{id: r, api_keys: [\"*\"]}}]}}\n"
+        );
+        let config = config::from_str(&text, Path::new("test.yaml")).unwrap();
+        let keys = config.api_keys.as_ref().unwrap();
+        let key = keys.verify(&new.key, now).unwrap();
+        assert_eq!(&*key.id, "team-orders-abc123");
+        assert_eq!(key.owner, "team orders");
+        assert_eq!(key.expires_at, now + 30 * 86_400);
+        let routes: Vec<String> = key.endpoints.iter().map(ToString::to_string).collect();
+        assert_eq!(routes, ["GET /orders/{id}", "POST /orders"]);
+        assert!(keys.verify(&new.key, now + 30 * 86_400).is_err(), "expired");
+    }
+
+    #[test]
+    fn bad_arguments_are_usage_errors() {
+        let r = |a: &ApikeyNewArgs| build_api_key(a, &[0; 32], "x", 0, 60).map(|_| ());
+        assert!(r(&args(&["GET orders"], None)).is_err());
+        assert!(r(&args(&["* /orders"], None)).is_err());
+        assert!(r(&args(&["GET /orders"], Some("bad id"))).is_err());
+        assert!(build_api_key(&args(&["GET /o"], None), &[0; 32], "x", 0, 0).is_err());
+    }
+
+    #[test]
+    fn different_randomness_gives_different_keys() {
+        let a = build_api_key(&args(&["GET /o"], None), &[1; 32], "x", 0, 60).unwrap();
+        let b = build_api_key(&args(&["GET /o"], None), &[2; 32], "x", 0, 60).unwrap();
+        assert_ne!(a.key, b.key);
+    }
 }

@@ -4,7 +4,8 @@
 //! 1. `match_route`: path hygiene and route matching (deny by default).
 //! 2. `extract_credential`: exactly one credential, from a configured header.
 //! 3. `verify_credential`: pick the issuer by `iss`, verify against its keys.
-//! 4. `Policy::authorize`: the route's rules against the identity.
+//! 4. `authorize`: an API key's own endpoint list, then `Policy::authorize` (the route's
+//!    rules against the identity).
 //!
 //! No I/O, no clock, no async. Keys are looked up through a closure so callers decide where
 //! they come from (the live `KeyStore`, or fixed sets in tests and `explain`).
@@ -19,6 +20,11 @@ use crate::keys::KeyError;
 /// Query parameters that carry bearer tokens (RFC 6750 section 2.3). Never accepted: URLs end
 /// up in logs and browser history. Their presence next to a header is "several credentials".
 const QUERY_TOKEN_PARAMS: &[&str] = &["access_token"];
+
+/// Query parameters that carry API keys, compared after lower-casing and folding `_` into
+/// `-` (so `API_KEY`, `api-key` and `Api_Key` are one name). Never accepted, for the same
+/// reason; the configured key header's name is refused as a parameter too.
+const QUERY_API_KEY_PARAMS: &[&str] = &["api-key", "apikey", "x-api-key"];
 
 /// The credential found in a request, with the issuers that may have sent it.
 #[derive(Debug)]
@@ -52,7 +58,44 @@ pub fn decide(
         Ok(id) => id,
         Err(deny) => return deny.with_route(route),
     };
-    config.policy.authorize(&m, &identity)
+    authorize(config, req, &m, &identity)
+}
+
+/// The grant step: an API key must list the endpoint, then a rule of the route must hold.
+pub fn authorize(
+    config: &Config,
+    req: &RequestView<'_>,
+    m: &RouteMatch<'_>,
+    identity: &Arc<Identity>,
+) -> Decision {
+    if let Err(deny) = api_key_endpoint(config, req, identity) {
+        return deny
+            .with_route(Some(m.route_id.clone()))
+            .with_identity(Some(identity.clone()));
+    }
+    config.policy.authorize(m, identity)
+}
+
+/// For an API-key identity: the key's own `routes` must cover the request's method and path.
+/// Other identities pass.
+pub fn api_key_endpoint(
+    config: &Config,
+    req: &RequestView<'_>,
+    identity: &Identity,
+) -> Result<(), Decision> {
+    let Some(id) = identity.api_key_id() else {
+        return Ok(());
+    };
+    let key = config.api_keys.as_ref().and_then(|k| k.get(id));
+    // The path already passed hygiene in `match_route`; a failure here fails closed.
+    let segs = crate::authz::path::clean(req.path).ok();
+    match (key, segs) {
+        (Some(key), Some(segs)) if key.allows(req.method, &segs) => Ok(()),
+        _ => Err(Decision::new(
+            ReasonCode::InsufficientScope,
+            format!("API key `{id}` is not valid for this endpoint"),
+        )),
+    }
 }
 
 /// The allow decision for a public route.
@@ -96,12 +139,42 @@ pub fn extract_credential<'r>(
         }
     }
 
+    // The API key header counts as one more credential header.
+    if let Some(ak) = &config.api_keys
+        && let Some((header, value)) = req.headers.get_key_value(ak.header.as_str())
+    {
+        if value.contains(',') {
+            return Err(multiple());
+        }
+        count += 1;
+        found = Some(Credential {
+            token: value.trim(),
+            header: header.as_str(),
+        });
+    }
+
     let query_token = query_has_token(req.path);
     if query_token {
         count += 1;
     }
+    let query_key = config
+        .api_keys
+        .as_ref()
+        .is_some_and(|ak| query_has_api_key(req.path, &ak.header));
+    if query_key {
+        count += 1;
+    }
     if count > 1 {
         return Err(multiple());
+    }
+    if query_key {
+        let header = config.api_keys.as_ref().map_or("", |ak| ak.header.as_str());
+        return Err(Decision::new(
+            ReasonCode::InvalidToken,
+            format!(
+                "API keys in the URL query are not accepted; send them in the `{header}` header"
+            ),
+        ));
     }
     if query_token {
         return Err(Decision::new(
@@ -121,6 +194,10 @@ pub fn extract_credential<'r>(
             "the credential is empty",
         )),
         Some(c) => Ok(c),
+        None if config.api_keys.is_some() => Err(Decision::new(
+            ReasonCode::CredentialMissing,
+            "this route requires a bearer token or an API key",
+        )),
         None => Err(Decision::new(
             ReasonCode::CredentialMissing,
             "this route requires a bearer token",
@@ -156,17 +233,51 @@ fn strip_scheme<'r>(config: &Config, header: &str, value: &'r str) -> Option<&'r
 
 /// True when the query string carries a token parameter (any case of its name, encoded or not).
 fn query_has_token(path: &str) -> bool {
-    let Some((_, query)) = path.split_once('?') else {
-        return false;
-    };
-    let query = query.split('#').next().unwrap_or_default();
-    query.split('&').any(|pair| {
-        let name = pair.split('=').next().unwrap_or_default();
-        let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+    query_names(path).any(|name| {
         QUERY_TOKEN_PARAMS
             .iter()
             .any(|p| name.trim().eq_ignore_ascii_case(p))
     })
+}
+
+/// True when the query string carries an API key parameter (any case, `_` or `-`, encoded or
+/// not), including one named like the key header.
+fn query_has_api_key(path: &str, header: &str) -> bool {
+    let header = header.replace('_', "-");
+    query_names(path).any(|name| {
+        let name = name.trim().to_ascii_lowercase().replace('_', "-");
+        name == header || QUERY_API_KEY_PARAMS.contains(&name.as_str())
+    })
+}
+
+/// The percent-decoded parameter names of the query string.
+fn query_names(path: &str) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
+    let query = path
+        .split_once('?')
+        .map(|(_, q)| q.split('#').next().unwrap_or_default())
+        .unwrap_or_default();
+    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
+        let name = pair.split('=').next().unwrap_or_default();
+        percent_encoding::percent_decode_str(name).decode_utf8_lossy()
+    })
+}
+
+/// Verifies a credential found in the API key header. `None` when the credential came from
+/// another header (it is a token).
+pub fn verify_api_key(
+    config: &Config,
+    cred: &Credential<'_>,
+    now: i64,
+) -> Option<Result<Arc<Identity>, Decision>> {
+    let keys = config
+        .api_keys
+        .as_ref()
+        .filter(|k| k.header == cred.header)?;
+    Some(
+        keys.verify(cred.token, now)
+            .map(|k| k.identity.clone())
+            .map_err(|e| Decision::new(ReasonCode::InvalidToken, e.to_string())),
+    )
 }
 
 /// Picks the issuer by the token's `iss` and the header it came in, then verifies it.
@@ -176,6 +287,9 @@ pub fn verify_credential(
     keys: &dyn Fn(&str) -> Result<Arc<KeySet>, KeyError>,
     now: i64,
 ) -> Result<Arc<Identity>, Decision> {
+    if let Some(result) = verify_api_key(config, cred, now) {
+        return result;
+    }
     let issuer = select_issuer(config, cred)?;
     let set = keys(&issuer.name).map_err(keys_unavailable)?;
     let verified = jwt::verify(cred.token, &issuer.rules, &set, now).map_err(invalid_token)?;

@@ -100,7 +100,10 @@ impl Engine {
             Err(deny) => return deny,
         };
         if m.public {
-            return decide::public_allow(&m);
+            // Public routes need no identity, but their rate limits (e.g. per client address)
+            // still apply.
+            let allow = decide::public_allow(&m);
+            return crate::ratelimit::enforce(&*self.state, config, req, &m, allow).await;
         }
         let route = Some(m.route_id.clone());
         let cred = match decide::extract_credential(config, req) {
@@ -114,7 +117,7 @@ impl Engine {
         if let Err(deny) = self.identity_checks(req, &cred, &identity, now).await {
             return deny.with_route(route).with_identity(Some(identity.clone()));
         }
-        let decision = config.policy.authorize(&m, &identity);
+        let decision = decide::authorize(config, req, &m, &identity);
         self.after_grant(req, &m, decision, now).await
     }
 
@@ -134,17 +137,21 @@ impl Engine {
     /// approvals. A deny passes through unchanged.
     async fn after_grant(
         &self,
-        _req: &RequestView<'_>,
-        _m: &RouteMatch<'_>,
+        req: &RequestView<'_>,
+        m: &RouteMatch<'_>,
         decision: Decision,
         _now: i64,
     ) -> Decision {
-        decision
+        crate::ratelimit::enforce(&*self.state, &self.config, req, m, decision).await
     }
 
     /// The verified identity for a credential: from the cache when still valid, else verified
     /// (refetching keys once, within `key_fetch_wait`, when the token names an unknown `kid`).
     async fn identity(&self, cred: &Credential<'_>, now: i64) -> Result<Arc<Identity>, Decision> {
+        // API keys are a hash lookup: no cache, no key fetch.
+        if let Some(result) = decide::verify_api_key(&self.config, cred, now) {
+            return result;
+        }
         if let Some(hit) = self.cached(cred, now)? {
             self.metrics.token_cache_hits.inc();
             return Ok(hit);

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod grpc;
 pub mod identity;
 pub mod keys;
+pub mod ratelimit;
 pub mod reload;
 pub mod server;
 pub mod state;

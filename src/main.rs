@@ -17,6 +17,16 @@ fn main() -> ExitCode {
             .map(|report| print!("{report}"))
             .map_err(anyhow::Error::from),
         Some(Command::Explain(args)) => explain(args),
+        Some(Command::Apikey(cli::ApikeyCommand::New(args))) => cli::apikey_new(&args)
+            .map(|k| {
+                eprintln!(
+                    "# API key (shown once: store it now, only its hash is kept in the config):"
+                );
+                println!("{}", k.key);
+                eprintln!("# Add this entry under `api_keys.keys` (or to the key file):");
+                print!("{}", k.entry);
+            })
+            .map_err(anyhow::Error::from),
         Some(Command::Token(args)) => cli::token(&args)
             .map(|t| {
                 eprintln!(
@@ -71,8 +81,7 @@ fn serve(config_path: std::path::PathBuf) -> anyhow::Result<()> {
         tracing::warn!(config = %config_path.display(), "{warning}");
     }
     runtime()?.block_on(async {
-        let server = Server::start(config).await?;
-        server.watch_config(config_path.clone());
+        let server = Server::start_watching(config, config_path.clone()).await?;
         shutdown_signal().await;
         tracing::info!("shutting down: finishing in-flight checks");
         server.shutdown().await;

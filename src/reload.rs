@@ -39,6 +39,9 @@ pub struct Reloader {
     metrics: Arc<Metrics>,
     /// Contents of every watched file at the last attempt (`None`: missing or unreadable).
     seen: Vec<(PathBuf, Option<Vec<u8>>)>,
+    /// Registered at construction: once a `Reloader` exists, SIGHUP reloads instead of
+    /// terminating the process (its default action).
+    hangup: Hangup,
 }
 
 impl Reloader {
@@ -48,6 +51,7 @@ impl Reloader {
             engine,
             metrics,
             seen: Vec::new(),
+            hangup: hangup_signal(),
         };
         r.seen = r.snapshot();
         r
@@ -64,7 +68,28 @@ impl Reloader {
                 .iter()
                 .filter_map(|i| i.keys.file.clone()),
         );
+        files.extend(engine.config.api_keys.as_ref().and_then(|k| k.file.clone()));
         files
+    }
+
+    /// True when a JWKS file of an issuer changed. Other watched files (the config, an API
+    /// key file) never force a refetch of remote key sets, so editing them works even while
+    /// an identity provider is down.
+    fn issuer_key_files_changed(&self, now: &[(PathBuf, Option<Vec<u8>>)]) -> bool {
+        let engine = self.engine.load();
+        let issuer_files: Vec<&PathBuf> = engine
+            .config
+            .issuers
+            .iter()
+            .filter_map(|i| i.keys.file.as_ref())
+            .collect();
+        let pick = |set: &[(PathBuf, Option<Vec<u8>>)]| -> Vec<(PathBuf, Option<Vec<u8>>)> {
+            set.iter()
+                .filter(|(p, _)| issuer_files.contains(&p))
+                .cloned()
+                .collect()
+        };
+        pick(&self.seen) != pick(now)
     }
 
     fn snapshot(&self) -> Vec<(PathBuf, Option<Vec<u8>>)> {
@@ -83,7 +108,7 @@ impl Reloader {
         if !force && now == self.seen {
             return ReloadOutcome::Unchanged;
         }
-        let keys_changed = force || key_files_changed(&self.seen, &now);
+        let keys_changed = force || self.issuer_key_files_changed(&now);
         // Remember this state even when it is rejected: a bad file is reported once, not
         // every second, and the next edit is tried again.
         self.seen = now;
@@ -169,7 +194,7 @@ impl Reloader {
 
     /// Runs until `stop`: polls every `interval` and reloads on change or SIGHUP.
     pub async fn run(mut self, interval: Duration, mut stop: watch::Receiver<bool>) {
-        let mut hangup = hangup_signal();
+        let mut hangup = std::mem::take(&mut self.hangup);
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -184,14 +209,6 @@ impl Reloader {
             self.poll(force).await;
         }
     }
-}
-
-fn key_files_changed(
-    before: &[(PathBuf, Option<Vec<u8>>)],
-    after: &[(PathBuf, Option<Vec<u8>>)],
-) -> bool {
-    // The first entry is the config file itself; the rest are key files.
-    before.get(1..) != after.get(1..)
 }
 
 /// True when both configs fetch the same keys the same way, so the key store can be kept.

@@ -62,6 +62,22 @@ pub fn key_store(config: &Config, metrics: Arc<Metrics>) -> KeyStore {
 impl Server {
     /// Binds both listeners, loads keys (first attempt), and starts serving.
     pub async fn start(config: Config) -> Result<Server, ServeError> {
+        Self::start_inner(config, None).await
+    }
+
+    /// Like `start`, and reloads the config (and its key files) from `path` on change and
+    /// on SIGHUP until shutdown. The SIGHUP handler is in place before anything is served.
+    pub async fn start_watching(
+        config: Config,
+        path: std::path::PathBuf,
+    ) -> Result<Server, ServeError> {
+        Self::start_inner(config, Some(path)).await
+    }
+
+    async fn start_inner(
+        config: Config,
+        watch: Option<std::path::PathBuf>,
+    ) -> Result<Server, ServeError> {
         let metrics = Arc::new(Metrics::new());
         let audit = if config.file.audit.enabled {
             AuditSink::stdout().map_err(ServeError::Audit)?
@@ -88,6 +104,10 @@ impl Server {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         spawn_health_updater(engine.clone(), health, shutdown_rx.clone());
+        if let Some(path) = watch {
+            let reloader = crate::reload::Reloader::new(path, engine.clone(), metrics.clone());
+            tokio::spawn(reloader.run(crate::reload::POLL_INTERVAL, shutdown_rx.clone()));
+        }
 
         let authz = AuthzService::new(engine.clone(), metrics.clone(), audit);
         let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
@@ -129,15 +149,6 @@ impl Server {
             admin_task,
             grace,
         })
-    }
-
-    /// Reloads the config (and its key files) from `path` on change and on SIGHUP until
-    /// shutdown.
-    pub fn watch_config(&self, path: std::path::PathBuf) {
-        let reloader =
-            crate::reload::Reloader::new(path, self.engine.clone(), self.metrics.clone());
-        let stop = self.shutdown.subscribe();
-        tokio::spawn(reloader.run(crate::reload::POLL_INTERVAL, stop));
     }
 
     /// Stops accepting, lets in-flight checks finish (up to `shutdown_grace`), then returns.

@@ -53,7 +53,10 @@
 //! Key sets: each issuer with a `keys.file` gets `KeySet::from_jwks(file, LocalFile)`; an
 //! issuer with fetched keys (url/discovery) has none, so its tokens decide `keys_unavailable`.
 //!
-//! Invariant checked on every case: a decision's detail never contains the token.
+//! Invariant checked on every case: a decision's detail never contains the token, nor any
+//! API key (a `pck_...` value in a header or the query).
+//!
+//! API keys need no runner support: send them as a header (`headers: {x-api-key: pck_...}`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -444,6 +447,20 @@ fn run_case(case: &Case, loaded: &Loaded, yaml_dir: &Path) -> Vec<String> {
         if leaked {
             problems.push("the decision detail contains the token".to_string());
         }
+    }
+    // INVARIANT: no decision ever echoes an API key (generated keys start with `pck_`), from a
+    // header or from the query.
+    let mut keys: Vec<&str> = headers
+        .values()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    keys.extend(case.request.path.split(['?', '&', '=']));
+    if keys
+        .iter()
+        .any(|k| k.starts_with("pck_") && k.len() >= 16 && d.detail.contains(k))
+    {
+        problems.push("the decision detail contains an API key".to_string());
     }
     if problems.is_empty() {
         Vec::new()

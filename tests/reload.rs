@@ -225,10 +225,9 @@ async fn a_rotated_key_file_is_reloaded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_edits_under_load_never_fail_a_request() {
     let s = Setup::new();
-    let server = Server::start(portcullis::config::load(&s.path()).unwrap())
+    let server = Server::start_watching(portcullis::config::load(&s.path()).unwrap(), s.path())
         .await
         .unwrap();
-    server.watch_config(s.path());
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc_addr))
         .unwrap()
         .connect()

@@ -350,6 +350,9 @@ pub struct CompiledRule {
     pub roles: Vec<String>,
     pub claims: Vec<ClaimCondition>,
     pub bind: Vec<Binding>,
+    /// API key ids this rule grants (`*`: any key). Non-empty: the rule holds only for API
+    /// keys; empty: it never holds for one.
+    pub api_keys: Vec<Arc<str>>,
 }
 
 /// One route.
@@ -646,6 +649,12 @@ enum Failure<'r> {
     Roles(&'r [String]),
     Claim(&'r str),
     Binding(&'r Binding),
+    /// An API key on a rule for tokens.
+    NotForApiKeys,
+    /// A token on a rule for API keys.
+    ApiKeysOnly,
+    /// An API key the rule does not name.
+    ApiKeyNotNamed,
 }
 
 impl fmt::Display for Failure<'_> {
@@ -658,6 +667,9 @@ impl fmt::Display for Failure<'_> {
                 write!(f, "missing role {}", list.join(" or "))
             }
             Failure::Claim(c) => write!(f, "claim `{c}` does not satisfy the rule"),
+            Failure::NotForApiKeys => f.write_str("the rule does not accept API keys"),
+            Failure::ApiKeysOnly => f.write_str("the rule accepts only API keys"),
+            Failure::ApiKeyNotNamed => f.write_str("the rule does not name this API key"),
             Failure::Binding(b) => match &b.kind {
                 BindingKind::EqualsClaim(c) => {
                     write!(f, "path parameter `{}` does not match claim `{c}`", b.param)
@@ -672,6 +684,18 @@ impl fmt::Display for Failure<'_> {
 
 fn evaluate<'r>(rule: &'r CompiledRule, m: &RouteMatch<'_>, id: &Identity) -> Vec<Failure<'r>> {
     let mut failures = Vec::new();
+    // INVARIANT: API keys and tokens never share a rule, so a key can only be granted where
+    // the policy names keys, and a token never through a key's rule.
+    match (id.api_key_id(), rule.api_keys.is_empty()) {
+        (Some(_), true) => failures.push(Failure::NotForApiKeys),
+        (Some(key), false) => {
+            if !rule.api_keys.iter().any(|k| &**k == "*" || &**k == key) {
+                failures.push(Failure::ApiKeyNotNamed);
+            }
+        }
+        (None, false) => failures.push(Failure::ApiKeysOnly),
+        (None, true) => {}
+    }
     if !rule.issuers.is_empty() && !rule.issuers.contains(&id.issuer_name) {
         failures.push(Failure::Issuer);
     }

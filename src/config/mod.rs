@@ -6,6 +6,7 @@
 //! helps, a hint. A config either compiles completely or not at all: there is no partial or
 //! "allow-all" fallback.
 
+pub mod creds;
 pub mod duration;
 pub mod schema;
 
@@ -24,6 +25,7 @@ use crate::authz::policy::{
 };
 use crate::identity::{ClaimPaths, JwtRules};
 
+pub use creds::CompiledRateLimit;
 pub use schema::ConfigFile;
 use schema::{IssuerConfig, RouteConfig, RuleConfig};
 
@@ -76,6 +78,10 @@ pub struct Config {
     pub policy: Policy,
     /// Non-fatal findings for `portcullis check` (e.g. unreachable routes).
     pub warnings: Vec<String>,
+    /// Scoped API keys (hashes only); `None` when the `api_keys` section is absent.
+    pub api_keys: Option<Arc<crate::identity::apikey::ApiKeys>>,
+    /// Rate limits, in file order.
+    pub rate_limits: Vec<CompiledRateLimit>,
 }
 
 /// Algorithms accepted when an issuer lists none: every asymmetric one.
@@ -255,6 +261,8 @@ struct Compiler {
     file: PathBuf,
     dir: PathBuf,
     warnings: Vec<String>,
+    /// The compiled API keys, set before routes so rules can name them.
+    api_keys: Option<Arc<crate::identity::apikey::ApiKeys>>,
 }
 
 type Res<T> = Result<T, ConfigError>;
@@ -265,6 +273,7 @@ impl Compiler {
             file: path.to_path_buf(),
             dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
             warnings: Vec::new(),
+            api_keys: None,
         }
     }
 
@@ -304,6 +313,16 @@ impl Compiler {
         for (i, ic) in file.issuers.iter().enumerate() {
             let compiled = self.issuer(i, ic, max_bytes)?;
             let field = format!("issuers[{i}]");
+            if &*compiled.name == crate::identity::apikey::API_KEY_ISSUER {
+                return Err(self.hint(
+                    format!("{field}.name"),
+                    format!(
+                        "the issuer name `{}` is reserved for API keys",
+                        compiled.name
+                    ),
+                    "give the issuer another `name`",
+                ));
+            }
             if issuers.iter().any(|o| o.name == compiled.name) {
                 return Err(self.hint(
                     format!("{field}.name"),
@@ -327,6 +346,7 @@ impl Compiler {
         }
 
         self.identity_headers(&file, &issuers)?;
+        self.api_keys = self.api_keys(&file, &issuers)?;
 
         if file.routes.is_empty() {
             return Err(self.hint(
@@ -347,19 +367,24 @@ impl Compiler {
             }
             routes.push(self.route(i, rc, &issuer_names)?);
         }
-        if issuers.is_empty() && routes.iter().any(|r| !r.public) {
+        if issuers.is_empty() && self.api_keys.is_none() && routes.iter().any(|r| !r.public) {
             self.warnings
                 .push("no issuers are configured: every non-public route answers 401".to_string());
         }
 
         let policy = Policy::new(routes);
         self.warnings.extend(policy.shadow_warnings());
+        let api_keys = self.api_keys.take();
+        let rate_limits = self.rate_limits(&file, api_keys.as_deref())?;
+        self.unused_key_warnings(&file, api_keys.as_deref());
         Ok(Config {
             source: self.file,
             file,
             issuers,
             policy,
             warnings: self.warnings,
+            api_keys,
+            rate_limits,
         })
     }
 
@@ -829,11 +854,22 @@ impl Compiler {
                 kind,
             });
         }
+        let token_conditions = !rule.issuers.is_empty()
+            || !rule.scopes.is_empty()
+            || !rule.roles.is_empty()
+            || !claims.is_empty();
+        let api_keys = self.rule_api_keys(
+            &f("api_keys"),
+            &rule.api_keys,
+            self.api_keys.as_deref(),
+            token_conditions,
+        )?;
         if rule.issuers.is_empty()
             && rule.scopes.is_empty()
             && rule.roles.is_empty()
             && claims.is_empty()
             && bind.is_empty()
+            && api_keys.is_empty()
         {
             self.warnings.push(format!(
                 "routes[{i}].rules[{j}]: rule `{}` has no conditions: any valid token from any configured issuer is allowed",
@@ -847,6 +883,7 @@ impl Compiler {
             roles: rule.roles.clone(),
             claims,
             bind,
+            api_keys,
         })
     }
 }

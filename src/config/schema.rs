@@ -34,6 +34,12 @@ pub struct ConfigFile {
     /// The routes, most specific wins; a request that matches none is denied.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Scoped API keys (stored as hashes only). Absent: no API key is ever accepted.
+    #[serde(default)]
+    pub api_keys: Option<ApiKeysConfig>,
+    /// Token-bucket rate limits, all of which apply to every request they select.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -369,6 +375,11 @@ pub struct RuleConfig {
     /// Resource binding: path parameters tied to claims.
     #[serde(default)]
     pub bind: Vec<BindingConfig>,
+    /// API keys this rule grants, by id (`"*"`: any configured key). A rule with `api_keys`
+    /// is for API keys only (it never holds for a bearer token, and may not also name
+    /// issuers, scopes, roles or claims); a rule without it never holds for an API key.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
 }
 
 /// A claim condition: exactly one of `equals`, `one_of`, `contains`.
@@ -397,4 +408,87 @@ pub struct BindingConfig {
     /// The parameter must be a member of this list claim, e.g. `tenants`.
     #[serde(default)]
     pub in_claim: Option<String>,
+}
+
+/// The `api_keys:` section: where keys are read from and where they are stored (as hashes).
+///
+/// A key works only when BOTH hold: a rule of the matched route names it (`api_keys: [id]`
+/// or `["*"]`), and the request's method and path match one of the key's own `routes`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeysConfig {
+    /// Request header carrying the key, lower-case (default `x-api-key`). A key in the URL
+    /// query is always refused.
+    #[serde(default = "default_api_key_header")]
+    pub header: String,
+    /// Optional separate key file (YAML `keys: [...]`, same entries as below), relative to
+    /// the config file. Read once when the config is loaded.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Keys stored inline.
+    #[serde(default)]
+    pub keys: Vec<ApiKeyConfig>,
+}
+
+fn default_api_key_header() -> String {
+    "x-api-key".to_string()
+}
+
+/// A separate API key file: `keys: [...]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyFileConfig {
+    #[serde(default)]
+    pub keys: Vec<ApiKeyConfig>,
+}
+
+/// One API key. `portcullis apikey new` prints a ready entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Unique id (letters, digits, `.`, `_`, `-`): named by rules, logs and the audit log.
+    pub id: String,
+    /// Who holds the key; becomes the identity's subject (`sub`).
+    pub owner: String,
+    /// `sha256:<64 hex digits>` of the key. The key itself is never stored.
+    pub hash: String,
+    /// RFC 3339 UTC timestamp (`2027-01-31T00:00:00Z`) from which the key is refused.
+    pub expires: String,
+    /// Endpoints the key works on: `METHOD /path/template` (same template syntax as routes).
+    pub routes: Vec<String>,
+}
+
+/// One token-bucket limit: `burst` requests at once, refilled at `requests` per `per`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Unique id, reported in the 429 and its `RateLimit-Policy` header.
+    pub id: String,
+    /// What one bucket belongs to.
+    pub by: RateLimitBy,
+    /// Sustained rate: this many requests ...
+    pub requests: u32,
+    /// ... per this long (at least 1s).
+    pub per: super::duration::HumanDuration,
+    /// Requests allowed at once (the bucket size). Default: `requests`.
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Route ids this limit applies to. Empty (default): every route.
+    #[serde(default)]
+    pub routes: Vec<String>,
+}
+
+/// The bucket a request is counted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitBy {
+    /// One bucket per verified subject (issuer + `sub`; an API key's owner). Requests without
+    /// an identity (public routes) are not counted.
+    Subject,
+    /// One bucket per API key id. Requests without an API key are not counted.
+    ApiKey,
+    /// One bucket per client address (see `network.trusted_proxy_hops`).
+    ClientIp,
+    /// One bucket per route, shared by every caller.
+    Route,
 }

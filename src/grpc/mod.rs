@@ -195,6 +195,9 @@ fn allow_response(identity: Option<&Identity>, engine: &Engine) -> CheckResponse
             .iter()
             .map(|i| i.header.as_str())
             .collect();
+        if let Some(ak) = &engine.config.api_keys {
+            names.push(ak.header.as_str());
+        }
         names.sort_unstable();
         names.dedup();
         remove.extend(names.into_iter().map(str::to_string));

@@ -3,6 +3,7 @@
 //! Pure and synchronous: no I/O, no clock (the caller passes `now`), no tokio, no tracing.
 //! Key *fetching* lives in `keys`; this module only parses key sets it is handed.
 
+pub mod apikey;
 pub mod jwk;
 pub mod jwt;
 pub mod strict_json;
@@ -73,6 +74,18 @@ impl Identity {
             key_fingerprint: jwt.key_fingerprint,
             claims: jwt.claims,
         }
+    }
+
+    /// The key id when this identity comes from an API key (see `apikey`), else `None`.
+    /// INVARIANT: config refuses a token issuer named `api-key`, so only an API key can
+    /// produce an identity with that issuer name.
+    pub fn api_key_id(&self) -> Option<&str> {
+        if &*self.issuer_name != apikey::API_KEY_ISSUER {
+            return None;
+        }
+        self.claims
+            .get(apikey::KEY_ID_CLAIM)
+            .and_then(Value::as_str)
     }
 
     /// A claim by dotted path (`realm_access.roles`).

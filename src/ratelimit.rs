@@ -1,0 +1,346 @@
+//! Rate limits: which configured limits select a granted request, the bucket each one counts
+//! it in, and the 429 a request over a limit gets (`Retry-After` and the IETF `RateLimit` /
+//! `RateLimit-Policy` headers, draft-ietf-httpapi-ratelimit-headers).
+//!
+//! The buckets live in the shared `StateStore` (GCRA); this module only chooses keys and
+//! shapes answers. It never changes a deny, never counts a denied request, and fails closed:
+//! a store error is a 503 `state_unavailable`, never an allow.
+//!
+//! Headers, per limit: `RateLimit-Policy: "<id>";q=<burst>;w=<seconds to refill the burst>`
+//! and `RateLimit: "<id>";r=<remaining>;t=<seconds until one more request fits>`. They are
+//! sent on the 429 only (ext_authz allows carry no response headers here).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::authz::{Decision, ReasonCode, RequestView, RouteMatch};
+use crate::config::schema::RateLimitBy;
+use crate::config::{CompiledRateLimit, Config};
+use crate::identity::Identity;
+use crate::state::{RateOutcome, StateStore};
+
+/// The client address: the peer Envoy reports, or, behind `trusted_proxy_hops` proxies,
+/// the X-Forwarded-For entry that the outermost trusted proxy saw.
+///
+/// Envoy (with `use_remote_address`) appends the peer to X-Forwarded-For before ext_authz
+/// runs; that last entry is dropped when it equals the peer, so the count of trusted hops
+/// means the same with or without Envoy's append. With fewer entries than hops, the request
+/// did not come through the trusted chain: the peer is used (one shared bucket, fail closed).
+pub fn client_ip(req: &RequestView<'_>, trusted_proxy_hops: u32) -> Option<IpAddr> {
+    let hops = trusted_proxy_hops as usize;
+    if hops == 0 {
+        return req.source_ip;
+    }
+    let Some(xff) = req.header("x-forwarded-for") else {
+        return req.source_ip;
+    };
+    let mut entries: Vec<&str> = xff.split(',').map(str::trim).collect();
+    if let (Some(last), Some(peer)) = (entries.last(), req.source_ip)
+        && last.parse::<IpAddr>().ok() == Some(peer)
+    {
+        entries.pop();
+    }
+    if entries.len() < hops {
+        return req.source_ip;
+    }
+    entries[entries.len() - hops]
+        .parse::<IpAddr>()
+        .ok()
+        .or(req.source_ip)
+}
+
+/// The state key of the bucket `limit` counts this request in; `None` when the limit does
+/// not select it (another route, or no identity / API key to count by).
+pub fn bucket_key(
+    limit: &CompiledRateLimit,
+    route_id: &str,
+    identity: Option<&Identity>,
+    client: Option<IpAddr>,
+) -> Option<String> {
+    if !limit.covers(route_id) {
+        return None;
+    }
+    let id = &limit.id;
+    match limit.by {
+        RateLimitBy::Subject => {
+            let who = identity?;
+            // Length-prefixed so no issuer/subject pair can collide with another.
+            Some(format!(
+                "rate:{id}:sub:{}:{}:{}",
+                who.issuer_name.len(),
+                who.issuer_name,
+                who.subject
+            ))
+        }
+        RateLimitBy::ApiKey => Some(format!("rate:{id}:key:{}", identity?.api_key_id()?)),
+        RateLimitBy::ClientIp => Some(match client {
+            Some(ip) => format!("rate:{id}:ip:{ip}"),
+            // No address: all such requests share one bucket rather than escaping the limit.
+            None => format!("rate:{id}:ip:unknown"),
+        }),
+        RateLimitBy::Route => Some(format!("rate:{id}:route:{route_id}")),
+    }
+}
+
+/// The limits (and their buckets) that select a request, in config order.
+pub fn applicable<'c>(
+    config: &'c Config,
+    req: &RequestView<'_>,
+    route_id: &str,
+    identity: Option<&Identity>,
+) -> Vec<(&'c CompiledRateLimit, String)> {
+    let client = client_ip(req, config.file.network.trusted_proxy_hops);
+    config
+        .rate_limits
+        .iter()
+        .filter_map(|l| bucket_key(l, route_id, identity, client).map(|k| (l, k)))
+        .collect()
+}
+
+/// Spends one request from every limit that selects an allowed `decision`; the first limit
+/// over its budget turns it into a 429. Denies pass through unchanged and uncounted.
+pub async fn enforce(
+    store: &dyn StateStore,
+    config: &Config,
+    req: &RequestView<'_>,
+    m: &RouteMatch<'_>,
+    decision: Decision,
+) -> Decision {
+    if !decision.is_allow() || config.rate_limits.is_empty() {
+        return decision;
+    }
+    let identity: Option<Arc<Identity>> = decision.identity.clone();
+    for (limit, key) in applicable(config, req, m.route_id, identity.as_deref()) {
+        match store.rate_check(&key, limit.limit).await {
+            Ok(outcome) if outcome.allowed => {}
+            Ok(outcome) => {
+                return limited(limit, &outcome)
+                    .with_route(decision.route.clone())
+                    .with_rule(decision.rule.clone())
+                    .with_identity(identity);
+            }
+            Err(e) => {
+                return Decision::new(ReasonCode::StateUnavailable, e.to_string())
+                    .with_route(decision.route.clone())
+                    .with_identity(identity);
+            }
+        }
+    }
+    decision
+}
+
+/// The 429 for a request over `limit`.
+pub fn limited(limit: &CompiledRateLimit, outcome: &RateOutcome) -> Decision {
+    let retry = ceil_secs(outcome.retry_after.unwrap_or(Duration::from_secs(1))).max(1);
+    let window = ceil_secs(limit.limit.emission_interval() * limit.limit.burst.max(1)).max(1);
+    let id = &limit.id;
+    Decision::new(
+        ReasonCode::RateLimited,
+        format!("rate limit `{id}` exceeded; retry in {retry}s"),
+    )
+    .with_header("retry-after", retry.to_string())
+    .with_header(
+        "ratelimit-policy",
+        format!("\"{id}\";q={};w={window}", limit.limit.burst.max(1)),
+    )
+    .with_header(
+        "ratelimit",
+        format!("\"{id}\";r={};t={retry}", outcome.remaining),
+    )
+    .with_body_field("rate_limit", id.to_string())
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::state::{MemoryStore, RateLimit, StateError};
+
+    fn view<'a>(headers: &'a HashMap<String, String>, ip: &str) -> RequestView<'a> {
+        RequestView {
+            method: "GET",
+            host: "api.example.com",
+            path: "/orders/1",
+            headers,
+            source_ip: ip.parse().ok(),
+            source_principal: "",
+        }
+    }
+
+    fn limit(by: RateLimitBy, routes: &[&str]) -> CompiledRateLimit {
+        CompiledRateLimit {
+            id: Arc::from("l1"),
+            by,
+            limit: RateLimit {
+                requests: 2,
+                per: Duration::from_secs(60),
+                burst: 2,
+            },
+            routes: routes.iter().map(|r| Arc::from(*r)).collect(),
+        }
+    }
+
+    #[test]
+    fn client_ip_ignores_forwarded_for_without_trusted_hops() {
+        let h = HashMap::from([("x-forwarded-for".to_string(), "1.1.1.1".to_string())]);
+        assert_eq!(client_ip(&view(&h, "10.0.0.1"), 0), "10.0.0.1".parse().ok());
+    }
+
+    #[test]
+    fn client_ip_takes_the_entry_the_outermost_trusted_proxy_saw() {
+        // client 9.9.9.9 -> proxy 10.0.0.5 -> Envoy (peer 10.0.0.5, appended by Envoy).
+        let h = HashMap::from([(
+            "x-forwarded-for".to_string(),
+            "6.6.6.6, 9.9.9.9, 10.0.0.5".to_string(),
+        )]);
+        assert_eq!(client_ip(&view(&h, "10.0.0.5"), 1), "9.9.9.9".parse().ok());
+        // Without Envoy's append the count means the same.
+        let h = HashMap::from([(
+            "x-forwarded-for".to_string(),
+            "6.6.6.6, 9.9.9.9".to_string(),
+        )]);
+        assert_eq!(client_ip(&view(&h, "10.0.0.5"), 1), "9.9.9.9".parse().ok());
+        // Fewer entries than trusted hops: the peer, never a client-chosen value.
+        assert_eq!(client_ip(&view(&h, "10.0.0.5"), 3), "10.0.0.5".parse().ok());
+    }
+
+    #[test]
+    fn bucket_keys_select_by_route_and_identity() {
+        let who = crate::identity::apikey::ApiKey::new("k1", "team", [0; 32], i64::MAX, vec![]);
+        let id = &who.identity;
+        let ip = "10.0.0.1".parse().ok();
+        let only_orders = limit(RateLimitBy::Route, &["orders"]);
+        assert!(bucket_key(&only_orders, "admin", Some(id), ip).is_none());
+        assert_eq!(
+            bucket_key(&only_orders, "orders", None, ip).as_deref(),
+            Some("rate:l1:route:orders")
+        );
+        let by_key = limit(RateLimitBy::ApiKey, &[]);
+        assert_eq!(
+            bucket_key(&by_key, "x", Some(id), ip).as_deref(),
+            Some("rate:l1:key:k1")
+        );
+        assert!(bucket_key(&by_key, "x", None, ip).is_none());
+        let by_sub = limit(RateLimitBy::Subject, &[]);
+        assert_eq!(
+            bucket_key(&by_sub, "x", Some(id), ip).as_deref(),
+            Some("rate:l1:sub:7:api-key:team")
+        );
+        let by_ip = limit(RateLimitBy::ClientIp, &[]);
+        assert_eq!(
+            bucket_key(&by_ip, "x", None, None).as_deref(),
+            Some("rate:l1:ip:unknown")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_limit_turns_the_third_request_into_a_429_with_headers() {
+        let store = MemoryStore::new();
+        let l = limit(RateLimitBy::Route, &[]);
+        let mut outcomes = Vec::new();
+        for _ in 0..3 {
+            outcomes.push(store.rate_check("k", l.limit).await.unwrap());
+        }
+        assert!(outcomes[0].allowed && outcomes[1].allowed && !outcomes[2].allowed);
+        let d = limited(&l, &outcomes[2]);
+        assert_eq!(d.http_status(), 429);
+        let h: HashMap<_, _> = d
+            .response_headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect();
+        // 2 per 60s: one more request fits after 30s.
+        assert_eq!(h["retry-after"], "30");
+        assert_eq!(h["ratelimit-policy"], "\"l1\";q=2;w=60");
+        assert_eq!(h["ratelimit"], "\"l1\";r=0;t=30");
+    }
+
+    #[test]
+    fn retry_after_rounds_up_and_is_at_least_one_second() {
+        assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
+        assert_eq!(ceil_secs(Duration::from_millis(1000)), 1);
+        assert_eq!(ceil_secs(Duration::from_millis(1001)), 2);
+        let l = limit(RateLimitBy::Route, &[]);
+        let o = RateOutcome {
+            allowed: false,
+            limit: 2,
+            remaining: 0,
+            reset: Duration::ZERO,
+            retry_after: Some(Duration::ZERO),
+        };
+        assert!(
+            limited(&l, &o)
+                .response_headers
+                .iter()
+                .any(|(n, v)| n == "retry-after" && v == "1")
+        );
+    }
+
+    /// A store that is down: every call errors.
+    struct DownStore;
+
+    #[tonic::async_trait]
+    impl StateStore for DownStore {
+        async fn insert_if_absent(
+            &self,
+            _: &str,
+            _: &str,
+            _: Duration,
+        ) -> Result<bool, StateError> {
+            Err(StateError::Unavailable("down".into()))
+        }
+        async fn get(&self, _: &str) -> Result<Option<String>, StateError> {
+            Err(StateError::Unavailable("down".into()))
+        }
+        async fn set(&self, _: &str, _: &str, _: Duration) -> Result<(), StateError> {
+            Err(StateError::Unavailable("down".into()))
+        }
+        async fn delete(&self, _: &str) -> Result<bool, StateError> {
+            Err(StateError::Unavailable("down".into()))
+        }
+        async fn scan(&self, _: &str) -> Result<Vec<(String, String)>, StateError> {
+            Err(StateError::Unavailable("down".into()))
+        }
+        async fn take_one(&self, _: &str) -> Result<Option<i64>, StateError> {
+            Err(StateError::Unavailable("down".into()))
+        }
+        async fn rate_check(&self, _: &str, _: RateLimit) -> Result<RateOutcome, StateError> {
+            Err(StateError::Unavailable("down".into()))
+        }
+    }
+
+    fn config_with_limit() -> Config {
+        crate::config::from_str(
+            "routes:\n  - {id: h, methods: [GET], path: /h, public: true}\nrate_limits:\n  - {id: l, by: route, requests: 1, per: 1m}\n",
+            std::path::Path::new("test.yaml"),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_store_error_is_a_503_never_an_allow() {
+        let config = config_with_limit();
+        let h = HashMap::new();
+        let req = RequestView {
+            path: "/h",
+            ..view(&h, "10.0.0.1")
+        };
+        let m = config.policy.match_route(&req).unwrap();
+        let allow = crate::decide::public_allow(&m);
+        let d = enforce(&DownStore, &config, &req, &m, allow).await;
+        assert_eq!(
+            (d.code, d.http_status()),
+            (ReasonCode::StateUnavailable, 503)
+        );
+        // A deny passes through untouched, without asking the store.
+        let deny = Decision::new(ReasonCode::NoRoute, "x");
+        let d = enforce(&DownStore, &config, &req, &m, deny).await;
+        assert_eq!(d.code, ReasonCode::NoRoute);
+    }
+}
