@@ -52,7 +52,8 @@ pub fn decide(
         Ok(id) => id,
         Err(deny) => return deny.with_route(route),
     };
-    config.policy.authorize(&m, &identity)
+    let ctx = crate::authz::Context::of(req, now, config.file.network.trusted_proxy_hops);
+    config.policy.authorize(&m, &identity, &ctx)
 }
 
 /// The allow decision for a public route.

@@ -114,7 +114,8 @@ impl Engine {
         if let Err(deny) = self.identity_checks(req, &cred, &identity, now).await {
             return deny.with_route(route).with_identity(Some(identity.clone()));
         }
-        let decision = config.policy.authorize(&m, &identity);
+        let ctx = crate::authz::Context::of(req, now, config.file.network.trusted_proxy_hops);
+        let decision = config.policy.authorize(&m, &identity, &ctx);
         self.after_grant(req, &m, decision, now).await
     }
 
