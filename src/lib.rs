@@ -12,5 +12,6 @@ pub mod engine;
 pub mod grpc;
 pub mod identity;
 pub mod keys;
+pub mod revocation;
 pub mod server;
 pub mod state;
