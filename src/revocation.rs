@@ -383,14 +383,16 @@ pub fn spawn_watcher(
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // INVARIANT: the SIGHUP handler is installed before this returns, so a SIGHUP sent once the
+    // server is up reloads instead of taking the default action (terminating the process).
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; the revocation file is still polled");
+            None
+        }
+    };
     tokio::spawn(async move {
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP; the revocation file is still polled");
-                None
-            }
-        };
         loop {
             let interval = engine.load().config.file.revocation.reload.get();
             let hangup = async {
