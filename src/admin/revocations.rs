@@ -78,21 +78,25 @@ fn authorize(engine: &Engine, headers: &HeaderMap) -> Option<Response> {
     }
 }
 
-/// `jti`, `sid` or `sub`: exactly one.
-fn one_kind(map: &HashMap<String, serde_json::Value>) -> Result<(RevokedKind, String), Response> {
+/// `jti`, `sid` or `sub`: exactly one. `None` is a bad request (see `bad_kind`).
+fn one_kind(map: &HashMap<String, serde_json::Value>) -> Option<(RevokedKind, String)> {
     let found: Vec<(RevokedKind, &serde_json::Value)> = RevokedKind::ALL
         .into_iter()
         .filter_map(|k| map.get(k.as_str()).map(|v| (k, v)))
         .collect();
     match found.as_slice() {
         [(k, serde_json::Value::String(v))] if !v.is_empty() && v.len() <= MAX_VALUE_BYTES => {
-            Ok((*k, v.clone()))
+            Some((*k, v.clone()))
         }
-        _ => Err(error(
-            StatusCode::BAD_REQUEST,
-            "give exactly one of `jti`, `sid` or `sub` as a non-empty string",
-        )),
+        _ => None,
     }
+}
+
+fn bad_kind() -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "give exactly one of `jti`, `sid` or `sub` as a non-empty string",
+    )
 }
 
 pub async fn list(State(state): State<AdminState>, headers: HeaderMap) -> Response {
@@ -155,9 +159,8 @@ pub async fn add(
             &format!("unknown field `{k}`: use `jti`, `sid` or `sub`, and `expires_at`"),
         );
     }
-    let (kind, value) = match one_kind(&body.ids) {
-        Ok(x) => x,
-        Err(r) => return r,
+    let Some((kind, value)) = one_kind(&body.ids) else {
+        return bad_kind();
     };
     let now = unix_now();
     let expires_at = match expires {
@@ -216,9 +219,8 @@ pub async fn remove(
         .into_iter()
         .map(|(k, v)| (k, serde_json::Value::String(v)))
         .collect();
-    let (kind, value) = match one_kind(&ids) {
-        Ok(x) => x,
-        Err(r) => return r,
+    let Some((kind, value)) = one_kind(&ids) else {
+        return bad_kind();
     };
     let key = format!("{}{value}", kind.state_prefix());
     match engine.state.delete(&key).await {
