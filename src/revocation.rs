@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -72,9 +73,7 @@ impl RevokedKind {
 pub enum RevocationError {
     #[error("cannot read the revocation file `{path}`: {message}")]
     Read { path: String, message: String },
-    #[error(
-        "the revocation file `{0}` is empty; it is kept as it was (write `revoked: []` to clear it)"
-    )]
+    #[error("the revocation file `{0}` is empty: an empty list is written `revoked: []`")]
     Empty(String),
     #[error("invalid revocation file `{path}`: {message}")]
     Parse { path: String, message: String },
@@ -213,8 +212,10 @@ pub struct Revocations {
     path: Option<PathBuf>,
     list: ArcSwap<RevocationList>,
     /// Hash of the content last looked at, so an unchanged file is neither re-parsed nor
-    /// re-reported; and whether any load ever succeeded.
-    seen: Mutex<(Option<u64>, bool)>,
+    /// re-reported. Also serializes reloads.
+    seen: Mutex<Option<u64>>,
+    /// Whether any load ever succeeded. Read on every request, so an atomic, not the mutex.
+    loaded: AtomicBool,
     /// Why the first load failed, if it did.
     first_error: Option<RevocationError>,
 }
@@ -225,7 +226,8 @@ impl Revocations {
         Revocations {
             path: None,
             list: ArcSwap::from_pointee(RevocationList::default()),
-            seen: Mutex::new((None, true)),
+            seen: Mutex::new(None),
+            loaded: AtomicBool::new(true),
             first_error: None,
         }
     }
@@ -239,7 +241,8 @@ impl Revocations {
         let mut r = Revocations {
             path: Some(path),
             list: ArcSwap::from_pointee(RevocationList::default()),
-            seen: Mutex::new((None, false)),
+            seen: Mutex::new(None),
+            loaded: AtomicBool::new(false),
             first_error: None,
         };
         if let ReloadOutcome::Failed(e) = r.reload(true) {
@@ -258,7 +261,7 @@ impl Revocations {
         self.path.as_deref()
     }
 
-    fn seen(&self) -> std::sync::MutexGuard<'_, (Option<u64>, bool)> {
+    fn seen(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
         self.seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -266,7 +269,7 @@ impl Revocations {
 
     /// True once a list was loaded (always true without a file).
     pub fn loaded(&self) -> bool {
-        self.seen().1
+        self.loaded.load(Ordering::Acquire)
     }
 
     /// The list in force.
@@ -287,10 +290,10 @@ impl Revocations {
         }
         let hash = h.finish();
         let mut seen = self.seen();
-        if !force && seen.0 == Some(hash) {
+        if !force && *seen == Some(hash) {
             return ReloadOutcome::Unchanged;
         }
-        seen.0 = Some(hash);
+        *seen = Some(hash);
         let parsed = read
             .map_err(|e| RevocationError::Read {
                 path: path.display().to_string(),
@@ -301,7 +304,7 @@ impl Revocations {
             Ok(list) => {
                 let n = list.len();
                 self.list.store(Arc::new(list));
-                seen.1 = true;
+                self.loaded.store(true, Ordering::Release);
                 ReloadOutcome::Reloaded(n)
             }
             Err(e) => ReloadOutcome::Failed(e),
