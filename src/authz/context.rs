@@ -72,24 +72,22 @@ pub fn client_ip(req: &RequestView<'_>, trusted_hops: u32) -> Option<IpAddr> {
         return req.source_ip;
     }
     let xff = req.header("x-forwarded-for")?;
-    let mut entries: Vec<&str> = xff.split(',').map(str::trim).collect();
-    if let (Some(last), Some(src)) = (entries.last(), req.source_ip)
-        && parse_xff_entry(last) == Some(src)
+    // Walk from the right without allocating: this runs for every request with a token.
+    let mut entries = xff.rsplit(',').map(str::trim).peekable();
+    if let (Some(last), Some(src)) = (entries.peek(), req.source_ip)
+        && parse_xff_entry(last) == Some(src.to_canonical())
     {
-        entries.pop();
+        entries.next();
     }
-    let n = usize::try_from(trusted_hops).ok()?;
-    let idx = entries.len().checked_sub(n)?;
     // Every entry written by a trusted proxy must parse: garbage there means the chain is not
     // what the configuration says it is.
-    let mut client = None;
-    for (i, e) in entries.iter().enumerate().skip(idx) {
-        let ip = parse_xff_entry(e)?;
-        if i == idx {
-            client = Some(ip);
+    for hop in 1..=trusted_hops {
+        let ip = parse_xff_entry(entries.next()?)?;
+        if hop == trusted_hops {
+            return Some(ip);
         }
     }
-    client
+    None
 }
 
 /// One X-Forwarded-For entry: a bare IPv4 or IPv6 address (bracketed IPv6 accepted). Ports

@@ -387,3 +387,18 @@ fn config_validation_of_context_conditions() {
         .contains("cannot be a trusted posture header")
     );
 }
+
+#[test]
+fn config_validation_of_revocation() {
+    let base = "issuers: []\nroutes: [{id: r, methods: [GET], path: /r, public: true}]\n";
+    let err =
+        |extra: &str| match config::from_str(&format!("{base}{extra}"), Path::new("Cargo.toml")) {
+            Ok(c) => format!("ok {:?}", c.revocation_file),
+            Err(e) => e.to_string(),
+        };
+    assert!(err("revocation: {file: no-such-file.yaml}").contains("revocation file"));
+    assert!(err("revocation: {file: Cargo.toml}").starts_with("ok Some("));
+    assert!(err("revocation: {reload: 10ms}").contains("revocation.reload"));
+    assert!(err("revocation: {admin_token_sha256: abc}").contains("64 hex digits"));
+    assert_eq!(err(""), "ok None");
+}
