@@ -58,22 +58,25 @@ pub fn decide(
         Ok(id) => id,
         Err(deny) => return deny.with_route(route),
     };
-    authorize(config, req, &m, &identity)
+    authorize(config, req, &m, &identity, now)
 }
 
-/// The grant step: an API key must list the endpoint, then a rule of the route must hold.
+/// The grant step: an API key must list the endpoint, then a rule of the route must hold,
+/// context conditions (source network, session age, time window, posture) included.
 pub fn authorize(
     config: &Config,
     req: &RequestView<'_>,
     m: &RouteMatch<'_>,
     identity: &Arc<Identity>,
+    now: i64,
 ) -> Decision {
     if let Err(deny) = api_key_endpoint(config, req, identity) {
         return deny
             .with_route(Some(m.route_id.clone()))
             .with_identity(Some(identity.clone()));
     }
-    config.policy.authorize(m, identity)
+    let ctx = crate::authz::Context::of(req, now, config.file.network.trusted_proxy_hops);
+    config.policy.authorize(m, identity, &ctx)
 }
 
 /// For an API-key identity: the key's own `routes` must cover the request's method and path.

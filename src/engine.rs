@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::decide::{self, Credential};
 use crate::identity::{Identity, jwt};
 use crate::keys::KeyStore;
+use crate::revocation::Revocations;
 use crate::state::StateStore;
 
 /// Seconds since the Unix epoch, as the core takes `now`.
@@ -50,6 +51,8 @@ pub struct Engine {
     pub keys: Arc<KeyStore>,
     /// Shared state (revocations, rate limits, DPoP replay, approvals).
     pub state: Arc<dyn StateStore>,
+    /// The file-based revocation list (runtime entries live in `state`).
+    pub revocations: Arc<Revocations>,
     cache: Option<Cache<Arc<str>, Arc<Identity>>>,
     metrics: Arc<Metrics>,
     key_wait: Duration,
@@ -72,7 +75,9 @@ impl Engine {
                 .build()
         });
         let key_wait = config.file.server.key_fetch_wait.get();
+        let revocations = Arc::new(Revocations::load(config.revocation_file.clone()));
         Self {
+            revocations,
             config,
             keys,
             state,
@@ -80,6 +85,13 @@ impl Engine {
             metrics,
             key_wait,
         }
+    }
+
+    /// Uses `revocations` (e.g. the previous engine's, on a config reload that keeps the same
+    /// `revocation.file`) instead of the list loaded by `new`.
+    pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> Self {
+        self.revocations = revocations;
+        self
     }
 
     /// Number of cached verified tokens (approximate, for metrics).
@@ -117,7 +129,7 @@ impl Engine {
         if let Err(deny) = self.identity_checks(req, &cred, &identity, now).await {
             return deny.with_route(route).with_identity(Some(identity.clone()));
         }
-        let decision = decide::authorize(config, req, &m, &identity);
+        let decision = decide::authorize(config, req, &m, &identity, now);
         self.after_grant(req, &m, decision, now).await
     }
 
@@ -127,9 +139,11 @@ impl Engine {
         &self,
         _req: &RequestView<'_>,
         _cred: &Credential<'_>,
-        _identity: &Arc<Identity>,
-        _now: i64,
+        identity: &Arc<Identity>,
+        now: i64,
     ) -> Result<(), Decision> {
+        self.revocations.check(identity, now)?;
+        crate::revocation::check_state(&*self.state, identity).await?;
         Ok(())
     }
 

@@ -14,5 +14,6 @@ pub mod identity;
 pub mod keys;
 pub mod ratelimit;
 pub mod reload;
+pub mod revocation;
 pub mod server;
 pub mod state;

@@ -31,6 +31,8 @@ pub enum ServeError {
     Bind { addr: String, cause: std::io::Error },
     #[error("cannot start the audit log writer: {0}")]
     Audit(std::io::Error),
+    #[error("{0}")]
+    Revocation(crate::revocation::RevocationError),
 }
 
 /// A running Portcullis.
@@ -93,14 +95,24 @@ impl Server {
         let keys = Arc::new(key_store(&config, metrics.clone()));
         keys.start().await;
         let state: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
-        let engine = Arc::new(ArcSwap::from_pointee(Engine::new(
-            Arc::new(config),
-            keys,
-            state,
-            metrics.clone(),
-        )));
+        let first = Engine::new(Arc::new(config), keys, state, metrics.clone());
+        // A configured revocation list that cannot be read must stop the start: serving
+        // without it would allow revoked tokens (and serving with it would deny everyone).
+        if let Some(e) = first.revocations.startup_error() {
+            return Err(ServeError::Revocation(e.clone()));
+        }
+        if first.revocations.path().is_some() {
+            crate::revocation::report(
+                &crate::revocation::ReloadOutcome::Reloaded(first.revocations.current().len()),
+                &metrics,
+                "startup",
+            );
+        }
+        let engine = Arc::new(ArcSwap::from_pointee(first));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
+
+        crate::revocation::spawn_watcher(engine.clone(), metrics.clone(), shutdown_rx.clone());
 
         let (health, health_service) = tonic_health::server::health_reporter();
         spawn_health_updater(engine.clone(), health, shutdown_rx.clone());

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub jwks_fetches: Family<IssuerResultLabels, Counter>,
     pub jwks_seconds_since_success: Family<IssuerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub config_reloads: Family<ResultLabels, Counter>,
+    /// Revocation file loads by result (`ok`, `error`).
+    pub revocation_reloads: Family<ResultLabels, Counter>,
+    /// Entries in the revocation file in force.
+    pub revocation_entries: Gauge,
 }
 
 impl Metrics {
@@ -56,6 +60,8 @@ impl Metrics {
             jwks_fetches: Family::default(),
             jwks_seconds_since_success: Family::default(),
             config_reloads: Family::default(),
+            revocation_reloads: Family::default(),
+            revocation_entries: Gauge::default(),
         }
     }
 
@@ -113,6 +119,16 @@ impl Metrics {
             "config_reloads",
             "Configuration loads by result",
             self.config_reloads.clone(),
+        );
+        r.register(
+            "revocation_reloads",
+            "Revocation file loads by result",
+            self.revocation_reloads.clone(),
+        );
+        r.register(
+            "revocation_entries",
+            "Entries in the revocation file in force",
+            self.revocation_entries.clone(),
         );
         r
     }

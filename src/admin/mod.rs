@@ -1,7 +1,9 @@
 //! Admin HTTP listener: `/healthz` (process alive), `/readyz` (config loaded and every issuer's
-//! keys usable), `/metrics` (Prometheus text). Read-only; it never changes a decision.
+//! keys usable), `/metrics` (Prometheus text). Read-only, except `/revocations` (see
+//! `revocations`), which changes the runtime revocation list and nothing else.
 
 pub mod metrics;
+pub mod revocations;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -27,6 +29,12 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route(
+            "/revocations",
+            get(revocations::list)
+                .post(revocations::add)
+                .delete(revocations::remove),
+        )
         .with_state(state)
 }
 

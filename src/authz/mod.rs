@@ -5,11 +5,13 @@
 //! OWNER: policy helper for `policy.rs`/`path.rs`; the types in `decision.rs`/`request.rs`
 //! are the shared contract.
 
+pub mod context;
 pub mod decision;
 pub mod path;
 pub mod policy;
 pub mod request;
 
+pub use context::Context;
 pub use decision::{Decision, ReasonCode};
 pub use policy::{Policy, RouteMatch};
 pub use request::RequestView;

@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::context::{Context, ContextConditions, ContextFailure};
 use super::decision::{Decision, ReasonCode};
 use super::path;
 use super::request::RequestView;
@@ -353,6 +354,8 @@ pub struct CompiledRule {
     /// API key ids this rule grants (`*`: any key). Non-empty: the rule holds only for API
     /// keys; empty: it never holds for one.
     pub api_keys: Vec<Arc<str>>,
+    /// Source network, session age, token lifetime, time window, posture.
+    pub context: ContextConditions,
 }
 
 /// One route.
@@ -499,8 +502,14 @@ impl Policy {
         })
     }
 
-    /// Evaluates the matched route's rules for a verified identity.
-    pub fn authorize(&self, m: &RouteMatch<'_>, identity: &Arc<Identity>) -> Decision {
+    /// Evaluates the matched route's rules for a verified identity in a request context.
+    /// A rule that fails only on context conditions makes the deny `ContextDenied`.
+    pub fn authorize(
+        &self,
+        m: &RouteMatch<'_>,
+        identity: &Arc<Identity>,
+        ctx: &Context<'_>,
+    ) -> Decision {
         let route_id = Some(m.route_id.clone());
         let with = |d: Decision| {
             d.with_route(route_id.clone())
@@ -521,8 +530,9 @@ impl Policy {
             return with(Decision::new(ReasonCode::Public, "route is public"));
         }
         let mut closest: Option<(&CompiledRule, Vec<Failure<'_>>)> = None;
+        let mut context_only: Option<(&CompiledRule, Vec<Failure<'_>>)> = None;
         for rule in &route.rules {
-            let failures = evaluate(rule, m, identity);
+            let failures = evaluate(rule, m, identity, ctx);
             if failures.is_empty() {
                 return with(
                     Decision::new(
@@ -532,12 +542,28 @@ impl Policy {
                     .with_rule(Some(rule.id.clone())),
                 );
             }
+            // The caller holds every grant of this rule and only the context is wrong: that
+            // is the most useful explanation, whatever other rules say.
+            if context_only.is_none() && failures.iter().all(|f| matches!(f, Failure::Context(_))) {
+                context_only = Some((rule, failures));
+                continue;
+            }
             if closest
                 .as_ref()
                 .is_none_or(|(_, f)| failures.len() < f.len())
             {
                 closest = Some((rule, failures));
             }
+        }
+        if let Some((rule, failures)) = context_only {
+            let detail = failures
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            return with(
+                Decision::new(ReasonCode::ContextDenied, detail).with_rule(Some(rule.id.clone())),
+            );
         }
         let Some((rule, failures)) = closest else {
             return with(Decision::new(
@@ -655,6 +681,7 @@ enum Failure<'r> {
     ApiKeysOnly,
     /// An API key the rule does not name.
     ApiKeyNotNamed,
+    Context(ContextFailure),
 }
 
 impl fmt::Display for Failure<'_> {
@@ -678,11 +705,17 @@ impl fmt::Display for Failure<'_> {
                     write!(f, "path parameter `{}` is not in claim `{c}`", b.param)
                 }
             },
+            Failure::Context(c) => c.fmt(f),
         }
     }
 }
 
-fn evaluate<'r>(rule: &'r CompiledRule, m: &RouteMatch<'_>, id: &Identity) -> Vec<Failure<'r>> {
+fn evaluate<'r>(
+    rule: &'r CompiledRule,
+    m: &RouteMatch<'_>,
+    id: &Identity,
+    ctx: &Context<'_>,
+) -> Vec<Failure<'r>> {
     let mut failures = Vec::new();
     // INVARIANT: API keys and tokens never share a rule, so a key can only be granted where
     // the policy names keys, and a token never through a key's rule.
@@ -716,6 +749,14 @@ fn evaluate<'r>(rule: &'r CompiledRule, m: &RouteMatch<'_>, id: &Identity) -> Ve
         if !binding_holds(b, m, id) {
             failures.push(Failure::Binding(b));
         }
+    }
+    if !rule.context.is_empty() {
+        failures.extend(
+            rule.context
+                .evaluate(id, ctx)
+                .into_iter()
+                .map(Failure::Context),
+        );
     }
     failures
 }

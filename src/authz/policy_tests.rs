@@ -304,7 +304,7 @@ const RULES: &str = r#"
 fn decide(p: &Policy, path: &str, claims: Value) -> Decision {
     let h = HashMap::new();
     let m = p.match_route(&req("GET", "h", path, &h)).unwrap();
-    p.authorize(&m, &identity(claims))
+    p.authorize(&m, &identity(claims), &Context::at(0))
 }
 
 #[test]
@@ -490,6 +490,6 @@ fn a_match_from_another_policy_fails_closed() {
     let p2 = policy("  - { id: b, methods: [GET], path: /a, public: true }\n");
     let h = HashMap::new();
     let m = p2.match_route(&req("GET", "h", "/a", &h)).unwrap();
-    let d = p1.authorize(&m, &identity(json!({"scope": "s"})));
+    let d = p1.authorize(&m, &identity(json!({"scope": "s"})), &Context::at(0));
     assert_eq!(d.code, ReasonCode::Internal);
 }

@@ -19,6 +19,10 @@ use std::sync::Arc;
 use jsonwebtoken::Algorithm;
 
 use crate::authz::Policy;
+use crate::authz::context::{
+    ContextConditions, DaySet, PostureCondition, PostureSource, PostureTest, SourceCondition,
+    TimeWindow,
+};
 use crate::authz::policy::{
     Binding, BindingKind, ClaimCondition, ClaimTest, CompiledRoute, CompiledRule, HostPattern,
     Template, is_tchar,
@@ -82,6 +86,8 @@ pub struct Config {
     pub api_keys: Option<Arc<crate::identity::apikey::ApiKeys>>,
     /// Rate limits, in file order.
     pub rate_limits: Vec<CompiledRateLimit>,
+    /// `revocation.file`, resolved against the config file's folder.
+    pub revocation_file: Option<PathBuf>,
 }
 
 /// Algorithms accepted when an issuer lists none: every asymmetric one.
@@ -263,6 +269,8 @@ struct Compiler {
     warnings: Vec<String>,
     /// The compiled API keys, set before routes so rules can name them.
     api_keys: Option<Arc<crate::identity::apikey::ApiKeys>>,
+    /// `network.trusted_headers`, validated: the only headers posture conditions may read.
+    trusted_headers: HashSet<String>,
 }
 
 type Res<T> = Result<T, ConfigError>;
@@ -274,6 +282,7 @@ impl Compiler {
             dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
             warnings: Vec::new(),
             api_keys: None,
+            trusted_headers: HashSet::new(),
         }
     }
 
@@ -347,6 +356,8 @@ impl Compiler {
 
         self.identity_headers(&file, &issuers)?;
         self.api_keys = self.api_keys(&file, &issuers)?;
+        self.trusted_headers(&file, &issuers)?;
+        let revocation_file = self.revocation(&file)?;
 
         if file.routes.is_empty() {
             return Err(self.hint(
@@ -385,6 +396,7 @@ impl Compiler {
             warnings: self.warnings,
             api_keys,
             rate_limits,
+            revocation_file,
         })
     }
 
@@ -876,7 +888,9 @@ impl Compiler {
                 rule.id
             ));
         }
+        let context = self.context(&f, rule)?;
         Ok(CompiledRule {
+            context,
             id: Arc::from(rule.id.as_str()),
             issuers: rule.issuers.iter().map(|s| Arc::from(s.as_str())).collect(),
             scopes: rule.scopes.clone(),
@@ -886,6 +900,208 @@ impl Compiler {
             api_keys,
         })
     }
+}
+
+/// Context conditions and revocation. OWNER: context helper.
+impl Compiler {
+    fn trusted_headers(&mut self, file: &ConfigFile, issuers: &[Arc<CompiledIssuer>]) -> Res<()> {
+        for (k, name) in file.network.trusted_headers.iter().enumerate() {
+            let field = format!("network.trusted_headers[{k}]");
+            if *name != name.to_ascii_lowercase() {
+                return Err(self.hint(
+                    field,
+                    format!("header name `{name}` must be lower-case"),
+                    format!("write `{}`", name.to_ascii_lowercase()),
+                ));
+            }
+            if !valid_header_name(name) {
+                return Err(self.err(field, format!("`{name}` is not a valid header name")));
+            }
+            if FORBIDDEN_IDENTITY_HEADERS.contains(&name.as_str())
+                || name == "x-forwarded-for"
+                || issuers.iter().any(|i| i.header == *name)
+                || file.upstream.identity_headers.contains_key(name)
+            {
+                return Err(self.err(
+                    field,
+                    format!(
+                        "`{name}` cannot be a trusted posture header (clients or Portcullis set it)"
+                    ),
+                ));
+            }
+            self.trusted_headers.insert(name.clone());
+        }
+        Ok(())
+    }
+
+    fn revocation(&self, file: &ConfigFile) -> Res<Option<PathBuf>> {
+        let r = &file.revocation;
+        if r.reload.get() < std::time::Duration::from_millis(100) {
+            return Err(self.err("revocation.reload", "must be at least 100ms"));
+        }
+        if r.default_ttl.get().as_secs() == 0 {
+            return Err(self.err("revocation.default_ttl", "must be at least 1s"));
+        }
+        if let Some(h) = &r.admin_token_sha256
+            && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(self.hint(
+                "revocation.admin_token_sha256",
+                "must be 64 hex digits",
+                "e.g. `printf %s \"$SECRET\" | sha256sum`",
+            ));
+        }
+        let Some(path) = &r.file else {
+            return Ok(None);
+        };
+        let resolved = crate::keys::resolve_path(&self.dir, path);
+        if !resolved.is_file() {
+            return Err(self.hint(
+                "revocation.file",
+                format!("revocation file `{}` does not exist", resolved.display()),
+                "create it with `revoked: []`; relative paths are resolved against the config file's folder",
+            ));
+        }
+        Ok(Some(resolved))
+    }
+
+    fn context(&self, f: &dyn Fn(&str) -> String, rule: &RuleConfig) -> Res<ContextConditions> {
+        let mut out = ContextConditions::default();
+        if let Some(src) = &rule.source {
+            let parse = |list: &[String], name: &str| -> Res<Vec<ipnet::IpNet>> {
+                list.iter()
+                    .enumerate()
+                    .map(|(k, c)| {
+                        parse_cidr(c).ok_or_else(|| {
+                            self.hint(
+                                f(&format!("source.{name}[{k}]")),
+                                format!("`{c}` is not an IP network"),
+                                "e.g. `10.0.0.0/8`, `2001:db8::/32` or a single address",
+                            )
+                        })
+                    })
+                    .collect()
+            };
+            let cond = SourceCondition {
+                cidrs: parse(&src.cidrs, "cidrs")?,
+                not_cidrs: parse(&src.not_cidrs, "not_cidrs")?,
+            };
+            if cond.cidrs.is_empty() && cond.not_cidrs.is_empty() {
+                return Err(self.err(f("source"), "give `cidrs`, `not_cidrs` or both"));
+            }
+            out.source = Some(cond);
+        }
+        for (name, d, slot) in [
+            (
+                "max_session_age",
+                rule.max_session_age,
+                &mut out.max_session_age,
+            ),
+            (
+                "max_token_lifetime",
+                rule.max_token_lifetime,
+                &mut out.max_token_lifetime,
+            ),
+        ] {
+            if let Some(d) = d {
+                if d.get().as_secs() == 0 {
+                    return Err(self.err(f(name), "must be at least 1s"));
+                }
+                *slot = Some(d.get().as_secs());
+            }
+        }
+        if let Some(w) = &rule.time_window {
+            let mut days = 0u8;
+            for (k, d) in w.days.iter().enumerate() {
+                let Some(bit) = DaySet::parse_day(d) else {
+                    return Err(self.hint(
+                        f(&format!("time_window.days[{k}]")),
+                        format!("`{d}` is not a day"),
+                        "use `mon`, `tue`, `wed`, `thu`, `fri`, `sat`, `sun`",
+                    ));
+                };
+                days |= 1 << bit;
+            }
+            let (start_min, end_min) = match &w.hours {
+                None => (0, 24 * 60),
+                Some(h) => TimeWindow::parse_hours(h).ok_or_else(|| {
+                    self.hint(
+                        f("time_window.hours"),
+                        format!("`{h}` is not a time range"),
+                        "e.g. `08:00-18:00`, or `22:00-06:00` across midnight",
+                    )
+                })?,
+            };
+            let tz_name = w.timezone.clone().unwrap_or_else(|| "UTC".to_string());
+            let tz = jiff::tz::TimeZone::get(&tz_name).map_err(|_| {
+                self.hint(
+                    f("time_window.timezone"),
+                    format!("unknown time zone `{tz_name}`"),
+                    "use an IANA name such as `Europe/Paris`, `America/New_York` or `UTC`",
+                )
+            })?;
+            out.time_window = Some(TimeWindow {
+                days: if w.days.is_empty() {
+                    DaySet::ALL
+                } else {
+                    DaySet(days)
+                },
+                start_min,
+                end_min,
+                tz,
+                tz_name,
+            });
+        }
+        for (k, p) in rule.posture.iter().enumerate() {
+            let field = f(&format!("posture[{k}]"));
+            let source = match (&p.claim, &p.header) {
+                (Some(c), None) if !c.trim().is_empty() => PostureSource::Claim(c.clone()),
+                (None, Some(h)) => {
+                    if !self.trusted_headers.contains(h) {
+                        return Err(self.hint(
+                            format!("{field}.header"),
+                            format!("`{h}` is not a trusted header: a client could send it"),
+                            format!("list it in `network.trusted_headers` and make Envoy remove `{h}` from client requests"),
+                        ));
+                    }
+                    PostureSource::Header(h.clone())
+                }
+                _ => {
+                    return Err(self.hint(
+                        field,
+                        "exactly one non-empty `claim` or `header` is required",
+                        "e.g. `{ claim: device_trust, one_of: [managed] }`",
+                    ));
+                }
+            };
+            let test = match (&p.equals, &p.one_of) {
+                (Some(v), None) => PostureTest::Equals(v.clone()),
+                (None, Some(v)) if !v.is_empty() => PostureTest::OneOf(v.clone()),
+                _ => {
+                    return Err(self.hint(
+                        field,
+                        "exactly one of `equals` or a non-empty `one_of` is required",
+                        "e.g. `{ header: x-device-posture, equals: ok }`",
+                    ));
+                }
+            };
+            out.posture.push(PostureCondition { source, test });
+        }
+        Ok(out)
+    }
+}
+
+/// A CIDR, or a single address as its host network.
+fn parse_cidr(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| {
+            text.parse::<std::net::IpAddr>()
+                .ok()
+                .map(ipnet::IpNet::from)
+        })
+        .map(|n| n.trunc())
 }
 
 /// A lower-case RFC 9110 field name.

@@ -40,6 +40,9 @@ pub struct ConfigFile {
     /// Token-bucket rate limits, all of which apply to every request they select.
     #[serde(default)]
     pub rate_limits: Vec<RateLimitConfig>,
+    /// Revoked tokens (`jti`), sessions (`sid`) and subjects (`sub`).
+    #[serde(default)]
+    pub revocation: RevocationConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -313,6 +316,10 @@ pub struct NetworkConfig {
     /// 0 (default): the client address is the source address Envoy reports.
     #[serde(default)]
     pub trusted_proxy_hops: u32,
+    /// Request headers that only a trusted component sets (Envoy, a device-trust proxy), so
+    /// rules may read posture from them. Envoy MUST remove each of them from client requests.
+    #[serde(default)]
+    pub trusted_headers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -380,6 +387,95 @@ pub struct RuleConfig {
     /// issuers, scopes, roles or claims); a rule without it never holds for an API key.
     #[serde(default)]
     pub api_keys: Vec<String>,
+    /// The client address must be in `cidrs` (when given) and in none of `not_cidrs`.
+    #[serde(default)]
+    pub source: Option<SourceConfig>,
+    /// `now - auth_time` (or `iat` when there is no `auth_time`) at most this.
+    #[serde(default)]
+    pub max_session_age: Option<HumanDuration>,
+    /// `exp - iat` at most this (short-lived credentials for this rule).
+    #[serde(default)]
+    pub max_token_lifetime: Option<HumanDuration>,
+    /// Local days and hours in a time zone.
+    #[serde(default)]
+    pub time_window: Option<TimeWindowConfig>,
+    /// Device posture signals, all of which must hold.
+    #[serde(default)]
+    pub posture: Vec<PostureConfig>,
+}
+
+/// A source-network condition.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+    #[serde(default)]
+    pub not_cidrs: Vec<String>,
+}
+
+/// A time window: `days` (default every day), `hours` `HH:MM-HH:MM` (default all day),
+/// `timezone` an IANA name (default `UTC`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeWindowConfig {
+    #[serde(default)]
+    pub days: Vec<String>,
+    #[serde(default)]
+    pub hours: Option<String>,
+    #[serde(default)]
+    pub timezone: Option<String>,
+}
+
+/// A posture condition: exactly one of `claim`, `header`; exactly one of `equals`, `one_of`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostureConfig {
+    #[serde(default)]
+    pub claim: Option<String>,
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub equals: Option<serde_json::Value>,
+    #[serde(default)]
+    pub one_of: Option<Vec<serde_json::Value>>,
+}
+
+/// The revocation list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// A YAML file of revoked `jti`/`sid`/`sub` values, reloaded on change and on SIGHUP.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// How often the file is checked for changes.
+    #[serde(default = "default_revocation_reload")]
+    pub reload: HumanDuration,
+    /// Lifetime of an entry added through the admin API without `expires_at`.
+    #[serde(default = "default_revocation_ttl")]
+    pub default_ttl: HumanDuration,
+    /// Hex SHA-256 of the bearer secret the admin API's `/revocations` endpoints require.
+    /// Without it, they answer only when the admin listener is bound to loopback.
+    #[serde(default)]
+    pub admin_token_sha256: Option<String>,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        Self {
+            file: None,
+            reload: default_revocation_reload(),
+            default_ttl: default_revocation_ttl(),
+            admin_token_sha256: None,
+        }
+    }
+}
+
+fn default_revocation_reload() -> HumanDuration {
+    HumanDuration::from_secs(1)
+}
+fn default_revocation_ttl() -> HumanDuration {
+    HumanDuration::from_secs(24 * 3600)
 }
 
 /// A claim condition: exactly one of `equals`, `one_of`, `contains`.

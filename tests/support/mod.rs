@@ -177,6 +177,11 @@ impl ChildGuard {
         std::fs::read_to_string(&self.stdout).unwrap_or_default()
     }
 
+    /// The process id while it runs (to send it a signal).
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the process and waits for it to exit (its ports are free afterwards).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -1,0 +1,237 @@
+//! The revocation admin API: `GET /revocations` lists, `POST /revocations` adds a runtime entry,
+//! `DELETE /revocations?jti=...` (or `sid`, `sub`) removes one. OWNER: context helper.
+//!
+//! Runtime entries go to the shared `StateStore` (`revoked:<kind>:<value>`, TTL until
+//! `expires_at`, default `revocation.default_ttl`), so they take effect on the next request,
+//! cached tokens included. File entries are listed but only change by editing the file.
+//!
+//! Access: when `revocation.admin_token_sha256` is set, every call needs
+//! `Authorization: Bearer <secret>` whose SHA-256 matches. Without it, the endpoints answer only
+//! when the admin listener is bound to a loopback address; otherwise they refuse (403), so an
+//! exposed admin port never lets anyone revoke (or un-revoke) tokens.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AdminState;
+use crate::engine::{Engine, unix_now};
+use crate::revocation::{RevokedKind, parse_time};
+
+/// The longest a runtime entry may live: far past any sane token lifetime.
+const MAX_TTL_SECS: i64 = 400 * 24 * 3600;
+/// Bounds of a revoked value.
+const MAX_VALUE_BYTES: usize = 1024;
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+/// `None` when the caller may use the API; else the refusal.
+fn authorize(engine: &Engine, headers: &HeaderMap) -> Option<Response> {
+    let cfg = &engine.config.file;
+    match &cfg.revocation.admin_token_sha256 {
+        Some(want) => {
+            let given = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, secret)| secret.trim());
+            let Some(secret) = given else {
+                return Some(error(
+                    StatusCode::UNAUTHORIZED,
+                    "this endpoint requires the revocation admin bearer secret",
+                ));
+            };
+            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.as_bytes());
+            let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            // Comparing digests leaks nothing useful about the secret through timing.
+            if hex.eq_ignore_ascii_case(want) {
+                None
+            } else {
+                Some(error(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid revocation admin bearer secret",
+                ))
+            }
+        }
+        None => {
+            let loopback = cfg
+                .server
+                .admin_listen
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip().is_loopback());
+            (!loopback).then(|| {
+                error(
+                    StatusCode::FORBIDDEN,
+                    "the admin listener is not on loopback: set `revocation.admin_token_sha256` to use this endpoint",
+                )
+            })
+        }
+    }
+}
+
+/// `jti`, `sid` or `sub`: exactly one. `None` is a bad request (see `bad_kind`).
+fn one_kind(map: &HashMap<String, serde_json::Value>) -> Option<(RevokedKind, String)> {
+    let found: Vec<(RevokedKind, &serde_json::Value)> = RevokedKind::ALL
+        .into_iter()
+        .filter_map(|k| map.get(k.as_str()).map(|v| (k, v)))
+        .collect();
+    match found.as_slice() {
+        [(k, serde_json::Value::String(v))] if !v.is_empty() && v.len() <= MAX_VALUE_BYTES => {
+            Some((*k, v.clone()))
+        }
+        _ => None,
+    }
+}
+
+fn bad_kind() -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "give exactly one of `jti`, `sid` or `sub` as a non-empty string",
+    )
+}
+
+pub async fn list(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+    let engine = state.engine.load_full();
+    if let Some(refusal) = authorize(&engine, &headers) {
+        return refusal;
+    }
+    let file: Vec<_> = engine
+        .revocations
+        .current()
+        .entries()
+        .into_iter()
+        .map(|(k, v, e)| json!({ "kind": k.as_str(), "value": v, "expires_at": e }))
+        .collect();
+    let mut runtime = Vec::new();
+    for kind in RevokedKind::ALL {
+        match engine.state.scan(kind.state_prefix()).await {
+            Ok(entries) => runtime.extend(entries.into_iter().map(|(key, value)| {
+                let v = key.strip_prefix(kind.state_prefix()).unwrap_or_default();
+                json!({ "kind": kind.as_str(), "value": v, "expires_at": value.parse::<i64>().ok() })
+            })),
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        }
+    }
+    Json(json!({
+        "file": file,
+        "file_path": engine.revocations.path().map(|p| p.display().to_string()),
+        "runtime": runtime,
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+pub struct AddBody {
+    #[serde(flatten)]
+    ids: HashMap<String, serde_json::Value>,
+}
+
+pub async fn add(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    body: Result<Json<AddBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let engine = state.engine.load_full();
+    if let Some(refusal) = authorize(&engine, &headers) {
+        return refusal;
+    }
+    let Ok(Json(mut body)) = body else {
+        return error(StatusCode::BAD_REQUEST, "the body must be a JSON object");
+    };
+    let expires = body.ids.remove("expires_at");
+    if let Some(k) = body
+        .ids
+        .keys()
+        .find(|k| !RevokedKind::ALL.iter().any(|r| r.as_str() == k.as_str()))
+    {
+        let k = k.chars().take(64).collect::<String>();
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("unknown field `{k}`: use `jti`, `sid` or `sub`, and `expires_at`"),
+        );
+    }
+    let Some((kind, value)) = one_kind(&body.ids) else {
+        return bad_kind();
+    };
+    let now = unix_now();
+    let expires_at = match expires {
+        None => now.saturating_add(
+            i64::try_from(engine.config.file.revocation.default_ttl.get().as_secs())
+                .unwrap_or(MAX_TTL_SECS),
+        ),
+        Some(serde_json::Value::Number(n)) if n.as_i64().is_some() => n.as_i64().unwrap_or(0),
+        Some(serde_json::Value::String(s)) if parse_time(&s).is_some() => {
+            parse_time(&s).unwrap_or(0)
+        }
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "`expires_at` must be RFC 3339 (e.g. `2026-12-01T00:00:00Z`) or seconds since the epoch",
+            );
+        }
+    };
+    let ttl = expires_at.saturating_sub(now);
+    if ttl <= 0 {
+        return error(StatusCode::BAD_REQUEST, "`expires_at` is in the past");
+    }
+    if ttl > MAX_TTL_SECS {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`expires_at` is more than 400 days away: revoke for as long as the tokens live",
+        );
+    }
+    let key = format!("{}{value}", kind.state_prefix());
+    let ttl = Duration::from_secs(u64::try_from(ttl).unwrap_or(0));
+    if let Err(e) = engine.state.set(&key, &expires_at.to_string(), ttl).await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+    }
+    tracing::info!(
+        revocation.kind = kind.as_str(),
+        revocation.expires_at = expires_at,
+        "revocation added"
+    );
+    (
+        StatusCode::CREATED,
+        Json(json!({ "kind": kind.as_str(), "value": value, "expires_at": expires_at })),
+    )
+        .into_response()
+}
+
+pub async fn remove(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let engine = state.engine.load_full();
+    if let Some(refusal) = authorize(&engine, &headers) {
+        return refusal;
+    }
+    let ids: HashMap<String, serde_json::Value> = query
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::Value::String(v)))
+        .collect();
+    let Some((kind, value)) = one_kind(&ids) else {
+        return bad_kind();
+    };
+    let key = format!("{}{value}", kind.state_prefix());
+    match engine.state.delete(&key).await {
+        Ok(true) => {
+            tracing::info!(revocation.kind = kind.as_str(), "revocation removed");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "no runtime revocation for this value (file entries change only in the file)",
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}

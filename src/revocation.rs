@@ -1,0 +1,597 @@
+//! The revocation list: tokens (`jti`), sessions (`sid`) and subjects (`sub`) denied at once,
+//! on the token-cache fast path too. OWNER: context helper.
+//!
+//! Two sources, both checked for every request that carries a token:
+//! - the file `revocation.file`, kept in memory and reloaded when its content changes (polled
+//!   every `revocation.reload`) and on SIGHUP. A deleted, empty or unparsable file never clears
+//!   the list: the last good one stays in force, and the error is logged and counted. A list
+//!   that could not be loaded even once denies every token (fail closed).
+//! - runtime entries added through the admin API, kept in the shared `StateStore` under
+//!   `revoked:<kind>:<value>` with a TTL until the named tokens would have expired, so a shared
+//!   backend (Redis) makes every replica see them.
+//!
+//! This is shell code (file I/O, tokio tasks, logging); the decision core never sees it.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::admin::metrics::{Metrics, ResultLabels};
+use crate::authz::{Decision, ReasonCode};
+use crate::engine::Engine;
+use crate::identity::Identity;
+use crate::state::StateStore;
+
+/// Which identifier an entry names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RevokedKind {
+    Jti,
+    Sid,
+    Sub,
+}
+
+impl RevokedKind {
+    pub const ALL: [RevokedKind; 3] = [RevokedKind::Jti, RevokedKind::Sid, RevokedKind::Sub];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RevokedKind::Jti => "jti",
+            RevokedKind::Sid => "sid",
+            RevokedKind::Sub => "sub",
+        }
+    }
+
+    /// The identity's value for this kind, if it has one.
+    pub fn of(self, id: &Identity) -> Option<&str> {
+        let v = match self {
+            RevokedKind::Jti => id.claims.get("jti").and_then(serde_json::Value::as_str),
+            RevokedKind::Sid => id.claims.get("sid").and_then(serde_json::Value::as_str),
+            RevokedKind::Sub => Some(id.subject.as_str()),
+        };
+        v.filter(|s| !s.is_empty())
+    }
+
+    /// The shared-state key prefix of this kind.
+    pub const fn state_prefix(self) -> &'static str {
+        match self {
+            RevokedKind::Jti => "revoked:jti:",
+            RevokedKind::Sid => "revoked:sid:",
+            RevokedKind::Sub => "revoked:sub:",
+        }
+    }
+}
+
+/// Why a revocation file or entry is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RevocationError {
+    #[error("cannot read the revocation file `{path}`: {message}")]
+    Read { path: String, message: String },
+    #[error("the revocation file `{0}` is empty: an empty list is written `revoked: []`")]
+    Empty(String),
+    #[error("invalid revocation file `{path}`: {message}")]
+    Parse { path: String, message: String },
+    #[error("entry {index}: exactly one of `jti`, `sid` or `sub` is required")]
+    EntryKind { index: usize },
+    #[error(
+        "entry {index}: invalid `expires` `{value}` (use RFC 3339, e.g. `2026-12-01T00:00:00Z`)"
+    )]
+    Expires { index: usize, value: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    revoked: Vec<FileEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEntry {
+    #[serde(default)]
+    jti: Option<String>,
+    #[serde(default)]
+    sid: Option<String>,
+    #[serde(default)]
+    sub: Option<String>,
+    /// RFC 3339. Absent: in force while the entry is in the file.
+    #[serde(default)]
+    expires: Option<String>,
+}
+
+/// One parsed list: per kind, value -> expiry (seconds since the epoch; `None` = no expiry).
+#[derive(Debug, Default, Clone)]
+pub struct RevocationList {
+    maps: [HashMap<String, Option<i64>>; 3],
+}
+
+impl RevocationList {
+    /// Parses the file's text. An empty document is an error, never an empty list.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, RevocationError> {
+        let shown = path.display().to_string();
+        if text.trim().is_empty() {
+            return Err(RevocationError::Empty(shown));
+        }
+        let doc: FileDoc = serde_yaml::from_str(text).map_err(|e| RevocationError::Parse {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        let mut list = RevocationList::default();
+        for (index, e) in doc.revoked.into_iter().enumerate() {
+            let (kind, value) = match (e.jti, e.sid, e.sub) {
+                (Some(v), None, None) => (RevokedKind::Jti, v),
+                (None, Some(v), None) => (RevokedKind::Sid, v),
+                (None, None, Some(v)) => (RevokedKind::Sub, v),
+                _ => return Err(RevocationError::EntryKind { index }),
+            };
+            if value.is_empty() {
+                return Err(RevocationError::EntryKind { index });
+            }
+            let expires = match e.expires {
+                None => None,
+                Some(t) => {
+                    Some(parse_time(&t).ok_or(RevocationError::Expires { index, value: t })?)
+                }
+            };
+            list.insert(kind, value, expires);
+        }
+        Ok(list)
+    }
+
+    /// Adds an entry; of two entries for one value, the later expiry wins.
+    pub fn insert(&mut self, kind: RevokedKind, value: String, expires: Option<i64>) {
+        let slot = self.maps[kind as usize].entry(value).or_insert(expires);
+        *slot = match (*slot, expires) {
+            (None, _) | (_, None) => None,
+            (Some(a), Some(b)) => Some(a.max(b)),
+        };
+    }
+
+    /// The first kind under which the identity is revoked at `now`. One map lookup per kind,
+    /// no allocation.
+    pub fn lookup(&self, id: &Identity, now: i64) -> Option<RevokedKind> {
+        RevokedKind::ALL.into_iter().find(|k| {
+            k.of(id)
+                .and_then(|v| self.maps[*k as usize].get(v))
+                .is_some_and(|exp| exp.is_none_or(|e| now < e))
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.maps.iter().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every entry, sorted, for listings.
+    pub fn entries(&self) -> Vec<(RevokedKind, String, Option<i64>)> {
+        let mut out: Vec<_> = RevokedKind::ALL
+            .into_iter()
+            .flat_map(|k| {
+                self.maps[k as usize]
+                    .iter()
+                    .map(move |(v, e)| (k, v.clone(), *e))
+            })
+            .collect();
+        out.sort_by(|a, b| (a.0.as_str(), &a.1).cmp(&(b.0.as_str(), &b.1)));
+        out
+    }
+}
+
+/// An RFC 3339 time as seconds since the epoch.
+pub fn parse_time(text: &str) -> Option<i64> {
+    text.trim()
+        .parse::<jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_second())
+}
+
+/// What one reload attempt did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// No file is configured.
+    NoFile,
+    /// The content is the same as last time (good or bad).
+    Unchanged,
+    /// A new list is in force, with this many entries.
+    Reloaded(usize),
+    /// The file is unusable; the previous list stays in force.
+    Failed(RevocationError),
+}
+
+/// The file-based list of one configuration, with its reload state.
+pub struct Revocations {
+    path: Option<PathBuf>,
+    list: ArcSwap<RevocationList>,
+    /// Hash of the content last looked at, so an unchanged file is neither re-parsed nor
+    /// re-reported. Also serializes reloads.
+    seen: Mutex<Option<u64>>,
+    /// Whether any load ever succeeded. Read on every request, so an atomic, not the mutex.
+    loaded: AtomicBool,
+    /// Why the first load failed, if it did.
+    first_error: Option<RevocationError>,
+}
+
+impl Revocations {
+    /// No file configured: only runtime entries apply.
+    pub fn none() -> Self {
+        Revocations {
+            path: None,
+            list: ArcSwap::from_pointee(RevocationList::default()),
+            seen: Mutex::new(None),
+            loaded: AtomicBool::new(true),
+            first_error: None,
+        }
+    }
+
+    /// Loads the configured file now. A failure leaves the list "never loaded": `check` then
+    /// denies every token and `startup_error` says why (the server refuses to start on it).
+    pub fn load(path: Option<PathBuf>) -> Self {
+        let Some(path) = path else {
+            return Self::none();
+        };
+        let mut r = Revocations {
+            path: Some(path),
+            list: ArcSwap::from_pointee(RevocationList::default()),
+            seen: Mutex::new(None),
+            loaded: AtomicBool::new(false),
+            first_error: None,
+        };
+        if let ReloadOutcome::Failed(e) = r.reload(true) {
+            r.first_error = Some(e);
+        }
+        r
+    }
+
+    /// Why the list could not be loaded at startup, while it still has never been loaded.
+    pub fn startup_error(&self) -> Option<&RevocationError> {
+        self.first_error.as_ref().filter(|_| !self.loaded())
+    }
+
+    /// The configured file.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// True once a list was loaded (always true without a file).
+    pub fn loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    /// The list in force.
+    pub fn current(&self) -> Arc<RevocationList> {
+        self.list.load_full()
+    }
+
+    /// Re-reads the file; `force` re-parses (and re-reports) even unchanged content.
+    pub fn reload(&self, force: bool) -> ReloadOutcome {
+        let Some(path) = &self.path else {
+            return ReloadOutcome::NoFile;
+        };
+        let read = std::fs::read_to_string(path);
+        let mut h = DefaultHasher::new();
+        match &read {
+            Ok(text) => text.hash(&mut h),
+            Err(e) => e.kind().hash(&mut h),
+        }
+        let hash = h.finish();
+        let mut seen = self.seen();
+        if !force && *seen == Some(hash) {
+            return ReloadOutcome::Unchanged;
+        }
+        *seen = Some(hash);
+        let parsed = read
+            .map_err(|e| RevocationError::Read {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })
+            .and_then(|text| RevocationList::parse(&text, path));
+        match parsed {
+            Ok(list) => {
+                let n = list.len();
+                self.list.store(Arc::new(list));
+                self.loaded.store(true, Ordering::Release);
+                ReloadOutcome::Reloaded(n)
+            }
+            Err(e) => ReloadOutcome::Failed(e),
+        }
+    }
+
+    /// Denies a revoked identity (401 `revoked`), or every identity while no list was ever
+    /// loaded (503 `state_unavailable`: fail closed).
+    pub fn check(&self, id: &Identity, now: i64) -> Result<(), Decision> {
+        if !self.loaded() {
+            return Err(Decision::new(
+                ReasonCode::StateUnavailable,
+                "the revocation list could not be loaded",
+            ));
+        }
+        match self.list.load().lookup(id, now) {
+            Some(kind) => Err(revoked(kind)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The deny for a revoked identity. Names the kind, never the value.
+pub fn revoked(kind: RevokedKind) -> Decision {
+    Decision::new(
+        ReasonCode::Revoked,
+        format!("the token has been revoked (by `{}`)", kind.as_str()),
+    )
+}
+
+/// Runtime entries in shared state: denies when the identity's `jti`, `sid` or `sub` is there.
+/// A store error is a 503 deny (fail closed).
+pub async fn check_state(state: &dyn StateStore, id: &Identity) -> Result<(), Decision> {
+    let mut key = String::with_capacity(64);
+    for kind in RevokedKind::ALL {
+        let Some(value) = kind.of(id) else {
+            continue;
+        };
+        key.clear();
+        key.push_str(kind.state_prefix());
+        key.push_str(value);
+        match state.get(&key).await {
+            Ok(Some(_)) => return Err(revoked(kind)),
+            Ok(None) => {}
+            Err(e) => return Err(Decision::new(ReasonCode::StateUnavailable, e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// Records and logs one reload outcome.
+pub fn report(outcome: &ReloadOutcome, metrics: &Metrics, trigger: &'static str) {
+    match outcome {
+        ReloadOutcome::NoFile | ReloadOutcome::Unchanged => {}
+        ReloadOutcome::Reloaded(n) => {
+            metrics
+                .revocation_reloads
+                .get_or_create(&ResultLabels { result: "ok" })
+                .inc();
+            metrics
+                .revocation_entries
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+            tracing::info!(revocation.entries = n, trigger, "revocation list reloaded");
+        }
+        ReloadOutcome::Failed(e) => {
+            metrics
+                .revocation_reloads
+                .get_or_create(&ResultLabels { result: "error" })
+                .inc();
+            tracing::error!(error = %e, trigger, "revocation list not reloaded; the previous list stays in force");
+        }
+    }
+}
+
+/// Keeps the current engine's file-based list fresh: polls every `revocation.reload` and
+/// reloads at once on SIGHUP, until `stop`.
+pub fn spawn_watcher(
+    engine: Arc<ArcSwap<Engine>>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    // INVARIANT: the SIGHUP handler is installed before this returns, so a SIGHUP sent once the
+    // server is up reloads instead of taking the default action (terminating the process).
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; the revocation file is still polled");
+            None
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            let interval = engine.load().config.file.revocation.reload.get();
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let (force, trigger) = tokio::select! {
+                _ = tokio::time::sleep(interval.max(Duration::from_millis(100))) => (false, "poll"),
+                _ = hangup => (true, "sighup"),
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let current = engine.load_full();
+            let revocations = current.revocations.clone();
+            // File reads block; keep them off the async workers.
+            let outcome = match tokio::task::spawn_blocking(move || revocations.reload(force)).await
+            {
+                Ok(o) => o,
+                Err(_) => continue,
+            };
+            report(&outcome, &metrics, trigger);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn id(claims: serde_json::Value) -> Identity {
+        let claims = claims.as_object().cloned().unwrap_or_default();
+        Identity {
+            issuer_name: Arc::from("dev"),
+            issuer: "i".to_string(),
+            subject: claims
+                .get("sub")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string(),
+            scopes: Vec::new(),
+            roles: Vec::new(),
+            expires_at: 0,
+            not_before: None,
+            issued_at: None,
+            key_fingerprint: Arc::from("k"),
+            claims,
+        }
+    }
+
+    const FILE: &str = r#"
+revoked:
+  - {jti: t-1}
+  - {sid: s-1, expires: "2027-01-15T08:00:00Z"}
+  - {sub: mallory, expires: "2027-01-15T08:00:00+01:00"}
+"#;
+
+    #[test]
+    fn lookup_by_each_kind_until_expiry() {
+        let l = RevocationList::parse(FILE, Path::new("r.yaml")).unwrap();
+        assert_eq!(l.len(), 3);
+        let exp = parse_time("2027-01-15T08:00:00Z").unwrap();
+        let now = exp - 10;
+        assert_eq!(
+            l.lookup(&id(json!({"jti": "t-1"})), now),
+            Some(RevokedKind::Jti)
+        );
+        assert_eq!(l.lookup(&id(json!({"jti": "t-2"})), now), None);
+        assert_eq!(
+            l.lookup(&id(json!({"sid": "s-1"})), now),
+            Some(RevokedKind::Sid)
+        );
+        assert_eq!(
+            l.lookup(&id(json!({"sid": "s-1"})), exp),
+            None,
+            "expired entry"
+        );
+        assert_eq!(
+            l.lookup(&id(json!({"sub": "mallory"})), exp - 3600 - 1),
+            Some(RevokedKind::Sub)
+        );
+        assert_eq!(
+            l.lookup(&id(json!({"sub": "mallory"})), exp - 3600),
+            None,
+            "offset honoured"
+        );
+        assert_eq!(
+            l.lookup(&id(json!({"jti": "t-1"})), i64::MAX),
+            Some(RevokedKind::Jti)
+        );
+        // A value of another kind never matches.
+        assert_eq!(
+            l.lookup(&id(json!({"jti": "s-1", "sub": "t-1"})), now),
+            None
+        );
+    }
+
+    #[test]
+    fn bad_files_are_errors_not_empty_lists() {
+        let p = Path::new("r.yaml");
+        assert!(matches!(
+            RevocationList::parse("", p),
+            Err(RevocationError::Empty(_))
+        ));
+        assert!(matches!(
+            RevocationList::parse("  \n", p),
+            Err(RevocationError::Empty(_))
+        ));
+        assert!(matches!(
+            RevocationList::parse("revoked: [", p),
+            Err(RevocationError::Parse { .. })
+        ));
+        assert!(matches!(
+            RevocationList::parse("revokd: []", p),
+            Err(RevocationError::Parse { .. })
+        ));
+        assert!(matches!(
+            RevocationList::parse("revoked: [{jti: a, sub: b}]", p),
+            Err(RevocationError::EntryKind { index: 0 })
+        ));
+        assert!(matches!(
+            RevocationList::parse("revoked: [{jti: a, expires: tomorrow}]", p),
+            Err(RevocationError::Expires { .. })
+        ));
+        assert!(RevocationList::parse("revoked: []", p).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_broken_or_deleted_file_keeps_the_last_good_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("revoked.yaml");
+        std::fs::write(&path, FILE).unwrap();
+        let r = Revocations::load(Some(path.clone()));
+        assert!(r.startup_error().is_none());
+        let mallory = id(json!({"jti": "t-1"}));
+        assert_eq!(r.check(&mallory, 0).unwrap_err().code, ReasonCode::Revoked);
+        assert_eq!(r.reload(false), ReloadOutcome::Unchanged);
+        for broken in ["", "revoked: [", "{}"] {
+            std::fs::write(&path, broken).unwrap();
+            assert!(
+                matches!(r.reload(false), ReloadOutcome::Failed(_)),
+                "{broken:?}"
+            );
+            assert_eq!(r.check(&mallory, 0).unwrap_err().code, ReasonCode::Revoked);
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            r.reload(false),
+            ReloadOutcome::Failed(RevocationError::Read { .. })
+        ));
+        assert_eq!(
+            r.reload(false),
+            ReloadOutcome::Unchanged,
+            "the same error is reported once"
+        );
+        assert_eq!(r.check(&mallory, 0).unwrap_err().code, ReasonCode::Revoked);
+        std::fs::write(&path, "revoked: []").unwrap();
+        assert_eq!(r.reload(false), ReloadOutcome::Reloaded(0));
+        assert!(r.check(&mallory, 0).is_ok());
+    }
+
+    #[test]
+    fn a_list_never_loaded_denies_every_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("revoked.yaml");
+        std::fs::write(&path, "revoked: nope").unwrap();
+        let r = Revocations::load(Some(path.clone()));
+        assert!(r.startup_error().is_some());
+        assert_eq!(
+            r.check(&id(json!({})), 0).unwrap_err().code,
+            ReasonCode::StateUnavailable
+        );
+        std::fs::write(&path, "revoked: []").unwrap();
+        assert_eq!(r.reload(false), ReloadOutcome::Reloaded(0));
+        assert!(r.check(&id(json!({})), 0).is_ok());
+        assert!(r.startup_error().is_none());
+    }
+
+    #[tokio::test]
+    async fn runtime_entries_in_state_deny_and_errors_fail_closed() {
+        let store = crate::state::MemoryStore::new();
+        let who = id(json!({"sub": "bob", "sid": "s-9"}));
+        assert!(check_state(&store, &who).await.is_ok());
+        store
+            .set("revoked:sid:s-9", "1", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let d = check_state(&store, &who).await.unwrap_err();
+        assert_eq!((d.code, d.http_status()), (ReasonCode::Revoked, 401));
+        assert!(!d.detail.contains("s-9"), "the value is never echoed");
+        // An expired entry no longer denies.
+        store
+            .set("revoked:sid:s-9", "1", Duration::from_millis(0))
+            .await
+            .unwrap();
+        assert!(check_state(&store, &who).await.is_ok());
+    }
+}
