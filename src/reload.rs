@@ -186,7 +186,16 @@ impl Reloader {
             store
         };
         let routes = new.file.routes.len();
-        let engine = Engine::new(Arc::new(new), keys, old.state.clone(), self.metrics.clone());
+        let same_revocations = new.revocation_file == old.config.revocation_file;
+        let mut engine = Engine::new(Arc::new(new), keys, old.state.clone(), self.metrics.clone());
+        if same_revocations {
+            // The revocation watcher keeps the list current; a fresh load would only lose a
+            // last-good list that a broken file is currently shadowing.
+            engine = engine.with_revocations(old.revocations.clone());
+        } else if let Some(e) = engine.revocations.startup_error() {
+            // A new revocation file that does not load would deny every token: refuse.
+            return Err(format!("{}: revocation.file: {e}", self.path.display()));
+        }
         self.engine.store(Arc::new(engine));
         tracing::info!(config = %self.path.display(), routes, "config reloaded");
         Ok(())
