@@ -3,8 +3,10 @@
 //! Pure and synchronous: no I/O, no clock (the caller passes `now`), no tokio, no tracing.
 //! Key *fetching* lives in `keys`; this module only parses key sets it is handed.
 
+pub mod dpop;
 pub mod jwk;
 pub mod jwt;
+pub mod peer;
 pub mod strict_json;
 
 use std::sync::Arc;
