@@ -384,6 +384,8 @@ fn run_case(case: &Case, loaded: &Loaded, yaml_dir: &Path) -> Vec<String> {
         headers: &headers,
         source_ip: case.request.source_ip,
         source_principal: &case.request.source_principal,
+        scheme: "https",
+        peer_certificate: None,
     };
     let keys = |name: &str| -> Result<Arc<KeySet>, KeyError> {
         if let Some(set) = loaded.keys.get(name) {

@@ -27,6 +27,7 @@ use super::decision::{Decision, ReasonCode};
 use super::path;
 use super::request::RequestView;
 use crate::identity::Identity;
+use crate::identity::peer::PrincipalPattern;
 
 /// One segment of a path template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,6 +351,22 @@ pub struct CompiledRule {
     pub roles: Vec<String>,
     pub claims: Vec<ClaimCondition>,
     pub bind: Vec<Binding>,
+    /// Any of these peer principals. A rule with only principals (no other condition) is a
+    /// service grant that needs no token.
+    pub principals: Vec<PrincipalPattern>,
+}
+
+impl CompiledRule {
+    /// True when the peer identity alone satisfies the rule (it has principals and no
+    /// condition on a token).
+    pub fn is_peer_only(&self) -> bool {
+        !self.principals.is_empty()
+            && self.issuers.is_empty()
+            && self.scopes.is_empty()
+            && self.roles.is_empty()
+            && self.claims.is_empty()
+            && self.bind.is_empty()
+    }
 }
 
 /// One route.
@@ -498,10 +515,38 @@ impl Policy {
 
     /// Evaluates the matched route's rules for a verified identity.
     pub fn authorize(&self, m: &RouteMatch<'_>, identity: &Arc<Identity>) -> Decision {
+        self.authorize_peer(m, Some(identity), &[])
+    }
+
+    /// True when some rule of the matched route is a service grant (principals only), so a
+    /// request without a token may still be granted by its peer identity.
+    pub fn route_has_peer_rules(&self, m: &RouteMatch<'_>) -> bool {
+        self.routes
+            .get(m.route_index)
+            .is_some_and(|r| r.rules.iter().any(CompiledRule::is_peer_only))
+    }
+
+    /// True when every rule of the matched route is a service grant.
+    pub fn route_is_peer_only(&self, m: &RouteMatch<'_>) -> bool {
+        self.routes
+            .get(m.route_index)
+            .is_some_and(|r| !r.rules.is_empty() && r.rules.iter().all(CompiledRule::is_peer_only))
+    }
+
+    /// Evaluates the matched route's rules for a verified identity (`None`: the request
+    /// carries no token) and the request's peer principals (Envoy's `source.principal` and
+    /// the forwarded certificate's URI SANs). Without an identity only service grants
+    /// (rules with principals and nothing else) can hold.
+    pub fn authorize_peer(
+        &self,
+        m: &RouteMatch<'_>,
+        identity: Option<&Arc<Identity>>,
+        principals: &[&str],
+    ) -> Decision {
         let route_id = Some(m.route_id.clone());
         let with = |d: Decision| {
             d.with_route(route_id.clone())
-                .with_identity(Some(identity.clone()))
+                .with_identity(identity.cloned())
         };
         let Some(route) = self
             .routes
@@ -519,7 +564,7 @@ impl Policy {
         }
         let mut closest: Option<(&CompiledRule, Vec<Failure<'_>>)> = None;
         for rule in &route.rules {
-            let failures = evaluate(rule, m, identity);
+            let failures = evaluate(rule, m, identity.map(|i| &**i), principals);
             if failures.is_empty() {
                 return with(
                     Decision::new(
@@ -646,6 +691,10 @@ enum Failure<'r> {
     Roles(&'r [String]),
     Claim(&'r str),
     Binding(&'r Binding),
+    /// None of the request's peer principals is listed.
+    Principal,
+    /// The rule has token conditions and the request carries no token.
+    Token,
 }
 
 impl fmt::Display for Failure<'_> {
@@ -658,6 +707,8 @@ impl fmt::Display for Failure<'_> {
                 write!(f, "missing role {}", list.join(" or "))
             }
             Failure::Claim(c) => write!(f, "claim `{c}` does not satisfy the rule"),
+            Failure::Principal => f.write_str("the peer principal is not granted by this rule"),
+            Failure::Token => f.write_str("this rule requires a token"),
             Failure::Binding(b) => match &b.kind {
                 BindingKind::EqualsClaim(c) => {
                     write!(f, "path parameter `{}` does not match claim `{c}`", b.param)
@@ -670,8 +721,27 @@ impl fmt::Display for Failure<'_> {
     }
 }
 
-fn evaluate<'r>(rule: &'r CompiledRule, m: &RouteMatch<'_>, id: &Identity) -> Vec<Failure<'r>> {
+fn evaluate<'r>(
+    rule: &'r CompiledRule,
+    m: &RouteMatch<'_>,
+    id: Option<&Identity>,
+    principals: &[&str],
+) -> Vec<Failure<'r>> {
     let mut failures = Vec::new();
+    if !rule.principals.is_empty()
+        && !principals
+            .iter()
+            .any(|p| rule.principals.iter().any(|pat| pat.matches(p)))
+    {
+        failures.push(Failure::Principal);
+    }
+    let Some(id) = id else {
+        // INVARIANT: without a token, only a rule with no token condition can hold.
+        if !rule.is_peer_only() {
+            failures.push(Failure::Token);
+        }
+        return failures;
+    };
     if !rule.issuers.is_empty() && !rule.issuers.contains(&id.issuer_name) {
         failures.push(Failure::Issuer);
     }
