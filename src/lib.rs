@@ -14,3 +14,4 @@ pub mod identity;
 pub mod keys;
 pub mod server;
 pub mod state;
+pub mod tls;
