@@ -324,6 +324,8 @@ fn spawn_reloader(
 ) {
     tokio::spawn(async move {
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        // Unreadable files are reported once per distinct error, not every second.
+        let mut last_error = String::new();
         let mut tick = tokio::time::interval(RELOAD_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -344,12 +346,15 @@ fn spawn_reloader(
                 Ok(c) => c,
                 Err(e) => {
                     // Mid-rotation (a file briefly missing) or a real mistake: keep serving.
-                    if forced || last_error_changed(&e) {
-                        tracing::error!(error = %e, "TLS files unreadable; keeping the current certificate");
+                    let text = e.to_string();
+                    if forced || text != last_error {
+                        tracing::error!(error = %text, "TLS files unreadable; keeping the current certificate");
+                        last_error = text;
                     }
                     continue;
                 }
             };
+            last_error.clear();
             if contents == last && !forced {
                 continue;
             }
@@ -366,19 +371,4 @@ fn spawn_reloader(
             last = contents;
         }
     });
-}
-
-/// Unreadable files are reported once per distinct error, not every second.
-fn last_error_changed(e: &TlsError) -> bool {
-    use std::sync::Mutex;
-    static LAST: Mutex<String> = Mutex::new(String::new());
-    let text = e.to_string();
-    match LAST.lock() {
-        Ok(mut last) if *last != text => {
-            *last = text;
-            true
-        }
-        Ok(_) => false,
-        Err(_) => true,
-    }
 }
