@@ -387,6 +387,8 @@ pub async fn explain(args: &ExplainArgs) -> Result<Explanation, CliError> {
         headers: &headers,
         source_ip: args.source_ip,
         source_principal: "",
+        scheme: "http",
+        peer_certificate: None,
     };
     let keys = |name: &str| -> Result<Arc<KeySet>, KeyError> { store.get(name) };
     let decision = decide::decide(&config, &view, &keys, unix_now());

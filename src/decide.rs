@@ -11,9 +11,15 @@
 //! they come from (the live `KeyStore`, or fixed sets in tests and `explain`).
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::Value;
 
 use crate::authz::{Decision, ReasonCode, RequestView, RouteMatch};
 use crate::config::{CompiledIssuer, Config};
+use crate::identity::dpop::{self, DpopError, DpopMode, ProofRequest};
 use crate::identity::{Identity, KeySet, jwt};
 use crate::keys::KeyError;
 
@@ -32,7 +38,15 @@ pub struct Credential<'r> {
     pub token: &'r str,
     /// The header it was found in (lower-case).
     pub header: &'r str,
+    /// Sent with the `DPoP` scheme (RFC 9449) rather than the issuer's own (`Bearer`).
+    pub dpop: bool,
 }
+
+/// The DPoP authorization scheme.
+pub const DPOP_SCHEME: &str = "DPoP";
+
+/// The request header carrying a DPoP proof (lower-case, as Envoy forwards it).
+pub const DPOP_HEADER: &str = "dpop";
 
 /// Decides a request without a token cache. Used by `explain`, the corpus and as the
 /// reference the cached path in `engine` must agree with.
@@ -50,24 +64,32 @@ pub fn decide(
         return public_allow(&m);
     }
     let route = Some(m.route_id.clone());
+    let principals = req.principals();
     let cred = match extract_credential(config, req) {
         Ok(c) => c,
-        Err(deny) => return deny.with_route(route),
+        Err(deny) => return peer_grant(config, req, &m, deny, &principals, now).with_route(route),
     };
     let identity = match verify_credential(config, &cred, keys, now) {
         Ok(id) => id,
         Err(deny) => return deny.with_route(route),
     };
-    authorize(config, req, &m, &identity, now)
+    // The pure part of the binding checks; single use of a DPoP `jti` needs shared state
+    // and is the engine's (this reference path accepts a replay).
+    if let Err(deny) = binding_checks(config, req, &cred, &identity, now) {
+        return deny.with_route(route).with_identity(Some(identity));
+    }
+    authorize(config, req, &m, &identity, &principals, now)
 }
 
 /// The grant step: an API key must list the endpoint, then a rule of the route must hold,
-/// context conditions (source network, session age, time window, posture) included.
+/// with its peer principals and context conditions (source network, session age, time
+/// window, posture).
 pub fn authorize(
     config: &Config,
     req: &RequestView<'_>,
     m: &RouteMatch<'_>,
     identity: &Arc<Identity>,
+    principals: &[&str],
     now: i64,
 ) -> Decision {
     if let Err(deny) = api_key_endpoint(config, req, identity) {
@@ -76,7 +98,9 @@ pub fn authorize(
             .with_identity(Some(identity.clone()));
     }
     let ctx = crate::authz::Context::of(req, now, config.file.network.trusted_proxy_hops);
-    config.policy.authorize(m, identity, &ctx)
+    config
+        .policy
+        .authorize_peer(m, Some(identity), principals, &ctx)
 }
 
 /// For an API-key identity: the key's own `routes` must cover the request's method and path.
@@ -99,6 +123,211 @@ pub fn api_key_endpoint(
             format!("API key `{id}` is not valid for this endpoint"),
         )),
     }
+}
+
+/// A request without a credential may still be granted by a service grant (a rule with
+/// only `principals`) matching its peer identity. Anything else keeps the original deny,
+/// except on a route of service grants only, whose answer is the grant's own 403.
+pub fn peer_grant(
+    config: &Config,
+    req: &RequestView<'_>,
+    m: &RouteMatch<'_>,
+    deny: Decision,
+    principals: &[&str],
+    now: i64,
+) -> Decision {
+    // INVARIANT: only a missing credential falls back to the peer identity. A malformed,
+    // doubled or unverifiable credential is a deny even when the peer would be granted.
+    if deny.code != ReasonCode::CredentialMissing || !config.policy.route_has_peer_rules(m) {
+        return deny;
+    }
+    let ctx = crate::authz::Context::of(req, now, config.file.network.trusted_proxy_hops);
+    let granted = config.policy.authorize_peer(m, None, principals, &ctx);
+    if granted.is_allow() || config.policy.route_is_peer_only(m) {
+        granted
+    } else {
+        deny
+    }
+}
+
+/// A DPoP proof to record as used: its key in shared state and how long to keep it.
+#[derive(Debug, Clone)]
+pub struct ReplayGuard {
+    pub key: String,
+    pub ttl: Duration,
+    /// The deny when the key was already present.
+    pub replayed: Decision,
+}
+
+/// Checks that tie a verified token to the request carrying it: certificate binding
+/// (RFC 8705 `cnf.x5t#S256`) and DPoP (RFC 9449: scheme, proof, `cnf.jkt`). Pure; returns
+/// the proof's replay guard for the caller to enforce with shared state.
+pub fn binding_checks(
+    config: &Config,
+    req: &RequestView<'_>,
+    cred: &Credential<'_>,
+    identity: &Identity,
+    now: i64,
+) -> Result<Option<ReplayGuard>, Decision> {
+    // API keys are not tokens: there is nothing to bind, and no issuer to look up.
+    if identity.api_key_id().is_some() {
+        return Ok(None);
+    }
+    let Some(issuer) = config
+        .issuers
+        .iter()
+        .find(|i| i.name == identity.issuer_name)
+    else {
+        return Err(Decision::new(
+            ReasonCode::Internal,
+            "the verifying issuer is not part of this configuration",
+        ));
+    };
+    cert_binding(issuer, req, identity)?;
+    dpop_binding(issuer, req, cred, identity, now)
+}
+
+fn cnf_member<'i>(identity: &'i Identity, name: &str) -> Option<&'i Value> {
+    identity.claims.get("cnf").and_then(|c| c.get(name))
+}
+
+fn cert_binding(
+    issuer: &CompiledIssuer,
+    req: &RequestView<'_>,
+    identity: &Identity,
+) -> Result<(), Decision> {
+    let invalid = |detail: &'static str| Decision::new(ReasonCode::InvalidToken, detail);
+    // A token that carries a certificate binding is always held to it, configured or not.
+    match cnf_member(identity, "x5t#S256") {
+        None if issuer.cert_bound => Err(invalid(
+            "this issuer's tokens must be certificate-bound (`cnf.x5t#S256`)",
+        )),
+        None => Ok(()),
+        Some(Value::String(bound)) => match req.peer_certificate {
+            Some(cert) if constant_time_eq(cert.thumbprint_s256.as_bytes(), bound.as_bytes()) => {
+                Ok(())
+            }
+            Some(_) => Err(invalid(
+                "the token is bound to a different client certificate",
+            )),
+            None => Err(invalid(
+                "the token is certificate-bound and the request has no client certificate",
+            )),
+        },
+        Some(_) => Err(invalid("the token's `cnf.x5t#S256` is not a string")),
+    }
+}
+
+fn dpop_binding(
+    issuer: &CompiledIssuer,
+    req: &RequestView<'_>,
+    cred: &Credential<'_>,
+    identity: &Identity,
+    now: i64,
+) -> Result<Option<ReplayGuard>, Decision> {
+    let jkt = cnf_member(identity, "jkt");
+    if !cred.dpop {
+        if jkt.is_some() {
+            return Err(dpop_deny(
+                issuer,
+                ReasonCode::InvalidToken,
+                "a DPoP-bound token must be sent with the DPoP scheme, not as a bearer token",
+            ));
+        }
+        if issuer.dpop.mode == DpopMode::Required {
+            return Err(dpop_deny(
+                issuer,
+                ReasonCode::InvalidToken,
+                "this issuer's tokens must be sent with DPoP",
+            ));
+        }
+        return Ok(None);
+    }
+    if issuer.dpop.mode == DpopMode::Disabled {
+        return Err(Decision::new(
+            ReasonCode::InvalidToken,
+            "this issuer does not accept the DPoP scheme",
+        ));
+    }
+    let Some(Value::String(jkt)) = jkt else {
+        return Err(dpop_deny(
+            issuer,
+            ReasonCode::InvalidToken,
+            "the token is not DPoP-bound (no string `cnf.jkt`)",
+        ));
+    };
+    let proof = match req.header(DPOP_HEADER) {
+        None => Err(DpopError::Missing),
+        // Repeated headers arrive joined with `,`, which a compact JWS never contains.
+        Some(p) if p.contains(',') => Err(DpopError::Multiple),
+        Some(p) => Ok(p.trim()),
+    };
+    let proof_req = ProofRequest {
+        method: req.method,
+        scheme: req.scheme,
+        host: req.host,
+        path: req.path,
+    };
+    let verified = proof
+        .and_then(|p| dpop::verify_proof(p, cred.token, jkt, &issuer.dpop, &proof_req, now))
+        .map_err(|e| invalid_proof(issuer, &e))?;
+    let jti_hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verified.jti.as_bytes());
+    Ok(Some(ReplayGuard {
+        key: format!(
+            "dpop:jti:{}:{}:{}",
+            issuer.name,
+            verified.jkt,
+            URL_SAFE_NO_PAD.encode(jti_hash.as_ref())
+        ),
+        // A proof is acceptable from `iat - window` to `iat + window`.
+        ttl: Duration::from_secs(issuer.dpop.window_secs.saturating_mul(2)),
+        replayed: invalid_proof(issuer, &DpopError::Replayed),
+    }))
+}
+
+/// An `invalid_dpop_proof` deny with its DPoP challenge.
+pub fn invalid_proof(issuer: &CompiledIssuer, e: &DpopError) -> Decision {
+    dpop_deny(issuer, ReasonCode::InvalidDpopProof, e.to_string())
+}
+
+/// A 401 carrying a `DPoP` challenge (RFC 9449 7.1) instead of the Bearer one.
+fn dpop_deny(
+    issuer: &CompiledIssuer,
+    code: ReasonCode,
+    detail: impl Into<std::borrow::Cow<'static, str>>,
+) -> Decision {
+    let d = Decision::new(code, detail);
+    let algs: Vec<String> = issuer
+        .dpop
+        .algorithms
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect();
+    let error = match code {
+        ReasonCode::InvalidDpopProof => "invalid_dpop_proof",
+        _ => "invalid_token",
+    };
+    let challenge = format!(
+        "DPoP algs=\"{}\", error=\"{error}\", error_description=\"{}\"",
+        algs.join(" "),
+        challenge_safe(&d.detail)
+    );
+    d.with_header("www-authenticate", challenge)
+}
+
+/// RFC 6750/9449 restrict error_description to printable ASCII without `"` and `\\`.
+fn challenge_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '"' | '\\' => '\'',
+            ' '..='~' => c,
+            _ => '?',
+        })
+        .collect()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The allow decision for a public route.
@@ -132,10 +361,11 @@ pub fn extract_credential<'r>(
         }
         count += 1;
         match strip_scheme(config, name, value) {
-            Some(token) => {
+            Some((token, dpop)) => {
                 found = Some(Credential {
                     token,
                     header: header.as_str(),
+                    dpop,
                 })
             }
             None => scheme_mismatch = true,
@@ -153,6 +383,7 @@ pub fn extract_credential<'r>(
         found = Some(Credential {
             token: value.trim(),
             header: header.as_str(),
+            dpop: false,
         });
     }
 
@@ -215,23 +446,34 @@ fn multiple() -> Decision {
     )
 }
 
-/// Strips the scheme of any issuer using this header. `None` when no scheme fits.
-fn strip_scheme<'r>(config: &Config, header: &str, value: &'r str) -> Option<&'r str> {
+/// Strips the scheme of any issuer using this header: its own scheme, or `DPoP` when it
+/// accepts DPoP (then the flag is true). `None` when no scheme fits.
+fn strip_scheme<'r>(config: &Config, header: &str, value: &'r str) -> Option<(&'r str, bool)> {
     let value = value.trim();
     for issuer in config.issuers.iter().filter(|i| i.header == header) {
-        if issuer.scheme.is_empty() {
-            return Some(value);
-        }
-        let n = issuer.scheme.len();
-        if value.len() > n
-            && value.is_char_boundary(n)
-            && value[..n].eq_ignore_ascii_case(&issuer.scheme)
-            && value.as_bytes()[n].is_ascii_whitespace()
+        if issuer.dpop.mode != DpopMode::Disabled
+            && let Some(token) = after_scheme(value, DPOP_SCHEME)
         {
-            return Some(value[n..].trim_start());
+            return Some((token, true));
+        }
+        if issuer.scheme.is_empty() {
+            return Some((value, false));
+        }
+        if let Some(token) = after_scheme(value, &issuer.scheme) {
+            return Some((token, false));
         }
     }
     None
+}
+
+/// The rest of `value` after `scheme` and whitespace, compared case-insensitively.
+fn after_scheme<'r>(value: &'r str, scheme: &str) -> Option<&'r str> {
+    let n = scheme.len();
+    (value.len() > n
+        && value.is_char_boundary(n)
+        && value[..n].eq_ignore_ascii_case(scheme)
+        && value.as_bytes()[n].is_ascii_whitespace())
+    .then(|| value[n..].trim_start())
 }
 
 /// True when the query string carries a token parameter (any case of its name, encoded or not).

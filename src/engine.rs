@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use moka::sync::Cache;
 
 use crate::admin::metrics::Metrics;
-use crate::authz::{Decision, RequestView, RouteMatch};
+use crate::authz::{Decision, ReasonCode, RequestView, RouteMatch};
 use crate::config::Config;
 use crate::decide::{self, Credential};
 use crate::identity::{Identity, jwt};
@@ -118,9 +118,18 @@ impl Engine {
             return crate::ratelimit::enforce(&*self.state, config, req, &m, allow).await;
         }
         let route = Some(m.route_id.clone());
+        let principals = req.principals();
         let cred = match decide::extract_credential(config, req) {
             Ok(c) => c,
-            Err(deny) => return deny.with_route(route),
+            Err(deny) => {
+                let d =
+                    decide::peer_grant(config, req, &m, deny, &principals, now).with_route(route);
+                return if d.is_allow() {
+                    self.after_grant(req, &m, d, now).await
+                } else {
+                    d
+                };
+            }
         };
         let identity = match self.identity(&cred, now).await {
             Ok(id) => id,
@@ -129,7 +138,7 @@ impl Engine {
         if let Err(deny) = self.identity_checks(req, &cred, &identity, now).await {
             return deny.with_route(route).with_identity(Some(identity.clone()));
         }
-        let decision = decide::authorize(config, req, &m, &identity, now);
+        let decision = decide::authorize(config, req, &m, &identity, &principals, now);
         self.after_grant(req, &m, decision, now).await
     }
 
@@ -137,13 +146,27 @@ impl Engine {
     /// and replay, certificate binding. They run on cache hits and misses alike.
     async fn identity_checks(
         &self,
-        _req: &RequestView<'_>,
-        _cred: &Credential<'_>,
+        req: &RequestView<'_>,
+        cred: &Credential<'_>,
         identity: &Arc<Identity>,
         now: i64,
     ) -> Result<(), Decision> {
         self.revocations.check(identity, now)?;
         crate::revocation::check_state(&*self.state, identity).await?;
+        let guard = decide::binding_checks(&self.config, req, cred, identity, now)?;
+        if let Some(guard) = guard {
+            // A DPoP proof is single-use: the first request to record its `jti` wins, every
+            // later one (here or on another replica sharing the store) is a replay.
+            match self
+                .state
+                .insert_if_absent(&guard.key, "1", guard.ttl)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => return Err(guard.replayed),
+                Err(e) => return Err(Decision::new(ReasonCode::StateUnavailable, e.to_string())),
+            }
+        }
         Ok(())
     }
 

@@ -17,3 +17,4 @@ pub mod reload;
 pub mod revocation;
 pub mod server;
 pub mod state;
+pub mod tls;

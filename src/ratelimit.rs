@@ -170,6 +170,8 @@ mod tests {
             headers,
             source_ip: ip.parse().ok(),
             source_principal: "",
+            scheme: "http",
+            peer_certificate: None,
         }
     }
 

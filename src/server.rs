@@ -33,6 +33,8 @@ pub enum ServeError {
     Audit(std::io::Error),
     #[error("{0}")]
     Revocation(crate::revocation::RevocationError),
+    #[error("gRPC listener TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A running Portcullis.
@@ -92,6 +94,14 @@ impl Server {
         let grpc_addr = local_addr(&grpc_listener, &config.file.server.listen)?;
         let admin_addr = local_addr(&admin_listener, &config.file.server.admin_listen)?;
 
+        let tls_files = match &config.file.server.tls {
+            Some(tls) => {
+                let base = config.source.parent().unwrap_or(std::path::Path::new(""));
+                Some(crate::tls::TlsFiles::from_config(tls, base)?)
+            }
+            None => None,
+        };
+
         let keys = Arc::new(key_store(&config, metrics.clone()));
         keys.start().await;
         let state: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
@@ -122,16 +132,24 @@ impl Server {
         }
 
         let authz = AuthzService::new(engine.clone(), metrics.clone(), audit);
-        let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let mut grpc_stop = shutdown_rx.clone();
-        let grpc_task = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(AuthorizationServer::new(authz))
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = grpc_stop.wait_for(|stop| *stop).await;
-                }),
-        );
+        let grpc_router = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(AuthorizationServer::new(authz));
+        let grpc_stopped = async move {
+            let _ = grpc_stop.wait_for(|stop| *stop).await;
+        };
+        let grpc_task = match tls_files {
+            // mTLS: only clients with a certificate from `client_ca` (Envoy) get decisions.
+            Some(files) => {
+                let incoming = crate::tls::incoming(grpc_listener, files, shutdown_rx.clone())?;
+                tokio::spawn(grpc_router.serve_with_incoming_shutdown(incoming, grpc_stopped))
+            }
+            None => {
+                let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+                tokio::spawn(grpc_router.serve_with_incoming_shutdown(incoming, grpc_stopped))
+            }
+        };
 
         let app = admin::router(AdminState {
             engine: engine.clone(),

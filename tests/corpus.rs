@@ -19,6 +19,9 @@
 //!       headers: {x-request-id: abc}       # lower-case names
 //!       source_ip: 10.1.2.3                # optional
 //!       source_principal: spiffe://x/y     # optional; default ""
+//!       scheme: https                      # optional; default https (DPoP `htu`)
+//!       peer_certificate: ../fixtures/mtls/checkout.crt  # optional; the client certificate
+//!                                          # Envoy forwards (PEM file, relative to this yaml)
 //!     token:                               # optional; minted and sent in a header
 //!       key: dev                           # dev = config/dev/signing-key.pem (kid portcullis-dev-1),
 //!                                          # or a fixture: rsa2048, ec-p256, ec-p384, ed25519
@@ -41,6 +44,18 @@
 //!       tamper: true                       # flip a bit in the signature
 //!       send_as: 'Bearer {token}'          # header value; `{token}` is replaced (default shown)
 //!       send_in: authorization             # header name (default authorization)
+//!                                          # In `claims`, the string `{jkt:<key>}` becomes the
+//!                                          # RFC 7638 thumbprint of fixture key <key>, and
+//!                                          # `{x5t:<file>}` the x5t#S256 of a PEM certificate
+//!                                          # (relative to this yaml).
+//!     dpop:                                # optional; a DPoP proof sent in the `dpop` header
+//!       key: ec-p256                       # fixture key signing it; its public JWK is embedded
+//!       alg: ES256                         # default: the key's natural alg
+//!       header: {typ: JWT}                 # overrides of {typ: dpop+jwt, alg, jwk}; `~` removes
+//!       claims: {htm: POST}                # overrides of jti (from the case name), htm (the
+//!                                          # method), htu (scheme://host/path), iat (now) and
+//!                                          # ath (hash of the token); `~` removes
+//!       raw: 'not.a.proof'                 # a literal proof instead
 //!     expect:
 //!       decision: deny                     # allow | deny (required)
 //!       status: 401                        # optional
@@ -70,6 +85,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use portcullis::authz::{Decision, RequestView};
 use portcullis::config::Config;
+use portcullis::identity::peer::PeerCertificate;
 use portcullis::identity::{KeyOrigin, KeySet};
 use portcullis::keys::KeyError;
 use serde::Deserialize;
@@ -96,7 +112,24 @@ struct Case {
     request: RequestSpec,
     #[serde(default)]
     token: Option<TokenSpec>,
+    #[serde(default)]
+    dpop: Option<DpopSpec>,
     expect: Expect,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DpopSpec {
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    alg: Option<String>,
+    #[serde(default)]
+    header: Option<Map<String, Value>>,
+    #[serde(default)]
+    claims: Option<Map<String, Value>>,
+    #[serde(default)]
+    raw: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +146,14 @@ struct RequestSpec {
     source_ip: Option<IpAddr>,
     #[serde(default)]
     source_principal: String,
+    #[serde(default = "default_scheme")]
+    scheme: String,
+    #[serde(default)]
+    peer_certificate: Option<String>,
+}
+
+fn default_scheme() -> String {
+    "https".into()
 }
 
 fn default_method() -> String {
@@ -315,7 +356,7 @@ fn mint(spec: &TokenSpec, config: &Config, now: i64, yaml_dir: &Path) -> Result<
                 claims.remove(name);
             }
             for (k, v) in spec.claims.iter().flatten() {
-                claims.insert(k.clone(), v.clone());
+                claims.insert(k.clone(), substitute(v, yaml_dir)?);
             }
             Value::Object(claims).to_string()
         }
@@ -335,6 +376,126 @@ fn mint(spec: &TokenSpec, config: &Config, now: i64, yaml_dir: &Path) -> Result<
         signature = URL_SAFE_NO_PAD.encode(bytes);
     }
     Ok(format!("{message}.{signature}"))
+}
+
+/// Replaces `{jkt:<key>}` and `{x5t:<file>}` strings (at any depth) by the thumbprints they name.
+fn substitute(v: &Value, yaml_dir: &Path) -> Result<Value, String> {
+    Ok(match v {
+        Value::String(s) => {
+            if let Some(key) = s.strip_prefix("{jkt:").and_then(|r| r.strip_suffix('}')) {
+                Value::String(jkt(key)?)
+            } else if let Some(file) = s.strip_prefix("{x5t:").and_then(|r| r.strip_suffix('}')) {
+                Value::String(peer_certificate(file, yaml_dir)?.thumbprint_s256)
+            } else {
+                v.clone()
+            }
+        }
+        Value::Object(m) => {
+            let mut out = Map::new();
+            for (k, v) in m {
+                out.insert(k.clone(), substitute(v, yaml_dir)?);
+            }
+            Value::Object(out)
+        }
+        _ => v.clone(),
+    })
+}
+
+/// The public JWK of a fixture key (`kid`, `use`, `alg` removed, as a DPoP proof carries it).
+fn public_jwk(name: &str) -> Result<Value, String> {
+    let path = root().join(format!("tests/fixtures/keys/{name}.jwks.json"));
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("unknown key `{name}` ({}): {e}", path.display()))?;
+    let set: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let mut jwk = set["keys"][0].clone();
+    let obj = jwk.as_object_mut().ok_or("not a JWK set")?;
+    for m in ["kid", "use", "alg"] {
+        obj.remove(m);
+    }
+    Ok(jwk)
+}
+
+/// RFC 7638 thumbprint of a fixture key, computed here independently of the code under test.
+fn jkt(name: &str) -> Result<String, String> {
+    let jwk = public_jwk(name)?;
+    let s = |m: &str| jwk[m].as_str().unwrap_or_default().to_string();
+    let canonical = match s("kty").as_str() {
+        "EC" => format!(
+            r#"{{"crv":"{}","kty":"EC","x":"{}","y":"{}"}}"#,
+            s("crv"),
+            s("x"),
+            s("y")
+        ),
+        "OKP" => format!(r#"{{"crv":"{}","kty":"OKP","x":"{}"}}"#, s("crv"), s("x")),
+        "RSA" => format!(r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#, s("e"), s("n")),
+        other => return Err(format!("no thumbprint for kty `{other}`")),
+    };
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes());
+    Ok(URL_SAFE_NO_PAD.encode(digest.as_ref()))
+}
+
+fn peer_certificate(file: &str, yaml_dir: &Path) -> Result<PeerCertificate, String> {
+    let path = yaml_dir.join(file);
+    let pem = std::fs::read(&path)
+        .map_err(|e| format!("cannot read certificate `{}`: {e}", path.display()))?;
+    PeerCertificate::from_pem(&pem).map_err(|e| format!("`{}`: {e}", path.display()))
+}
+
+/// Builds the DPoP proof a case sends.
+fn mint_proof(spec: &DpopSpec, case: &Case, token: &str, now: i64) -> Result<String, String> {
+    if let Some(raw) = &spec.raw {
+        return Ok(raw.clone());
+    }
+    let name = spec.key.as_deref().unwrap_or("ec-p256");
+    let pem_path = root().join(format!("tests/fixtures/keys/{name}.pem"));
+    let pem = std::fs::read(&pem_path).map_err(|e| format!("unknown key `{name}`: {e}"))?;
+    let (key, natural) = match name {
+        "ec-p256" => (EncodingKey::from_ec_pem(&pem), Algorithm::ES256),
+        "ec-p384" => (EncodingKey::from_ec_pem(&pem), Algorithm::ES384),
+        "ed25519" => (EncodingKey::from_ed_pem(&pem), Algorithm::EdDSA),
+        _ => (EncodingKey::from_rsa_pem(&pem), Algorithm::RS256),
+    };
+    let key = key.map_err(|e| e.to_string())?;
+    let alg = match &spec.alg {
+        Some(a) => a
+            .parse::<Algorithm>()
+            .map_err(|_| format!("unknown alg `{a}`"))?,
+        None => natural,
+    };
+    let mut header = Map::new();
+    header.insert("typ".into(), "dpop+jwt".into());
+    header.insert("alg".into(), Value::String(alg_name(alg)));
+    header.insert("jwk".into(), public_jwk(name)?);
+    let r = &case.request;
+    let path = r.path.split(['?', '#']).next().unwrap_or_default();
+    let ath = URL_SAFE_NO_PAD
+        .encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref());
+    let mut claims = Map::new();
+    claims.insert("jti".into(), Value::String(format!("corpus:{}", case.name)));
+    claims.insert("htm".into(), Value::String(r.method.clone()));
+    claims.insert(
+        "htu".into(),
+        Value::String(format!("{}://{}{path}", r.scheme, r.host)),
+    );
+    claims.insert("iat".into(), now.into());
+    claims.insert("ath".into(), Value::String(ath));
+    for (target, extra) in [(&mut header, &spec.header), (&mut claims, &spec.claims)] {
+        for (k, v) in extra.iter().flatten() {
+            if v.is_null() {
+                target.remove(k);
+            } else {
+                target.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let message = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(Value::Object(header).to_string()),
+        URL_SAFE_NO_PAD.encode(Value::Object(claims).to_string())
+    );
+    let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &key, alg)
+        .map_err(|e| format!("signing the proof failed: {e}"))?;
+    Ok(format!("{message}.{sig}"))
 }
 
 /// The JOSE name of an algorithm (`Algorithm`'s Debug form is exactly that).
@@ -380,6 +541,20 @@ fn run_case(case: &Case, loaded: &Loaded, yaml_dir: &Path) -> Vec<String> {
             Err(e) => return vec![format!("cannot build the token: {e}")],
         },
     };
+    if let Some(spec) = &case.dpop {
+        let proof = match mint_proof(spec, case, token.as_deref().unwrap_or_default(), now) {
+            Ok(p) => p,
+            Err(e) => return vec![format!("cannot build the DPoP proof: {e}")],
+        };
+        headers.insert("dpop".into(), proof);
+    }
+    let peer = match &case.request.peer_certificate {
+        None => None,
+        Some(file) => match peer_certificate(file, yaml_dir) {
+            Ok(p) => Some(p),
+            Err(e) => return vec![e],
+        },
+    };
     let req = RequestView {
         method: &case.request.method,
         host: &case.request.host,
@@ -387,6 +562,8 @@ fn run_case(case: &Case, loaded: &Loaded, yaml_dir: &Path) -> Vec<String> {
         headers: &headers,
         source_ip: case.request.source_ip,
         source_principal: &case.request.source_principal,
+        scheme: &case.request.scheme,
+        peer_certificate: peer.as_ref(),
     };
     let keys = |name: &str| -> Result<Arc<KeySet>, KeyError> {
         if let Some(set) = loaded.keys.get(name) {

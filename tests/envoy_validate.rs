@@ -103,3 +103,52 @@ fn shipped_envoy_config_keeps_fail_closed_and_path_hygiene() {
         "the portcullis cluster must speak HTTP/2 (gRPC)"
     );
 }
+
+/// The mTLS example keeps the same fail-closed knobs and really uses TLS on both sides:
+/// client certificates required downstream, Envoy's own certificate and a pinned SAN towards
+/// Portcullis, and the peer certificate forwarded for principals and bound tokens.
+#[test]
+fn mtls_envoy_example_requires_client_certificates_and_talks_tls_to_portcullis() {
+    let text = std::fs::read_to_string(support::repo_root().join("envoy/envoy-mtls.yaml")).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let chain = &doc["static_resources"]["listeners"][0]["filter_chains"][0];
+    let downstream = &chain["transport_socket"]["typed_config"];
+    assert_eq!(
+        downstream["require_client_certificate"].as_bool(),
+        Some(true)
+    );
+    assert!(
+        !downstream["common_tls_context"]["validation_context"]["trusted_ca"].is_null(),
+        "client certificates must be verified against a CA"
+    );
+    let hcm = &chain["filters"][0]["typed_config"];
+    assert_eq!(hcm["normalize_path"].as_bool(), Some(true));
+    assert_eq!(
+        hcm["forward_client_cert_details"].as_str(),
+        Some("SANITIZE")
+    );
+    let filters = hcm["http_filters"].as_sequence().unwrap();
+    assert_eq!(
+        filters[0]["name"].as_str(),
+        Some("envoy.filters.http.ext_authz")
+    );
+    let authz = &filters[0]["typed_config"];
+    assert_eq!(authz["failure_mode_allow"].as_bool(), Some(false));
+    assert_eq!(authz["include_peer_certificate"].as_bool(), Some(true));
+    assert!(!text.contains("typed_per_filter_config"));
+    let clusters = doc["static_resources"]["clusters"].as_sequence().unwrap();
+    let portcullis = clusters
+        .iter()
+        .find(|c| c["name"].as_str() == Some("portcullis"))
+        .unwrap();
+    let upstream = &portcullis["transport_socket"]["typed_config"];
+    assert!(
+        upstream["@type"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("UpstreamTlsContext")),
+        "Envoy must talk TLS to Portcullis"
+    );
+    let ctx = &upstream["common_tls_context"];
+    assert!(!ctx["tls_certificates"][0]["certificate_chain"].is_null());
+    assert!(!ctx["validation_context"]["match_typed_subject_alt_names"].is_null());
+}

@@ -108,6 +108,8 @@ async fn decide(server: &Server, method: &str, path: &str, token: &str) -> u16 {
         headers: &headers,
         source_ip: None,
         source_principal: "",
+        scheme: "http",
+        peer_certificate: None,
     };
     server.engine.load_full().check(&view).await.http_status()
 }

@@ -373,6 +373,8 @@ async fn cached_token_is_refused_once_expired() {
         headers: &headers,
         source_ip: None,
         source_principal: "",
+        scheme: "http",
+        peer_certificate: None,
     };
     let engine = h.server.engine.load_full();
     let later = engine.check_at(&view, now() + 3600).await;

@@ -41,6 +41,8 @@ fn view<'a>(headers: &'a HashMap<String, String>, source: Option<&str>) -> Reque
         headers,
         source_ip: source.map(|s| s.parse().unwrap()),
         source_principal: "",
+        scheme: "http",
+        peer_certificate: None,
     }
 }
 

@@ -28,6 +28,7 @@ use super::decision::{Decision, ReasonCode};
 use super::path;
 use super::request::RequestView;
 use crate::identity::Identity;
+use crate::identity::peer::PrincipalPattern;
 
 /// One segment of a path template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -356,6 +357,26 @@ pub struct CompiledRule {
     pub api_keys: Vec<Arc<str>>,
     /// Source network, session age, token lifetime, time window, posture.
     pub context: ContextConditions,
+    /// Any of these peer principals. A rule with only principals (no other condition) is a
+    /// service grant that needs no token.
+    pub principals: Vec<PrincipalPattern>,
+}
+
+impl CompiledRule {
+    /// True when the peer identity alone satisfies the rule (it has principals and no
+    /// condition on a token).
+    pub fn is_peer_only(&self) -> bool {
+        !self.principals.is_empty()
+            && self.issuers.is_empty()
+            && self.scopes.is_empty()
+            && self.roles.is_empty()
+            && self.claims.is_empty()
+            && self.bind.is_empty()
+            && self.api_keys.is_empty()
+            // A service grant is the peer identity alone: context conditions (source network,
+            // time window, ...) are not evaluated without a token, so such a rule needs one.
+            && self.context.is_empty()
+    }
 }
 
 /// One route.
@@ -510,10 +531,39 @@ impl Policy {
         identity: &Arc<Identity>,
         ctx: &Context<'_>,
     ) -> Decision {
+        self.authorize_peer(m, Some(identity), &[], ctx)
+    }
+
+    /// True when some rule of the matched route is a service grant (principals only), so a
+    /// request without a token may still be granted by its peer identity.
+    pub fn route_has_peer_rules(&self, m: &RouteMatch<'_>) -> bool {
+        self.routes
+            .get(m.route_index)
+            .is_some_and(|r| r.rules.iter().any(CompiledRule::is_peer_only))
+    }
+
+    /// True when every rule of the matched route is a service grant.
+    pub fn route_is_peer_only(&self, m: &RouteMatch<'_>) -> bool {
+        self.routes
+            .get(m.route_index)
+            .is_some_and(|r| !r.rules.is_empty() && r.rules.iter().all(CompiledRule::is_peer_only))
+    }
+
+    /// Evaluates the matched route's rules for a verified identity (`None`: the request
+    /// carries no token) and the request's peer principals (Envoy's `source.principal` and
+    /// the forwarded certificate's URI SANs). Without an identity only service grants
+    /// (rules with principals and nothing else) can hold.
+    pub fn authorize_peer(
+        &self,
+        m: &RouteMatch<'_>,
+        identity: Option<&Arc<Identity>>,
+        principals: &[&str],
+        ctx: &Context<'_>,
+    ) -> Decision {
         let route_id = Some(m.route_id.clone());
         let with = |d: Decision| {
             d.with_route(route_id.clone())
-                .with_identity(Some(identity.clone()))
+                .with_identity(identity.cloned())
         };
         let Some(route) = self
             .routes
@@ -532,7 +582,7 @@ impl Policy {
         let mut closest: Option<(&CompiledRule, Vec<Failure<'_>>)> = None;
         let mut context_only: Option<(&CompiledRule, Vec<Failure<'_>>)> = None;
         for rule in &route.rules {
-            let failures = evaluate(rule, m, identity, ctx);
+            let failures = evaluate(rule, m, identity.map(|i| &**i), principals, ctx);
             if failures.is_empty() {
                 return with(
                     Decision::new(
@@ -682,6 +732,10 @@ enum Failure<'r> {
     /// An API key the rule does not name.
     ApiKeyNotNamed,
     Context(ContextFailure),
+    /// None of the request's peer principals is listed.
+    Principal,
+    /// The rule has token conditions and the request carries no token.
+    Token,
 }
 
 impl fmt::Display for Failure<'_> {
@@ -697,6 +751,8 @@ impl fmt::Display for Failure<'_> {
             Failure::NotForApiKeys => f.write_str("the rule does not accept API keys"),
             Failure::ApiKeysOnly => f.write_str("the rule accepts only API keys"),
             Failure::ApiKeyNotNamed => f.write_str("the rule does not name this API key"),
+            Failure::Principal => f.write_str("the peer principal is not granted by this rule"),
+            Failure::Token => f.write_str("this rule requires a token"),
             Failure::Binding(b) => match &b.kind {
                 BindingKind::EqualsClaim(c) => {
                     write!(f, "path parameter `{}` does not match claim `{c}`", b.param)
@@ -713,10 +769,25 @@ impl fmt::Display for Failure<'_> {
 fn evaluate<'r>(
     rule: &'r CompiledRule,
     m: &RouteMatch<'_>,
-    id: &Identity,
+    id: Option<&Identity>,
+    principals: &[&str],
     ctx: &Context<'_>,
 ) -> Vec<Failure<'r>> {
     let mut failures = Vec::new();
+    if !rule.principals.is_empty()
+        && !principals
+            .iter()
+            .any(|p| rule.principals.iter().any(|pat| pat.matches(p)))
+    {
+        failures.push(Failure::Principal);
+    }
+    let Some(id) = id else {
+        // INVARIANT: without a token, only a rule with no token condition can hold.
+        if !rule.is_peer_only() {
+            failures.push(Failure::Token);
+        }
+        return failures;
+    };
     // INVARIANT: API keys and tokens never share a rule, so a key can only be granted where
     // the policy names keys, and a token never through a key's rule.
     match (id.api_key_id(), rule.api_keys.is_empty()) {

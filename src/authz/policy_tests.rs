@@ -30,6 +30,8 @@ fn req<'a>(
         headers: h,
         source_ip: None,
         source_principal: "",
+        scheme: "https",
+        peer_certificate: None,
     }
 }
 

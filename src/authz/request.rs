@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+use crate::identity::peer::PeerCertificate;
+
 /// A view of one HTTP request. Built by `grpc` from a CheckRequest, or by the CLI's `explain`.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestView<'a> {
@@ -19,11 +21,32 @@ pub struct RequestView<'a> {
     pub source_ip: Option<IpAddr>,
     /// The peer principal Envoy reports (e.g. a SPIFFE ID), empty when none.
     pub source_principal: &'a str,
+    /// The request's scheme as Envoy reports it (`http`/`https`), for DPoP `htu`; may be empty.
+    pub scheme: &'a str,
+    /// The downstream client certificate Envoy forwarded (`include_peer_certificate`), parsed.
+    pub peer_certificate: Option<&'a PeerCertificate>,
 }
 
 impl<'a> RequestView<'a> {
     /// A header value by lower-case name.
     pub fn header(&self, name: &str) -> Option<&'a str> {
         self.headers.get(name).map(String::as_str)
+    }
+
+    /// The peer's principals: Envoy's `source.principal` and the URI SANs of the forwarded
+    /// client certificate. Both come from Envoy's connection, never from a request header.
+    pub fn principals(&self) -> Vec<&'a str> {
+        let mut out: Vec<&'a str> = Vec::new();
+        if !self.source_principal.is_empty() {
+            out.push(self.source_principal);
+        }
+        if let Some(cert) = self.peer_certificate {
+            for san in &cert.uri_sans {
+                if !out.contains(&san.as_str()) {
+                    out.push(san);
+                }
+            }
+        }
+        out
     }
 }

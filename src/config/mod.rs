@@ -27,6 +27,8 @@ use crate::authz::policy::{
     Binding, BindingKind, ClaimCondition, ClaimTest, CompiledRoute, CompiledRule, HostPattern,
     Template, is_tchar,
 };
+use crate::identity::dpop::{DEFAULT_DPOP_ALGORITHMS, DpopMode, DpopRules};
+use crate::identity::peer::PrincipalPattern;
 use crate::identity::{ClaimPaths, JwtRules};
 
 pub use creds::CompiledRateLimit;
@@ -69,6 +71,10 @@ pub struct CompiledIssuer {
     pub scheme: String,
     /// Key source with `file` resolved against the config file's folder.
     pub keys: schema::KeySourceConfig,
+    /// DPoP (RFC 9449) for this issuer's tokens.
+    pub dpop: DpopRules,
+    /// Every token must be certificate-bound (`cnf.x5t#S256`, RFC 8705).
+    pub cert_bound: bool,
 }
 
 /// A validated configuration, ready to serve.
@@ -358,6 +364,7 @@ impl Compiler {
         self.api_keys = self.api_keys(&file, &issuers)?;
         self.trusted_headers(&file, &issuers)?;
         let revocation_file = self.revocation(&file)?;
+        self.tls(&file)?;
 
         if file.routes.is_empty() {
             return Err(self.hint(
@@ -577,7 +584,10 @@ impl Compiler {
             ));
         }
 
+        let dpop = self.dpop(i, ic, &header, max_bytes)?;
         Ok(CompiledIssuer {
+            dpop,
+            cert_bound: ic.cert_bound,
             name: Arc::from(name),
             rules: JwtRules {
                 issuer: ic.issuer.clone(),
@@ -596,6 +606,96 @@ impl Compiler {
             scheme,
             keys: resolved_keys,
         })
+    }
+
+    /// DPoP settings of one issuer.
+    fn dpop(&self, i: usize, ic: &IssuerConfig, header: &str, max_bytes: usize) -> Res<DpopRules> {
+        let f = |s: &str| format!("issuers[{i}].{s}");
+        if ic.dpop != DpopMode::Disabled && header != "authorization" {
+            return Err(self.hint(
+                f("dpop"),
+                format!("DPoP needs the token in the `authorization` header, not `{header}`"),
+                "remove `token.header`, or set `dpop: disabled`",
+            ));
+        }
+        let algorithms = match &ic.dpop_algorithms {
+            None => DEFAULT_DPOP_ALGORITHMS.to_vec(),
+            Some(list) if list.is_empty() => {
+                return Err(self.hint(
+                    f("dpop_algorithms"),
+                    "the list is empty: no proof could ever verify",
+                    "omit `dpop_algorithms` for the defaults",
+                ));
+            }
+            Some(list) => {
+                let mut out = Vec::with_capacity(list.len());
+                for (j, a) in list.iter().enumerate() {
+                    let alg = Algorithm::from_str(a).ok().filter(|alg| {
+                        !matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+                    });
+                    let Some(alg) = alg else {
+                        return Err(self.hint(
+                            f(&format!("dpop_algorithms[{j}]")),
+                            format!("`{a}` is not an asymmetric algorithm"),
+                            "use ES256, ES384, EdDSA, RS256, RS384, RS512, PS256, PS384 or PS512",
+                        ));
+                    };
+                    if !out.contains(&alg) {
+                        out.push(alg);
+                    }
+                }
+                out
+            }
+        };
+        let window = ic.dpop_window.get().as_secs();
+        if !(1..=600).contains(&window) {
+            return Err(self.err(f("dpop_window"), "must be between 1s and 10m"));
+        }
+        Ok(DpopRules {
+            mode: ic.dpop,
+            algorithms,
+            window_secs: window,
+            max_proof_bytes: max_bytes,
+        })
+    }
+
+    /// The gRPC listener's TLS files exist, and client verification is coherent.
+    fn tls(&self, file: &ConfigFile) -> Res<()> {
+        let Some(tls) = &file.server.tls else {
+            return Ok(());
+        };
+        let mut files = vec![("cert", &tls.cert), ("key", &tls.key)];
+        if let Some(ca) = &tls.client_ca {
+            files.push(("client_ca", ca));
+        }
+        for (name, path) in files {
+            let resolved = crate::keys::resolve_path(&self.dir, path);
+            if !resolved.is_file() {
+                return Err(self.hint(
+                    format!("server.tls.{name}"),
+                    format!("file `{}` does not exist", resolved.display()),
+                    "relative paths are resolved against the config file's folder",
+                ));
+            }
+        }
+        if tls.client_ca.is_none()
+            && (tls.require_client_cert || !tls.allowed_client_principals.is_empty())
+        {
+            return Err(self.hint(
+                "server.tls.client_ca",
+                "client certificates are required but no `client_ca` verifies them",
+                "add `client_ca: envoy-ca.pem`, or `require_client_cert: false` for TLS without client certificates",
+            ));
+        }
+        for (j, p) in tls.allowed_client_principals.iter().enumerate() {
+            PrincipalPattern::parse(p).map_err(|e| {
+                self.err(
+                    format!("server.tls.allowed_client_principals[{j}]"),
+                    format!("invalid principal `{p}`: {e}"),
+                )
+            })?;
+        }
+        Ok(())
     }
 
     /// A key or discovery URL: https, or http to a loopback host, or http with `allow_http`.
@@ -876,7 +976,19 @@ impl Compiler {
             self.api_keys.as_deref(),
             token_conditions,
         )?;
-        if rule.issuers.is_empty()
+        let mut principals = Vec::with_capacity(rule.principals.len());
+        for (k, p) in rule.principals.iter().enumerate() {
+            let pattern = PrincipalPattern::parse(p).map_err(|e| {
+                self.hint(
+                    f(&format!("principals[{k}]")),
+                    format!("invalid principal `{p}`: {e}"),
+                    "e.g. `spiffe://example.org/ns/shop/sa/checkout` or `spiffe://example.org/ns/shop/**`",
+                )
+            })?;
+            principals.push(pattern);
+        }
+        if principals.is_empty()
+            && rule.issuers.is_empty()
             && rule.scopes.is_empty()
             && rule.roles.is_empty()
             && claims.is_empty()
@@ -898,6 +1010,7 @@ impl Compiler {
             claims,
             bind,
             api_keys,
+            principals,
         })
     }
 }

@@ -60,6 +60,31 @@ pub struct ServerConfig {
     /// The longest a Check waits for a key fetch triggered by an unknown `kid`.
     #[serde(default = "default_key_wait")]
     pub key_fetch_wait: HumanDuration,
+    /// TLS (and client-certificate verification) on the gRPC listener. Absent: plaintext.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS for the gRPC listener, so only a client with a certificate from `client_ca` (your
+/// Envoy) can ask for decisions. Files are PEM, resolved against the config file's folder,
+/// and reloaded when they change (checked every second, and on SIGHUP).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server certificate chain (leaf first).
+    pub cert: PathBuf,
+    /// The server private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates that sign client certificates.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients without a certificate signed by `client_ca` (default true).
+    #[serde(default = "default_true")]
+    pub require_client_cert: bool,
+    /// When set, the client certificate must also carry one of these URI SANs (exact, or
+    /// `prefix/*` / `prefix/**`), e.g. Envoy's SPIFFE ID.
+    #[serde(default)]
+    pub allowed_client_principals: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +94,7 @@ impl Default for ServerConfig {
             admin_listen: default_admin_listen(),
             shutdown_grace: default_shutdown_grace(),
             key_fetch_wait: default_key_wait(),
+            tls: None,
         }
     }
 }
@@ -167,6 +193,23 @@ pub struct IssuerConfig {
     /// Which claims carry scopes and roles.
     #[serde(default)]
     pub claims: ClaimPathsConfig,
+    /// DPoP (RFC 9449): `disabled` (default), `optional` or `required`.
+    #[serde(default)]
+    pub dpop: crate::identity::dpop::DpopMode,
+    /// Allowed DPoP proof algorithms. Default: ES256, ES384, EdDSA, RS256, PS256.
+    #[serde(default)]
+    pub dpop_algorithms: Option<Vec<String>>,
+    /// How far a proof's `iat` may be from now, either way; `jti`s are remembered twice as long.
+    #[serde(default = "default_dpop_window")]
+    pub dpop_window: HumanDuration,
+    /// Certificate-bound tokens (RFC 8705): every token must carry `cnf.x5t#S256` matching the
+    /// client certificate Envoy forwards. (A token that carries it is always checked.)
+    #[serde(default)]
+    pub cert_bound: bool,
+}
+
+fn default_dpop_window() -> HumanDuration {
+    HumanDuration::from_secs(60)
 }
 
 fn default_leeway() -> HumanDuration {
@@ -402,6 +445,12 @@ pub struct RuleConfig {
     /// Device posture signals, all of which must hold.
     #[serde(default)]
     pub posture: Vec<PostureConfig>,
+    /// Any of these peer principals (SPIFFE IDs from Envoy's `source.principal` or the
+    /// forwarded client certificate's URI SANs): exact, `prefix/*` (one segment) or
+    /// `prefix/**` (any depth). A rule with ONLY `principals` is a service grant: the peer
+    /// identity alone satisfies it, no token needed.
+    #[serde(default)]
+    pub principals: Vec<String>,
 }
 
 /// A source-network condition.

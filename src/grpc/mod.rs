@@ -24,6 +24,7 @@ use crate::admin::metrics::{DecisionLabels, Metrics};
 use crate::audit::{AuditEvent, AuditSink};
 use crate::authz::{Decision, ReasonCode, RequestView};
 use crate::engine::Engine;
+use crate::identity::peer::PeerCertificate;
 use crate::identity::{Identity, string_list};
 
 /// gRPC status codes (google.rpc.Code) used in responses.
@@ -56,7 +57,20 @@ impl AuthzService {
         let engine = self.engine.load_full();
         let empty = HashMap::new();
         let parts = RequestParts::from_check(req, &empty);
-        let view = parts.view();
+        // The forwarded client certificate, parsed once per request. One Envoy could not
+        // send us is treated as absent: principal rules then fail and certificate-bound
+        // tokens are refused (closed), never granted.
+        let peer_certificate = parts.certificate.filter(|c| !c.is_empty()).and_then(|c| {
+            match PeerCertificate::from_envoy(c) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring the peer certificate Envoy forwarded");
+                    None
+                }
+            }
+        });
+        let mut view = parts.view();
+        view.peer_certificate = peer_certificate.as_ref();
         let request_id = parts.request_id;
 
         // A panic anywhere below must still produce a deny, never a dropped stream.
@@ -116,6 +130,8 @@ struct RequestParts<'a> {
     source_ip: Option<IpAddr>,
     principal: &'a str,
     request_id: &'a str,
+    scheme: &'a str,
+    certificate: Option<&'a str>,
 }
 
 impl<'a> RequestParts<'a> {
@@ -152,6 +168,8 @@ impl<'a> RequestParts<'a> {
             source_ip,
             principal: source.map_or("", |s| s.principal.as_str()),
             request_id,
+            scheme: http.map_or("", |h| h.scheme.as_str()),
+            certificate: source.map(|s| s.certificate.as_str()),
         }
     }
 
@@ -163,6 +181,8 @@ impl<'a> RequestParts<'a> {
             headers: self.headers,
             source_ip: self.source_ip,
             source_principal: self.principal,
+            scheme: self.scheme,
+            peer_certificate: None,
         }
     }
 }

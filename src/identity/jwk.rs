@@ -231,6 +231,12 @@ fn shorten(s: &str) -> String {
     format!("{}...", &s[..end])
 }
 
+/// A public key embedded in a message (a DPoP proof's `jwk` header): asymmetric only, no
+/// private members, validated like a fetched key set's keys.
+pub(crate) fn public_key_from_jwk(jwk: &Value) -> Result<VerifyKey, String> {
+    parse_key(jwk, KeyOrigin::Fetched)
+}
+
 /// Builds a usable key from one JWK, or says why it must be dropped.
 fn parse_key(jwk: &Value, origin: KeyOrigin) -> Result<VerifyKey, String> {
     let obj = jwk.as_object().ok_or("not a JSON object")?;

@@ -180,17 +180,18 @@ impl JwtError {
 }
 
 /// A structurally valid token: decoded header and claims, and where the signature is.
-struct Parsed<'t> {
-    header: Map<String, Value>,
-    claims: Map<String, Value>,
+/// Shared with `dpop`, whose proofs are compact JWS parsed just as strictly.
+pub(crate) struct Parsed<'t> {
+    pub(crate) header: Map<String, Value>,
+    pub(crate) claims: Map<String, Value>,
     /// `header.claims`, the signed bytes.
-    message: &'t str,
+    pub(crate) message: &'t str,
     /// The signature segment, still base64url (checked to be well-formed).
-    signature: &'t str,
+    pub(crate) signature: &'t str,
 }
 
 /// Size, segments, base64url, strict JSON objects. Nothing here trusts the token.
-fn parse(token: &str, max_bytes: usize) -> Result<Parsed<'_>, JwtError> {
+pub(crate) fn parse(token: &str, max_bytes: usize) -> Result<Parsed<'_>, JwtError> {
     // INVARIANT: the size check comes before any other work on the token.
     if token.len() > max_bytes {
         return Err(JwtError::TooLarge { max: max_bytes });

@@ -4,8 +4,10 @@
 //! Key *fetching* lives in `keys`; this module only parses key sets it is handed.
 
 pub mod apikey;
+pub mod dpop;
 pub mod jwk;
 pub mod jwt;
+pub mod peer;
 pub mod strict_json;
 
 use std::sync::Arc;

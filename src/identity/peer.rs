@@ -1,0 +1,341 @@
+//! Peer (client) certificates and service principals: the certificate Envoy forwards for an
+//! mTLS downstream (`attributes.source.certificate`, URL-encoded PEM, present with
+//! `include_peer_certificate`), its URI SANs (SPIFFE IDs) and its RFC 8705 thumbprint, and
+//! the principal patterns rules match them with.
+//!
+//! Pure: parses bytes it is handed, never verifies a chain (Envoy's listener did that when it
+//! accepted the connection), never does I/O. Nothing here trusts a request header: the
+//! certificate and principal come from Envoy's own connection attributes.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+/// The largest forwarded certificate we parse (a leaf certificate is a few KiB at most).
+const MAX_CERT_BYTES: usize = 64 * 1024;
+
+/// The longest principal we match; longer ones are ignored (never matched).
+const MAX_PRINCIPAL_BYTES: usize = 2048;
+
+/// Why a forwarded certificate could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    #[error("the peer certificate is larger than {MAX_CERT_BYTES} bytes")]
+    TooLarge,
+    #[error("the peer certificate is not URL-encoded UTF-8")]
+    BadEncoding,
+    #[error("the peer certificate is not a PEM `CERTIFICATE` block")]
+    NotPem,
+    #[error("the peer certificate is not a valid X.509 certificate")]
+    NotX509,
+}
+
+/// What the decision needs from a verified peer certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCertificate {
+    /// URI subject alternative names (e.g. `spiffe://example.org/ns/shop/sa/checkout`).
+    pub uri_sans: Vec<String>,
+    /// RFC 8705 `x5t#S256`: base64url(SHA-256(certificate DER)).
+    pub thumbprint_s256: String,
+}
+
+impl PeerCertificate {
+    /// Parses Envoy's `source.certificate`: URL-encoded PEM of the leaf certificate.
+    pub fn from_envoy(url_encoded_pem: &str) -> Result<Self, PeerError> {
+        if url_encoded_pem.len() > MAX_CERT_BYTES * 2 {
+            return Err(PeerError::TooLarge);
+        }
+        let pem = percent_encoding::percent_decode_str(url_encoded_pem)
+            .decode_utf8()
+            .map_err(|_| PeerError::BadEncoding)?;
+        Self::from_pem(pem.as_bytes())
+    }
+
+    /// Parses the first PEM `CERTIFICATE` block.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, PeerError> {
+        if pem.len() > MAX_CERT_BYTES * 2 {
+            return Err(PeerError::TooLarge);
+        }
+        let (_, block) = x509_parser::pem::parse_x509_pem(pem).map_err(|_| PeerError::NotPem)?;
+        if block.label != "CERTIFICATE" {
+            return Err(PeerError::NotPem);
+        }
+        Self::from_der(&block.contents)
+    }
+
+    /// Parses a DER certificate.
+    pub fn from_der(der: &[u8]) -> Result<Self, PeerError> {
+        if der.len() > MAX_CERT_BYTES {
+            return Err(PeerError::TooLarge);
+        }
+        let (rest, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|_| PeerError::NotX509)?;
+        if !rest.is_empty() {
+            return Err(PeerError::NotX509);
+        }
+        // A certificate with two SAN extensions is malformed (RFC 5280 4.2); refuse it rather
+        // than pick one.
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|_| PeerError::NotX509)?;
+        let uri_sans = san
+            .map(|ext| {
+                ext.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        x509_parser::extensions::GeneralName::URI(uri) => Some(uri.to_string()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(PeerCertificate {
+            uri_sans,
+            thumbprint_s256: thumbprint_s256(der),
+        })
+    }
+}
+
+/// RFC 8705 section 3.1: base64url(SHA-256(DER)) without padding.
+pub fn thumbprint_s256(der: &[u8]) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+    URL_SAFE_NO_PAD.encode(digest.as_ref())
+}
+
+/// A configured principal pattern.
+///
+/// - `spiffe://example.org/ns/shop/sa/checkout`: exactly this principal.
+/// - `spiffe://example.org/ns/shop/*`: the prefix plus exactly one more non-empty segment.
+/// - `spiffe://example.org/ns/shop/**`: the prefix plus one or more non-empty segments.
+///
+/// Wildcards never match a segment that is `.` or `..`, nor a principal with `%`, `?`, `#`,
+/// whitespace or control characters, so an oddly written SAN cannot climb out of the prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrincipalPattern {
+    Exact(String),
+    /// Prefix ending in `/`; one segment follows.
+    OneSegment(String),
+    /// Prefix ending in `/`; one or more segments follow.
+    AnyDepth(String),
+}
+
+/// Why a configured principal pattern is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrincipalPatternError {
+    #[error("the principal is empty")]
+    Empty,
+    #[error("the principal contains whitespace or control characters")]
+    BadCharacter,
+    #[error("`*` is only allowed as a whole last segment (`.../*` or `.../**`)")]
+    MisplacedWildcard,
+    #[error("a wildcard needs a prefix ending in `/`, e.g. `spiffe://example.org/ns/shop/*`")]
+    BarePrefix,
+}
+
+impl PrincipalPattern {
+    pub fn parse(text: &str) -> Result<Self, PrincipalPatternError> {
+        if text.is_empty() {
+            return Err(PrincipalPatternError::Empty);
+        }
+        if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(PrincipalPatternError::BadCharacter);
+        }
+        let (prefix, make): (&str, fn(String) -> Self) = if let Some(p) = text.strip_suffix("/**") {
+            (p, PrincipalPattern::AnyDepth)
+        } else if let Some(p) = text.strip_suffix("/*") {
+            (p, PrincipalPattern::OneSegment)
+        } else {
+            if text.contains('*') {
+                return Err(PrincipalPatternError::MisplacedWildcard);
+            }
+            return Ok(PrincipalPattern::Exact(text.to_string()));
+        };
+        if prefix.contains('*') {
+            return Err(PrincipalPatternError::MisplacedWildcard);
+        }
+        // `spiffe://*` would match every workload of every trust domain: require at least a
+        // scheme and an authority before the wildcard.
+        let authority = prefix.split_once("://").map(|(_, rest)| rest);
+        if authority.is_none_or(|a| a.is_empty()) {
+            return Err(PrincipalPatternError::BarePrefix);
+        }
+        Ok(make(format!("{prefix}/")))
+    }
+
+    /// True when `principal` matches.
+    pub fn matches(&self, principal: &str) -> bool {
+        if principal.is_empty() || principal.len() > MAX_PRINCIPAL_BYTES {
+            return false;
+        }
+        match self {
+            PrincipalPattern::Exact(p) => p == principal,
+            PrincipalPattern::OneSegment(prefix) => principal
+                .strip_prefix(prefix.as_str())
+                .is_some_and(|rest| !rest.contains('/') && clean_segment(rest)),
+            PrincipalPattern::AnyDepth(prefix) => principal
+                .strip_prefix(prefix.as_str())
+                .is_some_and(|rest| rest.split('/').all(clean_segment)),
+        }
+    }
+}
+
+impl std::fmt::Display for PrincipalPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrincipalPattern::Exact(p) => f.write_str(p),
+            PrincipalPattern::OneSegment(p) => write!(f, "{p}*"),
+            PrincipalPattern::AnyDepth(p) => write!(f, "{p}**"),
+        }
+    }
+}
+
+fn clean_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && !s
+            .chars()
+            .any(|c| matches!(c, '%' | '?' | '#' | '\\') || c.is_whitespace() || c.is_control())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!("{}/tests/fixtures/mtls/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(path).unwrap()
+    }
+
+    /// Envoy's encoding: the PEM, URL-encoded.
+    fn envoy_encode(pem: &[u8]) -> String {
+        percent_encoding::utf8_percent_encode(
+            std::str::from_utf8(pem).unwrap(),
+            percent_encoding::NON_ALPHANUMERIC,
+        )
+        .to_string()
+    }
+
+    #[test]
+    fn envoy_certificate_yields_spiffe_san_and_der_thumbprint() {
+        let pem = fixture("checkout.crt");
+        let peer = PeerCertificate::from_envoy(&envoy_encode(&pem)).unwrap();
+        assert_eq!(
+            peer.uri_sans,
+            vec!["spiffe://example.org/ns/shop/sa/checkout".to_string()]
+        );
+        let (_, block) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &block.contents);
+        assert_eq!(
+            peer.thumbprint_s256,
+            URL_SAFE_NO_PAD.encode(digest.as_ref())
+        );
+        assert_eq!(peer.thumbprint_s256.len(), 43);
+        // Plain (not URL-encoded) PEM decodes the same.
+        assert_eq!(PeerCertificate::from_pem(&pem).unwrap(), peer);
+    }
+
+    #[test]
+    fn thumbprints_differ_between_certificates() {
+        let a = PeerCertificate::from_pem(&fixture("checkout.crt")).unwrap();
+        let b = PeerCertificate::from_pem(&fixture("intruder.crt")).unwrap();
+        assert_ne!(a.thumbprint_s256, b.thumbprint_s256);
+    }
+
+    #[test]
+    fn certificate_without_uri_san_has_none() {
+        let peer = PeerCertificate::from_pem(&fixture("server.crt")).unwrap();
+        assert!(peer.uri_sans.is_empty());
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert_eq!(PeerCertificate::from_envoy("hello"), Err(PeerError::NotPem));
+        assert_eq!(
+            PeerCertificate::from_envoy("%FF%FE"),
+            Err(PeerError::BadEncoding)
+        );
+        let key = fixture("checkout.key");
+        assert_eq!(PeerCertificate::from_pem(&key), Err(PeerError::NotPem));
+        let bogus = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert_eq!(PeerCertificate::from_pem(bogus), Err(PeerError::NotX509));
+        let huge = "A".repeat(MAX_CERT_BYTES * 2 + 1);
+        assert_eq!(PeerCertificate::from_envoy(&huge), Err(PeerError::TooLarge));
+    }
+
+    #[test]
+    fn exact_patterns_match_only_themselves() {
+        let p = PrincipalPattern::parse("spiffe://example.org/ns/shop/sa/checkout").unwrap();
+        assert!(p.matches("spiffe://example.org/ns/shop/sa/checkout"));
+        for other in [
+            "spiffe://example.org/ns/shop/sa/checkout/x",
+            "spiffe://example.org/ns/shop/sa/checkou",
+            "SPIFFE://example.org/ns/shop/sa/checkout",
+            "",
+        ] {
+            assert!(!p.matches(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn one_segment_wildcard() {
+        let p = PrincipalPattern::parse("spiffe://example.org/ns/shop/sa/*").unwrap();
+        assert!(p.matches("spiffe://example.org/ns/shop/sa/checkout"));
+        for other in [
+            "spiffe://example.org/ns/shop/sa/",
+            "spiffe://example.org/ns/shop/sa/a/b",
+            "spiffe://example.org/ns/shop/sa/..",
+            "spiffe://example.org/ns/shop/sa/%2e%2e",
+            "spiffe://example.org/ns/shop/sax",
+            "spiffe://example.org/ns/shop/sa",
+        ] {
+            assert!(!p.matches(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn any_depth_wildcard() {
+        let p = PrincipalPattern::parse("spiffe://example.org/ns/shop/**").unwrap();
+        assert!(p.matches("spiffe://example.org/ns/shop/sa/checkout"));
+        assert!(p.matches("spiffe://example.org/ns/shop/x"));
+        for other in [
+            "spiffe://example.org/ns/shop/",
+            "spiffe://example.org/ns/shop/sa/../../other/sa/x",
+            "spiffe://example.org/ns/shop//x",
+            "spiffe://example.org/ns/shop/sa/x?y",
+            "spiffe://example.org/ns/shopping/sa/x",
+            "spiffe://example.org/ns/other/sa/x",
+        ] {
+            assert!(!p.matches(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn invalid_patterns_are_refused() {
+        use PrincipalPatternError as E;
+        assert_eq!(PrincipalPattern::parse(""), Err(E::Empty));
+        assert_eq!(
+            PrincipalPattern::parse("spiffe://a/ b"),
+            Err(E::BadCharacter)
+        );
+        assert_eq!(
+            PrincipalPattern::parse("spiffe://a/*/b"),
+            Err(E::MisplacedWildcard)
+        );
+        assert_eq!(
+            PrincipalPattern::parse("spiffe://a/b*"),
+            Err(E::MisplacedWildcard)
+        );
+        assert_eq!(PrincipalPattern::parse("spiffe://*"), Err(E::BarePrefix));
+        assert_eq!(PrincipalPattern::parse("/**"), Err(E::BarePrefix));
+        assert_eq!(PrincipalPattern::parse("*"), Err(E::MisplacedWildcard));
+        assert_eq!(
+            PrincipalPattern::parse("spiffe://a/**")
+                .unwrap()
+                .to_string(),
+            "spiffe://a/**"
+        );
+    }
+}

@@ -1,0 +1,392 @@
+//! End to end through a real Envoy running the shipped `envoy/envoy-mtls.yaml` (ports and
+//! certificate paths rewritten only): clients present certificates to Envoy, Envoy talks to
+//! the real `portcullis` binary over gRPC with mutual TLS (Portcullis accepts only Envoy's
+//! certificate), and an upstream records what reaches it.
+//!
+//! Proves: a SPIFFE principal is granted by a `principals` rule with no token, a different
+//! principal is refused; a DPoP-bound request is accepted, its replay and a bearer use of the
+//! same token are refused with a DPoP challenge.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Value, json};
+use support::{ChildGuard, free_port, wait_for_status};
+
+const ISSUER: &str = "https://issuer.e2e.invalid";
+const AUDIENCE: &str = "e2e-api";
+const UPSTREAM_MARKER: &str = "x-e2e-upstream";
+
+fn root() -> PathBuf {
+    support::repo_root()
+}
+
+fn mtls(name: &str) -> PathBuf {
+    root().join("tests/fixtures/mtls").join(name)
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn serial() -> usize {
+    static SERIAL: AtomicUsize = AtomicUsize::new(0);
+    SERIAL.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The upstream: answers 200 with a marker header and counts requests.
+async fn upstream() -> (u16, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        let h = h.clone();
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            ([(UPSTREAM_MARKER, "1")], "upstream")
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, hits)
+}
+
+fn portcullis_config(dir: &Path, grpc: u16, admin: u16) -> PathBuf {
+    let jwk: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/e2e/key-a.jwk.json")).unwrap(),
+    )
+    .unwrap();
+    let jwks = dir.join("jwks.json");
+    std::fs::write(&jwks, json!({ "keys": [jwk] }).to_string()).unwrap();
+    let text = format!(
+        "server:
+  listen: 127.0.0.1:{grpc}
+  admin_listen: 127.0.0.1:{admin}
+  shutdown_grace: 1s
+  tls:
+    cert: '{cert}'
+    key: '{key}'
+    client_ca: '{ca}'
+    allowed_client_principals: [spiffe://example.org/ns/edge/sa/envoy]
+issuers:
+  - name: e2e
+    issuer: {ISSUER}
+    audiences: [{AUDIENCE}]
+    algorithms: [RS256]
+    keys: {{file: '{jwks}'}}
+    dpop: optional
+routes:
+  - id: stock
+    methods: [GET]
+    path: /internal/stock
+    rules:
+      - id: checkout-service
+        principals: [spiffe://example.org/ns/shop/sa/checkout]
+  - id: orders
+    methods: [GET]
+    path: /orders/{{id}}
+    rules:
+      - id: reader
+        scopes: [orders:read]
+",
+        cert = mtls("server.crt").display(),
+        key = mtls("server.key").display(),
+        ca = mtls("ca.crt").display(),
+        jwks = jwks.display(),
+    );
+    let path = dir.join("portcullis.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Stack {
+    envoy_port: u16,
+    upstream_hits: Arc<AtomicUsize>,
+    portcullis: ChildGuard,
+    envoy: ChildGuard,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let (upstream_port, upstream_hits) = upstream().await;
+        let (grpc, admin) = (free_port(), free_port());
+        let config = portcullis_config(dir.path(), grpc, admin);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        command.arg("serve").arg("--config").arg(&config);
+        let mut portcullis = ChildGuard::spawn("portcullis", command);
+        wait_for_status(
+            &mut portcullis,
+            SocketAddr::from(([127, 0, 0, 1], admin)),
+            "/readyz",
+            200,
+            Duration::from_secs(30),
+        );
+
+        let (envoy_port, envoy_admin) = (free_port(), free_port());
+        let shipped = std::fs::read_to_string(root().join("envoy/envoy-mtls.yaml")).unwrap();
+        // The shipped file names its example certificates relative to the repository root.
+        let certs = format!("{}/", root().join("envoy/certs-example").display());
+        assert!(shipped.contains("envoy/certs-example/"));
+        let shipped = shipped.replace("envoy/certs-example/", &certs);
+        let rewritten = support::rewrite_envoy_config(
+            &shipped,
+            &[
+                (9901, envoy_admin),
+                (10443, envoy_port),
+                (9191, grpc),
+                (8080, upstream_port),
+            ],
+        );
+        let path = dir.path().join("envoy.yaml");
+        std::fs::write(&path, rewritten).unwrap();
+        let envoy = support::start_envoy(&path, SocketAddr::from(([127, 0, 0, 1], envoy_admin)));
+        Stack {
+            envoy_port,
+            upstream_hits,
+            portcullis,
+            envoy,
+            _dir: dir,
+        }
+    }
+
+    /// An HTTPS client trusting the test CA, presenting `identity`'s certificate.
+    fn client(identity: Option<&str>) -> reqwest::Client {
+        let ca = std::fs::read(mtls("ca.crt")).unwrap();
+        let mut b = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()]);
+        if let Some(name) = identity {
+            let mut pem = std::fs::read(mtls(&format!("{name}.crt"))).unwrap();
+            pem.extend(std::fs::read(mtls(&format!("{name}.key"))).unwrap());
+            b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
+        }
+        b.build().unwrap()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.envoy_port)
+    }
+
+    async fn get(&self, client: &reqwest::Client, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut request = client.get(self.url(path));
+        for (n, v) in headers {
+            request = request.header(*n, *v);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e:?}\n{}", self.logs()));
+        let status = response.status().as_u16();
+        let upstream = response.headers().contains_key(UPSTREAM_MARKER);
+        let challenge = response
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_string());
+        let body = response.text().await.unwrap();
+        Answer {
+            status,
+            upstream,
+            challenge,
+            body,
+        }
+    }
+
+    fn logs(&self) -> String {
+        format!("{}\n{}", self.envoy.logs(), self.portcullis.logs())
+    }
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    upstream: bool,
+    challenge: Option<String>,
+    body: String,
+}
+
+impl Answer {
+    fn error(&self) -> String {
+        let v: Value = serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body));
+        v["error"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spiffe_principal_is_granted_over_mtls_and_another_principal_is_refused() {
+    let stack = Stack::start().await;
+
+    let checkout = stack
+        .get(&Stack::client(Some("checkout")), "/internal/stock", &[])
+        .await;
+    assert_eq!(checkout.status, 200, "{checkout:?}\n{}", stack.logs());
+    assert!(checkout.upstream, "{checkout:?}");
+    assert_eq!(stack.upstream_hits.load(Ordering::SeqCst), 1);
+
+    let intruder = stack
+        .get(&Stack::client(Some("intruder")), "/internal/stock", &[])
+        .await;
+    assert_eq!(intruder.status, 403, "{intruder:?}");
+    assert!(!intruder.upstream);
+    assert_eq!(intruder.error(), "insufficient_scope", "{intruder:?}");
+
+    // The principal grants only its route: a token route still needs a token.
+    let no_token = stack
+        .get(&Stack::client(Some("checkout")), "/orders/42", &[])
+        .await;
+    assert_eq!(no_token.status, 401, "{no_token:?}");
+    assert_eq!(no_token.error(), "credential_missing");
+
+    // No client certificate: Envoy's listener refuses the connection itself.
+    let anonymous = Stack::client(None)
+        .get(stack.url("/internal/stock"))
+        .send()
+        .await;
+    assert!(anonymous.is_err(), "{anonymous:?}");
+    assert_eq!(stack.upstream_hits.load(Ordering::SeqCst), 1);
+}
+
+/// RFC 7638 thumbprint and public JWK of the P-256 fixture key.
+fn proof_key() -> (Value, String) {
+    let set: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/keys/ec-p256.jwks.json")).unwrap(),
+    )
+    .unwrap();
+    let k = &set["keys"][0];
+    let jwk = json!({"kty": "EC", "crv": "P-256", "x": k["x"], "y": k["y"]});
+    let canonical = format!(
+        r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+        k["x"].as_str().unwrap(),
+        k["y"].as_str().unwrap()
+    );
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes());
+    (jwk, URL_SAFE_NO_PAD.encode(digest.as_ref()))
+}
+
+fn dpop_token(jkt: &str) -> String {
+    let pem = std::fs::read(root().join("tests/fixtures/e2e/key-a.pem")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("e2e-a".to_string());
+    let claims = json!({
+        "iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "scope": "orders:read",
+        "iat": now(), "exp": now() + 600,
+        "jti": format!("dpop-token-{}-{}", std::process::id(), serial()),
+        "cnf": { "jkt": jkt },
+    });
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+fn dpop_proof(jwk: &Value, token: &str, htu: &str) -> String {
+    let header = json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk});
+    let ath = URL_SAFE_NO_PAD
+        .encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref());
+    let claims = json!({
+        "jti": format!("proof-{}-{}", std::process::id(), serial()),
+        "htm": "GET", "htu": htu, "iat": now(), "ath": ath,
+    });
+    let message = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let pem = std::fs::read(root().join("tests/fixtures/keys/ec-p256.pem")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap();
+    let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &key, jsonwebtoken::Algorithm::ES256)
+        .unwrap();
+    format!("{message}.{sig}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dpop_bound_request_is_accepted_and_its_replay_refused() {
+    let stack = Stack::start().await;
+    let client = Stack::client(Some("checkout"));
+    let (jwk, jkt) = proof_key();
+    let token = dpop_token(&jkt);
+    let auth = format!("DPoP {token}");
+    let htu = stack.url("/orders/42");
+
+    let proof = dpop_proof(&jwk, &token, &htu);
+    let first = stack
+        .get(
+            &client,
+            "/orders/42",
+            &[("authorization", &auth), ("dpop", &proof)],
+        )
+        .await;
+    assert_eq!(first.status, 200, "{first:?}\n{}", stack.logs());
+    assert!(first.upstream);
+
+    let replay = stack
+        .get(
+            &client,
+            "/orders/42",
+            &[("authorization", &auth), ("dpop", &proof)],
+        )
+        .await;
+    assert_eq!(replay.status, 401, "{replay:?}");
+    assert!(!replay.upstream);
+    assert_eq!(replay.error(), "invalid_dpop_proof");
+    let challenge = replay.challenge.clone().unwrap_or_default();
+    assert!(
+        challenge.starts_with("DPoP ") && challenge.contains("error=\"invalid_dpop_proof\""),
+        "{challenge:?}"
+    );
+
+    // A fresh proof for the same token works again: only the used `jti` was refused.
+    let fresh = dpop_proof(&jwk, &token, &htu);
+    let again = stack
+        .get(
+            &client,
+            "/orders/42",
+            &[("authorization", &auth), ("dpop", &fresh)],
+        )
+        .await;
+    assert_eq!(again.status, 200, "{again:?}");
+
+    // The same DPoP-bound token as a bearer token is refused.
+    let bearer = stack
+        .get(
+            &client,
+            "/orders/42",
+            &[("authorization", &format!("Bearer {token}"))],
+        )
+        .await;
+    assert_eq!(bearer.status, 401, "{bearer:?}");
+    assert!(
+        bearer
+            .challenge
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("DPoP "),
+        "{bearer:?}"
+    );
+
+    // A proof for another URL is refused.
+    let elsewhere = dpop_proof(&jwk, &token, &stack.url("/orders/43"));
+    let wrong = stack
+        .get(
+            &client,
+            "/orders/42",
+            &[("authorization", &auth), ("dpop", &elsewhere)],
+        )
+        .await;
+    assert_eq!(wrong.status, 401, "{wrong:?}");
+    assert_eq!(wrong.error(), "invalid_dpop_proof");
+    assert_eq!(stack.upstream_hits.load(Ordering::SeqCst), 2);
+}

@@ -1,0 +1,327 @@
+//! The engine's side of DPoP and service identities: single use of a proof's `jti` through
+//! shared state (and failing closed when the state is unavailable), binding checks on token
+//! cache hits, and the configuration errors of the mTLS/DPoP settings.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use portcullis::admin::metrics::Metrics;
+use portcullis::authz::{Decision, RequestView};
+use portcullis::engine::Engine;
+use portcullis::state::{MemoryStore, RateLimit, RateOutcome, StateError, StateStore};
+use serde_json::{Value, json};
+
+const NOW: i64 = 1_800_000_000;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn config_text(dpop: &str) -> String {
+    format!(
+        "issuers:
+  - name: fixtures
+    issuer: https://fixtures.portcullis.invalid
+    audiences: [corpus-api]
+    keys: {{file: '{}'}}
+    dpop: {dpop}
+routes:
+  - id: things
+    methods: [GET]
+    path: /things/{{id}}
+    rules: [{{id: any, issuers: [fixtures]}}]
+",
+        root().join("tests/fixtures/keys/all.jwks.json").display()
+    )
+}
+
+async fn engine_with_metrics(state: Arc<dyn StateStore>) -> (Engine, Arc<Metrics>) {
+    let config =
+        portcullis::config::from_str(&config_text("optional"), Path::new("mem.yaml")).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let keys = Arc::new(portcullis::server::key_store(&config, metrics.clone()));
+    keys.start().await;
+    (
+        Engine::new(Arc::new(config), keys, state, metrics.clone()),
+        metrics,
+    )
+}
+
+async fn engine(state: Arc<dyn StateStore>) -> Engine {
+    engine_with_metrics(state).await.0
+}
+
+fn b64(v: &Value) -> String {
+    URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+fn sha256_b64(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref())
+}
+
+fn ec_jwk() -> (Value, String) {
+    let set: Value = serde_json::from_slice(
+        &std::fs::read(root().join("tests/fixtures/keys/ec-p256.jwks.json")).unwrap(),
+    )
+    .unwrap();
+    let k = &set["keys"][0];
+    let canonical = format!(
+        r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+        k["x"].as_str().unwrap(),
+        k["y"].as_str().unwrap()
+    );
+    (
+        json!({"kty": "EC", "crv": "P-256", "x": k["x"], "y": k["y"]}),
+        sha256_b64(canonical.as_bytes()),
+    )
+}
+
+fn sign(header: &Value, claims: &Value, pem: &str, ec: bool) -> String {
+    let pem = std::fs::read(root().join(pem)).unwrap();
+    let (key, alg) = if ec {
+        (
+            jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap(),
+            jsonwebtoken::Algorithm::ES256,
+        )
+    } else {
+        (
+            jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap(),
+            jsonwebtoken::Algorithm::RS256,
+        )
+    };
+    let message = format!("{}.{}", b64(header), b64(claims));
+    let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &key, alg).unwrap();
+    format!("{message}.{sig}")
+}
+
+fn token(jkt: &str) -> String {
+    sign(
+        &json!({"alg": "RS256", "kid": "rsa2048"}),
+        &json!({
+            "iss": "https://fixtures.portcullis.invalid", "aud": "corpus-api",
+            "iat": NOW, "exp": NOW + 600, "cnf": {"jkt": jkt},
+        }),
+        "tests/fixtures/keys/rsa2048.pem",
+        false,
+    )
+}
+
+fn proof(jwk: &Value, token: &str, jti: &str) -> String {
+    sign(
+        &json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk}),
+        &json!({
+            "jti": jti, "htm": "GET", "htu": "https://api.example.com/things/1",
+            "iat": NOW, "ath": sha256_b64(token.as_bytes()),
+        }),
+        "tests/fixtures/keys/ec-p256.pem",
+        true,
+    )
+}
+
+async fn check(engine: &Engine, authorization: &str, proof: Option<&str>) -> Decision {
+    let mut headers = HashMap::from([("authorization".to_string(), authorization.to_string())]);
+    if let Some(p) = proof {
+        headers.insert("dpop".into(), p.to_string());
+    }
+    let view = RequestView {
+        method: "GET",
+        host: "api.example.com",
+        path: "/things/1",
+        headers: &headers,
+        source_ip: None,
+        source_principal: "",
+        scheme: "https",
+        peer_certificate: None,
+    };
+    engine.check_at(&view, NOW).await
+}
+
+#[tokio::test]
+async fn a_proof_is_single_use_and_cache_hits_still_need_a_fresh_proof() {
+    let (engine, metrics) = engine_with_metrics(Arc::new(MemoryStore::new())).await;
+    let (jwk, jkt) = ec_jwk();
+    let t = token(&jkt);
+    let auth = format!("DPoP {t}");
+    let p1 = proof(&jwk, &t, "one");
+
+    let first = check(&engine, &auth, Some(&p1)).await;
+    assert!(first.is_allow(), "{first:?}");
+    let replay = check(&engine, &auth, Some(&p1)).await;
+    assert_eq!(replay.code.as_str(), "invalid_dpop_proof", "{replay:?}");
+    assert_eq!(replay.http_status(), 401);
+    assert!(replay.detail.contains("already used"), "{replay:?}");
+    let challenge = &replay
+        .response_headers
+        .iter()
+        .find(|(n, _)| n == "www-authenticate")
+        .unwrap()
+        .1;
+    assert!(
+        challenge.starts_with("DPoP ") && challenge.contains("error=\"invalid_dpop_proof\""),
+        "{challenge}"
+    );
+
+    // The token is now a cache hit: a new proof works, no proof or a bearer use does not.
+    let hits = metrics.token_cache_hits.get();
+    let second = check(&engine, &auth, Some(&proof(&jwk, &t, "two"))).await;
+    assert!(second.is_allow(), "{second:?}");
+    assert!(
+        metrics.token_cache_hits.get() > hits,
+        "the second use must be a cache hit"
+    );
+    let missing = check(&engine, &auth, None).await;
+    assert_eq!(missing.code.as_str(), "invalid_dpop_proof", "{missing:?}");
+    let bearer = check(
+        &engine,
+        &format!("Bearer {t}"),
+        Some(&proof(&jwk, &t, "three")),
+    )
+    .await;
+    assert_eq!(bearer.code.as_str(), "invalid_token", "{bearer:?}");
+}
+
+/// A store that is down.
+struct DownStore {
+    calls: AtomicUsize,
+}
+
+#[tonic::async_trait]
+impl StateStore for DownStore {
+    async fn insert_if_absent(&self, _: &str, _: &str, _: Duration) -> Result<bool, StateError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Err(StateError::Unavailable("connection refused".into()))
+    }
+    async fn get(&self, _: &str) -> Result<Option<String>, StateError> {
+        Err(StateError::Unavailable("down".into()))
+    }
+    async fn set(&self, _: &str, _: &str, _: Duration) -> Result<(), StateError> {
+        Err(StateError::Unavailable("down".into()))
+    }
+    async fn delete(&self, _: &str) -> Result<bool, StateError> {
+        Err(StateError::Unavailable("down".into()))
+    }
+    async fn scan(&self, _: &str) -> Result<Vec<(String, String)>, StateError> {
+        Err(StateError::Unavailable("down".into()))
+    }
+    async fn take_one(&self, _: &str) -> Result<Option<i64>, StateError> {
+        Err(StateError::Unavailable("down".into()))
+    }
+    async fn rate_check(&self, _: &str, _: RateLimit) -> Result<RateOutcome, StateError> {
+        Err(StateError::Unavailable("down".into()))
+    }
+}
+
+#[tokio::test]
+async fn an_unavailable_replay_store_fails_closed() {
+    let store = Arc::new(DownStore {
+        calls: AtomicUsize::new(0),
+    });
+    let engine = engine(store.clone()).await;
+    let (jwk, jkt) = ec_jwk();
+    let t = token(&jkt);
+    let d = check(&engine, &format!("DPoP {t}"), Some(&proof(&jwk, &t, "x"))).await;
+    assert_eq!(d.code.as_str(), "state_unavailable", "{d:?}");
+    assert_eq!(d.http_status(), 503);
+    assert_eq!(store.calls.load(Ordering::SeqCst), 1);
+    // A request without DPoP never touches the store.
+    let plain = sign(
+        &json!({"alg": "RS256", "kid": "rsa2048"}),
+        &json!({"iss": "https://fixtures.portcullis.invalid", "aud": "corpus-api", "iat": NOW, "exp": NOW + 600}),
+        "tests/fixtures/keys/rsa2048.pem",
+        false,
+    );
+    let d = check(&engine, &format!("Bearer {plain}"), None).await;
+    assert!(d.is_allow(), "{d:?}");
+    assert_eq!(store.calls.load(Ordering::SeqCst), 1);
+}
+
+fn config_error(text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["server.crt", "server.key", "ca.crt"] {
+        std::fs::copy(
+            root().join("tests/fixtures/mtls").join(f),
+            dir.path().join(f),
+        )
+        .unwrap();
+    }
+    let path = dir.path().join("portcullis.yaml");
+    portcullis::config::from_str(text, &path)
+        .map(|_| String::new())
+        .unwrap_or_else(|e| e.to_string())
+}
+
+#[test]
+fn mtls_and_dpop_settings_are_validated() {
+    let routes = "routes: [{id: r, methods: [GET], path: /x, public: true}]\n";
+    let ok = config_error(&format!(
+        "server: {{tls: {{cert: server.crt, key: server.key, client_ca: ca.crt}}}}\n{routes}"
+    ));
+    assert_eq!(ok, "");
+    for (text, want) in [
+        (
+            "server: {tls: {cert: nope.crt, key: server.key, client_ca: ca.crt}}\n",
+            "server.tls.cert: file",
+        ),
+        (
+            "server: {tls: {cert: server.crt, key: server.key}}\n",
+            "server.tls.client_ca: client certificates are required",
+        ),
+        (
+            "server: {tls: {cert: server.crt, key: server.key, client_ca: ca.crt, allowed_client_principals: ['spiffe://*']}}\n",
+            "allowed_client_principals[0]",
+        ),
+        (
+            "server: {tls: {cert: server.crt, key: server.key, client_ca: ca.crt, verify: true}}\n",
+            "unknown field `verify`",
+        ),
+    ] {
+        let got = config_error(&format!("{text}{routes}"));
+        assert!(got.contains(want), "{text}: {got}");
+    }
+    // Plain TLS without client certificates is allowed when asked for explicitly.
+    let got = config_error(&format!(
+        "server: {{tls: {{cert: server.crt, key: server.key, require_client_cert: false}}}}\n{routes}"
+    ));
+    assert_eq!(got, "");
+
+    let issuer = |extra: &str| {
+        format!(
+            "issuers:
+  - name: i
+    issuer: https://i.invalid
+    audiences: [a]
+    keys: {{url: 'https://i.invalid/jwks'}}
+    {extra}
+routes:
+  - id: r
+    methods: [GET]
+    path: /x
+    rules: [{{id: s, principals: ['spiffe://example.org/ns/shop/**']}}]
+"
+        )
+    };
+    assert_eq!(config_error(&issuer("dpop: required")), "");
+    for (extra, want) in [
+        ("dpop: always", "unknown variant `always`"),
+        (
+            "dpop: optional\n    token: {header: x-token}",
+            "issuers[0].dpop: DPoP needs",
+        ),
+        ("dpop_algorithms: [HS256]", "issuers[0].dpop_algorithms[0]"),
+        ("dpop_algorithms: []", "issuers[0].dpop_algorithms"),
+        ("dpop_window: 0s", "issuers[0].dpop_window"),
+        ("dpop_window: 1h", "issuers[0].dpop_window"),
+    ] {
+        let got = config_error(&issuer(extra));
+        assert!(got.contains(want), "{extra}: {got}");
+    }
+    let bad_principal = issuer("").replace("spiffe://example.org/ns/shop/**", "spiffe://a/*/b");
+    let got = config_error(&bad_principal);
+    assert!(got.contains("routes[0].rules[0].principals[0]"), "{got}");
+}
