@@ -50,6 +50,8 @@ pub struct Engine {
     pub keys: Arc<KeyStore>,
     /// Shared state (revocations, rate limits, DPoP replay, approvals).
     pub state: Arc<dyn StateStore>,
+    /// Just-in-time approvals (rules with `approval:`), on `state`.
+    pub approvals: crate::approvals::Approvals,
     cache: Option<Cache<Arc<str>, Arc<Identity>>>,
     metrics: Arc<Metrics>,
     key_wait: Duration,
@@ -72,14 +74,32 @@ impl Engine {
                 .build()
         });
         let key_wait = config.file.server.key_fetch_wait.get();
+        let approvals = crate::approvals::Approvals::new(&config, state.clone());
         Self {
             config,
             keys,
+            approvals,
             state,
             cache,
             metrics,
             key_wait,
         }
+    }
+
+    /// Sends approval events (requested, used, ...) to the audit log.
+    pub fn with_audit(mut self, audit: crate::audit::AuditSink) -> Self {
+        self.approvals.set_audit(audit);
+        self
+    }
+
+    /// Verifies a bearer token as a Check would (same issuers, keys and cache), for callers
+    /// of the approvals API. The token is looked up as if sent in `authorization`.
+    pub async fn verify_bearer(&self, token: &str, now: i64) -> Result<Arc<Identity>, Decision> {
+        let cred = Credential {
+            token,
+            header: "authorization",
+        };
+        self.identity(&cred, now).await
     }
 
     /// Number of cached verified tokens (approximate, for metrics).
@@ -134,12 +154,12 @@ impl Engine {
     /// approvals. A deny passes through unchanged.
     async fn after_grant(
         &self,
-        _req: &RequestView<'_>,
+        req: &RequestView<'_>,
         _m: &RouteMatch<'_>,
         decision: Decision,
-        _now: i64,
+        now: i64,
     ) -> Decision {
-        decision
+        self.approvals.gate(req, decision, now).await
     }
 
     /// The verified identity for a credential: from the cache when still valid, else verified
