@@ -16,6 +16,7 @@
 //! - `approval:grantid:<fp>` -> the id of the approval behind the grant (for the audit log)
 
 pub mod api;
+pub mod client;
 pub mod service;
 pub mod webhook;
 
