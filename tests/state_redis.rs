@@ -251,7 +251,7 @@ async fn redis_down_fails_every_operation_quickly_and_recovers_after_restart() {
             assert!(matches!(e, StateError::Unavailable(_)), "{e:?}");
             assert!(!e.to_string().contains("127.0.0.1"), "{e}");
         }
-        // Seven operations, each bounded by the 200ms timeout (the connect allows 2x).
+        // Seven operations, each bounded by the 200ms timeout.
         assert!(
             took < Duration::from_secs(4),
             "attempt {attempt}: failing took {took:?}"

@@ -113,7 +113,7 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_max_delay(200);
         let made = tokio::time::timeout(
-            self.timeout * 2,
+            self.timeout,
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
         .await;
