@@ -145,7 +145,12 @@ fn envoy_config(admin: u16, listen: [u16; 2], replicas: [u16; 2], upstream: u16)
     let shipped = std::fs::read_to_string(support::repo_root().join("envoy/envoy.yaml")).unwrap();
     let shipped = support::rewrite_envoy_config(
         &shipped,
-        &[(9901, admin), (10000, listen[0]), (9191, replicas[0]), (8080, upstream)],
+        &[
+            (9901, admin),
+            (10000, listen[0]),
+            (9191, replicas[0]),
+            (8080, upstream),
+        ],
     );
     let mut doc: serde_yaml::Value = serde_yaml::from_str(&shipped).unwrap();
     let statics = &mut doc["static_resources"];
@@ -182,8 +187,8 @@ fn envoy_config(admin: u16, listen: [u16; 2], replicas: [u16; 2], upstream: u16)
         let mut c = cluster.clone();
         c["name"] = name.clone().into();
         c["load_assignment"]["cluster_name"] = name.into();
-        c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-            ["socket_address"]["port_value"] = u64::from(replicas[i]).into();
+        c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+            ["port_value"] = u64::from(replicas[i]).into();
         clusters.push(c);
     }
     statics["listeners"] = listeners.into();
@@ -253,7 +258,11 @@ impl Stack {
         let admin = free_port();
         let listen = [free_port(), free_port()];
         let path = dir.path().join("envoy.yaml");
-        std::fs::write(&path, envoy_config(admin, listen, [a.grpc, b.grpc], upstream)).unwrap();
+        std::fs::write(
+            &path,
+            envoy_config(admin, listen, [a.grpc, b.grpc], upstream),
+        )
+        .unwrap();
         let envoy = support::start_envoy(&path, SocketAddr::from(([127, 0, 0, 1], admin)));
         let http = reqwest::Client::builder()
             .http1_only()
@@ -355,8 +364,7 @@ impl Stack {
 }
 
 async fn start_upstream() -> u16 {
-    let app = axum::Router::new()
-        .fallback(|| async { ([(UPSTREAM_MARKER, "1")], "upstream") });
+    let app = axum::Router::new().fallback(|| async { ([(UPSTREAM_MARKER, "1")], "upstream") });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -381,7 +389,10 @@ async fn approval_through_one_replica_allows_one_retry_through_the_other() {
     assert_approval_required(&first, "first request");
     let id = first.approval_id();
     assert!(
-        first.json()["reason"].as_str().unwrap().contains("dba-lead"),
+        first.json()["reason"]
+            .as_str()
+            .unwrap()
+            .contains("dba-lead"),
         "{first:?}"
     );
     // Repeating while pending, through either replica, reuses the same request.
@@ -393,7 +404,10 @@ async fn approval_through_one_replica_allows_one_retry_through_the_other() {
     let (ok, listed, err) = stack.cli(Via::B, &bob, &["list"]);
     assert!(ok, "{listed}{err}");
     assert_eq!(listed.matches("apr_").count(), 1, "{listed}");
-    assert!(listed.contains(&id) && listed.contains("INC-1234"), "{listed}");
+    assert!(
+        listed.contains(&id) && listed.contains("INC-1234"),
+        "{listed}"
+    );
     // The requester is no approver.
     let (ok, out, err) = stack.cli(Via::A, &alice, &["approve", &id]);
     assert!(!ok, "alice approved her own request: {out}");
@@ -414,7 +428,10 @@ async fn approval_through_one_replica_allows_one_retry_through_the_other() {
     // Every step is in the audit log (the use on replica B).
     let events = stack.approval_events(&id);
     for want in ["requested", "approved", "used"] {
-        assert!(events.iter().any(|e| e == want), "{want} missing: {events:?}");
+        assert!(
+            events.iter().any(|e| e == want),
+            "{want} missing: {events:?}"
+        );
     }
     assert!(
         stack
@@ -426,7 +443,10 @@ async fn approval_through_one_replica_allows_one_retry_through_the_other() {
         "the use was not decided by replica B"
     );
     let stdout = format!("{}{}", stack.a.process.stdout(), stack.b.process.stdout());
-    assert!(!stdout.contains(&alice) && !stdout.contains(&bob), "a token in the audit log");
+    assert!(
+        !stdout.contains(&alice) && !stdout.contains(&bob),
+        "a token in the audit log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -437,12 +457,18 @@ async fn concurrent_retries_through_both_replicas_never_both_succeed_and_self_ap
     let lead = mint("lead", &["dba", "dba-lead"], "");
     let bob = mint("bob", &["dba-lead"], "");
     let path = "/databases/payments";
-    let id = stack.send(Via::A, "DELETE", path, &lead).await.approval_id();
+    let id = stack
+        .send(Via::A, "DELETE", path, &lead)
+        .await
+        .approval_id();
     let (ok, out, err) = stack.cli(Via::B, &lead, &["approve", &id]);
     assert!(!ok, "self-approval succeeded: {out}");
     assert!(err.contains("nobody approves their own request"), "{err}");
     let (_, listed, _) = stack.cli(Via::A, &lead, &["list"]);
-    assert!(!listed.contains(&id), "their own request is not listed to them: {listed}");
+    assert!(
+        !listed.contains(&id),
+        "their own request is not listed to them: {listed}"
+    );
     assert_approval_required(
         &stack.send(Via::B, "DELETE", path, &lead).await,
         "after the refused self-approval",
@@ -452,7 +478,10 @@ async fn concurrent_retries_through_both_replicas_never_both_succeed_and_self_ap
         let id = if round == 0 {
             id.clone()
         } else {
-            stack.send(Via::A, "DELETE", path, &lead).await.approval_id()
+            stack
+                .send(Via::A, "DELETE", path, &lead)
+                .await
+                .approval_id()
         };
         stack.approve(Via::B, &bob, &id, &[]);
         let mut tasks = Vec::new();
@@ -463,7 +492,10 @@ async fn concurrent_retries_through_both_replicas_never_both_succeed_and_self_ap
         }
         let answers = futures_util::future::join_all(tasks).await;
         let allowed = answers.iter().filter(|a| a.status == 200).count();
-        assert_eq!(allowed, 1, "round {round}: {allowed} of 8 concurrent retries passed");
+        assert_eq!(
+            allowed, 1,
+            "round {round}: {allowed} of 8 concurrent retries passed"
+        );
         for a in answers.iter().filter(|a| a.status != 200) {
             assert_approval_required(a, "a losing concurrent retry");
         }
@@ -516,7 +548,10 @@ async fn an_approval_expires_on_time() {
             break;
         }
         assert!(expired == 0, "expired logged {expired} times");
-        assert!(started.elapsed() < Duration::from_secs(10), "no expired event");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no expired event"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -526,7 +561,9 @@ async fn redis_down_refuses_the_gated_route_with_a_clear_reason_and_ordinary_rou
     let mut stack = Stack::start().await;
     let alice = mint("alice", &["dba"], "orders:read");
     assert_approval_required(
-        &stack.send(Via::A, "DELETE", "/databases/orders", &alice).await,
+        &stack
+            .send(Via::A, "DELETE", "/databases/orders", &alice)
+            .await,
         "with redis up",
     );
 
@@ -553,7 +590,9 @@ async fn redis_down_refuses_the_gated_route_with_a_clear_reason_and_ordinary_rou
     stack.redis.restart();
     let started = Instant::now();
     loop {
-        let answer = stack.send(Via::B, "DELETE", "/databases/orders", &alice).await;
+        let answer = stack
+            .send(Via::B, "DELETE", "/databases/orders", &alice)
+            .await;
         if answer.status == 403 {
             assert_approval_required(&answer, "after redis is back");
             break;

@@ -32,9 +32,19 @@ where
 async fn insert_if_absent_stores_only_the_first_value() {
     both(|s, name| async move {
         let ttl = Duration::from_secs(60);
-        assert!(s.insert_if_absent("k", "first", ttl).await.unwrap(), "{name}");
-        assert!(!s.insert_if_absent("k", "second", ttl).await.unwrap(), "{name}");
-        assert_eq!(s.get("k").await.unwrap().as_deref(), Some("first"), "{name}");
+        assert!(
+            s.insert_if_absent("k", "first", ttl).await.unwrap(),
+            "{name}"
+        );
+        assert!(
+            !s.insert_if_absent("k", "second", ttl).await.unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            s.get("k").await.unwrap().as_deref(),
+            Some("first"),
+            "{name}"
+        );
     })
     .await;
 }
@@ -57,7 +67,9 @@ async fn get_set_delete_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn entries_expire_after_their_ttl() {
     both(|s, name| async move {
-        s.set("short", "v", Duration::from_millis(150)).await.unwrap();
+        s.set("short", "v", Duration::from_millis(150))
+            .await
+            .unwrap();
         assert!(
             s.insert_if_absent("short2", "v", Duration::from_millis(150))
                 .await
@@ -67,7 +79,10 @@ async fn entries_expire_after_their_ttl() {
         // Poll until gone (bounded): expiry must happen, and not much later than the ttl.
         let started = Instant::now();
         while s.get("short").await.unwrap().is_some() {
-            assert!(started.elapsed() < Duration::from_secs(3), "{name}: never expired");
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "{name}: never expired"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(
@@ -92,11 +107,18 @@ async fn scan_lists_live_keys_under_a_prefix_only() {
         let got = s.scan("a:").await.unwrap();
         assert_eq!(
             got,
-            vec![("a:1".to_string(), "x".to_string()), ("a:2".to_string(), "y".to_string())],
+            vec![
+                ("a:1".to_string(), "x".to_string()),
+                ("a:2".to_string(), "y".to_string())
+            ],
             "{name}"
         );
         let glob = s.scan("a*").await.unwrap();
-        assert_eq!(glob, vec![("a*:3".to_string(), "glob".to_string())], "{name}");
+        assert_eq!(
+            glob,
+            vec![("a*:3".to_string(), "glob".to_string())],
+            "{name}"
+        );
     })
     .await;
 }
@@ -139,7 +161,9 @@ async fn take_one_counts_down_and_a_single_use_is_spent_once_under_concurrency()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn take_one_keeps_the_expiry() {
     both(|s, name| async move {
-        s.set("uses", "5", Duration::from_millis(200)).await.unwrap();
+        s.set("uses", "5", Duration::from_millis(200))
+            .await
+            .unwrap();
         assert_eq!(s.take_one("uses").await.unwrap(), Some(4), "{name}");
         let started = Instant::now();
         while s.take_one("uses").await.unwrap().is_some() {
@@ -170,7 +194,10 @@ async fn gcra_allows_the_burst_then_denies_with_retry_after_then_refills() {
             remaining.push(o.remaining);
         }
         // Up to a few ms pass between calls, so the count may round up by one.
-        assert!(remaining[0] >= 1 && remaining[2] <= 1, "{name}: {remaining:?}");
+        assert!(
+            remaining[0] >= 1 && remaining[2] <= 1,
+            "{name}: {remaining:?}"
+        );
         let denied = s.rate_check("bucket", limit).await.unwrap();
         assert!(!denied.allowed, "{name}: the burst was exceeded");
         let retry = denied.retry_after.unwrap();
@@ -179,7 +206,10 @@ async fn gcra_allows_the_burst_then_denies_with_retry_after_then_refills() {
             "{name}: retry_after {retry:?}"
         );
         // Another bucket is independent.
-        assert!(s.rate_check("other", limit).await.unwrap().allowed, "{name}");
+        assert!(
+            s.rate_check("other", limit).await.unwrap().allowed,
+            "{name}"
+        );
         tokio::time::sleep(retry + Duration::from_millis(20)).await;
         assert!(
             s.rate_check("bucket", limit).await.unwrap().allowed,
@@ -213,7 +243,10 @@ async fn prefixes_keep_deployments_apart() {
     a.set("k", "a", Duration::from_secs(60)).await.unwrap();
     assert_eq!(b.get("k").await.unwrap(), None);
     assert_eq!(b.scan("").await.unwrap(), vec![]);
-    assert_eq!(a.scan("").await.unwrap(), vec![("k".to_string(), "a".to_string())]);
+    assert_eq!(
+        a.scan("").await.unwrap(),
+        vec![("k".to_string(), "a".to_string())]
+    );
 }
 
 /// Every operation, for the outage checks.
@@ -247,7 +280,9 @@ async fn redis_down_fails_every_operation_quickly_and_recovers_after_restart() {
         let results = every_op(&s).await;
         let took = started.elapsed();
         for r in &results {
-            let e = r.as_ref().expect_err("an operation succeeded with Redis down");
+            let e = r
+                .as_ref()
+                .expect_err("an operation succeeded with Redis down");
             assert!(matches!(e, StateError::Unavailable(_)), "{e:?}");
             assert!(!e.to_string().contains("127.0.0.1"), "{e}");
         }

@@ -28,7 +28,8 @@ pub mod pb {
 }
 
 /// The encoded `FileDescriptorSet` of the approvals API, for gRPC reflection.
-pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/approvals_descriptor.bin"));
+pub const DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/approvals_descriptor.bin"));
 
 /// The fully-qualified service name.
 pub const SERVICE_NAME: &str = "portcullis.approvals.v1.Approvals";

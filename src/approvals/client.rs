@@ -74,7 +74,10 @@ pub async fn run(args: &ApprovalsArgs) -> Result<String, ClientError> {
     let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
         .parse()
         .map_err(|_| ClientError::Usage("the token is not valid metadata text".to_string()))?;
-    fn authed<T>(body: T, auth: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>) -> tonic::Request<T> {
+    fn authed<T>(
+        body: T,
+        auth: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    ) -> tonic::Request<T> {
         let mut r = tonic::Request::new(body);
         r.metadata_mut().insert("authorization", auth.clone());
         r
@@ -86,9 +89,12 @@ pub async fn run(args: &ApprovalsArgs) -> Result<String, ClientError> {
     match &args.action {
         ApprovalsAction::List { all } => {
             let reply = client
-                .list(authed(pb::ListRequest {
-                    include_decided: *all,
-                }, &auth))
+                .list(authed(
+                    pb::ListRequest {
+                        include_decided: *all,
+                    },
+                    &auth,
+                ))
                 .await
                 .map_err(refused)?
                 .into_inner();
@@ -103,10 +109,13 @@ pub async fn run(args: &ApprovalsArgs) -> Result<String, ClientError> {
         }
         ApprovalsAction::Approve { id, ttl } => {
             let reply = client
-                .approve(authed(pb::ApproveRequest {
-                    id: id.clone(),
-                    ttl: ttl.clone().unwrap_or_default(),
-                }, &auth))
+                .approve(authed(
+                    pb::ApproveRequest {
+                        id: id.clone(),
+                        ttl: ttl.clone().unwrap_or_default(),
+                    },
+                    &auth,
+                ))
                 .await
                 .map_err(refused)?
                 .into_inner();
@@ -114,10 +123,13 @@ pub async fn run(args: &ApprovalsArgs) -> Result<String, ClientError> {
         }
         ApprovalsAction::Reject { id, reason } => {
             let reply = client
-                .reject(authed(pb::RejectRequest {
-                    id: id.clone(),
-                    reason: reason.clone().unwrap_or_default(),
-                }, &auth))
+                .reject(authed(
+                    pb::RejectRequest {
+                        id: id.clone(),
+                        reason: reason.clone().unwrap_or_default(),
+                    },
+                    &auth,
+                ))
                 .await
                 .map_err(refused)?
                 .into_inner();
@@ -162,7 +174,8 @@ fn line(a: &pb::Approval) -> String {
 }
 
 fn time(unix: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(unix).unwrap_or(0));
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(unix).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
 }
 

@@ -15,8 +15,8 @@ use crate::identity::Identity;
 use crate::state::{StateError, StateStore};
 
 use super::{
-    APPROVAL_ID_HEADER, ApprovalPolicy, ApprovalState, Policies, Record, display_path,
-    fingerprint, is_self, justification, new_id, normal_host, valid_id,
+    APPROVAL_ID_HEADER, ApprovalPolicy, ApprovalState, Policies, Record, display_path, fingerprint,
+    is_self, justification, new_id, normal_host, valid_id,
 };
 
 /// Decided records are kept this long past their last relevant time, for listings and for
@@ -83,7 +83,9 @@ fn state_deny(decision: Decision, e: &StateError) -> Decision {
     } = decision;
     Decision::new(
         ReasonCode::StateUnavailable,
-        format!("this action needs approval and the approval state cannot be checked ({e}); denied"),
+        format!(
+            "this action needs approval and the approval state cannot be checked ({e}); denied"
+        ),
     )
     .with_route(route)
     .with_rule(rule)
@@ -190,10 +192,7 @@ impl Approvals {
                 let mut event = ApprovalEvent::new("used", &record);
                 event.uses_left = Some(left);
                 self.audit.record_approval(event);
-                let detail = format!(
-                    "{}; approved (`{id}`, {left} use(s) left)",
-                    decision.detail
-                );
+                let detail = format!("{}; approved (`{id}`, {left} use(s) left)", decision.detail);
                 return Decision {
                     detail: detail.into(),
                     ..decision
@@ -409,9 +408,7 @@ impl Approvals {
         let policy = self.claim(&record, who, now).await?;
         let ttl = ttl.unwrap_or(policy.ttl).max(Duration::from_secs(1));
         let fp = record.fingerprint.clone();
-        self.state
-            .set(&key_grant_id(&fp), &record.id, ttl)
-            .await?;
+        self.state.set(&key_grant_id(&fp), &record.id, ttl).await?;
         self.state
             .set(&key_grant(&fp), &policy.uses.to_string(), ttl)
             .await?;
@@ -507,7 +504,8 @@ impl Approvals {
                     .insert_if_absent(&key_expired(&r.id), "1", RECORD_GRACE * 2)
                     .await?
             {
-                self.audit.record_approval(ApprovalEvent::new("expired", &r));
+                self.audit
+                    .record_approval(ApprovalEvent::new("expired", &r));
                 n += 1;
             }
         }

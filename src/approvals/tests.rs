@@ -121,7 +121,12 @@ fn fingerprints_differ_by_subject_method_host_path_query_and_body() {
         Req::new("DELETE", "db.example.com", "/databases/users"),
         Req::new("DELETE", "db.example.com", "/databases/orders?force=true"),
     ] {
-        assert_ne!(fp, fingerprint(&alice, &other.view(), None), "{}", other.path);
+        assert_ne!(
+            fp,
+            fingerprint(&alice, &other.view(), None),
+            "{}",
+            other.path
+        );
     }
     assert_ne!(fp, fingerprint(&identity("bob", &[]), &base.view(), None));
     assert_ne!(fp, fingerprint(&alice, &base.view(), Some("abc")));
@@ -164,7 +169,10 @@ fn records_round_trip_as_json() {
         grant_expires_at: None,
     };
     let json = record.to_json();
-    assert!(!json.contains("secret"), "the query string is never stored: {json}");
+    assert!(
+        !json.contains("secret"),
+        "the query string is never stored: {json}"
+    );
     assert_eq!(Record::from_json(&json), Some(record));
     assert_eq!(Record::from_json("{not json"), None);
 }
@@ -175,9 +183,15 @@ fn approvers_hold_a_role_or_are_named() {
     let policies = compile(&config.file.routes);
     let p = &policies[&("drop-db".to_string(), "dba".to_string())];
     assert!(p.is_approver(&identity("bob", &["dba-lead"])));
-    assert!(p.is_approver(&identity("carol", &[])), "named as corp:carol");
+    assert!(
+        p.is_approver(&identity("carol", &[])),
+        "named as corp:carol"
+    );
     assert!(!p.is_approver(&identity("dave", &["dba"])));
-    assert!(!p.is_approver(&identity("", &["dba-lead"])), "no subject, no approval");
+    assert!(
+        !p.is_approver(&identity("", &["dba-lead"])),
+        "no subject, no approval"
+    );
     assert_eq!(p.ttl, Duration::from_secs(900));
     assert_eq!(p.uses, 1);
 }
@@ -192,7 +206,11 @@ fn pre_approval_holds_only_for_the_role_inside_the_window() {
     let on_call = identity("alice", &["dba", "on-call"]);
     assert_eq!(p.pre_approved(&on_call, from), Some(0));
     assert_eq!(p.pre_approved(&on_call, until - 1), Some(0));
-    assert_eq!(p.pre_approved(&on_call, until), None, "the end is exclusive");
+    assert_eq!(
+        p.pre_approved(&on_call, until),
+        None,
+        "the end is exclusive"
+    );
     assert_eq!(p.pre_approved(&on_call, from - 1), None);
     assert_eq!(p.pre_approved(&identity("alice", &["dba"]), from), None);
 }
@@ -201,8 +219,10 @@ fn pre_approval_holds_only_for_the_role_inside_the_window() {
 fn justification_is_trimmed_cleaned_and_capped() {
     let mut r = Req::new("DELETE", "h", "/databases/x");
     assert_eq!(justification(&r.view()), None);
-    r.headers
-        .insert(JUSTIFICATION_HEADER.into(), format!("  INC-7\u{7} {}", "x".repeat(900)));
+    r.headers.insert(
+        JUSTIFICATION_HEADER.into(),
+        format!("  INC-7\u{7} {}", "x".repeat(900)),
+    );
     let j = justification(&r.view()).unwrap();
     assert!(j.starts_with("INC-7 x"));
     assert!(j.chars().count() <= 500);
@@ -212,8 +232,14 @@ fn justification_is_trimmed_cleaned_and_capped() {
 fn config_rejects_unusable_approvals() {
     for (rule, want) in [
         ("approvers: {}", "no approvers"),
-        ("approvers: { roles: [a] }\n          uses: 0", "approve nothing"),
-        ("approvers: { roles: [a] }\n          ttl: 0s", "at least 1s"),
+        (
+            "approvers: { roles: [a] }\n          uses: 0",
+            "approve nothing",
+        ),
+        (
+            "approvers: { roles: [a] }\n          ttl: 0s",
+            "at least 1s",
+        ),
         (
             "approvers: { roles: [a] }\n          pre_approve: [{ roles: [x], from: yesterday }]",
             "RFC 3339",
@@ -247,7 +273,10 @@ async fn a_request_without_approval_is_refused_with_one_id_per_action() {
     assert_ne!(approval_id(&d2), id);
     // Denies and public allows pass through untouched.
     let deny = Decision::new(ReasonCode::InsufficientScope, "no");
-    assert_eq!(a.gate(&r.view(), deny, NOW).await.code, ReasonCode::InsufficientScope);
+    assert_eq!(
+        a.gate(&r.view(), deny, NOW).await.code,
+        ReasonCode::InsufficientScope
+    );
 }
 
 #[tokio::test]
@@ -263,7 +292,10 @@ async fn an_approval_allows_exactly_its_uses_then_asks_again() {
         Err(ApprovalError::NotApprover(_))
     ));
     let listed = a.list(&bob, false, NOW).await.unwrap();
-    assert_eq!(listed.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), [id.as_str()]);
+    assert_eq!(
+        listed.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [id.as_str()]
+    );
     assert!(a.list(&alice, false, NOW).await.unwrap().is_empty());
 
     let record = a.approve(&bob, &id, None, NOW).await.unwrap();
@@ -278,7 +310,11 @@ async fn an_approval_allows_exactly_its_uses_then_asks_again() {
     assert_eq!(used.code, ReasonCode::Allowed, "{}", used.detail);
     let again = a.gate(&r.view(), granted(&alice), NOW + 2).await;
     assert_eq!(again.code, ReasonCode::ApprovalRequired);
-    assert_ne!(approval_id(&again), id, "a spent approval opens a new request");
+    assert_ne!(
+        approval_id(&again),
+        id,
+        "a spent approval opens a new request"
+    );
     // The approval was for alice: bob's same action still needs its own.
     let bob_dba = identity("bob", &["dba", "dba-lead"]);
     assert_eq!(
@@ -339,7 +375,8 @@ async fn a_rejection_is_named_on_retry_and_ttls_are_bounded() {
     let r = Req::new("DELETE", "db", "/databases/orders");
     let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
     assert!(matches!(
-        a.approve(&bob, &id, Some(Duration::from_secs(3600)), NOW).await,
+        a.approve(&bob, &id, Some(Duration::from_secs(3600)), NOW)
+            .await,
         Err(ApprovalError::InvalidTtl(_))
     ));
     a.reject(&bob, &id, Some("not during business hours".into()), NOW)
@@ -351,7 +388,8 @@ async fn a_rejection_is_named_on_retry_and_ttls_are_bounded() {
     assert!(d.detail.contains("rejected by `corp:bob`"), "{}", d.detail);
     assert!(d.detail.contains("business hours"), "{}", d.detail);
     assert!(matches!(
-        a.approve(&bob, "apr_00000000000000000000000000000000", None, NOW).await,
+        a.approve(&bob, "apr_00000000000000000000000000000000", None, NOW)
+            .await,
         Err(ApprovalError::NotFound(_))
     ));
 }

@@ -873,8 +873,15 @@ impl Compiler {
         if state.timeout.get().is_zero() {
             return Err(self.err("state.timeout", "must be greater than 0"));
         }
-        if state.key_prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(self.err("state.key_prefix", "must not contain spaces or control characters"));
+        if state
+            .key_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(self.err(
+                "state.key_prefix",
+                "must not contain spaces or control characters",
+            ));
         }
         let approvals = &file.approvals;
         if approvals.request_ttl.get().as_secs() == 0 {
@@ -905,7 +912,12 @@ impl Compiler {
                 "e.g. `approvers: { roles: [dba-lead] }`",
             ));
         }
-        if a.approvers.roles.iter().chain(&a.approvers.subjects).any(|s| s.trim().is_empty()) {
+        if a.approvers
+            .roles
+            .iter()
+            .chain(&a.approvers.subjects)
+            .any(|s| s.trim().is_empty())
+        {
             return Err(self.err(f("approvers"), "empty role or subject"));
         }
         if a.ttl.get().as_secs() == 0 {
@@ -924,7 +936,10 @@ impl Compiler {
                 ));
             }
             let mut bounds = [None, None];
-            for (slot, (name, value)) in [("from", &p.from), ("until", &p.until)].into_iter().enumerate() {
+            for (slot, (name, value)) in [("from", &p.from), ("until", &p.until)]
+                .into_iter()
+                .enumerate()
+            {
                 if let Some(v) = value {
                     let t = humantime::parse_rfc3339_weak(v.trim()).map_err(|_| {
                         self.hint(

@@ -261,10 +261,8 @@ impl StateStore for RedisStore {
             keys.dedup();
             let mut out = Vec::with_capacity(keys.len());
             for chunk in keys.chunks(500) {
-                let values: Vec<Option<String>> = ::redis::cmd("MGET")
-                    .arg(chunk)
-                    .query_async(&mut c)
-                    .await?;
+                let values: Vec<Option<String>> =
+                    ::redis::cmd("MGET").arg(chunk).query_async(&mut c).await?;
                 for (k, v) in chunk.iter().zip(values) {
                     // A key that expired between SCAN and MGET is simply not live any more.
                     if let Some(v) = v {
@@ -297,7 +295,9 @@ impl StateStore for RedisStore {
     async fn rate_check(&self, key: &str, limit: RateLimit) -> Result<RateOutcome, StateError> {
         let full = self.key(key);
         let interval = limit.emission_interval();
-        let interval_us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX).max(1);
+        let interval_us = u64::try_from(interval.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let burst = limit.burst.max(1);
         let script = &self.gcra;
         let (allowed, reset_us, retry_us): (i64, i64, i64) = self
