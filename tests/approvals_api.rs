@@ -91,6 +91,11 @@ routes:
     }
 
     async fn check(&self, token: &str) -> CheckResponse {
+        self.check_with_body(token, "").await
+    }
+
+    /// A Check as Envoy sends it with `with_request_body` (`body` empty: none sent).
+    async fn check_with_body(&self, token: &str, body: &str) -> CheckResponse {
         let headers = HashMap::from([("authorization".to_string(), format!("Bearer {token}"))]);
         let req = CheckRequest {
             attributes: Some(AttributeContext {
@@ -100,6 +105,7 @@ routes:
                         path: "/databases/orders".into(),
                         host: "db.example.com".into(),
                         headers,
+                        body: body.to_string(),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -341,4 +347,39 @@ async fn a_new_request_is_posted_to_the_webhook_with_retries() {
         "{hook}"
     );
     assert_eq!(hook["method"], "DELETE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_binds_to_the_body_envoy_sent() {
+    let h = Harness::start().await;
+    let alice = mint("alice", &["dba"]);
+    let bob = mint("bob", &["dba-lead"]);
+    let (_, _, body) = denied(&h.check_with_body(&alice, r#"{"cascade":false}"#).await);
+    let id = body["approval_id"].as_str().unwrap().to_string();
+    // The same action with another body is another request.
+    let (_, _, other) = denied(&h.check_with_body(&alice, r#"{"cascade":true}"#).await);
+    assert_ne!(other["approval_id"].as_str(), Some(id.as_str()));
+
+    let mut api = h.api().await;
+    let listed = api
+        .list(authed(ListRequest::default(), &bob))
+        .await
+        .unwrap()
+        .into_inner();
+    let record = listed.approvals.iter().find(|a| a.id == id).unwrap();
+    assert_eq!(record.body_sha256.len(), 64, "{record:?}");
+    api.approve(authed(
+        ApproveRequest {
+            id,
+            ttl: String::new(),
+        },
+        &bob,
+    ))
+    .await
+    .unwrap();
+    // The approved body is not the other body.
+    let (status, _, _) = denied(&h.check_with_body(&alice, r#"{"cascade":true}"#).await);
+    assert_eq!(status, 403);
+    let allowed = h.check_with_body(&alice, r#"{"cascade":false}"#).await;
+    assert_eq!(allowed.status.as_ref().unwrap().code, 0, "{allowed:?}");
 }

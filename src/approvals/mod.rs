@@ -36,6 +36,9 @@ pub use service::{ApprovalError, Approvals};
 pub const JUSTIFICATION_HEADER: &str = "x-portcullis-justification";
 /// The response header carrying the approval id of a refused request.
 pub const APPROVAL_ID_HEADER: &str = "x-portcullis-approval-id";
+/// Internal pseudo-header (set by `grpc` only, from the body Envoy sent) with the hex
+/// SHA-256 of the request body.
+pub const BODY_SHA256_HEADER: &str = ":portcullis-body-sha256";
 /// Longest justification kept (characters).
 const MAX_JUSTIFICATION: usize = 500;
 

@@ -15,8 +15,8 @@ use crate::identity::Identity;
 use crate::state::{StateError, StateStore};
 
 use super::{
-    APPROVAL_ID_HEADER, ApprovalPolicy, ApprovalState, Policies, Record, display_path, fingerprint,
-    is_self, justification, new_id, normal_host, valid_id,
+    APPROVAL_ID_HEADER, ApprovalPolicy, ApprovalState, BODY_SHA256_HEADER, Policies, Record,
+    display_path, fingerprint, is_self, justification, new_id, normal_host, valid_id,
 };
 
 /// Decided records are kept this long past their last relevant time, for listings and for
@@ -163,7 +163,8 @@ impl Approvals {
                 .with_rule(rule)
                 .with_identity(Some(identity));
         }
-        let fp = fingerprint(&identity, req, None);
+        let body = req.header(BODY_SHA256_HEADER);
+        let fp = fingerprint(&identity, req, body);
 
         if let Some(index) = policy.pre_approved(&identity, now) {
             self.record_pre_approval(&policy, &identity, req, &fp, index, now)
@@ -285,7 +286,7 @@ impl Approvals {
             method: req.method.to_string(),
             host: normal_host(req.host),
             path: display_path(req.path).to_string(),
-            body_sha256: None,
+            body_sha256: req.header(BODY_SHA256_HEADER).map(str::to_string),
             justification: justification(req),
             route: policy.route.to_string(),
             rule: policy.rule.to_string(),
