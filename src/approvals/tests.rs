@@ -452,3 +452,27 @@ async fn unreachable_state_fails_closed_with_a_clear_reason() {
         Err(ApprovalError::State(_))
     ));
 }
+
+#[test]
+fn debug_output_never_shows_the_redis_or_webhook_url() {
+    let text = "state: { backend: redis, redis_url: 'redis://:hunter2@db:6379/0' }\napprovals: { webhook: { url: 'https://hooks.example.com/T0/s3cr3t' } }\nroutes:\n  - { id: r, methods: [GET], path: /x, public: true }\n";
+    let config = crate::config::from_str(text, std::path::Path::new("t.yaml")).unwrap();
+    let debug = format!("{:?}", config.file);
+    assert!(
+        !debug.contains("hunter2") && !debug.contains("s3cr3t"),
+        "{debug}"
+    );
+    assert!(debug.contains("<redacted>"));
+}
+
+#[test]
+fn a_bad_redis_url_is_a_config_error_that_does_not_echo_it() {
+    let text = "state: { backend: redis, redis_url: 'http://:hunter2@db:6379' }\nroutes:\n  - { id: r, methods: [GET], path: /x, public: true }\n";
+    let e = crate::config::from_str(text, std::path::Path::new("t.yaml")).unwrap_err();
+    assert_eq!(e.field, "state.redis_url");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    let zero =
+        "state: { timeout: 0s }\nroutes:\n  - { id: r, methods: [GET], path: /x, public: true }\n";
+    let e = crate::config::from_str(zero, std::path::Path::new("t.yaml")).unwrap_err();
+    assert_eq!(e.field, "state.timeout");
+}

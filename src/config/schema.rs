@@ -420,7 +420,7 @@ pub enum StateBackend {
     Redis,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
     #[serde(default)]
@@ -434,6 +434,18 @@ pub struct StateConfig {
     /// Longest one state operation may take; past it the decision fails closed.
     #[serde(default = "default_state_timeout")]
     pub timeout: HumanDuration,
+}
+
+/// Debug output never shows the Redis URL: it may hold a password.
+impl std::fmt::Debug for StateConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateConfig")
+            .field("backend", &self.backend)
+            .field("redis_url", &"<redacted>")
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl Default for StateConfig {
@@ -485,7 +497,7 @@ fn default_request_ttl() -> HumanDuration {
     HumanDuration::from_secs(3600)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// Receives a JSON POST per new request.
@@ -496,6 +508,17 @@ pub struct WebhookConfig {
     /// Further attempts after a failure, with exponential backoff.
     #[serde(default = "default_webhook_retries")]
     pub retries: u32,
+}
+
+/// Debug output never shows the webhook URL: chat webhooks carry their secret in it.
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .finish()
+    }
 }
 
 fn default_webhook_timeout() -> HumanDuration {
