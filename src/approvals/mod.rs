@@ -5,8 +5,8 @@
 //! This file is the pure part: compiled approval policies, the request fingerprint, the
 //! record stored per request, and who may approve. No I/O, no clock (callers pass `now`).
 //! `gate` (the per-request stage the engine calls after a grant) and the approve/reject/list
-//! operations live in `service`, on top of the `StateStore`; the gRPC API in `api`; webhook
-//! delivery in `webhook`.
+//! operations live in `service`, on top of the `StateStore`; the gRPC API in `api`, its CLI
+//! client in `client`; webhook delivery in `webhook`.
 //!
 //! Keys in the state store (all under the store's own prefix):
 //! - `approval:req:<fp>` -> id of the pending request for that action (dedupes retries)
