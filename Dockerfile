@@ -9,7 +9,8 @@
 
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto ./proto
 COPY src ./src
 RUN cargo build --release --locked --bin portcullis \
     && install -m 0755 target/release/portcullis /portcullis

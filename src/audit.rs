@@ -69,10 +69,62 @@ impl AuditEvent {
     }
 }
 
+/// One step of a just-in-time approval (`kind: "approval"`): requested, approved, rejected,
+/// used, expired, pre_approved.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApprovalEvent {
+    pub time: String,
+    pub kind: &'static str,
+    pub event: &'static str,
+    pub approval_id: String,
+    /// The requester.
+    pub subject: String,
+    pub issuer: String,
+    /// Who approved or rejected (`policy:pre_approve[N]` for a pre-approval).
+    pub actor: Option<String>,
+    pub method: String,
+    pub host: String,
+    /// Without the query string.
+    pub path: String,
+    pub route: String,
+    pub rule: String,
+    pub reason: Option<String>,
+    pub uses_left: Option<i64>,
+}
+
+impl ApprovalEvent {
+    pub fn new(event: &'static str, record: &crate::approvals::Record) -> Self {
+        Self {
+            time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            kind: "approval",
+            event,
+            approval_id: record.id.clone(),
+            subject: record.subject.clone(),
+            issuer: record.issuer.clone(),
+            actor: None,
+            method: record.method.clone(),
+            host: record.host.clone(),
+            path: record.path.clone(),
+            route: record.route.clone(),
+            rule: record.rule.clone(),
+            reason: None,
+            uses_left: None,
+        }
+    }
+}
+
+/// A line of the audit log.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Line {
+    Decision(AuditEvent),
+    Approval(ApprovalEvent),
+}
+
 /// Where audit events go. Cloning shares the writer thread.
 #[derive(Clone)]
 pub struct AuditSink {
-    tx: Option<SyncSender<AuditEvent>>,
+    tx: Option<SyncSender<Line>>,
 }
 
 impl AuditSink {
@@ -83,7 +135,7 @@ impl AuditSink {
 
     /// JSON lines on stdout from a background thread.
     pub fn stdout() -> std::io::Result<Self> {
-        let (tx, rx) = sync_channel::<AuditEvent>(65_536);
+        let (tx, rx) = sync_channel::<Line>(65_536);
         std::thread::Builder::new()
             .name("portcullis-audit".into())
             .spawn(move || write_lines(rx, std::io::stdout()))?;
@@ -93,6 +145,15 @@ impl AuditSink {
     /// Records an event. When the writer falls far behind, the Check waits for it rather
     /// than dropping an audit record.
     pub fn record(&self, event: AuditEvent) {
+        self.send(Line::Decision(event));
+    }
+
+    /// Records one approval step.
+    pub fn record_approval(&self, event: ApprovalEvent) {
+        self.send(Line::Approval(event));
+    }
+
+    fn send(&self, event: Line) {
         let Some(tx) = &self.tx else { return };
         match tx.try_send(event) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => {}
@@ -103,7 +164,7 @@ impl AuditSink {
     }
 }
 
-fn write_lines(rx: Receiver<AuditEvent>, out: std::io::Stdout) {
+fn write_lines(rx: Receiver<Line>, out: std::io::Stdout) {
     let mut out = std::io::BufWriter::new(out.lock());
     while let Ok(event) = rx.recv() {
         write_one(&mut out, &event);
@@ -115,7 +176,7 @@ fn write_lines(rx: Receiver<AuditEvent>, out: std::io::Stdout) {
     }
 }
 
-fn write_one(out: &mut impl Write, event: &AuditEvent) {
+fn write_one(out: &mut impl Write, event: &Line) {
     if serde_json::to_writer(&mut *out, event).is_ok() {
         let _ = out.write_all(b"\n");
     }

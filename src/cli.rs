@@ -56,6 +56,8 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Mint a DEVELOPMENT-ONLY token with the checked-in dev key (config/dev/).
     Token(TokenArgs),
+    /// List, approve or reject just-in-time approval requests (gRPC client).
+    Approvals(crate::approvals::client::ApprovalsArgs),
     /// Manage scoped API keys.
     #[command(subcommand)]
     Apikey(ApikeyCommand),

@@ -50,9 +50,15 @@ pub struct Engine {
     pub config: Arc<Config>,
     pub keys: Arc<KeyStore>,
     /// Shared state (revocations, rate limits, DPoP replay, approvals).
+    /// Just-in-time approvals (rules with `approval:`), on `state`.
+    pub approvals: crate::approvals::Approvals,
     pub state: Arc<dyn StateStore>,
     /// The file-based revocation list (runtime entries live in `state`).
     pub revocations: Arc<Revocations>,
+    /// Runtime revocations mirrored from `state` (kept across config reloads).
+    pub runtime_revoked: Arc<crate::revocation::RuntimeRevocations>,
+    /// Where approval events go (kept across config reloads).
+    pub audit: crate::audit::AuditSink,
     cache: Option<Cache<Arc<str>, Arc<Identity>>>,
     metrics: Arc<Metrics>,
     key_wait: Duration,
@@ -76,8 +82,12 @@ impl Engine {
         });
         let key_wait = config.file.server.key_fetch_wait.get();
         let revocations = Arc::new(Revocations::load(config.revocation_file.clone()));
+        let approvals = crate::approvals::Approvals::new(&config, state.clone());
         Self {
             revocations,
+            runtime_revoked: Arc::default(),
+            audit: crate::audit::AuditSink::disabled(),
+            approvals,
             config,
             keys,
             state,
@@ -92,6 +102,37 @@ impl Engine {
     pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> Self {
         self.revocations = revocations;
         self
+    }
+
+    /// Uses an existing mirror of runtime revocations (the previous engine's, on a reload).
+    pub fn with_runtime_revocations(
+        mut self,
+        runtime: Arc<crate::revocation::RuntimeRevocations>,
+    ) -> Self {
+        self.runtime_revoked = runtime;
+        self
+    }
+
+    /// Sends approval events (requested, used, ...) to the audit log.
+    pub fn with_audit(mut self, audit: crate::audit::AuditSink) -> Self {
+        self.approvals.set_audit(audit.clone());
+        self.audit = audit;
+        self
+    }
+
+    /// Verifies a bearer token as a Check would (same issuers, keys and cache), for callers
+    /// of the approvals API. The token is looked up as if sent in `authorization`.
+    pub async fn verify_bearer(&self, token: &str, now: i64) -> Result<Arc<Identity>, Decision> {
+        let cred = Credential {
+            token,
+            header: "authorization",
+            dpop: false,
+        };
+        let identity = self.identity(&cred, now).await?;
+        // A revoked approver must not approve anything.
+        self.revocations.check(&identity, now)?;
+        self.runtime_revoked.check(&identity)?;
+        Ok(identity)
     }
 
     /// Number of cached verified tokens (approximate, for metrics).
@@ -152,7 +193,7 @@ impl Engine {
         now: i64,
     ) -> Result<(), Decision> {
         self.revocations.check(identity, now)?;
-        crate::revocation::check_state(&*self.state, identity).await?;
+        self.runtime_revoked.check(identity)?;
         let guard = decide::binding_checks(&self.config, req, cred, identity, now)?;
         if let Some(guard) = guard {
             // A DPoP proof is single-use: the first request to record its `jti` wins, every
@@ -177,9 +218,12 @@ impl Engine {
         req: &RequestView<'_>,
         m: &RouteMatch<'_>,
         decision: Decision,
-        _now: i64,
+        now: i64,
     ) -> Decision {
-        crate::ratelimit::enforce(&*self.state, &self.config, req, m, decision).await
+        // Rate limits first: a flood is refused before it can file approval requests.
+        let decision =
+            crate::ratelimit::enforce(&*self.state, &self.config, req, m, decision).await;
+        self.approvals.gate(req, decision, now).await
     }
 
     /// The verified identity for a credential: from the cache when still valid, else verified

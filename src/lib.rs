@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the module map and its invariants.
 
 pub mod admin;
+pub mod approvals;
 pub mod audit;
 pub mod authz;
 pub mod cli;

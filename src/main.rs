@@ -36,6 +36,7 @@ fn main() -> ExitCode {
                 println!("{t}");
             })
             .map_err(anyhow::Error::from),
+        Some(Command::Approvals(args)) => approvals(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -71,6 +72,12 @@ fn explain(args: cli::ExplainArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", explanation.to_text());
     }
+    Ok(())
+}
+
+fn approvals(args: portcullis::approvals::client::ApprovalsArgs) -> anyhow::Result<()> {
+    let out = runtime()?.block_on(portcullis::approvals::client::run(&args))?;
+    print!("{out}");
     Ok(())
 }
 

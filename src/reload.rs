@@ -187,7 +187,9 @@ impl Reloader {
         };
         let routes = new.file.routes.len();
         let same_revocations = new.revocation_file == old.config.revocation_file;
-        let mut engine = Engine::new(Arc::new(new), keys, old.state.clone(), self.metrics.clone());
+        let mut engine = Engine::new(Arc::new(new), keys, old.state.clone(), self.metrics.clone())
+            .with_runtime_revocations(old.runtime_revoked.clone())
+            .with_audit(old.audit.clone());
         if same_revocations {
             // The revocation watcher keeps the list current; a fresh load would only lose a
             // last-good list that a broken file is currently shadowing.

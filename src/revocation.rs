@@ -335,24 +335,73 @@ pub fn revoked(kind: RevokedKind) -> Decision {
     )
 }
 
-/// Runtime entries in shared state: denies when the identity's `jti`, `sid` or `sub` is there.
-/// A store error is a 503 deny (fail closed).
-pub async fn check_state(state: &dyn StateStore, id: &Identity) -> Result<(), Decision> {
-    let mut key = String::with_capacity(64);
-    for kind in RevokedKind::ALL {
-        let Some(value) = kind.of(id) else {
-            continue;
-        };
-        key.clear();
-        key.push_str(kind.state_prefix());
-        key.push_str(value);
-        match state.get(&key).await {
-            Ok(Some(_)) => return Err(revoked(kind)),
-            Ok(None) => {}
-            Err(e) => return Err(Decision::new(ReasonCode::StateUnavailable, e.to_string())),
+/// Runtime revocations (added through the admin API, possibly on another replica), mirrored
+/// from shared state. The hot path reads this snapshot and never waits on the store: a Check
+/// costs no Redis round trip, and a Redis outage keeps the last known list in force instead
+/// of failing every request. The watcher re-syncs it every `revocation.reload`; the admin
+/// API updates it at once on the replica that took the call.
+#[derive(Default)]
+pub struct RuntimeRevocations {
+    /// Shared-state keys (`revoked:<kind>:<value>`) of live entries.
+    keys: ArcSwap<std::collections::HashSet<String>>,
+}
+
+impl RuntimeRevocations {
+    /// The kind under which the identity is revoked, if any.
+    pub fn check(&self, id: &Identity) -> Result<(), Decision> {
+        let keys = self.keys.load();
+        if keys.is_empty() {
+            return Ok(());
         }
+        let mut key = String::with_capacity(64);
+        for kind in RevokedKind::ALL {
+            let Some(value) = kind.of(id) else {
+                continue;
+            };
+            key.clear();
+            key.push_str(kind.state_prefix());
+            key.push_str(value);
+            if keys.contains(&key) {
+                return Err(revoked(kind));
+            }
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Replaces the snapshot with the live entries in shared state. On a store error the
+    /// previous snapshot stays in force.
+    pub async fn sync(&self, state: &dyn StateStore) -> Result<usize, crate::state::StateError> {
+        let mut keys = std::collections::HashSet::new();
+        for kind in RevokedKind::ALL {
+            for (k, _) in state.scan(kind.state_prefix()).await? {
+                keys.insert(k);
+            }
+        }
+        let n = keys.len();
+        self.keys.store(std::sync::Arc::new(keys));
+        Ok(n)
+    }
+
+    /// Adds (or removes) one key locally, right after the store accepted the change.
+    pub fn apply(&self, key: &str, revoked: bool) {
+        self.keys.rcu(|current| {
+            let mut next = (**current).clone();
+            if revoked {
+                next.insert(key.to_string());
+            } else {
+                next.remove(key);
+            }
+            next
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.load().is_empty()
+    }
 }
 
 /// Records and logs one reload outcome.
@@ -410,6 +459,9 @@ pub fn spawn_watcher(
                 _ = stop.wait_for(|s| *s) => return,
             };
             let current = engine.load_full();
+            if let Err(e) = current.runtime_revoked.sync(&*current.state).await {
+                tracing::debug!(error = %e, "runtime revocations not synced; the last snapshot stays in force");
+            }
             let revocations = current.revocations.clone();
             // File reads block; keep them off the async workers.
             let outcome = match tokio::task::spawn_blocking(move || revocations.reload(force)).await
@@ -576,22 +628,81 @@ revoked:
     }
 
     #[tokio::test]
-    async fn runtime_entries_in_state_deny_and_errors_fail_closed() {
+    async fn runtime_entries_are_mirrored_from_state_and_survive_a_store_outage() {
         let store = crate::state::MemoryStore::new();
+        let mirror = RuntimeRevocations::default();
         let who = id(json!({"sub": "bob", "sid": "s-9"}));
-        assert!(check_state(&store, &who).await.is_ok());
+        assert!(mirror.check(&who).is_ok());
         store
             .set("revoked:sid:s-9", "1", Duration::from_secs(60))
             .await
             .unwrap();
-        let d = check_state(&store, &who).await.unwrap_err();
+        // Not in force until synced (or applied by the admin API on this replica).
+        assert!(mirror.check(&who).is_ok());
+        assert_eq!(mirror.sync(&store).await.unwrap(), 1);
+        let d = mirror.check(&who).unwrap_err();
         assert_eq!((d.code, d.http_status()), (ReasonCode::Revoked, 401));
         assert!(!d.detail.contains("s-9"), "the value is never echoed");
-        // An expired entry no longer denies.
+
+        // A store that fails keeps the last snapshot in force.
+        struct Down;
+        #[tonic::async_trait]
+        impl StateStore for Down {
+            async fn insert_if_absent(
+                &self,
+                _: &str,
+                _: &str,
+                _: Duration,
+            ) -> Result<bool, crate::state::StateError> {
+                Err(down())
+            }
+            async fn get(&self, _: &str) -> Result<Option<String>, crate::state::StateError> {
+                Err(down())
+            }
+            async fn set(
+                &self,
+                _: &str,
+                _: &str,
+                _: Duration,
+            ) -> Result<(), crate::state::StateError> {
+                Err(down())
+            }
+            async fn delete(&self, _: &str) -> Result<bool, crate::state::StateError> {
+                Err(down())
+            }
+            async fn scan(
+                &self,
+                _: &str,
+            ) -> Result<Vec<(String, String)>, crate::state::StateError> {
+                Err(down())
+            }
+            async fn take_one(&self, _: &str) -> Result<Option<i64>, crate::state::StateError> {
+                Err(down())
+            }
+            async fn rate_check(
+                &self,
+                _: &str,
+                _: crate::state::RateLimit,
+            ) -> Result<crate::state::RateOutcome, crate::state::StateError> {
+                Err(down())
+            }
+        }
+        fn down() -> crate::state::StateError {
+            crate::state::StateError::Unavailable("down".into())
+        }
+        assert!(mirror.sync(&Down).await.is_err());
+        assert_eq!(mirror.check(&who).unwrap_err().code, ReasonCode::Revoked);
+
+        // An expired entry disappears at the next sync; `apply` works at once.
         store
             .set("revoked:sid:s-9", "1", Duration::from_millis(0))
             .await
             .unwrap();
-        assert!(check_state(&store, &who).await.is_ok());
+        mirror.sync(&store).await.unwrap();
+        assert!(mirror.check(&who).is_ok());
+        mirror.apply("revoked:sub:bob", true);
+        assert_eq!(mirror.check(&who).unwrap_err().code, ReasonCode::Revoked);
+        mirror.apply("revoked:sub:bob", false);
+        assert!(mirror.check(&who).is_ok());
     }
 }

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::grpc::AuthzService;
 use crate::keys::{IssuerKeySource, KeyStore};
-use crate::state::{MemoryStore, StateStore};
+use crate::state::StateStore;
 
 /// The gRPC service name Envoy calls, reported by the health service.
 pub const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -35,6 +35,10 @@ pub enum ServeError {
     Revocation(crate::revocation::RevocationError),
     #[error("gRPC listener TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("cannot set up shared state: {0}")]
+    State(crate::state::StateError),
+    #[error("cannot set up gRPC reflection: {0}")]
+    Reflection(String),
 }
 
 /// A running Portcullis.
@@ -104,8 +108,10 @@ impl Server {
 
         let keys = Arc::new(key_store(&config, metrics.clone()));
         keys.start().await;
-        let state: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
-        let first = Engine::new(Arc::new(config), keys, state, metrics.clone());
+        let state: Arc<dyn StateStore> =
+            crate::state::from_config(&config.file.state).map_err(ServeError::State)?;
+        let first =
+            Engine::new(Arc::new(config), keys, state, metrics.clone()).with_audit(audit.clone());
         // A configured revocation list that cannot be read must stop the start: serving
         // without it would allow revoked tokens (and serving with it would deny everyone).
         if let Some(e) = first.revocations.startup_error() {
@@ -132,10 +138,18 @@ impl Server {
         }
 
         let authz = AuthzService::new(engine.clone(), metrics.clone(), audit);
+        let approvals = crate::approvals::api::ApprovalsApi::new(engine.clone()).into_server();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::approvals::api::DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        spawn_approval_sweeper(engine.clone(), shutdown_rx.clone());
         let mut grpc_stop = shutdown_rx.clone();
         let grpc_router = tonic::transport::Server::builder()
             .add_service(health_service)
-            .add_service(AuthorizationServer::new(authz));
+            .add_service(AuthorizationServer::new(authz))
+            .add_service(approvals)
+            .add_service(reflection);
         let grpc_stopped = async move {
             let _ = grpc_stop.wait_for(|stop| *stop).await;
         };
@@ -246,6 +260,29 @@ fn spawn_health_updater(
                 health
                     .set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing)
                     .await;
+                return;
+            }
+        }
+    });
+}
+
+/// Every 2 seconds, writes an `expired` audit event for approval requests and approvals
+/// whose time is up (once across replicas). Only when some rule requires approval.
+fn spawn_approval_sweeper(engine: Arc<ArcSwap<Engine>>, mut stop: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        loop {
+            let current = engine.load_full();
+            if current.approvals.any()
+                && let Err(e) = current.approvals.sweep(crate::engine::unix_now()).await
+            {
+                tracing::debug!(error = %e, "approval expiry sweep skipped");
+            }
+            drop(current);
+            let stopping = tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => false,
+                _ = stop.wait_for(|s| *s) => true,
+            };
+            if stopping {
                 return;
             }
         }

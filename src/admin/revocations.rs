@@ -194,6 +194,8 @@ pub async fn add(
     if let Err(e) = engine.state.set(&key, &expires_at.to_string(), ttl).await {
         return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
     }
+    // In force on this replica at once; other replicas pick it up at their next sync.
+    engine.runtime_revoked.apply(&key, true);
     tracing::info!(
         revocation.kind = kind.as_str(),
         revocation.expires_at = expires_at,
@@ -223,7 +225,11 @@ pub async fn remove(
         return bad_kind();
     };
     let key = format!("{}{value}", kind.state_prefix());
-    match engine.state.delete(&key).await {
+    let deleted = engine.state.delete(&key).await;
+    if matches!(deleted, Ok(true)) {
+        engine.runtime_revoked.apply(&key, false);
+    }
+    match deleted {
         Ok(true) => {
             tracing::info!(revocation.kind = kind.as_str(), "revocation removed");
             StatusCode::NO_CONTENT.into_response()

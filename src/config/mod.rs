@@ -361,6 +361,7 @@ impl Compiler {
         }
 
         self.identity_headers(&file, &issuers)?;
+        self.state_and_approvals(&file)?;
         self.api_keys = self.api_keys(&file, &issuers)?;
         self.trusted_headers(&file, &issuers)?;
         let revocation_file = self.revocation(&file)?;
@@ -976,6 +977,9 @@ impl Compiler {
             self.api_keys.as_deref(),
             token_conditions,
         )?;
+        if let Some(approval) = &rule.approval {
+            self.approval(&f("approval"), approval)?;
+        }
         let mut principals = Vec::with_capacity(rule.principals.len());
         for (k, p) in rule.principals.iter().enumerate() {
             let pattern = PrincipalPattern::parse(p).map_err(|e| {
@@ -1215,6 +1219,112 @@ fn parse_cidr(text: &str) -> Option<ipnet::IpNet> {
                 .map(ipnet::IpNet::from)
         })
         .map(|n| n.trunc())
+}
+
+impl Compiler {
+    /// `state:` and `approvals:`: a usable Redis URL (never echoed: it may hold a password),
+    /// non-zero timeouts, an http(s) webhook.
+    fn state_and_approvals(&self, file: &ConfigFile) -> Res<()> {
+        let state = &file.state;
+        if state.backend == schema::StateBackend::Redis {
+            let url = state.redis_url.trim();
+            if !(url.starts_with("redis://") || url.starts_with("unix://")) {
+                return Err(self.hint(
+                    "state.redis_url",
+                    "the URL must start with `redis://` or `unix://`",
+                    "e.g. `redis://127.0.0.1:6379/0`",
+                ));
+            }
+        }
+        if state.timeout.get().is_zero() {
+            return Err(self.err("state.timeout", "must be greater than 0"));
+        }
+        if state
+            .key_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(self.err(
+                "state.key_prefix",
+                "must not contain spaces or control characters",
+            ));
+        }
+        let approvals = &file.approvals;
+        if approvals.request_ttl.get().as_secs() == 0 {
+            return Err(self.err("approvals.request_ttl", "must be at least 1s"));
+        }
+        if let Some(hook) = &approvals.webhook {
+            if !(hook.url.starts_with("https://") || hook.url.starts_with("http://")) {
+                return Err(self.hint(
+                    "approvals.webhook.url",
+                    "the webhook URL must be http(s)",
+                    "e.g. `https://chat.example.com/hooks/approvals`",
+                ));
+            }
+            if hook.timeout.get().is_zero() {
+                return Err(self.err("approvals.webhook.timeout", "must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A rule's `approval:`: someone can approve, the grant lasts and can be used.
+    fn approval(&self, field: &str, a: &schema::ApprovalRuleConfig) -> Res<()> {
+        let f = |s: &str| format!("{field}.{s}");
+        if a.approvers.roles.is_empty() && a.approvers.subjects.is_empty() {
+            return Err(self.hint(
+                f("approvers"),
+                "no approvers: the action could never be approved",
+                "e.g. `approvers: { roles: [dba-lead] }`",
+            ));
+        }
+        if a.approvers
+            .roles
+            .iter()
+            .chain(&a.approvers.subjects)
+            .any(|s| s.trim().is_empty())
+        {
+            return Err(self.err(f("approvers"), "empty role or subject"));
+        }
+        if a.ttl.get().as_secs() == 0 {
+            return Err(self.err(f("ttl"), "must be at least 1s"));
+        }
+        if a.uses == 0 {
+            return Err(self.hint(f("uses"), "`0` uses would approve nothing", "use 1 or more"));
+        }
+        for (k, p) in a.pre_approve.iter().enumerate() {
+            let pf = f(&format!("pre_approve[{k}]"));
+            if p.roles.is_empty() && p.subjects.is_empty() {
+                return Err(self.hint(
+                    pf,
+                    "a pre-approval needs `roles` or `subjects`",
+                    "e.g. `{ roles: [on-call], from: 2026-11-23T06:00:00Z, until: 2026-11-23T10:00:00Z }`",
+                ));
+            }
+            let mut bounds = [None, None];
+            for (slot, (name, value)) in [("from", &p.from), ("until", &p.until)]
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(v) = value {
+                    let t = humantime::parse_rfc3339_weak(v.trim()).map_err(|_| {
+                        self.hint(
+                            format!("{pf}.{name}"),
+                            format!("`{v}` is not an RFC 3339 time"),
+                            "e.g. `2026-11-23T06:00:00Z`",
+                        )
+                    })?;
+                    bounds[slot] = Some(t);
+                }
+            }
+            if let [Some(from), Some(until)] = bounds
+                && from >= until
+            {
+                return Err(self.err(format!("{pf}.until"), "the window ends before it starts"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A lower-case RFC 9110 field name.

@@ -34,6 +34,12 @@ pub struct ConfigFile {
     /// The routes, most specific wins; a request that matches none is denied.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Where shared state (approvals, revocations, rate limits, DPoP replay) lives.
+    #[serde(default)]
+    pub state: StateConfig,
+    /// Just-in-time approvals: how long requests wait, and who is told about them.
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
     /// Scoped API keys (stored as hashes only). Absent: no API key is ever accepted.
     #[serde(default)]
     pub api_keys: Option<ApiKeysConfig>,
@@ -451,6 +457,10 @@ pub struct RuleConfig {
     /// identity alone satisfies it, no token needed.
     #[serde(default)]
     pub principals: Vec<String>,
+    /// Just-in-time approval: a granted request is still refused until an approver approves
+    /// this one action for this subject.
+    #[serde(default)]
+    pub approval: Option<ApprovalRuleConfig>,
 }
 
 /// A source-network condition.
@@ -636,4 +646,174 @@ pub enum RateLimitBy {
     ClientIp,
     /// One bucket per route, shared by every caller.
     Route,
+}
+
+/// Which store holds shared state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    /// In-process: one replica only.
+    #[default]
+    Memory,
+    /// A Redis server shared by every replica.
+    Redis,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    #[serde(default)]
+    pub backend: StateBackend,
+    /// `redis://[:password@]host:port/db`. Never logged (it may hold a password).
+    #[serde(default = "default_redis_url")]
+    pub redis_url: String,
+    /// Prefix of every key this Portcullis writes, so several deployments can share a Redis.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// Longest one state operation may take; past it the decision fails closed.
+    #[serde(default = "default_state_timeout")]
+    pub timeout: HumanDuration,
+}
+
+/// Debug output never shows the Redis URL: it may hold a password.
+impl std::fmt::Debug for StateConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateConfig")
+            .field("backend", &self.backend)
+            .field("redis_url", &"<redacted>")
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            backend: StateBackend::Memory,
+            redis_url: default_redis_url(),
+            key_prefix: default_key_prefix(),
+            timeout: default_state_timeout(),
+        }
+    }
+}
+
+fn default_redis_url() -> String {
+    "redis://127.0.0.1:6379/0".to_string()
+}
+fn default_key_prefix() -> String {
+    "portcullis:".to_string()
+}
+fn default_state_timeout() -> HumanDuration {
+    HumanDuration::from_millis(200)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// How long a request waits for a decision before it expires (and a retry asks anew).
+    #[serde(default = "default_request_ttl")]
+    pub request_ttl: HumanDuration,
+    /// Told about every new request.
+    #[serde(default)]
+    pub webhook: Option<WebhookConfig>,
+    /// Base URL of a page showing one request, for the webhook's link (`<base>/<id>`).
+    #[serde(default)]
+    pub link_base: Option<String>,
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        Self {
+            request_ttl: default_request_ttl(),
+            webhook: None,
+            link_base: None,
+        }
+    }
+}
+
+fn default_request_ttl() -> HumanDuration {
+    HumanDuration::from_secs(3600)
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Receives a JSON POST per new request.
+    pub url: String,
+    /// Per attempt.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout: HumanDuration,
+    /// Further attempts after a failure, with exponential backoff.
+    #[serde(default = "default_webhook_retries")]
+    pub retries: u32,
+}
+
+/// Debug output never shows the webhook URL: chat webhooks carry their secret in it.
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .finish()
+    }
+}
+
+fn default_webhook_timeout() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+fn default_webhook_retries() -> u32 {
+    3
+}
+
+/// `approval:` on a rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRuleConfig {
+    /// Who may approve: any of these roles or subjects (never the requester).
+    pub approvers: ApproversConfig,
+    /// How long an approval stays usable.
+    #[serde(default = "default_approval_ttl")]
+    pub ttl: HumanDuration,
+    /// How many requests one approval allows.
+    #[serde(default = "default_approval_uses")]
+    pub uses: u32,
+    /// Conditions under which approval is granted automatically (recorded as such).
+    #[serde(default)]
+    pub pre_approve: Vec<PreApproveConfig>,
+}
+
+fn default_approval_ttl() -> HumanDuration {
+    HumanDuration::from_secs(15 * 60)
+}
+fn default_approval_uses() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproversConfig {
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Subjects (`sub`), optionally `issuer-name:sub`.
+    #[serde(default)]
+    pub subjects: Vec<String>,
+}
+
+/// Automatic approval: the requester holds one of `roles` (or is one of `subjects`) and
+/// `now` is inside [`from`, `until`) when those are set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreApproveConfig {
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub subjects: Vec<String>,
+    /// RFC 3339 start of the window, e.g. `2026-11-23T06:00:00Z`.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// RFC 3339 end of the window (exclusive).
+    #[serde(default)]
+    pub until: Option<String>,
 }

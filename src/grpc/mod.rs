@@ -69,8 +69,12 @@ impl AuthzService {
                 }
             }
         });
+        let with_body = headers_with_body_hash(req);
         let mut view = parts.view();
         view.peer_certificate = peer_certificate.as_ref();
+        if let Some(headers) = &with_body {
+            view.headers = headers;
+        }
         let request_id = parts.request_id;
 
         // A panic anywhere below must still produce a deny, never a dropped stream.
@@ -119,6 +123,31 @@ impl Authorization for AuthzService {
     ) -> Result<Response<CheckResponse>, Status> {
         Ok(Response::new(self.decide(request.get_ref()).await))
     }
+}
+
+/// When Envoy sent the request body (`with_request_body`), the request headers plus the
+/// body's SHA-256 under an internal pseudo-header (approvals bind to it). A client can never
+/// send a header starting with `:`, and any such entry is removed anyway.
+fn headers_with_body_hash(req: &CheckRequest) -> Option<HashMap<String, String>> {
+    use crate::approvals::BODY_SHA256_HEADER;
+    let http = req.attributes.as_ref()?.request.as_ref()?.http.as_ref()?;
+    let body: &[u8] = if http.raw_body.is_empty() {
+        http.body.as_bytes()
+    } else {
+        &http.raw_body
+    };
+    if body.is_empty() && !http.headers.contains_key(BODY_SHA256_HEADER) {
+        return None;
+    }
+    let mut headers = http.headers.clone();
+    headers.remove(BODY_SHA256_HEADER);
+    if !body.is_empty() {
+        headers.insert(
+            BODY_SHA256_HEADER.to_string(),
+            crate::approvals::sha256_hex(body),
+        );
+    }
+    Some(headers)
 }
 
 /// The parts of a CheckRequest the core needs, borrowed.

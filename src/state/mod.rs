@@ -8,9 +8,28 @@
 //! Keys are namespaced by the caller (`revoked:jti:...`, `dpop:jti:...`, `rate:...`,
 //! `approval:...`). Values are small strings (JSON where structured).
 
+pub mod redis;
+
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+pub use self::redis::RedisStore;
+
+/// The store a config asks for: in memory (one replica) or Redis (shared by replicas).
+pub fn from_config(
+    config: &crate::config::schema::StateConfig,
+) -> Result<Arc<dyn StateStore>, StateError> {
+    use crate::config::schema::StateBackend;
+    Ok(match config.backend {
+        StateBackend::Memory => Arc::new(MemoryStore::new()),
+        StateBackend::Redis => Arc::new(RedisStore::new(
+            &config.redis_url,
+            &config.key_prefix,
+            config.timeout.get(),
+        )?),
+    })
+}
 
 /// Why the store could not answer. Callers deny with this as the reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,0 +1,174 @@
+//! The approvals gRPC API (`proto/portcullis/approvals/v1/approvals.proto`), served on the
+//! Portcullis gRPC listener next to ext_authz, plus the encoded descriptor for reflection.
+//!
+//! Callers authenticate with their JWT in the `authorization: Bearer <token>` metadata,
+//! verified by the engine exactly as a Check's token is. Only this edge turns approval
+//! errors into a `tonic::Status`; messages never contain the token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tonic::{Request, Response, Status};
+
+use super::{ApprovalError, Record};
+use crate::engine::{Engine, unix_now};
+use crate::identity::Identity;
+
+/// Generated messages, client and server.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs
+)]
+pub mod pb {
+    tonic::include_proto!("portcullis.approvals.v1");
+}
+
+/// The encoded `FileDescriptorSet` of the approvals API, for gRPC reflection.
+pub const DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/approvals_descriptor.bin"));
+
+/// The fully-qualified service name.
+pub const SERVICE_NAME: &str = "portcullis.approvals.v1.Approvals";
+
+/// The approvals service over the current engine (a config reload swaps it).
+pub struct ApprovalsApi {
+    engine: Arc<ArcSwap<Engine>>,
+}
+
+impl ApprovalsApi {
+    pub fn new(engine: Arc<ArcSwap<Engine>>) -> Self {
+        Self { engine }
+    }
+
+    /// The gRPC server for this service.
+    pub fn into_server(self) -> pb::approvals_server::ApprovalsServer<Self> {
+        pb::approvals_server::ApprovalsServer::new(self)
+    }
+
+    async fn caller<T>(
+        &self,
+        engine: &Engine,
+        request: &Request<T>,
+    ) -> Result<Arc<Identity>, Status> {
+        let Some(value) = request.metadata().get("authorization") else {
+            return Err(Status::unauthenticated(
+                "send your token as `authorization: Bearer <token>` metadata",
+            ));
+        };
+        let value = value
+            .to_str()
+            .map_err(|_| Status::unauthenticated("the authorization metadata is not text"))?;
+        let token = value
+            .trim()
+            .strip_prefix("Bearer ")
+            .or_else(|| value.trim().strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Status::unauthenticated("expected `authorization: Bearer <token>`"))?;
+        engine
+            .verify_bearer(token, unix_now())
+            .await
+            .map_err(|deny| Status::unauthenticated(deny.detail.to_string()))
+    }
+}
+
+fn status(e: ApprovalError) -> Status {
+    let message = e.to_string();
+    match e {
+        ApprovalError::NotFound(_) => Status::not_found(message),
+        ApprovalError::NotApprover(_) | ApprovalError::SelfApproval(_) => {
+            Status::permission_denied(message)
+        }
+        ApprovalError::AlreadyDecided { .. } | ApprovalError::Expired(_) => {
+            Status::failed_precondition(message)
+        }
+        ApprovalError::InvalidTtl(_) => Status::invalid_argument(message),
+        ApprovalError::State(_) => Status::unavailable(message),
+    }
+}
+
+pub fn to_pb(r: &Record) -> pb::Approval {
+    pb::Approval {
+        id: r.id.clone(),
+        state: r.state.as_str().to_string(),
+        subject: r.subject.clone(),
+        issuer: r.issuer.clone(),
+        method: r.method.clone(),
+        host: r.host.clone(),
+        path: r.path.clone(),
+        body_sha256: r.body_sha256.clone().unwrap_or_default(),
+        justification: r.justification.clone().unwrap_or_default(),
+        route: r.route.clone(),
+        rule: r.rule.clone(),
+        requested_at: r.requested_at,
+        expires_at: r.grant_expires_at.unwrap_or(r.expires_at),
+        decided_by: r.decided_by.clone().unwrap_or_default(),
+        decided_at: r.decided_at.unwrap_or_default(),
+        reason: r.reason.clone().unwrap_or_default(),
+        uses: r.uses,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::approvals_server::Approvals for ApprovalsApi {
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let engine = self.engine.load_full();
+        let who = self.caller(&engine, &request).await?;
+        let records = engine
+            .approvals
+            .list(&who, request.get_ref().include_decided, unix_now())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListResponse {
+            approvals: records.iter().map(to_pb).collect(),
+        }))
+    }
+
+    async fn approve(
+        &self,
+        request: Request<pb::ApproveRequest>,
+    ) -> Result<Response<pb::ApprovalReply>, Status> {
+        let engine = self.engine.load_full();
+        let who = self.caller(&engine, &request).await?;
+        let body = request.get_ref();
+        let ttl: Option<Duration> = match body.ttl.trim() {
+            "" => None,
+            t => Some(humantime::parse_duration(t).map_err(|_| {
+                Status::invalid_argument(format!("invalid ttl `{t}`: write e.g. `5m`"))
+            })?),
+        };
+        let record = engine
+            .approvals
+            .approve(&who, body.id.trim(), ttl, unix_now())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ApprovalReply {
+            approval: Some(to_pb(&record)),
+        }))
+    }
+
+    async fn reject(
+        &self,
+        request: Request<pb::RejectRequest>,
+    ) -> Result<Response<pb::ApprovalReply>, Status> {
+        let engine = self.engine.load_full();
+        let who = self.caller(&engine, &request).await?;
+        let body = request.get_ref();
+        let reason = Some(body.reason.clone()).filter(|r| !r.trim().is_empty());
+        let record = engine
+            .approvals
+            .reject(&who, body.id.trim(), reason, unix_now())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ApprovalReply {
+            approval: Some(to_pb(&record)),
+        }))
+    }
+}

@@ -1,0 +1,318 @@
+//! Just-in-time approvals: a rule with `approval:` grants a request only after an approver
+//! approved that one action (same subject, method, host, path) for a limited time and number
+//! of uses, or a pre-approval policy holds.
+//!
+//! This file is the pure part: compiled approval policies, the request fingerprint, the
+//! record stored per request, and who may approve. No I/O, no clock (callers pass `now`).
+//! `gate` (the per-request stage the engine calls after a grant) and the approve/reject/list
+//! operations live in `service`, on top of the `StateStore`; the gRPC API in `api`, its CLI
+//! client in `client`; webhook delivery in `webhook`.
+//!
+//! Keys in the state store (all under the store's own prefix):
+//! - `approval:req:<fp>` -> id of the pending request for that action (dedupes retries)
+//! - `approval:rec:<id>` -> the `Record` as JSON
+//! - `approval:decided:<id>` -> who decided it first (one decision per request)
+//! - `approval:grant:<fp>` -> uses left, expiring with the approval (spent with `take_one`)
+//! - `approval:grantid:<fp>` -> the id of the approval behind the grant (for the audit log)
+
+pub mod api;
+pub mod client;
+pub mod service;
+pub mod webhook;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::authz::RequestView;
+use crate::config::schema::{ApprovalRuleConfig, RouteConfig};
+use crate::identity::Identity;
+
+pub use service::{ApprovalError, Approvals};
+
+/// The request header carrying a justification for the approver.
+pub const JUSTIFICATION_HEADER: &str = "x-portcullis-justification";
+/// The response header carrying the approval id of a refused request.
+pub const APPROVAL_ID_HEADER: &str = "x-portcullis-approval-id";
+/// Internal pseudo-header (set by `grpc` only, from the body Envoy sent) with the hex
+/// SHA-256 of the request body.
+pub const BODY_SHA256_HEADER: &str = ":portcullis-body-sha256";
+/// Longest justification kept (characters).
+const MAX_JUSTIFICATION: usize = 500;
+
+/// One rule's approval requirement, compiled.
+#[derive(Debug, Clone)]
+pub struct ApprovalPolicy {
+    pub route: Arc<str>,
+    pub rule: Arc<str>,
+    pub approver_roles: Vec<String>,
+    pub approver_subjects: Vec<String>,
+    pub ttl: Duration,
+    pub uses: u32,
+    pub pre_approve: Vec<PreApproval>,
+}
+
+/// An automatic approval: role or subject, inside an optional time window (Unix seconds).
+#[derive(Debug, Clone)]
+pub struct PreApproval {
+    pub roles: Vec<String>,
+    pub subjects: Vec<String>,
+    pub from: Option<i64>,
+    pub until: Option<i64>,
+    /// `invalid` when a bound did not parse: such a pre-approval never holds (fail closed).
+    pub invalid: bool,
+}
+
+/// Approval policies by (route id, rule id).
+pub type Policies = HashMap<(String, String), Arc<ApprovalPolicy>>;
+
+/// Compiles every rule's `approval:` of a config file.
+pub fn compile(routes: &[RouteConfig]) -> Policies {
+    let mut out = HashMap::new();
+    for route in routes {
+        for rule in &route.rules {
+            if let Some(a) = &rule.approval {
+                out.insert(
+                    (route.id.clone(), rule.id.clone()),
+                    Arc::new(policy(&route.id, &rule.id, a)),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn policy(route: &str, rule: &str, a: &ApprovalRuleConfig) -> ApprovalPolicy {
+    let parse = |v: &Option<String>| -> Result<Option<i64>, ()> {
+        match v {
+            None => Ok(None),
+            Some(t) => humantime::parse_rfc3339_weak(t.trim())
+                .map_err(|_| ())
+                .and_then(|t| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .map_err(|_| ())
+                        .map(|d| Some(d.as_secs() as i64))
+                }),
+        }
+    };
+    ApprovalPolicy {
+        route: Arc::from(route),
+        rule: Arc::from(rule),
+        approver_roles: a.approvers.roles.clone(),
+        approver_subjects: a.approvers.subjects.clone(),
+        ttl: a.ttl.get(),
+        uses: a.uses.max(1),
+        pre_approve: a
+            .pre_approve
+            .iter()
+            .map(|p| {
+                let (from, until) = (parse(&p.from), parse(&p.until));
+                PreApproval {
+                    roles: p.roles.clone(),
+                    subjects: p.subjects.clone(),
+                    invalid: from.is_err() || until.is_err(),
+                    from: from.unwrap_or(None),
+                    until: until.unwrap_or(None),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// True when `subject` (a config entry: `sub` or `issuer-name:sub`) names this identity.
+fn names(entry: &str, identity: &Identity) -> bool {
+    if identity.subject.is_empty() {
+        return false;
+    }
+    if entry == identity.subject {
+        return true;
+    }
+    entry
+        .split_once(':')
+        .is_some_and(|(iss, sub)| iss == &*identity.issuer_name && sub == identity.subject)
+}
+
+impl ApprovalPolicy {
+    /// May `who` approve requests under this policy (their own excepted, see `is_self`)?
+    pub fn is_approver(&self, who: &Identity) -> bool {
+        !who.subject.is_empty()
+            && (who.roles.iter().any(|r| self.approver_roles.contains(r))
+                || self.approver_subjects.iter().any(|s| names(s, who)))
+    }
+
+    /// The index of the first pre-approval that holds for `who` at `now`.
+    pub fn pre_approved(&self, who: &Identity, now: i64) -> Option<usize> {
+        self.pre_approve.iter().position(|p| {
+            !p.invalid
+                && p.from.is_none_or(|f| now >= f)
+                && p.until.is_none_or(|u| now < u)
+                && (who.roles.iter().any(|r| p.roles.contains(r))
+                    || p.subjects.iter().any(|s| names(s, who)))
+        })
+    }
+
+    /// A short description of who approves, for deny details.
+    pub fn approvers_text(&self) -> String {
+        let mut parts: Vec<String> = self
+            .approver_roles
+            .iter()
+            .map(|r| format!("role `{r}`"))
+            .collect();
+        parts.extend(self.approver_subjects.iter().map(|s| format!("`{s}`")));
+        parts.join(" or ")
+    }
+}
+
+/// Is `approver` the requester of `record`? Same issuer (`iss`) and same `sub`.
+pub fn is_self(record: &Record, approver: &Identity) -> bool {
+    record.issuer == approver.issuer && record.subject == approver.subject
+}
+
+/// Where a request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalState {
+    Pending,
+    Approved,
+    Rejected,
+    PreApproved,
+}
+
+impl ApprovalState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalState::Pending => "pending",
+            ApprovalState::Approved => "approved",
+            ApprovalState::Rejected => "rejected",
+            ApprovalState::PreApproved => "pre_approved",
+        }
+    }
+}
+
+/// One request for approval, as stored (JSON) and listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    pub state: ApprovalState,
+    pub fingerprint: String,
+    pub issuer_name: String,
+    /// `iss`.
+    pub issuer: String,
+    pub subject: String,
+    pub method: String,
+    /// Normalized host (lower-case, no port, no trailing dot).
+    pub host: String,
+    /// The path without its query string (the fingerprint covers the query too).
+    pub path: String,
+    #[serde(default)]
+    pub body_sha256: Option<String>,
+    #[serde(default)]
+    pub justification: Option<String>,
+    pub route: String,
+    pub rule: String,
+    pub requested_at: i64,
+    /// A pending request expires then.
+    pub expires_at: i64,
+    #[serde(default)]
+    pub decided_by: Option<String>,
+    #[serde(default)]
+    pub decided_at: Option<i64>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub uses: u32,
+    /// An approval stops granting then.
+    #[serde(default)]
+    pub grant_expires_at: Option<i64>,
+}
+
+impl Record {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(text: &str) -> Option<Record> {
+        serde_json::from_str(text).ok()
+    }
+}
+
+/// The action a request asks for, as a fingerprint: SHA-256 over the requester (issuer name
+/// and subject), method, normalized host, full path (query included, so an approval for
+/// `?force=false` never covers `?force=true`) and the body hash when there is one. Fields
+/// are length-prefixed so no two different actions share an input.
+pub fn fingerprint(
+    identity: &Identity,
+    req: &RequestView<'_>,
+    body_sha256: Option<&str>,
+) -> String {
+    let host = normal_host(req.host);
+    let mut input = Vec::with_capacity(256);
+    for field in [
+        &*identity.issuer_name,
+        identity.subject.as_str(),
+        req.method,
+        host.as_str(),
+        req.path,
+        body_sha256.unwrap_or(""),
+    ] {
+        input.extend_from_slice(&(field.len() as u64).to_be_bytes());
+        input.extend_from_slice(field.as_bytes());
+    }
+    sha256_hex(&input)
+}
+
+/// The host as routes match it: lower-case, without port or trailing dot.
+pub fn normal_host(host: &str) -> String {
+    crate::authz::policy::normalize_host(host).to_ascii_lowercase()
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    hex(digest.as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// A fresh, unguessable approval id: 128 random bits.
+pub fn new_id() -> String {
+    let mut bytes = [0u8; 16];
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        // The system RNG failing is exceptional; uuid's v4 draws from the OS RNG as well.
+        bytes = *uuid::Uuid::new_v4().as_bytes();
+    }
+    format!("apr_{}", hex(&bytes))
+}
+
+/// True for ids `new_id` could have made: keeps arbitrary text out of state-store keys.
+pub fn valid_id(id: &str) -> bool {
+    id.strip_prefix("apr_")
+        .is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The client's justification: trimmed, control characters dropped, at most 500 characters.
+pub fn justification(req: &RequestView<'_>) -> Option<String> {
+    let text: String = req
+        .header(JUSTIFICATION_HEADER)?
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_JUSTIFICATION)
+        .collect();
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_string())
+}
+
+/// The path without query or fragment (queries may carry secrets).
+pub fn display_path(path: &str) -> &str {
+    path.split(['?', '#']).next().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests;

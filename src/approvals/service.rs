@@ -1,0 +1,520 @@
+//! The approval flow on top of the shared `StateStore`: the per-request gate the engine runs
+//! after a grant, and the approve / reject / list operations of the approvals API.
+//!
+//! INVARIANT: every state-store failure on the way to an allow is a deny
+//! (`state_unavailable`), never an allow; a use is spent with the store's atomic `take_one`,
+//! so two concurrent retries never both spend a single-use approval.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::audit::{ApprovalEvent, AuditSink};
+use crate::authz::{Decision, ReasonCode, RequestView};
+use crate::config::Config;
+use crate::identity::Identity;
+use crate::state::{StateError, StateStore};
+
+use super::{
+    APPROVAL_ID_HEADER, ApprovalPolicy, ApprovalState, BODY_SHA256_HEADER, Policies, Record,
+    display_path, fingerprint, is_self, justification, new_id, normal_host, valid_id,
+};
+
+/// Decided records are kept this long past their last relevant time, for listings and for
+/// the expiry sweep.
+const RECORD_GRACE: Duration = Duration::from_secs(3600);
+
+/// Why an approve / reject / list call failed. Messages are safe to return to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("no approval request `{0}`")]
+    NotFound(String),
+    #[error("you may not decide approval `{0}`: you hold none of its approver roles or subjects")]
+    NotApprover(String),
+    #[error("nobody approves their own request (`{0}`)")]
+    SelfApproval(String),
+    #[error("approval `{id}` is already {state}")]
+    AlreadyDecided { id: String, state: &'static str },
+    #[error("approval request `{0}` has expired")]
+    Expired(String),
+    #[error("invalid ttl: {0}")]
+    InvalidTtl(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// The approval flow for one loaded config.
+pub struct Approvals {
+    state: Arc<dyn StateStore>,
+    policies: Policies,
+    request_ttl: Duration,
+    audit: AuditSink,
+    webhook: Option<super::webhook::Webhook>,
+}
+
+fn key_req(fp: &str) -> String {
+    format!("approval:req:{fp}")
+}
+fn key_rec(id: &str) -> String {
+    format!("approval:rec:{id}")
+}
+fn key_decided(id: &str) -> String {
+    format!("approval:decided:{id}")
+}
+fn key_grant(fp: &str) -> String {
+    format!("approval:grant:{fp}")
+}
+fn key_grant_id(fp: &str) -> String {
+    format!("approval:grantid:{fp}")
+}
+fn key_expired(id: &str) -> String {
+    format!("approval:expired:{id}")
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+fn state_deny(decision: Decision, e: &StateError) -> Decision {
+    let Decision {
+        route,
+        rule,
+        identity,
+        ..
+    } = decision;
+    Decision::new(
+        ReasonCode::StateUnavailable,
+        format!(
+            "this action needs approval and the approval state cannot be checked ({e}); denied"
+        ),
+    )
+    .with_route(route)
+    .with_rule(rule)
+    .with_identity(identity)
+}
+
+fn approval_deny(decision: Decision, id: &str, detail: String) -> Decision {
+    let Decision {
+        route,
+        rule,
+        identity,
+        ..
+    } = decision;
+    Decision::new(ReasonCode::ApprovalRequired, detail)
+        .with_route(route)
+        .with_rule(rule)
+        .with_identity(identity)
+        .with_header(APPROVAL_ID_HEADER, id.to_string())
+        .with_body_field("approval_id", id.to_string())
+}
+
+impl Approvals {
+    pub fn new(config: &Config, state: Arc<dyn StateStore>) -> Self {
+        Self {
+            state,
+            policies: super::compile(&config.file.routes),
+            request_ttl: config.file.approvals.request_ttl.get(),
+            audit: AuditSink::disabled(),
+            webhook: config
+                .file
+                .approvals
+                .webhook
+                .as_ref()
+                .map(|w| super::webhook::Webhook::new(w, config.file.approvals.link_base.clone())),
+        }
+    }
+
+    /// Sends approval events to `audit`.
+    pub fn set_audit(&mut self, audit: AuditSink) {
+        self.audit = audit;
+    }
+
+    /// True when some rule requires approval.
+    pub fn any(&self) -> bool {
+        !self.policies.is_empty()
+    }
+
+    pub fn policy(&self, route: &str, rule: &str) -> Option<&Arc<ApprovalPolicy>> {
+        self.policies.get(&(route.to_string(), rule.to_string()))
+    }
+
+    /// The stage after a grant: an allow by a rule with `approval:` passes only when a
+    /// pre-approval holds or an approval has a use left; otherwise it becomes a deny that
+    /// carries the (new or pending) approval id.
+    pub async fn gate(&self, req: &RequestView<'_>, decision: Decision, now: i64) -> Decision {
+        if decision.code != ReasonCode::Allowed {
+            return decision;
+        }
+        let (Some(route), Some(rule)) = (decision.route.as_deref(), decision.rule.as_deref())
+        else {
+            return decision;
+        };
+        let Some(policy) = self.policy(route, rule).cloned() else {
+            return decision;
+        };
+        let Some(identity) = decision.identity.clone() else {
+            return Decision::new(ReasonCode::Internal, "approval without an identity")
+                .with_route(decision.route.clone());
+        };
+        if identity.subject.is_empty() {
+            let detail = "this action needs approval, which needs a token with a subject (`sub`)";
+            let Decision { route, rule, .. } = decision;
+            return Decision::new(ReasonCode::ApprovalRequired, detail)
+                .with_route(route)
+                .with_rule(rule)
+                .with_identity(Some(identity));
+        }
+        let body = req.header(BODY_SHA256_HEADER);
+        let fp = fingerprint(&identity, req, body);
+
+        if let Some(index) = policy.pre_approved(&identity, now) {
+            self.record_pre_approval(&policy, &identity, req, &fp, index, now)
+                .await;
+            let detail = format!(
+                "{}; pre-approved by policy (pre_approve[{index}])",
+                decision.detail
+            );
+            return Decision {
+                detail: detail.into(),
+                ..decision
+            };
+        }
+
+        match self.state.take_one(&key_grant(&fp)).await {
+            Ok(Some(left)) => {
+                let id = self
+                    .state
+                    .get(&key_grant_id(&fp))
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                let mut record = self.record_for(&policy, &identity, req, &fp, now);
+                record.id = id.clone();
+                let mut event = ApprovalEvent::new("used", &record);
+                event.uses_left = Some(left);
+                self.audit.record_approval(event);
+                let detail = format!("{}; approved (`{id}`, {left} use(s) left)", decision.detail);
+                return Decision {
+                    detail: detail.into(),
+                    ..decision
+                };
+            }
+            Ok(None) => {}
+            Err(e) => return state_deny(decision, &e),
+        }
+
+        // No usable approval: find the pending request for this action, or open one.
+        let fresh = new_id();
+        for _ in 0..3 {
+            match self
+                .state
+                .insert_if_absent(&key_req(&fp), &fresh, self.request_ttl)
+                .await
+            {
+                Ok(true) => {
+                    let mut record = self.record_for(&policy, &identity, req, &fp, now);
+                    record.id = fresh.clone();
+                    let ttl = self.request_ttl + RECORD_GRACE;
+                    if let Err(e) = self
+                        .state
+                        .set(&key_rec(&fresh), &record.to_json(), ttl)
+                        .await
+                    {
+                        return state_deny(decision, &e);
+                    }
+                    self.audit
+                        .record_approval(ApprovalEvent::new("requested", &record));
+                    if let Some(hook) = &self.webhook {
+                        hook.notify(&record);
+                    }
+                    let detail = format!(
+                        "this action needs approval by {}; request `{fresh}` is pending",
+                        policy.approvers_text()
+                    );
+                    return approval_deny(decision, &fresh, detail);
+                }
+                Ok(false) => {}
+                Err(e) => return state_deny(decision, &e),
+            }
+            let id = match self.state.get(&key_req(&fp)).await {
+                Ok(Some(id)) => id,
+                // Decided or expired between the two calls: try to open a new one.
+                Ok(None) => continue,
+                Err(e) => return state_deny(decision, &e),
+            };
+            let record = match self.state.get(&key_rec(&id)).await {
+                Ok(r) => r.as_deref().and_then(Record::from_json),
+                Err(e) => return state_deny(decision, &e),
+            };
+            let detail = match record {
+                Some(r) if r.state == ApprovalState::Rejected => format!(
+                    "approval `{id}` was rejected by `{}`{}; a new request can be made after it expires",
+                    r.decided_by.as_deref().unwrap_or("an approver"),
+                    r.reason
+                        .as_deref()
+                        .map(|why| format!(": {why}"))
+                        .unwrap_or_default()
+                ),
+                _ => format!(
+                    "this action needs approval by {}; request `{id}` is pending",
+                    policy.approvers_text()
+                ),
+            };
+            return approval_deny(decision, &id, detail);
+        }
+        state_deny(
+            decision,
+            &StateError::Unavailable("approval request keeps changing".to_string()),
+        )
+    }
+
+    fn record_for(
+        &self,
+        policy: &ApprovalPolicy,
+        identity: &Identity,
+        req: &RequestView<'_>,
+        fp: &str,
+        now: i64,
+    ) -> Record {
+        Record {
+            id: String::new(),
+            state: ApprovalState::Pending,
+            fingerprint: fp.to_string(),
+            issuer_name: identity.issuer_name.to_string(),
+            issuer: identity.issuer.clone(),
+            subject: identity.subject.clone(),
+            method: req.method.to_string(),
+            host: normal_host(req.host),
+            path: display_path(req.path).to_string(),
+            body_sha256: req.header(BODY_SHA256_HEADER).map(str::to_string),
+            justification: justification(req),
+            route: policy.route.to_string(),
+            rule: policy.rule.to_string(),
+            requested_at: now,
+            expires_at: now.saturating_add(secs(self.request_ttl)),
+            decided_by: None,
+            decided_at: None,
+            reason: None,
+            uses: policy.uses,
+            grant_expires_at: None,
+        }
+    }
+
+    /// A pre-approval is recorded in the audit log for every request it allows, and (best
+    /// effort: the allow does not depend on shared state) as a listed record.
+    async fn record_pre_approval(
+        &self,
+        policy: &ApprovalPolicy,
+        identity: &Identity,
+        req: &RequestView<'_>,
+        fp: &str,
+        index: usize,
+        now: i64,
+    ) {
+        let mut record = self.record_for(policy, identity, req, fp, now);
+        record.id = new_id();
+        record.state = ApprovalState::PreApproved;
+        record.decided_by = Some(format!("policy:pre_approve[{index}]"));
+        record.decided_at = Some(now);
+        record.grant_expires_at = Some(now);
+        let mut event = ApprovalEvent::new("pre_approved", &record);
+        event.actor = record.decided_by.clone();
+        self.audit.record_approval(event);
+        let _ = self
+            .state
+            .set(&key_rec(&record.id), &record.to_json(), RECORD_GRACE)
+            .await;
+    }
+
+    async fn load(&self, id: &str) -> Result<Record, ApprovalError> {
+        if !valid_id(id) {
+            return Err(ApprovalError::NotFound(id.to_string()));
+        }
+        let text = self
+            .state
+            .get(&key_rec(id))
+            .await?
+            .ok_or_else(|| ApprovalError::NotFound(id.to_string()))?;
+        Record::from_json(&text).ok_or_else(|| StateError::Corrupt(key_rec(id)).into())
+    }
+
+    /// Checks that `who` may decide `record` now, and claims the one decision it gets.
+    async fn claim(
+        &self,
+        record: &Record,
+        who: &Identity,
+        now: i64,
+    ) -> Result<Arc<ApprovalPolicy>, ApprovalError> {
+        let id = record.id.clone();
+        let policy = self
+            .policy(&record.route, &record.rule)
+            .cloned()
+            .ok_or_else(|| ApprovalError::NotApprover(id.clone()))?;
+        if !policy.is_approver(who) {
+            return Err(ApprovalError::NotApprover(id));
+        }
+        if is_self(record, who) {
+            return Err(ApprovalError::SelfApproval(id));
+        }
+        if record.state != ApprovalState::Pending {
+            return Err(ApprovalError::AlreadyDecided {
+                id,
+                state: record.state.as_str(),
+            });
+        }
+        if record.expires_at <= now {
+            return Err(ApprovalError::Expired(id));
+        }
+        // INVARIANT: exactly one approve or reject wins per request, across replicas.
+        let first = self
+            .state
+            .insert_if_absent(
+                &key_decided(&id),
+                &actor(who),
+                self.request_ttl + RECORD_GRACE,
+            )
+            .await?;
+        if !first {
+            let state = match self.load(&id).await.map(|r| r.state) {
+                Ok(ApprovalState::Rejected) => "rejected",
+                _ => "approved",
+            };
+            return Err(ApprovalError::AlreadyDecided { id, state });
+        }
+        Ok(policy)
+    }
+
+    /// Approves a pending request: the requester's same action is allowed `uses` times
+    /// within `ttl` (the rule's, or a shorter one).
+    pub async fn approve(
+        &self,
+        who: &Identity,
+        id: &str,
+        ttl: Option<Duration>,
+        now: i64,
+    ) -> Result<Record, ApprovalError> {
+        let mut record = self.load(id).await?;
+        if let (Some(asked), Some(policy)) = (ttl, self.policy(&record.route, &record.rule)) {
+            if asked.is_zero() {
+                return Err(ApprovalError::InvalidTtl("must be greater than 0".into()));
+            }
+            if asked > policy.ttl {
+                return Err(ApprovalError::InvalidTtl(format!(
+                    "`{}` is longer than the rule's {}",
+                    humantime::format_duration(asked),
+                    humantime::format_duration(policy.ttl)
+                )));
+            }
+        }
+        let policy = self.claim(&record, who, now).await?;
+        let ttl = ttl.unwrap_or(policy.ttl).max(Duration::from_secs(1));
+        let fp = record.fingerprint.clone();
+        self.state.set(&key_grant_id(&fp), &record.id, ttl).await?;
+        self.state
+            .set(&key_grant(&fp), &policy.uses.to_string(), ttl)
+            .await?;
+        record.state = ApprovalState::Approved;
+        record.decided_by = Some(actor(who));
+        record.decided_at = Some(now);
+        record.uses = policy.uses;
+        record.grant_expires_at = Some(now.saturating_add(secs(ttl)));
+        self.state
+            .set(&key_rec(&record.id), &record.to_json(), ttl + RECORD_GRACE)
+            .await?;
+        // The next request after the uses are spent asks anew.
+        if self.state.get(&key_req(&fp)).await?.as_deref() == Some(record.id.as_str()) {
+            self.state.delete(&key_req(&fp)).await?;
+        }
+        let mut event = ApprovalEvent::new("approved", &record);
+        event.actor = record.decided_by.clone();
+        event.uses_left = Some(i64::from(policy.uses));
+        self.audit.record_approval(event);
+        Ok(record)
+    }
+
+    /// Rejects a pending request: retries are refused (naming the rejection) until the
+    /// request expires.
+    pub async fn reject(
+        &self,
+        who: &Identity,
+        id: &str,
+        reason: Option<String>,
+        now: i64,
+    ) -> Result<Record, ApprovalError> {
+        let mut record = self.load(id).await?;
+        self.claim(&record, who, now).await?;
+        record.state = ApprovalState::Rejected;
+        record.decided_by = Some(actor(who));
+        record.decided_at = Some(now);
+        record.reason = reason
+            .map(|r| r.chars().filter(|c| !c.is_control()).take(500).collect())
+            .filter(|r: &String| !r.trim().is_empty());
+        let left = Duration::from_secs(u64::try_from(record.expires_at - now).unwrap_or(1));
+        self.state
+            .set(&key_rec(&record.id), &record.to_json(), left + RECORD_GRACE)
+            .await?;
+        let mut event = ApprovalEvent::new("rejected", &record);
+        event.actor = record.decided_by.clone();
+        event.reason = record.reason.clone();
+        self.audit.record_approval(event);
+        Ok(record)
+    }
+
+    /// Requests `who` may decide (never their own): pending ones, or all when
+    /// `include_decided`. Oldest first.
+    pub async fn list(
+        &self,
+        who: &Identity,
+        include_decided: bool,
+        now: i64,
+    ) -> Result<Vec<Record>, ApprovalError> {
+        let mut out: Vec<Record> = self
+            .state
+            .scan("approval:rec:")
+            .await?
+            .into_iter()
+            .filter_map(|(_, v)| Record::from_json(&v))
+            .filter(|r| {
+                self.policy(&r.route, &r.rule)
+                    .is_some_and(|p| p.is_approver(who))
+                    && !is_self(r, who)
+                    && (include_decided
+                        || (r.state == ApprovalState::Pending && r.expires_at > now))
+            })
+            .collect();
+        out.sort_by(|a, b| (a.requested_at, &a.id).cmp(&(b.requested_at, &b.id)));
+        Ok(out)
+    }
+
+    /// Writes an `expired` audit event, once across replicas, for each pending request and
+    /// each approval whose time is up. Run periodically by the server.
+    pub async fn sweep(&self, now: i64) -> Result<usize, StateError> {
+        let mut n = 0;
+        for (_, v) in self.state.scan("approval:rec:").await? {
+            let Some(r) = Record::from_json(&v) else {
+                continue;
+            };
+            let over = match r.state {
+                ApprovalState::Pending => r.expires_at <= now,
+                ApprovalState::Approved => r.grant_expires_at.is_some_and(|t| t <= now),
+                _ => false,
+            };
+            if over
+                && self
+                    .state
+                    .insert_if_absent(&key_expired(&r.id), "1", RECORD_GRACE * 2)
+                    .await?
+            {
+                self.audit
+                    .record_approval(ApprovalEvent::new("expired", &r));
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// How an approver is named in records: `issuer-name:sub`.
+fn actor(who: &Identity) -> String {
+    format!("{}:{}", who.issuer_name, who.subject)
+}

@@ -1,0 +1,480 @@
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Map;
+
+use super::*;
+use crate::authz::{Decision, ReasonCode};
+use crate::state::{MemoryStore, RateLimit, RateOutcome, StateError, StateStore};
+
+const NOW: i64 = 1_800_000_000;
+
+fn identity(sub: &str, roles: &[&str]) -> Arc<Identity> {
+    Arc::new(Identity {
+        issuer_name: Arc::from("corp"),
+        issuer: "https://login.example.com".to_string(),
+        subject: sub.to_string(),
+        claims: Map::new(),
+        scopes: vec![],
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        expires_at: NOW + 600,
+        not_before: None,
+        issued_at: None,
+        key_fingerprint: Arc::from("k"),
+    })
+}
+
+fn config(extra_rule: &str) -> crate::config::Config {
+    let text = format!(
+        r#"
+routes:
+  - id: drop-db
+    methods: [DELETE]
+    path: /databases/{{db}}
+    rules:
+      - id: dba
+        roles: [dba]
+        approval:
+          approvers: {{ roles: [dba-lead], subjects: ["corp:carol"] }}
+          ttl: 15m
+          uses: 1
+          pre_approve:
+            - roles: [on-call]
+              from: "2027-01-15T08:00:00Z"
+              until: "2027-01-15T09:00:00Z"
+{extra_rule}
+"#
+    );
+    crate::config::from_str(&text, std::path::Path::new("test.yaml")).unwrap()
+}
+
+struct Req {
+    headers: HashMap<String, String>,
+    method: &'static str,
+    host: &'static str,
+    path: &'static str,
+}
+
+impl Req {
+    fn new(method: &'static str, host: &'static str, path: &'static str) -> Req {
+        Req {
+            headers: HashMap::new(),
+            method,
+            host,
+            path,
+        }
+    }
+    fn view(&self) -> RequestView<'_> {
+        RequestView {
+            method: self.method,
+            host: self.host,
+            path: self.path,
+            headers: &self.headers,
+            source_ip: None,
+            source_principal: "",
+            scheme: "http",
+            peer_certificate: None,
+        }
+    }
+}
+
+fn granted(who: &Arc<Identity>) -> Decision {
+    Decision::new(ReasonCode::Allowed, "granted by rule `dba`")
+        .with_route(Some(Arc::from("drop-db")))
+        .with_rule(Some(Arc::from("dba")))
+        .with_identity(Some(who.clone()))
+}
+
+fn approvals(store: Arc<dyn StateStore>) -> Approvals {
+    Approvals::new(&config(""), store)
+}
+
+fn approval_id(d: &Decision) -> String {
+    let header = d
+        .response_headers
+        .iter()
+        .find(|(n, _)| n == APPROVAL_ID_HEADER)
+        .map(|(_, v)| v.clone())
+        .expect("approval id header");
+    let body = d
+        .body_fields
+        .iter()
+        .find(|(n, _)| *n == "approval_id")
+        .map(|(_, v)| v.clone())
+        .expect("approval_id body field");
+    assert_eq!(header, body);
+    header
+}
+
+#[test]
+fn fingerprints_differ_by_subject_method_host_path_query_and_body() {
+    let alice = identity("alice", &[]);
+    let base = Req::new("DELETE", "db.example.com", "/databases/orders");
+    let fp = fingerprint(&alice, &base.view(), None);
+    assert_eq!(fp.len(), 64);
+    assert_eq!(fp, fingerprint(&alice, &base.view(), None), "deterministic");
+    // The host is compared as routes match it.
+    let same = Req::new("DELETE", "DB.example.com.:443", "/databases/orders");
+    assert_eq!(fp, fingerprint(&alice, &same.view(), None));
+    for other in [
+        Req::new("GET", "db.example.com", "/databases/orders"),
+        Req::new("DELETE", "db2.example.com", "/databases/orders"),
+        Req::new("DELETE", "db.example.com", "/databases/users"),
+        Req::new("DELETE", "db.example.com", "/databases/orders?force=true"),
+    ] {
+        assert_ne!(
+            fp,
+            fingerprint(&alice, &other.view(), None),
+            "{}",
+            other.path
+        );
+    }
+    assert_ne!(fp, fingerprint(&identity("bob", &[]), &base.view(), None));
+    assert_ne!(fp, fingerprint(&alice, &base.view(), Some("abc")));
+}
+
+#[test]
+fn ids_are_random_and_validated() {
+    let a = new_id();
+    assert!(valid_id(&a), "{a}");
+    assert_ne!(a, new_id());
+    for bad in ["", "apr_", "apr_xyz", "../approval:rec:x", &format!("{a}0")] {
+        assert!(!valid_id(bad), "{bad}");
+    }
+}
+
+#[test]
+fn records_round_trip_as_json() {
+    let alice = identity("alice", &[]);
+    let r = Req::new("DELETE", "db.example.com", "/databases/orders?x=secret");
+    let record = Record {
+        id: new_id(),
+        state: ApprovalState::Pending,
+        fingerprint: fingerprint(&alice, &r.view(), None),
+        issuer_name: "corp".into(),
+        issuer: alice.issuer.clone(),
+        subject: "alice".into(),
+        method: "DELETE".into(),
+        host: "db.example.com".into(),
+        path: display_path(r.path).into(),
+        body_sha256: None,
+        justification: Some("ticket 42".into()),
+        route: "drop-db".into(),
+        rule: "dba".into(),
+        requested_at: NOW,
+        expires_at: NOW + 3600,
+        decided_by: None,
+        decided_at: None,
+        reason: None,
+        uses: 1,
+        grant_expires_at: None,
+    };
+    let json = record.to_json();
+    assert!(
+        !json.contains("secret"),
+        "the query string is never stored: {json}"
+    );
+    assert_eq!(Record::from_json(&json), Some(record));
+    assert_eq!(Record::from_json("{not json"), None);
+}
+
+#[test]
+fn approvers_hold_a_role_or_are_named() {
+    let config = config("");
+    let policies = compile(&config.file.routes);
+    let p = &policies[&("drop-db".to_string(), "dba".to_string())];
+    assert!(p.is_approver(&identity("bob", &["dba-lead"])));
+    assert!(
+        p.is_approver(&identity("carol", &[])),
+        "named as corp:carol"
+    );
+    assert!(!p.is_approver(&identity("dave", &["dba"])));
+    assert!(
+        !p.is_approver(&identity("", &["dba-lead"])),
+        "no subject, no approval"
+    );
+    assert_eq!(p.ttl, Duration::from_secs(900));
+    assert_eq!(p.uses, 1);
+}
+
+#[test]
+fn pre_approval_holds_only_for_the_role_inside_the_window() {
+    let config = config("");
+    let p = compile(&config.file.routes)[&("drop-db".to_string(), "dba".to_string())].clone();
+    let from = p.pre_approve[0].from.unwrap();
+    let until = p.pre_approve[0].until.unwrap();
+    assert_eq!(until - from, 3600);
+    let on_call = identity("alice", &["dba", "on-call"]);
+    assert_eq!(p.pre_approved(&on_call, from), Some(0));
+    assert_eq!(p.pre_approved(&on_call, until - 1), Some(0));
+    assert_eq!(
+        p.pre_approved(&on_call, until),
+        None,
+        "the end is exclusive"
+    );
+    assert_eq!(p.pre_approved(&on_call, from - 1), None);
+    assert_eq!(p.pre_approved(&identity("alice", &["dba"]), from), None);
+}
+
+#[test]
+fn justification_is_trimmed_cleaned_and_capped() {
+    let mut r = Req::new("DELETE", "h", "/databases/x");
+    assert_eq!(justification(&r.view()), None);
+    r.headers.insert(
+        JUSTIFICATION_HEADER.into(),
+        format!("  INC-7\u{7} {}", "x".repeat(900)),
+    );
+    let j = justification(&r.view()).unwrap();
+    assert!(j.starts_with("INC-7 x"));
+    assert!(j.chars().count() <= 500);
+}
+
+#[test]
+fn config_rejects_unusable_approvals() {
+    for (rule, want) in [
+        ("approvers: {}", "no approvers"),
+        (
+            "approvers: { roles: [a] }\n          uses: 0",
+            "approve nothing",
+        ),
+        (
+            "approvers: { roles: [a] }\n          ttl: 0s",
+            "at least 1s",
+        ),
+        (
+            "approvers: { roles: [a] }\n          pre_approve: [{ roles: [x], from: yesterday }]",
+            "RFC 3339",
+        ),
+    ] {
+        let text = format!(
+            "routes:\n  - id: r\n    methods: [GET]\n    path: /x\n    rules:\n      - id: a\n        approval:\n          {rule}\n"
+        );
+        let e = crate::config::from_str(&text, std::path::Path::new("t.yaml")).unwrap_err();
+        assert!(e.to_string().contains(want), "{rule}: {e}");
+        assert!(e.field.contains("approval"), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn a_request_without_approval_is_refused_with_one_id_per_action() {
+    let a = approvals(Arc::new(MemoryStore::new()));
+    let alice = identity("alice", &["dba"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let d = a.gate(&r.view(), granted(&alice), NOW).await;
+    assert_eq!(d.code, ReasonCode::ApprovalRequired);
+    assert_eq!(d.http_status(), 403);
+    let id = approval_id(&d);
+    assert!(d.detail.contains("role `dba-lead`"), "{}", d.detail);
+    // Retrying while pending reuses the request.
+    let again = a.gate(&r.view(), granted(&alice), NOW + 1).await;
+    assert_eq!(approval_id(&again), id);
+    // Another action is another request.
+    let other = Req::new("DELETE", "db", "/databases/users");
+    let d2 = a.gate(&other.view(), granted(&alice), NOW).await;
+    assert_ne!(approval_id(&d2), id);
+    // Denies and public allows pass through untouched.
+    let deny = Decision::new(ReasonCode::InsufficientScope, "no");
+    assert_eq!(
+        a.gate(&r.view(), deny, NOW).await.code,
+        ReasonCode::InsufficientScope
+    );
+}
+
+#[tokio::test]
+async fn an_approval_allows_exactly_its_uses_then_asks_again() {
+    let a = approvals(Arc::new(MemoryStore::new()));
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+
+    assert!(matches!(
+        a.approve(&alice, &id, None, NOW).await,
+        Err(ApprovalError::NotApprover(_))
+    ));
+    let listed = a.list(&bob, false, NOW).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [id.as_str()]
+    );
+    assert!(a.list(&alice, false, NOW).await.unwrap().is_empty());
+
+    let record = a.approve(&bob, &id, None, NOW).await.unwrap();
+    assert_eq!(record.state, ApprovalState::Approved);
+    assert_eq!(record.decided_by.as_deref(), Some("corp:bob"));
+    assert!(matches!(
+        a.approve(&bob, &id, None, NOW).await,
+        Err(ApprovalError::AlreadyDecided { .. })
+    ));
+
+    let used = a.gate(&r.view(), granted(&alice), NOW + 1).await;
+    assert_eq!(used.code, ReasonCode::Allowed, "{}", used.detail);
+    let again = a.gate(&r.view(), granted(&alice), NOW + 2).await;
+    assert_eq!(again.code, ReasonCode::ApprovalRequired);
+    assert_ne!(
+        approval_id(&again),
+        id,
+        "a spent approval opens a new request"
+    );
+    // The approval was for alice: bob's same action still needs its own.
+    let bob_dba = identity("bob", &["dba", "dba-lead"]);
+    assert_eq!(
+        a.gate(&r.view(), granted(&bob_dba), NOW + 3).await.code,
+        ReasonCode::ApprovalRequired
+    );
+}
+
+#[tokio::test]
+async fn nobody_approves_their_own_request() {
+    let a = approvals(Arc::new(MemoryStore::new()));
+    let lead = identity("bob", &["dba", "dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&lead), NOW).await);
+    assert_eq!(
+        a.approve(&lead, &id, None, NOW).await,
+        Err(ApprovalError::SelfApproval(id.clone()))
+    );
+    assert!(matches!(
+        a.reject(&lead, &id, None, NOW).await,
+        Err(ApprovalError::SelfApproval(_))
+    ));
+    // Still pending: another lead can approve it.
+    let carol = identity("carol", &[]);
+    assert!(a.approve(&carol, &id, None, NOW).await.is_ok());
+}
+
+#[tokio::test]
+async fn concurrent_retries_never_both_spend_a_single_use() {
+    let a = Arc::new(approvals(Arc::new(MemoryStore::new())));
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    a.approve(&bob, &id, None, NOW).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (a, alice) = (a.clone(), alice.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = Req::new("DELETE", "db", "/databases/orders");
+            a.gate(&r.view(), granted(&alice), NOW + 1).await.code
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        if t.await.unwrap() == ReasonCode::Allowed {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 1);
+}
+
+#[tokio::test]
+async fn a_rejection_is_named_on_retry_and_ttls_are_bounded() {
+    let a = approvals(Arc::new(MemoryStore::new()));
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    assert!(matches!(
+        a.approve(&bob, &id, Some(Duration::from_secs(3600)), NOW)
+            .await,
+        Err(ApprovalError::InvalidTtl(_))
+    ));
+    a.reject(&bob, &id, Some("not during business hours".into()), NOW)
+        .await
+        .unwrap();
+    let d = a.gate(&r.view(), granted(&alice), NOW + 1).await;
+    assert_eq!(d.code, ReasonCode::ApprovalRequired);
+    assert_eq!(approval_id(&d), id);
+    assert!(d.detail.contains("rejected by `corp:bob`"), "{}", d.detail);
+    assert!(d.detail.contains("business hours"), "{}", d.detail);
+    assert!(matches!(
+        a.approve(&bob, "apr_00000000000000000000000000000000", None, NOW)
+            .await,
+        Err(ApprovalError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn pre_approval_allows_without_a_request() {
+    let a = approvals(Arc::new(MemoryStore::new()));
+    let p = a.policy("drop-db", "dba").unwrap().clone();
+    let from = p.pre_approve[0].from.unwrap();
+    let on_call = identity("alice", &["dba", "on-call"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let d = a.gate(&r.view(), granted(&on_call), from + 10).await;
+    assert_eq!(d.code, ReasonCode::Allowed);
+    assert!(d.detail.contains("pre-approved"), "{}", d.detail);
+    let outside = a.gate(&r.view(), granted(&on_call), from - 10).await;
+    assert_eq!(outside.code, ReasonCode::ApprovalRequired);
+}
+
+/// A store that always fails, as an unreachable Redis does.
+struct Down;
+
+#[tonic::async_trait]
+impl StateStore for Down {
+    async fn insert_if_absent(&self, _: &str, _: &str, _: Duration) -> Result<bool, StateError> {
+        Err(StateError::Unavailable("redis is unreachable".into()))
+    }
+    async fn get(&self, _: &str) -> Result<Option<String>, StateError> {
+        Err(StateError::Unavailable("redis is unreachable".into()))
+    }
+    async fn set(&self, _: &str, _: &str, _: Duration) -> Result<(), StateError> {
+        Err(StateError::Unavailable("redis is unreachable".into()))
+    }
+    async fn delete(&self, _: &str) -> Result<bool, StateError> {
+        Err(StateError::Unavailable("redis is unreachable".into()))
+    }
+    async fn scan(&self, _: &str) -> Result<Vec<(String, String)>, StateError> {
+        Err(StateError::Unavailable("redis is unreachable".into()))
+    }
+    async fn take_one(&self, _: &str) -> Result<Option<i64>, StateError> {
+        Err(StateError::Unavailable("redis is unreachable".into()))
+    }
+    async fn rate_check(&self, _: &str, _: RateLimit) -> Result<RateOutcome, StateError> {
+        Err(StateError::Unavailable("redis is unreachable".into()))
+    }
+}
+
+#[tokio::test]
+async fn unreachable_state_fails_closed_with_a_clear_reason() {
+    let a = approvals(Arc::new(Down));
+    let alice = identity("alice", &["dba"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let d = a.gate(&r.view(), granted(&alice), NOW).await;
+    assert_eq!(d.code, ReasonCode::StateUnavailable);
+    assert_eq!(d.http_status(), 503);
+    assert!(d.detail.contains("unreachable"), "{}", d.detail);
+    assert_eq!(d.route.as_deref(), Some("drop-db"));
+    let bob = identity("bob", &["dba-lead"]);
+    assert!(matches!(
+        a.list(&bob, false, NOW).await,
+        Err(ApprovalError::State(_))
+    ));
+}
+
+#[test]
+fn debug_output_never_shows_the_redis_or_webhook_url() {
+    let text = "state: { backend: redis, redis_url: 'redis://:hunter2@db:6379/0' }\napprovals: { webhook: { url: 'https://hooks.example.com/T0/s3cr3t' } }\nroutes:\n  - { id: r, methods: [GET], path: /x, public: true }\n";
+    let config = crate::config::from_str(text, std::path::Path::new("t.yaml")).unwrap();
+    let debug = format!("{:?}", config.file);
+    assert!(
+        !debug.contains("hunter2") && !debug.contains("s3cr3t"),
+        "{debug}"
+    );
+    assert!(debug.contains("<redacted>"));
+}
+
+#[test]
+fn a_bad_redis_url_is_a_config_error_that_does_not_echo_it() {
+    let text = "state: { backend: redis, redis_url: 'http://:hunter2@db:6379' }\nroutes:\n  - { id: r, methods: [GET], path: /x, public: true }\n";
+    let e = crate::config::from_str(text, std::path::Path::new("t.yaml")).unwrap_err();
+    assert_eq!(e.field, "state.redis_url");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    let zero =
+        "state: { timeout: 0s }\nroutes:\n  - { id: r, methods: [GET], path: /x, public: true }\n";
+    let e = crate::config::from_str(zero, std::path::Path::new("t.yaml")).unwrap_err();
+    assert_eq!(e.field, "state.timeout");
+}

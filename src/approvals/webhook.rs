@@ -1,0 +1,112 @@
+//! Tells a webhook about each new approval request: one JSON POST, retried with exponential
+//! backoff, from a background task so a Check never waits for it.
+//!
+//! The webhook URL may itself be a secret (chat webhooks often are): it is never logged.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::Record;
+use crate::config::schema::WebhookConfig;
+
+#[derive(Clone)]
+pub struct Webhook {
+    url: String,
+    timeout: Duration,
+    retries: u32,
+    link_base: Option<String>,
+    client: Option<reqwest::Client>,
+}
+
+impl Webhook {
+    pub fn new(config: &WebhookConfig, link_base: Option<String>) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout.get())
+            .build()
+            .ok();
+        Self {
+            url: config.url.clone(),
+            timeout: config.timeout.get(),
+            retries: config.retries,
+            link_base,
+            client,
+        }
+    }
+
+    /// The JSON sent for a new request.
+    pub fn payload(&self, record: &Record) -> serde_json::Value {
+        let link = self
+            .link_base
+            .as_deref()
+            .map(|base| format!("{}/{}", base.trim_end_matches('/'), record.id));
+        json!({
+            "event": "approval_requested",
+            "approval_id": record.id,
+            "summary": format!(
+                "{} asks to {} {}{} (route `{}`, rule `{}`)",
+                record.subject, record.method, record.host, record.path, record.route, record.rule
+            ),
+            "subject": record.subject,
+            "issuer": record.issuer,
+            "method": record.method,
+            "host": record.host,
+            "path": record.path,
+            "route": record.route,
+            "rule": record.rule,
+            "justification": record.justification,
+            "requested_at": record.requested_at,
+            "expires_at": record.expires_at,
+            "link": link,
+            "approve_with": format!("portcullis approvals approve {}", record.id),
+        })
+    }
+
+    /// Posts the payload in the background: up to `1 + retries` attempts, waiting 250 ms,
+    /// 500 ms, 1 s, ... between them. Needs a running tokio runtime.
+    pub fn notify(&self, record: &Record) {
+        let Some(client) = self.client.clone() else {
+            tracing::warn!(approval.id = %record.id, "approval webhook client unavailable");
+            return;
+        };
+        let body = self.payload(record).to_string();
+        let url = self.url.clone();
+        let retries = self.retries;
+        let timeout = self.timeout;
+        let id = record.id.clone();
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        handle.spawn(async move {
+            let mut pause = Duration::from_millis(250);
+            for attempt in 0..=retries {
+                let sent = client
+                    .post(&url)
+                    .timeout(timeout)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status().is_success() => return,
+                    Ok(r) => tracing::warn!(
+                        approval.id = %id,
+                        attempt,
+                        status = r.status().as_u16(),
+                        "approval webhook refused the notification"
+                    ),
+                    Err(e) => tracing::warn!(
+                        approval.id = %id,
+                        attempt,
+                        error = %e.without_url(),
+                        "approval webhook unreachable"
+                    ),
+                }
+                if attempt < retries {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,385 @@
+//! The approvals gRPC API in-process: the real server on 127.0.0.1:0 (memory state), the
+//! ext_authz Check over gRPC, the approvals API with JWT metadata, and gRPC reflection (what
+//! `grpcurl -plaintext 127.0.0.1:9191 list` uses).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use portcullis::approvals::api::pb::{
+    ApproveRequest, ListRequest, RejectRequest, approvals_client::ApprovalsClient,
+};
+use portcullis::server::Server;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+const DEV_ISSUER: &str = "https://dev.portcullis.invalid";
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn mint(sub: &str, roles: &[&str]) -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let pem = std::fs::read(format!("{root}/config/dev/signing-key.pem")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("portcullis-dev-1".to_string());
+    let claims = json!({
+        "iss": DEV_ISSUER, "aud": "portcullis-sample-api", "sub": sub, "roles": roles,
+        "iat": now(), "exp": now() + 600,
+    });
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+struct Harness {
+    server: Server,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        Self::start_with("").await
+    }
+
+    /// `extra` is appended to the config (e.g. an `approvals:` section).
+    async fn start_with(extra: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let root = env!("CARGO_MANIFEST_DIR");
+        let text = format!(
+            r#"
+server: {{ listen: "127.0.0.1:0", admin_listen: "127.0.0.1:0" }}
+audit: {{ enabled: false }}
+issuers:
+  - name: dev
+    issuer: {DEV_ISSUER}
+    audiences: [portcullis-sample-api]
+    algorithms: [RS256]
+    keys: {{ file: {root}/config/dev/jwks.json }}
+routes:
+  - id: drop-database
+    methods: [DELETE]
+    path: /databases/{{db}}
+    rules:
+      - id: dba
+        roles: [dba]
+        approval: {{ approvers: {{ roles: [dba-lead] }}, ttl: 15m, uses: 1 }}
+{extra}
+"#
+        );
+        let path = dir.path().join("p.yaml");
+        std::fs::write(&path, text).unwrap();
+        let server = Server::start(portcullis::config::load(&path).unwrap())
+            .await
+            .unwrap();
+        Harness { server, _dir: dir }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.server.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    async fn check(&self, token: &str) -> CheckResponse {
+        self.check_with_body(token, "").await
+    }
+
+    /// A Check as Envoy sends it with `with_request_body` (`body` empty: none sent).
+    async fn check_with_body(&self, token: &str, body: &str) -> CheckResponse {
+        let headers = HashMap::from([("authorization".to_string(), format!("Bearer {token}"))]);
+        let req = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        method: "DELETE".into(),
+                        path: "/databases/orders".into(),
+                        host: "db.example.com".into(),
+                        headers,
+                        body: body.to_string(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        AuthorizationClient::new(self.channel().await)
+            .check(req)
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn api(&self) -> ApprovalsClient<Channel> {
+        ApprovalsClient::new(self.channel().await)
+    }
+}
+
+fn authed<T>(body: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(body);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+/// (status, headers, body) of a deny.
+fn denied(resp: &CheckResponse) -> (u16, HashMap<String, String>, Value) {
+    match resp.http_response.as_ref() {
+        Some(HttpResponse::DeniedResponse(d)) => (
+            d.status.as_ref().unwrap().code as u16,
+            d.headers
+                .iter()
+                .map(|h| {
+                    let h = h.header.as_ref().unwrap();
+                    (h.key.clone(), h.value.clone())
+                })
+                .collect(),
+            serde_json::from_str(&d.body).unwrap(),
+        ),
+        other => panic!("expected a deny, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_approvals_service() {
+    use tokio_stream::StreamExt;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let h = Harness::start().await;
+    let mut client = ServerReflectionClient::new(h.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = stream.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply: {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names
+            .iter()
+            .any(|n| n == portcullis::approvals::api::SERVICE_NAME),
+        "{names:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_needs_a_valid_token_and_never_echoes_it() {
+    let h = Harness::start().await;
+    let mut api = h.api().await;
+    let err = api.list(ListRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let forged = format!("{}x", mint("bob", &["dba-lead"]));
+    let err = api
+        .list(authed(ListRequest::default(), &forged))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(!err.message().contains(&forged[..40]), "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_deny_carries_the_approval_id_and_an_approval_allows_one_check() {
+    let h = Harness::start().await;
+    let alice = mint("alice", &["dba"]);
+    let bob = mint("bob", &["dba-lead"]);
+    let (status, headers, body) = denied(&h.check(&alice).await);
+    assert_eq!(status, 403);
+    assert_eq!(body["error"], "approval_required");
+    let id = body["approval_id"].as_str().unwrap().to_string();
+    assert_eq!(headers.get("x-portcullis-approval-id"), Some(&id));
+    assert!(
+        body["reason"].as_str().unwrap().contains("pending"),
+        "{body}"
+    );
+
+    let mut api = h.api().await;
+    // Alice holds no approver role: she sees nothing and may not approve.
+    let mine = api
+        .list(authed(ListRequest::default(), &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(mine.approvals.is_empty());
+    let err = api
+        .approve(authed(
+            ApproveRequest {
+                id: id.clone(),
+                ttl: String::new(),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    let listed = api
+        .list(authed(ListRequest::default(), &bob))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.approvals.len(), 1);
+    assert_eq!(listed.approvals[0].id, id);
+    assert_eq!(listed.approvals[0].subject, "alice");
+    assert_eq!(listed.approvals[0].path, "/databases/orders");
+
+    let err = api
+        .approve(authed(
+            ApproveRequest {
+                id: id.clone(),
+                ttl: "soon".into(),
+            },
+            &bob,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let approved = api
+        .approve(authed(
+            ApproveRequest {
+                id: id.clone(),
+                ttl: "5m".into(),
+            },
+            &bob,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .approval
+        .unwrap();
+    assert_eq!(approved.state, "approved");
+    assert_eq!(approved.decided_by, "dev:bob");
+    let err = api
+        .reject(authed(
+            RejectRequest {
+                id: id.clone(),
+                reason: "late".into(),
+            },
+            &bob,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+
+    let allowed = h.check(&alice).await;
+    assert_eq!(allowed.status.as_ref().unwrap().code, 0, "{allowed:?}");
+    let (status, _, body) = denied(&h.check(&alice).await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("approval_required"))
+    );
+    assert_ne!(body["approval_id"].as_str(), Some(id.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_request_is_posted_to_the_webhook_with_retries() {
+    use std::sync::{Arc, Mutex};
+    // The hook fails its first delivery, so the second attempt is the retry.
+    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (r, a) = (received.clone(), attempts.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let (r, a) = (r.clone(), a.clone());
+            async move {
+                if a.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                r.lock().unwrap().push(serde_json::from_str(&body).unwrap());
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let h = Harness::start_with(&format!(
+        "approvals:\n  link_base: https://approvals.example.com/r\n  webhook: {{ url: 'http://{addr}/hook', timeout: 2s, retries: 3 }}"
+    ))
+    .await;
+    let alice = mint("alice", &["dba"]);
+    let (_, _, body) = denied(&h.check(&alice).await);
+    let id = body["approval_id"].as_str().unwrap().to_string();
+    // A repeat while pending is no new request: no second notification.
+    denied(&h.check(&alice).await);
+
+    let started = std::time::Instant::now();
+    while received.lock().unwrap().is_empty() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "no webhook delivery"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let got = received.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let hook = &got[0];
+    assert_eq!(hook["approval_id"], id.as_str());
+    assert_eq!(
+        hook["link"],
+        format!("https://approvals.example.com/r/{id}").as_str()
+    );
+    assert!(
+        hook["summary"].as_str().unwrap().contains("alice"),
+        "{hook}"
+    );
+    assert_eq!(hook["method"], "DELETE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_binds_to_the_body_envoy_sent() {
+    let h = Harness::start().await;
+    let alice = mint("alice", &["dba"]);
+    let bob = mint("bob", &["dba-lead"]);
+    let (_, _, body) = denied(&h.check_with_body(&alice, r#"{"cascade":false}"#).await);
+    let id = body["approval_id"].as_str().unwrap().to_string();
+    // The same action with another body is another request.
+    let (_, _, other) = denied(&h.check_with_body(&alice, r#"{"cascade":true}"#).await);
+    assert_ne!(other["approval_id"].as_str(), Some(id.as_str()));
+
+    let mut api = h.api().await;
+    let listed = api
+        .list(authed(ListRequest::default(), &bob))
+        .await
+        .unwrap()
+        .into_inner();
+    let record = listed.approvals.iter().find(|a| a.id == id).unwrap();
+    assert_eq!(record.body_sha256.len(), 64, "{record:?}");
+    api.approve(authed(
+        ApproveRequest {
+            id,
+            ttl: String::new(),
+        },
+        &bob,
+    ))
+    .await
+    .unwrap();
+    // The approved body is not the other body.
+    let (status, _, _) = denied(&h.check_with_body(&alice, r#"{"cascade":true}"#).await);
+    assert_eq!(status, 403);
+    let allowed = h.check_with_body(&alice, r#"{"cascade":false}"#).await;
+    assert_eq!(allowed.status.as_ref().unwrap().code, 0, "{allowed:?}");
+}

@@ -1,0 +1,322 @@
+//! State-store conformance: every `StateStore` method behaves the same on the in-memory
+//! store and on a real `redis-server` (started by the test on a free loopback port), and the
+//! Redis store fails closed, quickly, when Redis is down, then recovers by itself.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portcullis::state::{MemoryStore, RateLimit, RedisStore, StateError, StateStore};
+use support::redis::RedisServer;
+
+const OP_TIMEOUT: Duration = Duration::from_millis(200);
+
+fn redis_store(server: &RedisServer, prefix: &str) -> Arc<dyn StateStore> {
+    Arc::new(RedisStore::new(&server.url(), prefix, OP_TIMEOUT).unwrap())
+}
+
+/// Runs `check` against a fresh memory store and a Redis store on its own prefix.
+async fn both<F, Fut>(check: F)
+where
+    F: Fn(Arc<dyn StateStore>, &'static str) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    check(Arc::new(MemoryStore::new()), "memory").await;
+    let server = RedisServer::start();
+    check(redis_store(&server, "test:"), "redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn insert_if_absent_stores_only_the_first_value() {
+    both(|s, name| async move {
+        let ttl = Duration::from_secs(60);
+        assert!(
+            s.insert_if_absent("k", "first", ttl).await.unwrap(),
+            "{name}"
+        );
+        assert!(
+            !s.insert_if_absent("k", "second", ttl).await.unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            s.get("k").await.unwrap().as_deref(),
+            Some("first"),
+            "{name}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn get_set_delete_round_trip() {
+    both(|s, name| async move {
+        let ttl = Duration::from_secs(60);
+        assert_eq!(s.get("missing").await.unwrap(), None, "{name}");
+        s.set("k", "v1", ttl).await.unwrap();
+        s.set("k", "v2", ttl).await.unwrap();
+        assert_eq!(s.get("k").await.unwrap().as_deref(), Some("v2"), "{name}");
+        assert!(s.delete("k").await.unwrap(), "{name}");
+        assert!(!s.delete("k").await.unwrap(), "{name}");
+        assert_eq!(s.get("k").await.unwrap(), None, "{name}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn entries_expire_after_their_ttl() {
+    both(|s, name| async move {
+        s.set("short", "v", Duration::from_millis(150))
+            .await
+            .unwrap();
+        assert!(
+            s.insert_if_absent("short2", "v", Duration::from_millis(150))
+                .await
+                .unwrap()
+        );
+        assert!(s.get("short").await.unwrap().is_some(), "{name}");
+        // Poll until gone (bounded): expiry must happen, and not much later than the ttl.
+        let started = Instant::now();
+        while s.get("short").await.unwrap().is_some() {
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "{name}: never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            s.insert_if_absent("short2", "again", Duration::from_secs(5))
+                .await
+                .unwrap(),
+            "{name}: an expired key still blocks insert_if_absent"
+        );
+        assert_eq!(s.take_one("short").await.unwrap(), None, "{name}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scan_lists_live_keys_under_a_prefix_only() {
+    both(|s, name| async move {
+        let ttl = Duration::from_secs(60);
+        s.set("a:1", "x", ttl).await.unwrap();
+        s.set("a:2", "y", ttl).await.unwrap();
+        s.set("a*:3", "glob", ttl).await.unwrap();
+        s.set("b:1", "z", ttl).await.unwrap();
+        let got = s.scan("a:").await.unwrap();
+        assert_eq!(
+            got,
+            vec![
+                ("a:1".to_string(), "x".to_string()),
+                ("a:2".to_string(), "y".to_string())
+            ],
+            "{name}"
+        );
+        let glob = s.scan("a*").await.unwrap();
+        assert_eq!(
+            glob,
+            vec![("a*:3".to_string(), "glob".to_string())],
+            "{name}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn take_one_counts_down_and_a_single_use_is_spent_once_under_concurrency() {
+    both(|s, name| async move {
+        let ttl = Duration::from_secs(60);
+        s.set("uses", "2", ttl).await.unwrap();
+        assert_eq!(s.take_one("uses").await.unwrap(), Some(1), "{name}");
+        assert_eq!(s.take_one("uses").await.unwrap(), Some(0), "{name}");
+        assert_eq!(s.take_one("uses").await.unwrap(), None, "{name}");
+        assert_eq!(s.take_one("missing").await.unwrap(), None, "{name}");
+        s.set("bad", "not-a-number", ttl).await.unwrap();
+        assert!(
+            matches!(s.take_one("bad").await, Err(StateError::Corrupt(_))),
+            "{name}"
+        );
+
+        for round in 0..5 {
+            let key = format!("single-{round}");
+            s.set(&key, "1", ttl).await.unwrap();
+            let mut tasks = Vec::new();
+            for _ in 0..16 {
+                let (s, key) = (s.clone(), key.clone());
+                tasks.push(tokio::spawn(async move { s.take_one(&key).await.unwrap() }));
+            }
+            let mut spent = 0;
+            for t in tasks {
+                if t.await.unwrap().is_some() {
+                    spent += 1;
+                }
+            }
+            assert_eq!(spent, 1, "{name}: a single use was spent {spent} times");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn take_one_keeps_the_expiry() {
+    both(|s, name| async move {
+        s.set("uses", "5", Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert_eq!(s.take_one("uses").await.unwrap(), Some(4), "{name}");
+        let started = Instant::now();
+        while s.take_one("uses").await.unwrap().is_some() {
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "{name}: uses outlived their ttl"
+            );
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "{name}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gcra_allows_the_burst_then_denies_with_retry_after_then_refills() {
+    both(|s, name| async move {
+        let limit = RateLimit {
+            requests: 10,
+            per: Duration::from_secs(1),
+            burst: 3,
+        };
+        let mut remaining = Vec::new();
+        for _ in 0..3 {
+            let o = s.rate_check("bucket", limit).await.unwrap();
+            assert!(o.allowed, "{name}");
+            assert_eq!(o.limit, 3, "{name}");
+            remaining.push(o.remaining);
+        }
+        // Up to a few ms pass between calls, so the count may round up by one.
+        assert!(
+            remaining[0] >= 1 && remaining[2] <= 1,
+            "{name}: {remaining:?}"
+        );
+        let denied = s.rate_check("bucket", limit).await.unwrap();
+        assert!(!denied.allowed, "{name}: the burst was exceeded");
+        let retry = denied.retry_after.unwrap();
+        assert!(
+            retry > Duration::ZERO && retry <= Duration::from_millis(100),
+            "{name}: retry_after {retry:?}"
+        );
+        // Another bucket is independent.
+        assert!(
+            s.rate_check("other", limit).await.unwrap().allowed,
+            "{name}"
+        );
+        tokio::time::sleep(retry + Duration::from_millis(20)).await;
+        assert!(
+            s.rate_check("bucket", limit).await.unwrap().allowed,
+            "{name}: the bucket did not refill"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gcra_on_redis_is_shared_by_two_stores() {
+    let server = RedisServer::start();
+    let a = redis_store(&server, "shared:");
+    let b = redis_store(&server, "shared:");
+    let limit = RateLimit {
+        requests: 1,
+        per: Duration::from_secs(60),
+        burst: 2,
+    };
+    assert!(a.rate_check("k", limit).await.unwrap().allowed);
+    assert!(b.rate_check("k", limit).await.unwrap().allowed);
+    assert!(!a.rate_check("k", limit).await.unwrap().allowed);
+    assert!(!b.rate_check("k", limit).await.unwrap().allowed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prefixes_keep_deployments_apart() {
+    let server = RedisServer::start();
+    let a = redis_store(&server, "one:");
+    let b = redis_store(&server, "two:");
+    a.set("k", "a", Duration::from_secs(60)).await.unwrap();
+    assert_eq!(b.get("k").await.unwrap(), None);
+    assert_eq!(b.scan("").await.unwrap(), vec![]);
+    assert_eq!(
+        a.scan("").await.unwrap(),
+        vec![("k".to_string(), "a".to_string())]
+    );
+}
+
+/// Every operation, for the outage checks.
+async fn every_op(s: &Arc<dyn StateStore>) -> Vec<Result<(), StateError>> {
+    let ttl = Duration::from_secs(60);
+    let limit = RateLimit {
+        requests: 1,
+        per: Duration::from_secs(1),
+        burst: 1,
+    };
+    vec![
+        s.insert_if_absent("x", "1", ttl).await.map(drop),
+        s.get("x").await.map(drop),
+        s.set("x", "1", ttl).await.map(drop),
+        s.delete("x").await.map(drop),
+        s.scan("").await.map(drop),
+        s.take_one("x").await.map(drop),
+        s.rate_check("x", limit).await.map(drop),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_down_fails_every_operation_quickly_and_recovers_after_restart() {
+    let mut server = RedisServer::start();
+    let s = redis_store(&server, "outage:");
+    s.set("before", "1", Duration::from_secs(60)).await.unwrap();
+
+    server.stop();
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let results = every_op(&s).await;
+        let took = started.elapsed();
+        for r in &results {
+            let e = r
+                .as_ref()
+                .expect_err("an operation succeeded with Redis down");
+            assert!(matches!(e, StateError::Unavailable(_)), "{e:?}");
+            assert!(!e.to_string().contains("127.0.0.1"), "{e}");
+        }
+        // Seven operations, each bounded by the 200ms timeout.
+        assert!(
+            took < Duration::from_secs(4),
+            "attempt {attempt}: failing took {took:?}"
+        );
+    }
+
+    server.restart();
+    let started = Instant::now();
+    loop {
+        if every_op(&s).await.iter().all(Result::is_ok) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the store did not recover after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_never_started_is_a_state_error_not_a_hang() {
+    let port = support::free_port();
+    let s: Arc<dyn StateStore> = Arc::new(
+        RedisStore::new(&format!("redis://127.0.0.1:{port}/0"), "p:", OP_TIMEOUT).unwrap(),
+    );
+    let started = Instant::now();
+    assert!(matches!(
+        s.take_one("k").await,
+        Err(StateError::Unavailable(_))
+    ));
+    assert!(started.elapsed() < Duration::from_secs(2));
+}

@@ -1,0 +1,83 @@
+//! A real `redis-server` for tests: started on a free loopback port with persistence off,
+//! killed (and reaped) when dropped, restartable on the same port. Panics with instructions
+//! when `redis-server` is missing: the Redis tests fail, never skip.
+
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::{ChildGuard, free_port};
+
+pub struct RedisServer {
+    pub port: u16,
+    process: Option<ChildGuard>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            process: None,
+        };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts (again) on the same port and waits until it answers PING.
+    pub fn restart(&mut self) {
+        self.stop();
+        let binary = std::env::var("PORTCULLIS_REDIS_SERVER").unwrap_or("redis-server".into());
+        assert!(
+            Command::new(&binary).arg("--version").output().is_ok(),
+            "`{binary}` not found: install it with `apt-get install redis-server` (.ci/run does) \
+             or point PORTCULLIS_REDIS_SERVER at a redis-server binary"
+        );
+        let mut command = Command::new(&binary);
+        command
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--protected-mode", "yes"]);
+        let mut child = ChildGuard::spawn("redis-server", command);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            child.assert_running();
+            if ping(self.port) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING within 20s\n{}",
+                child.logs()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        self.process = Some(child);
+    }
+
+    /// Kills the server; its port refuses connections afterwards.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill();
+        }
+    }
+}
+
+/// True when a RESP PING on `port` answers PONG.
+fn ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+}
