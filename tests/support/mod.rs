@@ -60,33 +60,39 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Runs the install script under a lock: creating a directory is atomic, so exactly one test
-/// process (of the several `cargo test` runs in parallel) installs while the others wait for
-/// the binary to appear. A lock older than ten minutes is a crashed installer's and is taken
-/// over.
+/// Runs the Envoy install script once (see `run_installer_once`).
 fn install_envoy_once() {
+    run_installer_once("envoy", "scripts/install-envoy.sh", HOW_TO_INSTALL, || {
+        is_executable(&installed_envoy_path())
+    });
+}
+
+/// Runs an install script under a lock: creating a directory is atomic, so exactly one test
+/// process (of the several `cargo test` runs in parallel) installs while the others wait for
+/// `done` to hold. A lock older than ten minutes is a crashed installer's and is taken over.
+pub fn run_installer_once(name: &str, script: &str, how: &str, done: impl Fn() -> bool) {
     let tools = repo_root().join(".tools");
     std::fs::create_dir_all(&tools).unwrap();
-    let lock = tools.join("install-envoy.lock");
+    let lock = tools.join(format!("install-{name}.lock"));
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         match std::fs::create_dir(&lock) {
             Ok(()) => {
-                let output = Command::new(repo_root().join("scripts/install-envoy.sh"))
+                let output = Command::new(repo_root().join(script))
                     .output()
-                    .map_err(|e| format!("cannot run scripts/install-envoy.sh: {e}"));
+                    .map_err(|e| format!("cannot run {script}: {e}"));
                 let _ = std::fs::remove_dir(&lock);
-                let output = output.unwrap_or_else(|e| panic!("{e}; {HOW_TO_INSTALL}"));
+                let output = output.unwrap_or_else(|e| panic!("{e}; {how}"));
                 assert!(
                     output.status.success(),
-                    "scripts/install-envoy.sh failed ({}): {}; {HOW_TO_INSTALL}",
+                    "{script} failed ({}): {}; {how}",
                     output.status,
                     String::from_utf8_lossy(&output.stderr)
                 );
                 return;
             }
             Err(_) => {
-                if is_executable(&installed_envoy_path()) {
+                if done() {
                     return;
                 }
                 let stale = std::fs::metadata(&lock)
@@ -98,7 +104,7 @@ fn install_envoy_once() {
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "timed out waiting for another process installing Envoy; {HOW_TO_INSTALL}"
+                    "timed out waiting for another process installing {name}; {how}"
                 );
                 std::thread::sleep(Duration::from_millis(200));
             }

@@ -31,11 +31,13 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.stop();
         let binary = std::env::var("PORTCULLIS_REDIS_SERVER").unwrap_or("redis-server".into());
-        assert!(
-            Command::new(&binary).arg("--version").output().is_ok(),
-            "`{binary}` not found: install it with `apt-get install redis-server` (.ci/run does) \
-             or point PORTCULLIS_REDIS_SERVER at a redis-server binary"
-        );
+        let present = || Command::new(&binary).arg("--version").output().is_ok();
+        let how = "install it with `scripts/install-redis.sh` (Debian's redis-server) or point \
+                   PORTCULLIS_REDIS_SERVER at a redis-server binary";
+        if !present() {
+            super::run_installer_once("redis", "scripts/install-redis.sh", how, present);
+        }
+        assert!(present(), "`{binary}` not found: {how}");
         let mut command = Command::new(&binary);
         command
             .args(["--port", &self.port.to_string()])
