@@ -310,20 +310,9 @@ fn dpop_deny(
     let challenge = format!(
         "DPoP algs=\"{}\", error=\"{error}\", error_description=\"{}\"",
         algs.join(" "),
-        challenge_safe(&d.detail)
+        crate::authz::decision::challenge_text(&d.detail)
     );
     d.with_header("www-authenticate", challenge)
-}
-
-/// RFC 6750/9449 restrict error_description to printable ASCII without `"` and `\\`.
-fn challenge_safe(text: &str) -> String {
-    text.chars()
-        .map(|c| match c {
-            '"' | '\\' => '\'',
-            ' '..='~' => c,
-            _ => '?',
-        })
-        .collect()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -160,7 +160,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::state::{MemoryStore, RateLimit, StateError};
+    use crate::state::{MemoryStore, RateLimit};
 
     fn view<'a>(headers: &'a HashMap<String, String>, ip: &str) -> RequestView<'a> {
         RequestView {
@@ -284,39 +284,6 @@ mod tests {
         );
     }
 
-    /// A store that is down: every call errors.
-    struct DownStore;
-
-    #[tonic::async_trait]
-    impl StateStore for DownStore {
-        async fn insert_if_absent(
-            &self,
-            _: &str,
-            _: &str,
-            _: Duration,
-        ) -> Result<bool, StateError> {
-            Err(StateError::Unavailable("down".into()))
-        }
-        async fn get(&self, _: &str) -> Result<Option<String>, StateError> {
-            Err(StateError::Unavailable("down".into()))
-        }
-        async fn set(&self, _: &str, _: &str, _: Duration) -> Result<(), StateError> {
-            Err(StateError::Unavailable("down".into()))
-        }
-        async fn delete(&self, _: &str) -> Result<bool, StateError> {
-            Err(StateError::Unavailable("down".into()))
-        }
-        async fn scan(&self, _: &str) -> Result<Vec<(String, String)>, StateError> {
-            Err(StateError::Unavailable("down".into()))
-        }
-        async fn take_one(&self, _: &str) -> Result<Option<i64>, StateError> {
-            Err(StateError::Unavailable("down".into()))
-        }
-        async fn rate_check(&self, _: &str, _: RateLimit) -> Result<RateOutcome, StateError> {
-            Err(StateError::Unavailable("down".into()))
-        }
-    }
-
     fn config_with_limit() -> Config {
         crate::config::from_str(
             "routes:\n  - {id: h, methods: [GET], path: /h, public: true}\nrate_limits:\n  - {id: l, by: route, requests: 1, per: 1m}\n",
@@ -335,14 +302,28 @@ mod tests {
         };
         let m = config.policy.match_route(&req).unwrap();
         let allow = crate::decide::public_allow(&m);
-        let d = enforce(&DownStore, &config, &req, &m, allow).await;
+        let d = enforce(
+            &crate::state::UnavailableStore::new("down"),
+            &config,
+            &req,
+            &m,
+            allow,
+        )
+        .await;
         assert_eq!(
             (d.code, d.http_status()),
             (ReasonCode::StateUnavailable, 503)
         );
         // A deny passes through untouched, without asking the store.
         let deny = Decision::new(ReasonCode::NoRoute, "x");
-        let d = enforce(&DownStore, &config, &req, &m, deny).await;
+        let d = enforce(
+            &crate::state::UnavailableStore::new("down"),
+            &config,
+            &req,
+            &m,
+            deny,
+        )
+        .await;
         assert_eq!(d.code, ReasonCode::NoRoute);
     }
 }

@@ -645,52 +645,12 @@ revoked:
         assert!(!d.detail.contains("s-9"), "the value is never echoed");
 
         // A store that fails keeps the last snapshot in force.
-        struct Down;
-        #[tonic::async_trait]
-        impl StateStore for Down {
-            async fn insert_if_absent(
-                &self,
-                _: &str,
-                _: &str,
-                _: Duration,
-            ) -> Result<bool, crate::state::StateError> {
-                Err(down())
-            }
-            async fn get(&self, _: &str) -> Result<Option<String>, crate::state::StateError> {
-                Err(down())
-            }
-            async fn set(
-                &self,
-                _: &str,
-                _: &str,
-                _: Duration,
-            ) -> Result<(), crate::state::StateError> {
-                Err(down())
-            }
-            async fn delete(&self, _: &str) -> Result<bool, crate::state::StateError> {
-                Err(down())
-            }
-            async fn scan(
-                &self,
-                _: &str,
-            ) -> Result<Vec<(String, String)>, crate::state::StateError> {
-                Err(down())
-            }
-            async fn take_one(&self, _: &str) -> Result<Option<i64>, crate::state::StateError> {
-                Err(down())
-            }
-            async fn rate_check(
-                &self,
-                _: &str,
-                _: crate::state::RateLimit,
-            ) -> Result<crate::state::RateOutcome, crate::state::StateError> {
-                Err(down())
-            }
-        }
-        fn down() -> crate::state::StateError {
-            crate::state::StateError::Unavailable("down".into())
-        }
-        assert!(mirror.sync(&Down).await.is_err());
+        assert!(
+            mirror
+                .sync(&crate::state::UnavailableStore::new("down"))
+                .await
+                .is_err()
+        );
         assert_eq!(mirror.check(&who).unwrap_err().code, ReasonCode::Revoked);
 
         // An expired entry disappears at the next sync; `apply` works at once.

@@ -6,7 +6,7 @@ use serde_json::Map;
 
 use super::*;
 use crate::authz::{Decision, ReasonCode};
-use crate::state::{MemoryStore, RateLimit, RateOutcome, StateError, StateStore};
+use crate::state::{MemoryStore, StateStore};
 
 const NOW: i64 = 1_800_000_000;
 
@@ -410,37 +410,11 @@ async fn pre_approval_allows_without_a_request() {
     assert_eq!(outside.code, ReasonCode::ApprovalRequired);
 }
 
-/// A store that always fails, as an unreachable Redis does.
-struct Down;
-
-#[tonic::async_trait]
-impl StateStore for Down {
-    async fn insert_if_absent(&self, _: &str, _: &str, _: Duration) -> Result<bool, StateError> {
-        Err(StateError::Unavailable("redis is unreachable".into()))
-    }
-    async fn get(&self, _: &str) -> Result<Option<String>, StateError> {
-        Err(StateError::Unavailable("redis is unreachable".into()))
-    }
-    async fn set(&self, _: &str, _: &str, _: Duration) -> Result<(), StateError> {
-        Err(StateError::Unavailable("redis is unreachable".into()))
-    }
-    async fn delete(&self, _: &str) -> Result<bool, StateError> {
-        Err(StateError::Unavailable("redis is unreachable".into()))
-    }
-    async fn scan(&self, _: &str) -> Result<Vec<(String, String)>, StateError> {
-        Err(StateError::Unavailable("redis is unreachable".into()))
-    }
-    async fn take_one(&self, _: &str) -> Result<Option<i64>, StateError> {
-        Err(StateError::Unavailable("redis is unreachable".into()))
-    }
-    async fn rate_check(&self, _: &str, _: RateLimit) -> Result<RateOutcome, StateError> {
-        Err(StateError::Unavailable("redis is unreachable".into()))
-    }
-}
-
 #[tokio::test]
 async fn unreachable_state_fails_closed_with_a_clear_reason() {
-    let a = approvals(Arc::new(Down));
+    let a = approvals(Arc::new(crate::state::UnavailableStore::new(
+        "redis is unreachable",
+    )));
     let alice = identity("alice", &["dba"]);
     let r = Req::new("DELETE", "db", "/databases/orders");
     let d = a.gate(&r.view(), granted(&alice), NOW).await;

@@ -170,3 +170,57 @@ impl Decision {
         self.code.http_status()
     }
 }
+
+/// Text made safe for an RFC 6750 / RFC 9449 `error_description`, which allows only
+/// %x20-21 / %x23-5B / %x5D-7E: quotes and backslashes become `'`, anything else `?`.
+pub fn challenge_text(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '"' | '\\' => '\'',
+            ' '..='~' => c,
+            _ => '?',
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenge_text_never_breaks_out_of_the_quoted_string() {
+        assert_eq!(challenge_text(r#"a "b" \c"#), "a 'b' 'c");
+        assert_eq!(challenge_text("tab\there\nnl é"), "tab?here?nl ?");
+        assert_eq!(
+            challenge_text("missing scope `orders:write`"),
+            "missing scope `orders:write`"
+        );
+    }
+
+    #[test]
+    fn every_deny_code_has_an_error_status() {
+        use ReasonCode::*;
+        for code in [
+            PathRejected,
+            NoRoute,
+            CredentialMissing,
+            MultipleCredentials,
+            InvalidToken,
+            UnknownIssuer,
+            KeysUnavailable,
+            InsufficientScope,
+            ResourceMismatch,
+            Internal,
+            Revoked,
+            InvalidDpopProof,
+            ContextDenied,
+            RateLimited,
+            ApprovalRequired,
+            StateUnavailable,
+        ] {
+            assert!(!code.is_allow(), "{code:?}");
+            assert!(code.http_status() >= 400, "{code:?}");
+        }
+        assert!(Allowed.is_allow() && Public.is_allow());
+    }
+}

@@ -354,17 +354,6 @@ pub fn www_authenticate(decision: &Decision) -> Option<String> {
     };
     Some(format!(
         "Bearer realm=\"portcullis\", error=\"{error}\", error_description=\"{}\"",
-        quoted_string_safe(&decision.detail)
+        crate::authz::decision::challenge_text(&decision.detail)
     ))
-}
-
-/// RFC 6750 restricts error_description to %x20-21 / %x23-5B / %x5D-7E.
-fn quoted_string_safe(text: &str) -> String {
-    text.chars()
-        .map(|c| match c {
-            '"' | '\\' => '\'',
-            ' '..='~' => c,
-            _ => '?',
-        })
-        .collect()
 }

@@ -244,6 +244,58 @@ impl StateStore for MemoryStore {
     }
 }
 
+/// A store that is down: every operation fails with `StateError::Unavailable`, as an
+/// unreachable Redis does. For proving that callers fail closed; counts the calls it saw.
+#[derive(Debug)]
+pub struct UnavailableStore {
+    reason: String,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl UnavailableStore {
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            calls: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// How many operations were attempted.
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn fail<T>(&self) -> Result<T, StateError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(StateError::Unavailable(self.reason.clone()))
+    }
+}
+
+#[tonic::async_trait]
+impl StateStore for UnavailableStore {
+    async fn insert_if_absent(&self, _: &str, _: &str, _: Duration) -> Result<bool, StateError> {
+        self.fail()
+    }
+    async fn get(&self, _: &str) -> Result<Option<String>, StateError> {
+        self.fail()
+    }
+    async fn set(&self, _: &str, _: &str, _: Duration) -> Result<(), StateError> {
+        self.fail()
+    }
+    async fn delete(&self, _: &str) -> Result<bool, StateError> {
+        self.fail()
+    }
+    async fn scan(&self, _: &str) -> Result<Vec<(String, String)>, StateError> {
+        self.fail()
+    }
+    async fn take_one(&self, _: &str) -> Result<Option<i64>, StateError> {
+        self.fail()
+    }
+    async fn rate_check(&self, _: &str, _: RateLimit) -> Result<RateOutcome, StateError> {
+        self.fail()
+    }
+}
+
 /// Generic cell rate algorithm: returns the new theoretical arrival time and the outcome.
 pub fn gcra(tat: Option<Instant>, now: Instant, limit: RateLimit) -> (Instant, RateOutcome) {
     let interval = limit.emission_interval();
