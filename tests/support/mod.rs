@@ -5,7 +5,11 @@
 //! Used as `mod support;` from test files; not every test file uses every helper.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod inproc;
+pub mod jwks;
+pub mod jwt;
 pub mod redis;
+pub mod stack;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
