@@ -260,11 +260,19 @@ pub struct RawResponse {
 
 impl RawResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        header_values(&self.headers, name).next()
     }
+}
+
+/// The values of the header `name` (lower-case) in `headers`, in order.
+pub fn header_values<'a>(
+    headers: &'a [(String, String)],
+    name: &str,
+) -> impl Iterator<Item = &'a str> {
+    headers
+        .iter()
+        .filter(move |(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// Sends `request` (a complete HTTP/1.1 request head, sent byte for byte: no normalization)

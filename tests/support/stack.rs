@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{ChildGuard, free_port, repo_root, wait_for_status};
+use super::{ChildGuard, free_port, header_values, repo_root, wait_for_status};
 
 /// The header the test upstream puts on every answer, so a test can tell an upstream answer
 /// from an Envoy or Portcullis one.
@@ -172,11 +172,7 @@ pub struct Seen {
 
 impl Seen {
     pub fn values(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-            .collect()
+        header_values(&self.headers, name).collect()
     }
 }
 
@@ -281,10 +277,7 @@ impl Answer {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        header_values(&self.headers, name).next()
     }
 
     pub fn answered_by_upstream(&self) -> bool {
