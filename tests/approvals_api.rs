@@ -3,40 +3,21 @@
 //! `grpcurl -plaintext 127.0.0.1:9191 list` uses).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-use std::time::{SystemTime, UNIX_EPOCH};
+mod support;
 
-use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
-use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::ext_authz::v3::pb::CheckResponse;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use portcullis::approvals::api::pb::{
     ApproveRequest, ListRequest, RejectRequest, approvals_client::ApprovalsClient,
 };
 use portcullis::server::Server;
 use serde_json::{Value, json};
+use support::inproc::{bearer_headers, channel, check_request, denied, start_server};
+use support::jwt::{DEV_ISSUER, mint_dev};
 use tonic::transport::Channel;
 
-const DEV_ISSUER: &str = "https://dev.portcullis.invalid";
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 fn mint(sub: &str, roles: &[&str]) -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let pem = std::fs::read(format!("{root}/config/dev/signing-key.pem")).unwrap();
-    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-    header.kid = Some("portcullis-dev-1".to_string());
-    let claims = json!({
-        "iss": DEV_ISSUER, "aud": "portcullis-sample-api", "sub": sub, "roles": roles,
-        "iat": now(), "exp": now() + 600,
-    });
-    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    mint_dev(json!({ "sub": sub, "roles": roles }))
 }
 
 struct Harness {
@@ -74,20 +55,12 @@ routes:
 {extra}
 "#
         );
-        let path = dir.path().join("p.yaml");
-        std::fs::write(&path, text).unwrap();
-        let server = Server::start(portcullis::config::load(&path).unwrap())
-            .await
-            .unwrap();
+        let server = start_server(dir.path(), "p.yaml", &text).await;
         Harness { server, _dir: dir }
     }
 
     async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.server.grpc_addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        channel(self.server.grpc_addr).await
     }
 
     async fn check(&self, token: &str) -> CheckResponse {
@@ -96,23 +69,14 @@ routes:
 
     /// A Check as Envoy sends it with `with_request_body` (`body` empty: none sent).
     async fn check_with_body(&self, token: &str, body: &str) -> CheckResponse {
-        let headers = HashMap::from([("authorization".to_string(), format!("Bearer {token}"))]);
-        let req = CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(Request {
-                    http: Some(HttpRequest {
-                        method: "DELETE".into(),
-                        path: "/databases/orders".into(),
-                        host: "db.example.com".into(),
-                        headers,
-                        body: body.to_string(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        };
+        let req = check_request(
+            "DELETE",
+            "/databases/orders",
+            "db.example.com",
+            None,
+            bearer_headers(token),
+            body,
+        );
         AuthorizationClient::new(self.channel().await)
             .check(req)
             .await
@@ -130,24 +94,6 @@ fn authed<T>(body: T, token: &str) -> tonic::Request<T> {
     r.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     r
-}
-
-/// (status, headers, body) of a deny.
-fn denied(resp: &CheckResponse) -> (u16, HashMap<String, String>, Value) {
-    match resp.http_response.as_ref() {
-        Some(HttpResponse::DeniedResponse(d)) => (
-            d.status.as_ref().unwrap().code as u16,
-            d.headers
-                .iter()
-                .map(|h| {
-                    let h = h.header.as_ref().unwrap();
-                    (h.key.clone(), h.value.clone())
-                })
-                .collect(),
-            serde_json::from_str(&d.body).unwrap(),
-        ),
-        other => panic!("expected a deny, got {other:?}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

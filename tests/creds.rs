@@ -4,17 +4,16 @@
 //! and `RateLimit` headers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
-use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
-use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+use envoy_types::ext_authz::v3::pb::CheckResponse;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use portcullis::identity::apikey::{format_hash, hash_key};
 use portcullis::server::Server;
-use serde_json::Value;
+use support::inproc::{allowed, check_request, denied, send_check, start_server};
 
 const KEY_A: &str = "pck_inprocess-key-a-000000000000000000000000001";
 const KEY_B: &str = "pck_inprocess-key-b-000000000000000000000000002";
@@ -59,10 +58,7 @@ struct Harness {
 impl Harness {
     async fn start() -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("portcullis.yaml");
-        std::fs::write(&path, config_text()).unwrap();
-        let config = portcullis::config::load(&path).unwrap();
-        let server = Server::start(config).await.unwrap();
+        let server = start_server(dir.path(), "portcullis.yaml", &config_text()).await;
         let h = Harness { server, _dir: dir };
         // Poll until the gRPC listener answers (no sleeps to wait for readiness).
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -88,74 +84,20 @@ impl Harness {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         map.insert("x-request-id".into(), "req-1".into());
-        let req = CheckRequest {
-            attributes: Some(AttributeContext {
-                source: Some(Peer {
-                    address: Some(Address {
-                        address: Some(address::Address::SocketAddress(SocketAddress {
-                            address: source.into(),
-                            port_specifier: Some(socket_address::PortSpecifier::PortValue(5555)),
-                            ..Default::default()
-                        })),
-                    }),
-                    ..Default::default()
-                }),
-                request: Some(Request {
-                    http: Some(HttpRequest {
-                        method: method.into(),
-                        path: path.into(),
-                        host: "api.example.com".into(),
-                        headers: map,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        };
-        let mut client = AuthorizationClient::connect(format!("http://{}", self.server.grpc_addr))
-            .await
-            .unwrap();
-        client.check(req).await.unwrap().into_inner()
+        let req = check_request(
+            method,
+            path,
+            "api.example.com",
+            Some((source, Some(5555))),
+            map,
+            "",
+        );
+        send_check(self.server.grpc_addr, req).await
     }
 
     async fn with_key(&self, key: &str) -> CheckResponse {
         self.check("GET", "/orders/1", "10.0.0.7", &[("x-api-key", key)])
             .await
-    }
-}
-
-fn allowed(resp: &CheckResponse) -> Option<(HashMap<String, String>, Vec<String>)> {
-    match resp.http_response.as_ref() {
-        Some(HttpResponse::OkResponse(ok)) => Some((
-            ok.headers
-                .iter()
-                .map(|h| {
-                    let h = h.header.as_ref().unwrap();
-                    (h.key.clone(), h.value.clone())
-                })
-                .collect(),
-            ok.headers_to_remove.clone(),
-        )),
-        _ => None,
-    }
-}
-
-fn denied(resp: &CheckResponse) -> (u16, HashMap<String, String>, Value) {
-    match resp.http_response.as_ref() {
-        Some(HttpResponse::DeniedResponse(d)) => {
-            let headers = d
-                .headers
-                .iter()
-                .map(|h| {
-                    let h = h.header.as_ref().unwrap();
-                    (h.key.clone(), h.value.clone())
-                })
-                .collect();
-            let code = d.status.as_ref().unwrap().code as u16;
-            (code, headers, serde_json::from_str(&d.body).unwrap())
-        }
-        other => panic!("expected a denied response, got {other:?}"),
     }
 }
 

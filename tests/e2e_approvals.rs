@@ -11,38 +11,19 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::jwt::{E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, now, serial, write_jwks};
 use support::redis::RedisServer;
-use support::{ChildGuard, free_port, wait_for_status};
-
-const ISSUER: &str = "https://issuer.e2e.invalid";
-const AUDIENCE: &str = "e2e-api";
-const UPSTREAM_MARKER: &str = "x-e2e-upstream";
-
-fn fixture(name: &str) -> PathBuf {
-    support::repo_root().join("tests/fixtures/e2e").join(name)
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
+use support::stack::{Portcullis, UPSTREAM_MARKER, Upstream, h1_client, loopback};
+use support::{ChildGuard, free_port};
 
 /// A fresh token for `sub` with `roles` and `scope`, signed by the e2e key A.
 fn mint(sub: &str, roles: &[&str], scope: &str) -> String {
-    let pem = std::fs::read(fixture("key-a.pem")).unwrap();
-    let signing = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-    header.kid = Some("e2e-a".to_string());
-    static SERIAL: AtomicUsize = AtomicUsize::new(0);
-    let claims = json!({
+    Key::A.sign(&json!({
         "iss": ISSUER,
         "aud": AUDIENCE,
         "sub": sub,
@@ -51,9 +32,8 @@ fn mint(sub: &str, roles: &[&str], scope: &str) -> String {
         "iat": now(),
         "nbf": now(),
         "exp": now() + 600,
-        "jti": format!("appr-{}-{}", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed)),
-    });
-    jsonwebtoken::encode(&header, &claims, &signing).unwrap()
+        "jti": format!("appr-{}-{}", std::process::id(), serial()),
+    }))
 }
 
 fn portcullis_config(grpc: u16, admin: u16, redis_url: &str) -> String {
@@ -111,26 +91,18 @@ routes:
 
 struct Replica {
     grpc: u16,
-    process: ChildGuard,
+    process: Portcullis,
 }
 
 impl Replica {
     fn start(dir: &Path, name: &str, redis_url: &str) -> Replica {
-        let grpc = free_port();
-        let admin = free_port();
-        let config = dir.join(format!("portcullis-{name}.yaml"));
-        std::fs::write(&config, portcullis_config(grpc, admin, redis_url)).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
-        command.arg("serve").arg("--config").arg(&config);
-        let mut process = ChildGuard::spawn(&format!("portcullis-{name}"), command);
-        wait_for_status(
-            &mut process,
-            SocketAddr::from(([127, 0, 0, 1], admin)),
-            "/readyz",
-            200,
-            Duration::from_secs(30),
-        );
-        Replica { grpc, process }
+        let process = Portcullis::start(dir, &format!("portcullis-{name}"), |grpc, admin| {
+            portcullis_config(grpc, admin, redis_url)
+        });
+        Replica {
+            grpc: process.grpc,
+            process,
+        }
     }
 
     fn server(&self) -> String {
@@ -243,16 +215,9 @@ impl Answer {
 impl Stack {
     async fn start() -> Stack {
         let dir = tempfile::tempdir().unwrap();
-        let jwk: Value =
-            serde_json::from_str(&std::fs::read_to_string(fixture("key-a.jwk.json")).unwrap())
-                .unwrap();
-        std::fs::write(
-            dir.path().join("jwks.json"),
-            json!({ "keys": [jwk] }).to_string(),
-        )
-        .unwrap();
+        write_jwks(dir.path(), &[Key::A]);
         let redis = RedisServer::start();
-        let upstream = start_upstream().await;
+        let upstream = Upstream::start().await;
         let a = Replica::start(dir.path(), "a", &redis.url());
         let b = Replica::start(dir.path(), "b", &redis.url());
         let admin = free_port();
@@ -260,22 +225,17 @@ impl Stack {
         let path = dir.path().join("envoy.yaml");
         std::fs::write(
             &path,
-            envoy_config(admin, listen, [a.grpc, b.grpc], upstream),
+            envoy_config(admin, listen, [a.grpc, b.grpc], upstream.port),
         )
         .unwrap();
-        let envoy = support::start_envoy(&path, SocketAddr::from(([127, 0, 0, 1], admin)));
-        let http = reqwest::Client::builder()
-            .http1_only()
-            .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap();
+        let envoy = support::start_envoy(&path, loopback(admin));
+        let http = h1_client();
         Stack {
             redis,
             a,
             b,
             envoy,
-            listen: listen.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+            listen: listen.map(loopback),
             http,
             _dir: dir,
         }
@@ -361,14 +321,6 @@ impl Stack {
             .map(|e| e["event"].as_str().unwrap_or_default().to_string())
             .collect()
     }
-}
-
-async fn start_upstream() -> u16 {
-    let app = axum::Router::new().fallback(|| async { ([(UPSTREAM_MARKER, "1")], "upstream") });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    port
 }
 
 fn assert_approval_required(answer: &Answer, context: &str) {

@@ -8,38 +8,21 @@ mod support;
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{ChildGuard, free_port, wait_for_status};
-
-const ISSUER: &str = "https://dev.portcullis.invalid";
-const AUDIENCE: &str = "portcullis-sample-api";
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
+use support::ChildGuard;
+use support::jwt::{
+    DEV_AUDIENCE as AUDIENCE, DEV_ISSUER as ISSUER, dev_jwks_path, merged, mint_dev, now,
+};
+use support::stack::{Envoy, Portcullis, Upstream, http_client};
 
 fn mint(extra: Value) -> String {
-    let pem = std::fs::read(support::repo_root().join("config/dev/signing-key.pem")).unwrap();
-    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-    header.kid = Some("portcullis-dev-1".to_string());
-    let mut claims = json!({
-        "iss": ISSUER, "aud": AUDIENCE, "iat": now(), "exp": now() + 600,
-        "scope": "orders:read admin",
-    });
-    for (k, v) in extra.as_object().unwrap() {
-        claims[k] = v.clone();
-    }
-    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    mint_dev(merged(json!({ "scope": "orders:read admin" }), extra))
 }
 
 struct Stack {
-    portcullis: ChildGuard,
+    portcullis: Portcullis,
     admin: SocketAddr,
     _envoy: ChildGuard,
     envoy: SocketAddr,
@@ -52,17 +35,14 @@ impl Stack {
     async fn start() -> Stack {
         let dir = tempfile::tempdir().unwrap();
         // The upstream: any answer with a marker, so an upstream 200 is told from a deny.
-        let app = axum::Router::new().fallback(|| async { ([("x-e2e-upstream", "1")], "ok") });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = listener.local_addr().unwrap().port();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let upstream = Upstream::start().await;
 
-        let (grpc, admin) = (free_port(), free_port());
         let revoked = dir.path().join("revoked.yaml");
         std::fs::write(&revoked, "revoked: []\n").unwrap();
-        let jwks = support::repo_root().join("config/dev/jwks.json");
-        let config = format!(
-            r#"
+        let jwks = dev_jwks_path();
+        let portcullis = Portcullis::start(dir.path(), "portcullis", |grpc, admin| {
+            format!(
+                r#"
 server: {{listen: "127.0.0.1:{grpc}", admin_listen: "127.0.0.1:{admin}", shutdown_grace: 1s}}
 issuers:
   - name: dev
@@ -88,49 +68,19 @@ routes:
     rules:
       - {{id: office-network, scopes: [admin], source: {{cidrs: [10.0.0.0/8]}}}}
 "#,
-            jwks = jwks.display()
-        );
-        let config_path = dir.path().join("portcullis.yaml");
-        std::fs::write(&config_path, config).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
-        command.arg("serve").arg("--config").arg(&config_path);
-        let mut portcullis = ChildGuard::spawn("portcullis", command);
-        let admin = SocketAddr::from(([127, 0, 0, 1], admin));
-        wait_for_status(
-            &mut portcullis,
-            admin,
-            "/readyz",
-            200,
-            Duration::from_secs(30),
-        );
+                jwks = jwks.display()
+            )
+        });
+        let admin = portcullis.admin_addr();
 
-        let (listen, envoy_admin) = (free_port(), free_port());
-        let shipped =
-            std::fs::read_to_string(support::repo_root().join("envoy/envoy.yaml")).unwrap();
-        let envoy_config = support::rewrite_envoy_config(
-            &shipped,
-            &[
-                (9901, envoy_admin),
-                (10000, listen),
-                (9191, grpc),
-                (8080, upstream),
-            ],
-        );
-        let envoy_path = dir.path().join("envoy.yaml");
-        std::fs::write(&envoy_path, envoy_config).unwrap();
-        let envoy =
-            support::start_envoy(&envoy_path, SocketAddr::from(([127, 0, 0, 1], envoy_admin)));
+        let envoy = Envoy::start(dir.path(), portcullis.grpc, upstream.port);
         Stack {
             portcullis,
             admin,
-            _envoy: envoy,
-            envoy: SocketAddr::from(([127, 0, 0, 1], listen)),
+            _envoy: envoy.process,
+            envoy: envoy.addr,
             revoked,
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap(),
+            http: http_client(),
             _dir: dir,
         }
     }
@@ -159,16 +109,20 @@ routes:
         (status, error)
     }
 
-    async fn cache_hits(&self) -> u64 {
-        let text = self
-            .http
+    /// The text of Portcullis' `/metrics`.
+    async fn metrics(&self) -> String {
+        self.http
             .get(format!("http://{}/metrics", self.admin))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    async fn cache_hits(&self) -> u64 {
+        let text = self.metrics().await;
         text.lines()
             .find_map(|l| l.strip_prefix("portcullis_token_cache_hits_total "))
             .map(|v| v.trim().parse().unwrap())
@@ -244,15 +198,7 @@ async fn revoked_tokens_are_refused_while_cached_through_envoy() {
     sighup(s.portcullis.id().unwrap());
     let metrics_deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let text = s
-            .http
-            .get(format!("http://{}/metrics", s.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = s.metrics().await;
         if text.contains("portcullis_revocation_reloads_total{result=\"error\"} 1") {
             break;
         }

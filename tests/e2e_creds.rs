@@ -9,16 +9,14 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use portcullis::identity::apikey::{format_hash, hash_key};
-use support::{ChildGuard, free_port, wait_for_status};
+use support::ChildGuard;
+use support::stack::{Answer, Envoy, Portcullis, Seen, Upstream, h2c_client, http_client};
 
 const ORDERS_KEY: &str = "pck_e2e-orders-key-0000000000000000000000000001";
 const OTHER_KEY: &str = "pck_e2e-other-key-00000000000000000000000000002";
-const UPSTREAM_MARKER: &str = "x-e2e-upstream";
 
 /// The policy: a key for reading orders, one for creating them, rules that accept keys, an
 /// admin route that accepts none, and a per-key limit of 2 requests an hour.
@@ -60,15 +58,13 @@ rate_limits:
     )
 }
 
-/// What the upstream received: the headers of each request, lower-case names.
-type Seen = Arc<Mutex<Vec<Vec<(String, String)>>>>;
-
 struct Stack {
     envoy_addr: SocketAddr,
-    seen: Seen,
+    /// What the upstream received, request by request.
+    seen: Arc<Mutex<Vec<Seen>>>,
     client: reqwest::Client,
     h2c: reqwest::Client,
-    _portcullis: ChildGuard,
+    _portcullis: Portcullis,
     _envoy: ChildGuard,
     _dir: tempfile::TempDir,
 }
@@ -76,77 +72,18 @@ struct Stack {
 impl Stack {
     async fn start() -> Stack {
         let dir = tempfile::tempdir().unwrap();
+        let upstream = Upstream::start().await;
 
-        let seen: Seen = Arc::new(Mutex::new(Vec::new()));
-        let s = seen.clone();
-        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-            let s = s.clone();
-            async move {
-                let headers = request
-                    .headers()
-                    .iter()
-                    .map(|(n, v)| {
-                        (
-                            n.as_str().to_string(),
-                            String::from_utf8_lossy(v.as_bytes()).to_string(),
-                        )
-                    })
-                    .collect();
-                s.lock().unwrap().push(headers);
-                ([(UPSTREAM_MARKER, "1")], "upstream")
-            }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream_port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-
-        let (grpc, admin) = (free_port(), free_port());
-        let config = dir.path().join("portcullis.yaml");
-        std::fs::write(&config, portcullis_config(grpc, admin)).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
-        command.arg("serve").arg("--config").arg(&config);
-        let mut portcullis = ChildGuard::spawn("portcullis", command);
-        wait_for_status(
-            &mut portcullis,
-            SocketAddr::from(([127, 0, 0, 1], admin)),
-            "/readyz",
-            200,
-            Duration::from_secs(30),
-        );
-
-        let (listen, envoy_admin) = (free_port(), free_port());
-        let shipped =
-            std::fs::read_to_string(support::repo_root().join("envoy/envoy.yaml")).unwrap();
-        let envoy_config = support::rewrite_envoy_config(
-            &shipped,
-            &[
-                (9901, envoy_admin),
-                (10000, listen),
-                (9191, grpc),
-                (8080, upstream_port),
-            ],
-        );
-        let envoy_path = dir.path().join("envoy.yaml");
-        std::fs::write(&envoy_path, envoy_config).unwrap();
-        let envoy =
-            support::start_envoy(&envoy_path, SocketAddr::from(([127, 0, 0, 1], envoy_admin)));
+        let portcullis = Portcullis::start(dir.path(), "portcullis", portcullis_config);
+        let envoy = Envoy::start(dir.path(), portcullis.grpc, upstream.port);
 
         Stack {
-            envoy_addr: SocketAddr::from(([127, 0, 0, 1], listen)),
-            seen,
-            client: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap(),
-            h2c: reqwest::Client::builder()
-                .http2_prior_knowledge()
-                .no_proxy()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap(),
+            envoy_addr: envoy.addr,
+            seen: upstream.seen,
+            client: http_client(),
+            h2c: h2c_client(),
             _portcullis: portcullis,
-            _envoy: envoy,
+            _envoy: envoy.process,
             _dir: dir,
         }
     }
@@ -167,51 +104,7 @@ impl Stack {
         if let Some(key) = key {
             request = request.header("x-api-key", key);
         }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let headers = response
-            .headers()
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).to_string(),
-                )
-            })
-            .collect();
-        let body = response.text().await.unwrap();
-        Answer {
-            status,
-            headers,
-            body,
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn answered_by_upstream(&self) -> bool {
-        self.header(UPSTREAM_MARKER).is_some()
-    }
-
-    /// The `error` of Portcullis' JSON deny body.
-    fn error(&self) -> String {
-        let body: serde_json::Value = serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {self:?}"));
-        body["error"].as_str().unwrap_or_default().to_string()
+        Answer::read(request.send().await.unwrap()).await
     }
 }
 
@@ -229,7 +122,7 @@ async fn check_key_routes(stack: &Stack, client: &reqwest::Client, proto: &str) 
         .await;
     assert_eq!(ok.status, 200, "{proto}: {ok:?}");
     assert!(ok.answered_by_upstream(), "{ok:?}");
-    let seen = stack.seen.lock().unwrap().last().cloned().unwrap();
+    let seen = stack.seen.lock().unwrap().last().cloned().unwrap().headers;
     let subject = seen
         .iter()
         .find(|(n, _)| n == "x-portcullis-subject")

@@ -9,18 +9,17 @@
 
 mod support;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{ChildGuard, free_port, raw_http, wait_for_status};
+use support::inproc::shipped_config;
+use support::jwks::JwksServer;
+use support::jwt::{E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, merged, now, serial};
+use support::stack::{Answer, Envoy, Portcullis, Upstream, eventually, h1_client, h2c_client};
+use support::{free_port, raw_http};
 
-const ISSUER: &str = "https://issuer.e2e.invalid";
-const AUDIENCE: &str = "e2e-api";
 const IDENTITY_HEADERS: [&str; 3] = [
     "x-portcullis-subject",
     "x-portcullis-issuer",
@@ -31,68 +30,21 @@ const IDENTITY_HEADERS: [&str; 3] = [
 // Keys and tokens
 // ---------------------------------------------------------------------------------------
 
-/// The two test signing keys (tests/fixtures/e2e): `A` is served from the start, `B` is the
-/// rotation target.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Key {
-    A,
-    B,
-}
-
-impl Key {
-    fn name(self) -> &'static str {
-        match self {
-            Key::A => "a",
-            Key::B => "b",
-        }
-    }
-
-    fn kid(self) -> String {
-        format!("e2e-{}", self.name())
-    }
-
-    fn jwk(self) -> Value {
-        let path = fixture(&format!("key-{}.jwk.json", self.name()));
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-    }
-}
-
-fn fixture(name: &str) -> PathBuf {
-    support::repo_root().join("tests/fixtures/e2e").join(name)
-}
-
-fn jwks(keys: &[Key]) -> String {
-    json!({ "keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>() }).to_string()
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 /// A fresh token (its own `jti`, so never a token-cache hit) signed by `key`; `extra`
 /// claims are merged over the defaults.
 fn mint(key: Key, extra: Value) -> String {
-    let pem = std::fs::read(fixture(&format!("key-{}.pem", key.name()))).unwrap();
-    let signing = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-    header.kid = Some(key.kid());
-    static SERIAL: AtomicUsize = AtomicUsize::new(0);
-    let mut claims = json!({
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "alice",
-        "iat": now(),
-        "nbf": now(),
-        "exp": now() + 600,
-        "jti": format!("e2e-{}-{}", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed)),
-    });
-    for (k, v) in extra.as_object().unwrap() {
-        claims[k] = v.clone();
-    }
-    jsonwebtoken::encode(&header, &claims, &signing).unwrap()
+    key.sign(&merged(
+        json!({
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": "alice",
+            "iat": now(),
+            "nbf": now(),
+            "exp": now() + 600,
+            "jti": format!("e2e-{}-{}", std::process::id(), serial()),
+        }),
+        extra,
+    ))
 }
 
 fn reader_token(key: Key) -> String {
@@ -103,158 +55,6 @@ fn reader_token(key: Key) -> String {
 // In-test servers: JWKS and the recording upstream
 // ---------------------------------------------------------------------------------------
 
-/// A loopback JWKS server whose key set can be swapped, and which can be stopped (its port
-/// then refuses connections, as a crashed identity provider's does) and started again on the
-/// same address.
-struct JwksServer {
-    addr: SocketAddr,
-    body: Arc<Mutex<String>>,
-    hits: Arc<AtomicUsize>,
-    running: Option<(
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<std::io::Result<()>>,
-    )>,
-}
-
-impl JwksServer {
-    async fn start(keys: &[Key]) -> JwksServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut server = JwksServer {
-            addr: listener.local_addr().unwrap(),
-            body: Arc::new(Mutex::new(jwks(keys))),
-            hits: Arc::new(AtomicUsize::new(0)),
-            running: None,
-        };
-        server.serve_on(listener);
-        server
-    }
-
-    fn serve_on(&mut self, listener: tokio::net::TcpListener) {
-        let (b, h) = (self.body.clone(), self.hits.clone());
-        let app = axum::Router::new().route(
-            "/jwks.json",
-            axum::routing::get(move || {
-                let (b, h) = (b.clone(), h.clone());
-                async move {
-                    h.fetch_add(1, Ordering::SeqCst);
-                    b.lock().unwrap().clone()
-                }
-            }),
-        );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await
-        });
-        self.running = Some((stop, task));
-    }
-
-    /// Stops listening and closes every connection (keep-alive ones included).
-    async fn stop(&mut self) {
-        let (stop, task) = self.running.take().expect("JWKS server is running");
-        let _ = stop.send(());
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("JWKS server stops within 5s")
-            .unwrap()
-            .unwrap();
-        assert!(
-            tokio::net::TcpStream::connect(self.addr).await.is_err(),
-            "the stopped JWKS server still accepts connections"
-        );
-    }
-
-    /// Listens again on the same address.
-    async fn restart(&mut self) {
-        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
-        self.serve_on(listener);
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/jwks.json", self.addr)
-    }
-
-    fn serve(&self, keys: &[Key]) {
-        *self.body.lock().unwrap() = jwks(keys);
-    }
-}
-
-/// One request as the upstream saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    /// Path and query, exactly as received.
-    path: String,
-    /// Lower-case names, in order; duplicates kept.
-    headers: Vec<(String, String)>,
-}
-
-impl Seen {
-    fn values(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
-}
-
-/// The upstream: records every request and answers 200 with a marker header, so a test can
-/// tell an upstream answer from an Envoy or Portcullis one.
-struct Upstream {
-    port: u16,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-const UPSTREAM_MARKER: &str = "x-e2e-upstream";
-
-impl Upstream {
-    async fn start() -> Upstream {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s = seen.clone();
-        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-            let s = s.clone();
-            async move {
-                let headers = request
-                    .headers()
-                    .iter()
-                    .map(|(n, v)| {
-                        (
-                            n.as_str().to_string(),
-                            String::from_utf8_lossy(v.as_bytes()).to_string(),
-                        )
-                    })
-                    .collect();
-                s.lock().unwrap().push(Seen {
-                    method: request.method().to_string(),
-                    path: request
-                        .uri()
-                        .path_and_query()
-                        .map(|p| p.as_str().to_string())
-                        .unwrap_or_default(),
-                    headers,
-                });
-                ([(UPSTREAM_MARKER, "1")], "upstream")
-            }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Upstream { port, seen }
-    }
-
-    fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-
-    fn since(&self, index: usize) -> Vec<Seen> {
-        self.seen.lock().unwrap()[index..].to_vec()
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Portcullis and Envoy processes
 // ---------------------------------------------------------------------------------------
@@ -263,110 +63,20 @@ impl Upstream {
 /// and its issuer replaced by the test issuer, whose keys come from the JWKS server with
 /// short refresh intervals.
 fn portcullis_config(grpc: u16, admin: u16, jwks_url: &str) -> String {
-    let shipped =
-        std::fs::read_to_string(support::repo_root().join("config/portcullis.yaml")).unwrap();
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&shipped).unwrap();
-    doc["server"]["listen"] = format!("127.0.0.1:{grpc}").into();
-    doc["server"]["admin_listen"] = format!("127.0.0.1:{admin}").into();
-    doc["server"]["shutdown_grace"] = "1s".into();
-    doc["issuers"] = serde_yaml::from_str(&format!(
-        "- name: e2e
+    shipped_config(|doc| {
+        doc["server"]["listen"] = format!("127.0.0.1:{grpc}").into();
+        doc["server"]["admin_listen"] = format!("127.0.0.1:{admin}").into();
+        doc["server"]["shutdown_grace"] = "1s".into();
+        doc["issuers"] = serde_yaml::from_str(&format!(
+            "- name: e2e
   issuer: {ISSUER}
   audiences: [{AUDIENCE}]
   algorithms: [RS256]
   keys: {{url: '{jwks_url}', min_refresh: 1s, max_refresh: 2s, max_stale: 5s, unknown_kid_interval: 1s}}
   leeway: 5s"
-    ))
-    .unwrap();
-    serde_yaml::to_string(&doc).unwrap()
-}
-
-struct Portcullis {
-    config: PathBuf,
-    grpc: u16,
-    admin: u16,
-    process: Option<ChildGuard>,
-}
-
-impl Portcullis {
-    fn start(dir: &std::path::Path, jwks: &JwksServer) -> Portcullis {
-        let grpc = free_port();
-        let admin = free_port();
-        let config = dir.join("portcullis.yaml");
-        std::fs::write(&config, portcullis_config(grpc, admin, &jwks.url())).unwrap();
-        let mut p = Portcullis {
-            config,
-            grpc,
-            admin,
-            process: None,
-        };
-        p.restart();
-        p
-    }
-
-    /// Starts the binary on the same config and ports and waits until `/readyz` is 200.
-    fn restart(&mut self) {
-        self.stop();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
-        command.arg("serve").arg("--config").arg(&self.config);
-        let mut child = ChildGuard::spawn("portcullis", command);
-        wait_for_status(
-            &mut child,
-            self.admin_addr(),
-            "/readyz",
-            200,
-            Duration::from_secs(30),
-        );
-        self.process = Some(child);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut p) = self.process.take() {
-            p.kill();
-        }
-    }
-
-    fn admin_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.admin))
-    }
-
-    fn logs(&self) -> String {
-        self.process
-            .as_ref()
-            .map(ChildGuard::logs)
-            .unwrap_or_default()
-    }
-}
-
-/// Envoy running the shipped envoy/envoy.yaml with its four ports rewritten.
-struct Envoy {
-    addr: SocketAddr,
-    process: ChildGuard,
-}
-
-impl Envoy {
-    fn start(dir: &std::path::Path, authz_port: u16, upstream_port: u16) -> Envoy {
-        let listen = free_port();
-        let admin = free_port();
-        let shipped =
-            std::fs::read_to_string(support::repo_root().join("envoy/envoy.yaml")).unwrap();
-        let config = support::rewrite_envoy_config(
-            &shipped,
-            &[
-                (9901, admin),
-                (10000, listen),
-                (9191, authz_port),
-                (8080, upstream_port),
-            ],
-        );
-        let path = dir.join("envoy.yaml");
-        std::fs::write(&path, config).unwrap();
-        let process = support::start_envoy(&path, SocketAddr::from(([127, 0, 0, 1], admin)));
-        Envoy {
-            addr: SocketAddr::from(([127, 0, 0, 1], listen)),
-            process,
-        }
-    }
+        ))
+        .unwrap();
+    })
 }
 
 /// One test's world: JWKS server, upstream, Portcullis (optional) and Envoy.
@@ -378,32 +88,6 @@ struct Stack {
     h1: reqwest::Client,
     h2c: reqwest::Client,
     _dir: tempfile::TempDir,
-}
-
-/// The answer to one request through Envoy.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn answered_by_upstream(&self) -> bool {
-        self.header(UPSTREAM_MARKER).is_some()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -419,7 +103,9 @@ impl Stack {
         let dir = tempfile::tempdir().unwrap();
         let jwks = JwksServer::start(keys).await;
         let upstream = Upstream::start().await;
-        let portcullis = Portcullis::start(dir.path(), &jwks);
+        let portcullis = Portcullis::start(dir.path(), "portcullis", |grpc, admin| {
+            portcullis_config(grpc, admin, &jwks.url())
+        });
         let envoy = Envoy::start(dir.path(), portcullis.grpc, upstream.port);
         Stack::assemble(dir, jwks, upstream, Some(portcullis), envoy)
     }
@@ -440,18 +126,8 @@ impl Stack {
         portcullis: Option<Portcullis>,
         envoy: Envoy,
     ) -> Stack {
-        let h1 = reqwest::Client::builder()
-            .http1_only()
-            .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap();
-        let h2c = reqwest::Client::builder()
-            .http2_prior_knowledge()
-            .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap();
+        let h1 = h1_client();
+        let h2c = h2c_client();
         Stack {
             jwks,
             upstream,
@@ -495,27 +171,30 @@ impl Stack {
         if proto == Proto::H2c {
             assert_eq!(response.version(), reqwest::Version::HTTP_2, "h2c expected");
         }
-        let status = response.status().as_u16();
-        let headers = response
-            .headers()
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).to_string(),
-                )
-            })
-            .collect();
-        let body = response.text().await.unwrap();
-        Answer {
-            status,
-            headers,
-            body,
-        }
+        Answer::read(response).await
     }
 
     async fn get(&self, proto: Proto, path: &str, token: Option<&str>) -> Answer {
         self.send(proto, "GET", path, token, &[]).await
+    }
+
+    /// Polls (see `eventually`) until `GET /orders/1` with a fresh reader token signed by
+    /// `key` answers `status`: key refresh and staleness happen on Portcullis' schedule.
+    async fn eventually_status(
+        &self,
+        timeout: Duration,
+        what: &str,
+        proto: Proto,
+        key: Key,
+        status: u16,
+    ) -> Duration {
+        eventually(timeout, what, || async move {
+            self.get(proto, "/orders/1", Some(&reader_token(key)))
+                .await
+                .status
+                == status
+        })
+        .await
     }
 
     fn logs(&self) -> String {
@@ -533,23 +212,6 @@ impl Stack {
             self.portcullis.as_ref().unwrap().admin_addr()
         );
         self.h1.get(url).send().await.unwrap().text().await.unwrap()
-    }
-}
-
-/// Polls `check` every 100ms until it returns true, or panics at `timeout` with `what`.
-/// Used where the system changes state on its own schedule (key refresh, staleness).
-async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -981,29 +643,28 @@ async fn rotated_key_is_accepted_and_removed_key_refused_without_restart() {
 
     // The provider publishes B next to A: B is accepted without restarting anything.
     stack.jwks.serve(&[Key::A, Key::B]);
-    let s = &stack;
-    eventually(Duration::from_secs(10), "new kid accepted", || async move {
-        s.get(Proto::H2c, "/orders/1", Some(&reader_token(Key::B)))
-            .await
-            .status
-            == 200
-    })
-    .await;
+    stack
+        .eventually_status(
+            Duration::from_secs(10),
+            "new kid accepted",
+            Proto::H2c,
+            Key::B,
+            200,
+        )
+        .await;
 
     // The provider retires A: after a refresh, tokens signed by A are refused, including one
     // that was accepted (and possibly cached) before.
     stack.jwks.serve(&[Key::B]);
-    eventually(
-        Duration::from_secs(10),
-        "removed kid refused",
-        || async move {
-            s.get(Proto::Http1, "/orders/1", Some(&reader_token(Key::A)))
-                .await
-                .status
-                == 401
-        },
-    )
-    .await;
+    stack
+        .eventually_status(
+            Duration::from_secs(10),
+            "removed kid refused",
+            Proto::Http1,
+            Key::A,
+            401,
+        )
+        .await;
     let answer = stack.get(Proto::Http1, "/orders/1", Some(&old)).await;
     assert_denied_by_portcullis(&answer, 401, "invalid_token", "cached token of removed key");
     let answer = stack
@@ -1060,17 +721,15 @@ async fn jwks_outage_keeps_cached_keys_until_max_stale_then_fails_closed() {
     );
 
     // Past max_stale (5s after the last good fetch), every token is refused.
-    eventually(
-        Duration::from_secs(20),
-        "refused after max_stale",
-        || async move {
-            s.get(Proto::Http1, "/orders/1", Some(&reader_token(Key::A)))
-                .await
-                .status
-                == 401
-        },
-    )
-    .await;
+    stack
+        .eventually_status(
+            Duration::from_secs(20),
+            "refused after max_stale",
+            Proto::Http1,
+            Key::A,
+            401,
+        )
+        .await;
     let stale_after = down.elapsed();
     // The last good fetch was at most max_refresh (2s) before the outage began.
     assert!(
@@ -1089,18 +748,15 @@ async fn jwks_outage_keeps_cached_keys_until_max_stale_then_fails_closed() {
     // The provider comes back: tokens are accepted again without a restart.
     let hits_before = stack.jwks.hits.load(Ordering::SeqCst);
     stack.jwks.restart().await;
-    let s = &stack;
-    eventually(
-        Duration::from_secs(10),
-        "accepted after recovery",
-        || async move {
-            s.get(Proto::Http1, "/orders/1", Some(&reader_token(Key::A)))
-                .await
-                .status
-                == 200
-        },
-    )
-    .await;
+    stack
+        .eventually_status(
+            Duration::from_secs(10),
+            "accepted after recovery",
+            Proto::Http1,
+            Key::A,
+            200,
+        )
+        .await;
     assert!(stack.jwks.hits.load(Ordering::SeqCst) > hits_before);
 }
 

@@ -10,21 +10,15 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
-use support::{ChildGuard, free_port, wait_for_status};
-
-const ISSUER: &str = "https://issuer.e2e.invalid";
-const AUDIENCE: &str = "e2e-api";
-const UPSTREAM_MARKER: &str = "x-e2e-upstream";
+use support::ChildGuard;
+use support::jwt::{E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, now, serial, write_jwks};
+use support::stack::{Envoy, Portcullis, UPSTREAM_MARKER, Upstream};
 
 fn root() -> PathBuf {
     support::repo_root()
@@ -34,43 +28,8 @@ fn mtls(name: &str) -> PathBuf {
     root().join("tests/fixtures/mtls").join(name)
 }
 
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-fn serial() -> usize {
-    static SERIAL: AtomicUsize = AtomicUsize::new(0);
-    SERIAL.fetch_add(1, Ordering::Relaxed)
-}
-
-/// The upstream: answers 200 with a marker header and counts requests.
-async fn upstream() -> (u16, Arc<AtomicUsize>) {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    let app = axum::Router::new().fallback(move || {
-        let h = h.clone();
-        async move {
-            h.fetch_add(1, Ordering::SeqCst);
-            ([(UPSTREAM_MARKER, "1")], "upstream")
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (port, hits)
-}
-
-fn portcullis_config(dir: &Path, grpc: u16, admin: u16) -> PathBuf {
-    let jwk: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("tests/fixtures/e2e/key-a.jwk.json")).unwrap(),
-    )
-    .unwrap();
-    let jwks = dir.join("jwks.json");
-    std::fs::write(&jwks, json!({ "keys": [jwk] }).to_string()).unwrap();
-    let text = format!(
+fn portcullis_config(jwks: &Path, grpc: u16, admin: u16) -> String {
+    format!(
         "server:
   listen: 127.0.0.1:{grpc}
   admin_listen: 127.0.0.1:{admin}
@@ -105,16 +64,13 @@ routes:
         key = mtls("server.key").display(),
         ca = mtls("ca.crt").display(),
         jwks = jwks.display(),
-    );
-    let path = dir.join("portcullis.yaml");
-    std::fs::write(&path, text).unwrap();
-    path
+    )
 }
 
 struct Stack {
     envoy_port: u16,
-    upstream_hits: Arc<AtomicUsize>,
-    portcullis: ChildGuard,
+    upstream: Upstream,
+    portcullis: Portcullis,
     envoy: ChildGuard,
     _dir: tempfile::TempDir,
 }
@@ -122,43 +78,31 @@ struct Stack {
 impl Stack {
     async fn start() -> Stack {
         let dir = tempfile::tempdir().unwrap();
-        let (upstream_port, upstream_hits) = upstream().await;
-        let (grpc, admin) = (free_port(), free_port());
-        let config = portcullis_config(dir.path(), grpc, admin);
-        let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
-        command.arg("serve").arg("--config").arg(&config);
-        let mut portcullis = ChildGuard::spawn("portcullis", command);
-        wait_for_status(
-            &mut portcullis,
-            SocketAddr::from(([127, 0, 0, 1], admin)),
-            "/readyz",
-            200,
-            Duration::from_secs(30),
-        );
+        let upstream = Upstream::start().await;
+        let jwks = write_jwks(dir.path(), &[Key::A]);
+        let portcullis = Portcullis::start(dir.path(), "portcullis", |grpc, admin| {
+            portcullis_config(&jwks, grpc, admin)
+        });
 
-        let (envoy_port, envoy_admin) = (free_port(), free_port());
-        let shipped = std::fs::read_to_string(root().join("envoy/envoy-mtls.yaml")).unwrap();
-        // The shipped file names its example certificates relative to the repository root.
-        let certs = format!("{}/", root().join("envoy/certs-example").display());
-        assert!(shipped.contains("envoy/certs-example/"));
-        let shipped = shipped.replace("envoy/certs-example/", &certs);
-        let rewritten = support::rewrite_envoy_config(
-            &shipped,
-            &[
-                (9901, envoy_admin),
-                (10443, envoy_port),
-                (9191, grpc),
-                (8080, upstream_port),
-            ],
+        let envoy = Envoy::start_shipped(
+            dir.path(),
+            "envoy/envoy-mtls.yaml",
+            10443,
+            portcullis.grpc,
+            upstream.port,
+            |shipped| {
+                // The shipped file names its example certificates relative to the repository
+                // root.
+                let certs = format!("{}/", root().join("envoy/certs-example").display());
+                assert!(shipped.contains("envoy/certs-example/"));
+                shipped.replace("envoy/certs-example/", &certs)
+            },
         );
-        let path = dir.path().join("envoy.yaml");
-        std::fs::write(&path, rewritten).unwrap();
-        let envoy = support::start_envoy(&path, SocketAddr::from(([127, 0, 0, 1], envoy_admin)));
         Stack {
-            envoy_port,
-            upstream_hits,
+            envoy_port: envoy.addr.port(),
+            upstream,
             portcullis,
-            envoy,
+            envoy: envoy.process,
             _dir: dir,
         }
     }
@@ -236,7 +180,7 @@ async fn spiffe_principal_is_granted_over_mtls_and_another_principal_is_refused(
         .await;
     assert_eq!(checkout.status, 200, "{checkout:?}\n{}", stack.logs());
     assert!(checkout.upstream, "{checkout:?}");
-    assert_eq!(stack.upstream_hits.load(Ordering::SeqCst), 1);
+    assert_eq!(stack.upstream.count(), 1);
 
     let intruder = stack
         .get(&Stack::client(Some("intruder")), "/internal/stock", &[])
@@ -258,7 +202,7 @@ async fn spiffe_principal_is_granted_over_mtls_and_another_principal_is_refused(
         .send()
         .await;
     assert!(anonymous.is_err(), "{anonymous:?}");
-    assert_eq!(stack.upstream_hits.load(Ordering::SeqCst), 1);
+    assert_eq!(stack.upstream.count(), 1);
 }
 
 /// RFC 7638 thumbprint and public JWK of the P-256 fixture key.
@@ -279,17 +223,13 @@ fn proof_key() -> (Value, String) {
 }
 
 fn dpop_token(jkt: &str) -> String {
-    let pem = std::fs::read(root().join("tests/fixtures/e2e/key-a.pem")).unwrap();
-    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-    header.kid = Some("e2e-a".to_string());
     let claims = json!({
         "iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "scope": "orders:read",
         "iat": now(), "exp": now() + 600,
         "jti": format!("dpop-token-{}-{}", std::process::id(), serial()),
         "cnf": { "jkt": jkt },
     });
-    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    Key::A.sign(&claims)
 }
 
 fn dpop_proof(jwk: &Value, token: &str, htu: &str) -> String {
@@ -388,5 +328,5 @@ async fn dpop_bound_request_is_accepted_and_its_replay_refused() {
         .await;
     assert_eq!(wrong.status, 401, "{wrong:?}");
     assert_eq!(wrong.error(), "invalid_dpop_proof");
-    assert_eq!(stack.upstream_hits.load(Ordering::SeqCst), 2);
+    assert_eq!(stack.upstream.count(), 2);
 }

@@ -206,6 +206,15 @@ fn store_for(issuer: &str, cfg: KeySourceConfig) -> (Arc<KeyStore>, Arc<Metrics>
     (store, metrics)
 }
 
+/// A store for the issuer `https://idp.test` whose keys come from `server`'s `/jwks`, with
+/// the short test intervals of `source` unless `extra` overrides them.
+fn url_store(server: &TestServer, extra: &str) -> (Arc<KeyStore>, Arc<Metrics>) {
+    store_for(
+        "https://idp.test",
+        source(&format!("url: {}", server.url()), extra),
+    )
+}
+
 fn fetches(metrics: &Metrics, result: &'static str) -> u64 {
     metrics
         .jwks_fetches
@@ -232,10 +241,7 @@ async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool)
 #[tokio::test]
 async fn url_source_loads_at_start_and_reports_status() {
     let server = TestServer::start(Mode::SetA).await;
-    let (store, metrics) = store_for(
-        "https://idp.test",
-        source(&format!("url: {}", server.url()), ""),
-    );
+    let (store, metrics) = url_store(&server, "");
     assert!(!store.ready(), "nothing is loaded before start");
     assert!(matches!(store.get("dev"), Err(KeyError::NotLoaded { .. })));
 
@@ -378,10 +384,7 @@ async fn each_failure_class_fails_closed_with_its_code() {
     ];
     for (mode, code, text) in cases {
         let server = TestServer::start(mode).await;
-        let (store, metrics) = store_for(
-            "https://idp.test",
-            source(&format!("url: {}", server.url()), "fetch_timeout: 1s"),
-        );
+        let (store, metrics) = url_store(&server, "fetch_timeout: 1s");
         let started = Instant::now();
         store.start().await;
         assert!(
@@ -489,10 +492,7 @@ async fn untrusted_certificate_is_a_tls_failure() {
 #[tokio::test]
 async fn too_large_with_content_length_is_refused() {
     let server = TestServer::start(Mode::SetA).await;
-    let (store, metrics) = store_for(
-        "https://idp.test",
-        source(&format!("url: {}", server.url()), "max_bytes: 100"),
-    );
+    let (store, metrics) = url_store(&server, "max_bytes: 100");
     store.start().await;
     assert!(!store.ready());
     assert_eq!(fetches(&metrics, "too_large"), 1);
@@ -501,10 +501,7 @@ async fn too_large_with_content_length_is_refused() {
 #[tokio::test]
 async fn same_origin_redirect_is_followed() {
     let server = TestServer::start(Mode::RedirectSameOrigin).await;
-    let (store, metrics) = store_for(
-        "https://idp.test",
-        source(&format!("url: {}", server.url()), ""),
-    );
+    let (store, metrics) = url_store(&server, "");
     store.start().await;
     assert!(store.ready(), "{:?}", store.status());
     assert_eq!(kids(&store.get("dev").unwrap()), vec!["rsa2048"]);
@@ -514,10 +511,7 @@ async fn same_origin_redirect_is_followed() {
 #[tokio::test]
 async fn background_refresh_picks_up_rotation() {
     let server = TestServer::start(Mode::SetA).await;
-    let (store, _metrics) = store_for(
-        "https://idp.test",
-        source(&format!("url: {}", server.url()), ""),
-    );
+    let (store, _metrics) = url_store(&server, "");
     store.start().await;
     assert_eq!(kids(&store.get("dev").unwrap()), vec!["rsa2048"]);
     server.set_mode(Mode::SetB);
@@ -532,10 +526,7 @@ async fn cache_control_max_age_is_clamped_into_bounds() {
     // max-age=3600 clamped to max_refresh 60s: no refetch within the next second.
     let server = TestServer::start(Mode::SetA).await;
     *server.state.cache_control.lock().unwrap() = Some("public, max-age=3600".into());
-    let (store, _m) = store_for(
-        "https://idp.test",
-        source(&format!("url: {}", server.url()), "max_refresh: 60s"),
-    );
+    let (store, _m) = url_store(&server, "max_refresh: 60s");
     store.start().await;
     assert_eq!(server.hits(), 1);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -544,10 +535,7 @@ async fn cache_control_max_age_is_clamped_into_bounds() {
     // no-cache (max-age 0) is raised to min_refresh: refreshes keep coming, but not in a loop.
     let server2 = TestServer::start(Mode::SetA).await;
     *server2.state.cache_control.lock().unwrap() = Some("no-cache".into());
-    let (store2, _m2) = store_for(
-        "https://idp.test",
-        source(&format!("url: {}", server2.url()), "max_refresh: 60s"),
-    );
+    let (store2, _m2) = url_store(&server2, "max_refresh: 60s");
     let started = Instant::now();
     store2.start().await;
     eventually("three refreshes", Duration::from_secs(5), || {
@@ -561,13 +549,7 @@ async fn cache_control_max_age_is_clamped_into_bounds() {
 #[tokio::test]
 async fn unknown_kid_flood_is_a_single_fetch() {
     let server = TestServer::start(Mode::SetA).await;
-    let (store, metrics) = store_for(
-        "https://idp.test",
-        source(
-            &format!("url: {}", server.url()),
-            "min_refresh: 60s\nmax_refresh: 60s",
-        ),
-    );
+    let (store, metrics) = url_store(&server, "min_refresh: 60s\nmax_refresh: 60s");
     store.start().await;
     assert_eq!(server.hits(), 1);
     server.set_mode(Mode::SetB);
@@ -615,13 +597,7 @@ async fn unknown_kid_flood_is_a_single_fetch() {
 #[tokio::test]
 async fn unknown_kid_refetch_of_an_unchanged_set_returns_none() {
     let server = TestServer::start(Mode::SetA).await;
-    let (store, _m) = store_for(
-        "https://idp.test",
-        source(
-            &format!("url: {}", server.url()),
-            "min_refresh: 60s\nmax_refresh: 60s",
-        ),
-    );
+    let (store, _m) = url_store(&server, "min_refresh: 60s\nmax_refresh: 60s");
     store.start().await;
     let before = store.get("dev").unwrap();
     assert!(
@@ -637,12 +613,9 @@ async fn unknown_kid_refetch_of_an_unchanged_set_returns_none() {
 #[tokio::test]
 async fn unknown_kid_interval_allows_a_later_refetch() {
     let server = TestServer::start(Mode::SetA).await;
-    let (store, _m) = store_for(
-        "https://idp.test",
-        source(
-            &format!("url: {}", server.url()),
-            "min_refresh: 60s\nmax_refresh: 60s\nunknown_kid_interval: 300ms",
-        ),
+    let (store, _m) = url_store(
+        &server,
+        "min_refresh: 60s\nmax_refresh: 60s\nunknown_kid_interval: 300ms",
     );
     store.start().await;
     assert!(
@@ -677,12 +650,9 @@ async fn unknown_kid_interval_allows_a_later_refetch() {
 #[tokio::test]
 async fn unknown_kid_caller_waits_at_most_wait() {
     let server = TestServer::start(Mode::SetA).await;
-    let (store, _m) = store_for(
-        "https://idp.test",
-        source(
-            &format!("url: {}", server.url()),
-            "min_refresh: 60s\nmax_refresh: 60s\nfetch_timeout: 5s",
-        ),
+    let (store, _m) = url_store(
+        &server,
+        "min_refresh: 60s\nmax_refresh: 60s\nfetch_timeout: 5s",
     );
     store.start().await;
     server.set_mode(Mode::SlowThenB);
@@ -703,10 +673,7 @@ async fn unknown_kid_caller_waits_at_most_wait() {
 #[tokio::test]
 async fn failures_keep_last_good_set_until_max_stale_then_fail_closed() {
     let server = TestServer::start(Mode::SetA).await;
-    let (store, metrics) = store_for(
-        "https://idp.test",
-        source(&format!("url: {}", server.url()), "max_stale: 1500ms"),
-    );
+    let (store, metrics) = url_store(&server, "max_stale: 1500ms");
     store.start().await;
     assert!(store.ready());
     server.set_mode(Mode::Status500);
@@ -751,10 +718,7 @@ async fn failures_keep_last_good_set_until_max_stale_then_fail_closed() {
 #[tokio::test]
 async fn server_going_down_keeps_last_good_set() {
     let server = TestServer::start(Mode::SetA).await;
-    let (store, metrics) = store_for(
-        "https://idp.test",
-        source(&format!("url: {}", server.url()), ""),
-    );
+    let (store, metrics) = url_store(&server, "");
     store.start().await;
     server.stop().await;
     eventually("a refused refresh", Duration::from_secs(5), || {
@@ -768,10 +732,7 @@ async fn server_going_down_keeps_last_good_set() {
 #[tokio::test]
 async fn failed_fetches_are_retried_with_backoff() {
     let server = TestServer::start(Mode::Status500).await;
-    let (store, metrics) = store_for(
-        "https://idp.test",
-        source(&format!("url: {}", server.url()), ""),
-    );
+    let (store, metrics) = url_store(&server, "");
     store.start().await;
     assert!(!store.ready());
     eventually("a retry", Duration::from_secs(5), || server.hits() >= 2).await;
@@ -791,10 +752,7 @@ async fn failed_fetches_are_retried_with_backoff() {
 #[tokio::test]
 async fn dropping_the_store_stops_background_refresh() {
     let server = TestServer::start(Mode::SetA).await;
-    let (store, _m) = store_for(
-        "https://idp.test",
-        source(&format!("url: {}", server.url()), ""),
-    );
+    let (store, _m) = url_store(&server, "");
     store.start().await;
     eventually("background refreshes", Duration::from_secs(5), || {
         server.hits() >= 3
@@ -813,10 +771,7 @@ async fn dropping_the_store_stops_background_refresh() {
 #[tokio::test]
 async fn shutdown_stops_background_refresh_but_keeps_answering() {
     let server = TestServer::start(Mode::SetA).await;
-    let (store, _m) = store_for(
-        "https://idp.test",
-        source(&format!("url: {}", server.url()), ""),
-    );
+    let (store, _m) = url_store(&server, "");
     store.start().await;
     eventually("background refreshes", Duration::from_secs(5), || {
         server.hits() >= 2

@@ -5,55 +5,27 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use envoy_types::ext_authz::v3::pb::CheckRequest;
-use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use portcullis::authz::RequestView;
 use portcullis::reload::{ReloadOutcome, Reloader};
 use portcullis::server::Server;
 use serde_json::{Value, json};
+use support::inproc::bearer_headers;
+use support::jwt::{dev_claims, mint_dev, sign};
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    support::repo_root()
 }
 
 /// Signs claims (over dev-issuer defaults) with a PEM key and kid.
 fn mint(pem: &Path, kid: &str, claims: Value) -> String {
-    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&std::fs::read(pem).unwrap()).unwrap();
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-    header.kid = Some(kid.to_string());
-    let mut full = json!({
-        "iss": "https://dev.portcullis.invalid",
-        "aud": "portcullis-sample-api",
-        "iat": now(),
-        "exp": now() + 600,
-    });
-    for (k, v) in claims.as_object().unwrap() {
-        full[k] = v.clone();
-    }
-    jsonwebtoken::encode(&header, &full, &key).unwrap()
-}
-
-fn dev_token(claims: Value) -> String {
-    mint(
-        &root().join("config/dev/signing-key.pem"),
-        "portcullis-dev-1",
-        claims,
-    )
+    sign(pem, kid, &dev_claims(claims))
 }
 
 /// The shipped config in a temp dir (with a copy of the dev JWKS), on free ports.
@@ -92,6 +64,15 @@ impl Setup {
         std::fs::rename(&tmp, self.path()).unwrap();
     }
 
+    /// The server started on the current file, and a reloader watching it.
+    async fn serve(&self) -> (Server, Reloader) {
+        let server = Server::start(portcullis::config::load(&self.path()).unwrap())
+            .await
+            .unwrap();
+        let reloader = Reloader::new(self.path(), server.engine.clone(), server.metrics.clone());
+        (server, reloader)
+    }
+
     /// The shipped policy with `orders:read` replaced by another scope.
     fn orders_read_needs(&self, scope: &str) -> String {
         self.shipped
@@ -100,7 +81,7 @@ impl Setup {
 }
 
 async fn decide(server: &Server, method: &str, path: &str, token: &str) -> u16 {
-    let headers = HashMap::from([("authorization".to_string(), format!("Bearer {token}"))]);
+    let headers = bearer_headers(token);
     let view = RequestView {
         method,
         host: "api.example.com",
@@ -127,11 +108,8 @@ fn reloads(server: &Server, result: &'static str) -> u64 {
 #[tokio::test]
 async fn a_policy_edit_takes_effect_and_is_counted() {
     let s = Setup::new();
-    let server = Server::start(portcullis::config::load(&s.path()).unwrap())
-        .await
-        .unwrap();
-    let mut reloader = Reloader::new(s.path(), server.engine.clone(), server.metrics.clone());
-    let alice = dev_token(json!({"sub": "alice", "scope": "orders:read"}));
+    let (server, mut reloader) = s.serve().await;
+    let alice = mint_dev(json!({"sub": "alice", "scope": "orders:read"}));
     assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
     assert_eq!(reloader.poll(false).await, ReloadOutcome::Unchanged);
 
@@ -145,12 +123,9 @@ async fn a_policy_edit_takes_effect_and_is_counted() {
 #[tokio::test]
 async fn invalid_empty_and_deleted_configs_are_refused_and_the_last_good_one_stays() {
     let s = Setup::new();
-    let server = Server::start(portcullis::config::load(&s.path()).unwrap())
-        .await
-        .unwrap();
-    let mut reloader = Reloader::new(s.path(), server.engine.clone(), server.metrics.clone());
-    let alice = dev_token(json!({"sub": "alice", "scope": "orders:read"}));
-    let nobody = dev_token(json!({"sub": "mallory"}));
+    let (server, mut reloader) = s.serve().await;
+    let alice = mint_dev(json!({"sub": "alice", "scope": "orders:read"}));
+    let nobody = mint_dev(json!({"sub": "mallory"}));
 
     // A misspelt field: refused, naming the field.
     s.write(
@@ -191,12 +166,9 @@ async fn invalid_empty_and_deleted_configs_are_refused_and_the_last_good_one_sta
 #[tokio::test]
 async fn a_rotated_key_file_is_reloaded() {
     let s = Setup::new();
-    let server = Server::start(portcullis::config::load(&s.path()).unwrap())
-        .await
-        .unwrap();
-    let mut reloader = Reloader::new(s.path(), server.engine.clone(), server.metrics.clone());
+    let (server, mut reloader) = s.serve().await;
     let fixtures = root().join("tests/fixtures/keys");
-    let old = dev_token(json!({"sub": "alice", "scope": "orders:read"}));
+    let old = mint_dev(json!({"sub": "alice", "scope": "orders:read"}));
     let new = mint(
         &fixtures.join("rsa2048.pem"),
         "rsa2048",
@@ -235,7 +207,7 @@ async fn policy_edits_under_load_never_fail_a_request() {
         .connect()
         .await
         .unwrap();
-    let token = dev_token(json!({"sub": "alice", "scope": "orders:read"}));
+    let token = mint_dev(json!({"sub": "alice", "scope": "orders:read"}));
     let stop = Arc::new(AtomicBool::new(false));
     let (allowed, denied, broken) = (
         Arc::new(AtomicU64::new(0)),
@@ -304,24 +276,14 @@ async fn policy_edits_under_load_never_fail_a_request() {
 }
 
 fn check_request(method: &str, path: &str, token: &str) -> CheckRequest {
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                http: Some(HttpRequest {
-                    method: method.into(),
-                    path: path.into(),
-                    host: "api.example.com".into(),
-                    headers: HashMap::from([(
-                        "authorization".to_string(),
-                        format!("Bearer {token}"),
-                    )]),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
+    support::inproc::check_request(
+        method,
+        path,
+        "api.example.com",
+        None,
+        bearer_headers(token),
+        "",
+    )
 }
 
 #[test]

@@ -3,48 +3,20 @@
 //! the verified-token cache.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod support;
 
-use envoy_types::ext_authz::v3::pb::{CheckRequest, HttpResponse};
-use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
-use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
-use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use envoy_types::ext_authz::v3::pb::HttpResponse;
 use portcullis::admin::metrics::ResultLabels;
 use portcullis::server::Server;
 use serde_json::{Value, json};
-
-const DEV_ISSUER: &str = "https://dev.portcullis.invalid";
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
+use support::inproc::{bearer_headers, check_request, send_check, start_server};
+use support::jwt::{DEV_ISSUER, dev_jwks_path, merged, mint_dev, now};
 
 fn mint(claims: Value) -> String {
-    let pem = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/dev/signing-key.pem"
-    ))
-    .unwrap();
-    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-    header.kid = Some("portcullis-dev-1".to_string());
-    let mut full = json!({
-        "iss": DEV_ISSUER,
-        "aud": "portcullis-sample-api",
-        "iat": now(),
-        "exp": now() + 600,
-        "scope": "orders:read",
-    });
-    for (k, v) in claims.as_object().unwrap() {
-        full[k] = v.clone();
-    }
-    jsonwebtoken::encode(&header, &full, &key).unwrap()
+    mint_dev(merged(json!({ "scope": "orders:read" }), claims))
 }
 
 struct Harness {
@@ -58,7 +30,8 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let revoked = dir.path().join("revoked.yaml");
         std::fs::write(&revoked, initial).unwrap();
-        let jwks = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev/jwks.json");
+        let jwks = dev_jwks_path();
+        let jwks = jwks.display();
         let text = format!(
             r#"
 server: {{listen: "127.0.0.1:0", admin_listen: "127.0.0.1:0"}}
@@ -79,10 +52,7 @@ routes:
     rules: [{{id: reader, scopes: ["orders:read"]}}]
 "#
         );
-        let path = dir.path().join("portcullis.yaml");
-        std::fs::write(&path, text).unwrap();
-        let config = portcullis::config::load(&path).unwrap();
-        let server = Server::start(config).await.unwrap();
+        let server = start_server(dir.path(), "portcullis.yaml", &text).await;
         Harness {
             server,
             revoked,
@@ -92,37 +62,15 @@ routes:
 
     /// The HTTP status Envoy would answer with (200 for an allow).
     async fn check(&self, token: &str) -> u16 {
-        let req = CheckRequest {
-            attributes: Some(AttributeContext {
-                source: Some(Peer {
-                    address: Some(Address {
-                        address: Some(address::Address::SocketAddress(SocketAddress {
-                            address: "10.0.0.7".into(),
-                            ..Default::default()
-                        })),
-                    }),
-                    ..Default::default()
-                }),
-                request: Some(Request {
-                    http: Some(HttpRequest {
-                        method: "GET".into(),
-                        path: "/orders/1".into(),
-                        host: "api.example.com".into(),
-                        headers: HashMap::from([(
-                            "authorization".to_string(),
-                            format!("Bearer {token}"),
-                        )]),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        };
-        let mut client = AuthorizationClient::connect(format!("http://{}", self.server.grpc_addr))
-            .await
-            .unwrap();
-        let resp = client.check(req).await.unwrap().into_inner();
+        let req = check_request(
+            "GET",
+            "/orders/1",
+            "api.example.com",
+            Some(("10.0.0.7", None)),
+            bearer_headers(token),
+            "",
+        );
+        let resp = send_check(self.server.grpc_addr, req).await;
         match resp.http_response {
             Some(HttpResponse::OkResponse(_)) => 200,
             Some(HttpResponse::DeniedResponse(d)) => {
@@ -139,6 +87,26 @@ routes:
 
     fn admin(&self, path: &str) -> String {
         format!("http://{}{path}", self.server.admin_addr)
+    }
+
+    /// `POST /revocations` with `body` and no credential.
+    async fn post_revocation(&self, http: &reqwest::Client, body: &Value) -> reqwest::Response {
+        http.post(self.admin("/revocations"))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /revocations` (no credential) as JSON.
+    async fn revocations(&self, http: &reqwest::Client) -> Value {
+        http.get(self.admin("/revocations"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     fn reloads(&self, result: &'static str) -> u64 {
@@ -182,12 +150,9 @@ async fn admin_revocation_refuses_a_cached_token_and_can_be_lifted() {
     );
 
     let http = reqwest::Client::new();
-    let resp = http
-        .post(h.admin("/revocations"))
-        .json(&json!({"jti": "tok-1", "expires_at": now() + 600}))
-        .send()
-        .await
-        .unwrap();
+    let resp = h
+        .post_revocation(&http, &json!({"jti": "tok-1", "expires_at": now() + 600}))
+        .await;
     assert_eq!(resp.status(), 201);
     let hits = h.server.metrics.token_cache_hits.get();
     assert_eq!(h.check(&token).await, 401);
@@ -202,14 +167,7 @@ async fn admin_revocation_refuses_a_cached_token_and_can_be_lifted() {
         200
     );
 
-    let list: Value = http
-        .get(h.admin("/revocations"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = h.revocations(&http).await;
     assert_eq!(list["runtime"][0]["kind"], "jti");
     assert_eq!(list["runtime"][0]["value"], "tok-1");
 
@@ -231,12 +189,9 @@ async fn admin_revocation_refuses_a_cached_token_and_can_be_lifted() {
     let until = jiff::Timestamp::from_second(now() + 600)
         .unwrap()
         .to_string();
-    let resp = http
-        .post(h.admin("/revocations"))
-        .json(&json!({"sub": "alice", "expires_at": until}))
-        .send()
-        .await
-        .unwrap();
+    let resp = h
+        .post_revocation(&http, &json!({"sub": "alice", "expires_at": until}))
+        .await;
     assert_eq!(resp.status(), 201);
     assert_eq!(h.check(&token).await, 401);
     assert_eq!(h.check(&mint(json!({"sub": "bob"}))).await, 200);
@@ -254,22 +209,10 @@ async fn admin_api_rejects_bad_requests() {
         json!({"jti": "a", "expires_at": "tomorrow"}),
         json!({"jti": "a", "expires_at": now() + 1000 * 24 * 3600}),
     ] {
-        let resp = http
-            .post(h.admin("/revocations"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let resp = h.post_revocation(&http, &body).await;
         assert_eq!(resp.status(), 400, "{body}");
     }
-    let list: Value = http
-        .get(h.admin("/revocations"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = h.revocations(&http).await;
     assert_eq!(list["runtime"], json!([]));
 }
 
@@ -286,12 +229,7 @@ async fn admin_api_requires_the_configured_bearer_secret() {
     let h = Harness::start("1h", &extra, "revoked: []").await;
     let http = reqwest::Client::new();
     let body = json!({"jti": "x"});
-    let none = http
-        .post(h.admin("/revocations"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let none = h.post_revocation(&http, &body).await;
     assert_eq!(none.status(), 401);
     let wrong = http
         .post(h.admin("/revocations"))

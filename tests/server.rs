@@ -2,133 +2,57 @@
 //! HTTP server, a tonic client speaking ext_authz and gRPC health, and the admin listener.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
-use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
-use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use portcullis::server::Server;
 use serde_json::{Value, json};
+use support::inproc::{
+    bearer_headers, channel, check_request, denied, scrape_metrics, shipped_config, start_server,
+};
+use support::jwks::JwksServer;
+use support::jwt::{DEV_ISSUER, dev_jwks, mint_dev as mint, now};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-const DEV_ISSUER: &str = "https://dev.portcullis.invalid";
-const DEV_KID: &str = "portcullis-dev-1";
-
-/// A loopback JWKS server whose document can be swapped at runtime.
-struct Jwks {
-    addr: SocketAddr,
-    body: Arc<Mutex<String>>,
-    hits: Arc<Mutex<u32>>,
-}
-
-impl Jwks {
-    async fn start(body: String) -> Jwks {
-        let body = Arc::new(Mutex::new(body));
-        let hits = Arc::new(Mutex::new(0u32));
-        let (b, h) = (body.clone(), hits.clone());
-        let app = axum::Router::new().route(
-            "/jwks.json",
-            axum::routing::get(move || {
-                let (b, h) = (b.clone(), h.clone());
-                async move {
-                    *h.lock().unwrap() += 1;
-                    (
-                        [
-                            ("content-type", "application/json"),
-                            ("cache-control", "max-age=1"),
-                        ],
-                        b.lock().unwrap().clone(),
-                    )
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Jwks { addr, body, hits }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/jwks.json", self.addr)
-    }
-
-    fn set(&self, body: String) {
-        *self.body.lock().unwrap() = body;
-    }
-}
-
-fn dev_jwks() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev/jwks.json")).unwrap()
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-fn mint(claims: Value) -> String {
-    let pem = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/dev/signing-key.pem"
-    ))
-    .unwrap();
-    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-    header.kid = Some(DEV_KID.to_string());
-    let mut full = json!({
-        "iss": DEV_ISSUER,
-        "aud": "portcullis-sample-api",
-        "iat": now(),
-        "exp": now() + 600,
-    });
-    for (k, v) in claims.as_object().unwrap() {
-        full[k] = v.clone();
-    }
-    jsonwebtoken::encode(&header, &full, &key).unwrap()
-}
-
 /// The shipped sample config with the dev issuer's keys served over loopback HTTP.
 fn config_text(jwks_url: &str) -> String {
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/portcullis.yaml"
-    ))
-    .unwrap();
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&shipped).unwrap();
-    doc["server"]["listen"] = "127.0.0.1:0".into();
-    doc["server"]["admin_listen"] = "127.0.0.1:0".into();
-    doc["audit"]["enabled"] = false.into();
-    let keys: serde_yaml::Value = serde_yaml::from_str(&format!(
-        "{{url: '{jwks_url}', min_refresh: 1s, max_refresh: 1s, max_stale: 1h, unknown_kid_interval: 1s}}"
-    ))
-    .unwrap();
-    doc["issuers"][0]["keys"] = keys;
-    serde_yaml::to_string(&doc).unwrap()
+    shipped_config(|doc| {
+        doc["server"]["listen"] = "127.0.0.1:0".into();
+        doc["server"]["admin_listen"] = "127.0.0.1:0".into();
+        doc["audit"]["enabled"] = false.into();
+        let keys: serde_yaml::Value = serde_yaml::from_str(&format!(
+            "{{url: '{jwks_url}', min_refresh: 1s, max_refresh: 1s, max_stale: 1h, unknown_kid_interval: 1s}}"
+        ))
+        .unwrap();
+        doc["issuers"][0]["keys"] = keys;
+    })
 }
 
 struct Harness {
     server: Server,
-    jwks: Jwks,
+    jwks: JwksServer,
     _dir: tempfile::TempDir,
 }
 
 impl Harness {
     async fn start() -> Harness {
-        let jwks = Jwks::start(dev_jwks()).await;
+        let jwks = JwksServer::start_with(
+            dev_jwks(),
+            &[
+                ("content-type", "application/json"),
+                ("cache-control", "max-age=1"),
+            ],
+        )
+        .await;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("portcullis.yaml");
-        std::fs::write(&path, config_text(&jwks.url())).unwrap();
-        let config = portcullis::config::load(&path).unwrap();
-        let server = Server::start(config).await.unwrap();
+        let server = start_server(dir.path(), "portcullis.yaml", &config_text(&jwks.url())).await;
         let h = Harness {
             server,
             jwks,
@@ -168,41 +92,19 @@ impl Harness {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         map.entry("x-request-id".into()).or_insert("req-1".into());
-        let req = CheckRequest {
-            attributes: Some(AttributeContext {
-                source: Some(Peer {
-                    address: Some(Address {
-                        address: Some(address::Address::SocketAddress(SocketAddress {
-                            address: "10.0.0.7".into(),
-                            port_specifier: Some(socket_address::PortSpecifier::PortValue(5555)),
-                            ..Default::default()
-                        })),
-                    }),
-                    ..Default::default()
-                }),
-                request: Some(Request {
-                    http: Some(HttpRequest {
-                        method: method.into(),
-                        path: path.into(),
-                        host: "api.example.com".into(),
-                        headers: map,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        };
+        let req = check_request(
+            method,
+            path,
+            "api.example.com",
+            Some(("10.0.0.7", Some(5555))),
+            map,
+            "",
+        );
         self.client().await.check(req).await.unwrap().into_inner()
     }
 
     async fn metrics(&self) -> String {
-        reqwest::get(format!("http://{}/metrics", self.server.admin_addr))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        scrape_metrics(self.server.admin_addr).await
     }
 }
 
@@ -215,24 +117,6 @@ fn status(resp: &CheckResponse) -> i32 {
         .as_ref()
         .expect("every response carries a status")
         .code
-}
-
-fn denied(resp: &CheckResponse) -> (u16, HashMap<String, String>, Value) {
-    match resp.http_response.as_ref() {
-        Some(HttpResponse::DeniedResponse(d)) => {
-            let headers = d
-                .headers
-                .iter()
-                .map(|h| {
-                    let h = h.header.as_ref().unwrap();
-                    (h.key.clone(), h.value.clone())
-                })
-                .collect();
-            let code = d.status.as_ref().unwrap().code as u16;
-            (code, headers, serde_json::from_str(&d.body).unwrap())
-        }
-        other => panic!("expected a denied response, got {other:?}"),
-    }
 }
 
 #[tokio::test]
@@ -414,7 +298,7 @@ async fn cached_token_is_refused_after_its_key_leaves_the_set() {
         assert!(Instant::now() < deadline, "removed key still accepted");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(*h.jwks.hits.lock().unwrap() >= 2);
+    assert!(h.jwks.hits.load(Ordering::SeqCst) >= 2);
 }
 
 #[tokio::test]
@@ -489,23 +373,15 @@ async fn health_is_not_serving_while_keys_are_unavailable() {
     let mut client = AuthorizationClient::connect(format!("http://{}", server.grpc_addr))
         .await
         .unwrap();
-    let headers = HashMap::from([("authorization".to_string(), bearer(&token))]);
     let resp = client
-        .check(CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(Request {
-                    http: Some(HttpRequest {
-                        method: "GET".into(),
-                        path: "/orders/1".into(),
-                        host: "api.example.com".into(),
-                        headers,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        })
+        .check(check_request(
+            "GET",
+            "/orders/1",
+            "api.example.com",
+            None,
+            bearer_headers(&token),
+            "",
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -535,14 +411,6 @@ async fn shutdown_stops_listening() {
     let addr = h.server.grpc_addr;
     h.server.shutdown().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
-}
-
-async fn channel(addr: SocketAddr) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 fn metric_value(text: &str, name: &str) -> f64 {

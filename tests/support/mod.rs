@@ -5,7 +5,11 @@
 //! Used as `mod support;` from test files; not every test file uses every helper.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod inproc;
+pub mod jwks;
+pub mod jwt;
 pub mod redis;
+pub mod stack;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -256,11 +260,19 @@ pub struct RawResponse {
 
 impl RawResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        header_values(&self.headers, name).next()
     }
+}
+
+/// The values of the header `name` (lower-case) in `headers`, in order.
+pub fn header_values<'a>(
+    headers: &'a [(String, String)],
+    name: &str,
+) -> impl Iterator<Item = &'a str> {
+    headers
+        .iter()
+        .filter(move |(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// Sends `request` (a complete HTTP/1.1 request head, sent byte for byte: no normalization)

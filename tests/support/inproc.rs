@@ -1,0 +1,141 @@
+//! In-process harness pieces: the real server started from a config text on 127.0.0.1:0,
+//! ext_authz `CheckRequest`s built as Envoy sends them, and the parts of a `CheckResponse`
+//! (allow headers, deny status/headers/body) a test asserts on.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
+use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use portcullis::server::Server;
+use serde_json::Value;
+
+use super::repo_root;
+
+/// The shipped sample config (`config/portcullis.yaml`) after `edit`.
+pub fn shipped_config(edit: impl FnOnce(&mut serde_yaml::Value)) -> String {
+    let shipped = std::fs::read_to_string(repo_root().join("config/portcullis.yaml")).unwrap();
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&shipped).unwrap();
+    edit(&mut doc);
+    serde_yaml::to_string(&doc).unwrap()
+}
+
+/// Writes `text` to `dir/name`, loads it as a config and starts the server on it.
+pub async fn start_server(dir: &Path, name: &str, text: &str) -> Server {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    Server::start(portcullis::config::load(&path).unwrap())
+        .await
+        .unwrap()
+}
+
+/// A connected gRPC channel to `addr`.
+pub async fn channel(addr: SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// `{"authorization": "Bearer TOKEN"}`.
+pub fn bearer_headers(token: &str) -> HashMap<String, String> {
+    HashMap::from([("authorization".to_string(), format!("Bearer {token}"))])
+}
+
+/// A `CheckRequest` as Envoy builds it; `source` is the peer's address and optional port
+/// (`None`: no source peer at all).
+pub fn check_request(
+    method: &str,
+    path: &str,
+    host: &str,
+    source: Option<(&str, Option<u32>)>,
+    headers: HashMap<String, String>,
+    body: &str,
+) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: source.map(|(ip, port)| Peer {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: ip.into(),
+                        port_specifier: port.map(socket_address::PortSpecifier::PortValue),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            }),
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: method.into(),
+                    path: path.into(),
+                    host: host.into(),
+                    headers,
+                    body: body.to_string(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Sends one Check to the server at `addr` on a fresh connection.
+pub async fn send_check(addr: SocketAddr, req: CheckRequest) -> CheckResponse {
+    let mut client = AuthorizationClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    client.check(req).await.unwrap().into_inner()
+}
+
+fn header_map(
+    headers: &[envoy_types::pb::envoy::config::core::v3::HeaderValueOption],
+) -> HashMap<String, String> {
+    headers
+        .iter()
+        .map(|h| {
+            let h = h.header.as_ref().unwrap();
+            (h.key.clone(), h.value.clone())
+        })
+        .collect()
+}
+
+/// The headers an allow sets and the ones it removes; `None` for anything but an allow.
+pub fn allowed(resp: &CheckResponse) -> Option<(HashMap<String, String>, Vec<String>)> {
+    match resp.http_response.as_ref() {
+        Some(HttpResponse::OkResponse(ok)) => {
+            Some((header_map(&ok.headers), ok.headers_to_remove.clone()))
+        }
+        _ => None,
+    }
+}
+
+/// (status, headers, JSON body) of a deny; panics on anything else.
+pub fn denied(resp: &CheckResponse) -> (u16, HashMap<String, String>, Value) {
+    match resp.http_response.as_ref() {
+        Some(HttpResponse::DeniedResponse(d)) => {
+            let code = d.status.as_ref().unwrap().code as u16;
+            (
+                code,
+                header_map(&d.headers),
+                serde_json::from_str(&d.body).unwrap(),
+            )
+        }
+        other => panic!("expected a denied response, got {other:?}"),
+    }
+}
+
+/// The text of `GET /metrics` on the admin listener at `addr`.
+pub async fn scrape_metrics(addr: SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
