@@ -269,6 +269,12 @@ fn portcullis_config(grpc: u16, admin: u16, jwks_url: &str) -> String {
     doc["server"]["listen"] = format!("127.0.0.1:{grpc}").into();
     doc["server"]["admin_listen"] = format!("127.0.0.1:{admin}").into();
     doc["server"]["shutdown_grace"] = "1s".into();
+    // The shipped revocation file is named relative to the shipped config.
+    doc["revocation"]["file"] = support::repo_root()
+        .join("config/revocations.yaml")
+        .to_string_lossy()
+        .into_owned()
+        .into();
     doc["issuers"] = serde_yaml::from_str(&format!(
         "- name: e2e
   issuer: {ISSUER}

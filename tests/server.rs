@@ -107,6 +107,9 @@ fn config_text(jwks_url: &str) -> String {
     doc["server"]["listen"] = "127.0.0.1:0".into();
     doc["server"]["admin_listen"] = "127.0.0.1:0".into();
     doc["audit"]["enabled"] = false.into();
+    // The shipped revocation file is named relative to the shipped config.
+    doc["revocation"]["file"] =
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/revocations.yaml").into();
     let keys: serde_yaml::Value = serde_yaml::from_str(&format!(
         "{{url: '{jwks_url}', min_refresh: 1s, max_refresh: 1s, max_stale: 1h, unknown_kid_interval: 1s}}"
     ))
