@@ -43,6 +43,11 @@ impl Setup {
             dir.path().join("dev/jwks.json"),
         )
         .unwrap();
+        std::fs::copy(
+            root().join("config/revocations.yaml"),
+            dir.path().join("revocations.yaml"),
+        )
+        .unwrap();
         let shipped = std::fs::read_to_string(root().join("config/portcullis.yaml"))
             .unwrap()
             .replace("listen: 127.0.0.1:9191", "listen: 127.0.0.1:0")

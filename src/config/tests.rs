@@ -58,7 +58,7 @@ fn shipped_config_compiles_without_warnings() {
         (dev.header.as_str(), dev.scheme.as_str()),
         ("authorization", "Bearer")
     );
-    assert_eq!(c.policy.routes().len(), 6);
+    assert_eq!(c.policy.routes().len(), 7);
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     let keys = dev.keys.file.as_ref().unwrap();
     assert!(keys.is_absolute() && keys.is_file(), "{}", keys.display());

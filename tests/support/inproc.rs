@@ -20,6 +20,15 @@ use super::repo_root;
 pub fn shipped_config(edit: impl FnOnce(&mut serde_yaml::Value)) -> String {
     let shipped = std::fs::read_to_string(repo_root().join("config/portcullis.yaml")).unwrap();
     let mut doc: serde_yaml::Value = serde_yaml::from_str(&shipped).unwrap();
+    // Files the shipped config names relative to itself stay where they are: the copy is
+    // written elsewhere (a temp dir), so point at the originals.
+    if doc["revocation"]["file"].is_string() {
+        doc["revocation"]["file"] = repo_root()
+            .join("config/revocations.yaml")
+            .to_string_lossy()
+            .into_owned()
+            .into();
+    }
     edit(&mut doc);
     serde_yaml::to_string(&doc).unwrap()
 }
