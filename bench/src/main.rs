@@ -27,6 +27,10 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The same allocator as the portcullis binary, so the floor is not flattered or handicapped.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -97,8 +101,9 @@ enum Cmd {
     },
     /// The no-op ext_authz server: allows any request with an Authorization header.
     Noop {
+        /// `HOST:PORT`, or `unix:/path` for a Unix domain socket.
         #[arg(long)]
-        listen: SocketAddr,
+        listen: String,
     },
     /// Open-loop HTTP/1.1 GETs at a constant rate; prints one JSON line of results.
     OpenLoop {
@@ -182,13 +187,22 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
         Cmd::Noop { listen } => runtime()?.block_on(async move {
-            let incoming = tonic::transport::server::TcpIncoming::bind(listen)
-                .map_err(|e| anyhow::anyhow!("cannot listen on `{listen}`: {e}"))?
-                .with_nodelay(Some(true));
-            tonic::transport::Server::builder()
-                .add_service(AuthorizationServer::new(Noop))
-                .serve_with_incoming(incoming)
-                .await?;
+            let server =
+                tonic::transport::Server::builder().add_service(AuthorizationServer::new(Noop));
+            if let Some(path) = listen.strip_prefix("unix:") {
+                let _ = std::fs::remove_file(path);
+                let uds = tokio::net::UnixListener::bind(path)
+                    .with_context(|| format!("cannot listen on `{listen}`"))?;
+                server
+                    .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(uds))
+                    .await?;
+            } else {
+                let addr: SocketAddr = listen.parse().context("bad --listen")?;
+                let incoming = tonic::transport::server::TcpIncoming::bind(addr)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on `{listen}`: {e}"))?
+                    .with_nodelay(Some(true));
+                server.serve_with_incoming(incoming).await?;
+            }
             Ok(())
         }),
         Cmd::OpenLoop {
@@ -359,14 +373,10 @@ impl Authorization for Noop {
                     code: 16,
                     ..Default::default()
                 }),
-                http_response: Some(
-                    HttpResponse::DeniedResponse(
-                        DeniedHttpResponse {
-                            status: Some(HttpStatus { code: 401 }),
-                            ..Default::default()
-                        },
-                    ),
-                ),
+                http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                    status: Some(HttpStatus { code: 401 }),
+                    ..Default::default()
+                })),
                 ..Default::default()
             }
         };
@@ -429,11 +439,7 @@ async fn open_loop(
                 }
                 tokio::time::sleep_until(intended.into()).await;
                 let sent = Instant::now();
-                let from = if prev_done > intended {
-                    intended
-                } else {
-                    sent
-                };
+                let from = if prev_done > intended { intended } else { sent };
                 let req = &requests[(n % requests.len() as u64) as usize];
                 match roundtrip(&mut stream, req, &mut buf).await {
                     Ok(status) => {
@@ -551,7 +557,12 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Pushes `count` distinct tokens through Portcullis (each signed here, just in time), so
 /// its token cache sees `count` distinct entries.
-async fn fill(addr: SocketAddr, signer: Signer, count: u64, concurrency: usize) -> anyhow::Result<()> {
+async fn fill(
+    addr: SocketAddr,
+    signer: Signer,
+    count: u64,
+    concurrency: usize,
+) -> anyhow::Result<()> {
     let signer = Arc::new(TokenSigner::new(&signer)?);
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
