@@ -8,6 +8,7 @@ Scenarios (same route, grants and token sets; Envoy --concurrency 1; direct_resp
   F    Envoy ext_authz (the wiring shipped in envoy/envoy.yaml) to a no-op server: the hop's floor
   P    Envoy ext_authz (same wiring) to Portcullis with a realistic policy
   Pd   P with the pre-bench wiring (no allowed_headers): measures the allowed_headers lever
+  Fu   F over a Unix domain socket instead of loopback TCP: measures the UDS lever
 Token sets: 1 token, 10 000 distinct (rotated per request), 10 000 with 10% denials.
 Load generator on CPU 0, system under test (Envoy + authz server) on CPU 1.
 """
@@ -214,7 +215,7 @@ def shipped():
     return hcm, authz, cluster
 
 
-def envoy_config(name, listen, admin, filters, authz_port=None):
+def envoy_config(name, listen, admin, filters, authz_port=None, authz_uds=None):
     """The shipped listener (envoy/envoy.yaml) with `filters` before the router and a
     direct_response route, so only the auth cost differs between scenarios."""
     hcm, _, cluster = shipped()
@@ -229,6 +230,9 @@ def envoy_config(name, listen, admin, filters, authz_port=None):
         c = json.loads(json.dumps(cluster))
         c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] = {
             "socket_address": {"address": "127.0.0.1", "port_value": authz_port}}
+        if authz_uds:
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] = {
+                "pipe": {"path": authz_uds}}
         clusters.append(c)
     doc = {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
            "static_resources": {"listeners": [{"name": "ingress", "address": {"socket_address": {
@@ -370,6 +374,8 @@ def main():
         # --- the systems under test, all on CPU 1, all idle except the one under load
         noop_port, p_port, p_admin = free_port(), free_port(), free_port()
         procs.append(Proc("noop", [BENCH, "noop", "--listen", f"127.0.0.1:{noop_port}"]))
+        noop_sock = os.path.join(WORK, "noop.sock")
+        procs.append(Proc("noop-uds", [BENCH, "noop", "--listen", f"unix:{noop_sock}"]))
         pc = Proc("portcullis", [PORTCULLIS, "serve", "--config",
                                  portcullis_config("p", p_port, p_admin)])
         procs.append(pc)
@@ -380,11 +386,12 @@ def main():
         scen = {"S1": ([], None), "S2": ([jwt_filter(), rbac_filter()], None),
                 "S2c": ([jwt_filter(a.tokens), rbac_filter()], None),
                 "F": ([authz_filter], noop_port), "P": ([authz_filter], p_port),
-                "Pd": ([legacy], p_port)}
+                "Pd": ([legacy], p_port), "Fu": ([authz_filter], noop_port)}
         envoys, ports = {}, {}
         for name, (filters, authz_port) in scen.items():
             lp, ap_ = free_port(), free_port()
-            cfg = envoy_config(name, lp, ap_, filters, authz_port)
+            cfg = envoy_config(name, lp, ap_, filters, authz_port,
+                               noop_sock if name == "Fu" else None)
             envoys[name] = Proc(f"envoy-{name}", [envoy, "-c", cfg, "--concurrency", "1",
                                                   "--log-level", "warn", "--base-id", str(lp)])
             procs.append(envoys[name])
@@ -396,10 +403,10 @@ def main():
         deny_tok = open(sets["mix"]).read().splitlines()[9]
         for name, lp in ports.items():
             got = (http_status(lp, allow_tok), http_status(lp, deny_tok))
-            want = {"S1": (200, 200), "F": (200, 200)}.get(name, (200, 403))
+            want = {"S1": (200, 200), "F": (200, 200), "Fu": (200, 200)}.get(name, (200, 403))
             if got != want:
                 raise RuntimeError(f"{name}: allow/deny answered {got}, expected {want}")
-        authz_pid = {"F": procs[0], "P": pc, "Pd": pc}
+        authz_pid = {"F": procs[0], "Fu": procs[1], "P": pc, "Pd": pc}
         results = {"meta": {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
@@ -513,7 +520,7 @@ def summarize(res):
         s["closed"][k] = {"rps": median(v["rps"]), "cpu_us_per_req": cpu,
                           "non2xx": [by[(rnd, *k.split("/"))]["non2xx"] for rnd in rounds if (rnd, *k.split("/")) in by]}
     pairs = [("P", "F"), ("P", "S2"), ("P", "S2c"), ("F", "S2"), ("F", "S2c"), ("P", "S1"), ("S2", "S1"),
-             ("P", "Pd")]
+             ("P", "Pd"), ("Fu", "F")]
     for t in SETS:
         for x, y in pairs:
             vals = [by[(rnd, x, t)]["rps"] / by[(rnd, y, t)]["rps"] for rnd in rounds
@@ -552,7 +559,7 @@ def render(res):
     L += ["### Closed loop (wrk, 1 thread, %d connections): requests/s, median of rounds" % m["args"]["conns"], "",
           "| scenario | 1 token | 10k tokens | 10k, 10% denied | Envoy CPU us/req (10k) | authz CPU us/req (10k) |",
           "|---|---:|---:|---:|---:|---:|"]
-    for n in ("S1", "S2", "S2c", "F", "P", "Pd"):
+    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu"):
         row = [s["closed"].get(f"{n}/{t}", {}).get("rps") for t in SETS]
         if not any(row):
             continue
@@ -561,7 +568,7 @@ def render(res):
         acpu = next((v for k, v in cpu.items() if not k.startswith("envoy")), "")
         L.append(f"| {n} | " + " | ".join(f"{v:.0f}" if v else "" for v in row) + f" | {ecpu} | {acpu} |")
     L += ["", "### Ratios (computed within each round, median)", "", "| ratio | 1 token | 10k tokens | 10k, 10% denied |", "|---|---:|---:|---:|"]
-    names = sorted({k.split(" ")[0] for k in s["ratios"]}, key=lambda x: ["P/F", "P/S2", "P/S2c", "F/S2", "F/S2c", "P/S1", "S2/S1", "P/Pd"].index(x))
+    names = sorted({k.split(" ")[0] for k in s["ratios"]}, key=lambda x: ["P/F", "P/S2", "P/S2c", "F/S2", "F/S2c", "P/S1", "S2/S1", "P/Pd", "Fu/F"].index(x))
     for n in names:
         L.append(f"| {n} | " + " | ".join(f"{s['ratios'].get(f'{n} {t}', '')}" for t in SETS) + " |")
     if s["open"]:
