@@ -121,6 +121,10 @@ enum Cmd {
         duration: f64,
         #[arg(long, default_value_t = 32)]
         connections: usize,
+        /// Pace with the timer alone (millisecond resolution) instead of yielding up to the
+        /// exact send instant.
+        #[arg(long)]
+        timer_only: bool,
     },
     /// Sends `count` Checks, each with a freshly signed distinct token; prints a JSON line.
     Fill {
@@ -212,9 +216,18 @@ fn main() -> anyhow::Result<()> {
             rate,
             duration,
             connections,
+            timer_only,
         } => {
             let tokens = read_tokens(&tokens)?;
-            runtime()?.block_on(open_loop(addr, path, tokens, rate, duration, connections))
+            runtime()?.block_on(open_loop(
+                addr,
+                path,
+                tokens,
+                rate,
+                duration,
+                connections,
+                timer_only,
+            ))
         }
         Cmd::Fill {
             addr,
@@ -404,6 +417,7 @@ async fn open_loop(
     rate: f64,
     duration: f64,
     connections: usize,
+    timer_only: bool,
 ) -> anyhow::Result<()> {
     let requests: Arc<Vec<Vec<u8>>> = Arc::new(
         tokens
@@ -441,13 +455,17 @@ async fn open_loop(
                 // the same millisecond together: a burst the system under test would have to
                 // queue. Sleep to within a millisecond, then yield until the exact instant
                 // (CPU 0 belongs to the load generator, so spinning there costs nothing).
-                if let Some(early) = intended.checked_sub(Duration::from_millis(1))
-                    && early > Instant::now()
-                {
-                    tokio::time::sleep_until(early.into()).await;
-                }
-                while Instant::now() < intended {
-                    tokio::task::yield_now().await;
+                if timer_only {
+                    tokio::time::sleep_until(intended.into()).await;
+                } else {
+                    if let Some(early) = intended.checked_sub(Duration::from_millis(1))
+                        && early > Instant::now()
+                    {
+                        tokio::time::sleep_until(early.into()).await;
+                    }
+                    while Instant::now() < intended {
+                        tokio::task::yield_now().await;
+                    }
                 }
                 let sent = Instant::now();
                 let from = if prev_done > intended { intended } else { sent };
