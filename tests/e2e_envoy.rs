@@ -318,6 +318,19 @@ async fn client_sent_identity_headers_never_reach_the_upstream() {
             seen[0].headers
         );
 
+        // A trusted posture header is stripped by Envoy before ext_authz and never reaches
+        // the upstream either (envoy.yaml `early_header_mutation_extensions`).
+        let before = stack.upstream.count();
+        let posture = [("x-device-posture", "managed")];
+        let answer = stack.send(proto, "GET", "/healthz", None, &posture).await;
+        assert_eq!(answer.status, 200, "{proto:?}: {answer:?}");
+        let seen = stack.upstream.since(before);
+        assert!(
+            seen[0].values("x-device-posture").is_empty(),
+            "{proto:?}: a client-set posture header reached the upstream: {:?}",
+            seen[0].headers
+        );
+
         // Public route, no identity at all: every identity header is removed.
         let before = stack.upstream.count();
         let answer = stack.send(proto, "GET", "/healthz", None, &spoofs).await;
