@@ -119,6 +119,9 @@ impl ApprovalEvent {
 enum Line {
     Decision(AuditEvent),
     Approval(ApprovalEvent),
+    /// Not a line: asks the writer to write everything queued before it, then acknowledge.
+    #[serde(skip)]
+    Flush(std::sync::mpsc::Sender<()>),
 }
 
 /// Where audit events go. Cloning shares the writer thread.
@@ -153,6 +156,17 @@ impl AuditSink {
         self.send(Line::Approval(event));
     }
 
+    /// Waits (at most `timeout`) until every event recorded before this call is written.
+    /// Called on shutdown, so the last decisions are never lost when the process exits.
+    pub fn flush(&self, timeout: std::time::Duration) -> bool {
+        let Some(tx) = &self.tx else { return true };
+        let (ack, done) = std::sync::mpsc::channel();
+        if tx.send(Line::Flush(ack)).is_err() {
+            return false;
+        }
+        done.recv_timeout(timeout).is_ok()
+    }
+
     fn send(&self, event: Line) {
         let Some(tx) = &self.tx else { return };
         match tx.try_send(event) {
@@ -184,7 +198,43 @@ fn write_lines(rx: Receiver<Line>, out: std::io::Stdout) {
 const AUDIT_BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
 
 fn write_one(out: &mut impl Write, event: &Line) {
+    if let Line::Flush(ack) = event {
+        let _ = out.flush();
+        let _ = ack.send(());
+        return;
+    }
     if serde_json::to_writer(&mut *out, event).is_ok() {
         let _ = out.write_all(b"\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer whose bytes the test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn flush_line_writes_nothing_and_acknowledges() {
+        let mut out = Shared::default();
+        let (ack, done) = std::sync::mpsc::channel();
+        write_one(&mut out, &Line::Flush(ack));
+        assert!(done.try_recv().is_ok(), "flush was not acknowledged");
+        assert!(out.0.lock().unwrap().is_empty());
     }
 }

@@ -208,6 +208,13 @@ impl Server {
                 "shutdown grace period over; dropping remaining connections"
             );
         }
+        // Every decision made is in the audit log before the process exits.
+        let audit = self.engine.load().audit.clone();
+        let flushed =
+            tokio::task::spawn_blocking(move || audit.flush(Duration::from_secs(2))).await;
+        if !matches!(flushed, Ok(true)) {
+            tracing::warn!("audit log not fully flushed at shutdown");
+        }
     }
 }
 
