@@ -29,17 +29,8 @@ fn rules() -> JwtRules {
     JwtRules {
         issuer: ISS.into(),
         audiences: vec![AUD.into(), "other-api".into()],
-        algorithms: vec![
-            Algorithm::RS256,
-            Algorithm::RS384,
-            Algorithm::RS512,
-            Algorithm::PS256,
-            Algorithm::PS384,
-            Algorithm::PS512,
-            Algorithm::ES256,
-            Algorithm::ES384,
-            Algorithm::EdDSA,
-        ],
+        // The issuer defaults, so these tests follow the product's own algorithm list.
+        algorithms: crate::config::DEFAULT_ALGORITHMS.to_vec(),
         leeway_secs: 30,
         max_lifetime_secs: None,
         required_typ: None,
