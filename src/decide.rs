@@ -342,7 +342,7 @@ pub fn extract_credential<'r>(
             continue;
         }
         seen.push(name);
-        let Some((header, value)) = req.headers.get_key_value(name) else {
+        let Some((header, value)) = req.headers.entry(name) else {
             continue;
         };
         if value.contains(',') {
@@ -353,7 +353,7 @@ pub fn extract_credential<'r>(
             Some((token, dpop)) => {
                 found = Some(Credential {
                     token,
-                    header: header.as_str(),
+                    header,
                     dpop,
                 })
             }
@@ -363,7 +363,7 @@ pub fn extract_credential<'r>(
 
     // The API key header counts as one more credential header.
     if let Some(ak) = &config.api_keys
-        && let Some((header, value)) = req.headers.get_key_value(ak.header.as_str())
+        && let Some((header, value)) = req.headers.entry(ak.header.as_str())
     {
         if value.contains(',') {
             return Err(multiple());
@@ -371,7 +371,7 @@ pub fn extract_credential<'r>(
         count += 1;
         found = Some(Credential {
             token: value.trim(),
-            header: header.as_str(),
+            header,
             dpop: false,
         });
     }
@@ -524,9 +524,11 @@ pub fn verify_credential(
     if let Some(result) = verify_api_key(config, cred, now) {
         return result;
     }
-    let issuer = select_issuer(config, cred)?;
+    let (issuer, token) = select_issuer(config, cred)?;
     let set = keys(&issuer.name).map_err(keys_unavailable)?;
-    let verified = jwt::verify(cred.token, &issuer.rules, &set, now).map_err(invalid_token)?;
+    let verified = token
+        .verify(&issuer.rules, &set, now)
+        .map_err(invalid_token)?;
     Ok(Arc::new(Identity::from_verified(
         issuer.name.clone(),
         verified,
@@ -534,14 +536,16 @@ pub fn verify_credential(
     )))
 }
 
-/// The issuer a credential claims to come from, checked against where it was found.
-pub fn select_issuer<'c>(
+/// The issuer a credential claims to come from, checked against where it was found, with
+/// the token parsed (once) for that issuer to verify.
+pub fn select_issuer<'c, 't>(
     config: &'c Config,
-    cred: &Credential<'_>,
-) -> Result<&'c Arc<CompiledIssuer>, Decision> {
+    cred: &Credential<'t>,
+) -> Result<(&'c Arc<CompiledIssuer>, jwt::Unverified<'t>), Decision> {
     let max = config.file.tokens.max_bytes;
-    let iss = jwt::peek_issuer(cred.token, max).map_err(invalid_token)?;
-    config
+    let token = jwt::Unverified::parse(cred.token, max).map_err(invalid_token)?;
+    let iss = token.issuer().map_err(invalid_token)?;
+    let issuer = config
         .issuers
         .iter()
         .find(|i| i.rules.issuer == iss && i.header == cred.header)
@@ -550,7 +554,8 @@ pub fn select_issuer<'c>(
                 ReasonCode::UnknownIssuer,
                 "the token's issuer is not trusted",
             )
-        })
+        })?;
+    Ok((issuer, token))
 }
 
 /// A JWT rejection as a 401 decision.

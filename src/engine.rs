@@ -241,12 +241,12 @@ impl Engine {
             self.metrics.token_cache_misses.inc();
         }
 
-        let issuer = decide::select_issuer(&self.config, cred)?;
+        let (issuer, token) = decide::select_issuer(&self.config, cred)?;
         let set = self
             .keys
             .get(&issuer.name)
             .map_err(decide::keys_unavailable)?;
-        let jwt = match jwt::verify(cred.token, &issuer.rules, &set, now) {
+        let jwt = match token.verify(&issuer.rules, &set, now) {
             Ok(v) => v,
             Err(e) if e.is_unknown_kid() => {
                 match self

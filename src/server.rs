@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -18,7 +17,7 @@ use crate::admin::{self, AdminState, metrics::Metrics};
 use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::grpc::AuthzService;
+use crate::grpc::{AuthorizationServer, AuthzService};
 use crate::keys::{IssuerKeySource, KeyStore};
 use crate::state::StateStore;
 

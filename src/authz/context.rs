@@ -9,14 +9,13 @@
 //! Fail closed: a condition that cannot be evaluated (no client address, no `auth_time` and no
 //! `iat`, a missing posture claim or header) does not hold.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde_json::Value;
 
-use super::request::RequestView;
+use super::request::{Headers, RequestView};
 use crate::identity::Identity;
 
 /// What the context conditions are evaluated against, beyond the identity.
@@ -27,7 +26,7 @@ pub struct Context<'a> {
     /// The client address (see `client_ip`); `None` when it cannot be established.
     pub client_ip: Option<IpAddr>,
     /// The request headers (lower-case names), for posture headers.
-    pub headers: Option<&'a HashMap<String, String>>,
+    pub headers: Option<&'a dyn Headers>,
 }
 
 impl<'a> Context<'a> {
@@ -238,10 +237,10 @@ impl PostureCondition {
             PostureSource::Claim(c) => id.claim(c).is_some_and(test),
             PostureSource::Header(h) => {
                 // A repeated header arrives joined with `,` and never matches a single value.
-                let Some(v) = ctx.headers.and_then(|hs| hs.get(h)) else {
+                let Some((_, v)) = ctx.headers.and_then(|hs| hs.entry(h)) else {
                     return false;
                 };
-                test(&Value::String(v.clone()))
+                test(&Value::String(v.to_string()))
             }
         }
     }

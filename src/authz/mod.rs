@@ -14,4 +14,4 @@ pub mod request;
 pub use context::Context;
 pub use decision::{Decision, ReasonCode};
 pub use policy::{Policy, RouteMatch};
-pub use request::RequestView;
+pub use request::{Headers, RequestView};

@@ -2,9 +2,25 @@
 //! (Envoy lower-cases them), nothing from the wire types.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 
 use crate::identity::peer::PeerCertificate;
+
+/// Request headers, looked up by lower-case name. A header sent more than once is one entry
+/// with the values joined by `,`, as Envoy sends them (credential extraction relies on it
+/// to refuse a request carrying two credentials).
+pub trait Headers: Send + Sync + std::fmt::Debug {
+    /// The header's name (as stored) and value.
+    fn entry(&self, name: &str) -> Option<(&str, &str)>;
+}
+
+impl<S: BuildHasher + Send + Sync> Headers for HashMap<String, String, S> {
+    fn entry(&self, name: &str) -> Option<(&str, &str)> {
+        self.get_key_value(name)
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
 
 /// A view of one HTTP request. Built by `grpc` from a CheckRequest, or by the CLI's `explain`.
 #[derive(Debug, Clone, Copy)]
@@ -16,7 +32,7 @@ pub struct RequestView<'a> {
     /// The raw `:path`, including any query string and fragment.
     pub path: &'a str,
     /// Request headers with lower-case names. Repeated headers arrive joined with `,`.
-    pub headers: &'a HashMap<String, String>,
+    pub headers: &'a dyn Headers,
     /// The peer address Envoy reports (the downstream connection's source).
     pub source_ip: Option<IpAddr>,
     /// The peer principal Envoy reports (e.g. a SPIFFE ID), empty when none.
@@ -30,7 +46,7 @@ pub struct RequestView<'a> {
 impl<'a> RequestView<'a> {
     /// A header value by lower-case name.
     pub fn header(&self, name: &str) -> Option<&'a str> {
-        self.headers.get(name).map(String::as_str)
+        self.headers.entry(name).map(|(_, value)| value)
     }
 
     /// The peer's principals: Envoy's `source.principal` and the URI SANs of the forwarded

@@ -1,24 +1,29 @@
 //! The Envoy ext_authz gRPC service. The only module that imports `envoy_types` or builds a
 //! `CheckResponse`: it turns a CheckRequest into a `RequestView`, asks the `Engine`, records
 //! the decision (metrics + audit), and turns the `Decision` into an explicit response.
+//! `wire` is the CheckRequest as we decode it; `service` the tonic service around it.
 //!
 //! INVARIANT: `check` never returns a gRPC error and never an empty response. Envoy treats a
 //! response without status as an allow and, under `failure_mode_allow`, a gRPC error too; so
 //! every deny — including internal failures and panics — is a `CheckResponse` with a non-OK
 //! status and a `DeniedHttpResponse`.
 
-use std::collections::HashMap;
+pub mod service;
+pub mod wire;
+
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use envoy_types::ext_authz::v3::pb::{
-    Address, Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
-    HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+    CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption,
+    HttpResponse, HttpStatus, OkHttpResponse,
 };
 use envoy_types::pb::google::rpc;
-use tonic::{Request, Response, Status};
+
+pub use service::AuthorizationServer;
+use wire::{CheckRequest, HeaderList};
 
 use crate::admin::metrics::{DecisionLabels, Metrics};
 use crate::audit::{AuditEvent, AuditSink};
@@ -55,8 +60,7 @@ impl AuthzService {
     pub async fn decide(&self, req: &CheckRequest) -> CheckResponse {
         let started = Instant::now();
         let engine = self.engine.load_full();
-        let empty = HashMap::new();
-        let parts = RequestParts::from_check(req, &empty);
+        let parts = RequestParts::from_check(req);
         // The forwarded client certificate, parsed once per request. One Envoy could not
         // send us is treated as absent: principal rules then fail and certificate-bound
         // tokens are refused (closed), never granted.
@@ -69,13 +73,9 @@ impl AuthzService {
                 }
             }
         });
-        let with_body = headers_with_body_hash(req);
         let mut view = parts.view();
         view.peer_certificate = peer_certificate.as_ref();
-        if let Some(headers) = &with_body {
-            view.headers = headers;
-        }
-        let request_id = parts.request_id;
+        let request_id = parts.request_id();
 
         // A panic anywhere below must still produce a deny, never a dropped stream.
         let decision = {
@@ -115,56 +115,35 @@ impl AuthzService {
     }
 }
 
-#[tonic::async_trait]
-impl Authorization for AuthzService {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(self.decide(request.get_ref()).await))
-    }
-}
-
-/// When Envoy sent the request body (`with_request_body`), the request headers plus the
+/// The request headers, plus, when Envoy sent the request body (`with_request_body`), the
 /// body's SHA-256 under an internal pseudo-header (approvals bind to it). A client can never
-/// send a header starting with `:`, and any such entry is removed anyway.
-fn headers_with_body_hash(req: &CheckRequest) -> Option<HashMap<String, String>> {
+/// send a header starting with `:`, and any such entry is replaced or removed anyway.
+fn request_headers(http: &wire::HttpRequest) -> HeaderList<'_> {
     use crate::approvals::BODY_SHA256_HEADER;
-    let http = req.attributes.as_ref()?.request.as_ref()?.http.as_ref()?;
+    let mut headers = HeaderList::from_http(http);
     let body: &[u8] = if http.raw_body.is_empty() {
         http.body.as_bytes()
     } else {
         &http.raw_body
     };
-    if body.is_empty() && !http.headers.contains_key(BODY_SHA256_HEADER) {
-        return None;
+    if !body.is_empty() || crate::authz::Headers::entry(&headers, BODY_SHA256_HEADER).is_some() {
+        let digest = (!body.is_empty()).then(|| crate::approvals::sha256_hex(body));
+        headers.set(BODY_SHA256_HEADER, digest);
     }
-    let mut headers = http.headers.clone();
-    headers.remove(BODY_SHA256_HEADER);
-    if !body.is_empty() {
-        headers.insert(
-            BODY_SHA256_HEADER.to_string(),
-            crate::approvals::sha256_hex(body),
-        );
-    }
-    Some(headers)
+    headers
 }
 
 /// The parts of a CheckRequest the core needs, borrowed.
 struct RequestParts<'a> {
-    method: &'a str,
-    host: &'a str,
-    path: &'a str,
-    headers: &'a HashMap<String, String>,
+    http: Option<&'a wire::HttpRequest>,
+    headers: HeaderList<'a>,
     source_ip: Option<IpAddr>,
     principal: &'a str,
-    request_id: &'a str,
-    scheme: &'a str,
     certificate: Option<&'a str>,
 }
 
 impl<'a> RequestParts<'a> {
-    fn from_check(req: &'a CheckRequest, empty: &'a HashMap<String, String>) -> Self {
+    fn from_check(req: &'a CheckRequest) -> Self {
         let attrs = req.attributes.as_ref();
         let http = attrs
             .and_then(|a| a.request.as_ref())
@@ -172,45 +151,44 @@ impl<'a> RequestParts<'a> {
         let source = attrs.and_then(|a| a.source.as_ref());
         let source_ip = source
             .and_then(|s| s.address.as_ref())
-            .and_then(|a| a.address.as_ref())
-            .and_then(|a| match a {
-                Address::SocketAddress(sa) => sa.address.parse::<IpAddr>().ok(),
-                _ => None,
-            });
-        let headers = http.map_or(empty, |h| &h.headers);
-        let request_id = headers
-            .get("x-request-id")
-            .map(String::as_str)
-            .or_else(|| http.map(|h| h.id.as_str()))
-            .unwrap_or_default();
-        // Envoy sends the `:authority` as `host`; fall back to the header for older Envoys.
-        let host = http
-            .map(|h| h.host.as_str())
-            .filter(|h| !h.is_empty())
-            .or_else(|| headers.get(":authority").map(String::as_str))
-            .unwrap_or_default();
+            .and_then(|a| a.socket_address.as_ref())
+            .and_then(|sa| sa.address.parse::<IpAddr>().ok());
         Self {
-            method: http.map_or("", |h| h.method.as_str()),
-            host,
-            path: http.map_or("", |h| h.path.as_str()),
-            headers,
+            http,
+            headers: http.map(request_headers).unwrap_or_default(),
             source_ip,
             principal: source.map_or("", |s| s.principal.as_str()),
-            request_id,
-            scheme: http.map_or("", |h| h.scheme.as_str()),
             certificate: source.map(|s| s.certificate.as_str()),
         }
     }
 
-    fn view(&self) -> RequestView<'a> {
+    fn header(&self, name: &str) -> Option<&str> {
+        crate::authz::Headers::entry(&self.headers, name).map(|(_, v)| v)
+    }
+
+    /// Envoy's `x-request-id`, else the stream id Envoy reports.
+    fn request_id(&self) -> &str {
+        self.header("x-request-id")
+            .or_else(|| self.http.map(|h| h.id.as_str()))
+            .unwrap_or_default()
+    }
+
+    fn view(&self) -> RequestView<'_> {
+        let http = self.http;
+        // Envoy sends the `:authority` as `host`; fall back to the header for older Envoys.
+        let host = http
+            .map(|h| h.host.as_str())
+            .filter(|h| !h.is_empty())
+            .or_else(|| self.header(":authority"))
+            .unwrap_or_default();
         RequestView {
-            method: self.method,
-            host: self.host,
-            path: self.path,
-            headers: self.headers,
+            method: http.map_or("", |h| h.method.as_str()),
+            host,
+            path: http.map_or("", |h| h.path.as_str()),
+            headers: &self.headers,
             source_ip: self.source_ip,
             source_principal: self.principal,
-            scheme: self.scheme,
+            scheme: http.map_or("", |h| h.scheme.as_str()),
             peer_certificate: None,
         }
     }

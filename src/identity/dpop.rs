@@ -165,14 +165,7 @@ pub fn verify_proof(
     if !key.fits(alg) {
         return Err(DpopError::BadKey("the key does not fit `alg`".to_string()));
     }
-    let valid = jsonwebtoken::crypto::verify(
-        parsed.signature,
-        parsed.message.as_bytes(),
-        &key.decoding,
-        alg,
-    )
-    .unwrap_or(false);
-    if !valid {
+    if !key.verify(alg, parsed.message.as_bytes(), parsed.signature) {
         return Err(DpopError::BadSignature);
     }
 

@@ -11,7 +11,9 @@ use std::sync::{Arc, OnceLock};
 
 use aws_lc_rs::signature::{
     ECDSA_P256_SHA256_FIXED, ECDSA_P384_SHA384_FIXED, ED25519, ParsedPublicKey,
-    RSA_PKCS1_2048_8192_SHA256, RsaPublicKeyComponents,
+    RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_2048_8192_SHA384, RSA_PKCS1_2048_8192_SHA512,
+    RSA_PSS_2048_8192_SHA256, RSA_PSS_2048_8192_SHA384, RSA_PSS_2048_8192_SHA512, RsaParameters,
+    RsaPublicKeyComponents,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -49,7 +51,9 @@ pub struct VerifyKey {
     pub usage: Option<String>,
     /// The JWK's `key_ops`.
     pub key_ops: Option<Vec<String>>,
-    pub decoding: DecodingKey,
+    /// How signatures are checked: aws-lc keys parsed once and kept (so each verification
+    /// skips re-reading the key), or the HMAC secret.
+    verifier: Verifier,
     /// RFC 7638 thumbprint (base64url SHA-256); identifies the key across refreshes.
     /// For `oct` keys it is instead a keyed hash under a per-process random key (prefixed
     /// `oct-`), because a plain hash of a weak secret could be brute-forced from logs.
@@ -76,10 +80,7 @@ impl VerifyKey {
             Algorithm::EdDSA => self.kty == "OKP" && self.crv.as_deref() == Some("Ed25519"),
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
                 self.kty == "oct"
-                    && self
-                        .decoding
-                        .try_get_as_bytes()
-                        .is_ok_and(|k| k.len() >= hmac_min_len(alg))
+                    && matches!(&self.verifier, Verifier::Secret { len, .. } if *len >= hmac_min_len(alg))
             }
             // `Algorithm` is non-exhaustive: an algorithm added later fits no key until we
             // decide which keys it may use.
@@ -93,6 +94,69 @@ impl VerifyKey {
                 .as_ref()
                 .is_none_or(|ops| ops.iter().any(|o| o == "verify"))
     }
+}
+
+impl VerifyKey {
+    /// True when `signature` (base64url, as in a compact JWS) is this key's signature over
+    /// `message` with `alg`. The caller has checked `fits(alg)`; a key that does not fit, or
+    /// a signature that does not decode, never verifies.
+    pub fn verify(&self, alg: Algorithm, message: &[u8], signature: &str) -> bool {
+        if !self.fits(alg) {
+            return false;
+        }
+        let mut buf = [0u8; super::jwt::MAX_SIGNATURE_BYTES];
+        let parsed = match &self.verifier {
+            Verifier::Secret { key, .. } => {
+                return jsonwebtoken::crypto::verify(signature, message, key, alg).unwrap_or(false);
+            }
+            Verifier::Fixed(parsed) => parsed,
+            Verifier::Rsa { components, parsed } => {
+                let Some((slot, params)) = rsa_slot(alg) else {
+                    return false;
+                };
+                // Parsed on first use per algorithm, then kept with the key (aws-lc keeps
+                // the key's Montgomery context with it).
+                match parsed[slot].get_or_init(|| components.to_parsed_public_key(params).ok()) {
+                    Some(p) => p,
+                    None => return false,
+                }
+            }
+        };
+        let Ok(len) = URL_SAFE_NO_PAD.decode_slice(signature, &mut buf) else {
+            return false;
+        };
+        parsed.verify_sig(message, &buf[..len]).is_ok()
+    }
+}
+
+/// A key's verification material.
+enum Verifier {
+    /// An RSA public key, with a parsed aws-lc key per RS*/PS* algorithm built on first use.
+    Rsa {
+        components: RsaPublicKeyComponents<Vec<u8>>,
+        parsed: Box<[OnceLock<Option<ParsedPublicKey>>; RSA_ALGS.len()]>,
+    },
+    /// An EC or OKP key: its curve allows exactly one algorithm, parsed at load time.
+    Fixed(ParsedPublicKey),
+    /// An HMAC secret (local key files only); `len` is its size in bytes.
+    Secret { key: DecodingKey, len: usize },
+}
+
+/// The RSA algorithms and the aws-lc parameters each verifies with.
+const RSA_ALGS: [(Algorithm, &RsaParameters); 6] = [
+    (Algorithm::RS256, &RSA_PKCS1_2048_8192_SHA256),
+    (Algorithm::RS384, &RSA_PKCS1_2048_8192_SHA384),
+    (Algorithm::RS512, &RSA_PKCS1_2048_8192_SHA512),
+    (Algorithm::PS256, &RSA_PSS_2048_8192_SHA256),
+    (Algorithm::PS384, &RSA_PSS_2048_8192_SHA384),
+    (Algorithm::PS512, &RSA_PSS_2048_8192_SHA512),
+];
+
+fn rsa_slot(alg: Algorithm) -> Option<(usize, &'static RsaParameters)> {
+    RSA_ALGS
+        .iter()
+        .position(|(a, _)| *a == alg)
+        .map(|i| (i, RSA_ALGS[i].1))
 }
 
 /// The shortest secret usable with an HMAC algorithm: its hash output size (RFC 7518 3.2).
@@ -273,7 +337,7 @@ fn parse_key(jwk: &Value, origin: KeyOrigin) -> Result<VerifyKey, String> {
         ),
     };
 
-    let (crv, decoding, fingerprint) = match kty {
+    let (crv, verifier, fingerprint) = match kty {
         "RSA" => rsa_key(obj)?,
         "EC" => ec_key(obj)?,
         "OKP" => okp_key(obj)?,
@@ -287,7 +351,7 @@ fn parse_key(jwk: &Value, origin: KeyOrigin) -> Result<VerifyKey, String> {
         alg,
         usage,
         key_ops,
-        decoding,
+        verifier,
         fingerprint,
     };
     // A key whose own `alg` does not fit its type (an RSA key marked ES256) can never verify
@@ -300,7 +364,7 @@ fn parse_key(jwk: &Value, origin: KeyOrigin) -> Result<VerifyKey, String> {
     Ok(key)
 }
 
-type Built = (Option<String>, DecodingKey, Arc<str>);
+type Built = (Option<String>, Verifier, Arc<str>);
 
 fn rsa_key(obj: &Map<String, Value>) -> Result<Built, String> {
     refuse_private(obj, &["d", "p", "q", "dp", "dq", "qi", "oth"])?;
@@ -321,7 +385,11 @@ fn rsa_key(obj: &Map<String, Value>) -> Result<Built, String> {
             "RSA key has {bits} bits; at most {MAX_RSA_BITS} are supported"
         ));
     }
-    RsaPublicKeyComponents { n, e }
+    let components = RsaPublicKeyComponents {
+        n: n.to_vec(),
+        e: e.to_vec(),
+    };
+    let rs256 = components
         .to_parsed_public_key(&RSA_PKCS1_2048_8192_SHA256)
         .map_err(|_| "malformed RSA public key".to_string())?;
     let canonical = format!(
@@ -329,9 +397,12 @@ fn rsa_key(obj: &Map<String, Value>) -> Result<Built, String> {
         URL_SAFE_NO_PAD.encode(e),
         URL_SAFE_NO_PAD.encode(n)
     );
+    let parsed: Box<[OnceLock<Option<ParsedPublicKey>>; RSA_ALGS.len()]> = Box::default();
+    // RS256 is by far the most common: keep the key parsed for the check above.
+    let _ = parsed[0].set(Some(rs256));
     Ok((
         None,
-        DecodingKey::from_rsa_raw_components(n, e),
+        Verifier::Rsa { components, parsed },
         thumbprint(&canonical),
     ))
 }
@@ -356,18 +427,16 @@ fn ec_key(obj: &Map<String, Value>) -> Result<Built, String> {
     point.push(0x04);
     point.extend_from_slice(&x);
     point.extend_from_slice(&y);
-    ParsedPublicKey::new(alg, &point)
+    let parsed = ParsedPublicKey::new(alg, &point)
         .map_err(|_| "the EC point is not on the curve".to_string())?;
     let canonical = format!(
         r#"{{"crv":"{crv}","kty":"EC","x":"{}","y":"{}"}}"#,
         URL_SAFE_NO_PAD.encode(&x),
         URL_SAFE_NO_PAD.encode(&y)
     );
-    // jsonwebtoken keeps EC public keys as the uncompressed SEC1 point, which is what
-    // `from_ec_der` stores (it is also what `from_ec_components` builds).
     Ok((
         Some(crv.to_string()),
-        DecodingKey::from_ec_der(&point),
+        Verifier::Fixed(parsed),
         thumbprint(&canonical),
     ))
 }
@@ -382,14 +451,15 @@ fn okp_key(obj: &Map<String, Value>) -> Result<Built, String> {
     if x.len() != 32 {
         return Err("`x` must be 32 bytes for `Ed25519`".to_string());
     }
-    ParsedPublicKey::new(&ED25519, &x).map_err(|_| "malformed Ed25519 public key".to_string())?;
+    let parsed = ParsedPublicKey::new(&ED25519, &x)
+        .map_err(|_| "malformed Ed25519 public key".to_string())?;
     let canonical = format!(
         r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
         URL_SAFE_NO_PAD.encode(&x)
     );
     Ok((
         Some(crv.to_string()),
-        DecodingKey::from_ed_der(&x),
+        Verifier::Fixed(parsed),
         thumbprint(&canonical),
     ))
 }
@@ -408,7 +478,14 @@ fn oct_key(obj: &Map<String, Value>, origin: KeyOrigin) -> Result<Built, String>
         ));
     }
     let fingerprint = oct_fingerprint(&k).ok_or("could not fingerprint the symmetric key")?;
-    Ok((None, DecodingKey::from_secret(&k), fingerprint))
+    Ok((
+        None,
+        Verifier::Secret {
+            key: DecodingKey::from_secret(&k),
+            len: k.len(),
+        },
+        fingerprint,
+    ))
 }
 
 /// Rejects keys that carry private members: whoever published them has leaked the signing

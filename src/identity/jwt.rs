@@ -29,7 +29,7 @@ use super::strict_json::{self, StrictJsonError};
 pub const MAX_TIME: i64 = 253_402_300_799;
 
 /// The largest signature any supported algorithm produces (RSA 8192 bits).
-const MAX_SIGNATURE_BYTES: usize = 1024;
+pub(crate) const MAX_SIGNATURE_BYTES: usize = 1024;
 
 /// Kids longer than this are shortened in error messages.
 const MAX_KID_IN_MESSAGE: usize = 64;
@@ -245,9 +245,9 @@ fn decode_segment(segment: &str, part: Part) -> Result<Vec<u8>, JwtError> {
         .map_err(|_| JwtError::BadBase64(part))
 }
 
-/// The signature is decoded again by `jsonwebtoken::crypto::verify`; here it is only checked
-/// to be canonical base64url, into a stack buffer, so a malformed one is reported as such
-/// rather than as a bad signature.
+/// The signature is decoded again by `VerifyKey::verify`; here it is only checked to be
+/// canonical base64url, into a stack buffer, so a malformed one is reported as such rather
+/// than as a bad signature.
 fn check_signature_segment(segment: &str) -> Result<(), JwtError> {
     check_alphabet(segment, Part::Signature)?;
     let mut buf = [0u8; MAX_SIGNATURE_BYTES];
@@ -268,15 +268,84 @@ fn json_object(bytes: &[u8], part: Part) -> Result<Map<String, Value>, JwtError>
     })
 }
 
+/// A token that passed the structural checks (size, segments, base64url, strict JSON) but
+/// is not verified yet. Parsed once per request: its `iss` picks the issuer, then `verify`
+/// checks it against that issuer's rules and keys.
+pub struct Unverified<'t>(Parsed<'t>);
+
+impl<'t> Unverified<'t> {
+    pub fn parse(token: &'t str, max_bytes: usize) -> Result<Self, JwtError> {
+        parse(token, max_bytes).map(Self)
+    }
+
+    /// The untrusted `iss`: it only chooses which issuer's rules and keys `verify` uses.
+    pub fn issuer(&self) -> Result<&str, JwtError> {
+        match self.0.claims.get("iss") {
+            None => Err(JwtError::MissingClaim("iss")),
+            Some(Value::String(iss)) => Ok(iss),
+            Some(_) => Err(JwtError::IssuerNotString),
+        }
+    }
+
+    /// Verifies the token fully against one issuer's rules and key set at `now` (unix
+    /// seconds).
+    pub fn verify(
+        self,
+        rules: &JwtRules,
+        keys: &KeySet,
+        now: i64,
+    ) -> Result<VerifiedJwt, JwtError> {
+        let parsed = self.0;
+        // The signed part, the dot and the signature: the whole token.
+        let len = parsed.message.len() + 1 + parsed.signature.len();
+        if len > rules.max_token_bytes {
+            return Err(JwtError::TooLarge {
+                max: rules.max_token_bytes,
+            });
+        }
+        let header = &parsed.header;
+
+        let alg = check_header(header, rules)?;
+        let kid = match header.get("kid") {
+            None => None,
+            Some(Value::String(kid)) => Some(kid.as_str()),
+            Some(_) => return Err(JwtError::InvalidHeaderMember("kid")),
+        };
+
+        let key = verify_signature(&parsed, alg, kid, keys)?;
+        let kid = kid.map(str::to_string);
+
+        let claims = parsed.claims;
+        check_issuer(&claims, rules)?;
+        check_audience(&claims, rules)?;
+        // RFC 7519 4.1.2: `sub` is a string. Identity and resource bindings read it as one, so
+        // a list or number there must not quietly become an empty subject.
+        if claims.get("sub").is_some_and(|sub| !sub.is_string()) {
+            return Err(JwtError::SubjectNotString);
+        }
+        let exp = time_claim(&claims, "exp")?.ok_or(JwtError::MissingClaim("exp"))?;
+        let nbf = time_claim(&claims, "nbf")?;
+        let iat = time_claim(&claims, "iat")?;
+        check_times(exp, nbf, iat, rules, now)?;
+
+        Ok(VerifiedJwt {
+            kid,
+            alg,
+            key_fingerprint: key.fingerprint.clone(),
+            exp,
+            nbf,
+            iat,
+            claims,
+        })
+    }
+}
+
 /// Reads `iss` from an unverified token, after the structural checks, to pick the issuer.
 /// The result is untrusted: it only chooses which issuer's rules and keys `verify` uses.
 pub fn peek_issuer(token: &str, max_bytes: usize) -> Result<String, JwtError> {
-    let parsed = parse(token, max_bytes)?;
-    match parsed.claims.get("iss") {
-        None => Err(JwtError::MissingClaim("iss")),
-        Some(Value::String(iss)) => Ok(iss.clone()),
-        Some(_) => Err(JwtError::IssuerNotString),
-    }
+    Unverified::parse(token, max_bytes)?
+        .issuer()
+        .map(str::to_string)
 }
 
 /// Verifies a token fully against one issuer's rules and key set at time `now` (unix seconds).
@@ -286,40 +355,7 @@ pub fn verify(
     keys: &KeySet,
     now: i64,
 ) -> Result<VerifiedJwt, JwtError> {
-    let parsed = parse(token, rules.max_token_bytes)?;
-    let header = &parsed.header;
-
-    let alg = check_header(header, rules)?;
-    let kid = match header.get("kid") {
-        None => None,
-        Some(Value::String(kid)) => Some(kid.as_str()),
-        Some(_) => return Err(JwtError::InvalidHeaderMember("kid")),
-    };
-
-    let key = verify_signature(&parsed, alg, kid, keys)?;
-
-    let claims = parsed.claims;
-    check_issuer(&claims, rules)?;
-    check_audience(&claims, rules)?;
-    // RFC 7519 4.1.2: `sub` is a string. Identity and resource bindings read it as one, so a
-    // list or number there must not quietly become an empty subject.
-    if claims.get("sub").is_some_and(|sub| !sub.is_string()) {
-        return Err(JwtError::SubjectNotString);
-    }
-    let exp = time_claim(&claims, "exp")?.ok_or(JwtError::MissingClaim("exp"))?;
-    let nbf = time_claim(&claims, "nbf")?;
-    let iat = time_claim(&claims, "iat")?;
-    check_times(exp, nbf, iat, rules, now)?;
-
-    Ok(VerifiedJwt {
-        kid: kid.map(str::to_string),
-        alg,
-        key_fingerprint: key.fingerprint.clone(),
-        exp,
-        nbf,
-        iat,
-        claims,
-    })
+    Unverified::parse(token, rules.max_token_bytes)?.verify(rules, keys, now)
 }
 
 /// The header rules; returns the (allowed) algorithm.
@@ -404,14 +440,7 @@ fn verify_signature<'k>(
         // An `Err` here means the key could not be used with this algorithm (which `fits`
         // rules out) or the signature did not decode (which `parse` rules out); either way it
         // is not a match, so it is treated like a failed verification.
-        if jsonwebtoken::crypto::verify(
-            parsed.signature,
-            parsed.message.as_bytes(),
-            &key.decoding,
-            alg,
-        )
-        .unwrap_or(false)
-        {
+        if key.verify(alg, parsed.message.as_bytes(), parsed.signature) {
             return Ok(key);
         }
     }
