@@ -53,7 +53,18 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    // With one CPU to run on (taskset, a one-CPU machine or cgroup quota), a single-threaded
+    // scheduler does the same work without cross-thread wake-ups: ~20% more checks per
+    // CPU-second in bench/ (issue 4). TOKIO_WORKER_THREADS (read by tokio) forces the
+    // multi-threaded scheduler.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let forced = std::env::var_os("TOKIO_WORKER_THREADS").is_some();
+    let mut builder = if cpus == 1 && !forced {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")
