@@ -363,6 +363,7 @@ def main():
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--label", default="")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: closed,open,alone,memory")
+    ap.add_argument("--only", default="", help="comma list of closed-loop scenarios to run (default: all)")
     ap.add_argument("--render", help="re-summarize and print an earlier results JSON, run nothing")
     a = ap.parse_args()
     if a.render:
@@ -425,6 +426,9 @@ def main():
             ps = [envoys[name]] + ([authz_pid[name]] if name in authz_pid else [])
             return measured(ps, lambda: wrk(ports[name], sets[tset], secs, a.conns))
 
+        if a.only:
+            wanted = set(a.only.split(","))
+            scen = {k: v for k, v in scen.items() if k in wanted}
         if "closed" not in skip:
             log("warm-up")
             for name in scen:

@@ -59,7 +59,7 @@ pub struct Engine {
     pub runtime_revoked: Arc<crate::revocation::RuntimeRevocations>,
     /// Where approval events go (kept across config reloads).
     pub audit: crate::audit::AuditSink,
-    cache: Option<Cache<Arc<str>, Arc<Identity>>>,
+    cache: Option<Cache<Arc<str>, Arc<Identity>, foldhash::fast::RandomState>>,
     metrics: Arc<Metrics>,
     key_wait: Duration,
 }
@@ -78,7 +78,9 @@ impl Engine {
                 .expire_after(TokenExpiry {
                     max_ttl: cache_cfg.max_ttl.get(),
                 })
-                .build()
+                // Keys are whole tokens (~1 KiB): a fast, per-process seeded hash. Only
+                // verified tokens are inserted, so nobody can choose what the table holds.
+                .build_with_hasher(foldhash::fast::RandomState::default())
         });
         let key_wait = config.file.server.key_fetch_wait.get();
         let revocations = Arc::new(Revocations::load(config.revocation_file.clone()));
