@@ -132,11 +132,14 @@ def routes():
     return r
 
 
+CACHE_MAX_MIB = 64  # tokens.cache.max_bytes of every Portcullis here (the shipped default)
+
+
 def portcullis_config(name, grpc_port, admin_port, capacity=100000, audit=True):
     keys = os.path.join(WORK, "keys")
     cfg = {
         "server": {"listen": f"127.0.0.1:{grpc_port}", "admin_listen": f"127.0.0.1:{admin_port}"},
-        "tokens": {"cache": {"capacity": capacity, "max_ttl": "5m"}},
+        "tokens": {"cache": {"capacity": capacity, "max_ttl": "5m", "max_bytes": f"{CACHE_MAX_MIB}MiB"}},
         "issuers": [{"name": KID[a], "issuer": ISS[a], "audiences": [AUD], "algorithms": [a],
                      "keys": {"file": os.path.join(keys, f"{KID[a]}.jwks.json")},
                      "claims": {"scopes": "scope", "roles": "roles"}} for a in ISS],
@@ -493,7 +496,14 @@ def main():
                        "--kid", KID[alg], "--issuer", ISS[alg], "--audience", AUD,
                        "--count", str(a.fill)])
             res = json.loads(out)
-            results["memory"] = {"tokens": a.fill, "cache_capacity": 100000, "idle_kib": idle,
+            metrics = run(["curl", "-s", f"http://127.0.0.1:{fa}/metrics"])
+            cache_bytes = next((int(float(l.split()[-1])) for l in metrics.splitlines()
+                                if l.startswith("portcullis_token_cache_bytes ")), None)
+            cache_entries = next((int(float(l.split()[-1])) for l in metrics.splitlines()
+                                  if l.startswith("portcullis_token_cache_entries ")), None)
+            results["memory"] = {"tokens": a.fill, "cache_capacity": 100000,
+                                 "cache_max_mib": CACHE_MAX_MIB, "cache_bytes": cache_bytes,
+                                 "cache_entries": cache_entries, "idle_kib": idle,
                                  "after_kib": fillp.rss_kib(), "fill": res}
             log(f"memory after {a.fill} distinct tokens: {results['memory']}")
             fillp.stop()
@@ -614,9 +624,15 @@ def render(res):
             L.append(f"| {alg} | {h.get('rps', 0):.0f} | {h.get('cpu_us_per_req')} | {mi.get('rps', 0):.0f} | {mi.get('cpu_us_per_req')} |")
     if res["memory"]:
         mm = res["memory"]
-        L += ["", f"### Memory: RSS after {mm['tokens']} distinct EdDSA tokens (cache capacity {mm['cache_capacity']})", "",
+        budget = mm.get("cache_max_mib")
+        L += ["", f"### Memory: RSS after {mm['tokens']} distinct EdDSA tokens (cache capacity {mm['cache_capacity']}, budget {budget} MiB)", "",
               f"idle {mm['idle_kib']['VmRSS'] / 1024:.1f} MiB; after: RSS {mm['after_kib']['VmRSS'] / 1024:.1f} MiB, peak {mm['after_kib']['VmHWM'] / 1024:.1f} MiB; "
+              f"cache {mm.get('cache_entries')} entries, {(mm.get('cache_bytes') or 0) / 1048576:.1f} MiB estimated; "
               f"{mm['fill']['allowed']} of {mm['fill']['sent']} allowed in {mm['fill']['seconds']:.0f} s"]
+        if budget:
+            limit = 64 + budget
+            peak = mm['after_kib']['VmHWM'] / 1024
+            L.append(f"target RSS <= 64 MiB + budget = {limit} MiB: peak {peak:.1f} MiB ({'met' if peak <= limit else 'NOT met'})")
     return "\n".join(L) + "\n"
 
 

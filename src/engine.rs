@@ -28,6 +28,11 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// Bytes a token-cache entry costs besides the token and the identity: the cache's node,
+/// its queues and timer wheel, the `Arc` headers, allocator slack. Calibrated by the memory
+/// run in bench/ (RSS growth per cached token, issue 4).
+const CACHE_ENTRY_OVERHEAD: usize = 600;
+
 /// Per-entry lifetime: until the token expires, capped by the configured maximum.
 struct TokenExpiry {
     max_ttl: Duration,
@@ -73,8 +78,17 @@ impl Engine {
     ) -> Self {
         let cache_cfg = &config.file.tokens.cache;
         let cache = (cache_cfg.capacity > 0).then(|| {
+            let budget = cache_cfg.max_bytes.get();
+            // Entries weigh their estimated bytes, and at least budget/capacity, so the cache
+            // holds at most `capacity` entries and about `max_bytes` bytes.
+            let floor = budget.div_ceil(cache_cfg.capacity).min(u64::from(u32::MAX));
             Cache::builder()
-                .max_capacity(cache_cfg.capacity)
+                .max_capacity(budget)
+                .weigher(move |token: &Arc<str>, identity: &Arc<Identity>| -> u32 {
+                    let bytes =
+                        (token.len() + identity.approx_bytes() + CACHE_ENTRY_OVERHEAD) as u64;
+                    u32::try_from(bytes.max(floor)).unwrap_or(u32::MAX)
+                })
                 .expire_after(TokenExpiry {
                     max_ttl: cache_cfg.max_ttl.get(),
                 })
@@ -140,6 +154,19 @@ impl Engine {
     /// Number of cached verified tokens (approximate, for metrics).
     pub fn cached_tokens(&self) -> u64 {
         self.cache.as_ref().map_or(0, |c| c.entry_count())
+    }
+
+    /// Runs the token cache's pending maintenance (evictions over budget, expiries), so the
+    /// figures below are current.
+    pub fn sync_cache(&self) {
+        if let Some(cache) = &self.cache {
+            cache.run_pending_tasks();
+        }
+    }
+
+    /// Estimated bytes held by the token cache (its weighted size).
+    pub fn cached_bytes(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |c| c.weighted_size())
     }
 
     /// Decides one request at the current time.

@@ -23,6 +23,10 @@ use tonic_health::pb::health_client::HealthClient;
 
 /// The shipped sample config with the dev issuer's keys served over loopback HTTP.
 fn config_text(jwks_url: &str) -> String {
+    config_text_with(jwks_url, |_| {})
+}
+
+fn config_text_with(jwks_url: &str, edit: impl FnOnce(&mut serde_yaml::Value)) -> String {
     shipped_config(|doc| {
         doc["server"]["listen"] = "127.0.0.1:0".into();
         doc["server"]["admin_listen"] = "127.0.0.1:0".into();
@@ -32,6 +36,7 @@ fn config_text(jwks_url: &str) -> String {
         ))
         .unwrap();
         doc["issuers"][0]["keys"] = keys;
+        edit(doc);
     })
 }
 
@@ -43,6 +48,10 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(edit: impl FnOnce(&mut serde_yaml::Value)) -> Harness {
         let jwks = JwksServer::start_with(
             dev_jwks(),
             &[
@@ -52,7 +61,8 @@ impl Harness {
         )
         .await;
         let dir = tempfile::tempdir().unwrap();
-        let server = start_server(dir.path(), "portcullis.yaml", &config_text(&jwks.url())).await;
+        let text = config_text_with(&jwks.url(), edit);
+        let server = start_server(dir.path(), "portcullis.yaml", &text).await;
         let h = Harness {
             server,
             jwks,
@@ -234,6 +244,55 @@ async fn token_cache_hit_decides_like_a_miss() {
     let metrics = h.metrics().await;
     let hits = metric_value(&metrics, "portcullis_token_cache_hits_total");
     assert!(hits >= 2.0, "expected cache hits, metrics:\n{metrics}");
+}
+
+#[tokio::test]
+async fn token_cache_stays_within_its_byte_budget() {
+    let h = Harness::start_with(|doc| {
+        doc["tokens"]["cache"] =
+            serde_yaml::from_str("{capacity: 100000, max_bytes: 1MiB}").unwrap();
+    })
+    .await;
+    let engine = h.server.engine.load_full();
+    // ~2 KiB claims each: 1000 tokens would need about 3 MiB if all were kept.
+    let padding = "p".repeat(2048);
+    for i in 0..1000 {
+        let token =
+            mint(json!({"sub": format!("user{i}"), "scope": "orders:read", "pad": padding}));
+        let headers = HashMap::from([("authorization".to_string(), bearer(&token))]);
+        let view = portcullis::authz::RequestView {
+            method: "GET",
+            host: "api.example.com",
+            path: "/orders/1",
+            headers: &headers,
+            source_ip: None,
+            source_principal: "",
+            scheme: "http",
+            peer_certificate: None,
+        };
+        assert!(engine.check(&view).await.is_allow());
+    }
+    engine.sync_cache();
+    let (entries, bytes) = (engine.cached_tokens(), engine.cached_bytes());
+    assert!(bytes <= 1 << 20, "{bytes} bytes cached over a 1 MiB budget");
+    assert!(bytes >= 1 << 19, "budget barely used: {bytes} bytes");
+    assert!((100..1000).contains(&entries), "{entries} entries");
+    // The scrape shows the same figure.
+    let metrics = h.metrics().await;
+    let scraped = metric_value(&metrics, "portcullis_token_cache_bytes");
+    assert!(scraped > 0.0 && scraped <= f64::from(1 << 20), "{scraped}");
+}
+
+#[test]
+fn a_cache_budget_too_small_is_refused_by_name() {
+    let text = config_text_with("http://127.0.0.1:1/jwks", |doc| {
+        doc["tokens"]["cache"] = serde_yaml::from_str("{max_bytes: 1000}").unwrap();
+    });
+    let err = portcullis::config::from_str(&text, std::path::Path::new("portcullis.yaml"))
+        .expect_err("a 1000-byte cache budget must be refused");
+    let msg = err.to_string();
+    assert!(msg.contains("tokens.cache.max_bytes"), "{msg}");
+    assert!(msg.contains("capacity: 0"), "{msg}");
 }
 
 #[tokio::test]

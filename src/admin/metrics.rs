@@ -37,6 +37,8 @@ pub struct Metrics {
     pub token_cache_hits: Counter,
     pub token_cache_misses: Counter,
     pub token_cache_entries: Gauge,
+    /// Estimated bytes held by the token cache (its budget is `tokens.cache.max_bytes`).
+    pub token_cache_bytes: Gauge,
     pub jwks_fetches: Family<IssuerResultLabels, Counter>,
     pub jwks_seconds_since_success: Family<IssuerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub config_reloads: Family<ResultLabels, Counter>,
@@ -57,6 +59,7 @@ impl Metrics {
             token_cache_hits: Counter::default(),
             token_cache_misses: Counter::default(),
             token_cache_entries: Gauge::default(),
+            token_cache_bytes: Gauge::default(),
             jwks_fetches: Family::default(),
             jwks_seconds_since_success: Family::default(),
             config_reloads: Family::default(),
@@ -104,6 +107,11 @@ impl Metrics {
             "token_cache_entries",
             "Verified tokens currently cached",
             self.token_cache_entries.clone(),
+        );
+        r.register(
+            "token_cache_bytes",
+            "Estimated bytes held by the verified-token cache",
+            self.token_cache_bytes.clone(),
         );
         r.register(
             "jwks_fetches",

@@ -86,9 +86,13 @@ async fn metrics_text(State(state): State<AdminState>) -> Response {
 
 /// Gauges that are computed at scrape time rather than kept up to date on the hot path.
 fn refresh_gauges(engine: &Engine, metrics: &Metrics) {
+    engine.sync_cache();
     metrics
         .token_cache_entries
         .set(i64::try_from(engine.cached_tokens()).unwrap_or(i64::MAX));
+    metrics
+        .token_cache_bytes
+        .set(i64::try_from(engine.cached_bytes()).unwrap_or(i64::MAX));
     let now = SystemTime::now();
     for s in engine.keys.status() {
         let age = s

@@ -6,6 +6,7 @@
 //! helps, a hint. A config either compiles completely or not at all: there is no partial or
 //! "allow-all" fallback.
 
+pub mod bytes;
 pub mod creds;
 pub mod duration;
 pub mod schema;
@@ -108,6 +109,9 @@ pub const DEFAULT_ALGORITHMS: &[Algorithm] = &[
     Algorithm::ES384,
     Algorithm::EdDSA,
 ];
+
+/// Smallest `tokens.cache.max_bytes` for an enabled cache.
+const CACHE_BYTES_MIN: u64 = 1 << 20;
 
 /// Bounds of `tokens.max_bytes`.
 const TOKEN_BYTES_MIN: usize = 256;
@@ -321,6 +325,18 @@ impl Compiler {
                 format!(
                     "`{max_bytes}` is out of range: use {TOKEN_BYTES_MIN} to {TOKEN_BYTES_MAX}"
                 ),
+            ));
+        }
+
+        let cache = &file.tokens.cache;
+        if cache.capacity > 0 && cache.max_bytes.get() < CACHE_BYTES_MIN {
+            return Err(self.hint(
+                "tokens.cache.max_bytes",
+                format!(
+                    "`{}` is too small for a token cache: use at least 1MiB",
+                    cache.max_bytes
+                ),
+                "to turn the cache off, set `tokens.cache.capacity: 0`",
             ));
         }
 

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::bytes::ByteSize;
 use super::duration::HumanDuration;
 
 /// The whole configuration file.
@@ -150,6 +151,10 @@ pub struct TokenCacheConfig {
     /// A verified token is kept at most this long (and never past its `exp`).
     #[serde(default = "default_cache_ttl")]
     pub max_ttl: HumanDuration,
+    /// Memory budget for cached tokens (estimated bytes of token plus identity); least
+    /// recently useful entries are evicted beyond it, whatever `capacity` says.
+    #[serde(default = "default_cache_max_bytes")]
+    pub max_bytes: ByteSize,
 }
 
 impl Default for TokenCacheConfig {
@@ -157,12 +162,16 @@ impl Default for TokenCacheConfig {
         Self {
             capacity: default_cache_capacity(),
             max_ttl: default_cache_ttl(),
+            max_bytes: default_cache_max_bytes(),
         }
     }
 }
 
 fn default_cache_capacity() -> u64 {
     100_000
+}
+fn default_cache_max_bytes() -> ByteSize {
+    ByteSize::mib(64)
 }
 fn default_cache_ttl() -> HumanDuration {
     HumanDuration::from_secs(300)

@@ -90,10 +90,49 @@ impl Identity {
             .and_then(Value::as_str)
     }
 
+    /// Approximate heap bytes this identity holds, for the token cache's byte budget: every
+    /// string and JSON node it owns, plus allocator and map bookkeeping.
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Identity>()
+            + self.issuer.capacity()
+            + self.subject.capacity()
+            + self.key_fingerprint.len()
+            + strings_bytes(&self.scopes)
+            + strings_bytes(&self.roles)
+            + map_bytes(&self.claims)
+    }
+
     /// A claim by dotted path (`realm_access.roles`).
     pub fn claim(&self, path: &str) -> Option<&Value> {
         claim_path(&self.claims, path)
     }
+}
+
+/// Per-allocation bookkeeping assumed by `approx_bytes` (size-class rounding, headers).
+const ALLOC_OVERHEAD: usize = 16;
+/// Per-entry overhead of a JSON object (B-tree node share), assumed by `approx_bytes`.
+const MAP_ENTRY_OVERHEAD: usize = 32;
+
+fn strings_bytes(list: &[String]) -> usize {
+    list.iter()
+        .map(|s| std::mem::size_of::<String>() + s.capacity() + ALLOC_OVERHEAD)
+        .sum()
+}
+
+fn map_bytes(map: &Map<String, Value>) -> usize {
+    map.iter()
+        .map(|(k, v)| k.capacity() + ALLOC_OVERHEAD + MAP_ENTRY_OVERHEAD + value_bytes(v))
+        .sum()
+}
+
+fn value_bytes(value: &Value) -> usize {
+    std::mem::size_of::<Value>()
+        + match value {
+            Value::String(s) => s.capacity() + ALLOC_OVERHEAD,
+            Value::Array(items) => items.iter().map(value_bytes).sum::<usize>() + ALLOC_OVERHEAD,
+            Value::Object(map) => map_bytes(map),
+            _ => 0,
+        }
 }
 
 /// Looks up a dotted claim path. A key that itself contains dots is found when it exists
