@@ -103,7 +103,12 @@ fn serve(config_path: std::path::PathBuf) -> anyhow::Result<()> {
     for warning in &config.warnings {
         tracing::warn!(config = %config_path.display(), "{warning}");
     }
-    runtime()?.block_on(async {
+    let rt = runtime()?;
+    tracing::info!(
+        scheduler = ?rt.handle().runtime_flavor(),
+        "async runtime started"
+    );
+    rt.block_on(async {
         let server = Server::start_watching(config, config_path.clone()).await?;
         shutdown_signal().await;
         tracing::info!("shutting down: finishing in-flight checks");

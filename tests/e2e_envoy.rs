@@ -949,3 +949,68 @@ async fn policy_edited_under_load_never_fails_or_wrongly_allows() {
         "{metrics}"
     );
 }
+
+/// On one CPU (here `taskset -c 0`) the binary runs tokio's single-threaded scheduler (a
+/// bench/ lever, issue 4). It must still decide through Envoy, reload on SIGHUP and, on
+/// SIGTERM, finish and flush its audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_cpu_the_single_threaded_scheduler_serves_reloads_and_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = JwksServer::start(&[Key::A]).await;
+    let upstream = Upstream::start().await;
+    let portcullis = Portcullis::start_on(dir.path(), "portcullis", true, |grpc, admin| {
+        portcullis_config(grpc, admin, &jwks.url())
+    });
+    let envoy = Envoy::start(dir.path(), portcullis.grpc, upstream.port);
+    let mut stack = Stack::assemble(dir, jwks, upstream, Some(portcullis), envoy);
+    let logs = stack.portcullis().logs();
+    assert!(
+        logs.contains(r#""scheduler":"CurrentThread""#),
+        "expected the single-threaded scheduler on one CPU:\n{logs}"
+    );
+
+    for proto in PROTOCOLS {
+        let ok = stack
+            .get(proto, "/orders/1", Some(&reader_token(Key::A)))
+            .await;
+        assert_eq!(ok.status, 200, "{proto:?}: {}", stack.logs());
+        assert!(ok.answered_by_upstream());
+        assert_eq!(stack.get(proto, "/orders/1", None).await.status, 401);
+    }
+
+    let pid = stack.portcullis().id().unwrap().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-HUP");
+    eventually(Duration::from_secs(10), "SIGHUP reload", || async {
+        stack
+            .portcullis
+            .as_ref()
+            .unwrap()
+            .logs()
+            .contains("config reloaded")
+    })
+    .await;
+    let ok = stack
+        .get(Proto::Http1, "/orders/1", Some(&reader_token(Key::A)))
+        .await;
+    assert_eq!(ok.status, 200, "after SIGHUP: {}", stack.logs());
+
+    signal("-TERM");
+    let status = stack.portcullis().wait_exit(Duration::from_secs(15));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "expected a clean exit on SIGTERM, got {status:?}:\n{}",
+        stack.logs()
+    );
+    // Every decision above reached the audit log before the process exited.
+    let audit = stack.portcullis().stdout();
+    let decisions = audit.lines().filter(|l| l.contains("\"decision\"")).count();
+    assert!(decisions >= 5, "{decisions} audit lines:\n{audit}");
+}

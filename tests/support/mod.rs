@@ -194,6 +194,21 @@ impl ChildGuard {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Waits up to `timeout` for the process to exit by itself; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Kills the process and waits for it to exit (its ports are free afterwards).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

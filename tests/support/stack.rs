@@ -24,7 +24,18 @@ pub fn loopback(port: u16) -> SocketAddr {
 /// Starts `portcullis serve --config CONFIG` and waits until its admin `/readyz` on
 /// `127.0.0.1:admin` answers 200.
 pub fn start_portcullis(name: &str, config: &Path, admin: u16) -> ChildGuard {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    start_portcullis_on(name, config, admin, false)
+}
+
+/// As `start_portcullis`; `pinned` runs it under `taskset -c 0` (one CPU).
+pub fn start_portcullis_on(name: &str, config: &Path, admin: u16, pinned: bool) -> ChildGuard {
+    let mut command = if pinned {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0"]).arg(env!("CARGO_BIN_EXE_portcullis"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+    };
     command.arg("serve").arg("--config").arg(config);
     let mut child = ChildGuard::spawn(name, command);
     wait_for_status(
@@ -44,6 +55,8 @@ pub struct Portcullis {
     pub config: PathBuf,
     pub grpc: u16,
     pub admin: u16,
+    /// Run under `taskset -c 0` (one CPU: the single-threaded scheduler).
+    pinned: bool,
     process: Option<ChildGuard>,
 }
 
@@ -51,6 +64,16 @@ impl Portcullis {
     /// Writes `config(grpc, admin)` to `dir/NAME.yaml`, starts the binary on it and waits
     /// until it is ready.
     pub fn start(dir: &Path, name: &str, config: impl FnOnce(u16, u16) -> String) -> Portcullis {
+        Self::start_on(dir, name, false, config)
+    }
+
+    /// As `start`, pinned to one CPU (`taskset -c 0`) when `pinned`.
+    pub fn start_on(
+        dir: &Path,
+        name: &str,
+        pinned: bool,
+        config: impl FnOnce(u16, u16) -> String,
+    ) -> Portcullis {
         let grpc = free_port();
         let admin = free_port();
         let path = dir.join(format!("{name}.yaml"));
@@ -60,6 +83,7 @@ impl Portcullis {
             config: path,
             grpc,
             admin,
+            pinned,
             process: None,
         };
         p.restart();
@@ -69,7 +93,12 @@ impl Portcullis {
     /// Starts the binary on the same config and ports and waits until `/readyz` is 200.
     pub fn restart(&mut self) {
         self.stop();
-        self.process = Some(start_portcullis(&self.name, &self.config, self.admin));
+        self.process = Some(start_portcullis_on(
+            &self.name,
+            &self.config,
+            self.admin,
+            self.pinned,
+        ));
     }
 
     /// Kills the process (its ports are free afterwards).
@@ -86,6 +115,11 @@ impl Portcullis {
     /// The process id while it runs (to send it a signal).
     pub fn id(&self) -> Option<u32> {
         self.process.as_ref().and_then(ChildGuard::id)
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself (after a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.process.as_mut().and_then(|p| p.wait_exit(timeout))
     }
 
     /// Both captured streams (empty while stopped).
