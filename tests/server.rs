@@ -40,6 +40,20 @@ fn config_text_with(jwks_url: &str, edit: impl FnOnce(&mut serde_yaml::Value)) -
     })
 }
 
+/// `GET /orders/1` with `headers`, for deciding on the engine directly (no gRPC).
+fn get_orders_1(headers: &HashMap<String, String>) -> portcullis::authz::RequestView<'_> {
+    portcullis::authz::RequestView {
+        method: "GET",
+        host: "api.example.com",
+        path: "/orders/1",
+        headers,
+        source_ip: None,
+        source_principal: "",
+        scheme: "http",
+        peer_certificate: None,
+    }
+}
+
 struct Harness {
     server: Server,
     jwks: JwksServer,
@@ -260,16 +274,7 @@ async fn token_cache_stays_within_its_byte_budget() {
         let token =
             mint(json!({"sub": format!("user{i}"), "scope": "orders:read", "pad": padding}));
         let headers = HashMap::from([("authorization".to_string(), bearer(&token))]);
-        let view = portcullis::authz::RequestView {
-            method: "GET",
-            host: "api.example.com",
-            path: "/orders/1",
-            headers: &headers,
-            source_ip: None,
-            source_principal: "",
-            scheme: "http",
-            peer_certificate: None,
-        };
+        let view = get_orders_1(&headers);
         assert!(engine.check(&view).await.is_allow());
     }
     engine.sync_cache();
@@ -309,16 +314,7 @@ async fn cached_token_is_refused_once_expired() {
     );
     // Same engine, same cache, a clock past exp + leeway.
     let headers = HashMap::from([("authorization".to_string(), auth.clone())]);
-    let view = portcullis::authz::RequestView {
-        method: "GET",
-        host: "api.example.com",
-        path: "/orders/1",
-        headers: &headers,
-        source_ip: None,
-        source_principal: "",
-        scheme: "http",
-        peer_certificate: None,
-    };
+    let view = get_orders_1(&headers);
     let engine = h.server.engine.load_full();
     let later = engine.check_at(&view, now() + 3600).await;
     assert_eq!(later.http_status(), 401, "{later:?}");
