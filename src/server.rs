@@ -10,13 +10,14 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
 use crate::admin::{self, AdminState, metrics::Metrics};
 use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::grpc::serve::{serve, tcp_incoming};
 use crate::grpc::{AuthorizationServer, AuthzService};
 use crate::keys::{IssuerKeySource, KeyStore};
 use crate::state::StateStore;
@@ -47,7 +48,7 @@ pub struct Server {
     pub engine: Arc<ArcSwap<Engine>>,
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
-    grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
+    grpc_task: JoinHandle<()>,
     admin_task: JoinHandle<std::io::Result<()>>,
     grace: Duration,
 }
@@ -143,24 +144,19 @@ impl Server {
             .build_v1()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
         spawn_approval_sweeper(engine.clone(), shutdown_rx.clone());
-        let mut grpc_stop = shutdown_rx.clone();
-        let grpc_router = tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(AuthorizationServer::new(authz))
+        let check = AuthorizationServer::new(authz);
+        let routes = Routes::new(health_service)
             .add_service(approvals)
             .add_service(reflection);
-        let grpc_stopped = async move {
-            let _ = grpc_stop.wait_for(|stop| *stop).await;
-        };
         let grpc_task = match tls_files {
             // mTLS: only clients with a certificate from `client_ca` (Envoy) get decisions.
             Some(files) => {
                 let incoming = crate::tls::incoming(grpc_listener, files, shutdown_rx.clone())?;
-                tokio::spawn(grpc_router.serve_with_incoming_shutdown(incoming, grpc_stopped))
+                tokio::spawn(serve(incoming, check, routes, shutdown_rx.clone()))
             }
             None => {
-                let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-                tokio::spawn(grpc_router.serve_with_incoming_shutdown(incoming, grpc_stopped))
+                let incoming = tcp_incoming(grpc_listener);
+                tokio::spawn(serve(incoming, check, routes, shutdown_rx.clone()))
             }
         };
 

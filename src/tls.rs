@@ -1,4 +1,4 @@
-//! TLS for the gRPC listener: a stream of TLS connections that tonic serves, client
+//! TLS for the gRPC listener: a stream of TLS connections that the gRPC server (grpc::serve) serves, client
 //! certificates verified against `server.tls.client_ca` (so only your Envoy can ask for
 //! decisions), and hot reload of the certificate, key and CA files.
 //!
@@ -25,7 +25,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::server::TlsStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::config::schema::TlsConfig;
 use crate::identity::peer::{PeerCertificate, PrincipalPattern};
@@ -34,7 +33,7 @@ use crate::identity::peer::{PeerCertificate, PrincipalPattern};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the files are checked for changes.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
-/// Handshaken connections waiting for tonic to pick them up.
+/// Handshaken connections waiting for the gRPC server to pick them up.
 const BACKLOG: usize = 128;
 
 /// Why the TLS configuration could not be built. Names the file, never key material.
@@ -161,21 +160,13 @@ fn build(files: &TlsFiles, contents: &[Vec<u8>]) -> Result<Arc<ServerConfig>, Tl
     Ok(Arc::new(config))
 }
 
-/// One accepted TLS connection, as tonic serves it.
+/// One accepted TLS connection, as the gRPC server serves it.
 pub struct TlsConn(TlsStream<TcpStream>);
 
 impl TlsConn {
     /// The client's certificate chain, leaf first (empty without client authentication).
     pub fn peer_certificates(&self) -> &[CertificateDer<'static>] {
         self.0.get_ref().1.peer_certificates().unwrap_or_default()
-    }
-}
-
-impl Connected for TlsConn {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.0.get_ref().0.connect_info()
     }
 }
 
@@ -219,7 +210,7 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// The stream of handshaken connections handed to tonic.
+/// The stream of handshaken connections handed to the gRPC server.
 pub struct Incoming(mpsc::Receiver<io::Result<TlsConn>>);
 
 impl Stream for Incoming {

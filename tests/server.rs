@@ -475,3 +475,87 @@ fn metric_value(text: &str, name: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// A raw gRPC POST over h2c: the response headers and the decoded CheckResponse, if any.
+async fn raw_check(
+    addr: std::net::SocketAddr,
+    path: &str,
+    extra: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (reqwest::header::HeaderMap, Option<CheckResponse>) {
+    use prost::Message;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let mut req = client
+        .post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body);
+    for (name, value) in extra {
+        req = req.header(*name, *value);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200, "gRPC answers are HTTP 200");
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await.unwrap();
+    let message = (bytes.len() >= 5).then(|| {
+        let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+        assert_eq!(bytes.len(), 5 + len, "one whole gRPC message");
+        CheckResponse::decode(&bytes[5..]).unwrap()
+    });
+    (headers, message)
+}
+
+#[tokio::test]
+async fn an_unreadable_check_request_is_an_explicit_deny_never_a_grpc_error() {
+    const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
+    let h = Harness::start().await;
+    let addr = h.server.grpc_addr;
+    const GZIP: &[(&str, &str)] = &[("grpc-encoding", "gzip")];
+    type Case = (
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        &'static [u8],
+    );
+    let cases: [Case; 6] = [
+        ("not protobuf", &[], &[0, 0, 0, 0, 3, 0xff, 0xff, 0xff]),
+        ("compressed flag", &[], &[1, 0, 0, 0, 0]),
+        ("shorter than its length", &[], &[0, 0, 0, 0, 10, 1, 2]),
+        ("two messages", &[], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        ("no frame", &[], &[0, 0]),
+        ("gzip", GZIP, &[0, 0, 0, 0, 0]),
+    ];
+    for (what, extra, body) in cases {
+        let (headers, resp) = raw_check(addr, CHECK, extra, body.to_vec()).await;
+        let resp = resp.unwrap_or_else(|| panic!("{what}: no CheckResponse ({headers:?})"));
+        assert_eq!(status(&resp), 7, "{what}: PERMISSION_DENIED, not OK");
+        let (code, _, body) = denied(&resp);
+        assert_eq!(code, 403, "{what}");
+        assert_eq!(body["error"], "internal_error", "{what}");
+    }
+    // Each one counted like any other decision.
+    let metrics = h.metrics().await;
+    let internal = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("portcullis_decisions_total") && l.contains("reason=\"internal_error\"")
+        })
+        .unwrap_or_else(|| panic!("no internal decisions in:\n{metrics}"));
+    assert!(internal.ends_with(" 6"), "{internal}");
+
+    // The same bytes framed properly are an ordinary (empty) request: denied by routing.
+    let (_, resp) = raw_check(addr, CHECK, &[], vec![0, 0, 0, 0, 0]).await;
+    assert_ne!(status(&resp.unwrap()), 0);
+
+    // Other methods and services on the port: gRPC UNIMPLEMENTED, as generated servers say.
+    for path in [
+        "/envoy.service.auth.v3.Authorization/Nope",
+        "/no.such.Service/Check",
+    ] {
+        let (headers, resp) = raw_check(addr, path, &[], vec![0, 0, 0, 0, 0]).await;
+        assert_eq!(headers["grpc-status"], "12", "{path}");
+        assert!(resp.is_none(), "{path}");
+    }
+}

@@ -1,13 +1,15 @@
 //! The Envoy ext_authz gRPC service. The only module that imports `envoy_types` or builds a
 //! `CheckResponse`: it turns a CheckRequest into a `RequestView`, asks the `Engine`, records
 //! the decision (metrics + audit), and turns the `Decision` into an explicit response.
-//! `wire` is the CheckRequest as we decode it; `service` the tonic service around it.
+//! `wire` is the CheckRequest as we decode it; `service` the gRPC method around it; `serve`
+//! the port's accept loop (Check straight to `service`, other services through tonic).
 //!
 //! INVARIANT: `check` never returns a gRPC error and never an empty response. Envoy treats a
 //! response without status as an allow and, under `failure_mode_allow`, a gRPC error too; so
 //! every deny — including internal failures and panics — is a `CheckResponse` with a non-OK
 //! status and a `DeniedHttpResponse`.
 
+pub mod serve;
 pub mod service;
 pub mod wire;
 
@@ -89,6 +91,20 @@ impl AuthzService {
 
         let response = to_response(&decision, &engine, request_id);
         self.record(&decision, &view, request_id, elapsed);
+        response
+    }
+
+    /// The explicit deny for a Check that could not be read or decoded (fail closed: a gRPC
+    /// error would be an allow under `failure_mode_allow`). Logged, counted and audited
+    /// like any other decision.
+    pub fn malformed(&self, detail: &str) -> CheckResponse {
+        tracing::warn!(detail, "refusing a malformed CheckRequest");
+        let engine = self.engine.load();
+        let decision = Decision::new(ReasonCode::Internal, detail.to_string());
+        let empty = CheckRequest::default();
+        let parts = RequestParts::from_check(&empty);
+        let response = to_response(&decision, &engine, "");
+        self.record(&decision, &parts.view(), "", std::time::Duration::ZERO);
         response
     }
 
