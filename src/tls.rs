@@ -1,4 +1,4 @@
-//! TLS for the gRPC listener: a stream of TLS connections that the gRPC server (grpc::serve) serves, client
+//! TLS for the gRPC listener: a stream of TLS connections for `grpc::serve`, client
 //! certificates verified against `server.tls.client_ca` (so only your Envoy can ask for
 //! decisions), and hot reload of the certificate, key and CA files.
 //!
