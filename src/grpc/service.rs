@@ -21,7 +21,6 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use prost::Message;
 use tonic::codegen::{Body, BoxFuture, StdError, http};
-use tonic::server::NamedService;
 
 use super::AuthzService;
 use super::wire;
@@ -29,14 +28,15 @@ use super::wire;
 /// The one method of the service.
 pub const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 
-/// The largest CheckRequest accepted: tonic's default, ample for Envoy's
-/// `with_request_body` (whose own default cap is 8 KiB... up to what an operator sets).
-pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// The largest CheckRequest accepted (tonic's default limit): room for whatever request body
+/// an operator lets Envoy forward with `with_request_body`.
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// gRPC frame header: a compression flag and a big-endian length.
 const FRAME_HEADER: usize = 5;
 
-/// `envoy.service.auth.v3.Authorization`, served by an `AuthzService`.
+/// The `Check` method, served by an `AuthzService`. `serve::Dispatch` sends it only
+/// requests for `CHECK_PATH`; any other path is tonic's (which answers UNIMPLEMENTED).
 #[derive(Clone)]
 pub struct AuthorizationServer {
     inner: Arc<AuthzService>,
@@ -48,10 +48,6 @@ impl AuthorizationServer {
             inner: Arc::new(inner),
         }
     }
-}
-
-impl NamedService for AuthorizationServer {
-    const NAME: &'static str = "envoy.service.auth.v3.Authorization";
 }
 
 impl<B> tonic::codegen::Service<http::Request<B>> for AuthorizationServer
@@ -69,9 +65,6 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != CHECK_PATH {
-            return Box::pin(async { Ok(unimplemented()) });
-        }
         let inner = self.inner.clone();
         Box::pin(async move {
             let response = match read_message(req).await {
@@ -168,19 +161,4 @@ impl Body for UnaryBody {
     fn is_end_stream(&self) -> bool {
         self.data.is_none() && self.trailers.is_none()
     }
-}
-
-/// Any other method of this service: gRPC `UNIMPLEMENTED`, as generated servers answer.
-fn unimplemented() -> http::Response<tonic::body::Body> {
-    let mut response = http::Response::new(tonic::body::Body::default());
-    let headers = response.headers_mut();
-    headers.insert(
-        tonic::Status::GRPC_STATUS,
-        (tonic::Code::Unimplemented as i32).into(),
-    );
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        tonic::metadata::GRPC_CONTENT_TYPE,
-    );
-    response
 }
