@@ -321,6 +321,21 @@ impl Stack {
             .map(|e| e["event"].as_str().unwrap_or_default().to_string())
             .collect()
     }
+
+    /// The approval's events once every one of `want` is among them. The audit writer
+    /// batches its output (lines reach stdout up to 50ms late), so this waits up to 5s.
+    fn approval_events_with(&self, id: &str, want: &[&str]) -> Vec<String> {
+        let started = Instant::now();
+        loop {
+            let events = self.approval_events(id);
+            if want.iter().all(|w| events.iter().any(|e| e == w))
+                || started.elapsed() > Duration::from_secs(5)
+            {
+                return events;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 fn assert_approval_required(answer: &Answer, context: &str) {
@@ -378,7 +393,7 @@ async fn approval_through_one_replica_allows_one_retry_through_the_other() {
     assert_approval_required(&third, "third retry via A");
 
     // Every step is in the audit log (the use on replica B).
-    let events = stack.approval_events(&id);
+    let events = stack.approval_events_with(&id, &["requested", "approved", "used"]);
     for want in ["requested", "approved", "used"] {
         assert!(
             events.iter().any(|e| e == want),
