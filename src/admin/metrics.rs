@@ -1,6 +1,8 @@
 //! Prometheus metrics (prometheus-client). One `Metrics` per process, shared by `Arc`.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -12,7 +14,18 @@ pub struct DecisionLabels {
     pub result: &'static str,
     pub status: u16,
     pub reason: &'static str,
-    pub route: String,
+    pub route: RouteLabel,
+}
+
+/// The route id as a label value (empty when no route matched). Shares the decision's
+/// `Arc<str>`, so counting a decision allocates nothing.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct RouteLabel(pub Option<Arc<str>>);
+
+impl EncodeLabelValue for RouteLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.0.as_deref().unwrap_or(""))
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

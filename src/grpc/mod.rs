@@ -27,7 +27,7 @@ use envoy_types::pb::google::rpc;
 pub use service::AuthorizationServer;
 use wire::{CheckRequest, HeaderList};
 
-use crate::admin::metrics::{DecisionLabels, Metrics};
+use crate::admin::metrics::{DecisionLabels, Metrics, RouteLabel};
 use crate::audit::{AuditEvent, AuditSink};
 use crate::authz::{Decision, ReasonCode, RequestView};
 use crate::engine::Engine;
@@ -115,14 +115,13 @@ impl AuthzService {
         request_id: &str,
         elapsed: std::time::Duration,
     ) {
-        let route = decision.route.as_deref().unwrap_or("").to_string();
         self.metrics
             .decisions
             .get_or_create(&DecisionLabels {
                 result: if decision.is_allow() { "allow" } else { "deny" },
                 status: decision.http_status(),
                 reason: decision.code.as_str(),
-                route,
+                route: RouteLabel(decision.route.clone()),
             })
             .inc();
         self.metrics.decision_seconds.observe(elapsed.as_secs_f64());
