@@ -9,6 +9,8 @@ Scenarios (same route, grants and token sets; Envoy --concurrency 1; direct_resp
   P    Envoy ext_authz (same wiring) to Portcullis with a realistic policy
   Pd   P with the pre-bench wiring (no allowed_headers): measures the allowed_headers lever
   Fu   F over a Unix domain socket instead of loopback TCP: measures the UDS lever
+  Fh   Envoy's HTTP ext_authz API (http_service, h2 cluster) to a no-op HTTP server: the floor
+       of the HTTP hop, for comparison (Portcullis serves the gRPC API)
 Token sets: 1 token, 10 000 distinct (rotated per request), 10 000 with 10% denials.
 Load generator on CPU 0, system under test (Envoy + authz server) on CPU 1.
 """
@@ -218,6 +220,16 @@ def shipped():
     return hcm, authz, cluster
 
 
+def http_filter(grpc_filter):
+    """The shipped ext_authz filter switched to Envoy's HTTP API: same cluster (HTTP/2), same
+    allowed headers, fail-closed settings and timeout."""
+    tc = {k: v for k, v in grpc_filter["typed_config"].items()
+          if k not in ("grpc_service", "transport_api_version", "include_peer_certificate")}
+    tc["http_service"] = {"server_uri": {"uri": "http://127.0.0.1", "cluster": "portcullis",
+                                         "timeout": grpc_filter["typed_config"]["grpc_service"]["timeout"]}}
+    return {"name": grpc_filter["name"], "typed_config": tc}
+
+
 def envoy_config(name, listen, admin, filters, authz_port=None, authz_uds=None):
     """The shipped listener (envoy/envoy.yaml) with `filters` before the router and a
     direct_response route, so only the auth cost differs between scenarios."""
@@ -391,13 +403,17 @@ def main():
                                  portcullis_config("p", p_port, p_admin)])
         procs.append(pc)
         wait_http(p_admin, "/readyz", ["200"])
+        hp = free_port()
+        noop_http = Proc("noop-http", [BENCH, "noop-http", "--listen", f"127.0.0.1:{hp}"])
+        procs.append(noop_http)
         legacy = {k: v for k, v in authz_filter.items()}
         legacy["typed_config"] = {k: v for k, v in authz_filter["typed_config"].items()
                                   if k != "allowed_headers"}
         scen = {"S1": ([], None), "S2": ([jwt_filter(), rbac_filter()], None),
                 "S2c": ([jwt_filter(a.tokens), rbac_filter()], None),
                 "F": ([authz_filter], noop_port), "P": ([authz_filter], p_port),
-                "Pd": ([legacy], p_port), "Fu": ([authz_filter], noop_port)}
+                "Pd": ([legacy], p_port), "Fu": ([authz_filter], noop_port),
+                "Fh": ([http_filter(authz_filter)], hp)}
         envoys, ports = {}, {}
         for name, (filters, authz_port) in scen.items():
             lp, ap_ = free_port(), free_port()
@@ -414,10 +430,11 @@ def main():
         deny_tok = open(sets["mix"]).read().splitlines()[9]
         for name, lp in ports.items():
             got = (http_status(lp, allow_tok), http_status(lp, deny_tok))
-            want = {"S1": (200, 200), "F": (200, 200), "Fu": (200, 200)}.get(name, (200, 403))
+            want = {"S1": (200, 200), "F": (200, 200), "Fu": (200, 200),
+                    "Fh": (200, 200)}.get(name, (200, 403))
             if got != want:
                 raise RuntimeError(f"{name}: allow/deny answered {got}, expected {want}")
-        authz_pid = {"F": procs[0], "Fu": procs[1], "P": pc, "Pd": pc}
+        authz_pid = {"F": procs[0], "Fu": procs[1], "P": pc, "Pd": pc, "Fh": noop_http}
         results = {"meta": {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
@@ -541,7 +558,7 @@ def summarize(res):
         s["closed"][k] = {"rps": median(v["rps"]), "cpu_us_per_req": cpu,
                           "non2xx": [by[(rnd, *k.split("/"))]["non2xx"] for rnd in rounds if (rnd, *k.split("/")) in by]}
     pairs = [("P", "F"), ("P", "S2"), ("P", "S2c"), ("F", "S2"), ("F", "S2c"), ("P", "S1"), ("S2", "S1"),
-             ("P", "Pd"), ("Fu", "F")]
+             ("P", "Pd"), ("Fu", "F"), ("Fh", "F"), ("Fh", "S2")]
     def cpu(r):
         return sum(r["cpu_us_per_req"].values())
 
@@ -590,7 +607,7 @@ def render(res):
     L += ["### Closed loop (wrk, 1 thread, %d connections): requests/s, median of rounds" % m["args"]["conns"], "",
           "| scenario | 1 token | 10k tokens | 10k, 10% denied | Envoy CPU us/req (10k) | authz CPU us/req (10k) |",
           "|---|---:|---:|---:|---:|---:|"]
-    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu"):
+    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu", "Fh"):
         row = [s["closed"].get(f"{n}/{t}", {}).get("rps") for t in SETS]
         if not any(row):
             continue
@@ -599,7 +616,7 @@ def render(res):
         acpu = next((v for k, v in cpu.items() if not k.startswith("envoy")), "")
         L.append(f"| {n} | " + " | ".join(f"{v:.0f}" if v else "" for v in row) + f" | {ecpu} | {acpu} |")
     L += ["", "### Ratios (computed within each round, median)", "", "| ratio | 1 token | 10k tokens | 10k, 10% denied |", "|---|---:|---:|---:|"]
-    names = sorted({k.split(" ")[0] for k in s["ratios"]}, key=lambda x: ["P/F", "P/S2", "P/S2c", "F/S2", "F/S2c", "P/S1", "S2/S1", "P/Pd", "Fu/F"].index(x))
+    names = sorted({k.split(" ")[0] for k in s["ratios"]}, key=lambda x: ["P/F", "P/S2", "P/S2c", "F/S2", "F/S2c", "P/S1", "S2/S1", "P/Pd", "Fu/F", "Fh/F", "Fh/S2"].index(x))
     for n in names:
         L.append(f"| {n} | " + " | ".join(f"{s['ratios'].get(f'{n} {t}', '')}" for t in SETS) + " |")
     if s.get("cpu_ratios"):

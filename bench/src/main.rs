@@ -105,6 +105,14 @@ enum Cmd {
         #[arg(long)]
         listen: String,
     },
+    /// The no-op for Envoy's HTTP ext_authz API (`http_service`, HTTP/2 without TLS): 200
+    /// for any request with an Authorization header, else 401. The floor of the HTTP hop,
+    /// measured for comparison; Portcullis itself serves the gRPC API.
+    NoopHttp {
+        /// `HOST:PORT`.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Open-loop HTTP/1.1 GETs at a constant rate; prints one JSON line of results.
     OpenLoop {
         #[arg(long)]
@@ -209,6 +217,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }),
+        Cmd::NoopHttp { listen } => runtime()?.block_on(noop_http(listen)),
         Cmd::OpenLoop {
             addr,
             path,
@@ -394,6 +403,35 @@ impl Authorization for Noop {
             }
         };
         Ok(tonic::Response::new(resp))
+    }
+}
+
+async fn noop_http(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on `{listen}`"))?;
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.auto_date_header(false);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        let conn = builder.serve_connection(
+            hyper_util::rt::TokioIo::new(stream),
+            hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                let status = if req.headers().contains_key("authorization") {
+                    200
+                } else {
+                    401
+                };
+                let mut resp = hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                *resp.status_mut() = hyper::StatusCode::from_u16(status)?;
+                Ok::<_, anyhow::Error>(resp)
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
     }
 }
 
