@@ -85,27 +85,25 @@ impl AuditEvent<'_> {
         out.extend_from_slice(b"{\"time\":\"");
         // RFC 3339 is digits and `-:.TZ`: nothing to escape.
         let _ = write!(out, "{}", humantime::format_rfc3339_micros(self.time));
-        out.extend_from_slice(b"\",\"kind\":");
-        json_str(out, self.kind);
-        out.extend_from_slice(b",\"request_id\":");
-        json_str(out, self.request_id);
-        out.extend_from_slice(b",\"decision\":");
-        json_str(out, self.decision);
-        let _ = write!(out, ",\"status\":{},\"reason\":", self.status);
-        json_str(out, self.reason);
-        out.extend_from_slice(b",\"detail\":");
-        json_str(out, self.detail);
-        out.extend_from_slice(b",\"route\":");
-        json_opt_str(out, self.route);
-        out.extend_from_slice(b",\"rule\":");
-        json_opt_str(out, self.rule);
-        out.extend_from_slice(b",\"subject\":");
-        json_opt_str(out, self.subject);
-        out.extend_from_slice(b",\"issuer\":");
-        json_opt_str(out, self.issuer);
+        out.push(b'"');
+        let text = [
+            ("kind", Some(self.kind)),
+            ("request_id", Some(self.request_id)),
+            ("decision", Some(self.decision)),
+        ];
+        write_fields(out, &text);
+        let _ = write!(out, ",\"status\":{}", self.status);
+        let text = [
+            ("reason", Some(self.reason)),
+            ("detail", Some(self.detail)),
+            ("route", self.route),
+            ("rule", self.rule),
+            ("subject", self.subject),
+            ("issuer", self.issuer),
+        ];
+        write_fields(out, &text);
         if let Some(key) = self.api_key {
-            out.extend_from_slice(b",\"api_key\":");
-            json_str(out, key);
+            write_fields(out, &[("api_key", Some(key))]);
         }
         match self.client_ip {
             // An address's text is digits, hex, `.` and `:`: nothing to escape.
@@ -114,26 +112,29 @@ impl AuditEvent<'_> {
             }
             None => out.extend_from_slice(b",\"client_ip\":null"),
         }
-        out.extend_from_slice(b",\"method\":");
-        json_str(out, self.method);
-        out.extend_from_slice(b",\"host\":");
-        json_str(out, self.host);
-        out.extend_from_slice(b",\"path\":");
-        json_str(out, self.path);
+        let text = [
+            ("method", Some(self.method)),
+            ("host", Some(self.host)),
+            ("path", Some(self.path)),
+        ];
+        write_fields(out, &text);
         let _ = write!(out, ",\"decision_us\":{}}}", self.decision_us);
     }
 }
 
-/// A JSON string, escaped as serde_json escapes it.
-fn json_str(out: &mut Vec<u8>, s: &str) {
-    // Writing to a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
-}
-
-fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
-    match s {
-        Some(s) => json_str(out, s),
-        None => out.extend_from_slice(b"null"),
+/// `,"key":"value"` for each pair (`null` for `None`). Keys are plain identifiers.
+fn write_fields(out: &mut Vec<u8>, fields: &[(&str, Option<&str>)]) {
+    for (key, value) in fields {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        match value {
+            // Writing a string to a Vec cannot fail; serde_json escapes it.
+            Some(v) => {
+                let _ = serde_json::to_writer(&mut *out, v);
+            }
+            None => out.extend_from_slice(b"null"),
+        }
     }
 }
 
