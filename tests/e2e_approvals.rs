@@ -324,7 +324,7 @@ impl Stack {
 
     /// The approval's events once every one of `want` is among them. The audit writer
     /// batches its output (lines reach stdout up to 50ms late), so this waits up to 5s.
-    fn approval_events_with(&self, id: &str, want: &[&str]) -> Vec<String> {
+    async fn approval_events_with(&self, id: &str, want: &[&str]) -> Vec<String> {
         let started = Instant::now();
         loop {
             let events = self.approval_events(id);
@@ -333,7 +333,7 @@ impl Stack {
             {
                 return events;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -393,7 +393,9 @@ async fn approval_through_one_replica_allows_one_retry_through_the_other() {
     assert_approval_required(&third, "third retry via A");
 
     // Every step is in the audit log (the use on replica B).
-    let events = stack.approval_events_with(&id, &["requested", "approved", "used"]);
+    let events = stack
+        .approval_events_with(&id, &["requested", "approved", "used"])
+        .await;
     for want in ["requested", "approved", "used"] {
         assert!(
             events.iter().any(|e| e == want),
