@@ -9,8 +9,9 @@ Scenarios (same route, grants and token sets; Envoy --concurrency 1; direct_resp
   P    Envoy ext_authz (same wiring) to Portcullis with a realistic policy
   Pd   P with the pre-bench wiring (no allowed_headers): measures the allowed_headers lever
   Fu   F over a Unix domain socket instead of loopback TCP: measures the UDS lever
-  Fh   Envoy's HTTP ext_authz API (http_service, h2 cluster) to a no-op HTTP server: the floor
-       of the HTTP hop, for comparison (Portcullis serves the gRPC API)
+  Fh   Envoy's HTTP ext_authz API (the wiring shipped in envoy/envoy-http.yaml) to a no-op
+       HTTP server: the floor of the HTTP hop
+  Ph   the same HTTP wiring to Portcullis's HTTP ext_authz listener (`server.http_listen`)
 Token sets: 1 token, 10 000 distinct (rotated per request), 10 000 with 10% denials.
 Load generator on CPU 0, system under test (Envoy + authz server) on CPU 1.
 """
@@ -31,6 +32,11 @@ KEYFILE = {"RS256": "rsa.pem", "PS256": "rsa.pem", "ES256": "ec.pem", "EdDSA": "
 KID = {"RS256": "rs", "PS256": "ps", "ES256": "es", "EdDSA": "ed"}
 PATH = "/orders/42"
 SETS = ["1", "10k", "mix"]
+OPEN_SCENARIOS = ["S1", "S2", "S2c", "F", "P", "Ph"]
+# Ratios reported (computed within each round).
+PAIRS = [("P", "F"), ("P", "S2"), ("P", "S2c"), ("F", "S2"), ("F", "S2c"), ("P", "S1"), ("S2", "S1"),
+         ("P", "Pd"), ("Fu", "F"), ("Fh", "F"), ("Fh", "S2"),
+         ("Ph", "Fh"), ("Ph", "S2"), ("Ph", "S2c"), ("Ph", "P")]
 
 
 def log(*a):
@@ -137,10 +143,13 @@ def routes():
 CACHE_MAX_MIB = 64  # tokens.cache.max_bytes of every Portcullis here (the shipped default)
 
 
-def portcullis_config(name, grpc_port, admin_port, capacity=100000, audit=True):
+def portcullis_config(name, grpc_port, admin_port, capacity=100000, audit=True, http_port=None):
     keys = os.path.join(WORK, "keys")
+    server = {"listen": f"127.0.0.1:{grpc_port}", "admin_listen": f"127.0.0.1:{admin_port}"}
+    if http_port:
+        server["http_listen"] = f"127.0.0.1:{http_port}"
     cfg = {
-        "server": {"listen": f"127.0.0.1:{grpc_port}", "admin_listen": f"127.0.0.1:{admin_port}"},
+        "server": server,
         "tokens": {"cache": {"capacity": capacity, "max_ttl": "5m", "max_bytes": f"{CACHE_MAX_MIB}MiB"}},
         "issuers": [{"name": KID[a], "issuer": ISS[a], "audiences": [AUD], "algorithms": [a],
                      "keys": {"file": os.path.join(keys, f"{KID[a]}.jwks.json")},
@@ -220,20 +229,23 @@ def shipped():
     return hcm, authz, cluster
 
 
-def http_filter(grpc_filter):
-    """The shipped ext_authz filter switched to Envoy's HTTP API: same cluster (HTTP/2), same
-    allowed headers, fail-closed settings and timeout."""
-    tc = {k: v for k, v in grpc_filter["typed_config"].items()
-          if k not in ("grpc_service", "transport_api_version", "include_peer_certificate")}
-    tc["http_service"] = {"server_uri": {"uri": "http://127.0.0.1", "cluster": "portcullis",
-                                         "timeout": grpc_filter["typed_config"]["grpc_service"]["timeout"]}}
-    return {"name": grpc_filter["name"], "typed_config": tc}
+def shipped_http():
+    """The ext_authz filter and authorizer cluster of envoy/envoy-http.yaml (HTTP API)."""
+    with open(os.path.join(ROOT, "envoy", "envoy-http.yaml")) as f:
+        doc = yaml.safe_load(f)
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    authz = next(f for f in hcm["typed_config"]["http_filters"]
+                 if f["name"] == "envoy.filters.http.ext_authz")
+    cluster = next(c for c in doc["static_resources"]["clusters"] if c["name"] == "portcullis_http")
+    return authz, cluster
 
 
-def envoy_config(name, listen, admin, filters, authz_port=None, authz_uds=None):
+def envoy_config(name, listen, admin, filters, authz_port=None, authz_uds=None, cluster=None):
     """The shipped listener (envoy/envoy.yaml) with `filters` before the router and a
-    direct_response route, so only the auth cost differs between scenarios."""
-    hcm, _, cluster = shipped()
+    direct_response route, so only the auth cost differs between scenarios. `cluster`: the
+    authorizer cluster (default: envoy.yaml's gRPC one)."""
+    hcm, _, grpc_cluster = shipped()
+    cluster = cluster or grpc_cluster
     hcm = json.loads(json.dumps(hcm))
     tc = hcm["typed_config"]
     tc["http_filters"] = filters + [{"name": "envoy.filters.http.router", "typed_config": {
@@ -392,15 +404,16 @@ def main():
     sets, reqs = setup(a.tokens)
     envoy = envoy_bin()
     _, authz_filter, _ = shipped()
+    http_authz_filter, http_cluster = shipped_http()
     procs = []
     try:
         # --- the systems under test, all on CPU 1, all idle except the one under load
-        noop_port, p_port, p_admin = free_port(), free_port(), free_port()
+        noop_port, p_port, p_admin, p_http = free_port(), free_port(), free_port(), free_port()
         procs.append(Proc("noop", [BENCH, "noop", "--listen", f"127.0.0.1:{noop_port}"]))
         noop_sock = os.path.join(WORK, "noop.sock")
         procs.append(Proc("noop-uds", [BENCH, "noop", "--listen", f"unix:{noop_sock}"]))
         pc = Proc("portcullis", [PORTCULLIS, "serve", "--config",
-                                 portcullis_config("p", p_port, p_admin)])
+                                 portcullis_config("p", p_port, p_admin, http_port=p_http)])
         procs.append(pc)
         wait_http(p_admin, "/readyz", ["200"])
         hp = free_port()
@@ -413,12 +426,13 @@ def main():
                 "S2c": ([jwt_filter(a.tokens), rbac_filter()], None),
                 "F": ([authz_filter], noop_port), "P": ([authz_filter], p_port),
                 "Pd": ([legacy], p_port), "Fu": ([authz_filter], noop_port),
-                "Fh": ([http_filter(authz_filter)], hp)}
+                "Fh": ([http_authz_filter], hp), "Ph": ([http_authz_filter], p_http)}
         envoys, ports = {}, {}
         for name, (filters, authz_port) in scen.items():
             lp, ap_ = free_port(), free_port()
             cfg = envoy_config(name, lp, ap_, filters, authz_port,
-                               noop_sock if name == "Fu" else None)
+                               noop_sock if name == "Fu" else None,
+                               http_cluster if name in ("Fh", "Ph") else None)
             envoys[name] = Proc(f"envoy-{name}", [envoy, "-c", cfg, "--concurrency", "1",
                                                   "--log-level", "warn", "--base-id", str(lp)])
             procs.append(envoys[name])
@@ -434,7 +448,7 @@ def main():
                     "Fh": (200, 200)}.get(name, (200, 403))
             if got != want:
                 raise RuntimeError(f"{name}: allow/deny answered {got}, expected {want}")
-        authz_pid = {"F": procs[0], "Fu": procs[1], "P": pc, "Pd": pc, "Fh": noop_http}
+        authz_pid = {"F": procs[0], "Fu": procs[1], "P": pc, "Pd": pc, "Fh": noop_http, "Ph": pc}
         results = {"meta": {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
@@ -466,7 +480,7 @@ def main():
         s2max = median([r["rps"] for r in results["closed"] if r["scenario"] == "S2" and r["tokens"] == "10k"])
         if "open" not in skip and s2max:
             for rnd in range(max(1, a.rounds // 2)):
-                order = [(n, f) for n in ("S1", "S2", "S2c", "F", "P") for f in (0.25, 0.5, 0.75)]
+                order = [(n, f) for n in OPEN_SCENARIOS for f in (0.25, 0.5, 0.75)]
                 random.shuffle(order)
                 for name, frac in order:
                     out = run(["taskset", "-c", LOAD_CPU, BENCH, "open-loop", "--addr",
@@ -557,8 +571,7 @@ def summarize(res):
             cpu[name] = median([c[name] for c in v["cpu"]])
         s["closed"][k] = {"rps": median(v["rps"]), "cpu_us_per_req": cpu,
                           "non2xx": [by[(rnd, *k.split("/"))]["non2xx"] for rnd in rounds if (rnd, *k.split("/")) in by]}
-    pairs = [("P", "F"), ("P", "S2"), ("P", "S2c"), ("F", "S2"), ("F", "S2c"), ("P", "S1"), ("S2", "S1"),
-             ("P", "Pd"), ("Fu", "F"), ("Fh", "F"), ("Fh", "S2")]
+    pairs = PAIRS
     def cpu(r):
         return sum(r["cpu_us_per_req"].values())
 
@@ -583,13 +596,14 @@ def summarize(res):
     for k, v in s["open"].items():
         for q in ("p50", "p99", "p999"):
             v[q] = median(v[q])
-    added = []
-    for rnd in {r["round"] for r in res["open"]}:
-        p = [r for r in res["open"] if r["round"] == rnd and r["scenario"] == "P" and r["load"] == 0.5]
-        b = [r for r in res["open"] if r["round"] == rnd and r["scenario"] == "S1" and r["load"] == 0.5]
-        if p and b:
-            added.append(p[0]["p99_us"] - b[0]["p99_us"])
-    s["added_p99_us_at_50"] = median(added)
+    for name, key in (("P", "added_p99_us_at_50"), ("Ph", "added_p99_us_at_50_http")):
+        added = []
+        for rnd in {r["round"] for r in res["open"]}:
+            p = [r for r in res["open"] if r["round"] == rnd and r["scenario"] == name and r["load"] == 0.5]
+            b = [r for r in res["open"] if r["round"] == rnd and r["scenario"] == "S1" and r["load"] == 0.5]
+            if p and b:
+                added.append(p[0]["p99_us"] - b[0]["p99_us"])
+        s[key] = median(added) if added else None
     for r in res["alone"]:
         k = f"{r['alg']}/{r['cache']}"
         s["alone"].setdefault(k, {"rps": [], "cpu": []})
@@ -607,7 +621,7 @@ def render(res):
     L += ["### Closed loop (wrk, 1 thread, %d connections): requests/s, median of rounds" % m["args"]["conns"], "",
           "| scenario | 1 token | 10k tokens | 10k, 10% denied | Envoy CPU us/req (10k) | authz CPU us/req (10k) |",
           "|---|---:|---:|---:|---:|---:|"]
-    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu", "Fh"):
+    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu", "Fh", "Ph"):
         row = [s["closed"].get(f"{n}/{t}", {}).get("rps") for t in SETS]
         if not any(row):
             continue
@@ -616,7 +630,8 @@ def render(res):
         acpu = next((v for k, v in cpu.items() if not k.startswith("envoy")), "")
         L.append(f"| {n} | " + " | ".join(f"{v:.0f}" if v else "" for v in row) + f" | {ecpu} | {acpu} |")
     L += ["", "### Ratios (computed within each round, median)", "", "| ratio | 1 token | 10k tokens | 10k, 10% denied |", "|---|---:|---:|---:|"]
-    names = sorted({k.split(" ")[0] for k in s["ratios"]}, key=lambda x: ["P/F", "P/S2", "P/S2c", "F/S2", "F/S2c", "P/S1", "S2/S1", "P/Pd", "Fu/F", "Fh/F", "Fh/S2"].index(x))
+    order = ["/".join(p) for p in PAIRS]
+    names = sorted({k.split(" ")[0] for k in s["ratios"]}, key=order.index)
     for n in names:
         L.append(f"| {n} | " + " | ".join(f"{s['ratios'].get(f'{n} {t}', '')}" for t in SETS) + " |")
     if s.get("cpu_ratios"):
@@ -627,11 +642,13 @@ def render(res):
     if s["open"]:
         L += ["", "### Open loop (10k tokens), latency in us, median of rounds", "",
               "| scenario | load (of S2 max) | rate/s | p50 | p99 | p99.9 |", "|---|---:|---:|---:|---:|---:|"]
-        for k in sorted(s["open"], key=lambda k: (["S1", "S2", "S2c", "F", "P"].index(k.split("@")[0]), k)):
+        for k in sorted(s["open"], key=lambda k: (OPEN_SCENARIOS.index(k.split("@")[0]), k)):
             v = s["open"][k]
             n, load = k.split("@")
             L.append(f"| {n} | {load} | {v['rate']:.0f} | {v['p50']:.0f} | {v['p99']:.0f} | {v['p999']:.0f} |")
         L += ["", f"Added p99 at 50% (P minus S1, per round, median): {s['added_p99_us_at_50']} us"]
+        if s.get("added_p99_us_at_50_http") is not None:
+            L += ["", f"Added p99 at 50% (Ph minus S1, per round, median): {s['added_p99_us_at_50_http']} us"]
     if s["alone"]:
         L += ["", "### Portcullis alone (h2load, pre-encoded CheckRequests, 1 core)", "",
               "| algorithm | cache hit: decisions/s | CPU us | cache off (verify every time): decisions/s | CPU us |",

@@ -150,6 +150,7 @@ impl Reloader {
         }
         if new.file.server.listen != old.config.file.server.listen
             || new.file.server.admin_listen != old.config.file.server.admin_listen
+            || new.file.server.http_listen != old.config.file.server.http_listen
         {
             tracing::warn!(
                 config = %self.path.display(),

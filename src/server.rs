@@ -1,5 +1,6 @@
-//! Starting and stopping the service: binds the gRPC and admin listeners, starts the key
-//! store, serves ext_authz + gRPC health + admin, and shuts down gracefully.
+//! Starting and stopping the service: binds the gRPC, admin and (optional) HTTP ext_authz
+//! listeners, starts the key store, serves ext_authz (both APIs) + gRPC health + admin, and
+//! shuts down gracefully.
 //! Used by `main` and, in-process on `127.0.0.1:0`, by the integration tests.
 
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use crate::admin::{self, AdminState, metrics::Metrics};
 use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::grpc::http::{self, HttpAuthorizer};
 use crate::grpc::serve::{serve, tcp_incoming};
 use crate::grpc::{AuthorizationServer, AuthzService};
 use crate::keys::{IssuerKeySource, KeyStore};
@@ -45,10 +47,13 @@ pub enum ServeError {
 pub struct Server {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The HTTP ext_authz listener's address, when `server.http_listen` is set.
+    pub http_addr: Option<SocketAddr>,
     pub engine: Arc<ArcSwap<Engine>>,
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     grpc_task: JoinHandle<()>,
+    http_task: Option<JoinHandle<()>>,
     admin_task: JoinHandle<std::io::Result<()>>,
     grace: Duration,
 }
@@ -97,6 +102,15 @@ impl Server {
         let admin_listener = bind(&config.file.server.admin_listen).await?;
         let grpc_addr = local_addr(&grpc_listener, &config.file.server.listen)?;
         let admin_addr = local_addr(&admin_listener, &config.file.server.admin_listen)?;
+        let http_listener = match &config.file.server.http_listen {
+            Some(addr) => {
+                let listener = bind(addr).await?;
+                let local = local_addr(&listener, addr)?;
+                Some((listener, local))
+            }
+            None => None,
+        };
+        let http_addr = http_listener.as_ref().map(|(_, a)| *a);
 
         let tls_files = match &config.file.server.tls {
             Some(tls) => {
@@ -144,7 +158,22 @@ impl Server {
             .build_v1()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
         spawn_approval_sweeper(engine.clone(), shutdown_rx.clone());
-        let check = AuthorizationServer::new(authz);
+        let authz = Arc::new(authz);
+        let check = AuthorizationServer::new(authz.clone());
+        let http_task = http_listener.map(|(listener, _)| {
+            let authorizer = HttpAuthorizer::new(authz);
+            let stop = shutdown_rx.clone();
+            match &tls_files {
+                Some(files) => crate::tls::incoming(listener, files.clone(), stop.clone())
+                    .map(|incoming| tokio::spawn(http::serve(incoming, authorizer, stop))),
+                None => Ok(tokio::spawn(http::serve(
+                    tcp_incoming(listener),
+                    authorizer,
+                    stop,
+                ))),
+            }
+        });
+        let http_task = http_task.transpose()?;
         let routes = Routes::new(health_service)
             .add_service(approvals)
             .add_service(reflection);
@@ -176,15 +205,18 @@ impl Server {
         tracing::info!(
             grpc.addr = %grpc_addr,
             admin.addr = %admin_addr,
+            http.addr = http_addr.map(|a| a.to_string()),
             "portcullis listening"
         );
         Ok(Server {
             grpc_addr,
             admin_addr,
+            http_addr,
             engine,
             metrics,
             shutdown,
             grpc_task,
+            http_task,
             admin_task,
             grace,
         })
@@ -195,6 +227,9 @@ impl Server {
         let _ = self.shutdown.send(true);
         let drain = async {
             let _ = self.grpc_task.await;
+            if let Some(task) = self.http_task {
+                let _ = task.await;
+            }
             let _ = self.admin_task.await;
         };
         if tokio::time::timeout(self.grace, drain).await.is_err() {

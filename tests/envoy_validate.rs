@@ -43,65 +43,146 @@ fn every_shipped_envoy_config_passes_envoy_validate() {
     }
 }
 
-/// The safety knobs the README tells operators never to change are actually in the file.
-#[test]
-fn shipped_envoy_config_keeps_fail_closed_and_path_hygiene() {
-    let text = std::fs::read_to_string(support::repo_root().join("envoy/envoy.yaml")).unwrap();
+/// The listener settings both shipped wirings (gRPC and HTTP API) must keep: path hygiene,
+/// ext_authz first and the router last, no per-route override. Returns the parsed file and
+/// the ext_authz filter's `typed_config`.
+fn hygienic_listener(file: &str) -> (serde_yaml::Value, serde_yaml::Value) {
+    let text = std::fs::read_to_string(support::repo_root().join(file)).unwrap();
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let listener = &doc["static_resources"]["listeners"][0];
     let hcm = &listener["filter_chains"][0]["filters"][0]["typed_config"];
-    assert_eq!(hcm["codec_type"].as_str(), Some("AUTO"));
-    assert_eq!(hcm["normalize_path"].as_bool(), Some(true));
-    assert_eq!(hcm["merge_slashes"].as_bool(), Some(true));
+    assert_eq!(hcm["codec_type"].as_str(), Some("AUTO"), "{file}");
+    assert_eq!(hcm["normalize_path"].as_bool(), Some(true), "{file}");
+    assert_eq!(hcm["merge_slashes"].as_bool(), Some(true), "{file}");
     assert_eq!(
         hcm["path_with_escaped_slashes_action"].as_str(),
-        Some("REJECT_REQUEST")
+        Some("REJECT_REQUEST"),
+        "{file}"
     );
     assert_eq!(
         hcm["common_http_protocol_options"]["headers_with_underscores_action"].as_str(),
-        Some("REJECT_REQUEST")
+        Some("REJECT_REQUEST"),
+        "{file}"
     );
+    assert_eq!(hcm["use_remote_address"].as_bool(), Some(true), "{file}");
     let filters = hcm["http_filters"].as_sequence().unwrap();
     assert_eq!(
         filters[0]["name"].as_str(),
         Some("envoy.filters.http.ext_authz"),
-        "ext_authz must be the first HTTP filter"
+        "{file}: ext_authz must be the first HTTP filter"
     );
     assert_eq!(
         filters.last().unwrap()["name"].as_str(),
-        Some("envoy.filters.http.router")
-    );
-    let authz = &filters[0]["typed_config"];
-    assert_eq!(authz["transport_api_version"].as_str(), Some("V3"));
-    assert_eq!(authz["failure_mode_allow"].as_bool(), Some(false));
-    assert_eq!(authz["status_on_error"]["code"].as_str(), Some("Forbidden"));
-    assert_eq!(authz["include_peer_certificate"].as_bool(), Some(true));
-    assert!(
-        authz.get("with_request_body").is_none(),
-        "request bodies must not be sent to Portcullis"
-    );
-    assert_eq!(
-        authz["grpc_service"]["envoy_grpc"]["cluster_name"].as_str(),
-        Some("portcullis")
+        Some("envoy.filters.http.router"),
+        "{file}"
     );
     // No route may switch ext_authz off: a per-route `typed_per_filter_config` disabling it
     // would make that route unauthenticated.
     assert!(
         !text.contains("typed_per_filter_config"),
-        "the shipped config must not override ext_authz per route"
+        "{file}: the shipped config must not override ext_authz per route"
     );
+    let authz = filters[0]["typed_config"].clone();
+    assert_eq!(authz["failure_mode_allow"].as_bool(), Some(false), "{file}");
+    assert_eq!(
+        authz["status_on_error"]["code"].as_str(),
+        Some("Forbidden"),
+        "{file}"
+    );
+    assert!(
+        authz.get("with_request_body").is_none(),
+        "{file}: request bodies must not be sent to Portcullis"
+    );
+    (doc, authz)
+}
+
+/// The cluster `name` of a parsed Envoy config, checked to speak HTTP/2.
+fn h2_cluster<'a>(doc: &'a serde_yaml::Value, name: &str) -> &'a serde_yaml::Value {
     let clusters = doc["static_resources"]["clusters"].as_sequence().unwrap();
-    let portcullis = clusters
+    let cluster = clusters
         .iter()
-        .find(|c| c["name"].as_str() == Some("portcullis"))
+        .find(|c| c["name"].as_str() == Some(name))
         .unwrap();
     assert!(
-        !portcullis["typed_extension_protocol_options"]
+        !cluster["typed_extension_protocol_options"]
             ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
             ["http2_protocol_options"]
             .is_null(),
-        "the portcullis cluster must speak HTTP/2 (gRPC)"
+        "the {name} cluster must speak HTTP/2"
     );
+    cluster
+}
+
+/// The safety knobs the README tells operators never to change are actually in the file.
+#[test]
+fn shipped_envoy_config_keeps_fail_closed_and_path_hygiene() {
+    let (doc, authz) = hygienic_listener("envoy/envoy.yaml");
+    assert_eq!(authz["transport_api_version"].as_str(), Some("V3"));
+    assert_eq!(authz["include_peer_certificate"].as_bool(), Some(true));
+    assert_eq!(
+        authz["grpc_service"]["envoy_grpc"]["cluster_name"].as_str(),
+        Some("portcullis")
+    );
+    h2_cluster(&doc, "portcullis");
+}
+
+/// The HTTP API wiring keeps the same knobs, adds the client address Portcullis reads,
+/// copies every identity header of the shipped config to the upstream, and points at the
+/// shipped config's `http_listen`.
+#[test]
+fn shipped_http_api_envoy_config_carries_what_portcullis_needs() {
+    let (doc, authz) = hygienic_listener("envoy/envoy-http.yaml");
+    let service = &authz["http_service"];
+    assert_eq!(
+        service["server_uri"]["cluster"].as_str(),
+        Some("portcullis_http")
+    );
+    let added = service["authorization_request"]["headers_to_add"]
+        .as_sequence()
+        .unwrap();
+    assert!(
+        added
+            .iter()
+            .any(|h| h["key"] == "x-portcullis-source-address"
+                && h["value"] == "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"),
+        "{added:?}"
+    );
+    let allowed_from_client: Vec<&str> = authz["allowed_headers"]["patterns"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["exact"].as_str())
+        .collect();
+    assert!(
+        !allowed_from_client.contains(&"x-portcullis-source-address"),
+        "a client copy of the source address must never be forwarded"
+    );
+    let upstream: Vec<&str> =
+        service["authorization_response"]["allowed_upstream_headers"]["patterns"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["exact"].as_str())
+            .collect();
+    let shipped: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(support::repo_root().join("config/portcullis.yaml")).unwrap(),
+    )
+    .unwrap();
+    let identity = shipped["upstream"]["identity_headers"]
+        .as_mapping()
+        .unwrap();
+    assert!(!identity.is_empty());
+    for name in identity.keys() {
+        let name = name.as_str().unwrap();
+        assert!(upstream.contains(&name), "{name} is not copied upstream");
+    }
+    let cluster = h2_cluster(&doc, "portcullis_http");
+    let port = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        ["socket_address"]["port_value"]
+        .as_u64()
+        .unwrap();
+    let listen = shipped["server"]["http_listen"].as_str().unwrap();
+    assert!(listen.ends_with(&format!(":{port}")), "{listen} vs {port}");
 }
 
 /// The mTLS example keeps the same fail-closed knobs and really uses TLS on both sides:

@@ -52,6 +52,7 @@ impl Setup {
             .unwrap()
             .replace("listen: 127.0.0.1:9191", "listen: 127.0.0.1:0")
             .replace("admin_listen: 127.0.0.1:9192", "admin_listen: 127.0.0.1:0")
+            .replace("http_listen: 127.0.0.1:9193", "http_listen: 127.0.0.1:0")
             .replace("  enabled: true ", "  enabled: false ");
         let s = Setup { dir, shipped };
         s.write(&s.shipped.clone());

@@ -61,6 +61,10 @@ pub struct ServerConfig {
     /// Admin HTTP listener: /healthz, /readyz, /metrics.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: String,
+    /// Listener for Envoy's HTTP ext_authz API (`http_service`), the cheaper hop (see
+    /// envoy/envoy-http.yaml). Absent: not served. Uses `tls` too when that is set.
+    #[serde(default)]
+    pub http_listen: Option<String>,
     /// How long in-flight checks may take to finish after SIGTERM/SIGINT.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: HumanDuration,
@@ -99,6 +103,7 @@ impl Default for ServerConfig {
         Self {
             listen: default_listen(),
             admin_listen: default_admin_listen(),
+            http_listen: None,
             shutdown_grace: default_shutdown_grace(),
             key_fetch_wait: default_key_wait(),
             tls: None,

@@ -9,10 +9,12 @@
 //! every deny — including internal failures and panics — is a `CheckResponse` with a non-OK
 //! status and a `DeniedHttpResponse`.
 
+pub mod http;
 pub mod serve;
 pub mod service;
 pub mod wire;
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -60,9 +62,18 @@ impl AuthzService {
 
     /// Decides one CheckRequest. Public so tests and benchmarks can call it without a socket.
     pub async fn decide(&self, req: &CheckRequest) -> CheckResponse {
+        let (decision, engine, parts) = self.decide_parts(RequestParts::from_check(req)).await;
+        to_response(&decision, &engine, parts.request_id())
+    }
+
+    /// Decides one request however it arrived (a CheckRequest, or Envoy's HTTP API), and
+    /// records the decision (metrics + audit). Returns what the answer is built from.
+    async fn decide_parts<'a>(
+        &self,
+        parts: RequestParts<'a>,
+    ) -> (Decision, Arc<Engine>, RequestParts<'a>) {
         let started = Instant::now();
         let engine = self.engine.load_full();
-        let parts = RequestParts::from_check(req);
         // The forwarded client certificate, parsed once per request. One Envoy could not
         // send us is treated as absent: principal rules then fail and certificate-bound
         // tokens are refused (closed), never granted.
@@ -77,7 +88,6 @@ impl AuthzService {
         });
         let mut view = parts.view();
         view.peer_certificate = peer_certificate.as_ref();
-        let request_id = parts.request_id();
 
         // A panic anywhere below must still produce a deny, never a dropped stream.
         let decision = {
@@ -88,24 +98,26 @@ impl AuthzService {
             }
         };
         let elapsed = started.elapsed();
-
-        let response = to_response(&decision, &engine, request_id);
-        self.record(&decision, &view, request_id, elapsed);
-        response
+        self.record(&decision, &view, parts.request_id(), elapsed);
+        (decision, engine, parts)
     }
 
     /// The explicit deny for a Check that could not be read or decoded (fail closed: a gRPC
     /// error would be an allow under `failure_mode_allow`). Logged, counted and audited
     /// like any other decision.
     pub fn malformed(&self, detail: &str) -> CheckResponse {
-        tracing::warn!(detail, "refusing a malformed CheckRequest");
-        let engine = self.engine.load();
+        let (decision, engine) = self.record_malformed(detail);
+        to_response(&decision, &engine, "")
+    }
+
+    /// Logs, counts and audits a request that could not be read (either API).
+    fn record_malformed(&self, detail: &str) -> (Decision, Arc<Engine>) {
+        tracing::warn!(detail, "refusing a malformed authorization request");
+        let engine = self.engine.load_full();
         let decision = Decision::new(ReasonCode::Internal, detail.to_string());
-        let empty = CheckRequest::default();
-        let parts = RequestParts::from_check(&empty);
-        let response = to_response(&decision, &engine, "");
+        let parts = RequestParts::default();
         self.record(&decision, &parts.view(), "", std::time::Duration::ZERO);
-        response
+        (decision, engine)
     }
 
     fn record(
@@ -134,23 +146,37 @@ impl AuthzService {
 /// body's SHA-256 under an internal pseudo-header (approvals bind to it). A client can never
 /// send a header starting with `:`, and any such entry is replaced or removed anyway.
 fn request_headers(http: &wire::HttpRequest) -> HeaderList<'_> {
-    use crate::approvals::BODY_SHA256_HEADER;
     let mut headers = HeaderList::from_http(http);
     let body: &[u8] = if http.raw_body.is_empty() {
         http.body.as_bytes()
     } else {
         &http.raw_body
     };
-    if !body.is_empty() || crate::authz::Headers::entry(&headers, BODY_SHA256_HEADER).is_some() {
-        let digest = (!body.is_empty()).then(|| crate::approvals::sha256_hex(body));
-        headers.set(BODY_SHA256_HEADER, digest);
-    }
+    set_body_digest(&mut headers, body);
     headers
 }
 
-/// The parts of a CheckRequest the core needs, borrowed.
+/// Records the body's SHA-256 under the internal pseudo-header approvals bind to, or removes
+/// any entry of that name when there is no body.
+fn set_body_digest(headers: &mut HeaderList<'_>, body: &[u8]) {
+    use crate::approvals::BODY_SHA256_HEADER;
+    if !body.is_empty() || crate::authz::Headers::entry(headers, BODY_SHA256_HEADER).is_some() {
+        let digest = (!body.is_empty()).then(|| crate::approvals::sha256_hex(body));
+        headers.set(BODY_SHA256_HEADER, digest);
+    }
+}
+
+/// The parts of a request the core needs, borrowed from a CheckRequest or from the request
+/// of Envoy's HTTP API (`http`).
+#[derive(Default)]
 struct RequestParts<'a> {
-    http: Option<&'a wire::HttpRequest>,
+    method: &'a str,
+    /// The `:authority`; empty when the request carried none.
+    host: &'a str,
+    path: &'a str,
+    scheme: &'a str,
+    /// Envoy's stream id, the request id when there is no `x-request-id`.
+    stream_id: &'a str,
     headers: HeaderList<'a>,
     source_ip: Option<IpAddr>,
     principal: &'a str,
@@ -169,7 +195,11 @@ impl<'a> RequestParts<'a> {
             .and_then(|a| a.socket_address.as_ref())
             .and_then(|sa| sa.address.parse::<IpAddr>().ok());
         Self {
-            http,
+            method: http.map_or("", |h| h.method.as_str()),
+            host: http.map_or("", |h| h.host.as_str()),
+            path: http.map_or("", |h| h.path.as_str()),
+            scheme: http.map_or("", |h| h.scheme.as_str()),
+            stream_id: http.map_or("", |h| h.id.as_str()),
             headers: http.map(request_headers).unwrap_or_default(),
             source_ip,
             principal: source.map_or("", |s| s.principal.as_str()),
@@ -183,27 +213,23 @@ impl<'a> RequestParts<'a> {
 
     /// Envoy's `x-request-id`, else the stream id Envoy reports.
     fn request_id(&self) -> &str {
-        self.header("x-request-id")
-            .or_else(|| self.http.map(|h| h.id.as_str()))
-            .unwrap_or_default()
+        self.header("x-request-id").unwrap_or(self.stream_id)
     }
 
     fn view(&self) -> RequestView<'_> {
-        let http = self.http;
         // Envoy sends the `:authority` as `host`; fall back to the header for older Envoys.
-        let host = http
-            .map(|h| h.host.as_str())
+        let host = Some(self.host)
             .filter(|h| !h.is_empty())
             .or_else(|| self.header(":authority"))
             .unwrap_or_default();
         RequestView {
-            method: http.map_or("", |h| h.method.as_str()),
+            method: self.method,
             host,
-            path: http.map_or("", |h| h.path.as_str()),
+            path: self.path,
             headers: &self.headers,
             source_ip: self.source_ip,
             source_principal: self.principal,
-            scheme: http.map_or("", |h| h.scheme.as_str()),
+            scheme: self.scheme,
             peer_certificate: None,
         }
     }
@@ -218,40 +244,60 @@ pub fn to_response(decision: &Decision, engine: &Engine, request_id: &str) -> Ch
     }
 }
 
+/// What an allow changes in the request the upstream receives, whichever API carries it.
+struct UpstreamMutation {
+    /// Identity headers to set, overwriting any copy the client sent.
+    set: Vec<(String, String)>,
+    /// Headers to remove: identity headers without a value, and credentials when
+    /// `strip_authorization` is on.
+    remove: Vec<String>,
+}
+
+impl UpstreamMutation {
+    fn of(identity: Option<&Identity>, engine: &Engine) -> Self {
+        let upstream = &engine.config.file.upstream;
+        let mut set = Vec::new();
+        let mut remove = Vec::new();
+        // Each identity header is either overwritten with our value or removed, so a copy the
+        // client sent never reaches the upstream, whatever order Envoy applies the two lists in.
+        for (name, claim) in &upstream.identity_headers {
+            match identity.and_then(|id| identity_header_value(id, claim)) {
+                Some(value) => set.push((name.clone(), value)),
+                None => remove.push(name.clone()),
+            }
+        }
+        if upstream.strip_authorization {
+            let mut names: Vec<&str> = engine
+                .config
+                .issuers
+                .iter()
+                .map(|i| i.header.as_str())
+                .collect();
+            if let Some(ak) = &engine.config.api_keys {
+                names.push(ak.header.as_str());
+            }
+            names.sort_unstable();
+            names.dedup();
+            remove.extend(names.into_iter().map(str::to_string));
+        }
+        Self { set, remove }
+    }
+}
+
 fn allow_response(identity: Option<&Identity>, engine: &Engine) -> CheckResponse {
-    let upstream = &engine.config.file.upstream;
-    let mut headers = Vec::new();
-    let mut remove = Vec::new();
-    // Each identity header is either overwritten with our value or removed, so a copy the
-    // client sent never reaches the upstream, whatever order Envoy applies the two lists in.
-    for (name, claim) in &upstream.identity_headers {
-        match identity.and_then(|id| identity_header_value(id, claim)) {
-            Some(value) => headers.push(set_header(name, value)),
-            None => remove.push(name.clone()),
-        }
-    }
-    if upstream.strip_authorization {
-        let mut names: Vec<&str> = engine
-            .config
-            .issuers
-            .iter()
-            .map(|i| i.header.as_str())
-            .collect();
-        if let Some(ak) = &engine.config.api_keys {
-            names.push(ak.header.as_str());
-        }
-        names.sort_unstable();
-        names.dedup();
-        remove.extend(names.into_iter().map(str::to_string));
-    }
+    let mutation = UpstreamMutation::of(identity, engine);
     CheckResponse {
         status: Some(rpc::Status {
             code: RPC_OK,
             ..Default::default()
         }),
         http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-            headers,
-            headers_to_remove: remove,
+            headers: mutation
+                .set
+                .into_iter()
+                .map(|(name, value)| set_header(&name, value))
+                .collect(),
+            headers_to_remove: mutation.remove,
             ..Default::default()
         })),
         ..Default::default()
@@ -284,34 +330,49 @@ fn set_header(name: &str, value: String) -> HeaderValueOption {
     }
 }
 
+/// What the client receives on a deny, whichever API carries it.
+struct DenyAnswer {
+    status: u16,
+    headers: Vec<(Cow<'static, str>, String)>,
+    /// `{"error", "reason", "request_id", ...}` as JSON.
+    body: String,
+}
+
+impl DenyAnswer {
+    fn of(decision: &Decision, request_id: &str) -> Self {
+        let mut headers = vec![
+            ("content-type".into(), "application/json".to_string()),
+            ("cache-control".into(), "no-store".to_string()),
+        ];
+        let own_challenge = decision
+            .response_headers
+            .iter()
+            .any(|(name, _)| name == "www-authenticate");
+        if !own_challenge && let Some(challenge) = www_authenticate(decision) {
+            headers.push(("www-authenticate".into(), challenge));
+        }
+        headers.extend(decision.response_headers.iter().cloned());
+        let mut body = serde_json::json!({
+            "error": decision.code.as_str(),
+            "reason": decision.detail,
+            "request_id": request_id,
+        });
+        for (name, value) in &decision.body_fields {
+            body[*name] = serde_json::Value::String(value.clone());
+        }
+        Self {
+            status: decision.http_status(),
+            headers,
+            body: body.to_string(),
+        }
+    }
+}
+
 fn deny_response(decision: &Decision, request_id: &str) -> CheckResponse {
-    let status = decision.http_status();
-    let mut headers = vec![
-        set_header("content-type", "application/json".to_string()),
-        set_header("cache-control", "no-store".to_string()),
-    ];
-    let own_challenge = decision
-        .response_headers
-        .iter()
-        .any(|(name, _)| name == "www-authenticate");
-    if !own_challenge && let Some(challenge) = www_authenticate(decision) {
-        headers.push(set_header("www-authenticate", challenge));
-    }
-    for (name, value) in &decision.response_headers {
-        headers.push(set_header(name, value.clone()));
-    }
-    let mut body = serde_json::json!({
-        "error": decision.code.as_str(),
-        "reason": decision.detail,
-        "request_id": request_id,
-    });
-    for (name, value) in &decision.body_fields {
-        body[*name] = serde_json::Value::String(value.clone());
-    }
-    let body = body.to_string();
+    let answer = DenyAnswer::of(decision, request_id);
     CheckResponse {
         status: Some(rpc::Status {
-            code: match status {
+            code: match answer.status {
                 401 => RPC_UNAUTHENTICATED,
                 429 => RPC_RESOURCE_EXHAUSTED,
                 503 => RPC_UNAVAILABLE,
@@ -322,10 +383,14 @@ fn deny_response(decision: &Decision, request_id: &str) -> CheckResponse {
         }),
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
             status: Some(HttpStatus {
-                code: i32::from(status),
+                code: i32::from(answer.status),
             }),
-            headers,
-            body,
+            headers: answer
+                .headers
+                .into_iter()
+                .map(|(name, value)| set_header(&name, value))
+                .collect(),
+            body: answer.body,
         })),
         ..Default::default()
     }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tonic::codegen::{BoxFuture, Service, http};
@@ -55,7 +55,7 @@ pub async fn serve<S, IO>(
     incoming: S,
     check: AuthorizationServer,
     routes: Routes,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
     S: Stream<Item = io::Result<IO>>,
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -67,6 +67,26 @@ pub async fn serve<S, IO>(
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     // gRPC answers carry no `Date`: one header less to build here and to decode in Envoy.
     builder.auto_date_header(false);
+    accept_loop(incoming, stop, "gRPC", |io| {
+        builder.serve_connection(io, dispatch.clone())
+    })
+    .await;
+}
+
+/// The accept loop shared by the gRPC and HTTP ext_authz listeners: each connection is
+/// served by `connect` until `stop` turns true, then every connection is drained
+/// gracefully. A failed accept is logged and retried after a pause.
+pub(super) async fn accept_loop<S, IO, C>(
+    incoming: S,
+    mut stop: watch::Receiver<bool>,
+    listener: &'static str,
+    mut connect: impl FnMut(TokioIo<IO>) -> C,
+) where
+    S: Stream<Item = io::Result<IO>>,
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    C: GracefulConnection + Send + 'static,
+    C::Error: std::fmt::Display,
+{
     let graceful = GracefulShutdown::new();
     let mut incoming = std::pin::pin!(incoming);
     loop {
@@ -77,16 +97,15 @@ pub async fn serve<S, IO>(
         };
         match next {
             Some(Ok(io)) => {
-                let conn = builder.serve_connection(TokioIo::new(io), dispatch.clone());
-                let conn = graceful.watch(conn);
+                let conn = graceful.watch(connect(TokioIo::new(io)));
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "gRPC connection ended with an error");
+                        tracing::debug!(error = %e, listener, "connection ended with an error");
                     }
                 });
             }
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "gRPC listener: accept failed; retrying");
+                tracing::warn!(error = %e, listener, "accept failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             None => break,

@@ -43,10 +43,8 @@ pub struct AuthorizationServer {
 }
 
 impl AuthorizationServer {
-    pub fn new(inner: AuthzService) -> Self {
-        Self {
-            inner: Arc::new(inner),
-        }
+    pub fn new(inner: Arc<AuthzService>) -> Self {
+        Self { inner }
     }
 }
 

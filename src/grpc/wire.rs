@@ -138,7 +138,8 @@ impl<'a> HeaderList<'a> {
         list
     }
 
-    fn add(&mut self, name: &'a str, value: Cow<'a, str>) {
+    /// Adds one header; a name already present gets the value appended after a `,`.
+    pub fn add(&mut self, name: &'a str, value: Cow<'a, str>) {
         match self.entries.iter_mut().find(|(n, _)| *n == name) {
             Some((_, existing)) => {
                 let joined = existing.to_mut();

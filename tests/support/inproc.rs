@@ -29,6 +29,11 @@ pub fn shipped_config(edit: impl FnOnce(&mut serde_yaml::Value)) -> String {
             .into_owned()
             .into();
     }
+    // Tests run in parallel: the HTTP ext_authz listener takes any free port unless the test
+    // sets one (`server.http_addr` tells which).
+    if doc["server"]["http_listen"].is_string() {
+        doc["server"]["http_listen"] = "127.0.0.1:0".into();
+    }
     edit(&mut doc);
     serde_yaml::to_string(&doc).unwrap()
 }

@@ -1,0 +1,376 @@
+//! Envoy's HTTP ext_authz API (`server.http_listen`), in process: the real server with the
+//! shipped config, a loopback JWKS server, and each request asked both ways, as a gRPC
+//! CheckRequest and as the HTTP request Envoy's `http_service` sends, over HTTP/1.1 and h2c.
+//! Both APIs must give the same decision; only the carrier differs (and a 503 is a 403 on
+//! the HTTP API, where Envoy would read a 5xx as the authorizer failing).
+//!
+//! tests/e2e_envoy_http.rs runs the shipped envoy/envoy-http.yaml against this listener.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use portcullis::server::Server;
+use serde_json::{Value, json};
+use support::free_port;
+use support::inproc::{allowed, check_request, denied, send_check, shipped_config, start_server};
+use support::jwks::JwksServer;
+use support::jwt::{dev_jwks, merged, mint_dev as mint};
+
+const IDENTITY_HEADERS: [&str; 3] = [
+    "x-portcullis-subject",
+    "x-portcullis-issuer",
+    "x-portcullis-scopes",
+];
+const SOURCE: &str = "x-portcullis-source-address";
+const TO_REMOVE: &str = "x-envoy-auth-headers-to-remove";
+
+struct Harness {
+    server: Server,
+    _jwks: JwksServer,
+    _dir: tempfile::TempDir,
+    h1: reqwest::Client,
+    h2: reqwest::Client,
+}
+
+/// One answer of the HTTP API.
+#[derive(Debug)]
+struct HttpAnswer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+impl HttpAnswer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    /// The names listed in `x-envoy-auth-headers-to-remove`.
+    fn removed(&self) -> Vec<String> {
+        self.header(TO_REMOVE)
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {self:?}"))
+    }
+}
+
+impl Harness {
+    async fn start(edit: impl FnOnce(&mut serde_yaml::Value)) -> Harness {
+        let jwks =
+            JwksServer::start_with(dev_jwks(), &[("content-type", "application/json")]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let url = jwks.url();
+        let text = shipped_config(|doc| {
+            doc["server"]["listen"] = "127.0.0.1:0".into();
+            doc["server"]["admin_listen"] = "127.0.0.1:0".into();
+            doc["server"]["http_listen"] = "127.0.0.1:0".into();
+            doc["audit"]["enabled"] = false.into();
+            doc["issuers"][0]["keys"] = serde_yaml::from_str(&format!(
+                "{{url: '{url}', min_refresh: 1s, max_refresh: 1s, max_stale: 1h}}"
+            ))
+            .unwrap();
+            edit(doc);
+        });
+        let server = start_server(dir.path(), "portcullis.yaml", &text).await;
+        let h = Harness {
+            server,
+            _jwks: jwks,
+            _dir: dir,
+            h1: reqwest::Client::builder().http1_only().build().unwrap(),
+            h2: reqwest::Client::builder()
+                .http2_prior_knowledge()
+                .build()
+                .unwrap(),
+        };
+        // Keys load in the background: wait until a valid token is accepted.
+        let token = reader();
+        for _ in 0..200 {
+            let probe = [
+                ("authorization", bearer(&token)),
+                (SOURCE, "10.0.0.7".into()),
+            ];
+            let probe: Vec<(&str, &str)> = probe.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            if h.http(false, "GET", "/orders/1", &probe, "").await.status == 200 {
+                return h;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("keys never loaded");
+    }
+
+    fn http_addr(&self) -> SocketAddr {
+        self.server.http_addr.expect("http_listen is set")
+    }
+
+    /// The request Envoy's `http_service` sends: the original method and path, the host as
+    /// `:authority`/`Host`, the allowed headers and Envoy's source-address header.
+    async fn http(
+        &self,
+        h2: bool,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> HttpAnswer {
+        let client = if h2 { &self.h2 } else { &self.h1 };
+        let url = format!("http://{}{path}", self.http_addr());
+        let mut req = client
+            .request(method.parse().unwrap(), url)
+            .header("host", "api.example.com")
+            .header("x-request-id", "req-1")
+            .body(body.to_string());
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        let resp = req.send().await.unwrap();
+        if h2 {
+            assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        }
+        HttpAnswer {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.text().await.unwrap(),
+        }
+    }
+
+    /// The same request as a gRPC CheckRequest from source address `source`.
+    async fn grpc(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        source: &str,
+    ) -> envoy_types::ext_authz::v3::pb::CheckResponse {
+        let mut map: HashMap<String, String> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        map.insert("x-request-id".into(), "req-1".into());
+        let req = check_request(
+            method,
+            path,
+            "api.example.com",
+            Some((source, Some(5555))),
+            map,
+            "",
+        );
+        send_check(self.server.grpc_addr, req).await
+    }
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// A development-issuer token for `alice` with `claims` merged over the defaults.
+fn token(claims: Value) -> String {
+    mint(merged(json!({ "sub": "alice" }), claims))
+}
+
+fn reader() -> String {
+    token(json!({ "scope": "orders:read" }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_apis_give_the_same_decision_over_http1_and_h2() {
+    let h = Harness::start(|_| {}).await;
+    let reader = bearer(&reader());
+    let scopeless = bearer(&token(json!({ "sub": "bob" })));
+    let garbage = bearer("not.a.jwt");
+    // (method, path, authorization, expected status)
+    let cases: &[(&str, &str, Option<&str>, u16)] = &[
+        ("GET", "/orders/42", Some(&reader), 200),
+        ("GET", "/users/bob/profile", Some(&scopeless), 200),
+        ("GET", "/healthz", None, 200),
+        ("GET", "/orders/1", None, 401),
+        ("GET", "/orders/1", Some(&garbage), 401),
+        ("POST", "/orders", Some(&reader), 403),
+        ("GET", "/users/carol/profile", Some(&scopeless), 403),
+        ("GET", "/nowhere", Some(&reader), 403),
+        ("GET", "/admin;x=y/users", None, 403),
+        ("HEAD", "/orders/42", Some(&reader), 403),
+    ];
+    for &(method, path, auth, want) in cases {
+        // Spoofed identity headers, as a client would send them through Envoy.
+        let mut headers = vec![("x-portcullis-subject", "mallory")];
+        if let Some(auth) = auth {
+            headers.push(("authorization", auth));
+        }
+        let grpc = h.grpc(method, path, &headers, "10.0.0.7").await;
+        headers.push((SOURCE, "10.0.0.7"));
+        for h2 in [false, true] {
+            let ctx = format!("{method} {path} (h2: {h2})");
+            let http = h.http(h2, method, path, &headers, "").await;
+            assert_eq!(http.status, want, "{ctx}: {http:?}");
+            match allowed(&grpc) {
+                Some((set, removed)) => {
+                    assert_eq!(http.status, 200, "{ctx}");
+                    assert!(http.body.is_empty(), "{ctx}: an allow has no body");
+                    for name in IDENTITY_HEADERS {
+                        // Set by both, to the same value; or removed by both.
+                        assert_eq!(
+                            http.header(name),
+                            set.get(name).map(String::as_str),
+                            "{ctx}"
+                        );
+                        assert_eq!(
+                            http.removed().iter().any(|n| n == name),
+                            removed.iter().any(|n| n == name),
+                            "{ctx}: {name}"
+                        );
+                        assert!(
+                            http.header(name).is_some() != http.removed().iter().any(|n| n == name),
+                            "{ctx}: {name} must be either set or removed"
+                        );
+                    }
+                    // The client's copy of Envoy's header never reaches the upstream.
+                    assert!(http.removed().iter().any(|n| n == SOURCE), "{ctx}");
+                }
+                None => {
+                    let (status, grpc_headers, grpc_body) = denied(&grpc);
+                    assert_eq!(http.status, status, "{ctx}");
+                    if method == "HEAD" {
+                        // HTTP: an answer to HEAD has no body (nor does Envoy's to the client).
+                        assert!(http.body.is_empty(), "{ctx}");
+                    } else {
+                        assert_eq!(http.json(), grpc_body, "{ctx}");
+                        assert_eq!(http.json()["request_id"], "req-1", "{ctx}");
+                    }
+                    for name in ["content-type", "cache-control", "www-authenticate"] {
+                        assert_eq!(
+                            http.header(name),
+                            grpc_headers.get(name).map(String::as_str),
+                            "{ctx}: {name}"
+                        );
+                    }
+                    assert!(http.header(TO_REMOVE).is_none(), "{ctx}");
+                    for name in IDENTITY_HEADERS {
+                        assert!(http.header(name).is_none(), "{ctx}: {name} on a deny");
+                    }
+                    if let Some(auth) = auth {
+                        let secret = auth.trim_start_matches("Bearer ");
+                        assert!(!http.body.contains(secret), "{ctx}: token echoed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_address_is_only_the_one_envoy_adds() {
+    // The reader grant holds only from 10.0.0.0/8.
+    let h = Harness::start(|doc| {
+        doc["routes"][1]["rules"][0]["source"] =
+            serde_yaml::from_str("{cidrs: [10.0.0.0/8]}").unwrap();
+    })
+    .await;
+    let auth = bearer(&reader());
+    let cases: &[(&[&str], u16)] = &[
+        (&["10.1.2.3"], 200),
+        (&["[::ffff:10.1.2.3]"], 200),
+        (&["192.0.2.1"], 403),
+        // No address (Envoy not configured to add it): the condition cannot hold.
+        (&[], 403),
+        (&["not-an-address"], 403),
+        // Two copies (an allow-listed client copy plus Envoy's): refused, not guessed.
+        (&["10.1.2.3", "10.1.2.3"], 403),
+    ];
+    for &(sources, want) in cases {
+        let mut headers = vec![("authorization", auth.as_str())];
+        headers.extend(sources.iter().map(|s| (SOURCE, *s)));
+        for h2 in [false, true] {
+            let answer = h.http(h2, "GET", "/orders/1", &headers, "").await;
+            assert_eq!(answer.status, want, "{sources:?} (h2: {h2}): {answer:?}");
+            if want == 403 {
+                assert_eq!(answer.json()["error"], "context_denied", "{sources:?}");
+            }
+        }
+    }
+    // X-Forwarded-For is not an address source with `trusted_proxy_hops: 0`.
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("x-forwarded-for", "10.1.2.3"),
+        (SOURCE, "192.0.2.1"),
+    ];
+    assert_eq!(
+        h.http(true, "GET", "/orders/1", &headers, "").await.status,
+        403
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_is_never_a_5xx_and_an_unreadable_request_is_a_403() {
+    // Shared state on a port nobody listens on: the rate-limited route cannot be decided.
+    let dead = free_port();
+    let h = Harness::start(|doc| {
+        doc["state"] = serde_yaml::from_str(&format!(
+            "{{backend: redis, redis_url: 'redis://127.0.0.1:{dead}/0', timeout: 100ms}}"
+        ))
+        .unwrap();
+    })
+    .await;
+    let writer = bearer(&token(json!({ "scope": "orders:write" })));
+    let headers = [("authorization", writer.as_str())];
+    let grpc = h.grpc("POST", "/orders", &headers, "10.0.0.7").await;
+    let (status, _, grpc_body) = denied(&grpc);
+    assert_eq!(status, 503, "{grpc_body}");
+    assert_eq!(grpc_body["error"], "state_unavailable");
+    for h2 in [false, true] {
+        let http = h.http(h2, "POST", "/orders", &headers, "").await;
+        // Envoy reads a 5xx as the authorizer failing (an allow under failure_mode_allow).
+        assert_eq!(http.status, 403, "{http:?}");
+        assert_eq!(http.json(), grpc_body);
+    }
+
+    // A body over the 4 MiB limit cannot be read: an explicit deny, not a reset.
+    let big = "x".repeat(4 * 1024 * 1024 + 1);
+    for h2 in [false, true] {
+        let http = h.http(h2, "POST", "/orders", &headers, &big).await;
+        assert_eq!(http.status, 403, "{http:?}");
+        assert_eq!(http.json()["error"], "internal_error", "{http:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strip_authorization_names_the_credential_headers_to_remove() {
+    let h = Harness::start(|doc| {
+        doc["upstream"]["strip_authorization"] = true.into();
+    })
+    .await;
+    let auth = bearer(&reader());
+    let headers = [("authorization", auth.as_str()), (SOURCE, "10.0.0.7")];
+    let http = h.http(true, "GET", "/orders/42", &headers, "").await;
+    assert_eq!(http.status, 200, "{http:?}");
+    let removed = http.removed();
+    assert!(removed.iter().any(|n| n == "authorization"), "{removed:?}");
+    assert!(removed.iter().any(|n| n == "x-api-key"), "{removed:?}");
+    assert_eq!(http.header("x-portcullis-subject"), Some("alice"));
+}
+
+#[tokio::test]
+async fn without_http_listen_the_http_api_is_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = shipped_config(|doc| {
+        doc["server"]["listen"] = "127.0.0.1:0".into();
+        doc["server"]["admin_listen"] = "127.0.0.1:0".into();
+        doc["server"]
+            .as_mapping_mut()
+            .unwrap()
+            .remove("http_listen");
+        doc["audit"]["enabled"] = false.into();
+        doc["issuers"][0]["keys"]["file"] = support::jwt::dev_jwks_path()
+            .to_string_lossy()
+            .into_owned()
+            .into();
+    });
+    let server = start_server(dir.path(), "portcullis.yaml", &text).await;
+    assert!(server.http_addr.is_none());
+    server.shutdown().await;
+}
