@@ -219,24 +219,26 @@ def jwt_filter(cache_size=None):
                   {"match": {"prefix": "/"}, "requires": {"provider_name": "bench"}}]}}
 
 
-def shipped():
-    with open(os.path.join(ROOT, "envoy", "envoy.yaml")) as f:
+def shipped_wiring(file, cluster_name):
+    """The connection manager, ext_authz filter and authorizer cluster of a shipped Envoy
+    config (envoy/FILE)."""
+    with open(os.path.join(ROOT, "envoy", file)) as f:
         doc = yaml.safe_load(f)
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     authz = next(f for f in hcm["typed_config"]["http_filters"]
                  if f["name"] == "envoy.filters.http.ext_authz")
-    cluster = next(c for c in doc["static_resources"]["clusters"] if c["name"] == "portcullis")
+    cluster = next(c for c in doc["static_resources"]["clusters"] if c["name"] == cluster_name)
     return hcm, authz, cluster
+
+
+def shipped():
+    """envoy/envoy.yaml: the gRPC wiring."""
+    return shipped_wiring("envoy.yaml", "portcullis")
 
 
 def shipped_http():
     """The ext_authz filter and authorizer cluster of envoy/envoy-http.yaml (HTTP API)."""
-    with open(os.path.join(ROOT, "envoy", "envoy-http.yaml")) as f:
-        doc = yaml.safe_load(f)
-    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    authz = next(f for f in hcm["typed_config"]["http_filters"]
-                 if f["name"] == "envoy.filters.http.ext_authz")
-    cluster = next(c for c in doc["static_resources"]["clusters"] if c["name"] == "portcullis_http")
+    _, authz, cluster = shipped_wiring("envoy-http.yaml", "portcullis_http")
     return authz, cluster
 
 
