@@ -6,14 +6,13 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use envoy_types::ext_authz::v3::pb::CheckResponse;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use portcullis::identity::apikey::{format_hash, hash_key};
 use portcullis::server::Server;
-use support::inproc::{allowed, check_request, denied, send_check, start_server};
+use support::inproc::{allowed, check_from, denied, start_server};
 
 const KEY_A: &str = "pck_inprocess-key-a-000000000000000000000000001";
 const KEY_B: &str = "pck_inprocess-key-b-000000000000000000000000002";
@@ -79,20 +78,7 @@ impl Harness {
         source: &str,
         headers: &[(&str, &str)],
     ) -> CheckResponse {
-        let mut map: HashMap<String, String> = headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        map.insert("x-request-id".into(), "req-1".into());
-        let req = check_request(
-            method,
-            path,
-            "api.example.com",
-            Some((source, Some(5555))),
-            map,
-            "",
-        );
-        send_check(self.server.grpc_addr, req).await
+        check_from(self.server.grpc_addr, method, path, source, headers).await
     }
 
     async fn with_key(&self, key: &str) -> CheckResponse {

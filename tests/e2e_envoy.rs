@@ -14,17 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::inproc::shipped_config;
+use support::inproc::{IDENTITY_HEADERS, e2e_config};
 use support::jwks::JwksServer;
 use support::jwt::{E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, merged, now, serial};
 use support::stack::{Answer, Envoy, Portcullis, Upstream, eventually, h1_client, h2c_client};
 use support::{free_port, raw_http};
-
-const IDENTITY_HEADERS: [&str; 3] = [
-    "x-portcullis-subject",
-    "x-portcullis-issuer",
-    "x-portcullis-scopes",
-];
 
 // ---------------------------------------------------------------------------------------
 // Keys and tokens
@@ -59,24 +53,9 @@ fn reader_token(key: Key) -> String {
 // Portcullis and Envoy processes
 // ---------------------------------------------------------------------------------------
 
-/// The shipped sample policy (config/portcullis.yaml) with its listeners on the given ports
-/// and its issuer replaced by the test issuer, whose keys come from the JWKS server with
-/// short refresh intervals.
+/// The shipped sample policy with the test issuer (`e2e_config`).
 fn portcullis_config(grpc: u16, admin: u16, jwks_url: &str) -> String {
-    shipped_config(|doc| {
-        doc["server"]["listen"] = format!("127.0.0.1:{grpc}").into();
-        doc["server"]["admin_listen"] = format!("127.0.0.1:{admin}").into();
-        doc["server"]["shutdown_grace"] = "1s".into();
-        doc["issuers"] = serde_yaml::from_str(&format!(
-            "- name: e2e
-  issuer: {ISSUER}
-  audiences: [{AUDIENCE}]
-  algorithms: [RS256]
-  keys: {{url: '{jwks_url}', min_refresh: 1s, max_refresh: 2s, max_stale: 5s, unknown_kid_interval: 1s}}
-  leeway: 5s"
-        ))
-        .unwrap();
-    })
+    e2e_config(grpc, admin, jwks_url, |_| {})
 }
 
 /// One test's world: JWKS server, upstream, Portcullis (optional) and Envoy.

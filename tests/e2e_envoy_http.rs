@@ -14,17 +14,12 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::inproc::shipped_config;
+use support::inproc::{IDENTITY_HEADERS, e2e_config};
 use support::jwks::JwksServer;
 use support::jwt::{E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, merged, now, serial};
 use support::stack::{Answer, Envoy, Portcullis, Upstream, eventually, h1_client, h2c_client};
 use support::{free_port, raw_http};
 
-const IDENTITY_HEADERS: [&str; 3] = [
-    "x-portcullis-subject",
-    "x-portcullis-issuer",
-    "x-portcullis-scopes",
-];
 const SOURCE: &str = "x-portcullis-source-address";
 
 /// A fresh token (its own `jti`) for `alice` signed by key A; `extra` merged over it.
@@ -65,19 +60,8 @@ impl Stack {
         let http_port = free_port();
         let url = jwks.url();
         let portcullis = Portcullis::start(dir.path(), "portcullis", |grpc, admin| {
-            shipped_config(|doc| {
-                doc["server"]["listen"] = format!("127.0.0.1:{grpc}").into();
-                doc["server"]["admin_listen"] = format!("127.0.0.1:{admin}").into();
+            e2e_config(grpc, admin, &url, |doc| {
                 doc["server"]["http_listen"] = format!("127.0.0.1:{http_port}").into();
-                doc["server"]["shutdown_grace"] = "1s".into();
-                doc["issuers"] = serde_yaml::from_str(&format!(
-                    "- name: e2e
-  issuer: {ISSUER}
-  audiences: [{AUDIENCE}]
-  algorithms: [RS256]
-  keys: {{url: '{url}'}}"
-                ))
-                .unwrap();
                 edit(doc);
             })
         });

@@ -9,21 +9,17 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use portcullis::server::Server;
 use serde_json::{Value, json};
 use support::free_port;
-use support::inproc::{allowed, check_request, denied, send_check, shipped_config, start_server};
+use support::inproc::{
+    IDENTITY_HEADERS, allowed, check_from, denied, shipped_config, start_server,
+};
 use support::jwks::JwksServer;
 use support::jwt::{dev_jwks, merged, mint_dev as mint};
 
-const IDENTITY_HEADERS: [&str; 3] = [
-    "x-portcullis-subject",
-    "x-portcullis-issuer",
-    "x-portcullis-scopes",
-];
 const SOURCE: &str = "x-portcullis-source-address";
 const TO_REMOVE: &str = "x-envoy-auth-headers-to-remove";
 
@@ -147,20 +143,7 @@ impl Harness {
         headers: &[(&str, &str)],
         source: &str,
     ) -> envoy_types::ext_authz::v3::pb::CheckResponse {
-        let mut map: HashMap<String, String> = headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        map.insert("x-request-id".into(), "req-1".into());
-        let req = check_request(
-            method,
-            path,
-            "api.example.com",
-            Some((source, Some(5555))),
-            map,
-            "",
-        );
-        send_check(self.server.grpc_addr, req).await
+        check_from(self.server.grpc_addr, method, path, source, headers).await
     }
 }
 

@@ -295,7 +295,7 @@ fn allow_response(identity: Option<&Identity>, engine: &Engine) -> CheckResponse
             headers: mutation
                 .set
                 .into_iter()
-                .map(|(name, value)| set_header(&name, value))
+                .map(|(name, value)| header_option(name, value))
                 .collect(),
             headers_to_remove: mutation.remove,
             ..Default::default()
@@ -318,10 +318,11 @@ fn identity_header_value(identity: &Identity, claim: &str) -> Option<String> {
     (!text.is_empty() && !text.chars().any(|c| c.is_control())).then_some(text)
 }
 
-fn set_header(name: &str, value: String) -> HeaderValueOption {
+/// A header Envoy sets, overwriting any copy of it.
+fn header_option(key: String, value: String) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
-            key: name.to_string(),
+            key,
             value,
             ..Default::default()
         }),
@@ -388,7 +389,7 @@ fn deny_response(decision: &Decision, request_id: &str) -> CheckResponse {
             headers: answer
                 .headers
                 .into_iter()
-                .map(|(name, value)| set_header(&name, value))
+                .map(|(name, value)| header_option(name.into_owned(), value))
                 .collect(),
             body: answer.body,
         })),

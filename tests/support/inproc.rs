@@ -38,6 +38,33 @@ pub fn shipped_config(edit: impl FnOnce(&mut serde_yaml::Value)) -> String {
     serde_yaml::to_string(&doc).unwrap()
 }
 
+/// The shipped sample policy (config/portcullis.yaml) with its gRPC and admin listeners on
+/// the given ports, its issuer replaced by the end-to-end test issuer (keys from the JWKS
+/// server at `jwks_url`, short refresh intervals), then `edit`.
+pub fn e2e_config(
+    grpc: u16,
+    admin: u16,
+    jwks_url: &str,
+    edit: impl FnOnce(&mut serde_yaml::Value),
+) -> String {
+    use super::jwt::{E2E_AUDIENCE, E2E_ISSUER};
+    shipped_config(|doc| {
+        doc["server"]["listen"] = format!("127.0.0.1:{grpc}").into();
+        doc["server"]["admin_listen"] = format!("127.0.0.1:{admin}").into();
+        doc["server"]["shutdown_grace"] = "1s".into();
+        doc["issuers"] = serde_yaml::from_str(&format!(
+            "- name: e2e
+  issuer: {E2E_ISSUER}
+  audiences: [{E2E_AUDIENCE}]
+  algorithms: [RS256]
+  keys: {{url: '{jwks_url}', min_refresh: 1s, max_refresh: 2s, max_stale: 5s, unknown_kid_interval: 1s}}
+  leeway: 5s"
+        ))
+        .unwrap();
+        edit(doc);
+    })
+}
+
 /// Writes `text` to `dir/name`, loads it as a config and starts the server on it.
 pub async fn start_server(dir: &Path, name: &str, text: &str) -> Server {
     let path = dir.join(name);
@@ -97,6 +124,38 @@ pub fn check_request(
             ..Default::default()
         }),
     }
+}
+
+/// The identity headers of the shipped config (`upstream.identity_headers`).
+pub const IDENTITY_HEADERS: [&str; 3] = [
+    "x-portcullis-subject",
+    "x-portcullis-issuer",
+    "x-portcullis-scopes",
+];
+
+/// Sends `method path` for host `api.example.com` from `source` (port 5555) with `headers`
+/// and `x-request-id: req-1` as one Check to the server at `addr`.
+pub async fn check_from(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    source: &str,
+    headers: &[(&str, &str)],
+) -> CheckResponse {
+    let mut map: HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    map.insert("x-request-id".into(), "req-1".into());
+    let req = check_request(
+        method,
+        path,
+        "api.example.com",
+        Some((source, Some(5555))),
+        map,
+        "",
+    );
+    send_check(addr, req).await
 }
 
 /// Sends one Check to the server at `addr` on a fresh connection.
