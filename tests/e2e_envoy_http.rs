@@ -91,6 +91,9 @@ impl Stack {
             .send()
             .await
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.logs()));
+        if h2 {
+            assert_eq!(response.version(), reqwest::Version::HTTP_2, "h2c expected");
+        }
         Answer::read(response).await
     }
 
