@@ -16,7 +16,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::inproc::{IDENTITY_HEADERS, e2e_config};
 use support::jwks::JwksServer;
-use support::jwt::{E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, merged, now, serial};
+use support::jwt::{
+    E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, dpop_proof, dpop_proof_key, dpop_token,
+    merged, now, serial,
+};
 use support::stack::{Answer, Envoy, Portcullis, Upstream, eventually, h1_client, h2c_client};
 use support::{free_port, raw_http};
 
@@ -332,4 +335,34 @@ async fn fails_closed_when_portcullis_is_down_and_recovers_after_restart() {
         .await;
     }
     stack.envoy.process.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dpop_proofs_bind_to_the_url_envoy_received() {
+    // DPoP's `htu` needs the request's scheme: on this API it is Envoy's x-forwarded-proto.
+    let stack = Stack::start(|doc| {
+        doc["issuers"][0]["dpop"] = "optional".into();
+    })
+    .await;
+    let (jwk, jkt) = dpop_proof_key();
+    let token = dpop_token(&jkt);
+    let auth = format!("DPoP {token}");
+    let htu = format!("http://{}/orders/42", stack.envoy.addr);
+    for h2 in [false, true] {
+        let proof = dpop_proof(&jwk, &token, &htu);
+        let headers = [("authorization", auth.as_str()), ("dpop", proof.as_str())];
+        let first = stack.send(h2, "GET", "/orders/42", &headers).await;
+        assert_eq!(first.status, 200, "h2: {h2}: {first:?}\n{}", stack.logs());
+        assert!(first.answered_by_upstream());
+        // The same proof again is a replay.
+        let replay = stack.send(h2, "GET", "/orders/42", &headers).await;
+        assert_eq!(replay.status, 401, "{replay:?}");
+        assert_eq!(replay.error(), "invalid_dpop_proof");
+        // A proof for another scheme does not match the request.
+        let https = dpop_proof(&jwk, &token, &htu.replacen("http:", "https:", 1));
+        let headers = [("authorization", auth.as_str()), ("dpop", https.as_str())];
+        let other = stack.send(h2, "GET", "/orders/42", &headers).await;
+        assert_eq!(other.status, 401, "{other:?}");
+        assert_eq!(other.error(), "invalid_dpop_proof");
+    }
 }

@@ -13,11 +13,12 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde_json::{Value, json};
+use serde_json::Value;
 use support::ChildGuard;
-use support::jwt::{E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, now, serial, write_jwks};
+use support::jwt::{
+    E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, dpop_proof, dpop_proof_key as proof_key,
+    dpop_token, write_jwks,
+};
 use support::stack::{Envoy, Portcullis, UPSTREAM_MARKER, Upstream};
 
 fn root() -> PathBuf {
@@ -203,53 +204,6 @@ async fn spiffe_principal_is_granted_over_mtls_and_another_principal_is_refused(
         .await;
     assert!(anonymous.is_err(), "{anonymous:?}");
     assert_eq!(stack.upstream.count(), 1);
-}
-
-/// RFC 7638 thumbprint and public JWK of the P-256 fixture key.
-fn proof_key() -> (Value, String) {
-    let set: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("tests/fixtures/keys/ec-p256.jwks.json")).unwrap(),
-    )
-    .unwrap();
-    let k = &set["keys"][0];
-    let jwk = json!({"kty": "EC", "crv": "P-256", "x": k["x"], "y": k["y"]});
-    let canonical = format!(
-        r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
-        k["x"].as_str().unwrap(),
-        k["y"].as_str().unwrap()
-    );
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes());
-    (jwk, URL_SAFE_NO_PAD.encode(digest.as_ref()))
-}
-
-fn dpop_token(jkt: &str) -> String {
-    let claims = json!({
-        "iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "scope": "orders:read",
-        "iat": now(), "exp": now() + 600,
-        "jti": format!("dpop-token-{}-{}", std::process::id(), serial()),
-        "cnf": { "jkt": jkt },
-    });
-    Key::A.sign(&claims)
-}
-
-fn dpop_proof(jwk: &Value, token: &str, htu: &str) -> String {
-    let header = json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk});
-    let ath = URL_SAFE_NO_PAD
-        .encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref());
-    let claims = json!({
-        "jti": format!("proof-{}-{}", std::process::id(), serial()),
-        "htm": "GET", "htu": htu, "iat": now(), "ath": ath,
-    });
-    let message = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
-    let pem = std::fs::read(root().join("tests/fixtures/keys/ec-p256.pem")).unwrap();
-    let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap();
-    let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &key, jsonwebtoken::Algorithm::ES256)
-        .unwrap();
-    format!("{message}.{sig}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

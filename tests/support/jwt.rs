@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
 use serde_json::{Value, json};
 
 use super::repo_root;
@@ -142,4 +143,59 @@ pub fn write_jwks(dir: &Path, keys: &[Key]) -> PathBuf {
     let path = dir.join("jwks.json");
     std::fs::write(&path, jwks(keys)).unwrap();
     path
+}
+
+/// DPoP (RFC 9449) test material: the P-256 fixture key's public JWK and its RFC 7638
+/// thumbprint.
+pub fn dpop_proof_key() -> (Value, String) {
+    let set: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/fixtures/keys/ec-p256.jwks.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let k = &set["keys"][0];
+    let jwk = json!({"kty": "EC", "crv": "P-256", "x": k["x"], "y": k["y"]});
+    let canonical = format!(
+        r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+        k["x"].as_str().unwrap(),
+        k["y"].as_str().unwrap()
+    );
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes());
+    (
+        jwk,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref()),
+    )
+}
+
+/// A token from the end-to-end issuer (key A) for `alice` with `orders:read`, bound to the
+/// DPoP key whose thumbprint is `jkt`.
+pub fn dpop_token(jkt: &str) -> String {
+    let claims = json!({
+        "iss": E2E_ISSUER, "aud": E2E_AUDIENCE, "sub": "alice", "scope": "orders:read",
+        "iat": now(), "exp": now() + 600,
+        "jti": format!("dpop-token-{}-{}", std::process::id(), serial()),
+        "cnf": { "jkt": jkt },
+    });
+    Key::A.sign(&claims)
+}
+
+/// A fresh DPoP proof (its own `jti`) for `GET htu` and `token`, signed with the fixture key.
+pub fn dpop_proof(jwk: &Value, token: &str, htu: &str) -> String {
+    let header = json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk});
+    let ath = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref());
+    let claims = json!({
+        "jti": format!("proof-{}-{}", std::process::id(), serial()),
+        "htm": "GET", "htu": htu, "iat": now(), "ath": ath,
+    });
+    let message = format!(
+        "{}.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header.to_string()),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let pem = std::fs::read(repo_root().join("tests/fixtures/keys/ec-p256.pem")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap();
+    let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &key, jsonwebtoken::Algorithm::ES256)
+        .unwrap();
+    format!("{message}.{sig}")
 }
