@@ -17,7 +17,9 @@ use serde_json::{Value, json};
 use support::inproc::{IDENTITY_HEADERS, e2e_config};
 use support::jwks::JwksServer;
 use support::jwt::{E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, merged, now, serial};
-use support::stack::{Answer, Envoy, Portcullis, Upstream, eventually, h1_client, h2c_client};
+use support::stack::{
+    Answer, Envoy, Portcullis, Upstream, eventually, h1_client, h2c_client, send_to,
+};
 use support::{free_port, raw_http};
 
 // ---------------------------------------------------------------------------------------
@@ -135,22 +137,21 @@ impl Stack {
             Proto::Http1 => &self.h1,
             Proto::H2c => &self.h2c,
         };
-        let url = format!("http://{}{}", self.envoy.addr, path);
-        let mut request = client.request(method.parse().unwrap(), &url);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let mut all = headers.to_vec();
+        if let Some(bearer) = &bearer {
+            all.push(("authorization", bearer));
         }
-        for (n, v) in headers {
-            request = request.header(*n, *v);
-        }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{proto:?} {method} {path}: {e}\n{}", self.logs()));
-        if proto == Proto::H2c {
-            assert_eq!(response.version(), reqwest::Version::HTTP_2, "h2c expected");
-        }
-        Answer::read(response).await
+        send_to(
+            client,
+            self.envoy.addr,
+            proto == Proto::H2c,
+            method,
+            path,
+            &all,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{proto:?} {method} {path}: {e}\n{}", self.logs()))
     }
 
     async fn get(&self, proto: Proto, path: &str, token: Option<&str>) -> Answer {

@@ -20,7 +20,9 @@ use support::jwt::{
     E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, dpop_proof, dpop_proof_key, dpop_token,
     merged, now, serial,
 };
-use support::stack::{Answer, Envoy, Portcullis, Upstream, eventually, h1_client, h2c_client};
+use support::stack::{
+    Answer, Envoy, Portcullis, Upstream, eventually, h1_client, h2c_client, send_to,
+};
 use support::{free_port, raw_http};
 
 const SOURCE: &str = "x-portcullis-source-address";
@@ -83,21 +85,9 @@ impl Stack {
     /// Sends `method path` through Envoy (h2c when `h2`) with `headers`.
     async fn send(&self, h2: bool, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
         let client = if h2 { &self.h2c } else { &self.h1 };
-        let mut req = client.request(
-            method.parse().unwrap(),
-            format!("http://{}{path}", self.envoy.addr),
-        );
-        for (n, v) in headers {
-            req = req.header(*n, *v);
-        }
-        let response = req
-            .send()
+        send_to(client, self.envoy.addr, h2, method, path, headers)
             .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.logs()));
-        if h2 {
-            assert_eq!(response.version(), reqwest::Version::HTTP_2, "h2c expected");
-        }
-        Answer::read(response).await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.logs()))
     }
 
     fn logs(&self) -> String {

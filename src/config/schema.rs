@@ -61,8 +61,8 @@ pub struct ServerConfig {
     /// Admin HTTP listener: /healthz, /readyz, /metrics.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: String,
-    /// Listener for Envoy's HTTP ext_authz API (`http_service`), the cheaper hop (see
-    /// envoy/envoy-http.yaml). Absent: not served. Uses `tls` too when that is set.
+    /// Listener for Envoy's HTTP ext_authz API (`http_service`, see envoy/envoy-http.yaml).
+    /// Absent: not served. Uses `tls` too when that is set.
     #[serde(default)]
     pub http_listen: Option<String>,
     /// How long in-flight checks may take to finish after SIGTERM/SIGINT.

@@ -289,6 +289,27 @@ pub fn h2c_client() -> reqwest::Client {
     client(reqwest::Client::builder().http2_prior_knowledge())
 }
 
+/// Sends `method path` with `headers` to `addr` over `client` and reads the answer; with
+/// `h2`, checks that it really went over HTTP/2.
+pub async fn send_to(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    h2: bool,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> reqwest::Result<Answer> {
+    let mut request = client.request(method.parse().unwrap(), format!("http://{addr}{path}"));
+    for (n, v) in headers {
+        request = request.header(*n, *v);
+    }
+    let response = request.send().await?;
+    if h2 {
+        assert_eq!(response.version(), reqwest::Version::HTTP_2, "h2c expected");
+    }
+    Ok(Answer::read(response).await)
+}
+
 /// The answer to one request through Envoy.
 #[derive(Debug)]
 pub struct Answer {
