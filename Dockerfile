@@ -20,7 +20,8 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /portcullis /usr/local/bin/portcullis
 COPY config/ /etc/portcullis/
 USER 65532:65532
-# 9191: gRPC ext_authz (Envoy). 9192: admin (/healthz, /readyz, /metrics).
-EXPOSE 9191 9192
+# 9191: gRPC ext_authz (Envoy). 9193: Envoy's HTTP ext_authz API (`server.http_listen`).
+# 9192: admin (/healthz, /readyz, /metrics).
+EXPOSE 9191 9192 9193
 ENTRYPOINT ["/usr/local/bin/portcullis"]
 CMD ["serve", "--config", "/etc/portcullis/portcullis.yaml"]

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 const GRPC_PORT: u64 = 9191;
+const HTTP_PORT: u64 = 9193;
 const ADMIN_PORT: u64 = 9192;
 /// Paths served by the admin listener (src/admin): probes may only use these.
 const ADMIN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
@@ -149,6 +150,7 @@ fn container_service_and_config_ports_line_up() {
         ports,
         vec![
             ("grpc".to_string(), GRPC_PORT),
+            ("http".to_string(), HTTP_PORT),
             ("admin".to_string(), ADMIN_PORT)
         ]
     );
@@ -191,8 +193,10 @@ fn container_service_and_config_ports_line_up() {
     // unreachable for the kubelet and for Envoy).
     let policy: Value = serde_yaml::from_str(&configmap_policy(&docs)).unwrap();
     let listen = policy["server"]["listen"].as_str().unwrap();
+    let http = policy["server"]["http_listen"].as_str().unwrap();
     let admin = policy["server"]["admin_listen"].as_str().unwrap();
     assert_eq!(listen, format!("0.0.0.0:{GRPC_PORT}"));
+    assert_eq!(http, format!("0.0.0.0:{HTTP_PORT}"));
     assert_eq!(admin, format!("0.0.0.0:{ADMIN_PORT}"));
     assert_eq!(port_of(listen), GRPC_PORT);
     assert_eq!(port_of(admin), ADMIN_PORT);
@@ -330,20 +334,60 @@ fn configmap_policy_compiles() {
     }
 }
 
+/// The Service port named `name`.
+fn service_port<'a>(service: &'a Value, name: &str) -> &'a Value {
+    service["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("the Service has no port {name}"))
+}
+
+/// A YAML list of strings.
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .unwrap_or_else(|| panic!("expected a list, got {v:?}"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Envoy string matcher patterns as Istio writes them: `exact`, `prefix*`.
+fn patterns(v: &Value) -> Vec<String> {
+    v["patterns"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| match (p["exact"].as_str(), p["prefix"].as_str()) {
+            (Some(e), None) => e.to_string(),
+            (None, Some(prefix)) => format!("{prefix}*"),
+            _ => panic!("unexpected matcher {p:?}"),
+        })
+        .collect()
+}
+
+/// The ext_authz filter config of a shipped Envoy file.
+fn shipped_ext_authz(file: &str) -> Value {
+    let text = std::fs::read_to_string(support::repo_root().join(file)).unwrap();
+    let doc: Value = serde_yaml::from_str(&text).unwrap();
+    let hcm = &doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0];
+    hcm["typed_config"]["http_filters"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"].as_str() == Some("envoy.filters.http.ext_authz"))
+        .expect("the shipped Envoy file has an ext_authz filter")["typed_config"]
+        .clone()
+}
+
 #[test]
-fn istio_provider_points_at_the_service() {
+fn istio_providers_point_at_the_service() {
     let docs = k8s();
     let service = one(&docs, "Service");
     let name = service["metadata"]["name"].as_str().unwrap();
     let namespace = service["metadata"]["namespace"].as_str().unwrap();
-    let grpc_port = service["spec"]["ports"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"].as_str() == Some("grpc"))
-        .unwrap()["port"]
-        .as_u64()
-        .unwrap();
+    let host = format!("{name}.{namespace}.svc.cluster.local");
 
     let istio = documents("envoy/istio");
     let mesh_cm = istio
@@ -354,24 +398,78 @@ fn istio_provider_points_at_the_service() {
         .clone();
     let mesh: Value = serde_yaml::from_str(mesh_cm["data"]["mesh"].as_str().unwrap()).unwrap();
     let providers = mesh["extensionProviders"].as_sequence().unwrap();
-    assert_eq!(providers.len(), 1);
-    let provider = &providers[0];
-    let grpc = &provider["envoyExtAuthzGrpc"];
+    let provider = |kind: &str| -> &Value {
+        let found: Vec<&Value> = providers.iter().filter(|p| !p[kind].is_null()).collect();
+        assert_eq!(found.len(), 1, "one {kind} provider expected");
+        found[0]
+    };
+    // gRPC on the `grpc` port, HTTP on the `http` port (h2c: one connection for all checks).
+    for (kind, port_name) in [("envoyExtAuthzGrpc", "grpc"), ("envoyExtAuthzHttp", "http")] {
+        let p = &provider(kind)[kind];
+        assert_eq!(p["service"].as_str(), Some(host.as_str()), "{kind}");
+        assert_eq!(
+            p["port"].as_u64(),
+            service_port(service, port_name)["port"].as_u64(),
+            "{kind} must use the Service's {port_name} port"
+        );
+        assert_eq!(p["failOpen"].as_bool(), Some(false), "{kind} must fail closed");
+        assert_eq!(p["statusOnError"].as_str(), Some("403"), "{kind}");
+        assert!(p["timeout"].as_str().is_some(), "{kind} needs a timeout");
+        assert!(
+            p.get("includeRequestBodyInCheck").is_none(),
+            "request bodies must not be sent to Portcullis ({kind})"
+        );
+    }
     assert_eq!(
-        grpc["service"].as_str(),
-        Some(format!("{name}.{namespace}.svc.cluster.local").as_str())
+        service_port(service, "http")["appProtocol"].as_str(),
+        Some("http2")
     );
-    assert_eq!(grpc["port"].as_u64(), Some(grpc_port));
-    assert_eq!(
-        grpc["failOpen"].as_bool(),
-        Some(false),
-        "Istio must fail closed"
-    );
-    assert!(grpc["timeout"].as_str().is_some());
+
+    // The HTTP provider sends and takes back what envoy/envoy-http.yaml (run end to end
+    // against a real Envoy) does, and covers the ConfigMap's policy.
+    let http = &provider("envoyExtAuthzHttp")["envoyExtAuthzHttp"];
     assert!(
-        grpc.get("includeRequestBodyInCheck").is_none(),
-        "request bodies must not be sent to Portcullis"
+        http.get("pathPrefix").is_none(),
+        "a path prefix would become part of the path Portcullis authorizes"
     );
+    let envoy = shipped_ext_authz("envoy/envoy-http.yaml");
+    let service_cfg = &envoy["http_service"];
+    assert_eq!(
+        strings(&http["includeRequestHeadersInCheck"]),
+        patterns(&envoy["allowed_headers"])
+    );
+    let upstream = strings(&http["headersToUpstreamOnAllow"]);
+    assert_eq!(
+        upstream,
+        patterns(&service_cfg["authorization_response"]["allowed_upstream_headers"])
+    );
+    let client: Vec<String> = patterns(&service_cfg["authorization_response"]["allowed_client_headers"]);
+    assert_eq!(strings(&http["headersToDownstreamOnDeny"]), client);
+    let added = &service_cfg["authorization_request"]["headers_to_add"][0];
+    assert_eq!(
+        http["includeAdditionalHeadersInCheck"][added["key"].as_str().unwrap()].as_str(),
+        added["value"].as_str(),
+        "the client address header, as Envoy derives it"
+    );
+    let policy: Value = serde_yaml::from_str(&configmap_policy(&docs)).unwrap();
+    for (header, _) in policy["upstream"]["identity_headers"].as_mapping().unwrap() {
+        let header = header.as_str().unwrap();
+        assert!(
+            upstream.iter().any(|h| h == header),
+            "identity header {header} must be in headersToUpstreamOnAllow"
+        );
+    }
+    let sent = strings(&http["includeRequestHeadersInCheck"]);
+    for issuer in policy["issuers"].as_sequence().unwrap() {
+        let header = issuer["token"]["header"]
+            .as_str()
+            .unwrap_or("authorization")
+            .to_ascii_lowercase();
+        assert!(
+            sent.contains(&header),
+            "the token header {header} must be sent"
+        );
+    }
 
     let policies: Vec<&Value> = istio
         .iter()
@@ -381,7 +479,12 @@ fn istio_provider_points_at_the_service() {
     assert_eq!(policies.len(), 1);
     let policy = policies[0];
     assert_eq!(policy["spec"]["action"].as_str(), Some("CUSTOM"));
-    assert_eq!(policy["spec"]["provider"]["name"], provider["name"]);
+    assert!(
+        providers
+            .iter()
+            .any(|p| p["name"] == policy["spec"]["provider"]["name"]),
+        "the policy names a registered provider"
+    );
     assert!(
         !policy["spec"]["selector"]["matchLabels"].is_null(),
         "the sample policy selects a workload"
