@@ -232,4 +232,25 @@ fn mtls_envoy_example_requires_client_certificates_and_talks_tls_to_portcullis()
     let ctx = &upstream["common_tls_context"];
     assert!(!ctx["tls_certificates"][0]["certificate_chain"].is_null());
     assert!(!ctx["validation_context"]["match_typed_subject_alt_names"].is_null());
+
+    // Everything not about TLS is as in envoy/envoy.yaml: the same headers go to Portcullis,
+    // and the same trusted headers are removed from clients first.
+    let (_, plain) = hygienic_listener("envoy/envoy.yaml");
+    assert!(!plain["allowed_headers"].is_null());
+    assert_eq!(authz["allowed_headers"], plain["allowed_headers"]);
+    assert_eq!(
+        authz["grpc_service"]["envoy_grpc"]["skip_envoy_headers"],
+        plain["grpc_service"]["envoy_grpc"]["skip_envoy_headers"]
+    );
+    let plain_doc: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(support::repo_root().join("envoy/envoy.yaml")).unwrap(),
+    )
+    .unwrap();
+    let plain_hcm =
+        &plain_doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    assert!(!plain_hcm["early_header_mutation_extensions"].is_null());
+    assert_eq!(
+        hcm["early_header_mutation_extensions"],
+        plain_hcm["early_header_mutation_extensions"]
+    );
 }
