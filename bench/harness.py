@@ -485,12 +485,23 @@ def main():
                 order = [(n, f) for n in OPEN_SCENARIOS for f in (0.25, 0.5, 0.75)]
                 random.shuffle(order)
                 for name, frac in order:
+                    ps = [envoys[name]] + ([authz_pid[name]] if name in authz_pid else [])
+                    before = [p.cpu_ticks() for p in ps]
                     out = run(["taskset", "-c", LOAD_CPU, BENCH, "open-loop", "--addr",
                                f"127.0.0.1:{ports[name]}", "--path", PATH, "--tokens", sets["10k"],
                                "--rate", str(s2max * frac), "--duration", str(a.open_secs)])
+                    after = [p.cpu_ticks() for p in ps]
                     r = json.loads(out)
-                    r.update(round=rnd, scenario=name, load=frac)
-                    log(f"open r{rnd} {name:4} {frac:.2f} p50 {r['p50_us']} p99 {r['p99_us']} p99.9 {r['p999_us']} us")
+                    # CPU per request at this load, and how busy the core under test was: at
+                    # partial load each process wakes per request instead of draining a batch,
+                    # so this is not the closed-loop figure (see README, Performance).
+                    n = max(1, r.get("ok", 0) + r.get("non2xx", 0))
+                    secs = (after[0] - before[0] + sum(x - y for x, y in zip(after[1:], before[1:]))) / CLK
+                    r.update(round=rnd, scenario=name, load=frac,
+                             sut_cpu_us_per_req=round(secs * 1e6 / n, 1),
+                             sut_busy_pct=round(100 * secs / a.open_secs, 1))
+                    log(f"open r{rnd} {name:4} {frac:.2f} p50 {r['p50_us']} p99 {r['p99_us']} p99.9 {r['p999_us']} us"
+                        f"  SUT CPU {r['sut_cpu_us_per_req']} us/req, core {r['sut_busy_pct']}% busy")
                     results["open"].append(r)
 
         if "alone" not in skip:
@@ -592,11 +603,15 @@ def summarize(res):
                 s["cpu_ratios"][f"{x}/{y} {t}"] = median(vals)
     for r in res["open"]:
         k = f"{r['scenario']}@{int(r['load'] * 100)}%"
-        s["open"].setdefault(k, {"p50": [], "p99": [], "p999": [], "rate": r["rate"]})
+        s["open"].setdefault(k, {"p50": [], "p99": [], "p999": [], "cpu": [], "busy": [], "rate": r["rate"]})
         for q in ("p50", "p99", "p999"):
             s["open"][k][q].append(r[f"{q}_us"])
+        # Results from before these two figures were recorded have neither.
+        if "sut_cpu_us_per_req" in r:
+            s["open"][k]["cpu"].append(r["sut_cpu_us_per_req"])
+            s["open"][k]["busy"].append(r["sut_busy_pct"])
     for k, v in s["open"].items():
-        for q in ("p50", "p99", "p999"):
+        for q in ("p50", "p99", "p999", "cpu", "busy"):
             v[q] = median(v[q])
     for name, key in (("P", "added_p99_us_at_50"), ("Ph", "added_p99_us_at_50_http")):
         added = []
@@ -643,11 +658,13 @@ def render(res):
             L.append(f"| {n} | " + " | ".join(f"{s['cpu_ratios'].get(f'{n} {t}', '')}" for t in SETS) + " |")
     if s["open"]:
         L += ["", "### Open loop (10k tokens), latency in us, median of rounds", "",
-              "| scenario | load (of S2 max) | rate/s | p50 | p99 | p99.9 |", "|---|---:|---:|---:|---:|---:|"]
+              "| scenario | load (of S2 max) | rate/s | p50 | p99 | p99.9 | SUT CPU us/req | SUT core busy % |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for k in sorted(s["open"], key=lambda k: (OPEN_SCENARIOS.index(k.split("@")[0]), k)):
             v = s["open"][k]
             n, load = k.split("@")
-            L.append(f"| {n} | {load} | {v['rate']:.0f} | {v['p50']:.0f} | {v['p99']:.0f} | {v['p999']:.0f} |")
+            L.append(f"| {n} | {load} | {v['rate']:.0f} | {v['p50']:.0f} | {v['p99']:.0f} | {v['p999']:.0f} | "
+                     f"{v['cpu'] if v['cpu'] is not None else ''} | {v['busy'] if v['busy'] is not None else ''} |")
         L += ["", f"Added p99 at 50% (P minus S1, per round, median): {s['added_p99_us_at_50']} us"]
         if s.get("added_p99_us_at_50_http") is not None:
             L += ["", f"Added p99 at 50% (Ph minus S1, per round, median): {s['added_p99_us_at_50_http']} us"]
