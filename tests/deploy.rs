@@ -412,7 +412,11 @@ fn istio_providers_point_at_the_service() {
             service_port(service, port_name)["port"].as_u64(),
             "{kind} must use the Service's {port_name} port"
         );
-        assert_eq!(p["failOpen"].as_bool(), Some(false), "{kind} must fail closed");
+        assert_eq!(
+            p["failOpen"].as_bool(),
+            Some(false),
+            "{kind} must fail closed"
+        );
         assert_eq!(p["statusOnError"].as_str(), Some("403"), "{kind}");
         assert!(p["timeout"].as_str().is_some(), "{kind} needs a timeout");
         assert!(
@@ -443,7 +447,8 @@ fn istio_providers_point_at_the_service() {
         upstream,
         patterns(&service_cfg["authorization_response"]["allowed_upstream_headers"])
     );
-    let client: Vec<String> = patterns(&service_cfg["authorization_response"]["allowed_client_headers"]);
+    let client: Vec<String> =
+        patterns(&service_cfg["authorization_response"]["allowed_client_headers"]);
     assert_eq!(strings(&http["headersToDownstreamOnDeny"]), client);
     let added = &service_cfg["authorization_request"]["headers_to_add"][0];
     assert_eq!(

@@ -246,8 +246,8 @@ fn mtls_envoy_example_requires_client_certificates_and_talks_tls_to_portcullis()
         &std::fs::read_to_string(support::repo_root().join("envoy/envoy.yaml")).unwrap(),
     )
     .unwrap();
-    let plain_hcm =
-        &plain_doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let plain_hcm = &plain_doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+        [0]["typed_config"];
     assert!(!plain_hcm["early_header_mutation_extensions"].is_null());
     assert_eq!(
         hcm["early_header_mutation_extensions"],
