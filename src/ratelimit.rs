@@ -7,8 +7,10 @@
 //! a store error is a 503 `state_unavailable`, never an allow.
 //!
 //! Headers, per limit: `RateLimit-Policy: "<id>";q=<burst>;w=<seconds to refill the burst>`
-//! and `RateLimit: "<id>";r=<remaining>;t=<seconds until one more request fits>`. They are
-//! sent on the 429 only (ext_authz allows carry no response headers here).
+//! and `RateLimit: "<id>";r=<remaining>;t=<seconds>`. On the 429 they name the limit that
+//! refused and `t` is the wait until one more request fits (as `Retry-After`). On an allow
+//! they list every limit that counted the request, in config order, and `t` is the wait until
+//! that bucket is full again; Envoy adds them to the response the client gets.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -99,7 +101,8 @@ pub fn applicable<'c>(
 }
 
 /// Spends one request from every limit that selects an allowed `decision`; the first limit
-/// over its budget turns it into a 429. Denies pass through unchanged and uncounted.
+/// over its budget turns it into a 429. An allow comes back carrying what is left of every
+/// limit that counted it. Denies pass through unchanged and uncounted.
 pub async fn enforce(
     store: &dyn StateStore,
     config: &Config,
@@ -111,9 +114,10 @@ pub async fn enforce(
         return decision;
     }
     let identity: Option<Arc<Identity>> = decision.identity.clone();
+    let mut counted = Vec::new();
     for (limit, key) in applicable(config, req, m.route_id, identity.as_deref()) {
         match store.rate_check(&key, limit.limit).await {
-            Ok(outcome) if outcome.allowed => {}
+            Ok(outcome) if outcome.allowed => counted.push((limit, outcome)),
             Ok(outcome) => {
                 return limited(limit, &outcome)
                     .with_route(decision.route.clone())
@@ -127,27 +131,51 @@ pub async fn enforce(
             }
         }
     }
+    with_quota(decision, &counted)
+}
+
+/// An allow, with the `RateLimit-Policy` and `RateLimit` fields of every limit that counted
+/// it (one list item per limit), so a client can pace itself before it meets a 429.
+fn with_quota(decision: Decision, counted: &[(&CompiledRateLimit, RateOutcome)]) -> Decision {
+    if counted.is_empty() {
+        return decision;
+    }
+    let list = |item: &dyn Fn(&CompiledRateLimit, &RateOutcome) -> String| {
+        counted
+            .iter()
+            .map(|(l, o)| item(l, o))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let policies = list(&|l, _| policy_item(l));
+    let left = list(&|l, o| quota_item(l, o.remaining, ceil_secs(o.reset)));
     decision
+        .with_header("ratelimit-policy", policies)
+        .with_header("ratelimit", left)
+}
+
+/// One `RateLimit-Policy` item: the burst and the seconds it takes to refill.
+fn policy_item(limit: &CompiledRateLimit) -> String {
+    let window = ceil_secs(limit.limit.emission_interval() * limit.limit.burst.max(1)).max(1);
+    format!("\"{}\";q={};w={window}", limit.id, limit.limit.burst.max(1))
+}
+
+/// One `RateLimit` item: requests left now, and a wait in seconds.
+fn quota_item(limit: &CompiledRateLimit, remaining: u32, secs: u64) -> String {
+    format!("\"{}\";r={remaining};t={secs}", limit.id)
 }
 
 /// The 429 for a request over `limit`.
 pub fn limited(limit: &CompiledRateLimit, outcome: &RateOutcome) -> Decision {
     let retry = ceil_secs(outcome.retry_after.unwrap_or(Duration::from_secs(1))).max(1);
-    let window = ceil_secs(limit.limit.emission_interval() * limit.limit.burst.max(1)).max(1);
     let id = &limit.id;
     Decision::new(
         ReasonCode::RateLimited,
         format!("rate limit `{id}` exceeded; retry in {retry}s"),
     )
     .with_header("retry-after", retry.to_string())
-    .with_header(
-        "ratelimit-policy",
-        format!("\"{id}\";q={};w={window}", limit.limit.burst.max(1)),
-    )
-    .with_header(
-        "ratelimit",
-        format!("\"{id}\";r={};t={retry}", outcome.remaining),
-    )
+    .with_header("ratelimit-policy", policy_item(limit))
+    .with_header("ratelimit", quota_item(limit, outcome.remaining, retry))
     .with_body_field("rate_limit", id.to_string())
 }
 
@@ -290,6 +318,73 @@ mod tests {
             std::path::Path::new("test.yaml"),
         )
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_allow_lists_the_quota_left_of_every_limit_that_counted_it() {
+        let config = crate::config::from_str(
+            "routes:\n  - {id: h, methods: [GET], path: /h, public: true}\n  - {id: o, methods: [GET], path: /o, public: true}\nrate_limits:\n  - {id: a, by: route, requests: 1, per: 1m, burst: 3}\n  - {id: b, by: client_ip, requests: 2, per: 1h, burst: 2, routes: [h]}\n",
+            std::path::Path::new("test.yaml"),
+        )
+        .unwrap();
+        let store = MemoryStore::new();
+        let h = HashMap::new();
+        let quota = |path: &'static str| {
+            let req = RequestView {
+                path,
+                ..view(&h, "10.0.0.1")
+            };
+            let config = &config;
+            let store = &store;
+            async move {
+                let m = config.policy.match_route(&req).unwrap();
+                let d = enforce(store, config, &req, &m, crate::decide::public_allow(&m)).await;
+                assert!(d.is_allow(), "{d:?}");
+                d.response_headers
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.clone()))
+                    .collect::<Vec<_>>()
+            }
+        };
+        // Both limits count /h: one list item each, in config order. `t`: until the bucket
+        // is full again.
+        assert_eq!(
+            quota("/h").await,
+            vec![
+                (
+                    "ratelimit-policy".to_string(),
+                    "\"a\";q=3;w=180, \"b\";q=2;w=3600".to_string()
+                ),
+                (
+                    "ratelimit".to_string(),
+                    "\"a\";r=2;t=60, \"b\";r=1;t=1800".to_string()
+                ),
+            ]
+        );
+        // Only `a` counts /o (its bucket is per route, so a fresh one).
+        assert_eq!(
+            quota("/o").await,
+            vec![
+                (
+                    "ratelimit-policy".to_string(),
+                    "\"a\";q=3;w=180".to_string()
+                ),
+                ("ratelimit".to_string(), "\"a\";r=2;t=60".to_string()),
+            ]
+        );
+        // No limit selects a request: an allow stays bare.
+        let bare = crate::config::from_str(
+            "routes:\n  - {id: h, methods: [GET], path: /h, public: true}\n",
+            std::path::Path::new("test.yaml"),
+        )
+        .unwrap();
+        let req = RequestView {
+            path: "/h",
+            ..view(&h, "10.0.0.1")
+        };
+        let m = bare.policy.match_route(&req).unwrap();
+        let d = enforce(&store, &bare, &req, &m, crate::decide::public_allow(&m)).await;
+        assert!(d.is_allow() && d.response_headers.is_empty(), "{d:?}");
     }
 
     #[tokio::test]

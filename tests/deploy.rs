@@ -450,6 +450,10 @@ fn istio_providers_point_at_the_service() {
     let client: Vec<String> =
         patterns(&service_cfg["authorization_response"]["allowed_client_headers"]);
     assert_eq!(strings(&http["headersToDownstreamOnDeny"]), client);
+    assert_eq!(
+        strings(&http["headersToDownstreamOnAllow"]),
+        patterns(&service_cfg["authorization_response"]["allowed_client_headers_on_success"])
+    );
     let added = &service_cfg["authorization_request"]["headers_to_add"][0];
     assert_eq!(
         http["includeAdditionalHeadersInCheck"][added["key"].as_str().unwrap()].as_str(),

@@ -192,10 +192,28 @@ async fn check_key_routes(stack: &Stack, client: &reqwest::Client, proto: &str) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_limit_the_client_gets_429_with_retry_after_and_ratelimit_headers() {
     let stack = Stack::start().await;
-    for i in 0..2 {
+    for i in 0..2u64 {
         let answer = stack.send("POST", "/orders", Some(OTHER_KEY)).await;
         assert_eq!(answer.status, 200, "request {i}: {answer:?}");
         assert!(answer.answered_by_upstream(), "request {i}: {answer:?}");
+        // Each allow tells the client what is left: one request, then none; the bucket is
+        // full again 30 minutes after each request spent.
+        assert_eq!(
+            answer.header("ratelimit-policy"),
+            Some("\"per-key\";q=2;w=3600"),
+            "request {i}: {answer:?}"
+        );
+        let quota = answer.header("ratelimit").unwrap_or_default();
+        let (left, t) = quota
+            .strip_prefix("\"per-key\";r=")
+            .and_then(|rest| rest.split_once(";t="))
+            .unwrap_or_else(|| panic!("request {i}: RateLimit {quota:?}"));
+        assert_eq!(left, (1 - i).to_string(), "request {i}: {quota}");
+        let t: u64 = t.parse().unwrap();
+        assert!(
+            (1790 * (i + 1)..=1800 * (i + 1)).contains(&t),
+            "request {i}: {quota}"
+        );
     }
     let limited = stack.send("POST", "/orders", Some(OTHER_KEY)).await;
     assert_eq!(limited.status, 429, "{limited:?}");

@@ -226,6 +226,18 @@ async fn denials_reach_the_client_as_portcullis_wrote_them() {
     let headers = [("authorization", writer.as_str())];
     let first = stack.send(true, "POST", "/orders", &headers).await;
     assert_eq!(first.status, 200, "{first:?}");
+    // The allow tells the client what is left (`allowed_client_headers_on_success`).
+    assert_eq!(
+        first.header("ratelimit-policy"),
+        Some("\"per-subject\";q=1;w=60"),
+        "{first:?}"
+    );
+    assert!(
+        first
+            .header("ratelimit")
+            .is_some_and(|v| v.starts_with("\"per-subject\";r=0;t=")),
+        "{first:?}"
+    );
     let second = stack.send(false, "POST", "/orders", &headers).await;
     assert_eq!(second.status, 429, "{second:?}");
     assert_eq!(second.error(), "rate_limited");

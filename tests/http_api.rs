@@ -15,7 +15,8 @@ use portcullis::server::Server;
 use serde_json::{Value, json};
 use support::free_port;
 use support::inproc::{
-    IDENTITY_HEADERS, allowed, check_from, denied, shipped_config, start_server,
+    IDENTITY_HEADERS, allowed, check_from, client_headers_on_allow, denied, shipped_config,
+    start_server,
 };
 use support::jwks::JwksServer;
 use support::jwt::{dev_jwks, merged, mint_dev as mint};
@@ -244,6 +245,56 @@ async fn both_apis_give_the_same_decision_over_http1_and_h2() {
             }
         }
     }
+}
+
+/// An allow that a rate limit counted tells the client what is left, on both APIs: over gRPC
+/// in `response_headers_to_add` (appended to the upstream's response), over HTTP as headers
+/// of the 200 (Envoy passes them on with `allowed_client_headers_on_success`). Both APIs
+/// spend from the same bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_under_a_rate_limit_tells_the_client_the_quota_left() {
+    // per-subject (POST /orders): 5 at once, then one an hour, so nothing refills meanwhile.
+    let h = Harness::start(|doc| {
+        doc["rate_limits"][1]["requests"] = 1.into();
+        doc["rate_limits"][1]["per"] = "1h".into();
+        doc["rate_limits"][1]["burst"] = 5.into();
+    })
+    .await;
+    let writer = bearer(&token(json!({ "scope": "orders:write" })));
+    let mut headers = vec![("authorization", writer.as_str())];
+    let policy = "\"per-subject\";q=5;w=18000";
+    // The bucket is full again an hour after each request spent.
+    let quota = |left: u32, hours: u32| format!("\"per-subject\";r={left};t={}", hours * 3600);
+
+    let grpc = client_headers_on_allow(&h.grpc("POST", "/orders", &headers, "10.0.0.7").await);
+    assert_eq!(
+        grpc,
+        vec![
+            ("ratelimit-policy".to_string(), policy.to_string(), true),
+            ("ratelimit".to_string(), quota(4, 1), true),
+        ]
+    );
+    headers.push((SOURCE, "10.0.0.7"));
+    for (h2, left) in [(false, 3), (true, 2)] {
+        let http = h.http(h2, "POST", "/orders", &headers, "").await;
+        assert_eq!(http.status, 200, "{http:?}");
+        assert_eq!(http.header("ratelimit-policy"), Some(policy), "{http:?}");
+        assert_eq!(
+            http.header("ratelimit"),
+            Some(quota(left, 5 - left).as_str()),
+            "{http:?}"
+        );
+    }
+
+    // A route no limit covers: nothing to tell, on either API.
+    let reader = bearer(&reader());
+    let read = [("authorization", reader.as_str()), (SOURCE, "10.0.0.7")];
+    let grpc = h.grpc("GET", "/orders/42", &read[..1], "10.0.0.7").await;
+    assert_eq!(client_headers_on_allow(&grpc), vec![]);
+    let http = h.http(true, "GET", "/orders/42", &read, "").await;
+    assert_eq!(http.status, 200, "{http:?}");
+    assert!(http.header("ratelimit").is_none(), "{http:?}");
+    assert!(http.header("ratelimit-policy").is_none(), "{http:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

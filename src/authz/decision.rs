@@ -115,8 +115,9 @@ pub struct Decision {
     pub rule: Option<Arc<str>>,
     /// The verified identity, when one was established.
     pub identity: Option<Arc<Identity>>,
-    /// Extra response headers for a deny (e.g. `retry-after`, `ratelimit`, an approval id,
-    /// a DPoP challenge). Lower-case names.
+    /// Extra headers for the client's response. On a deny: e.g. `retry-after`, `ratelimit`,
+    /// an approval id, a DPoP challenge. On an allow: the `ratelimit` / `ratelimit-policy`
+    /// quota left (Envoy adds them to the upstream's response). Lower-case names.
     pub response_headers: Vec<(Cow<'static, str>, String)>,
     /// Extra members of the JSON deny body (e.g. `approval_id`).
     pub body_fields: Vec<(&'static str, String)>,
@@ -135,7 +136,7 @@ impl Decision {
         }
     }
 
-    /// Adds a response header to a deny.
+    /// Adds a header to the client's response (see `response_headers`).
     pub fn with_header(mut self, name: impl Into<Cow<'static, str>>, value: String) -> Self {
         self.response_headers.push((name.into(), value));
         self

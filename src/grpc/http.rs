@@ -89,7 +89,10 @@ impl HttpAuthorizer {
         let parts = request_parts(&head, &body);
         let (decision, engine, parts) = self.inner.decide_parts(parts).await;
         if decision.is_allow() {
-            allow(UpstreamMutation::of(decision.identity.as_deref(), &engine))
+            allow(
+                UpstreamMutation::of(decision.identity.as_deref(), &engine),
+                &decision.response_headers,
+            )
         } else {
             let mut answer = deny(&decision, parts.request_id());
             if head.method == http::Method::HEAD {
@@ -170,8 +173,9 @@ fn source_address(headers: &HeaderList<'_>) -> Option<IpAddr> {
     bare.parse().ok()
 }
 
-/// `200` with the identity headers to set and the names Envoy must remove.
-fn allow(mutation: UpstreamMutation) -> Response {
+/// `200` with the identity headers to set, the names Envoy must remove, and the headers for
+/// the client's response (Envoy passes those named in `allowed_client_headers_on_success`).
+fn allow(mutation: UpstreamMutation, client: &[(Cow<'static, str>, String)]) -> Response {
     let UpstreamMutation { set, mut remove } = mutation;
     // Envoy adds its copy to our request only; a copy the client sent stays in the upstream
     // request, where it could pass for ours.
@@ -195,7 +199,19 @@ fn allow(mutation: UpstreamMutation) -> Response {
     {
         headers.insert(HEADERS_TO_REMOVE, value);
     }
+    append_headers(headers, client);
     response
+}
+
+fn append_headers(headers: &mut http::HeaderMap, list: &[(Cow<'static, str>, String)]) {
+    for (name, value) in list {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) {
+            headers.append(name, value);
+        }
+    }
 }
 
 /// The deny as an HTTP answer. Never 5xx: Envoy would read that as the authorizer failing.
@@ -207,15 +223,7 @@ fn deny(decision: &Decision, request_id: &str) -> Response {
     };
     let mut response = http::Response::new(Full::new(Bytes::from(answer.body)));
     *response.status_mut() = status;
-    let headers = response.headers_mut();
-    for (name, value) in answer.headers {
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(name.as_bytes()),
-            http::HeaderValue::from_str(&value),
-        ) {
-            headers.append(name, value);
-        }
-    }
+    append_headers(response.headers_mut(), &answer.headers);
     response
 }
 

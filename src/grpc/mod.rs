@@ -238,7 +238,7 @@ impl<'a> RequestParts<'a> {
 /// Turns a decision into Envoy's answer.
 pub fn to_response(decision: &Decision, engine: &Engine, request_id: &str) -> CheckResponse {
     if decision.is_allow() {
-        allow_response(decision.identity.as_deref(), engine)
+        allow_response(decision, engine)
     } else {
         deny_response(decision, request_id)
     }
@@ -284,8 +284,8 @@ impl UpstreamMutation {
     }
 }
 
-fn allow_response(identity: Option<&Identity>, engine: &Engine) -> CheckResponse {
-    let mutation = UpstreamMutation::of(identity, engine);
+fn allow_response(decision: &Decision, engine: &Engine) -> CheckResponse {
+    let mutation = UpstreamMutation::of(decision.identity.as_deref(), engine);
     CheckResponse {
         status: Some(rpc::Status {
             code: RPC_OK,
@@ -298,6 +298,16 @@ fn allow_response(identity: Option<&Identity>, engine: &Engine) -> CheckResponse
                 .map(|(name, value)| header_option(name, value))
                 .collect(),
             headers_to_remove: mutation.remove,
+            // Quota left (RateLimit fields), appended to the upstream's response: an upstream
+            // that reports its own limits keeps its items in the same list.
+            response_headers_to_add: decision
+                .response_headers
+                .iter()
+                .map(|(name, value)| HeaderValueOption {
+                    append_action: HeaderAppendAction::AppendIfExistsOrAdd as i32,
+                    ..header_option(name.to_string(), value.clone())
+                })
+                .collect(),
             ..Default::default()
         })),
         ..Default::default()

@@ -188,6 +188,24 @@ pub fn allowed(resp: &CheckResponse) -> Option<(HashMap<String, String>, Vec<Str
     }
 }
 
+/// The headers an allow adds to the client's response, with whether each is appended to
+/// the upstream's copy; panics on anything but an allow.
+pub fn client_headers_on_allow(resp: &CheckResponse) -> Vec<(String, String, bool)> {
+    use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+    match resp.http_response.as_ref() {
+        Some(HttpResponse::OkResponse(ok)) => ok
+            .response_headers_to_add
+            .iter()
+            .map(|h| {
+                let header = h.header.as_ref().unwrap();
+                let append = h.append_action == HeaderAppendAction::AppendIfExistsOrAdd as i32;
+                (header.key.clone(), header.value.clone(), append)
+            })
+            .collect(),
+        other => panic!("expected an allow, got {other:?}"),
+    }
+}
+
 /// (status, headers, JSON body) of a deny; panics on anything else.
 pub fn denied(resp: &CheckResponse) -> (u16, HashMap<String, String>, Value) {
     match resp.http_response.as_ref() {
