@@ -95,6 +95,9 @@ pub struct Config {
     pub rate_limits: Vec<CompiledRateLimit>,
     /// `revocation.file`, resolved against the config file's folder.
     pub revocation_file: Option<PathBuf>,
+    /// The headers that carry credentials (every issuer's token header, the API key
+    /// header), sorted and distinct: what `upstream.strip_authorization` removes.
+    pub credential_headers: Vec<String>,
 }
 
 /// Algorithms accepted when an issuer lists none: every asymmetric one.
@@ -412,6 +415,13 @@ impl Compiler {
         let api_keys = self.api_keys.take();
         let rate_limits = self.rate_limits(&file, api_keys.as_deref())?;
         self.unused_key_warnings(&file, api_keys.as_deref());
+        let mut credential_headers: Vec<String> = issuers
+            .iter()
+            .map(|i| i.header.clone())
+            .chain(api_keys.as_ref().map(|k| k.header.clone()))
+            .collect();
+        credential_headers.sort_unstable();
+        credential_headers.dedup();
         Ok(Config {
             source: self.file,
             file,
@@ -421,6 +431,7 @@ impl Compiler {
             api_keys,
             rate_limits,
             revocation_file,
+            credential_headers,
         })
     }
 

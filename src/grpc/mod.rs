@@ -267,18 +267,7 @@ impl UpstreamMutation {
             }
         }
         if upstream.strip_authorization {
-            let mut names: Vec<&str> = engine
-                .config
-                .issuers
-                .iter()
-                .map(|i| i.header.as_str())
-                .collect();
-            if let Some(ak) = &engine.config.api_keys {
-                names.push(ak.header.as_str());
-            }
-            names.sort_unstable();
-            names.dedup();
-            remove.extend(names.into_iter().map(str::to_string));
+            remove.extend(engine.config.credential_headers.iter().cloned());
         }
         Self { set, remove }
     }
