@@ -6,7 +6,8 @@
 //! The gRPC wiring (envoy/envoy.yaml) has the same cases and more in tests/e2e_envoy.rs;
 //! this file covers what differs on the HTTP API: identity headers through
 //! `allowed_upstream_headers` and `x-envoy-auth-headers-to-remove`, the client address from
-//! Envoy's `headers_to_add`, deny answers through `allowed_client_headers`, and fail-closed.
+//! Envoy's `headers_to_add`, deny answers through `allowed_client_headers`, the quota left
+//! on an allow through `allowed_client_headers_on_success`, and fail-closed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -187,7 +188,7 @@ async fn identity_headers_reach_the_upstream_and_spoofed_copies_never_do() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn denials_reach_the_client_as_portcullis_wrote_them() {
+async fn answers_reach_the_client_as_portcullis_wrote_them() {
     // One POST /orders a minute per subject, so the second is over the limit.
     let stack = Stack::start(|doc| {
         doc["rate_limits"][1]["requests"] = 1.into();

@@ -43,6 +43,7 @@ use tonic::codegen::{BoxFuture, http};
 use super::wire::HeaderList;
 use super::{AuthzService, DenyAnswer, RequestParts, UpstreamMutation, set_body_digest};
 use crate::authz::Decision;
+use crate::engine::Engine;
 
 /// The header Envoy adds with the downstream client's address (no port).
 pub const SOURCE_ADDRESS_HEADER: &str = "x-portcullis-source-address";
@@ -89,10 +90,7 @@ impl HttpAuthorizer {
         let parts = request_parts(&head, &body);
         let (decision, engine, parts) = self.inner.decide_parts(parts).await;
         if decision.is_allow() {
-            allow(
-                UpstreamMutation::of(decision.identity.as_deref(), &engine),
-                &decision.response_headers,
-            )
+            allow(&decision, &engine)
         } else {
             let mut answer = deny(&decision, parts.request_id());
             if head.method == http::Method::HEAD {
@@ -175,8 +173,9 @@ fn source_address(headers: &HeaderList<'_>) -> Option<IpAddr> {
 
 /// `200` with the identity headers to set, the names Envoy must remove, and the headers for
 /// the client's response (Envoy passes those named in `allowed_client_headers_on_success`).
-fn allow(mutation: UpstreamMutation, client: &[(Cow<'static, str>, String)]) -> Response {
-    let UpstreamMutation { set, mut remove } = mutation;
+fn allow(decision: &Decision, engine: &Engine) -> Response {
+    let UpstreamMutation { set, mut remove } =
+        UpstreamMutation::of(decision.identity.as_deref(), engine);
     // Envoy adds its copy to our request only; a copy the client sent stays in the upstream
     // request, where it could pass for ours.
     remove.push(SOURCE_ADDRESS_HEADER.to_string());
@@ -199,7 +198,7 @@ fn allow(mutation: UpstreamMutation, client: &[(Cow<'static, str>, String)]) -> 
     {
         headers.insert(HEADERS_TO_REMOVE, value);
     }
-    append_headers(headers, client);
+    append_headers(headers, &decision.response_headers);
     response
 }
 
