@@ -386,6 +386,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--secs", type=int, default=10, help="closed-loop seconds per run")
     ap.add_argument("--open-secs", type=int, default=10)
+    ap.add_argument("--open-rounds", type=int, help="open-loop rounds (default: --rounds)")
     ap.add_argument("--alone-secs", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=10000)
     ap.add_argument("--fill", type=int, default=1000000, help="distinct tokens for the RSS run")
@@ -457,6 +458,11 @@ def main():
             "nproc": os.cpu_count(), "kernel": os.uname().release,
             "envoy": run([envoy, "--version"]).strip().split("version:")[-1].strip(),
             "args": vars(a), "label": a.label}, "closed": [], "open": [], "alone": [], "memory": {}}
+        # How fast this machine's caches forget an idle working set, on the core under test:
+        # the key to the open-loop CPU figures (README, Performance).
+        results["meta"]["cache_decay"] = json.loads(
+            run(["taskset", "-c", SUT_CPU, BENCH, "cache-decay"]))["cache_decay"]
+        log(f"cache decay on CPU {SUT_CPU}: {results['meta']['cache_decay']}")
 
         def closed_once(name, tset, secs):
             ps = [envoys[name]] + ([authz_pid[name]] if name in authz_pid else [])
@@ -481,7 +487,7 @@ def main():
 
         s2max = median([r["rps"] for r in results["closed"] if r["scenario"] == "S2" and r["tokens"] == "10k"])
         if "open" not in skip and s2max:
-            for rnd in range(max(1, a.rounds // 2)):
+            for rnd in range(a.open_rounds or a.rounds):
                 order = [(n, f) for n in OPEN_SCENARIOS for f in (0.25, 0.5, 0.75)]
                 random.shuffle(order)
                 for name, frac in order:
@@ -635,6 +641,17 @@ def render(res):
     m, s = res["meta"], res["summary"]
     L = [f"Machine: {m['cpu']}, {m['nproc']} cores, Linux {m['kernel']}; Envoy {m['envoy']}; {m['date']}",
          f"Arguments: {json.dumps(m['args'])}", ""]
+    if m.get("cache_decay"):
+        gaps = [p["gap_us"] for p in m["cache_decay"][0]["points"]]
+        L += ["### Cache decay on the core under test: ns per random read of a working set left "
+              "untouched for a gap (bench cache-decay)", "",
+              "| working set | " + " | ".join(f"{g} us" for g in gaps) + " |",
+              "|---|" + "---:|" * len(gaps)]
+        for ws in m["cache_decay"]:
+            base = ws["points"][0]["ns_per_read"]
+            L.append(f"| {ws['kib']} KiB | " + " | ".join(
+                f"{p['ns_per_read']} ({p['ns_per_read'] / base:.1f}x)" for p in ws["points"]) + " |")
+        L.append("")
     L += ["### Closed loop (wrk, 1 thread, %d connections): requests/s, median of rounds" % m["args"]["conns"], "",
           "| scenario | 1 token | 10k tokens | 10k, 10% denied | Envoy CPU us/req (10k) | authz CPU us/req (10k) |",
           "|---|---:|---:|---:|---:|---:|"]

@@ -113,6 +113,22 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// How long this machine's caches keep a working set nobody touches: times a fixed pattern
+    /// of random reads over `--kib` of memory, right after the previous pass and after leaving
+    /// it untouched (spinning on a clock) for each gap. Prints one JSON line. Explains the
+    /// open-loop figures: at partial load, Envoy's and the authorizer's code and data sit idle
+    /// between requests, and on a shared VM other tenants evict them from the last-level cache.
+    CacheDecay {
+        /// Working sets in KiB, comma-separated (one that fits the core's L2, one that does not).
+        #[arg(long, default_value = "1024,8192")]
+        kib: String,
+        /// Idle gaps in microseconds, comma-separated.
+        #[arg(long, default_value = "0,100,500,2000")]
+        gaps_us: String,
+        /// Timed passes per (working set, gap).
+        #[arg(long, default_value_t = 1500)]
+        passes: usize,
+    },
     /// Open-loop HTTP/1.1 GETs at a constant rate; prints one JSON line of results.
     OpenLoop {
         #[arg(long)]
@@ -218,6 +234,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
         Cmd::NoopHttp { listen } => runtime()?.block_on(noop_http(listen)),
+        Cmd::CacheDecay {
+            kib,
+            gaps_us,
+            passes,
+        } => cache_decay(&parse_list(&kib)?, &parse_list(&gaps_us)?, passes),
         Cmd::OpenLoop {
             addr,
             path,
@@ -441,6 +462,66 @@ struct ConnResult {
     ok: u64,
     non2xx: u64,
     errors: u64,
+}
+
+fn parse_list(list: &str) -> anyhow::Result<Vec<u64>> {
+    list.split(',')
+        .map(|x| {
+            x.trim()
+                .parse()
+                .with_context(|| format!("`{x}` is not a number"))
+        })
+        .collect()
+}
+
+/// See `Cmd::CacheDecay`. Each pass makes 4096 reads at pseudo-random offsets (independent of
+/// each other, like the lookups of many requests); the result is nanoseconds per read, the
+/// median over the passes, for each working set and gap.
+fn cache_decay(kibs: &[u64], gaps_us: &[u64], passes: usize) -> anyhow::Result<()> {
+    const READS: u64 = 4096;
+    let mut out = Vec::new();
+    for &kib in kibs {
+        let words = usize::try_from(kib * 1024 / 8).context("working set too large")?;
+        if words == 0 {
+            bail!("a working set of {kib} KiB is too small");
+        }
+        let set: Vec<u64> = (0..words as u64)
+            .map(|i| i.wrapping_mul(0x9E37_79B9))
+            .collect();
+        let mut points = Vec::new();
+        for &gap in gaps_us {
+            let mut state = 0x2545_F491_4F6C_DD1D_u64;
+            let mut sink = 0u64;
+            let mut times = Vec::with_capacity(passes);
+            // The first passes bring the set in; they are not timed.
+            for pass in 0..passes + 20 {
+                let t0 = Instant::now();
+                for _ in 0..READS {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    sink = sink.wrapping_add(set[(state >> 24) as usize % words]);
+                }
+                if pass >= 20 {
+                    times.push(t0.elapsed());
+                }
+                let idle_until = Instant::now() + Duration::from_micros(gap);
+                while Instant::now() < idle_until {
+                    std::hint::spin_loop();
+                }
+            }
+            std::hint::black_box(sink);
+            times.sort_unstable();
+            let median = times[times.len() / 2];
+            points.push(serde_json::json!({
+                "gap_us": gap,
+                "ns_per_read": (median.as_nanos() as f64 / READS as f64 * 100.0).round() / 100.0,
+            }));
+        }
+        out.push(serde_json::json!({"kib": kib, "points": points}));
+    }
+    println!("{}", serde_json::json!({ "cache_decay": out }));
+    Ok(())
 }
 
 /// Constant-rate load in the manner of wrk2: connection `k` of `C` sends request `i` at
