@@ -18,7 +18,8 @@ Load generator on CPU 0, system under test (Envoy + authz server) on CPU 1.
 import argparse, json, os, random, re, shutil, socket, statistics, subprocess, sys, time
 from datetime import datetime, timezone
 
-import yaml
+# PyYAML (bench/run.sh installs it) is imported where configs are read or written, so that
+# `--render` runs on the standard library alone (tests/bench_harness.rs runs it in CI).
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "target", "bench")
@@ -160,6 +161,7 @@ def portcullis_config(name, grpc_port, admin_port, capacity=100000, audit=True, 
         "routes": routes(),
     }
     p = os.path.join(WORK, f"{name}.portcullis.yaml")
+    import yaml
     with open(p, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     return p
@@ -222,6 +224,7 @@ def jwt_filter(cache_size=None):
 def shipped_wiring(file, cluster_name):
     """The connection manager, ext_authz filter and authorizer cluster of a shipped Envoy
     config (envoy/FILE)."""
+    import yaml
     with open(os.path.join(ROOT, "envoy", file)) as f:
         doc = yaml.safe_load(f)
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]

@@ -1,0 +1,118 @@
+//! The benchmark harness keeps working. Benchmarks never fail CI on speed (issue 4), but the
+//! harness must not rot: `cargo test` builds its Rust half (`examples/bench`), and this file
+//! runs the parts that need no load: the Python half's report renderer on the committed full
+//! run, and the machine probe every run records.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// `examples/bench`: `cargo test` builds it beside this test's own binary; `cargo test --test
+/// bench_harness` alone does not, so it is (re)built here then.
+fn bench_example() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let bench = profile_dir.join("examples").join("bench");
+    let source = support::repo_root().join("bench/src/main.rs");
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if modified(&bench) < modified(&source) {
+        BUILT.call_once(|| {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--example", "bench"])
+                .current_dir(support::repo_root())
+                .status()
+                .unwrap();
+            assert!(status.success(), "cargo build --example bench failed");
+        });
+    }
+    bench
+}
+
+/// The newest committed full run (`bench/results/<stamp>-full.json`): the one the README quotes.
+fn newest_full_run() -> PathBuf {
+    let dir = support::repo_root().join("bench/results");
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with("-full.json"))
+        .collect();
+    runs.sort();
+    runs.pop()
+        .expect("bench/results holds at least one full run")
+}
+
+#[test]
+fn the_committed_report_is_what_the_harness_renders_from_its_raw_results() {
+    let json = newest_full_run();
+    let out = Command::new("python3")
+        .arg(support::repo_root().join("bench/harness.py"))
+        .arg("--render")
+        .arg(&json)
+        .output()
+        .expect("python3 runs (the Envoy install needs it too)");
+    assert!(
+        out.status.success(),
+        "harness.py --render failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8(out.stdout).unwrap();
+    let committed = std::fs::read_to_string(json.with_extension("md")).unwrap();
+    assert_eq!(
+        rendered.trim_end(),
+        committed.trim_end(),
+        "{} does not match what harness.py renders from {}",
+        json.with_extension("md").display(),
+        json.display()
+    );
+    // The report carries what the README's Performance section quotes.
+    for section in [
+        "### Closed loop",
+        "### Ratios",
+        "### Open loop",
+        "### Portcullis alone",
+        "### Memory",
+        "### Cache decay",
+    ] {
+        assert!(rendered.contains(section), "no `{section}` in the report");
+    }
+}
+
+#[test]
+fn the_cache_decay_probe_reports_every_working_set_and_gap() {
+    let out = Command::new(bench_example())
+        .args(["cache-decay", "--kib", "64,512", "--gaps-us", "0,50,200"])
+        .args(["--passes", "25"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sets = doc["cache_decay"].as_array().unwrap();
+    let kibs: Vec<u64> = sets.iter().map(|s| s["kib"].as_u64().unwrap()).collect();
+    assert_eq!(kibs, [64, 512]);
+    for set in sets {
+        let points = set["points"].as_array().unwrap();
+        let gaps: Vec<u64> = points
+            .iter()
+            .map(|p| p["gap_us"].as_u64().unwrap())
+            .collect();
+        assert_eq!(gaps, [0, 50, 200]);
+        for p in points {
+            let ns = p["ns_per_read"].as_f64().unwrap();
+            assert!(ns > 0.0 && ns < 1e6, "implausible {ns} ns per read: {p}");
+        }
+    }
+    // A malformed list is refused with the offending item named, not read as zero.
+    let bad = Command::new(bench_example())
+        .args(["cache-decay", "--gaps-us", "0,ten"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("`ten` is not a number"));
+}
