@@ -59,13 +59,29 @@ fn the_committed_report_is_what_the_harness_renders_from_its_raw_results() {
         String::from_utf8_lossy(&out.stderr)
     );
     let rendered = String::from_utf8(out.stdout).unwrap();
-    let committed = std::fs::read_to_string(json.with_extension("md")).unwrap();
+    let md = json.with_extension("md");
+    let committed = std::fs::read_to_string(&md).unwrap();
+    let mut rendered_lines = rendered.trim_end().lines();
+    for (n, want) in committed.trim_end().lines().enumerate() {
+        let got = rendered_lines
+            .next()
+            .unwrap_or("<end of the rendered report>");
+        assert_eq!(
+            got,
+            want,
+            "line {} of {} differs from what harness.py renders from its raw results; after \
+             changing the report's layout, re-render it: python3 bench/harness.py --render {} > {}",
+            n + 1,
+            md.display(),
+            json.display(),
+            md.display()
+        );
+    }
     assert_eq!(
-        rendered.trim_end(),
-        committed.trim_end(),
-        "{} does not match what harness.py renders from {}",
-        json.with_extension("md").display(),
-        json.display()
+        rendered_lines.next(),
+        None,
+        "harness.py renders more than {} holds",
+        md.display()
     );
     // The report carries what the README's Performance section quotes.
     for section in [
