@@ -197,7 +197,9 @@ impl Stack {
 
 /// A denial Portcullis made (not Envoy, not the upstream): the status, a Bearer challenge with
 /// the OAuth `error` (RFC 6750), and the JSON body whose `error` is Portcullis' reason code.
-fn assert_denied_by_portcullis(answer: &Answer, status: u16, error: &str, context: &str) {
+/// `error` is the challenge's RFC 6750 error code; `None` expects the bare challenge that a
+/// request with no credential at all gets (RFC 6750 3.1).
+fn assert_denied_by_portcullis(answer: &Answer, status: u16, error: Option<&str>, context: &str) {
     assert_eq!(answer.status, status, "{context}: {answer:?}");
     assert!(
         !answer.answered_by_upstream(),
@@ -206,10 +208,16 @@ fn assert_denied_by_portcullis(answer: &Answer, status: u16, error: &str, contex
     let challenge = answer
         .header("www-authenticate")
         .unwrap_or_else(|| panic!("{context}: no WWW-Authenticate: {answer:?}"));
-    assert!(
-        challenge.starts_with("Bearer ") && challenge.contains(&format!("error=\"{error}\"")),
-        "{context}: challenge {challenge:?}"
-    );
+    match error {
+        Some(error) => assert!(
+            challenge.starts_with("Bearer ") && challenge.contains(&format!("error=\"{error}\"")),
+            "{context}: challenge {challenge:?}"
+        ),
+        None => assert_eq!(
+            challenge, "Bearer realm=\"portcullis\"",
+            "{context}: no credential, so no error code"
+        ),
+    }
     let body = answer.json();
     assert!(
         body["error"].as_str().is_some_and(|s| !s.is_empty()),
@@ -341,11 +349,16 @@ async fn missing_token_is_401_with_challenge_and_wrong_scope_is_403() {
     let stack = Stack::start(&[Key::A]).await;
     for proto in PROTOCOLS {
         let answer = stack.get(proto, "/orders/1", None).await;
-        assert_denied_by_portcullis(&answer, 401, "invalid_token", &format!("{proto:?} none"));
+        assert_denied_by_portcullis(&answer, 401, None, &format!("{proto:?} none"));
         assert_eq!(answer.json()["error"].as_str(), Some("credential_missing"));
 
         let garbage = stack.get(proto, "/orders/1", Some("not.a.jwt")).await;
-        assert_denied_by_portcullis(&garbage, 401, "invalid_token", &format!("{proto:?} bad"));
+        assert_denied_by_portcullis(
+            &garbage,
+            401,
+            Some("invalid_token"),
+            &format!("{proto:?} bad"),
+        );
         assert!(!garbage.body.contains("not.a.jwt"), "token echoed back");
 
         // A valid token without `orders:write` may not POST /orders.
@@ -356,7 +369,7 @@ async fn missing_token_is_401_with_challenge_and_wrong_scope_is_403() {
         assert_denied_by_portcullis(
             &answer,
             403,
-            "insufficient_scope",
+            Some("insufficient_scope"),
             &format!("{proto:?} scope"),
         );
         assert!(!answer.body.contains(&token), "token echoed back");
@@ -632,7 +645,7 @@ async fn rotated_key_is_accepted_and_removed_key_refused_without_restart() {
     let answer = stack
         .get(Proto::Http1, "/orders/1", Some(&reader_token(Key::B)))
         .await;
-    assert_denied_by_portcullis(&answer, 401, "invalid_token", "unknown kid");
+    assert_denied_by_portcullis(&answer, 401, Some("invalid_token"), "unknown kid");
 
     // The provider publishes B next to A: B is accepted without restarting anything.
     stack.jwks.serve(&[Key::A, Key::B]);
@@ -659,7 +672,12 @@ async fn rotated_key_is_accepted_and_removed_key_refused_without_restart() {
         )
         .await;
     let answer = stack.get(Proto::Http1, "/orders/1", Some(&old)).await;
-    assert_denied_by_portcullis(&answer, 401, "invalid_token", "cached token of removed key");
+    assert_denied_by_portcullis(
+        &answer,
+        401,
+        Some("invalid_token"),
+        "cached token of removed key",
+    );
     let answer = stack
         .get(Proto::H2c, "/orders/1", Some(&reader_token(Key::B)))
         .await;
@@ -733,7 +751,7 @@ async fn jwks_outage_keeps_cached_keys_until_max_stale_then_fails_closed() {
     assert_denied_by_portcullis(
         &answer,
         401,
-        "invalid_token",
+        Some("invalid_token"),
         "cached token after max_stale",
     );
     assert_eq!(answer.json()["error"].as_str(), Some("keys_unavailable"));
@@ -876,7 +894,12 @@ async fn policy_edited_under_load_never_fails_or_wrongly_allows() {
                 let write = stack
                     .send(proto, "POST", "/orders", Some(&reader), &[])
                     .await;
-                assert_denied_by_portcullis(&write, 403, "insufficient_scope", "POST /orders");
+                assert_denied_by_portcullis(
+                    &write,
+                    403,
+                    Some("insufficient_scope"),
+                    "POST /orders",
+                );
             }
             (allowed, denied)
         }));
@@ -910,7 +933,12 @@ async fn policy_edited_under_load_never_fails_or_wrongly_allows() {
     })
     .await;
     let after = stack.get(Proto::H2c, "/orders/7", Some(&reader)).await;
-    assert_denied_by_portcullis(&after, 403, "insufficient_scope", "after the broken edit");
+    assert_denied_by_portcullis(
+        &after,
+        403,
+        Some("insufficient_scope"),
+        "after the broken edit",
+    );
 
     stop.store(true, Ordering::Relaxed);
     let (mut allowed, mut denied) = (0, 0);

@@ -396,9 +396,18 @@ fn deny_response(decision: &Decision, request_id: &str) -> CheckResponse {
     }
 }
 
-/// The RFC 6750 challenge: `invalid_token` for 401s, `insufficient_scope` for a valid
-/// identity that no grant matched; none for path or routing denials.
+/// The `realm` of every Bearer challenge.
+const REALM: &str = "portcullis";
+
+/// The RFC 6750 challenge: bare when no credential was sent, `invalid_token` for other 401s,
+/// `insufficient_scope` for a valid identity that no grant matched; none for path or routing
+/// denials.
 pub fn www_authenticate(decision: &Decision) -> Option<String> {
+    // RFC 6750 3.1: a request that carried no credential at all gets the bare challenge, no
+    // error code or description (the JSON body still says `credential_missing` and why).
+    if decision.code == ReasonCode::CredentialMissing {
+        return Some(format!("Bearer realm=\"{REALM}\""));
+    }
     let error = match decision.http_status() {
         401 => "invalid_token",
         _ if matches!(
@@ -411,7 +420,7 @@ pub fn www_authenticate(decision: &Decision) -> Option<String> {
         _ => return None,
     };
     Some(format!(
-        "Bearer realm=\"portcullis\", error=\"{error}\", error_description=\"{}\"",
+        "Bearer realm=\"{REALM}\", error=\"{error}\", error_description=\"{}\"",
         crate::authz::decision::challenge_text(&decision.detail)
     ))
 }
