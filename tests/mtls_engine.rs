@@ -6,15 +6,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use portcullis::admin::metrics::Metrics;
 use portcullis::authz::{Decision, RequestView};
 use portcullis::engine::Engine;
-use portcullis::state::{MemoryStore, RateLimit, RateOutcome, StateError, StateStore};
+use portcullis::state::{MemoryStore, StateStore, UnavailableStore};
 use serde_json::{Value, json};
 
 const NOW: i64 = 1_800_000_000;
@@ -186,49 +184,16 @@ async fn a_proof_is_single_use_and_cache_hits_still_need_a_fresh_proof() {
     assert_eq!(bearer.code.as_str(), "invalid_token", "{bearer:?}");
 }
 
-/// A store that is down.
-struct DownStore {
-    calls: AtomicUsize,
-}
-
-#[tonic::async_trait]
-impl StateStore for DownStore {
-    async fn insert_if_absent(&self, _: &str, _: &str, _: Duration) -> Result<bool, StateError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        Err(StateError::Unavailable("connection refused".into()))
-    }
-    async fn get(&self, _: &str) -> Result<Option<String>, StateError> {
-        Err(StateError::Unavailable("down".into()))
-    }
-    async fn set(&self, _: &str, _: &str, _: Duration) -> Result<(), StateError> {
-        Err(StateError::Unavailable("down".into()))
-    }
-    async fn delete(&self, _: &str) -> Result<bool, StateError> {
-        Err(StateError::Unavailable("down".into()))
-    }
-    async fn scan(&self, _: &str) -> Result<Vec<(String, String)>, StateError> {
-        Err(StateError::Unavailable("down".into()))
-    }
-    async fn take_one(&self, _: &str) -> Result<Option<i64>, StateError> {
-        Err(StateError::Unavailable("down".into()))
-    }
-    async fn rate_check(&self, _: &str, _: RateLimit) -> Result<RateOutcome, StateError> {
-        Err(StateError::Unavailable("down".into()))
-    }
-}
-
 #[tokio::test]
 async fn an_unavailable_replay_store_fails_closed() {
-    let store = Arc::new(DownStore {
-        calls: AtomicUsize::new(0),
-    });
+    let store = Arc::new(UnavailableStore::new("connection refused"));
     let engine = engine(store.clone()).await;
     let (jwk, jkt) = ec_jwk();
     let t = token(&jkt);
     let d = check(&engine, &format!("DPoP {t}"), Some(&proof(&jwk, &t, "x"))).await;
     assert_eq!(d.code.as_str(), "state_unavailable", "{d:?}");
     assert_eq!(d.http_status(), 503);
-    assert_eq!(store.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(store.calls(), 1);
     // A request without DPoP never touches the store.
     let plain = sign(
         &json!({"alg": "RS256", "kid": "rsa2048"}),
@@ -238,7 +203,7 @@ async fn an_unavailable_replay_store_fails_closed() {
     );
     let d = check(&engine, &format!("Bearer {plain}"), None).await;
     assert!(d.is_allow(), "{d:?}");
-    assert_eq!(store.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(store.calls(), 1);
 }
 
 fn config_error(text: &str) -> String {
