@@ -518,8 +518,18 @@ async fn an_unreadable_check_request_is_an_explicit_deny_never_a_grpc_error() {
         &'static [(&'static str, &'static str)],
         &'static [u8],
     );
-    let cases: [Case; 6] = [
+    // CheckRequest.attributes(1).request(4).http(2) with path(4) = "/\xff", then with one
+    // header (3) whose value is "\xff": protobuf `string`s that are not UTF-8.
+    #[rustfmt::skip]
+    const BAD_PATH: &[u8] = &[0, 0, 0, 0, 10, 0x0a, 8, 0x22, 6, 0x12, 4, 0x22, 2, b'/', 0xff];
+    #[rustfmt::skip]
+    const BAD_HEADER: &[u8] = &[
+        0, 0, 0, 0, 14, 0x0a, 12, 0x22, 10, 0x12, 8, 0x1a, 6, 0x0a, 1, b'a', 0x12, 1, 0xff,
+    ];
+    let cases: [Case; 8] = [
         ("not protobuf", &[], &[0, 0, 0, 0, 3, 0xff, 0xff, 0xff]),
+        ("path not UTF-8", &[], BAD_PATH),
+        ("header value not UTF-8", &[], BAD_HEADER),
         ("compressed flag", &[], &[1, 0, 0, 0, 0]),
         ("shorter than its length", &[], &[0, 0, 0, 0, 10, 1, 2]),
         ("two messages", &[], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
@@ -533,6 +543,10 @@ async fn an_unreadable_check_request_is_an_explicit_deny_never_a_grpc_error() {
         let (code, _, body) = denied(&resp);
         assert_eq!(code, 403, "{what}");
         assert_eq!(body["error"], "internal_error", "{what}");
+        if what.ends_with("not UTF-8") {
+            let reason = body["reason"].as_str().unwrap_or_default();
+            assert!(reason.contains("is not UTF-8"), "{what}: {reason}");
+        }
     }
     // Each one counted like any other decision.
     let metrics = h.metrics().await;
@@ -542,7 +556,7 @@ async fn an_unreadable_check_request_is_an_explicit_deny_never_a_grpc_error() {
             l.starts_with("portcullis_decisions_total") && l.contains("reason=\"internal_error\"")
         })
         .unwrap_or_else(|| panic!("no internal decisions in:\n{metrics}"));
-    assert!(internal.ends_with(" 6"), "{internal}");
+    assert!(internal.ends_with(" 8"), "{internal}");
 
     // The same bytes framed properly are an ordinary (empty) request: denied by routing.
     let (_, resp) = raw_check(addr, CHECK, &[], vec![0, 0, 0, 0, 0]).await;
