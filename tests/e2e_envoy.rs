@@ -319,6 +319,34 @@ async fn client_sent_identity_headers_never_reach_the_upstream() {
             seen[0].headers
         );
 
+        // Method overrides are stripped before ext_authz too: a GET granted as a GET must
+        // not become a DELETE in an upstream framework that honours them.
+        let before = stack.upstream.count();
+        let overrides = [
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+        ];
+        let answer = stack
+            .send(
+                proto,
+                "GET",
+                "/orders/7",
+                Some(&reader_token(Key::A)),
+                &overrides,
+            )
+            .await;
+        assert_eq!(answer.status, 200, "{proto:?}: {answer:?}");
+        let seen = stack.upstream.since(before);
+        assert_eq!(seen[0].method, "GET", "{proto:?}");
+        for (name, _) in overrides {
+            assert!(
+                seen[0].values(name).is_empty(),
+                "{proto:?}: {name} reached the upstream: {:?}",
+                seen[0].headers
+            );
+        }
+
         // Public route, no identity at all: every identity header is removed.
         let before = stack.upstream.count();
         let answer = stack.send(proto, "GET", "/healthz", None, &spoofs).await;

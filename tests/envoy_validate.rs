@@ -65,6 +65,23 @@ fn hygienic_listener(file: &str) -> (serde_yaml::Value, serde_yaml::Value) {
         "{file}"
     );
     assert_eq!(hcm["use_remote_address"].as_bool(), Some(true), "{file}");
+    // Method overrides never reach ext_authz or the upstream (the decision is on the real
+    // method); removed before any filter runs.
+    let removed: Vec<&str> =
+        hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
+            .as_sequence()
+            .map(|m| m.iter().filter_map(|m| m["remove"].as_str()).collect())
+            .unwrap_or_default();
+    for name in [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ] {
+        assert!(
+            removed.contains(&name),
+            "{file}: {name} is not removed early"
+        );
+    }
     let filters = hcm["http_filters"].as_sequence().unwrap();
     assert_eq!(
         filters[0]["name"].as_str(),
