@@ -319,13 +319,16 @@ async fn client_sent_identity_headers_never_reach_the_upstream() {
             seen[0].headers
         );
 
-        // Method overrides are stripped before ext_authz too: a GET granted as a GET must
-        // not become a DELETE in an upstream framework that honours them.
+        // Method and path overrides are stripped before ext_authz too: a GET of /orders/7
+        // granted as such must not become a DELETE, or a request for /admin, in an upstream
+        // framework that honours them.
         let before = stack.upstream.count();
         let overrides = [
             ("x-http-method-override", "DELETE"),
             ("x-http-method", "DELETE"),
             ("x-method-override", "DELETE"),
+            ("x-original-url", "/admin/users"),
+            ("x-rewrite-url", "/admin/users"),
         ];
         let answer = stack
             .send(
@@ -338,7 +341,11 @@ async fn client_sent_identity_headers_never_reach_the_upstream() {
             .await;
         assert_eq!(answer.status, 200, "{proto:?}: {answer:?}");
         let seen = stack.upstream.since(before);
-        assert_eq!(seen[0].method, "GET", "{proto:?}");
+        assert_eq!(
+            (seen[0].method.as_str(), seen[0].path.as_str()),
+            ("GET", "/orders/7"),
+            "{proto:?}"
+        );
         for (name, _) in overrides {
             assert!(
                 seen[0].values(name).is_empty(),

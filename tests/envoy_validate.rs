@@ -46,6 +46,15 @@ fn every_shipped_envoy_config_passes_envoy_validate() {
 /// The listener settings both shipped wirings (gRPC and HTTP API) must keep: path hygiene,
 /// ext_authz first and the router last, no per-route override. Returns the parsed file and
 /// the ext_authz filter's `typed_config`.
+/// Headers some frameworks honour in place of the request's method or path.
+const OVERRIDE_HEADERS: [&str; 5] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
 fn hygienic_listener(file: &str) -> (serde_yaml::Value, serde_yaml::Value) {
     let text = std::fs::read_to_string(support::repo_root().join(file)).unwrap();
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
@@ -65,18 +74,14 @@ fn hygienic_listener(file: &str) -> (serde_yaml::Value, serde_yaml::Value) {
         "{file}"
     );
     assert_eq!(hcm["use_remote_address"].as_bool(), Some(true), "{file}");
-    // Method overrides never reach ext_authz or the upstream (the decision is on the real
-    // method); removed before any filter runs.
+    // Method and path overrides never reach ext_authz or the upstream (the decision is on
+    // the real method and path); removed before any filter runs.
     let removed: Vec<&str> =
         hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
             .as_sequence()
             .map(|m| m.iter().filter_map(|m| m["remove"].as_str()).collect())
             .unwrap_or_default();
-    for name in [
-        "x-http-method-override",
-        "x-http-method",
-        "x-method-override",
-    ] {
+    for name in OVERRIDE_HEADERS {
         assert!(
             removed.contains(&name),
             "{file}: {name} is not removed early"
