@@ -319,9 +319,9 @@ async fn client_sent_identity_headers_never_reach_the_upstream() {
             seen[0].headers
         );
 
-        // Method and path overrides are stripped before ext_authz too: a GET of /orders/7
-        // granted as such must not become a DELETE, or a request for /admin, in an upstream
-        // framework that honours them.
+        // Method, path and host overrides are stripped before ext_authz too: a GET of
+        // /orders/7 granted as such must not become a DELETE, a request for /admin or one
+        // for another host in an upstream framework that honours them.
         let before = stack.upstream.count();
         let overrides = [
             ("x-http-method-override", "DELETE"),
@@ -329,6 +329,8 @@ async fn client_sent_identity_headers_never_reach_the_upstream() {
             ("x-method-override", "DELETE"),
             ("x-original-url", "/admin/users"),
             ("x-rewrite-url", "/admin/users"),
+            ("x-forwarded-host", "admin.internal"),
+            ("forwarded", "host=admin.internal;proto=https"),
         ];
         let answer = stack
             .send(

@@ -46,13 +46,15 @@ fn every_shipped_envoy_config_passes_envoy_validate() {
 /// The listener settings both shipped wirings (gRPC and HTTP API) must keep: path hygiene,
 /// ext_authz first and the router last, no per-route override. Returns the parsed file and
 /// the ext_authz filter's `typed_config`.
-/// Headers some frameworks honour in place of the request's method or path.
-const OVERRIDE_HEADERS: [&str; 5] = [
+/// Headers some frameworks honour in place of the request's method, path or host.
+const OVERRIDE_HEADERS: [&str; 7] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
     "x-original-url",
     "x-rewrite-url",
+    "x-forwarded-host",
+    "forwarded",
 ];
 
 fn hygienic_listener(file: &str) -> (serde_yaml::Value, serde_yaml::Value) {
@@ -74,8 +76,8 @@ fn hygienic_listener(file: &str) -> (serde_yaml::Value, serde_yaml::Value) {
         "{file}"
     );
     assert_eq!(hcm["use_remote_address"].as_bool(), Some(true), "{file}");
-    // Method and path overrides never reach ext_authz or the upstream (the decision is on
-    // the real method and path); removed before any filter runs.
+    // Method, path and host overrides never reach ext_authz or the upstream (the decision is
+    // on the real method, path and host); removed before any filter runs.
     let removed: Vec<&str> =
         hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
             .as_sequence()
