@@ -73,7 +73,6 @@ impl AuthzService {
         parts: RequestParts<'a>,
     ) -> (Decision, Arc<Engine>, RequestParts<'a>) {
         let started = Instant::now();
-        let engine = self.engine.load_full();
         // The forwarded client certificate, parsed once per request. One Envoy could not
         // send us is treated as absent: principal rules then fail and certificate-bound
         // tokens are refused (closed), never granted.
@@ -88,18 +87,41 @@ impl AuthzService {
         });
         let mut view = parts.view();
         view.peer_certificate = peer_certificate.as_ref();
+        let (decision, engine) = self
+            .decide_view_since(&view, parts.request_id(), started)
+            .await;
+        (decision, engine, parts)
+    }
 
+    /// Decides a request that another front end turned into a `RequestView` (the Envoy
+    /// dynamic-module prototype in `bench/module`), and records it (metrics + audit) like a
+    /// Check. Returns the decision and the engine that made it (for the answer).
+    pub async fn decide_view(
+        &self,
+        view: &RequestView<'_>,
+        request_id: &str,
+    ) -> (Decision, Arc<Engine>) {
+        self.decide_view_since(view, request_id, Instant::now())
+            .await
+    }
+
+    async fn decide_view_since(
+        &self,
+        view: &RequestView<'_>,
+        request_id: &str,
+        started: Instant,
+    ) -> (Decision, Arc<Engine>) {
+        let engine = self.engine.load_full();
         // A panic anywhere below must still produce a deny, never a dropped stream.
         let decision = {
-            let fut = engine.check(&view);
+            let fut = engine.check(view);
             match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(fut)).await {
                 Ok(d) => d,
                 Err(_) => Decision::new(ReasonCode::Internal, "internal error while deciding"),
             }
         };
-        let elapsed = started.elapsed();
-        self.record(&decision, &view, parts.request_id(), elapsed);
-        (decision, engine, parts)
+        self.record(&decision, view, request_id, started.elapsed());
+        (decision, engine)
     }
 
     /// The explicit deny for a Check that could not be read or decoded (fail closed: a gRPC
@@ -245,16 +267,16 @@ pub fn to_response(decision: &Decision, engine: &Engine, request_id: &str) -> Ch
 }
 
 /// What an allow changes in the request the upstream receives, whichever API carries it.
-struct UpstreamMutation {
+pub struct UpstreamMutation {
     /// Identity headers to set, overwriting any copy the client sent.
-    set: Vec<(String, String)>,
+    pub set: Vec<(String, String)>,
     /// Headers to remove: identity headers without a value, and credentials when
     /// `strip_authorization` is on.
-    remove: Vec<String>,
+    pub remove: Vec<String>,
 }
 
 impl UpstreamMutation {
-    fn of(identity: Option<&Identity>, engine: &Engine) -> Self {
+    pub fn of(identity: Option<&Identity>, engine: &Engine) -> Self {
         let upstream = &engine.config.file.upstream;
         let mut set = Vec::new();
         let mut remove = Vec::new();
@@ -331,15 +353,15 @@ fn header_option(key: String, value: String) -> HeaderValueOption {
 }
 
 /// What the client receives on a deny, whichever API carries it.
-struct DenyAnswer {
-    status: u16,
-    headers: Vec<(Cow<'static, str>, String)>,
+pub struct DenyAnswer {
+    pub status: u16,
+    pub headers: Vec<(Cow<'static, str>, String)>,
     /// `{"error", "reason", "request_id", ...}` as JSON.
-    body: String,
+    pub body: String,
 }
 
 impl DenyAnswer {
-    fn of(decision: &Decision, request_id: &str) -> Self {
+    pub fn of(decision: &Decision, request_id: &str) -> Self {
         let mut headers = vec![
             ("content-type".into(), "application/json".to_string()),
             ("cache-control".into(), "no-store".to_string()),
