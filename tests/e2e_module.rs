@@ -1,0 +1,249 @@
+//! The benchmark's dynamic-module prototype (`bench/module`, scenario `M` of issue 4's
+//! benchmark) loaded into the real, pinned Envoy 1.40: the shipped listener
+//! (`envoy/envoy.yaml`) with its ext_authz filter replaced by the module, the module reading
+//! a Portcullis config whose keys come from a loopback JWKS server.
+//!
+//! The module talks to Envoy through hand-written declarations of Envoy's C ABI, so these
+//! cases are what proves them against the pinned binary: headers read (the credential, the
+//! path, the request id), headers set and removed (identity headers, a spoofed copy), the
+//! local reply (status, challenge, JSON body), the source address, and a config that does
+//! not load keeping Envoy from starting rather than letting requests through.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+use support::inproc::e2e_config;
+use support::jwks::JwksServer;
+use support::jwt::{E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, merged, now, serial};
+use support::stack::{Answer, Envoy, Upstream, h1_client, send_to};
+use support::{envoy_binary, free_port, repo_root};
+
+/// Builds `bench/module` (debug) once per test process and answers the `.so`'s path.
+fn module_library() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = Command::new(env!("CARGO"))
+                .args(["build", "-p", "portcullis-envoy-module"])
+                .current_dir(repo_root())
+                .output()
+                .expect("run cargo to build bench/module");
+            assert!(
+                out.status.success(),
+                "building bench/module failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo_root().join("target"));
+            let lib = target.join("debug/libportcullis_envoy_module.so");
+            assert!(lib.exists(), "{} was not built", lib.display());
+            lib
+        })
+        .clone()
+}
+
+/// The shipped `envoy/envoy.yaml` with its ext_authz filter replaced by the module, which
+/// reads the Portcullis config at `config`. Everything else (early header removals, path
+/// normalization, the upstream cluster) stays as shipped.
+fn with_module(shipped: &str, config: &std::path::Path) -> String {
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(shipped).unwrap();
+    let filters = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["http_filters"]
+        .as_sequence_mut()
+        .unwrap();
+    let ext_authz = filters
+        .iter()
+        .position(|f| f["name"] == "envoy.filters.http.ext_authz")
+        .expect("envoy.yaml has an ext_authz filter");
+    filters[ext_authz] = serde_yaml::from_str(&format!(
+        r#"
+name: portcullis
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+  dynamic_module_config:
+    module: {{local: {{filename: "{}"}}}}
+    do_not_close: true
+  filter_name: portcullis
+  filter_config:
+    "@type": type.googleapis.com/google.protobuf.StringValue
+    value: "{}"
+"#,
+        module_library().display(),
+        config.display()
+    ))
+    .unwrap();
+    serde_yaml::to_string(&doc).unwrap()
+}
+
+fn mint(extra: Value) -> String {
+    Key::A.sign(&merged(
+        json!({
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": "alice",
+            "iat": now(),
+            "exp": now() + 600,
+            "jti": format!("e2e-module-{}-{}", std::process::id(), serial()),
+        }),
+        extra,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_module_decides_inside_envoy_like_the_service_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = JwksServer::start(&[Key::A]).await;
+    let upstream = Upstream::start().await;
+    let config = dir.path().join("portcullis.yaml");
+    std::fs::write(
+        &config,
+        e2e_config(free_port(), free_port(), &jwks.url(), |_| {}),
+    )
+    .unwrap();
+    let envoy = Envoy::start_shipped(
+        dir.path(),
+        "envoy/envoy.yaml",
+        10000,
+        free_port(),
+        upstream.port,
+        |shipped| with_module(shipped, &config),
+    );
+    let client = h1_client();
+    let get = |path: &'static str, headers: Vec<(&'static str, String)>| {
+        let client = client.clone();
+        let addr = envoy.addr;
+        async move {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            send_to(&client, addr, false, "GET", path, &headers)
+                .await
+                .unwrap()
+        }
+    };
+
+    // No credential: 401 with the bare challenge and the JSON body; the upstream never sees it.
+    let answer: Answer = get("/orders/7", vec![]).await;
+    assert_eq!(answer.status, 401, "{answer:?}");
+    assert_eq!(
+        answer.header("www-authenticate"),
+        Some("Bearer realm=\"portcullis\"")
+    );
+    assert_eq!(answer.json()["error"], "credential_missing");
+    assert!(!answer.answered_by_upstream());
+    assert_eq!(upstream.count(), 0);
+
+    // A malformed token: 401 invalid_token, never a crash.
+    let answer = get(
+        "/orders/7",
+        vec![("authorization", "Bearer not.a.jwt".into())],
+    )
+    .await;
+    assert_eq!(answer.status, 401, "{answer:?}");
+    assert!(
+        answer
+            .header("www-authenticate")
+            .unwrap()
+            .contains("error=\"invalid_token\"")
+    );
+
+    // A reader: allowed, with Portcullis's identity headers replacing a spoofed copy; the
+    // request id in a deny is Envoy's own `x-request-id`.
+    let token = mint(json!({ "scope": "orders:read" }));
+    let answer = get(
+        "/orders/7",
+        vec![
+            ("authorization", format!("Bearer {token}")),
+            ("x-portcullis-subject", "mallory".into()),
+        ],
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(answer.answered_by_upstream());
+    let seen = upstream.since(0);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/orders/7");
+    assert_eq!(seen[0].values("x-portcullis-subject"), vec!["alice"]);
+    assert_eq!(seen[0].values("x-portcullis-scopes"), vec!["orders:read"]);
+
+    // The same reader may not write: 403 insufficient_scope with the missing scope named.
+    let answer = send_to(
+        &client,
+        envoy.addr,
+        false,
+        "POST",
+        "/orders",
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert_eq!(answer.json()["error"], "insufficient_scope");
+    assert!(
+        answer.json()["request_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())
+    );
+    assert_eq!(upstream.count(), 1, "a denied request reached the upstream");
+
+    // A header value that is not UTF-8 (Envoy passes obs-text through): refused whole, as
+    // the gRPC service refuses such a CheckRequest, even with a valid token.
+    let mut request =
+        format!("GET /orders/7 HTTP/1.1\r\nHost: shop\r\nAuthorization: Bearer {token}\r\n")
+            .into_bytes();
+    request.extend_from_slice(b"X-Odd: \xff\r\nConnection: close\r\n\r\n");
+    let raw = raw_bytes(envoy.addr, &request);
+    assert!(raw.starts_with("HTTP/1.1 403"), "{raw}");
+    assert!(
+        raw.contains("internal_error") && raw.contains("`x-odd` is not UTF-8"),
+        "{raw}"
+    );
+    assert_eq!(
+        upstream.count(),
+        1,
+        "a refused request reached the upstream"
+    );
+}
+
+/// Sends `request` byte for byte (`\xff` stays one byte) and reads the whole answer.
+fn raw_bytes(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn a_config_that_does_not_load_keeps_envoy_from_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-portcullis.yaml");
+    let shipped = std::fs::read_to_string(repo_root().join("envoy/envoy.yaml")).unwrap();
+    let path = dir.path().join("envoy.yaml");
+    std::fs::write(&path, with_module(&shipped, &missing)).unwrap();
+    let out = Command::new(envoy_binary())
+        .arg("-c")
+        .arg(&path)
+        .args(["--mode", "validate", "--log-level", "error"])
+        .output()
+        .unwrap();
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "Envoy accepted it:\n{logs}");
+    assert!(
+        logs.contains("no-such-portcullis.yaml"),
+        "the error should name the config file:\n{logs}"
+    );
+}
