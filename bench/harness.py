@@ -12,6 +12,8 @@ Scenarios (same route, grants and token sets; Envoy --concurrency 1; direct_resp
   Fh   Envoy's HTTP ext_authz API (the wiring shipped in envoy/envoy-http.yaml) to a no-op
        HTTP server: the floor of the HTTP hop
   Ph   the same HTTP wiring to Portcullis's HTTP ext_authz listener (`server.http_listen`)
+  M    no hop: Portcullis's decision inside Envoy as an HTTP dynamic module (bench/module, a
+       prototype), same policy, identity headers and deny answers
 Token sets: 1 token, 10 000 distinct (rotated per request), 10 000 with 10% denials.
 Load generator on CPU 0, system under test (Envoy + authz server) on CPU 1.
 """
@@ -25,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "target", "bench")
 REL = os.path.join(ROOT, "target", "release")
 PORTCULLIS = os.path.join(REL, "portcullis")
+MODULE = "portcullis_envoy_module"  # target/release/libportcullis_envoy_module.so (bench/module)
 BENCH = os.path.join(REL, "examples", "bench")
 LOAD_CPU, SUT_CPU = "0", "1"
 AUD = "bench-api"
@@ -33,11 +36,12 @@ KEYFILE = {"RS256": "rsa.pem", "PS256": "rsa.pem", "ES256": "ec.pem", "EdDSA": "
 KID = {"RS256": "rs", "PS256": "ps", "ES256": "es", "EdDSA": "ed"}
 PATH = "/orders/42"
 SETS = ["1", "10k", "mix"]
-OPEN_SCENARIOS = ["S1", "S2", "S2c", "F", "P", "Ph"]
+OPEN_SCENARIOS = ["S1", "S2", "S2c", "F", "P", "Ph", "M"]
 # Ratios reported (computed within each round).
 PAIRS = [("P", "F"), ("P", "S2"), ("P", "S2c"), ("F", "S2"), ("F", "S2c"), ("P", "S1"), ("S2", "S1"),
          ("P", "Pd"), ("Fu", "F"), ("Fh", "F"), ("Fh", "S2"),
-         ("Ph", "Fh"), ("Ph", "S2"), ("Ph", "S2c"), ("Ph", "P")]
+         ("Ph", "Fh"), ("Ph", "S2"), ("Ph", "S2c"), ("Ph", "P"),
+         ("M", "S2"), ("M", "S2c"), ("M", "P"), ("M", "S1")]
 
 
 def log(*a):
@@ -165,6 +169,16 @@ def portcullis_config(name, grpc_port, admin_port, capacity=100000, audit=True, 
     with open(p, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     return p
+
+
+def module_filter(config_path):
+    """Envoy's dynamic-module HTTP filter loading bench/module with a Portcullis config."""
+    return {"name": "portcullis", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+        "dynamic_module_config": {"name": MODULE, "do_not_close": True},
+        "filter_name": "portcullis",
+        "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                          "value": config_path}}}
 
 
 def path_regex(path):
@@ -428,11 +442,13 @@ def main():
         legacy = {k: v for k, v in authz_filter.items()}
         legacy["typed_config"] = {k: v for k, v in authz_filter["typed_config"].items()
                                   if k != "allowed_headers"}
+        m_config = portcullis_config("m", free_port(), free_port())
         scen = {"S1": ([], None), "S2": ([jwt_filter(), rbac_filter()], None),
                 "S2c": ([jwt_filter(a.tokens), rbac_filter()], None),
                 "F": ([authz_filter], noop_port), "P": ([authz_filter], p_port),
                 "Pd": ([legacy], p_port), "Fu": ([authz_filter], noop_port),
-                "Fh": ([http_authz_filter], hp), "Ph": ([http_authz_filter], p_http)}
+                "Fh": ([http_authz_filter], hp), "Ph": ([http_authz_filter], p_http),
+                "M": ([module_filter(m_config)], None)}
         envoys, ports = {}, {}
         for name, (filters, authz_port) in scen.items():
             lp, ap_ = free_port(), free_port()
@@ -440,7 +456,8 @@ def main():
                                noop_sock if name == "Fu" else None,
                                http_cluster if name in ("Fh", "Ph") else None)
             envoys[name] = Proc(f"envoy-{name}", [envoy, "-c", cfg, "--concurrency", "1",
-                                                  "--log-level", "warn", "--base-id", str(lp)])
+                                                  "--log-level", "warn", "--base-id", str(lp)],
+                                env={"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": REL})
             procs.append(envoys[name])
             ports[name] = lp
         for name, lp in ports.items():
@@ -622,7 +639,8 @@ def summarize(res):
     for k, v in s["open"].items():
         for q in ("p50", "p99", "p999", "cpu", "busy"):
             v[q] = median(v[q])
-    for name, key in (("P", "added_p99_us_at_50"), ("Ph", "added_p99_us_at_50_http")):
+    for name, key in (("P", "added_p99_us_at_50"), ("Ph", "added_p99_us_at_50_http"),
+                      ("M", "added_p99_us_at_50_module")):
         added = []
         for rnd in {r["round"] for r in res["open"]}:
             p = [r for r in res["open"] if r["round"] == rnd and r["scenario"] == name and r["load"] == 0.5]
@@ -658,7 +676,7 @@ def render(res):
     L += ["### Closed loop (wrk, 1 thread, %d connections): requests/s, median of rounds" % m["args"]["conns"], "",
           "| scenario | 1 token | 10k tokens | 10k, 10% denied | Envoy CPU us/req (10k) | authz CPU us/req (10k) |",
           "|---|---:|---:|---:|---:|---:|"]
-    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu", "Fh", "Ph"):
+    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu", "Fh", "Ph", "M"):
         row = [s["closed"].get(f"{n}/{t}", {}).get("rps") for t in SETS]
         if not any(row):
             continue
@@ -688,6 +706,8 @@ def render(res):
         L += ["", f"Added p99 at 50% (P minus S1, per round, median): {s['added_p99_us_at_50']} us"]
         if s.get("added_p99_us_at_50_http") is not None:
             L += ["", f"Added p99 at 50% (Ph minus S1, per round, median): {s['added_p99_us_at_50_http']} us"]
+        if s.get("added_p99_us_at_50_module") is not None:
+            L += ["", f"Added p99 at 50% (M minus S1, per round, median): {s['added_p99_us_at_50_module']} us"]
     if s["alone"]:
         L += ["", "### Portcullis alone (h2load, pre-encoded CheckRequests, 1 core)", "",
               "| algorithm | cache hit: decisions/s | CPU us | cache off (verify every time): decisions/s | CPU us |",
