@@ -41,13 +41,28 @@ struct TokenExpiry {
 impl moka::Expiry<Arc<str>, Arc<Identity>> for TokenExpiry {
     fn expire_after_create(
         &self,
-        _key: &Arc<str>,
+        key: &Arc<str>,
         value: &Arc<Identity>,
         _created_at: Instant,
     ) -> Option<Duration> {
         let left = value.expires_at.saturating_sub(unix_now()).max(0) as u64;
-        Some(self.max_ttl.min(Duration::from_secs(left)))
+        Some(entry_ttl(self.max_ttl, key, left))
     }
+}
+
+/// How long a verified token stays cached: until it expires, and at most `max_ttl` less up
+/// to a tenth of it, a share that differs from token to token. Tokens first seen together
+/// (a burst of new clients, a restart under load) would otherwise all expire in the same
+/// instant and all be verified again at once, on the thread that answers Checks: measured
+/// with the dynamic-module prototype (bench/module), 10 000 tokens cached within a second
+/// put a 25 ms p99.9 into the open loop five minutes later. The spread only ever shortens
+/// an entry's life.
+fn entry_ttl(max_ttl: Duration, token: &str, seconds_left: u64) -> Duration {
+    use std::hash::BuildHasher;
+    const STEPS: u32 = 1024;
+    let step = (foldhash::fast::FixedState::default().hash_one(token) % u64::from(STEPS)) as u32;
+    let cap = max_ttl.saturating_sub(max_ttl / 10 * step / STEPS);
+    cap.min(Duration::from_secs(seconds_left))
 }
 
 /// One loaded configuration with its keys and token cache. A config reload builds a new one.
@@ -349,5 +364,44 @@ impl Engine {
             return Ok(None);
         }
         Ok(Some(hit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_tokens_seen_together_do_not_expire_together() {
+        let max = Duration::from_secs(300);
+        let ttls: Vec<Duration> = (0..2000)
+            .map(|i| entry_ttl(max, &format!("header.payload-{i}.signature"), 86_400))
+            .collect();
+        let (min, top) = (ttls.iter().min().unwrap(), ttls.iter().max().unwrap());
+        // Within the last tenth of max_ttl, never beyond it...
+        assert!(*min >= max - max / 10 && *top <= max, "{min:?}..{top:?}");
+        // ...and spread over most of that tenth, not bunched.
+        assert!(*top - *min >= Duration::from_secs(25), "{min:?}..{top:?}");
+        let distinct: std::collections::HashSet<_> = ttls.iter().collect();
+        assert!(
+            distinct.len() > 500,
+            "only {} distinct lifetimes",
+            distinct.len()
+        );
+    }
+
+    #[test]
+    fn a_cached_token_never_outlives_its_exp() {
+        let max = Duration::from_secs(300);
+        for i in 0..200 {
+            let token = format!("t{i}");
+            assert_eq!(entry_ttl(max, &token, 7), Duration::from_secs(7));
+            assert_eq!(entry_ttl(max, &token, 0), Duration::ZERO);
+        }
+        // The same token always gets the same share (the spread is per token, not per call).
+        assert_eq!(
+            entry_ttl(max, "same", 86_400),
+            entry_ttl(max, "same", 86_400)
+        );
     }
 }
