@@ -17,10 +17,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::inproc::{IDENTITY_HEADERS, e2e_config};
 use support::jwks::JwksServer;
-use support::jwt::{
-    E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, dpop_proof, dpop_proof_key, dpop_token,
-    merged, now, serial,
-};
+use support::jwt::{E2E_ISSUER as ISSUER, Key, dpop_proof, dpop_proof_key, dpop_token};
 use support::stack::{
     Answer, Envoy, Portcullis, Upstream, eventually, h1_client, h2c_client, send_to,
 };
@@ -30,17 +27,7 @@ const SOURCE: &str = "x-portcullis-source-address";
 
 /// A fresh token (its own `jti`) for `alice` signed by key A; `extra` merged over it.
 fn mint(extra: Value) -> String {
-    Key::A.sign(&merged(
-        json!({
-            "iss": ISSUER,
-            "aud": AUDIENCE,
-            "sub": "alice",
-            "iat": now(),
-            "exp": now() + 600,
-            "jti": format!("e2e-http-{}-{}", std::process::id(), serial()),
-        }),
-        extra,
-    ))
+    Key::A.mint("e2e-http", extra)
 }
 
 fn reader() -> String {

@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use serde_json::{Value, json};
 use support::inproc::e2e_config;
 use support::jwks::JwksServer;
-use support::jwt::{E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, merged, now, serial};
+use support::jwt::Key;
 use support::stack::{Answer, Envoy, Upstream, h1_client, send_to};
 use support::{envoy_binary, free_port, repo_root};
 
@@ -82,17 +82,7 @@ typed_config:
 }
 
 fn mint(extra: Value) -> String {
-    Key::A.sign(&merged(
-        json!({
-            "iss": ISSUER,
-            "aud": AUDIENCE,
-            "sub": "alice",
-            "iat": now(),
-            "exp": now() + 600,
-            "jti": format!("e2e-module-{}-{}", std::process::id(), serial()),
-        }),
-        extra,
-    ))
+    Key::A.mint("e2e-module", extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
