@@ -1,6 +1,7 @@
 //! Safe wrappers over the callbacks in `abi.rs`, for one request on Envoy's worker thread.
 
 use std::ffi::c_void;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::abi;
 
@@ -64,8 +65,9 @@ impl Filter {
             .collect()
     }
 
-    /// The downstream peer, `ip:port`.
-    pub fn source_address(&self) -> Option<String> {
+    /// The downstream peer's address, from Envoy's `source.address` attribute (`ip:port`,
+    /// `[v6]:port`), read in place.
+    pub fn source_ip(&self) -> Option<IpAddr> {
         let mut out = abi::EnvoyBuffer::NULL;
         // SAFETY: `self.0` is live; `out` is a valid place for the result.
         let found = unsafe {
@@ -75,11 +77,15 @@ impl Filter {
                 &mut out,
             )
         };
-        // SAFETY: Envoy's buffer, copied before the hook returns.
-        let bytes = unsafe { out.bytes() };
-        found
-            .then(|| String::from_utf8(bytes.to_vec()).ok())
-            .flatten()
+        // SAFETY: Envoy's buffer, valid during the hook; parsed before this returns.
+        let text = std::str::from_utf8(unsafe { out.bytes() }).ok()?;
+        if !found {
+            return None;
+        }
+        text.parse::<SocketAddr>()
+            .map(|a| a.ip())
+            .or_else(|_| text.parse::<IpAddr>())
+            .ok()
     }
 
     /// Sets a request header, replacing every copy the client sent.

@@ -23,7 +23,6 @@ mod abi;
 mod envoy;
 
 use std::ffi::c_void;
-use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
@@ -107,8 +106,7 @@ impl Module {
             }
         };
         let value = |name: &str| headers.entry(name).map_or("", |(_, v)| v);
-        let source = filter.source_address();
-        let source_ip = source.as_deref().and_then(parse_ip);
+        let source_ip = filter.source_ip();
         let request_id = value("x-request-id");
         let view = RequestView {
             method: value(":method"),
@@ -170,15 +168,6 @@ fn deny(filter: &Filter, decision: &Decision, request_id: &str) {
         .map(|(n, v)| (n.as_ref(), v.as_str()))
         .collect();
     filter.send_response(answer.status, &headers, answer.body.as_bytes());
-}
-
-/// Envoy's `source.address` attribute is `ip:port` (`[v6]:port`).
-fn parse_ip(address: &str) -> Option<IpAddr> {
-    address
-        .parse::<SocketAddr>()
-        .map(|a| a.ip())
-        .or_else(|_| address.parse::<IpAddr>())
-        .ok()
 }
 
 /// The request headers as the decision core reads them: borrowed from Envoy's header map
