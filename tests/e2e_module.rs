@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use support::inproc::e2e_config;
 use support::jwks::JwksServer;
 use support::jwt::Key;
+use support::redis::RedisServer;
 use support::stack::{Answer, Envoy, Upstream, h1_client, send_to};
 use support::{envoy_binary, free_port, repo_root};
 
@@ -198,6 +199,198 @@ async fn the_module_decides_inside_envoy_like_the_service_does() {
         1,
         "a refused request reached the upstream"
     );
+}
+
+/// A decision that has to wait inside Envoy (shared state on a real Redis, an unknown `kid`
+/// fetched from the JWKS server) holds the request, body included, and resumes it on Envoy's
+/// worker thread; and the module runs the config's whole server: admin, metrics, reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_that_wait_are_resumed_and_the_server_runs_inside_envoy() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start();
+    let jwks = JwksServer::start(&[Key::A]).await;
+    let upstream = Upstream::start().await;
+    let admin = free_port();
+    let config = dir.path().join("portcullis.yaml");
+    let redis_url = redis.url();
+    let write_config = |subject_header: &str| {
+        let text = e2e_config(free_port(), admin, &jwks.url(), |doc| {
+            doc["state"] = serde_yaml::from_str(&format!(
+                "{{backend: redis, redis_url: '{redis_url}', key_prefix: 'module:', timeout: 500ms}}"
+            ))
+            .unwrap();
+            // Two POST /orders per subject, then 429.
+            doc["rate_limits"][1]["requests"] = 2.into();
+            doc["rate_limits"][1]["burst"] = 2.into();
+            let headers = &mut doc["upstream"]["identity_headers"];
+            let sub = headers
+                .as_mapping_mut()
+                .unwrap()
+                .remove("x-portcullis-subject")
+                .unwrap();
+            headers[subject_header] = sub;
+        });
+        std::fs::write(&config, text).unwrap();
+    };
+    write_config("x-portcullis-subject");
+    let envoy = Envoy::start_shipped(
+        dir.path(),
+        "envoy/envoy.yaml",
+        10000,
+        free_port(),
+        upstream.port,
+        |shipped| with_module(shipped, &config),
+    );
+    let client = h1_client();
+    let post = |body: &'static str, auth: String| {
+        let request = client
+            .post(format!("http://{}/orders", envoy.addr))
+            .header("authorization", auth)
+            .body(body);
+        async move { Answer::read(request.send().await.unwrap()).await }
+    };
+
+    // Rate limits on Redis: each decision waits on a round trip. The allowed POSTs reach the
+    // upstream with their bodies (held while the decision waited) and the quota headers.
+    let writer = format!("Bearer {}", mint(json!({ "scope": "orders:write" })));
+    for (i, body) in ["first order", "second order"].into_iter().enumerate() {
+        let answer = post(body, writer.clone()).await;
+        assert_eq!(answer.status, 200, "POST {i}: {answer:?}");
+        assert_eq!(
+            answer.header("ratelimit-policy"),
+            Some("\"per-subject\";q=2;w=60"),
+            "{answer:?}"
+        );
+        let left = format!("\"per-subject\";r={};t=", 1 - i);
+        assert!(
+            answer
+                .header("ratelimit")
+                .is_some_and(|v| v.starts_with(&left)),
+            "POST {i}: {answer:?}"
+        );
+        let seen = upstream.since(i);
+        assert_eq!(seen.len(), 1, "POST {i}");
+        assert_eq!(
+            (seen[0].method.as_str(), seen[0].body.as_slice()),
+            ("POST", body.as_bytes())
+        );
+        assert_eq!(seen[0].values("x-portcullis-subject"), vec!["alice"]);
+    }
+    let answer = post("third order", writer.clone()).await;
+    assert_eq!(answer.status, 429, "{answer:?}");
+    assert_eq!(answer.json()["error"], "rate_limited");
+    assert!(answer.header("retry-after").is_some(), "{answer:?}");
+    assert_eq!(
+        upstream.count(),
+        2,
+        "a request over the limit reached the upstream"
+    );
+    let counted = redis_keys(&redis, "module:*").await;
+    assert!(!counted.is_empty(), "nothing was counted in Redis");
+
+    // Redis hangs: a client that gives up while its decision waits (Envoy destroys the
+    // filter mid-wait) leaves nothing behind, and one that waits gets a deny once the state
+    // timeout passes (closed, never an allow), the upstream untouched.
+    redis.freeze(true);
+    let impatient = client
+        .post(format!("http://{}/orders", envoy.addr))
+        .header("authorization", writer.clone())
+        .body("abandoned order")
+        .timeout(std::time::Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(impatient.is_err(), "answered within 100ms: {impatient:?}");
+    let answer = post("order while Redis is down", writer.clone()).await;
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(
+        upstream.count(),
+        2,
+        "a request reached the upstream without a decision"
+    );
+    redis.freeze(false);
+
+    // A rotated key: the token's `kid` is not in the set the module started with, so the
+    // decision waits for the JWKS refetch, then allows.
+    jwks.serve(&[Key::A, Key::B]);
+    let rotated = Key::B.mint("e2e-module", json!({ "scope": "orders:read" }));
+    let answer = send_to(
+        &client,
+        envoy.addr,
+        false,
+        "GET",
+        "/orders/7",
+        &[("authorization", &format!("Bearer {rotated}"))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(upstream.count(), 3);
+
+    // The config's admin listener runs inside Envoy and counts the module's decisions.
+    let admin_url = format!("http://127.0.0.1:{admin}");
+    let ready = client
+        .get(format!("{admin_url}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let metrics = client
+        .get(format!("{admin_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let decisions = |needle: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("portcullis_decisions_total") && l.contains(needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert_eq!(decisions("result=\"allow\""), 3.0, "{metrics}");
+    assert_eq!(decisions("reason=\"rate_limited\""), 1.0, "{metrics}");
+
+    // A changed config file is reloaded, as `portcullis serve` reloads it.
+    write_config("x-portcullis-user");
+    let reader = format!("Bearer {}", mint(json!({ "scope": "orders:read" })));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let before = upstream.count();
+        let answer = send_to(
+            &client,
+            envoy.addr,
+            false,
+            "GET",
+            "/orders/8",
+            &[("authorization", &reader)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let seen = &upstream.since(before)[0];
+        if seen.values("x-portcullis-user") == vec!["alice"] {
+            assert!(seen.values("x-portcullis-subject").is_empty());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the changed config was not reloaded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// The keys matching `pattern` in the test's Redis.
+async fn redis_keys(redis: &RedisServer, pattern: &str) -> Vec<String> {
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    ::redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
 }
 
 /// Sends `request` byte for byte (`\xff` stays one byte) and reads the whole answer.

@@ -61,6 +61,19 @@ impl RedisServer {
         self.process = Some(child);
     }
 
+    /// Freezes the server (SIGSTOP) or thaws it (SIGCONT): while frozen, connections stay
+    /// open and nothing is answered, as with a Redis that hangs.
+    #[allow(dead_code)] // not every test binary freezes Redis
+    pub fn freeze(&self, frozen: bool) {
+        let process = self.process.as_ref().expect("redis-server is running");
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &process.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} redis-server failed");
+    }
+
     /// Kills the server; its port refuses connections afterwards.
     pub fn stop(&mut self) {
         if let Some(mut p) = self.process.take() {

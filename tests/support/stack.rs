@@ -202,6 +202,8 @@ pub struct Seen {
     pub path: String,
     /// Lower-case names, in order; duplicates kept.
     pub headers: Vec<(String, String)>,
+    /// The request body, whole.
+    pub body: Vec<u8>,
 }
 
 impl Seen {
@@ -223,14 +225,20 @@ impl Upstream {
         let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
             let s = s.clone();
             async move {
+                let (parts, body) = request.into_parts();
+                let body = axum::body::to_bytes(body, usize::MAX)
+                    .await
+                    .map(|b| b.to_vec())
+                    .unwrap_or_default();
                 s.lock().unwrap().push(Seen {
-                    method: request.method().to_string(),
-                    path: request
-                        .uri()
+                    method: parts.method.to_string(),
+                    path: parts
+                        .uri
                         .path_and_query()
                         .map(|p| p.as_str().to_string())
                         .unwrap_or_default(),
-                    headers: header_pairs(request.headers()),
+                    headers: header_pairs(&parts.headers),
+                    body,
                 });
                 ([(UPSTREAM_MARKER, "1")], "upstream")
             }

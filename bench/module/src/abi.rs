@@ -86,12 +86,18 @@ impl EnvoyHeader {
 
 /// Which header map (`envoy_dynamic_module_type_http_header_type`).
 pub const REQUEST_HEADERS: u32 = 0;
+pub const RESPONSE_HEADERS: u32 = 2;
 /// Headers hook answers (Envoy's `FilterHeadersStatus`).
 pub const HEADERS_CONTINUE: u32 = 0;
 pub const HEADERS_STOP_ITERATION: u32 = 1;
+/// Holds the headers, and the body and trailers behind them (buffered up to the watermark),
+/// until `continue_decoding`: what ext_authz answers while its check is in flight.
+pub const HEADERS_STOP_ALL_ITERATION_AND_WATERMARK: u32 = 4;
 /// Body and trailers hook answers.
 pub const BODY_CONTINUE: u32 = 0;
+pub const BODY_STOP_ITERATION_AND_WATERMARK: u32 = 2;
 pub const TRAILERS_CONTINUE: u32 = 0;
+pub const TRAILERS_STOP_ITERATION: u32 = 1;
 /// `source.address` (`ip:port`), an `envoy_dynamic_module_type_attribute_id`.
 pub const ATTRIBUTE_SOURCE_ADDRESS: u32 = 24;
 /// Log levels (Envoy's, `trace` = 0).
@@ -130,6 +136,34 @@ unsafe extern "C" {
         body: ModuleBuffer,
         details: ModuleBuffer,
     );
+
+    /// Adds a value to `key`, keeping the ones already there.
+    pub fn envoy_dynamic_module_callback_http_add_header(
+        filter: *mut c_void,
+        header_type: u32,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
+
+    /// Resumes a request whose headers hook answered a stop status.
+    pub fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: *mut c_void);
+
+    /// A scheduler for one filter, made on its worker thread: `commit` (any thread) makes
+    /// Envoy call `on_http_filter_scheduled` on that worker thread, unless the filter is
+    /// gone by then. The module deletes it.
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_new(
+        filter: *mut c_void,
+    ) -> *mut c_void;
+
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_commit(
+        scheduler: *mut c_void,
+        event_id: u64,
+    );
+
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: *mut c_void);
+
+    /// True while Envoy only validates its config (`--mode validate`). Main thread only.
+    pub fn envoy_dynamic_module_callback_is_validation_mode() -> bool;
 
     pub fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
         filter: *mut c_void,

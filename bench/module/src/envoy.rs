@@ -2,8 +2,13 @@
 
 use std::ffi::c_void;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use crate::abi;
+
+/// Request headers copied out of Envoy: the text, and per header where its name starts,
+/// where its value starts and where it ends in that text.
+pub type CopiedHeaders = (String, Vec<(usize, usize, usize)>);
 
 /// Envoy's side of one HTTP filter (one request). Only used inside a hook Envoy called for
 /// this request, on Envoy's worker thread.
@@ -17,12 +22,12 @@ impl Filter {
         Self(ptr)
     }
 
-    /// Every request header as `(name, value)`, borrowed from Envoy's map: valid while the
-    /// hook runs and the map is not changed (the borrow of `self` keeps setters away only by
-    /// convention: callers drop the list before changing headers). Names are lower-case.
-    /// `Err` names a header that is not UTF-8: the request is then refused, as the gRPC
-    /// service refuses such a CheckRequest.
-    pub fn request_headers(&self) -> Result<Vec<(&str, &str)>, String> {
+    /// Every request header, in Envoy's order (repeated names as separate entries), copied
+    /// out of Envoy's map into one buffer: `text` holds each name followed by its value, and
+    /// each entry of the list says where a name starts, where its value starts and where it
+    /// ends. Names are lower-case. `Err` names a header that is not UTF-8: the request is
+    /// then refused, as the gRPC service refuses such a CheckRequest.
+    pub fn copy_request_headers(&self) -> Result<CopiedHeaders, String> {
         // SAFETY: `self.0` is the live filter of the running hook (see `new`).
         let size = unsafe {
             abi::envoy_dynamic_module_callback_http_get_headers_size(self.0, abi::REQUEST_HEADERS)
@@ -39,30 +44,36 @@ impl Filter {
         if !ok {
             return Err("Envoy did not hand over the request headers".into());
         }
-        raw.iter()
-            .map(|h| {
-                // SAFETY: Envoy's buffers, valid while the hook runs and the map is unchanged.
-                let (k, v) = unsafe {
-                    (
-                        abi::EnvoyBuffer {
-                            ptr: h.key_ptr,
-                            length: h.key_length,
-                        }
-                        .bytes(),
-                        abi::EnvoyBuffer {
-                            ptr: h.value_ptr,
-                            length: h.value_length,
-                        }
-                        .bytes(),
-                    )
-                };
-                let name = std::str::from_utf8(k)
-                    .map_err(|_| "a request header name is not UTF-8".to_string())?;
-                let value = std::str::from_utf8(v)
-                    .map_err(|_| format!("request header `{name}` is not UTF-8"))?;
-                Ok((name, value))
-            })
-            .collect()
+        let mut text =
+            String::with_capacity(raw.iter().map(|h| h.key_length + h.value_length).sum());
+        let mut spans = Vec::with_capacity(raw.len());
+        for h in &raw {
+            // SAFETY: Envoy's buffers, valid while the hook runs and the map is unchanged.
+            let (k, v) = unsafe {
+                (
+                    abi::EnvoyBuffer {
+                        ptr: h.key_ptr,
+                        length: h.key_length,
+                    }
+                    .bytes(),
+                    abi::EnvoyBuffer {
+                        ptr: h.value_ptr,
+                        length: h.value_length,
+                    }
+                    .bytes(),
+                )
+            };
+            let name = std::str::from_utf8(k)
+                .map_err(|_| "a request header name is not UTF-8".to_string())?;
+            let value = std::str::from_utf8(v)
+                .map_err(|_| format!("request header `{name}` is not UTF-8"))?;
+            let start = text.len();
+            text.push_str(name);
+            let middle = text.len();
+            text.push_str(value);
+            spans.push((start, middle, text.len()));
+        }
+        Ok((text, spans))
     }
 
     /// The downstream peer's address, from Envoy's `source.address` attribute (`ip:port`,
@@ -117,6 +128,25 @@ impl Filter {
         }
     }
 
+    /// Adds a header to the response (after any the upstream sent under that name).
+    pub fn add_response_header(&self, name: &str, value: &str) {
+        // SAFETY: `self.0` is live; Envoy copies both buffers.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_add_header(
+                self.0,
+                abi::RESPONSE_HEADERS,
+                abi::ModuleBuffer::of(name.as_bytes()),
+                abi::ModuleBuffer::of(value.as_bytes()),
+            );
+        }
+    }
+
+    /// Resumes the request after the headers hook stopped it.
+    pub fn continue_decoding(&self) {
+        // SAFETY: `self.0` is live, on its worker thread.
+        unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_decoding(self.0) }
+    }
+
     /// Envoy's local reply. The hook must then stop the filter chain.
     pub fn send_response(&self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
         let mut raw: Vec<abi::ModuleHeader> = headers
@@ -151,4 +181,56 @@ pub fn log_error(message: &str) {
             abi::ModuleBuffer::of(message.as_bytes()),
         );
     }
+}
+
+/// Envoy's scheduler for one filter, as a waker: waking it (from any thread) makes Envoy
+/// call `on_http_filter_scheduled` for that filter on its worker thread, or nothing once the
+/// filter is gone. `close` (on the worker thread, when the filter no longer waits) deletes
+/// it; a wake after that does nothing, so no thread ever commits to a deleted scheduler.
+#[derive(Debug)]
+pub struct Scheduler(Mutex<Option<Raw>>);
+
+#[derive(Debug)]
+struct Raw(*mut c_void);
+
+// SAFETY: Envoy's scheduler may be committed from any thread (its documented purpose); the
+// mutex keeps `commit` and `delete` apart.
+unsafe impl Send for Raw {}
+
+impl Scheduler {
+    /// Made on the worker thread, inside a hook Envoy called for `filter`.
+    pub fn new(filter: &Filter) -> Arc<Self> {
+        // SAFETY: `filter.0` is the live filter of the running hook.
+        let raw = unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_new(filter.0) };
+        Arc::new(Self(Mutex::new((!raw.is_null()).then_some(Raw(raw)))))
+    }
+
+    /// Deletes Envoy's scheduler; later wakes do nothing.
+    pub fn close(&self) {
+        let raw = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(Raw(raw)) = raw {
+            // SAFETY: made by `scheduler_new`, deleted once (taken out of the option).
+            unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_delete(raw) }
+        }
+    }
+}
+
+impl std::task::Wake for Scheduler {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let raw = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Raw(raw)) = raw.as_ref() {
+            // SAFETY: not deleted while we hold the lock (`close` takes it).
+            unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_commit(*raw, 0) }
+        }
+    }
+}
+
+/// True while Envoy only validates its config. Main thread only (filter config hooks).
+pub fn is_validation_mode() -> bool {
+    // SAFETY: no arguments; called from `on_http_filter_config_new`, on the main thread.
+    unsafe { abi::envoy_dynamic_module_callback_is_validation_mode() }
 }

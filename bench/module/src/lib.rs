@@ -1,161 +1,279 @@
 //! Portcullis's decision inside Envoy, as an HTTP dynamic module: a **benchmark prototype**
-//! for issue 4 (scenario `M` of `bench/harness.py`), not a supported way to run Portcullis.
+//! for issue 4 (scenario `M` of `bench/harness.py`), not yet a supported way to run
+//! Portcullis.
 //!
 //! The ext_authz hop costs Envoy ~28 µs of CPU per request (README, "Where the cost is"),
-//! more than the decision itself. This module measures what is left without the hop: Envoy
-//! loads `libportcullis_envoy_module.so` and calls the same `AuthzService::decide_view` the
-//! gRPC and HTTP front ends call (same engine, token cache, metrics and audit line), on its
-//! worker thread, from the request-headers hook. An allow sets the identity headers on the
-//! request (and removes the ones it has no value for); a deny is Envoy's local reply with
-//! Portcullis's status, challenge and JSON body.
+//! more than the decision itself. This module removes it: Envoy loads
+//! `libportcullis_envoy_module.so`, whose filter config is the path of a Portcullis config.
+//! The module runs that config's whole Portcullis server on a background thread (listeners,
+//! admin `/metrics` and `/readyz`, config reload on change (SIGHUP is Envoy's), key refresh, revocation list, approvals
+//! API), and Envoy's worker threads decide each request through the server's own
+//! `AuthzService::decide_view` (same engine, token cache, metrics and audit line) from the
+//! request-headers hook:
+//! - An allow sets the identity headers on the request (and removes the ones it has no value
+//!   for), and adds the decision's quota headers (`RateLimit`) to the response.
+//! - A deny is Envoy's local reply with Portcullis's status, challenge and JSON body.
+//! - A decision that has to wait (an unknown `kid` refetch, Redis for rate limits, approvals
+//!   or DPoP replay) holds the request (headers, body and trailers, like ext_authz) and is
+//!   resumed on the request's worker thread through Envoy's scheduler when it can go on.
 //!
-//! What the prototype leaves out, and why it is not shippable as it is:
-//! - A decision that would have to wait (an unknown `kid` refetch, a Redis round trip, an
-//!   approval) is denied with `internal_error`: the decision is polled once on Envoy's
-//!   thread, and resuming it later (Envoy's scheduler callback) is not written.
-//! - No config reload, no admin listener, no `/metrics` endpoint (the counters are kept but
-//!   not served), no peer certificate or principal, no body digest for approvals, no
-//!   `RateLimit` headers on allowed responses.
-//! - It talks to Envoy through hand-written declarations of Envoy 1.40's C ABI
-//!   (`abi.rs`): the official SDK is not on crates.io. A different Envoy needs them checked.
+//! What keeps it a prototype: no peer certificate or principal (mTLS listeners), no body
+//! digest for approvals (the shipped ext_authz wiring sends no body either), and the part of
+//! Envoy's C ABI it uses is declared by hand (`abi.rs`, Envoy 1.40): the official SDK is not
+//! on crates.io.
 
 mod abi;
 mod envoy;
 
+use std::borrow::Cow;
 use std::ffi::c_void;
-use std::path::Path;
-use std::pin::pin;
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 
-use arc_swap::ArcSwap;
-use portcullis::admin::metrics::Metrics;
-use portcullis::audit::AuditSink;
 use portcullis::authz::{Decision, Headers, ReasonCode, RequestView};
 use portcullis::engine::Engine;
 use portcullis::grpc::{AuthzService, DenyAnswer, UpstreamMutation};
+use portcullis::server::Server;
 
-use envoy::Filter;
+use envoy::{Filter, Scheduler};
 
-/// One loaded Portcullis config: what a filter config in Envoy's listener points to.
+/// One running Portcullis (one config file), shared by every filter config in Envoy that
+/// names the same file: a listener update makes Envoy build the new filter config before it
+/// drops the old one, and both then use the same server instead of fighting over its ports.
 pub struct Module {
     service: AuthzService,
-    /// The runtime of the background thread that loads and refreshes keys; entered while a
-    /// decision is polled, so tokio timers inside it have a driver.
+    /// The background thread's runtime: entered while a decision is polled on Envoy's
+    /// thread, so the timers and sockets it creates have a driver.
     runtime: tokio::runtime::Handle,
+    /// Dropped with the last filter config: the server shuts down and its thread ends.
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
+/// The modules running, by config path.
+static RUNNING: Mutex<Vec<(PathBuf, Weak<Module>)>> = Mutex::new(Vec::new());
+
 impl Module {
-    /// Loads the Portcullis config at `path`, its keys (first attempt) and its state store.
-    pub fn load(path: &Path) -> Result<Self, String> {
+    /// The running Portcullis for the config at `path`, started if there is none.
+    pub fn shared(path: &Path) -> Result<Arc<Self>, String> {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        running.retain(|(_, module)| module.strong_count() > 0);
+        if let Some(module) = running
+            .iter()
+            .filter(|(p, _)| p == path)
+            .find_map(|(_, module)| module.upgrade())
+        {
+            return Ok(module);
+        }
+        let module = Arc::new(Self::start(path)?);
+        running.push((path.to_path_buf(), Arc::downgrade(&module)));
+        Ok(module)
+    }
+
+    /// Loads the config at `path` and starts its server (`Server::start_watching`, as
+    /// `portcullis serve` does) on a thread of its own. Fails, naming the cause, when the
+    /// config does not load, a listener cannot bind, or the revocation list cannot be read.
+    fn start(path: &Path) -> Result<Self, String> {
+        init_logging();
         let config = portcullis::config::load(path).map_err(|e| e.to_string())?;
-        let metrics = Arc::new(Metrics::new());
-        let audit = if config.file.audit.enabled {
-            AuditSink::stdout().map_err(|e| format!("audit: {e}"))?
-        } else {
-            AuditSink::disabled()
-        };
-        let keys = Arc::new(portcullis::server::key_store(&config, metrics.clone()));
+        for warning in &config.warnings {
+            tracing::warn!(config = %path.display(), "{warning}");
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| format!("runtime: {e}"))?;
         let handle = runtime.handle().clone();
-        let state = {
-            let _enter = handle.enter();
-            portcullis::state::from_config(&config.file.state).map_err(|e| e.to_string())?
-        };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let started = keys.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let watched = path.to_path_buf();
         std::thread::Builder::new()
-            .name("portcullis-keys".into())
+            .name("portcullis".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    started.start().await;
-                    let _ = ready_tx.send(());
-                    // Keeps the runtime (key refresh tasks) alive for the life of Envoy.
-                    std::future::pending::<()>().await
+                    match Server::start_watching(config, watched.clone()).await {
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(format!("{}: {e}", watched.display())));
+                        }
+                        Ok(server) => {
+                            let _ = ready_tx.send(Ok(server.authorizer()));
+                            // Until the last filter config using it is gone.
+                            let _ = stopped.await;
+                            server.shutdown().await;
+                        }
+                    }
                 })
             })
-            .map_err(|e| format!("key thread: {e}"))?;
-        ready_rx
+            .map_err(|e| format!("server thread: {e}"))?;
+        let service = ready_rx
             .recv()
-            .map_err(|_| "the key thread stopped before keys were loaded".to_string())?;
-        let engine =
-            Engine::new(Arc::new(config), keys, state, metrics.clone()).with_audit(audit.clone());
-        if let Some(e) = engine.revocations.startup_error() {
-            return Err(e.to_string());
-        }
-        let service = AuthzService::new(Arc::new(ArcSwap::from_pointee(engine)), metrics, audit);
+            .map_err(|_| "the server thread stopped before it started".to_string())??;
         Ok(Self {
             service,
             runtime: handle,
+            _stop: stop,
         })
     }
+}
 
-    /// Decides one request from its headers. `true`: allowed, continue to the upstream
-    /// with the identity headers set; `false`: answered with a local deny.
-    fn on_request_headers(&self, filter: &Filter) -> bool {
-        let headers = match RequestHeaders::of(filter) {
-            Ok(headers) => headers,
+/// Logs as `portcullis serve` does (JSON on stderr, `RUST_LOG`), unless Envoy's process
+/// already has a subscriber.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .try_init();
+}
+
+/// What a filter config points to: the running module, or nothing when Envoy only
+/// validates its config (the Portcullis config was loaded and checked, nothing started).
+type FilterConfig = Option<Arc<Module>>;
+
+/// A decision in progress: it owns a copy of the request, so it can outlive the hook.
+type Deciding = Pin<Box<dyn Future<Output = (Decision, Arc<Engine>, RequestCopy)>>>;
+
+/// One request: what `filter_new` answers for it.
+struct Stream {
+    /// The filter config's module, or null (validation only). It outlives the request:
+    /// Envoy destroys a filter config only after every filter made from it.
+    module: *const Module,
+    waiting: Option<Waiting>,
+    /// The allow's quota headers (`RateLimit`), added to the upstream's response.
+    response_headers: Vec<(Cow<'static, str>, String)>,
+}
+
+/// A decision that could not finish in the headers hook, and the scheduler that resumes it.
+struct Waiting {
+    decision: Deciding,
+    scheduler: Arc<Scheduler>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        // Before the decision is dropped: nothing may wake a filter that is done waiting.
+        self.scheduler.close();
+    }
+}
+
+impl Stream {
+    /// Decides the request from the headers hook: the status the hook answers.
+    fn on_request_headers(&mut self, filter: &Filter) -> u32 {
+        if self.module.is_null() {
+            let decision = Decision::new(ReasonCode::Internal, "Portcullis is not running");
+            deny(filter, &decision, "");
+            return abi::HEADERS_STOP_ITERATION;
+        }
+        // SAFETY: non-null, and it outlives this request (see `module`).
+        let module: &'static Module = unsafe { &*self.module };
+        let request = match RequestCopy::of(filter) {
+            Ok(request) => request,
             Err(detail) => {
                 // Counted, logged and audited like an unreadable CheckRequest.
-                let _ = self.service.malformed(&detail);
+                let _ = module.service.malformed(&detail);
                 deny(filter, &Decision::new(ReasonCode::Internal, detail), "");
-                return false;
+                return abi::HEADERS_STOP_ITERATION;
             }
         };
-        let value = |name: &str| headers.entry(name).map_or("", |(_, v)| v);
-        let source_ip = filter.source_ip();
-        let request_id = value("x-request-id");
-        let view = RequestView {
-            method: value(":method"),
-            host: value(":authority"),
-            path: value(":path"),
-            headers: &headers,
-            source_ip,
-            source_principal: "",
-            scheme: value(":scheme"),
-            peer_certificate: None,
-        };
-        let outcome = {
-            let _enter = self.runtime.enter();
-            let mut decide = pin!(self.service.decide_view(&view, request_id));
-            match decide
-                .as_mut()
-                .poll(&mut Context::from_waker(Waker::noop()))
-            {
-                Poll::Ready(outcome) => Some(outcome),
-                Poll::Pending => None,
+        let service = &module.service;
+        let mut decision: Deciding = Box::pin(async move {
+            let (decision, engine) = service
+                .decide_view(&request.view(), request.value("x-request-id"))
+                .await;
+            (decision, engine, request)
+        });
+        let _enter = module.runtime.enter();
+        // Almost every decision is ready at once (keys and tokens in memory): no scheduler.
+        if let Poll::Ready(outcome) = decision
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            return self.headers_status(filter, outcome);
+        }
+        // It waits on a key fetch or shared state. Poll once more with a waker that resumes
+        // the request on this worker thread (the first poll registered a no-op waker).
+        let scheduler = Scheduler::new(filter);
+        let waker = Waker::from(scheduler.clone());
+        match decision.as_mut().poll(&mut Context::from_waker(&waker)) {
+            Poll::Ready(outcome) => {
+                scheduler.close();
+                self.headers_status(filter, outcome)
             }
-        };
-        match outcome {
-            Some((decision, engine)) if decision.is_allow() => {
-                let UpstreamMutation { set, remove } =
-                    UpstreamMutation::of(decision.identity.as_deref(), &engine);
-                drop(headers);
-                for name in &remove {
-                    filter.remove_request_header(name);
-                }
-                for (name, value) in &set {
-                    filter.set_request_header(name, value);
-                }
-                true
-            }
-            Some((decision, _)) => {
-                deny(filter, &decision, request_id);
-                false
-            }
-            None => {
-                let decision = Decision::new(
-                    ReasonCode::Internal,
-                    "the decision would have to wait (key fetch or shared state), which this \
-                     prototype does not do inside Envoy",
-                );
-                deny(filter, &decision, request_id);
-                false
+            Poll::Pending => {
+                self.waiting = Some(Waiting {
+                    decision,
+                    scheduler,
+                });
+                abi::HEADERS_STOP_ALL_ITERATION_AND_WATERMARK
             }
         }
+    }
+
+    /// Envoy's scheduler ran (a waiting decision was woken): poll it again; when it is done,
+    /// answer and resume or end the request.
+    fn on_scheduled(&mut self, filter: &Filter) {
+        let Some(waiting) = self.waiting.as_mut() else {
+            return;
+        };
+        // SAFETY: a waiting stream has a module (see `on_request_headers`).
+        let module = unsafe { &*self.module };
+        let _enter = module.runtime.enter();
+        let waker = Waker::from(waiting.scheduler.clone());
+        let Poll::Ready(outcome) = waiting
+            .decision
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+        else {
+            return;
+        };
+        self.waiting = None;
+        if self.apply(filter, outcome) {
+            filter.continue_decoding();
+        }
+    }
+
+    fn headers_status(
+        &mut self,
+        filter: &Filter,
+        outcome: (Decision, Arc<Engine>, RequestCopy),
+    ) -> u32 {
+        if self.apply(filter, outcome) {
+            abi::HEADERS_CONTINUE
+        } else {
+            abi::HEADERS_STOP_ITERATION
+        }
+    }
+
+    /// Carries out a decision: `true` when allowed (identity headers set, continue to the
+    /// upstream), `false` when answered with a local deny.
+    fn apply(&mut self, filter: &Filter, outcome: (Decision, Arc<Engine>, RequestCopy)) -> bool {
+        let (decision, engine, request) = outcome;
+        if !decision.is_allow() {
+            deny(filter, &decision, request.value("x-request-id"));
+            return false;
+        }
+        drop(request);
+        let UpstreamMutation { set, remove } =
+            UpstreamMutation::of(decision.identity.as_deref(), &engine);
+        for name in &remove {
+            filter.remove_request_header(name);
+        }
+        for (name, value) in &set {
+            filter.set_request_header(name, value);
+        }
+        self.response_headers = decision.response_headers;
+        true
+    }
+
+    /// A panic while deciding: a deny, and nothing left waiting.
+    fn fail(&mut self, filter: &Filter) {
+        self.waiting = None;
+        let decision = Decision::new(ReasonCode::Internal, "internal error while deciding");
+        deny(filter, &decision, "");
     }
 }
 
@@ -170,30 +288,60 @@ fn deny(filter: &Filter, decision: &Decision, request_id: &str) {
     filter.send_response(answer.status, &headers, answer.body.as_bytes());
 }
 
-/// The request headers as the decision core reads them: borrowed from Envoy's header map
-/// (valid while the request-headers hook runs and nothing modifies the map), lower-case
-/// names, a header sent more than once joined with `,` as ext_authz would send it.
+/// The request as the decision core reads it, copied out of Envoy's header map (whose
+/// bytes are Envoy's only while a hook runs) into one buffer: lower-case names, a header
+/// sent more than once joined with `,` as ext_authz would send it, and the peer's address.
 #[derive(Debug)]
-struct RequestHeaders<'f> {
-    all: Vec<(&'f str, &'f str)>,
+struct RequestCopy {
+    text: String,
+    /// Per header: where its name starts, where its value starts, where it ends, in `text`.
+    spans: Vec<(usize, usize, usize)>,
+    source_ip: Option<std::net::IpAddr>,
     /// Values of repeated headers, joined; boxed so their addresses never move.
     joined: Mutex<Vec<Box<str>>>,
 }
 
-impl<'f> RequestHeaders<'f> {
-    fn of(filter: &'f Filter) -> Result<Self, String> {
+impl RequestCopy {
+    fn of(filter: &Filter) -> Result<Self, String> {
+        let (text, spans) = filter.copy_request_headers()?;
         Ok(Self {
-            all: filter.request_headers()?,
+            text,
+            spans,
+            source_ip: filter.source_ip(),
             joined: Mutex::new(Vec::new()),
         })
     }
+
+    fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.spans
+            .iter()
+            .map(|&(start, middle, end)| (&self.text[start..middle], &self.text[middle..end]))
+    }
+
+    /// The value of a header or pseudo-header; empty when absent.
+    fn value(&self, name: &str) -> &str {
+        self.entry(name).map_or("", |(_, v)| v)
+    }
+
+    fn view(&self) -> RequestView<'_> {
+        RequestView {
+            method: self.value(":method"),
+            host: self.value(":authority"),
+            path: self.value(":path"),
+            headers: self,
+            source_ip: self.source_ip,
+            source_principal: "",
+            scheme: self.value(":scheme"),
+            peer_certificate: None,
+        }
+    }
 }
 
-impl Headers for RequestHeaders<'_> {
+impl Headers for RequestCopy {
     fn entry(&self, name: &str) -> Option<(&str, &str)> {
-        let mut found = self.all.iter().filter(|(n, _)| *n == name);
-        let (key, first) = *found.next()?;
-        let rest: Vec<&str> = found.map(|(_, v)| *v).collect();
+        let mut found = self.pairs().filter(|(n, _)| *n == name);
+        let (key, first) = found.next()?;
+        let rest: Vec<&str> = found.map(|(_, v)| v).collect();
         if rest.is_empty() {
             return Some((key, first));
         }
@@ -212,9 +360,6 @@ impl Headers for RequestHeaders<'_> {
 }
 
 // ---- The hooks Envoy calls (abi.rs lists the ABI these follow) ----
-//
-// `filter_new` answers the config's own pointer: a request needs no state of its own, so
-// no allocation per request; `filter_destroy` has nothing to free.
 
 /// Called once when Envoy loads the module: the ABI version it was written against.
 #[unsafe(no_mangle)]
@@ -223,7 +368,8 @@ pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const std::ffi::c_c
 }
 
 /// The filter config: `config` is the path of a Portcullis YAML config. A config that does
-/// not load makes Envoy refuse its own config (null), never a filter that allows.
+/// not load (or a server that cannot start) makes Envoy refuse its own config (null), never
+/// a filter that allows. In `--mode validate` the config is only loaded and checked.
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     _config_envoy: *mut c_void,
@@ -236,15 +382,26 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         envoy::log_error("portcullis module: filter_config must be the path of a config file");
         return std::ptr::null();
     };
-    match std::panic::catch_unwind(|| Module::load(Path::new(path))) {
-        Ok(Ok(module)) => Box::into_raw(Box::new(module)) as *const c_void,
+    let path = Path::new(path);
+    // Errors name the file (a config error names the field too).
+    let loaded = std::panic::catch_unwind(|| -> Result<FilterConfig, String> {
+        if envoy::is_validation_mode() {
+            portcullis::config::load(path).map_err(|e| e.to_string())?;
+            Ok(None)
+        } else {
+            Module::shared(path).map(Some)
+        }
+    });
+    match loaded {
+        Ok(Ok(config)) => Box::into_raw(Box::new(config)) as *const c_void,
         Ok(Err(e)) => {
-            envoy::log_error(&format!("portcullis module: {path}: {e}"));
+            envoy::log_error(&format!("portcullis module: {e}"));
             std::ptr::null()
         }
         Err(_) => {
             envoy::log_error(&format!(
-                "portcullis module: {path}: panicked while loading"
+                "portcullis module: {}: panicked while loading",
+                path.display()
             ));
             std::ptr::null()
         }
@@ -252,82 +409,153 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
 }
 
 /// # Safety
-/// `module` is a pointer `config_new` answered, destroyed once (Envoy's contract).
+/// `config` is a pointer `config_new` answered, destroyed once, after every filter made
+/// from it (Envoy's contract).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(module: *const c_void) {
-    if !module.is_null() {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: *const c_void) {
+    if !config.is_null() {
         // SAFETY: the caller's contract (see above).
-        drop(unsafe { Box::from_raw(module as *mut Module) });
+        drop(unsafe { Box::from_raw(config as *mut FilterConfig) });
     }
 }
 
+/// # Safety
+/// `config` is a live pointer `config_new` answered.
 #[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
-    module: *const c_void,
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
+    config: *const c_void,
     _filter_envoy: *mut c_void,
 ) -> *const c_void {
-    module
+    // SAFETY: the caller's contract.
+    let config = unsafe { &*(config as *const FilterConfig) };
+    let stream = Stream {
+        module: config.as_ref().map_or(std::ptr::null(), Arc::as_ptr),
+        waiting: None,
+        response_headers: Vec::new(),
+    };
+    Box::into_raw(Box::new(stream)) as *const c_void
 }
 
+/// # Safety
+/// `stream` is what `filter_new` answered, destroyed once (Envoy's contract).
 #[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(_filter: *const c_void) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(stream: *const c_void) {
+    // SAFETY: the caller's contract.
+    let stream = unsafe { Box::from_raw(stream as *mut Stream) };
+    if stream.waiting.is_some() && !stream.module.is_null() {
+        // SAFETY: the module outlives its filters (see `Stream::module`).
+        let _enter = unsafe { &*stream.module }.runtime.enter();
+        drop(stream);
+    }
+}
+
+/// The request's stream, for a hook Envoy called with it.
+///
+/// # Safety
+/// `stream` is what `filter_new` answered for this filter, not yet destroyed, and used by
+/// one hook at a time (Envoy calls a filter's hooks on its worker thread, one by one).
+unsafe fn stream_of<'a>(stream: *const c_void) -> &'a mut Stream {
+    // SAFETY: the caller's contract.
+    unsafe { &mut *(stream as *mut Stream) }
+}
 
 /// Decides the request; fails closed on a panic.
 ///
 /// # Safety
-/// `filter_envoy` is the live filter of this request and `module` what `filter_new`
+/// `filter_envoy` is the live filter of this request and `stream` what `filter_new`
 /// answered for it (Envoy's contract).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     filter_envoy: *mut c_void,
-    module: *const c_void,
+    stream: *const c_void,
     _end_of_stream: bool,
 ) -> u32 {
-    // SAFETY: the caller's contract; `filter_new` answers the config's `Module`, which
-    // outlives the filters using it.
-    let (filter, module) = unsafe { (Filter::new(filter_envoy), &*(module as *const Module)) };
-    let allowed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        module.on_request_headers(&filter)
+    // SAFETY: the caller's contract.
+    let (filter, stream) = unsafe { (Filter::new(filter_envoy), stream_of(stream)) };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        stream.on_request_headers(&filter)
     }))
     .unwrap_or_else(|_| {
-        let decision = Decision::new(ReasonCode::Internal, "internal error while deciding");
-        deny(&filter, &decision, "");
-        false
-    });
-    if allowed {
-        abi::HEADERS_CONTINUE
-    } else {
+        stream.fail(&filter);
         abi::HEADERS_STOP_ITERATION
+    })
+}
+
+/// A waiting decision was woken: poll it on this worker thread; fails closed on a panic.
+///
+/// # Safety
+/// As for `request_headers`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    filter_envoy: *mut c_void,
+    stream: *const c_void,
+    _event: u64,
+) {
+    // SAFETY: the caller's contract.
+    let (filter, stream) = unsafe { (Filter::new(filter_envoy), stream_of(stream)) };
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        stream.on_scheduled(&filter)
+    }))
+    .is_err()
+    {
+        stream.fail(&filter);
     }
 }
 
-// The hooks Envoy requires but this filter has nothing to do in.
-
+/// While a decision waits, the body stays held (buffered up to the watermark).
+///
+/// # Safety
+/// As for `request_headers`.
 #[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     _f: *mut c_void,
-    _m: *const c_void,
+    stream: *const c_void,
     _end: bool,
 ) -> u32 {
-    abi::BODY_CONTINUE
+    // SAFETY: the caller's contract.
+    if unsafe { stream_of(stream) }.waiting.is_some() {
+        abi::BODY_STOP_ITERATION_AND_WATERMARK
+    } else {
+        abi::BODY_CONTINUE
+    }
 }
 
+/// While a decision waits, the trailers stay held.
+///
+/// # Safety
+/// As for `request_headers`.
 #[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     _f: *mut c_void,
-    _m: *const c_void,
+    stream: *const c_void,
 ) -> u32 {
-    abi::TRAILERS_CONTINUE
+    // SAFETY: the caller's contract.
+    if unsafe { stream_of(stream) }.waiting.is_some() {
+        abi::TRAILERS_STOP_ITERATION
+    } else {
+        abi::TRAILERS_CONTINUE
+    }
 }
 
+/// Adds the allow's quota headers to the upstream's response.
+///
+/// # Safety
+/// As for `request_headers`.
 #[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
-    _f: *mut c_void,
-    _m: *const c_void,
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    filter_envoy: *mut c_void,
+    stream: *const c_void,
     _end: bool,
 ) -> u32 {
+    // SAFETY: the caller's contract.
+    let (filter, stream) = unsafe { (Filter::new(filter_envoy), stream_of(stream)) };
+    for (name, value) in std::mem::take(&mut stream.response_headers) {
+        filter.add_response_header(&name, &value);
+    }
     abi::HEADERS_CONTINUE
 }
+
+// The hooks Envoy requires but this filter has nothing to do in.
 
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
@@ -350,14 +578,6 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
 pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     _f: *mut c_void,
     _m: *const c_void,
-) {
-}
-
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-    _f: *mut c_void,
-    _m: *const c_void,
-    _event: u64,
 ) {
 }
 
