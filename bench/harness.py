@@ -14,6 +14,7 @@ Scenarios (same route, grants and token sets; Envoy --concurrency 1; direct_resp
   Ph   the same HTTP wiring to Portcullis's HTTP ext_authz listener (`server.http_listen`)
   M    no hop: Portcullis's decision inside Envoy as an HTTP dynamic module (bench/module, a
        prototype), same policy, identity headers and deny answers
+  Mb   with --module-b FILE only: M with another build of the module (same-run A/B)
 Token sets: 1 token, 10 000 distinct (rotated per request), 10 000 with 10% denials.
 Load generator on CPU 0, system under test (Envoy + authz server) on CPU 1.
 """
@@ -41,7 +42,7 @@ OPEN_SCENARIOS = ["S1", "S2", "S2c", "F", "P", "Ph", "M"]
 PAIRS = [("P", "F"), ("P", "S2"), ("P", "S2c"), ("F", "S2"), ("F", "S2c"), ("P", "S1"), ("S2", "S1"),
          ("P", "Pd"), ("Fu", "F"), ("Fh", "F"), ("Fh", "S2"),
          ("Ph", "Fh"), ("Ph", "S2"), ("Ph", "S2c"), ("Ph", "P"),
-         ("M", "S2"), ("M", "S2c"), ("M", "P"), ("M", "S1")]
+         ("M", "S2"), ("M", "S2c"), ("M", "P"), ("M", "S1"), ("M", "Mb")]
 
 
 def log(*a):
@@ -171,11 +172,13 @@ def portcullis_config(name, grpc_port, admin_port, capacity=100000, audit=True, 
     return p
 
 
-def module_filter(config_path):
-    """Envoy's dynamic-module HTTP filter loading bench/module with a Portcullis config."""
+def module_filter(config_path, library=None):
+    """Envoy's dynamic-module HTTP filter loading bench/module (or the build at `library`)
+    with a Portcullis config."""
+    which = {"module": {"local": {"filename": library}}} if library else {"name": MODULE}
     return {"name": "portcullis", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
-        "dynamic_module_config": {"name": MODULE, "do_not_close": True},
+        "dynamic_module_config": {**which, "do_not_close": True},
         "filter_name": "portcullis",
         "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
                           "value": config_path}}}
@@ -409,6 +412,8 @@ def main():
     ap.add_argument("--fill", type=int, default=1000000, help="distinct tokens for the RSS run")
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--label", default="")
+    ap.add_argument("--module-b", help="another build of bench/module (a .so), run as scenario Mb "
+                    "beside M: a same-run A/B of a module change (ratio M/Mb)")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: closed,open,alone,memory")
     ap.add_argument("--only", default="", help="comma list of closed-loop scenarios to run (default: all)")
     ap.add_argument("--render", help="re-summarize and print an earlier results JSON, run nothing")
@@ -449,6 +454,10 @@ def main():
                 "Pd": ([legacy], p_port), "Fu": ([authz_filter], noop_port),
                 "Fh": ([http_authz_filter], hp), "Ph": ([http_authz_filter], p_http),
                 "M": ([module_filter(m_config)], None)}
+        if a.module_b:
+            # Its own config copy: a module that runs the config's server binds its ports.
+            mb_config = portcullis_config("mb", free_port(), free_port())
+            scen["Mb"] = ([module_filter(mb_config, os.path.abspath(a.module_b))], None)
         envoys, ports = {}, {}
         for name, (filters, authz_port) in scen.items():
             lp, ap_ = free_port(), free_port()
@@ -676,7 +685,7 @@ def render(res):
     L += ["### Closed loop (wrk, 1 thread, %d connections): requests/s, median of rounds" % m["args"]["conns"], "",
           "| scenario | 1 token | 10k tokens | 10k, 10% denied | Envoy CPU us/req (10k) | authz CPU us/req (10k) |",
           "|---|---:|---:|---:|---:|---:|"]
-    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu", "Fh", "Ph", "M"):
+    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu", "Fh", "Ph", "M", "Mb"):
         row = [s["closed"].get(f"{n}/{t}", {}).get("rps") for t in SETS]
         if not any(row):
             continue
