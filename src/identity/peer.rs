@@ -27,6 +27,8 @@ pub enum PeerError {
     NotPem,
     #[error("the peer certificate is not a valid X.509 certificate")]
     NotX509,
+    #[error("the peer certificate digest is not 64 hex digits")]
+    BadDigest,
 }
 
 /// What the decision needs from a verified peer certificate.
@@ -92,6 +94,27 @@ impl PeerCertificate {
         Ok(PeerCertificate {
             uri_sans,
             thumbprint_s256: thumbprint_s256(der),
+        })
+    }
+}
+
+impl PeerCertificate {
+    /// From what Envoy says of the certificate instead of the certificate itself (the Envoy
+    /// dynamic module reads connection attributes, not PEM): the hex SHA-256 of its DER
+    /// (`connection.sha256_peer_certificate_digest`) and the URI SANs known.
+    pub fn from_digest(sha256_hex: &str, uri_sans: Vec<String>) -> Result<Self, PeerError> {
+        let hex = sha256_hex.as_bytes();
+        if hex.len() != 64 {
+            return Err(PeerError::BadDigest);
+        }
+        let digit = |c: u8| (c as char).to_digit(16).ok_or(PeerError::BadDigest);
+        let digest = hex
+            .chunks(2)
+            .map(|pair| Ok((digit(pair[0])? << 4 | digit(pair[1])?) as u8))
+            .collect::<Result<Vec<u8>, PeerError>>()?;
+        Ok(PeerCertificate {
+            uri_sans,
+            thumbprint_s256: URL_SAFE_NO_PAD.encode(digest),
         })
     }
 }
@@ -207,6 +230,24 @@ mod tests {
     fn fixture(name: &str) -> Vec<u8> {
         let path = format!("{}/tests/fixtures/mtls/{name}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read(path).unwrap()
+    }
+
+    #[test]
+    fn a_digest_from_envoy_gives_the_certificate_s_thumbprint() {
+        let parsed = PeerCertificate::from_pem(&fixture("checkout.crt")).unwrap();
+        let digest = URL_SAFE_NO_PAD.decode(&parsed.thumbprint_s256).unwrap();
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let from_envoy = PeerCertificate::from_digest(&hex, parsed.uri_sans.clone()).unwrap();
+        assert_eq!(from_envoy, parsed);
+        let upper = PeerCertificate::from_digest(&hex.to_uppercase(), vec![]).unwrap();
+        assert_eq!(upper.thumbprint_s256, parsed.thumbprint_s256);
+        for bad in ["", "ab", &hex[1..], &format!("{}zz", &hex[2..])] {
+            assert_eq!(
+                PeerCertificate::from_digest(bad, vec![]),
+                Err(PeerError::BadDigest),
+                "{bad:?}"
+            );
+        }
     }
 
     /// Envoy's encoding: the PEM, URL-encoded.
