@@ -5,7 +5,9 @@
 //!
 //! Proves: a SPIFFE principal is granted by a `principals` rule with no token, a different
 //! principal is refused; a DPoP-bound request is accepted, its replay and a bearer use of the
-//! same token are refused with a DPoP challenge.
+//! same token are refused with a DPoP challenge. The same cases run again with the Envoy
+//! dynamic module of `bench/module` in place of the ext_authz filter, which reads the client
+//! certificate from Envoy's connection attributes instead of a forwarded PEM.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -19,6 +21,7 @@ use support::jwt::{
     E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, dpop_proof, dpop_proof_key as proof_key,
     dpop_token, write_jwks,
 };
+use support::module::with_module;
 use support::stack::{Envoy, Portcullis, UPSTREAM_MARKER, Upstream};
 
 fn root() -> PathBuf {
@@ -68,35 +71,60 @@ routes:
     )
 }
 
+/// Who decides for Envoy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Authorizer {
+    /// The `portcullis` binary over gRPC with mTLS (the shipped wiring).
+    Service,
+    /// The dynamic module inside Envoy, on the same Portcullis config.
+    Module,
+}
+
 struct Stack {
     envoy_port: u16,
     upstream: Upstream,
-    portcullis: Portcullis,
+    /// `None` with the module (Portcullis then runs inside Envoy).
+    portcullis: Option<Portcullis>,
     envoy: ChildGuard,
     _dir: tempfile::TempDir,
 }
 
 impl Stack {
-    async fn start() -> Stack {
+    async fn start(authorizer: Authorizer) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let upstream = Upstream::start().await;
         let jwks = write_jwks(dir.path(), &[Key::A]);
-        let portcullis = Portcullis::start(dir.path(), "portcullis", |grpc, admin| {
-            portcullis_config(&jwks, grpc, admin)
-        });
+        let config = dir.path().join("module.yaml");
+        let portcullis = match authorizer {
+            Authorizer::Service => Some(Portcullis::start(
+                dir.path(),
+                "portcullis",
+                |grpc, admin| portcullis_config(&jwks, grpc, admin),
+            )),
+            Authorizer::Module => {
+                let text = portcullis_config(&jwks, support::free_port(), support::free_port());
+                std::fs::write(&config, text).unwrap();
+                None
+            }
+        };
+        let authz_port = portcullis.as_ref().map_or(support::free_port(), |p| p.grpc);
 
         let envoy = Envoy::start_shipped(
             dir.path(),
             "envoy/envoy-mtls.yaml",
             10443,
-            portcullis.grpc,
+            authz_port,
             upstream.port,
             |shipped| {
                 // The shipped file names its example certificates relative to the repository
                 // root.
                 let certs = format!("{}/", root().join("envoy/certs-example").display());
                 assert!(shipped.contains("envoy/certs-example/"));
-                shipped.replace("envoy/certs-example/", &certs)
+                let shipped = shipped.replace("envoy/certs-example/", &certs);
+                match authorizer {
+                    Authorizer::Service => shipped,
+                    Authorizer::Module => with_module(&shipped, &config),
+                }
             },
         );
         Stack {
@@ -152,7 +180,8 @@ impl Stack {
     }
 
     fn logs(&self) -> String {
-        format!("{}\n{}", self.envoy.logs(), self.portcullis.logs())
+        let portcullis = self.portcullis.as_ref().map(Portcullis::logs);
+        format!("{}\n{}", self.envoy.logs(), portcullis.unwrap_or_default())
     }
 }
 
@@ -174,7 +203,70 @@ impl Answer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spiffe_principal_is_granted_over_mtls_and_another_principal_is_refused() {
-    let stack = Stack::start().await;
+    principals(Authorizer::Service).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_module_grants_the_same_principals() {
+    principals(Authorizer::Module).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dpop_bound_request_is_accepted_and_its_replay_refused() {
+    dpop(Authorizer::Service).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_module_accepts_dpop_bound_requests_and_refuses_replays() {
+    dpop(Authorizer::Module).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_bound_token_works_only_with_its_certificate() {
+    certificate_bound(Authorizer::Service).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_module_binds_tokens_to_the_same_certificate() {
+    certificate_bound(Authorizer::Module).await;
+}
+
+/// RFC 8705: a token whose `cnf` names the checkout certificate's thumbprint is accepted
+/// from that client only.
+async fn certificate_bound(authorizer: Authorizer) {
+    let stack = Stack::start(authorizer).await;
+    let pem = std::fs::read(mtls("checkout.crt")).unwrap();
+    let thumbprint = portcullis::identity::peer::PeerCertificate::from_pem(&pem)
+        .unwrap()
+        .thumbprint_s256;
+    let token = Key::A.mint(
+        "e2e-mtls",
+        serde_json::json!({ "scope": "orders:read", "cnf": { "x5t#S256": thumbprint } }),
+    );
+    let auth = format!("Bearer {token}");
+    let own = stack
+        .get(
+            &Stack::client(Some("checkout")),
+            "/orders/42",
+            &[("authorization", &auth)],
+        )
+        .await;
+    assert_eq!(own.status, 200, "{own:?}\n{}", stack.logs());
+    assert!(own.upstream);
+    let stolen = stack
+        .get(
+            &Stack::client(Some("intruder")),
+            "/orders/42",
+            &[("authorization", &auth)],
+        )
+        .await;
+    assert_eq!(stolen.status, 401, "{stolen:?}");
+    assert!(!stolen.upstream);
+    assert_eq!(stack.upstream.count(), 1);
+}
+
+async fn principals(authorizer: Authorizer) {
+    let stack = Stack::start(authorizer).await;
 
     let checkout = stack
         .get(&Stack::client(Some("checkout")), "/internal/stock", &[])
@@ -206,9 +298,8 @@ async fn spiffe_principal_is_granted_over_mtls_and_another_principal_is_refused(
     assert_eq!(stack.upstream.count(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dpop_bound_request_is_accepted_and_its_replay_refused() {
-    let stack = Stack::start().await;
+async fn dpop(authorizer: Authorizer) {
+    let stack = Stack::start(authorizer).await;
     let client = Stack::client(Some("checkout"));
     let (jwk, jkt) = proof_key();
     let token = dpop_token(&jkt);

@@ -8,6 +8,7 @@
 pub mod inproc;
 pub mod jwks;
 pub mod jwt;
+pub mod module;
 pub mod redis;
 pub mod stack;
 

@@ -63,7 +63,6 @@ impl RedisServer {
 
     /// Freezes the server (SIGSTOP) or thaws it (SIGCONT): while frozen, connections stay
     /// open and nothing is answered, as with a Redis that hangs.
-    #[allow(dead_code)] // not every test binary freezes Redis
     pub fn freeze(&self, frozen: bool) {
         let process = self.process.as_ref().expect("redis-server is running");
         let signal = if frozen { "-STOP" } else { "-CONT" };

@@ -76,23 +76,26 @@ impl Filter {
         Ok((text, spans))
     }
 
-    /// The downstream peer's address, from Envoy's `source.address` attribute (`ip:port`,
-    /// `[v6]:port`), read in place.
-    pub fn source_ip(&self) -> Option<IpAddr> {
+    /// One of Envoy's string attributes for this request, borrowed for the hook; `None` when
+    /// Envoy has none (no TLS, for the certificate ones) or it is not UTF-8.
+    pub fn attribute(&self, id: u32) -> Option<&str> {
         let mut out = abi::EnvoyBuffer::NULL;
         // SAFETY: `self.0` is live; `out` is a valid place for the result.
         let found = unsafe {
             abi::envoy_dynamic_module_callback_http_filter_get_attribute_string(
-                self.0,
-                abi::ATTRIBUTE_SOURCE_ADDRESS,
-                &mut out,
+                self.0, id, &mut out,
             )
         };
-        // SAFETY: Envoy's buffer, valid during the hook; parsed before this returns.
-        let text = std::str::from_utf8(unsafe { out.bytes() }).ok()?;
-        if !found {
-            return None;
-        }
+        // SAFETY: Envoy's buffer, valid during the hook (the borrow of `self`).
+        found
+            .then(|| std::str::from_utf8(unsafe { out.bytes() }).ok())
+            .flatten()
+    }
+
+    /// The downstream peer's address, from Envoy's `source.address` attribute (`ip:port`,
+    /// `[v6]:port`), read in place.
+    pub fn source_ip(&self) -> Option<IpAddr> {
+        let text = self.attribute(abi::ATTRIBUTE_SOURCE_ADDRESS)?;
         text.parse::<SocketAddr>()
             .map(|a| a.ip())
             .or_else(|_| text.parse::<IpAddr>())

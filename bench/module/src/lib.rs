@@ -17,10 +17,15 @@
 //!   or DPoP replay) holds the request (headers, body and trailers, like ext_authz) and is
 //!   resumed on the request's worker thread through Envoy's scheduler when it can go on.
 //!
-//! What keeps it a prototype: no peer certificate or principal (mTLS listeners), no body
-//! digest for approvals (the shipped ext_authz wiring sends no body either), and the part of
-//! Envoy's C ABI it uses is declared by hand (`abi.rs`, Envoy 1.40): the official SDK is not
-//! on crates.io.
+//! - An mTLS client's principal and certificate thumbprint come from Envoy's connection
+//!   attributes (first URI SAN, else subject; SHA-256 of the DER), for principal rules and
+//!   certificate-bound tokens.
+//!
+//! What keeps it a prototype: the part of Envoy's C ABI it uses is declared by hand
+//! (`abi.rs`, Envoy 1.40), as the official SDK is not on crates.io; principal rules see only
+//! the certificate's first URI SAN (the one Envoy reports), not every SAN as the forwarded
+//! PEM gives the service; and there is no body digest for approvals (the shipped ext_authz
+//! wiring sends no body either).
 
 mod abi;
 mod envoy;
@@ -36,6 +41,7 @@ use std::task::{Context, Poll, Waker};
 use portcullis::authz::{Decision, Headers, ReasonCode, RequestView};
 use portcullis::engine::Engine;
 use portcullis::grpc::{AuthzService, DenyAnswer, UpstreamMutation};
+use portcullis::identity::peer::PeerCertificate;
 use portcullis::server::Server;
 
 use envoy::{Filter, Scheduler};
@@ -297,6 +303,11 @@ struct RequestCopy {
     /// Per header: where its name starts, where its value starts, where it ends, in `text`.
     spans: Vec<(usize, usize, usize)>,
     source_ip: Option<std::net::IpAddr>,
+    /// The mTLS client's principal (its first URI SAN, else its subject), as Envoy reports
+    /// `source.principal` to ext_authz; empty without a client certificate.
+    principal: String,
+    /// The client certificate as far as the decision needs it (thumbprint, URI SAN).
+    certificate: Option<PeerCertificate>,
     /// Values of repeated headers, joined; boxed so their addresses never move.
     joined: Mutex<Vec<Box<str>>>,
 }
@@ -304,10 +315,13 @@ struct RequestCopy {
 impl RequestCopy {
     fn of(filter: &Filter) -> Result<Self, String> {
         let (text, spans) = filter.copy_request_headers()?;
+        let (principal, certificate) = peer(filter);
         Ok(Self {
             text,
             spans,
             source_ip: filter.source_ip(),
+            principal,
+            certificate,
             joined: Mutex::new(Vec::new()),
         })
     }
@@ -330,11 +344,29 @@ impl RequestCopy {
             path: self.value(":path"),
             headers: self,
             source_ip: self.source_ip,
-            source_principal: "",
+            source_principal: &self.principal,
             scheme: self.value(":scheme"),
-            peer_certificate: None,
+            peer_certificate: self.certificate.as_ref(),
         }
     }
+}
+
+/// The client certificate of an mTLS connection, from Envoy's connection attributes: the
+/// principal and, when Envoy reports its digest, the certificate (for certificate-bound
+/// tokens). Nothing without TLS. A digest Envoy reports but we cannot read is treated as
+/// no certificate: certificate-bound tokens are then refused (closed), never granted.
+fn peer(filter: &Filter) -> (String, Option<PeerCertificate>) {
+    let Some(digest) = filter.attribute(abi::ATTRIBUTE_SHA256_PEER_CERTIFICATE_DIGEST) else {
+        return (String::new(), None);
+    };
+    let uri_san = filter.attribute(abi::ATTRIBUTE_URI_SAN_PEER_CERTIFICATE);
+    let certificate =
+        PeerCertificate::from_digest(digest, uri_san.into_iter().map(str::to_string).collect())
+            .ok();
+    let principal = uri_san
+        .or_else(|| filter.attribute(abi::ATTRIBUTE_SUBJECT_PEER_CERTIFICATE))
+        .unwrap_or_default();
+    (principal.to_string(), certificate)
 }
 
 impl Headers for RequestCopy {
