@@ -6,8 +6,11 @@
 //! The module talks to Envoy through hand-written declarations of Envoy's C ABI, so these
 //! cases are what proves them against the pinned binary: headers read (the credential, the
 //! path, the request id), headers set and removed (identity headers, a spoofed copy), the
-//! local reply (status, challenge, JSON body), the source address, and a config that does
-//! not load keeping Envoy from starting rather than letting requests through.
+//! local reply (status, challenge, JSON body), the source address, a config that does not
+//! load keeping Envoy from starting rather than letting requests through, and Envoy's
+//! scheduler resuming a decision that waits (on a real Redis, on a key refetch) with the
+//! request's body held meanwhile. `tests/e2e_mtls.rs` checks the connection attributes
+//! (client certificate) on an mTLS listener.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -18,9 +21,9 @@ use serde_json::{Value, json};
 use support::inproc::e2e_config;
 use support::jwks::JwksServer;
 use support::jwt::Key;
-use support::module::with_module;
+use support::module::{shipped_envoy_with_module, with_module};
 use support::redis::RedisServer;
-use support::stack::{Answer, Envoy, Upstream, h1_client, send_to};
+use support::stack::{Answer, Upstream, h1_client, send_to};
 use support::{envoy_binary, free_port, repo_root};
 
 fn mint(extra: Value) -> String {
@@ -38,14 +41,7 @@ async fn the_module_decides_inside_envoy_like_the_service_does() {
         e2e_config(free_port(), free_port(), &jwks.url(), |_| {}),
     )
     .unwrap();
-    let envoy = Envoy::start_shipped(
-        dir.path(),
-        "envoy/envoy.yaml",
-        10000,
-        free_port(),
-        upstream.port,
-        |shipped| with_module(shipped, &config),
-    );
+    let envoy = shipped_envoy_with_module(dir.path(), upstream.port, &config);
     let client = h1_client();
     let get = |path: &'static str, headers: Vec<(&'static str, String)>| {
         let client = client.clone();
@@ -174,14 +170,7 @@ async fn decisions_that_wait_are_resumed_and_the_server_runs_inside_envoy() {
         std::fs::write(&config, text).unwrap();
     };
     write_config("x-portcullis-subject");
-    let envoy = Envoy::start_shipped(
-        dir.path(),
-        "envoy/envoy.yaml",
-        10000,
-        free_port(),
-        upstream.port,
-        |shipped| with_module(shipped, &config),
-    );
+    let envoy = shipped_envoy_with_module(dir.path(), upstream.port, &config);
     let client = h1_client();
     let post = |body: &'static str, auth: String| {
         let request = client

@@ -6,6 +6,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use super::repo_root;
+use super::stack::Envoy;
 
 /// Builds `bench/module` (debug) once per test process and answers the `.so`'s path.
 pub fn module_library() -> PathBuf {
@@ -63,4 +64,17 @@ typed_config:
     ))
     .unwrap();
     serde_yaml::to_string(&doc).unwrap()
+}
+
+/// The shipped `envoy/envoy.yaml` (its ports rewritten) with the module in place of its
+/// ext_authz filter, reading the Portcullis config at `config`.
+pub fn shipped_envoy_with_module(dir: &Path, upstream_port: u16, config: &Path) -> Envoy {
+    Envoy::start_shipped(
+        dir,
+        "envoy/envoy.yaml",
+        10000,
+        super::free_port(),
+        upstream_port,
+        |shipped| with_module(shipped, config),
+    )
 }
