@@ -6,17 +6,16 @@
 //! more than the decision itself. This module removes it: Envoy loads
 //! `libportcullis_envoy_module.so`, whose filter config is the path of a Portcullis config.
 //! The module runs that config's whole Portcullis server on a background thread (listeners,
-//! admin `/metrics` and `/readyz`, config reload on change (SIGHUP is Envoy's), key refresh, revocation list, approvals
-//! API), and Envoy's worker threads decide each request through the server's own
-//! `AuthzService::decide_view` (same engine, token cache, metrics and audit line) from the
-//! request-headers hook:
+//! admin `/metrics` and `/readyz`, config reload on change (SIGHUP stays Envoy's), key
+//! refresh, revocation list, approvals API), and Envoy's worker threads decide each request
+//! through the server's own `AuthzService::decide_view` (same engine, token cache, metrics
+//! and audit line) from the request-headers hook:
 //! - An allow sets the identity headers on the request (and removes the ones it has no value
 //!   for), and adds the decision's quota headers (`RateLimit`) to the response.
 //! - A deny is Envoy's local reply with Portcullis's status, challenge and JSON body.
 //! - A decision that has to wait (an unknown `kid` refetch, Redis for rate limits, approvals
 //!   or DPoP replay) holds the request (headers, body and trailers, like ext_authz) and is
 //!   resumed on the request's worker thread through Envoy's scheduler when it can go on.
-//!
 //! - An mTLS client's principal and certificate thumbprint come from Envoy's connection
 //!   attributes (first URI SAN, else subject; SHA-256 of the DER), for principal rules and
 //!   certificate-bound tokens.
