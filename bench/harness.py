@@ -415,7 +415,7 @@ def main():
     ap.add_argument("--module-b", help="another build of bench/module (a .so), run as scenario Mb "
                     "beside M: a same-run A/B of a module change (ratio M/Mb)")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: closed,open,alone,memory")
-    ap.add_argument("--only", default="", help="comma list of closed-loop scenarios to run (default: all)")
+    ap.add_argument("--only", default="", help="comma list of scenarios to run, closed and open loop (default: all)")
     ap.add_argument("--render", help="re-summarize and print an earlier results JSON, run nothing")
     a = ap.parse_args()
     if a.render:
@@ -517,7 +517,8 @@ def main():
         s2max = median([r["rps"] for r in results["closed"] if r["scenario"] == "S2" and r["tokens"] == "10k"])
         if "open" not in skip and s2max:
             for rnd in range(a.open_rounds or a.rounds):
-                order = [(n, f) for n in OPEN_SCENARIOS for f in (0.25, 0.5, 0.75)]
+                order = [(n, f) for n in OPEN_SCENARIOS + ["Mb"] if n in scen
+                         for f in (0.25, 0.5, 0.75)]
                 random.shuffle(order)
                 for name, frac in order:
                     ps = [envoys[name]] + ([authz_pid[name]] if name in authz_pid else [])
@@ -649,7 +650,7 @@ def summarize(res):
         for q in ("p50", "p99", "p999", "cpu", "busy"):
             v[q] = median(v[q])
     for name, key in (("P", "added_p99_us_at_50"), ("Ph", "added_p99_us_at_50_http"),
-                      ("M", "added_p99_us_at_50_module")):
+                      ("M", "added_p99_us_at_50_module"), ("Mb", "added_p99_us_at_50_module_b")):
         added = []
         for rnd in {r["round"] for r in res["open"]}:
             p = [r for r in res["open"] if r["round"] == rnd and r["scenario"] == name and r["load"] == 0.5]
@@ -707,16 +708,15 @@ def render(res):
         L += ["", "### Open loop (10k tokens), latency in us, median of rounds", "",
               "| scenario | load (of S2 max) | rate/s | p50 | p99 | p99.9 | SUT CPU us/req | SUT core busy % |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for k in sorted(s["open"], key=lambda k: (OPEN_SCENARIOS.index(k.split("@")[0]), k)):
+        for k in sorted(s["open"], key=lambda k: ((OPEN_SCENARIOS + ["Mb"]).index(k.split("@")[0]), k)):
             v = s["open"][k]
             n, load = k.split("@")
             L.append(f"| {n} | {load} | {v['rate']:.0f} | {v['p50']:.0f} | {v['p99']:.0f} | {v['p999']:.0f} | "
                      f"{v['cpu'] if v['cpu'] is not None else ''} | {v['busy'] if v['busy'] is not None else ''} |")
-        L += ["", f"Added p99 at 50% (P minus S1, per round, median): {s['added_p99_us_at_50']} us"]
-        if s.get("added_p99_us_at_50_http") is not None:
-            L += ["", f"Added p99 at 50% (Ph minus S1, per round, median): {s['added_p99_us_at_50_http']} us"]
-        if s.get("added_p99_us_at_50_module") is not None:
-            L += ["", f"Added p99 at 50% (M minus S1, per round, median): {s['added_p99_us_at_50_module']} us"]
+        for name, key in (("P", "added_p99_us_at_50"), ("Ph", "added_p99_us_at_50_http"),
+                          ("M", "added_p99_us_at_50_module"), ("Mb", "added_p99_us_at_50_module_b")):
+            if s.get(key) is not None:
+                L += ["", f"Added p99 at 50% ({name} minus S1, per round, median): {s[key]} us"]
     if s["alone"]:
         L += ["", "### Portcullis alone (h2load, pre-encoded CheckRequests, 1 core)", "",
               "| algorithm | cache hit: decisions/s | CPU us | cache off (verify every time): decisions/s | CPU us |",
