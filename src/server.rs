@@ -51,7 +51,6 @@ pub struct Server {
     pub http_addr: Option<SocketAddr>,
     pub engine: Arc<ArcSwap<Engine>>,
     pub metrics: Arc<Metrics>,
-    audit: AuditSink,
     shutdown: watch::Sender<bool>,
     grpc_task: JoinHandle<()>,
     http_task: Option<JoinHandle<()>>,
@@ -152,7 +151,7 @@ impl Server {
             tokio::spawn(reloader.run(crate::reload::POLL_INTERVAL, shutdown_rx.clone()));
         }
 
-        let authz = AuthzService::new(engine.clone(), metrics.clone(), audit.clone());
+        let authz = AuthzService::new(engine.clone(), metrics.clone(), audit);
         let approvals = crate::approvals::api::ApprovalsApi::new(engine.clone()).into_server();
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::approvals::api::DESCRIPTOR_SET)
@@ -215,7 +214,6 @@ impl Server {
             http_addr,
             engine,
             metrics,
-            audit,
             shutdown,
             grpc_task,
             http_task,
@@ -227,12 +225,10 @@ impl Server {
     /// The decision service this server answers Checks with (same engine, reloads, metrics
     /// and audit log), for a front end running in the same process: the Envoy dynamic
     /// module in `bench/module` decides through it on Envoy's own threads.
+    /// The audit sink travels with the engine (a reload keeps it), as `shutdown` reads it.
     pub fn authorizer(&self) -> AuthzService {
-        AuthzService::new(
-            self.engine.clone(),
-            self.metrics.clone(),
-            self.audit.clone(),
-        )
+        let audit = self.engine.load().audit.clone();
+        AuthzService::new(self.engine.clone(), self.metrics.clone(), audit)
     }
 
     /// Stops accepting, lets in-flight checks finish (up to `shutdown_grace`), then returns.

@@ -96,9 +96,7 @@ impl PeerCertificate {
             thumbprint_s256: thumbprint_s256(der),
         })
     }
-}
 
-impl PeerCertificate {
     /// From what Envoy says of the certificate instead of the certificate itself (the Envoy
     /// dynamic module reads connection attributes, not PEM): the hex SHA-256 of its DER
     /// (`connection.sha256_peer_certificate_digest`) and the URI SANs known.

@@ -156,6 +156,8 @@ struct Stream {
 struct Waiting {
     decision: Deciding,
     scheduler: Arc<Scheduler>,
+    /// Commits `scheduler`; made once, handed to every poll.
+    waker: Waker,
 }
 
 impl Drop for Waiting {
@@ -212,6 +214,7 @@ impl Stream {
                 self.waiting = Some(Waiting {
                     decision,
                     scheduler,
+                    waker,
                 });
                 abi::HEADERS_STOP_ALL_ITERATION_AND_WATERMARK
             }
@@ -227,11 +230,10 @@ impl Stream {
         // SAFETY: a waiting stream has a module (see `on_request_headers`).
         let module = unsafe { &*self.module };
         let _enter = module.runtime.enter();
-        let waker = Waker::from(waiting.scheduler.clone());
         let Poll::Ready(outcome) = waiting
             .decision
             .as_mut()
-            .poll(&mut Context::from_waker(&waker))
+            .poll(&mut Context::from_waker(&waiting.waker))
         else {
             return;
         };
