@@ -123,7 +123,18 @@ impl Stack {
                 let shipped = shipped.replace("envoy/certs-example/", &certs);
                 match authorizer {
                     Authorizer::Service => shipped,
-                    Authorizer::Module => with_module(&shipped, &config),
+                    // As README "Inside Envoy" says for mTLS: Envoy forwards the client
+                    // certificate, so principal rules see every URI SAN.
+                    Authorizer::Module => {
+                        let sanitize = "forward_client_cert_details: SANITIZE\n";
+                        assert!(shipped.contains(sanitize));
+                        let shipped = shipped.replace(
+                            sanitize,
+                            "forward_client_cert_details: SANITIZE_SET\n                \
+                             set_current_client_cert_details: {cert: true}\n",
+                        );
+                        with_module(&shipped, &config)
+                    }
                 }
             },
         );
@@ -265,6 +276,17 @@ async fn certificate_bound(authorizer: Authorizer) {
     assert_eq!(stack.upstream.count(), 1);
 }
 
+/// The hex SHA-256 Envoy writes in `Hash=`, from an RFC 8705 thumbprint.
+fn hex_of_thumbprint(thumbprint: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(thumbprint)
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 async fn principals(authorizer: Authorizer) {
     let stack = Stack::start(authorizer).await;
 
@@ -282,6 +304,35 @@ async fn principals(authorizer: Authorizer) {
     assert!(!intruder.upstream);
     assert_eq!(intruder.error(), "insufficient_scope", "{intruder:?}");
 
+    // A certificate whose granted URI SAN is its second: every SAN counts, not only the
+    // first (the one Envoy names as the connection's principal).
+    let migrating = stack
+        .get(&Stack::client(Some("migrating")), "/internal/stock", &[])
+        .await;
+    assert_eq!(migrating.status, 200, "{migrating:?}\n{}", stack.logs());
+    assert_eq!(stack.upstream.count(), 2);
+
+    // The intruder claiming the checkout certificate in a header of its own.
+    let checkout_pem = std::fs::read_to_string(mtls("checkout.crt")).unwrap();
+    let checkout_hash =
+        portcullis::identity::peer::PeerCertificate::from_pem(checkout_pem.as_bytes())
+            .unwrap()
+            .thumbprint_s256;
+    let spoofed = format!(
+        "Hash={};Cert=\"{}\";URI=spiffe://example.org/ns/shop/sa/checkout",
+        hex_of_thumbprint(&checkout_hash),
+        percent_encoding::utf8_percent_encode(&checkout_pem, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let claimed = stack
+        .get(
+            &Stack::client(Some("intruder")),
+            "/internal/stock",
+            &[("x-forwarded-client-cert", &spoofed)],
+        )
+        .await;
+    assert_eq!(claimed.status, 403, "{claimed:?}");
+    assert!(!claimed.upstream);
+
     // The principal grants only its route: a token route still needs a token.
     let no_token = stack
         .get(&Stack::client(Some("checkout")), "/orders/42", &[])
@@ -295,7 +346,7 @@ async fn principals(authorizer: Authorizer) {
         .send()
         .await;
     assert!(anonymous.is_err(), "{anonymous:?}");
-    assert_eq!(stack.upstream.count(), 1);
+    assert_eq!(stack.upstream.count(), 2);
 }
 
 async fn dpop(authorizer: Authorizer) {

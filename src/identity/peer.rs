@@ -115,6 +115,73 @@ impl PeerCertificate {
             thumbprint_s256: URL_SAFE_NO_PAD.encode(digest),
         })
     }
+
+    /// The whole certificate of the connection whose hex SHA-256 is `sha256_hex`, from Envoy's
+    /// `x-forwarded-client-cert` header (`set_current_client_cert_details: {cert: true}`): the
+    /// element whose `Hash` is that digest, its `Cert` parsed, and kept only if its DER really
+    /// hashes to the digest. So a header a client wrote itself (a listener that forwards
+    /// instead of sanitizing) can name nothing but the certificate the client presented.
+    /// `Ok(None)` when no element describes that certificate with its PEM.
+    pub fn from_forwarded_client_cert(
+        xfcc: &str,
+        sha256_hex: &str,
+    ) -> Result<Option<Self>, PeerError> {
+        let connection = Self::from_digest(sha256_hex, Vec::new())?;
+        for element in split_unquoted(xfcc, b',') {
+            let mut hash = None;
+            let mut cert = None;
+            for pair in split_unquoted(element, b';') {
+                let Some((key, value)) = pair.split_once('=') else {
+                    continue;
+                };
+                let value = value.trim();
+                let value = value
+                    .strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(value);
+                match key.trim() {
+                    k if k.eq_ignore_ascii_case("hash") => hash = Some(value),
+                    k if k.eq_ignore_ascii_case("cert") => cert = Some(value),
+                    _ => {}
+                }
+            }
+            let (Some(hash), Some(cert)) = (hash, cert) else {
+                continue;
+            };
+            if !hash.eq_ignore_ascii_case(sha256_hex) {
+                continue;
+            }
+            let parsed = Self::from_envoy(cert)?;
+            if parsed.thumbprint_s256 == connection.thumbprint_s256 {
+                return Ok(Some(parsed));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// `text` split at `separator` where it is not inside double quotes (`\"` inside quotes is an
+/// escaped quote), as `x-forwarded-client-cert` quotes values that may hold `,` and `;`.
+fn split_unquoted(text: &str, separator: u8) -> impl Iterator<Item = &str> {
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut cuts = Vec::new();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            _ if b == separator && !quoted => {
+                cuts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    cuts.push(&text[start..]);
+    cuts.into_iter()
 }
 
 /// RFC 8705 section 3.1: base64url(SHA-256(DER)) without padding.
@@ -246,6 +313,81 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    fn hex_digest(cert: &PeerCertificate) -> String {
+        let digest = URL_SAFE_NO_PAD.decode(&cert.thumbprint_s256).unwrap();
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn the_forwarded_client_cert_gives_every_uri_san_of_the_connection_s_certificate() {
+        let pem = fixture("migrating.crt");
+        let cert = PeerCertificate::from_pem(&pem).unwrap();
+        assert_eq!(
+            cert.uri_sans,
+            [
+                "spiffe://example.org/ns/legacy/sa/batch",
+                "spiffe://example.org/ns/shop/sa/checkout"
+            ]
+        );
+        let hash = hex_digest(&cert);
+        let encoded = envoy_encode(&pem);
+        // As Envoy writes it: quoted values may hold `,` and `;`, and an earlier hop's
+        // element comes first.
+        let xfcc = format!(
+            "By=spiffe://up;Hash=00;Subject=\"CN=a,O=b;c\",By=spiffe://edge;Hash={hash};\
+             Cert=\"{encoded}\";Subject=\"O=Portcullis test,CN=migrating\";\
+             URI=spiffe://example.org/ns/legacy/sa/batch"
+        );
+        assert_eq!(
+            PeerCertificate::from_forwarded_client_cert(&xfcc, &hash),
+            Ok(Some(cert.clone()))
+        );
+        assert_eq!(
+            PeerCertificate::from_forwarded_client_cert(&xfcc, &hash.to_uppercase()),
+            Ok(Some(cert))
+        );
+    }
+
+    #[test]
+    fn a_forwarded_client_cert_that_is_not_the_connection_s_is_ignored() {
+        let theirs = fixture("checkout.crt");
+        let own = PeerCertificate::from_pem(&fixture("intruder.crt")).unwrap();
+        let own_hash = hex_digest(&own);
+        // A client that claims someone else's certificate under its own digest.
+        let forged = format!("Hash={own_hash};Cert=\"{}\"", envoy_encode(&theirs));
+        assert_eq!(
+            PeerCertificate::from_forwarded_client_cert(&forged, &own_hash),
+            Ok(None)
+        );
+        // No element for this connection, or one without its PEM.
+        let other = format!("Hash=ab;Cert=\"{}\"", envoy_encode(&theirs));
+        assert_eq!(
+            PeerCertificate::from_forwarded_client_cert(&other, &own_hash),
+            Ok(None)
+        );
+        let no_cert = format!("Hash={own_hash};URI=spiffe://example.org/ns/other/sa/intruder");
+        assert_eq!(
+            PeerCertificate::from_forwarded_client_cert(&no_cert, &own_hash),
+            Ok(None)
+        );
+        assert_eq!(
+            PeerCertificate::from_forwarded_client_cert("", &own_hash),
+            Ok(None)
+        );
+        // A broken PEM under the connection's digest is an error, never a certificate.
+        assert_eq!(
+            PeerCertificate::from_forwarded_client_cert(
+                &format!("Hash={own_hash};Cert=\"%2D%2D\""),
+                &own_hash
+            ),
+            Err(PeerError::NotPem)
+        );
+        assert_eq!(
+            PeerCertificate::from_forwarded_client_cert("Hash=x", "x"),
+            Err(PeerError::BadDigest)
+        );
     }
 
     /// Envoy's encoding: the PEM, URL-encoded.

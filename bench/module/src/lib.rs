@@ -316,15 +316,16 @@ struct RequestCopy {
 impl RequestCopy {
     fn of(filter: &Filter) -> Result<Self, String> {
         let (text, spans) = filter.copy_request_headers()?;
-        let (principal, certificate) = peer(filter);
-        Ok(Self {
+        let mut copy = Self {
             text,
             spans,
             source_ip: filter.source_ip(),
-            principal,
-            certificate,
+            principal: String::new(),
+            certificate: None,
             joined: Mutex::new(Vec::new()),
-        })
+        };
+        (copy.principal, copy.certificate) = peer(filter, copy.value(FORWARDED_CLIENT_CERT));
+        Ok(copy)
     }
 
     fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -352,22 +353,40 @@ impl RequestCopy {
     }
 }
 
-/// The client certificate of an mTLS connection, from Envoy's connection attributes: the
-/// principal and, when Envoy reports its digest, the certificate (for certificate-bound
-/// tokens). Nothing without TLS. A digest Envoy reports but we cannot read is treated as
-/// no certificate: certificate-bound tokens are then refused (closed), never granted.
-fn peer(filter: &Filter) -> (String, Option<PeerCertificate>) {
+/// Envoy's header describing the client certificate, set (client copies removed) by a listener
+/// with `forward_client_cert_details: SANITIZE_SET`.
+const FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
+
+/// The client certificate of an mTLS connection: the principal and, when Envoy reports its
+/// digest, the certificate (for principal rules and certificate-bound tokens). Nothing
+/// without TLS.
+///
+/// Envoy's connection attributes name only the certificate's first URI SAN. When the listener
+/// also forwards the certificate itself (`set_current_client_cert_details: {cert: true}`), the
+/// `x-forwarded-client-cert` element whose DER hashes to the connection's digest gives every
+/// URI SAN, as the service gets from `include_peer_certificate`; a header naming any other
+/// certificate is ignored. A digest Envoy reports but we cannot read is treated as no
+/// certificate: certificate-bound tokens are then refused (closed), never granted.
+fn peer(filter: &Filter, forwarded: &str) -> (String, Option<PeerCertificate>) {
     let Some(digest) = filter.attribute(abi::ATTRIBUTE_SHA256_PEER_CERTIFICATE_DIGEST) else {
         return (String::new(), None);
     };
     let uri_san = filter.attribute(abi::ATTRIBUTE_URI_SAN_PEER_CERTIFICATE);
-    let certificate =
-        PeerCertificate::from_digest(digest, uri_san.into_iter().map(str::to_string).collect())
-            .ok();
     let principal = uri_san
         .or_else(|| filter.attribute(abi::ATTRIBUTE_SUBJECT_PEER_CERTIFICATE))
-        .unwrap_or_default();
-    (principal.to_string(), certificate)
+        .unwrap_or_default()
+        .to_string();
+    let whole = match PeerCertificate::from_forwarded_client_cert(forwarded, digest) {
+        Ok(whole) => whole,
+        Err(error) => {
+            tracing::warn!(%error, "x-forwarded-client-cert unusable; using the first URI SAN");
+            None
+        }
+    };
+    let certificate = whole.or_else(|| {
+        PeerCertificate::from_digest(digest, uri_san.into_iter().map(str::to_string).collect()).ok()
+    });
+    (principal, certificate)
 }
 
 impl Headers for RequestCopy {
@@ -394,10 +413,69 @@ impl Headers for RequestCopy {
 
 // ---- The hooks Envoy calls (abi.rs lists the ABI these follow) ----
 
-/// Called once when Envoy loads the module: the ABI version it was written against.
+/// Called once when Envoy loads the module: the ABI version it was written against, or null
+/// (Envoy then refuses to load it) when this Envoy is not one whose ABI `abi.rs` matches.
+/// Envoy itself only warns on a mismatched ABI version, and a changed signature would
+/// corrupt memory inside the proxy, so the module refuses first.
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const std::ffi::c_char {
-    abi::ABI_VERSION.as_ptr()
+    match check_envoy() {
+        Ok(()) => abi::ABI_VERSION.as_ptr(),
+        Err(e) => {
+            // Not through Envoy's logger: its ABI is the thing in doubt.
+            eprintln!("portcullis module: {e}");
+            std::ptr::null()
+        }
+    }
+}
+
+/// Envoy minors whose ABI `abi.rs` matches: 1.40, where every declaration was checked, and
+/// 1.41, as Envoy keeps a module's ABI for one more minor since 1.38 (envoyproxy/envoy#43219).
+const SUPPORTED_ENVOY: [(u32, u32); 2] = [(1, 40), (1, 41)];
+
+/// Asks the running Envoy (`/proc/self/exe --version`, once at load) which version it is.
+fn check_envoy() -> Result<(), String> {
+    let out = std::process::Command::new("/proc/self/exe")
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot ask this Envoy its version ({e}); refusing to load"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    supported_envoy(&text)
+}
+
+/// Whether `envoy --version`'s output names a supported Envoy, and if not, why.
+fn supported_envoy(version_output: &str) -> Result<(), String> {
+    let supported = SUPPORTED_ENVOY
+        .iter()
+        .map(|(major, minor)| format!("{major}.{minor}"))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let version = version_output
+        .split_once("version:")
+        .and_then(|(_, rest)| rest.split('/').nth(1))
+        .map(str::trim)
+        .ok_or_else(|| {
+            format!(
+                "cannot read this Envoy's version from {:?}; it supports Envoy {supported} only",
+                version_output.trim()
+            )
+        })?;
+    let mut numbers = version.split('.').map(str::parse::<u32>);
+    let (Some(Ok(major)), Some(Ok(minor))) = (numbers.next(), numbers.next()) else {
+        return Err(format!(
+            "cannot read this Envoy's version {version:?}; it supports Envoy {supported} only"
+        ));
+    };
+    if SUPPORTED_ENVOY.contains(&(major, minor)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "this is Envoy {version}, but this module's ABI ({}) is that of Envoy {supported} \
+             only: use the Portcullis module built for this Envoy, or the ext_authz service",
+            abi::ABI_VERSION.to_string_lossy()
+        ))
+    }
 }
 
 /// The filter config: `config` is the path of a Portcullis YAML config. A config that does
@@ -688,4 +766,27 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buf
     _f: *mut c_void,
     _m: *const c_void,
 ) {
+}
+
+#[cfg(test)]
+mod tests {
+    use super::supported_envoy;
+
+    #[test]
+    fn only_the_envoy_minors_whose_abi_is_declared_are_supported() {
+        let line =
+            |v: &str| format!("\n/usr/bin/envoy  version: 9e55809/{v}/Clean/RELEASE/BoringSSL\n");
+        assert_eq!(supported_envoy(&line("1.40.0")), Ok(()));
+        assert_eq!(supported_envoy(&line("1.40.3")), Ok(()));
+        assert_eq!(supported_envoy(&line("1.41.0-dev")), Ok(()));
+        for other in ["1.39.2", "1.42.0", "2.40.0"] {
+            let refused = supported_envoy(&line(other)).unwrap_err();
+            assert!(refused.contains(other), "{refused}");
+            assert!(refused.contains("1.40 and 1.41"), "{refused}");
+        }
+        for garbage in ["", "envoy", "version: abc", "version: sha/x.y.z/Clean"] {
+            let refused = supported_envoy(garbage).unwrap_err();
+            assert!(refused.contains("cannot read"), "{refused}");
+        }
+    }
 }
