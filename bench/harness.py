@@ -12,8 +12,8 @@ Scenarios (same route, grants and token sets; Envoy --concurrency 1; direct_resp
   Fh   Envoy's HTTP ext_authz API (the wiring shipped in envoy/envoy-http.yaml) to a no-op
        HTTP server: the floor of the HTTP hop
   Ph   the same HTTP wiring to Portcullis's HTTP ext_authz listener (`server.http_listen`)
-  M    no hop: Portcullis's decision inside Envoy as an HTTP dynamic module (bench/module, a
-       prototype), same policy, identity headers and deny answers
+  M    no hop: Portcullis's decision inside Envoy as an HTTP dynamic module (module/, the
+       wiring of envoy/envoy-module.yaml), same policy, identity headers and deny answers
   Mb   with --module-b FILE only: M with another build of the module (same-run A/B)
 Token sets: 1 token, 10 000 distinct (rotated per request), 10 000 with 10% denials.
 Load generator on CPU 0, system under test (Envoy + authz server) on CPU 1.
@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "target", "bench")
 REL = os.path.join(ROOT, "target", "release")
 PORTCULLIS = os.path.join(REL, "portcullis")
-MODULE = "portcullis_envoy_module"  # target/release/libportcullis_envoy_module.so (bench/module)
+MODULE = "portcullis_envoy_module"  # target/release/libportcullis_envoy_module.so (module/)
 BENCH = os.path.join(REL, "examples", "bench")
 LOAD_CPU, SUT_CPU = "0", "1"
 AUD = "bench-api"
@@ -173,7 +173,7 @@ def portcullis_config(name, grpc_port, admin_port, capacity=100000, audit=True, 
 
 
 def module_filter(config_path, library=None):
-    """Envoy's dynamic-module HTTP filter loading bench/module (or the build at `library`)
+    """Envoy's dynamic-module HTTP filter loading module/ (or the build at `library`)
     with a Portcullis config."""
     which = {"module": {"local": {"filename": library}}} if library else {"name": MODULE}
     return {"name": "portcullis", "typed_config": {
@@ -412,7 +412,7 @@ def main():
     ap.add_argument("--fill", type=int, default=1000000, help="distinct tokens for the RSS run")
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--label", default="")
-    ap.add_argument("--module-b", help="another build of bench/module (a .so), run as scenario Mb "
+    ap.add_argument("--module-b", help="another build of module/ (a .so), run as scenario Mb "
                     "beside M: a same-run A/B of a module change (ratio M/Mb)")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: closed,open,alone,memory")
     ap.add_argument("--only", default="", help="comma list of scenarios to run, closed and open loop (default: all)")

@@ -29,6 +29,6 @@ if [[ "$(nproc)" -lt 2 ]]; then
 fi
 
 cargo build --release --bin portcullis --example bench
-# Scenario M: the decision inside Envoy, as a dynamic module (bench/module, a prototype).
+# Scenario M: the decision inside Envoy, as a dynamic module (module/, envoy/envoy-module.yaml).
 cargo build --release -p portcullis-envoy-module
 exec python3 bench/harness.py "$@"

@@ -1,7 +1,7 @@
-//! The benchmark's dynamic-module prototype (`bench/module`, scenario `M` of issue 4's
-//! benchmark) loaded into the real, pinned Envoy 1.40: the shipped listener
-//! (`envoy/envoy.yaml`) with its ext_authz filter replaced by the module, the module reading
-//! a Portcullis config whose keys come from a loopback JWKS server.
+//! Portcullis inside Envoy (`module/`, README "Inside Envoy") loaded into the real, pinned
+//! Envoy 1.40 by the shipped `envoy/envoy-module.yaml` (ports, the library's path and the
+//! Portcullis config's path rewritten only), the module reading a Portcullis config whose
+//! keys come from a loopback JWKS server.
 //!
 //! The module talks to Envoy through hand-written declarations of Envoy's C ABI, so these
 //! cases are what proves them against the pinned binary: headers read (the credential, the
@@ -21,10 +21,10 @@ use serde_json::{Value, json};
 use support::inproc::e2e_config;
 use support::jwks::JwksServer;
 use support::jwt::Key;
-use support::module::{shipped_envoy_with_module, with_module};
+use support::module::{shipped_envoy_with_module, shipped_module_config};
 use support::redis::RedisServer;
 use support::stack::{Answer, Upstream, h1_client, send_to};
-use support::{envoy_binary, free_port, repo_root};
+use support::{envoy_binary, free_port};
 
 fn mint(extra: Value) -> String {
     Key::A.mint("e2e-module", extra)
@@ -340,9 +340,8 @@ fn raw_bytes(addr: std::net::SocketAddr, request: &[u8]) -> String {
 fn a_config_that_does_not_load_keeps_envoy_from_starting() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-portcullis.yaml");
-    let shipped = std::fs::read_to_string(repo_root().join("envoy/envoy.yaml")).unwrap();
     let path = dir.path().join("envoy.yaml");
-    std::fs::write(&path, with_module(&shipped, &missing)).unwrap();
+    std::fs::write(&path, shipped_module_config(&missing)).unwrap();
     let out = Command::new(envoy_binary())
         .arg("-c")
         .arg(&path)

@@ -5,9 +5,10 @@
 //!
 //! Proves: a SPIFFE principal is granted by a `principals` rule with no token, a different
 //! principal is refused; a DPoP-bound request is accepted, its replay and a bearer use of the
-//! same token are refused with a DPoP challenge. The same cases run again with the Envoy
-//! dynamic module of `bench/module` in place of the ext_authz filter, which reads the client
-//! certificate from Envoy's connection attributes instead of a forwarded PEM.
+//! same token are refused with a DPoP challenge; a certificate whose granted URI SAN is its
+//! second is granted too. The same cases run again with the shipped module filter
+//! (`envoy/envoy-module.yaml`, `module/`) in place of the ext_authz filter, which reads the
+//! client certificate from Envoy's connection attributes and `x-forwarded-client-cert`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;

@@ -21,10 +21,18 @@ fn every_shipped_envoy_config_passes_envoy_validate() {
         "no Envoy configs found in {}",
         dir.display()
     );
+    // envoy-module.yaml finds the module by name in the search path, and its Portcullis
+    // config relative to the working directory (the repository root, as the README runs it).
+    let module = support::module::module_library();
     for file in files {
         let output = Command::new(&envoy)
             .args(["--mode", "validate", "--disable-hot-restart", "-c"])
             .arg(&file)
+            .env(
+                "ENVOY_DYNAMIC_MODULES_SEARCH_PATH",
+                module.parent().unwrap(),
+            )
+            .current_dir(support::repo_root())
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -43,9 +51,9 @@ fn every_shipped_envoy_config_passes_envoy_validate() {
     }
 }
 
-/// The listener settings both shipped wirings (gRPC and HTTP API) must keep: path hygiene,
-/// ext_authz first and the router last, no per-route override. Returns the parsed file and
-/// the ext_authz filter's `typed_config`.
+/// The listener settings every shipped wiring (gRPC and HTTP API, and the module) must keep:
+/// path hygiene, the authorizer (`first`) first and the router last, no per-route override.
+/// Returns the parsed file and the authorizer filter's `typed_config`.
 /// Headers some frameworks honour in place of the request's method, path or host.
 const OVERRIDE_HEADERS: [&str; 7] = [
     "x-http-method-override",
@@ -57,7 +65,7 @@ const OVERRIDE_HEADERS: [&str; 7] = [
     "forwarded",
 ];
 
-fn hygienic_listener(file: &str) -> (serde_yaml::Value, serde_yaml::Value) {
+fn hygienic_listener(file: &str, first: &str) -> (serde_yaml::Value, serde_yaml::Value) {
     let text = std::fs::read_to_string(support::repo_root().join(file)).unwrap();
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let listener = &doc["static_resources"]["listeners"][0];
@@ -92,8 +100,8 @@ fn hygienic_listener(file: &str) -> (serde_yaml::Value, serde_yaml::Value) {
     let filters = hcm["http_filters"].as_sequence().unwrap();
     assert_eq!(
         filters[0]["name"].as_str(),
-        Some("envoy.filters.http.ext_authz"),
-        "{file}: ext_authz must be the first HTTP filter"
+        Some(first),
+        "{file}: {first} must be the first HTTP filter"
     );
     assert_eq!(
         filters.last().unwrap()["name"].as_str(),
@@ -104,9 +112,14 @@ fn hygienic_listener(file: &str) -> (serde_yaml::Value, serde_yaml::Value) {
     // would make that route unauthenticated.
     assert!(
         !text.contains("typed_per_filter_config"),
-        "{file}: the shipped config must not override ext_authz per route"
+        "{file}: the shipped config must not override {first} per route"
     );
-    let authz = filters[0]["typed_config"].clone();
+    (doc.clone(), filters[0]["typed_config"].clone())
+}
+
+/// `hygienic_listener` with ext_authz first, failing closed and sent no body.
+fn ext_authz_listener(file: &str) -> (serde_yaml::Value, serde_yaml::Value) {
+    let (doc, authz) = hygienic_listener(file, "envoy.filters.http.ext_authz");
     assert_eq!(authz["failure_mode_allow"].as_bool(), Some(false), "{file}");
     assert_eq!(
         authz["status_on_error"]["code"].as_str(),
@@ -140,7 +153,7 @@ fn h2_cluster<'a>(doc: &'a serde_yaml::Value, name: &str) -> &'a serde_yaml::Val
 /// The safety knobs the README tells operators never to change are actually in the file.
 #[test]
 fn shipped_envoy_config_keeps_fail_closed_and_path_hygiene() {
-    let (doc, authz) = hygienic_listener("envoy/envoy.yaml");
+    let (doc, authz) = ext_authz_listener("envoy/envoy.yaml");
     assert_eq!(authz["transport_api_version"].as_str(), Some("V3"));
     assert_eq!(authz["include_peer_certificate"].as_bool(), Some(true));
     assert_eq!(
@@ -155,7 +168,7 @@ fn shipped_envoy_config_keeps_fail_closed_and_path_hygiene() {
 /// shipped config's `http_listen`.
 #[test]
 fn shipped_http_api_envoy_config_carries_what_portcullis_needs() {
-    let (doc, authz) = hygienic_listener("envoy/envoy-http.yaml");
+    let (doc, authz) = ext_authz_listener("envoy/envoy-http.yaml");
     let service = &authz["http_service"];
     assert_eq!(
         service["server_uri"]["cluster"].as_str(),
@@ -259,7 +272,7 @@ fn mtls_envoy_example_requires_client_certificates_and_talks_tls_to_portcullis()
 
     // Everything not about TLS is as in envoy/envoy.yaml: the same headers go to Portcullis,
     // and the same trusted headers are removed from clients first.
-    let (_, plain) = hygienic_listener("envoy/envoy.yaml");
+    let (_, plain) = ext_authz_listener("envoy/envoy.yaml");
     assert!(!plain["allowed_headers"].is_null());
     assert_eq!(authz["allowed_headers"], plain["allowed_headers"]);
     assert_eq!(
@@ -277,4 +290,43 @@ fn mtls_envoy_example_requires_client_certificates_and_talks_tls_to_portcullis()
         hcm["early_header_mutation_extensions"],
         plain_hcm["early_header_mutation_extensions"]
     );
+}
+
+/// `envoy/envoy-module.yaml` is the shipped listener of `envoy/envoy.yaml` with Portcullis's
+/// module in place of ext_authz and no authorizer cluster: the same path hygiene and early
+/// header removals, loading the module by the name cargo gives it and the shipped config.
+#[test]
+fn the_module_wiring_is_the_shipped_listener_with_portcullis_in_place_of_ext_authz() {
+    let (mut module_doc, module) = hygienic_listener("envoy/envoy-module.yaml", "portcullis");
+    assert_eq!(
+        module["@type"].as_str(),
+        Some(
+            "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+        )
+    );
+    let loaded = &module["dynamic_module_config"];
+    assert_eq!(loaded["name"].as_str(), Some("portcullis_envoy_module"));
+    assert_eq!(loaded["do_not_close"].as_bool(), Some(true));
+    assert_eq!(
+        module["filter_config"]["value"].as_str(),
+        Some("config/portcullis.yaml")
+    );
+    let (mut plain_doc, _) = ext_authz_listener("envoy/envoy.yaml");
+    for doc in [&mut module_doc, &mut plain_doc] {
+        support::module::http_filters(doc)[0] = serde_yaml::Value::Null;
+    }
+    assert_eq!(
+        module_doc["static_resources"]["listeners"], plain_doc["static_resources"]["listeners"],
+        "envoy-module.yaml's listener differs from envoy.yaml's beyond the authorizer filter"
+    );
+    let names = |doc: &serde_yaml::Value| -> Vec<String> {
+        doc["static_resources"]["clusters"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(names(&module_doc), ["sample_upstream"]);
+    assert_eq!(names(&plain_doc), ["portcullis", "sample_upstream"]);
 }

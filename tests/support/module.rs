@@ -1,14 +1,19 @@
-//! The Envoy dynamic module of `bench/module`, built for the tests and put in place of the
-//! ext_authz filter of a shipped Envoy config.
+//! The Envoy dynamic module (`module/`), built for the tests, and the shipped
+//! `envoy/envoy-module.yaml` that loads it, pointed at the test build and a test config.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use serde_yaml::Value;
+
 use super::repo_root;
 use super::stack::Envoy;
 
-/// Builds `bench/module` (debug) once per test process and answers the `.so`'s path.
+/// The shipped Envoy config that runs Portcullis inside Envoy.
+pub const SHIPPED: &str = "envoy/envoy-module.yaml";
+
+/// Builds `module/` (debug) once per test process and answers the `.so`'s path.
 pub fn module_library() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
@@ -17,10 +22,10 @@ pub fn module_library() -> PathBuf {
                 .args(["build", "-p", "portcullis-envoy-module"])
                 .current_dir(repo_root())
                 .output()
-                .expect("run cargo to build bench/module");
+                .expect("run cargo to build module/");
             assert!(
                 out.status.success(),
-                "building bench/module failed:\n{}",
+                "building module/ failed:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
             let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -33,48 +38,87 @@ pub fn module_library() -> PathBuf {
         .clone()
 }
 
-/// The shipped `envoy/envoy.yaml` with its ext_authz filter replaced by the module, which
-/// reads the Portcullis config at `config`. Everything else (early header removals, path
-/// normalization, the upstream cluster) stays as shipped.
-pub fn with_module(shipped: &str, config: &Path) -> String {
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(shipped).unwrap();
-    let filters = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-        ["typed_config"]["http_filters"]
+/// The HTTP filters of a parsed Envoy config's first listener.
+pub fn http_filters(doc: &mut Value) -> &mut Vec<Value> {
+    doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ["http_filters"]
         .as_sequence_mut()
+        .unwrap()
+}
+
+/// The Portcullis filter exactly as `envoy/envoy-module.yaml` ships it, except that it loads
+/// the test build of the module (by path, where the shipped file finds it by name in
+/// `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`) and reads the Portcullis config at `config`.
+fn shipped_filter(config: &Path) -> Value {
+    let mut doc: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo_root().join(SHIPPED)).unwrap()).unwrap();
+    let mut filter = http_filters(&mut doc)
+        .iter()
+        .find(|f| f["name"] == "portcullis")
+        .expect("envoy-module.yaml has the portcullis filter")
+        .clone();
+    let library = module_library();
+    let module = filter["typed_config"]["dynamic_module_config"]
+        .as_mapping_mut()
         .unwrap();
+    let name = module.remove("name").unwrap();
+    assert_eq!(
+        Some(format!("lib{}.so", name.as_str().unwrap()).as_str()),
+        library.file_name().and_then(|n| n.to_str()),
+        "the shipped module name must be the library cargo builds"
+    );
+    module.insert(
+        "module".into(),
+        serde_yaml::from_str(&format!("{{local: {{filename: '{}'}}}}", library.display())).unwrap(),
+    );
+    filter["typed_config"]["filter_config"]["value"] = config.display().to_string().into();
+    filter
+}
+
+/// A shipped ext_authz Envoy config (`envoy/envoy.yaml`, `envoy/envoy-mtls.yaml`) with its
+/// ext_authz filter replaced by the shipped module filter, which reads the Portcullis config
+/// at `config`. Everything else (early header removals, path normalization, TLS, the
+/// upstream cluster) stays as shipped.
+pub fn with_module(shipped: &str, config: &Path) -> String {
+    let mut doc: Value = serde_yaml::from_str(shipped).unwrap();
+    let filters = http_filters(&mut doc);
     let ext_authz = filters
         .iter()
         .position(|f| f["name"] == "envoy.filters.http.ext_authz")
-        .expect("envoy.yaml has an ext_authz filter");
-    filters[ext_authz] = serde_yaml::from_str(&format!(
-        r#"
-name: portcullis
-typed_config:
-  "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
-  dynamic_module_config:
-    module: {{local: {{filename: "{}"}}}}
-    do_not_close: true
-  filter_name: portcullis
-  filter_config:
-    "@type": type.googleapis.com/google.protobuf.StringValue
-    value: "{}"
-"#,
-        module_library().display(),
-        config.display()
-    ))
-    .unwrap();
+        .expect("the config has an ext_authz filter");
+    filters[ext_authz] = shipped_filter(config);
     serde_yaml::to_string(&doc).unwrap()
 }
 
-/// The shipped `envoy/envoy.yaml` (its ports rewritten) with the module in place of its
-/// ext_authz filter, reading the Portcullis config at `config`.
+/// The text of the shipped `envoy/envoy-module.yaml` loading the test build of the module
+/// with the Portcullis config at `config`.
+pub fn shipped_module_config(config: &Path) -> String {
+    let shipped = std::fs::read_to_string(repo_root().join(SHIPPED)).unwrap();
+    test_build(&shipped, config)
+}
+
+/// `shipped` (the text of `envoy/envoy-module.yaml`) with its Portcullis filter loading the
+/// test build and reading `config`.
+fn test_build(shipped: &str, config: &Path) -> String {
+    let mut doc: Value = serde_yaml::from_str(shipped).unwrap();
+    let filters = http_filters(&mut doc);
+    let at = filters
+        .iter()
+        .position(|f| f["name"] == "portcullis")
+        .unwrap();
+    filters[at] = shipped_filter(config);
+    serde_yaml::to_string(&doc).unwrap()
+}
+
+/// The shipped `envoy/envoy-module.yaml` (ports rewritten), loading the test build of the
+/// module with the Portcullis config at `config`.
 pub fn shipped_envoy_with_module(dir: &Path, upstream_port: u16, config: &Path) -> Envoy {
     Envoy::start_shipped(
         dir,
-        "envoy/envoy.yaml",
+        SHIPPED,
         10000,
         super::free_port(),
         upstream_port,
-        |shipped| with_module(shipped, config),
+        |shipped| test_build(shipped, config),
     )
 }

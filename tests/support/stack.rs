@@ -163,7 +163,7 @@ impl Envoy {
 
     /// The shipped config `file` (relative to the repository root), first passed through
     /// `edit`, with its admin (9901), `listener`, authorizer (9191) and upstream (8080) ports
-    /// rewritten to free or given loopback ports.
+    /// rewritten to free or given loopback ports (no authorizer port in `envoy/envoy-module.yaml`).
     pub fn start_shipped(
         dir: &Path,
         file: &str,
@@ -175,15 +175,12 @@ impl Envoy {
         let listen = free_port();
         let admin = free_port();
         let shipped = edit(&std::fs::read_to_string(repo_root().join(file)).unwrap());
-        let config = super::rewrite_envoy_config(
-            &shipped,
-            &[
-                (9901, admin),
-                (listener, listen),
-                (9191, authz_port),
-                (8080, upstream_port),
-            ],
-        );
+        let mut ports = vec![(9901, admin), (listener, listen), (8080, upstream_port)];
+        // The module's wiring has no authorizer cluster: Portcullis runs inside Envoy.
+        if file != super::module::SHIPPED {
+            ports.push((9191, authz_port));
+        }
+        let config = super::rewrite_envoy_config(&shipped, &ports);
         let path = dir.join("envoy.yaml");
         std::fs::write(&path, config).unwrap();
         let process = super::start_envoy(&path, loopback(admin));

@@ -1,6 +1,5 @@
-//! Portcullis's decision inside Envoy, as an HTTP dynamic module: a **benchmark prototype**
-//! for issue 4 (scenario `M` of `bench/harness.py`), not yet a supported way to run
-//! Portcullis.
+//! Portcullis inside Envoy, as an HTTP dynamic module (README "Inside Envoy";
+//! `envoy/envoy-module.yaml` is the shipped wiring).
 //!
 //! The ext_authz hop costs Envoy ~28 µs of CPU per request (README, "Where the cost is"),
 //! more than the decision itself. This module removes it: Envoy loads
@@ -17,14 +16,14 @@
 //!   or DPoP replay) holds the request (headers, body and trailers, like ext_authz) and is
 //!   resumed on the request's worker thread through Envoy's scheduler when it can go on.
 //! - An mTLS client's principal and certificate thumbprint come from Envoy's connection
-//!   attributes (first URI SAN, else subject; SHA-256 of the DER), for principal rules and
-//!   certificate-bound tokens.
+//!   attributes (first URI SAN, else subject; SHA-256 of the DER), and every URI SAN from
+//!   the certificate in `x-forwarded-client-cert` when the listener forwards it, for
+//!   principal rules and certificate-bound tokens.
 //!
-//! What keeps it a prototype: the part of Envoy's C ABI it uses is declared by hand
-//! (`abi.rs`, Envoy 1.40), as the official SDK is not on crates.io; principal rules see only
-//! the certificate's first URI SAN (the one Envoy reports), not every SAN as the forwarded
-//! PEM gives the service; and there is no body digest for approvals (the shipped ext_authz
-//! wiring sends no body either).
+//! The part of Envoy's C ABI it uses is declared by hand (`abi.rs`), as the official SDK is
+//! not on crates.io: for Envoy 1.40 (checked) and 1.41 (Envoy keeps a module's ABI for one
+//! more minor); the module refuses to load into any other Envoy. There is no body digest for
+//! approvals (the shipped ext_authz wiring sends no body either).
 
 mod abi;
 mod envoy;
