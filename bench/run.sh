@@ -5,6 +5,8 @@
 #
 #   bench/run.sh                     # the full run: 5 rounds, 10 s per run (about 50 min)
 #   bench/run.sh --rounds 1 --secs 3 --open-secs 3 --alone-secs 3 --fill 100000   # smoke
+#   bench/run.sh soak --minutes 30   # the module under load, every decision waiting on
+#                                    # Redis (bench/soak.py); exits 1 when a check fails
 #
 # Needs 2 cores: the load generators run on CPU 0, Envoy and the authorizer on CPU 1.
 # Benchmarks are not tests: nothing here fails on speed. Run it on a quiet machine.
@@ -31,4 +33,9 @@ fi
 cargo build --release --bin portcullis --example bench
 # Scenario M: the decision inside Envoy, as a dynamic module (module/, envoy/envoy-module.yaml).
 cargo build --release -p portcullis-envoy-module
+if [[ "${1:-}" == soak ]]; then
+    shift
+    scripts/install-redis.sh >/dev/null
+    exec python3 bench/soak.py "$@"
+fi
 exec python3 bench/harness.py "$@"

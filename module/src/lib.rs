@@ -323,7 +323,7 @@ impl RequestCopy {
             certificate: None,
             joined: Mutex::new(Vec::new()),
         };
-        (copy.principal, copy.certificate) = peer(filter, copy.value(FORWARDED_CLIENT_CERT));
+        (copy.principal, copy.certificate) = peer(filter, || copy.value(FORWARDED_CLIENT_CERT));
         Ok(copy)
     }
 
@@ -366,7 +366,10 @@ const FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
 /// URI SAN, as the service gets from `include_peer_certificate`; a header naming any other
 /// certificate is ignored. A digest Envoy reports but we cannot read is treated as no
 /// certificate: certificate-bound tokens are then refused (closed), never granted.
-fn peer(filter: &Filter, forwarded: &str) -> (String, Option<PeerCertificate>) {
+fn peer<'a>(
+    filter: &Filter,
+    forwarded: impl FnOnce() -> &'a str,
+) -> (String, Option<PeerCertificate>) {
     let Some(digest) = filter.attribute(abi::ATTRIBUTE_SHA256_PEER_CERTIFICATE_DIGEST) else {
         return (String::new(), None);
     };
@@ -375,7 +378,7 @@ fn peer(filter: &Filter, forwarded: &str) -> (String, Option<PeerCertificate>) {
         .or_else(|| filter.attribute(abi::ATTRIBUTE_SUBJECT_PEER_CERTIFICATE))
         .unwrap_or_default()
         .to_string();
-    let whole = match PeerCertificate::from_forwarded_client_cert(forwarded, digest) {
+    let whole = match PeerCertificate::from_forwarded_client_cert(forwarded(), digest) {
         Ok(whole) => whole,
         Err(error) => {
             tracing::warn!(%error, "x-forwarded-client-cert unusable; using the first URI SAN");
