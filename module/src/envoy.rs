@@ -103,9 +103,11 @@ impl Filter {
     }
 
     /// Sets a request header, replacing every copy the client sent.
-    pub fn set_request_header(&self, name: &str, value: &str) {
+    /// `false` when Envoy has no request header map to change (then nothing was set).
+    #[must_use]
+    pub fn set_request_header(&self, name: &str, value: &str) -> bool {
         if value.is_empty() {
-            return;
+            return self.remove_request_header(name);
         }
         // SAFETY: `self.0` is live; Envoy copies both buffers.
         unsafe {
@@ -114,12 +116,14 @@ impl Filter {
                 abi::REQUEST_HEADERS,
                 abi::ModuleBuffer::of(name.as_bytes()),
                 abi::ModuleBuffer::of(value.as_bytes()),
-            );
+            )
         }
     }
 
     /// Removes every copy of a request header (an empty value removes, in this ABI).
-    pub fn remove_request_header(&self, name: &str) {
+    /// `false` when Envoy has no request header map to change.
+    #[must_use]
+    pub fn remove_request_header(&self, name: &str) -> bool {
         // SAFETY: as above.
         unsafe {
             abi::envoy_dynamic_module_callback_http_set_header(
@@ -127,7 +131,7 @@ impl Filter {
                 abi::REQUEST_HEADERS,
                 abi::ModuleBuffer::of(name.as_bytes()),
                 abi::ModuleBuffer::of(b""),
-            );
+            )
         }
     }
 

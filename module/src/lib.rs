@@ -262,14 +262,24 @@ impl Stream {
             deny(filter, &decision, request.value("x-request-id"));
             return false;
         }
-        drop(request);
         let UpstreamMutation { set, remove } =
             UpstreamMutation::of(decision.identity.as_deref(), &engine);
+        // Every header is tried (a client's copy of one must not survive the failure of
+        // another); if Envoy refused any, the upstream must not see the request.
+        let mut failed = 0;
         for name in &remove {
-            filter.remove_request_header(name);
+            failed += usize::from(!filter.remove_request_header(name));
         }
         for (name, value) in &set {
-            filter.set_request_header(name, value);
+            failed += usize::from(!filter.set_request_header(name, value));
+        }
+        if failed > 0 {
+            let refused = Decision::new(
+                ReasonCode::Internal,
+                "Envoy refused to set the identity headers",
+            );
+            deny(filter, &refused, request.value("x-request-id"));
+            return false;
         }
         self.response_headers = decision.response_headers;
         true
