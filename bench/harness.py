@@ -53,12 +53,21 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
 
 
+_GIVEN = set()
+
+
 def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+    """A loopback port nothing listens on, never the same one twice in a run: the kernel may
+    hand a port it just gave out (and we closed) to the next bind(0) before its process
+    binds it, and a run starts a dozen processes that each bind several."""
+    while True:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        p = s.getsockname()[1]
+        s.close()
+        if p not in _GIVEN:
+            _GIVEN.add(p)
+            return p
 
 
 def envoy_bin():

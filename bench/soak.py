@@ -51,7 +51,11 @@ def main():
     ap.add_argument("--slice", type=int, default=30, help="seconds per wrk run")
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--label", default="soak")
+    ap.add_argument("--render", metavar="JSON", help="print the report of a finished soak and exit")
     a = ap.parse_args()
+    if a.render:
+        sys.stdout.write(render(json.load(open(a.render))))
+        return
     import yaml
 
     os.makedirs(h.WORK, exist_ok=True)

@@ -31,31 +31,33 @@ fn bench_example() -> PathBuf {
     bench
 }
 
-/// The newest committed full run (`bench/results/<stamp>-full.json`): the one the README quotes.
-fn newest_full_run() -> PathBuf {
+/// The newest committed run of a kind (`bench/results/<stamp>-<kind>.json`): the one the
+/// README quotes.
+fn newest_run(kind: &str) -> PathBuf {
     let dir = support::repo_root().join("bench/results");
+    let suffix = format!("-{kind}.json");
     let mut runs: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with("-full.json"))
+        .filter(|p| p.to_string_lossy().ends_with(&suffix))
         .collect();
     runs.sort();
     runs.pop()
-        .expect("bench/results holds at least one full run")
+        .unwrap_or_else(|| panic!("bench/results holds no {kind} run"))
 }
 
-#[test]
-fn the_committed_report_is_what_the_harness_renders_from_its_raw_results() {
-    let json = newest_full_run();
+/// Renders `json` with `script --render` and checks that the committed `.md` beside it is
+/// exactly that. Returns the rendering.
+fn renders_as_committed(script: &str, json: &std::path::Path) -> String {
     let out = Command::new("python3")
-        .arg(support::repo_root().join("bench/harness.py"))
+        .arg(support::repo_root().join(script))
         .arg("--render")
-        .arg(&json)
+        .arg(json)
         .output()
         .expect("python3 runs (the Envoy install needs it too)");
     assert!(
         out.status.success(),
-        "harness.py --render failed: {}",
+        "{script} --render failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let rendered = String::from_utf8(out.stdout).unwrap();
@@ -69,8 +71,8 @@ fn the_committed_report_is_what_the_harness_renders_from_its_raw_results() {
         assert_eq!(
             got,
             want,
-            "line {} of {} differs from what harness.py renders from its raw results; after \
-             changing the report's layout, re-render it: python3 bench/harness.py --render {} > {}",
+            "line {} of {} differs from what {script} renders from its raw results; after \
+             changing the report's layout, re-render it: python3 {script} --render {} > {}",
             n + 1,
             md.display(),
             json.display(),
@@ -80,9 +82,27 @@ fn the_committed_report_is_what_the_harness_renders_from_its_raw_results() {
     assert_eq!(
         rendered_lines.next(),
         None,
-        "harness.py renders more than {} holds",
+        "{script} renders more than {} holds",
         md.display()
     );
+    rendered
+}
+
+#[test]
+fn the_committed_soak_report_is_what_soak_py_renders_and_every_check_passed() {
+    let rendered = renders_as_committed("bench/soak.py", &newest_run("soak"));
+    for check in [
+        "| no 5xx answers | ✓ |",
+        "| no failed decisions (internal_error, state_unavailable) | ✓ |",
+        "| Envoy RSS over the second half grows < 5% | ✓ |",
+    ] {
+        assert!(rendered.contains(check), "{check} missing:\n{rendered}");
+    }
+}
+
+#[test]
+fn the_committed_report_is_what_the_harness_renders_from_its_raw_results() {
+    let rendered = renders_as_committed("bench/harness.py", &newest_run("full"));
     // The report carries what the README's Performance section quotes.
     for section in [
         "### Closed loop",
