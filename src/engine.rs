@@ -38,58 +38,15 @@ struct TokenExpiry {
     max_ttl: Duration,
 }
 
-impl moka::Expiry<Arc<str>, Arc<Cached>> for TokenExpiry {
+impl moka::Expiry<Arc<str>, Arc<Identity>> for TokenExpiry {
     fn expire_after_create(
         &self,
         key: &Arc<str>,
-        value: &Arc<Cached>,
+        value: &Arc<Identity>,
         _created_at: Instant,
     ) -> Option<Duration> {
-        let left = value.identity.expires_at.saturating_sub(unix_now()).max(0) as u64;
+        let left = value.expires_at.saturating_sub(unix_now()).max(0) as u64;
         Some(entry_ttl(self.max_ttl, key, left))
-    }
-
-    /// A refresh replaces the entry: it gets a whole new life (moka's default would keep the
-    /// old entry's expiry).
-    fn expire_after_update(
-        &self,
-        key: &Arc<str>,
-        value: &Arc<Cached>,
-        updated_at: Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        self.expire_after_create(key, value, updated_at)
-    }
-}
-
-/// A verified token in the cache.
-struct Cached {
-    identity: Arc<Identity>,
-    /// Unix seconds from which a hit verifies the token again, on a task of its own, so that
-    /// the entry is replaced before it expires and the request that would have found it gone
-    /// does not pay the verification itself. `i64::MAX` when the entry ends with the token's
-    /// own `exp` (verifying it again would only find it expired).
-    refresh_at: i64,
-    /// Set by the hit that started the refresh: one refresh per entry.
-    refreshing: std::sync::atomic::AtomicBool,
-}
-
-impl Cached {
-    fn new(max_ttl: Duration, token: &str, identity: Arc<Identity>, now: i64) -> Self {
-        let left = identity.expires_at.saturating_sub(now).max(0) as u64;
-        let ttl = entry_ttl(max_ttl, token, left).as_secs();
-        // The last twentieth of the entry's life (at least its last second), when the entry
-        // ends before the token does.
-        let refresh_at = if ttl < left && ttl >= 2 {
-            now + (ttl - (ttl / 20).max(1)) as i64
-        } else {
-            i64::MAX
-        };
-        Self {
-            identity,
-            refresh_at,
-            refreshing: std::sync::atomic::AtomicBool::new(false),
-        }
     }
 }
 
@@ -122,7 +79,7 @@ pub struct Engine {
     pub runtime_revoked: Arc<crate::revocation::RuntimeRevocations>,
     /// Where approval events go (kept across config reloads).
     pub audit: crate::audit::AuditSink,
-    cache: Option<Cache<Arc<str>, Arc<Cached>, foldhash::fast::RandomState>>,
+    cache: Option<Cache<Arc<str>, Arc<Identity>, foldhash::fast::RandomState>>,
     metrics: Arc<Metrics>,
     key_wait: Duration,
 }
@@ -142,10 +99,9 @@ impl Engine {
             let floor = budget.div_ceil(cache_cfg.capacity).min(u64::from(u32::MAX));
             Cache::builder()
                 .max_capacity(budget)
-                .weigher(move |token: &Arc<str>, cached: &Arc<Cached>| -> u32 {
-                    let bytes = (token.len()
-                        + cached.identity.approx_bytes()
-                        + CACHE_ENTRY_OVERHEAD) as u64;
+                .weigher(move |token: &Arc<str>, identity: &Arc<Identity>| -> u32 {
+                    let bytes =
+                        (token.len() + identity.approx_bytes() + CACHE_ENTRY_OVERHEAD) as u64;
                     u32::try_from(bytes.max(floor)).unwrap_or(u32::MAX)
                 })
                 .expire_after(TokenExpiry {
@@ -365,54 +321,9 @@ impl Engine {
 
         // INVARIANT: only tokens within the size cap are ever cached (verify enforces it).
         if let Some(cache) = &self.cache {
-            let max_ttl = self.config.file.tokens.cache.max_ttl.get();
-            let entry = Cached::new(max_ttl, cred.token, verified.clone(), now);
-            cache.insert(Arc::from(cred.token), Arc::new(entry));
+            cache.insert(Arc::from(cred.token), verified.clone());
         }
         Ok(verified)
-    }
-
-    /// Verifies a cached token again, on a task of the current runtime (not the thread that
-    /// answers this Check), and replaces its entry with a fresh one; drops the entry when it
-    /// no longer verifies (the next Check then verifies it itself and gets the deny). Without
-    /// a runtime, nothing happens: the entry simply expires.
-    fn refresh(&self, cred: &Credential<'_>) {
-        let (Some(cache), Ok(runtime)) = (&self.cache, tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        let (cache, config, keys) = (cache.clone(), self.config.clone(), self.keys.clone());
-        let (token, header, dpop): (Arc<str>, String, bool) =
-            (Arc::from(cred.token), cred.header.to_string(), cred.dpop);
-        let metrics = self.metrics.clone();
-        runtime.spawn(async move {
-            let now = unix_now();
-            let cred = Credential {
-                token: &token,
-                header: &header,
-                dpop,
-            };
-            let verified = decide::select_issuer(&config, &cred)
-                .ok()
-                .and_then(|(issuer, jwt)| {
-                    let set = keys.get(&issuer.name).ok()?;
-                    let jwt = jwt.verify(&issuer.rules, &set, now).ok()?;
-                    Some(Identity::from_verified(
-                        issuer.name.clone(),
-                        jwt,
-                        &issuer.claims,
-                    ))
-                });
-            match verified {
-                Some(identity) => {
-                    let max_ttl = config.file.tokens.cache.max_ttl.get();
-                    let entry = Cached::new(max_ttl, &token, Arc::new(identity), now);
-                    metrics.token_cache_refreshes.inc();
-                    cache.insert(token, Arc::new(entry));
-                }
-                None => cache.invalidate(&token),
-            }
-        });
     }
 
     /// A cache hit that is still valid at `now`: same header as its issuer expects, time checks
@@ -425,10 +336,9 @@ impl Engine {
         if cred.token.len() > self.config.file.tokens.max_bytes {
             return Ok(None);
         }
-        let Some(entry) = cache.get(cred.token) else {
+        let Some(hit) = cache.get(cred.token) else {
             return Ok(None);
         };
-        let hit = entry.identity.clone();
         let Some(issuer) = self
             .config
             .issuers
@@ -452,13 +362,6 @@ impl Engine {
         if !set.contains(&hit.key_fingerprint) {
             cache.invalidate(cred.token);
             return Ok(None);
-        }
-        if now >= entry.refresh_at
-            && !entry
-                .refreshing
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
-            self.refresh(cred);
         }
         Ok(Some(hit))
     }
