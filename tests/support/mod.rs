@@ -117,13 +117,24 @@ pub fn run_installer_once(name: &str, script: &str, how: &str, done: impl Fn() -
     }
 }
 
-/// A free loopback port: bind port 0, read the port the kernel chose, release it.
+/// A free loopback port: bind port 0, read the port the kernel chose, release it. Never the
+/// same port twice in a test process: the kernel may hand a port it just gave out (and we
+/// released) to the next bind(0) before the process it was meant for binds it, and the
+/// tests of a binary run in parallel.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A child process that is killed (and reaped) when the guard is dropped, so a failing test
