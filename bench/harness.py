@@ -56,10 +56,41 @@ def run(cmd, **kw):
 _GIVEN = set()
 
 
+def _ports_below_ephemeral():
+    """Ports no kernel-chosen port falls in: from 20000 (or less if the ephemeral range starts
+    lower) up to the start of the ephemeral range. Empty if there is no room."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            eph_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        eph_low = 32768
+    high = eph_low - 1
+    return max(min(20000, high // 2), 1024), high
+
+
 def free_port():
-    """A loopback port nothing listens on, never the same one twice in a run: the kernel may
-    hand a port it just gave out (and we closed) to the next bind(0) before its process
-    binds it, and a run starts a dozen processes that each bind several."""
+    """A loopback port nothing listens on, never the same one twice in a run, from below the
+    kernel's ephemeral range: a port from bind(0) can be handed out again (to another bind(0)
+    or an outgoing connection of any process) before the process it was meant for binds it,
+    and a run starts a dozen processes that each bind several. bind(0) is the fallback where
+    the ephemeral range leaves no room below it."""
+    low, high = _ports_below_ephemeral()
+    if high > low:
+        span = high - low
+        seed = (os.getpid() * 2654435761) % span
+        for i in range(span):
+            p = low + (seed + i) % span
+            if p in _GIVEN:
+                continue
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            finally:
+                s.close()
+            _GIVEN.add(p)
+            return p
     while True:
         s = socket.socket()
         s.bind(("127.0.0.1", 0))

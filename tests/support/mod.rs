@@ -117,24 +117,54 @@ pub fn run_installer_once(name: &str, script: &str, how: &str, done: impl Fn() -
     }
 }
 
-/// A free loopback port: bind port 0, read the port the kernel chose, release it. Never the
-/// same port twice in a test process: the kernel may hand a port it just gave out (and we
-/// released) to the next bind(0) before the process it was meant for binds it, and the
-/// tests of a binary run in parallel.
+/// A free loopback port for a child process to bind, never the same one twice in a test
+/// process.
+///
+/// The port comes from below the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), so no bind(0) and no outgoing connection of
+/// any process on the machine can take it between our check and the child's bind. (Ports
+/// from bind(0) could: a CI run failed when Envoy's listener port had been handed out again.)
+/// Where that range leaves too little room below it, bind(0) is the fallback.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let (low, high) = ports_below_ephemeral();
+    if high > low {
+        let span = u32::from(high - low);
+        // Start somewhere different in each process, so two test binaries running at once
+        // (or a leftover child) rarely meet.
+        let seed = std::process::id().wrapping_mul(2_654_435_761) % span;
+        for i in 0..span {
+            let port = low + ((seed + i) % span) as u16;
+            if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.push(port);
+                return port;
+            }
+        }
+    }
     loop {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
         if !given.contains(&port) {
             given.push(port);
             return port;
         }
     }
+}
+
+/// A port range no kernel-chosen port falls in: from 20000 (or less if the ephemeral range
+/// starts lower) up to the start of the ephemeral range. Empty if there is no room.
+fn ports_below_ephemeral() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let high = ephemeral_low.saturating_sub(1);
+    let low = 20000.min(high / 2).max(1024);
+    (low, high)
 }
 
 /// A child process that is killed (and reaped) when the guard is dropped, so a failing test
