@@ -15,6 +15,12 @@ Scenarios (same route, grants and token sets; Envoy --concurrency 1; direct_resp
   M    no hop: Portcullis's decision inside Envoy as an HTTP dynamic module (module/, the
        wiring of envoy/envoy-module.yaml), same policy, identity headers and deny answers
   Mb   with --module-b FILE only: M with another build of the module (same-run A/B)
+  Pb   with --portcullis-b FILE only: P with another build of Portcullis (same-run A/B)
+Scenarios M and P run this tree's release builds unless --module-a/--portcullis-a name others.
+A/B ratios are only as good as an A/A: the same build as both sides measured M/Mb 0.956-0.988
+and P/Pb 0.978-0.989, B ahead in all six (bench/results/20261201T235045Z-aa.*). Rerun an A/B
+with the roles swapped (--portcullis-a OLD --portcullis-b NEW) and take the geometric mean of
+A/B and 1/(swapped A/B); differences of a few percent stay within the noise even then.
 Token sets: 1 token, 10 000 distinct (rotated per request), 10 000 with 10% denials.
 Load generator on CPU 0, system under test (Envoy + authz server) on CPU 1.
 """
@@ -42,7 +48,7 @@ OPEN_SCENARIOS = ["S1", "S2", "S2c", "F", "P", "Ph", "M"]
 PAIRS = [("P", "F"), ("P", "S2"), ("P", "S2c"), ("F", "S2"), ("F", "S2c"), ("P", "S1"), ("S2", "S1"),
          ("P", "Pd"), ("Fu", "F"), ("Fh", "F"), ("Fh", "S2"),
          ("Ph", "Fh"), ("Ph", "S2"), ("Ph", "S2c"), ("Ph", "P"),
-         ("M", "S2"), ("M", "S2c"), ("M", "P"), ("M", "S1"), ("M", "Mb")]
+         ("M", "S2"), ("M", "S2c"), ("M", "P"), ("M", "S1"), ("M", "Mb"), ("P", "Pb")]
 
 
 def log(*a):
@@ -454,6 +460,12 @@ def main():
     ap.add_argument("--label", default="")
     ap.add_argument("--module-b", help="another build of module/ (a .so), run as scenario Mb "
                     "beside M: a same-run A/B of a module change (ratio M/Mb)")
+    ap.add_argument("--portcullis-a", help="run scenario P (and Pd, Ph) on this portcullis binary "
+                    "instead of this tree's release build (to swap an A/B's roles)")
+    ap.add_argument("--module-a", help="run scenario M on this build of module/ (a .so) instead "
+                    "of this tree's release build (to swap an A/B's roles)")
+    ap.add_argument("--portcullis-b", help="another build of the portcullis binary, run as scenario "
+                    "Pb beside P: a same-run A/B of a service change (ratio P/Pb)")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: closed,open,alone,memory")
     ap.add_argument("--only", default="", help="comma list of scenarios to run, closed and open loop (default: all)")
     ap.add_argument("--render", help="re-summarize and print an earlier results JSON, run nothing")
@@ -477,7 +489,7 @@ def main():
         procs.append(Proc("noop", [BENCH, "noop", "--listen", f"127.0.0.1:{noop_port}"]))
         noop_sock = os.path.join(WORK, "noop.sock")
         procs.append(Proc("noop-uds", [BENCH, "noop", "--listen", f"unix:{noop_sock}"]))
-        pc = Proc("portcullis", [PORTCULLIS, "serve", "--config",
+        pc = Proc("portcullis", [os.path.abspath(a.portcullis_a or PORTCULLIS), "serve", "--config",
                                  portcullis_config("p", p_port, p_admin, http_port=p_http)])
         procs.append(pc)
         wait_http(p_admin, "/readyz", ["200"])
@@ -493,11 +505,19 @@ def main():
                 "F": ([authz_filter], noop_port), "P": ([authz_filter], p_port),
                 "Pd": ([legacy], p_port), "Fu": ([authz_filter], noop_port),
                 "Fh": ([http_authz_filter], hp), "Ph": ([http_authz_filter], p_http),
-                "M": ([module_filter(m_config)], None)}
+                "M": ([module_filter(m_config, a.module_a and os.path.abspath(a.module_a))], None)}
         if a.module_b:
             # Its own config copy: a module that runs the config's server binds its ports.
             mb_config = portcullis_config("mb", free_port(), free_port())
             scen["Mb"] = ([module_filter(mb_config, os.path.abspath(a.module_b))], None)
+        pbc = None
+        if a.portcullis_b:
+            pb_port, pb_admin = free_port(), free_port()
+            pbc = Proc("portcullis-b", [os.path.abspath(a.portcullis_b), "serve", "--config",
+                                        portcullis_config("pb", pb_port, pb_admin)])
+            procs.append(pbc)
+            wait_http(pb_admin, "/readyz", ["200"])
+            scen["Pb"] = ([authz_filter], pb_port)
         envoys, ports = {}, {}
         for name, (filters, authz_port) in scen.items():
             lp, ap_ = free_port(), free_port()
@@ -521,6 +541,8 @@ def main():
             if got != want:
                 raise RuntimeError(f"{name}: allow/deny answered {got}, expected {want}")
         authz_pid = {"F": procs[0], "Fu": procs[1], "P": pc, "Pd": pc, "Fh": noop_http, "Ph": pc}
+        if pbc:
+            authz_pid["Pb"] = pbc
         results = {"meta": {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
@@ -557,7 +579,7 @@ def main():
         s2max = median([r["rps"] for r in results["closed"] if r["scenario"] == "S2" and r["tokens"] == "10k"])
         if "open" not in skip and s2max:
             for rnd in range(a.open_rounds or a.rounds):
-                order = [(n, f) for n in OPEN_SCENARIOS + ["Mb"] if n in scen
+                order = [(n, f) for n in OPEN_SCENARIOS + ["Mb", "Pb"] if n in scen
                          for f in (0.25, 0.5, 0.75)]
                 random.shuffle(order)
                 for name, frac in order:
@@ -690,7 +712,8 @@ def summarize(res):
         for q in ("p50", "p99", "p999", "cpu", "busy"):
             v[q] = median(v[q])
     for name, key in (("P", "added_p99_us_at_50"), ("Ph", "added_p99_us_at_50_http"),
-                      ("M", "added_p99_us_at_50_module"), ("Mb", "added_p99_us_at_50_module_b")):
+                      ("M", "added_p99_us_at_50_module"), ("Mb", "added_p99_us_at_50_module_b"),
+                      ("Pb", "added_p99_us_at_50_b")):
         added = []
         for rnd in {r["round"] for r in res["open"]}:
             p = [r for r in res["open"] if r["round"] == rnd and r["scenario"] == name and r["load"] == 0.5]
@@ -726,7 +749,7 @@ def render(res):
     L += ["### Closed loop (wrk, 1 thread, %d connections): requests/s, median of rounds" % m["args"]["conns"], "",
           "| scenario | 1 token | 10k tokens | 10k, 10% denied | Envoy CPU us/req (10k) | authz CPU us/req (10k) |",
           "|---|---:|---:|---:|---:|---:|"]
-    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu", "Fh", "Ph", "M", "Mb"):
+    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu", "Fh", "Ph", "M", "Mb", "Pb"):
         row = [s["closed"].get(f"{n}/{t}", {}).get("rps") for t in SETS]
         if not any(row):
             continue
@@ -748,13 +771,14 @@ def render(res):
         L += ["", "### Open loop (10k tokens), latency in us, median of rounds", "",
               "| scenario | load (of S2 max) | rate/s | p50 | p99 | p99.9 | SUT CPU us/req | SUT core busy % |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for k in sorted(s["open"], key=lambda k: ((OPEN_SCENARIOS + ["Mb"]).index(k.split("@")[0]), k)):
+        for k in sorted(s["open"], key=lambda k: ((OPEN_SCENARIOS + ["Mb", "Pb"]).index(k.split("@")[0]), k)):
             v = s["open"][k]
             n, load = k.split("@")
             L.append(f"| {n} | {load} | {v['rate']:.0f} | {v['p50']:.0f} | {v['p99']:.0f} | {v['p999']:.0f} | "
                      f"{v['cpu'] if v['cpu'] is not None else ''} | {v['busy'] if v['busy'] is not None else ''} |")
         for name, key in (("P", "added_p99_us_at_50"), ("Ph", "added_p99_us_at_50_http"),
-                          ("M", "added_p99_us_at_50_module"), ("Mb", "added_p99_us_at_50_module_b")):
+                          ("M", "added_p99_us_at_50_module"), ("Mb", "added_p99_us_at_50_module_b"),
+                      ("Pb", "added_p99_us_at_50_b")):
             if s.get(key) is not None:
                 L += ["", f"Added p99 at 50% ({name} minus S1, per round, median): {s[key]} us"]
     if s["alone"]:
