@@ -6,7 +6,9 @@
 //! the time checks and every grant run again, and the entry is honoured only while the key
 //! that verified it is still in its issuer's key set.
 
-use std::sync::Arc;
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use moka::sync::Cache;
@@ -33,9 +35,58 @@ pub fn unix_now() -> i64 {
 /// run in bench/ (RSS growth per cached token, issue 4).
 const CACHE_ENTRY_OVERHEAD: usize = 600;
 
-/// Per-entry lifetime: until the token expires, capped by the configured maximum.
+/// The verified-token cache: identities by token.
+struct TokenCache {
+    entries: Cache<Arc<str>, Arc<Identity>, foldhash::fast::RandomState>,
+    /// Entries being refreshed (see `TokenExpiry::expire_after_read`).
+    refreshing: Refreshing,
+}
+
+type Refreshing = Arc<Mutex<HashSet<Arc<str>>>>;
+
+thread_local! {
+    /// Set during a cache read on this thread when the entry read is due for a refresh and
+    /// this read won the right to start it; taken right after the read by `Engine::cached`.
+    static REFRESH_DUE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The right to refresh one entry. Dropping it (refresh done, failed or not started) lets
+/// a later read claim it again.
+struct RefreshClaim {
+    refreshing: Refreshing,
+    token: Arc<str>,
+}
+
+impl Drop for RefreshClaim {
+    fn drop(&mut self) {
+        let mut set = self.refreshing.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(&self.token);
+    }
+}
+
+/// Per-entry lifetime: until the token expires, capped by the configured maximum. And
+/// refresh-ahead: a read in the last twentieth of an entry's life (at least its last
+/// second) has the token verified again on a background task, so a token in use is not
+/// left to expire and be verified on the Check path (in the module: on Envoy's worker
+/// thread, where bursts of expiries showed as latency spikes).
 struct TokenExpiry {
     max_ttl: Duration,
+    /// How close to its expiry a read refreshes an entry; `None` when `max_ttl` is too short
+    /// for it to matter.
+    refresh_window: Option<Duration>,
+    refreshing: Refreshing,
+}
+
+impl TokenExpiry {
+    fn new(max_ttl: Duration, refreshing: Refreshing) -> Self {
+        let refresh_window =
+            (max_ttl >= Duration::from_secs(2)).then(|| (max_ttl / 20).max(Duration::from_secs(1)));
+        Self {
+            max_ttl,
+            refresh_window,
+            refreshing,
+        }
+    }
 }
 
 impl moka::Expiry<Arc<str>, Arc<Identity>> for TokenExpiry {
@@ -47,6 +98,43 @@ impl moka::Expiry<Arc<str>, Arc<Identity>> for TokenExpiry {
     ) -> Option<Duration> {
         let left = value.expires_at.saturating_sub(unix_now()).max(0) as u64;
         Some(entry_ttl(self.max_ttl, key, left))
+    }
+
+    /// Called by moka on every hit: the cheap part (one comparison) runs on every Check, the
+    /// rest only within the refresh window.
+    fn expire_after_read(
+        &self,
+        key: &Arc<str>,
+        value: &Arc<Identity>,
+        _read_at: Instant,
+        left: Option<Duration>,
+        _last_modified_at: Instant,
+    ) -> Option<Duration> {
+        if let (Some(window), Some(left)) = (self.refresh_window, left)
+            && left <= window
+            // Only an entry that ends before its token does: verifying the token again
+            // would otherwise only find the same `exp`.
+            && value.expires_at.saturating_sub(unix_now()) > left.as_secs() as i64 + 1
+            && self
+                .refreshing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.clone())
+        {
+            REFRESH_DUE.set(true);
+        }
+        left
+    }
+
+    /// A refreshed entry gets a whole new life (moka's default keeps the old expiry).
+    fn expire_after_update(
+        &self,
+        key: &Arc<str>,
+        value: &Arc<Identity>,
+        updated_at: Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, value, updated_at)
     }
 }
 
@@ -79,7 +167,7 @@ pub struct Engine {
     pub runtime_revoked: Arc<crate::revocation::RuntimeRevocations>,
     /// Where approval events go (kept across config reloads).
     pub audit: crate::audit::AuditSink,
-    cache: Option<Cache<Arc<str>, Arc<Identity>, foldhash::fast::RandomState>>,
+    cache: Option<TokenCache>,
     metrics: Arc<Metrics>,
     key_wait: Duration,
 }
@@ -93,23 +181,29 @@ impl Engine {
     ) -> Self {
         let cache_cfg = &config.file.tokens.cache;
         let cache = (cache_cfg.capacity > 0).then(|| {
+            let refreshing = Refreshing::default();
             let budget = cache_cfg.max_bytes.get();
             // Entries weigh their estimated bytes, and at least budget/capacity, so the cache
             // holds at most `capacity` entries and about `max_bytes` bytes.
             let floor = budget.div_ceil(cache_cfg.capacity).min(u64::from(u32::MAX));
-            Cache::builder()
+            let entries = Cache::builder()
                 .max_capacity(budget)
                 .weigher(move |token: &Arc<str>, identity: &Arc<Identity>| -> u32 {
                     let bytes =
                         (token.len() + identity.approx_bytes() + CACHE_ENTRY_OVERHEAD) as u64;
                     u32::try_from(bytes.max(floor)).unwrap_or(u32::MAX)
                 })
-                .expire_after(TokenExpiry {
-                    max_ttl: cache_cfg.max_ttl.get(),
-                })
+                .expire_after(TokenExpiry::new(
+                    cache_cfg.max_ttl.get(),
+                    refreshing.clone(),
+                ))
                 // Keys are whole tokens (~1 KiB): a fast, per-process seeded hash. Only
                 // verified tokens are inserted, so nobody can choose what the table holds.
-                .build_with_hasher(foldhash::fast::RandomState::default())
+                .build_with_hasher(foldhash::fast::RandomState::default());
+            TokenCache {
+                entries,
+                refreshing,
+            }
         });
         let key_wait = config.file.server.key_fetch_wait.get();
         let revocations = Arc::new(Revocations::load(config.revocation_file.clone()));
@@ -168,20 +262,20 @@ impl Engine {
 
     /// Number of cached verified tokens (approximate, for metrics).
     pub fn cached_tokens(&self) -> u64 {
-        self.cache.as_ref().map_or(0, |c| c.entry_count())
+        self.cache.as_ref().map_or(0, |c| c.entries.entry_count())
     }
 
     /// Runs the token cache's pending maintenance (evictions over budget, expiries), so the
     /// figures below are current.
     pub fn sync_cache(&self) {
         if let Some(cache) = &self.cache {
-            cache.run_pending_tasks();
+            cache.entries.run_pending_tasks();
         }
     }
 
     /// Estimated bytes held by the token cache (its weighted size).
     pub fn cached_bytes(&self) -> u64 {
-        self.cache.as_ref().map_or(0, |c| c.weighted_size())
+        self.cache.as_ref().map_or(0, |c| c.entries.weighted_size())
     }
 
     /// Decides one request at the current time.
@@ -277,11 +371,16 @@ impl Engine {
         if let Some(result) = decide::verify_api_key(&self.config, cred, now) {
             return result;
         }
-        if let Some(hit) = self.cached(cred, now)? {
-            self.metrics.token_cache_hits.inc();
-            return Ok(hit);
-        }
-        if self.cache.is_some() {
+        // INVARIANT: only tokens within the size cap are looked up and cached.
+        let cache = self
+            .cache
+            .as_ref()
+            .filter(|_| cred.token.len() <= self.config.file.tokens.max_bytes);
+        if let Some(cache) = cache {
+            if let Some(hit) = self.cached(cache, cred, now)? {
+                self.metrics.token_cache_hits.inc();
+                return Ok(hit);
+            }
             self.metrics.token_cache_misses.inc();
         }
 
@@ -319,24 +418,70 @@ impl Engine {
             &issuer.claims,
         ));
 
-        // INVARIANT: only tokens within the size cap are ever cached (verify enforces it).
-        if let Some(cache) = &self.cache {
-            cache.insert(Arc::from(cred.token), verified.clone());
+        if let Some(cache) = cache {
+            cache
+                .entries
+                .insert(Arc::from(cred.token), verified.clone());
         }
         Ok(verified)
+    }
+
+    /// Verifies a cached token again on a task of the current runtime (not the thread that
+    /// answers this Check) and replaces its entry; drops the entry when the token no longer
+    /// verifies (the next Check then goes the whole way, key refetch included, and gets the
+    /// deny itself). Without a runtime nothing happens: the entry simply expires.
+    fn refresh(&self, cache: &TokenCache, claim: RefreshClaim, cred: &Credential<'_>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (entries, config) = (cache.entries.clone(), self.config.clone());
+        let (keys, metrics) = (self.keys.clone(), self.metrics.clone());
+        let (header, dpop): (Box<str>, bool) = (cred.header.into(), cred.dpop);
+        runtime.spawn(async move {
+            let now = unix_now();
+            let cred = Credential {
+                token: &claim.token,
+                header: &header,
+                dpop,
+            };
+            let verified = decide::select_issuer(&config, &cred)
+                .ok()
+                .and_then(|(issuer, jwt)| {
+                    let set = keys.get(&issuer.name).ok()?;
+                    let jwt = jwt.verify(&issuer.rules, &set, now).ok()?;
+                    Some(Identity::from_verified(
+                        issuer.name.clone(),
+                        jwt,
+                        &issuer.claims,
+                    ))
+                });
+            match verified {
+                Some(identity) => {
+                    metrics.token_cache_refreshes.inc();
+                    entries.insert(claim.token.clone(), Arc::new(identity));
+                }
+                None => entries.invalidate(&claim.token),
+            }
+            drop(claim);
+        });
     }
 
     /// A cache hit that is still valid at `now`: same header as its issuer expects, time checks
     /// pass again, and the verifying key is still in the issuer's current key set.
     /// `Ok(None)` is a miss; `Err` is a deny the hit itself proves (e.g. expired).
-    fn cached(&self, cred: &Credential<'_>, now: i64) -> Result<Option<Arc<Identity>>, Decision> {
-        let Some(cache) = &self.cache else {
-            return Ok(None);
-        };
-        if cred.token.len() > self.config.file.tokens.max_bytes {
-            return Ok(None);
-        }
-        let Some(hit) = cache.get(cred.token) else {
+    fn cached(
+        &self,
+        cache: &TokenCache,
+        cred: &Credential<'_>,
+        now: i64,
+    ) -> Result<Option<Arc<Identity>>, Decision> {
+        let hit = cache.entries.get(cred.token);
+        // Taken whatever happens next: a claim not used is dropped, and so released.
+        let refresh = REFRESH_DUE.replace(false).then(|| RefreshClaim {
+            refreshing: cache.refreshing.clone(),
+            token: Arc::from(cred.token),
+        });
+        let Some(hit) = hit else {
             return Ok(None);
         };
         let Some(issuer) = self
@@ -360,8 +505,11 @@ impl Engine {
             .get(&issuer.name)
             .map_err(decide::keys_unavailable)?;
         if !set.contains(&hit.key_fingerprint) {
-            cache.invalidate(cred.token);
+            cache.entries.invalidate(cred.token);
             return Ok(None);
+        }
+        if let Some(claim) = refresh {
+            self.refresh(cache, claim, cred);
         }
         Ok(Some(hit))
     }

@@ -259,6 +259,46 @@ async fn token_cache_hit_decides_like_a_miss() {
     assert!(hits >= 2.0, "expected cache hits, metrics:\n{metrics}");
 }
 
+/// A token still in use is verified again shortly before its cache entry expires, off the
+/// Check path, so the Check after the old entry's expiry is a hit, not a verification.
+#[tokio::test]
+async fn a_cached_token_in_use_is_verified_again_before_its_entry_expires() {
+    let h = Harness::start_with(|doc| {
+        // Entries live 3.6-4 s (spread per token); refresh from their last second.
+        doc["tokens"]["cache"] = serde_yaml::from_str("{max_ttl: 4s}").unwrap();
+    })
+    .await;
+    let token = mint(json!({"sub": "alice", "scope": "orders:read"}));
+    let auth = bearer(&token);
+    let started = Instant::now();
+    let headers = [("authorization", auth.as_str())];
+    let check = || h.check("GET", "/orders/1", &headers);
+    assert_eq!(status(&check().await), 0);
+    let count = |metrics: &str, name: &str| metric_value(metrics, name);
+    // Within the entry's last second (it lives at least 3.6 s): a hit that starts a refresh.
+    tokio::time::sleep(Duration::from_millis(3100).saturating_sub(started.elapsed())).await;
+    assert_eq!(status(&check().await), 0);
+    // Past the first entry's life (at most 4 s): still a hit, on the refreshed entry.
+    tokio::time::sleep(Duration::from_millis(4500).saturating_sub(started.elapsed())).await;
+    assert_eq!(status(&check().await), 0);
+    let metrics = h.metrics().await;
+    assert_eq!(
+        count(&metrics, "portcullis_token_cache_misses_total"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        count(&metrics, "portcullis_token_cache_refreshes_total"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        count(&metrics, "portcullis_token_cache_hits_total"),
+        2.0,
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn token_cache_stays_within_its_byte_budget() {
     let h = Harness::start_with(|doc| {

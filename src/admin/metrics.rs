@@ -49,6 +49,8 @@ pub struct Metrics {
     pub decision_seconds: Histogram,
     pub token_cache_hits: Counter,
     pub token_cache_misses: Counter,
+    /// Cached tokens verified again ahead of their entry's expiry, off the Check path.
+    pub token_cache_refreshes: Counter,
     pub token_cache_entries: Gauge,
     /// Estimated bytes held by the token cache (its budget is `tokens.cache.max_bytes`).
     pub token_cache_bytes: Gauge,
@@ -71,6 +73,7 @@ impl Metrics {
             ]),
             token_cache_hits: Counter::default(),
             token_cache_misses: Counter::default(),
+            token_cache_refreshes: Counter::default(),
             token_cache_entries: Gauge::default(),
             token_cache_bytes: Gauge::default(),
             jwks_fetches: Family::default(),
@@ -115,6 +118,11 @@ impl Metrics {
             "token_cache_misses",
             "Verified-token cache misses",
             self.token_cache_misses.clone(),
+        );
+        r.register(
+            "token_cache_refreshes",
+            "Cached tokens verified again before their entry expired, off the Check path",
+            self.token_cache_refreshes.clone(),
         );
         r.register(
             "token_cache_entries",
