@@ -331,6 +331,8 @@ async fn client_sent_identity_headers_never_reach_the_upstream() {
             ("x-rewrite-url", "/admin/users"),
             ("x-forwarded-host", "admin.internal"),
             ("forwarded", "host=admin.internal;proto=https"),
+            ("x-forwarded-prefix", "/admin"),
+            ("x-forwarded-port", "8443"),
         ];
         let answer = stack
             .send(

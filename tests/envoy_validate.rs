@@ -54,8 +54,9 @@ fn every_shipped_envoy_config_passes_envoy_validate() {
 /// The listener settings every shipped wiring (gRPC and HTTP API, and the module) must keep:
 /// path hygiene, the authorizer (`first`) first and the router last, no per-route override.
 /// Returns the parsed file and the authorizer filter's `typed_config`.
-/// Headers some frameworks honour in place of the request's method, path or host.
-const OVERRIDE_HEADERS: [&str; 7] = [
+/// Headers some frameworks honour in place of the request's method, path or host, or to
+/// build the URL they hand the application.
+const OVERRIDE_HEADERS: [&str; 9] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
@@ -63,6 +64,8 @@ const OVERRIDE_HEADERS: [&str; 7] = [
     "x-rewrite-url",
     "x-forwarded-host",
     "forwarded",
+    "x-forwarded-prefix",
+    "x-forwarded-port",
 ];
 
 fn hygienic_listener(file: &str, first: &str) -> (serde_yaml::Value, serde_yaml::Value) {
