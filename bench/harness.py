@@ -44,6 +44,12 @@ KID = {"RS256": "rs", "PS256": "ps", "ES256": "es", "EdDSA": "ed"}
 PATH = "/orders/42"
 SETS = ["1", "10k", "mix"]
 OPEN_SCENARIOS = ["S1", "S2", "S2c", "F", "P", "Ph", "M"]
+# Same-run A/B sides (--module-b, --portcullis-b): run closed and open loop when present.
+AB_SCENARIOS = ["Mb", "Pb"]
+# Added p99 at 50% of S2's rate (scenario minus S1), by summary key.
+ADDED_P99 = (("P", "added_p99_us_at_50"), ("Ph", "added_p99_us_at_50_http"),
+             ("M", "added_p99_us_at_50_module"), ("Mb", "added_p99_us_at_50_module_b"),
+             ("Pb", "added_p99_us_at_50_b"))
 # Ratios reported (computed within each round).
 PAIRS = [("P", "F"), ("P", "S2"), ("P", "S2c"), ("F", "S2"), ("F", "S2c"), ("P", "S1"), ("S2", "S1"),
          ("P", "Pd"), ("Fu", "F"), ("Fh", "F"), ("Fh", "S2"),
@@ -579,7 +585,7 @@ def main():
         s2max = median([r["rps"] for r in results["closed"] if r["scenario"] == "S2" and r["tokens"] == "10k"])
         if "open" not in skip and s2max:
             for rnd in range(a.open_rounds or a.rounds):
-                order = [(n, f) for n in OPEN_SCENARIOS + ["Mb", "Pb"] if n in scen
+                order = [(n, f) for n in OPEN_SCENARIOS + AB_SCENARIOS if n in scen
                          for f in (0.25, 0.5, 0.75)]
                 random.shuffle(order)
                 for name, frac in order:
@@ -711,9 +717,7 @@ def summarize(res):
     for k, v in s["open"].items():
         for q in ("p50", "p99", "p999", "cpu", "busy"):
             v[q] = median(v[q])
-    for name, key in (("P", "added_p99_us_at_50"), ("Ph", "added_p99_us_at_50_http"),
-                      ("M", "added_p99_us_at_50_module"), ("Mb", "added_p99_us_at_50_module_b"),
-                      ("Pb", "added_p99_us_at_50_b")):
+    for name, key in ADDED_P99:
         added = []
         for rnd in {r["round"] for r in res["open"]}:
             p = [r for r in res["open"] if r["round"] == rnd and r["scenario"] == name and r["load"] == 0.5]
@@ -749,7 +753,7 @@ def render(res):
     L += ["### Closed loop (wrk, 1 thread, %d connections): requests/s, median of rounds" % m["args"]["conns"], "",
           "| scenario | 1 token | 10k tokens | 10k, 10% denied | Envoy CPU us/req (10k) | authz CPU us/req (10k) |",
           "|---|---:|---:|---:|---:|---:|"]
-    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu", "Fh", "Ph", "M", "Mb", "Pb"):
+    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu", "Fh", "Ph", "M", *AB_SCENARIOS):
         row = [s["closed"].get(f"{n}/{t}", {}).get("rps") for t in SETS]
         if not any(row):
             continue
@@ -771,14 +775,12 @@ def render(res):
         L += ["", "### Open loop (10k tokens), latency in us, median of rounds", "",
               "| scenario | load (of S2 max) | rate/s | p50 | p99 | p99.9 | SUT CPU us/req | SUT core busy % |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for k in sorted(s["open"], key=lambda k: ((OPEN_SCENARIOS + ["Mb", "Pb"]).index(k.split("@")[0]), k)):
+        for k in sorted(s["open"], key=lambda k: ((OPEN_SCENARIOS + AB_SCENARIOS).index(k.split("@")[0]), k)):
             v = s["open"][k]
             n, load = k.split("@")
             L.append(f"| {n} | {load} | {v['rate']:.0f} | {v['p50']:.0f} | {v['p99']:.0f} | {v['p999']:.0f} | "
                      f"{v['cpu'] if v['cpu'] is not None else ''} | {v['busy'] if v['busy'] is not None else ''} |")
-        for name, key in (("P", "added_p99_us_at_50"), ("Ph", "added_p99_us_at_50_http"),
-                          ("M", "added_p99_us_at_50_module"), ("Mb", "added_p99_us_at_50_module_b"),
-                      ("Pb", "added_p99_us_at_50_b")):
+        for name, key in ADDED_P99:
             if s.get(key) is not None:
                 L += ["", f"Added p99 at 50% ({name} minus S1, per round, median): {s[key]} us"]
     if s["alone"]:
