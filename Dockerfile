@@ -12,6 +12,9 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 COPY src ./src
+# Cargo loads every member of the workspace, so the module crate must be in the context
+# even though only the service is built here.
+COPY module ./module
 RUN cargo build --release --locked --bin portcullis \
     && install -m 0755 target/release/portcullis /portcullis
 

@@ -61,6 +61,11 @@ fn k8s() -> Vec<(String, Value)> {
     documents("deploy/kubernetes")
 }
 
+/// The gateway: Envoy with Portcullis inside it (`module/Dockerfile`'s image).
+fn gateway() -> Vec<(String, Value)> {
+    documents("deploy/kubernetes/module")
+}
+
 fn container(deployment: &Value) -> &Value {
     let containers = deployment["spec"]["template"]["spec"]["containers"]
         .as_sequence()
@@ -204,8 +209,12 @@ fn container_service_and_config_ports_line_up() {
 
 #[test]
 fn probes_use_admin_paths_on_the_admin_port() {
-    let docs = k8s();
-    let deployment = one(&docs, "Deployment");
+    assert_probes_on_admin(one(&k8s(), "Deployment"));
+}
+
+/// Readiness is `/readyz` and liveness `/healthz`, both on the container port of Portcullis's
+/// admin listener.
+fn assert_probes_on_admin(deployment: &Value) {
     let c = container(deployment);
     let ports = container_ports(deployment);
     for (probe, want_path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
@@ -231,6 +240,67 @@ fn probes_use_admin_paths_on_the_admin_port() {
 fn deployment_is_hardened() {
     let docs = k8s();
     let deployment = one(&docs, "Deployment");
+    assert_hardened(deployment);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let c = container(deployment);
+    let args: Vec<&str> = c["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        ["serve", "--config", "/etc/portcullis/portcullis.yaml"]
+    );
+
+    // The config comes from the ConfigMap, read-only, at the path the args name.
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some("/etc/portcullis"))
+        .expect("config mounted at /etc/portcullis");
+    assert_eq!(mount["readOnly"].as_bool(), Some(true));
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    assert_eq!(
+        volume["configMap"]["name"].as_str(),
+        one(&docs, "ConfigMap")["metadata"]["name"].as_str()
+    );
+    assert!(
+        configmap_policy(&docs).contains("server:"),
+        "ConfigMap key portcullis.yaml must be the policy"
+    );
+
+    // Scaling never goes below the two replicas `assert_hardened` asks for.
+    let hpa = one(&docs, "HorizontalPodAutoscaler");
+    assert!(hpa["spec"]["minReplicas"].as_u64().unwrap() >= 2);
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        deployment["metadata"]["name"]
+    );
+    assert_pdb_covers(&docs, deployment);
+}
+
+/// The PodDisruptionBudget keeps at least one of `deployment`'s pods through a node drain.
+fn assert_pdb_covers(docs: &[(String, Value)], deployment: &Value) {
+    let pdb = one(docs, "PodDisruptionBudget");
+    assert!(pdb["spec"]["minAvailable"].as_u64().unwrap() >= 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+}
+
+/// Non-root, no privilege escalation, read-only root, no capabilities, the runtime's seccomp
+/// profile, no service account token, resources bounded, and at least two replicas (Envoy
+/// fails closed, so one pod going away must not deny all traffic).
+fn assert_hardened(deployment: &Value) {
     let pod = &deployment["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
     assert_eq!(
@@ -267,70 +337,31 @@ fn deployment_is_hardened() {
             );
         }
     }
-    let args: Vec<&str> = c["args"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    assert_eq!(
-        args,
-        ["serve", "--config", "/etc/portcullis/portcullis.yaml"]
-    );
-
-    // The config comes from the ConfigMap, read-only, at the path the args name.
-    let mount = c["volumeMounts"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|m| m["mountPath"].as_str() == Some("/etc/portcullis"))
-        .expect("config mounted at /etc/portcullis");
-    assert_eq!(mount["readOnly"].as_bool(), Some(true));
-    let volume = pod["volumes"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == mount["name"])
-        .unwrap();
-    assert_eq!(
-        volume["configMap"]["name"].as_str(),
-        one(&docs, "ConfigMap")["metadata"]["name"].as_str()
-    );
-    assert!(
-        configmap_policy(&docs).contains("server:"),
-        "ConfigMap key portcullis.yaml must be the policy"
-    );
-
-    // Availability: Envoy fails closed, so one pod going away must not deny all traffic.
     assert!(deployment["spec"]["replicas"].as_u64().unwrap() >= 2);
-    let hpa = one(&docs, "HorizontalPodAutoscaler");
-    assert!(hpa["spec"]["minReplicas"].as_u64().unwrap() >= 2);
-    assert_eq!(
-        hpa["spec"]["scaleTargetRef"]["name"],
-        deployment["metadata"]["name"]
-    );
-    let pdb = one(&docs, "PodDisruptionBudget");
-    assert_eq!(
-        pdb["spec"]["selector"]["matchLabels"],
-        deployment["spec"]["selector"]["matchLabels"]
-    );
 }
 
 #[test]
-fn configmap_policy_does_not_trust_the_dev_issuer() {
-    let policy = configmap_policy(&k8s());
-    assert!(
-        !policy.contains("dev.portcullis.invalid"),
-        "the development issuer (public private key) must never be deployed"
-    );
+fn configmap_policies_do_not_trust_the_dev_issuer() {
+    for docs in [k8s(), gateway()] {
+        let policy = configmap_policy(&docs);
+        assert!(
+            !policy.contains("dev.portcullis.invalid"),
+            "{}: the development issuer (public private key) must never be deployed",
+            docs[0].0
+        );
+    }
 }
 
 #[test]
-fn configmap_policy_compiles() {
-    let policy = configmap_policy(&k8s());
+fn configmap_policies_compile() {
     let path = Path::new("/etc/portcullis/portcullis.yaml");
-    if let Err(e) = portcullis::config::from_str(&policy, path) {
-        panic!("the ConfigMap's policy does not compile: {e}");
+    for docs in [k8s(), gateway()] {
+        if let Err(e) = portcullis::config::from_str(&configmap_policy(&docs), path) {
+            panic!(
+                "{}: the ConfigMap's policy does not compile: {e}",
+                docs[0].0
+            );
+        }
     }
 }
 
@@ -500,51 +531,78 @@ fn istio_providers_point_at_the_service() {
     );
 }
 
-/// The Dockerfile's final stage, parsed as (instruction, arguments) lines.
-fn dockerfile_final_stage() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(support::repo_root().join("Dockerfile")).unwrap();
-    let mut stage = Vec::new();
+/// One build stage of a Dockerfile: its (instruction, arguments) lines, `FROM` first.
+type Stage = Vec<(String, String)>;
+
+/// The stages of `file` (relative to the repository root), continuation lines joined.
+fn dockerfile_stages(file: &str) -> Vec<Stage> {
+    let text = std::fs::read_to_string(support::repo_root().join(file)).unwrap();
+    let mut stages: Vec<Stage> = Vec::new();
+    let mut pending = String::new();
     for line in text.lines() {
         let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
+        if line.starts_with('#') || (line.is_empty() && pending.is_empty()) {
             continue;
         }
-        let (instr, args) = line.split_once(' ').unwrap_or((line, ""));
+        if let Some(start) = line.strip_suffix('\\') {
+            pending.push_str(start);
+            continue;
+        }
+        pending.push_str(line);
+        let whole = std::mem::take(&mut pending);
+        let (instr, args) = whole.split_once(' ').unwrap_or((&whole, ""));
         let instr = instr.to_ascii_uppercase();
         if instr == "FROM" {
-            stage.clear();
+            stages.push(Vec::new());
         }
-        stage.push((instr, args.trim().to_string()));
+        stages
+            .last_mut()
+            .unwrap_or_else(|| panic!("{file}: an instruction before FROM"))
+            .push((instr, args.trim().to_string()));
     }
-    stage
+    stages
 }
 
-#[test]
-fn dockerfile_runs_non_root_and_exposes_the_service_ports() {
-    let stage = dockerfile_final_stage();
+/// The final (runtime) stage of `file`.
+fn final_stage(file: &str) -> Stage {
+    dockerfile_stages(file).pop().unwrap()
+}
+
+/// The arguments of every `instr` line of `stage`.
+fn lines<'a>(stage: &'a Stage, instr: &str) -> Vec<&'a str> {
+    stage
+        .iter()
+        .filter(|(i, _)| i == instr)
+        .map(|(_, a)| a.as_str())
+        .collect()
+}
+
+/// The runtime stage is minimal and runs as a non-root user, the one the Deployment runs as,
+/// and exposes exactly the Deployment's container ports.
+fn assert_runtime_stage_matches(stage: &Stage, deployment: &Value) {
     let from = &stage[0].1;
     assert!(
         from.contains("distroless") || from.contains("scratch"),
         "runtime image should be minimal, got {from}"
     );
-    let user = stage
-        .iter()
-        .rev()
-        .find(|(i, _)| i == "USER")
-        .map(|(_, a)| a.clone())
+    let user = *lines(stage, "USER")
+        .last()
         .expect("the runtime stage must set USER");
     let uid = user.split(':').next().unwrap();
     assert!(
         uid != "0" && uid != "root",
         "runtime USER must not be root: {user}"
     );
-    let exposed: BTreeSet<u64> = stage
-        .iter()
-        .filter(|(i, _)| i == "EXPOSE")
-        .flat_map(|(_, a)| a.split_whitespace().map(|p| p.parse::<u64>().unwrap()))
+    assert_eq!(
+        container(deployment)["securityContext"]["runAsUser"].as_u64(),
+        uid.parse::<u64>().ok(),
+        "the Deployment runs as the image's user"
+    );
+    let exposed: BTreeSet<u64> = lines(stage, "EXPOSE")
+        .into_iter()
+        .flat_map(|a| a.split_whitespace().map(|p| p.parse::<u64>().unwrap()))
         .collect();
-    let docs = k8s();
-    let container_set: BTreeSet<u64> = container_ports(one(&docs, "Deployment"))
+    let container_set: BTreeSet<u64> = container_ports(deployment)
         .into_iter()
         .map(|(_, p)| p)
         .collect();
@@ -552,17 +610,17 @@ fn dockerfile_runs_non_root_and_exposes_the_service_ports() {
         exposed, container_set,
         "EXPOSE must equal the container ports"
     );
+}
+
+#[test]
+fn dockerfile_runs_non_root_and_exposes_the_service_ports() {
+    let stage = final_stage("Dockerfile");
+    assert_runtime_stage_matches(&stage, one(&k8s(), "Deployment"));
     assert!(
-        stage
+        lines(&stage, "COPY")
             .iter()
-            .any(|(i, a)| i == "COPY" && a.starts_with("config/")),
+            .any(|a| a.starts_with("config/")),
         "the image ships config/"
-    );
-    // The Deployment runs as the image's user.
-    let deployment = one(&docs, "Deployment");
-    assert_eq!(
-        container(deployment)["securityContext"]["runAsUser"].as_u64(),
-        uid.parse::<u64>().ok()
     );
 }
 
@@ -577,5 +635,265 @@ fn dockerignore_keeps_build_output_and_tools_out() {
         .collect();
     for needed in ["target", ".tools", ".git"] {
         assert!(entries.contains(needed), ".dockerignore must list {needed}");
+    }
+}
+
+/// The gateway's Envoy listener port (`deploy/kubernetes/module/`).
+const GATEWAY_PORT: u64 = 10000;
+
+/// The ConfigMap's text under `key`, parsed.
+fn configmap_file(docs: &[(String, Value)], key: &str) -> Value {
+    let text = one(docs, "ConfigMap")["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("the ConfigMap has no {key}"));
+    serde_yaml::from_str(text).unwrap()
+}
+
+/// The ConfigMap key a file path inside the container reads: the read-only mount of the
+/// path's folder, whose volume maps that key of `configmap` to the file's name.
+fn mounted_key(deployment: &Value, configmap: &str, file: &str) -> String {
+    let (dir, name) = file.rsplit_once('/').unwrap();
+    let mount = container(deployment)["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some(dir))
+        .unwrap_or_else(|| panic!("nothing is mounted at {dir} (for {file})"));
+    assert_eq!(mount["readOnly"].as_bool(), Some(true), "{dir} read-only");
+    let volume = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    assert_eq!(volume["configMap"]["name"].as_str(), Some(configmap));
+    volume["configMap"]["items"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|item| item["path"].as_str() == Some(name))
+        .and_then(|item| item["key"].as_str())
+        .unwrap_or_else(|| panic!("the volume at {dir} holds no {name}"))
+        .to_string()
+}
+
+#[test]
+fn gateway_manifests_line_up_with_its_configs() {
+    let docs = gateway();
+    for (file, doc) in &docs {
+        assert_eq!(
+            doc["metadata"]["namespace"].as_str(),
+            Some("portcullis"),
+            "{file}: in namespace portcullis (deploy/kubernetes/namespace.yaml)"
+        );
+    }
+    let deployment = one(&docs, "Deployment");
+    assert_hardened(deployment);
+    assert_probes_on_admin(deployment);
+    assert_pdb_covers(&docs, deployment);
+    let ports = container_ports(deployment);
+    assert_eq!(
+        ports,
+        [
+            ("http".to_string(), GATEWAY_PORT),
+            ("admin".to_string(), ADMIN_PORT)
+        ]
+    );
+
+    // Envoy listens on the http port and Portcullis's admin listener (the probes, /metrics)
+    // on the admin port, both on the pod's interfaces; Portcullis's gRPC port stays on
+    // loopback (only the approvals API is served there: Envoy decides in-process).
+    let envoy = configmap_file(&docs, "envoy.yaml");
+    let listener = &envoy["static_resources"]["listeners"][0]["address"]["socket_address"];
+    assert_eq!(listener["address"].as_str(), Some("0.0.0.0"));
+    assert_eq!(listener["port_value"].as_u64(), Some(GATEWAY_PORT));
+    let policy = configmap_file(&docs, "portcullis.yaml");
+    assert_eq!(
+        policy["server"]["admin_listen"].as_str(),
+        Some(format!("0.0.0.0:{ADMIN_PORT}").as_str())
+    );
+    assert!(
+        policy["server"]["listen"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+
+    // The Service forwards to the named container ports and selects the gateway's pods.
+    let service = one(&docs, "Service");
+    for name in ["http", "admin"] {
+        assert_eq!(
+            service_port(service, name)["targetPort"].as_str(),
+            Some(name)
+        );
+    }
+    assert_eq!(
+        service["spec"]["selector"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+
+    // Envoy reads the ConfigMap's envoy.yaml, and hands the module the path where the
+    // ConfigMap's portcullis.yaml is mounted.
+    let configmap = one(&docs, "ConfigMap")["metadata"]["name"]
+        .as_str()
+        .unwrap();
+    let args = strings(&container(deployment)["args"]);
+    let config_at = args.iter().position(|a| a == "-c").expect("-c CONFIG");
+    assert_eq!(
+        mounted_key(deployment, configmap, &args[config_at + 1]),
+        "envoy.yaml"
+    );
+    let module_config = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["http_filters"][0]["typed_config"]["filter_config"]["value"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        mounted_key(deployment, configmap, module_config),
+        "portcullis.yaml"
+    );
+    // Envoy starts one worker per CPU of the node unless told: as many as the limit allows.
+    let workers = &args[args.iter().position(|a| a == "--concurrency").unwrap() + 1];
+    assert_eq!(
+        container(deployment)["resources"]["limits"]["cpu"].as_str(),
+        Some(workers.as_str())
+    );
+}
+
+/// `module/Dockerfile` builds the image the gateway runs: Envoy as the entrypoint, the module
+/// where Envoy's config looks for it by name, the same user and ports as the Deployment, and
+/// by default the same Envoy config path.
+#[test]
+fn the_module_image_is_what_the_gateway_runs() {
+    let docs = gateway();
+    let deployment = one(&docs, "Deployment");
+    let stage = final_stage("module/Dockerfile");
+    assert_runtime_stage_matches(&stage, deployment);
+    assert_eq!(lines(&stage, "ENTRYPOINT"), [r#"["/usr/local/bin/envoy"]"#]);
+    let search_path = lines(&stage, "ENV")
+        .iter()
+        .find_map(|e| e.strip_prefix("ENVOY_DYNAMIC_MODULES_SEARCH_PATH="))
+        .expect("the image sets ENVOY_DYNAMIC_MODULES_SEARCH_PATH")
+        .to_string();
+    let envoy = configmap_file(&docs, "envoy.yaml");
+    let module = &envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ["http_filters"][0]["typed_config"]["dynamic_module_config"];
+    let library = format!("{search_path}/lib{}.so", module["name"].as_str().unwrap());
+    assert!(
+        lines(&stage, "COPY")
+            .iter()
+            .any(|a| a.starts_with("--from=") && a.ends_with(&library)),
+        "the image must put the module at {library}"
+    );
+    let cmd: Vec<String> = serde_json::from_str(lines(&stage, "CMD")[0]).unwrap();
+    assert_eq!(cmd, strings(&container(deployment)["args"])[..cmd.len()]);
+}
+
+/// Copies what a Dockerfile's `COPY` names from the repository into `context` (relative
+/// destinations are under the stage's `WORKDIR`, which `context` stands for), with
+/// Docker's rules: a folder's contents go into the destination, files into a destination
+/// ending in `/` keep their names.
+fn copy_build_context(file: &str, stage: &Stage, context: &Path) {
+    let root = support::repo_root();
+    for args in lines(stage, "COPY") {
+        assert!(!args.starts_with("--"), "{file}: unexpected COPY {args}");
+        let words: Vec<&str> = args.split_whitespace().collect();
+        let (dest, sources) = words.split_last().unwrap();
+        let dest = context.join(dest.trim_start_matches("./"));
+        for source in sources {
+            let from = root.join(source);
+            assert!(from.exists(), "{file}: COPY {source}: no such path");
+            if from.is_dir() {
+                copy_dir(&from, &dest);
+            } else {
+                let to = if args.ends_with('/') || sources.len() > 1 {
+                    dest.join(from.file_name().unwrap())
+                } else {
+                    dest.clone()
+                };
+                std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+                std::fs::copy(&from, &to).unwrap();
+            }
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Every stage that runs cargo has in its context all that cargo reads to load the
+/// workspace (every member, the lock file), each package's build script and the inputs the
+/// script declares (`cargo:rerun-if-changed`). A member added to the workspace without its
+/// COPY line broke `docker build` once, and `proto/` missing (read by `build.rs`) before.
+#[test]
+fn every_dockerfile_gives_cargo_the_whole_workspace() {
+    for file in ["Dockerfile", "module/Dockerfile"] {
+        let cargo_stages: Vec<Stage> = dockerfile_stages(file)
+            .into_iter()
+            .filter(|stage| {
+                lines(stage, "RUN")
+                    .iter()
+                    .any(|r| r.contains("cargo build"))
+            })
+            .collect();
+        assert!(
+            !cargo_stages.is_empty(),
+            "{file}: no stage runs cargo build"
+        );
+        for stage in cargo_stages {
+            let context = tempfile::tempdir().unwrap();
+            copy_build_context(file, &stage, context.path());
+            let root = context.path().canonicalize().unwrap();
+            assert!(
+                root.join("Cargo.lock").exists(),
+                "{file}: `cargo build --locked` needs Cargo.lock"
+            );
+            // --no-deps: the members' manifests, not the registry.
+            let out = std::process::Command::new(env!("CARGO"))
+                .args(["metadata", "--no-deps", "--format-version", "1"])
+                .current_dir(&root)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{file}: cargo cannot load the workspace from the build context:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let members = metadata["packages"].as_array().unwrap();
+            assert!(members.len() >= 2, "{file}: the service and the module");
+            for member in members {
+                let manifest = Path::new(member["manifest_path"].as_str().unwrap());
+                let package = manifest.parent().unwrap().strip_prefix(&root).unwrap();
+                let Ok(script) =
+                    std::fs::read_to_string(support::repo_root().join(package).join("build.rs"))
+                else {
+                    continue;
+                };
+                let mut needed = vec!["build.rs".to_string()];
+                needed.extend(
+                    script
+                        .split("cargo:rerun-if-changed=")
+                        .skip(1)
+                        .map(|rest| rest.split(['"', '\\']).next().unwrap().to_string()),
+                );
+                for path in needed {
+                    assert!(
+                        root.join(package).join(&path).exists(),
+                        "{file}: {} is not in the build context",
+                        package.join(&path).display()
+                    );
+                }
+            }
+        }
     }
 }

@@ -21,7 +21,10 @@ use serde_json::{Value, json};
 use support::inproc::e2e_config;
 use support::jwks::JwksServer;
 use support::jwt::Key;
-use support::module::{shipped_envoy_with_module, shipped_module_config};
+use support::module::{
+    GATEWAY, gateway_envoy_with_module, gateway_file, shipped_envoy_with_module,
+    shipped_module_config,
+};
 use support::redis::RedisServer;
 use support::stack::{Answer, Upstream, h1_client, send_to};
 use support::{envoy_binary, free_port};
@@ -334,6 +337,82 @@ fn raw_bytes(addr: std::net::SocketAddr, request: &[u8]) -> String {
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).unwrap();
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The Kubernetes gateway (`deploy/kubernetes/module/`) as its pods run it: Envoy's config
+/// and Portcullis's policy from its ConfigMap, only the issuer (to a loopback JWKS server),
+/// ports and the app's address changed. Its routes and identity headers decide, and the
+/// admin listener the probes use answers from inside Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_gateway_decides_with_its_configmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = JwksServer::start(&[Key::A]).await;
+    let upstream = Upstream::start().await;
+    let configmap = std::fs::read_to_string(support::repo_root().join(GATEWAY)).unwrap();
+    let mut policy: serde_yaml::Value =
+        serde_yaml::from_str(&gateway_file(&configmap, "portcullis.yaml")).unwrap();
+    let test: serde_yaml::Value =
+        serde_yaml::from_str(&e2e_config(free_port(), free_port(), &jwks.url(), |_| {})).unwrap();
+    let admin = free_port();
+    policy["issuers"] = test["issuers"].clone();
+    policy["server"]["listen"] = test["server"]["listen"].clone();
+    policy["server"]["admin_listen"] = format!("127.0.0.1:{admin}").into();
+    let config = dir.path().join("portcullis.yaml");
+    std::fs::write(&config, serde_yaml::to_string(&policy).unwrap()).unwrap();
+    let envoy = gateway_envoy_with_module(dir.path(), upstream.port, &config);
+    let client = h1_client();
+    let send = |method: &'static str, path: &'static str, token: Option<&str>| {
+        let client = client.clone();
+        let auth = token.map(|t| format!("Bearer {t}"));
+        async move {
+            let mut headers = vec![("x-portcullis-subject", "mallory")];
+            if let Some(auth) = &auth {
+                headers.push(("authorization", auth));
+            }
+            send_to(&client, envoy.addr, false, method, path, &headers)
+                .await
+                .unwrap()
+        }
+    };
+
+    // The probes' admin listener: ready once the policy and the issuer's keys are loaded.
+    let ready = client
+        .get(format!("http://127.0.0.1:{admin}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+
+    // The ConfigMap's public route and its deny by default.
+    let answer = send("GET", "/healthz", None).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(answer.answered_by_upstream());
+    let answer = send("GET", "/orders/7", None).await;
+    assert_eq!(answer.status, 401, "{answer:?}");
+    assert_eq!(answer.json()["error"], "credential_missing");
+    let answer = send("GET", "/internal", None).await;
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert_eq!(upstream.count(), 1, "a denied request reached the app");
+
+    // A reader reads, with the ConfigMap's identity headers (the spoofed subject replaced),
+    // and may not write.
+    let reader = mint(json!({ "scope": "orders:read" }));
+    let answer = send("GET", "/orders/7", Some(&reader)).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let seen = upstream.since(1);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].values("x-portcullis-subject"), vec!["alice"]);
+    assert_eq!(
+        seen[0].values("x-portcullis-issuer"),
+        vec![support::jwt::E2E_ISSUER]
+    );
+    assert_eq!(seen[0].values("x-portcullis-scopes"), vec!["orders:read"]);
+    let answer = send("POST", "/orders", Some(&reader)).await;
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert_eq!(answer.json()["error"], "insufficient_scope");
+    let admin_only = send("GET", "/admin/users", Some(&reader)).await;
+    assert_eq!(admin_only.status, 403, "{admin_only:?}");
+    assert_eq!(upstream.count(), 2, "a denied request reached the app");
 }
 
 #[test]

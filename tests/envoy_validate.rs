@@ -4,11 +4,11 @@
 
 mod support;
 
+use std::path::Path;
 use std::process::Command;
 
 #[test]
 fn every_shipped_envoy_config_passes_envoy_validate() {
-    let envoy = support::envoy_binary();
     let dir = support::repo_root().join("envoy");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
@@ -23,37 +23,40 @@ fn every_shipped_envoy_config_passes_envoy_validate() {
     );
     // envoy-module.yaml finds the module by name in the search path, and its Portcullis
     // config relative to the working directory (the repository root, as the README runs it).
-    let module = support::module::module_library();
     for file in files {
-        let output = Command::new(&envoy)
-            .args(["--mode", "validate", "--disable-hot-restart", "-c"])
-            .arg(&file)
-            .env(
-                "ENVOY_DYNAMIC_MODULES_SEARCH_PATH",
-                module.parent().unwrap(),
-            )
-            .current_dir(support::repo_root())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            output.status.success() && stdout.contains("OK"),
-            "envoy --mode validate failed for {}:\n{stdout}\n{stderr}",
-            file.display()
-        );
-        // Deprecated fields validate today and break on the next Envoy upgrade.
-        assert!(
-            !stderr.to_ascii_lowercase().contains("deprecated"),
-            "{} uses deprecated Envoy fields:\n{stderr}",
-            file.display()
-        );
+        envoy_validate(&file);
     }
 }
 
-/// The listener settings every shipped wiring (gRPC and HTTP API, and the module) must keep:
-/// path hygiene, the authorizer (`first`) first and the router last, no per-route override.
-/// Returns the parsed file and the authorizer filter's `typed_config`.
+/// Runs `envoy --mode validate` on `file` from the repository root, with the test build of
+/// the module in `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`, and fails on an error or a deprecated
+/// field (they validate today and break on the next Envoy upgrade).
+fn envoy_validate(file: &Path) {
+    let module = support::module::module_library();
+    let output = Command::new(support::envoy_binary())
+        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+        .arg(file)
+        .env(
+            "ENVOY_DYNAMIC_MODULES_SEARCH_PATH",
+            module.parent().unwrap(),
+        )
+        .current_dir(support::repo_root())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("OK"),
+        "envoy --mode validate failed for {}:\n{stdout}\n{stderr}",
+        file.display()
+    );
+    assert!(
+        !stderr.to_ascii_lowercase().contains("deprecated"),
+        "{} uses deprecated Envoy fields:\n{stderr}",
+        file.display()
+    );
+}
+
 /// Headers some frameworks honour in place of the request's method, path or host, or to
 /// build the URL they hand the application.
 const OVERRIDE_HEADERS: [&str; 9] = [
@@ -68,9 +71,21 @@ const OVERRIDE_HEADERS: [&str; 9] = [
     "x-forwarded-port",
 ];
 
+/// The listener settings every shipped wiring (gRPC and HTTP API, and the module) must keep:
+/// path hygiene, the authorizer (`first`) first and the router last, no per-route override.
+/// Returns the parsed file and the authorizer filter's `typed_config`.
 fn hygienic_listener(file: &str, first: &str) -> (serde_yaml::Value, serde_yaml::Value) {
     let text = std::fs::read_to_string(support::repo_root().join(file)).unwrap();
-    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    hygienic_listener_in(file, &text, first)
+}
+
+/// `hygienic_listener` on the Envoy config `text`, found in `file`.
+fn hygienic_listener_in(
+    file: &str,
+    text: &str,
+    first: &str,
+) -> (serde_yaml::Value, serde_yaml::Value) {
+    let doc: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
     let listener = &doc["static_resources"]["listeners"][0];
     let hcm = &listener["filter_chains"][0]["filters"][0]["typed_config"];
     assert_eq!(hcm["codec_type"].as_str(), Some("AUTO"), "{file}");
@@ -301,12 +316,7 @@ fn mtls_envoy_example_requires_client_certificates_and_talks_tls_to_portcullis()
 #[test]
 fn the_module_wiring_is_the_shipped_listener_with_portcullis_in_place_of_ext_authz() {
     let (mut module_doc, module) = hygienic_listener("envoy/envoy-module.yaml", "portcullis");
-    assert_eq!(
-        module["@type"].as_str(),
-        Some(
-            "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
-        )
-    );
+    assert_eq!(module["@type"].as_str(), Some(support::module::FILTER_TYPE));
     let loaded = &module["dynamic_module_config"];
     assert_eq!(loaded["name"].as_str(), Some("portcullis_envoy_module"));
     assert_eq!(loaded["do_not_close"].as_bool(), Some(true));
@@ -332,4 +342,63 @@ fn the_module_wiring_is_the_shipped_listener_with_portcullis_in_place_of_ext_aut
     };
     assert_eq!(names(&module_doc), ["sample_upstream"]);
     assert_eq!(names(&plain_doc), ["portcullis", "sample_upstream"]);
+}
+
+/// The Envoy config of the Kubernetes gateway (`deploy/kubernetes/module/`, the image of
+/// `module/Dockerfile`).
+fn gateway_envoy_config() -> String {
+    let configmap =
+        std::fs::read_to_string(support::repo_root().join(support::module::GATEWAY)).unwrap();
+    support::module::gateway_file(&configmap, "envoy.yaml")
+}
+
+/// The Kubernetes gateway runs `envoy/envoy-module.yaml`'s listener. Only what a pod needs
+/// differs: it binds all of the pod's interfaces, reads Portcullis's config where the
+/// Deployment mounts it, and routes to the app's Service; Envoy's admin stays on loopback.
+#[test]
+fn the_kubernetes_gateway_runs_the_shipped_module_listener() {
+    let text = gateway_envoy_config();
+    let (mut gateway, filter) = hygienic_listener_in(support::module::GATEWAY, &text, "portcullis");
+    assert_eq!(
+        filter["filter_config"]["value"].as_str(),
+        Some("/etc/portcullis/portcullis.yaml")
+    );
+    let bound = &gateway["static_resources"]["listeners"][0]["address"]["socket_address"];
+    assert_eq!(bound["address"].as_str(), Some("0.0.0.0"));
+    assert_eq!(
+        gateway["admin"]["address"]["socket_address"]["address"].as_str(),
+        Some("127.0.0.1"),
+        "Envoy's admin interface must not be reachable from outside the pod"
+    );
+    let (mut shipped, _) = hygienic_listener("envoy/envoy-module.yaml", "portcullis");
+    for doc in [&mut gateway, &mut shipped] {
+        let listener = &mut doc["static_resources"]["listeners"][0];
+        listener["address"] = serde_yaml::Value::Null;
+        listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"] =
+            serde_yaml::Value::Null;
+        support::module::http_filters(doc)[0]["typed_config"]["filter_config"]["value"] =
+            serde_yaml::Value::Null;
+    }
+    assert_eq!(
+        gateway["static_resources"]["listeners"], shipped["static_resources"]["listeners"],
+        "the gateway's listener differs from envoy-module.yaml's beyond address, config path and routes"
+    );
+}
+
+/// The gateway's Envoy config passes `envoy --mode validate` with the module loaded by name
+/// from the search path, as in the image (Portcullis's config pointed at the shipped sample:
+/// the ConfigMap's own policy is compiled by `tests/deploy.rs`).
+#[test]
+fn the_kubernetes_gateway_config_passes_envoy_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&gateway_envoy_config()).unwrap();
+    support::module::http_filters(&mut doc)[0]["typed_config"]["filter_config"]["value"] =
+        support::repo_root()
+            .join("config/portcullis.yaml")
+            .display()
+            .to_string()
+            .into();
+    let path = dir.path().join("envoy.yaml");
+    std::fs::write(&path, serde_yaml::to_string(&doc).unwrap()).unwrap();
+    envoy_validate(&path);
 }

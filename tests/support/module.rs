@@ -13,6 +13,24 @@ use super::stack::Envoy;
 /// The shipped Envoy config that runs Portcullis inside Envoy.
 pub const SHIPPED: &str = "envoy/envoy-module.yaml";
 
+/// The Kubernetes gateway's ConfigMap: Envoy's config (`envoy.yaml`, the listener of
+/// [`SHIPPED`]) and Portcullis's (`portcullis.yaml`), as `module/Dockerfile`'s image reads them.
+pub const GATEWAY: &str = "deploy/kubernetes/module/configmap.yaml";
+
+/// The `@type` of Envoy's dynamic-module HTTP filter.
+pub const FILTER_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter";
+
+/// The text of `key` (`envoy.yaml` or `portcullis.yaml`) in the gateway's ConfigMap, whose
+/// text is `configmap`.
+pub fn gateway_file(configmap: &str, key: &str) -> String {
+    let doc: Value = serde_yaml::from_str(configmap).unwrap();
+    doc["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{GATEWAY} has no data.{key}"))
+        .to_string()
+}
+
 /// Builds `module/` (debug) once per test process and answers the `.so`'s path.
 pub fn module_library() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
@@ -108,6 +126,20 @@ fn test_build(shipped: &str, config: &Path) -> String {
         .unwrap();
     filters[at] = shipped_filter(config);
     serde_yaml::to_string(&doc).unwrap()
+}
+
+/// The gateway's Envoy config from [`GATEWAY`] (ports rewritten, the app's Service to the
+/// loopback `upstream_port`), loading the test build of the module with the Portcullis config
+/// at `config`.
+pub fn gateway_envoy_with_module(dir: &Path, upstream_port: u16, config: &Path) -> Envoy {
+    Envoy::start_shipped(
+        dir,
+        GATEWAY,
+        10000,
+        super::free_port(),
+        upstream_port,
+        |configmap| test_build(&gateway_file(configmap, "envoy.yaml"), config),
+    )
 }
 
 /// The shipped `envoy/envoy-module.yaml` (ports rewritten), loading the test build of the

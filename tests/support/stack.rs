@@ -176,8 +176,8 @@ impl Envoy {
         let admin = free_port();
         let shipped = edit(&std::fs::read_to_string(repo_root().join(file)).unwrap());
         let mut ports = vec![(9901, admin), (listener, listen), (8080, upstream_port)];
-        // The module's wiring has no authorizer cluster: Portcullis runs inside Envoy.
-        if file != super::module::SHIPPED {
+        // The module's wirings have no authorizer cluster: Portcullis runs inside Envoy.
+        if !shipped.contains(super::module::FILTER_TYPE) {
             ports.push((9191, authz_port));
         }
         let config = super::rewrite_envoy_config(&shipped, &ports);
