@@ -384,14 +384,17 @@ async fn the_kubernetes_gateway_decides_with_its_configmap() {
     assert_eq!(ready.status(), 200);
 
     // The ConfigMap's public route and its deny by default.
+    // A spoofed identity header never reaches the app, not even on a public route.
     let answer = send("GET", "/healthz", None).await;
     assert_eq!(answer.status, 200, "{answer:?}");
     assert!(answer.answered_by_upstream());
+    assert!(upstream.since(0)[0].values("x-portcullis-subject").is_empty());
     let answer = send("GET", "/orders/7", None).await;
     assert_eq!(answer.status, 401, "{answer:?}");
     assert_eq!(answer.json()["error"], "credential_missing");
     let answer = send("GET", "/internal", None).await;
     assert_eq!(answer.status, 403, "{answer:?}");
+    assert_eq!(answer.json()["error"], "no_matching_route");
     assert_eq!(upstream.count(), 1, "a denied request reached the app");
 
     // A reader reads, with the ConfigMap's identity headers (the spoofed subject replaced),
