@@ -51,6 +51,10 @@ def main():
     ap.add_argument("--slice", type=int, default=30, help="seconds per wrk run")
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--label", default="soak")
+    ap.add_argument("--module", metavar="SO", help="soak this build of module/ (a .so) instead of "
+                    "this tree's release build (to compare builds: same machine, one after the other)")
+    ap.add_argument("--max-ttl", default="5m", help="the token cache's max_ttl (default 5m, as the "
+                    "benchmarks): shorter turns the cache over more often, to find what grows per turn")
     ap.add_argument("--render", metavar="JSON", help="print the report of a finished soak and exit")
     a = ap.parse_args()
     if a.render:
@@ -74,10 +78,12 @@ def main():
                         "key_prefix": "soak:", "timeout": "200ms"}
         cfg["rate_limits"] = [LIMIT]
         cfg["audit"] = {"enabled": False}  # a 30-minute audit log is not what is measured
+        cfg["tokens"]["cache"]["max_ttl"] = a.max_ttl
         with open(path, "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
         lp, envoy_admin = h.free_port(), h.free_port()
-        ecfg = h.envoy_config("soak", lp, envoy_admin, [h.module_filter(path)])
+        ecfg = h.envoy_config("soak", lp, envoy_admin,
+                              [h.module_filter(path, a.module and os.path.abspath(a.module))])
         e = h.Proc("soak-envoy", [envoy, "-c", ecfg, "--concurrency", "1", "--log-level", "warn",
                                   "--base-id", str(lp)], env={"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": h.REL})
         procs.append(e)
@@ -141,10 +147,13 @@ def main():
 
 def render(res):
     s = res["slices"]
+    args = res["meta"]["args"]
     total = sum(x["requests"] for x in s)
+    build = (f"module {args['module']}, " if args.get("module") else "") + \
+        (f"cache max_ttl {args['max_ttl']}, " if args.get("max_ttl", "5m") != "5m" else "")
     lines = [f"# Soak: the module under load, every decision waiting on Redis ({res['meta']['date']})", "",
-             f"Envoy {res['meta']['envoy']}; {res['meta']['args']['minutes']} min, "
-             f"{res['meta']['args']['conns']} connections, 10 000 tokens (10% without the scope), "
+             f"Envoy {res['meta']['envoy']}; {args['minutes']} min, {build}"
+             f"{args['conns']} connections, 10 000 tokens (10% without the scope), "
              f"limit `{res['meta']['limit']['id']}`: 1/s per subject, burst 1, on Redis.", "",
              f"{total} requests; answers by class at the end: {s[-1]['answers']}; decisions: "
              f"{s[-1]['decisions']}.", "",
