@@ -388,7 +388,11 @@ async fn the_kubernetes_gateway_decides_with_its_configmap() {
     let answer = send("GET", "/healthz", None).await;
     assert_eq!(answer.status, 200, "{answer:?}");
     assert!(answer.answered_by_upstream());
-    assert!(upstream.since(0)[0].values("x-portcullis-subject").is_empty());
+    assert!(
+        upstream.since(0)[0]
+            .values("x-portcullis-subject")
+            .is_empty()
+    );
     let answer = send("GET", "/orders/7", None).await;
     assert_eq!(answer.status, 401, "{answer:?}");
     assert_eq!(answer.json()["error"], "credential_missing");
