@@ -277,18 +277,20 @@ fn deployment_is_hardened() {
         "ConfigMap key portcullis.yaml must be the policy"
     );
 
-    // Scaling never goes below the two replicas `assert_hardened` asks for.
-    let hpa = one(&docs, "HorizontalPodAutoscaler");
+    assert_availability(&docs, deployment);
+}
+
+/// The HorizontalPodAutoscaler scales `deployment` and never below the two replicas
+/// `assert_hardened` asks for, and the PodDisruptionBudget keeps at least one of its pods
+/// through a node drain.
+fn assert_availability(docs: &[(String, Value)], deployment: &Value) {
+    let hpa = one(docs, "HorizontalPodAutoscaler");
+    assert_eq!(hpa["apiVersion"].as_str(), Some("autoscaling/v2"));
     assert!(hpa["spec"]["minReplicas"].as_u64().unwrap() >= 2);
     assert_eq!(
         hpa["spec"]["scaleTargetRef"]["name"],
         deployment["metadata"]["name"]
     );
-    assert_pdb_covers(&docs, deployment);
-}
-
-/// The PodDisruptionBudget keeps at least one of `deployment`'s pods through a node drain.
-fn assert_pdb_covers(docs: &[(String, Value)], deployment: &Value) {
     let pdb = one(docs, "PodDisruptionBudget");
     assert!(pdb["spec"]["minAvailable"].as_u64().unwrap() >= 1);
     assert_eq!(
@@ -690,7 +692,7 @@ fn gateway_manifests_line_up_with_its_configs() {
     let deployment = one(&docs, "Deployment");
     assert_hardened(deployment);
     assert_probes_on_admin(deployment);
-    assert_pdb_covers(&docs, deployment);
+    assert_availability(&docs, deployment);
     let ports = container_ports(deployment);
     assert_eq!(
         ports,
