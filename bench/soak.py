@@ -11,7 +11,8 @@ the scope) each come round about twice a second against a limit of one a second,
 answers mix 200, 403 and 429. wrk runs back to back in slices of `--slice` seconds, and
 every slice's end leaves requests in flight (clients leaving mid-wait).
 
-Each slice records requests/s, the answers Envoy counted by class, Envoy's and Redis's RSS
+Each slice records requests/s, the answers Envoy counted by class, Envoy's and Redis's RSS,
+Envoy's allocator figures (its admin /memory: the module allocates through Envoy's tcmalloc)
 and the module's decisions by reason (its admin /metrics). At the end it checks what a soak
 is for: Envoy still serving, no 5xx, no decision that failed (`internal_error`,
 `state_unavailable`), no error lines in Envoy's log, and Envoy's RSS over the second half of
@@ -43,6 +44,13 @@ def envoy_stats(port):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/stats?filter=^http.ingress.downstream_rq_[1-5]xx$",
                                   timeout=5).read().decode()
     return {k.rsplit("_", 1)[1]: int(v) for k, v in re.findall(r"^(\S+): (\d+)$", text, re.M)}
+
+
+def envoy_memory(port):
+    """Envoy's allocator (tcmalloc; the module allocates through it too): bytes in use, heap,
+    thread caches and free pages."""
+    m = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/memory", timeout=5).read())
+    return {k: int(m[k]) for k in ("allocated", "heap_size", "total_thread_cache", "pageheap_free")}
 
 
 def main():
@@ -104,7 +112,8 @@ def main():
             s = {"t": round(time.time() - started), "rps": r["rps"], "requests": r["requests"],
                  "socket_errors": r["socket_errors"],
                  "envoy_rss_kib": e.rss_kib()["VmRSS"], "redis_rss_kib": redis.rss_kib()["VmRSS"],
-                 "answers": envoy_stats(envoy_admin), "decisions": metrics(admin)}
+                 "answers": envoy_stats(envoy_admin), "decisions": metrics(admin),
+                 "envoy_memory": envoy_memory(envoy_admin)}
             slices.append(s)
             h.log(f"  t={s['t']:5d}s {s['rps']:8.0f}/s envoy {s['envoy_rss_kib'] / 1024:6.1f} MiB "
                   f"redis {s['redis_rss_kib'] / 1024:5.1f} MiB answers {s['answers']}")
@@ -148,6 +157,8 @@ def main():
 def render(res):
     s = res["slices"]
     args = res["meta"]["args"]
+    # Recorded since the refresh-ahead memory probe (2026-12-02); older runs have no column.
+    heap = all("envoy_memory" in x for x in s)
     total = sum(x["requests"] for x in s)
     build = (f"module {args['module']}, " if args.get("module") else "") + \
         (f"cache max_ttl {args['max_ttl']}, " if args.get("max_ttl", "5m") != "5m" else "")
@@ -157,11 +168,15 @@ def render(res):
              f"limit `{res['meta']['limit']['id']}`: 1/s per subject, burst 1, on Redis.", "",
              f"{total} requests; answers by class at the end: {s[-1]['answers']}; decisions: "
              f"{s[-1]['decisions']}.", "",
-             "| t (s) | requests/s | Envoy RSS MiB | Redis RSS MiB | socket errors |",
-             "|---:|---:|---:|---:|---|"]
+             "| t (s) | requests/s | Envoy RSS MiB | Redis RSS MiB | socket errors |"
+             + (" Envoy heap MiB: in use / heap / thread caches / free pages |" if heap else ""),
+             "|---:|---:|---:|---:|---|" + ("---|" if heap else "")]
     for x in s:
         lines.append(f"| {x['t']} | {x['rps']:.0f} | {x['envoy_rss_kib'] / 1024:.1f} | "
-                     f"{x['redis_rss_kib'] / 1024:.1f} | {x['socket_errors'] or '-'} |")
+                     f"{x['redis_rss_kib'] / 1024:.1f} | {x['socket_errors'] or '-'} |"
+                     + (" " + " / ".join(f"{x['envoy_memory'][k] / 2**20:.1f}" for k in
+                                          ("allocated", "heap_size", "total_thread_cache",
+                                           "pageheap_free")) + " |" if heap else ""))
     lines += ["", f"Envoy RSS growth over the second half: {res['second_half_rss_growth'] * 100:.2f}%", "",
               "| check | |", "|---|---|"]
     for k, v in res["checks"].items():
