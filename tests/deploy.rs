@@ -95,11 +95,14 @@ fn port_of(addr: &str) -> u64 {
 
 /// The ConfigMap's policy text.
 fn configmap_policy(docs: &[(String, Value)]) -> String {
-    let cm = one(docs, "ConfigMap");
-    cm["data"]["portcullis.yaml"]
+    configmap_text(docs, "portcullis.yaml").to_string()
+}
+
+/// The ConfigMap's text under `key`.
+fn configmap_text<'a>(docs: &'a [(String, Value)], key: &str) -> &'a str {
+    one(docs, "ConfigMap")["data"][key]
         .as_str()
-        .expect("ConfigMap must hold portcullis.yaml")
-        .to_string()
+        .unwrap_or_else(|| panic!("the ConfigMap has no {key}"))
 }
 
 #[test]
@@ -645,10 +648,7 @@ const GATEWAY_PORT: u64 = 10000;
 
 /// The ConfigMap's text under `key`, parsed.
 fn configmap_file(docs: &[(String, Value)], key: &str) -> Value {
-    let text = one(docs, "ConfigMap")["data"][key]
-        .as_str()
-        .unwrap_or_else(|| panic!("the ConfigMap has no {key}"));
-    serde_yaml::from_str(text).unwrap()
+    serde_yaml::from_str(configmap_text(docs, key)).unwrap()
 }
 
 /// The ConfigMap key a file path inside the container reads: the read-only mount of the
