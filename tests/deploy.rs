@@ -790,6 +790,75 @@ fn the_module_image_is_what_the_gateway_runs() {
     assert_eq!(cmd, strings(&container(deployment)["args"])[..cmd.len()]);
 }
 
+/// Envoy exits on SIGTERM at once, resetting open connections, so the gateway drains it
+/// first: a `preStop` hook runs the image's drain helper against the Envoy admin of the
+/// ConfigMap, within the grace period, with Envoy closing connections at once when draining.
+/// (`tests/e2e_module.rs` runs the helper against a real Envoy.)
+#[test]
+fn the_gateway_drains_envoy_before_it_is_stopped() {
+    let docs = gateway();
+    let deployment = one(&docs, "Deployment");
+    let command = strings(&container(deployment)["lifecycle"]["preStop"]["exec"]["command"]);
+    let (program, args) = command
+        .split_first()
+        .expect("the gateway's container has a preStop exec hook");
+    let bin = program.rsplit('/').next().unwrap();
+    assert!(
+        support::repo_root()
+            .join(format!("module/src/bin/{bin}.rs"))
+            .exists(),
+        "preStop runs {program}, which module/ does not build"
+    );
+    let stages = dockerfile_stages("module/Dockerfile");
+    let runtime = stages.last().unwrap();
+    assert!(
+        lines(runtime, "COPY")
+            .iter()
+            .any(|a| a.starts_with("--from=") && a.ends_with(&format!(" {program}"))),
+        "the image must put the drain helper at {program}"
+    );
+    assert!(
+        stages
+            .iter()
+            .flat_map(|stage| lines(stage, "RUN"))
+            .any(|r| r.contains(&format!("target/release/{bin} "))),
+        "the image's build stage must install target/release/{bin}"
+    );
+    let flag = |name: &str| -> String {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .unwrap_or_else(|| panic!("preStop gives no {name}"))
+            .clone()
+    };
+    let envoy = configmap_file(&docs, "envoy.yaml");
+    let admin = &envoy["admin"]["address"]["socket_address"];
+    assert_eq!(
+        flag("--admin"),
+        format!(
+            "{}:{}",
+            admin["address"].as_str().unwrap(),
+            admin["port_value"].as_u64().unwrap()
+        ),
+        "preStop must drain the Envoy admin of the gateway's config"
+    );
+    let secs = |name: &str| flag(name).parse::<u64>().unwrap();
+    let grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("the gateway sets terminationGracePeriodSeconds");
+    assert!(
+        grace >= secs("--wait") + secs("--timeout") + 5,
+        "a grace period of {grace} s leaves Envoy no time to exit after the drain"
+    );
+    let envoy_args = strings(&container(deployment)["args"]);
+    assert!(
+        envoy_args
+            .windows(2)
+            .any(|w| w == ["--drain-strategy", "immediate"]),
+        "Envoy must close every connection at once when draining: {envoy_args:?}"
+    );
+}
+
 /// Copies what a Dockerfile's `COPY` names from the repository into `context` (relative
 /// destinations are under the stage's `WORKDIR`, which `context` stands for), with
 /// Docker's rules: a folder's contents go into the destination, files into a destination

@@ -15,6 +15,7 @@
 
 mod support;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
@@ -22,12 +23,12 @@ use support::inproc::e2e_config;
 use support::jwks::JwksServer;
 use support::jwt::Key;
 use support::module::{
-    GATEWAY, gateway_envoy_with_module, gateway_file, shipped_envoy_with_module,
-    shipped_module_config,
+    GATEWAY, drain_helper, gateway_envoy_flags, gateway_envoy_with_flags,
+    gateway_envoy_with_module, gateway_file, shipped_envoy_with_module, shipped_module_config,
 };
 use support::redis::RedisServer;
 use support::stack::{Answer, Upstream, h1_client, send_to};
-use support::{envoy_binary, free_port};
+use support::{KeepAlive, envoy_binary, free_port};
 
 fn mint(extra: Value) -> String {
     Key::A.mint("e2e-module", extra)
@@ -348,17 +349,8 @@ async fn the_kubernetes_gateway_decides_with_its_configmap() {
     let dir = tempfile::tempdir().unwrap();
     let jwks = JwksServer::start(&[Key::A]).await;
     let upstream = Upstream::start().await;
-    let configmap = std::fs::read_to_string(support::repo_root().join(GATEWAY)).unwrap();
-    let mut policy: serde_yaml::Value =
-        serde_yaml::from_str(&gateway_file(&configmap, "portcullis.yaml")).unwrap();
-    let test: serde_yaml::Value =
-        serde_yaml::from_str(&e2e_config(free_port(), free_port(), &jwks.url(), |_| {})).unwrap();
     let admin = free_port();
-    policy["issuers"] = test["issuers"].clone();
-    policy["server"]["listen"] = test["server"]["listen"].clone();
-    policy["server"]["admin_listen"] = format!("127.0.0.1:{admin}").into();
-    let config = dir.path().join("portcullis.yaml");
-    std::fs::write(&config, serde_yaml::to_string(&policy).unwrap()).unwrap();
+    let config = gateway_policy(dir.path(), &jwks.url(), admin);
     let envoy = gateway_envoy_with_module(dir.path(), upstream.port, &config);
     let client = h1_client();
     let send = |method: &'static str, path: &'static str, token: Option<&str>| {
@@ -420,6 +412,130 @@ async fn the_kubernetes_gateway_decides_with_its_configmap() {
     let admin_only = send("GET", "/admin/users", Some(&reader)).await;
     assert_eq!(admin_only.status, 403, "{admin_only:?}");
     assert_eq!(upstream.count(), 2, "a denied request reached the app");
+}
+
+/// The gateway ConfigMap's Portcullis config, written into `dir` with only the issuer (to
+/// `jwks_url`), the gRPC port and the admin port (`admin`) changed; answers its path.
+fn gateway_policy(dir: &Path, jwks_url: &str, admin: u16) -> PathBuf {
+    let configmap = std::fs::read_to_string(support::repo_root().join(GATEWAY)).unwrap();
+    let mut policy: serde_yaml::Value =
+        serde_yaml::from_str(&gateway_file(&configmap, "portcullis.yaml")).unwrap();
+    let test: serde_yaml::Value =
+        serde_yaml::from_str(&e2e_config(free_port(), free_port(), jwks_url, |_| {})).unwrap();
+    policy["issuers"] = test["issuers"].clone();
+    policy["server"]["listen"] = test["server"]["listen"].clone();
+    policy["server"]["admin_listen"] = format!("127.0.0.1:{admin}").into();
+    let config = dir.join("portcullis.yaml");
+    std::fs::write(&config, serde_yaml::to_string(&policy).unwrap()).unwrap();
+    config
+}
+
+/// Runs the drain helper against Envoy's admin `admin` with `--wait 0 --timeout timeout`,
+/// calling `meanwhile` once it has told Envoy to drain. Answers its exit code and output.
+fn drain(admin: &str, timeout: u64, meanwhile: impl FnOnce()) -> (Option<i32>, String) {
+    use std::io::{BufRead, Read};
+    let mut helper = Command::new(drain_helper())
+        .args([
+            "--admin",
+            admin,
+            "--wait",
+            "0",
+            "--timeout",
+            &timeout.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(helper.stdout.take().unwrap());
+    let mut output = String::new();
+    stdout.read_line(&mut output).unwrap();
+    if output.contains("draining") {
+        meanwhile();
+    }
+    let status = helper.wait().unwrap();
+    stdout.read_to_string(&mut output).unwrap();
+    helper
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut output)
+        .unwrap();
+    (status.code(), output)
+}
+
+/// The gateway's `preStop` hook (`portcullis-envoy-drain`) against its Envoy, run with the
+/// Deployment's flags. Envoy alone would reset every open connection on SIGTERM. Drained,
+/// each connection is closed after its next answer, new ones are still served meanwhile,
+/// and the hook returns once none is open (or says how many are when its timeout passes),
+/// leaving Envoy running for Kubernetes to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_drain_hook_closes_connections_after_their_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = JwksServer::start(&[Key::A]).await;
+    let upstream = Upstream::start().await;
+    let config = gateway_policy(dir.path(), &jwks.url(), free_port());
+    // The Deployment's flags, and a drain time that passes during the test: the hook must
+    // leave Envoy running past it, for Kubernetes to stop.
+    let mut flags = gateway_envoy_flags();
+    flags.extend(["--drain-time-s".to_string(), "1".to_string()]);
+    let mut envoy = gateway_envoy_with_flags(dir.path(), upstream.port, &config, &flags);
+    let admin = envoy.admin.to_string();
+    let get = "GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n";
+
+    // Before the drain, a kept-alive connection stays open after its answer.
+    let mut kept = KeepAlive::connect(envoy.addr).unwrap();
+    let answer = kept.send(get).unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.header("connection"), None, "{answer:?}");
+    // A connection that sends nothing keeps the drain waiting until the timeout.
+    let idle = KeepAlive::connect(envoy.addr).unwrap();
+
+    let (code, output) = drain(&admin, 2, || {
+        // The kept-alive client's next request is answered with `Connection: close`, and
+        // the client closes, as clients do.
+        let answer = kept.send(get).unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(answer.header("connection"), Some("close"), "{answer:?}");
+        drop(kept);
+        // A new client is still served, and told the same.
+        let answer = KeepAlive::connect(envoy.addr).unwrap().send(get).unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(answer.header("connection"), Some("close"), "{answer:?}");
+    });
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains("1 connection(s) still open after"),
+        "{output}"
+    );
+
+    // With the idle client gone, the hook returns as soon as nothing is open.
+    drop(idle);
+    let (code, output) = drain(&admin, 20, || {});
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("drained in"), "{output}");
+    // Envoy still runs (its drain time passed long ago) and serves until Kubernetes stops
+    // it, closing every connection after its answer, itself when the client does not (its
+    // drain timeout and delayed close).
+    envoy.process.assert_running();
+    let mut stubborn = KeepAlive::connect(envoy.addr).unwrap();
+    let answer = stubborn.send(get).unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.header("connection"), Some("close"), "{answer:?}");
+    assert!(
+        stubborn.closed_by_server(std::time::Duration::from_secs(15)),
+        "Envoy left a drained connection open"
+    );
+    assert_eq!(upstream.count(), 4);
+
+    // No Envoy admin there: a clear error, exit status 2.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let (code, output) = drain(&nobody, 1, || panic!("nothing to drain"));
+    assert_eq!(code, Some(2), "{output}");
+    assert!(
+        output.contains(&format!("Envoy's admin at {nobody}")),
+        "{output}"
+    );
 }
 
 #[test]

@@ -351,6 +351,59 @@ pub fn raw_http(addr: SocketAddr, request: &str) -> std::io::Result<RawResponse>
     })
 }
 
+/// An HTTP/1.1 client connection kept open from one request to the next.
+pub struct KeepAlive {
+    stream: TcpStream,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> std::io::Result<KeepAlive> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(KeepAlive { stream })
+    }
+
+    /// Sends `request` (a complete HTTP/1.1 request head, sent as is) and reads one response,
+    /// its body by `Content-Length`.
+    pub fn send(&mut self, request: &str) -> std::io::Result<RawResponse> {
+        self.stream.write_all(request.as_bytes())?;
+        let mut bytes = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = parse_response(&bytes[..end + 4])
+                    .ok_or_else(|| std::io::Error::other("unparseable response head"))?;
+                let length: usize = head
+                    .header("content-length")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                if bytes.len() >= end + 4 + length {
+                    return parse_response(&bytes[..end + 4 + length])
+                        .ok_or_else(|| std::io::Error::other("unparseable response"));
+                }
+            }
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "connection closed before a whole response: {:?}",
+                        String::from_utf8_lossy(&bytes)
+                    ),
+                ));
+            }
+            bytes.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Whether the server closes the connection (a clean end of stream) within `wait`,
+    /// sending nothing more.
+    pub fn closed_by_server(&mut self, wait: Duration) -> bool {
+        self.stream.set_read_timeout(Some(wait)).unwrap();
+        matches!(self.stream.read(&mut [0u8; 64]), Ok(0))
+    }
+}
+
 fn parse_response(bytes: &[u8]) -> Option<RawResponse> {
     let text = String::from_utf8_lossy(bytes);
     let (head, body) = text.split_once("\r\n\r\n")?;
@@ -391,12 +444,18 @@ fn dechunk(mut body: &str) -> Option<String> {
 /// Starts Envoy on `config` (a YAML file) and waits until its admin `/ready` answers 200.
 /// Hot restart is disabled so several Envoys (parallel tests) never share memory segments.
 pub fn start_envoy(config: &Path, admin: SocketAddr) -> ChildGuard {
+    start_envoy_with(config, admin, &[])
+}
+
+/// [`start_envoy`] with more command-line flags for Envoy (`args`).
+pub fn start_envoy_with(config: &Path, admin: SocketAddr, args: &[String]) -> ChildGuard {
     let mut command = Command::new(envoy_binary());
     command
         .arg("-c")
         .arg(config)
         .args(["--disable-hot-restart", "--concurrency", "1"])
-        .args(["--log-level", "warning"]);
+        .args(["--log-level", "warning"])
+        .args(args);
     let mut envoy = ChildGuard::spawn("envoy", command);
     wait_for_status(&mut envoy, admin, "/ready", 200, Duration::from_secs(30));
     envoy

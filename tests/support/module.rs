@@ -17,6 +17,9 @@ pub const SHIPPED: &str = "envoy/envoy-module.yaml";
 /// [`SHIPPED`]) and Portcullis's (`portcullis.yaml`), as `module/Dockerfile`'s image reads them.
 pub const GATEWAY: &str = "deploy/kubernetes/module/configmap.yaml";
 
+/// The gateway's Deployment: how its image runs Envoy.
+pub const GATEWAY_DEPLOYMENT: &str = "deploy/kubernetes/module/deployment.yaml";
+
 /// The `@type` of Envoy's dynamic-module HTTP filter.
 pub const FILTER_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter";
@@ -132,14 +135,56 @@ fn test_build(shipped: &str, config: &Path) -> String {
 /// loopback `upstream_port`), loading the test build of the module with the Portcullis config
 /// at `config`.
 pub fn gateway_envoy_with_module(dir: &Path, upstream_port: u16, config: &Path) -> Envoy {
-    Envoy::start_shipped(
+    gateway_envoy_with_flags(dir, upstream_port, config, &gateway_envoy_flags())
+}
+
+/// [`gateway_envoy_with_module`], run with the command-line flags `flags` (rather than
+/// the Deployment's).
+pub fn gateway_envoy_with_flags(
+    dir: &Path,
+    upstream_port: u16,
+    config: &Path,
+    flags: &[String],
+) -> Envoy {
+    Envoy::start_shipped_with(
         dir,
         GATEWAY,
         10000,
         super::free_port(),
         upstream_port,
         |configmap| test_build(&gateway_file(configmap, "envoy.yaml"), config),
+        flags,
     )
+}
+
+/// The gateway Deployment's flags for Envoy, less those every test Envoy sets its own way
+/// (`-c`, `--concurrency`, `--disable-hot-restart`): what the gateway runs Envoy with.
+pub fn gateway_envoy_flags() -> Vec<String> {
+    let text = std::fs::read_to_string(repo_root().join(GATEWAY_DEPLOYMENT)).unwrap();
+    let doc: Value = serde_yaml::from_str(&text).unwrap();
+    let args = doc["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{GATEWAY_DEPLOYMENT} gives Envoy no args"));
+    let mut args = args.iter().map(|a| a.as_str().unwrap().to_string());
+    let mut flags = Vec::new();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-c" | "--concurrency" => {
+                args.next();
+            }
+            "--disable-hot-restart" => {}
+            _ => flags.push(arg),
+        }
+    }
+    flags
+}
+
+/// The drain helper built with the module (`module/src/bin/portcullis-envoy-drain.rs`), the
+/// gateway's `preStop` hook.
+pub fn drain_helper() -> PathBuf {
+    let helper = module_library().with_file_name("portcullis-envoy-drain");
+    assert!(helper.exists(), "{} was not built", helper.display());
+    helper
 }
 
 /// The shipped `envoy/envoy-module.yaml` (ports rewritten), loading the test build of the

@@ -144,6 +144,8 @@ impl Portcullis {
 pub struct Envoy {
     /// The listener clients send requests to.
     pub addr: SocketAddr,
+    /// Envoy's own admin listener.
+    pub admin: SocketAddr,
     pub process: ChildGuard,
 }
 
@@ -172,6 +174,19 @@ impl Envoy {
         upstream_port: u16,
         edit: impl FnOnce(&str) -> String,
     ) -> Envoy {
+        Envoy::start_shipped_with(dir, file, listener, authz_port, upstream_port, edit, &[])
+    }
+
+    /// [`Envoy::start_shipped`], with more command-line flags for Envoy (`args`).
+    pub fn start_shipped_with(
+        dir: &Path,
+        file: &str,
+        listener: u16,
+        authz_port: u16,
+        upstream_port: u16,
+        edit: impl FnOnce(&str) -> String,
+        args: &[String],
+    ) -> Envoy {
         let listen = free_port();
         let admin = free_port();
         let shipped = edit(&std::fs::read_to_string(repo_root().join(file)).unwrap());
@@ -183,9 +198,10 @@ impl Envoy {
         let config = super::rewrite_envoy_config(&shipped, &ports);
         let path = dir.join("envoy.yaml");
         std::fs::write(&path, config).unwrap();
-        let process = super::start_envoy(&path, loopback(admin));
+        let process = super::start_envoy_with(&path, loopback(admin), args);
         Envoy {
             addr: loopback(listen),
+            admin: loopback(admin),
             process,
         }
     }
