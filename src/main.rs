@@ -111,6 +111,22 @@ fn serve(config_path: std::path::PathBuf) -> anyhow::Result<()> {
     rt.block_on(async {
         let server = Server::start_watching(config, config_path.clone()).await?;
         shutdown_signal().await;
+        let delay = server.shutdown_delay();
+        if !delay.is_zero() {
+            // Load balancers need a moment to stop sending new work here: until then, keep
+            // serving everything while reporting not ready. A second signal cuts it short.
+            server.leave_rotation();
+            tracing::info!(
+                delay = %humantime::format_duration(delay),
+                "shutting down: not ready, still serving until shutdown_delay passes"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown_signal() => {
+                    tracing::info!("second signal: not waiting for the rest of shutdown_delay");
+                }
+            }
+        }
         tracing::info!("shutting down: finishing in-flight checks");
         server.shutdown().await;
         anyhow::Ok(())

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -56,6 +57,8 @@ pub struct Server {
     http_task: Option<JoinHandle<()>>,
     admin_task: JoinHandle<std::io::Result<()>>,
     grace: Duration,
+    /// Set by `leave_rotation`: `/readyz` and gRPC health report not ready.
+    leaving: Arc<AtomicBool>,
 }
 
 /// Builds the key store for a config's issuers (not started).
@@ -144,8 +147,9 @@ impl Server {
 
         crate::revocation::spawn_watcher(engine.clone(), metrics.clone(), shutdown_rx.clone());
 
+        let leaving = Arc::new(AtomicBool::new(false));
         let (health, health_service) = tonic_health::server::health_reporter();
-        spawn_health_updater(engine.clone(), health, shutdown_rx.clone());
+        spawn_health_updater(engine.clone(), leaving.clone(), health, shutdown_rx.clone());
         if let Some(path) = watch {
             let reloader = crate::reload::Reloader::new(path, engine.clone(), metrics.clone());
             tokio::spawn(reloader.run(crate::reload::POLL_INTERVAL, shutdown_rx.clone()));
@@ -192,6 +196,7 @@ impl Server {
         let app = admin::router(AdminState {
             engine: engine.clone(),
             metrics: metrics.clone(),
+            leaving: leaving.clone(),
         });
         let mut admin_stop = shutdown_rx;
         let admin_task = tokio::spawn(async move {
@@ -219,6 +224,7 @@ impl Server {
             http_task,
             admin_task,
             grace,
+            leaving,
         })
     }
 
@@ -229,6 +235,19 @@ impl Server {
     pub fn authorizer(&self) -> AuthzService {
         let audit = self.engine.load().audit.clone();
         AuthzService::new(self.engine.clone(), self.metrics.clone(), audit)
+    }
+
+    /// The first step of a shutdown with `server.shutdown_delay`: from now on `/readyz`
+    /// answers 503 and gRPC health NOT_SERVING, while every listener still accepts and
+    /// answers as before, so load balancers take this instance out before it stops.
+    pub fn leave_rotation(&self) {
+        self.leaving.store(true, Ordering::Relaxed);
+    }
+
+    /// How long to keep serving out of rotation before `shutdown` (the loaded config's
+    /// `server.shutdown_delay`).
+    pub fn shutdown_delay(&self) -> Duration {
+        self.engine.load().config.file.server.shutdown_delay.get()
     }
 
     /// Stops accepting, lets in-flight checks finish (up to `shutdown_grace`), then returns.
@@ -274,16 +293,17 @@ fn local_addr(listener: &TcpListener, addr: &str) -> Result<SocketAddr, ServeErr
 }
 
 /// Keeps the gRPC health status in step with readiness: SERVING only while the config is
-/// loaded and every issuer's keys are usable.
+/// loaded, every issuer's keys are usable and no shutdown has begun (`leaving`).
 fn spawn_health_updater(
     engine: Arc<ArcSwap<Engine>>,
+    leaving: Arc<AtomicBool>,
     health: tonic_health::server::HealthReporter,
     mut stop: watch::Receiver<bool>,
 ) {
     tokio::spawn(async move {
         let mut last: Option<bool> = None;
         loop {
-            let ready = engine.load().keys.ready();
+            let ready = engine.load().keys.ready() && !leaving.load(Ordering::Relaxed);
             if last != Some(ready) {
                 let status = if ready {
                     ServingStatus::Serving

@@ -370,6 +370,35 @@ fn configmap_policies_compile() {
     }
 }
 
+/// After SIGTERM the service serves out `server.shutdown_delay` (so Envoys reconnecting
+/// while the endpoints catch up are still answered), then lets in-flight checks finish for
+/// up to `shutdown_grace`: the pod's grace period must cover both, or Kubernetes kills it
+/// mid-drain.
+#[test]
+fn the_service_stops_within_its_grace_period() {
+    let docs = k8s();
+    let config = portcullis::config::from_str(
+        &configmap_policy(&docs),
+        Path::new("/etc/portcullis/portcullis.yaml"),
+    )
+    .unwrap();
+    let server = &config.file.server;
+    let (delay, grace) = (server.shutdown_delay.get(), server.shutdown_grace.get());
+    assert!(
+        delay >= std::time::Duration::from_secs(2),
+        "a pod must go on deciding while the endpoints drop it (shutdown_delay {delay:?})"
+    );
+    let pod_grace =
+        one(&docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .expect("the Deployment sets terminationGracePeriodSeconds");
+    assert!(
+        std::time::Duration::from_secs(pod_grace) > delay + grace,
+        "terminationGracePeriodSeconds {pod_grace} does not cover shutdown_delay {delay:?} \
+         plus shutdown_grace {grace:?}"
+    );
+}
+
 /// The Service port named `name`.
 fn service_port<'a>(service: &'a Value, name: &str) -> &'a Value {
     service["spec"]["ports"]

@@ -1025,15 +1025,8 @@ async fn on_one_cpu_the_single_threaded_scheduler_serves_reloads_and_drains() {
         assert_eq!(stack.get(proto, "/orders/1", None).await.status, 401);
     }
 
-    let pid = stack.portcullis().id().unwrap().to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
-    };
+    let pid = stack.portcullis().id().unwrap();
+    let signal = |sig: &str| send_signal(sig, pid);
     signal("-HUP");
     eventually(Duration::from_secs(10), "SIGHUP reload", || async {
         stack
@@ -1060,4 +1053,142 @@ async fn on_one_cpu_the_single_threaded_scheduler_serves_reloads_and_drains() {
     let audit = stack.portcullis().stdout();
     let decisions = audit.lines().filter(|l| l.contains("\"decision\"")).count();
     assert!(decisions >= 5, "{decisions} audit lines:\n{audit}");
+}
+
+/// Sends the signal `sig` (as `kill` spells it: `-TERM`) to the process `pid`.
+fn send_signal(sig: &str, pid: u32) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// A Portcullis config for this test's JWKS server with `server.shutdown_delay: delay`.
+fn delayed_config(grpc: u16, admin: u16, jwks_url: &str, delay: &str) -> String {
+    e2e_config(grpc, admin, jwks_url, |doc| {
+        doc["server"]["shutdown_delay"] = delay.into();
+    })
+}
+
+/// `/readyz` of the admin port `admin`: status and body.
+async fn readyz(client: &reqwest::Client, admin: u16) -> (u16, Value) {
+    let answer = client
+        .get(format!("http://127.0.0.1:{admin}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    (answer.status().as_u16(), answer.json().await.unwrap())
+}
+
+/// A SIGTERMed Portcullis with `server.shutdown_delay` goes on deciding, on new connections
+/// too, while `/readyz` and gRPC health report it not ready, and stops only when the delay
+/// has passed. In a rolling update, Envoy reconnects after the GOAWAY of a stopping
+/// instance, and until the endpoints catch up it may reach the same pod: with the listener
+/// already closed, that Check fails and Envoy denies a request that should pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminating_portcullis_decides_out_its_shutdown_delay_while_not_ready() {
+    const DELAY: Duration = Duration::from_secs(5);
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = JwksServer::start(&[Key::A]).await;
+    let upstream = Upstream::start().await;
+    let portcullis = Portcullis::start(dir.path(), "portcullis", |grpc, admin| {
+        delayed_config(grpc, admin, &jwks.url(), "5s")
+    });
+    let (grpc, admin) = (portcullis.grpc, portcullis.admin);
+    let envoy = Envoy::start(dir.path(), grpc, upstream.port);
+    let mut stack = Stack::assemble(dir, jwks, upstream, Some(portcullis), envoy);
+    let token = reader_token(Key::A);
+    let ok = stack.get(Proto::Http1, "/orders/1", Some(&token)).await;
+    assert_eq!(ok.status, 200, "{}", stack.logs());
+    assert_eq!(readyz(&stack.h1, admin).await.0, 200);
+
+    let signalled = Instant::now();
+    send_signal("-TERM", stack.portcullis().id().unwrap());
+    // Out of rotation at once: /readyz says why, ...
+    let client = stack.h1.clone();
+    eventually(Duration::from_secs(3), "/readyz 503", || async {
+        readyz(&client, admin).await.0 == 503
+    })
+    .await;
+    let (_, body) = readyz(&stack.h1, admin).await;
+    assert_eq!(body["ready"], false, "{body}");
+    assert_eq!(body["shutting_down"], true, "{body}");
+    // ... gRPC health answers NOT_SERVING, on a new connection: the port still accepts ...
+    eventually(
+        Duration::from_secs(3),
+        "gRPC health NOT_SERVING",
+        || async {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(
+                support::inproc::channel(std::net::SocketAddr::from(([127, 0, 0, 1], grpc))).await,
+            );
+            let status = health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .status;
+            status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+        },
+    )
+    .await;
+    // ... and every decision is still made, allow and deny.
+    for proto in PROTOCOLS {
+        let ok = stack.get(proto, "/orders/1", Some(&token)).await;
+        assert_eq!(
+            ok.status,
+            200,
+            "{proto:?} during the delay: {}",
+            stack.logs()
+        );
+        assert!(ok.answered_by_upstream());
+        assert_eq!(stack.get(proto, "/orders/1", None).await.status, 401);
+    }
+    assert!(
+        signalled.elapsed() < DELAY,
+        "the checks above took longer than the delay: they prove nothing"
+    );
+
+    let status = stack.portcullis().wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "expected a clean exit, got {status:?}:\n{}",
+        stack.logs()
+    );
+    assert!(
+        signalled.elapsed() >= DELAY,
+        "stopped {:?} after SIGTERM, before its shutdown_delay",
+        signalled.elapsed()
+    );
+}
+
+/// A second SIGTERM (or Ctrl-C) during `server.shutdown_delay` stops without waiting out
+/// the rest of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_cuts_the_shutdown_delay_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = JwksServer::start(&[Key::A]).await;
+    let mut portcullis = Portcullis::start(dir.path(), "portcullis", |grpc, admin| {
+        delayed_config(grpc, admin, &jwks.url(), "10m")
+    });
+    let pid = portcullis.id().unwrap();
+    let client = reqwest::Client::new();
+    send_signal("-TERM", pid);
+    eventually(Duration::from_secs(3), "/readyz 503", || async {
+        readyz(&client, portcullis.admin).await.0 == 503
+    })
+    .await;
+    send_signal("-INT", pid);
+    let status = portcullis.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "expected a clean exit on the second signal, got {status:?}:\n{}",
+        portcullis.logs()
+    );
+    assert!(
+        portcullis.logs().contains("second signal"),
+        "{}",
+        portcullis.logs()
+    );
 }

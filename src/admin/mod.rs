@@ -1,11 +1,12 @@
-//! Admin HTTP listener: `/healthz` (process alive), `/readyz` (config loaded and every issuer's
-//! keys usable), `/metrics` (Prometheus text). Read-only, except `/revocations` (see
+//! Admin HTTP listener: `/healthz` (process alive), `/readyz` (config loaded, every issuer's
+//! keys usable, and not shutting down), `/metrics` (Prometheus text). Read-only, except `/revocations` (see
 //! `revocations`), which changes the runtime revocation list and nothing else.
 
 pub mod metrics;
 pub mod revocations;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
@@ -22,6 +23,8 @@ use metrics::{IssuerLabels, Metrics};
 pub struct AdminState {
     pub engine: Arc<ArcSwap<Engine>>,
     pub metrics: Arc<Metrics>,
+    /// Set when a shutdown has begun: still serving, no longer ready.
+    pub leaving: Arc<AtomicBool>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -57,8 +60,12 @@ async fn readyz(State(state): State<AdminState>) -> Response {
             })
         })
         .collect();
-    let ready = engine.keys.ready();
-    let body = serde_json::json!({ "ready": ready, "issuers": issuers });
+    let leaving = state.leaving.load(Ordering::Relaxed);
+    let ready = engine.keys.ready() && !leaving;
+    let mut body = serde_json::json!({ "ready": ready, "issuers": issuers });
+    if leaving {
+        body["shutting_down"] = true.into();
+    }
     let code = if ready {
         StatusCode::OK
     } else {

@@ -68,6 +68,11 @@ pub struct ServerConfig {
     /// How long in-flight checks may take to finish after SIGTERM/SIGINT.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: HumanDuration,
+    /// How long to go on serving after SIGTERM/SIGINT, reporting not ready meanwhile, before
+    /// the listeners close: the time load balancers (Kubernetes endpoints, Envoy's health
+    /// checks) take to stop sending new connections here. A second signal ends it.
+    #[serde(default = "default_shutdown_delay")]
+    pub shutdown_delay: HumanDuration,
     /// The longest a Check waits for a key fetch triggered by an unknown `kid`.
     #[serde(default = "default_key_wait")]
     pub key_fetch_wait: HumanDuration,
@@ -105,6 +110,7 @@ impl Default for ServerConfig {
             admin_listen: default_admin_listen(),
             http_listen: None,
             shutdown_grace: default_shutdown_grace(),
+            shutdown_delay: default_shutdown_delay(),
             key_fetch_wait: default_key_wait(),
             tls: None,
         }
@@ -119,6 +125,9 @@ fn default_admin_listen() -> String {
 }
 fn default_shutdown_grace() -> HumanDuration {
     HumanDuration::from_secs(10)
+}
+fn default_shutdown_delay() -> HumanDuration {
+    HumanDuration::from_secs(0)
 }
 fn default_key_wait() -> HumanDuration {
     HumanDuration::from_millis(100)

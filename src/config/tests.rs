@@ -130,6 +130,11 @@ fn type_errors_name_the_field() {
         "invalid duration `soon`",
     );
     fails(
+        &format!("server: {{ shutdown_delay: 5 }}\n{ROUTE}"),
+        "server.shutdown_delay",
+        "invalid",
+    );
+    fails(
         &format!("tokens: {{ max_bytes: -1 }}\n{ROUTE}"),
         "tokens.max_bytes",
         "invalid type: integer `-1`",
