@@ -468,7 +468,9 @@ impl Engine {
     }
 
     /// A cache hit that is still valid at `now`: same header as its issuer expects, time checks
-    /// pass again, and the verifying key is still in the issuer's current key set.
+    /// pass again, and the issuer's current key set would still pick the verifying key for
+    /// the token's `kid` and `alg` (a key republished under another `kid`, or for another
+    /// `alg`, no longer verifies the token).
     /// `Ok(None)` is a miss; `Err` is a deny the hit itself proves (e.g. expired).
     fn cached(
         &self,
@@ -505,7 +507,15 @@ impl Engine {
             .keys
             .get(&issuer.name)
             .map_err(decide::keys_unavailable)?;
-        if !set.contains(&hit.key_fingerprint) {
+        let still_picked = match hit.key_alg {
+            Some(alg) => set
+                .candidates(hit.key_kid.as_deref(), alg)
+                .any(|k| k.fingerprint == hit.key_fingerprint),
+            None => set.contains(&hit.key_fingerprint),
+        };
+        if !still_picked {
+            // The miss path verifies again: an unknown `kid` refetches the keys, and the
+            // deny (or allow) is the one a fresh verification gives.
             cache.entries.invalidate(cred.token);
             return Ok(None);
         }

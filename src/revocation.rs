@@ -499,6 +499,8 @@ mod tests {
             not_before: None,
             issued_at: None,
             key_fingerprint: Arc::from("k"),
+            key_kid: None,
+            key_alg: None,
             claims,
         }
     }

@@ -612,3 +612,57 @@ async fn an_unreadable_check_request_is_an_explicit_deny_never_a_grpc_error() {
         assert!(resp.is_none(), "{path}");
     }
 }
+
+/// The issuer republishes its key (same material) under another `kid` and for another
+/// `alg`. A token signed under the old `kid` then fails a fresh verification (401), and a
+/// cached one must too: a hit is honoured only while the key set would still pick the
+/// verifying key for the token's `kid` and `alg`, as `decide::decide` (no cache) would.
+#[tokio::test]
+async fn a_cached_token_is_refused_once_its_kid_is_gone_even_if_the_key_stayed() {
+    let h = Harness::start().await;
+    let cached = mint(json!({"sub": "alice", "scope": "orders:read", "jti": "cached"}));
+    let fresh = mint(json!({"sub": "alice", "scope": "orders:read", "jti": "fresh"}));
+    let ask = |token: &str| {
+        let auth = bearer(token);
+        let h = &h;
+        async move {
+            h.check("GET", "/orders/1", &[("authorization", &auth)])
+                .await
+        }
+    };
+    assert_eq!(status(&ask(&cached).await), 0, "allowed, and now cached");
+    let mut doc: Value = serde_json::from_str(&dev_jwks()).unwrap();
+    doc["keys"][0]["kid"] = "portcullis-dev-renamed".into();
+    doc["keys"][0]["alg"] = "RS512".into();
+    h.jwks.set(doc.to_string());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !h
+        .server
+        .engine
+        .load_full()
+        .keys
+        .get("dev")
+        .is_ok_and(|set| set.has_kid("portcullis-dev-renamed"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the renamed key was never fetched"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(denied(&ask(&fresh).await).0, 401, "a fresh verification");
+    let engine = h.server.engine.load_full();
+    let headers = HashMap::from([("authorization".to_string(), bearer(&cached))]);
+    let reference = portcullis::decide::decide(
+        &engine.config,
+        &get_orders_1(&headers),
+        &|name| engine.keys.get(name),
+        now(),
+    );
+    assert_eq!(reference.http_status(), 401, "{reference:?}");
+    let (code, _, body) = denied(&ask(&cached).await);
+    assert_eq!(
+        code, 401,
+        "the cached token must be refused like a fresh one: {body}"
+    );
+}

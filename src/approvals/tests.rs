@@ -22,6 +22,8 @@ fn identity(sub: &str, roles: &[&str]) -> Arc<Identity> {
         not_before: None,
         issued_at: None,
         key_fingerprint: Arc::from("k"),
+        key_kid: None,
+        key_alg: None,
     })
 }
 

@@ -29,6 +29,8 @@ fn id(claims: Value) -> Identity {
         not_before: None,
         issued_at: claims.get("iat").and_then(Value::as_i64),
         key_fingerprint: Arc::from("k"),
+        key_kid: None,
+        key_alg: None,
         claims,
     }
 }

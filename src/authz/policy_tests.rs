@@ -68,6 +68,8 @@ fn identity(claims: Value) -> Arc<Identity> {
         not_before: None,
         issued_at: None,
         key_fingerprint: Arc::from("test"),
+        key_kid: None,
+        key_alg: None,
     })
 }
 

@@ -241,6 +241,8 @@ fn key_identity(id: &Arc<str>, owner: &str, expires_at: i64) -> Identity {
         not_before: None,
         issued_at: None,
         key_fingerprint: Arc::from(format!("api-key:{id}")),
+        key_kid: None,
+        key_alg: None,
     }
 }
 

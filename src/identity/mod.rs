@@ -45,6 +45,10 @@ pub struct Identity {
     pub issued_at: Option<i64>,
     /// Fingerprint of the key that verified the token (see `VerifyKey::fingerprint`).
     pub key_fingerprint: Arc<str>,
+    /// The token's `kid` and `alg`, which picked that key: a cache hit is honoured only
+    /// while the issuer's key set would still pick it for them. `None` for an API key.
+    pub key_kid: Option<String>,
+    pub key_alg: Option<jsonwebtoken::Algorithm>,
 }
 
 impl Identity {
@@ -74,6 +78,8 @@ impl Identity {
             not_before: jwt.nbf,
             issued_at: jwt.iat,
             key_fingerprint: jwt.key_fingerprint,
+            key_kid: jwt.kid,
+            key_alg: Some(jwt.alg),
             claims: jwt.claims,
         }
     }
@@ -97,6 +103,7 @@ impl Identity {
             + self.issuer.capacity()
             + self.subject.capacity()
             + self.key_fingerprint.len()
+            + self.key_kid.as_ref().map_or(0, String::capacity)
             + strings_bytes(&self.scopes)
             + strings_bytes(&self.roles)
             + map_bytes(&self.claims)
