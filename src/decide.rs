@@ -47,6 +47,8 @@ pub const DPOP_SCHEME: &str = "DPoP";
 
 /// The request header carrying a DPoP proof (lower-case, as Envoy forwards it).
 pub const DPOP_HEADER: &str = "dpop";
+/// The response header that hands a client a DPoP nonce (RFC 9449 section 9).
+pub const DPOP_NONCE_HEADER: &str = "dpop-nonce";
 
 /// Decides a request without a token cache. Used by `explain`, the corpus and as the
 /// reference the cached path in `engine` must agree with.
@@ -75,10 +77,15 @@ pub fn decide(
     };
     // The pure part of the binding checks; single use of a DPoP `jti` needs shared state
     // and is the engine's (this reference path accepts a replay).
-    if let Err(deny) = binding_checks(config, req, &cred, &identity, now) {
-        return deny.with_route(route).with_identity(Some(identity));
+    let next_nonce = match binding_checks(config, req, &cred, &identity, now) {
+        Ok(guard) => guard.and_then(|g| g.next_nonce),
+        Err(deny) => return deny.with_route(route).with_identity(Some(identity)),
+    };
+    let decision = authorize(config, req, &m, &identity, &principals, now);
+    match next_nonce {
+        Some(nonce) => decision.with_header(DPOP_NONCE_HEADER, nonce),
+        None => decision,
     }
-    authorize(config, req, &m, &identity, &principals, now)
 }
 
 /// The grant step: an API key must list the endpoint, then a rule of the route must hold,
@@ -157,6 +164,9 @@ pub struct ReplayGuard {
     pub ttl: Duration,
     /// The deny when the key was already present.
     pub replayed: Decision,
+    /// A newer DPoP nonce for the client (the `DPoP-Nonce` header of the answer), when the
+    /// one its proof carried is about to expire.
+    pub next_nonce: Option<String>,
 }
 
 /// Checks that tie a verified token to the request carrying it: certificate binding
@@ -270,7 +280,13 @@ fn dpop_binding(
     };
     let verified = proof
         .and_then(|p| dpop::verify_proof(p, cred.token, jkt, &issuer.dpop, &proof_req, now))
-        .map_err(|e| invalid_proof(issuer, &e))?;
+        .map_err(|e| match &issuer.dpop.nonce {
+            Some(nonces) if e.wants_nonce() => {
+                dpop_deny(issuer, ReasonCode::UseDpopNonce, e.to_string())
+                    .with_header(DPOP_NONCE_HEADER, nonces.issue(now))
+            }
+            _ => invalid_proof(issuer, &e),
+        })?;
     let jti_hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verified.jti.as_bytes());
     Ok(Some(ReplayGuard {
         key: format!(
@@ -282,6 +298,7 @@ fn dpop_binding(
         // A proof is acceptable from `iat - window` to `iat + window`.
         ttl: Duration::from_secs(issuer.dpop.window_secs.saturating_mul(2)),
         replayed: invalid_proof(issuer, &DpopError::Replayed),
+        next_nonce: verified.next_nonce,
     }))
 }
 
@@ -305,6 +322,7 @@ fn dpop_deny(
         .collect();
     let error = match code {
         ReasonCode::InvalidDpopProof => "invalid_dpop_proof",
+        ReasonCode::UseDpopNonce => "use_dpop_nonce",
         _ => "invalid_token",
     };
     let challenge = format!(

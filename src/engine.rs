@@ -315,22 +315,29 @@ impl Engine {
             Ok(id) => id,
             Err(deny) => return deny.with_route(route),
         };
-        if let Err(deny) = self.identity_checks(req, &cred, &identity, now).await {
-            return deny.with_route(route).with_identity(Some(identity.clone()));
-        }
+        let next_nonce = match self.identity_checks(req, &cred, &identity, now).await {
+            Ok(next_nonce) => next_nonce,
+            Err(deny) => return deny.with_route(route).with_identity(Some(identity.clone())),
+        };
         let decision = decide::authorize(config, req, &m, &identity, &principals, now);
-        self.after_grant(req, &m, decision, now).await
+        let decision = self.after_grant(req, &m, decision, now).await;
+        // The client's DPoP nonce is about to expire: hand it the next one, allowed or not.
+        match next_nonce {
+            Some(nonce) => decision.with_header(decide::DPOP_NONCE_HEADER, nonce),
+            None => decision,
+        }
     }
 
     /// Checks on a verified identity that need more than the token: revocation, DPoP proof
-    /// and replay, certificate binding. They run on cache hits and misses alike.
+    /// and replay, certificate binding. They run on cache hits and misses alike. Answers the
+    /// next DPoP nonce to hand the client, if its proof's is about to expire.
     async fn identity_checks(
         &self,
         req: &RequestView<'_>,
         cred: &Credential<'_>,
         identity: &Arc<Identity>,
         now: i64,
-    ) -> Result<(), Decision> {
+    ) -> Result<Option<String>, Decision> {
         self.revocations.check(identity, now)?;
         self.runtime_revoked.check(identity)?;
         let guard = decide::binding_checks(&self.config, req, cred, identity, now)?;
@@ -346,8 +353,9 @@ impl Engine {
                 Ok(false) => return Err(guard.replayed),
                 Err(e) => return Err(Decision::new(ReasonCode::StateUnavailable, e.to_string())),
             }
+            return Ok(guard.next_nonce);
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Stateful limits applied to a granted request: rate limits and quotas, just-in-time

@@ -69,6 +69,13 @@ impl Reloader {
                 .filter_map(|i| i.keys.file.clone()),
         );
         files.extend(engine.config.api_keys.as_ref().and_then(|k| k.file.clone()));
+        files.extend(
+            engine
+                .config
+                .issuers
+                .iter()
+                .filter_map(|i| i.dpop.nonce.as_ref().and_then(|n| n.source.clone())),
+        );
         files
     }
 

@@ -17,7 +17,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::inproc::{IDENTITY_HEADERS, e2e_config};
 use support::jwks::JwksServer;
-use support::jwt::{E2E_ISSUER as ISSUER, Key, dpop_proof, dpop_proof_key, dpop_token};
+use support::jwt::{
+    E2E_ISSUER as ISSUER, Key, dpop_proof, dpop_proof_key, dpop_proof_with_nonce, dpop_token,
+};
 use support::stack::{
     Answer, Envoy, Portcullis, Upstream, eventually, h1_client, h2c_client, send_to,
 };
@@ -358,4 +360,51 @@ async fn dpop_proofs_bind_to_the_url_envoy_received() {
         assert_eq!(other.status, 401, "{other:?}");
         assert_eq!(other.error(), "invalid_dpop_proof");
     }
+}
+
+/// Server-provided DPoP nonces on this API: Envoy passes `DPoP-Nonce` to the client on the
+/// `use_dpop_nonce` deny (`allowed_client_headers`) and on an allow that renews it
+/// (`allowed_client_headers_on_success`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dpop_nonces_reach_the_client_on_denies_and_allows() {
+    const LIFETIME: i64 = 5;
+    let stack = Stack::start(|doc| {
+        doc["issuers"][0]["dpop"] = "required".into();
+        doc["issuers"][0]["dpop_nonce"] = serde_yaml::from_str("{ lifetime: 5s }").unwrap();
+    })
+    .await;
+    let (jwk, jkt) = dpop_proof_key();
+    let token = dpop_token(&jkt);
+    let auth = format!("DPoP {token}");
+    let htu = format!("http://{}/orders/42", stack.envoy.addr);
+    let send = |nonce: Option<String>| {
+        let proof = dpop_proof_with_nonce(&jwk, &token, &htu, nonce.as_deref());
+        let (stack, auth) = (&stack, &auth);
+        async move {
+            let headers = [("authorization", auth.as_str()), ("dpop", proof.as_str())];
+            stack.send(false, "GET", "/orders/42", &headers).await
+        }
+    };
+    let first = send(None).await;
+    assert_eq!(first.status, 401, "{first:?}\n{}", stack.logs());
+    assert_eq!(first.error(), "use_dpop_nonce");
+    let nonce = first
+        .header("dpop-nonce")
+        .expect("Envoy passes DPoP-Nonce on the deny")
+        .to_string();
+    let retry = send(Some(nonce.clone())).await;
+    assert_eq!(retry.status, 200, "{retry:?}\n{}", stack.logs());
+    assert!(retry.answered_by_upstream());
+
+    let period = |t: i64| t / LIFETIME;
+    let issued = period(support::jwt::now());
+    while period(support::jwt::now()) == issued {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let late = send(Some(nonce.clone())).await;
+    assert_eq!(late.status, 200, "{late:?}");
+    let next = late
+        .header("dpop-nonce")
+        .expect("Envoy passes DPoP-Nonce on the allow");
+    assert_ne!(next, nonce);
 }

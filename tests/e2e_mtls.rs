@@ -20,7 +20,7 @@ use serde_json::Value;
 use support::ChildGuard;
 use support::jwt::{
     E2E_AUDIENCE as AUDIENCE, E2E_ISSUER as ISSUER, Key, dpop_proof, dpop_proof_key as proof_key,
-    dpop_token, write_jwks,
+    dpop_proof_with_nonce, dpop_token, write_jwks,
 };
 use support::module::with_module;
 use support::stack::{Envoy, Portcullis, UPSTREAM_MARKER, Upstream};
@@ -92,6 +92,11 @@ struct Stack {
 
 impl Stack {
     async fn start(authorizer: Authorizer) -> Stack {
+        Stack::start_with(authorizer, str::to_string).await
+    }
+
+    /// [`Stack::start`] with the Portcullis config passed through `edit` first.
+    async fn start_with(authorizer: Authorizer, edit: impl Fn(&str) -> String) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let upstream = Upstream::start().await;
         let jwks = write_jwks(dir.path(), &[Key::A]);
@@ -100,10 +105,14 @@ impl Stack {
             Authorizer::Service => Some(Portcullis::start(
                 dir.path(),
                 "portcullis",
-                |grpc, admin| portcullis_config(&jwks, grpc, admin),
+                |grpc, admin| edit(&portcullis_config(&jwks, grpc, admin)),
             )),
             Authorizer::Module => {
-                let text = portcullis_config(&jwks, support::free_port(), support::free_port());
+                let text = edit(&portcullis_config(
+                    &jwks,
+                    support::free_port(),
+                    support::free_port(),
+                ));
                 std::fs::write(&config, text).unwrap();
                 None
             }
@@ -178,15 +187,20 @@ impl Stack {
             .unwrap_or_else(|e| panic!("GET {path}: {e:?}\n{}", self.logs()));
         let status = response.status().as_u16();
         let upstream = response.headers().contains_key(UPSTREAM_MARKER);
-        let challenge = response
-            .headers()
-            .get("www-authenticate")
-            .map(|v| v.to_str().unwrap().to_string());
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        let challenge = header("www-authenticate");
+        let dpop_nonce = header("dpop-nonce");
         let body = response.text().await.unwrap();
         Answer {
             status,
             upstream,
             challenge,
+            dpop_nonce,
             body,
         }
     }
@@ -202,6 +216,8 @@ struct Answer {
     status: u16,
     upstream: bool,
     challenge: Option<String>,
+    /// The `DPoP-Nonce` header (RFC 9449 9), as the client received it.
+    dpop_nonce: Option<String>,
     body: String,
 }
 
@@ -426,4 +442,94 @@ async fn dpop(authorizer: Authorizer) {
     assert_eq!(wrong.status, 401, "{wrong:?}");
     assert_eq!(wrong.error(), "invalid_dpop_proof");
     assert_eq!(stack.upstream.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dpop_nonces_are_handed_out_required_and_renewed() {
+    dpop_nonce(Authorizer::Service).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_module_hands_out_requires_and_renews_dpop_nonces() {
+    dpop_nonce(Authorizer::Module).await;
+}
+
+/// With `dpop_nonce` on the issuer, a proof needs a nonce Portcullis handed out: the client
+/// is told to use one (401 `use_dpop_nonce` with `DPoP-Nonce`, through Envoy), retries with
+/// it, and is handed the next one on an allowed request when its own is about to expire.
+async fn dpop_nonce(authorizer: Authorizer) {
+    const LIFETIME: u64 = 5;
+    let stack = Stack::start_with(authorizer, |config| {
+        let line = "    dpop: optional\n";
+        assert!(config.contains(line));
+        config.replacen(
+            line,
+            &format!("{line}    dpop_nonce: {{ lifetime: {LIFETIME}s }}\n"),
+            1,
+        )
+    })
+    .await;
+    let client = Stack::client(Some("checkout"));
+    let (jwk, jkt) = proof_key();
+    let token = dpop_token(&jkt);
+    let auth = format!("DPoP {token}");
+    let htu = stack.url("/orders/42");
+    let send = |nonce: Option<String>| {
+        let proof = dpop_proof_with_nonce(&jwk, &token, &htu, nonce.as_deref());
+        let (stack, client, auth) = (&stack, &client, &auth);
+        async move {
+            stack
+                .get(
+                    client,
+                    "/orders/42",
+                    &[("authorization", auth), ("dpop", &proof)],
+                )
+                .await
+        }
+    };
+
+    // No nonce: told to use one, and given it.
+    let first = send(None).await;
+    assert_eq!(first.status, 401, "{first:?}\n{}", stack.logs());
+    assert_eq!(first.error(), "use_dpop_nonce");
+    assert!(!first.upstream);
+    let challenge = first.challenge.clone().unwrap_or_default();
+    assert!(
+        challenge.starts_with("DPoP ") && challenge.contains("error=\"use_dpop_nonce\""),
+        "{challenge:?}"
+    );
+    let nonce = first
+        .dpop_nonce
+        .clone()
+        .expect("a DPoP-Nonce to retry with");
+    assert_eq!(nonce.len(), 32, "{nonce:?}");
+
+    // A nonce Portcullis did not make: the same, with a real one.
+    let forged = send(Some("A".repeat(32))).await;
+    assert_eq!(forged.status, 401, "{forged:?}");
+    assert_eq!(forged.error(), "use_dpop_nonce");
+    assert!(forged.dpop_nonce.is_some(), "{forged:?}");
+
+    // The retry with the nonce it was given passes.
+    let retry = send(Some(nonce.clone())).await;
+    assert_eq!(retry.status, 200, "{retry:?}\n{}", stack.logs());
+    assert!(retry.upstream);
+
+    // Once a new period has begun, the old nonce still passes and the answer hands the new
+    // one, which passes too.
+    let period = |t: i64| t / LIFETIME as i64;
+    let issued = period(support::jwt::now());
+    while period(support::jwt::now()) == issued {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let late = send(Some(nonce.clone())).await;
+    assert_eq!(late.status, 200, "{late:?}\n{}", stack.logs());
+    let next = late
+        .dpop_nonce
+        .clone()
+        .expect("the next nonce on the allow");
+    assert_ne!(next, nonce);
+    let renewed = send(Some(next)).await;
+    assert_eq!(renewed.status, 200, "{renewed:?}");
+    assert_eq!(stack.upstream.count(), 3);
 }

@@ -38,6 +38,9 @@ pub enum ReasonCode {
     Revoked,
     /// A DPoP proof is missing, invalid or replayed (RFC 9449).
     InvalidDpopProof,
+    /// A DPoP proof lacks a current server-provided nonce; the answer carries one
+    /// (`DPoP-Nonce`) to retry with (RFC 9449 section 9).
+    UseDpopNonce,
     /// A context condition failed: source network, time window, session age, posture.
     ContextDenied,
     /// Over a rate limit or quota.
@@ -65,6 +68,7 @@ impl ReasonCode {
             ReasonCode::Internal => "internal_error",
             ReasonCode::Revoked => "revoked",
             ReasonCode::InvalidDpopProof => "invalid_dpop_proof",
+            ReasonCode::UseDpopNonce => "use_dpop_nonce",
             ReasonCode::ContextDenied => "context_denied",
             ReasonCode::RateLimited => "rate_limited",
             ReasonCode::ApprovalRequired => "approval_required",
@@ -82,7 +86,8 @@ impl ReasonCode {
             | ReasonCode::UnknownIssuer
             | ReasonCode::KeysUnavailable
             | ReasonCode::Revoked
-            | ReasonCode::InvalidDpopProof => 401,
+            | ReasonCode::InvalidDpopProof
+            | ReasonCode::UseDpopNonce => 401,
             ReasonCode::PathRejected
             | ReasonCode::NoRoute
             | ReasonCode::InsufficientScope
@@ -214,6 +219,7 @@ mod tests {
             Internal,
             Revoked,
             InvalidDpopProof,
+            UseDpopNonce,
             ContextDenied,
             RateLimited,
             ApprovalRequired,

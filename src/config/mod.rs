@@ -29,6 +29,7 @@ use crate::authz::policy::{
     Template, is_tchar,
 };
 use crate::identity::dpop::{DEFAULT_DPOP_ALGORITHMS, DpopMode, DpopRules};
+use crate::identity::dpop_nonce::{MIN_SECRET_BYTES, NonceRules};
 use crate::identity::peer::PrincipalPattern;
 use crate::identity::{ClaimPaths, JwtRules};
 
@@ -344,8 +345,9 @@ impl Compiler {
         }
 
         let mut issuers: Vec<Arc<CompiledIssuer>> = Vec::with_capacity(file.issuers.len());
+        let shared_state = file.state.backend == schema::StateBackend::Redis;
         for (i, ic) in file.issuers.iter().enumerate() {
-            let compiled = self.issuer(i, ic, max_bytes)?;
+            let compiled = self.issuer(i, ic, max_bytes, shared_state)?;
             let field = format!("issuers[{i}]");
             if &*compiled.name == crate::identity::apikey::API_KEY_ISSUER {
                 return Err(self.hint(
@@ -435,7 +437,13 @@ impl Compiler {
         })
     }
 
-    fn issuer(&mut self, i: usize, ic: &IssuerConfig, max_bytes: usize) -> Res<CompiledIssuer> {
+    fn issuer(
+        &mut self,
+        i: usize,
+        ic: &IssuerConfig,
+        max_bytes: usize,
+        shared_state: bool,
+    ) -> Res<CompiledIssuer> {
         let f = |s: &str| format!("issuers[{i}].{s}");
         if ic.issuer.trim().is_empty() || ic.issuer.trim() != ic.issuer {
             return Err(self.err(
@@ -612,7 +620,8 @@ impl Compiler {
             ));
         }
 
-        let dpop = self.dpop(i, ic, &header, max_bytes)?;
+        let mut dpop = self.dpop(i, ic, &header, max_bytes)?;
+        dpop.nonce = self.dpop_nonce(i, ic, &name, shared_state)?.map(Arc::new);
         Ok(CompiledIssuer {
             dpop,
             cert_bound: ic.cert_bound,
@@ -684,7 +693,70 @@ impl Compiler {
             algorithms,
             window_secs: window,
             max_proof_bytes: max_bytes,
+            nonce: None,
         })
+    }
+
+    /// `issuers[i].dpop_nonce`: the nonce secret (read here, never echoed) and lifetime.
+    fn dpop_nonce(
+        &mut self,
+        i: usize,
+        ic: &IssuerConfig,
+        name: &str,
+        shared_state: bool,
+    ) -> Res<Option<NonceRules>> {
+        let f = |s: &str| format!("issuers[{i}].dpop_nonce{s}");
+        let Some(nc) = &ic.dpop_nonce else {
+            return Ok(None);
+        };
+        if ic.dpop == DpopMode::Disabled {
+            return Err(self.hint(
+                f(""),
+                "nonces are for DPoP proofs, and this issuer does not accept DPoP",
+                "set `dpop: optional` or `dpop: required`, or remove `dpop_nonce`",
+            ));
+        }
+        let lifetime = nc.lifetime.get().as_secs();
+        if !(5..=3600).contains(&lifetime) {
+            return Err(self.err(f(".lifetime"), "must be between 5s and 1h"));
+        }
+        let (secret, source) = match &nc.secret_file {
+            Some(file) => {
+                let path = crate::keys::resolve_path(&self.dir, file);
+                let secret = std::fs::read(&path).map_err(|e| {
+                    self.err(
+                        f(".secret_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                if secret.len() < MIN_SECRET_BYTES {
+                    return Err(self.hint(
+                        f(".secret_file"),
+                        format!(
+                            "{} holds {} bytes; a nonce secret needs at least {MIN_SECRET_BYTES}",
+                            path.display(),
+                            secret.len()
+                        ),
+                        "e.g. `head -c 32 /dev/urandom > dpop-nonce.key`",
+                    ));
+                }
+                (secret, Some(path))
+            }
+            None => {
+                let mut secret = vec![0u8; MIN_SECRET_BYTES];
+                aws_lc_rs::rand::fill(&mut secret)
+                    .map_err(|_| self.err(f(""), "no randomness available for a nonce secret"))?;
+                if shared_state {
+                    self.warnings.push(format!(
+                        "issuers[{i}].dpop_nonce: without `secret_file` each replica makes its \
+                         own nonces, and refuses the others' (clients retry until they reach \
+                         the same replica twice); give every replica the same `secret_file`"
+                    ));
+                }
+                (secret, None)
+            }
+        };
+        Ok(Some(NonceRules::new(&secret, name, lifetime, source)))
     }
 
     /// The gRPC listener's TLS files exist, and client verification is coherent.

@@ -231,10 +231,31 @@ pub struct IssuerConfig {
     /// How far a proof's `iat` may be from now, either way; `jti`s are remembered twice as long.
     #[serde(default = "default_dpop_window")]
     pub dpop_window: HumanDuration,
+    /// Server-provided DPoP nonces (RFC 9449 9): proofs must carry a recent one.
+    #[serde(default)]
+    pub dpop_nonce: Option<DpopNonceConfig>,
     /// Certificate-bound tokens (RFC 8705): every token must carry `cnf.x5t#S256` matching the
     /// client certificate Envoy forwards. (A token that carries it is always checked.)
     #[serde(default)]
     pub cert_bound: bool,
+}
+
+/// `issuers[].dpop_nonce`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpopNonceConfig {
+    /// File holding the secret nonces are made with (at least 32 bytes), relative to the
+    /// config file. Every replica must read the same one. Absent: a random secret per
+    /// process (and per config load).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// How long a nonce is the current one; it is accepted for one period more.
+    #[serde(default = "default_dpop_nonce_lifetime")]
+    pub lifetime: HumanDuration,
+}
+
+fn default_dpop_nonce_lifetime() -> HumanDuration {
+    HumanDuration::from_secs(300)
 }
 
 fn default_dpop_window() -> HumanDuration {

@@ -687,3 +687,88 @@ fn edit_distance_and_closest() {
     assert_eq!(closest("scope", &["scopes", "roles"]), Some("scopes"));
     assert_eq!(closest("zzzzzz", &["scopes", "roles"]), None);
 }
+
+#[test]
+fn dpop_nonce_needs_dpop_a_sane_lifetime_and_a_real_secret() {
+    let dpop =
+        |extra: &str| with_issuer(&format!("{DEV}, dpop: optional, dpop_nonce: {{ {extra} }}"));
+    fails(
+        &with_issuer(&format!("{DEV}, dpop_nonce: {{}}")),
+        "issuers[0].dpop_nonce",
+        "does not accept DPoP",
+    );
+    fails(
+        &dpop("lifetime: 1s"),
+        "issuers[0].dpop_nonce.lifetime",
+        "between 5s and 1h",
+    );
+    fails(
+        &dpop("lifetime: 2h"),
+        "issuers[0].dpop_nonce.lifetime",
+        "between 5s and 1h",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such.key");
+    fails(
+        &dpop(&format!("secret_file: \"{}\"", missing.display())),
+        "issuers[0].dpop_nonce.secret_file",
+        "cannot read",
+    );
+    let short = dir.path().join("short.key");
+    std::fs::write(&short, "sixteen-byte-key").unwrap();
+    let e = fails(
+        &dpop(&format!("secret_file: \"{}\"", short.display())),
+        "issuers[0].dpop_nonce.secret_file",
+        "holds 16 bytes; a nonce secret needs at least 32",
+    );
+    assert!(!e.to_string().contains("sixteen-byte-key"), "{e}");
+    let e = compile(&dpop("secrets: x")).unwrap_err();
+    assert!(e.to_string().contains("secrets"), "{e}");
+
+    // A good one: the lifetime and the file it watches are kept, and nonces verify.
+    let good = dir.path().join("nonce.key");
+    std::fs::write(&good, [7u8; 32]).unwrap();
+    let c = compile(&dpop(&format!(
+        "secret_file: \"{}\", lifetime: 2m",
+        good.display()
+    )))
+    .unwrap();
+    let nonces = c.issuers[0].dpop.nonce.as_ref().unwrap();
+    assert_eq!(nonces.source.as_deref(), Some(good.as_path()));
+    let same = crate::identity::dpop_nonce::NonceRules::new(&[7u8; 32], "dev", 120, None);
+    assert_eq!(
+        same.check(&nonces.issue(1_800_000_000), 1_800_000_000),
+        crate::identity::dpop_nonce::NonceCheck::Current
+    );
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
+#[test]
+fn dpop_nonce_without_a_shared_secret_warns_when_replicas_share_state() {
+    let text = format!(
+        "state: {{ backend: redis }}\n{}",
+        with_issuer(&format!("{DEV}, dpop: required, dpop_nonce: {{}}"))
+    );
+    let c = compile(&text).unwrap();
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("issuers[0].dpop_nonce") && w.contains("secret_file")),
+        "{:?}",
+        c.warnings
+    );
+    let alone = compile(&with_issuer(&format!(
+        "{DEV}, dpop: required, dpop_nonce: {{}}"
+    )))
+    .unwrap();
+    assert!(alone.warnings.is_empty(), "{:?}", alone.warnings);
+    assert!(
+        alone.issuers[0]
+            .dpop
+            .nonce
+            .as_ref()
+            .unwrap()
+            .source
+            .is_none()
+    );
+}

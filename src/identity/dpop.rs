@@ -14,6 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
 
+use super::dpop_nonce::{NonceCheck, NonceRules};
 use super::jwk;
 use super::jwt::{self, JwtError};
 
@@ -56,6 +57,8 @@ pub struct DpopRules {
     pub window_secs: u64,
     /// Largest proof accepted, before any parsing.
     pub max_proof_bytes: usize,
+    /// Server-provided nonces (`dpop_nonce`): when set, a proof must carry a current one.
+    pub nonce: Option<Arc<NonceRules>>,
 }
 
 /// The request a proof is checked against.
@@ -76,6 +79,8 @@ pub struct VerifiedProof {
     pub iat: i64,
     /// RFC 7638 thumbprint of the proof key.
     pub jkt: Arc<str>,
+    /// A newer nonce to hand the client (`DPoP-Nonce`), when its own is about to expire.
+    pub next_nonce: Option<String>,
 }
 
 /// Why a proof was refused. Messages name the problem, never the proof or the token.
@@ -111,6 +116,18 @@ pub enum DpopError {
     WrongKey,
     #[error("the DPoP proof `jti` was already used")]
     Replayed,
+    #[error("the DPoP proof has no `nonce`: use the one in the DPoP-Nonce header")]
+    NonceMissing,
+    #[error("the DPoP proof `nonce` is not current: use the one in the DPoP-Nonce header")]
+    NonceRejected,
+}
+
+impl DpopError {
+    /// Whether the answer is `use_dpop_nonce` with a fresh nonce (RFC 9449 9), which the
+    /// client retries with, rather than `invalid_dpop_proof`.
+    pub fn wants_nonce(&self) -> bool {
+        matches!(self, DpopError::NonceMissing | DpopError::NonceRejected)
+    }
 }
 
 impl From<JwtError> for DpopError {
@@ -199,10 +216,24 @@ pub fn verify_proof(
     if !constant_time_eq(key.fingerprint.as_bytes(), bound_jkt.as_bytes()) {
         return Err(DpopError::WrongKey);
     }
+    // Last: a proof wrong in any other way gets that error, not a nonce to retry with.
+    let next_nonce = match &rules.nonce {
+        None => None,
+        Some(nonces) => match claims.get("nonce") {
+            Some(Value::String(n)) => match nonces.check(n, now) {
+                NonceCheck::Current => None,
+                NonceCheck::Previous => Some(nonces.issue(now)),
+                NonceCheck::Rejected => return Err(DpopError::NonceRejected),
+            },
+            Some(_) => return Err(DpopError::NonceRejected),
+            None => return Err(DpopError::NonceMissing),
+        },
+    };
     Ok(VerifiedProof {
         jti: jti.to_string(),
         iat,
         jkt: key.fingerprint.clone(),
+        next_nonce,
     })
 }
 

@@ -87,6 +87,7 @@ fn rules() -> DpopRules {
         algorithms: DEFAULT_DPOP_ALGORITHMS.to_vec(),
         window_secs: 60,
         max_proof_bytes: 8192,
+        nonce: None,
     }
 }
 
@@ -430,4 +431,62 @@ fn errors_never_contain_the_proof_or_token() {
         assert!(!e.contains(part), "{e}");
     }
     assert!(!e.contains(TOKEN));
+}
+
+/// `rules()` with server-provided nonces, current for five minutes.
+fn nonce_rules() -> DpopRules {
+    DpopRules {
+        nonce: Some(Arc::new(NonceRules::new(
+            b"0123456789abcdef0123456789abcdef",
+            "corp",
+            300,
+            None,
+        ))),
+        ..rules()
+    }
+}
+
+fn check_nonce(proof: &str, now: i64) -> Result<VerifiedProof, DpopError> {
+    verify_proof(
+        proof,
+        TOKEN,
+        &thumbprint("ec-p256"),
+        &nonce_rules(),
+        &request(),
+        now,
+    )
+}
+
+#[test]
+fn with_nonces_on_a_proof_needs_a_current_nonce_and_is_handed_the_next_one_in_time() {
+    let nonces = nonce_rules().nonce.unwrap();
+    // Without one, or with one not made here: the answer tells the client to use ours.
+    let missing = check_nonce(&proof_with(json!({}), json!({})), NOW).unwrap_err();
+    assert_eq!(missing, DpopError::NonceMissing);
+    assert!(missing.wants_nonce());
+    for bad in [json!("made-up"), json!(7), json!(nonces.issue(NOW - 600))] {
+        let got = check_nonce(&proof_with(json!({}), json!({"nonce": bad})), NOW);
+        assert_eq!(got.unwrap_err(), DpopError::NonceRejected, "{bad}");
+    }
+    // The current nonce: accepted, nothing newer to hand out.
+    let current = nonces.issue(NOW);
+    let v = check_nonce(&proof_with(json!({}), json!({"nonce": current})), NOW).unwrap();
+    assert_eq!(v.next_nonce, None);
+    // The previous period's: still accepted, and the client is handed the current one.
+    let later = NOW + 300;
+    let v = check_nonce(
+        &proof_with(json!({}), json!({"iat": later, "nonce": current})),
+        later,
+    )
+    .unwrap();
+    assert_eq!(v.next_nonce, Some(nonces.issue(later)));
+    // Without nonces configured, a `nonce` claim is simply not read.
+    assert!(check(&proof_with(json!({}), json!({"nonce": "anything"}))).is_ok());
+}
+
+#[test]
+fn a_proof_wrong_in_another_way_is_not_answered_with_a_nonce() {
+    let got = check_nonce(&proof_with(json!({}), json!({"htm": "POST"})), NOW).unwrap_err();
+    assert_eq!(got, DpopError::WrongMethod);
+    assert!(!got.wants_nonce());
 }

@@ -5,6 +5,7 @@
 
 pub mod apikey;
 pub mod dpop;
+pub mod dpop_nonce;
 pub mod jwk;
 pub mod jwt;
 pub mod peer;

@@ -199,13 +199,21 @@ pub fn dpop_token(jkt: &str) -> String {
 
 /// A fresh DPoP proof (its own `jti`) for `GET htu` and `token`, signed with the fixture key.
 pub fn dpop_proof(jwk: &Value, token: &str, htu: &str) -> String {
+    dpop_proof_with_nonce(jwk, token, htu, None)
+}
+
+/// [`dpop_proof`] carrying the server-provided `nonce`, when given.
+pub fn dpop_proof_with_nonce(jwk: &Value, token: &str, htu: &str, nonce: Option<&str>) -> String {
     let header = json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk});
     let ath = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref());
-    let claims = json!({
+    let mut claims = json!({
         "jti": format!("proof-{}-{}", std::process::id(), serial()),
         "htm": "GET", "htu": htu, "iat": now(), "ath": ath,
     });
+    if let Some(nonce) = nonce {
+        claims["nonce"] = nonce.into();
+    }
     let message = format!(
         "{}.{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header.to_string()),
