@@ -54,6 +54,9 @@ pub enum Command {
     },
     /// Show the decision for one request, and which route and rule made it.
     Explain(ExplainArgs),
+    /// Run policy tests (YAML: requests, callers, expected decisions): exit 0 when all pass,
+    /// 1 when one fails, 2 when a file or the config cannot be used.
+    Test(TestArgs),
     /// Mint a DEVELOPMENT-ONLY token with the checked-in dev key (config/dev/).
     Token(TokenArgs),
     /// List, approve or reject just-in-time approval requests (gRPC client).
@@ -108,6 +111,17 @@ pub struct ExplainArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// The config under test. Default: the one each test file names (`config:`), else
+    /// config/portcullis.yaml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Test files (format: `portcullis::policytest`, README "Policy tests").
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -407,6 +421,24 @@ pub async fn explain(args: &ExplainArgs) -> Result<Explanation, CliError> {
         decision,
         rate_limits,
     })
+}
+
+/// `test`: every file's report, in order. A failing case is in its report; `Err` is a file
+/// or config that cannot be used.
+pub async fn test(args: &TestArgs) -> Result<Vec<crate::policytest::Report>, CliError> {
+    let mut reports = Vec::with_capacity(args.files.len());
+    for file in &args.files {
+        let (cases, named) =
+            crate::policytest::load(file).map_err(|e| CliError::Usage(e.to_string()))?;
+        let path = args
+            .config
+            .clone()
+            .or(named)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        let config = config::load(&path)?;
+        reports.push(crate::policytest::run(&config, &cases, file, unix_now()).await);
+    }
+    Ok(reports)
 }
 
 /// `token`: a signed development token for the dev issuer of the config.

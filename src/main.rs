@@ -22,6 +22,7 @@ fn main() -> ExitCode {
             .map(|report| print!("{report}"))
             .map_err(anyhow::Error::from),
         Some(Command::Explain(args)) => explain(args),
+        Some(Command::Test(args)) => return policy_test(&args),
         Some(Command::Apikey(cli::ApikeyCommand::New(args))) => cli::apikey_new(&args)
             .map(|k| {
                 eprintln!(
@@ -89,6 +90,27 @@ fn explain(args: cli::ExplainArgs) -> anyhow::Result<()> {
         print!("{}", explanation.to_text());
     }
     Ok(())
+}
+
+/// `test`: exit 0 when every case passes, 1 when one fails, 2 when a file cannot be used.
+fn policy_test(args: &cli::TestArgs) -> ExitCode {
+    let reports = runtime().and_then(|rt| Ok(rt.block_on(cli::test(args))?));
+    match reports {
+        Ok(reports) => {
+            for report in &reports {
+                print!("{}", report.to_text());
+            }
+            if reports.iter().any(|r| r.failed() > 0) {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn approvals(args: portcullis::approvals::client::ApprovalsArgs) -> anyhow::Result<()> {

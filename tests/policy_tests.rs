@@ -1,0 +1,168 @@
+//! `portcullis test` as a user runs it: the binary on YAML policy tests, its output and its
+//! exit status (0 all pass, 1 a case fails, 2 a file cannot be used).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn portcullis_test(args: &[&str], dir: &Path) -> (Option<i32>, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("test")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        ),
+    )
+}
+
+/// The shipped config's own policy tests, as the README tells users to run them.
+#[test]
+fn the_shipped_policy_passes_its_shipped_tests() {
+    let (code, out) = portcullis_test(&["config/policy-tests.yaml"], &support::repo_root());
+    assert_eq!(code, Some(0), "{out}");
+    let cases = std::fs::read_to_string(support::repo_root().join("config/policy-tests.yaml"))
+        .unwrap()
+        .matches("\n  - name: ")
+        .count();
+    assert!(cases >= 15, "{cases} cases");
+    assert!(
+        out.contains(&format!("{cases} cases, {cases} passed, 0 failed")),
+        "{out}"
+    );
+    assert!(
+        out.contains("ok   a reader reads an order: allow 200 allowed"),
+        "{out}"
+    );
+}
+
+/// A test file beside a copy of the shipped config (so `config:` resolves in `dir`).
+fn setup(dir: &Path, tests: &str) {
+    let root = support::repo_root();
+    let config = std::fs::read_to_string(root.join("config/portcullis.yaml")).unwrap();
+    // The shipped config names its dev key set relative to itself.
+    let jwks = root.join("config/dev/jwks.json");
+    let config = config.replace("dev/jwks.json", jwks.to_str().unwrap());
+    let revocations = root.join("config/revocations.yaml");
+    let config = config.replace(
+        "file: revocations.yaml",
+        &format!("file: {}", revocations.display()),
+    );
+    std::fs::write(dir.join("portcullis.yaml"), config).unwrap();
+    std::fs::write(dir.join("tests.yaml"), tests).unwrap();
+}
+
+#[test]
+fn a_failing_case_is_named_with_what_was_expected_and_what_came() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(
+        dir.path(),
+        "config: portcullis.yaml
+now: 2026-12-01T09:00:00Z
+cases:
+  - name: readers may write, or so I thought
+    request: {method: POST, path: /orders}
+    as: {claims: {sub: alice, scope: orders:read}}
+    expect: {decision: allow, rule: orders-writer}
+  - name: readers read
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, scope: orders:read}}
+    expect: {decision: allow}
+  - name: a key that is not there
+    request: {path: /orders/1}
+    as: {api_key: no-such-key}
+    expect: {decision: allow}
+",
+    );
+    let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("FAIL readers may write, or so I thought: deny 403 insufficient_scope"),
+        "{out}"
+    );
+    assert!(out.contains("expected decision allow, got deny"), "{out}");
+    assert!(out.contains("ok   readers read: allow 200"), "{out}");
+    assert!(
+        out.contains("FAIL a key that is not there") && out.contains("no API key `no-such-key`"),
+        "{out}"
+    );
+    assert!(out.contains("3 cases, 1 passed, 2 failed"), "{out}");
+}
+
+#[test]
+fn the_config_under_test_can_be_named_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let tests = "now: 2026-12-01T09:00:00Z
+cases:
+  - name: readers read
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, scope: orders:read}}
+    expect: {decision: allow}
+";
+    setup(dir.path(), tests);
+    let (code, out) = portcullis_test(&["--config", "portcullis.yaml", "tests.yaml"], dir.path());
+    assert_eq!(code, Some(0), "{out}");
+    // The same tests against a policy where reading needs another scope now fail.
+    let stricter = std::fs::read_to_string(dir.path().join("portcullis.yaml"))
+        .unwrap()
+        .replace("scopes: [orders:read]", "scopes: [orders:read:all]");
+    std::fs::write(dir.path().join("stricter.yaml"), stricter).unwrap();
+    let (code, out) = portcullis_test(&["--config", "stricter.yaml", "tests.yaml"], dir.path());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("missing scope `orders:read:all`"), "{out}");
+}
+
+#[test]
+fn a_file_that_cannot_be_used_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for (tests, says) in [
+        (
+            "cases:\n  - {name: a, request: {path: /}, expect: {decision: allow}}\n  - {name: a, request: {path: /}, expect: {decision: allow}}\n",
+            "cases[1]: the name `a` is used twice",
+        ),
+        (
+            "cases:\n  - {name: a, request: {path: /}, expect: {}}\n",
+            "names nothing to check",
+        ),
+        (
+            "cases:\n  - {name: a, request: {path: /}, expect: {decision: maybe}}\n",
+            "unknown variant `maybe`",
+        ),
+        (
+            "cases:\n  - {name: a, request: {path: /}, expects: {decision: allow}}\n",
+            "unknown field `expects`",
+        ),
+        (
+            "cases:\n  - {name: a, request: {path: /}, as: {api_key: k, claims: {}}, expect: {status: 200}}\n",
+            "`as` takes either `api_key` or `issuer`/`claims`",
+        ),
+        (
+            "cases:\n  - {name: a, request: {path: /}, as: {claim: {sub: a}}, expect: {status: 200}}\n",
+            "unknown field `claim` in `as`",
+        ),
+        (
+            "config: no-such.yaml\ncases:\n  - {name: a, request: {path: /}, expect: {status: 200}}\n",
+            "no-such.yaml",
+        ),
+    ] {
+        setup(dir.path(), tests);
+        let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
+        assert_eq!(code, Some(2), "{tests}\n{out}");
+        assert!(out.contains(says), "{tests}\n{out}");
+    }
+    let (code, out) = portcullis_test(&["missing.yaml"], dir.path());
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("cannot read missing.yaml"), "{out}");
+}
