@@ -175,3 +175,42 @@ async fn public_routes_are_limited_per_client_address() {
         .await;
     assert_eq!(denied(&spoofed).0, 429);
 }
+
+/// Operators see each key's traffic: `portcullis_api_key_decisions_total` counts decisions
+/// by key id, result and reason, allowed, refused and rate-limited alike. A key nobody
+/// configured never becomes a label value (clients cannot grow the metric).
+#[tokio::test]
+async fn each_keys_decisions_are_counted_under_its_id() {
+    let h = Harness::start().await;
+    for _ in 0..3 {
+        h.with_key(KEY_A).await; // allowed, allowed, then 429
+    }
+    h.check("POST", "/orders", "10.0.0.7", &[("x-api-key", KEY_A)])
+        .await; // 403: the key does not list the endpoint
+    h.with_key(KEY_B).await;
+    let stranger = "pck_inprocess-stranger-00000000000000000000000009";
+    assert_eq!(denied(&h.with_key(stranger).await).0, 401);
+    let metrics = reqwest::get(format!("http://{}/metrics", h.server.admin_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"portcullis_api_key_decisions_total{key_id="key-a",result="allow",reason="allowed"} 2"#,
+        r#"portcullis_api_key_decisions_total{key_id="key-a",result="deny",reason="rate_limited"} 1"#,
+        r#"portcullis_api_key_decisions_total{key_id="key-a",result="deny",reason="insufficient_scope"} 1"#,
+        r#"portcullis_api_key_decisions_total{key_id="key-b",result="allow",reason="allowed"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line}:\n{metrics}");
+    }
+    let per_key: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("portcullis_api_key_decisions_total{"))
+        .collect();
+    assert_eq!(per_key.len(), 4, "{per_key:#?}");
+    assert!(
+        !metrics.contains("stranger") && !metrics.contains("pck_"),
+        "{metrics}"
+    );
+}

@@ -17,6 +17,15 @@ pub struct DecisionLabels {
     pub route: RouteLabel,
 }
 
+/// A decision made for a configured API key (only verified keys: an unknown key sent by a
+/// client never becomes a label value).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiKeyLabels {
+    pub key_id: String,
+    pub result: &'static str,
+    pub reason: &'static str,
+}
+
 /// The route id as a label value (empty when no route matched). Shares the decision's
 /// `Arc<str>`, so counting a decision allocates nothing.
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
@@ -46,6 +55,8 @@ pub struct ResultLabels {
 
 pub struct Metrics {
     pub decisions: Family<DecisionLabels, Counter>,
+    /// Decisions for requests carrying a valid API key, by key id.
+    pub api_key_decisions: Family<ApiKeyLabels, Counter>,
     pub decision_seconds: Histogram,
     pub token_cache_hits: Counter,
     pub token_cache_misses: Counter,
@@ -67,6 +78,7 @@ impl Metrics {
     pub fn new() -> Self {
         Self {
             decisions: Family::default(),
+            api_key_decisions: Family::default(),
             decision_seconds: Histogram::new([
                 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
                 0.025, 0.05, 0.1, 0.25,
@@ -103,6 +115,11 @@ impl Metrics {
             "decisions",
             "Authorization decisions by result, HTTP status, reason and route",
             self.decisions.clone(),
+        );
+        r.register(
+            "api_key_decisions",
+            "Decisions for requests with a valid API key, by key id, result and reason",
+            self.api_key_decisions.clone(),
         );
         r.register(
             "decision_duration_seconds",

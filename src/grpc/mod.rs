@@ -29,7 +29,7 @@ use envoy_types::pb::google::rpc;
 pub use service::AuthorizationServer;
 use wire::{CheckRequest, HeaderList};
 
-use crate::admin::metrics::{DecisionLabels, Metrics, RouteLabel};
+use crate::admin::metrics::{ApiKeyLabels, DecisionLabels, Metrics, RouteLabel};
 use crate::audit::{AuditEvent, AuditSink};
 use crate::authz::{Decision, ReasonCode, RequestView};
 use crate::engine::Engine;
@@ -149,15 +149,26 @@ impl AuthzService {
         request_id: &str,
         elapsed: std::time::Duration,
     ) {
+        let result = if decision.is_allow() { "allow" } else { "deny" };
         self.metrics
             .decisions
             .get_or_create(&DecisionLabels {
-                result: if decision.is_allow() { "allow" } else { "deny" },
+                result,
                 status: decision.http_status(),
                 reason: decision.code.as_str(),
                 route: RouteLabel(decision.route.clone()),
             })
             .inc();
+        if let Some(key_id) = decision.identity.as_deref().and_then(|i| i.api_key_id()) {
+            self.metrics
+                .api_key_decisions
+                .get_or_create(&ApiKeyLabels {
+                    key_id: key_id.to_string(),
+                    result,
+                    reason: decision.code.as_str(),
+                })
+                .inc();
+        }
         self.metrics.decision_seconds.observe(elapsed.as_secs_f64());
         self.audit
             .record(AuditEvent::new(decision, view, request_id, elapsed));
