@@ -1,6 +1,7 @@
 //! Admin HTTP listener: `/healthz` (process alive), `/readyz` (config loaded, every issuer's
-//! keys usable, and not shutting down), `/metrics` (Prometheus text). Read-only, except `/revocations` (see
-//! `revocations`), which changes the runtime revocation list and nothing else.
+//! keys usable, and not shutting down), `/metrics` (Prometheus text). Read-only, except
+//! `/revocations` (see `revocations`), which changes the runtime revocation list and nothing
+//! else.
 
 pub mod metrics;
 pub mod revocations;
