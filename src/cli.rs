@@ -435,7 +435,7 @@ pub async fn test(args: &TestArgs) -> Result<Vec<crate::policytest::Report>, Cli
             .clone()
             .or(named)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-        let config = config::load(&path)?;
+        let config = Arc::new(config::load(&path)?);
         reports.push(crate::policytest::run(&config, &cases, file, unix_now()).await);
     }
     Ok(reports)

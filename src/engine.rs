@@ -286,30 +286,14 @@ impl Engine {
 
     /// Decides one request at `now`.
     pub async fn check_at(&self, req: &RequestView<'_>, now: i64) -> Decision {
-        let config = &*self.config;
-        let m = match config.policy.match_route(req) {
+        let m = match self.matched(req).await {
             Ok(m) => m,
-            Err(deny) => return deny,
+            Err(answer) => return answer,
         };
-        if m.public {
-            // Public routes need no identity, but their rate limits (e.g. per client address)
-            // still apply.
-            let allow = decide::public_allow(&m);
-            return crate::ratelimit::enforce(&*self.state, config, req, &m, allow).await;
-        }
         let route = Some(m.route_id.clone());
-        let principals = req.principals();
-        let cred = match decide::extract_credential(config, req) {
+        let cred = match decide::extract_credential(&self.config, req) {
             Ok(c) => c,
-            Err(deny) => {
-                let d =
-                    decide::peer_grant(config, req, &m, deny, &principals, now).with_route(route);
-                return if d.is_allow() {
-                    self.after_grant(req, &m, d, now).await
-                } else {
-                    d
-                };
-            }
+            Err(deny) => return self.without_credential(req, &m, deny, now).await,
         };
         let identity = match self.identity(&cred, now).await {
             Ok(id) => id,
@@ -319,13 +303,82 @@ impl Engine {
             Ok(next_nonce) => next_nonce,
             Err(deny) => return deny.with_route(route).with_identity(Some(identity.clone())),
         };
-        let decision = decide::authorize(config, req, &m, &identity, &principals, now);
-        let decision = self.after_grant(req, &m, decision, now).await;
+        let decision = self.grant(req, &m, &identity, now).await;
         // The client's DPoP nonce is about to expire: hand it the next one, allowed or not.
         match next_nonce {
             Some(nonce) => decision.with_header(decide::DPOP_NONCE_HEADER, nonce),
             None => decision,
         }
+    }
+
+    /// Decides `req` at `now` for a caller taken as verified (`None`: no credential): the
+    /// steps of `check_at` once a token and its bindings have been checked. Policy tests
+    /// (`policytest`) run their cases through it.
+    pub async fn check_verified(
+        &self,
+        req: &RequestView<'_>,
+        caller: Option<&Arc<Identity>>,
+        now: i64,
+    ) -> Decision {
+        let m = match self.matched(req).await {
+            Ok(m) => m,
+            Err(answer) => return answer,
+        };
+        match caller {
+            Some(identity) => self.grant(req, &m, identity, now).await,
+            None => {
+                let missing = decide::extract_credential(&self.config, req).err();
+                let missing = missing.unwrap_or_else(|| {
+                    Decision::new(ReasonCode::CredentialMissing, "no credential")
+                });
+                self.without_credential(req, &m, missing, now).await
+            }
+        }
+    }
+
+    /// The route `req` matches. `Err` is the whole answer: a deny, or a public route's
+    /// allow (public routes need no identity, but their rate limits still apply).
+    async fn matched(&self, req: &RequestView<'_>) -> Result<RouteMatch<'_>, Decision> {
+        let m = self.config.policy.match_route(req)?;
+        if m.public {
+            let allow = decide::public_allow(&m);
+            return Err(
+                crate::ratelimit::enforce(&*self.state, &self.config, req, &m, allow).await,
+            );
+        }
+        Ok(m)
+    }
+
+    /// A request without a usable credential (`deny` says why): a service grant by its peer
+    /// identity, then rate limits and approvals; otherwise `deny`.
+    async fn without_credential(
+        &self,
+        req: &RequestView<'_>,
+        m: &RouteMatch<'_>,
+        deny: Decision,
+        now: i64,
+    ) -> Decision {
+        let principals = req.principals();
+        let d = decide::peer_grant(&self.config, req, m, deny, &principals, now)
+            .with_route(Some(m.route_id.clone()));
+        if d.is_allow() {
+            self.after_grant(req, m, d, now).await
+        } else {
+            d
+        }
+    }
+
+    /// The grant for a verified identity, then rate limits and approvals.
+    async fn grant(
+        &self,
+        req: &RequestView<'_>,
+        m: &RouteMatch<'_>,
+        identity: &Arc<Identity>,
+        now: i64,
+    ) -> Decision {
+        let principals = req.principals();
+        let decision = decide::authorize(&self.config, req, m, identity, &principals, now);
+        self.after_grant(req, m, decision, now).await
     }
 
     /// Checks on a verified identity that need more than the token: revocation, DPoP proof

@@ -47,10 +47,10 @@ use serde_json::{Map, Value};
 
 use crate::authz::{Decision, ReasonCode, RequestView};
 use crate::config::Config;
-use crate::decide;
+use crate::engine::Engine;
 use crate::identity::Identity;
 use crate::identity::jwt::VerifiedJwt;
-use crate::state::{MemoryStore, StateStore};
+use crate::state::MemoryStore;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -320,7 +320,7 @@ pub fn load(path: &Path) -> Result<(TestFile, Option<PathBuf>), TestFileError> {
 }
 
 /// Runs every case of `file` against `config`. `now` is the time for cases that set none.
-pub async fn run(config: &Config, file: &TestFile, path: &Path, now: i64) -> Report {
+pub async fn run(config: &Arc<Config>, file: &TestFile, path: &Path, now: i64) -> Report {
     let mut outcomes = Vec::with_capacity(file.cases.len());
     for case in &file.cases {
         let at = case.now.or(file.now).map_or(now, |m| m.0);
@@ -347,9 +347,9 @@ pub async fn run(config: &Config, file: &TestFile, path: &Path, now: i64) -> Rep
     }
 }
 
-/// The server's decision for the case's request from the case's caller, taken as verified:
-/// the steps of `Engine::check_at` after token verification, on fresh in-memory state.
-async fn decide_case(config: &Config, case: &Case, now: i64) -> Result<Decision, String> {
+/// The server's decision for the case's request from the case's caller, taken as verified
+/// (`Engine::check_verified`), on fresh in-memory state.
+async fn decide_case(config: &Arc<Config>, case: &Case, now: i64) -> Result<Decision, String> {
     let r = &case.request;
     let headers: HashMap<String, String> = r
         .headers
@@ -366,33 +366,15 @@ async fn decide_case(config: &Config, case: &Case, now: i64) -> Result<Decision,
         scheme: "https",
         peer_certificate: None,
     };
-    let state: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
-    let m = match config.policy.match_route(&req) {
-        Ok(m) => m,
-        Err(deny) => return Ok(deny),
+    let caller = match &case.caller {
+        Some(caller) => Some(identity(config, caller, now)?),
+        None => None,
     };
-    if m.public {
-        let allow = decide::public_allow(&m);
-        return Ok(crate::ratelimit::enforce(&*state, config, &req, &m, allow).await);
-    }
-    let principals = req.principals();
-    let decision = match &case.caller {
-        None => {
-            let missing = Decision::new(ReasonCode::CredentialMissing, "no credential");
-            decide::peer_grant(config, &req, &m, missing, &principals, now)
-                .with_route(Some(m.route_id.clone()))
-        }
-        Some(caller) => {
-            let identity = identity(config, caller, now)?;
-            decide::authorize(config, &req, &m, &identity, &principals, now)
-        }
-    };
-    if !decision.is_allow() {
-        return Ok(decision);
-    }
-    let decision = crate::ratelimit::enforce(&*state, config, &req, &m, decision).await;
-    let approvals = crate::approvals::Approvals::new(config, state);
-    Ok(approvals.gate(&req, decision, now).await)
+    // A fresh engine per case: empty state, and keys that are never fetched.
+    let metrics = Arc::new(crate::admin::metrics::Metrics::new());
+    let keys = Arc::new(crate::server::key_store(config, metrics.clone()));
+    let engine = Engine::new(config.clone(), keys, Arc::new(MemoryStore::new()), metrics);
+    Ok(engine.check_verified(&req, caller.as_ref(), now).await)
 }
 
 /// The verified identity a caller stands for.
