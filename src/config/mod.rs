@@ -743,9 +743,9 @@ impl Compiler {
                 (secret, Some(path))
             }
             None => {
-                let mut secret = vec![0u8; MIN_SECRET_BYTES];
-                aws_lc_rs::rand::fill(&mut secret)
-                    .map_err(|_| self.err(f(""), "no randomness available for a nonce secret"))?;
+                let secret = process_nonce_secret()
+                    .map_err(|_| self.err(f(""), "no randomness available for a nonce secret"))?
+                    .to_vec();
                 if shared_state {
                     self.warnings.push(format!(
                         "issuers[{i}].dpop_nonce: without `secret_file` each replica makes its \
@@ -1305,6 +1305,21 @@ impl Compiler {
         }
         Ok(out)
     }
+}
+
+/// The DPoP nonce secret of issuers without `secret_file`: random, made once per process, so
+/// nonces handed out survive config reloads (the issuer's name in the MAC keeps issuers
+/// apart). A restart still retires them: clients get one `use_dpop_nonce` and retry.
+fn process_nonce_secret() -> Result<&'static [u8; MIN_SECRET_BYTES], aws_lc_rs::error::Unspecified>
+{
+    static SECRET: std::sync::OnceLock<[u8; MIN_SECRET_BYTES]> = std::sync::OnceLock::new();
+    if let Some(secret) = SECRET.get() {
+        return Ok(secret);
+    }
+    let mut fresh = [0u8; MIN_SECRET_BYTES];
+    aws_lc_rs::rand::fill(&mut fresh)?;
+    // Two first loads racing keep whichever secret was stored first.
+    Ok(SECRET.get_or_init(|| fresh))
 }
 
 /// A CIDR, or a single address as its host network.

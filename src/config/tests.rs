@@ -772,3 +772,24 @@ fn dpop_nonce_without_a_shared_secret_warns_when_replicas_share_state() {
             .is_none()
     );
 }
+
+#[test]
+fn a_random_dpop_nonce_secret_survives_a_reload() {
+    // Without `secret_file`, each load must not roll a new secret: a reload would retire
+    // every nonce handed out, and each DPoP client would get a `use_dpop_nonce` retry.
+    let text = with_issuer(&format!("{DEV}, dpop: required, dpop_nonce: {{}}"));
+    let nonces = |c: &Config| c.issuers[0].dpop.nonce.clone().unwrap();
+    let (first, reloaded) = (compile(&text).unwrap(), compile(&text).unwrap());
+    let now = 1_800_000_000;
+    let nonce = nonces(&first).issue(now);
+    assert_eq!(
+        nonces(&reloaded).check(&nonce, now),
+        crate::identity::dpop_nonce::NonceCheck::Current
+    );
+    // The issuer's name is in the MAC: one issuer's nonce is not another's.
+    let other = compile(&text.replace("name: dev", "name: other")).unwrap();
+    assert_eq!(
+        nonces(&other).check(&nonce, now),
+        crate::identity::dpop_nonce::NonceCheck::Rejected
+    );
+}
