@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::authz::{Decision, RequestView};
+use crate::authz::{Decision, DryRun, RequestView};
 
 /// One decision, as logged. Borrows everything from the decision and the request; written
 /// by `write_json` (the only encoding: the Check path pays for no generic serializer).
@@ -43,6 +43,8 @@ pub struct AuditEvent<'a> {
     /// The path without its query string (queries may carry secrets).
     pub path: &'a str,
     pub decision_us: u64,
+    /// What the `dry_run` routes would have answered; the field is left out without them.
+    pub dry_run: Option<&'a DryRun>,
 }
 
 impl<'a> AuditEvent<'a> {
@@ -72,6 +74,7 @@ impl<'a> AuditEvent<'a> {
             host: view.host,
             path,
             decision_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            dry_run: decision.dry_run.as_deref(),
         }
     }
 }
@@ -116,7 +119,21 @@ impl AuditEvent<'_> {
             ("path", Some(self.path)),
         ];
         write_fields(out, &text);
-        let _ = write!(out, ",\"decision_us\":{}}}", self.decision_us);
+        let _ = write!(out, ",\"decision_us\":{}", self.decision_us);
+        if let Some(would) = self.dry_run {
+            out.extend_from_slice(b",\"dry_run\":{\"decision\":\"");
+            out.extend_from_slice(if would.is_allow() { b"allow" } else { b"deny" });
+            let _ = write!(out, "\",\"status\":{}", would.code.http_status());
+            let text = [
+                ("reason", Some(would.code.as_str())),
+                ("detail", Some(&*would.detail)),
+                ("route", would.route.as_deref()),
+                ("rule", would.rule.as_deref()),
+            ];
+            write_fields(out, &text);
+            out.push(b'}');
+        }
+        out.push(b'}');
     }
 }
 
@@ -446,6 +463,7 @@ mod tests {
             host: "api.example.com",
             path: "/orders",
             decision_us: 12,
+            dry_run: None,
         }
     }
 
@@ -502,6 +520,16 @@ mod tests {
         if let Some(key) = e.api_key {
             v["api_key"] = key.into();
         }
+        if let Some(would) = e.dry_run {
+            v["dry_run"] = serde_json::json!({
+                "decision": if would.is_allow() { "allow" } else { "deny" },
+                "status": would.code.http_status(),
+                "reason": would.code.as_str(),
+                "detail": would.detail,
+                "route": would.route.as_deref(),
+                "rule": would.rule.as_deref(),
+            });
+        }
         v
     }
 
@@ -509,6 +537,18 @@ mod tests {
     fn every_line_reads_back_as_its_event_whatever_the_strings_hold() {
         let tricky = "quote \" backslash \\ newline \n tab \t nul \u{0} bell \u{7} é 🦀";
         let base = event("req-1");
+        let would_deny = crate::authz::DryRun {
+            code: crate::authz::ReasonCode::InsufficientScope,
+            detail: tricky.to_string().into(),
+            route: Some(tricky.into()),
+            rule: None,
+        };
+        let would_allow = crate::authz::DryRun {
+            code: crate::authz::ReasonCode::Allowed,
+            detail: "granted".into(),
+            route: Some("orders-read".into()),
+            rule: Some("readers".into()),
+        };
         let cases = [
             base.clone(),
             AuditEvent {
@@ -525,6 +565,11 @@ mod tests {
                 status: 200,
                 decision: "allow",
                 decision_us: u64::MAX,
+                dry_run: Some(&would_deny),
+                ..base.clone()
+            },
+            AuditEvent {
+                dry_run: Some(&would_allow),
                 ..base.clone()
             },
             AuditEvent {

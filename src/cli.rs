@@ -325,7 +325,7 @@ pub struct Explanation {
 impl Explanation {
     pub fn to_json(&self) -> Value {
         let d = &self.decision;
-        json!({
+        let mut v = json!({
             "decision": if d.is_allow() { "allow" } else { "deny" },
             "status": d.http_status(),
             "reason": d.code.as_str(),
@@ -337,7 +337,18 @@ impl Explanation {
             "api_key": d.identity.as_ref().and_then(|i| i.api_key_id()),
             "rate_limits": self.rate_limits,
             "www_authenticate": www_authenticate(d),
-        })
+        });
+        if let Some(w) = d.dry_run.as_deref() {
+            v["dry_run"] = json!({
+                "decision": if w.is_allow() { "allow" } else { "deny" },
+                "status": w.code.http_status(),
+                "reason": w.code.as_str(),
+                "detail": w.detail,
+                "route": w.route.as_deref(),
+                "rule": w.rule.as_deref(),
+            });
+        }
+        v
     }
 
     pub fn to_text(&self) -> String {
@@ -365,6 +376,17 @@ impl Explanation {
         }
         if let Some(challenge) = www_authenticate(d) {
             out.push_str(&format!("www-authenticate: {challenge}\n"));
+        }
+        if let Some(w) = d.dry_run.as_deref() {
+            out.push_str(&format!(
+                "dry run:  {} {} {} ({}), route {}, rule {}\n",
+                if w.is_allow() { "ALLOW" } else { "DENY" },
+                w.code.http_status(),
+                w.code.as_str(),
+                w.detail,
+                w.route.as_deref().unwrap_or("-"),
+                w.rule.as_deref().unwrap_or("-"),
+            ));
         }
         out
     }

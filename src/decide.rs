@@ -17,7 +17,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::Value;
 
-use crate::authz::{Decision, ReasonCode, RequestView, RouteMatch};
+use crate::authz::{Decision, Policy, ReasonCode, RequestView, RouteMatch};
 use crate::config::{CompiledIssuer, Config};
 use crate::identity::dpop::{self, DpopError, DpopMode, ProofRequest};
 use crate::identity::{Identity, KeySet, jwt};
@@ -58,6 +58,65 @@ pub fn decide(
     keys: &dyn Fn(&str) -> Result<Arc<KeySet>, KeyError>,
     now: i64,
 ) -> Decision {
+    let live = decide_live(config, req, keys, now);
+    match &config.dry_run {
+        Some(candidate) => {
+            let caller = verified_caller(config, req, keys, now);
+            live.with_dry_run(dry_run(config, candidate, req, caller.as_ref(), now))
+        }
+        None => live,
+    }
+}
+
+/// The caller as the credential checks leave it: verified (token or API key, then its
+/// bindings), or the deny that refused its credential.
+pub type Caller = Result<Arc<Identity>, Decision>;
+
+/// The caller of `req`, checked as `decide` checks it (the pure part of the bindings).
+fn verified_caller(
+    config: &Config,
+    req: &RequestView<'_>,
+    keys: &dyn Fn(&str) -> Result<Arc<KeySet>, KeyError>,
+    now: i64,
+) -> Caller {
+    let cred = extract_credential(config, req)?;
+    let identity = verify_credential(config, &cred, keys, now)?;
+    binding_checks(config, req, &cred, &identity, now)?;
+    Ok(identity)
+}
+
+/// What the `dry_run` routes (`candidate`) would answer `req` from `caller`: their route,
+/// then the same grant steps as the live policy (an API key's endpoints, rules, peer grants,
+/// context conditions). Rate limits and approvals are not tried: they change shared state.
+pub fn dry_run(
+    config: &Config,
+    candidate: &Policy,
+    req: &RequestView<'_>,
+    caller: Result<&Arc<Identity>, &Decision>,
+    now: i64,
+) -> Decision {
+    let m = match candidate.match_route(req) {
+        Ok(m) => m,
+        Err(deny) => return deny,
+    };
+    if m.public {
+        return public_allow(&m);
+    }
+    let principals = req.principals();
+    match caller {
+        Ok(identity) => authorize(config, candidate, req, &m, identity, &principals, now),
+        Err(deny) => peer_grant(config, candidate, req, &m, deny.clone(), &principals, now)
+            .with_route(Some(m.route_id.clone())),
+    }
+}
+
+/// `decide` with the live routes only.
+fn decide_live(
+    config: &Config,
+    req: &RequestView<'_>,
+    keys: &dyn Fn(&str) -> Result<Arc<KeySet>, KeyError>,
+    now: i64,
+) -> Decision {
     let m = match config.policy.match_route(req) {
         Ok(m) => m,
         Err(deny) => return deny,
@@ -69,7 +128,10 @@ pub fn decide(
     let principals = req.principals();
     let cred = match extract_credential(config, req) {
         Ok(c) => c,
-        Err(deny) => return peer_grant(config, req, &m, deny, &principals, now).with_route(route),
+        Err(deny) => {
+            return peer_grant(config, &config.policy, req, &m, deny, &principals, now)
+                .with_route(route);
+        }
     };
     let identity = match verify_credential(config, &cred, keys, now) {
         Ok(id) => id,
@@ -81,7 +143,7 @@ pub fn decide(
         Ok(guard) => guard.and_then(|g| g.next_nonce),
         Err(deny) => return deny.with_route(route).with_identity(Some(identity)),
     };
-    let decision = authorize(config, req, &m, &identity, &principals, now);
+    let decision = authorize(config, &config.policy, req, &m, &identity, &principals, now);
     match next_nonce {
         Some(nonce) => decision.with_header(DPOP_NONCE_HEADER, nonce),
         None => decision,
@@ -93,6 +155,7 @@ pub fn decide(
 /// window, posture).
 pub fn authorize(
     config: &Config,
+    policy: &Policy,
     req: &RequestView<'_>,
     m: &RouteMatch<'_>,
     identity: &Arc<Identity>,
@@ -105,9 +168,7 @@ pub fn authorize(
             .with_identity(Some(identity.clone()));
     }
     let ctx = crate::authz::Context::of(req, now, config.file.network.trusted_proxy_hops);
-    config
-        .policy
-        .authorize_peer(m, Some(identity), principals, &ctx)
+    policy.authorize_peer(m, Some(identity), principals, &ctx)
 }
 
 /// For an API-key identity: the key's own `routes` must cover the request's method and path.
@@ -137,6 +198,7 @@ pub fn api_key_endpoint(
 /// except on a route of service grants only, whose answer is the grant's own 403.
 pub fn peer_grant(
     config: &Config,
+    policy: &Policy,
     req: &RequestView<'_>,
     m: &RouteMatch<'_>,
     deny: Decision,
@@ -145,12 +207,12 @@ pub fn peer_grant(
 ) -> Decision {
     // INVARIANT: only a missing credential falls back to the peer identity. A malformed,
     // doubled or unverifiable credential is a deny even when the peer would be granted.
-    if deny.code != ReasonCode::CredentialMissing || !config.policy.route_has_peer_rules(m) {
+    if deny.code != ReasonCode::CredentialMissing || !policy.route_has_peer_rules(m) {
         return deny;
     }
     let ctx = crate::authz::Context::of(req, now, config.file.network.trusted_proxy_hops);
-    let granted = config.policy.authorize_peer(m, None, principals, &ctx);
-    if granted.is_allow() || config.policy.route_is_peer_only(m) {
+    let granted = policy.authorize_peer(m, None, principals, &ctx);
+    if granted.is_allow() || policy.route_is_peer_only(m) {
         granted
     } else {
         deny

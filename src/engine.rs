@@ -284,8 +284,48 @@ impl Engine {
         self.check_at(req, unix_now()).await
     }
 
-    /// Decides one request at `now`.
+    /// Decides one request at `now`, and, with `dry_run` routes, what they would answer.
     pub async fn check_at(&self, req: &RequestView<'_>, now: i64) -> Decision {
+        let Some(candidate) = &self.config.dry_run else {
+            return self.check_live(req, now, None).await;
+        };
+        let mut caller = None;
+        let live = self.check_live(req, now, Some(&mut caller)).await;
+        // The live routes answered before looking at the credential (public, or no route):
+        // the candidate's may need it.
+        let caller = match caller {
+            Some(caller) => caller,
+            None => self.caller(req, now).await,
+        };
+        let would = decide::dry_run(&self.config, candidate, req, caller.as_ref(), now);
+        live.with_dry_run(would)
+    }
+
+    /// The caller of `req` for the `dry_run` routes when the live check did not establish
+    /// it: the credential verified (through the cache) and its bindings checked, except the
+    /// single use of a DPoP proof, which would spend it.
+    async fn caller(&self, req: &RequestView<'_>, now: i64) -> decide::Caller {
+        let cred = decide::extract_credential(&self.config, req)?;
+        let identity = self.identity(&cred, now).await?;
+        self.revocations.check(&identity, now)?;
+        self.runtime_revoked.check(&identity)?;
+        decide::binding_checks(&self.config, req, &cred, &identity, now)?;
+        Ok(identity)
+    }
+
+    /// Decides one request at `now` with the live routes. `caller`, when given, receives the
+    /// caller once the credential checks have run.
+    async fn check_live(
+        &self,
+        req: &RequestView<'_>,
+        now: i64,
+        mut caller: Option<&mut Option<decide::Caller>>,
+    ) -> Decision {
+        let mut note = |c: &dyn Fn() -> decide::Caller| {
+            if let Some(slot) = caller.as_deref_mut() {
+                *slot = Some(c());
+            }
+        };
         let m = match self.matched(req).await {
             Ok(m) => m,
             Err(answer) => return answer,
@@ -293,16 +333,26 @@ impl Engine {
         let route = Some(m.route_id.clone());
         let cred = match decide::extract_credential(&self.config, req) {
             Ok(c) => c,
-            Err(deny) => return self.without_credential(req, &m, deny, now).await,
+            Err(deny) => {
+                note(&|| Err(deny.clone()));
+                return self.without_credential(req, &m, deny, now).await;
+            }
         };
         let identity = match self.identity(&cred, now).await {
             Ok(id) => id,
-            Err(deny) => return deny.with_route(route),
+            Err(deny) => {
+                note(&|| Err(deny.clone()));
+                return deny.with_route(route);
+            }
         };
         let next_nonce = match self.identity_checks(req, &cred, &identity, now).await {
             Ok(next_nonce) => next_nonce,
-            Err(deny) => return deny.with_route(route).with_identity(Some(identity.clone())),
+            Err(deny) => {
+                note(&|| Err(deny.clone()));
+                return deny.with_route(route).with_identity(Some(identity.clone()));
+            }
         };
+        note(&|| Ok(identity.clone()));
         let decision = self.grant(req, &m, &identity, now).await;
         // The client's DPoP nonce is about to expire: hand it the next one, allowed or not.
         match next_nonce {
@@ -359,8 +409,16 @@ impl Engine {
         now: i64,
     ) -> Decision {
         let principals = req.principals();
-        let d = decide::peer_grant(&self.config, req, m, deny, &principals, now)
-            .with_route(Some(m.route_id.clone()));
+        let d = decide::peer_grant(
+            &self.config,
+            &self.config.policy,
+            req,
+            m,
+            deny,
+            &principals,
+            now,
+        )
+        .with_route(Some(m.route_id.clone()));
         if d.is_allow() {
             self.after_grant(req, m, d, now).await
         } else {
@@ -377,7 +435,8 @@ impl Engine {
         now: i64,
     ) -> Decision {
         let principals = req.principals();
-        let decision = decide::authorize(&self.config, req, m, identity, &principals, now);
+        let policy = &self.config.policy;
+        let decision = decide::authorize(&self.config, policy, req, m, identity, &principals, now);
         self.after_grant(req, m, decision, now).await
     }
 

@@ -63,6 +63,9 @@
 //!       route: orders-read                 # optional
 //!       rule: orders-reader                # optional
 //!       detail_contains: expired           # optional substring of Decision.detail
+//!       dry_run:                           # optional; what the config's `dry_run` routes
+//!         decision: deny                   # would answer (required), and optionally its
+//!         reason: insufficient_scope       # reason, route and rule
 //! ```
 //!
 //! Key sets: each issuer with a `keys.file` gets `KeySet::from_jwks(file, LocalFile)`; an
@@ -216,6 +219,21 @@ struct Expect {
     rule: Option<String>,
     #[serde(default)]
     detail_contains: Option<String>,
+    /// What the config's `dry_run` routes must report (never what is enforced).
+    #[serde(default)]
+    dry_run: Option<DryRunExpect>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DryRunExpect {
+    decision: Outcome,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    route: Option<String>,
+    #[serde(default)]
+    rule: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -614,6 +632,36 @@ fn run_case(case: &Case, loaded: &Loaded, yaml_dir: &Path) -> Vec<String> {
         && !d.detail.contains(fragment.as_str())
     {
         problems.push(format!("expected detail containing `{fragment}`"));
+    }
+    if let Some(want) = &e.dry_run {
+        match d.dry_run.as_deref() {
+            None => problems.push("expected a dry-run decision, got none".to_string()),
+            Some(got) => {
+                let outcome = if got.is_allow() {
+                    Outcome::Allow
+                } else {
+                    Outcome::Deny
+                };
+                if outcome != want.decision {
+                    problems.push(format!("expected dry run {:?}", want.decision));
+                }
+                if let Some(reason) = &want.reason
+                    && reason != got.code.as_str()
+                {
+                    problems.push(format!("expected dry-run reason `{reason}`"));
+                }
+                if let Some(route) = &want.route
+                    && Some(route.as_str()) != got.route.as_deref()
+                {
+                    problems.push(format!("expected dry-run route `{route}`"));
+                }
+                if let Some(rule) = &want.rule
+                    && Some(rule.as_str()) != got.rule.as_deref()
+                {
+                    problems.push(format!("expected dry-run rule `{rule}`"));
+                }
+            }
+        }
     }
     // INVARIANT: no decision ever echoes the credential.
     if let Some(t) = &token {

@@ -1192,3 +1192,122 @@ async fn a_second_signal_cuts_the_shutdown_delay_short() {
         portcullis.logs()
     );
 }
+
+/// `dry_run` routes through the shipped Envoy wiring: every answer is the live policy's,
+/// and each decision's audit line and `portcullis_dry_run_decisions_total` say what the
+/// candidate routes would have answered, including on routes the live policy answers
+/// without looking at the credential (public, or no route at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_policy_is_reported_and_never_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = JwksServer::start(&[Key::A]).await;
+    let upstream = Upstream::start().await;
+    let portcullis = Portcullis::start(dir.path(), "portcullis", |grpc, admin| {
+        e2e_config(grpc, admin, &jwks.url(), |doc| {
+            doc["dry_run"] = serde_yaml::from_str(
+                "routes:
+  - {id: orders-read-v2, methods: [GET], path: '/orders/{id}', rules: [{id: auditors, scopes: ['orders:audit']}]}
+  - {id: healthz-ops, methods: [GET], path: /healthz, rules: [{id: ops, roles: [ops]}]}
+  - {id: reports, methods: [GET], path: '/reports/**', rules: [{id: analysts, scopes: ['reports:read']}]}",
+            )
+            .unwrap();
+        })
+    });
+    let envoy = Envoy::start(dir.path(), portcullis.grpc, upstream.port);
+    let stack = Stack::assemble(dir, jwks, upstream, Some(portcullis), envoy);
+
+    let reader = reader_token(Key::A);
+    let ops = mint(Key::A, json!({ "roles": ["ops"], "scope": "reports:read" }));
+    // (path, token, live status, dry-run decision, reason, route)
+    let (reader, ops) = (reader.as_str(), ops.as_str());
+    let cases = [
+        (
+            "/orders/1",
+            Some(reader),
+            200,
+            "deny",
+            "insufficient_scope",
+            "orders-read-v2",
+        ),
+        (
+            "/orders/1",
+            None,
+            401,
+            "deny",
+            "credential_missing",
+            "orders-read-v2",
+        ),
+        (
+            "/healthz",
+            None,
+            200,
+            "deny",
+            "credential_missing",
+            "healthz-ops",
+        ),
+        (
+            "/healthz",
+            Some(ops),
+            200,
+            "allow",
+            "allowed",
+            "healthz-ops",
+        ),
+        (
+            "/healthz",
+            Some("not.a.jwt"),
+            200,
+            "deny",
+            "invalid_token",
+            "healthz-ops",
+        ),
+        (
+            "/reports/q3",
+            Some(ops),
+            403,
+            "allow",
+            "allowed",
+            "reports",
+        ),
+    ];
+    for (path, token, status, ..) in &cases {
+        let answer = stack.get(Proto::Http1, path, *token).await;
+        assert_eq!(answer.status, *status, "GET {path}: {}", stack.logs());
+    }
+
+    // One audit line per request, in order, each with the candidate's answer.
+    let p = stack.portcullis.as_ref().unwrap();
+    let mut lines = Vec::new();
+    eventually(Duration::from_secs(10), "six audit lines", || {
+        lines = p
+            .stdout()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["kind"] == "decision")
+            .collect::<Vec<_>>();
+        let n = lines.len();
+        async move { n >= cases.len() }
+    })
+    .await;
+    for (line, (path, token, status, would, reason, route)) in lines.iter().zip(&cases) {
+        assert_eq!(line["path"], *path, "{line}");
+        assert_eq!(line["status"], *status, "{line}");
+        let dry = &line["dry_run"];
+        assert_eq!(dry["decision"], *would, "GET {path}: {line}");
+        assert_eq!(dry["reason"], *reason, "GET {path}: {line}");
+        assert_eq!(dry["route"], *route, "GET {path}: {line}");
+        if let Some(token) = token {
+            assert!(!line.to_string().contains(token), "token in the audit line");
+        }
+    }
+
+    // The metric counts the candidate's answers beside the live result.
+    let metrics = stack.metrics().await;
+    for (_, _, status, would, reason, route) in &cases {
+        let live = if *status == 200 { "allow" } else { "deny" };
+        let series = format!(
+            "portcullis_dry_run_decisions_total{{live=\"{live}\",result=\"{would}\",reason=\"{reason}\",route=\"{route}\"}}"
+        );
+        assert!(metrics.contains(&series), "no {series} in:\n{metrics}");
+    }
+}

@@ -26,6 +26,17 @@ pub struct ApiKeyLabels {
     pub reason: &'static str,
 }
 
+/// A decision of the `dry_run` routes (`result`, `reason`, `route` are theirs) beside the
+/// live one's result: `live != result` is a request the candidate policy would answer
+/// differently.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DryRunLabels {
+    pub live: &'static str,
+    pub result: &'static str,
+    pub reason: &'static str,
+    pub route: RouteLabel,
+}
+
 /// The route id as a label value (empty when no route matched). Shares the decision's
 /// `Arc<str>`, so counting a decision allocates nothing.
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
@@ -57,6 +68,8 @@ pub struct Metrics {
     pub decisions: Family<DecisionLabels, Counter>,
     /// Decisions for requests carrying a valid API key, by key id.
     pub api_key_decisions: Family<ApiKeyLabels, Counter>,
+    /// What the `dry_run` routes would have answered, beside the live result.
+    pub dry_run_decisions: Family<DryRunLabels, Counter>,
     pub decision_seconds: Histogram,
     pub token_cache_hits: Counter,
     pub token_cache_misses: Counter,
@@ -79,6 +92,7 @@ impl Metrics {
         Self {
             decisions: Family::default(),
             api_key_decisions: Family::default(),
+            dry_run_decisions: Family::default(),
             decision_seconds: Histogram::new([
                 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
                 0.025, 0.05, 0.1, 0.25,
@@ -120,6 +134,11 @@ impl Metrics {
             "api_key_decisions",
             "Decisions for requests with a valid API key, by key id, result and reason",
             self.api_key_decisions.clone(),
+        );
+        r.register(
+            "dry_run_decisions",
+            "What the dry_run routes would have answered (result, reason, route), by live result",
+            self.dry_run_decisions.clone(),
         );
         r.register(
             "decision_duration_seconds",

@@ -124,8 +124,36 @@ pub struct Decision {
     /// an approval id, a DPoP challenge. On an allow: the `ratelimit` / `ratelimit-policy`
     /// quota left (Envoy adds them to the upstream's response). Lower-case names.
     pub response_headers: Vec<(Cow<'static, str>, String)>,
-    /// Extra members of the JSON deny body (e.g. `approval_id`).
-    pub body_fields: Vec<(&'static str, String)>,
+    /// Extra members of the JSON deny body (e.g. `approval_id`). Rarely set: a boxed slice
+    /// keeps `Decision` (the `Err` of every decision step) small.
+    pub body_fields: Box<[(&'static str, String)]>,
+    /// What the `dry_run` routes would have answered, when configured. Reported, never
+    /// enforced.
+    pub dry_run: Option<Box<DryRun>>,
+}
+
+/// A decision of the `dry_run` routes: the grant they would have given or refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DryRun {
+    pub code: ReasonCode,
+    pub detail: Cow<'static, str>,
+    pub route: Option<Arc<str>>,
+    pub rule: Option<Arc<str>>,
+}
+
+impl DryRun {
+    pub fn of(d: Decision) -> Self {
+        Self {
+            code: d.code,
+            detail: d.detail,
+            route: d.route,
+            rule: d.rule,
+        }
+    }
+
+    pub fn is_allow(&self) -> bool {
+        self.code.is_allow()
+    }
 }
 
 impl Decision {
@@ -137,8 +165,15 @@ impl Decision {
             rule: None,
             identity: None,
             response_headers: Vec::new(),
-            body_fields: Vec::new(),
+            body_fields: Box::default(),
+            dry_run: None,
         }
+    }
+
+    /// Attaches what the `dry_run` routes would have answered.
+    pub fn with_dry_run(mut self, would: Decision) -> Self {
+        self.dry_run = Some(Box::new(DryRun::of(would)));
+        self
     }
 
     /// Adds a header to the client's response (see `response_headers`).
@@ -149,7 +184,9 @@ impl Decision {
 
     /// Adds a member to the JSON deny body.
     pub fn with_body_field(mut self, name: &'static str, value: String) -> Self {
-        self.body_fields.push((name, value));
+        let mut fields = std::mem::take(&mut self.body_fields).into_vec();
+        fields.push((name, value));
+        self.body_fields = fields.into_boxed_slice();
         self
     }
 

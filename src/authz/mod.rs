@@ -12,6 +12,6 @@ pub mod policy;
 pub mod request;
 
 pub use context::Context;
-pub use decision::{Decision, ReasonCode};
+pub use decision::{Decision, DryRun, ReasonCode};
 pub use policy::{Policy, RouteMatch};
 pub use request::{Headers, RequestView};

@@ -88,6 +88,8 @@ pub struct Config {
     pub file: ConfigFile,
     pub issuers: Vec<Arc<CompiledIssuer>>,
     pub policy: Policy,
+    /// `dry_run.routes`: a candidate policy decided beside `policy` and never enforced.
+    pub dry_run: Option<Policy>,
     /// Non-fatal findings for `portcullis check` (e.g. unreachable routes).
     pub warnings: Vec<String>,
     /// Scoped API keys (hashes only); `None` when the `api_keys` section is absent.
@@ -285,6 +287,8 @@ struct Compiler {
     api_keys: Option<Arc<crate::identity::apikey::ApiKeys>>,
     /// `network.trusted_headers`, validated: the only headers posture conditions may read.
     trusted_headers: HashSet<String>,
+    /// The route list being compiled (`routes` or `dry_run.routes`), for field paths.
+    route_list: &'static str,
 }
 
 type Res<T> = Result<T, ConfigError>;
@@ -297,6 +301,7 @@ impl Compiler {
             warnings: Vec::new(),
             api_keys: None,
             trusted_headers: HashSet::new(),
+            route_list: "routes",
         }
     }
 
@@ -396,17 +401,7 @@ impl Compiler {
             ));
         }
         let issuer_names: HashSet<&str> = issuers.iter().map(|i| &*i.name).collect();
-        let mut routes = Vec::with_capacity(file.routes.len());
-        let mut ids: HashMap<&str, usize> = HashMap::new();
-        for (i, rc) in file.routes.iter().enumerate() {
-            if let Some(first) = ids.insert(rc.id.as_str(), i) {
-                return Err(self.err(
-                    format!("routes[{i}].id"),
-                    format!("duplicate route id `{}` (also routes[{first}])", rc.id),
-                ));
-            }
-            routes.push(self.route(i, rc, &issuer_names)?);
-        }
+        let routes = self.routes("routes", &file.routes, &issuer_names)?;
         if issuers.is_empty() && self.api_keys.is_none() && routes.iter().any(|r| !r.public) {
             self.warnings
                 .push("no issuers are configured: every non-public route answers 401".to_string());
@@ -414,6 +409,7 @@ impl Compiler {
 
         let policy = Policy::new(routes);
         self.warnings.extend(policy.shadow_warnings());
+        let dry_run = self.dry_run(&file, &issuer_names)?;
         let api_keys = self.api_keys.take();
         let rate_limits = self.rate_limits(&file, api_keys.as_deref())?;
         self.unused_key_warnings(&file, api_keys.as_deref());
@@ -429,6 +425,7 @@ impl Compiler {
             file,
             issuers,
             policy,
+            dry_run,
             warnings: self.warnings,
             api_keys,
             rate_limits,
@@ -868,8 +865,54 @@ impl Compiler {
         Ok(())
     }
 
+    /// One list of routes (`list` names it in errors): each compiled, ids distinct.
+    fn routes(
+        &mut self,
+        list: &'static str,
+        configs: &[RouteConfig],
+        issuers: &HashSet<&str>,
+    ) -> Res<Vec<CompiledRoute>> {
+        self.route_list = list;
+        let mut routes = Vec::with_capacity(configs.len());
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        for (i, rc) in configs.iter().enumerate() {
+            if let Some(first) = ids.insert(rc.id.as_str(), i) {
+                return Err(self.err(
+                    format!("{list}[{i}].id"),
+                    format!("duplicate route id `{}` (also {list}[{first}])", rc.id),
+                ));
+            }
+            routes.push(self.route(i, rc, issuers)?);
+        }
+        Ok(routes)
+    }
+
+    /// `dry_run.routes`: a candidate policy, compiled like `routes` but never enforced.
+    fn dry_run(&mut self, file: &ConfigFile, issuers: &HashSet<&str>) -> Res<Option<Policy>> {
+        let Some(dry_run) = &file.dry_run else {
+            return Ok(None);
+        };
+        if dry_run.routes.is_empty() {
+            return Err(self.hint(
+                "dry_run.routes",
+                "no routes: there is nothing to try out",
+                "list the candidate routes, or remove `dry_run`",
+            ));
+        }
+        let routes = self.routes("dry_run.routes", &dry_run.routes, issuers)?;
+        let policy = Policy::new(routes);
+        self.warnings.extend(
+            policy
+                .shadow_warnings()
+                .into_iter()
+                .map(|w| format!("dry_run: {w}")),
+        );
+        Ok(Some(policy))
+    }
+
     fn route(&mut self, i: usize, rc: &RouteConfig, issuers: &HashSet<&str>) -> Res<CompiledRoute> {
-        let f = |s: &str| format!("routes[{i}].{s}");
+        let list = self.route_list;
+        let f = |s: &str| format!("{list}[{i}].{s}");
         if rc.id.trim().is_empty() {
             return Err(self.err(f("id"), "the route id must not be empty"));
         }
@@ -904,7 +947,7 @@ impl Compiler {
             }
             if m.bytes().any(|b| b.is_ascii_lowercase()) {
                 self.warnings.push(format!(
-                    "routes[{i}].methods[{j}]: `{m}` is not upper-case; methods are case-sensitive, so it will not match `{}`",
+                    "{list}[{i}].methods[{j}]: `{m}` is not upper-case; methods are case-sensitive, so it will not match `{}`",
                     m.to_ascii_uppercase()
                 ));
             }
@@ -938,7 +981,7 @@ impl Compiler {
         }
         if rc.public && template.segs.is_empty() && template.tail {
             self.warnings.push(format!(
-                "routes[{i}]: route `{}` is public and matches every path: only more specific routes are protected",
+                "{list}[{i}]: route `{}` is public and matches every path: only more specific routes are protected",
                 rc.id
             ));
         }
@@ -947,7 +990,7 @@ impl Compiler {
             let compiled = self.rule(i, j, rc, rule, &template, issuers)?;
             if rules.iter().any(|r| r.id == compiled.id) {
                 return Err(self.err(
-                    format!("routes[{i}].rules[{j}].id"),
+                    format!("{list}[{i}].rules[{j}].id"),
                     format!("duplicate rule id `{}` in route `{}`", rule.id, rc.id),
                 ));
             }
@@ -972,7 +1015,8 @@ impl Compiler {
         template: &Template,
         issuers: &HashSet<&str>,
     ) -> Res<CompiledRule> {
-        let f = |s: &str| format!("routes[{i}].rules[{j}].{s}");
+        let list = self.route_list;
+        let f = |s: &str| format!("{list}[{i}].rules[{j}].{s}");
         if rule.id.trim().is_empty() {
             return Err(self.err(f("id"), "the rule id must not be empty"));
         }
@@ -1099,7 +1143,7 @@ impl Compiler {
             && api_keys.is_empty()
         {
             self.warnings.push(format!(
-                "routes[{i}].rules[{j}]: rule `{}` has no conditions: any valid token from any configured issuer is allowed",
+                "{list}[{i}].rules[{j}]: rule `{}` has no conditions: any valid token from any configured issuer is allowed",
                 rule.id
             ));
         }

@@ -35,6 +35,9 @@ pub struct ConfigFile {
     /// The routes, most specific wins; a request that matches none is denied.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// A candidate policy tried on live traffic and never enforced.
+    #[serde(default)]
+    pub dry_run: Option<DryRunConfig>,
     /// Where shared state (approvals, revocations, rate limits, DPoP replay) lives.
     #[serde(default)]
     pub state: StateConfig,
@@ -860,4 +863,15 @@ pub struct PreApproveConfig {
     /// RFC 3339 end of the window (exclusive).
     #[serde(default)]
     pub until: Option<String>,
+}
+
+/// `dry_run`: routes decided beside the live ones on every request, reported (audit event,
+/// metrics, `explain`) and never enforced, to see what a policy change would do before it
+/// goes live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DryRunConfig {
+    /// Same schema as the top-level `routes`.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
 }

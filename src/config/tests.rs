@@ -793,3 +793,63 @@ fn a_random_dpop_nonce_secret_survives_a_reload() {
         crate::identity::dpop_nonce::NonceCheck::Rejected
     );
 }
+
+#[test]
+fn dry_run_routes_are_checked_like_routes_and_named_by_their_own_path() {
+    let with = |dry: &str| format!("{}dry_run:\n  routes:\n{dry}", with_issuer(DEV));
+    let rule = |r: &str| format!("    - {{ id: d, methods: [GET], path: /d, rules: [{r}] }}\n");
+    fails(&with("    []\n"), "dry_run.routes", "nothing to try out");
+    fails(
+        &with(&rule("{ id: x, scopes: [\"a b\"] }")),
+        "dry_run.routes[0].rules[0].scopes[0]",
+        "invalid scope",
+    );
+    fails(
+        &with(&rule("{ id: x, issuers: [deb] }")),
+        "dry_run.routes[0].rules[0].issuers[0]",
+        "unknown issuer `deb`",
+    );
+    fails(
+        &with(&format!(
+            "{}{}",
+            rule("{ id: x, roles: [r] }"),
+            rule("{ id: y, roles: [r] }")
+        )),
+        "dry_run.routes[1].id",
+        "duplicate route id `d` (also dry_run.routes[0])",
+    );
+    fails(
+        &with(
+            "    - { id: d, methods: [GET], path: /d, public: true, rules: [{ id: x, roles: [r] }] }\n",
+        ),
+        "dry_run.routes[0].rules",
+        "a public route cannot have rules",
+    );
+    // The live routes keep their own names in errors.
+    fails(
+        &format!(
+            "{}dry_run: {{ routes: [] }}\n",
+            with_issuer(DEV).replace("methods: [GET]", "methods: []")
+        ),
+        "routes[0].methods",
+        "no methods",
+    );
+    let e = compile(&format!("{}dry_run: {{ rotues: [] }}\n", with_issuer(DEV))).unwrap_err();
+    assert!(e.to_string().contains("rotues"), "{e}");
+
+    // A valid candidate compiles beside the live routes, and its warnings say where they are.
+    let c = compile(&with(&format!(
+        "{}    - {{ id: e, methods: [GET], path: /d, rules: [{{ id: y, roles: [r] }}] }}\n",
+        rule("{ id: x, roles: [r] }")
+    )))
+    .unwrap();
+    assert!(c.dry_run.is_some());
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.starts_with("dry_run: ") && w.contains("`e`")),
+        "{:?}",
+        c.warnings
+    );
+    assert!(compile(&with_issuer(DEV)).unwrap().dry_run.is_none());
+}

@@ -29,7 +29,7 @@ use envoy_types::pb::google::rpc;
 pub use service::AuthorizationServer;
 use wire::{CheckRequest, HeaderList};
 
-use crate::admin::metrics::{ApiKeyLabels, DecisionLabels, Metrics, RouteLabel};
+use crate::admin::metrics::{ApiKeyLabels, DecisionLabels, DryRunLabels, Metrics, RouteLabel};
 use crate::audit::{AuditEvent, AuditSink};
 use crate::authz::{Decision, ReasonCode, RequestView};
 use crate::engine::Engine;
@@ -166,6 +166,17 @@ impl AuthzService {
                     key_id: key_id.to_string(),
                     result,
                     reason: decision.code.as_str(),
+                })
+                .inc();
+        }
+        if let Some(would) = decision.dry_run.as_deref() {
+            self.metrics
+                .dry_run_decisions
+                .get_or_create(&DryRunLabels {
+                    live: result,
+                    result: if would.is_allow() { "allow" } else { "deny" },
+                    reason: would.code.as_str(),
+                    route: RouteLabel(would.route.clone()),
                 })
                 .inc();
         }
