@@ -370,20 +370,26 @@ impl Engine {
         caller: Option<&Arc<Identity>>,
         now: i64,
     ) -> Decision {
-        let m = match self.matched(req).await {
-            Ok(m) => m,
-            Err(answer) => return answer,
+        let missing = || {
+            let missing = decide::extract_credential(&self.config, req).err();
+            missing.unwrap_or_else(|| Decision::new(ReasonCode::CredentialMissing, "no credential"))
         };
-        match caller {
-            Some(identity) => self.grant(req, &m, identity, now).await,
-            None => {
-                let missing = decide::extract_credential(&self.config, req).err();
-                let missing = missing.unwrap_or_else(|| {
-                    Decision::new(ReasonCode::CredentialMissing, "no credential")
-                });
-                self.without_credential(req, &m, missing, now).await
-            }
-        }
+        let live = match (self.matched(req).await, caller) {
+            (Err(answer), _) => answer,
+            (Ok(m), Some(identity)) => self.grant(req, &m, identity, now).await,
+            (Ok(m), None) => self.without_credential(req, &m, missing(), now).await,
+        };
+        let Some(candidate) = &self.config.dry_run else {
+            return live;
+        };
+        let caller = caller.cloned().ok_or_else(missing);
+        live.with_dry_run(decide::dry_run(
+            &self.config,
+            candidate,
+            req,
+            caller.as_ref(),
+            now,
+        ))
     }
 
     /// The route `req` matches. `Err` is the whole answer: a deny, or a public route's

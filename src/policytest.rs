@@ -34,6 +34,8 @@
 //!       reason: allowed                # the reason code (`error` of a deny's body)
 //!       route: orders-read
 //!       rule: orders-reader
+//!       dry_run: {decision: deny, reason: insufficient_scope}   # what the config's
+//!                                      # `dry_run` routes would answer (same fields)
 //! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -45,7 +47,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::authz::{Decision, ReasonCode, RequestView};
+use crate::authz::{Decision, DryRun, ReasonCode, RequestView};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::identity::Identity;
@@ -156,6 +158,20 @@ pub struct Expect {
     pub route: Option<String>,
     #[serde(default)]
     pub rule: Option<String>,
+    /// What the config's `dry_run` routes must answer (same fields).
+    #[serde(default)]
+    pub dry_run: Option<Box<Expect>>,
+}
+
+impl Expect {
+    fn is_empty(&self) -> bool {
+        self.decision.is_none()
+            && self.status.is_none()
+            && self.reason.is_none()
+            && self.route.is_none()
+            && self.rule.is_none()
+            && self.dry_run.is_none()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -258,7 +274,18 @@ fn summary(d: &Decision) -> String {
     if !d.is_allow() {
         let _ = write!(s, ": {}", d.detail);
     }
+    if let Some(would) = &d.dry_run {
+        let would = as_decision(would);
+        let _ = write!(s, "; dry run: {}", summary(&would));
+    }
     s
+}
+
+/// A dry-run answer as a decision, to summarize and compare it like one.
+fn as_decision(would: &DryRun) -> Decision {
+    Decision::new(would.code, would.detail.clone())
+        .with_route(would.route.clone())
+        .with_rule(would.rule.clone())
 }
 
 /// Why a test file cannot be run (a case that fails is not an error).
@@ -299,14 +326,17 @@ pub fn load(path: &Path) -> Result<(TestFile, Option<PathBuf>), TestFileError> {
             )));
         }
         let e = &case.expect;
-        if e.decision.is_none()
-            && e.status.is_none()
-            && e.reason.is_none()
-            && e.route.is_none()
-            && e.rule.is_none()
+        if e.is_empty() {
+            return Err(invalid(format!(
+                "cases[{i}] `{}`: `expect` names nothing to check (decision, status, reason, route, rule or dry_run)",
+                case.name
+            )));
+        }
+        if let Some(dry) = &e.dry_run
+            && (dry.is_empty() || dry.dry_run.is_some())
         {
             return Err(invalid(format!(
-                "cases[{i}] `{}`: `expect` names nothing to check (decision, status, reason, route or rule)",
+                "cases[{i}] `{}`: `expect.dry_run` names decision, status, reason, route or rule, and nothing else",
                 case.name
             )));
         }
@@ -475,6 +505,19 @@ fn mismatches(expect: &Expect, got: &Decision) -> Vec<String> {
         expect.rule.clone(),
         got.rule.as_deref().map(str::to_string),
     );
+    if let Some(dry) = &expect.dry_run {
+        match &got.dry_run {
+            Some(would) => {
+                let would = as_decision(would);
+                out.extend(
+                    mismatches(dry, &would)
+                        .into_iter()
+                        .map(|m| format!("dry run: {m}")),
+                );
+            }
+            None => out.push("expected a dry-run decision, but the config has no `dry_run`".into()),
+        }
+    }
     out
 }
 
@@ -508,6 +551,28 @@ mod tests {
         assert_eq!(
             mismatches(&expect("{route: orders-read}"), &none),
             ["expected route orders-read, got none"]
+        );
+        let dry = "{dry_run: {decision: allow, reason: allowed, route: orders-v2, rule: auditors}}";
+        assert_eq!(
+            mismatches(&expect(dry), &got),
+            ["expected a dry-run decision, but the config has no `dry_run`"]
+        );
+        let with_dry = got.clone().with_dry_run(
+            Decision::new(ReasonCode::Allowed, "granted")
+                .with_route(Some(Arc::from("orders-v2")))
+                .with_rule(Some(Arc::from("auditors"))),
+        );
+        assert_eq!(mismatches(&expect(dry), &with_dry), Vec::<String>::new());
+        let wrong_dry = "{dry_run: {decision: deny, status: 403, reason: no_matching_route, route: x, rule: y}}";
+        assert_eq!(
+            mismatches(&expect(wrong_dry), &with_dry),
+            [
+                "dry run: expected decision deny, got allow",
+                "dry run: expected status 403, got 200",
+                "dry run: expected reason no_matching_route, got allowed",
+                "dry run: expected route x, got orders-v2",
+                "dry run: expected rule y, got auditors",
+            ]
         );
     }
 }

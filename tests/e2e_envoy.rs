@@ -1261,14 +1261,7 @@ async fn a_dry_run_policy_is_reported_and_never_enforced() {
             "invalid_token",
             "healthz-ops",
         ),
-        (
-            "/reports/q3",
-            Some(ops),
-            403,
-            "allow",
-            "allowed",
-            "reports",
-        ),
+        ("/reports/q3", Some(ops), 403, "allow", "allowed", "reports"),
     ];
     for (path, token, status, ..) in &cases {
         let answer = stack.get(Proto::Http1, path, *token).await;

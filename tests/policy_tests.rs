@@ -166,3 +166,66 @@ fn a_file_that_cannot_be_used_is_an_error_naming_it() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("cannot read missing.yaml"), "{out}");
 }
+
+/// Cases can say what the config's `dry_run` routes must answer, beside the live decision.
+#[test]
+fn cases_check_the_dry_run_routes_too() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(
+        dir.path(),
+        "config: portcullis.yaml
+now: 2026-12-01T09:00:00Z
+cases:
+  - name: readers keep reading for now, and will need orders:audit
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, scope: orders:read}}
+    expect: {decision: allow, dry_run: {decision: deny, reason: insufficient_scope, route: orders-read-v2}}
+  - name: auditors will read
+    request: {path: /orders/1}
+    as: {claims: {sub: carol, scope: orders:audit}}
+    expect: {decision: deny, dry_run: {decision: allow, rule: auditors}}
+  - name: health stays public in the candidate, or so I thought
+    request: {path: /healthz}
+    expect: {decision: allow, dry_run: {decision: allow}}
+",
+    );
+    let config = dir.path().join("portcullis.yaml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "
+dry_run:
+  routes:
+    - {id: healthz-ops, methods: [GET], path: /healthz, rules: [{id: ops, roles: [ops]}]}
+    - {id: orders-read-v2, methods: [GET], path: '/orders/{id}', rules: [{id: auditors, scopes: ['orders:audit']}]}
+",
+    );
+    std::fs::write(&config, text).unwrap();
+    let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(
+            "ok   readers keep reading for now, and will need orders:audit: allow 200 allowed \
+             (route orders-read, rule orders-reader); dry run: deny 403 insufficient_scope \
+             (route orders-read-v2, rule auditors)"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("ok   auditors will read"), "{out}");
+    assert!(
+        out.contains("FAIL health stays public in the candidate, or so I thought")
+            && out.contains("dry run: expected decision allow, got deny"),
+        "{out}"
+    );
+    assert!(out.contains("3 cases, 2 passed, 1 failed"), "{out}");
+
+    // Without `dry_run` in the config, such an expectation fails and says why.
+    let plain = dir.path().join("plain.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&plain, &text[..text.find("\ndry_run:").unwrap()]).unwrap();
+    let (code, out) = portcullis_test(&["--config", "plain.yaml", "tests.yaml"], dir.path());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("expected a dry-run decision, but the config has no `dry_run`"),
+        "{out}"
+    );
+}
