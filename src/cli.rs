@@ -181,8 +181,12 @@ pub fn check(path: &Path, strict: bool) -> Result<String, CliError> {
             })?;
         }
     }
+    let dry_run = match &config.file.dry_run {
+        Some(d) => format!(", {} dry-run route(s)", d.routes.len()),
+        None => String::new(),
+    };
     let mut out = format!(
-        "{}: ok ({} issuer(s), {} route(s))\n",
+        "{}: ok ({} issuer(s), {} route(s){dry_run})\n",
         path.display(),
         config.issuers.len(),
         config.file.routes.len()

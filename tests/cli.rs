@@ -1,0 +1,107 @@
+//! `check` and `explain` as a user runs them, on a config with `dry_run` routes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+fn portcullis(args: &[&str], dir: &Path) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[test]
+fn check_counts_and_explain_shows_the_dry_run_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = support::repo_root();
+    let shipped = std::fs::read_to_string(root.join("config/portcullis.yaml")).unwrap();
+    let config = shipped
+        .replace("dev/jwks.json", root.join("config/dev/jwks.json").to_str().unwrap())
+        .replace(
+            "file: revocations.yaml",
+            &format!("file: {}", root.join("config/revocations.yaml").display()),
+        )
+        + "
+dry_run:
+  routes:
+    - {id: orders-read-v2, methods: [GET], path: '/orders/{id}', rules: [{id: auditors, scopes: ['orders:audit']}]}
+";
+    std::fs::write(dir.path().join("p.yaml"), config).unwrap();
+
+    let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("7 route(s), 1 dry-run route(s))"), "{out}");
+
+    let minted = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["token", "--sub", "alice", "--scope", "orders:read"])
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert!(minted.status.success(), "{minted:?}");
+    let token = String::from_utf8(minted.stdout).unwrap();
+    let token = token.trim();
+    let (code, out) = portcullis(
+        &[
+            "explain",
+            "--config",
+            "p.yaml",
+            "--path",
+            "/orders/42",
+            "--token",
+            token,
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["decision"], "allow", "{v}");
+    assert_eq!(v["route"], "orders-read", "{v}");
+    let dry = &v["dry_run"];
+    assert_eq!(
+        (
+            &dry["decision"],
+            &dry["status"],
+            &dry["reason"],
+            &dry["route"],
+            &dry["rule"]
+        ),
+        (
+            &"deny".into(),
+            &403.into(),
+            &"insufficient_scope".into(),
+            &"orders-read-v2".into(),
+            &"auditors".into()
+        ),
+        "{v}"
+    );
+    assert!(!out.contains(token), "the token in explain's output");
+
+    // Text output: one line for the dry run.
+    let (_, text) = portcullis(
+        &[
+            "explain",
+            "--config",
+            "p.yaml",
+            "--path",
+            "/orders/42",
+            "--token",
+            token,
+        ],
+        dir.path(),
+    );
+    assert!(
+        text.contains("dry run:  DENY 403 insufficient_scope (missing scope `orders:audit`), route orders-read-v2, rule auditors"),
+        "{text}"
+    );
+}
