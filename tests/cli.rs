@@ -50,19 +50,13 @@ dry_run:
     assert!(minted.status.success(), "{minted:?}");
     let token = String::from_utf8(minted.stdout).unwrap();
     let token = token.trim();
-    let (code, out) = portcullis(
-        &[
-            "explain",
-            "--config",
-            "p.yaml",
-            "--path",
-            "/orders/42",
-            "--token",
-            token,
-            "--json",
-        ],
-        dir.path(),
-    );
+    let explain = |extra: &[&str]| {
+        let mut args = vec!["explain", "--config", "p.yaml", "--path", "/orders/42"];
+        args.extend(["--token", token]);
+        args.extend(extra);
+        portcullis(&args, dir.path())
+    };
+    let (code, out) = explain(&["--json"]);
     assert_eq!(code, Some(0), "{out}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["decision"], "allow", "{v}");
@@ -88,18 +82,7 @@ dry_run:
     assert!(!out.contains(token), "the token in explain's output");
 
     // Text output: one line for the dry run.
-    let (_, text) = portcullis(
-        &[
-            "explain",
-            "--config",
-            "p.yaml",
-            "--path",
-            "/orders/42",
-            "--token",
-            token,
-        ],
-        dir.path(),
-    );
+    let (_, text) = explain(&[]);
     assert!(
         text.contains("dry run:  DENY 403 insufficient_scope (missing scope `orders:audit`), route orders-read-v2, rule auditors"),
         "{text}"

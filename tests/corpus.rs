@@ -65,7 +65,7 @@
 //!       detail_contains: expired           # optional substring of Decision.detail
 //!       dry_run:                           # optional; what the config's `dry_run` routes
 //!         decision: deny                   # would answer (required), and optionally its
-//!         reason: insufficient_scope       # reason, route and rule
+//!         reason: insufficient_scope       # status, reason, route and rule
 //! ```
 //!
 //! Key sets: each issuer with a `keys.file` gets `KeySet::from_jwks(file, LocalFile)`; an
@@ -229,11 +229,61 @@ struct Expect {
 struct DryRunExpect {
     decision: Outcome,
     #[serde(default)]
+    status: Option<u16>,
+    #[serde(default)]
     reason: Option<String>,
     #[serde(default)]
     route: Option<String>,
     #[serde(default)]
     rule: Option<String>,
+}
+
+/// The fields a case can expect of a decision (or of its dry run), and what came.
+struct Want<'a> {
+    decision: Outcome,
+    status: Option<u16>,
+    reason: Option<&'a str>,
+    route: Option<&'a str>,
+    rule: Option<&'a str>,
+}
+
+struct Got<'a> {
+    allow: bool,
+    status: u16,
+    reason: &'a str,
+    route: Option<&'a str>,
+    rule: Option<&'a str>,
+}
+
+/// What in `got` differs from `want`, each prefixed with `what` (`""` or `"dry-run "`).
+fn differences(what: &str, want: &Want<'_>, got: &Got<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    let outcome = if got.allow {
+        Outcome::Allow
+    } else {
+        Outcome::Deny
+    };
+    if outcome != want.decision {
+        out.push(format!("expected {what}{:?}", want.decision));
+    }
+    if let Some(status) = want.status
+        && status != got.status
+    {
+        out.push(format!("expected {what}status {status}"));
+    }
+    let fields = [
+        ("reason", want.reason, Some(got.reason)),
+        ("route", want.route, got.route),
+        ("rule", want.rule, got.rule),
+    ];
+    for (name, want, got) in fields {
+        if let Some(want) = want
+            && Some(want) != got
+        {
+            out.push(format!("expected {what}{name} `{want}`"));
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -600,34 +650,21 @@ fn run_case(case: &Case, loaded: &Loaded, yaml_dir: &Path) -> Vec<String> {
 
     let e = &case.expect;
     let mut problems = Vec::new();
-    let got_outcome = if d.is_allow() {
-        Outcome::Allow
-    } else {
-        Outcome::Deny
+    let want = Want {
+        decision: e.decision,
+        status: e.status,
+        reason: e.reason.as_deref(),
+        route: e.route.as_deref(),
+        rule: e.rule.as_deref(),
     };
-    if got_outcome != e.decision {
-        problems.push(format!("expected {:?}", e.decision));
-    }
-    if let Some(status) = e.status
-        && status != d.http_status()
-    {
-        problems.push(format!("expected status {status}"));
-    }
-    if let Some(reason) = &e.reason
-        && reason != d.code.as_str()
-    {
-        problems.push(format!("expected reason `{reason}`"));
-    }
-    if let Some(route) = &e.route
-        && Some(route.as_str()) != d.route.as_deref()
-    {
-        problems.push(format!("expected route `{route}`"));
-    }
-    if let Some(rule) = &e.rule
-        && Some(rule.as_str()) != d.rule.as_deref()
-    {
-        problems.push(format!("expected rule `{rule}`"));
-    }
+    let got = Got {
+        allow: d.is_allow(),
+        status: d.http_status(),
+        reason: d.code.as_str(),
+        route: d.route.as_deref(),
+        rule: d.rule.as_deref(),
+    };
+    problems.extend(differences("", &want, &got));
     if let Some(fragment) = &e.detail_contains
         && !d.detail.contains(fragment.as_str())
     {
@@ -636,30 +673,22 @@ fn run_case(case: &Case, loaded: &Loaded, yaml_dir: &Path) -> Vec<String> {
     if let Some(want) = &e.dry_run {
         match d.dry_run.as_deref() {
             None => problems.push("expected a dry-run decision, got none".to_string()),
-            Some(got) => {
-                let outcome = if got.is_allow() {
-                    Outcome::Allow
-                } else {
-                    Outcome::Deny
+            Some(would) => {
+                let want = Want {
+                    decision: want.decision,
+                    status: want.status,
+                    reason: want.reason.as_deref(),
+                    route: want.route.as_deref(),
+                    rule: want.rule.as_deref(),
                 };
-                if outcome != want.decision {
-                    problems.push(format!("expected dry run {:?}", want.decision));
-                }
-                if let Some(reason) = &want.reason
-                    && reason != got.code.as_str()
-                {
-                    problems.push(format!("expected dry-run reason `{reason}`"));
-                }
-                if let Some(route) = &want.route
-                    && Some(route.as_str()) != got.route.as_deref()
-                {
-                    problems.push(format!("expected dry-run route `{route}`"));
-                }
-                if let Some(rule) = &want.rule
-                    && Some(rule.as_str()) != got.rule.as_deref()
-                {
-                    problems.push(format!("expected dry-run rule `{rule}`"));
-                }
+                let got = Got {
+                    allow: would.is_allow(),
+                    status: would.code.http_status(),
+                    reason: would.code.as_str(),
+                    route: would.route.as_deref(),
+                    rule: would.rule.as_deref(),
+                };
+                problems.extend(differences("dry-run ", &want, &got));
             }
         }
     }
