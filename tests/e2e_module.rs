@@ -561,3 +561,65 @@ fn a_config_that_does_not_load_keeps_envoy_from_starting() {
         "the error should name the config file:\n{logs}"
     );
 }
+
+/// `dry_run` routes inside Envoy: the module enforces the live routes and counts the
+/// candidate's answers on the admin listener it runs, as the service does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_module_reports_dry_run_routes_without_enforcing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = JwksServer::start(&[Key::A]).await;
+    let upstream = Upstream::start().await;
+    let admin = free_port();
+    let config = dir.path().join("portcullis.yaml");
+    let text = e2e_config(free_port(), admin, &jwks.url(), |doc| {
+        doc["dry_run"] = serde_yaml::from_str(
+            "routes:
+  - {id: orders-read-v2, methods: [GET], path: '/orders/{id}', rules: [{id: auditors, scopes: ['orders:audit']}]}
+  - {id: healthz-ops, methods: [GET], path: /healthz, rules: [{id: ops, roles: [ops]}]}",
+        )
+        .unwrap();
+    });
+    std::fs::write(&config, text).unwrap();
+    let envoy = shipped_envoy_with_module(dir.path(), upstream.port, &config);
+    let client = h1_client();
+    let get = |path: &'static str, token: Option<String>| {
+        let client = &client;
+        async move {
+            let bearer = token.map(|t| format!("Bearer {t}"));
+            let headers: Vec<(&str, &str)> = bearer
+                .iter()
+                .map(|b| ("authorization", b.as_str()))
+                .collect();
+            send_to(client, envoy.addr, false, "GET", path, &headers)
+                .await
+                .unwrap()
+        }
+    };
+    let reader = mint(json!({ "scope": "orders:read" }));
+    let ops = mint(json!({ "roles": ["ops"] }));
+    assert_eq!(get("/orders/1", Some(reader)).await.status, 200);
+    assert_eq!(get("/healthz", None).await.status, 200);
+    assert_eq!(get("/healthz", Some(ops)).await.status, 200);
+    assert_eq!(get("/orders/1", None).await.status, 401);
+    assert_eq!(upstream.count(), 3);
+
+    let metrics = client
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (live, result, reason, route) in [
+        ("allow", "deny", "insufficient_scope", "orders-read-v2"),
+        ("allow", "deny", "credential_missing", "healthz-ops"),
+        ("allow", "allow", "allowed", "healthz-ops"),
+        ("deny", "deny", "credential_missing", "orders-read-v2"),
+    ] {
+        let series = format!(
+            "portcullis_dry_run_decisions_total{{live=\"{live}\",result=\"{result}\",reason=\"{reason}\",route=\"{route}\"}} 1"
+        );
+        assert!(metrics.contains(&series), "no {series} in:\n{metrics}");
+    }
+}
