@@ -182,7 +182,11 @@ pub fn check(path: &Path, strict: bool) -> Result<String, CliError> {
         }
     }
     let dry_run = match &config.file.dry_run {
-        Some(d) => format!(", {} dry-run route(s)", d.routes.len()),
+        Some(d) => format!(
+            ", dry run: {} route(s) changed or added, {} removed",
+            d.routes.len(),
+            d.remove.len()
+        ),
         None => String::new(),
     };
     let mut out = format!(

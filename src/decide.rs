@@ -85,7 +85,7 @@ fn verified_caller(
     Ok(identity)
 }
 
-/// What the `dry_run` routes (`candidate`) would answer `req` from `caller`: their route,
+/// What the `dry_run` candidate policy would answer `req` from `caller`: its route,
 /// then the same grant steps as the live policy (an API key's endpoints, rules, peer grants,
 /// context conditions). Rate limits and approvals are not tried: they change shared state.
 pub fn dry_run(

@@ -34,13 +34,16 @@ fn check_counts_and_explain_shows_the_dry_run_routes() {
         + "
 dry_run:
   routes:
-    - {id: orders-read-v2, methods: [GET], path: '/orders/{id}', rules: [{id: auditors, scopes: ['orders:audit']}]}
+    - {id: orders-read, methods: [GET], path: '/orders/{id}', rules: [{id: auditors, scopes: ['orders:audit']}]}
 ";
     std::fs::write(dir.path().join("p.yaml"), config).unwrap();
 
     let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("7 route(s), 1 dry-run route(s))"), "{out}");
+    assert!(
+        out.contains("7 route(s), dry run: 1 route(s) changed or added, 0 removed)"),
+        "{out}"
+    );
 
     let minted = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["token", "--sub", "alice", "--scope", "orders:read"])
@@ -74,7 +77,7 @@ dry_run:
             &"deny".into(),
             &403.into(),
             &"insufficient_scope".into(),
-            &"orders-read-v2".into(),
+            &"orders-read".into(),
             &"auditors".into()
         ),
         "{v}"
@@ -84,7 +87,7 @@ dry_run:
     // Text output: one line for the dry run.
     let (_, text) = explain(&[]);
     assert!(
-        text.contains("dry run:  DENY 403 insufficient_scope (missing scope `orders:audit`), route orders-read-v2, rule auditors"),
+        text.contains("dry run:  DENY 403 insufficient_scope (missing scope `orders:audit`), route orders-read, rule auditors"),
         "{text}"
     );
 }

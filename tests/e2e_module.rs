@@ -574,8 +574,8 @@ async fn the_module_reports_dry_run_routes_without_enforcing_them() {
     let text = e2e_config(free_port(), admin, &jwks.url(), |doc| {
         doc["dry_run"] = serde_yaml::from_str(
             "routes:
-  - {id: orders-read-v2, methods: [GET], path: '/orders/{id}', rules: [{id: auditors, scopes: ['orders:audit']}]}
-  - {id: healthz-ops, methods: [GET], path: /healthz, rules: [{id: ops, roles: [ops]}]}",
+  - {id: orders-read, methods: [GET], path: '/orders/{id}', rules: [{id: auditors, scopes: ['orders:audit']}]}
+  - {id: healthz, methods: [GET], path: /healthz, rules: [{id: ops, roles: [ops]}]}",
         )
         .unwrap();
     });
@@ -612,10 +612,10 @@ async fn the_module_reports_dry_run_routes_without_enforcing_them() {
         .await
         .unwrap();
     for (live, result, reason, route) in [
-        ("allow", "deny", "insufficient_scope", "orders-read-v2"),
-        ("allow", "deny", "credential_missing", "healthz-ops"),
-        ("allow", "allow", "allowed", "healthz-ops"),
-        ("deny", "deny", "credential_missing", "orders-read-v2"),
+        ("allow", "deny", "insufficient_scope", "orders-read"),
+        ("allow", "deny", "credential_missing", "healthz"),
+        ("allow", "allow", "allowed", "healthz"),
+        ("deny", "deny", "credential_missing", "orders-read"),
     ] {
         let series = format!(
             "portcullis_dry_run_decisions_total{{live=\"{live}\",result=\"{result}\",reason=\"{reason}\",route=\"{route}\"}} 1"

@@ -179,7 +179,7 @@ cases:
   - name: readers keep reading for now, and will need orders:audit
     request: {path: /orders/1}
     as: {claims: {sub: alice, scope: orders:read}}
-    expect: {decision: allow, dry_run: {decision: deny, reason: insufficient_scope, route: orders-read-v2}}
+    expect: {decision: allow, dry_run: {decision: deny, reason: insufficient_scope, route: orders-read}}
   - name: auditors will read
     request: {path: /orders/1}
     as: {claims: {sub: carol, scope: orders:audit}}
@@ -195,8 +195,8 @@ cases:
         "
 dry_run:
   routes:
-    - {id: healthz-ops, methods: [GET], path: /healthz, rules: [{id: ops, roles: [ops]}]}
-    - {id: orders-read-v2, methods: [GET], path: '/orders/{id}', rules: [{id: auditors, scopes: ['orders:audit']}]}
+    - {id: healthz, methods: [GET], path: /healthz, rules: [{id: ops, roles: [ops]}]}
+    - {id: orders-read, methods: [GET], path: '/orders/{id}', rules: [{id: auditors, scopes: ['orders:audit']}]}
 ",
     );
     std::fs::write(&config, text).unwrap();
@@ -206,7 +206,7 @@ dry_run:
         out.contains(
             "ok   readers keep reading for now, and will need orders:audit: allow 200 allowed \
              (route orders-read, rule orders-reader); dry run: deny 403 insufficient_scope \
-             (route orders-read-v2, rule auditors)"
+             (route orders-read, rule auditors)"
         ),
         "{out}"
     );

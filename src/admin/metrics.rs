@@ -137,7 +137,7 @@ impl Metrics {
         );
         r.register(
             "dry_run_decisions",
-            "What the dry_run routes would have answered (result, reason, route), by live result",
+            "What the dry_run candidate policy would have answered (result, reason, route), by live result",
             self.dry_run_decisions.clone(),
         );
         r.register(

@@ -88,7 +88,8 @@ pub struct Config {
     pub file: ConfigFile,
     pub issuers: Vec<Arc<CompiledIssuer>>,
     pub policy: Policy,
-    /// `dry_run.routes`: a candidate policy decided beside `policy` and never enforced.
+    /// `dry_run`: the candidate policy (live routes with its changes), decided beside `policy` and
+    /// never enforced.
     pub dry_run: Option<Policy>,
     /// Non-fatal findings for `portcullis check` (e.g. unreachable routes).
     pub warnings: Vec<String>,
@@ -407,9 +408,18 @@ impl Compiler {
                 .push("no issuers are configured: every non-public route answers 401".to_string());
         }
 
+        let dry_run = self.dry_run(&file, &issuer_names, &routes)?;
         let policy = Policy::new(routes);
-        self.warnings.extend(policy.shadow_warnings());
-        let dry_run = self.dry_run(&file, &issuer_names)?;
+        let live_warnings = policy.shadow_warnings();
+        if let Some(candidate) = &dry_run {
+            // Only what the changes bring: the live routes' own findings are reported once.
+            let new = candidate.shadow_warnings().into_iter();
+            self.warnings.extend(
+                new.filter(|w| !live_warnings.contains(w))
+                    .map(|w| format!("dry_run: {w}")),
+            );
+        }
+        self.warnings.extend(live_warnings);
         let api_keys = self.api_keys.take();
         let rate_limits = self.rate_limits(&file, api_keys.as_deref())?;
         self.unused_key_warnings(&file, api_keys.as_deref());
@@ -887,27 +897,54 @@ impl Compiler {
         Ok(routes)
     }
 
-    /// `dry_run.routes`: a candidate policy, compiled like `routes` but never enforced.
-    fn dry_run(&mut self, file: &ConfigFile, issuers: &HashSet<&str>) -> Res<Option<Policy>> {
+    /// `dry_run`: the candidate policy, the `live` routes with `dry_run.routes` replacing
+    /// the route of the same id (or added after them) and the `dry_run.remove` ids dropped.
+    fn dry_run(
+        &mut self,
+        file: &ConfigFile,
+        issuers: &HashSet<&str>,
+        live: &[CompiledRoute],
+    ) -> Res<Option<Policy>> {
         let Some(dry_run) = &file.dry_run else {
             return Ok(None);
         };
-        if dry_run.routes.is_empty() {
+        if dry_run.routes.is_empty() && dry_run.remove.is_empty() {
             return Err(self.hint(
-                "dry_run.routes",
-                "no routes: there is nothing to try out",
-                "list the candidate routes, or remove `dry_run`",
+                "dry_run",
+                "no routes to change and none to remove: there is nothing to try out",
+                "list changed or new routes under `dry_run.routes` and the ids of routes to \
+                 drop under `dry_run.remove`, or remove `dry_run`",
             ));
         }
-        let routes = self.routes("dry_run.routes", &dry_run.routes, issuers)?;
-        let policy = Policy::new(routes);
-        self.warnings.extend(
-            policy
-                .shadow_warnings()
-                .into_iter()
-                .map(|w| format!("dry_run: {w}")),
-        );
-        Ok(Some(policy))
+        let changed = self.routes("dry_run.routes", &dry_run.routes, issuers)?;
+        let live_ids: Vec<&str> = live.iter().map(|r| &*r.id).collect();
+        for (k, id) in dry_run.remove.iter().enumerate() {
+            let field = format!("dry_run.remove[{k}]");
+            if !live_ids.contains(&id.as_str()) {
+                let hint = match closest(id, &live_ids) {
+                    Some(c) => format!("did you mean `{c}`?"),
+                    None => "use the `id` of a route in `routes`".to_string(),
+                };
+                return Err(self.hint(field, format!("unknown route `{id}`"), hint));
+            }
+            if changed.iter().any(|r| *r.id == **id) {
+                return Err(self.err(
+                    field,
+                    format!("`{id}` is also in `dry_run.routes`: change a route or remove it"),
+                ));
+            }
+        }
+        let mut routes = Vec::with_capacity(live.len() + changed.len());
+        for route in live {
+            if dry_run.remove.iter().any(|id| **id == *route.id) {
+                continue;
+            }
+            let replacement = changed.iter().find(|r| r.id == route.id);
+            routes.push(replacement.unwrap_or(route).clone());
+        }
+        let added = changed.iter().filter(|r| !live_ids.contains(&&*r.id));
+        routes.extend(added.cloned());
+        Ok(Some(Policy::new(routes)))
     }
 
     fn route(&mut self, i: usize, rc: &RouteConfig, issuers: &HashSet<&str>) -> Res<CompiledRoute> {

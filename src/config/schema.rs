@@ -865,13 +865,17 @@ pub struct PreApproveConfig {
     pub until: Option<String>,
 }
 
-/// `dry_run`: routes decided beside the live ones on every request, reported (audit event,
-/// metrics, `explain`) and never enforced, to see what a policy change would do before it
-/// goes live.
+/// `dry_run`: a candidate policy decided beside the live one on every request, reported
+/// (audit event, metrics, `explain`) and never enforced, to see what a policy change would
+/// do before it goes live. The candidate is the live `routes` with these changes.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DryRunConfig {
-    /// Same schema as the top-level `routes`.
+    /// Routes that replace the live route with the same `id`, or are added (same schema as
+    /// the top-level `routes`).
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Ids of live routes the candidate drops.
+    #[serde(default)]
+    pub remove: Vec<String>,
 }

@@ -798,7 +798,7 @@ fn a_random_dpop_nonce_secret_survives_a_reload() {
 fn dry_run_routes_are_checked_like_routes_and_named_by_their_own_path() {
     let with = |dry: &str| format!("{}dry_run:\n  routes:\n{dry}", with_issuer(DEV));
     let rule = |r: &str| format!("    - {{ id: d, methods: [GET], path: /d, rules: [{r}] }}\n");
-    fails(&with("    []\n"), "dry_run.routes", "nothing to try out");
+    fails(&with("    []\n"), "dry_run", "nothing to try out");
     fails(
         &with(&rule("{ id: x, scopes: [\"a b\"] }")),
         "dry_run.routes[0].rules[0].scopes[0]",
@@ -852,4 +852,65 @@ fn dry_run_routes_are_checked_like_routes_and_named_by_their_own_path() {
         c.warnings
     );
     assert!(compile(&with_issuer(DEV)).unwrap().dry_run.is_none());
+}
+
+#[test]
+fn dry_run_changes_replace_add_and_remove_live_routes() {
+    let live = "routes:
+  - { id: h, methods: [GET], path: /h, public: true }
+  - { id: a, methods: [GET], path: /a, rules: [{ id: r, roles: [x] }] }
+  - { id: b, methods: [GET], path: /b, rules: [{ id: r, roles: [x] }] }
+";
+    let text = |dry: &str| format!("issuers:\n  - {{ {DEV} }}\n{live}dry_run:\n{dry}");
+    fails(
+        &text("  remove: [c]\n"),
+        "dry_run.remove[0]",
+        "unknown route `c`",
+    );
+    fails(
+        &text("  routes: [{ id: a, methods: [GET], path: /a, public: true }]\n  remove: [b, a]\n"),
+        "dry_run.remove[1]",
+        "`a` is also in `dry_run.routes`",
+    );
+    let c = compile(&text(
+        "  routes:
+    - { id: a, methods: [GET], path: /a, public: true }
+    - { id: n, methods: [GET], path: /n, public: true }
+  remove: [b]
+",
+    ))
+    .unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let candidate = c.dry_run.as_ref().unwrap();
+    let route_of = |policy: &crate::authz::Policy, path: &str| {
+        let headers = std::collections::HashMap::new();
+        let req = crate::authz::RequestView {
+            method: "GET",
+            host: "api.test",
+            path,
+            headers: &headers,
+            source_ip: None,
+            source_principal: "",
+            scheme: "https",
+            peer_certificate: None,
+        };
+        policy
+            .match_route(&req)
+            .map(|m| (m.route_id.to_string(), m.public))
+            .map_err(|d| d.code)
+    };
+    // Kept, replaced (now public), removed, added; the live policy is untouched.
+    assert_eq!(route_of(candidate, "/h"), Ok(("h".into(), true)));
+    assert_eq!(route_of(candidate, "/a"), Ok(("a".into(), true)));
+    assert_eq!(
+        route_of(candidate, "/b"),
+        Err(crate::authz::ReasonCode::NoRoute)
+    );
+    assert_eq!(route_of(candidate, "/n"), Ok(("n".into(), true)));
+    assert_eq!(route_of(&c.policy, "/a"), Ok(("a".into(), false)));
+    assert_eq!(route_of(&c.policy, "/b"), Ok(("b".into(), false)));
+    assert_eq!(
+        route_of(&c.policy, "/n"),
+        Err(crate::authz::ReasonCode::NoRoute)
+    );
 }
