@@ -61,8 +61,8 @@ pub fn decide(
     let live = decide_live(config, req, keys, now);
     match &config.dry_run {
         Some(candidate) => {
-            let caller = verified_caller(config, req, keys, now);
-            live.with_dry_run(dry_run(config, candidate, req, caller.as_ref(), now))
+            let caller = || verified_caller(config, req, keys, now);
+            live.with_dry_run(dry_run(config, candidate, req, now, caller))
         }
         None => live,
     }
@@ -85,15 +85,16 @@ fn verified_caller(
     Ok(identity)
 }
 
-/// What the `dry_run` candidate policy would answer `req` from `caller`: its route,
-/// then the same grant steps as the live policy (an API key's endpoints, rules, peer grants,
-/// context conditions). Rate limits and approvals are not tried: they change shared state.
+/// What the `dry_run` candidate policy would answer `req`: its route, then, only when that
+/// route is protected, the caller (asked of `caller`) and the same grant steps as the live
+/// policy (an API key's endpoints, rules, peer grants, context conditions). Rate limits and
+/// approvals are not tried: they change shared state.
 pub fn dry_run(
     config: &Config,
     candidate: &Policy,
     req: &RequestView<'_>,
-    caller: Result<&Arc<Identity>, &Decision>,
     now: i64,
+    caller: impl FnOnce() -> Caller,
 ) -> Decision {
     let m = match candidate.match_route(req) {
         Ok(m) => m,
@@ -103,9 +104,9 @@ pub fn dry_run(
         return public_allow(&m);
     }
     let principals = req.principals();
-    match caller {
-        Ok(identity) => authorize(config, candidate, req, &m, identity, &principals, now),
-        Err(deny) => peer_grant(config, candidate, req, &m, deny.clone(), &principals, now)
+    match caller() {
+        Ok(identity) => authorize(config, candidate, req, &m, &identity, &principals, now),
+        Err(deny) => peer_grant(config, candidate, req, &m, deny, &principals, now)
             .with_route(Some(m.route_id.clone())),
     }
 }

@@ -291,22 +291,33 @@ impl Engine {
         };
         let mut caller = None;
         let live = self.check_live(req, now, Some(&mut caller)).await;
-        // The live routes answered before looking at the credential (public, or no route):
-        // the candidate's may need it.
-        let caller = match caller {
+        let caller = || match caller {
             Some(caller) => caller,
-            None => self.caller(req, now).await,
+            // The live routes answered without reading the credential (public, or no route)
+            // and the candidate's route needs it.
+            None => self.unread_caller(req, now),
         };
-        let would = decide::dry_run(&self.config, candidate, req, caller.as_ref(), now);
-        live.with_dry_run(would)
+        // The candidate is never enforced: whatever happens to it, the live answer stands.
+        let would = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decide::dry_run(&self.config, candidate, req, now, caller)
+        }));
+        match would {
+            Ok(would) => live.with_dry_run(would),
+            Err(_) => {
+                tracing::error!("the dry run failed (panicked); the live decision stands");
+                live
+            }
+        }
     }
 
-    /// The caller of `req` for the `dry_run` routes when the live check did not establish
-    /// it: the credential verified (through the cache) and its bindings checked, except the
-    /// single use of a DPoP proof, which would spend it.
-    async fn caller(&self, req: &RequestView<'_>, now: i64) -> decide::Caller {
+    /// The caller of `req` for the `dry_run` routes when the live check did not read the
+    /// credential: verified against the keys at hand (no token cache, no key refetch, so the
+    /// live answer never waits for it), revocation and bindings checked, except the single
+    /// use of a DPoP proof, which would spend it.
+    fn unread_caller(&self, req: &RequestView<'_>, now: i64) -> decide::Caller {
         let cred = decide::extract_credential(&self.config, req)?;
-        let identity = self.identity(&cred, now).await?;
+        let keys = |issuer: &str| self.keys.get(issuer);
+        let identity = decide::verify_credential(&self.config, &cred, &keys, now)?;
         self.revocations.check(&identity, now)?;
         self.runtime_revoked.check(&identity)?;
         decide::binding_checks(&self.config, req, &cred, &identity, now)?;
@@ -382,14 +393,8 @@ impl Engine {
         let Some(candidate) = &self.config.dry_run else {
             return live;
         };
-        let caller = caller.cloned().ok_or_else(missing);
-        live.with_dry_run(decide::dry_run(
-            &self.config,
-            candidate,
-            req,
-            caller.as_ref(),
-            now,
-        ))
+        let caller = || caller.cloned().ok_or_else(missing);
+        live.with_dry_run(decide::dry_run(&self.config, candidate, req, now, caller))
     }
 
     /// The route `req` matches. `Err` is the whole answer: a deny, or a public route's

@@ -666,3 +666,64 @@ async fn a_cached_token_is_refused_once_its_kid_is_gone_even_if_the_key_stayed()
         "the cached token must be refused like a fresh one: {body}"
     );
 }
+
+/// A dry run never touches the live path's machinery: on routes the live policy answers
+/// without reading the credential (public, or none), the candidate's caller is verified
+/// against the keys at hand, with no token-cache entry or count and no wait for a key
+/// refetch, and only when the candidate's route needs it.
+#[tokio::test]
+async fn a_dry_run_reads_credentials_the_live_policy_skipped_without_the_token_cache() {
+    let h = Harness::start_with(|doc| {
+        doc["dry_run"] = serde_yaml::from_str(
+            "routes: [{id: reports, methods: [GET], path: '/reports/**', rules: [{id: analysts, scopes: ['reports:read']}]}]",
+        )
+        .unwrap();
+    })
+    .await;
+    let claims = json!({ "sub": "alice", "scope": "reports:read" });
+    let analyst = mint(claims.clone());
+    let unknown_kid = support::jwt::sign(
+        &support::jwt::dev_pem(),
+        "no-such-kid",
+        &support::jwt::dev_claims(claims),
+    );
+    let cases = [
+        ("/healthz", &analyst, "allow", "public_route", "healthz"),
+        ("/healthz", &unknown_kid, "allow", "public_route", "healthz"),
+        ("/reports/q3", &analyst, "allow", "allowed", "reports"),
+        (
+            "/reports/q3",
+            &unknown_kid,
+            "deny",
+            "invalid_token",
+            "reports",
+        ),
+    ];
+    for (path, token, ..) in &cases {
+        let resp = h
+            .check("GET", path, &[("authorization", &bearer(token))])
+            .await;
+        let live = if *path == "/healthz" { 0 } else { 7 }; // OK, PERMISSION_DENIED
+        assert_eq!(status(&resp), live, "GET {path}");
+    }
+    let text = h.metrics().await;
+    for (path, _, result, reason, route) in &cases {
+        let live = if *path == "/healthz" { "allow" } else { "deny" };
+        let series = format!(
+            "portcullis_dry_run_decisions_total{{live=\"{live}\",result=\"{result}\",reason=\"{reason}\",route=\"{route}\"}}"
+        );
+        assert!(text.contains(&series), "no {series} in:\n{text}");
+    }
+    // Through the engine's cache, each token would have been counted, and an unknown `kid`
+    // would have held the Check for a refetch (`key_fetch_wait`).
+    assert_eq!(
+        metric_value(&text, "portcullis_token_cache_misses_total"),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "portcullis_token_cache_hits_total"),
+        0.0,
+        "{text}"
+    );
+}

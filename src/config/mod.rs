@@ -917,9 +917,13 @@ impl Compiler {
             ));
         }
         let changed = self.routes("dry_run.routes", &dry_run.routes, issuers)?;
+        self.route_list = "routes";
         let live_ids: Vec<&str> = live.iter().map(|r| &*r.id).collect();
         for (k, id) in dry_run.remove.iter().enumerate() {
             let field = format!("dry_run.remove[{k}]");
+            if dry_run.remove[..k].contains(id) {
+                return Err(self.err(field, format!("`{id}` is listed twice")));
+            }
             if !live_ids.contains(&id.as_str()) {
                 let hint = match closest(id, &live_ids) {
                     Some(c) => format!("did you mean `{c}`?"),
@@ -944,6 +948,12 @@ impl Compiler {
         }
         let added = changed.iter().filter(|r| !live_ids.contains(&&*r.id));
         routes.extend(added.cloned());
+        if routes.is_empty() {
+            self.warnings.push(
+                "dry_run: the candidate removes every route: it would deny every request"
+                    .to_string(),
+            );
+        }
         Ok(Some(Policy::new(routes)))
     }
 

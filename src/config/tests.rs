@@ -868,6 +868,20 @@ fn dry_run_changes_replace_add_and_remove_live_routes() {
         "unknown route `c`",
     );
     fails(
+        &text("  remove: [a, b, a]\n"),
+        "dry_run.remove[2]",
+        "`a` is listed twice",
+    );
+    let empty = compile(&text("  remove: [h, a, b]\n")).unwrap();
+    assert!(
+        empty
+            .warnings
+            .iter()
+            .any(|w| w.contains("removes every route")),
+        "{:?}",
+        empty.warnings
+    );
+    fails(
         &text("  routes: [{ id: a, methods: [GET], path: /a, public: true }]\n  remove: [b, a]\n"),
         "dry_run.remove[1]",
         "`a` is also in `dry_run.routes`",
