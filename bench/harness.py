@@ -201,7 +201,15 @@ def routes():
 CACHE_MAX_MIB = 64  # tokens.cache.max_bytes of every Portcullis here (the shipped default)
 
 
-def portcullis_config(name, grpc_port, admin_port, capacity=100000, audit=True, http_port=None):
+# The candidate policy of `--dry-run-b`: the benchmarked route needing another scope, so the
+# dry run answers differently from the live policy on every request (a deny to build, log and
+# count).
+DRY_RUN = {"routes": [{"id": "orders-read", "methods": ["GET"], "path": "/orders/{id}",
+                       "rules": [{"id": "orders-auditor", "scopes": ["orders:audit"]}]}]}
+
+
+def portcullis_config(name, grpc_port, admin_port, capacity=100000, audit=True, http_port=None,
+                      dry_run=False):
     keys = os.path.join(WORK, "keys")
     server = {"listen": f"127.0.0.1:{grpc_port}", "admin_listen": f"127.0.0.1:{admin_port}"}
     if http_port:
@@ -217,6 +225,8 @@ def portcullis_config(name, grpc_port, admin_port, capacity=100000, audit=True, 
         "audit": {"enabled": audit},
         "routes": routes(),
     }
+    if dry_run:
+        cfg["dry_run"] = DRY_RUN
     p = os.path.join(WORK, f"{name}.portcullis.yaml")
     import yaml
     with open(p, "w") as f:
@@ -472,6 +482,9 @@ def main():
                     "of this tree's release build (to swap an A/B's roles)")
     ap.add_argument("--portcullis-b", help="another build of the portcullis binary, run as scenario "
                     "Pb beside P: a same-run A/B of a service change (ratio P/Pb)")
+    ap.add_argument("--dry-run-b", action="store_true", help="give scenarios Pb and Mb a dry_run "
+                    "candidate policy (this tree's builds unless --portcullis-b/--module-b say "
+                    "otherwise): the cost of a dry run (ratios P/Pb, M/Mb)")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: closed,open,alone,memory")
     ap.add_argument("--only", default="", help="comma list of scenarios to run, closed and open loop (default: all)")
     ap.add_argument("--render", help="re-summarize and print an earlier results JSON, run nothing")
@@ -512,15 +525,16 @@ def main():
                 "Pd": ([legacy], p_port), "Fu": ([authz_filter], noop_port),
                 "Fh": ([http_authz_filter], hp), "Ph": ([http_authz_filter], p_http),
                 "M": ([module_filter(m_config, a.module_a and os.path.abspath(a.module_a))], None)}
-        if a.module_b:
+        if a.module_b or a.dry_run_b:
             # Its own config copy: a module that runs the config's server binds its ports.
-            mb_config = portcullis_config("mb", free_port(), free_port())
-            scen["Mb"] = ([module_filter(mb_config, os.path.abspath(a.module_b))], None)
+            mb_config = portcullis_config("mb", free_port(), free_port(), dry_run=a.dry_run_b)
+            scen["Mb"] = ([module_filter(mb_config, a.module_b and os.path.abspath(a.module_b))], None)
         pbc = None
-        if a.portcullis_b:
+        if a.portcullis_b or a.dry_run_b:
             pb_port, pb_admin = free_port(), free_port()
-            pbc = Proc("portcullis-b", [os.path.abspath(a.portcullis_b), "serve", "--config",
-                                        portcullis_config("pb", pb_port, pb_admin)])
+            pb_binary = os.path.abspath(a.portcullis_b) if a.portcullis_b else PORTCULLIS
+            pbc = Proc("portcullis-b", [pb_binary, "serve", "--config",
+                                        portcullis_config("pb", pb_port, pb_admin, dry_run=a.dry_run_b)])
             procs.append(pbc)
             wait_http(pb_admin, "/readyz", ["200"])
             scen["Pb"] = ([authz_filter], pb_port)
