@@ -727,3 +727,98 @@ async fn a_dry_run_reads_credentials_the_live_policy_skipped_without_the_token_c
         "{text}"
     );
 }
+
+/// The engine's dry run (live caller reused, token cache, unread credentials checked on the
+/// side) answers like the pure reference `decide::decide`, request by request, on a miss and
+/// on a cache hit, for tokens, API keys, missing and broken credentials.
+#[tokio::test]
+async fn the_engines_dry_run_agrees_with_the_reference() {
+    let h = Harness::start_with(|doc| {
+        doc["dry_run"] = serde_yaml::from_str(
+            "routes:
+  - {id: orders-read, methods: [GET], path: '/orders/{id}', rules: [{id: auditors, scopes: ['orders:audit']}, {id: keys, api_keys: ['*']}]}
+  - {id: healthz, methods: [GET], path: /healthz, rules: [{id: ops, roles: [ops]}]}
+  - {id: reports, methods: [GET], path: '/reports/**', rules: [{id: analysts, scopes: ['reports:read']}]}
+remove: [admin, orders-create]",
+        )
+        .unwrap();
+    })
+    .await;
+    let tokens = [
+        Some(bearer(&mint(
+            json!({"sub": "alice", "scope": "orders:read"}),
+        ))),
+        Some(bearer(&mint(
+            json!({"sub": "carol", "scope": "orders:audit reports:read"}),
+        ))),
+        Some(bearer(&mint(
+            json!({"sub": "root", "roles": ["admin", "ops"], "auth_time": now()}),
+        ))),
+        Some(bearer("not.a.jwt")),
+        Some(bearer(&support::jwt::sign(
+            &support::jwt::dev_pem(),
+            "no-such-kid",
+            &support::jwt::dev_claims(json!({"sub": "x", "scope": "reports:read"})),
+        ))),
+        None,
+    ];
+    let api_key = "pck_5AEWWjqRmg8M1focDlwcCo0V_eMw631tr23y0JSA0bM";
+    let engine = h.server.engine.load_full();
+    let mut compared = 0;
+    let mut seen = std::collections::BTreeSet::new();
+    for (method, path) in [
+        ("GET", "/orders/1"),
+        ("POST", "/orders"),
+        ("GET", "/healthz"),
+        ("GET", "/reports/q3"),
+        ("GET", "/admin/users"),
+        ("GET", "/nowhere"),
+    ] {
+        let mut credentials: Vec<HashMap<String, String>> = tokens
+            .iter()
+            .map(|t| {
+                t.iter()
+                    .map(|t| ("authorization".to_string(), t.clone()))
+                    .collect()
+            })
+            .collect();
+        credentials.push(HashMap::from([(
+            "x-api-key".to_string(),
+            api_key.to_string(),
+        )]));
+        for headers in &credentials {
+            let view = portcullis::authz::RequestView {
+                method,
+                path,
+                ..get_orders_1(headers)
+            };
+            let at = now();
+            let reference =
+                portcullis::decide::decide(&engine.config, &view, &|n| engine.keys.get(n), at);
+            // Twice: a token-cache miss, then a hit.
+            for round in ["miss", "hit"] {
+                let got = engine.check_at(&view, at).await;
+                assert_eq!(
+                    (got.code, &got.dry_run),
+                    (reference.code, &reference.dry_run),
+                    "{method} {path} {headers:?} ({round})"
+                );
+                let would = got.dry_run.as_deref().unwrap();
+                seen.insert((got.is_allow(), would.is_allow(), would.code.as_str()));
+                compared += 1;
+            }
+        }
+    }
+    assert_eq!(compared, 6 * 7 * 2);
+    // The cases disagree both ways and reach the candidate's every kind of answer.
+    for expected in [
+        (true, false, "insufficient_scope"),
+        (false, true, "allowed"),
+        (true, false, "credential_missing"),
+        (true, false, "no_matching_route"),
+        (false, false, "invalid_token"),
+        (true, true, "allowed"),
+    ] {
+        assert!(seen.contains(&expected), "{expected:?} not among {seen:?}");
+    }
+}
