@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
-use support::inproc::e2e_config;
+use support::inproc::{e2e_config, scrape_metrics};
 use support::jwks::JwksServer;
 use support::jwt::Key;
 use support::module::{
@@ -603,14 +603,7 @@ async fn the_module_reports_dry_run_routes_without_enforcing_them() {
     assert_eq!(get("/orders/1", None).await.status, 401);
     assert_eq!(upstream.count(), 3);
 
-    let metrics = client
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape_metrics(([127, 0, 0, 1], admin).into()).await;
     for (live, result, reason, route) in [
         ("allow", "deny", "insufficient_scope", "orders-read"),
         ("allow", "deny", "credential_missing", "healthz"),
