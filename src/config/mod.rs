@@ -288,8 +288,6 @@ struct Compiler {
     api_keys: Option<Arc<crate::identity::apikey::ApiKeys>>,
     /// `network.trusted_headers`, validated: the only headers posture conditions may read.
     trusted_headers: HashSet<String>,
-    /// The route list being compiled (`routes` or `dry_run.routes`), for field paths.
-    route_list: &'static str,
 }
 
 type Res<T> = Result<T, ConfigError>;
@@ -302,7 +300,6 @@ impl Compiler {
             warnings: Vec::new(),
             api_keys: None,
             trusted_headers: HashSet::new(),
-            route_list: "routes",
         }
     }
 
@@ -882,7 +879,6 @@ impl Compiler {
         configs: &[RouteConfig],
         issuers: &HashSet<&str>,
     ) -> Res<Vec<CompiledRoute>> {
-        self.route_list = list;
         let mut routes = Vec::with_capacity(configs.len());
         let mut ids: HashMap<&str, usize> = HashMap::new();
         for (i, rc) in configs.iter().enumerate() {
@@ -892,7 +888,7 @@ impl Compiler {
                     format!("duplicate route id `{}` (also {list}[{first}])", rc.id),
                 ));
             }
-            routes.push(self.route(i, rc, issuers)?);
+            routes.push(self.route(&format!("{list}[{i}]"), rc, issuers)?);
         }
         Ok(routes)
     }
@@ -917,7 +913,6 @@ impl Compiler {
             ));
         }
         let changed = self.routes("dry_run.routes", &dry_run.routes, issuers)?;
-        self.route_list = "routes";
         let live_ids: Vec<&str> = live.iter().map(|r| &*r.id).collect();
         for (k, id) in dry_run.remove.iter().enumerate() {
             let field = format!("dry_run.remove[{k}]");
@@ -957,9 +952,9 @@ impl Compiler {
         Ok(Some(Policy::new(routes)))
     }
 
-    fn route(&mut self, i: usize, rc: &RouteConfig, issuers: &HashSet<&str>) -> Res<CompiledRoute> {
-        let list = self.route_list;
-        let f = |s: &str| format!("{list}[{i}].{s}");
+    /// One route; `at` names it in errors (`routes[2]`, `dry_run.routes[0]`).
+    fn route(&mut self, at: &str, rc: &RouteConfig, issuers: &HashSet<&str>) -> Res<CompiledRoute> {
+        let f = |s: &str| format!("{at}.{s}");
         if rc.id.trim().is_empty() {
             return Err(self.err(f("id"), "the route id must not be empty"));
         }
@@ -994,7 +989,7 @@ impl Compiler {
             }
             if m.bytes().any(|b| b.is_ascii_lowercase()) {
                 self.warnings.push(format!(
-                    "{list}[{i}].methods[{j}]: `{m}` is not upper-case; methods are case-sensitive, so it will not match `{}`",
+                    "{at}.methods[{j}]: `{m}` is not upper-case; methods are case-sensitive, so it will not match `{}`",
                     m.to_ascii_uppercase()
                 ));
             }
@@ -1028,16 +1023,16 @@ impl Compiler {
         }
         if rc.public && template.segs.is_empty() && template.tail {
             self.warnings.push(format!(
-                "{list}[{i}]: route `{}` is public and matches every path: only more specific routes are protected",
+                "{at}: route `{}` is public and matches every path: only more specific routes are protected",
                 rc.id
             ));
         }
         let mut rules: Vec<CompiledRule> = Vec::with_capacity(rc.rules.len());
         for (j, rule) in rc.rules.iter().enumerate() {
-            let compiled = self.rule(i, j, rc, rule, &template, issuers)?;
+            let compiled = self.rule(at, j, rc, rule, &template, issuers)?;
             if rules.iter().any(|r| r.id == compiled.id) {
                 return Err(self.err(
-                    format!("{list}[{i}].rules[{j}].id"),
+                    format!("{at}.rules[{j}].id"),
                     format!("duplicate rule id `{}` in route `{}`", rule.id, rc.id),
                 ));
             }
@@ -1055,15 +1050,14 @@ impl Compiler {
 
     fn rule(
         &mut self,
-        i: usize,
+        at: &str,
         j: usize,
         rc: &RouteConfig,
         rule: &RuleConfig,
         template: &Template,
         issuers: &HashSet<&str>,
     ) -> Res<CompiledRule> {
-        let list = self.route_list;
-        let f = |s: &str| format!("{list}[{i}].rules[{j}].{s}");
+        let f = |s: &str| format!("{at}.rules[{j}].{s}");
         if rule.id.trim().is_empty() {
             return Err(self.err(f("id"), "the rule id must not be empty"));
         }
@@ -1190,7 +1184,7 @@ impl Compiler {
             && api_keys.is_empty()
         {
             self.warnings.push(format!(
-                "{list}[{i}].rules[{j}]: rule `{}` has no conditions: any valid token from any configured issuer is allowed",
+                "{at}.rules[{j}]: rule `{}` has no conditions: any valid token from any configured issuer is allowed",
                 rule.id
             ));
         }
