@@ -182,11 +182,15 @@ pub fn check(path: &Path, strict: bool) -> Result<String, CliError> {
         }
     }
     let dry_run = match &config.file.dry_run {
-        Some(d) => format!(
-            ", dry run: {} route(s) changed or added, {} removed",
-            d.routes.len(),
-            d.remove.len()
-        ),
+        Some(d) => {
+            let live = |id: &str| config.file.routes.iter().any(|r| r.id == id);
+            let changed = d.routes.iter().filter(|r| live(&r.id)).count();
+            format!(
+                ", dry run: {changed} route(s) changed, {} added, {} removed",
+                d.routes.len() - changed,
+                d.remove.len()
+            )
+        }
         None => String::new(),
     };
     let mut out = format!(

@@ -35,13 +35,15 @@ fn check_counts_and_explain_shows_the_dry_run_routes() {
 dry_run:
   routes:
     - {id: orders-read, methods: [GET], path: '/orders/{id}', rules: [{id: auditors, scopes: ['orders:audit']}]}
+    - {id: reports, methods: [GET], path: '/reports/**', rules: [{id: analysts, scopes: ['reports:read']}]}
+  remove: [admin]
 ";
     std::fs::write(dir.path().join("p.yaml"), config).unwrap();
 
     let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
     assert_eq!(code, Some(0), "{out}");
     assert!(
-        out.contains("7 route(s), dry run: 1 route(s) changed or added, 0 removed)"),
+        out.contains("7 route(s), dry run: 1 route(s) changed, 1 added, 1 removed)"),
         "{out}"
     );
 

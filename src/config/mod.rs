@@ -189,6 +189,19 @@ fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
             None,
         ));
     }
+    // `dry_run:` with nothing under it (its lines commented out) would read as no dry run at
+    // all: say so instead of trying nothing in silence.
+    if value.get("dry_run").is_some_and(serde_yaml::Value::is_null) {
+        return Err(err(
+            "dry_run",
+            "is empty: there is nothing to try out".to_string(),
+            Some(
+                "list changed or new routes under `dry_run.routes` and the ids of routes to \
+                 drop under `dry_run.remove`, or remove the `dry_run:` line"
+                    .to_string(),
+            ),
+        ));
+    }
     let de = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let mut field = match e.path().to_string() {
@@ -943,6 +956,24 @@ impl Compiler {
         }
         let added = changed.iter().filter(|r| !live_ids.contains(&&*r.id));
         routes.extend(added.cloned());
+        for (i, rc) in dry_run.routes.iter().enumerate() {
+            // Same text as the live route's (the schema types derive `Debug`, not `Eq`).
+            let same =
+                |live: &&RouteConfig| live.id == rc.id && format!("{live:?}") == format!("{rc:?}");
+            if file.routes.iter().any(|live| same(&live)) {
+                self.warnings.push(format!(
+                    "dry_run.routes[{i}]: `{}` is the same as the live route: the dry run changes nothing there",
+                    rc.id
+                ));
+            }
+        }
+        let protected = |rs: &[CompiledRoute]| rs.iter().any(|r| !r.public);
+        if issuers.is_empty() && self.api_keys.is_none() && !protected(live) && protected(&routes) {
+            self.warnings.push(
+                "dry_run: no issuers are configured: every non-public candidate route would answer 401"
+                    .to_string(),
+            );
+        }
         if routes.is_empty() {
             self.warnings.push(
                 "dry_run: the candidate removes every route: it would deny every request"

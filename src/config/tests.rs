@@ -799,6 +799,14 @@ fn dry_run_routes_are_checked_like_routes_and_named_by_their_own_path() {
     let with = |dry: &str| format!("{}dry_run:\n  routes:\n{dry}", with_issuer(DEV));
     let rule = |r: &str| format!("    - {{ id: d, methods: [GET], path: /d, rules: [{r}] }}\n");
     fails(&with("    []\n"), "dry_run", "nothing to try out");
+    // Everything under `dry_run:` commented out is not "no dry run".
+    let bare = format!("{}dry_run:\n  # routes: []\n", with_issuer(DEV));
+    fails(&bare, "dry_run", "is empty: there is nothing to try out");
+    fails(
+        &format!("{}dry_run: ~\n", with_issuer(DEV)),
+        "dry_run",
+        "is empty",
+    );
     fails(
         &with(&rule("{ id: x, scopes: [\"a b\"] }")),
         "dry_run.routes[0].rules[0].scopes[0]",
@@ -927,4 +935,41 @@ fn dry_run_changes_replace_add_and_remove_live_routes() {
         route_of(&c.policy, "/n"),
         Err(crate::authz::ReasonCode::NoRoute)
     );
+}
+
+#[test]
+fn dry_run_warns_about_changes_that_change_nothing_or_cannot_pass() {
+    let live = "routes:
+  - { id: h, methods: [GET], path: /h, public: true }
+  - { id: a, methods: [GET], path: /a, rules: [{ id: r, roles: [x] }] }
+";
+    let text = |issuers: &str, dry: &str| format!("{issuers}{live}dry_run:\n{dry}");
+    let issuers = format!("issuers:\n  - {{ {DEV} }}\n");
+    // A copy of the live route, spaced differently, is still the same route.
+    let same = "  routes: [{ id: a,  methods: [GET], path: /a, rules: [{ id: r, roles: [x] }] }]\n";
+    let c = compile(&text(&issuers, same)).unwrap();
+    assert_eq!(
+        c.warnings,
+        vec![
+            "dry_run.routes[0]: `a` is the same as the live route: the dry run changes nothing there"
+                .to_string()
+        ]
+    );
+    let changed = same.replace("roles: [x]", "roles: [y]");
+    let c = compile(&text(&issuers, &changed)).unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+    // Without issuers, a candidate that protects the public live route cannot let anyone in.
+    let public = "routes: [{ id: h, methods: [GET], path: /h, public: true }]\n";
+    let protect = "dry_run:\n  routes: [{ id: h, methods: [GET], path: /h, rules: [{ id: r, roles: [x] }] }]\n";
+    let c = compile(&format!("{public}{protect}")).unwrap();
+    assert_eq!(
+        c.warnings,
+        vec![
+            "dry_run: no issuers are configured: every non-public candidate route would answer 401"
+                .to_string()
+        ],
+    );
+    let c = compile(&format!("{issuers}{public}{protect}")).unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 }
