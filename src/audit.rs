@@ -131,6 +131,18 @@ impl AuditEvent<'_> {
                 ("rule", would.rule.as_deref()),
             ];
             write_fields(out, &text);
+            // Who the candidate would have answered, when the line does not say it already
+            // (the live route was public or absent and never read the credential).
+            if let Some(who) = would.identity.as_deref().filter(|_| self.subject.is_none()) {
+                let text = [
+                    ("subject", Some(who.subject.as_str())),
+                    ("issuer", Some(who.issuer.as_str())),
+                ];
+                write_fields(out, &text);
+                if let Some(key) = who.api_key_id() {
+                    write_fields(out, &[("api_key", Some(key))]);
+                }
+            }
             out.push(b'}');
         }
         out.push(b'}');
@@ -529,6 +541,13 @@ mod tests {
                 "route": would.route.as_deref(),
                 "rule": would.rule.as_deref(),
             });
+            if let Some(who) = would.identity.as_deref().filter(|_| e.subject.is_none()) {
+                v["dry_run"]["subject"] = who.subject.as_str().into();
+                v["dry_run"]["issuer"] = who.issuer.as_str().into();
+                if let Some(key) = who.api_key_id() {
+                    v["dry_run"]["api_key"] = key.into();
+                }
+            }
         }
         v
     }
@@ -542,12 +561,27 @@ mod tests {
             detail: tricky.to_string().into(),
             route: Some(tricky.into()),
             rule: None,
+            identity: Some(Arc::new(crate::identity::Identity {
+                issuer_name: "corp".into(),
+                issuer: tricky.to_string(),
+                subject: tricky.to_string(),
+                claims: serde_json::Map::new(),
+                scopes: Vec::new(),
+                roles: Vec::new(),
+                expires_at: 0,
+                not_before: None,
+                issued_at: None,
+                key_fingerprint: "test".into(),
+                key_kid: None,
+                key_alg: None,
+            })),
         };
         let would_allow = crate::authz::DryRun {
             code: crate::authz::ReasonCode::Allowed,
             detail: "granted".into(),
             route: Some("orders-read".into()),
             rule: Some("readers".into()),
+            identity: would_deny.identity.clone(),
         };
         let cases = [
             base.clone(),
@@ -586,6 +620,56 @@ mod tests {
             let back: serde_json::Value = serde_json::from_str(&text).unwrap();
             assert_eq!(back, expected(&case), "{text}");
         }
+    }
+
+    #[test]
+    fn a_dry_run_names_its_caller_when_the_line_has_none() {
+        let carol = crate::identity::Identity {
+            issuer_name: "dev".into(),
+            issuer: "https://dev.test".to_string(),
+            subject: "carol".to_string(),
+            claims: serde_json::Map::new(),
+            scopes: Vec::new(),
+            roles: Vec::new(),
+            expires_at: 0,
+            not_before: None,
+            issued_at: None,
+            key_fingerprint: "test".into(),
+            key_kid: None,
+            key_alg: None,
+        };
+        let would = crate::authz::DryRun {
+            code: crate::authz::ReasonCode::InsufficientScope,
+            detail: "missing scope `reports:read`".into(),
+            route: Some("reports".into()),
+            rule: None,
+            identity: Some(Arc::new(carol)),
+        };
+        let line = |e: AuditEvent<'_>| {
+            let mut out = Vec::new();
+            e.write_json(&mut out);
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap()
+        };
+        // A public live route: the line says nobody, the dry run says who it would refuse.
+        let public = line(AuditEvent {
+            decision: "allow",
+            status: 200,
+            reason: "public_route",
+            subject: None,
+            issuer: None,
+            dry_run: Some(&would),
+            ..event("r1")
+        });
+        assert_eq!(public["subject"], serde_json::Value::Null, "{public}");
+        assert_eq!(public["dry_run"]["subject"], "carol", "{public}");
+        assert_eq!(public["dry_run"]["issuer"], "https://dev.test", "{public}");
+        // The live decision named the caller: the dry run does not repeat it.
+        let named = line(AuditEvent {
+            dry_run: Some(&would),
+            ..event("r2")
+        });
+        assert_eq!(named["subject"], "alice", "{named}");
+        assert!(named["dry_run"].get("subject").is_none(), "{named}");
     }
 
     #[test]

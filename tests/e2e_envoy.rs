@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 use support::inproc::{IDENTITY_HEADERS, e2e_config};
 use support::jwks::JwksServer;
@@ -1298,6 +1300,21 @@ remove: [admin]",
             assert!(!line.to_string().contains(token), "token in the audit line");
         }
     }
+    // Where the live route read no credential (public, or none), the line names nobody and
+    // its dry run names the caller the candidate answered: the `sub` of the token sent.
+    let claims = |token: &str| -> Value {
+        let payload = token.split('.').nth(1).unwrap();
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+    };
+    let ops_claims = claims(ops);
+    for line in [&lines[3], &lines[5]] {
+        assert_eq!(line["subject"], Value::Null, "{line}");
+        assert_eq!(line["dry_run"]["subject"], ops_claims["sub"], "{line}");
+        assert_eq!(line["dry_run"]["issuer"], ops_claims["iss"], "{line}");
+    }
+    // Where the live line names the caller, the dry run does not repeat it.
+    assert_eq!(lines[0]["subject"], claims(reader)["sub"], "{}", lines[0]);
+    assert!(lines[0]["dry_run"].get("subject").is_none(), "{}", lines[0]);
 
     // The metric counts the candidate's answers beside the live result.
     let metrics = stack.metrics().await;

@@ -133,13 +133,36 @@ pub struct Decision {
 }
 
 /// A decision of the `dry_run` routes: the grant they would have given or refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct DryRun {
     pub code: ReasonCode,
     pub detail: Cow<'static, str>,
     pub route: Option<Arc<str>>,
     pub rule: Option<Arc<str>>,
+    /// The caller the candidate established: the live decision's, or, where the live route
+    /// never read the credential (public or absent), the one checked for the candidate.
+    pub identity: Option<Arc<Identity>>,
 }
+
+/// Equal when they answer alike, to the same caller (issuer, subject, API key).
+impl PartialEq for DryRun {
+    fn eq(&self, other: &Self) -> bool {
+        let caller = |d: &Self| {
+            d.identity.as_deref().map(|i| {
+                (
+                    i.issuer.clone(),
+                    i.subject.clone(),
+                    i.api_key_id().map(str::to_owned),
+                )
+            })
+        };
+        (self.code, &self.detail, &self.route, &self.rule)
+            == (other.code, &other.detail, &other.route, &other.rule)
+            && caller(self) == caller(other)
+    }
+}
+
+impl Eq for DryRun {}
 
 impl DryRun {
     pub fn of(d: Decision) -> Self {
@@ -148,6 +171,7 @@ impl DryRun {
             detail: d.detail,
             route: d.route,
             rule: d.rule,
+            identity: d.identity,
         }
     }
 
