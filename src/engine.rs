@@ -299,11 +299,15 @@ impl Engine {
         };
         // The candidate is never enforced: whatever happens to it, the live answer stands.
         let would = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            decide::dry_run(&self.config, candidate, req, now, caller)
+            #[cfg(test)]
+            tests::FAIL_DRY_RUN.with(|fail| assert!(!fail.get(), "dry run made to fail"));
+            let would = decide::dry_run(&self.config, candidate, req, now, caller);
+            self.dry_run_after_grant(&live, would, now)
         }));
         match would {
             Ok(would) => live.with_dry_run(would),
             Err(_) => {
+                self.metrics.dry_run_failures.inc();
                 tracing::error!("the dry run failed (panicked); the live decision stands");
                 live
             }
@@ -394,7 +398,29 @@ impl Engine {
             return live;
         };
         let caller = || caller.cloned().ok_or_else(missing);
-        live.with_dry_run(decide::dry_run(&self.config, candidate, req, now, caller))
+        let would = decide::dry_run(&self.config, candidate, req, now, caller);
+        let would = self.dry_run_after_grant(&live, would, now);
+        live.with_dry_run(would)
+    }
+
+    /// The stateful steps after a grant, for an allow of the `dry_run` candidate. They are
+    /// never run for it (they spend shared state), so it meets them as the `live` request
+    /// did where that says how they would go: a request the live routes rate-limited is
+    /// rate-limited on the same route whatever the rule (limits count per route and
+    /// caller), and an approval goes as the live one went on the same route and rule
+    /// (`Approvals::dry_run_gate`). A candidate allow on another route is not rate-limited.
+    fn dry_run_after_grant(&self, live: &Decision, would: Decision, now: i64) -> Decision {
+        if !would.is_allow() {
+            return would;
+        }
+        if live.code == ReasonCode::RateLimited && live.route == would.route {
+            return Decision {
+                code: ReasonCode::RateLimited,
+                detail: live.detail.clone(),
+                ..would
+            };
+        }
+        self.approvals.dry_run_gate(live, would, now)
     }
 
     /// The route `req` matches. `Err` is the whole answer: a deny, or a public route's
@@ -660,6 +686,48 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Makes this thread's dry runs panic, to test that the live decision stands.
+        pub(super) static FAIL_DRY_RUN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    #[tokio::test]
+    async fn a_failed_dry_run_leaves_the_live_decision_and_is_counted() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/portcullis.yaml");
+        let shipped = std::fs::read_to_string(&path).unwrap();
+        let text = format!("{shipped}\ndry_run: {{remove: [healthz]}}\n");
+        let config = Arc::new(crate::config::from_str(&text, &path).unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let keys = Arc::new(crate::server::key_store(&config, metrics.clone()));
+        let state = Arc::new(crate::state::MemoryStore::new());
+        let engine = Engine::new(config, keys, state, metrics.clone());
+        let headers = std::collections::HashMap::new();
+        let req = RequestView {
+            method: "GET",
+            host: "api.example.com",
+            path: "/healthz",
+            headers: &headers,
+            source_ip: None,
+            source_principal: "",
+            scheme: "https",
+            peer_certificate: None,
+        };
+        let d = engine.check_at(&req, 1_800_000_000).await;
+        let would = d.dry_run.as_deref().map(|w| w.code);
+        assert_eq!(
+            (d.code, would),
+            (ReasonCode::Public, Some(ReasonCode::NoRoute))
+        );
+        assert_eq!(metrics.dry_run_failures.get(), 0);
+
+        FAIL_DRY_RUN.with(|f| f.set(true));
+        let d = engine.check_at(&req, 1_800_000_000).await;
+        FAIL_DRY_RUN.with(|f| f.set(false));
+        assert_eq!(d.code, ReasonCode::Public);
+        assert!(d.dry_run.is_none(), "{d:?}");
+        assert_eq!(metrics.dry_run_failures.get(), 1);
+    }
 
     #[test]
     fn cached_tokens_seen_together_do_not_expire_together() {

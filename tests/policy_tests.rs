@@ -229,3 +229,55 @@ dry_run:
         "{out}"
     );
 }
+
+/// A dry run never opens or spends an approval, yet its answers meet approvals as the live
+/// request would: the live outcome on the same rule, a pre-approval that holds, otherwise
+/// `approval_required`; a rule whose approval the candidate drops allows.
+#[test]
+fn dry_run_answers_meet_approvals_as_the_live_request_would() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(
+        dir.path(),
+        "config: portcullis.yaml
+now: 2026-12-01T09:00:00Z
+cases:
+  - name: a dba still waits for an approver, live and in the candidate
+    request: {method: DELETE, path: /databases/orders}
+    as: {claims: {sub: dana, roles: [dba]}}
+    expect: {decision: deny, reason: approval_required, dry_run: {decision: deny, reason: approval_required, rule: dba}}
+  - name: an sre will be able to ask
+    request: {method: DELETE, path: /databases/orders}
+    as: {claims: {sub: sam, roles: [sre]}}
+    expect: {reason: insufficient_scope, dry_run: {decision: deny, reason: approval_required, rule: sre}}
+  - name: an sre on call will be pre-approved
+    request: {method: DELETE, path: /databases/orders}
+    as: {claims: {sub: sam, roles: [sre, oncall]}}
+    expect: {reason: insufficient_scope, dry_run: {decision: allow, rule: sre}}
+  - name: a dba lead will need no approval
+    request: {method: DELETE, path: /databases/orders}
+    as: {claims: {sub: lee, roles: [dba, dba-lead]}}
+    expect: {reason: approval_required, dry_run: {decision: allow, rule: leads}}
+",
+    );
+    let config = dir.path().join("portcullis.yaml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "
+dry_run:
+  routes:
+    - id: drop-database
+      methods: [DELETE]
+      path: /databases/{db}
+      rules:
+        - {id: leads, roles: [dba-lead]}
+        - {id: dba, roles: [dba], approval: {approvers: {roles: [dba-lead]}}}
+        - id: sre
+          roles: [sre]
+          approval: {approvers: {roles: [dba-lead]}, pre_approve: [{roles: [oncall]}]}
+",
+    );
+    std::fs::write(&config, text).unwrap();
+    let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("4 cases, 4 passed, 0 failed"), "{out}");
+}

@@ -728,6 +728,51 @@ async fn a_dry_run_reads_credentials_the_live_policy_skipped_without_the_token_c
     );
 }
 
+/// A dry run runs no rate limit (that would spend the caller's budget), yet where the live
+/// route rate-limited a request, the candidate's answer on the same route is rate-limited
+/// too, instead of an allow that reads as "the change would let it through".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_answer_is_rate_limited_where_the_live_one_was() {
+    let h = Harness::start_with(|doc| {
+        doc["dry_run"] = serde_yaml::from_str(
+            "routes: [{id: orders-read, methods: [GET], path: '/orders/{id}', rules: [{id: keys, api_keys: ['*']}]}]",
+        )
+        .unwrap();
+    })
+    .await;
+    let key = "pck_5AEWWjqRmg8M1focDlwcCo0V_eMw631tr23y0JSA0bM";
+    let mut allowed = 0;
+    for _ in 0..16 {
+        let resp = h.check("GET", "/orders/1", &[("x-api-key", key)]).await;
+        allowed += usize::from(status(&resp) == 0);
+    }
+    // The shipped `per-key` limit: a burst of 10, then 1 a second.
+    assert!((10..16).contains(&allowed), "{allowed} of 16 allowed");
+    let text = h.metrics().await;
+    let series = |live: &str, result: &str, reason: &str| {
+        metric_value(
+            &text,
+            &format!(
+                "portcullis_dry_run_decisions_total{{live=\"{live}\",result=\"{result}\",reason=\"{reason}\",route=\"orders-read\"}}"
+            ),
+        )
+    };
+    assert_eq!(
+        series("allow", "allow", "allowed"),
+        allowed as f64,
+        "{text}"
+    );
+    assert_eq!(
+        series("deny", "deny", "rate_limited"),
+        (16 - allowed) as f64,
+        "{text}"
+    );
+    assert!(
+        !text.contains("portcullis_dry_run_decisions_total{live=\"deny\",result=\"allow\""),
+        "{text}"
+    );
+}
+
 /// The engine's dry run (live caller reused, token cache, unread credentials checked on the
 /// side) answers like the pure reference `decide::decide`, request by request, on a miss and
 /// on a cache hit, for tokens, API keys, missing and broken credentials.

@@ -70,6 +70,8 @@ pub struct Metrics {
     pub api_key_decisions: Family<ApiKeyLabels, Counter>,
     /// What the `dry_run` routes would have answered, beside the live result.
     pub dry_run_decisions: Family<DryRunLabels, Counter>,
+    /// Dry runs that failed (a panic, caught): the live decision stood, uncounted above.
+    pub dry_run_failures: Counter,
     pub decision_seconds: Histogram,
     pub token_cache_hits: Counter,
     pub token_cache_misses: Counter,
@@ -93,6 +95,7 @@ impl Metrics {
             decisions: Family::default(),
             api_key_decisions: Family::default(),
             dry_run_decisions: Family::default(),
+            dry_run_failures: Counter::default(),
             decision_seconds: Histogram::new([
                 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
                 0.025, 0.05, 0.1, 0.25,
@@ -139,6 +142,11 @@ impl Metrics {
             "dry_run_decisions",
             "What the dry_run candidate policy would have answered (result, reason, route), by live result",
             self.dry_run_decisions.clone(),
+        );
+        r.register(
+            "dry_run_failures",
+            "Dry runs that failed (the live decision stood and was enforced)",
+            self.dry_run_failures.clone(),
         );
         r.register(
             "decision_duration_seconds",

@@ -46,6 +46,10 @@ pub enum ApprovalError {
 pub struct Approvals {
     state: Arc<dyn StateStore>,
     policies: Policies,
+    /// The `dry_run` candidate's approval policies: those of `dry_run.routes` (by route id,
+    /// in `dry_run_routes`), the live ones for the routes it leaves as they are.
+    dry_run_policies: Policies,
+    dry_run_routes: Vec<String>,
     request_ttl: Duration,
     audit: AuditSink,
     webhook: Option<super::webhook::Webhook>,
@@ -112,6 +116,18 @@ impl Approvals {
         Self {
             state,
             policies: super::compile(&config.file.routes),
+            dry_run_policies: config
+                .file
+                .dry_run
+                .as_ref()
+                .map(|d| super::compile(&d.routes))
+                .unwrap_or_default(),
+            dry_run_routes: config
+                .file
+                .dry_run
+                .iter()
+                .flat_map(|d| d.routes.iter().map(|r| r.id.clone()))
+                .collect(),
             request_ttl: config.file.approvals.request_ttl.get(),
             audit: AuditSink::disabled(),
             webhook: config
@@ -135,6 +151,72 @@ impl Approvals {
 
     pub fn policy(&self, route: &str, rule: &str) -> Option<&Arc<ApprovalPolicy>> {
         self.policies.get(&(route.to_string(), rule.to_string()))
+    }
+
+    /// The approval stage for an allow of the `dry_run` candidate (`would`), without touching
+    /// state: a dry run neither opens an approval request nor spends one. When the live
+    /// request went through the same approval (same route and rule, both with `approval:`),
+    /// its outcome is the candidate's; otherwise a pre-approval that holds lets it pass, and
+    /// anything else is `approval_required`.
+    pub fn dry_run_gate(&self, live: &Decision, would: Decision, now: i64) -> Decision {
+        if would.code != ReasonCode::Allowed {
+            return would;
+        }
+        let (Some(route), Some(rule)) = (would.route.as_deref(), would.rule.as_deref()) else {
+            return would;
+        };
+        let candidate = match self.dry_run_routes.iter().any(|id| id == route) {
+            true => self
+                .dry_run_policies
+                .get(&(route.to_string(), rule.to_string())),
+            false => self.policy(route, rule),
+        };
+        let Some(policy) = candidate.cloned() else {
+            return would;
+        };
+        let same = live.route == would.route
+            && live.rule == would.rule
+            && self.policy(route, rule).is_some();
+        if same
+            && matches!(
+                live.code,
+                ReasonCode::Allowed | ReasonCode::ApprovalRequired
+            )
+        {
+            return Decision {
+                code: live.code,
+                detail: live.detail.clone(),
+                ..would
+            };
+        }
+        let pre_approved = would
+            .identity
+            .as_deref()
+            .and_then(|who| policy.pre_approved(who, now));
+        if let Some(index) = pre_approved {
+            let detail = format!(
+                "{}; pre-approved by policy (pre_approve[{index}])",
+                would.detail
+            );
+            return Decision {
+                detail: detail.into(),
+                ..would
+            };
+        }
+        let detail = format!(
+            "this action needs approval by {} (a dry run requests none)",
+            policy.approvers_text()
+        );
+        let Decision {
+            route,
+            rule,
+            identity,
+            ..
+        } = would;
+        Decision::new(ReasonCode::ApprovalRequired, detail)
+            .with_route(route)
+            .with_rule(rule)
+            .with_identity(identity)
     }
 
     /// The stage after a grant: an allow by a rule with `approval:` passes only when a
