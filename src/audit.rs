@@ -227,6 +227,9 @@ struct Pending {
     full_waiters: usize,
     /// Every sink is gone: write what is left and end.
     closed: bool,
+    /// The writer made no room within `AUDIT_FULL_WAIT`: records are refused at once until
+    /// it takes the next batch.
+    stuck: bool,
 }
 
 struct Shared {
@@ -266,9 +269,17 @@ impl Drop for Handle {
 /// shutdown flushes them (`flush`).
 const AUDIT_BATCH_WINDOW: Duration = Duration::from_millis(50);
 
-/// Past this many bytes waiting, a Check waits for the writer rather than dropping an audit
-/// record (a stuck stdout slows decisions down instead of losing the log).
+/// Past this many bytes waiting, a Check waits for the writer (up to `AUDIT_FULL_WAIT`)
+/// rather than dropping an audit record: a slow stdout slows decisions down instead of losing
+/// the log.
 const AUDIT_MAX_PENDING: usize = 16 * 1024 * 1024;
+
+/// How long a record waits for room in a full buffer. A writer that makes none in that time
+/// is stuck (a blocked stdout): from then until it writes again, records are refused at once
+/// and their decisions denied (`audit_unavailable`), so no allow goes unlogged and the thread
+/// that decides (a tokio worker, or Envoy's own worker thread for the module) is never
+/// parked for longer than this.
+const AUDIT_FULL_WAIT: Duration = Duration::from_secs(1);
 
 /// A batch buffer larger than this is not kept for reuse after a burst.
 const AUDIT_KEEP_CAPACITY: usize = 1024 * 1024;
@@ -290,7 +301,7 @@ impl AuditSink {
     }
 
     /// JSON lines written to what `open` returns, from a background thread.
-    fn to_writer<W, F>(open: F) -> std::io::Result<Self>
+    pub(crate) fn to_writer<W, F>(open: F) -> std::io::Result<Self>
     where
         W: Write,
         F: FnOnce() -> W + Send + 'static,
@@ -302,6 +313,7 @@ impl AuditSink {
                 writer_idle: false,
                 full_waiters: 0,
                 closed: false,
+                stuck: false,
             }),
             work: Condvar::new(),
             room: Condvar::new(),
@@ -315,18 +327,23 @@ impl AuditSink {
         })
     }
 
-    /// Records a decision. When the writer falls far behind, the Check waits for it rather
-    /// than dropping an audit record.
-    pub fn record(&self, event: AuditEvent<'_>) {
-        self.append(|line| event.write_json(line));
+    /// Records a decision. When the writer falls far behind, the Check waits for it (at
+    /// most `AUDIT_FULL_WAIT`) rather than dropping an audit record. False when the record
+    /// could not be kept because the writer is stuck: the decision must not stand.
+    #[must_use = "a decision whose record was refused must not stand"]
+    pub fn record(&self, event: AuditEvent<'_>) -> bool {
+        self.append(|line| event.write_json(line))
     }
 
-    /// Records one approval step.
+    /// Records one approval step (lost, and logged as such, while the writer is stuck).
     pub fn record_approval(&self, event: ApprovalEvent) {
-        self.append(|line| {
+        let kept = self.append(|line| {
             // An approval event is plain strings and numbers: it always serializes.
             let _ = serde_json::to_writer(&mut *line, &event);
         });
+        if !kept {
+            tracing::error!(approval.event = event.event, approval.id = %event.approval_id, "approval event not audited: the audit log is stuck");
+        }
     }
 
     /// Waits (at most `timeout`) until every event recorded before this call is written.
@@ -343,9 +360,12 @@ impl AuditSink {
         done.recv_timeout(timeout).is_ok()
     }
 
-    /// Appends the line that `write` writes (plus the newline) to the pending batch.
-    fn append(&self, write: impl FnOnce(&mut Vec<u8>)) {
-        let Some(handle) = &self.handle else { return };
+    /// Appends the line that `write` writes (plus the newline) to the pending batch. False
+    /// when the buffer is full and the writer stuck (see `AUDIT_FULL_WAIT`).
+    fn append(&self, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let Some(handle) = &self.handle else {
+            return true;
+        };
         SCRATCH.with_borrow_mut(|line| {
             // A line from a rare huge event is not kept as every later event's scratch.
             if line.capacity() > 64 * 1024 {
@@ -356,12 +376,24 @@ impl AuditSink {
             line.push(b'\n');
             let shared = &handle.shared;
             let mut pending = shared.lock();
+            let deadline = Instant::now() + AUDIT_FULL_WAIT;
             while pending.lines.len() >= AUDIT_MAX_PENDING && !pending.closed {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if pending.stuck || left.is_zero() {
+                    if !pending.stuck {
+                        pending.stuck = true;
+                        tracing::error!(
+                            "the audit log is stuck (its output takes no writes): decisions are denied (audit_unavailable) until it moves again"
+                        );
+                    }
+                    return false;
+                }
                 pending.full_waiters += 1;
                 pending = shared
                     .room
-                    .wait(pending)
-                    .unwrap_or_else(PoisonError::into_inner);
+                    .wait_timeout(pending, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
                 pending.full_waiters -= 1;
             }
             let wake = pending.writer_idle && pending.lines.is_empty();
@@ -370,7 +402,8 @@ impl AuditSink {
             if wake {
                 shared.work.notify_one();
             }
-        });
+            true
+        })
     }
 }
 
@@ -409,7 +442,11 @@ fn write_lines(shared: &Shared, out: &mut impl Write) {
         std::mem::swap(&mut batch, &mut pending.lines);
         let flushes = std::mem::take(&mut pending.flushes);
         let wake_full = pending.full_waiters > 0;
+        let unstuck = std::mem::replace(&mut pending.stuck, false);
         drop(pending);
+        if unstuck {
+            tracing::warn!("the audit log moves again: decisions are recorded and enforced");
+        }
         if wake_full {
             shared.room.notify_all();
         }
@@ -484,7 +521,7 @@ mod tests {
         let out = Capture::default();
         let writer = out.clone();
         let sink = AuditSink::to_writer(move || writer).unwrap();
-        sink.record(event("req-1"));
+        assert!(sink.record(event("req-1")));
         assert!(sink.flush(Duration::from_secs(5)), "flush timed out");
         let lines = out.lines();
         assert_eq!(lines.len(), 1);
@@ -679,7 +716,7 @@ mod tests {
         let sink = AuditSink::to_writer(move || writer).unwrap();
         let ids: Vec<String> = (0..2000).map(|i| format!("req-{i}")).collect();
         for id in &ids {
-            sink.record(event(id));
+            assert!(sink.record(event(id)));
         }
         assert!(sink.flush(Duration::from_secs(5)), "flush timed out");
         let got: Vec<String> = out
@@ -691,7 +728,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stuck_writer_slows_checks_down_but_loses_no_record() {
+    fn a_slow_writer_slows_checks_down_but_loses_no_record() {
         let gate = Arc::new(Mutex::new(()));
         let out = Capture(Arc::default(), Some(gate.clone()));
         let writer = out.clone();
@@ -707,7 +744,10 @@ mod tests {
             let sink = sink.clone();
             std::thread::spawn(move || {
                 for i in 0..count {
-                    sink.record(event(&format!("req-{i:07}")));
+                    assert!(
+                        sink.record(event(&format!("req-{i:07}"))),
+                        "record {i} refused"
+                    );
                 }
             })
         };
@@ -738,11 +778,56 @@ mod tests {
     }
 
     #[test]
+    fn a_stuck_writer_gets_records_refused_at_once_until_it_moves_again() {
+        let gate = Arc::new(Mutex::new(()));
+        let out = Capture(Arc::default(), Some(gate.clone()));
+        let writer = out.clone();
+        let held = gate.lock().unwrap();
+        let sink = AuditSink::to_writer(move || writer).unwrap();
+        // Fill the buffer while the writer cannot write, until a record is refused.
+        let mut accepted = 0usize;
+        let started = Instant::now();
+        let refused_after = loop {
+            let t = Instant::now();
+            if !sink.record(event(&format!("req-{accepted:07}"))) {
+                break t.elapsed();
+            }
+            accepted += 1;
+            assert!(started.elapsed() < Duration::from_secs(30), "never refused");
+        };
+        // The first refusal waited for room, at most about AUDIT_FULL_WAIT...
+        assert!(
+            refused_after >= AUDIT_FULL_WAIT && refused_after < AUDIT_FULL_WAIT * 5,
+            "{refused_after:?}"
+        );
+        let shared = sink.handle.as_ref().unwrap().shared.clone();
+        assert!(shared.lock().lines.len() >= AUDIT_MAX_PENDING);
+        // ...and the next ones do not wait at all while the writer stays stuck.
+        let t = Instant::now();
+        for i in 0..100 {
+            assert!(!sink.record(event(&format!("late-{i}"))));
+        }
+        assert!(t.elapsed() < AUDIT_FULL_WAIT / 2, "{:?}", t.elapsed());
+        // Once it writes again, records are kept again, and every kept one is written.
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shared.lock().stuck {
+            assert!(Instant::now() < deadline, "still stuck");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(sink.record(event("after")));
+        assert!(sink.flush(Duration::from_secs(10)), "flush timed out");
+        let lines = out.lines();
+        assert_eq!(lines.len(), accepted + 1);
+        assert_eq!(lines[accepted]["request_id"], "after");
+    }
+
+    #[test]
     fn dropping_every_sink_writes_what_is_left() {
         let out = Capture::default();
         let writer = out.clone();
         let sink = AuditSink::to_writer(move || writer).unwrap();
-        sink.record(event("last"));
+        assert!(sink.record(event("last")));
         drop(sink);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while out.lines().is_empty() && std::time::Instant::now() < deadline {
@@ -754,7 +839,10 @@ mod tests {
     #[test]
     fn a_disabled_sink_records_nothing_and_flushes_at_once() {
         let sink = AuditSink::disabled();
-        sink.record(event("nobody"));
+        assert!(
+            sink.record(event("nobody")),
+            "a disabled sink never refuses"
+        );
         assert!(sink.flush(Duration::ZERO));
     }
 }

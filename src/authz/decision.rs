@@ -49,6 +49,8 @@ pub enum ReasonCode {
     ApprovalRequired,
     /// Shared state (e.g. Redis) is unreachable and this decision needs it: fail closed.
     StateUnavailable,
+    /// The audit log is stuck and the decision could not be recorded: fail closed.
+    AuditUnavailable,
 }
 
 impl ReasonCode {
@@ -73,6 +75,7 @@ impl ReasonCode {
             ReasonCode::RateLimited => "rate_limited",
             ReasonCode::ApprovalRequired => "approval_required",
             ReasonCode::StateUnavailable => "state_unavailable",
+            ReasonCode::AuditUnavailable => "audit_unavailable",
         }
     }
 
@@ -96,7 +99,7 @@ impl ReasonCode {
             | ReasonCode::ApprovalRequired => 403,
             ReasonCode::RateLimited => 429,
             // Temporary and not the client's fault; never an allow.
-            ReasonCode::StateUnavailable => 503,
+            ReasonCode::StateUnavailable | ReasonCode::AuditUnavailable => 503,
             // Internal failures are still a deny, never an allow; 403 keeps Envoy from retrying
             // a request the client cannot fix either way, and never leaks what broke.
             ReasonCode::Internal => 403,
@@ -285,6 +288,7 @@ mod tests {
             RateLimited,
             ApprovalRequired,
             StateUnavailable,
+            AuditUnavailable,
         ] {
             assert!(!code.is_allow(), "{code:?}");
             assert!(code.http_status() >= 400, "{code:?}");

@@ -14,8 +14,8 @@
 //!
 //! What this API cannot carry, and how that stays closed:
 //! - Envoy treats a 5xx from the authorization server as the server failing, which
-//!   `failure_mode_allow` turns into an allow; so a deny is never a 5xx here. The 503 of
-//!   `state_unavailable` is answered as 403 with the same body.
+//!   `failure_mode_allow` turns into an allow; so a deny is never a 5xx here. The 503s
+//!   (`state_unavailable`, `audit_unavailable`) are answered as 403 with the same body.
 //! - There is no peer address: the client address is the `x-portcullis-source-address`
 //!   header Envoy adds (`headers_to_add` with `%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%`,
 //!   which overwrites any copy a client sent). Without it (or unparsable), network

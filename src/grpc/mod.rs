@@ -120,7 +120,7 @@ impl AuthzService {
                 Err(_) => Decision::new(ReasonCode::Internal, "internal error while deciding"),
             }
         };
-        self.record(&decision, view, request_id, started.elapsed());
+        let decision = self.record(decision, view, request_id, started.elapsed());
         (decision, engine)
     }
 
@@ -138,17 +138,32 @@ impl AuthzService {
         let engine = self.engine.load_full();
         let decision = Decision::new(ReasonCode::Internal, detail.to_string());
         let parts = RequestParts::default();
-        self.record(&decision, &parts.view(), "", std::time::Duration::ZERO);
+        let decision = self.record(decision, &parts.view(), "", std::time::Duration::ZERO);
         (decision, engine)
     }
 
+    /// Audits and counts a decision, and answers the decision that stands: `decision`, or,
+    /// when the audit log is stuck and refused its record, an `audit_unavailable` deny (no
+    /// allow goes unlogged; the deny is counted, not audited).
     fn record(
         &self,
-        decision: &Decision,
+        decision: Decision,
         view: &RequestView<'_>,
         request_id: &str,
         elapsed: std::time::Duration,
-    ) {
+    ) -> Decision {
+        let recorded = self
+            .audit
+            .record(AuditEvent::new(&decision, view, request_id, elapsed));
+        let decision = if recorded {
+            decision
+        } else {
+            Decision::new(
+                ReasonCode::AuditUnavailable,
+                "the decision could not be recorded: the audit log is stuck",
+            )
+            .with_route(decision.route)
+        };
         let result = if decision.is_allow() { "allow" } else { "deny" };
         self.metrics
             .decisions
@@ -181,8 +196,7 @@ impl AuthzService {
                 .inc();
         }
         self.metrics.decision_seconds.observe(elapsed.as_secs_f64());
-        self.audit
-            .record(AuditEvent::new(decision, view, request_id, elapsed));
+        decision
     }
 }
 
@@ -467,4 +481,87 @@ pub fn www_authenticate(decision: &Decision) -> Option<String> {
         "Bearer realm=\"{REALM}\", error=\"{error}\", error_description=\"{}\"",
         crate::authz::decision::challenge_text(&decision.detail)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An audit output that never takes a write (a stdout nobody reads).
+    struct Stuck;
+
+    impl std::io::Write for Stuck {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            loop {
+                std::thread::park();
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_decision_the_stuck_audit_log_cannot_take_is_an_explicit_deny() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/portcullis.yaml");
+        let config = Arc::new(crate::config::load(&path).unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let keys = Arc::new(crate::server::key_store(&config, metrics.clone()));
+        let state = Arc::new(crate::state::MemoryStore::new());
+        let engine = Arc::new(ArcSwap::from_pointee(Engine::new(
+            config,
+            keys,
+            state,
+            metrics.clone(),
+        )));
+        let audit = AuditSink::to_writer(|| Stuck).unwrap();
+        let service = AuthzService::new(engine.clone(), metrics.clone(), audit);
+        let headers = std::collections::HashMap::new();
+        let view = RequestView {
+            method: "GET",
+            host: "api.example.com",
+            path: "/healthz",
+            headers: &headers,
+            source_ip: None,
+            source_principal: "",
+            scheme: "https",
+            peer_certificate: None,
+        };
+        // The public route is allowed while the audit buffer takes records...
+        let started = Instant::now();
+        let mut allowed = 0u32;
+        let denied = loop {
+            let (d, _) = service.decide_view(&view, "req-1").await;
+            if !d.is_allow() {
+                break d;
+            }
+            allowed += 1;
+            assert!(started.elapsed() < std::time::Duration::from_secs(120));
+        };
+        // ...and once it is full and the writer stuck, denied with a 503 that says why.
+        assert!(allowed > 10_000, "{allowed}");
+        assert_eq!(denied.code, ReasonCode::AuditUnavailable, "{denied:?}");
+        assert_eq!(denied.http_status(), 503);
+        let answer = to_response(&denied, &engine.load(), "req-1");
+        let status = answer.status.unwrap();
+        assert_ne!(status.code, RPC_OK);
+        match answer.http_response {
+            Some(HttpResponse::DeniedResponse(d)) => {
+                assert_eq!(d.status.unwrap().code, 503);
+            }
+            other => panic!("not a denied response: {other:?}"),
+        }
+        let (d, _) = service.decide_view(&view, "req-2").await;
+        assert_eq!(d.code, ReasonCode::AuditUnavailable);
+        let counted = metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                result: "deny",
+                status: 503,
+                reason: "audit_unavailable",
+                route: RouteLabel(Some("healthz".into())),
+            })
+            .get();
+        assert_eq!(counted, 2);
+    }
 }
