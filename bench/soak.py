@@ -15,7 +15,7 @@ Each slice records requests/s, the answers Envoy counted by class, Envoy's and R
 Envoy's allocator figures (its admin /memory: the module allocates through Envoy's tcmalloc)
 and the module's decisions by reason (its admin /metrics). At the end it checks what a soak
 is for: Envoy still serving, no 5xx, no decision that failed (`internal_error`,
-`state_unavailable`), no error lines in Envoy's log, and Envoy's RSS over the second half of
+`state_unavailable`, `audit_unavailable`), no error lines in Envoy's log, and Envoy's RSS over the second half of
 the run not growing beyond noise. Writes bench/results/<time>-soak.{json,md}; exits 1 when a
 check fails.
 """
@@ -128,13 +128,13 @@ def main():
     rss = [s["envoy_rss_kib"] for s in half]
     growth = (rss[-1] - rss[0]) / rss[0] if rss[0] else 0
     failed = {k: v for k, v in last["decisions"].items()
-              if k.endswith((" internal_error", " state_unavailable"))}
+              if k.endswith((" internal_error", " state_unavailable", " audit_unavailable"))}
     errors = [line for line in log_text.splitlines()
               if re.search(r'\[(error|critical)\]|"level":"ERROR"|panicked', line)]
     checks = {
         "Envoy serves after the run": alive,
         "no 5xx answers": last["answers"].get("5xx", 0) == 0,
-        "no failed decisions (internal_error, state_unavailable)": not failed,
+        "no failed decisions (internal_error, state_unavailable, audit_unavailable)": not failed,
         "no error lines in Envoy's log": not errors,
         "Envoy RSS over the second half grows < 5%": growth < 0.05,
     }
