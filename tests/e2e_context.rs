@@ -33,6 +33,11 @@ struct Stack {
 
 impl Stack {
     async fn start() -> Stack {
+        Self::start_behind(0).await
+    }
+
+    /// The stack with `network.trusted_proxy_hops: hops` (proxies in front of Envoy).
+    async fn start_behind(hops: u32) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         // The upstream: any answer with a marker, so an upstream 200 is told from a deny.
         let upstream = Upstream::start().await;
@@ -44,6 +49,7 @@ impl Stack {
             format!(
                 r#"
 server: {{listen: "127.0.0.1:{grpc}", admin_listen: "127.0.0.1:{admin}", shutdown_grace: 1s}}
+network: {{trusted_proxy_hops: {hops}}}
 issuers:
   - name: dev
     issuer: {ISSUER}
@@ -234,4 +240,34 @@ async fn source_conditions_use_the_address_envoy_reports_not_xff() {
         (403, "context_denied".to_string())
     );
     assert_eq!(s.get("/orders/1", &old, &[]).await, (200, String::new()));
+}
+
+/// A trusted proxy on the same host (`trusted_proxy_hops: 1`) reaches Envoy over loopback. The
+/// shipped Envoy (`use_remote_address: true`) then appends its own address to X-Forwarded-For,
+/// not 127.0.0.1: that entry is Envoy's, and the client is the one the proxy appended.
+#[tokio::test]
+async fn behind_a_trusted_proxy_on_loopback_the_client_is_the_entry_the_proxy_appended() {
+    let s = Stack::start_behind(1).await;
+    let token = mint(json!({"sub": "root"}));
+    // The proxy saw the client at 10.1.2.3 and appended it.
+    assert_eq!(
+        s.get("/office/x", &token, &[("x-forwarded-for", "10.1.2.3")])
+            .await,
+        (200, String::new())
+    );
+    // The client wrote 10.1.2.3 itself; the proxy appended where it really came from.
+    assert_eq!(
+        s.get(
+            "/office/x",
+            &token,
+            &[("x-forwarded-for", "10.1.2.3, 203.0.113.9")]
+        )
+        .await,
+        (403, "context_denied".to_string())
+    );
+    // No entry from the proxy: no client address, so the condition cannot hold.
+    assert_eq!(
+        s.get("/office/x", &token, &[]).await,
+        (403, "context_denied".to_string())
+    );
 }

@@ -199,7 +199,7 @@ fn shipped_http_api_envoy_config_carries_what_portcullis_needs() {
         added
             .iter()
             .any(|h| h["key"] == "x-portcullis-source-address"
-                && h["value"] == "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"),
+                && h["value"] == "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%"),
         "{added:?}"
     );
     let allowed_from_client: Vec<&str> = authz["allowed_headers"]["patterns"]

@@ -58,10 +58,13 @@ impl<'a> Context<'a> {
 /// ignored: any client can send it.
 ///
 /// `trusted_hops == N > 0`: N trusted proxies in front of Envoy each appended the address they
-/// saw to X-Forwarded-For. With `use_remote_address: true` (the shipped config) Envoy appends
-/// its TCP peer too; that last entry equals the source address and is dropped first. The client
-/// is then the N-th entry from the right; entries left of it were written by the client and are
-/// never read.
+/// saw to X-Forwarded-For. With `use_remote_address: true` (every shipped config) Envoy
+/// appends one entry too, dropped first: its TCP peer (equal to the source address), or, when
+/// that peer is on loopback (a proxy on the same host), Envoy's own address instead (checked
+/// against Envoy 1.40: `127.0.0.1` never appears, the node's address does). The client is then
+/// the N-th entry from the right; entries left of it were written by the client and are never
+/// read. A source address found further left (Envoy derived it from the header with its own
+/// `xff_num_trusted_hops` > 0) gives `None`.
 ///
 /// Fail closed: a missing header, too few entries, or an unparsable entry among those read gives
 /// `None`, and every source condition fails. The source address is NOT used as a fallback: with
@@ -73,10 +76,18 @@ pub fn client_ip(req: &RequestView<'_>, trusted_hops: u32) -> Option<IpAddr> {
     let xff = req.header("x-forwarded-for")?;
     // Walk from the right without allocating: this runs for every request with a token.
     let mut entries = xff.rsplit(',').map(str::trim).peekable();
-    if let (Some(last), Some(src)) = (entries.peek(), req.source_ip)
-        && parse_xff_entry(last) == Some(src.to_canonical())
-    {
-        entries.next();
+    if let (Some(last), Some(src)) = (entries.peek(), req.source_ip.map(|s| s.to_canonical())) {
+        if src.is_loopback() || parse_xff_entry(last) == Some(src) {
+            entries.next();
+        } else if xff
+            .split(',')
+            .any(|e| parse_xff_entry(e.trim()) == Some(src))
+        {
+            // The source is an entry Envoy took from the header (its own
+            // `xff_num_trusted_hops` > 0, read by the module): counting from the right would
+            // land on the proxy Envoy appended. The chain is not the one configured.
+            return None;
+        }
     }
     // Every entry written by a trusted proxy must parse: garbage there means the chain is not
     // what the configuration says it is.

@@ -77,6 +77,27 @@ fn client_ip_takes_the_entry_n_hops_from_the_right() {
         client_ip(&view(&h, Some("10.0.0.5")), 1),
         ip("198.51.100.7")
     );
+    // A proxy on loopback: Envoy appended its own address (any), never 127.0.0.1.
+    let h = xff("6.6.6.6, 198.51.100.7, 192.0.2.2");
+    assert_eq!(
+        client_ip(&view(&h, Some("127.0.0.1")), 1),
+        ip("198.51.100.7")
+    );
+    assert_eq!(client_ip(&view(&h, Some("::1")), 1), ip("198.51.100.7"));
+    assert_eq!(
+        client_ip(&view(&h, Some("::ffff:127.0.0.1")), 2),
+        ip("6.6.6.6")
+    );
+}
+
+#[test]
+fn client_ip_is_unknown_when_envoy_took_the_source_from_the_header() {
+    // Envoy with its own `xff_num_trusted_hops: 1` (the module reads the address Envoy
+    // derives): the source is the client's entry, and the last one is the proxy Envoy
+    // appended. Counting from the right would make the proxy the client.
+    let h = xff("6.6.6.6, 198.51.100.7, 10.0.0.5");
+    assert_eq!(client_ip(&view(&h, Some("198.51.100.7")), 1), None);
+    assert_eq!(client_ip(&view(&h, Some("6.6.6.6")), 2), None);
 }
 
 #[test]

@@ -17,7 +17,7 @@
 //!   `failure_mode_allow` turns into an allow; so a deny is never a 5xx here. The 503s
 //!   (`state_unavailable`, `audit_unavailable`) are answered as 403 with the same body.
 //! - There is no peer address: the client address is the `x-portcullis-source-address`
-//!   header Envoy adds (`headers_to_add` with `%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%`,
+//!   header Envoy adds (`headers_to_add` with `%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%`,
 //!   which overwrites any copy a client sent). Without it (or unparsable), network
 //!   conditions deny.
 //! - There is no peer certificate or principal: principal rules and certificate-bound
