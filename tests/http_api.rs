@@ -408,3 +408,18 @@ async fn without_http_listen_the_http_api_is_not_served() {
     assert!(server.http_addr.is_none());
     server.shutdown().await;
 }
+
+/// Envoy forwards up to 60 KiB of request headers: a request that large is decided like any
+/// other (a JSON deny, counted and audited), not refused by the HTTP/2 layer before a decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_large_headers_are_decided_not_refused() {
+    let h = Harness::start(|_| {}).await;
+    let big = "x".repeat(40 * 1024);
+    let path = format!("/orders/1?q={}", "y".repeat(8 * 1024));
+    let headers = [("x-large", big.as_str()), (SOURCE, "10.0.0.7")];
+    for h2 in [false, true] {
+        let answer = h.http(h2, "GET", &path, &headers, "").await;
+        assert_eq!(answer.status, 401, "h2: {h2}: {answer:?}");
+        assert_eq!(answer.json()["error"], "credential_missing", "h2: {h2}");
+    }
+}

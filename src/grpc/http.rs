@@ -32,7 +32,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::Stream;
+use futures_util::{FutureExt, Stream};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioExecutor;
@@ -53,6 +53,9 @@ pub const HEADERS_TO_REMOVE: &str = "x-envoy-auth-headers-to-remove";
 
 /// The largest request body accepted (as on the gRPC API).
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Largest HTTP/2 header list accepted: above the 60 KiB Envoy forwards by default.
+const MAX_HEADER_LIST_BYTES: u32 = 96 * 1024;
 
 type Response = http::Response<Full<Bytes>>;
 
@@ -109,7 +112,19 @@ impl hyper::service::Service<http::Request<Incoming>> for HttpAuthorizer {
 
     fn call(&self, req: http::Request<Incoming>) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move { Ok(this.answer(req).await) })
+        Box::pin(async move {
+            // A panic anywhere in reading, deciding or answering is still an explicit 403: a
+            // reset stream is an error to Envoy, an allow under `failure_mode_allow`.
+            let answer = std::panic::AssertUnwindSafe(this.answer(req))
+                .catch_unwind()
+                .await;
+            Ok(answer.unwrap_or_else(|_| {
+                let (decision, _) = this
+                    .inner
+                    .record_malformed("internal error while answering the request");
+                deny(&decision, "")
+            }))
+        })
     }
 }
 
@@ -237,6 +252,10 @@ where
     // No `Date` on answers: one header less to build here and for Envoy to decode and match.
     builder.http1().auto_date_header(false);
     builder.http2().auto_date_header(false);
+    // Envoy forwards requests with up to 60 KiB of headers (its default
+    // `max_request_headers_kb`); hyper's own default of 16 KiB would refuse a long query plus a
+    // large token at the HTTP/2 layer, before any decision (no JSON body, no audit line).
+    builder.http2().max_header_list_size(MAX_HEADER_LIST_BYTES);
     super::serve::accept_loop(incoming, stop, "HTTP ext_authz", |io| {
         builder
             .serve_connection(io, authorizer.clone())

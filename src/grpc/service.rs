@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
 use envoy_types::ext_authz::v3::pb::CheckResponse;
+use futures_util::FutureExt;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use prost::Message;
@@ -65,13 +66,20 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let response = match read_message(req).await {
-                Ok(message) => match wire::CheckRequest::decode(message) {
-                    Ok(check) => inner.decide(&check).await,
-                    Err(e) => inner.malformed(&format!("undecodable CheckRequest: {e}")),
-                },
-                Err(detail) => inner.malformed(detail),
+            let answer = async {
+                match read_message(req).await {
+                    Ok(message) => match wire::CheckRequest::decode(message) {
+                        Ok(check) => inner.decide(&check).await,
+                        Err(e) => inner.malformed(&format!("undecodable CheckRequest: {e}")),
+                    },
+                    Err(detail) => inner.malformed(detail),
+                }
             };
+            // A panic anywhere in reading, deciding or answering is still an explicit deny:
+            // a reset stream is an error to Envoy, an allow under `failure_mode_allow`.
+            let response = std::panic::AssertUnwindSafe(answer).catch_unwind().await;
+            let response = response
+                .unwrap_or_else(|_| inner.malformed("internal error while answering the Check"));
             Ok(unary_response(&response))
         })
     }
