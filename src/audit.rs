@@ -376,8 +376,10 @@ impl AuditSink {
             line.push(b'\n');
             let shared = &handle.shared;
             let mut pending = shared.lock();
-            let deadline = Instant::now() + AUDIT_FULL_WAIT;
+            // Read the clock only once the buffer is full, not on every record.
+            let mut deadline = None;
             while pending.lines.len() >= AUDIT_MAX_PENDING && !pending.closed {
+                let deadline = *deadline.get_or_insert_with(|| Instant::now() + AUDIT_FULL_WAIT);
                 let left = deadline.saturating_duration_since(Instant::now());
                 if pending.stuck || left.is_zero() {
                     if !pending.stuck {
