@@ -495,6 +495,24 @@ mod tests {
         }
     }
 
+    /// A verified caller with just an issuer and a subject.
+    fn caller(issuer: &str, subject: &str) -> crate::identity::Identity {
+        crate::identity::Identity {
+            issuer_name: "dev".into(),
+            issuer: issuer.to_string(),
+            subject: subject.to_string(),
+            claims: serde_json::Map::new(),
+            scopes: Vec::new(),
+            roles: Vec::new(),
+            expires_at: 0,
+            not_before: None,
+            issued_at: None,
+            key_fingerprint: "test".into(),
+            key_kid: None,
+            key_alg: None,
+        }
+    }
+
     fn event(request_id: &str) -> AuditEvent<'_> {
         AuditEvent {
             time: SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_000_000_123_456),
@@ -600,20 +618,7 @@ mod tests {
             detail: tricky.to_string().into(),
             route: Some(tricky.into()),
             rule: None,
-            identity: Some(Arc::new(crate::identity::Identity {
-                issuer_name: "corp".into(),
-                issuer: tricky.to_string(),
-                subject: tricky.to_string(),
-                claims: serde_json::Map::new(),
-                scopes: Vec::new(),
-                roles: Vec::new(),
-                expires_at: 0,
-                not_before: None,
-                issued_at: None,
-                key_fingerprint: "test".into(),
-                key_kid: None,
-                key_alg: None,
-            })),
+            identity: Some(Arc::new(caller(tricky, tricky))),
         };
         let would_allow = crate::authz::DryRun {
             code: crate::authz::ReasonCode::Allowed,
@@ -663,20 +668,7 @@ mod tests {
 
     #[test]
     fn a_dry_run_names_its_caller_when_the_line_has_none() {
-        let carol = crate::identity::Identity {
-            issuer_name: "dev".into(),
-            issuer: "https://dev.test".to_string(),
-            subject: "carol".to_string(),
-            claims: serde_json::Map::new(),
-            scopes: Vec::new(),
-            roles: Vec::new(),
-            expires_at: 0,
-            not_before: None,
-            issued_at: None,
-            key_fingerprint: "test".into(),
-            key_kid: None,
-            key_alg: None,
-        };
+        let carol = caller("https://dev.test", "carol");
         let would = crate::authz::DryRun {
             code: crate::authz::ReasonCode::InsufficientScope,
             detail: "missing scope `reports:read`".into(),

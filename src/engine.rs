@@ -684,8 +684,32 @@ impl Engine {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// An engine on the shipped config with `extra` YAML appended, in-memory state.
+    pub(crate) fn shipped_engine(extra: &str, metrics: &Arc<Metrics>) -> Engine {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/portcullis.yaml");
+        let text = format!("{}\n{extra}\n", std::fs::read_to_string(&path).unwrap());
+        let config = Arc::new(crate::config::from_str(&text, &path).unwrap());
+        let keys = Arc::new(crate::server::key_store(&config, metrics.clone()));
+        let state = Arc::new(crate::state::MemoryStore::new());
+        Engine::new(config, keys, state, metrics.clone())
+    }
+
+    /// `GET /healthz` (a public route of the shipped config) with `headers`.
+    pub(crate) fn healthz(headers: &std::collections::HashMap<String, String>) -> RequestView<'_> {
+        RequestView {
+            method: "GET",
+            host: "api.example.com",
+            path: "/healthz",
+            headers,
+            source_ip: None,
+            source_principal: "",
+            scheme: "https",
+            peer_certificate: None,
+        }
+    }
 
     thread_local! {
         /// Makes this thread's dry runs panic, to test that the live decision stands.
@@ -694,25 +718,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_dry_run_leaves_the_live_decision_and_is_counted() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/portcullis.yaml");
-        let shipped = std::fs::read_to_string(&path).unwrap();
-        let text = format!("{shipped}\ndry_run: {{remove: [healthz]}}\n");
-        let config = Arc::new(crate::config::from_str(&text, &path).unwrap());
         let metrics = Arc::new(Metrics::new());
-        let keys = Arc::new(crate::server::key_store(&config, metrics.clone()));
-        let state = Arc::new(crate::state::MemoryStore::new());
-        let engine = Engine::new(config, keys, state, metrics.clone());
+        let engine = shipped_engine("dry_run: {remove: [healthz]}", &metrics);
         let headers = std::collections::HashMap::new();
-        let req = RequestView {
-            method: "GET",
-            host: "api.example.com",
-            path: "/healthz",
-            headers: &headers,
-            source_ip: None,
-            source_principal: "",
-            scheme: "https",
-            peer_certificate: None,
-        };
+        let req = healthz(&headers);
         let d = engine.check_at(&req, 1_800_000_000).await;
         let would = d.dry_run.as_deref().map(|w| w.code);
         assert_eq!(

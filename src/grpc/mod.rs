@@ -503,30 +503,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_decision_the_stuck_audit_log_cannot_take_is_an_explicit_deny() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/portcullis.yaml");
-        let config = Arc::new(crate::config::load(&path).unwrap());
         let metrics = Arc::new(Metrics::new());
-        let keys = Arc::new(crate::server::key_store(&config, metrics.clone()));
-        let state = Arc::new(crate::state::MemoryStore::new());
-        let engine = Arc::new(ArcSwap::from_pointee(Engine::new(
-            config,
-            keys,
-            state,
-            metrics.clone(),
-        )));
+        let engine = crate::engine::tests::shipped_engine("", &metrics);
+        let engine = Arc::new(ArcSwap::from_pointee(engine));
         let audit = AuditSink::to_writer(|| Stuck).unwrap();
         let service = AuthzService::new(engine.clone(), metrics.clone(), audit);
         let headers = std::collections::HashMap::new();
-        let view = RequestView {
-            method: "GET",
-            host: "api.example.com",
-            path: "/healthz",
-            headers: &headers,
-            source_ip: None,
-            source_principal: "",
-            scheme: "https",
-            peer_certificate: None,
-        };
+        let view = crate::engine::tests::healthz(&headers);
         // The public route is allowed while the audit buffer takes records...
         let started = Instant::now();
         let mut allowed = 0u32;
