@@ -78,35 +78,33 @@ fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
-fn state_deny(decision: Decision, e: &StateError) -> Decision {
+/// `decision` (a grant) refused with `code`: same route, rule and caller.
+fn refused(
+    decision: Decision,
+    code: ReasonCode,
+    detail: impl Into<std::borrow::Cow<'static, str>>,
+) -> Decision {
     let Decision {
         route,
         rule,
         identity,
         ..
     } = decision;
-    Decision::new(
-        ReasonCode::StateUnavailable,
-        format!(
-            "this action needs approval and the approval state cannot be checked ({e}); denied"
-        ),
-    )
-    .with_route(route)
-    .with_rule(rule)
-    .with_identity(identity)
-}
-
-fn approval_deny(decision: Decision, id: &str, detail: String) -> Decision {
-    let Decision {
-        route,
-        rule,
-        identity,
-        ..
-    } = decision;
-    Decision::new(ReasonCode::ApprovalRequired, detail)
+    Decision::new(code, detail)
         .with_route(route)
         .with_rule(rule)
         .with_identity(identity)
+}
+
+fn state_deny(decision: Decision, e: &StateError) -> Decision {
+    let detail = format!(
+        "this action needs approval and the approval state cannot be checked ({e}); denied"
+    );
+    refused(decision, ReasonCode::StateUnavailable, detail)
+}
+
+fn approval_deny(decision: Decision, id: &str, detail: String) -> Decision {
+    refused(decision, ReasonCode::ApprovalRequired, detail)
         .with_header(APPROVAL_ID_HEADER, id.to_string())
         .with_body_field("approval_id", id.to_string())
 }
@@ -207,16 +205,7 @@ impl Approvals {
             "this action needs approval by {} (a dry run requests none)",
             policy.approvers_text()
         );
-        let Decision {
-            route,
-            rule,
-            identity,
-            ..
-        } = would;
-        Decision::new(ReasonCode::ApprovalRequired, detail)
-            .with_route(route)
-            .with_rule(rule)
-            .with_identity(identity)
+        refused(would, ReasonCode::ApprovalRequired, detail)
     }
 
     /// The stage after a grant: an allow by a rule with `approval:` passes only when a
@@ -239,11 +228,7 @@ impl Approvals {
         };
         if identity.subject.is_empty() {
             let detail = "this action needs approval, which needs a token with a subject (`sub`)";
-            let Decision { route, rule, .. } = decision;
-            return Decision::new(ReasonCode::ApprovalRequired, detail)
-                .with_route(route)
-                .with_rule(rule)
-                .with_identity(Some(identity));
+            return refused(decision, ReasonCode::ApprovalRequired, detail);
         }
         let body = req.header(BODY_SHA256_HEADER);
         let fp = fingerprint(&identity, req, body);
