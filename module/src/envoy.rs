@@ -212,6 +212,11 @@ impl Scheduler {
         Arc::new(Self(Mutex::new((!raw.is_null()).then_some(Raw(raw)))))
     }
 
+    /// False when Envoy gave no scheduler: nothing could ever resume a waiting request.
+    pub fn is_open(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
     /// Deletes Envoy's scheduler; later wakes do nothing.
     pub fn close(&self) {
         let raw = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -203,8 +203,24 @@ impl Stream {
         // It waits on a key fetch or shared state. Poll once more with a waker that resumes
         // the request on this worker thread (the first poll registered a no-op waker).
         let scheduler = Scheduler::new(filter);
+        if !scheduler.is_open() {
+            // Without one, the request would hang until Envoy's idle timeout: deny it now.
+            let detail = "cannot wait for the decision: Envoy gave no scheduler";
+            let _ = module.service.malformed(detail);
+            deny(filter, &Decision::new(ReasonCode::Internal, detail), "");
+            return abi::HEADERS_STOP_ITERATION;
+        }
         let waker = Waker::from(scheduler.clone());
-        match decision.as_mut().poll(&mut Context::from_waker(&waker)) {
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decision.as_mut().poll(&mut Context::from_waker(&waker))
+        }));
+        // A panic here is the hook's to answer (a deny), but Envoy's scheduler is ours to
+        // delete first: nothing else would.
+        let polled = polled.unwrap_or_else(|panic| {
+            scheduler.close();
+            std::panic::resume_unwind(panic)
+        });
+        match polled {
             Poll::Ready(outcome) => {
                 scheduler.close();
                 self.headers_status(filter, outcome)
