@@ -344,15 +344,49 @@ pub fn revoked(kind: RevokedKind) -> Decision {
 /// costs no Redis round trip, and a Redis outage keeps the last known list in force instead
 /// of failing every request. The watcher re-syncs it every `revocation.reload`; the admin
 /// API updates it at once on the replica that took the call.
-#[derive(Default)]
 pub struct RuntimeRevocations {
     /// Shared-state keys (`revoked:<kind>:<value>`) of live entries.
     keys: ArcSwap<std::collections::HashSet<String>>,
+    /// The snapshot holds the store's entries: it was synced at least once (or nothing
+    /// needs syncing). Until then every identity is refused: a replica that starts while an
+    /// entry is in Redis must not accept the token it names.
+    synced: AtomicBool,
+}
+
+/// Complete and empty: for engines no store feeds (policy tests, `explain`).
+impl Default for RuntimeRevocations {
+    fn default() -> Self {
+        Self {
+            keys: ArcSwap::default(),
+            synced: AtomicBool::new(true),
+        }
+    }
 }
 
 impl RuntimeRevocations {
-    /// The kind under which the identity is revoked, if any.
+    /// A mirror of a store not read yet: every identity is refused (503) until the first
+    /// successful `sync`.
+    pub fn unsynced() -> Self {
+        Self {
+            synced: AtomicBool::new(false),
+            ..Self::default()
+        }
+    }
+
+    /// True once the mirror holds the store's entries.
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// The kind under which the identity is revoked, if any; a refusal while the store was
+    /// never read.
     pub fn check(&self, id: &Identity) -> Result<(), Decision> {
+        if !self.synced() {
+            return Err(Decision::new(
+                ReasonCode::StateUnavailable,
+                "the runtime revocation list has not been read from shared state yet",
+            ));
+        }
         let keys = self.keys.load();
         if keys.is_empty() {
             return Ok(());
@@ -383,6 +417,7 @@ impl RuntimeRevocations {
         }
         let n = keys.len();
         self.keys.store(std::sync::Arc::new(keys));
+        self.synced.store(true, Ordering::Release);
         Ok(n)
     }
 
@@ -464,7 +499,12 @@ pub fn spawn_watcher(
             };
             let current = engine.load_full();
             if let Err(e) = current.runtime_revoked.sync(&*current.state).await {
-                tracing::debug!(error = %e, "runtime revocations not synced; the last snapshot stays in force");
+                // Never synced: tokens are refused (503) until a sync succeeds; say so louder.
+                if current.runtime_revoked.synced() {
+                    tracing::debug!(error = %e, "runtime revocations not synced; the last snapshot stays in force");
+                } else {
+                    tracing::warn!(error = %e, "runtime revocations still not read from shared state; requests with a credential are refused");
+                }
             }
             let revocations = current.revocations.clone();
             // File reads block; keep them off the async workers.

@@ -127,8 +127,14 @@ impl Server {
         keys.start().await;
         let state: Arc<dyn StateStore> =
             crate::state::from_config(&config.file.state).map_err(ServeError::State)?;
-        let first =
-            Engine::new(Arc::new(config), keys, state, metrics.clone()).with_audit(audit.clone());
+        let first = Engine::new(Arc::new(config), keys, state, metrics.clone())
+            .with_audit(audit.clone())
+            .with_runtime_revocations(Arc::new(crate::revocation::RuntimeRevocations::unsynced()));
+        // Read the runtime revocations before serving: until they are, every credential is
+        // refused (503), and the watcher keeps trying (a store down at start is not fatal).
+        if let Err(e) = first.runtime_revoked.sync(&*first.state).await {
+            tracing::warn!(error = %e, "runtime revocations not read from shared state at startup; requests with a credential are refused until they are");
+        }
         // A configured revocation list that cannot be read must stop the start: serving
         // without it would allow revoked tokens (and serving with it would deny everyone).
         if let Some(e) = first.revocations.startup_error() {
@@ -303,7 +309,10 @@ fn spawn_health_updater(
     tokio::spawn(async move {
         let mut last: Option<bool> = None;
         loop {
-            let ready = engine.load().keys.ready() && !leaving.load(Ordering::Relaxed);
+            let current = engine.load();
+            let ready = current.keys.ready()
+                && current.runtime_revoked.synced()
+                && !leaving.load(Ordering::Relaxed);
             if last != Some(ready) {
                 let status = if ready {
                     ServingStatus::Serving

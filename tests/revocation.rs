@@ -328,3 +328,51 @@ async fn a_broken_revocation_file_stops_the_start() {
         .expect("the start must fail");
     assert!(err.to_string().contains("is empty"), "{err}");
 }
+
+/// A replica that starts while a runtime revocation is in Redis refuses the token from its
+/// first request (it reads the entries before serving). One that starts while Redis is
+/// down refuses every credential (503) and reports not ready, until it has read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_never_serves_before_it_has_read_the_runtime_revocations() {
+    use portcullis::state::StateStore as _;
+    let mut redis = support::redis::RedisServer::start();
+    let store =
+        portcullis::state::RedisStore::new(&redis.url(), "p:", Duration::from_secs(1)).unwrap();
+    store
+        .set("revoked:sub:alice", "9999999999", Duration::from_secs(600))
+        .await
+        .unwrap();
+    let state = format!(
+        "state: {{backend: redis, redis_url: '{}', key_prefix: 'p:', timeout: 200ms}}",
+        redis.url()
+    );
+    let (alice, bob) = (mint(json!({"sub": "alice"})), mint(json!({"sub": "bob"})));
+
+    // No sync for an hour but the one before serving: the first answer already knows.
+    let h = Harness::start("1h", &state, "revoked: []\n").await;
+    assert_eq!(h.check(&alice).await, 401);
+    assert_eq!(h.check(&bob).await, 200);
+    h.server.shutdown().await;
+
+    // Redis down at start: refused and not ready, then served once Redis is back.
+    redis.stop();
+    let h = Harness::start("200ms", &state, "revoked: []\n").await;
+    let http = reqwest::Client::new();
+    let ready = http.get(h.admin("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["runtime_revocations_loaded"], false, "{body}");
+    assert_eq!(h.check(&bob).await, 503);
+    redis.restart();
+    h.wait_status(&bob, 200).await;
+    let body: Value = http
+        .get(h.admin("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["runtime_revocations_loaded"], true, "{body}");
+    h.server.shutdown().await;
+}

@@ -62,8 +62,13 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         })
         .collect();
     let leaving = state.leaving.load(Ordering::Relaxed);
-    let ready = engine.keys.ready() && !leaving;
-    let mut body = serde_json::json!({ "ready": ready, "issuers": issuers });
+    let revocations = engine.runtime_revoked.synced();
+    let ready = engine.keys.ready() && revocations && !leaving;
+    let mut body = serde_json::json!({
+        "ready": ready,
+        "issuers": issuers,
+        "runtime_revocations_loaded": revocations,
+    });
     if leaving {
         body["shutting_down"] = true.into();
     }
