@@ -42,6 +42,10 @@ pub struct Credential<'r> {
     pub dpop: bool,
 }
 
+/// Seconds a DPoP replay record outlives the proof's acceptance window: the whole-second
+/// `iat` check and some clock difference between replicas.
+const DPOP_REPLAY_MARGIN_SECS: u64 = 5;
+
 /// The DPoP authorization scheme.
 pub const DPOP_SCHEME: &str = "DPoP";
 
@@ -256,8 +260,29 @@ pub fn binding_checks(
             "the verifying issuer is not part of this configuration",
         ));
     };
+    known_confirmation(identity)?;
     cert_binding(issuer, req, identity)?;
     dpop_binding(issuer, req, cred, identity, now)
+}
+
+/// A `cnf` claim (RFC 7800) says the token needs proof of possession: one this server cannot
+/// check (`jwk`, `kid`, `jku`, a SHA-1 `x5t`, ...) refuses the token rather than letting it
+/// pass as a plain bearer token.
+fn known_confirmation(identity: &Identity) -> Result<(), Decision> {
+    let Some(cnf) = identity.claims.get("cnf") else {
+        return Ok(());
+    };
+    let known = cnf
+        .as_object()
+        .is_some_and(|c| c.keys().all(|k| k == "jkt" || k == "x5t#S256"));
+    if known {
+        Ok(())
+    } else {
+        Err(Decision::new(
+            ReasonCode::InvalidToken,
+            "the token's `cnf` asks for a proof of possession this server cannot check              (only `jkt` and `x5t#S256`)",
+        ))
+    }
 }
 
 fn cnf_member<'i>(identity: &'i Identity, name: &str) -> Option<&'i Value> {
@@ -358,8 +383,15 @@ fn dpop_binding(
             verified.jkt,
             URL_SAFE_NO_PAD.encode(jti_hash.as_ref())
         ),
-        // A proof is acceptable from `iat - window` to `iat + window`.
-        ttl: Duration::from_secs(issuer.dpop.window_secs.saturating_mul(2)),
+        // A proof is acceptable from `iat - window` to `iat + window`, checked in whole seconds
+        // (up to 1 s late) on each replica's clock: the record outlives that by a margin.
+        ttl: Duration::from_secs(
+            issuer
+                .dpop
+                .window_secs
+                .saturating_mul(2)
+                .saturating_add(DPOP_REPLAY_MARGIN_SECS),
+        ),
         replayed: invalid_proof(issuer, &DpopError::Replayed),
         next_nonce: verified.next_nonce,
     }))

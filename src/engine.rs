@@ -258,6 +258,21 @@ impl Engine {
         // A revoked approver must not approve anything.
         self.revocations.check(&identity, now)?;
         self.runtime_revoked.check(&identity)?;
+        // Held to its bindings as on a Check: this API has no client certificate and takes
+        // no DPoP proof, so a certificate- or DPoP-bound token (or one from an issuer that
+        // requires either) is refused, never taken as a plain bearer token.
+        let headers = std::collections::HashMap::new();
+        let req = RequestView {
+            method: "POST",
+            host: "",
+            path: "/",
+            headers: &headers,
+            source_ip: None,
+            source_principal: "",
+            scheme: "",
+            peer_certificate: None,
+        };
+        decide::binding_checks(&self.config, &req, &cred, &identity, now)?;
         Ok(identity)
     }
 
