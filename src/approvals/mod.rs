@@ -121,17 +121,17 @@ fn policy(route: &str, rule: &str, a: &ApprovalRuleConfig) -> ApprovalPolicy {
     }
 }
 
-/// True when `subject` (a config entry: `sub` or `issuer-name:sub`) names this identity.
+/// True when `subject` (a config entry: `sub` from any issuer, or `issuer-name:sub`) names
+/// this identity. An entry with `:` is always issuer-qualified (config checks the prefix
+/// names an issuer): `corp:carol` is never another issuer's subject `corp:carol`.
 fn names(entry: &str, identity: &Identity) -> bool {
     if identity.subject.is_empty() {
         return false;
     }
-    if entry == identity.subject {
-        return true;
+    match entry.split_once(':') {
+        Some((iss, sub)) => iss == &*identity.issuer_name && sub == identity.subject,
+        None => entry == identity.subject,
     }
-    entry
-        .split_once(':')
-        .is_some_and(|(iss, sub)| iss == &*identity.issuer_name && sub == identity.subject)
 }
 
 impl ApprovalPolicy {

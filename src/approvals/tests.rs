@@ -30,6 +30,8 @@ fn identity(sub: &str, roles: &[&str]) -> Arc<Identity> {
 fn config(extra_rule: &str) -> crate::config::Config {
     let text = format!(
         r#"
+issuers:
+  - {{ name: corp, issuer: "https://login.example.com", audiences: [api], keys: {{ file: config/dev/jwks.json }} }}
 routes:
   - id: drop-db
     methods: [DELETE]
@@ -192,6 +194,10 @@ fn approvers_hold_a_role_or_are_named() {
         "named as corp:carol"
     );
     assert!(!p.is_approver(&identity("dave", &["dba"])));
+    // `corp:carol` is corp's carol: another issuer's subject spelled `corp:carol` is not.
+    let mut elsewhere = (*identity("corp:carol", &[])).clone();
+    elsewhere.issuer_name = Arc::from("partner");
+    assert!(!p.is_approver(&elsewhere));
     assert!(
         !p.is_approver(&identity("", &["dba-lead"])),
         "no subject, no approval"

@@ -1193,7 +1193,7 @@ impl Compiler {
             token_conditions,
         )?;
         if let Some(approval) = &rule.approval {
-            self.approval(&f("approval"), approval)?;
+            self.approval(&f("approval"), approval, issuers)?;
         }
         let mut principals = Vec::with_capacity(rule.principals.len());
         for (k, p) in rule.principals.iter().enumerate() {
@@ -1499,8 +1499,33 @@ impl Compiler {
     }
 
     /// A rule's `approval:`: someone can approve, the grant lasts and can be used.
-    fn approval(&self, field: &str, a: &schema::ApprovalRuleConfig) -> Res<()> {
+    fn approval(
+        &self,
+        field: &str,
+        a: &schema::ApprovalRuleConfig,
+        issuers: &HashSet<&str>,
+    ) -> Res<()> {
         let f = |s: &str| format!("{field}.{s}");
+        // `issuer-name:sub` names one issuer's subject: a prefix that names no issuer would
+        // otherwise read as a bare subject matching that text from any issuer.
+        let approvers = (a.approvers.subjects.iter().enumerate())
+            .map(|(k, s)| (f(&format!("approvers.subjects[{k}]")), s));
+        let pre = a.pre_approve.iter().enumerate().flat_map(|(k, p)| {
+            (p.subjects.iter().enumerate())
+                .map(move |(j, s)| (format!("{field}.pre_approve[{k}].subjects[{j}]"), s))
+        });
+        for (at, subject) in approvers.chain(pre) {
+            if let Some((prefix, _)) = subject.split_once(':')
+                && !issuers.contains(prefix)
+            {
+                return Err(self.hint(
+                    at,
+                    format!("`{subject}`: `{prefix}` is not an issuer name"),
+                    "a subject with `:` is `issuer-name:sub` (for a `sub` that holds `:`, name \
+                     its issuer first: `corp:urn:x`)",
+                ));
+            }
+        }
         if a.approvers.roles.is_empty() && a.approvers.subjects.is_empty() {
             return Err(self.hint(
                 f("approvers"),

@@ -973,3 +973,23 @@ fn dry_run_warns_about_changes_that_change_nothing_or_cannot_pass() {
     let c = compile(&format!("{issuers}{public}{protect}")).unwrap();
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 }
+
+#[test]
+fn an_approver_subject_with_a_colon_names_an_issuer() {
+    let with = |subjects: &str, pre: &str| {
+        format!(
+            "issuers:\n  - {{ {DEV} }}\nroutes:\n  - {{ id: g, methods: [DELETE], path: /g, rules: [{{ id: gated, roles: [r], approval: {{ approvers: {{ subjects: [{subjects}] }}, pre_approve: [{pre}] }} }}] }}\n"
+        )
+    };
+    assert!(compile(&with("\"dev:carol\", bob", "")).is_ok());
+    fails(
+        &with("bob, \"corp:carol\"", ""),
+        "routes[0].rules[0].approval.approvers.subjects[1]",
+        "`corp` is not an issuer name",
+    );
+    fails(
+        &with("bob", "{ subjects: [\"dev:ann\", \"x:y\"] }"),
+        "routes[0].rules[0].approval.pre_approve[0].subjects[1]",
+        "`x` is not an issuer name",
+    );
+}
