@@ -164,6 +164,18 @@ impl Reloader {
                 "listener addresses changed; they take effect only after a restart"
             );
         }
+        // The store is built once, at start; a reload keeps it. Taking a changed `state` as
+        // reloaded would leave each replica on a store it was told to leave (on separate
+        // memory stores, every single-use approval or DPoP proof works once per replica):
+        // refuse, so the error says a restart is needed.
+        if new.file.state != old.config.file.state {
+            return Err(format!(
+                "{}: state: the shared-state settings (backend, redis_url, key_prefix, \
+                 timeout) changed; they take effect only after a restart, and the config in \
+                 force stays until then",
+                self.path.display()
+            ));
+        }
         let keys = if !reload_keys && same_key_sources(&old.config, &new) {
             old.keys.clone()
         } else {

@@ -169,6 +169,36 @@ async fn invalid_empty_and_deleted_configs_are_refused_and_the_last_good_one_sta
     server.shutdown().await;
 }
 
+/// The shared-state store is built at start: a reload that changes `state` is refused
+/// (a restart applies it), and the policy in force stays, instead of a reload reported as
+/// done while the replica keeps the store it was told to leave.
+#[tokio::test]
+async fn a_changed_state_store_is_refused_until_a_restart() {
+    let s = Setup::new();
+    let (server, mut reloader) = s.serve().await;
+    let alice = mint_dev(json!({"sub": "alice", "scope": "orders:read"}));
+    let moved = s.orders_read_needs("orders:audit")
+        + "\nstate: {backend: redis, redis_url: 'redis://:hunter2@127.0.0.1:1/0'}\n";
+    s.write(&moved);
+    match reloader.poll(false).await {
+        ReloadOutcome::Rejected(reason) => {
+            assert!(
+                reason.contains("state:") && reason.contains("restart"),
+                "{reason}"
+            );
+            assert!(
+                !reason.contains("hunter2"),
+                "the Redis password leaked: {reason}"
+            );
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    // The policy in force is the one before the edit.
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
+    assert_eq!(reloads(&server, "error"), 1);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_rotated_key_file_is_reloaded() {
     let s = Setup::new();
