@@ -3,8 +3,9 @@
 //! `RateLimit-Policy` headers, draft-ietf-httpapi-ratelimit-headers).
 //!
 //! The buckets live in the shared `StateStore` (GCRA); this module only chooses keys and
-//! shapes answers. It never changes a deny, never counts a denied request, and fails closed:
-//! a store error is a 503 `state_unavailable`, never an allow.
+//! shapes answers. It never changes a deny and never counts a request the grant refused
+//! (limits before the one that answers 429 have counted it, and approvals run after them);
+//! it fails closed: a store error is a 503 `state_unavailable`, never an allow.
 //!
 //! Headers, per limit: `RateLimit-Policy: "<id>";q=<burst>;w=<seconds to refill the burst>`
 //! and `RateLimit: "<id>";r=<remaining>;t=<seconds>`. On the 429 they name the limit that
