@@ -484,6 +484,7 @@ pub fn spawn_watcher(
         }
     };
     tokio::spawn(async move {
+        let mut sync_failing = false;
         loop {
             let interval = engine.load().config.file.revocation.reload.get();
             let hangup = async {
@@ -498,13 +499,27 @@ pub fn spawn_watcher(
                 _ = stop.wait_for(|s| *s) => return,
             };
             let current = engine.load_full();
-            if let Err(e) = current.runtime_revoked.sync(&*current.state).await {
-                // Never synced: tokens are refused (503) until a sync succeeds; say so louder.
-                if current.runtime_revoked.synced() {
-                    tracing::debug!(error = %e, "runtime revocations not synced; the last snapshot stays in force");
-                } else {
-                    tracing::warn!(error = %e, "runtime revocations still not read from shared state; requests with a credential are refused");
+            let synced = current.runtime_revoked.sync(&*current.state).await;
+            let result = if synced.is_ok() { "ok" } else { "error" };
+            metrics
+                .revocation_syncs
+                .get_or_create(&ResultLabels { result })
+                .inc();
+            // Logged when it starts and stops failing, not every interval.
+            match (synced, sync_failing) {
+                (Err(e), false) if current.runtime_revoked.synced() => {
+                    tracing::warn!(error = %e, "runtime revocations not synced from shared state; the last snapshot stays in force");
+                    sync_failing = true;
                 }
+                (Err(e), false) => {
+                    tracing::warn!(error = %e, "runtime revocations still not read from shared state; requests with a credential are refused");
+                    sync_failing = true;
+                }
+                (Ok(_), true) => {
+                    tracing::info!("runtime revocations synced from shared state again");
+                    sync_failing = false;
+                }
+                _ => {}
             }
             let revocations = current.revocations.clone();
             // File reads block; keep them off the async workers.

@@ -363,8 +363,22 @@ async fn a_replica_never_serves_before_it_has_read_the_runtime_revocations() {
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["runtime_revocations_loaded"], false, "{body}");
     assert_eq!(h.check(&bob).await, 503);
+    let syncs = |result: &'static str| {
+        h.server
+            .metrics
+            .revocation_syncs
+            .get_or_create(&ResultLabels { result })
+            .get()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while syncs("error") == 0 {
+        assert!(Instant::now() < deadline, "no failed sync counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(syncs("ok"), 0);
     redis.restart();
     h.wait_status(&bob, 200).await;
+    assert!(syncs("ok") >= 1);
     let body: Value = http
         .get(h.admin("/readyz"))
         .send()

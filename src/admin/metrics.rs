@@ -85,6 +85,8 @@ pub struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     /// Revocation file loads by result (`ok`, `error`).
     pub revocation_reloads: Family<ResultLabels, Counter>,
+    /// Syncs of the runtime revocation mirror from shared state, by result (`ok`, `error`).
+    pub revocation_syncs: Family<ResultLabels, Counter>,
     /// Entries in the revocation file in force.
     pub revocation_entries: Gauge,
 }
@@ -109,6 +111,7 @@ impl Metrics {
             jwks_seconds_since_success: Family::default(),
             config_reloads: Family::default(),
             revocation_reloads: Family::default(),
+            revocation_syncs: Family::default(),
             revocation_entries: Gauge::default(),
         }
     }
@@ -192,6 +195,11 @@ impl Metrics {
             "config_reloads",
             "Configuration loads by result",
             self.config_reloads.clone(),
+        );
+        r.register(
+            "revocation_syncs",
+            "Syncs of the runtime revocation list from shared state, by result",
+            self.revocation_syncs.clone(),
         );
         r.register(
             "revocation_reloads",
