@@ -1,6 +1,7 @@
 //! The engine's side of DPoP and service identities: single use of a proof's `jti` through
 //! shared state (and failing closed when the state is unavailable), binding checks on token
-//! cache hits, and the configuration errors of the mTLS/DPoP settings.
+//! cache hits and on the approvals API, `cnf` methods it cannot check, and the configuration
+//! errors of the mTLS/DPoP settings.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -40,8 +41,13 @@ routes:
 }
 
 async fn engine_with_metrics(state: Arc<dyn StateStore>) -> (Engine, Arc<Metrics>) {
-    let config =
-        portcullis::config::from_str(&config_text("optional"), Path::new("mem.yaml")).unwrap();
+    engine_for("optional", state).await
+}
+
+/// An engine whose issuer has `dpop: {dpop}` (more issuer settings may follow on lines
+/// indented by four spaces).
+async fn engine_for(dpop: &str, state: Arc<dyn StateStore>) -> (Engine, Arc<Metrics>) {
+    let config = portcullis::config::from_str(&config_text(dpop), Path::new("mem.yaml")).unwrap();
     let metrics = Arc::new(Metrics::new());
     let keys = Arc::new(portcullis::server::key_store(&config, metrics.clone()));
     keys.start().await;
@@ -99,12 +105,22 @@ fn sign(header: &Value, claims: &Value, pem: &str, ec: bool) -> String {
 }
 
 fn token(jkt: &str) -> String {
+    token_with(json!({"cnf": {"jkt": jkt}}))
+}
+
+/// A token of the fixtures issuer for `sub: bob`, valid at NOW, with `extra` claims.
+fn token_with(extra: Value) -> String {
+    let mut claims = json!({
+        "iss": "https://fixtures.portcullis.invalid", "aud": "corpus-api", "sub": "bob",
+        "iat": NOW, "exp": NOW + 600,
+    });
+    claims
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
     sign(
         &json!({"alg": "RS256", "kid": "rsa2048"}),
-        &json!({
-            "iss": "https://fixtures.portcullis.invalid", "aud": "corpus-api",
-            "iat": NOW, "exp": NOW + 600, "cnf": {"jkt": jkt},
-        }),
+        &claims,
         "tests/fixtures/keys/rsa2048.pem",
         false,
     )
@@ -123,6 +139,10 @@ fn proof(jwk: &Value, token: &str, jti: &str) -> String {
 }
 
 async fn check(engine: &Engine, authorization: &str, proof: Option<&str>) -> Decision {
+    check_at(engine, authorization, proof, NOW).await
+}
+
+async fn check_at(engine: &Engine, authorization: &str, proof: Option<&str>, now: i64) -> Decision {
     let mut headers = HashMap::from([("authorization".to_string(), authorization.to_string())]);
     if let Some(p) = proof {
         headers.insert("dpop".into(), p.to_string());
@@ -137,7 +157,7 @@ async fn check(engine: &Engine, authorization: &str, proof: Option<&str>) -> Dec
         scheme: "https",
         peer_certificate: None,
     };
-    engine.check_at(&view, NOW).await
+    engine.check_at(&view, now).await
 }
 
 #[tokio::test]
@@ -289,4 +309,84 @@ routes:
     let bad_principal = issuer("").replace("spiffe://example.org/ns/shop/**", "spiffe://a/*/b");
     let got = config_error(&bad_principal);
     assert!(got.contains("routes[0].rules[0].principals[0]"), "{got}");
+}
+
+/// The approvals API has no client certificate and takes no DPoP proof: it holds a token to
+/// its binding as a Check would, so a bound token (or any token of an issuer that requires a
+/// binding) is refused there, never taken as a plain bearer token.
+#[tokio::test]
+async fn the_approvals_api_holds_a_bound_token_to_its_binding() {
+    let (_, jkt) = ec_jwk();
+    let (plain, _) = engine_for("optional", Arc::new(MemoryStore::new())).await;
+    for cnf in [json!({"jkt": jkt}), json!({"x5t#S256": "AAAA"})] {
+        let refused = plain
+            .verify_bearer(&token_with(json!({"cnf": cnf})), NOW)
+            .await;
+        assert_eq!(
+            refused.err().map(|d| d.code.as_str()),
+            Some("invalid_token"),
+            "{cnf}"
+        );
+    }
+    let strict = "required\n    cert_bound: true";
+    let (strict, _) = engine_for(strict, Arc::new(MemoryStore::new())).await;
+    let bound = token_with(json!({"cnf": {"jkt": jkt, "x5t#S256": "AAAA"}}));
+    assert!(strict.verify_bearer(&bound, NOW).await.is_err());
+    // An unbound token of an issuer that requires nothing is an approver's credential.
+    let unbound = token_with(json!({}));
+    let who = plain.verify_bearer(&unbound, NOW).await.unwrap();
+    assert_eq!(who.subject, "bob");
+    assert!(strict.verify_bearer(&unbound, NOW).await.is_err());
+}
+
+/// RFC 7800: a `cnf` asks for a proof of possession. One this server cannot check refuses
+/// the token, on a miss and on a cache hit, instead of letting it pass as a bearer token.
+#[tokio::test]
+async fn a_confirmation_method_this_server_cannot_check_refuses_the_token() {
+    let e = engine(Arc::new(MemoryStore::new())).await;
+    let (jwk, jkt) = ec_jwk();
+    for cnf in [
+        json!({"jwk": jwk}),
+        json!({"kid": "k1"}),
+        json!({"x5t": "AAAA"}),
+        json!("not an object"),
+    ] {
+        let t = token_with(json!({"cnf": cnf}));
+        for round in ["miss", "hit"] {
+            let d = check(&e, &format!("Bearer {t}"), None).await;
+            assert_eq!(d.code.as_str(), "invalid_token", "{cnf} ({round}): {d:?}");
+        }
+    }
+    // A `cnf` with only the methods it checks is held to them, not refused outright.
+    let d = check(&e, &format!("Bearer {}", token(&jkt)), None).await;
+    assert!(d.detail.contains("DPoP scheme"), "{d:?}");
+}
+
+/// A proof stamped a whole window ahead (a client clock running fast) is acceptable until
+/// `iat + window`; its replay record must outlive that.
+#[tokio::test]
+async fn a_dpop_proof_cannot_be_replayed_at_the_edge_of_its_window() {
+    let (e, _) = engine_for(
+        "optional\n    dpop_window: 1s",
+        Arc::new(MemoryStore::new()),
+    )
+    .await;
+    let (jwk, jkt) = ec_jwk();
+    let t = token(&jkt);
+    let ahead = sign(
+        &json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk}),
+        &json!({"jti": "edge", "htm": "GET", "htu": "https://api.example.com/things/1",
+                "iat": NOW + 1, "ath": sha256_b64(t.as_bytes())}),
+        "tests/fixtures/keys/ec-p256.pem",
+        true,
+    );
+    let auth = format!("DPoP {t}");
+    let first = check_at(&e, &auth, Some(&ahead), NOW).await;
+    assert!(first.is_allow(), "{first:?}");
+    let again = check_at(&e, &auth, Some(&ahead), NOW + 1).await;
+    assert_eq!(again.code.as_str(), "invalid_dpop_proof");
+    // Two seconds on (2 x window), the proof is still acceptable at NOW + 2.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let replay = check_at(&e, &auth, Some(&ahead), NOW + 2).await;
+    assert_eq!(replay.code.as_str(), "invalid_dpop_proof", "{replay:?}");
 }
