@@ -676,7 +676,48 @@ pub fn invalid_token(e: jwt::JwtError) -> Decision {
     Decision::new(ReasonCode::InvalidToken, e.to_string())
 }
 
-/// Unusable keys as a 401 decision (fail closed).
+/// Unusable keys as a 401 decision (fail closed). The detail goes to the client: it names
+/// the issuer and the state of its keys, not why the last fetch failed (an address, a TLS
+/// or DNS error of our network): operators read that in `/readyz` and the logs.
 pub fn keys_unavailable(e: KeyError) -> Decision {
-    Decision::new(ReasonCode::KeysUnavailable, e.to_string())
+    let detail = match e {
+        KeyError::UnknownIssuer(_) => e.to_string(),
+        KeyError::NotLoaded { issuer, .. } => {
+            format!("keys for issuer `{issuer}` are not loaded yet")
+        }
+        KeyError::Stale {
+            issuer, age_secs, ..
+        } => format!("keys for issuer `{issuer}` are stale (last good fetch {age_secs}s ago)"),
+    };
+    Decision::new(ReasonCode::KeysUnavailable, detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_keys_unavailable_answer_names_the_issuer_not_the_fetch_error() {
+        let why = "GET https://idp.internal:8443/jwks: connection refused (10.0.0.9:8443)";
+        for e in [
+            KeyError::NotLoaded {
+                issuer: "corp".into(),
+                reason: why.into(),
+            },
+            KeyError::Stale {
+                issuer: "corp".into(),
+                age_secs: 301,
+                reason: why.into(),
+            },
+        ] {
+            let full = e.to_string();
+            assert!(full.contains("10.0.0.9"), "{full}");
+            let d = keys_unavailable(e);
+            assert_eq!(d.code, ReasonCode::KeysUnavailable);
+            assert!(d.detail.contains("`corp`"), "{}", d.detail);
+            for leak in ["10.0.0.9", "idp.internal", "refused"] {
+                assert!(!d.detail.contains(leak), "{leak} in {}", d.detail);
+            }
+        }
+    }
 }
