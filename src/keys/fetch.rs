@@ -292,11 +292,29 @@ async fn discover(
             )));
         }
     }
-    doc.jwks_uri.ok_or_else(|| {
+    let jwks_uri = doc.jwks_uri.ok_or_else(|| {
         fail(FetchError::Discovery(
             "the discovery document has no `jwks_uri`".into(),
         ))
-    })
+    })?;
+    discovered_jwks_url(&parsed, &jwks_uri, cfg.allow_http).map_err(fail)?;
+    Ok(jwks_uri)
+}
+
+/// The transport rule for a `jwks_uri` a discovery document names. The loopback-HTTP
+/// exemption of `check_url` is for URLs the operator wrote: a document fetched from a
+/// non-loopback issuer cannot point Portcullis at a plain-HTTP loopback port (its own admin
+/// listener, say). A loopback issuer (development) keeps it; `allow_http` allows any.
+pub(crate) fn discovered_jwks_url(
+    discovery: &Url,
+    jwks_uri: &str,
+    allow_http: bool,
+) -> Result<Url, FetchError> {
+    let url = check_url(jwks_uri, allow_http)?;
+    if url.scheme() == "http" && !allow_http && !is_loopback(discovery) {
+        return Err(FetchError::Insecure);
+    }
+    Ok(url)
 }
 
 /// GETs a URL and returns the body of a 200 response, read as a stream and abandoned as soon as
@@ -499,6 +517,25 @@ mod tests {
         assert_eq!(cc(&["no-store"]), Some(Duration::ZERO));
         assert_eq!(cc(&["max-age=abc"]), None);
         assert_eq!(cc(&["max-age=-5"]), None);
+    }
+
+    #[test]
+    fn a_discovered_jwks_uri_gets_the_loopback_exemption_only_from_a_loopback_issuer() {
+        let remote =
+            Url::parse("https://idp.example.com/.well-known/openid-configuration").unwrap();
+        let local = Url::parse("http://127.0.0.1:9000/.well-known/openid-configuration").unwrap();
+        let admin = "http://127.0.0.1:9192/revocations";
+        assert_eq!(
+            discovered_jwks_url(&remote, admin, false).unwrap_err(),
+            FetchError::Insecure
+        );
+        assert!(discovered_jwks_url(&remote, "https://idp.example.com/jwks", false).is_ok());
+        assert!(discovered_jwks_url(&local, "http://127.0.0.1:9000/jwks", false).is_ok());
+        assert!(discovered_jwks_url(&remote, admin, true).is_ok());
+        assert_eq!(
+            discovered_jwks_url(&remote, "http://idp.example.com/jwks", false).unwrap_err(),
+            FetchError::Insecure
+        );
     }
 
     #[test]
