@@ -260,43 +260,36 @@ pub fn binding_checks(
             "the verifying issuer is not part of this configuration",
         ));
     };
-    known_confirmation(identity)?;
-    cert_binding(issuer, req, identity)?;
-    dpop_binding(issuer, req, cred, identity, now)
+    let cnf = confirmation(identity)?;
+    cert_binding(issuer, req, cnf)?;
+    dpop_binding(issuer, req, cred, cnf, now)
 }
 
-/// A `cnf` claim (RFC 7800) says the token needs proof of possession: one this server cannot
-/// check (`jwk`, `kid`, `jku`, a SHA-1 `x5t`, ...) refuses the token rather than letting it
-/// pass as a plain bearer token.
-fn known_confirmation(identity: &Identity) -> Result<(), Decision> {
+/// The token's `cnf` claim (RFC 7800), read once for both bindings. It says the token needs
+/// proof of possession: one this server cannot check (`jwk`, `kid`, `jku`, a SHA-1 `x5t`,
+/// ...) refuses the token rather than letting it pass as a plain bearer token.
+fn confirmation(identity: &Identity) -> Result<Option<&serde_json::Map<String, Value>>, Decision> {
     let Some(cnf) = identity.claims.get("cnf") else {
-        return Ok(());
+        return Ok(None);
     };
-    let known = cnf
-        .as_object()
-        .is_some_and(|c| c.keys().all(|k| k == "jkt" || k == "x5t#S256"));
-    if known {
-        Ok(())
-    } else {
-        Err(Decision::new(
+    match cnf.as_object() {
+        Some(c) if c.keys().all(|k| k == "jkt" || k == "x5t#S256") => Ok(Some(c)),
+        _ => Err(Decision::new(
             ReasonCode::InvalidToken,
-            "the token's `cnf` asks for a proof of possession this server cannot check              (only `jkt` and `x5t#S256`)",
-        ))
+            "the token's `cnf` asks for a proof of possession this server cannot check \
+             (only `jkt` and `x5t#S256`)",
+        )),
     }
-}
-
-fn cnf_member<'i>(identity: &'i Identity, name: &str) -> Option<&'i Value> {
-    identity.claims.get("cnf").and_then(|c| c.get(name))
 }
 
 fn cert_binding(
     issuer: &CompiledIssuer,
     req: &RequestView<'_>,
-    identity: &Identity,
+    cnf: Option<&serde_json::Map<String, Value>>,
 ) -> Result<(), Decision> {
     let invalid = |detail: &'static str| Decision::new(ReasonCode::InvalidToken, detail);
     // A token that carries a certificate binding is always held to it, configured or not.
-    match cnf_member(identity, "x5t#S256") {
+    match cnf.and_then(|c| c.get("x5t#S256")) {
         None if issuer.cert_bound => Err(invalid(
             "this issuer's tokens must be certificate-bound (`cnf.x5t#S256`)",
         )),
@@ -320,10 +313,10 @@ fn dpop_binding(
     issuer: &CompiledIssuer,
     req: &RequestView<'_>,
     cred: &Credential<'_>,
-    identity: &Identity,
+    cnf: Option<&serde_json::Map<String, Value>>,
     now: i64,
 ) -> Result<Option<ReplayGuard>, Decision> {
-    let jkt = cnf_member(identity, "jkt");
+    let jkt = cnf.and_then(|c| c.get("jkt"));
     if !cred.dpop {
         if jkt.is_some() {
             return Err(dpop_deny(
