@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn portcullis_test(args: &[&str], dir: &Path) -> (Option<i32>, String) {
@@ -62,6 +62,15 @@ fn setup(dir: &Path, tests: &str) {
     );
     std::fs::write(dir.join("portcullis.yaml"), config).unwrap();
     std::fs::write(dir.join("tests.yaml"), tests).unwrap();
+}
+
+/// Appends `yaml` to the config `setup` wrote; answers its path.
+fn add_to_config(dir: &Path, yaml: &str) -> PathBuf {
+    let config = dir.join("portcullis.yaml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(yaml);
+    std::fs::write(&config, text).unwrap();
+    config
 }
 
 #[test]
@@ -189,9 +198,8 @@ cases:
     expect: {decision: allow, dry_run: {decision: allow}}
 ",
     );
-    let config = dir.path().join("portcullis.yaml");
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(
+    let config = add_to_config(
+        dir.path(),
         "
 dry_run:
   routes:
@@ -199,7 +207,6 @@ dry_run:
     - {id: orders-read, methods: [GET], path: '/orders/{id}', rules: [{id: auditors, scopes: ['orders:audit']}]}
 ",
     );
-    std::fs::write(&config, text).unwrap();
     let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
     assert_eq!(code, Some(1), "{out}");
     assert!(
@@ -259,9 +266,8 @@ cases:
     expect: {reason: approval_required, dry_run: {decision: allow, rule: leads}}
 ",
     );
-    let config = dir.path().join("portcullis.yaml");
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(
+    add_to_config(
+        dir.path(),
         "
 dry_run:
   routes:
@@ -276,7 +282,6 @@ dry_run:
           approval: {approvers: {roles: [dba-lead]}, pre_approve: [{roles: [oncall]}]}
 ",
     );
-    std::fs::write(&config, text).unwrap();
     let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("4 cases, 4 passed, 0 failed"), "{out}");

@@ -96,6 +96,18 @@ fn refused(
         .with_identity(identity)
 }
 
+/// `decision` (a grant) let through by `pre_approve[index]`, as its detail says.
+fn allowed_by_pre_approval(decision: Decision, index: usize) -> Decision {
+    let detail = format!(
+        "{}; pre-approved by policy (pre_approve[{index}])",
+        decision.detail
+    );
+    Decision {
+        detail: detail.into(),
+        ..decision
+    }
+}
+
 fn state_deny(decision: Decision, e: &StateError) -> Decision {
     let detail = format!(
         "this action needs approval and the approval state cannot be checked ({e}); denied"
@@ -192,14 +204,7 @@ impl Approvals {
             .as_deref()
             .and_then(|who| policy.pre_approved(who, now));
         if let Some(index) = pre_approved {
-            let detail = format!(
-                "{}; pre-approved by policy (pre_approve[{index}])",
-                would.detail
-            );
-            return Decision {
-                detail: detail.into(),
-                ..would
-            };
+            return allowed_by_pre_approval(would, index);
         }
         let detail = format!(
             "this action needs approval by {} (a dry run requests none)",
@@ -236,14 +241,7 @@ impl Approvals {
         if let Some(index) = policy.pre_approved(&identity, now) {
             self.record_pre_approval(&policy, &identity, req, &fp, index, now)
                 .await;
-            let detail = format!(
-                "{}; pre-approved by policy (pre_approve[{index}])",
-                decision.detail
-            );
-            return Decision {
-                detail: detail.into(),
-                ..decision
-            };
+            return allowed_by_pre_approval(decision, index);
         }
 
         match self.state.take_one(&key_grant(&fp)).await {
