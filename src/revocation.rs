@@ -58,15 +58,34 @@ impl RevokedKind {
         v.filter(|s| !s.is_empty())
     }
 
-    /// The shared-state key prefix of this kind.
-    pub const fn state_prefix(self) -> &'static str {
+    /// The prefix of this kind's members in the shared-state index (`jti:<value>`).
+    pub const fn member_prefix(self) -> &'static str {
         match self {
-            RevokedKind::Jti => "revoked:jti:",
-            RevokedKind::Sid => "revoked:sid:",
-            RevokedKind::Sub => "revoked:sub:",
+            RevokedKind::Jti => "jti:",
+            RevokedKind::Sid => "sid:",
+            RevokedKind::Sub => "sub:",
         }
     }
+
+    /// This kind's member for `value` in the shared-state index.
+    pub fn member(self, value: &str) -> String {
+        format!("{}{value}", self.member_prefix())
+    }
+
+    /// The kind and value a member of the shared-state index names.
+    pub fn parse_member(member: &str) -> Option<(RevokedKind, &str)> {
+        Self::ALL
+            .into_iter()
+            .find_map(|k| member.strip_prefix(k.member_prefix()).map(|v| (k, v)))
+    }
 }
+
+/// The shared-state index of runtime revocations: one sorted set, member `<kind>:<value>`,
+/// expiry (Unix seconds) as its score. Replicas read this set and nothing else, so a sync
+/// costs what the revocations hold, however many other keys share the store.
+pub const RUNTIME_INDEX: &str = "revoked:index";
+
+impl RevokedKind {}
 
 /// Why a revocation file or entry is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -345,20 +364,32 @@ pub fn revoked(kind: RevokedKind) -> Decision {
 /// of failing every request. The watcher re-syncs it every `revocation.reload`; the admin
 /// API updates it at once on the replica that took the call.
 pub struct RuntimeRevocations {
-    /// Shared-state keys (`revoked:<kind>:<value>`) of live entries.
-    keys: ArcSwap<std::collections::HashSet<String>>,
+    /// Members (`<kind>:<value>`, see `RUNTIME_INDEX`) of live entries.
+    members: ArcSwap<std::collections::HashSet<String>>,
     /// The snapshot holds the store's entries: it was synced at least once (or nothing
     /// needs syncing). Until then every identity is refused: a replica that starts while an
     /// entry is in Redis must not accept the token it names.
     synced: AtomicBool,
+    /// Changes this replica made, numbered, that a sync which read the store before them
+    /// must not undo (see `sync`). Writers of `members` hold this lock.
+    local: Mutex<LocalChanges>,
+}
+
+#[derive(Default)]
+struct LocalChanges {
+    /// The number the next change gets.
+    next: u64,
+    /// (number, member, revoked) of changes newer than the last sync's read.
+    changes: Vec<(u64, String, bool)>,
 }
 
 /// Complete and empty: for engines no store feeds (policy tests, `explain`).
 impl Default for RuntimeRevocations {
     fn default() -> Self {
         Self {
-            keys: ArcSwap::default(),
+            members: ArcSwap::default(),
             synced: AtomicBool::new(true),
+            local: Mutex::default(),
         }
     }
 }
@@ -378,6 +409,13 @@ impl RuntimeRevocations {
         self.synced.load(Ordering::Acquire)
     }
 
+    fn local(&self) -> std::sync::MutexGuard<'_, LocalChanges> {
+        // A poisoned lock only means a panic mid-push; the log is still a valid list.
+        self.local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The kind under which the identity is revoked, if any; a refusal while the store was
     /// never read.
     pub fn check(&self, id: &Identity) -> Result<(), Decision> {
@@ -387,59 +425,76 @@ impl RuntimeRevocations {
                 "the runtime revocation list has not been read from shared state yet",
             ));
         }
-        let keys = self.keys.load();
-        if keys.is_empty() {
+        let members = self.members.load();
+        if members.is_empty() {
             return Ok(());
         }
-        let mut key = String::with_capacity(64);
+        let mut member = String::with_capacity(64);
         for kind in RevokedKind::ALL {
             let Some(value) = kind.of(id) else {
                 continue;
             };
-            key.clear();
-            key.push_str(kind.state_prefix());
-            key.push_str(value);
-            if keys.contains(&key) {
+            member.clear();
+            member.push_str(kind.member_prefix());
+            member.push_str(value);
+            if members.contains(&member) {
                 return Err(revoked(kind));
             }
         }
         Ok(())
     }
 
-    /// Replaces the snapshot with the live entries in shared state. On a store error the
-    /// previous snapshot stays in force.
-    pub async fn sync(&self, state: &dyn StateStore) -> Result<usize, crate::state::StateError> {
-        let mut keys = std::collections::HashSet::new();
-        for kind in RevokedKind::ALL {
-            for (k, _) in state.scan(kind.state_prefix()).await? {
-                keys.insert(k);
+    /// Replaces the snapshot with the live entries of the shared-state index. On a store
+    /// error the previous snapshot stays in force.
+    ///
+    /// INVARIANT: a change `apply`'d after this sync began survives it. The read may predate
+    /// the change (an admin call on this replica landing mid-sync), so the changes made since
+    /// the read started are replayed onto what it found; older ones are in what it found.
+    pub async fn sync(
+        &self,
+        state: &dyn StateStore,
+        now: i64,
+    ) -> Result<usize, crate::state::StateError> {
+        let started = self.local().next;
+        let listed = state.index_list(RUNTIME_INDEX, now).await?;
+        let mut members: std::collections::HashSet<String> =
+            listed.into_iter().map(|(m, _)| m).collect();
+        let mut local = self.local();
+        local.changes.retain(|(n, _, _)| *n >= started);
+        for (_, member, revoked) in &local.changes {
+            if *revoked {
+                members.insert(member.clone());
+            } else {
+                members.remove(member);
             }
         }
-        let n = keys.len();
-        self.keys.store(std::sync::Arc::new(keys));
+        let n = members.len();
+        self.members.store(std::sync::Arc::new(members));
         self.synced.store(true, Ordering::Release);
         Ok(n)
     }
 
-    /// Adds (or removes) one key locally, right after the store accepted the change.
-    pub fn apply(&self, key: &str, revoked: bool) {
-        self.keys.rcu(|current| {
-            let mut next = (**current).clone();
-            if revoked {
-                next.insert(key.to_string());
-            } else {
-                next.remove(key);
-            }
-            next
-        });
+    /// Adds (or removes) one member locally, right after the store accepted the change.
+    pub fn apply(&self, member: &str, revoked: bool) {
+        let mut local = self.local();
+        let n = local.next;
+        local.next += 1;
+        local.changes.push((n, member.to_string(), revoked));
+        let mut next = (**self.members.load()).clone();
+        if revoked {
+            next.insert(member.to_string());
+        } else {
+            next.remove(member);
+        }
+        self.members.store(std::sync::Arc::new(next));
     }
 
     pub fn len(&self) -> usize {
-        self.keys.load().len()
+        self.members.load().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.load().is_empty()
+        self.members.load().is_empty()
     }
 }
 
@@ -499,7 +554,10 @@ pub fn spawn_watcher(
                 _ = stop.wait_for(|s| *s) => return,
             };
             let current = engine.load_full();
-            let synced = current.runtime_revoked.sync(&*current.state).await;
+            let synced = current
+                .runtime_revoked
+                .sync(&*current.state, crate::engine::unix_now())
+                .await;
             let result = if synced.is_ok() { "ok" } else { "error" };
             metrics
                 .revocation_syncs
@@ -695,12 +753,12 @@ revoked:
         let who = id(json!({"sub": "bob", "sid": "s-9"}));
         assert!(mirror.check(&who).is_ok());
         store
-            .set("revoked:sid:s-9", "1", Duration::from_secs(60))
+            .index_add(RUNTIME_INDEX, "sid:s-9", 160)
             .await
             .unwrap();
         // Not in force until synced (or applied by the admin API on this replica).
         assert!(mirror.check(&who).is_ok());
-        assert_eq!(mirror.sync(&store).await.unwrap(), 1);
+        assert_eq!(mirror.sync(&store, 100).await.unwrap(), 1);
         let d = mirror.check(&who).unwrap_err();
         assert_eq!((d.code, d.http_status()), (ReasonCode::Revoked, 401));
         assert!(!d.detail.contains("s-9"), "the value is never echoed");
@@ -708,22 +766,153 @@ revoked:
         // A store that fails keeps the last snapshot in force.
         assert!(
             mirror
-                .sync(&crate::state::UnavailableStore::new("down"))
+                .sync(&crate::state::UnavailableStore::new("down"), 100)
                 .await
                 .is_err()
         );
         assert_eq!(mirror.check(&who).unwrap_err().code, ReasonCode::Revoked);
 
         // An expired entry disappears at the next sync; `apply` works at once.
+        mirror.sync(&store, 160).await.unwrap();
+        assert!(mirror.check(&who).is_ok());
+        mirror.apply(&RevokedKind::Sub.member("bob"), true);
+        assert_eq!(mirror.check(&who).unwrap_err().code, ReasonCode::Revoked);
+        mirror.apply(&RevokedKind::Sub.member("bob"), false);
+        assert!(mirror.check(&who).is_ok());
+    }
+
+    /// A store whose listing is held until the test lets it go: a sync that read the store
+    /// before an admin call on this replica stores its snapshot after it.
+    struct HeldListing {
+        inner: crate::state::MemoryStore,
+        listed: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+    }
+
+    #[tonic::async_trait]
+    impl StateStore for HeldListing {
+        async fn insert_if_absent(
+            &self,
+            k: &str,
+            v: &str,
+            t: Duration,
+        ) -> Result<bool, crate::state::StateError> {
+            self.inner.insert_if_absent(k, v, t).await
+        }
+        async fn get(&self, k: &str) -> Result<Option<String>, crate::state::StateError> {
+            self.inner.get(k).await
+        }
+        async fn set(&self, k: &str, v: &str, t: Duration) -> Result<(), crate::state::StateError> {
+            self.inner.set(k, v, t).await
+        }
+        async fn delete(&self, k: &str) -> Result<bool, crate::state::StateError> {
+            self.inner.delete(k).await
+        }
+        async fn get_many(
+            &self,
+            k: &[String],
+        ) -> Result<Vec<Option<String>>, crate::state::StateError> {
+            self.inner.get_many(k).await
+        }
+        async fn index_add(
+            &self,
+            i: &str,
+            m: &str,
+            e: i64,
+        ) -> Result<(), crate::state::StateError> {
+            self.inner.index_add(i, m, e).await
+        }
+        async fn index_remove(
+            &self,
+            i: &str,
+            m: &str,
+            now: i64,
+        ) -> Result<bool, crate::state::StateError> {
+            self.inner.index_remove(i, m, now).await
+        }
+        async fn index_list(
+            &self,
+            i: &str,
+            now: i64,
+        ) -> Result<Vec<(String, i64)>, crate::state::StateError> {
+            let listed = self.inner.index_list(i, now).await;
+            self.listed.notify_one();
+            self.release.notified().await;
+            listed
+        }
+        async fn take_one(&self, k: &str) -> Result<Option<i64>, crate::state::StateError> {
+            self.inner.take_one(k).await
+        }
+        async fn rate_check(
+            &self,
+            k: &str,
+            l: crate::state::RateLimit,
+        ) -> Result<crate::state::RateOutcome, crate::state::StateError> {
+            self.inner.rate_check(k, l).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sync_that_read_the_store_before_an_admin_call_does_not_undo_it() {
+        let store = std::sync::Arc::new(HeldListing {
+            inner: crate::state::MemoryStore::new(),
+            listed: tokio::sync::Notify::new(),
+            release: tokio::sync::Notify::new(),
+        });
+        let mirror = std::sync::Arc::new(RuntimeRevocations::unsynced());
+        let (bob, carol) = (
+            id(json!({"sub": "bob"})),
+            id(json!({"sub": "carol", "jti": "j-1"})),
+        );
+        // carol's jti was revoked before; it is in the store when the sync reads it.
         store
-            .set("revoked:sid:s-9", "1", Duration::from_millis(0))
+            .inner
+            .index_add(RUNTIME_INDEX, "jti:j-1", 500)
             .await
             .unwrap();
-        mirror.sync(&store).await.unwrap();
-        assert!(mirror.check(&who).is_ok());
-        mirror.apply("revoked:sub:bob", true);
-        assert_eq!(mirror.check(&who).unwrap_err().code, ReasonCode::Revoked);
-        mirror.apply("revoked:sub:bob", false);
-        assert!(mirror.check(&who).is_ok());
+        mirror.apply("jti:j-1", true);
+        let sync = tokio::spawn({
+            let (mirror, store) = (mirror.clone(), store.clone());
+            async move { mirror.sync(&*store, 100).await }
+        });
+        store.listed.notified().await;
+        // Meanwhile the admin API revokes bob and un-revokes carol's jti on this replica:
+        // written to the store after the listing was read, then applied locally.
+        store
+            .inner
+            .index_add(RUNTIME_INDEX, "sub:bob", 500)
+            .await
+            .unwrap();
+        mirror.apply("sub:bob", true);
+        assert!(
+            store
+                .inner
+                .index_remove(RUNTIME_INDEX, "jti:j-1", 100)
+                .await
+                .unwrap()
+        );
+        mirror.apply("jti:j-1", false);
+        store.release.notify_one();
+        assert_eq!(sync.await.unwrap().unwrap(), 1);
+        assert_eq!(
+            mirror.check(&bob).map_err(|d| d.code),
+            Err(ReasonCode::Revoked),
+            "the sync's older read undid a revocation made during it"
+        );
+        assert!(
+            mirror.check(&carol).is_ok(),
+            "the sync's older read undid a removal made during it"
+        );
+        // The next sync reads both changes from the store, and the local log is spent.
+        let again = tokio::spawn({
+            let (mirror, store) = (mirror.clone(), store.clone());
+            async move { mirror.sync(&*store, 100).await }
+        });
+        store.listed.notified().await;
+        store.release.notify_one();
+        assert_eq!(again.await.unwrap().unwrap(), 1);
+        assert!(mirror.local().changes.is_empty());
+        assert_eq!(mirror.check(&bob).unwrap_err().code, ReasonCode::Revoked);
+        assert!(mirror.check(&carol).is_ok());
     }
 }

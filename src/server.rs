@@ -132,7 +132,11 @@ impl Server {
             .with_runtime_revocations(Arc::new(crate::revocation::RuntimeRevocations::unsynced()));
         // Read the runtime revocations before serving: until they are, every credential is
         // refused (503), and the watcher keeps trying (a store down at start is not fatal).
-        if let Err(e) = first.runtime_revoked.sync(&*first.state).await {
+        if let Err(e) = first
+            .runtime_revoked
+            .sync(&*first.state, crate::engine::unix_now())
+            .await
+        {
             tracing::warn!(error = %e, "runtime revocations not read from shared state at startup; requests with a credential are refused until they are");
         }
         // A configured revocation list that cannot be read must stop the start: serving

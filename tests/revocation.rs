@@ -339,7 +339,7 @@ async fn a_replica_never_serves_before_it_has_read_the_runtime_revocations() {
     let store =
         portcullis::state::RedisStore::new(&redis.url(), "p:", Duration::from_secs(1)).unwrap();
     store
-        .set("revoked:sub:alice", "9999999999", Duration::from_secs(600))
+        .index_add("revoked:index", "sub:alice", 9_999_999_999)
         .await
         .unwrap();
     let state = format!(
@@ -388,5 +388,45 @@ async fn a_replica_never_serves_before_it_has_read_the_runtime_revocations() {
         .await
         .unwrap();
     assert_eq!(body["runtime_revocations_loaded"], true, "{body}");
+    h.server.shutdown().await;
+}
+
+/// A sync reads the revocations and nothing else: two million unrelated keys in the same
+/// Redis (rate-limit buckets, DPoP records, other deployments) leave it one short read. It
+/// used to walk the whole keyspace three times, which failed past about two million keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_reads_only_the_revocations_however_many_other_keys_share_redis() {
+    use portcullis::state::StateStore as _;
+    let redis = support::redis::RedisServer::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let filled: i64 = redis::cmd("EVAL")
+        .arg("for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'p:rate:' .. i, '1') end return redis.call('DBSIZE')")
+        .arg(0)
+        .arg(2_000_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(filled, 2_000_000);
+    // The shipped per-operation timeout: a listing gets ten of them.
+    let store =
+        portcullis::state::RedisStore::new(&redis.url(), "p:", Duration::from_millis(200)).unwrap();
+    for who in ["sub:alice", "jti:j-1", "sid:s-1"] {
+        store
+            .index_add("revoked:index", who, now() + 600)
+            .await
+            .unwrap();
+    }
+    let mirror = portcullis::revocation::RuntimeRevocations::unsynced();
+    assert_eq!(mirror.sync(&store, now()).await, Ok(3));
+    assert!(mirror.synced());
+    // And a replica starting on that Redis reads them before its first answer.
+    let state = format!(
+        "state: {{backend: redis, redis_url: '{}', key_prefix: 'p:', timeout: 200ms}}",
+        redis.url()
+    );
+    let h = Harness::start("1h", &state, "revoked: []\n").await;
+    assert_eq!(h.check(&mint(json!({"sub": "alice"}))).await, 401);
+    assert_eq!(h.check(&mint(json!({"sub": "bob"}))).await, 200);
     h.server.shutdown().await;
 }

@@ -97,28 +97,83 @@ async fn entries_expire_after_their_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn scan_lists_live_keys_under_a_prefix_only() {
+async fn an_index_lists_its_live_members_sorted_and_forgets_expired_ones() {
     both(|s, name| async move {
-        let ttl = Duration::from_secs(60);
-        s.set("a:1", "x", ttl).await.unwrap();
-        s.set("a:2", "y", ttl).await.unwrap();
-        s.set("a*:3", "glob", ttl).await.unwrap();
-        s.set("b:1", "z", ttl).await.unwrap();
-        let got = s.scan("a:").await.unwrap();
+        s.index_add("revoked:index", "sub:bob", 2_000)
+            .await
+            .unwrap();
+        s.index_add("revoked:index", "jti:a*[x]", 3_000)
+            .await
+            .unwrap();
+        s.index_add("revoked:index", "sub:old", 1_000)
+            .await
+            .unwrap();
+        s.index_add("other", "sub:bob", 9_000).await.unwrap();
         assert_eq!(
-            got,
+            s.index_list("revoked:index", 1_500).await.unwrap(),
             vec![
-                ("a:1".to_string(), "x".to_string()),
-                ("a:2".to_string(), "y".to_string())
+                ("jti:a*[x]".to_string(), 3_000),
+                ("sub:bob".to_string(), 2_000)
             ],
             "{name}"
         );
-        let glob = s.scan("a*").await.unwrap();
+        // Listed at an earlier time, the expired member does not come back: it was dropped.
         assert_eq!(
-            glob,
-            vec![("a*:3".to_string(), "glob".to_string())],
+            s.index_list("revoked:index", 0).await.unwrap().len(),
+            2,
             "{name}"
         );
+        // A second add moves the expiry.
+        s.index_add("revoked:index", "sub:bob", 5_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.index_list("revoked:index", 4_000).await.unwrap(),
+            vec![("sub:bob".to_string(), 5_000)],
+            "{name}"
+        );
+        assert!(
+            s.index_remove("revoked:index", "sub:bob", 4_000)
+                .await
+                .unwrap(),
+            "{name}"
+        );
+        assert!(
+            !s.index_remove("revoked:index", "sub:bob", 4_000)
+                .await
+                .unwrap(),
+            "{name}: removed twice"
+        );
+        s.index_add("revoked:index", "sid:s", 4_500).await.unwrap();
+        assert!(
+            !s.index_remove("revoked:index", "sid:s", 4_500)
+                .await
+                .unwrap(),
+            "{name}: an expired member was reported live"
+        );
+        assert_eq!(s.index_list("empty", 0).await.unwrap(), vec![], "{name}");
+        assert_eq!(
+            s.index_list("other", 0).await.unwrap(),
+            vec![("sub:bob".to_string(), 9_000)],
+            "{name}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn get_many_reads_each_key_in_order() {
+    both(|s, name| async move {
+        let ttl = Duration::from_secs(60);
+        s.set("m:1", "x", ttl).await.unwrap();
+        s.set("m:3", "z", ttl).await.unwrap();
+        let keys: Vec<String> = (0..1200).map(|i| format!("m:{i}")).collect();
+        let got = s.get_many(&keys).await.unwrap();
+        assert_eq!(got.len(), 1200, "{name}");
+        assert_eq!(got[1].as_deref(), Some("x"), "{name}");
+        assert_eq!(got[3].as_deref(), Some("z"), "{name}");
+        assert_eq!(got.iter().flatten().count(), 2, "{name}");
+        assert_eq!(s.get_many(&[]).await.unwrap(), Vec::<Option<String>>::new());
     })
     .await;
 }
@@ -241,12 +296,11 @@ async fn prefixes_keep_deployments_apart() {
     let a = redis_store(&server, "one:");
     let b = redis_store(&server, "two:");
     a.set("k", "a", Duration::from_secs(60)).await.unwrap();
+    a.index_add("i", "m", 4_000_000_000).await.unwrap();
     assert_eq!(b.get("k").await.unwrap(), None);
-    assert_eq!(b.scan("").await.unwrap(), vec![]);
-    assert_eq!(
-        a.scan("").await.unwrap(),
-        vec![("k".to_string(), "a".to_string())]
-    );
+    assert_eq!(b.index_list("i", 0).await.unwrap(), vec![]);
+    assert_eq!(a.get("k").await.unwrap().as_deref(), Some("a"));
+    assert_eq!(a.index_list("i", 0).await.unwrap().len(), 1);
 }
 
 /// Every operation, for the outage checks.
@@ -262,7 +316,10 @@ async fn every_op(s: &Arc<dyn StateStore>) -> Vec<Result<(), StateError>> {
         s.get("x").await.map(drop),
         s.set("x", "1", ttl).await.map(drop),
         s.delete("x").await.map(drop),
-        s.scan("").await.map(drop),
+        s.get_many(&["x".to_string()]).await.map(drop),
+        s.index_add("i", "x", 1).await.map(drop),
+        s.index_remove("i", "x", 0).await.map(drop),
+        s.index_list("i", 0).await.map(drop),
         s.take_one("x").await.map(drop),
         s.rate_check("x", limit).await.map(drop),
     ]

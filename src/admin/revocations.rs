@@ -1,9 +1,9 @@
 //! The revocation admin API: `GET /revocations` lists, `POST /revocations` adds a runtime entry,
 //! `DELETE /revocations?jti=...` (or `sid`, `sub`) removes one. OWNER: context helper.
 //!
-//! Runtime entries go to the shared `StateStore` (`revoked:<kind>:<value>`, TTL until
-//! `expires_at`, default `revocation.default_ttl`), so they take effect on the next request,
-//! cached tokens included. File entries are listed but only change by editing the file.
+//! Runtime entries go to the shared `StateStore`'s revocation index (`revoked:index`, member
+//! `<kind>:<value>`, kept until `expires_at`, default `revocation.default_ttl`), so they take
+//! effect on the next request, cached tokens included. File entries are listed but only change by editing the file.
 //!
 //! Access: when `revocation.admin_token_sha256` is set, every call needs
 //! `Authorization: Bearer <secret>` whose SHA-256 matches. Without it, the endpoints answer only
@@ -11,7 +11,6 @@
 //! exposed admin port never lets anyone revoke (or un-revoke) tokens.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -22,7 +21,7 @@ use serde_json::json;
 
 use super::AdminState;
 use crate::engine::{Engine, unix_now};
-use crate::revocation::{RevokedKind, parse_time};
+use crate::revocation::{RUNTIME_INDEX, RevokedKind, parse_time};
 
 /// The longest a runtime entry may live: far past any sane token lifetime.
 const MAX_TTL_SECS: i64 = 400 * 24 * 3600;
@@ -111,16 +110,16 @@ pub async fn list(State(state): State<AdminState>, headers: HeaderMap) -> Respon
         .into_iter()
         .map(|(k, v, e)| json!({ "kind": k.as_str(), "value": v, "expires_at": e }))
         .collect();
-    let mut runtime = Vec::new();
-    for kind in RevokedKind::ALL {
-        match engine.state.scan(kind.state_prefix()).await {
-            Ok(entries) => runtime.extend(entries.into_iter().map(|(key, value)| {
-                let v = key.strip_prefix(kind.state_prefix()).unwrap_or_default();
-                json!({ "kind": kind.as_str(), "value": v, "expires_at": value.parse::<i64>().ok() })
-            })),
-            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-        }
-    }
+    let runtime: Vec<_> = match engine.state.index_list(RUNTIME_INDEX, unix_now()).await {
+        Ok(members) => members
+            .iter()
+            .filter_map(|(member, expires_at)| {
+                let (kind, value) = RevokedKind::parse_member(member)?;
+                Some(json!({ "kind": kind.as_str(), "value": value, "expires_at": expires_at }))
+            })
+            .collect(),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
     Json(json!({
         "file": file,
         "file_path": engine.revocations.path().map(|p| p.display().to_string()),
@@ -189,13 +188,16 @@ pub async fn add(
             "`expires_at` is more than 400 days away: revoke for as long as the tokens live",
         );
     }
-    let key = format!("{}{value}", kind.state_prefix());
-    let ttl = Duration::from_secs(u64::try_from(ttl).unwrap_or(0));
-    if let Err(e) = engine.state.set(&key, &expires_at.to_string(), ttl).await {
+    let member = kind.member(&value);
+    if let Err(e) = engine
+        .state
+        .index_add(RUNTIME_INDEX, &member, expires_at)
+        .await
+    {
         return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
     }
     // In force on this replica at once; other replicas pick it up at their next sync.
-    engine.runtime_revoked.apply(&key, true);
+    engine.runtime_revoked.apply(&member, true);
     tracing::info!(
         revocation.kind = kind.as_str(),
         revocation.expires_at = expires_at,
@@ -224,10 +226,13 @@ pub async fn remove(
     let Some((kind, value)) = one_kind(&ids) else {
         return bad_kind();
     };
-    let key = format!("{}{value}", kind.state_prefix());
-    let deleted = engine.state.delete(&key).await;
+    let member = kind.member(&value);
+    let deleted = engine
+        .state
+        .index_remove(RUNTIME_INDEX, &member, unix_now())
+        .await;
     if matches!(deleted, Ok(true)) {
-        engine.runtime_revoked.apply(&key, false);
+        engine.runtime_revoked.apply(&member, false);
     }
     match deleted {
         Ok(true) => {

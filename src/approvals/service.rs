@@ -58,6 +58,10 @@ pub struct Approvals {
 fn key_req(fp: &str) -> String {
     format!("approval:req:{fp}")
 }
+/// The shared-state index of approval records (member: the record's id; expiry: the
+/// record's), which `list` and `sweep` read instead of walking the store's keys.
+const APPROVAL_INDEX: &str = "approval:index";
+
 fn key_rec(id: &str) -> String {
     format!("approval:rec:{id}")
 }
@@ -280,11 +284,7 @@ impl Approvals {
                     let mut record = self.record_for(&policy, &identity, req, &fp, now);
                     record.id = fresh.clone();
                     let ttl = self.request_ttl + RECORD_GRACE;
-                    if let Err(e) = self
-                        .state
-                        .set(&key_rec(&fresh), &record.to_json(), ttl)
-                        .await
-                    {
+                    if let Err(e) = self.store_record(&record, ttl, now).await {
                         return state_deny(decision, &e);
                     }
                     self.audit
@@ -385,10 +385,46 @@ impl Approvals {
         let mut event = ApprovalEvent::new("pre_approved", &record);
         event.actor = record.decided_by.clone();
         self.audit.record_approval(event);
-        let _ = self
+        let _ = self.store_record(&record, RECORD_GRACE, now).await;
+    }
+
+    /// Writes a record for `ttl`, and lists it in the index `list` and `sweep` read (first,
+    /// so a record is never stored unlisted; a listed id whose record is gone is skipped).
+    async fn store_record(
+        &self,
+        record: &Record,
+        ttl: Duration,
+        now: i64,
+    ) -> Result<(), StateError> {
+        self.state
+            .index_add(
+                APPROVAL_INDEX,
+                &record.id,
+                now.saturating_add(secs(ttl)).saturating_add(1),
+            )
+            .await?;
+        self.state
+            .set(&key_rec(&record.id), &record.to_json(), ttl)
+            .await
+    }
+
+    /// The records the index lists that are still stored.
+    async fn records(&self, now: i64) -> Result<Vec<Record>, StateError> {
+        let ids: Vec<String> = self
             .state
-            .set(&key_rec(&record.id), &record.to_json(), RECORD_GRACE)
-            .await;
+            .index_list(APPROVAL_INDEX, now)
+            .await?
+            .into_iter()
+            .map(|(id, _)| key_rec(&id))
+            .collect();
+        Ok(self
+            .state
+            .get_many(&ids)
+            .await?
+            .into_iter()
+            .flatten()
+            .filter_map(|v| Record::from_json(&v))
+            .collect())
     }
 
     async fn load(&self, id: &str) -> Result<Record, ApprovalError> {
@@ -483,9 +519,7 @@ impl Approvals {
         record.decided_at = Some(now);
         record.uses = policy.uses;
         record.grant_expires_at = Some(now.saturating_add(secs(ttl)));
-        self.state
-            .set(&key_rec(&record.id), &record.to_json(), ttl + RECORD_GRACE)
-            .await?;
+        self.store_record(&record, ttl + RECORD_GRACE, now).await?;
         // The next request after the uses are spent asks anew.
         if self.state.get(&key_req(&fp)).await?.as_deref() == Some(record.id.as_str()) {
             self.state.delete(&key_req(&fp)).await?;
@@ -515,9 +549,7 @@ impl Approvals {
             .map(|r| r.chars().filter(|c| !c.is_control()).take(500).collect())
             .filter(|r: &String| !r.trim().is_empty());
         let left = Duration::from_secs(u64::try_from(record.expires_at - now).unwrap_or(1));
-        self.state
-            .set(&key_rec(&record.id), &record.to_json(), left + RECORD_GRACE)
-            .await?;
+        self.store_record(&record, left + RECORD_GRACE, now).await?;
         let mut event = ApprovalEvent::new("rejected", &record);
         event.actor = record.decided_by.clone();
         event.reason = record.reason.clone();
@@ -534,11 +566,9 @@ impl Approvals {
         now: i64,
     ) -> Result<Vec<Record>, ApprovalError> {
         let mut out: Vec<Record> = self
-            .state
-            .scan("approval:rec:")
+            .records(now)
             .await?
             .into_iter()
-            .filter_map(|(_, v)| Record::from_json(&v))
             .filter(|r| {
                 self.policy(&r.route, &r.rule)
                     .is_some_and(|p| p.is_approver(who))
@@ -555,10 +585,7 @@ impl Approvals {
     /// each approval whose time is up. Run periodically by the server.
     pub async fn sweep(&self, now: i64) -> Result<usize, StateError> {
         let mut n = 0;
-        for (_, v) in self.state.scan("approval:rec:").await? {
-            let Some(r) = Record::from_json(&v) else {
-                continue;
-            };
+        for r in self.records(now).await? {
             let over = match r.state {
                 ApprovalState::Pending => r.expires_at <= now,
                 ApprovalState::Approved => r.grant_expires_at.is_some_and(|t| t <= now),

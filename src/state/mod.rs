@@ -5,8 +5,10 @@
 //! trait so several replicas behind one Envoy agree. Callers that need shared state fail
 //! closed when the store errors: a `StateError` is a deny with a reason, never an allow.
 //!
-//! Keys are namespaced by the caller (`revoked:jti:...`, `dpop:jti:...`, `rate:...`,
-//! `approval:...`). Values are small strings (JSON where structured).
+//! Keys are namespaced by the caller (`dpop:jti:...`, `rate:...`, `approval:...`). Values are
+//! small strings (JSON where structured). Listings never walk the keys: what must be listed
+//! (runtime revocations, approval records) is also put in an index, a set with expiring
+//! members (`index_add`/`index_list`), so a listing costs what it lists.
 
 pub mod redis;
 
@@ -89,8 +91,22 @@ pub trait StateStore: Send + Sync {
     /// Removes `key`; true when it existed.
     async fn delete(&self, key: &str) -> Result<bool, StateError>;
 
-    /// Every live key starting with `prefix`, with its value. For listings, never per request.
-    async fn scan(&self, prefix: &str) -> Result<Vec<(String, String)>, StateError>;
+    /// The values of `keys`, in order (`None` for a missing or expired key). For listings.
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StateError>;
+
+    /// Puts `member` in the set `index` until `expires_at` (Unix seconds), replacing its
+    /// previous expiry. Indexes are how listings find their entries: reading one costs what
+    /// the set holds, never what the rest of the store holds.
+    async fn index_add(&self, index: &str, member: &str, expires_at: i64)
+    -> Result<(), StateError>;
+
+    /// Takes `member` out of `index`; true when it was there and expires after `now`.
+    async fn index_remove(&self, index: &str, member: &str, now: i64) -> Result<bool, StateError>;
+
+    /// The members of `index` that expire after `now` (Unix seconds), with their expiry,
+    /// sorted by member; expired members are dropped from the store on the way. For
+    /// listings and background syncs, never per request.
+    async fn index_list(&self, index: &str, now: i64) -> Result<Vec<(String, i64)>, StateError>;
 
     /// Atomically decrements the integer stored at `key` when it is above zero and returns
     /// the value after the decrement; `None` when the key is missing, expired or zero. Two
@@ -114,6 +130,8 @@ pub struct MemoryStore {
     entries: Mutex<HashMap<String, Entry>>,
     /// GCRA theoretical arrival times per bucket.
     buckets: Mutex<HashMap<String, Instant>>,
+    /// Sets for listings: member -> expiry (Unix seconds), per index.
+    indexes: Mutex<HashMap<String, std::collections::BTreeMap<String, i64>>>,
     ops: std::sync::atomic::AtomicU64,
 }
 
@@ -126,6 +144,15 @@ impl MemoryStore {
         // A poisoned lock only means another thread panicked mid-update of a plain map;
         // the data is still a valid map, so keep serving rather than failing every request.
         self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn indexes(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, std::collections::BTreeMap<String, i64>>> {
+        // As `entries`: a poisoned plain map is still a valid map.
+        self.indexes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -196,16 +223,45 @@ impl StateStore for MemoryStore {
         Ok(map.remove(key).is_some_and(|e| e.expires > now))
     }
 
-    async fn scan(&self, prefix: &str) -> Result<Vec<(String, String)>, StateError> {
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StateError> {
         let now = Instant::now();
         let map = self.entries();
-        let mut out: Vec<(String, String)> = map
+        Ok(keys
             .iter()
-            .filter(|(k, e)| k.starts_with(prefix) && e.expires > now)
-            .map(|(k, e)| (k.clone(), e.value.clone()))
-            .collect();
-        out.sort();
-        Ok(out)
+            .map(|k| {
+                map.get(k)
+                    .filter(|e| e.expires > now)
+                    .map(|e| e.value.clone())
+            })
+            .collect())
+    }
+
+    async fn index_add(
+        &self,
+        index: &str,
+        member: &str,
+        expires_at: i64,
+    ) -> Result<(), StateError> {
+        self.indexes()
+            .entry(index.to_string())
+            .or_default()
+            .insert(member.to_string(), expires_at);
+        Ok(())
+    }
+
+    async fn index_remove(&self, index: &str, member: &str, now: i64) -> Result<bool, StateError> {
+        let mut indexes = self.indexes();
+        let removed = indexes.get_mut(index).and_then(|set| set.remove(member));
+        Ok(removed.is_some_and(|expires_at| expires_at > now))
+    }
+
+    async fn index_list(&self, index: &str, now: i64) -> Result<Vec<(String, i64)>, StateError> {
+        let mut indexes = self.indexes();
+        let Some(set) = indexes.get_mut(index) else {
+            return Ok(Vec::new());
+        };
+        set.retain(|_, expires_at| *expires_at > now);
+        Ok(set.iter().map(|(m, e)| (m.clone(), *e)).collect())
     }
 
     async fn take_one(&self, key: &str) -> Result<Option<i64>, StateError> {
@@ -285,7 +341,16 @@ impl StateStore for UnavailableStore {
     async fn delete(&self, _: &str) -> Result<bool, StateError> {
         self.fail()
     }
-    async fn scan(&self, _: &str) -> Result<Vec<(String, String)>, StateError> {
+    async fn get_many(&self, _: &[String]) -> Result<Vec<Option<String>>, StateError> {
+        self.fail()
+    }
+    async fn index_add(&self, _: &str, _: &str, _: i64) -> Result<(), StateError> {
+        self.fail()
+    }
+    async fn index_remove(&self, _: &str, _: &str, _: i64) -> Result<bool, StateError> {
+        self.fail()
+    }
+    async fn index_list(&self, _: &str, _: i64) -> Result<Vec<(String, i64)>, StateError> {
         self.fail()
     }
     async fn take_one(&self, _: &str) -> Result<Option<i64>, StateError> {
@@ -386,19 +451,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn scan_lists_live_keys_under_a_prefix() {
+    async fn an_index_lists_its_live_members_only() {
         let s = MemoryStore::new();
-        s.set("a:1", "x", Duration::from_secs(60)).await.unwrap();
-        s.set("a:2", "y", Duration::from_secs(60)).await.unwrap();
-        s.set("b:1", "z", Duration::from_secs(60)).await.unwrap();
-        let keys: Vec<_> = s
-            .scan("a:")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        assert_eq!(keys, vec!["a:1", "a:2"]);
+        s.index_add("i", "b", 200).await.unwrap();
+        s.index_add("i", "a", 150).await.unwrap();
+        s.index_add("i", "old", 90).await.unwrap();
+        s.index_add("other", "x", 500).await.unwrap();
+        assert_eq!(
+            s.index_list("i", 100).await.unwrap(),
+            vec![("a".to_string(), 150), ("b".to_string(), 200)]
+        );
+        // A later add replaces the expiry; an expired member is gone for good.
+        s.index_add("i", "a", 300).await.unwrap();
+        assert_eq!(
+            s.index_list("i", 160).await.unwrap(),
+            vec![("a".to_string(), 300), ("b".to_string(), 200)]
+        );
+        assert!(s.index_remove("i", "b", 160).await.unwrap());
+        assert!(!s.index_remove("i", "b", 160).await.unwrap());
+        assert!(!s.index_remove("i", "a", 300).await.unwrap(), "expired");
+        assert_eq!(s.index_list("missing", 0).await.unwrap(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn get_many_answers_each_key_in_order() {
+        let s = MemoryStore::new();
+        s.set("a", "1", Duration::from_secs(60)).await.unwrap();
+        s.set("gone", "2", Duration::from_millis(1)).await.unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let keys = ["gone", "a", "missing"].map(String::from);
+        assert_eq!(
+            s.get_many(&keys).await.unwrap(),
+            vec![None, Some("1".to_string()), None]
+        );
     }
 
     #[test]

@@ -58,6 +58,15 @@ redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.floor((new
 return {1, new_tat - now, 0}
 ";
 
+/// Removes ARGV[1] from the sorted set; returns 1 when it was there with an expiry (score)
+/// after ARGV[2], else 0.
+const INDEX_REMOVE: &str = r"
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+if score and tonumber(score) > tonumber(ARGV[2]) then return 1 end
+return 0
+";
+
 /// Shared state in Redis.
 pub struct RedisStore {
     client: ::redis::Client,
@@ -66,6 +75,7 @@ pub struct RedisStore {
     conn: Mutex<Conn>,
     take_one: Script,
     gcra: Script,
+    index_remove: Script,
 }
 
 #[derive(Default)]
@@ -88,6 +98,7 @@ impl RedisStore {
             conn: Mutex::new(Conn::default()),
             take_one: Script::new(TAKE_ONE),
             gcra: Script::new(GCRA),
+            index_remove: Script::new(INDEX_REMOVE),
         })
     }
 
@@ -134,6 +145,18 @@ impl RedisStore {
         }
     }
 
+    /// Runs a listing (many keys, or one large set) within ten operation timeouts.
+    async fn listing<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, ::redis::RedisError>>,
+    ) -> Result<T, StateError> {
+        match tokio::time::timeout(self.timeout * 10, work).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(redis_error(&e)),
+            Err(_) => Err(unavailable("redis did not answer in time")),
+        }
+    }
+
     /// Runs one operation within the timeout. The connection manager reconnects by itself
     /// after a failure; a failed operation is never retried here (a retried `take_one` could
     /// spend two uses).
@@ -169,18 +192,6 @@ fn redis_error(e: &::redis::RedisError) -> StateError {
 
 fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-/// Characters SCAN's MATCH treats as patterns, escaped so a prefix matches literally.
-fn glob_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 1);
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 #[tonic::async_trait]
@@ -232,51 +243,90 @@ impl StateStore for RedisStore {
         Ok(n > 0)
     }
 
-    async fn scan(&self, prefix: &str) -> Result<Vec<(String, String)>, StateError> {
-        let pattern = format!("{}*", glob_escape(&self.key(prefix)));
-        let strip = self.prefix.len();
-        let timeout = self.timeout;
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StateError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
         let conn = self.connection().await?;
-        // A listing may walk many keys: allow it several operation timeouts in total.
+        // A listing may read many keys: allow it several operation timeouts in total.
         let work = async move {
             let mut c = conn;
-            let mut keys: Vec<String> = Vec::new();
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, batch): (u64, Vec<String>) = ::redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(500)
-                    .query_async(&mut c)
-                    .await?;
-                keys.extend(batch);
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
-            keys.sort();
-            keys.dedup();
-            let mut out = Vec::with_capacity(keys.len());
-            for chunk in keys.chunks(500) {
+            let mut out = Vec::with_capacity(full.len());
+            for chunk in full.chunks(500) {
                 let values: Vec<Option<String>> =
                     ::redis::cmd("MGET").arg(chunk).query_async(&mut c).await?;
-                for (k, v) in chunk.iter().zip(values) {
-                    // A key that expired between SCAN and MGET is simply not live any more.
-                    if let Some(v) = v {
-                        out.push((k[strip..].to_string(), v));
-                    }
-                }
+                out.extend(values);
             }
             Ok::<_, ::redis::RedisError>(out)
         };
-        match tokio::time::timeout(timeout * 10, work).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(redis_error(&e)),
-            Err(_) => Err(unavailable("redis did not answer in time")),
-        }
+        self.listing(work).await
+    }
+
+    async fn index_add(
+        &self,
+        index: &str,
+        member: &str,
+        expires_at: i64,
+    ) -> Result<(), StateError> {
+        let key = self.key(index);
+        self.run(|mut c| async move {
+            ::redis::cmd("ZADD")
+                .arg(&key)
+                .arg(expires_at)
+                .arg(member)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn index_remove(&self, index: &str, member: &str, now: i64) -> Result<bool, StateError> {
+        let key = self.key(index);
+        let script = &self.index_remove;
+        let live: i64 = self
+            .run(|mut c| async move {
+                script
+                    .key(&key)
+                    .arg(member)
+                    .arg(now)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(live == 1)
+    }
+
+    async fn index_list(&self, index: &str, now: i64) -> Result<Vec<(String, i64)>, StateError> {
+        let key = self.key(index);
+        let conn = self.connection().await?;
+        let work = async move {
+            let mut c = conn;
+            let (_, members): (i64, Vec<(String, f64)>) = ::redis::pipe()
+                .atomic()
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(&key)
+                .arg("-inf")
+                .arg(now)
+                .cmd("ZRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query_async(&mut c)
+                .await?;
+            Ok::<_, ::redis::RedisError>(members)
+        };
+        let mut members: Vec<(String, i64)> = self
+            .listing(work)
+            .await?
+            .into_iter()
+            // Scores are whole seconds written by `index_add`.
+            .map(|(m, score)| (m, score as i64))
+            .collect();
+        members.sort();
+        Ok(members)
     }
 
     async fn take_one(&self, key: &str) -> Result<Option<i64>, StateError> {
@@ -338,12 +388,6 @@ impl StateStore for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn glob_characters_in_a_prefix_match_literally() {
-        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
-        assert_eq!(glob_escape("portcullis:approval:"), "portcullis:approval:");
-    }
 
     #[test]
     fn an_invalid_url_error_does_not_echo_the_url() {
