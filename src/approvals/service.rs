@@ -12,11 +12,11 @@ use crate::audit::{ApprovalEvent, AuditSink};
 use crate::authz::{Decision, ReasonCode, RequestView};
 use crate::config::Config;
 use crate::identity::Identity;
-use crate::state::{StateError, StateStore};
+use crate::state::{RateLimit, StateError, StateStore};
 
 use super::{
     APPROVAL_ID_HEADER, ApprovalPolicy, ApprovalState, BODY_SHA256_HEADER, Policies, Record,
-    display_path, fingerprint, is_self, justification, new_id, normal_host, valid_id,
+    display_path, fingerprint, is_self, justification, new_id, normal_host, sha256_hex, valid_id,
 };
 
 /// Decided records are kept this long past their last relevant time, for listings and for
@@ -51,6 +51,8 @@ pub struct Approvals {
     dry_run_policies: Policies,
     dry_run_routes: Vec<String>,
     request_ttl: Duration,
+    /// New requests one caller may open per `request_ttl` (a GCRA bucket in shared state).
+    max_new_requests: u32,
     audit: AuditSink,
     webhook: Option<super::webhook::Webhook>,
 }
@@ -61,6 +63,12 @@ fn key_req(fp: &str) -> String {
 /// The shared-state index of approval records (member: the record's id; expiry: the
 /// record's), which `list` and `sweep` read instead of walking the store's keys.
 const APPROVAL_INDEX: &str = "approval:index";
+
+/// The record id of an action's pre-approvals: the same for every request of the action.
+fn pre_approval_id(fp: &str) -> String {
+    let digest = sha256_hex(format!("pre-approval\n{fp}").as_bytes());
+    format!("apr_{}", &digest[..32])
+}
 
 fn key_rec(id: &str) -> String {
     format!("approval:rec:{id}")
@@ -143,6 +151,7 @@ impl Approvals {
                 .flat_map(|d| d.routes.iter().map(|r| r.id.clone()))
                 .collect(),
             request_ttl: config.file.approvals.request_ttl.get(),
+            max_new_requests: config.file.approvals.max_new_requests,
             audit: AuditSink::disabled(),
             webhook: config
                 .file
@@ -281,6 +290,11 @@ impl Approvals {
                 .await
             {
                 Ok(true) => {
+                    if let Some(refusal) =
+                        self.over_new_request_cap(&decision, &identity, &fp).await
+                    {
+                        return refusal;
+                    }
                     let mut record = self.record_for(&policy, &identity, req, &fp, now);
                     record.id = fresh.clone();
                     let ttl = self.request_ttl + RECORD_GRACE;
@@ -333,6 +347,45 @@ impl Approvals {
         )
     }
 
+    /// Spends one of the caller's new requests; `Some` refusal (a 429, or a 503 when the
+    /// store fails) when none is left, after releasing the request slot `fp` reserved.
+    async fn over_new_request_cap(
+        &self,
+        decision: &Decision,
+        identity: &Identity,
+        fp: &str,
+    ) -> Option<Decision> {
+        let n = self.max_new_requests.max(1);
+        let limit = RateLimit {
+            requests: n,
+            per: self.request_ttl,
+            burst: n,
+        };
+        let key = format!(
+            "approval:new:{}",
+            sha256_hex(format!("{}\n{}", identity.issuer_name, identity.subject).as_bytes())
+        );
+        let refusal = match self.state.rate_check(&key, limit).await {
+            Ok(o) if o.allowed => return None,
+            Ok(o) => {
+                let retry = o.retry_after.unwrap_or(Duration::from_secs(1));
+                let secs = retry.as_secs() + u64::from(retry.subsec_nanos() > 0);
+                let detail = format!(
+                    "this caller opened {n} approval requests within {}; a new one can be made \
+                     in {}s, or ask an approver about the pending ones",
+                    humantime::format_duration(self.request_ttl),
+                    secs.max(1)
+                );
+                refused(decision.clone(), ReasonCode::RateLimited, detail)
+                    .with_header("retry-after", secs.max(1).to_string())
+            }
+            Err(e) => state_deny(decision.clone(), &e),
+        };
+        // Best effort: a slot left behind only expires with `request_ttl`.
+        let _ = self.state.delete(&key_req(fp)).await;
+        Some(refusal)
+    }
+
     fn record_for(
         &self,
         policy: &ApprovalPolicy,
@@ -366,7 +419,9 @@ impl Approvals {
     }
 
     /// A pre-approval is recorded in the audit log for every request it allows, and (best
-    /// effort: the allow does not depend on shared state) as a listed record.
+    /// effort: the allow does not depend on shared state) as a listed record: one per action
+    /// (fingerprint) per `RECORD_GRACE`, so steady pre-approved traffic costs one write that
+    /// changes nothing, not a record per request.
     async fn record_pre_approval(
         &self,
         policy: &ApprovalPolicy,
@@ -377,7 +432,7 @@ impl Approvals {
         now: i64,
     ) {
         let mut record = self.record_for(policy, identity, req, fp, now);
-        record.id = new_id();
+        record.id = pre_approval_id(fp);
         record.state = ApprovalState::PreApproved;
         record.decided_by = Some(format!("policy:pre_approve[{index}]"));
         record.decided_at = Some(now);
@@ -385,7 +440,17 @@ impl Approvals {
         let mut event = ApprovalEvent::new("pre_approved", &record);
         event.actor = record.decided_by.clone();
         self.audit.record_approval(event);
-        let _ = self.store_record(&record, RECORD_GRACE, now).await;
+        let first = self
+            .state
+            .insert_if_absent(&key_rec(&record.id), &record.to_json(), RECORD_GRACE)
+            .await;
+        if first == Ok(true) {
+            let expires_at = now.saturating_add(secs(RECORD_GRACE)).saturating_add(1);
+            let _ = self
+                .state
+                .index_add(APPROVAL_INDEX, &record.id, expires_at)
+                .await;
+        }
     }
 
     /// Writes a record for `ttl`, and lists it in the index `list` and `sweep` read (first,

@@ -460,3 +460,128 @@ fn a_bad_redis_url_is_a_config_error_that_does_not_echo_it() {
     let e = crate::config::from_str(zero, std::path::Path::new("t.yaml")).unwrap_err();
     assert_eq!(e.field, "state.timeout");
 }
+
+#[tokio::test]
+async fn a_caller_opens_at_most_max_new_requests_per_request_ttl() {
+    let mut cfg = config("");
+    cfg.file.approvals.max_new_requests = 2;
+    let a = Approvals::new(&cfg, Arc::new(MemoryStore::new()));
+    let alice = identity("alice", &["dba"]);
+    let path = |q: u32| -> &'static str { Box::leak(format!("/databases/orders?v={q}").into()) };
+    let first = a
+        .gate(
+            &Req::new("DELETE", "db", path(1)).view(),
+            granted(&alice),
+            NOW,
+        )
+        .await;
+    let second = a
+        .gate(
+            &Req::new("DELETE", "db", path(2)).view(),
+            granted(&alice),
+            NOW,
+        )
+        .await;
+    assert_eq!(first.code, ReasonCode::ApprovalRequired);
+    assert_eq!(second.code, ReasonCode::ApprovalRequired);
+    assert_ne!(approval_id(&first), approval_id(&second));
+
+    // A third new action opens nothing: a 429 that says when, with no approval id.
+    let third = a
+        .gate(
+            &Req::new("DELETE", "db", path(3)).view(),
+            granted(&alice),
+            NOW,
+        )
+        .await;
+    assert_eq!(
+        (third.code, third.http_status()),
+        (ReasonCode::RateLimited, 429)
+    );
+    assert!(
+        third.detail.contains("opened 2 approval requests"),
+        "{}",
+        third.detail
+    );
+    assert!(
+        third
+            .response_headers
+            .iter()
+            .any(|(n, v)| n == "retry-after" && v.parse::<u64>().is_ok_and(|s| s > 0)),
+        "{:?}",
+        third.response_headers
+    );
+    assert!(
+        !third
+            .response_headers
+            .iter()
+            .any(|(n, _)| n == APPROVAL_ID_HEADER)
+    );
+    assert_eq!(third.route.as_deref(), Some("drop-db"));
+    let bob = identity("bob", &["dba-lead"]);
+    assert_eq!(a.list(&bob, false, NOW).await.unwrap().len(), 2);
+
+    // Retrying a pending action still names its request; the slot the third one reserved
+    // was released, so it is refused again rather than reported pending.
+    let retry = a
+        .gate(
+            &Req::new("DELETE", "db", path(1)).view(),
+            granted(&alice),
+            NOW,
+        )
+        .await;
+    assert_eq!(approval_id(&retry), approval_id(&first));
+    let again = a
+        .gate(
+            &Req::new("DELETE", "db", path(3)).view(),
+            granted(&alice),
+            NOW,
+        )
+        .await;
+    assert_eq!(again.code, ReasonCode::RateLimited);
+
+    // Another caller has a budget of their own.
+    let dave = identity("dave", &["dba"]);
+    let theirs = a
+        .gate(
+            &Req::new("DELETE", "db", path(3)).view(),
+            granted(&dave),
+            NOW,
+        )
+        .await;
+    assert_eq!(theirs.code, ReasonCode::ApprovalRequired);
+}
+
+#[tokio::test]
+async fn steady_pre_approved_traffic_keeps_one_record_per_action() {
+    let a = approvals(Arc::new(MemoryStore::new()));
+    let from = a.policy("drop-db", "dba").unwrap().pre_approve[0]
+        .from
+        .unwrap();
+    let on_call = identity("alice", &["dba", "on-call"]);
+    for i in 0..5 {
+        for path in ["/databases/orders", "/databases/users"] {
+            let r = Req::new("DELETE", "db", path);
+            let d = a.gate(&r.view(), granted(&on_call), from + i).await;
+            assert_eq!(d.code, ReasonCode::Allowed);
+        }
+    }
+    let bob = identity("bob", &["dba-lead"]);
+    let listed = a.list(&bob, true, from + 10).await.unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(
+        listed
+            .iter()
+            .all(|r| r.state == ApprovalState::PreApproved && valid_id(&r.id))
+    );
+}
+
+#[test]
+fn max_new_requests_must_be_at_least_one() {
+    let text = "issuers: []\napprovals: {max_new_requests: 0}\nroutes: [{id: r, methods: [GET], path: /r, public: true}]\n";
+    let Err(e) = crate::config::from_str(text, std::path::Path::new("t.yaml")) else {
+        panic!("0 must be refused");
+    };
+    let e = e.to_string();
+    assert!(e.contains("approvals.max_new_requests"), "{e}");
+}

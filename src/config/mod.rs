@@ -1483,6 +1483,13 @@ impl Compiler {
         if approvals.request_ttl.get().as_secs() == 0 {
             return Err(self.err("approvals.request_ttl", "must be at least 1s"));
         }
+        if approvals.max_new_requests == 0 {
+            return Err(self.hint(
+                "approvals.max_new_requests",
+                "must be at least 1",
+                "it caps the approval requests one caller opens per `request_ttl`",
+            ));
+        }
         if let Some(hook) = &approvals.webhook {
             if !(hook.url.starts_with("https://") || hook.url.starts_with("http://")) {
                 return Err(self.hint(

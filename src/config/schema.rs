@@ -767,6 +767,11 @@ pub struct ApprovalsConfig {
     /// Base URL of a page showing one request, for the webhook's link (`<base>/<id>`).
     #[serde(default)]
     pub link_base: Option<String>,
+    /// How many new requests one caller (issuer and `sub`) may open per `request_ttl`;
+    /// beyond that a new action is a 429 and opens nothing (no record, no webhook), so a
+    /// client varying its query string cannot flood approvers or the store.
+    #[serde(default = "default_max_new_requests")]
+    pub max_new_requests: u32,
 }
 
 impl Default for ApprovalsConfig {
@@ -775,8 +780,13 @@ impl Default for ApprovalsConfig {
             request_ttl: default_request_ttl(),
             webhook: None,
             link_base: None,
+            max_new_requests: default_max_new_requests(),
         }
     }
+}
+
+fn default_max_new_requests() -> u32 {
+    20
 }
 
 fn default_request_ttl() -> HumanDuration {
