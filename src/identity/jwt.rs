@@ -127,6 +127,10 @@ pub enum JwtError {
     NoFittingKey(Algorithm),
     #[error("token signature is invalid")]
     BadSignature,
+    #[error(
+        "{0} keys in the issuer's key set could have signed this token, more than the {MAX_CANDIDATE_KEYS} tried: the token needs a `kid` naming one"
+    )]
+    TooManyCandidateKeys(usize),
     #[error("token has no `{0}` claim")]
     MissingClaim(&'static str),
     #[error("token `{0}` claim must be a whole number of seconds between 0 and {MAX_TIME}")]
@@ -421,6 +425,12 @@ fn media_type_eq(a: &str, b: &str) -> bool {
     short(a).eq_ignore_ascii_case(short(b))
 }
 
+/// The most keys one token's signature is checked against. A token without `kid` (or a set
+/// with many keys under one kid) could otherwise make every request cost a signature check
+/// per key, and a failed token is never cached: a set of a thousand RSA keys would make one
+/// forged request cost tens of milliseconds. Real issuers publish a handful.
+pub const MAX_CANDIDATE_KEYS: usize = 8;
+
 /// Picks the keys that may have signed the token and returns the one that verifies it.
 fn verify_signature<'k>(
     parsed: &Parsed<'_>,
@@ -433,6 +443,10 @@ fn verify_signature<'k>(
     {
         // The shell refetches the issuer's keys on this one: the issuer may have rotated.
         return Err(JwtError::UnknownKid(kid.to_string()));
+    }
+    let candidates = keys.candidates(kid, alg).count();
+    if candidates > MAX_CANDIDATE_KEYS {
+        return Err(JwtError::TooManyCandidateKeys(candidates));
     }
     let mut tried = false;
     for key in keys.candidates(kid, alg) {

@@ -1007,3 +1007,32 @@ fn peek_issuer_reads_iss_after_structural_checks() {
         JwtError::DuplicateMember(Part::Claims)
     );
 }
+
+#[test]
+fn a_token_is_checked_against_a_bounded_number_of_keys() {
+    let jwk: Value =
+        serde_json::from_slice(&read("tests/fixtures/keys/rsa2048.jwks.json")).unwrap();
+    let mut key = jwk["keys"][0].clone();
+    key.as_object_mut().unwrap().remove("kid");
+    let set_of = |n: usize| {
+        let doc = json!({ "keys": vec![key.clone(); n] });
+        KeySet::from_jwks(doc.to_string().as_bytes(), KeyOrigin::Fetched)
+            .unwrap()
+            .set
+    };
+    let t = mint_with(
+        json!({"alg": "RS256"}),
+        default_claims(),
+        "rsa2048",
+        Algorithm::RS256,
+    );
+    // As many keys as are tried: the token verifies.
+    assert!(jwt::verify(&t, &rules(), &set_of(jwt::MAX_CANDIDATE_KEYS), NOW).is_ok());
+    // One more, and it is refused before any signature check, saying what to do.
+    let e = jwt::verify(&t, &rules(), &set_of(jwt::MAX_CANDIDATE_KEYS + 1), NOW).unwrap_err();
+    assert_eq!(
+        e,
+        JwtError::TooManyCandidateKeys(jwt::MAX_CANDIDATE_KEYS + 1)
+    );
+    assert!(e.to_string().contains("needs a `kid`"), "{e}");
+}
