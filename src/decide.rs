@@ -616,7 +616,11 @@ pub fn verify_api_key(
     Some(
         keys.verify(cred.token, now)
             .map(|k| k.identity.clone())
-            .map_err(|e| Decision::new(ReasonCode::InvalidToken, e.to_string())),
+            .map_err(|e| {
+                let d = Decision::new(ReasonCode::InvalidToken, e.to_string());
+                let challenge = crate::authz::decision::api_key_challenge(&d.detail);
+                d.with_header("www-authenticate", challenge)
+            }),
     )
 }
 

@@ -253,6 +253,18 @@ pub fn challenge_text(text: &str) -> String {
         .collect()
 }
 
+/// The `realm` of every challenge.
+pub const REALM: &str = "portcullis";
+
+/// The challenge of a 401 for an API key (RFC 7235 allows any scheme; RFC 6750's Bearer
+/// would tell the client to fetch a token it never used).
+pub fn api_key_challenge(detail: &str) -> String {
+    format!(
+        "ApiKey realm=\"{REALM}\", error=\"invalid_key\", error_description=\"{}\"",
+        challenge_text(detail)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -454,8 +454,7 @@ fn deny_response(decision: &Decision, request_id: &str) -> CheckResponse {
     }
 }
 
-/// The `realm` of every Bearer challenge.
-const REALM: &str = "portcullis";
+use crate::authz::decision::REALM;
 
 /// The RFC 6750 challenge: bare when no credential was sent, `invalid_token` for other 401s,
 /// `insufficient_scope` for a valid identity that no grant matched; none for path or routing
@@ -465,6 +464,16 @@ pub fn www_authenticate(decision: &Decision) -> Option<String> {
     // error code or description (the JSON body still says `credential_missing` and why).
     if decision.code == ReasonCode::CredentialMissing {
         return Some(format!("Bearer realm=\"{REALM}\""));
+    }
+    // A caller known by an API key (revoked, say) is not asked for a Bearer token; a 403
+    // needs no challenge.
+    if decision
+        .identity
+        .as_deref()
+        .is_some_and(|i| i.api_key_id().is_some())
+    {
+        return (decision.http_status() == 401)
+            .then(|| crate::authz::decision::api_key_challenge(&decision.detail));
     }
     let error = match decision.http_status() {
         401 => "invalid_token",
@@ -546,5 +555,50 @@ mod tests {
             })
             .get();
         assert_eq!(counted, 2);
+    }
+
+    #[tokio::test]
+    async fn an_api_key_caller_is_challenged_for_an_api_key_not_a_bearer_token() {
+        let metrics = Arc::new(Metrics::new());
+        let engine = crate::engine::tests::shipped_engine("", &metrics);
+        let engine = Arc::new(ArcSwap::from_pointee(engine));
+        let service = AuthzService::new(engine.clone(), metrics, AuditSink::disabled());
+        let challenge = |key: &str| {
+            let headers = std::collections::HashMap::from([("x-api-key".into(), key.into())]);
+            let service = &service;
+            async move {
+                let view = RequestView {
+                    path: "/orders/42",
+                    ..crate::engine::tests::healthz(&headers)
+                };
+                let (d, _) = service.decide_view(&view, "req").await;
+                let answer = DenyAnswer::of(&d, "req");
+                let found: Vec<String> = answer
+                    .headers
+                    .into_iter()
+                    .filter(|(n, _)| n == "www-authenticate")
+                    .map(|(_, v)| v)
+                    .collect();
+                (d.code, answer.status, found)
+            }
+        };
+        // An unknown key.
+        let (code, status, found) = challenge("pck_not-a-key-000000000000000000000000000000").await;
+        assert_eq!((code, status), (ReasonCode::InvalidToken, 401));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("ApiKey realm=\"portcullis\", error=\"invalid_key\""),
+            "{found:?}"
+        );
+        // A valid key whose owner was revoked.
+        engine.load().runtime_revoked.apply("sub:reporting", true);
+        let (code, status, found) =
+            challenge("pck_5AEWWjqRmg8M1focDlwcCo0V_eMw631tr23y0JSA0bM").await;
+        assert_eq!((code, status), (ReasonCode::Revoked, 401));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("ApiKey realm=\"portcullis\""),
+            "{found:?}"
+        );
     }
 }
