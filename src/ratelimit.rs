@@ -484,6 +484,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_new_to_a_full_memory_store_gets_a_503_the_others_keep_their_limits() {
+        let config = crate::config::from_str(
+            "routes:\n  - {id: h, methods: [GET], path: /h, public: true}\nrate_limits:\n  - {id: c, by: client_ip, requests: 1, per: 1h}\n",
+            std::path::Path::new("test.yaml"),
+        )
+        .unwrap();
+        let store = MemoryStore::with_bucket_cap(1);
+        let h = HashMap::new();
+        let check = |ip: &'static str| {
+            let (config, store, h) = (&config, &store, &h);
+            async move {
+                let req = RequestView {
+                    path: "/h",
+                    ..view(h, ip)
+                };
+                let m = config.policy.match_route(&req).unwrap();
+                enforce(store, config, &req, &m, crate::decide::public_allow(&m)).await
+            }
+        };
+        assert!(check("192.0.2.1").await.is_allow());
+        let d = check("2001:db8:1:2::9").await;
+        assert_eq!(
+            (d.code, d.http_status()),
+            (ReasonCode::StateUnavailable, 503)
+        );
+        assert!(!d.detail.contains("2001:db8"), "{}", d.detail);
+        assert_eq!(check("192.0.2.1").await.code, ReasonCode::RateLimited);
+    }
+
+    #[tokio::test]
     async fn a_store_error_is_a_503_never_an_allow() {
         let config = config_with_limit();
         let h = HashMap::new();
