@@ -13,7 +13,7 @@
 //! they list every limit that counted the request, in config order, and `t` is the wait until
 //! that bucket is full again; Envoy adds them to the response the client gets.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,11 +78,27 @@ pub fn bucket_key(
         }
         RateLimitBy::ApiKey => Some(format!("rate:{id}:key:{}", identity?.api_key_id()?)),
         RateLimitBy::ClientIp => Some(match client {
-            Some(ip) => format!("rate:{id}:ip:{ip}"),
+            Some(ip) => format!("rate:{id}:ip:{}", client_network(ip, limit.ipv6_prefix)),
             // No address: all such requests share one bucket rather than escaping the limit.
             None => format!("rate:{id}:ip:unknown"),
         }),
         RateLimitBy::Route => Some(format!("rate:{id}:route:{route_id}")),
+    }
+}
+
+/// What a `client_ip` bucket counts: an IPv4 address as it is (`192.0.2.7`), an IPv6
+/// address as its network of `ipv6_prefix` bits (`2001:db8:1:2::/64`). A host holds a whole
+/// /64 and may use a new address from it for every request; counting single IPv6 addresses
+/// would let it escape the limit. An IPv4-mapped address (`::ffff:192.0.2.7`) is its IPv4
+/// address: masked as IPv6, every IPv4 client would share the bucket `::/64`.
+pub fn client_network(ip: IpAddr, ipv6_prefix: u8) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let prefix = ipv6_prefix.min(128);
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            format!("{}/{prefix}", Ipv6Addr::from(u128::from(v6) & mask))
+        }
     }
 }
 
@@ -214,6 +230,7 @@ mod tests {
                 burst: 2,
             },
             routes: routes.iter().map(|r| Arc::from(*r)).collect(),
+            ipv6_prefix: crate::config::creds::DEFAULT_IPV6_PREFIX,
         }
     }
 
@@ -267,6 +284,84 @@ mod tests {
         assert_eq!(
             bucket_key(&by_ip, "x", None, None).as_deref(),
             Some("rate:l1:ip:unknown")
+        );
+    }
+
+    #[test]
+    fn client_ip_buckets_hold_an_ipv4_address_or_an_ipv6_network() {
+        let key = |l: &CompiledRateLimit, ip: &str| bucket_key(l, "x", None, ip.parse().ok());
+        let by_ip = limit(RateLimitBy::ClientIp, &[]);
+        assert_eq!(
+            key(&by_ip, "192.0.2.7").as_deref(),
+            Some("rate:l1:ip:192.0.2.7")
+        );
+        // Every address of a /64 is one client: rotating through it spends one budget.
+        let bucket = key(&by_ip, "2001:db8:1:2::1");
+        assert_eq!(bucket.as_deref(), Some("rate:l1:ip:2001:db8:1:2::/64"));
+        assert_eq!(key(&by_ip, "2001:db8:1:2:8a3f:12ff:fe00:9c1"), bucket);
+        assert_ne!(key(&by_ip, "2001:db8:1:3::1"), bucket);
+        // An IPv4-mapped address is the IPv4 client, not the network `::/64`.
+        assert_eq!(
+            key(&by_ip, "::ffff:192.0.2.7").as_deref(),
+            Some("rate:l1:ip:192.0.2.7")
+        );
+        assert_ne!(
+            key(&by_ip, "::ffff:192.0.2.8"),
+            key(&by_ip, "::ffff:192.0.2.7")
+        );
+        let site = CompiledRateLimit {
+            ipv6_prefix: 48,
+            ..limit(RateLimitBy::ClientIp, &[])
+        };
+        assert_eq!(
+            key(&site, "2001:db8:1:2::1").as_deref(),
+            Some("rate:l1:ip:2001:db8:1::/48")
+        );
+        let host = CompiledRateLimit {
+            ipv6_prefix: 128,
+            ..limit(RateLimitBy::ClientIp, &[])
+        };
+        assert_eq!(
+            key(&host, "2001:db8:1:2::1").as_deref(),
+            Some("rate:l1:ip:2001:db8:1:2::1/128")
+        );
+        // IPv4 ignores the IPv6 prefix.
+        assert_eq!(key(&site, "192.0.2.7"), key(&by_ip, "192.0.2.7"));
+    }
+
+    #[tokio::test]
+    async fn a_client_rotating_through_its_ipv6_subnet_meets_its_limit() {
+        let config = crate::config::from_str(
+            "routes:\n  - {id: h, methods: [GET], path: /h, public: true}\nrate_limits:\n  - {id: c, by: client_ip, requests: 2, per: 1h}\n",
+            std::path::Path::new("test.yaml"),
+        )
+        .unwrap();
+        let store = MemoryStore::new();
+        let h = HashMap::new();
+        let mut codes = Vec::new();
+        for ip in [
+            "2001:db8::1",
+            "2001:db8::2",
+            "2001:db8::3",
+            "2001:db8:0:1::1",
+        ] {
+            let req = RequestView {
+                path: "/h",
+                ..view(&h, ip)
+            };
+            let m = config.policy.match_route(&req).unwrap();
+            let d = enforce(&store, &config, &req, &m, crate::decide::public_allow(&m)).await;
+            codes.push(d.code);
+        }
+        // The third address of the same /64 is over the budget; the next /64 is another client.
+        assert_eq!(
+            codes,
+            [
+                ReasonCode::Public,
+                ReasonCode::Public,
+                ReasonCode::RateLimited,
+                ReasonCode::Public
+            ]
         );
     }
 
@@ -386,6 +481,36 @@ mod tests {
         let m = bare.policy.match_route(&req).unwrap();
         let d = enforce(&store, &bare, &req, &m, crate::decide::public_allow(&m)).await;
         assert!(d.is_allow() && d.response_headers.is_empty(), "{d:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_new_to_a_full_memory_store_gets_a_503_the_others_keep_their_limits() {
+        let config = crate::config::from_str(
+            "routes:\n  - {id: h, methods: [GET], path: /h, public: true}\nrate_limits:\n  - {id: c, by: client_ip, requests: 1, per: 1h}\n",
+            std::path::Path::new("test.yaml"),
+        )
+        .unwrap();
+        let store = MemoryStore::with_bucket_cap(1);
+        let h = HashMap::new();
+        let check = |ip: &'static str| {
+            let (config, store, h) = (&config, &store, &h);
+            async move {
+                let req = RequestView {
+                    path: "/h",
+                    ..view(h, ip)
+                };
+                let m = config.policy.match_route(&req).unwrap();
+                enforce(store, config, &req, &m, crate::decide::public_allow(&m)).await
+            }
+        };
+        assert!(check("192.0.2.1").await.is_allow());
+        let d = check("2001:db8:1:2::9").await;
+        assert_eq!(
+            (d.code, d.http_status()),
+            (ReasonCode::StateUnavailable, 503)
+        );
+        assert!(!d.detail.contains("2001:db8"), "{}", d.detail);
+        assert_eq!(check("192.0.2.1").await.code, ReasonCode::RateLimited);
     }
 
     #[tokio::test]

@@ -21,6 +21,8 @@ pub struct CompiledRateLimit {
     pub limit: RateLimit,
     /// Route ids; empty = every route.
     pub routes: Vec<Arc<str>>,
+    /// `by: client_ip`: the prefix length of the IPv6 network one bucket covers.
+    pub ipv6_prefix: u8,
 }
 
 impl CompiledRateLimit {
@@ -33,6 +35,15 @@ impl CompiledRateLimit {
 /// Longest accepted `per`: buckets are kept in memory, and a day-long window is a quota
 /// that belongs in a billing system rather than a token bucket.
 const MAX_RATE_PERIOD_SECS: u64 = 24 * 3600;
+
+/// The IPv6 network a `client_ip` bucket covers by default: a /64 is one subnet, and any host
+/// on it can pick a fresh address from it for every request (SLAAC privacy addresses do it
+/// unasked), so counting single addresses would let one client escape its limit.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
+/// The widest accepted `ipv6_prefix`: shorter prefixes cover whole providers, so one bucket
+/// would be shared by unrelated clients.
+const MIN_IPV6_PREFIX: u32 = 32;
 
 impl Compiler {
     /// Compiles `api_keys` (inline keys plus the key file). `None` when the section is absent.
@@ -276,6 +287,27 @@ impl Compiler {
                 }
                 routes.push(Arc::from(r.as_str()));
             }
+            let ipv6_prefix = match rl.ipv6_prefix {
+                None => DEFAULT_IPV6_PREFIX,
+                Some(_) if rl.by != RateLimitBy::ClientIp => {
+                    return Err(self.hint(
+                        f("ipv6_prefix"),
+                        "only a `by: client_ip` limit counts by address",
+                        "remove `ipv6_prefix`, or count this limit `by: client_ip`",
+                    ));
+                }
+                Some(p) => match u8::try_from(p) {
+                    Ok(p) if (MIN_IPV6_PREFIX..=128).contains(&u32::from(p)) => p,
+                    _ => {
+                        return Err(self.hint(
+                            f("ipv6_prefix"),
+                            format!("`{p}` is out of range: use {MIN_IPV6_PREFIX} to 128"),
+                            "64 (the default) is one subnet, which one host can fill with \
+                             addresses; 56 or 48 covers a whole site",
+                        ));
+                    }
+                },
+            };
             if rl.by == RateLimitBy::ApiKey && api_keys.is_none() {
                 self.warnings.push(format!(
                     "rate_limits[{i}]: limit `{}` counts API keys but none are configured: it never applies",
@@ -291,6 +323,7 @@ impl Compiler {
                     burst,
                 },
                 routes,
+                ipv6_prefix,
             });
         }
         Ok(out)
@@ -496,6 +529,26 @@ mod tests {
         assert!(c.rate_limits[0].covers("anything"));
         assert_eq!(c.rate_limits[1].limit.burst, 2);
         assert!(c.rate_limits[1].covers("orders") && !c.rate_limits[1].covers("other"));
+        assert_eq!(c.rate_limits[1].ipv6_prefix, 64);
+    }
+
+    #[test]
+    fn a_client_ip_limit_takes_an_ipv6_prefix_from_32_to_128() {
+        let with = |p: u32| {
+            config(
+                &[key("k1", HASH)],
+                "{id: r, api_keys: [k1]}",
+                &format!(
+                    "rate_limits:\n  - {{id: a, by: client_ip, requests: 1, per: 1m, ipv6_prefix: {p}}}\n"
+                ),
+            )
+        };
+        for p in [32, 48, 56, 128] {
+            assert_eq!(
+                compile(&with(p)).unwrap().rate_limits[0].ipv6_prefix,
+                p as u8
+            );
+        }
     }
 
     #[test]
@@ -526,6 +579,26 @@ mod tests {
             &with("{id: \"a b\", by: route, requests: 1, per: 1m}"),
             "rate_limits[0].id",
             "invalid",
+        );
+        fails(
+            &with("{id: a, by: client_ip, requests: 1, per: 1m, ipv6_prefix: 16}"),
+            "rate_limits[0].ipv6_prefix",
+            "out of range: use 32 to 128",
+        );
+        fails(
+            &with("{id: a, by: client_ip, requests: 1, per: 1m, ipv6_prefix: 129}"),
+            "rate_limits[0].ipv6_prefix",
+            "out of range",
+        );
+        fails(
+            &with("{id: a, by: client_ip, requests: 1, per: 1m, ipv6_prefix: 300}"),
+            "rate_limits[0].ipv6_prefix",
+            "out of range",
+        );
+        fails(
+            &with("{id: a, by: subject, requests: 1, per: 1m, ipv6_prefix: 64}"),
+            "rate_limits[0].ipv6_prefix",
+            "`by: client_ip`",
         );
         let e = compile(&with("{id: a, by: user, requests: 1, per: 1m}")).unwrap_err();
         assert!(e.field.starts_with("rate_limits[0]"), "{e}");

@@ -678,6 +678,11 @@ pub struct RateLimitConfig {
     /// Route ids this limit applies to. Empty (default): every route.
     #[serde(default)]
     pub routes: Vec<String>,
+    /// `by: client_ip` only: how many leading bits of an IPv6 client address one bucket
+    /// covers (32 to 128). Default: 64, one subnet, every address of which a single host can
+    /// use. An IPv4 address is always a bucket of its own.
+    #[serde(default)]
+    pub ipv6_prefix: Option<u32>,
 }
 
 /// The bucket a request is counted in.
@@ -689,7 +694,8 @@ pub enum RateLimitBy {
     Subject,
     /// One bucket per API key id. Requests without an API key are not counted.
     ApiKey,
-    /// One bucket per client address (see `network.trusted_proxy_hops`).
+    /// One bucket per client address (see `network.trusted_proxy_hops`): per IPv4 address,
+    /// per IPv6 network of `ipv6_prefix` bits.
     ClientIp,
     /// One bucket per route, shared by every caller.
     Route,

@@ -1,7 +1,8 @@
 //! Shared state: the few atomic operations that replicas must agree on (single-use records,
 //! use counters, rate-limit buckets, small keyed values), behind one trait.
 //!
-//! `MemoryStore` (one replica, the default) lives here; a Redis backend implements the same
+//! `MemoryStore` (one replica, the default; at most `MAX_MEMORY_BUCKETS` rate-limit buckets,
+//! past which a new key fails closed) lives here; a Redis backend implements the same
 //! trait so several replicas behind one Envoy agree. Callers that need shared state fail
 //! closed when the store errors: a `StateError` is a deny with a reason, never an allow.
 //!
@@ -122,14 +123,124 @@ struct Entry {
     expires: Instant,
 }
 
+/// The most rate-limit buckets a `MemoryStore` holds: without a cap, a flood of distinct keys
+/// (client addresses, subjects) grows the map without bound. A bucket costs about 150 bytes
+/// (measured at ~144 requested per entry for 1M `rate:<id>:ip:<net>/64` keys: the key's ~36
+/// bytes on the heap, its 24-byte `String` and a 16-byte `Instant` in the table, the table's
+/// control byte and spare slots, plus allocator rounding), so the cap bounds it near 150 MB.
+/// A bucket lives only until it is full again (its refill time after its last request), so a
+/// million live buckets are a million distinct clients within one refill time, far more than
+/// one replica serves; several replicas share Redis, whose own `maxmemory` applies.
+pub const MAX_MEMORY_BUCKETS: usize = 1_000_000;
+
+/// Below this many buckets the map is never swept: a pass costs more than the memory it frees.
+const BUCKET_SWEEP_FLOOR: usize = 100_000;
+
+/// At the cap, the least time between two sweeps. A sweep is a pass over the whole map (about
+/// 10 ms for a million buckets) under the lock every rate check takes: a flood of new keys
+/// must not make it one pass per request.
+const FULL_SWEEP_PAUSE: Duration = Duration::from_secs(1);
+
+/// What a rate check for a new key meets when the buckets are at their cap. It names no key:
+/// the detail of a 503 reaches the client.
+const BUCKETS_FULL: &str = "the in-memory rate-limit buckets are at their cap";
+
+/// The GCRA buckets of a `MemoryStore`: theoretical arrival times by key, at most `cap`.
+///
+/// INVARIANT: a bucket is only ever forgotten once its arrival time has passed (it is full
+/// again, so forgetting it changes no answer). At the cap a new key is refused instead of
+/// evicting a live bucket: that would refill the budget of a client being limited.
+struct Buckets {
+    tats: HashMap<String, Instant>,
+    cap: usize,
+    /// A new key sweeps first when `tats` holds this many: twice what the last sweep left (at
+    /// least `BUCKET_SWEEP_FLOOR`, at most `cap`), so sweeping costs O(1) per new bucket,
+    /// amortized.
+    sweep_at: usize,
+    /// At the cap, no sweep before this: one ran less than `FULL_SWEEP_PAUSE` ago, or (the
+    /// map having been full of live buckets since) none expires sooner.
+    no_sweep_before: Option<Instant>,
+}
+
+impl Default for Buckets {
+    fn default() -> Self {
+        Self::with_cap(MAX_MEMORY_BUCKETS)
+    }
+}
+
+impl Buckets {
+    fn with_cap(cap: usize) -> Self {
+        Self {
+            tats: HashMap::new(),
+            cap,
+            sweep_at: BUCKET_SWEEP_FLOOR.min(cap),
+            no_sweep_before: None,
+        }
+    }
+
+    /// Spends one request from the bucket at `key` at `now`. A key without a bucket fails
+    /// closed (`StateError::Unavailable`) when the map is at its cap and nothing has expired;
+    /// keys that have one keep being counted.
+    fn check(
+        &mut self,
+        key: &str,
+        limit: RateLimit,
+        now: Instant,
+    ) -> Result<RateOutcome, StateError> {
+        let tat = self.tats.get(key).copied();
+        if tat.is_none() && !self.room_for_one(now) {
+            return Err(StateError::Unavailable(BUCKETS_FULL.to_string()));
+        }
+        let (new_tat, outcome) = gcra(tat, now, limit);
+        if outcome.allowed {
+            self.tats.insert(key.to_string(), new_tat);
+        }
+        Ok(outcome)
+    }
+
+    /// True when one more bucket fits, sweeping the expired ones first when it is time to.
+    fn room_for_one(&mut self, now: Instant) -> bool {
+        if self.tats.len() < self.sweep_at {
+            return true;
+        }
+        if self.tats.len() >= self.cap && self.no_sweep_before.is_some_and(|t| now < t) {
+            return false;
+        }
+        let mut next_expiry: Option<Instant> = None;
+        self.tats.retain(|_, tat| {
+            let live = *tat > now;
+            if live {
+                next_expiry = Some(next_expiry.map_or(*tat, |e| e.min(*tat)));
+            }
+            live
+        });
+        let len = self.tats.len();
+        self.sweep_at = (2 * len).clamp(BUCKET_SWEEP_FLOOR.min(self.cap), self.cap);
+        let pause = now + FULL_SWEEP_PAUSE;
+        if len < self.cap {
+            self.no_sweep_before = Some(pause);
+            return true;
+        }
+        // Full of live buckets, and no new one until a sweep: none frees a slot sooner.
+        self.no_sweep_before = Some(next_expiry.map_or(pause, |e| e.max(pause)));
+        tracing::warn!(
+            cap = self.cap,
+            "the in-memory rate-limit buckets are at their cap: requests that need a new bucket \
+             are refused (503 state_unavailable) until buckets expire; with this many clients, \
+             use the Redis state backend"
+        );
+        false
+    }
+}
+
 /// In-process state: the default for a single replica.
 #[derive(Default)]
 pub struct MemoryStore {
     // INVARIANT: every read treats an entry past `expires` as absent; `sweep` only reclaims
     // memory and never changes an answer.
     entries: Mutex<HashMap<String, Entry>>,
-    /// GCRA theoretical arrival times per bucket.
-    buckets: Mutex<HashMap<String, Instant>>,
+    /// GCRA theoretical arrival times per bucket, at most `MAX_MEMORY_BUCKETS`.
+    buckets: Mutex<Buckets>,
     /// Sets for listings: member -> expiry (Unix seconds), per index.
     indexes: Mutex<HashMap<String, std::collections::BTreeMap<String, i64>>>,
     ops: std::sync::atomic::AtomicU64,
@@ -138,6 +249,16 @@ pub struct MemoryStore {
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store holding at most `cap` rate-limit buckets (`MAX_MEMORY_BUCKETS` is too many to
+    /// fill in a test).
+    #[cfg(test)]
+    pub(crate) fn with_bucket_cap(cap: usize) -> Self {
+        Self {
+            buckets: Mutex::new(Buckets::with_cap(cap)),
+            ..Self::default()
+        }
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
@@ -282,21 +403,10 @@ impl StateStore for MemoryStore {
     }
 
     async fn rate_check(&self, key: &str, limit: RateLimit) -> Result<RateOutcome, StateError> {
-        let now = Instant::now();
-        let mut buckets = self
-            .buckets
+        self.buckets
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let outcome = gcra(buckets.get(key).copied(), now, limit);
-        if outcome.1.allowed {
-            buckets.insert(key.to_string(), outcome.0);
-        }
-        if buckets.len() > 100_000 {
-            // Buckets whose arrival time is in the past are full again: forgetting them
-            // changes no answer.
-            buckets.retain(|_, tat| *tat > now);
-        }
-        Ok(outcome.1)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .check(key, limit, Instant::now())
     }
 }
 
@@ -484,6 +594,111 @@ mod tests {
             s.get_many(&keys).await.unwrap(),
             vec![None, Some("1".to_string()), None]
         );
+    }
+
+    /// One request an hour, five at once: a bucket lives an hour per request spent.
+    const SLOW: RateLimit = RateLimit {
+        requests: 1,
+        per: Duration::from_secs(3600),
+        burst: 5,
+    };
+
+    #[test]
+    fn at_the_cap_new_keys_fail_closed_and_live_buckets_keep_their_count() {
+        let mut b = Buckets::with_cap(3);
+        let t0 = Instant::now();
+        // `limited` spends its whole burst; two more clients take the other slots.
+        for _ in 0..5 {
+            assert!(b.check("limited", SLOW, t0).unwrap().allowed);
+        }
+        assert!(!b.check("limited", SLOW, t0).unwrap().allowed);
+        assert!(b.check("a", SLOW, t0).unwrap().allowed);
+        assert!(b.check("b", SLOW, t0).unwrap().allowed);
+        // A new key is refused (the caller answers 503), naming no key.
+        let e = b.check("rate:l:ip:203.0.113.9", SLOW, t0).unwrap_err();
+        assert_eq!(e, StateError::Unavailable(BUCKETS_FULL.to_string()));
+        assert!(!e.to_string().contains("203.0.113.9"), "{e}");
+        assert_eq!(b.tats.len(), 3);
+        // Nothing was evicted: the limited client is still limited, the others still count.
+        assert!(!b.check("limited", SLOW, t0).unwrap().allowed);
+        assert_eq!(b.check("a", SLOW, t0).unwrap().remaining, 3);
+        // Later, with every bucket still live, still no room.
+        let later = t0 + Duration::from_secs(600);
+        assert!(b.check("c", SLOW, later).is_err());
+        assert!(!b.check("limited", SLOW, later).unwrap().allowed);
+    }
+
+    #[test]
+    fn expired_buckets_make_room_at_the_cap() {
+        let quick = RateLimit {
+            requests: 1,
+            per: Duration::from_secs(10),
+            burst: 1,
+        };
+        let mut b = Buckets::with_cap(2);
+        let t0 = Instant::now();
+        assert!(b.check("a", quick, t0).unwrap().allowed);
+        assert!(b.check("b", SLOW, t0).unwrap().allowed);
+        assert!(b.check("c", quick, t0).is_err());
+        // `a` is full again after 10s: the sweep forgets it (not `b`), and `c` gets its slot.
+        let t10 = t0 + Duration::from_secs(10);
+        assert!(b.check("c", quick, t10).unwrap().allowed);
+        assert_eq!(b.tats.len(), 2);
+        assert!(b.tats.contains_key("b") && !b.tats.contains_key("a"));
+        // An expired bucket still in the map is reused, never refused.
+        let t20 = t0 + Duration::from_secs(20);
+        assert!(b.check("c", quick, t20).unwrap().allowed);
+    }
+
+    #[test]
+    fn at_the_cap_a_flood_of_new_keys_sweeps_at_most_once_a_second() {
+        let brief = RateLimit {
+            requests: 10,
+            per: Duration::from_secs(1),
+            burst: 1,
+        };
+        let mut b = Buckets::with_cap(2);
+        let t0 = Instant::now();
+        assert!(b.check("a", brief, t0).unwrap().allowed);
+        assert!(b.check("b", SLOW, t0).unwrap().allowed);
+        assert!(b.check("c", brief, t0).is_err());
+        // `a` is full again after 100ms, but the last sweep ran at t0: no pass over the map
+        // before t0 + 1s, so `c` is refused without one (`a` is still held).
+        let t500ms = t0 + Duration::from_millis(500);
+        assert!(b.check("c", brief, t500ms).is_err());
+        assert!(b.tats.contains_key("a"));
+        assert!(b.check("c", brief, t0 + FULL_SWEEP_PAUSE).unwrap().allowed);
+        assert!(!b.tats.contains_key("a"));
+    }
+
+    #[test]
+    fn below_the_cap_expired_buckets_are_swept_once_the_map_has_doubled() {
+        let quick = RateLimit {
+            requests: 1,
+            per: Duration::from_secs(1),
+            burst: 1,
+        };
+        let mut b = Buckets::with_cap(BUCKET_SWEEP_FLOOR * 4);
+        let t0 = Instant::now();
+        for i in 0..BUCKET_SWEEP_FLOOR {
+            b.check(&format!("k{i}"), quick, t0).unwrap();
+        }
+        // At the floor, a new key sweeps the expired buckets first.
+        let t1 = t0 + Duration::from_secs(1);
+        b.check("new", SLOW, t1).unwrap();
+        assert_eq!(b.tats.len(), 1);
+        assert_eq!(b.sweep_at, BUCKET_SWEEP_FLOOR);
+    }
+
+    #[tokio::test]
+    async fn a_full_memory_store_refuses_through_the_trait() {
+        let s = MemoryStore::with_bucket_cap(1);
+        assert!(s.rate_check("a", SLOW).await.unwrap().allowed);
+        assert!(matches!(
+            s.rate_check("b", SLOW).await,
+            Err(StateError::Unavailable(_))
+        ));
+        assert!(s.rate_check("a", SLOW).await.unwrap().allowed);
     }
 
     #[test]
