@@ -27,6 +27,8 @@
 
 mod abi;
 mod envoy;
+#[cfg(test)]
+mod fake_envoy;
 
 use std::borrow::Cow;
 use std::ffi::c_void;
