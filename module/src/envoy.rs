@@ -10,25 +10,20 @@ use crate::abi;
 /// where its value starts and where it ends in that text.
 pub type CopiedHeaders = (String, Vec<(usize, usize, usize)>);
 
-/// Envoy's side of one HTTP filter (one request). Only used inside a hook Envoy called for
-/// this request, on Envoy's worker thread.
+/// Envoy's side of one HTTP filter (one request): the calls that never call back into the
+/// module (the ones that may are [`Hook`]'s). Only reached through the [`Hook`] Envoy called
+/// for this request, on Envoy's worker thread.
 #[derive(Debug)]
 pub struct Filter(*mut c_void);
 
 impl Filter {
-    /// # Safety
-    /// `ptr` is the `filter_envoy_ptr` Envoy passed to the running hook.
-    pub unsafe fn new(ptr: *mut c_void) -> Self {
-        Self(ptr)
-    }
-
     /// Every request header, in Envoy's order (repeated names as separate entries), copied
     /// out of Envoy's map into one buffer: `text` holds each name followed by its value, and
     /// each entry of the list says where a name starts, where its value starts and where it
     /// ends. Names are lower-case. `Err` names a header that is not UTF-8: the request is
     /// then refused, as the gRPC service refuses such a CheckRequest.
     pub fn copy_request_headers(&self) -> Result<CopiedHeaders, String> {
-        // SAFETY: `self.0` is the live filter of the running hook (see `new`).
+        // SAFETY: `self.0` is the live filter of the running hook (see `Hook::new`).
         let size = unsafe {
             abi::envoy_dynamic_module_callback_http_get_headers_size(self.0, abi::REQUEST_HEADERS)
         };
@@ -147,15 +142,61 @@ impl Filter {
             );
         }
     }
+}
 
-    /// Resumes the request after the headers hook stopped it.
-    pub fn continue_decoding(&self) {
-        // SAFETY: `self.0` is live, on its worker thread.
-        unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_decoding(self.0) }
+/// One hook Envoy called for a request: Envoy's filter, and the module's state for that
+/// request (`S`, the pointer `on_http_filter_new` answered, a `Box<S>` until Envoy's
+/// `on_http_filter_destroy`).
+///
+/// Two of Envoy's calls may call back into the module before they return: the local reply
+/// and resuming the request run the rest of the filter chain at once, which can call this
+/// request's other hooks (its body and trailers hooks, its response hooks, the end of the
+/// stream) and even destroy its state. So the state is borrowed only through `&mut self`
+/// ([`Hook::state`]), and those two calls take `self`: the borrow checker refuses a call that
+/// may re-enter while a borrow of the state is live, and any use of the state (or the filter)
+/// after one, when it may be gone. Every other call on [`Filter`] never calls back.
+#[derive(Debug)]
+pub struct Hook<S> {
+    filter: Filter,
+    state: *mut S,
+}
+
+impl<S> Hook<S> {
+    /// # Safety
+    /// `filter` is the `filter_envoy_ptr` Envoy passed to the running hook and `state` the
+    /// module's pointer it passed with it: a `Box<S>` that `on_http_filter_new` answered for
+    /// this filter and Envoy has not destroyed. Envoy calls a filter's hooks on its worker
+    /// thread, one at a time except when it re-enters from one of the calls that consume a
+    /// `Hook`, so no other `Hook` of this request is borrowing the state.
+    pub unsafe fn new(filter: *mut c_void, state: *const c_void) -> Self {
+        Self {
+            filter: Filter(filter),
+            state: state.cast::<S>().cast_mut(),
+        }
     }
 
-    /// Envoy's local reply. The hook must then stop the filter chain.
-    pub fn send_response(&self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+    /// The calls on Envoy's filter that never re-enter, and the request's state. Both borrow
+    /// `self`, so they end before any call that consumes it.
+    pub fn state(&mut self) -> (&Filter, &mut S) {
+        // SAFETY: `state` is live (`new`'s contract) and this is the only borrow of it: it
+        // borrows `self` mutably, the only `Hook` of this request on the stack that is not
+        // inside a call consuming it (see `new`), and Envoy cannot destroy the state while
+        // it is live, as only the calls consuming `self` can re-enter.
+        (&self.filter, unsafe { &mut *self.state })
+    }
+
+    /// Resumes the request after the headers hook stopped it. Envoy may run the rest of the
+    /// request through this filter's hooks, and destroy the state, before it returns.
+    pub fn continue_decoding(self) {
+        // SAFETY: the filter is live, on its worker thread; no borrow of the state is live
+        // (this consumed the `Hook`), so re-entered hooks may borrow or destroy it.
+        unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_decoding(self.filter.0) }
+    }
+
+    /// Envoy's local reply; the hook then stops the filter chain (if it is the headers hook).
+    /// Envoy may end the stream, calling this filter's other hooks and destroying the state,
+    /// before it returns.
+    pub fn send_response(self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
         let mut raw: Vec<abi::ModuleHeader> = headers
             .iter()
             .map(|(k, v)| abi::ModuleHeader {
@@ -165,10 +206,11 @@ impl Filter {
                 value_length: v.len(),
             })
             .collect();
-        // SAFETY: `self.0` is live; the headers and body outlive the call, Envoy copies them.
+        // SAFETY: the filter is live; the headers and body outlive the call, Envoy copies
+        // them; no borrow of the state is live (as for `continue_decoding`).
         unsafe {
             abi::envoy_dynamic_module_callback_http_send_response(
-                self.0,
+                self.filter.0,
                 u32::from(status),
                 raw.as_mut_ptr(),
                 raw.len(),
@@ -194,6 +236,9 @@ pub fn log_error(message: &str) {
 /// call `on_http_filter_scheduled` for that filter on its worker thread, or nothing once the
 /// filter is gone. `close` (on the worker thread, when the filter no longer waits) deletes
 /// it; a wake after that does nothing, so no thread ever commits to a deleted scheduler.
+/// None of its calls re-enters the module: a commit only posts to the worker's event loop
+/// (even one made on the worker thread, by a decision woken while a hook polls it), and the
+/// scheduled hook runs from there later.
 #[derive(Debug)]
 pub struct Scheduler(Mutex<Option<Raw>>);
 

@@ -27,6 +27,8 @@
 
 mod abi;
 mod envoy;
+#[cfg(test)]
+mod fake_envoy;
 
 use std::borrow::Cow;
 use std::ffi::c_void;
@@ -42,7 +44,7 @@ use portcullis::grpc::{AuthzService, DenyAnswer, UpstreamMutation};
 use portcullis::identity::peer::PeerCertificate;
 use portcullis::server::Server;
 
-use envoy::{Filter, Scheduler};
+use envoy::{Filter, Hook, Scheduler};
 
 /// One running Portcullis (one config file), shared by every filter config in Envoy that
 /// names the same file: a listener update makes Envoy build the new filter config before it
@@ -166,13 +168,25 @@ impl Drop for Waiting {
     }
 }
 
+/// What a hook's work on its stream comes to: carried out by the hook once it no longer
+/// borrows the stream, as a local reply and resuming the request are calls from which Envoy
+/// may re-enter the filter (see `envoy::Hook`).
+enum Verdict {
+    /// Allowed (the identity headers are set): the request goes on to the upstream.
+    Allow,
+    /// Denied: Envoy's local reply with this answer.
+    Deny(DenyAnswer),
+    /// Nothing to do now: the decision waits in the stream until the scheduler runs (or, in
+    /// the scheduled hook, nothing was waiting).
+    Wait,
+}
+
 impl Stream {
-    /// Decides the request from the headers hook: the status the hook answers.
-    fn on_request_headers(&mut self, filter: &Filter) -> u32 {
+    /// Decides the request from the headers hook.
+    fn on_request_headers(&mut self, filter: &Filter) -> Verdict {
         if self.module.is_null() {
             let decision = Decision::new(ReasonCode::Internal, "Portcullis is not running");
-            deny(filter, &decision, "");
-            return abi::HEADERS_STOP_ITERATION;
+            return Verdict::Deny(DenyAnswer::of(&decision, ""));
         }
         // SAFETY: non-null, and it outlives this request (see `module`).
         let module: &'static Module = unsafe { &*self.module };
@@ -181,8 +195,8 @@ impl Stream {
             Err(detail) => {
                 // Counted, logged and audited like an unreadable CheckRequest.
                 let _ = module.service.malformed(&detail);
-                deny(filter, &Decision::new(ReasonCode::Internal, detail), "");
-                return abi::HEADERS_STOP_ITERATION;
+                let decision = Decision::new(ReasonCode::Internal, detail);
+                return Verdict::Deny(DenyAnswer::of(&decision, ""));
             }
         };
         let service = &module.service;
@@ -198,7 +212,7 @@ impl Stream {
             .as_mut()
             .poll(&mut Context::from_waker(Waker::noop()))
         {
-            return self.headers_status(filter, outcome);
+            return self.apply(filter, outcome);
         }
         // It waits on a key fetch or shared state. Poll once more with a waker that resumes
         // the request on this worker thread (the first poll registered a no-op waker).
@@ -207,8 +221,8 @@ impl Stream {
             // Without one, the request would hang until Envoy's idle timeout: deny it now.
             let detail = "cannot wait for the decision: Envoy gave no scheduler";
             let _ = module.service.malformed(detail);
-            deny(filter, &Decision::new(ReasonCode::Internal, detail), "");
-            return abi::HEADERS_STOP_ITERATION;
+            let decision = Decision::new(ReasonCode::Internal, detail);
+            return Verdict::Deny(DenyAnswer::of(&decision, ""));
         }
         let waker = Waker::from(scheduler.clone());
         let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -223,7 +237,7 @@ impl Stream {
         match polled {
             Poll::Ready(outcome) => {
                 scheduler.close();
-                self.headers_status(filter, outcome)
+                self.apply(filter, outcome)
             }
             Poll::Pending => {
                 self.waiting = Some(Waiting {
@@ -231,16 +245,16 @@ impl Stream {
                     scheduler,
                     waker,
                 });
-                abi::HEADERS_STOP_ALL_ITERATION_AND_WATERMARK
+                Verdict::Wait
             }
         }
     }
 
     /// Envoy's scheduler ran (a waiting decision was woken): poll it again; when it is done,
-    /// answer and resume or end the request.
-    fn on_scheduled(&mut self, filter: &Filter) {
+    /// the verdict that resumes or ends the request.
+    fn on_scheduled(&mut self, filter: &Filter) -> Verdict {
         let Some(waiting) = self.waiting.as_mut() else {
-            return;
+            return Verdict::Wait;
         };
         // SAFETY: a waiting stream has a module (see `on_request_headers`).
         let module = unsafe { &*self.module };
@@ -250,33 +264,18 @@ impl Stream {
             .as_mut()
             .poll(&mut Context::from_waker(&waiting.waker))
         else {
-            return;
+            return Verdict::Wait;
         };
         self.waiting = None;
-        if self.apply(filter, outcome) {
-            filter.continue_decoding();
-        }
+        self.apply(filter, outcome)
     }
 
-    fn headers_status(
-        &mut self,
-        filter: &Filter,
-        outcome: (Decision, Arc<Engine>, RequestCopy),
-    ) -> u32 {
-        if self.apply(filter, outcome) {
-            abi::HEADERS_CONTINUE
-        } else {
-            abi::HEADERS_STOP_ITERATION
-        }
-    }
-
-    /// Carries out a decision: `true` when allowed (identity headers set, continue to the
-    /// upstream), `false` when answered with a local deny.
-    fn apply(&mut self, filter: &Filter, outcome: (Decision, Arc<Engine>, RequestCopy)) -> bool {
+    /// Carries out a decision's part that never re-enters: an allow sets the identity headers
+    /// (`Allow`); a deny, or an allow whose headers Envoy refused, is a `Deny` to answer.
+    fn apply(&mut self, filter: &Filter, outcome: (Decision, Arc<Engine>, RequestCopy)) -> Verdict {
         let (decision, engine, request) = outcome;
         if !decision.is_allow() {
-            deny(filter, &decision, request.value("x-request-id"));
-            return false;
+            return Verdict::Deny(DenyAnswer::of(&decision, request.value("x-request-id")));
         }
         let UpstreamMutation { set, remove } =
             UpstreamMutation::of(decision.identity.as_deref(), &engine);
@@ -294,30 +293,29 @@ impl Stream {
                 ReasonCode::Internal,
                 "Envoy refused to set the identity headers",
             );
-            deny(filter, &refused, request.value("x-request-id"));
-            return false;
+            return Verdict::Deny(DenyAnswer::of(&refused, request.value("x-request-id")));
         }
         self.response_headers = decision.response_headers;
-        true
+        Verdict::Allow
     }
 
-    /// A panic while deciding: a deny, and nothing left waiting.
-    fn fail(&mut self, filter: &Filter) {
+    /// A panic while deciding: nothing left waiting, and the deny to answer.
+    fn fail(&mut self) -> DenyAnswer {
         self.waiting = None;
         let decision = Decision::new(ReasonCode::Internal, "internal error while deciding");
-        deny(filter, &decision, "");
+        DenyAnswer::of(&decision, "")
     }
 }
 
-/// Envoy's local reply for a deny: Portcullis's status, headers and JSON body.
-fn deny(filter: &Filter, decision: &Decision, request_id: &str) {
-    let answer = DenyAnswer::of(decision, request_id);
+/// Envoy's local reply for a deny: Portcullis's status, headers and JSON body. It consumes
+/// the hook: Envoy may end the stream (and destroy it) before it returns.
+fn deny(hook: Hook<Stream>, answer: &DenyAnswer) {
     let headers: Vec<(&str, &str)> = answer
         .headers
         .iter()
         .map(|(n, v)| (n.as_ref(), v.as_str()))
         .collect();
-    filter.send_response(answer.status, &headers, answer.body.as_bytes());
+    hook.send_response(answer.status, &headers, answer.body.as_bytes());
 }
 
 /// The request as the decision core reads it, copied out of Envoy's header map (whose
@@ -576,7 +574,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
 }
 
 /// # Safety
-/// `stream` is what `filter_new` answered, destroyed once (Envoy's contract).
+/// `stream` is what `filter_new` answered, destroyed once (Envoy's contract). Envoy calls
+/// this from its event loop or, re-entrantly, from inside a local reply or a resume; the
+/// hooks make those two calls only through `Hook`'s methods that consume it, so no borrow of
+/// the stream is live here and the hook that made the call never touches the stream again.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(stream: *const c_void) {
     // SAFETY: the caller's contract.
@@ -588,21 +589,16 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(stream: *co
     }
 }
 
-/// The request's stream, for a hook Envoy called with it.
-///
-/// # Safety
-/// `stream` is what `filter_new` answered for this filter, not yet destroyed, and used by
-/// one hook at a time (Envoy calls a filter's hooks on its worker thread, one by one).
-unsafe fn stream_of<'a>(stream: *const c_void) -> &'a mut Stream {
-    // SAFETY: the caller's contract.
-    unsafe { &mut *(stream as *mut Stream) }
-}
+// The hooks below reach their stream only through `envoy::Hook`: it lends the stream out
+// between Envoy's calls that may re-enter the filter, and those calls consume it. So a hook
+// decides with its stream borrowed, ends the borrow (a `Verdict`), then answers Envoy, and
+// never touches the stream afterwards (a re-entered hook may have destroyed it).
 
 /// Decides the request; fails closed on a panic.
 ///
 /// # Safety
 /// `filter_envoy` is the live filter of this request and `stream` what `filter_new`
-/// answered for it (Envoy's contract).
+/// answered for it, not yet destroyed (Envoy's contract; see `Hook::new`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     filter_envoy: *mut c_void,
@@ -610,17 +606,24 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     _end_of_stream: bool,
 ) -> u32 {
     // SAFETY: the caller's contract.
-    let (filter, stream) = unsafe { (Filter::new(filter_envoy), stream_of(stream)) };
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        stream.on_request_headers(&filter)
+    let mut hook: Hook<Stream> = unsafe { Hook::new(filter_envoy, stream) };
+    let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (filter, stream) = hook.state();
+        stream.on_request_headers(filter)
     }))
-    .unwrap_or_else(|_| {
-        stream.fail(&filter);
-        abi::HEADERS_STOP_ITERATION
-    })
+    .unwrap_or_else(|_| Verdict::Deny(hook.state().1.fail()));
+    match verdict {
+        Verdict::Allow => abi::HEADERS_CONTINUE,
+        Verdict::Deny(answer) => {
+            deny(hook, &answer);
+            abi::HEADERS_STOP_ITERATION
+        }
+        Verdict::Wait => abi::HEADERS_STOP_ALL_ITERATION_AND_WATERMARK,
+    }
 }
 
-/// A waiting decision was woken: poll it on this worker thread; fails closed on a panic.
+/// A waiting decision was woken: poll it on this worker thread; when it is done, resume the
+/// request or answer the deny; fails closed on a panic.
 ///
 /// # Safety
 /// As for `request_headers`.
@@ -631,13 +634,16 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     _event: u64,
 ) {
     // SAFETY: the caller's contract.
-    let (filter, stream) = unsafe { (Filter::new(filter_envoy), stream_of(stream)) };
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        stream.on_scheduled(&filter)
+    let mut hook: Hook<Stream> = unsafe { Hook::new(filter_envoy, stream) };
+    let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (filter, stream) = hook.state();
+        stream.on_scheduled(filter)
     }))
-    .is_err()
-    {
-        stream.fail(&filter);
+    .unwrap_or_else(|_| Verdict::Deny(hook.state().1.fail()));
+    match verdict {
+        Verdict::Allow => hook.continue_decoding(),
+        Verdict::Deny(answer) => deny(hook, &answer),
+        Verdict::Wait => {}
     }
 }
 
@@ -647,12 +653,13 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
 /// As for `request_headers`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
-    _f: *mut c_void,
+    filter_envoy: *mut c_void,
     stream: *const c_void,
     _end: bool,
 ) -> u32 {
     // SAFETY: the caller's contract.
-    if unsafe { stream_of(stream) }.waiting.is_some() {
+    let mut hook: Hook<Stream> = unsafe { Hook::new(filter_envoy, stream) };
+    if hook.state().1.waiting.is_some() {
         abi::BODY_STOP_ITERATION_AND_WATERMARK
     } else {
         abi::BODY_CONTINUE
@@ -665,11 +672,12 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
 /// As for `request_headers`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
-    _f: *mut c_void,
+    filter_envoy: *mut c_void,
     stream: *const c_void,
 ) -> u32 {
     // SAFETY: the caller's contract.
-    if unsafe { stream_of(stream) }.waiting.is_some() {
+    let mut hook: Hook<Stream> = unsafe { Hook::new(filter_envoy, stream) };
+    if hook.state().1.waiting.is_some() {
         abi::TRAILERS_STOP_ITERATION
     } else {
         abi::TRAILERS_CONTINUE
@@ -687,7 +695,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     _end: bool,
 ) -> u32 {
     // SAFETY: the caller's contract.
-    let (filter, stream) = unsafe { (Filter::new(filter_envoy), stream_of(stream)) };
+    let mut hook: Hook<Stream> = unsafe { Hook::new(filter_envoy, stream) };
+    let (filter, stream) = hook.state();
     for (name, value) in std::mem::take(&mut stream.response_headers) {
         filter.add_response_header(&name, &value);
     }
