@@ -23,36 +23,6 @@ use crate::config::{CompiledRateLimit, Config};
 use crate::identity::Identity;
 use crate::state::{RateOutcome, StateStore};
 
-/// The client address: the peer Envoy reports, or, behind `trusted_proxy_hops` proxies,
-/// the X-Forwarded-For entry that the outermost trusted proxy saw.
-///
-/// Envoy (with `use_remote_address`) appends the peer to X-Forwarded-For before ext_authz
-/// runs; that last entry is dropped when it equals the peer, so the count of trusted hops
-/// means the same with or without Envoy's append. With fewer entries than hops, the request
-/// did not come through the trusted chain: the peer is used (one shared bucket, fail closed).
-pub fn client_ip(req: &RequestView<'_>, trusted_proxy_hops: u32) -> Option<IpAddr> {
-    let hops = trusted_proxy_hops as usize;
-    if hops == 0 {
-        return req.source_ip;
-    }
-    let Some(xff) = req.header("x-forwarded-for") else {
-        return req.source_ip;
-    };
-    let mut entries: Vec<&str> = xff.split(',').map(str::trim).collect();
-    if let (Some(last), Some(peer)) = (entries.last(), req.source_ip)
-        && last.parse::<IpAddr>().ok() == Some(peer)
-    {
-        entries.pop();
-    }
-    if entries.len() < hops {
-        return req.source_ip;
-    }
-    entries[entries.len() - hops]
-        .parse::<IpAddr>()
-        .ok()
-        .or(req.source_ip)
-}
-
 /// The state key of the bucket `limit` counts this request in; `None` when the limit does
 /// not select it (another route, or no identity / API key to count by).
 pub fn bucket_key(
@@ -109,7 +79,9 @@ pub fn applicable<'c>(
     route_id: &str,
     identity: Option<&Identity>,
 ) -> Vec<(&'c CompiledRateLimit, String)> {
-    let client = client_ip(req, config.file.network.trusted_proxy_hops);
+    // The address network conditions read: one reading of X-Forwarded-For for the whole
+    // decision. `None` (a chain that is not the configured one) counts in one shared bucket.
+    let client = crate::authz::context::client_ip(req, config.file.network.trusted_proxy_hops);
     config
         .rate_limits
         .iter()
@@ -234,28 +206,56 @@ mod tests {
         }
     }
 
-    #[test]
-    fn client_ip_ignores_forwarded_for_without_trusted_hops() {
-        let h = HashMap::from([("x-forwarded-for".to_string(), "1.1.1.1".to_string())]);
-        assert_eq!(client_ip(&view(&h, "10.0.0.1"), 0), "10.0.0.1".parse().ok());
+    /// The bucket a `client_ip` limit puts a request from `peer` with `xff` in, behind
+    /// `hops` trusted proxies.
+    fn client_bucket(xff: Option<&str>, peer: &str, hops: u32) -> String {
+        let text = format!(
+            "network: {{trusted_proxy_hops: {hops}}}\nroutes:\n  - {{id: h, methods: [GET], path: /h, public: true}}\nrate_limits:\n  - {{id: c, by: client_ip, requests: 2, per: 1h}}\n"
+        );
+        let config = crate::config::from_str(&text, std::path::Path::new("test.yaml")).unwrap();
+        let h: HashMap<String, String> = xff
+            .map(|x| ("x-forwarded-for".to_string(), x.to_string()))
+            .into_iter()
+            .collect();
+        let found = applicable(&config, &view(&h, peer), "h", None);
+        assert_eq!(found.len(), 1);
+        found[0].1.clone()
     }
 
     #[test]
-    fn client_ip_takes_the_entry_the_outermost_trusted_proxy_saw() {
-        // client 9.9.9.9 -> proxy 10.0.0.5 -> Envoy (peer 10.0.0.5, appended by Envoy).
-        let h = HashMap::from([(
-            "x-forwarded-for".to_string(),
-            "6.6.6.6, 9.9.9.9, 10.0.0.5".to_string(),
-        )]);
-        assert_eq!(client_ip(&view(&h, "10.0.0.5"), 1), "9.9.9.9".parse().ok());
-        // Without Envoy's append the count means the same.
-        let h = HashMap::from([(
-            "x-forwarded-for".to_string(),
-            "6.6.6.6, 9.9.9.9".to_string(),
-        )]);
-        assert_eq!(client_ip(&view(&h, "10.0.0.5"), 1), "9.9.9.9".parse().ok());
-        // Fewer entries than trusted hops: the peer, never a client-chosen value.
-        assert_eq!(client_ip(&view(&h, "10.0.0.5"), 3), "10.0.0.5".parse().ok());
+    fn client_ip_limits_count_the_client_network_conditions_see() {
+        // No trusted hops: the peer, whatever the header says.
+        assert_eq!(
+            client_bucket(Some("1.1.1.1"), "10.0.0.1", 0),
+            "rate:c:ip:10.0.0.1"
+        );
+        // client 9.9.9.9 -> proxy 10.0.0.5 -> Envoy (which appends the peer).
+        assert_eq!(
+            client_bucket(Some("6.6.6.6, 9.9.9.9, 10.0.0.5"), "10.0.0.5", 1),
+            "rate:c:ip:9.9.9.9"
+        );
+        assert_eq!(
+            client_bucket(Some("6.6.6.6, 9.9.9.9"), "10.0.0.5", 1),
+            "rate:c:ip:9.9.9.9"
+        );
+        // A loopback peer: Envoy appends its own node address, not the peer's; that entry
+        // is Envoy's, not the client's (it used to be counted as the client, so every
+        // client shared one bucket).
+        assert_eq!(
+            client_bucket(Some("9.9.9.9, 192.0.2.2"), "127.0.0.1", 1),
+            "rate:c:ip:9.9.9.9"
+        );
+        // Fewer entries than trusted hops, or a garbled one: not the configured chain, so
+        // one shared bucket, never a client-chosen value and never no limit.
+        assert_eq!(
+            client_bucket(Some("9.9.9.9"), "10.0.0.5", 3),
+            "rate:c:ip:unknown"
+        );
+        assert_eq!(
+            client_bucket(Some("not-an-ip, 10.0.0.5"), "10.0.0.5", 1),
+            "rate:c:ip:unknown"
+        );
+        assert_eq!(client_bucket(None, "10.0.0.5", 1), "rate:c:ip:unknown");
     }
 
     #[test]
