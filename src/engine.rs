@@ -207,7 +207,10 @@ impl Engine {
             }
         });
         let key_wait = config.file.server.key_fetch_wait.get();
-        let revocations = Arc::new(Revocations::load(config.revocation_file.clone()));
+        let revocations = Arc::new(Revocations::load(
+            config.revocation_file.clone(),
+            crate::revocation::issuer_names(&config),
+        ));
         let approvals = crate::approvals::Approvals::new(&config, state.clone());
         Self {
             revocations,

@@ -206,7 +206,10 @@ impl Reloader {
             store
         };
         let routes = new.file.routes.len();
-        let same_revocations = new.revocation_file == old.config.revocation_file;
+        // The same file read against the same issuer names: an entry scoped to an issuer the
+        // new config lacks must fail the reload, not go quietly unmatched.
+        let same_revocations = new.revocation_file == old.config.revocation_file
+            && crate::revocation::issuer_names(&new) == old.revocations.issuers();
         let mut engine = Engine::new(Arc::new(new), keys, old.state.clone(), self.metrics.clone())
             .with_runtime_revocations(old.runtime_revoked.clone())
             .with_audit(old.audit.clone());

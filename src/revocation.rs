@@ -6,9 +6,12 @@
 //!   every `revocation.reload`) and on SIGHUP. A deleted, empty or unparsable file never clears
 //!   the list: the last good one stays in force, and the error is logged and counted. A list
 //!   that could not be loaded even once denies every token (fail closed).
-//! - runtime entries added through the admin API, kept in the shared `StateStore` under
-//!   `revoked:<kind>:<value>` with a TTL until the named tokens would have expired, so a shared
-//!   backend (Redis) makes every replica see them.
+//! - runtime entries added through the admin API, kept in the shared `StateStore`'s index
+//!   `revoked:index` until the named tokens would have expired, so a shared backend (Redis)
+//!   makes every replica see them; each replica checks a local mirror of it.
+//!
+//! An entry names any issuer's tokens, or with `issuer` (a name from `issuers`) only that
+//! issuer's: `sub` values in particular are only unique within one issuer.
 //!
 //! This is shell code (file I/O, tokio tasks, logging); the decision core never sees it.
 
@@ -67,16 +70,41 @@ impl RevokedKind {
         }
     }
 
-    /// This kind's member for `value` in the shared-state index.
-    pub fn member(self, value: &str) -> String {
-        format!("{}{value}", self.member_prefix())
+    /// This kind's member for `value` in the shared-state index: `<kind>:<value>` for every
+    /// issuer's tokens, `<kind>@<issuer length>:<issuer>:<value>` for one issuer's (issuer
+    /// names may hold `:`; the length keeps the two apart).
+    pub fn member(self, issuer: Option<&str>, value: &str) -> String {
+        let mut member = String::new();
+        self.write_member(&mut member, issuer, value);
+        member
     }
 
-    /// The kind and value a member of the shared-state index names.
-    pub fn parse_member(member: &str) -> Option<(RevokedKind, &str)> {
-        Self::ALL
-            .into_iter()
-            .find_map(|k| member.strip_prefix(k.member_prefix()).map(|v| (k, v)))
+    fn write_member(self, out: &mut String, issuer: Option<&str>, value: &str) {
+        use std::fmt::Write as _;
+        out.clear();
+        match issuer {
+            None => out.push_str(self.member_prefix()),
+            Some(name) => {
+                out.push_str(self.as_str());
+                let _ = write!(out, "@{}:{name}:", name.len());
+            }
+        }
+        out.push_str(value);
+    }
+
+    /// The kind, issuer and value a member of the shared-state index names.
+    pub fn parse_member(member: &str) -> Option<(RevokedKind, Option<&str>, &str)> {
+        Self::ALL.into_iter().find_map(|k| {
+            if let Some(value) = member.strip_prefix(k.member_prefix()) {
+                return Some((k, None, value));
+            }
+            let rest = member.strip_prefix(k.as_str())?.strip_prefix('@')?;
+            let (len, rest) = rest.split_once(':')?;
+            let len: usize = len.parse().ok()?;
+            let issuer = rest.get(..len)?;
+            let value = rest.get(len..)?.strip_prefix(':')?;
+            Some((k, Some(issuer), value))
+        })
     }
 }
 
@@ -99,6 +127,10 @@ pub enum RevocationError {
     #[error("entry {index}: exactly one of `jti`, `sid` or `sub` is required")]
     EntryKind { index: usize },
     #[error(
+        "entry {index}: `issuer` `{name}` names no issuer of the config (use an `issuers[].name`, or `api-key` for API keys, or leave it out for every issuer)"
+    )]
+    UnknownIssuer { index: usize, name: String },
+    #[error(
         "entry {index}: invalid `expires` `{value}` (use RFC 3339, e.g. `2026-12-01T00:00:00Z`)"
     )]
     Expires { index: usize, value: String },
@@ -119,20 +151,29 @@ struct FileEntry {
     sid: Option<String>,
     #[serde(default)]
     sub: Option<String>,
+    /// Only this issuer's tokens (an `issuers[].name`); absent: every issuer's.
+    #[serde(default)]
+    issuer: Option<String>,
     /// RFC 3339. Absent: in force while the entry is in the file.
     #[serde(default)]
     expires: Option<String>,
 }
 
-/// One parsed list: per kind, value -> expiry (seconds since the epoch; `None` = no expiry).
+/// Value -> expiry (seconds since the epoch; `None` = no expiry).
+type Entries = HashMap<String, Option<i64>>;
+
+/// One parsed list, per kind: entries for every issuer, and entries scoped to one issuer
+/// (by issuer name).
 #[derive(Debug, Default, Clone)]
 pub struct RevocationList {
-    maps: [HashMap<String, Option<i64>>; 3],
+    maps: [Entries; 3],
+    scoped: [HashMap<String, Entries>; 3],
 }
 
 impl RevocationList {
-    /// Parses the file's text. An empty document is an error, never an empty list.
-    pub fn parse(text: &str, path: &Path) -> Result<Self, RevocationError> {
+    /// Parses the file's text; `issuers` are the names an entry's `issuer` may use. An empty
+    /// document is an error, never an empty list.
+    pub fn parse(text: &str, path: &Path, issuers: &[String]) -> Result<Self, RevocationError> {
         let shown = path.display().to_string();
         if text.trim().is_empty() {
             return Err(RevocationError::Empty(shown));
@@ -152,20 +193,39 @@ impl RevocationList {
             if value.is_empty() {
                 return Err(RevocationError::EntryKind { index });
             }
+            if let Some(name) = &e.issuer
+                && !issuers.contains(name)
+            {
+                return Err(RevocationError::UnknownIssuer {
+                    index,
+                    name: name.chars().take(64).collect(),
+                });
+            }
             let expires = match e.expires {
                 None => None,
                 Some(t) => {
                     Some(parse_time(&t).ok_or(RevocationError::Expires { index, value: t })?)
                 }
             };
-            list.insert(kind, value, expires);
+            list.insert(kind, e.issuer, value, expires);
         }
         Ok(list)
     }
 
-    /// Adds an entry; of two entries for one value, the later expiry wins.
-    pub fn insert(&mut self, kind: RevokedKind, value: String, expires: Option<i64>) {
-        let slot = self.maps[kind as usize].entry(value).or_insert(expires);
+    /// Adds an entry (for one issuer's tokens, or every issuer's); of two entries for one
+    /// value, the later expiry wins.
+    pub fn insert(
+        &mut self,
+        kind: RevokedKind,
+        issuer: Option<String>,
+        value: String,
+        expires: Option<i64>,
+    ) {
+        let map = match issuer {
+            None => &mut self.maps[kind as usize],
+            Some(name) => self.scoped[kind as usize].entry(name).or_default(),
+        };
+        let slot = map.entry(value).or_insert(expires);
         *slot = match (*slot, expires) {
             (None, _) | (_, None) => None,
             (Some(a), Some(b)) => Some(a.max(b)),
@@ -175,38 +235,66 @@ impl RevocationList {
     /// The first kind under which the identity is revoked at `now`. One map lookup per kind,
     /// no allocation.
     pub fn lookup(&self, id: &Identity, now: i64) -> Option<RevokedKind> {
+        let live = |map: &Entries, value: &str| {
+            map.get(value)
+                .is_some_and(|exp| exp.is_none_or(|e| now < e))
+        };
         RevokedKind::ALL.into_iter().find(|k| {
-            let map = &self.maps[*k as usize];
+            let any = &self.maps[*k as usize];
+            let scoped = &self.scoped[*k as usize];
             // An empty kind costs nothing: the identity's claims are not even looked at
             // (with many cached tokens they are cold in the CPU cache).
-            !map.is_empty()
-                && k.of(id)
-                    .and_then(|v| map.get(v))
-                    .is_some_and(|exp| exp.is_none_or(|e| now < e))
+            if any.is_empty() && scoped.is_empty() {
+                return false;
+            }
+            let Some(value) = k.of(id) else {
+                return false;
+            };
+            live(any, value)
+                || scoped
+                    .get(&*id.issuer_name)
+                    .is_some_and(|map| live(map, value))
         })
     }
 
     pub fn len(&self) -> usize {
-        self.maps.iter().map(HashMap::len).sum()
+        let scoped: usize = self
+            .scoped
+            .iter()
+            .flat_map(HashMap::values)
+            .map(HashMap::len)
+            .sum();
+        self.maps.iter().map(HashMap::len).sum::<usize>() + scoped
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Every entry, sorted, for listings.
-    pub fn entries(&self) -> Vec<(RevokedKind, String, Option<i64>)> {
-        let mut out: Vec<_> = RevokedKind::ALL
-            .into_iter()
-            .flat_map(|k| {
-                self.maps[k as usize]
-                    .iter()
-                    .map(move |(v, e)| (k, v.clone(), *e))
-            })
-            .collect();
-        out.sort_by(|a, b| (a.0.as_str(), &a.1).cmp(&(b.0.as_str(), &b.1)));
+    /// Every entry (kind, issuer, value, expiry), sorted, for listings.
+    pub fn entries(&self) -> Vec<(RevokedKind, Option<String>, String, Option<i64>)> {
+        let mut out = Vec::new();
+        for k in RevokedKind::ALL {
+            for (v, e) in &self.maps[k as usize] {
+                out.push((k, None, v.clone(), *e));
+            }
+            for (issuer, map) in &self.scoped[k as usize] {
+                for (v, e) in map {
+                    out.push((k, Some(issuer.clone()), v.clone(), *e));
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.0.as_str(), &a.1, &a.2).cmp(&(b.0.as_str(), &b.1, &b.2)));
         out
     }
+}
+
+/// The names a revocation entry's `issuer` may use: the config's issuers, and `api-key`
+/// (API keys' owners).
+pub fn issuer_names(config: &crate::config::Config) -> Vec<String> {
+    let mut names: Vec<String> = config.issuers.iter().map(|i| i.name.to_string()).collect();
+    names.push(crate::identity::apikey::API_KEY_ISSUER.to_string());
+    names
 }
 
 /// An RFC 3339 time as seconds since the epoch.
@@ -241,6 +329,8 @@ pub struct Revocations {
     loaded: AtomicBool,
     /// Why the first load failed, if it did.
     first_error: Option<RevocationError>,
+    /// The issuer names an entry's `issuer` may use (the config's, and `api-key`).
+    issuers: Vec<String>,
 }
 
 impl Revocations {
@@ -252,14 +342,19 @@ impl Revocations {
             seen: Mutex::new(None),
             loaded: AtomicBool::new(true),
             first_error: None,
+            issuers: Vec::new(),
         }
     }
 
-    /// Loads the configured file now. A failure leaves the list "never loaded": `check` then
-    /// denies every token and `startup_error` says why (the server refuses to start on it).
-    pub fn load(path: Option<PathBuf>) -> Self {
+    /// Loads the configured file now; entries may be scoped to one of `issuers`. A failure
+    /// leaves the list "never loaded": `check` then denies every token and `startup_error`
+    /// says why (the server refuses to start on it).
+    pub fn load(path: Option<PathBuf>, issuers: Vec<String>) -> Self {
         let Some(path) = path else {
-            return Self::none();
+            return Self {
+                issuers,
+                ..Self::none()
+            };
         };
         let mut r = Revocations {
             path: Some(path),
@@ -267,6 +362,7 @@ impl Revocations {
             seen: Mutex::new(None),
             loaded: AtomicBool::new(false),
             first_error: None,
+            issuers,
         };
         if let ReloadOutcome::Failed(e) = r.reload(true) {
             r.first_error = Some(e);
@@ -282,6 +378,11 @@ impl Revocations {
     /// The configured file.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
+    }
+
+    /// The issuer names entries may be scoped to.
+    pub fn issuers(&self) -> &[String] {
+        &self.issuers
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
@@ -322,7 +423,7 @@ impl Revocations {
                 path: path.display().to_string(),
                 message: e.to_string(),
             })
-            .and_then(|text| RevocationList::parse(&text, path));
+            .and_then(|text| RevocationList::parse(&text, path, &self.issuers));
         match parsed {
             Ok(list) => {
                 let n = list.len();
@@ -434,11 +535,11 @@ impl RuntimeRevocations {
             let Some(value) = kind.of(id) else {
                 continue;
             };
-            member.clear();
-            member.push_str(kind.member_prefix());
-            member.push_str(value);
-            if members.contains(&member) {
-                return Err(revoked(kind));
+            for issuer in [None, Some(&*id.issuer_name)] {
+                kind.write_member(&mut member, issuer, value);
+                if members.contains(&member) {
+                    return Err(revoked(kind));
+                }
             }
         }
         Ok(())
@@ -627,7 +728,7 @@ revoked:
 
     #[test]
     fn lookup_by_each_kind_until_expiry() {
-        let l = RevocationList::parse(FILE, Path::new("r.yaml")).unwrap();
+        let l = RevocationList::parse(FILE, Path::new("r.yaml"), &[]).unwrap();
         assert_eq!(l.len(), 3);
         let exp = parse_time("2027-01-15T08:00:00Z").unwrap();
         let now = exp - 10;
@@ -666,33 +767,99 @@ revoked:
     }
 
     #[test]
+    fn members_name_their_issuer_unambiguously() {
+        for (issuer, value) in [
+            (None, "alice"),
+            (Some("dev"), "alice"),
+            (Some("https://login.example.com:443/"), "x:y@3:z"),
+            (Some(""), ""),
+        ] {
+            let member = RevokedKind::Sub.member(issuer, value);
+            assert_eq!(
+                RevokedKind::parse_member(&member),
+                Some((RevokedKind::Sub, issuer, value)),
+                "{member}"
+            );
+        }
+        // A value that looks scoped stays a value of the unscoped entry.
+        assert_eq!(
+            RevokedKind::parse_member("sub:sub@3:dev:alice"),
+            Some((RevokedKind::Sub, None, "sub@3:dev:alice"))
+        );
+        assert_eq!(RevokedKind::parse_member("sub@9:dev:alice"), None);
+        assert_eq!(RevokedKind::parse_member("other:alice"), None);
+    }
+
+    #[test]
+    fn a_scoped_entry_matches_its_issuers_tokens_only() {
+        let issuers = ["dev".to_string(), "partner".to_string()];
+        let text = "revoked:\n  - {sub: alice, issuer: partner}\n  - {jti: t-1, issuer: dev}\n";
+        let l = RevocationList::parse(text, Path::new("r.yaml"), &issuers).unwrap();
+        assert_eq!(l.len(), 2);
+        // `id` makes tokens of the issuer named `dev`.
+        assert_eq!(l.lookup(&id(json!({"sub": "alice"})), 0), None);
+        assert_eq!(
+            l.lookup(&id(json!({"sub": "bob", "jti": "t-1"})), 0),
+            Some(RevokedKind::Jti)
+        );
+        let partner = Identity {
+            issuer_name: Arc::from("partner"),
+            ..id(json!({"sub": "alice", "jti": "t-1"}))
+        };
+        assert_eq!(l.lookup(&partner, 0), Some(RevokedKind::Sub));
+        assert_eq!(
+            l.entries()[0].1.as_deref(),
+            Some("dev"),
+            "listed with its issuer"
+        );
+        let e = RevocationList::parse(text, Path::new("r.yaml"), &issuers[..1]).unwrap_err();
+        assert!(
+            matches!(&e, RevocationError::UnknownIssuer { index: 0, name } if name == "partner"),
+            "{e}"
+        );
+
+        // The runtime mirror scopes the same way.
+        let mirror = RuntimeRevocations::default();
+        mirror.apply(&RevokedKind::Sub.member(Some("partner"), "alice"), true);
+        assert!(mirror.check(&id(json!({"sub": "alice"}))).is_ok());
+        assert_eq!(
+            mirror.check(&partner).map_err(|d| d.code),
+            Err(ReasonCode::Revoked)
+        );
+    }
+
+    #[test]
     fn bad_files_are_errors_not_empty_lists() {
         let p = Path::new("r.yaml");
         assert!(matches!(
-            RevocationList::parse("", p),
+            RevocationList::parse("", p, &[]),
             Err(RevocationError::Empty(_))
         ));
         assert!(matches!(
-            RevocationList::parse("  \n", p),
+            RevocationList::parse("  \n", p, &[]),
             Err(RevocationError::Empty(_))
         ));
         assert!(matches!(
-            RevocationList::parse("revoked: [", p),
+            RevocationList::parse("revoked: [", p, &[]),
             Err(RevocationError::Parse { .. })
         ));
         assert!(matches!(
-            RevocationList::parse("revokd: []", p),
+            RevocationList::parse("revokd: []", p, &[]),
             Err(RevocationError::Parse { .. })
         ));
         assert!(matches!(
-            RevocationList::parse("revoked: [{jti: a, sub: b}]", p),
+            RevocationList::parse("revoked: [{jti: a, sub: b}]", p, &[]),
             Err(RevocationError::EntryKind { index: 0 })
         ));
         assert!(matches!(
-            RevocationList::parse("revoked: [{jti: a, expires: tomorrow}]", p),
+            RevocationList::parse("revoked: [{jti: a, expires: tomorrow}]", p, &[]),
             Err(RevocationError::Expires { .. })
         ));
-        assert!(RevocationList::parse("revoked: []", p).unwrap().is_empty());
+        assert!(
+            RevocationList::parse("revoked: []", p, &[])
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -700,7 +867,7 @@ revoked:
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("revoked.yaml");
         std::fs::write(&path, FILE).unwrap();
-        let r = Revocations::load(Some(path.clone()));
+        let r = Revocations::load(Some(path.clone()), Vec::new());
         assert!(r.startup_error().is_none());
         let mallory = id(json!({"jti": "t-1"}));
         assert_eq!(r.check(&mallory, 0).unwrap_err().code, ReasonCode::Revoked);
@@ -734,7 +901,7 @@ revoked:
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("revoked.yaml");
         std::fs::write(&path, "revoked: nope").unwrap();
-        let r = Revocations::load(Some(path.clone()));
+        let r = Revocations::load(Some(path.clone()), Vec::new());
         assert!(r.startup_error().is_some());
         assert_eq!(
             r.check(&id(json!({})), 0).unwrap_err().code,
@@ -775,9 +942,9 @@ revoked:
         // An expired entry disappears at the next sync; `apply` works at once.
         mirror.sync(&store, 160).await.unwrap();
         assert!(mirror.check(&who).is_ok());
-        mirror.apply(&RevokedKind::Sub.member("bob"), true);
+        mirror.apply(&RevokedKind::Sub.member(None, "bob"), true);
         assert_eq!(mirror.check(&who).unwrap_err().code, ReasonCode::Revoked);
-        mirror.apply(&RevokedKind::Sub.member("bob"), false);
+        mirror.apply(&RevokedKind::Sub.member(None, "bob"), false);
         assert!(mirror.check(&who).is_ok());
     }
 

@@ -199,6 +199,34 @@ async fn a_changed_state_store_is_refused_until_a_restart() {
     server.shutdown().await;
 }
 
+/// An issuer renamed while the revocation file scopes an entry to it: reloading the same
+/// file against the new names fails, so the reload is refused (the entry would otherwise go
+/// quietly unmatched).
+#[tokio::test]
+async fn a_reload_that_orphans_a_scoped_revocation_is_refused() {
+    let s = Setup::new();
+    std::fs::write(
+        s.dir.path().join("revocations.yaml"),
+        "revoked:\n  - {sub: mallory, issuer: dev}\n",
+    )
+    .unwrap();
+    let (server, mut reloader) = s.serve().await;
+    let mallory = mint_dev(json!({"sub": "mallory", "scope": "orders:read"}));
+    assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
+    s.write(&s.shipped.replace("  - name: dev\n", "  - name: dev2\n"));
+    match reloader.poll(false).await {
+        ReloadOutcome::Rejected(reason) => {
+            assert!(
+                reason.contains("revocation.file") && reason.contains("`dev`"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_rotated_key_file_is_reloaded() {
     let s = Setup::new();

@@ -252,6 +252,82 @@ async fn admin_api_requires_the_configured_bearer_secret() {
     assert_eq!(h.check(&mint(json!({"jti": "x"}))).await, 401);
 }
 
+/// `issuer` narrows an entry to one issuer's tokens: `sub` values are only unique within
+/// an issuer. In the file and through the admin API; a name the config lacks is refused.
+#[tokio::test]
+async fn an_entry_scoped_to_an_issuer_names_only_that_issuers_tokens() {
+    let h = Harness::start(
+        "100ms",
+        "",
+        "revoked:\n  - {sub: bob, issuer: api-key}\n  - {sub: carol, issuer: dev}\n",
+    )
+    .await;
+    let (alice, bob, carol) = (
+        mint(json!({"sub": "alice"})),
+        mint(json!({"sub": "bob"})),
+        mint(json!({"sub": "carol"})),
+    );
+    assert_eq!(h.check(&bob).await, 200, "scoped to another issuer");
+    assert_eq!(h.check(&carol).await, 401, "scoped to this token's issuer");
+
+    let http = reqwest::Client::new();
+    let resp = h
+        .post_revocation(&http, &json!({"sub": "alice", "issuer": "api-key"}))
+        .await;
+    assert_eq!(resp.status(), 201);
+    assert_eq!(h.check(&alice).await, 200);
+    let resp = h
+        .post_revocation(&http, &json!({"sub": "alice", "issuer": "dev"}))
+        .await;
+    assert_eq!(resp.status(), 201);
+    assert_eq!(h.check(&alice).await, 401);
+    let list = h.revocations(&http).await;
+    let runtime = list["runtime"].as_array().unwrap();
+    assert!(
+        runtime
+            .iter()
+            .any(|e| e["issuer"] == "dev" && e["value"] == "alice" && e["kind"] == "sub"),
+        "{list}"
+    );
+    assert!(
+        list["file"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["issuer"] == "dev" && e["value"] == "carol"),
+        "{list}"
+    );
+
+    // An issuer the config does not have: refused, naming the ones it has.
+    let resp = h
+        .post_revocation(&http, &json!({"sub": "alice", "issuer": "nope"}))
+        .await;
+    assert_eq!(resp.status(), 400);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("`dev`"), "{text}");
+
+    // Removing the scoped entry needs its issuer; the unscoped one was never there.
+    let gone = http
+        .delete(h.admin("/revocations?sub=alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    let del = http
+        .delete(h.admin("/revocations?sub=alice&issuer=dev"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 204);
+    assert_eq!(h.check(&alice).await, 200);
+
+    // A file entry naming an unknown issuer fails the reload; the last good list stays.
+    std::fs::write(&h.revoked, "revoked:\n  - {sub: alice, issuer: nope}\n").unwrap();
+    h.wait_reloads("error", 1).await;
+    assert_eq!(h.check(&carol).await, 401);
+    assert_eq!(h.check(&alice).await, 200);
+}
+
 #[tokio::test]
 async fn file_revocation_reloads_and_a_broken_or_deleted_file_keeps_it() {
     let h = Harness::start("100ms", "", "revoked: []").await;

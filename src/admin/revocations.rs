@@ -1,6 +1,9 @@
 //! The revocation admin API: `GET /revocations` lists, `POST /revocations` adds a runtime entry,
 //! `DELETE /revocations?jti=...` (or `sid`, `sub`) removes one. OWNER: context helper.
 //!
+//! An entry may carry `issuer` (an `issuers[].name`, or `api-key`): it then names only that
+//! issuer's tokens; without it, every issuer's.
+//!
 //! Runtime entries go to the shared `StateStore`'s revocation index (`revoked:index`, member
 //! `<kind>:<value>`, kept until `expires_at`, default `revocation.default_ttl`), so they take
 //! effect on the next request, cached tokens included. File entries are listed but only change by editing the file.
@@ -91,6 +94,26 @@ fn one_kind(map: &HashMap<String, serde_json::Value>) -> Option<(RevokedKind, St
     }
 }
 
+fn known_issuer(engine: &Engine, name: &str) -> bool {
+    engine.revocations.issuers().iter().any(|n| n == name)
+}
+
+fn bad_issuer(engine: &Engine) -> Response {
+    let names: Vec<String> = engine
+        .revocations
+        .issuers()
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect();
+    error(
+        StatusCode::BAD_REQUEST,
+        &format!(
+            "`issuer` must name one of the config's issuers ({}), or be left out to revoke for every issuer",
+            names.join(", ")
+        ),
+    )
+}
+
 fn bad_kind() -> Response {
     error(
         StatusCode::BAD_REQUEST,
@@ -108,14 +131,21 @@ pub async fn list(State(state): State<AdminState>, headers: HeaderMap) -> Respon
         .current()
         .entries()
         .into_iter()
-        .map(|(k, v, e)| json!({ "kind": k.as_str(), "value": v, "expires_at": e }))
+        .map(|(k, issuer, v, e)| {
+            json!({ "kind": k.as_str(), "issuer": issuer, "value": v, "expires_at": e })
+        })
         .collect();
     let runtime: Vec<_> = match engine.state.index_list(RUNTIME_INDEX, unix_now()).await {
         Ok(members) => members
             .iter()
             .filter_map(|(member, expires_at)| {
-                let (kind, value) = RevokedKind::parse_member(member)?;
-                Some(json!({ "kind": kind.as_str(), "value": value, "expires_at": expires_at }))
+                let (kind, issuer, value) = RevokedKind::parse_member(member)?;
+                Some(json!({
+                    "kind": kind.as_str(),
+                    "issuer": issuer,
+                    "value": value,
+                    "expires_at": expires_at,
+                }))
             })
             .collect(),
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
@@ -147,6 +177,11 @@ pub async fn add(
         return error(StatusCode::BAD_REQUEST, "the body must be a JSON object");
     };
     let expires = body.ids.remove("expires_at");
+    let issuer = match body.ids.remove("issuer") {
+        None => None,
+        Some(serde_json::Value::String(name)) => Some(name),
+        Some(_) => return bad_issuer(&engine),
+    };
     if let Some(k) = body
         .ids
         .keys()
@@ -155,12 +190,18 @@ pub async fn add(
         let k = k.chars().take(64).collect::<String>();
         return error(
             StatusCode::BAD_REQUEST,
-            &format!("unknown field `{k}`: use `jti`, `sid` or `sub`, and `expires_at`"),
+            &format!("unknown field `{k}`: use `jti`, `sid` or `sub`, and `issuer`, `expires_at`"),
         );
     }
     let Some((kind, value)) = one_kind(&body.ids) else {
         return bad_kind();
     };
+    if issuer
+        .as_ref()
+        .is_some_and(|name| !known_issuer(&engine, name))
+    {
+        return bad_issuer(&engine);
+    }
     let now = unix_now();
     let expires_at = match expires {
         None => now.saturating_add(
@@ -188,7 +229,7 @@ pub async fn add(
             "`expires_at` is more than 400 days away: revoke for as long as the tokens live",
         );
     }
-    let member = kind.member(&value);
+    let member = kind.member(issuer.as_deref(), &value);
     if let Err(e) = engine
         .state
         .index_add(RUNTIME_INDEX, &member, expires_at)
@@ -200,14 +241,17 @@ pub async fn add(
     engine.runtime_revoked.apply(&member, true);
     tracing::info!(
         revocation.kind = kind.as_str(),
+        revocation.issuer = issuer.as_deref(),
         revocation.expires_at = expires_at,
         "revocation added"
     );
-    (
-        StatusCode::CREATED,
-        Json(json!({ "kind": kind.as_str(), "value": value, "expires_at": expires_at })),
-    )
-        .into_response()
+    let added = json!({
+        "kind": kind.as_str(),
+        "issuer": issuer,
+        "value": value,
+        "expires_at": expires_at,
+    });
+    (StatusCode::CREATED, Json(added)).into_response()
 }
 
 pub async fn remove(
@@ -219,14 +263,19 @@ pub async fn remove(
     if let Some(refusal) = authorize(&engine, &headers) {
         return refusal;
     }
-    let ids: HashMap<String, serde_json::Value> = query
+    let mut ids: HashMap<String, serde_json::Value> = query
         .into_iter()
         .map(|(k, v)| (k, serde_json::Value::String(v)))
         .collect();
+    let issuer = match ids.remove("issuer") {
+        Some(serde_json::Value::String(name)) if known_issuer(&engine, &name) => Some(name),
+        Some(_) => return bad_issuer(&engine),
+        None => None,
+    };
     let Some((kind, value)) = one_kind(&ids) else {
         return bad_kind();
     };
-    let member = kind.member(&value);
+    let member = kind.member(issuer.as_deref(), &value);
     let deleted = engine
         .state
         .index_remove(RUNTIME_INDEX, &member, unix_now())
