@@ -467,33 +467,24 @@ async fn a_caller_opens_at_most_max_new_requests_per_request_ttl() {
     cfg.file.approvals.max_new_requests = 2;
     let a = Approvals::new(&cfg, Arc::new(MemoryStore::new()));
     let alice = identity("alice", &["dba"]);
-    let path = |q: u32| -> &'static str { Box::leak(format!("/databases/orders?v={q}").into()) };
-    let first = a
-        .gate(
-            &Req::new("DELETE", "db", path(1)).view(),
-            granted(&alice),
-            NOW,
-        )
-        .await;
-    let second = a
-        .gate(
-            &Req::new("DELETE", "db", path(2)).view(),
-            granted(&alice),
-            NOW,
-        )
-        .await;
+    // `who` asks for DELETE /databases/orders?v=`q`.
+    let ask = |who: &Arc<Identity>, q: u32| {
+        let path: &'static str = Box::leak(format!("/databases/orders?v={q}").into());
+        let decision = granted(who);
+        let a = &a;
+        async move {
+            a.gate(&Req::new("DELETE", "db", path).view(), decision, NOW)
+                .await
+        }
+    };
+    let first = ask(&alice, 1).await;
+    let second = ask(&alice, 2).await;
     assert_eq!(first.code, ReasonCode::ApprovalRequired);
     assert_eq!(second.code, ReasonCode::ApprovalRequired);
     assert_ne!(approval_id(&first), approval_id(&second));
 
     // A third new action opens nothing: a 429 that says when, with no approval id.
-    let third = a
-        .gate(
-            &Req::new("DELETE", "db", path(3)).view(),
-            granted(&alice),
-            NOW,
-        )
-        .await;
+    let third = ask(&alice, 3).await;
     assert_eq!(
         (third.code, third.http_status()),
         (ReasonCode::RateLimited, 429)
@@ -523,32 +514,14 @@ async fn a_caller_opens_at_most_max_new_requests_per_request_ttl() {
 
     // Retrying a pending action still names its request; the slot the third one reserved
     // was released, so it is refused again rather than reported pending.
-    let retry = a
-        .gate(
-            &Req::new("DELETE", "db", path(1)).view(),
-            granted(&alice),
-            NOW,
-        )
-        .await;
+    let retry = ask(&alice, 1).await;
     assert_eq!(approval_id(&retry), approval_id(&first));
-    let again = a
-        .gate(
-            &Req::new("DELETE", "db", path(3)).view(),
-            granted(&alice),
-            NOW,
-        )
-        .await;
+    let again = ask(&alice, 3).await;
     assert_eq!(again.code, ReasonCode::RateLimited);
 
     // Another caller has a budget of their own.
     let dave = identity("dave", &["dba"]);
-    let theirs = a
-        .gate(
-            &Req::new("DELETE", "db", path(3)).view(),
-            granted(&dave),
-            NOW,
-        )
-        .await;
+    let theirs = ask(&dave, 3).await;
     assert_eq!(theirs.code, ReasonCode::ApprovalRequired);
 }
 
