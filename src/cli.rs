@@ -13,7 +13,7 @@ use crate::authz::{Decision, RequestView};
 use crate::config::{self, Config};
 use crate::decide;
 use crate::engine::unix_now;
-use crate::grpc::www_authenticate;
+use crate::grpc::challenge;
 use crate::identity::{KeyOrigin, KeySet};
 use crate::keys::KeyError;
 
@@ -348,7 +348,7 @@ impl Explanation {
             "issuer": d.identity.as_ref().map(|i| &*i.issuer_name),
             "api_key": d.identity.as_ref().and_then(|i| i.api_key_id()),
             "rate_limits": self.rate_limits,
-            "www_authenticate": www_authenticate(d),
+            "www_authenticate": challenge(d),
         });
         if let Some(w) = d.dry_run.as_deref() {
             v["dry_run"] = json!({
@@ -386,8 +386,8 @@ impl Explanation {
         if !self.rate_limits.is_empty() {
             out.push_str(&format!("rate limits: {}\n", self.rate_limits.join(", ")));
         }
-        if let Some(challenge) = www_authenticate(d) {
-            out.push_str(&format!("www-authenticate: {challenge}\n"));
+        if let Some(c) = challenge(d) {
+            out.push_str(&format!("www-authenticate: {c}\n"));
         }
         if let Some(w) = d.dry_run.as_deref() {
             out.push_str(&format!(

@@ -93,3 +93,28 @@ dry_run:
         "{text}"
     );
 }
+
+/// `explain` shows the challenge the server sends: an API key's own, not the Bearer one.
+#[test]
+fn explain_shows_the_challenge_the_server_would_send() {
+    let root = support::repo_root();
+    let (code, out) = portcullis(
+        &[
+            "explain",
+            "--path",
+            "/orders/42",
+            "--header",
+            "x-api-key: pck_not-a-key-000000000000000000000000000000",
+        ],
+        &root,
+    );
+    assert_eq!(
+        code,
+        Some(0),
+        "explain exits 0 for a deny it explains: {out}"
+    );
+    assert!(
+        out.contains("www-authenticate: ApiKey realm=\"portcullis\", error=\"invalid_key\""),
+        "{out}"
+    );
+}

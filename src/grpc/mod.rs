@@ -459,6 +459,16 @@ use crate::authz::decision::REALM;
 /// The RFC 6750 challenge: bare when no credential was sent, `invalid_token` for other 401s,
 /// `insufficient_scope` for a valid identity that no grant matched; none for path or routing
 /// denials.
+/// The `WWW-Authenticate` a deny carries: its own (DPoP, API key), else the default one.
+pub fn challenge(decision: &Decision) -> Option<String> {
+    decision
+        .response_headers
+        .iter()
+        .find(|(name, _)| name == "www-authenticate")
+        .map(|(_, v)| v.clone())
+        .or_else(|| www_authenticate(decision))
+}
+
 pub fn www_authenticate(decision: &Decision) -> Option<String> {
     // RFC 6750 3.1: a request that carried no credential at all gets the bare challenge, no
     // error code or description (the JSON body still says `credential_missing` and why).
