@@ -42,6 +42,10 @@ pub struct Reloader {
     /// Registered at construction: once a `Reloader` exists, SIGHUP reloads instead of
     /// terminating the process (its default action).
     hangup: Hangup,
+    /// After a refused reload: the revocation file of the config that was refused, and its
+    /// content then. A refusal can be fixed in that file (an entry naming an issuer the new
+    /// config renamed), which is not otherwise watched: its edit alone retries the config.
+    retry_on: Option<(PathBuf, Option<Vec<u8>>)>,
 }
 
 impl Reloader {
@@ -52,6 +56,7 @@ impl Reloader {
             metrics,
             seen: Vec::new(),
             hangup: hangup_signal(),
+            retry_on: None,
         };
         r.seen = r.snapshot();
         r
@@ -112,7 +117,11 @@ impl Reloader {
     /// Reloads when a watched file changed since the last attempt, or always with `force`.
     pub async fn poll(&mut self, force: bool) -> ReloadOutcome {
         let now = self.snapshot();
-        if !force && now == self.seen {
+        let retry = self
+            .retry_on
+            .as_ref()
+            .is_some_and(|(path, then)| std::fs::read(path).ok() != *then);
+        if !force && !retry && now == self.seen {
             return ReloadOutcome::Unchanged;
         }
         let keys_changed = force || self.issuer_key_files_changed(&now);
@@ -124,9 +133,20 @@ impl Reloader {
         outcome
     }
 
-    async fn reload(&self, reload_keys: bool) -> ReloadOutcome {
+    async fn reload(&mut self, reload_keys: bool) -> ReloadOutcome {
+        self.retry_on = None;
         let result = match config::load(&self.path) {
-            Ok(new) => self.apply(new, reload_keys).await,
+            Ok(new) => {
+                let revocations = new.revocation_file.clone();
+                let result = self.apply(new, reload_keys).await;
+                if result.is_err() {
+                    self.retry_on = revocations.map(|p| {
+                        let bytes = std::fs::read(&p).ok();
+                        (p, bytes)
+                    });
+                }
+                result
+            }
             Err(e) => Err(e.to_string()),
         };
         let label = match &result {
@@ -205,6 +225,25 @@ impl Reloader {
             }
             store
         };
+        // Runtime revocations scoped to an issuer this config no longer has would stop
+        // matching (its tokens now carry another name): refuse until they are deleted.
+        let names = crate::revocation::issuer_names(&new);
+        let orphaned: Vec<String> = old
+            .runtime_revoked
+            .scoped_issuers()
+            .into_iter()
+            .filter(|i| !names.contains(i))
+            .map(|i| format!("`{i}`"))
+            .collect();
+        if !orphaned.is_empty() {
+            return Err(format!(
+                "{}: runtime revocations name issuer(s) {} that this config does not have: they \
+                 would stop matching. Delete them (`DELETE /revocations?sub=...&issuer=...`) or \
+                 keep the issuer's name",
+                self.path.display(),
+                orphaned.join(", ")
+            ));
+        }
         let routes = new.file.routes.len();
         // The same file read against the same issuer names: an entry scoped to an issuer the
         // new config lacks must fail the reload, not go quietly unmatched.

@@ -594,6 +594,15 @@ impl RuntimeRevocations {
         self.members.load().len()
     }
 
+    /// The issuers that scoped entries name.
+    pub fn scoped_issuers(&self) -> std::collections::BTreeSet<String> {
+        self.members
+            .load()
+            .iter()
+            .filter_map(|m| RevokedKind::parse_member(m)?.1.map(str::to_string))
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.members.load().is_empty()
     }

@@ -201,15 +201,12 @@ async fn a_changed_state_store_is_refused_until_a_restart() {
 
 /// An issuer renamed while the revocation file scopes an entry to it: reloading the same
 /// file against the new names fails, so the reload is refused (the entry would otherwise go
-/// quietly unmatched).
+/// quietly unmatched). Fixing the file alone retries the config.
 #[tokio::test]
 async fn a_reload_that_orphans_a_scoped_revocation_is_refused() {
     let s = Setup::new();
-    std::fs::write(
-        s.dir.path().join("revocations.yaml"),
-        "revoked:\n  - {sub: mallory, issuer: dev}\n",
-    )
-    .unwrap();
+    let revocations = s.dir.path().join("revocations.yaml");
+    std::fs::write(&revocations, "revoked:\n  - {sub: mallory, issuer: dev}\n").unwrap();
     let (server, mut reloader) = s.serve().await;
     let mallory = mint_dev(json!({"sub": "mallory", "scope": "orders:read"}));
     assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
@@ -224,6 +221,39 @@ async fn a_reload_that_orphans_a_scoped_revocation_is_refused() {
         other => panic!("expected a rejection, got {other:?}"),
     }
     assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Unchanged);
+
+    // The operator renames the entry too: that edit alone retries the config.
+    std::fs::write(&revocations, "revoked:\n  - {sub: mallory, issuer: dev2}\n").unwrap();
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
+    assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
+    server.shutdown().await;
+}
+
+/// The same for a runtime (admin-API) entry scoped to the issuer: it would stop matching, so
+/// the reload is refused until the entry is deleted.
+#[tokio::test]
+async fn a_reload_that_orphans_a_runtime_revocation_is_refused() {
+    use portcullis::revocation::RevokedKind;
+    let s = Setup::new();
+    let (server, mut reloader) = s.serve().await;
+    let mallory = mint_dev(json!({"sub": "mallory", "scope": "orders:read"}));
+    let member = RevokedKind::Sub.member(Some("dev"), "mallory");
+    server.engine.load().runtime_revoked.apply(&member, true);
+    assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
+    s.write(&s.shipped.replace("  - name: dev\n", "  - name: dev2\n"));
+    match reloader.poll(false).await {
+        ReloadOutcome::Rejected(reason) => {
+            assert!(
+                reason.contains("runtime revocations") && reason.contains("`dev`"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
+    server.engine.load().runtime_revoked.apply(&member, false);
+    assert_eq!(reloader.poll(true).await, ReloadOutcome::Applied);
     server.shutdown().await;
 }
 

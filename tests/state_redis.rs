@@ -117,10 +117,31 @@ async fn an_index_lists_its_live_members_sorted_and_forgets_expired_ones() {
             ],
             "{name}"
         );
-        // Listed at an earlier time, the expired member does not come back: it was dropped.
+        // Listed at an earlier time, the long-expired member does not come back: it was
+        // dropped. One expired for less than INDEX_PRUNE_AFTER is only hidden: a caller
+        // whose clock runs fast must not delete it for the others.
         assert_eq!(
             s.index_list("revoked:index", 0).await.unwrap().len(),
             2,
+            "{name}"
+        );
+        s.index_add("revoked:index", "sub:recent", 1_400)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.index_list("revoked:index", 1_500).await.unwrap().len(),
+            2,
+            "{name}"
+        );
+        assert_eq!(
+            s.index_list("revoked:index", 1_350).await.unwrap().len(),
+            3,
+            "{name}: a fast clock's listing deleted a member expired 100s before it"
+        );
+        assert!(
+            s.index_remove("revoked:index", "sub:recent", 0)
+                .await
+                .unwrap(),
             "{name}"
         );
         // A second add moves the expiry.

@@ -72,6 +72,10 @@ pub struct RateOutcome {
     pub retry_after: Option<Duration>,
 }
 
+/// How long after its expiry an index member may still be dropped by `index_list`: more
+/// than any sane clock skew between replicas.
+pub const INDEX_PRUNE_AFTER: i64 = 300;
+
 /// The operations shared state offers. Every method is atomic on its key.
 #[tonic::async_trait]
 pub trait StateStore: Send + Sync {
@@ -105,7 +109,9 @@ pub trait StateStore: Send + Sync {
     async fn index_remove(&self, index: &str, member: &str, now: i64) -> Result<bool, StateError>;
 
     /// The members of `index` that expire after `now` (Unix seconds), with their expiry,
-    /// sorted by member; expired members are dropped from the store on the way. For
+    /// sorted by member; members expired for more than `INDEX_PRUNE_AFTER` seconds are
+    /// dropped from the store on the way (not at once: `now` is the caller's clock, and a
+    /// replica whose clock runs fast must not cut entries short for the others). For
     /// listings and background syncs, never per request.
     async fn index_list(&self, index: &str, now: i64) -> Result<Vec<(String, i64)>, StateError>;
 
@@ -381,8 +387,12 @@ impl StateStore for MemoryStore {
         let Some(set) = indexes.get_mut(index) else {
             return Ok(Vec::new());
         };
-        set.retain(|_, expires_at| *expires_at > now);
-        Ok(set.iter().map(|(m, e)| (m.clone(), *e)).collect())
+        set.retain(|_, expires_at| *expires_at > now.saturating_sub(INDEX_PRUNE_AFTER));
+        Ok(set
+            .iter()
+            .filter(|(_, e)| **e > now)
+            .map(|(m, e)| (m.clone(), *e))
+            .collect())
     }
 
     async fn take_one(&self, key: &str) -> Result<Option<i64>, StateError> {
