@@ -957,83 +957,13 @@ revoked:
         assert!(mirror.check(&who).is_ok());
     }
 
-    /// A store whose listing is held until the test lets it go: a sync that read the store
-    /// before an admin call on this replica stores its snapshot after it.
-    struct HeldListing {
-        inner: crate::state::MemoryStore,
-        listed: tokio::sync::Notify,
-        release: tokio::sync::Notify,
-    }
-
-    #[tonic::async_trait]
-    impl StateStore for HeldListing {
-        async fn insert_if_absent(
-            &self,
-            k: &str,
-            v: &str,
-            t: Duration,
-        ) -> Result<bool, crate::state::StateError> {
-            self.inner.insert_if_absent(k, v, t).await
-        }
-        async fn get(&self, k: &str) -> Result<Option<String>, crate::state::StateError> {
-            self.inner.get(k).await
-        }
-        async fn set(&self, k: &str, v: &str, t: Duration) -> Result<(), crate::state::StateError> {
-            self.inner.set(k, v, t).await
-        }
-        async fn delete(&self, k: &str) -> Result<bool, crate::state::StateError> {
-            self.inner.delete(k).await
-        }
-        async fn get_many(
-            &self,
-            k: &[String],
-        ) -> Result<Vec<Option<String>>, crate::state::StateError> {
-            self.inner.get_many(k).await
-        }
-        async fn index_add(
-            &self,
-            i: &str,
-            m: &str,
-            e: i64,
-        ) -> Result<(), crate::state::StateError> {
-            self.inner.index_add(i, m, e).await
-        }
-        async fn index_remove(
-            &self,
-            i: &str,
-            m: &str,
-            now: i64,
-        ) -> Result<bool, crate::state::StateError> {
-            self.inner.index_remove(i, m, now).await
-        }
-        async fn index_list(
-            &self,
-            i: &str,
-            now: i64,
-        ) -> Result<Vec<(String, i64)>, crate::state::StateError> {
-            let listed = self.inner.index_list(i, now).await;
-            self.listed.notify_one();
-            self.release.notified().await;
-            listed
-        }
-        async fn take_one(&self, k: &str) -> Result<Option<i64>, crate::state::StateError> {
-            self.inner.take_one(k).await
-        }
-        async fn rate_check(
-            &self,
-            k: &str,
-            l: crate::state::RateLimit,
-        ) -> Result<crate::state::RateOutcome, crate::state::StateError> {
-            self.inner.rate_check(k, l).await
-        }
-    }
-
     #[tokio::test]
     async fn a_sync_that_read_the_store_before_an_admin_call_does_not_undo_it() {
-        let store = std::sync::Arc::new(HeldListing {
-            inner: crate::state::MemoryStore::new(),
-            listed: tokio::sync::Notify::new(),
-            release: tokio::sync::Notify::new(),
+        // Every listing is held until the test lets it go: a sync that read the store
+        // before an admin call on this replica stores its snapshot after it.
+        let store = std::sync::Arc::new(crate::state::testing::TestStore {
+            index_list: crate::state::testing::Gate::after(0),
+            ..Default::default()
         });
         let mirror = std::sync::Arc::new(RuntimeRevocations::unsynced());
         let (bob, carol) = (
@@ -1051,7 +981,7 @@ revoked:
             let (mirror, store) = (mirror.clone(), store.clone());
             async move { mirror.sync(&*store, 100).await }
         });
-        store.listed.notified().await;
+        store.index_list.reached.notified().await;
         // Meanwhile the admin API revokes bob and un-revokes carol's jti on this replica:
         // written to the store after the listing was read, then applied locally.
         store
@@ -1068,7 +998,7 @@ revoked:
                 .unwrap()
         );
         mirror.apply("jti:j-1", false);
-        store.release.notify_one();
+        store.index_list.release.notify_one();
         assert_eq!(sync.await.unwrap().unwrap(), 1);
         assert_eq!(
             mirror.check(&bob).map_err(|d| d.code),
@@ -1084,8 +1014,8 @@ revoked:
             let (mirror, store) = (mirror.clone(), store.clone());
             async move { mirror.sync(&*store, 100).await }
         });
-        store.listed.notified().await;
-        store.release.notify_one();
+        store.index_list.reached.notified().await;
+        store.index_list.release.notify_one();
         assert_eq!(again.await.unwrap().unwrap(), 1);
         assert!(mirror.local().changes.is_empty());
         assert_eq!(mirror.check(&bob).unwrap_err().code, ReasonCode::Revoked);

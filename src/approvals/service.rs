@@ -299,6 +299,9 @@ impl Approvals {
                     record.id = fresh.clone();
                     let ttl = self.request_ttl + RECORD_GRACE;
                     if let Err(e) = self.store_record(&record, ttl, now).await {
+                        // Best effort: a slot left behind would name a request no approver
+                        // can see until `request_ttl`.
+                        let _ = self.state.delete(&key_req(&fp)).await;
                         return state_deny(decision, &e);
                     }
                     self.audit
@@ -325,8 +328,20 @@ impl Approvals {
                 Ok(r) => r.as_deref().and_then(Record::from_json),
                 Err(e) => return state_deny(decision, &e),
             };
+            let Some(record) = record else {
+                // The slot is taken but its record is not written yet (it is written right
+                // after the slot, and outlives it): another request for this action is
+                // opening it, and may still be refused (the cap, a store error). Name no id
+                // that may never exist.
+                let detail = format!(
+                    "this action needs approval by {}; a request for it is being opened, retry \
+                     in a moment for its id",
+                    policy.approvers_text()
+                );
+                return refused(decision, ReasonCode::ApprovalRequired, detail);
+            };
             let detail = match record {
-                Some(r) if r.state == ApprovalState::Rejected => format!(
+                r if r.state == ApprovalState::Rejected => format!(
                     "approval `{id}` was rejected by `{}`{}; a new request can be made after it expires",
                     r.decided_by.as_deref().unwrap_or("an approver"),
                     r.reason
@@ -446,10 +461,14 @@ impl Approvals {
             .await;
         if first == Ok(true) {
             let expires_at = now.saturating_add(secs(RECORD_GRACE)).saturating_add(1);
-            let _ = self
+            let listed = self
                 .state
                 .index_add(APPROVAL_INDEX, &record.id, expires_at)
                 .await;
+            if listed.is_err() {
+                // Never a record nobody can list: the next request writes both again.
+                let _ = self.state.delete(&key_rec(&record.id)).await;
+            }
         }
     }
 

@@ -558,3 +558,94 @@ fn max_new_requests_must_be_at_least_one() {
     let e = e.to_string();
     assert!(e.contains("approvals.max_new_requests"), "{e}");
 }
+
+/// A request whose record cannot be written releases its slot: the retry opens a request an
+/// approver can see, never one only the requester is told about.
+#[tokio::test]
+async fn a_failed_record_write_leaves_no_request_nobody_can_see() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    store
+        .fail_index_add
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let a = approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let first = a.gate(&r.view(), granted(&alice), NOW).await;
+    assert_eq!(first.code, ReasonCode::StateUnavailable);
+    store
+        .fail_index_add
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let retry = a.gate(&r.view(), granted(&alice), NOW + 1).await;
+    let id = approval_id(&retry);
+    let bob = identity("bob", &["dba-lead"]);
+    let listed = a.list(&bob, false, NOW + 1).await.unwrap();
+    assert!(listed.iter().any(|rec| rec.id == id), "{id} is not listed");
+}
+
+/// A pre-approval record whose listing failed is not kept unlisted: the next request
+/// writes both.
+#[tokio::test]
+async fn a_pre_approval_record_is_never_kept_unlisted() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    store
+        .fail_index_add
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let a = approvals(store.clone());
+    let from = a.policy("drop-db", "dba").unwrap().pre_approve[0]
+        .from
+        .unwrap();
+    let on_call = identity("alice", &["dba", "on-call"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let d = a.gate(&r.view(), granted(&on_call), from).await;
+    assert_eq!(
+        d.code,
+        ReasonCode::Allowed,
+        "the allow never waits on the store"
+    );
+    store
+        .fail_index_add
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let d = a.gate(&r.view(), granted(&on_call), from + 1).await;
+    assert_eq!(d.code, ReasonCode::Allowed);
+    let bob = identity("bob", &["dba-lead"]);
+    assert_eq!(a.list(&bob, true, from + 2).await.unwrap().len(), 1);
+}
+
+/// A retry that arrives while the first request for its action is still being opened (here:
+/// held in the cap's check, which then refuses it) is not given an id that never exists.
+#[tokio::test]
+async fn a_retry_racing_the_opening_of_its_request_names_no_id() {
+    let store = Arc::new(crate::state::testing::TestStore {
+        rate_check: crate::state::testing::Gate::after(1),
+        ..Default::default()
+    });
+    let mut cfg = config("");
+    cfg.file.approvals.max_new_requests = 1;
+    let a = Arc::new(Approvals::new(&cfg, store.clone()));
+    let alice = identity("alice", &["dba"]);
+    let one = Req::new("DELETE", "db", "/databases/one");
+    let d = a.gate(&one.view(), granted(&alice), NOW).await;
+    assert_eq!(d.code, ReasonCode::ApprovalRequired);
+    let first = tokio::spawn({
+        let (a, alice) = (a.clone(), alice.clone());
+        async move {
+            let two = Req::new("DELETE", "db", "/databases/two");
+            a.gate(&two.view(), granted(&alice), NOW).await
+        }
+    });
+    store.rate_check.reached.notified().await;
+    let two = Req::new("DELETE", "db", "/databases/two");
+    let retry = a.gate(&two.view(), granted(&alice), NOW).await;
+    store.rate_check.release.notify_one();
+    assert_eq!(first.await.unwrap().code, ReasonCode::RateLimited);
+    assert_eq!(retry.code, ReasonCode::ApprovalRequired);
+    assert!(retry.detail.contains("being opened"), "{}", retry.detail);
+    assert!(
+        !retry
+            .response_headers
+            .iter()
+            .any(|(n, _)| n == APPROVAL_ID_HEADER),
+        "{:?}",
+        retry.response_headers
+    );
+}

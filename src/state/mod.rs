@@ -516,6 +516,111 @@ pub fn gcra(tat: Option<Instant>, now: Instant, limit: RateLimit) -> (Instant, R
     )
 }
 
+/// A memory store with faults and pauses for tests of callers: `index_add` can fail, and
+/// `index_list` and `rate_check` can be held at a gate until the test lets them go.
+#[cfg(test)]
+pub mod testing {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    use super::*;
+
+    /// Lets `free` calls through, then holds each one: it signals `reached` and waits for
+    /// `release`.
+    pub struct Gate {
+        free: AtomicU32,
+        pub reached: tokio::sync::Notify,
+        pub release: tokio::sync::Notify,
+    }
+
+    impl Gate {
+        pub fn after(free: u32) -> Self {
+            Self {
+                free: AtomicU32::new(free),
+                reached: tokio::sync::Notify::new(),
+                release: tokio::sync::Notify::new(),
+            }
+        }
+
+        pub fn open() -> Self {
+            Self::after(u32::MAX)
+        }
+
+        async fn pass(&self) {
+            let free = self.free.load(Ordering::SeqCst);
+            if free == 0 {
+                self.reached.notify_one();
+                self.release.notified().await;
+            } else if free != u32::MAX {
+                self.free.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    pub struct TestStore {
+        pub inner: MemoryStore,
+        pub fail_index_add: AtomicBool,
+        pub index_list: Gate,
+        pub rate_check: Gate,
+    }
+
+    impl Default for TestStore {
+        fn default() -> Self {
+            Self {
+                inner: MemoryStore::new(),
+                fail_index_add: AtomicBool::new(false),
+                index_list: Gate::open(),
+                rate_check: Gate::open(),
+            }
+        }
+    }
+
+    #[tonic::async_trait]
+    impl StateStore for TestStore {
+        async fn insert_if_absent(
+            &self,
+            k: &str,
+            v: &str,
+            t: Duration,
+        ) -> Result<bool, StateError> {
+            self.inner.insert_if_absent(k, v, t).await
+        }
+        async fn get(&self, k: &str) -> Result<Option<String>, StateError> {
+            self.inner.get(k).await
+        }
+        async fn set(&self, k: &str, v: &str, t: Duration) -> Result<(), StateError> {
+            self.inner.set(k, v, t).await
+        }
+        async fn delete(&self, k: &str) -> Result<bool, StateError> {
+            self.inner.delete(k).await
+        }
+        async fn get_many(&self, k: &[String]) -> Result<Vec<Option<String>>, StateError> {
+            self.inner.get_many(k).await
+        }
+        async fn index_add(&self, i: &str, m: &str, e: i64) -> Result<(), StateError> {
+            if self.fail_index_add.load(Ordering::SeqCst) {
+                return Err(StateError::Unavailable("index_add fails".into()));
+            }
+            self.inner.index_add(i, m, e).await
+        }
+        async fn index_remove(&self, i: &str, m: &str, now: i64) -> Result<bool, StateError> {
+            self.inner.index_remove(i, m, now).await
+        }
+        async fn index_list(&self, i: &str, now: i64) -> Result<Vec<(String, i64)>, StateError> {
+            let listed = self.inner.index_list(i, now).await;
+            self.index_list.pass().await;
+            listed
+        }
+        async fn take_one(&self, k: &str) -> Result<Option<i64>, StateError> {
+            self.inner.take_one(k).await
+        }
+        async fn rate_check(&self, k: &str, l: RateLimit) -> Result<RateOutcome, StateError> {
+            let outcome = self.inner.rate_check(k, l).await;
+            self.rate_check.pass().await;
+            outcome
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
