@@ -682,10 +682,16 @@ impl Engine {
             .keys
             .get(&issuer.name)
             .map_err(decide::keys_unavailable)?;
+        // As a verification would pick it: among at most MAX_CANDIDATE_KEYS candidates.
         let still_picked = match hit.key_alg {
-            Some(alg) => set
-                .candidates(hit.key_kid.as_deref(), alg)
-                .any(|k| k.fingerprint == hit.key_fingerprint),
+            Some(alg) => {
+                let (mut seen, mut found) = (0usize, false);
+                for k in set.candidates(hit.key_kid.as_deref(), alg) {
+                    seen += 1;
+                    found |= k.fingerprint == hit.key_fingerprint;
+                }
+                found && seen <= jwt::MAX_CANDIDATE_KEYS
+            }
             None => set.contains(&hit.key_fingerprint),
         };
         if !still_picked {

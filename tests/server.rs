@@ -667,6 +667,39 @@ async fn a_cached_token_is_refused_once_its_kid_is_gone_even_if_the_key_stayed()
     );
 }
 
+/// The issuer's set grows past the keys one token is checked against (here: nine copies
+/// under the token's own `kid`). A fresh verification refuses the token; a cached one must
+/// be refused too.
+#[tokio::test]
+async fn a_cached_token_is_refused_once_its_issuer_has_too_many_candidate_keys() {
+    let h = Harness::start().await;
+    let cached = mint(json!({"sub": "alice", "scope": "orders:read", "jti": "cached-9"}));
+    let auth = bearer(&cached);
+    let headers = [("authorization", auth.as_str())];
+    let ask = || h.check("GET", "/orders/1", &headers);
+    assert_eq!(status(&ask().await), 0, "allowed, and now cached");
+    let mut doc: Value = serde_json::from_str(&dev_jwks()).unwrap();
+    let key = doc["keys"][0].clone();
+    doc["keys"] = Value::Array(vec![key; 9]);
+    h.jwks.set(doc.to_string());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !h
+        .server
+        .engine
+        .load_full()
+        .keys
+        .get("dev")
+        .is_ok_and(|set| set.len() == 9)
+    {
+        assert!(Instant::now() < deadline, "the grown set was never fetched");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, _, body) = denied(&ask().await);
+    assert_eq!(code, 401, "{body}");
+    let reason = body["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("needs a `kid`"), "{body}");
+}
+
 /// A dry run never touches the live path's machinery: on routes the live policy answers
 /// without reading the credential (public, or none), the candidate's caller is verified
 /// against the keys at hand, with no token-cache entry or count and no wait for a key
