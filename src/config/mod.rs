@@ -1483,6 +1483,13 @@ impl Compiler {
         if approvals.request_ttl.get().as_secs() == 0 {
             return Err(self.err("approvals.request_ttl", "must be at least 1s"));
         }
+        if approvals.request_ttl.get() > std::time::Duration::from_secs(30 * 24 * 3600) {
+            return Err(self.hint(
+                "approvals.request_ttl",
+                "must be at most 30d",
+                "a request nobody decides within days should be asked again",
+            ));
+        }
         if approvals.max_new_requests == 0 {
             return Err(self.hint(
                 "approvals.max_new_requests",
