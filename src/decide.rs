@@ -523,9 +523,17 @@ pub fn extract_credential<'r>(
             "the credential is empty",
         )),
         Some(c) => Ok(c),
+        // Both schemes are offered, bare (RFC 6750 3.1: no error without a credential).
         None if config.api_keys.is_some() => Err(Decision::new(
             ReasonCode::CredentialMissing,
             "this route requires a bearer token or an API key",
+        )
+        .with_header(
+            "www-authenticate",
+            format!(
+                "Bearer realm=\"{REALM}\", ApiKey realm=\"{REALM}\"",
+                REALM = crate::authz::decision::REALM
+            ),
         )),
         None => Err(Decision::new(
             ReasonCode::CredentialMissing,

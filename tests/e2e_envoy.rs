@@ -216,7 +216,7 @@ fn assert_denied_by_portcullis(answer: &Answer, status: u16, error: Option<&str>
             "{context}: challenge {challenge:?}"
         ),
         None => assert_eq!(
-            challenge, "Bearer realm=\"portcullis\"",
+            challenge, "Bearer realm=\"portcullis\", ApiKey realm=\"portcullis\"",
             "{context}: no credential, so no error code"
         ),
     }

@@ -192,7 +192,7 @@ async fn answers_reach_the_client_as_portcullis_wrote_them() {
         assert!(!answer.answered_by_upstream());
         assert_eq!(
             answer.header("www-authenticate"),
-            Some("Bearer realm=\"portcullis\""),
+            Some("Bearer realm=\"portcullis\", ApiKey realm=\"portcullis\""),
             "{ctx}: no credential, so no error code (RFC 6750 3.1)"
         );
         assert_eq!(answer.error(), "credential_missing");

@@ -64,7 +64,7 @@ async fn the_module_decides_inside_envoy_like_the_service_does() {
     assert_eq!(answer.status, 401, "{answer:?}");
     assert_eq!(
         answer.header("www-authenticate"),
-        Some("Bearer realm=\"portcullis\"")
+        Some("Bearer realm=\"portcullis\", ApiKey realm=\"portcullis\"")
     );
     assert_eq!(answer.json()["error"], "credential_missing");
     assert!(!answer.answered_by_upstream());

@@ -201,8 +201,12 @@ async fn missing_token_is_an_explicit_401_with_challenge_and_json_body() {
     assert_eq!(status(&resp), 16, "UNAUTHENTICATED");
     let (code, headers, body) = denied(&resp);
     assert_eq!(code, 401);
-    // RFC 6750 3.1: no credential at all, so no error code in the challenge.
-    assert_eq!(headers["www-authenticate"], "Bearer realm=\"portcullis\"");
+    // RFC 6750 3.1: no credential at all, so no error code in the challenge; the shipped
+    // config takes API keys too, so both schemes are offered.
+    assert_eq!(
+        headers["www-authenticate"],
+        "Bearer realm=\"portcullis\", ApiKey realm=\"portcullis\""
+    );
     assert_eq!(body["error"], "credential_missing");
     assert_eq!(body["request_id"], "abc-123");
     assert!(body["reason"].as_str().unwrap().contains("bearer token"));

@@ -574,7 +574,10 @@ mod tests {
         let engine = Arc::new(ArcSwap::from_pointee(engine));
         let service = AuthzService::new(engine.clone(), metrics, AuditSink::disabled());
         let challenge = |key: &str| {
-            let headers = std::collections::HashMap::from([("x-api-key".into(), key.into())]);
+            let headers: std::collections::HashMap<String, String> = (!key.is_empty())
+                .then(|| ("x-api-key".to_string(), key.to_string()))
+                .into_iter()
+                .collect();
             let service = &service;
             async move {
                 let view = RequestView {
@@ -592,6 +595,13 @@ mod tests {
                 (d.code, answer.status, found)
             }
         };
+        // No credential where API keys are configured: both schemes are offered, bare.
+        let (code, status, found) = challenge("").await;
+        assert_eq!((code, status), (ReasonCode::CredentialMissing, 401));
+        assert_eq!(
+            found,
+            vec!["Bearer realm=\"portcullis\", ApiKey realm=\"portcullis\"".to_string()]
+        );
         // An unknown key.
         let (code, status, found) = challenge("pck_not-a-key-000000000000000000000000000000").await;
         assert_eq!((code, status), (ReasonCode::InvalidToken, 401));
