@@ -127,6 +127,31 @@ impl Harness {
         self.client().await.check(req).await.unwrap().into_inner()
     }
 
+    /// Serves `doc` as the issuer's JWKS and waits until the server's key set for `dev`
+    /// passes `fetched`.
+    async fn publish_keys(
+        &self,
+        doc: &Value,
+        fetched: impl Fn(&portcullis::identity::jwk::KeySet) -> bool,
+    ) {
+        self.jwks.set(doc.to_string());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self
+            .server
+            .engine
+            .load_full()
+            .keys
+            .get("dev")
+            .is_ok_and(|set| fetched(&set))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the new key set was never fetched"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn metrics(&self) -> String {
         scrape_metrics(self.server.admin_addr).await
     }
@@ -638,22 +663,8 @@ async fn a_cached_token_is_refused_once_its_kid_is_gone_even_if_the_key_stayed()
     let mut doc: Value = serde_json::from_str(&dev_jwks()).unwrap();
     doc["keys"][0]["kid"] = "portcullis-dev-renamed".into();
     doc["keys"][0]["alg"] = "RS512".into();
-    h.jwks.set(doc.to_string());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !h
-        .server
-        .engine
-        .load_full()
-        .keys
-        .get("dev")
-        .is_ok_and(|set| set.has_kid("portcullis-dev-renamed"))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the renamed key was never fetched"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    h.publish_keys(&doc, |set| set.has_kid("portcullis-dev-renamed"))
+        .await;
     assert_eq!(denied(&ask(&fresh).await).0, 401, "a fresh verification");
     let engine = h.server.engine.load_full();
     let headers = HashMap::from([("authorization".to_string(), bearer(&cached))]);
@@ -685,19 +696,7 @@ async fn a_cached_token_is_refused_once_its_issuer_has_too_many_candidate_keys()
     let mut doc: Value = serde_json::from_str(&dev_jwks()).unwrap();
     let key = doc["keys"][0].clone();
     doc["keys"] = Value::Array(vec![key; 9]);
-    h.jwks.set(doc.to_string());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !h
-        .server
-        .engine
-        .load_full()
-        .keys
-        .get("dev")
-        .is_ok_and(|set| set.len() == 9)
-    {
-        assert!(Instant::now() < deadline, "the grown set was never fetched");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    h.publish_keys(&doc, |set| set.len() == 9).await;
     let (code, _, body) = denied(&ask().await);
     assert_eq!(code, 401, "{body}");
     let reason = body["reason"].as_str().unwrap_or_default();
