@@ -208,11 +208,12 @@ async fn take_one_counts_down_and_a_single_use_is_spent_once_under_concurrency()
         assert_eq!(s.take_one("uses").await.unwrap(), Some(0), "{name}");
         assert_eq!(s.take_one("uses").await.unwrap(), None, "{name}");
         assert_eq!(s.take_one("missing").await.unwrap(), None, "{name}");
-        s.set("bad", "not-a-number", ttl).await.unwrap();
-        assert!(
-            matches!(s.take_one("bad").await, Err(StateError::Corrupt(_))),
-            "{name}"
-        );
+        s.set("sub:alice-bad", "not-a-number", ttl).await.unwrap();
+        let corrupt = s.take_one("sub:alice-bad").await;
+        assert!(matches!(corrupt, Err(StateError::Corrupt(_))), "{name}");
+        // What a client reads (the 503's detail) names no key: keys hold callers' names.
+        let message = corrupt.unwrap_err().to_string();
+        assert!(!message.contains("alice"), "{name}: {message}");
 
         for round in 0..5 {
             let key = format!("single-{round}");

@@ -520,7 +520,7 @@ impl Approvals {
             .get(&key_rec(id))
             .await?
             .ok_or_else(|| ApprovalError::NotFound(id.to_string()))?;
-        Record::from_json(&text).ok_or_else(|| StateError::Corrupt(key_rec(id)).into())
+        Record::from_json(&text).ok_or_else(|| StateError::corrupt(&key_rec(id)).into())
     }
 
     /// Checks that `who` may decide `record` now, and claims the one decision it gets.

@@ -39,8 +39,18 @@ pub fn from_config(
 pub enum StateError {
     #[error("shared state is unavailable: {0}")]
     Unavailable(String),
-    #[error("shared state holds an unexpected value at `{0}`")]
+    /// The key is for the operator's log (`StateError::corrupt` logs it), never for the
+    /// message a client reads: it can hold a caller's issuer and subject.
+    #[error("shared state holds an unexpected value")]
     Corrupt(String),
+}
+
+impl StateError {
+    /// A corrupt value at `key`, logged here with the key the client is never told.
+    pub fn corrupt(key: &str) -> Self {
+        tracing::error!(state.key = key, "shared state holds an unexpected value");
+        StateError::Corrupt(key.to_string())
+    }
 }
 
 /// A token-bucket limit: `burst` requests at once, refilled at `requests` per `per`.
@@ -401,10 +411,7 @@ impl StateStore for MemoryStore {
         let Some(entry) = map.get_mut(key).filter(|e| e.expires > now) else {
             return Ok(None);
         };
-        let n: i64 = entry
-            .value
-            .parse()
-            .map_err(|_| StateError::Corrupt(key.to_string()))?;
+        let n: i64 = entry.value.parse().map_err(|_| StateError::corrupt(key))?;
         if n <= 0 {
             return Ok(None);
         }

@@ -336,7 +336,7 @@ impl StateStore for RedisStore {
             .run(|mut c| async move { script.key(&full).invoke_async(&mut c).await })
             .await?;
         match n {
-            -2 => Err(StateError::Corrupt(key.to_string())),
+            -2 => Err(StateError::corrupt(key)),
             n if n < 0 => Ok(None),
             n => Ok(Some(n)),
         }
@@ -380,7 +380,7 @@ impl StateStore for RedisStore {
                 reset: us(reset_us),
                 retry_after: Some(us(retry_us)),
             }),
-            _ => Err(StateError::Corrupt(key.to_string())),
+            _ => Err(StateError::corrupt(key)),
         }
     }
 }
