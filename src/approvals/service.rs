@@ -594,24 +594,38 @@ impl Approvals {
         let policy = self.claim(&record, who, now).await?;
         let ttl = ttl.unwrap_or(policy.ttl).max(Duration::from_secs(1));
         let fp = record.fingerprint.clone();
-        self.state.set(&key_grant_id(&fp), &record.id, ttl).await?;
-        self.state
-            .set(&key_grant(&fp), &policy.uses.to_string(), ttl)
-            .await?;
         record.state = ApprovalState::Approved;
         record.decided_by = Some(actor(who));
         record.decided_at = Some(now);
         record.uses = policy.uses;
         record.grant_expires_at = Some(now.saturating_add(secs(ttl)));
-        self.store_record(&record, ttl + RECORD_GRACE, now).await?;
-        // The next request after the uses are spent asks anew.
-        if self.state.get(&key_req(&fp)).await?.as_deref() == Some(record.id.as_str()) {
-            self.state.delete(&key_req(&fp)).await?;
+        let written = async {
+            self.state.set(&key_grant_id(&fp), &record.id, ttl).await?;
+            self.state
+                .set(&key_grant(&fp), &policy.uses.to_string(), ttl)
+                .await?;
+            self.store_record(&record, ttl + RECORD_GRACE, now).await
+        }
+        .await;
+        if let Err(e) = written {
+            // No usable grant without its record and its audit event: undo (best effort)
+            // and release the decision, so the approver can try again.
+            let _ = self.state.delete(&key_grant(&fp)).await;
+            let _ = self.state.delete(&key_grant_id(&fp)).await;
+            let _ = self.state.delete(&key_decided(&record.id)).await;
+            return Err(e.into());
         }
         let mut event = ApprovalEvent::new("approved", &record);
         event.actor = record.decided_by.clone();
         event.uses_left = Some(i64::from(policy.uses));
         self.audit.record_approval(event);
+        // The next request after the uses are spent asks anew (best effort: the approval
+        // is in force and logged whatever this answers).
+        if let Ok(Some(pending)) = self.state.get(&key_req(&fp)).await
+            && pending == record.id
+        {
+            let _ = self.state.delete(&key_req(&fp)).await;
+        }
         Ok(record)
     }
 

@@ -649,3 +649,31 @@ async fn a_retry_racing_the_opening_of_its_request_names_no_id() {
         retry.response_headers
     );
 }
+
+/// An approval whose record cannot be written leaves no usable grant behind (it would be
+/// used with no `approved` event and a record still pending), and the approver can retry.
+#[tokio::test]
+async fn an_approval_that_cannot_be_recorded_grants_nothing_and_can_be_retried() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let a = approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    let bob = identity("bob", &["dba-lead"]);
+    store
+        .fail_index_add
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(
+        a.approve(&bob, &id, None, NOW + 1).await,
+        Err(ApprovalError::State(_))
+    ));
+    let d = a.gate(&r.view(), granted(&alice), NOW + 2).await;
+    assert_eq!(d.code, ReasonCode::ApprovalRequired, "{}", d.detail);
+    store
+        .fail_index_add
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let approved = a.approve(&bob, &id, None, NOW + 3).await.unwrap();
+    assert_eq!(approved.state, ApprovalState::Approved);
+    let d = a.gate(&r.view(), granted(&alice), NOW + 4).await;
+    assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+}
