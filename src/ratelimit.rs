@@ -79,9 +79,16 @@ pub fn applicable<'c>(
     route_id: &str,
     identity: Option<&Identity>,
 ) -> Vec<(&'c CompiledRateLimit, String)> {
-    // The address network conditions read: one reading of X-Forwarded-For for the whole
-    // decision. `None` (a chain that is not the configured one) counts in one shared bucket.
-    let client = crate::authz::context::client_ip(req, config.file.network.trusted_proxy_hops);
+    // The address network conditions read (the same reading of X-Forwarded-For), and only
+    // when a limit counts by it. `None` (a chain that is not the configured one) counts in
+    // one shared bucket.
+    let by_client = config
+        .rate_limits
+        .iter()
+        .any(|l| l.by == RateLimitBy::ClientIp);
+    let client = by_client
+        .then(|| crate::authz::context::client_ip(req, config.file.network.trusted_proxy_hops))
+        .flatten();
     config
         .rate_limits
         .iter()
@@ -168,7 +175,8 @@ pub fn limited(limit: &CompiledRateLimit, outcome: &RateOutcome) -> Decision {
     .with_body_field("rate_limit", id.to_string())
 }
 
-fn ceil_secs(d: Duration) -> u64 {
+/// Whole seconds, rounded up (a wait a client is told).
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 

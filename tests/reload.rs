@@ -101,6 +101,14 @@ async fn decide(server: &Server, method: &str, path: &str, token: &str) -> u16 {
     server.engine.load_full().check(&view).await.http_status()
 }
 
+/// The reason of a refused reload (any other outcome fails the test).
+fn rejected(outcome: ReloadOutcome) -> String {
+    match outcome {
+        ReloadOutcome::Rejected(reason) => reason,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
 fn reloads(server: &Server, result: &'static str) -> u64 {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &server.metrics.registry()).unwrap();
@@ -211,15 +219,11 @@ async fn a_reload_that_orphans_a_scoped_revocation_is_refused() {
     let mallory = mint_dev(json!({"sub": "mallory", "scope": "orders:read"}));
     assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
     s.write(&s.shipped.replace("  - name: dev\n", "  - name: dev2\n"));
-    match reloader.poll(false).await {
-        ReloadOutcome::Rejected(reason) => {
-            assert!(
-                reason.contains("revocation.file") && reason.contains("`dev`"),
-                "{reason}"
-            );
-        }
-        other => panic!("expected a rejection, got {other:?}"),
-    }
+    let reason = rejected(reloader.poll(false).await);
+    assert!(
+        reason.contains("revocation.file") && reason.contains("`dev`"),
+        "{reason}"
+    );
     assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
     assert_eq!(reloader.poll(false).await, ReloadOutcome::Unchanged);
 
@@ -242,15 +246,11 @@ async fn a_reload_that_orphans_a_runtime_revocation_is_refused() {
     server.engine.load().runtime_revoked.apply(&member, true);
     assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
     s.write(&s.shipped.replace("  - name: dev\n", "  - name: dev2\n"));
-    match reloader.poll(false).await {
-        ReloadOutcome::Rejected(reason) => {
-            assert!(
-                reason.contains("runtime revocations") && reason.contains("`dev`"),
-                "{reason}"
-            );
-        }
-        other => panic!("expected a rejection, got {other:?}"),
-    }
+    let reason = rejected(reloader.poll(false).await);
+    assert!(
+        reason.contains("runtime revocations") && reason.contains("`dev`"),
+        "{reason}"
+    );
     assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
     server.engine.load().runtime_revoked.apply(&member, false);
     assert_eq!(reloader.poll(true).await, ReloadOutcome::Applied);

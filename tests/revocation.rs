@@ -98,6 +98,16 @@ routes:
             .unwrap()
     }
 
+    /// `DELETE /revocations?<query>` (no credential): the status.
+    async fn delete_revocation(&self, http: &reqwest::Client, query: &str) -> u16 {
+        http.delete(self.admin(&format!("/revocations?{query}")))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     /// `GET /revocations` (no credential) as JSON.
     async fn revocations(&self, http: &reqwest::Client) -> Value {
         http.get(self.admin("/revocations"))
@@ -171,19 +181,9 @@ async fn admin_revocation_refuses_a_cached_token_and_can_be_lifted() {
     assert_eq!(list["runtime"][0]["kind"], "jti");
     assert_eq!(list["runtime"][0]["value"], "tok-1");
 
-    let del = http
-        .delete(h.admin("/revocations?jti=tok-1"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(del.status(), 204);
+    assert_eq!(h.delete_revocation(&http, "jti=tok-1").await, 204);
     assert_eq!(h.check(&token).await, 200);
-    let again = http
-        .delete(h.admin("/revocations?jti=tok-1"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(again.status(), 404);
+    assert_eq!(h.delete_revocation(&http, "jti=tok-1").await, 404);
 
     // Revoking a subject refuses all of its tokens; RFC 3339 expiry is accepted.
     let until = jiff::Timestamp::from_second(now() + 600)
@@ -307,25 +307,16 @@ async fn an_entry_scoped_to_an_issuer_names_only_that_issuers_tokens() {
     assert!(text.contains("`dev`"), "{text}");
 
     // Removing the scoped entry needs its issuer; the unscoped one was never there.
-    let gone = http
-        .delete(h.admin("/revocations?sub=alice"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(gone.status(), 404);
+    assert_eq!(h.delete_revocation(&http, "sub=alice").await, 404);
     // Any issuer name is accepted for removal (an entry may outlive its issuer's name).
-    let other = http
-        .delete(h.admin("/revocations?sub=alice&issuer=renamed"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(other.status(), 404);
-    let del = http
-        .delete(h.admin("/revocations?sub=alice&issuer=dev"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(del.status(), 204);
+    assert_eq!(
+        h.delete_revocation(&http, "sub=alice&issuer=renamed").await,
+        404
+    );
+    assert_eq!(
+        h.delete_revocation(&http, "sub=alice&issuer=dev").await,
+        204
+    );
     assert_eq!(h.check(&alice).await, 200);
 
     // A file entry naming an unknown issuer fails the reload; the last good list stays.

@@ -307,6 +307,19 @@ impl Stream {
     }
 }
 
+/// Runs one deciding step on the hook's stream; a panic in it is a deny (nothing left
+/// waiting). The stream's borrow ends before the caller answers Envoy.
+fn decide_step(
+    hook: &mut Hook<Stream>,
+    step: impl FnOnce(&mut Stream, &Filter) -> Verdict,
+) -> Verdict {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (filter, stream) = hook.state();
+        step(stream, filter)
+    }))
+    .unwrap_or_else(|_| Verdict::Deny(hook.state().1.fail()))
+}
+
 /// Envoy's local reply for a deny: Portcullis's status, headers and JSON body. It consumes
 /// the hook: Envoy may end the stream (and destroy it) before it returns.
 fn deny(hook: Hook<Stream>, answer: &DenyAnswer) {
@@ -607,11 +620,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
 ) -> u32 {
     // SAFETY: the caller's contract.
     let mut hook: Hook<Stream> = unsafe { Hook::new(filter_envoy, stream) };
-    let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let (filter, stream) = hook.state();
-        stream.on_request_headers(filter)
-    }))
-    .unwrap_or_else(|_| Verdict::Deny(hook.state().1.fail()));
+    let verdict = decide_step(&mut hook, Stream::on_request_headers);
     match verdict {
         Verdict::Allow => abi::HEADERS_CONTINUE,
         Verdict::Deny(answer) => {
@@ -635,11 +644,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
 ) {
     // SAFETY: the caller's contract.
     let mut hook: Hook<Stream> = unsafe { Hook::new(filter_envoy, stream) };
-    let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let (filter, stream) = hook.state();
-        stream.on_scheduled(filter)
-    }))
-    .unwrap_or_else(|_| Verdict::Deny(hook.state().1.fail()));
+    let verdict = decide_step(&mut hook, Stream::on_scheduled);
     match verdict {
         Verdict::Allow => hook.continue_decoding(),
         Verdict::Deny(answer) => deny(hook, &answer),

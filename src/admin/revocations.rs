@@ -5,8 +5,10 @@
 //! issuer's tokens; without it, every issuer's.
 //!
 //! Runtime entries go to the shared `StateStore`'s revocation index (`revoked:index`, member
-//! `<kind>:<value>`, kept until `expires_at`, default `revocation.default_ttl`), so they take
-//! effect on the next request, cached tokens included. File entries are listed but only change by editing the file.
+//! `RevokedKind::member`, kept until `expires_at`, default `revocation.default_ttl`), so they
+//! take effect on the next request, cached tokens included. `DELETE` takes `&issuer=` for a
+//! scoped entry, any name (the entry may outlive its issuer's name). File entries are listed
+//! but only change by editing the file.
 //!
 //! Access: when `revocation.admin_token_sha256` is set, every call needs
 //! `Authorization: Bearer <secret>` whose SHA-256 matches. Without it, the endpoints answer only

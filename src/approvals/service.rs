@@ -384,15 +384,15 @@ impl Approvals {
             Ok(o) if o.allowed => return None,
             Ok(o) => {
                 let retry = o.retry_after.unwrap_or(Duration::from_secs(1));
-                let secs = retry.as_secs() + u64::from(retry.subsec_nanos() > 0);
+                let secs = crate::ratelimit::ceil_secs(retry).max(1);
                 let detail = format!(
                     "this caller opened {n} approval requests within {}; a new one can be made \
                      in {}s, or ask an approver about the pending ones",
                     humantime::format_duration(self.request_ttl),
-                    secs.max(1)
+                    secs
                 );
                 refused(decision.clone(), ReasonCode::RateLimited, detail)
-                    .with_header("retry-after", secs.max(1).to_string())
+                    .with_header("retry-after", secs.to_string())
             }
             Err(e) => state_deny(decision.clone(), &e),
         };
