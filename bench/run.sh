@@ -7,6 +7,9 @@
 #   bench/run.sh --rounds 1 --secs 3 --open-secs 3 --alone-secs 3 --fill 100000   # smoke
 #   bench/run.sh soak --minutes 30   # the module under load, every decision waiting on
 #                                    # Redis (bench/soak.py); exits 1 when a check fails
+#   bench/run.sh instructions [--portcullis-b OLD]   # instructions and simulated cache misses
+#                                    # per Check under callgrind (bench/instructions.py): an
+#                                    # A/B that counts instead of timing, for a noisy machine
 #
 # Needs 2 cores: the load generators run on CPU 0, Envoy and the authorizer on CPU 1.
 # Benchmarks are not tests: nothing here fails on speed. Run it on a quiet machine.
@@ -19,6 +22,9 @@ command -v h2load >/dev/null || need+=(nghttp2-client)
 command -v openssl >/dev/null || need+=(openssl)
 command -v taskset >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
+if [[ "${1:-}" == instructions ]]; then
+    command -v valgrind >/dev/null || need+=(valgrind)
+fi
 if ((${#need[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -37,5 +43,9 @@ if [[ "${1:-}" == soak ]]; then
     shift
     scripts/install-redis.sh >/dev/null
     exec python3 bench/soak.py "$@"
+fi
+if [[ "${1:-}" == instructions ]]; then
+    shift
+    exec python3 bench/instructions.py "$@"
 fi
 exec python3 bench/harness.py "$@"

@@ -124,6 +124,54 @@ fn the_committed_report_is_what_the_harness_renders_from_its_raw_results() {
 }
 
 #[test]
+fn the_committed_instruction_counts_are_what_instructions_py_renders() {
+    let rendered = renders_as_committed("bench/instructions.py", &newest_run("instructions"));
+    for line in ["| P | 10k |", "| Pb | 10k |", "| P/Pb |"] {
+        assert!(rendered.contains(line), "no `{line}` in the report:\n{rendered}");
+    }
+}
+
+/// `bench replay`, which drives an authorizer under callgrind, sends exactly the Checks it
+/// is asked for and counts the answers: against the no-op (which allows any request with an
+/// Authorization header), every one allowed.
+#[test]
+fn replay_sends_the_checks_it_is_asked_for_and_counts_the_answers() {
+    let port = support::free_port();
+    let mut noop = support::ChildGuard::spawn("bench-noop", {
+        let mut c = Command::new(bench_example());
+        c.args(["noop", "--listen", &format!("127.0.0.1:{port}")]);
+        c
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.txt");
+    std::fs::write(&tokens, "aaa.bbb.ccc\nddd.eee.fff\nggg.hhh.iii\n").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let out = loop {
+        let out = Command::new(bench_example())
+            .args(["replay", "--addr", &format!("127.0.0.1:{port}")])
+            .arg("--tokens")
+            .arg(&tokens)
+            .args(["--count", "7", "--concurrency", "3"])
+            .output()
+            .unwrap();
+        if out.status.success() || std::time::Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    noop.assert_running();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["sent"], 7, "{doc}");
+    assert_eq!(doc["allowed"], 7, "{doc}");
+    assert_eq!(doc["denied"], 0, "{doc}");
+}
+
+#[test]
 fn the_cache_decay_probe_reports_every_working_set_and_gap() {
     let out = Command::new(bench_example())
         .args(["cache-decay", "--kib", "64,512", "--gaps-us", "0,50,200"])

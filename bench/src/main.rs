@@ -150,6 +150,19 @@ enum Cmd {
         #[arg(long)]
         timer_only: bool,
     },
+    /// Sends `count` Checks rotating through a file's tokens (the `i`th Check carries token
+    /// `i mod n`), `concurrency` at a time; prints a JSON line. Drives an authorizer running
+    /// under valgrind for `bench/run.sh instructions`.
+    Replay {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        tokens: PathBuf,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
     /// Sends `count` Checks, each with a freshly signed distinct token; prints a JSON line.
     Fill {
         #[arg(long)]
@@ -265,6 +278,17 @@ fn main() -> anyhow::Result<()> {
             count,
             concurrency,
         } => runtime()?.block_on(fill(addr, signer, count, concurrency)),
+        Cmd::Replay {
+            addr,
+            tokens,
+            count,
+            concurrency,
+        } => {
+            let tokens = read_tokens(&tokens)?;
+            runtime()?.block_on(send_checks(addr, count, concurrency, move |i| {
+                Ok(tokens[(i % tokens.len() as u64) as usize].clone())
+            }))
+        }
     }
 }
 
@@ -711,7 +735,19 @@ async fn fill(
     count: u64,
     concurrency: usize,
 ) -> anyhow::Result<()> {
-    let signer = Arc::new(TokenSigner::new(&signer)?);
+    let signer = TokenSigner::new(&signer)?;
+    send_checks(addr, count, concurrency, move |i| signer.sign(i, true)).await
+}
+
+/// Sends `count` Checks, the `i`th with the token `token(i)`, `concurrency` at a time over
+/// one HTTP/2 connection; prints one JSON line (sent, allowed, denied, seconds).
+async fn send_checks(
+    addr: SocketAddr,
+    count: u64,
+    concurrency: usize,
+    token: impl Fn(u64) -> anyhow::Result<String> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let token = Arc::new(token);
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
         .connect()
@@ -720,8 +756,8 @@ async fn fill(
     let allowed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (signer, next, allowed) = (signer.clone(), next.clone(), allowed.clone());
+    for _ in 0..concurrency.max(1) {
+        let (token, next, allowed) = (token.clone(), next.clone(), allowed.clone());
         let mut client = AuthorizationClient::new(channel.clone());
         tasks.push(tokio::spawn(async move {
             loop {
@@ -729,7 +765,7 @@ async fn fill(
                 if i >= count {
                     return anyhow::Ok(());
                 }
-                let token = signer.sign(i, true)?;
+                let token = token(i)?;
                 let resp = client
                     .check(check_request(&token, "/orders/42"))
                     .await?
@@ -743,11 +779,13 @@ async fn fill(
     for t in tasks {
         t.await??;
     }
+    let allowed = allowed.load(Ordering::Relaxed);
     println!(
         "{}",
         serde_json::json!({
             "sent": count,
-            "allowed": allowed.load(Ordering::Relaxed),
+            "allowed": allowed,
+            "denied": count - allowed,
             "seconds": started.elapsed().as_secs_f64(),
         })
     );
