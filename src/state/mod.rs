@@ -1,8 +1,8 @@
 //! Shared state: the few atomic operations that replicas must agree on (single-use records,
 //! use counters, rate-limit buckets, small keyed values), behind one trait.
 //!
-//! `MemoryStore` (one replica, the default; at most `MAX_MEMORY_BUCKETS` rate-limit buckets,
-//! past which a new key fails closed) lives here; a Redis backend implements the same
+//! `MemoryStore` (one replica, the default; at most `MAX_MEMORY_BUCKETS` rate-limit buckets
+//! and `MAX_MEMORY_ENTRIES` records, past which a new key fails closed) lives here; a Redis backend implements the same
 //! trait so several replicas behind one Envoy agree. Callers that need shared state fail
 //! closed when the store errors: a `StateError` is a deny with a reason, never an allow.
 //!
@@ -249,12 +249,98 @@ impl Buckets {
     }
 }
 
+/// The most records (`insert_if_absent`, `set`: DPoP proof `jti`s, approval records and their
+/// slots) a `MemoryStore` holds. Without a cap, a caller with one valid DPoP-bound token could
+/// grow the map without bound by sending a fresh proof with every request (each `jti` is kept
+/// for twice the proof window and more). An entry costs about 200 bytes (its key of up to
+/// ~100 bytes and value on the heap, the `Entry` and the table's share), so the cap bounds
+/// the map near 200 MB. Past it, a new key is refused (the request gets a 503
+/// `state_unavailable`); nothing live is evicted, as forgetting a `jti` would let its proof
+/// be replayed.
+pub const MAX_MEMORY_ENTRIES: usize = 1_000_000;
+
+/// What a write of a new key meets when the records are at their cap. It names no key.
+const ENTRIES_FULL: &str = "the in-memory state records are at their cap";
+
+/// The records of a `MemoryStore`, at most `cap`.
+///
+/// INVARIANT: every read treats an entry past `expires` as absent; sweeping only reclaims
+/// memory and never changes an answer.
+struct Entries {
+    map: HashMap<String, Entry>,
+    cap: usize,
+    /// At the cap, no sweep before this: the last one, less than `FULL_SWEEP_PAUSE` ago, left
+    /// the map full of live entries.
+    no_sweep_before: Option<Instant>,
+}
+
+impl Default for Entries {
+    fn default() -> Self {
+        Self::with_cap(MAX_MEMORY_ENTRIES)
+    }
+}
+
+impl Entries {
+    fn with_cap(cap: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            cap,
+            no_sweep_before: None,
+        }
+    }
+
+    /// Writes `key` (new, or replacing a live or expired entry); a new key fails closed when
+    /// the map is at its cap and a sweep frees nothing.
+    fn put(
+        &mut self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+        now: Instant,
+    ) -> Result<(), StateError> {
+        if !self.map.contains_key(key) && !self.room_for_one(now) {
+            return Err(StateError::Unavailable(ENTRIES_FULL.to_string()));
+        }
+        self.map.insert(
+            key.to_string(),
+            Entry {
+                value: value.to_string(),
+                expires: now + ttl,
+            },
+        );
+        Ok(())
+    }
+
+    /// True when one more entry fits, sweeping the expired ones first when the map is full
+    /// (at most once per `FULL_SWEEP_PAUSE` while it stays full: a sweep is a pass over the
+    /// whole map under the lock every write takes).
+    fn room_for_one(&mut self, now: Instant) -> bool {
+        if self.map.len() < self.cap {
+            return true;
+        }
+        if self.no_sweep_before.is_some_and(|t| now < t) {
+            return false;
+        }
+        self.map.retain(|_, e| e.expires > now);
+        if self.map.len() < self.cap {
+            self.no_sweep_before = None;
+            return true;
+        }
+        self.no_sweep_before = Some(now + FULL_SWEEP_PAUSE);
+        tracing::warn!(
+            cap = self.cap,
+            "the in-memory state records are at their cap: requests that need a new record \
+             (a DPoP proof, an approval) are refused (503 state_unavailable) until records \
+             expire; with this many, use the Redis state backend"
+        );
+        false
+    }
+}
+
 /// In-process state: the default for a single replica.
 #[derive(Default)]
 pub struct MemoryStore {
-    // INVARIANT: every read treats an entry past `expires` as absent; `sweep` only reclaims
-    // memory and never changes an answer.
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<Entries>,
     /// GCRA theoretical arrival times per bucket, at most `MAX_MEMORY_BUCKETS`.
     buckets: Mutex<Buckets>,
     /// Sets for listings: member -> expiry (Unix seconds), per index.
@@ -277,7 +363,17 @@ impl MemoryStore {
         }
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    /// A store holding at most `cap` records (`MAX_MEMORY_ENTRIES` is too many to fill in a
+    /// test).
+    #[cfg(test)]
+    pub(crate) fn with_entry_cap(cap: usize) -> Self {
+        Self {
+            entries: Mutex::new(Entries::with_cap(cap)),
+            ..Self::default()
+        }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
         // A poisoned lock only means another thread panicked mid-update of a plain map;
         // the data is still a valid map, so keep serving rather than failing every request.
         self.entries
@@ -295,10 +391,10 @@ impl MemoryStore {
     }
 
     /// Every 4096 operations, drop expired entries so memory stays bounded by live data.
-    fn maybe_sweep(&self, map: &mut HashMap<String, Entry>, now: Instant) {
+    fn maybe_sweep(&self, entries: &mut Entries, now: Instant) {
         let n = self.ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if n.is_multiple_of(4096) {
-            map.retain(|_, e| e.expires > now);
+            entries.map.retain(|_, e| e.expires > now);
         }
     }
 }
@@ -316,25 +412,20 @@ impl StateStore for MemoryStore {
         ttl: Duration,
     ) -> Result<bool, StateError> {
         let now = Instant::now();
-        let mut map = self.entries();
-        self.maybe_sweep(&mut map, now);
-        if live(&map, key, now) {
+        let mut entries = self.entries();
+        self.maybe_sweep(&mut entries, now);
+        if live(&entries.map, key, now) {
             return Ok(false);
         }
-        map.insert(
-            key.to_string(),
-            Entry {
-                value: value.to_string(),
-                expires: now + ttl,
-            },
-        );
+        entries.put(key, value, ttl, now)?;
         Ok(true)
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StateError> {
         let now = Instant::now();
-        let map = self.entries();
-        Ok(map
+        let entries = self.entries();
+        Ok(entries
+            .map
             .get(key)
             .filter(|e| e.expires > now)
             .map(|e| e.value.clone()))
@@ -342,31 +433,26 @@ impl StateStore for MemoryStore {
 
     async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StateError> {
         let now = Instant::now();
-        let mut map = self.entries();
-        self.maybe_sweep(&mut map, now);
-        map.insert(
-            key.to_string(),
-            Entry {
-                value: value.to_string(),
-                expires: now + ttl,
-            },
-        );
-        Ok(())
+        let mut entries = self.entries();
+        self.maybe_sweep(&mut entries, now);
+        entries.put(key, value, ttl, now)
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StateError> {
         let now = Instant::now();
-        let mut map = self.entries();
-        Ok(map.remove(key).is_some_and(|e| e.expires > now))
+        let mut entries = self.entries();
+        Ok(entries.map.remove(key).is_some_and(|e| e.expires > now))
     }
 
     async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StateError> {
         let now = Instant::now();
-        let map = self.entries();
+        let entries = self.entries();
         Ok(keys
             .iter()
             .map(|k| {
-                map.get(k)
+                entries
+                    .map
+                    .get(k)
                     .filter(|e| e.expires > now)
                     .map(|e| e.value.clone())
             })
@@ -407,8 +493,8 @@ impl StateStore for MemoryStore {
 
     async fn take_one(&self, key: &str) -> Result<Option<i64>, StateError> {
         let now = Instant::now();
-        let mut map = self.entries();
-        let Some(entry) = map.get_mut(key).filter(|e| e.expires > now) else {
+        let mut entries = self.entries();
+        let Some(entry) = entries.map.get_mut(key).filter(|e| e.expires > now) else {
             return Ok(None);
         };
         let n: i64 = entry.value.parse().map_err(|_| StateError::corrupt(key))?;
@@ -821,6 +907,56 @@ mod tests {
             Err(StateError::Unavailable(_))
         ));
         assert!(s.rate_check("a", SLOW).await.unwrap().allowed);
+    }
+
+    #[test]
+    fn at_the_cap_new_records_fail_closed_and_live_ones_are_kept() {
+        let mut e = Entries::with_cap(2);
+        let t0 = Instant::now();
+        let hour = Duration::from_secs(3600);
+        e.put("dpop:jti:a", "1", hour, t0).unwrap();
+        e.put("dpop:jti:b", "1", Duration::from_secs(10), t0)
+            .unwrap();
+        // A new key is refused, naming no key; nothing live was evicted.
+        let err = e.put("dpop:jti:secret-c", "1", hour, t0).unwrap_err();
+        assert_eq!(err, StateError::Unavailable(ENTRIES_FULL.to_string()));
+        assert!(!err.to_string().contains("secret-c"), "{err}");
+        assert_eq!(e.map.len(), 2);
+        // A key already held is written again whatever the count.
+        e.put("dpop:jti:a", "2", hour, t0).unwrap();
+        assert_eq!(e.map["dpop:jti:a"].value, "2");
+        // A sweep just before `b` expires finds the map full of live records; within a
+        // second of it there is no new pass over the map, so `b`, expired meanwhile, is still
+        // held and `c` still refused.
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert!(e.put("dpop:jti:c", "1", hour, ms(9_900)).is_err());
+        assert!(e.put("dpop:jti:c", "1", hour, ms(10_500)).is_err());
+        assert!(e.map.contains_key("dpop:jti:b"));
+        // Once the pause is over, the sweep forgets the expired `b` (not `a`) and `c` fits.
+        e.put("dpop:jti:c", "1", hour, ms(10_900)).unwrap();
+        assert!(e.map.contains_key("dpop:jti:a") && !e.map.contains_key("dpop:jti:b"));
+    }
+
+    #[tokio::test]
+    async fn a_memory_store_full_of_records_refuses_new_ones_through_the_trait() {
+        let s = MemoryStore::with_entry_cap(1);
+        let ttl = Duration::from_secs(60);
+        assert!(s.insert_if_absent("a", "x", ttl).await.unwrap());
+        // A replayed record is still told apart from a new one at the cap.
+        assert!(!s.insert_if_absent("a", "x", ttl).await.unwrap());
+        assert!(matches!(
+            s.insert_if_absent("b", "x", ttl).await,
+            Err(StateError::Unavailable(_))
+        ));
+        assert!(matches!(
+            s.set("b", "x", ttl).await,
+            Err(StateError::Unavailable(_))
+        ));
+        s.set("a", "y", ttl).await.unwrap();
+        assert_eq!(s.get("a").await.unwrap().as_deref(), Some("y"));
+        // Deleting one makes room.
+        assert!(s.delete("a").await.unwrap());
+        assert!(s.insert_if_absent("b", "x", ttl).await.unwrap());
     }
 
     #[test]
