@@ -27,7 +27,7 @@ use envoy_types::ext_authz::v3::pb::{
 use envoy_types::pb::google::rpc;
 
 pub use service::AuthorizationServer;
-use wire::{CheckRequest, HeaderList};
+use wire::{CheckRequest, HeaderList, NotUtf8, text};
 
 use crate::admin::metrics::{ApiKeyLabels, DecisionLabels, DryRunLabels, Metrics, RouteLabel};
 use crate::audit::{AuditEvent, AuditSink};
@@ -62,7 +62,11 @@ impl AuthzService {
 
     /// Decides one CheckRequest. Public so tests and benchmarks can call it without a socket.
     pub async fn decide(&self, req: &CheckRequest) -> CheckResponse {
-        let (decision, engine, parts) = self.decide_parts(RequestParts::from_check(req)).await;
+        let parts = match RequestParts::from_check(req) {
+            Ok(parts) => parts,
+            Err(e) => return self.malformed(&format!("unreadable CheckRequest: {e}")),
+        };
+        let (decision, engine, parts) = self.decide_parts(parts).await;
         to_response(&decision, &engine, parts.request_id())
     }
 
@@ -203,15 +207,16 @@ impl AuthzService {
 /// The request headers, plus, when Envoy sent the request body (`with_request_body`), the
 /// body's SHA-256 under an internal pseudo-header (approvals bind to it). A client can never
 /// send a header starting with `:`, and any such entry is replaced or removed anyway.
-fn request_headers(http: &wire::HttpRequest) -> HeaderList<'_> {
-    let mut headers = HeaderList::from_http(http);
+fn request_headers(http: &wire::HttpRequest) -> Result<HeaderList<'_>, NotUtf8> {
+    let mut headers = HeaderList::from_http(http)?;
+    // The body is only hashed: its bytes as Envoy sent them, UTF-8 or not.
     let body: &[u8] = if http.raw_body.is_empty() {
-        http.body.as_bytes()
+        &http.body
     } else {
         &http.raw_body
     };
     set_body_digest(&mut headers, body);
-    headers
+    Ok(headers)
 }
 
 /// Records the body's SHA-256 under the internal pseudo-header approvals bind to, or removes
@@ -242,27 +247,41 @@ struct RequestParts<'a> {
 }
 
 impl<'a> RequestParts<'a> {
-    fn from_check(req: &'a CheckRequest) -> Self {
+    /// The parts of a decoded CheckRequest; a text field the decision reads that is not
+    /// UTF-8 makes it unreadable.
+    fn from_check(req: &'a CheckRequest) -> Result<Self, NotUtf8> {
         let attrs = req.attributes.as_ref();
         let http = attrs
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref());
         let source = attrs.and_then(|a| a.source.as_ref());
-        let source_ip = source
+        let source_ip = match source
             .and_then(|s| s.address.as_ref())
             .and_then(|a| a.socket_address.as_ref())
-            .and_then(|sa| sa.address.parse::<IpAddr>().ok());
-        Self {
-            method: http.map_or("", |h| h.method.as_str()),
-            host: http.map_or("", |h| h.host.as_str()),
-            path: http.map_or("", |h| h.path.as_str()),
-            scheme: http.map_or("", |h| h.scheme.as_str()),
-            stream_id: http.map_or("", |h| h.id.as_str()),
-            headers: http.map(request_headers).unwrap_or_default(),
+        {
+            Some(sa) => text("attributes.source.address", &sa.address)?
+                .parse::<IpAddr>()
+                .ok(),
+            None => None,
+        };
+        let field = |name: &'static str, pick: fn(&'a wire::HttpRequest) -> &'a bytes::Bytes| {
+            http.map_or(Ok(""), |h| text(name, pick(h)))
+        };
+        Ok(Self {
+            method: field("attributes.request.http.method", |h| &h.method)?,
+            host: field("attributes.request.http.host", |h| &h.host)?,
+            path: field("attributes.request.http.path", |h| &h.path)?,
+            scheme: field("attributes.request.http.scheme", |h| &h.scheme)?,
+            stream_id: field("attributes.request.http.id", |h| &h.id)?,
+            headers: http.map(request_headers).transpose()?.unwrap_or_default(),
             source_ip,
-            principal: source.map_or("", |s| s.principal.as_str()),
-            certificate: source.map(|s| s.certificate.as_str()),
-        }
+            principal: source.map_or(Ok(""), |s| {
+                text("attributes.source.principal", &s.principal)
+            })?,
+            certificate: source
+                .map(|s| text("attributes.source.certificate", &s.certificate))
+                .transpose()?,
+        })
     }
 
     fn header(&self, name: &str) -> Option<&str> {
