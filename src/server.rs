@@ -207,6 +207,7 @@ impl Server {
             engine: engine.clone(),
             metrics: metrics.clone(),
             leaving: leaving.clone(),
+            bound: admin_addr,
         });
         let mut admin_stop = shutdown_rx;
         let admin_task = tokio::spawn(async move {

@@ -26,6 +26,10 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set when a shutdown has begun: still serving, no longer ready.
     pub leaving: Arc<AtomicBool>,
+    /// The address the admin listener is bound to. It never changes after the start, whatever
+    /// a reloaded config's `server.admin_listen` says, so it alone tells whether the listener
+    /// is on loopback.
+    pub bound: std::net::SocketAddr,
 }
 
 pub fn router(state: AdminState) -> Router {

@@ -38,7 +38,17 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 /// `None` when the caller may use the API; else the refusal.
-fn authorize(engine: &Engine, headers: &HeaderMap) -> Option<Response> {
+///
+/// Without `revocation.admin_token_sha256`, only a listener bound to loopback serves the API
+/// (`bound`: the address actually bound, not a reloaded config's `admin_listen`, which a
+/// reload cannot apply), and only to requests whose `Host` names loopback: a web page on this
+/// machine whose name is rebound to 127.0.0.1 reaches the listener from the browser with its
+/// own name as `Host`.
+fn authorize(
+    engine: &Engine,
+    bound: std::net::SocketAddr,
+    headers: &HeaderMap,
+) -> Option<Response> {
     let cfg = &engine.config.file;
     match &cfg.revocation.admin_token_sha256 {
         Some(want) => {
@@ -66,20 +76,32 @@ fn authorize(engine: &Engine, headers: &HeaderMap) -> Option<Response> {
                 ))
             }
         }
-        None => {
-            let loopback = cfg
-                .server
-                .admin_listen
-                .parse::<std::net::SocketAddr>()
-                .is_ok_and(|a| a.ip().is_loopback());
-            (!loopback).then(|| {
-                error(
-                    StatusCode::FORBIDDEN,
-                    "the admin listener is not on loopback: set `revocation.admin_token_sha256` to use this endpoint",
-                )
-            })
-        }
+        None if !bound.ip().is_loopback() => Some(error(
+            StatusCode::FORBIDDEN,
+            "the admin listener is not on loopback: set `revocation.admin_token_sha256` to use this endpoint",
+        )),
+        None if !headers.get(header::HOST).is_none_or(loopback_host) => Some(error(
+            StatusCode::FORBIDDEN,
+            "without `revocation.admin_token_sha256` this endpoint answers only requests addressed to loopback (`Host: localhost` or a loopback address)",
+        )),
+        None => None,
     }
+}
+
+/// A `Host` value naming this machine's loopback: `localhost`, `127.0.0.1`, `[::1]`... with or
+/// without a port.
+fn loopback_host(value: &header::HeaderValue) -> bool {
+    let Ok(host) = value.to_str() else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `jti`, `sid` or `sub`: exactly one. `None` is a bad request (see `bad_kind`).
@@ -125,7 +147,7 @@ fn bad_kind() -> Response {
 
 pub async fn list(State(state): State<AdminState>, headers: HeaderMap) -> Response {
     let engine = state.engine.load_full();
-    if let Some(refusal) = authorize(&engine, &headers) {
+    if let Some(refusal) = authorize(&engine, state.bound, &headers) {
         return refusal;
     }
     let file: Vec<_> = engine
@@ -172,7 +194,7 @@ pub async fn add(
     body: Result<Json<AddBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let engine = state.engine.load_full();
-    if let Some(refusal) = authorize(&engine, &headers) {
+    if let Some(refusal) = authorize(&engine, state.bound, &headers) {
         return refusal;
     }
     let Ok(Json(mut body)) = body else {
@@ -262,7 +284,7 @@ pub async fn remove(
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     let engine = state.engine.load_full();
-    if let Some(refusal) = authorize(&engine, &headers) {
+    if let Some(refusal) = authorize(&engine, state.bound, &headers) {
         return refusal;
     }
     let mut ids: HashMap<String, serde_json::Value> = query
@@ -296,5 +318,65 @@ pub async fn remove(
             "no runtime revocation for this value (file entries change only in the file)",
         ),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::metrics::Metrics;
+    use std::sync::Arc;
+
+    fn headers(host: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(host) = host {
+            h.insert(header::HOST, host.parse().unwrap());
+        }
+        h
+    }
+
+    /// The shipped config says `admin_listen: 127.0.0.1:9192`; what counts is where the
+    /// listener is: a reload that moved `admin_listen` to loopback (or dropped it, loopback
+    /// being the default) cannot move a listener bound to every interface.
+    #[test]
+    fn a_listener_bound_beyond_loopback_refuses_whatever_the_reloaded_config_says() {
+        let engine = crate::engine::tests::shipped_engine("", &Arc::new(Metrics::new()));
+        assert!(
+            engine
+                .config
+                .file
+                .server
+                .admin_listen
+                .starts_with("127.0.0.1:")
+        );
+        let everywhere: std::net::SocketAddr = "0.0.0.0:9192".parse().unwrap();
+        let refusal = authorize(&engine, everywhere, &headers(Some("127.0.0.1:9192")));
+        assert_eq!(refusal.map(|r| r.status()), Some(StatusCode::FORBIDDEN));
+    }
+
+    #[test]
+    fn on_loopback_only_requests_addressed_to_loopback_are_served() {
+        let engine = crate::engine::tests::shipped_engine("", &Arc::new(Metrics::new()));
+        let bound: std::net::SocketAddr = "127.0.0.1:9192".parse().unwrap();
+        let status = |host| authorize(&engine, bound, &headers(host)).map(|r| r.status());
+        for host in [
+            None,
+            Some("localhost"),
+            Some("LOCALHOST:9192"),
+            Some("127.0.0.1:9192"),
+            Some("127.0.0.2"),
+            Some("[::1]:9192"),
+        ] {
+            assert_eq!(status(host), None, "{host:?}");
+        }
+        // A name rebound to 127.0.0.1 by a web page, or any other name.
+        for host in [
+            "rebound.example:9192",
+            "rebound.example",
+            "localhost.evil:80",
+            "[::2]:9192",
+        ] {
+            assert_eq!(status(Some(host)), Some(StatusCode::FORBIDDEN), "{host}");
+        }
     }
 }
