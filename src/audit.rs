@@ -230,6 +230,9 @@ struct Pending {
     /// The writer made no room within `AUDIT_FULL_WAIT`: records are refused at once until
     /// it takes the next batch.
     stuck: bool,
+    /// The output refuses writes (a closed stdout, a full disk): records are refused at once
+    /// until a retried write goes through.
+    failing: bool,
 }
 
 struct Shared {
@@ -281,6 +284,9 @@ const AUDIT_MAX_PENDING: usize = 16 * 1024 * 1024;
 /// parked for longer than this.
 const AUDIT_FULL_WAIT: Duration = Duration::from_secs(1);
 
+/// While the output refuses writes, how often the writer tries again.
+const AUDIT_RETRY: Duration = Duration::from_millis(200);
+
 /// A batch buffer larger than this is not kept for reuse after a burst.
 const AUDIT_KEEP_CAPACITY: usize = 1024 * 1024;
 
@@ -314,6 +320,7 @@ impl AuditSink {
                 full_waiters: 0,
                 closed: false,
                 stuck: false,
+                failing: false,
             }),
             work: Condvar::new(),
             room: Condvar::new(),
@@ -376,6 +383,9 @@ impl AuditSink {
             line.push(b'\n');
             let shared = &handle.shared;
             let mut pending = shared.lock();
+            if pending.failing {
+                return false;
+            }
             // Read the clock only once the buffer is full, not on every record.
             let mut deadline = None;
             while pending.lines.len() >= AUDIT_MAX_PENDING && !pending.closed {
@@ -411,11 +421,17 @@ impl AuditSink {
 
 /// The writer thread: waits for a first line, lets a batch gather for the window, writes it
 /// with one call, acknowledges flushes; ends once every sink is gone and all is written.
+///
+/// A write the output refuses (a closed stdout, a full disk) keeps what it could not write
+/// and retries it every `AUDIT_RETRY`; meanwhile `failing` makes every record refused (its
+/// decision becomes an `audit_unavailable` deny: no allow goes unlogged), and flushes are
+/// not acknowledged. The first successful retry ends it.
 fn write_lines(shared: &Shared, out: &mut impl Write) {
     let mut batch = Vec::with_capacity(64 * 1024);
+    let mut failing = false;
     let mut pending = shared.lock();
     loop {
-        if pending.lines.is_empty() && pending.flushes.is_empty() {
+        if pending.lines.is_empty() && pending.flushes.is_empty() && !failing {
             if pending.closed {
                 break;
             }
@@ -427,10 +443,20 @@ fn write_lines(shared: &Shared, out: &mut impl Write) {
             pending.writer_idle = false;
             continue;
         }
-        // Let events pile up instead of being woken for each one; a flush request or the
-        // last sink going away ends the wait early.
-        let deadline = Instant::now() + AUDIT_BATCH_WINDOW;
-        while pending.flushes.is_empty() && !pending.closed {
+        if failing && pending.closed {
+            // Every sink is gone and the output still refuses: nothing more can be done.
+            break;
+        }
+        // Let events pile up instead of being woken for each one (a flush request or the
+        // last sink going away ends the wait early); while the output refuses writes, wait
+        // for the next retry.
+        let window = if failing {
+            AUDIT_RETRY
+        } else {
+            AUDIT_BATCH_WINDOW
+        };
+        let deadline = Instant::now() + window;
+        while (failing || pending.flushes.is_empty()) && !pending.closed {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -441,7 +467,12 @@ fn write_lines(shared: &Shared, out: &mut impl Write) {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        std::mem::swap(&mut batch, &mut pending.lines);
+        if batch.is_empty() {
+            std::mem::swap(&mut batch, &mut pending.lines);
+        } else {
+            batch.extend_from_slice(&pending.lines);
+            pending.lines.clear();
+        }
         let flushes = std::mem::take(&mut pending.flushes);
         let wake_full = pending.full_waiters > 0;
         let unstuck = std::mem::replace(&mut pending.stuck, false);
@@ -452,17 +483,56 @@ fn write_lines(shared: &Shared, out: &mut impl Write) {
         if wake_full {
             shared.room.notify_all();
         }
-        // A failed write (closed stdout) loses this batch; the Checks go on.
-        let _ = out.write_all(&batch).and_then(|()| out.flush());
-        batch.clear();
-        if batch.capacity() > AUDIT_KEEP_CAPACITY {
-            batch = Vec::with_capacity(64 * 1024);
-        }
-        for ack in flushes {
-            let _ = ack.send(());
+        let (written, error) = write_some(out, &batch);
+        batch.drain(..written);
+        match error {
+            None if failing => {
+                failing = false;
+                shared.lock().failing = false;
+                tracing::warn!(
+                    "the audit log takes writes again: decisions are recorded and enforced"
+                );
+            }
+            None => {}
+            Some(e) if !failing => {
+                failing = true;
+                shared.lock().failing = true;
+                tracing::error!(
+                    error = %e,
+                    "the audit log's output refuses writes: decisions are denied (audit_unavailable) until it takes them again"
+                );
+            }
+            Some(_) => {}
         }
         pending = shared.lock();
+        if failing {
+            // Not written yet: whoever waits for a flush keeps waiting (or times out).
+            pending.flushes.extend(flushes);
+        } else {
+            for ack in flushes {
+                let _ = ack.send(());
+            }
+        }
+        if batch.capacity() > AUDIT_KEEP_CAPACITY && batch.is_empty() {
+            batch = Vec::with_capacity(64 * 1024);
+        }
     }
+}
+
+/// Writes as much of `batch` as `out` takes, then flushes: the bytes written, and the error
+/// that stopped it. What was written is never written again, so a retry cannot repeat part
+/// of a line.
+fn write_some(out: &mut impl Write, batch: &[u8]) -> (usize, Option<std::io::Error>) {
+    let mut done = 0;
+    while done < batch.len() {
+        match out.write(&batch[done..]) {
+            Ok(0) => return (done, Some(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (done, Some(e)),
+        }
+    }
+    (done, out.flush().err())
 }
 
 #[cfg(test)]
@@ -814,6 +884,100 @@ mod tests {
         let lines = out.lines();
         assert_eq!(lines.len(), accepted + 1);
         assert_eq!(lines[accepted]["request_id"], "after");
+    }
+
+    /// An output that refuses writes while `broken` is set (as a closed stdout or a full
+    /// disk does), and takes at most `chunk` bytes a call.
+    #[derive(Clone, Default)]
+    struct Refusing {
+        out: Capture,
+        broken: Arc<std::sync::atomic::AtomicBool>,
+        chunk: usize,
+    }
+
+    impl Write for Refusing {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            let n = buf.len().min(self.chunk);
+            // Half of one call goes through, then the output breaks: a line cut in two.
+            self.out.write(&buf[..n])
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_output_that_refuses_writes_gets_records_refused_until_it_takes_them_again() {
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let out = Refusing {
+            broken: broken.clone(),
+            chunk: 1 << 20,
+            ..Default::default()
+        };
+        let writer = out.clone();
+        let sink = AuditSink::to_writer(move || writer).unwrap();
+        assert!(sink.record(event("before")));
+        assert!(sink.flush(Duration::from_secs(10)));
+        broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The first record after the break is accepted (nobody knows yet); once the writer
+        // has met the refusal, records are refused at once: their decisions must not stand.
+        assert!(sink.record(event("lost-in-flight")));
+        let shared = sink.handle.as_ref().unwrap().shared.clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !shared.lock().failing {
+            assert!(Instant::now() < deadline, "never noticed the refusal");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t = Instant::now();
+        for i in 0..100 {
+            assert!(!sink.record(event(&format!("refused-{i}"))));
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(
+            !sink.flush(Duration::from_millis(300)),
+            "nothing was written"
+        );
+        // The output takes writes again: the kept record is written after all, records are
+        // accepted again, and no refused one appears.
+        broken.store(false, std::sync::atomic::Ordering::SeqCst);
+        while shared.lock().failing {
+            assert!(Instant::now() < deadline, "never recovered");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(sink.record(event("after")));
+        assert!(sink.flush(Duration::from_secs(10)));
+        let ids: Vec<String> = out
+            .out
+            .lines()
+            .iter()
+            .map(|l| l["request_id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, ["before", "lost-in-flight", "after"]);
+    }
+
+    #[test]
+    fn write_some_reports_what_was_written_before_the_output_refused() {
+        let mut out = Refusing {
+            chunk: 10,
+            ..Default::default()
+        };
+        let (written, error) = write_some(&mut out, b"0123456789abcdef\n");
+        assert_eq!((written, error.map(|e| e.kind())), (17, None));
+        out.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (written, error) = write_some(&mut out, b"xyz\n");
+        assert_eq!(written, 0);
+        assert_eq!(
+            error.map(|e| e.kind()),
+            Some(std::io::ErrorKind::BrokenPipe)
+        );
+        assert_eq!(out.out.0.lock().unwrap().as_slice(), b"0123456789abcdef\n");
     }
 
     #[test]
