@@ -196,6 +196,19 @@ impl Reloader {
                 self.path.display()
             ));
         }
+        // The gRPC listener's TLS settings are read once, at start (its reloader re-reads only
+        // the files' contents). Taking a changed allow-list as reloaded would keep admitting
+        // a principal the operator just removed: refuse, so the error says a restart is
+        // needed.
+        if new.file.server.tls != old.config.file.server.tls {
+            return Err(format!(
+                "{}: server.tls: the gRPC listener's TLS settings (files, client_ca, \
+                 require_client_cert, allowed_client_principals) changed; they take effect \
+                 only after a restart, and the config in force stays until then (the files' \
+                 contents are reloaded without one)",
+                self.path.display()
+            ));
+        }
         let keys = if !reload_keys && same_key_sources(&old.config, &new) {
             old.keys.clone()
         } else {

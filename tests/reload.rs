@@ -207,6 +207,43 @@ async fn a_changed_state_store_is_refused_until_a_restart() {
     server.shutdown().await;
 }
 
+/// The gRPC listener's TLS settings are read at start: a reload that changes them (here it
+/// adds TLS to the plaintext listener; removing a principal from the allow-list is the same
+/// comparison) is refused until a restart, instead of reported as applied while the listener
+/// keeps the settings it started with.
+#[tokio::test]
+async fn changed_tls_settings_are_refused_until_a_restart() {
+    let s = Setup::new();
+    let (server, mut reloader) = s.serve().await;
+    let alice = mint_dev(json!({"sub": "alice", "scope": "orders:read"}));
+    let pki = root().join("tests/fixtures/mtls");
+    let tls = format!(
+        "  tls: {{cert: {}, key: {}, client_ca: {}, allowed_client_principals: ['spiffe://example.org/envoy']}}\n",
+        pki.join("server.crt").display(),
+        pki.join("server.key").display(),
+        pki.join("ca.crt").display(),
+    );
+    let moved = s.orders_read_needs("orders:audit").replace(
+        "  listen: 127.0.0.1:0",
+        &format!("{tls}  listen: 127.0.0.1:0"),
+    );
+    assert_ne!(moved, s.orders_read_needs("orders:audit"));
+    s.write(&moved);
+    match reloader.poll(false).await {
+        ReloadOutcome::Rejected(reason) => {
+            assert!(
+                reason.contains("server.tls:") && reason.contains("restart"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    // The policy in force is the one before the edit.
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
+    assert_eq!(reloads(&server, "error"), 1);
+    server.shutdown().await;
+}
+
 /// An issuer renamed while the revocation file scopes an entry to it: reloading the same
 /// file against the new names fails, so the reload is refused (the entry would otherwise go
 /// quietly unmatched). Fixing the file alone retries the config.

@@ -87,7 +87,7 @@ pub struct ServerConfig {
 /// TLS for the gRPC listener, so only a client with a certificate from `client_ca` (your
 /// Envoy) can ask for decisions. Files are PEM, resolved against the config file's folder,
 /// and reloaded when they change (checked every second, and on SIGHUP).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// The server certificate chain (leaf first).
