@@ -9,13 +9,16 @@
 //! Decisions, and why:
 //! - The query (`?...`) is split off first and not inspected here; a `#` anywhere is rejected
 //!   (a fragment never belongs in a request line).
-//! - Percent-escapes of ordinary printable ASCII (`%41`, `%20`, `%3F`) are decoded per segment,
-//!   so a literal `/%61dmin` matches the route for `/admin` exactly as the upstream will see
-//!   it. Rejecting them would be safe too, but decoding keeps legitimate clients working and
+//! - Percent-escapes of ordinary printable ASCII (`%41`, `%20`) are decoded per segment, so a
+//!   literal `/%61dmin` matches the route for `/admin` exactly as the upstream will see it.
+//!   Rejecting them would be safe too, but decoding keeps legitimate clients working and
 //!   cannot change which route a request reaches in a way the upstream disagrees with.
 //! - Escapes that change structure or meaning are rejected: `%2F` (`/`), `%5C` (`\`), `%00`,
-//!   `%25` (double encoding), `%3B` (`;`), control characters, and anything non-ASCII, raw or
-//!   encoded (upstreams differ on Unicode normalization; refusing is the only safe answer).
+//!   `%25` (double encoding), `%3B` (`;`), `%3F` (`?`) and `%23` (`#`), control characters,
+//!   and anything non-ASCII, raw or encoded (upstreams differ on Unicode normalization;
+//!   refusing is the only safe answer). `%3F` and `%23` because an upstream that decodes the
+//!   path and then parses it again reads `/admin%3Fx` as `/admin` with a query, where
+//!   Portcullis would match a segment `admin?x` (to a wider route, e.g. a public `/**`).
 //! - Dot segments (`.`, `..`, also encoded), and segments ending in `.` or a space (Windows
 //!   servers strip them, so `/admin.` can reach `/admin`) are rejected.
 //! - An empty segment (`//`) is rejected, except a single trailing `/`, which is kept as a
@@ -53,6 +56,8 @@ pub enum PathError {
     DoubleEncoding,
     #[error("the path contains an encoded `;` (`%3B`)")]
     EncodedSemicolon,
+    #[error("the path contains an encoded `?` or `#` (`%3F`, `%23`)")]
+    EncodedDelimiter,
     #[error("the path contains an encoded control character")]
     EncodedControl,
     #[error("the path contains an encoded non-ASCII byte")]
@@ -177,6 +182,7 @@ fn decode(bytes: &[u8]) -> Result<String, PathError> {
             0x00 => return Err(PathError::EncodedNul),
             b'%' => return Err(PathError::DoubleEncoding),
             b';' => return Err(PathError::EncodedSemicolon),
+            b'?' | b'#' => return Err(PathError::EncodedDelimiter),
             0x01..=0x1f | 0x7f => return Err(PathError::EncodedControl),
             0x80..=0xff => return Err(PathError::EncodedNonAscii),
             _ => out.push(char::from(v)),
@@ -223,7 +229,6 @@ mod tests {
     fn harmless_escapes_are_decoded() {
         ok("/%61dmin/x", &["admin", "x"]);
         ok("/files/a%20b", &["files", "a b"]);
-        ok("/q/a%3Fb%23c", &["q", "a?b#c"]);
         ok("/x/%2e%2e%2ex", &["x", "...x"]);
     }
 
@@ -276,6 +281,9 @@ mod tests {
         bad("/admin%00", PathError::EncodedNul);
         bad("/admin%252e%252e", PathError::DoubleEncoding);
         bad("/admin%3bx", PathError::EncodedSemicolon);
+        bad("/admin%3fx", PathError::EncodedDelimiter);
+        bad("/admin%3Fx", PathError::EncodedDelimiter);
+        bad("/admin%23x", PathError::EncodedDelimiter);
         bad("/admin%0a", PathError::EncodedControl);
         bad("/admin%7F", PathError::EncodedControl);
         bad("/adm%C3%A9n", PathError::EncodedNonAscii);
