@@ -295,6 +295,59 @@ async fn a_new_request_is_posted_to_the_webhook_with_retries() {
     assert_eq!(hook["method"], "DELETE");
 }
 
+/// The webhook's answer cannot send the notification elsewhere: a redirect is a failed
+/// delivery (retried at the webhook's own URL), never followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_never_follows_a_redirect() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (hooked, elsewhere) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (h1, e1) = (hooked.clone(), elsewhere.clone());
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(move || {
+                h1.fetch_add(1, Ordering::SeqCst);
+                async {
+                    (
+                        axum::http::StatusCode::TEMPORARY_REDIRECT,
+                        [("location", "/elsewhere")],
+                    )
+                }
+            }),
+        )
+        .route(
+            "/elsewhere",
+            axum::routing::post(move || {
+                e1.fetch_add(1, Ordering::SeqCst);
+                async { axum::http::StatusCode::NO_CONTENT }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let h = Harness::start_with(&format!(
+        "approvals:\n  webhook: {{ url: 'http://{addr}/hook', timeout: 2s, retries: 1 }}"
+    ))
+    .await;
+    denied(&h.check(&mint("alice", &["dba"])).await);
+    let started = std::time::Instant::now();
+    while hooked.load(Ordering::SeqCst) < 2 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the webhook was not retried after the redirect"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        elsewhere.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
+    assert_eq!(hooked.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approval_binds_to_the_body_envoy_sent() {
     let h = Harness::start().await;

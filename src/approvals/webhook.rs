@@ -21,8 +21,11 @@ pub struct Webhook {
 
 impl Webhook {
     pub fn new(config: &WebhookConfig, link_base: Option<String>) -> Self {
+        // No redirects: a 307/308 would send the request (subject, path, justification) on to
+        // wherever the webhook's answer points. A redirect is a failed delivery, retried.
         let client = reqwest::Client::builder()
             .timeout(config.timeout.get())
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .ok();
         Self {
