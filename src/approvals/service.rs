@@ -249,7 +249,7 @@ impl Approvals {
             return refused(decision, ReasonCode::ApprovalRequired, detail);
         }
         let body = req.header(BODY_SHA256_HEADER);
-        let fp = fingerprint(&identity, req, body);
+        let fp = fingerprint(&identity, &policy, req, body);
 
         if let Some(index) = policy.pre_approved(&identity, now) {
             self.record_pre_approval(&policy, &identity, req, &fp, index, now)

@@ -84,10 +84,28 @@ impl Req {
 }
 
 fn granted(who: &Arc<Identity>) -> Decision {
-    Decision::new(ReasonCode::Allowed, "granted by rule `dba`")
+    granted_by(who, "dba")
+}
+
+fn granted_by(who: &Arc<Identity>, rule: &str) -> Decision {
+    Decision::new(ReasonCode::Allowed, format!("granted by rule `{rule}`"))
         .with_route(Some(Arc::from("drop-db")))
-        .with_rule(Some(Arc::from("dba")))
+        .with_rule(Some(Arc::from(rule)))
         .with_identity(Some(who.clone()))
+}
+
+/// A second rule on `drop-db`, after `dba`: role `support` asks, role `support-lead` approves,
+/// five uses.
+const SUPPORT_RULE: &str = r#"      - id: support
+        roles: [support]
+        approval:
+          approvers: { roles: [support-lead] }
+          uses: 5
+"#;
+
+/// The compiled approval policy of `rule` on `drop-db`.
+fn policy_of(config: &crate::config::Config, rule: &str) -> Arc<ApprovalPolicy> {
+    compile(&config.file.routes)[&("drop-db".to_string(), rule.to_string())].clone()
 }
 
 fn approvals(store: Arc<dyn StateStore>) -> Approvals {
@@ -112,15 +130,26 @@ fn approval_id(d: &Decision) -> String {
 }
 
 #[test]
-fn fingerprints_differ_by_subject_method_host_path_query_and_body() {
+fn fingerprints_differ_by_subject_rule_method_host_path_query_and_body() {
+    let config = config(SUPPORT_RULE);
+    let (dba, support) = (policy_of(&config, "dba"), policy_of(&config, "support"));
     let alice = identity("alice", &[]);
     let base = Req::new("DELETE", "db.example.com", "/databases/orders");
-    let fp = fingerprint(&alice, &base.view(), None);
+    let fp = fingerprint(&alice, &dba, &base.view(), None);
     assert_eq!(fp.len(), 64);
-    assert_eq!(fp, fingerprint(&alice, &base.view(), None), "deterministic");
+    assert_eq!(
+        fp,
+        fingerprint(&alice, &dba, &base.view(), None),
+        "deterministic"
+    );
     // The host is compared as routes match it.
     let same = Req::new("DELETE", "DB.example.com.:443", "/databases/orders");
-    assert_eq!(fp, fingerprint(&alice, &same.view(), None));
+    assert_eq!(fp, fingerprint(&alice, &dba, &same.view(), None));
+    // Another rule (or route) is another request: it has other approvers.
+    assert_ne!(fp, fingerprint(&alice, &support, &base.view(), None));
+    let mut other_route = (*dba).clone();
+    other_route.route = Arc::from("drop-db-2");
+    assert_ne!(fp, fingerprint(&alice, &other_route, &base.view(), None));
     for other in [
         Req::new("GET", "db.example.com", "/databases/orders"),
         Req::new("DELETE", "db2.example.com", "/databases/orders"),
@@ -129,13 +158,16 @@ fn fingerprints_differ_by_subject_method_host_path_query_and_body() {
     ] {
         assert_ne!(
             fp,
-            fingerprint(&alice, &other.view(), None),
+            fingerprint(&alice, &dba, &other.view(), None),
             "{}",
             other.path
         );
     }
-    assert_ne!(fp, fingerprint(&identity("bob", &[]), &base.view(), None));
-    assert_ne!(fp, fingerprint(&alice, &base.view(), Some("abc")));
+    assert_ne!(
+        fp,
+        fingerprint(&identity("bob", &[]), &dba, &base.view(), None)
+    );
+    assert_ne!(fp, fingerprint(&alice, &dba, &base.view(), Some("abc")));
 }
 
 #[test]
@@ -155,7 +187,7 @@ fn records_round_trip_as_json() {
     let record = Record {
         id: new_id(),
         state: ApprovalState::Pending,
-        fingerprint: fingerprint(&alice, &r.view(), None),
+        fingerprint: fingerprint(&alice, &policy_of(&config(""), "dba"), &r.view(), None),
         issuer_name: "corp".into(),
         issuer: alice.issuer.clone(),
         subject: "alice".into(),
@@ -675,5 +707,64 @@ async fn an_approval_that_cannot_be_recorded_grants_nothing_and_can_be_retried()
     let approved = a.approve(&bob, &id, None, NOW + 3).await.unwrap();
     assert_eq!(approved.state, ApprovalState::Approved);
     let d = a.gate(&r.view(), granted(&alice), NOW + 4).await;
+    assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+}
+
+/// An approval is spent only by the rule it was asked and approved under: the same caller's
+/// same action granted by another rule (another token) needs that rule's approvers.
+#[tokio::test]
+async fn an_approval_under_one_rule_never_satisfies_another_rules_approval() {
+    let a = Approvals::new(&config(SUPPORT_RULE), Arc::new(MemoryStore::new()));
+    let alice_support = identity("alice", &["support"]);
+    let alice_dba = identity("alice", &["dba"]);
+    let sam = identity("sam", &["support-lead"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+
+    let asked = a
+        .gate(&r.view(), granted_by(&alice_support, "support"), NOW)
+        .await;
+    let support_id = approval_id(&asked);
+    let approved = a.approve(&sam, &support_id, None, NOW).await.unwrap();
+    assert_eq!((approved.rule.as_str(), approved.uses), ("support", 5));
+
+    // The same request with her dba token is granted by rule `dba`: Sam's approval is not
+    // a dba-lead's, so it asks anew, as a request of its own that dba approvers decide.
+    for t in 1..=5 {
+        let d = a.gate(&r.view(), granted(&alice_dba), NOW + t).await;
+        assert_eq!(d.code, ReasonCode::ApprovalRequired, "{}", d.detail);
+        assert_ne!(approval_id(&d), support_id);
+    }
+    let dba_id = approval_id(&a.gate(&r.view(), granted(&alice_dba), NOW + 6).await);
+    assert!(a.list(&sam, false, NOW + 6).await.unwrap().is_empty());
+    let for_bob = a.list(&bob, false, NOW + 6).await.unwrap();
+    assert_eq!(
+        for_bob
+            .iter()
+            .map(|r| (r.id.as_str(), r.rule.as_str()))
+            .collect::<Vec<_>>(),
+        [(dba_id.as_str(), "dba")]
+    );
+    assert!(matches!(
+        a.approve(&sam, &dba_id, None, NOW + 6).await,
+        Err(ApprovalError::NotApprover(_))
+    ));
+
+    // Sam's approval is untouched by those attempts: its five uses are still there for
+    // rule `support`, and none more.
+    for t in 7..12 {
+        let d = a
+            .gate(&r.view(), granted_by(&alice_support, "support"), NOW + t)
+            .await;
+        assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+    }
+    let spent = a
+        .gate(&r.view(), granted_by(&alice_support, "support"), NOW + 12)
+        .await;
+    assert_eq!(spent.code, ReasonCode::ApprovalRequired);
+
+    // Bob's approval of the dba request allows rule `dba` once.
+    a.approve(&bob, &dba_id, None, NOW + 13).await.unwrap();
+    let d = a.gate(&r.view(), granted(&alice_dba), NOW + 14).await;
     assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
 }
