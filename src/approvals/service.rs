@@ -594,39 +594,68 @@ impl Approvals {
         let policy = self.claim(&record, who, now).await?;
         let ttl = ttl.unwrap_or(policy.ttl).max(Duration::from_secs(1));
         let fp = record.fingerprint.clone();
+        let pending = record.clone();
         record.state = ApprovalState::Approved;
         record.decided_by = Some(actor(who));
         record.decided_at = Some(now);
         record.uses = policy.uses;
         record.grant_expires_at = Some(now.saturating_add(secs(ttl)));
-        let written = async {
-            self.state.set(&key_grant_id(&fp), &record.id, ttl).await?;
-            self.state
-                .set(&key_grant(&fp), &policy.uses.to_string(), ttl)
-                .await?;
-            self.store_record(&record, ttl + RECORD_GRACE, now).await
-        }
-        .await;
-        if let Err(e) = written {
-            // No usable grant without its record and its audit event: undo (best effort)
-            // and release the decision, so the approver can try again.
-            let _ = self.state.delete(&key_grant(&fp)).await;
-            let _ = self.state.delete(&key_grant_id(&fp)).await;
-            let _ = self.state.delete(&key_decided(&record.id)).await;
+        // INVARIANT: the record first, the usable grant last. Until the grant is written,
+        // nothing allows; a step that fails is undone (best effort) back to a pending request
+        // whose decision is released, so the approver (or another) can decide it again.
+        if let Err(e) = self.store_record(&record, ttl + RECORD_GRACE, now).await {
+            self.undo_approval(&pending, now).await;
             return Err(e.into());
         }
-        let mut event = ApprovalEvent::new("approved", &record);
+        if let Err(e) = self.state.set(&key_grant_id(&fp), &record.id, ttl).await {
+            let _ = self.state.delete(&key_grant_id(&fp)).await;
+            self.undo_approval(&pending, now).await;
+            return Err(e.into());
+        }
+        if let Err(e) = self
+            .state
+            .set(&key_grant(&fp), &policy.uses.to_string(), ttl)
+            .await
+        {
+            // The write may have landed all the same (a timeout after Redis applied it).
+            if self.state.delete(&key_grant(&fp)).await.is_err() {
+                // It may be usable and cannot be taken back: leave the request approved,
+                // as its record says, and log the approval, so nothing that may be used
+                // goes unlisted or unaudited.
+                self.approved(&record, policy.uses).await;
+                return Err(e.into());
+            }
+            let _ = self.state.delete(&key_grant_id(&fp)).await;
+            self.undo_approval(&pending, now).await;
+            return Err(e.into());
+        }
+        self.approved(&record, policy.uses).await;
+        Ok(record)
+    }
+
+    /// The approval `record` is in force: its `approved` event, and its action's pending
+    /// slot released, so the next request after the uses are spent asks anew (best effort:
+    /// the approval is in force and logged whatever this answers).
+    async fn approved(&self, record: &Record, uses: u32) {
+        let mut event = ApprovalEvent::new("approved", record);
         event.actor = record.decided_by.clone();
-        event.uses_left = Some(i64::from(policy.uses));
+        event.uses_left = Some(i64::from(uses));
         self.audit.record_approval(event);
-        // The next request after the uses are spent asks anew (best effort: the approval
-        // is in force and logged whatever this answers).
-        if let Ok(Some(pending)) = self.state.get(&key_req(&fp)).await
+        let fp = &record.fingerprint;
+        if let Ok(Some(pending)) = self.state.get(&key_req(fp)).await
             && pending == record.id
         {
-            let _ = self.state.delete(&key_req(&fp)).await;
+            let _ = self.state.delete(&key_req(fp)).await;
         }
-        Ok(record)
+    }
+
+    /// Best effort, after an approval failed before its grant was written: `pending` is
+    /// stored again (the approved record may have been written) and the decision is
+    /// released, so the request can be decided again.
+    async fn undo_approval(&self, pending: &Record, now: i64) {
+        let left = Duration::from_secs(u64::try_from(pending.expires_at - now).unwrap_or(0).max(1));
+        let _ = self.store_record(pending, left + RECORD_GRACE, now).await;
+        let _ = self.state.delete(&key_decided(&pending.id)).await;
     }
 
     /// Rejects a pending request: retries are refused (naming the rejection) until the

@@ -768,3 +768,152 @@ async fn an_approval_under_one_rule_never_satisfies_another_rules_approval() {
     let d = a.gate(&r.view(), granted(&alice_dba), NOW + 14).await;
     assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
 }
+
+/// The audit lines an `AuditSink` wrote, for tests that look at approval events.
+#[derive(Clone, Default)]
+struct AuditLines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for AuditLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AuditLines {
+    /// An `Approvals` on `store` whose events go to the returned lines.
+    fn approvals(store: Arc<dyn StateStore>) -> (Approvals, crate::audit::AuditSink, AuditLines) {
+        let lines = AuditLines::default();
+        let writer = lines.clone();
+        let sink = crate::audit::AuditSink::to_writer(move || writer).unwrap();
+        let mut a = approvals(store);
+        a.set_audit(sink.clone());
+        (a, sink, lines)
+    }
+
+    /// The `event` of every approval line written so far.
+    fn events(&self, sink: &crate::audit::AuditSink) -> Vec<String> {
+        assert!(sink.flush(Duration::from_secs(5)), "audit flush timed out");
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| v["event"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+}
+
+/// An approval whose record cannot be written, and whose cleanup cannot delete anything of
+/// the grant's either, leaves nothing usable: the grant is written only after the record.
+/// The request stays pending and listed, another approver can still decide it, and no
+/// `approved` or `used` event is written.
+#[tokio::test]
+async fn a_failed_approval_whose_cleanup_fails_too_grants_nothing() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let (a, sink, lines) = AuditLines::approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    let bob = identity("bob", &["dba-lead"]);
+    store
+        .fail_index_add
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    *store.fail_delete.lock().unwrap() = vec!["approval:grant".into()];
+    assert!(matches!(
+        a.approve(&bob, &id, None, NOW + 1).await,
+        Err(ApprovalError::State(_))
+    ));
+    store
+        .fail_index_add
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+
+    let d = a.gate(&r.view(), granted(&alice), NOW + 2).await;
+    assert_eq!(d.code, ReasonCode::ApprovalRequired, "{}", d.detail);
+    assert_eq!(approval_id(&d), id);
+    let carol = identity("carol", &[]);
+    let listed = a.list(&carol, false, NOW + 2).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|r| (r.id.as_str(), r.state))
+            .collect::<Vec<_>>(),
+        [(id.as_str(), ApprovalState::Pending)]
+    );
+    let rejected = a.reject(&carol, &id, None, NOW + 3).await.unwrap();
+    assert_eq!(rejected.state, ApprovalState::Rejected);
+    let d = a.gate(&r.view(), granted(&alice), NOW + 4).await;
+    assert_eq!(d.code, ReasonCode::ApprovalRequired, "{}", d.detail);
+    assert!(
+        d.detail.contains("rejected by `corp:carol`"),
+        "{}",
+        d.detail
+    );
+    assert_eq!(lines.events(&sink), ["requested", "rejected"]);
+}
+
+/// The grant is the last write: when it fails, the approved record written before it is
+/// put back to pending and the decision released, so the approval can be retried.
+#[tokio::test]
+async fn a_failed_grant_write_leaves_the_request_pending_and_retryable() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let (a, sink, lines) = AuditLines::approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    let bob = identity("bob", &["dba-lead"]);
+    *store.fail_set.lock().unwrap() = vec!["approval:grant:".into()];
+    assert!(matches!(
+        a.approve(&bob, &id, None, NOW + 1).await,
+        Err(ApprovalError::State(_))
+    ));
+    let d = a.gate(&r.view(), granted(&alice), NOW + 2).await;
+    assert_eq!(d.code, ReasonCode::ApprovalRequired, "{}", d.detail);
+    let listed = a.list(&bob, false, NOW + 2).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.state).collect::<Vec<_>>(),
+        [ApprovalState::Pending]
+    );
+    store.fail_set.lock().unwrap().clear();
+    a.approve(&bob, &id, None, NOW + 3).await.unwrap();
+    let d = a.gate(&r.view(), granted(&alice), NOW + 4).await;
+    assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+    assert_eq!(lines.events(&sink), ["requested", "approved", "used"]);
+}
+
+/// A grant write that fails and cannot be taken back either may have landed (a timeout
+/// after Redis applied it): the request is then left approved, as its record says, and the
+/// approval is logged, so nothing that may be used is unlisted or unaudited.
+#[tokio::test]
+async fn a_grant_that_cannot_be_taken_back_is_recorded_and_audited_as_approved() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let (a, sink, lines) = AuditLines::approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    let bob = identity("bob", &["dba-lead"]);
+    *store.fail_set.lock().unwrap() = vec!["approval:grant:".into()];
+    *store.fail_delete.lock().unwrap() = vec!["approval:grant:".into()];
+    assert!(matches!(
+        a.approve(&bob, &id, None, NOW + 1).await,
+        Err(ApprovalError::State(_))
+    ));
+    let listed = a.list(&bob, true, NOW + 2).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.state).collect::<Vec<_>>(),
+        [ApprovalState::Approved]
+    );
+    assert!(matches!(
+        a.reject(&bob, &id, None, NOW + 2).await,
+        Err(ApprovalError::AlreadyDecided {
+            state: "approved",
+            ..
+        })
+    ));
+    assert_eq!(lines.events(&sink), ["requested", "approved"]);
+    // Here the grant never landed: the next request asks anew.
+    let d = a.gate(&r.view(), granted(&alice), NOW + 3).await;
+    assert_eq!(d.code, ReasonCode::ApprovalRequired, "{}", d.detail);
+    assert_ne!(approval_id(&d), id);
+}
