@@ -34,6 +34,12 @@ pub enum ApprovalError {
     SelfApproval(String),
     #[error("approval `{id}` is already {state}")]
     AlreadyDecided { id: String, state: &'static str },
+    /// Another decision of the request has claimed it and not written its outcome yet.
+    #[error(
+        "approval `{0}` is being decided (another decision of it has not finished); list it \
+         again for the outcome"
+    )]
+    BeingDecided(String),
     #[error("approval request `{0}` has expired")]
     Expired(String),
     #[error("invalid ttl: {0}")]
@@ -560,11 +566,15 @@ impl Approvals {
             )
             .await?;
         if !first {
-            let state = match self.load(&id).await.map(|r| r.state) {
-                Ok(ApprovalState::Rejected) => "rejected",
-                _ => "approved",
-            };
-            return Err(ApprovalError::AlreadyDecided { id, state });
+            // Name the state the record is in: still pending means the other decision has
+            // not written it yet.
+            return Err(match self.load(&id).await?.state {
+                ApprovalState::Pending => ApprovalError::BeingDecided(id),
+                state => ApprovalError::AlreadyDecided {
+                    id,
+                    state: state.as_str(),
+                },
+            });
         }
         Ok(policy)
     }
@@ -676,7 +686,12 @@ impl Approvals {
             .map(|r| r.chars().filter(|c| !c.is_control()).take(500).collect())
             .filter(|r: &String| !r.trim().is_empty());
         let left = Duration::from_secs(u64::try_from(record.expires_at - now).unwrap_or(1));
-        self.store_record(&record, left + RECORD_GRACE, now).await?;
+        if let Err(e) = self.store_record(&record, left + RECORD_GRACE, now).await {
+            // Release the decision (best effort), so the request is not left claimed by a
+            // rejection that never happened: it can be rejected again, or approved.
+            let _ = self.state.delete(&key_decided(&record.id)).await;
+            return Err(e.into());
+        }
         let mut event = ApprovalEvent::new("rejected", &record);
         event.actor = record.decided_by.clone();
         event.reason = record.reason.clone();

@@ -917,3 +917,76 @@ async fn a_grant_that_cannot_be_taken_back_is_recorded_and_audited_as_approved()
     assert_eq!(d.code, ReasonCode::ApprovalRequired, "{}", d.detail);
     assert_ne!(approval_id(&d), id);
 }
+
+/// A rejection whose record cannot be written releases the decision it claimed: the request
+/// stays pending, and can be rejected again (or approved), rather than being locked and
+/// reported as "already approved".
+#[tokio::test]
+async fn a_failed_rejection_can_be_retried() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let (a, sink, lines) = AuditLines::approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    store
+        .fail_index_add
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(
+        a.reject(&bob, &id, Some("no".into()), NOW + 1).await,
+        Err(ApprovalError::State(_))
+    ));
+    store
+        .fail_index_add
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let listed = a.list(&bob, false, NOW + 2).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.state).collect::<Vec<_>>(),
+        [ApprovalState::Pending]
+    );
+    let rejected = a.reject(&bob, &id, Some("no".into()), NOW + 2).await;
+    assert_eq!(rejected.map(|r| r.state), Ok(ApprovalState::Rejected));
+    let d = a.gate(&r.view(), granted(&alice), NOW + 3).await;
+    assert!(d.detail.contains("rejected by `corp:bob`"), "{}", d.detail);
+    assert_eq!(lines.events(&sink), ["requested", "rejected"]);
+}
+
+/// A request whose decision is claimed but whose record still reads pending (another
+/// approver's decision has not finished) is reported as such, never as "already approved";
+/// a decided one is named by its state.
+#[tokio::test]
+async fn a_lost_claim_names_the_state_truthfully() {
+    let store = Arc::new(MemoryStore::new());
+    let a = approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let carol = identity("carol", &[]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    // Carol's decision, on another replica, has claimed it and not written it yet.
+    let key = format!("approval:decided:{id}");
+    assert!(
+        store
+            .insert_if_absent(&key, "corp:carol", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    for e in [
+        a.reject(&bob, &id, None, NOW + 1).await.unwrap_err(),
+        a.approve(&bob, &id, None, NOW + 1).await.unwrap_err(),
+    ] {
+        assert_eq!(e, ApprovalError::BeingDecided(id.clone()));
+        assert!(!e.to_string().contains("approved"), "{e}");
+        assert!(e.to_string().contains("being decided"), "{e}");
+    }
+    // Once decided, the state is named.
+    store.delete(&key).await.unwrap();
+    a.reject(&carol, &id, None, NOW + 2).await.unwrap();
+    assert_eq!(
+        a.approve(&bob, &id, None, NOW + 3).await,
+        Err(ApprovalError::AlreadyDecided {
+            id: id.clone(),
+            state: "rejected"
+        })
+    );
+}
