@@ -83,9 +83,9 @@ fn status(e: ApprovalError) -> Status {
         ApprovalError::NotApprover(_) | ApprovalError::SelfApproval(_) => {
             Status::permission_denied(message)
         }
-        ApprovalError::AlreadyDecided { .. } | ApprovalError::Expired(_) => {
-            Status::failed_precondition(message)
-        }
+        ApprovalError::AlreadyDecided { .. }
+        | ApprovalError::BeingDecided(_)
+        | ApprovalError::Expired(_) => Status::failed_precondition(message),
         ApprovalError::InvalidTtl(_) => Status::invalid_argument(message),
         ApprovalError::State(_) => Status::unavailable(message),
     }

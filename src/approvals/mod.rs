@@ -1,6 +1,6 @@
 //! Just-in-time approvals: a rule with `approval:` grants a request only after an approver
-//! approved that one action (same subject, method, host, path) for a limited time and number
-//! of uses, or a pre-approval policy holds.
+//! approved that one action (same subject, route and rule, method, host, path) for a limited
+//! time and number of uses, or a pre-approval policy holds.
 //!
 //! This file is the pure part: compiled approval policies, the request fingerprint, the
 //! record stored per request, and who may approve. No I/O, no clock (callers pass `now`).
@@ -238,11 +238,17 @@ impl Record {
 }
 
 /// The action a request asks for, as a fingerprint: SHA-256 over the requester (issuer name
-/// and subject), method, normalized host, full path (query included, so an approval for
-/// `?force=false` never covers `?force=true`) and the body hash when there is one. Fields
-/// are length-prefixed so no two different actions share an input.
+/// and subject), the route and rule whose approval it needs, method, normalized host, full
+/// path (query included, so an approval for `?force=false` never covers `?force=true`) and
+/// the body hash when there is one. Fields are length-prefixed so no two different actions
+/// share an input.
+///
+/// The route and rule are part of it because each rule has its own approvers: the same
+/// request granted by another rule (the caller's token changed) is another request, so an
+/// approval by one rule's approvers never satisfies another rule's approval.
 pub fn fingerprint(
     identity: &Identity,
+    policy: &ApprovalPolicy,
     req: &RequestView<'_>,
     body_sha256: Option<&str>,
 ) -> String {
@@ -251,6 +257,8 @@ pub fn fingerprint(
     for field in [
         &*identity.issuer_name,
         identity.subject.as_str(),
+        &*policy.route,
+        &*policy.rule,
         req.method,
         host.as_str(),
         req.path,

@@ -34,6 +34,12 @@ pub enum ApprovalError {
     SelfApproval(String),
     #[error("approval `{id}` is already {state}")]
     AlreadyDecided { id: String, state: &'static str },
+    /// Another decision of the request has claimed it and not written its outcome yet.
+    #[error(
+        "approval `{0}` is being decided (another decision of it has not finished); list it \
+         again for the outcome"
+    )]
+    BeingDecided(String),
     #[error("approval request `{0}` has expired")]
     Expired(String),
     #[error("invalid ttl: {0}")]
@@ -249,7 +255,7 @@ impl Approvals {
             return refused(decision, ReasonCode::ApprovalRequired, detail);
         }
         let body = req.header(BODY_SHA256_HEADER);
-        let fp = fingerprint(&identity, req, body);
+        let fp = fingerprint(&identity, &policy, req, body);
 
         if let Some(index) = policy.pre_approved(&identity, now) {
             self.record_pre_approval(&policy, &identity, req, &fp, index, now)
@@ -560,11 +566,15 @@ impl Approvals {
             )
             .await?;
         if !first {
-            let state = match self.load(&id).await.map(|r| r.state) {
-                Ok(ApprovalState::Rejected) => "rejected",
-                _ => "approved",
-            };
-            return Err(ApprovalError::AlreadyDecided { id, state });
+            // Name the state the record is in: still pending means the other decision has
+            // not written it yet.
+            return Err(match self.load(&id).await?.state {
+                ApprovalState::Pending => ApprovalError::BeingDecided(id),
+                state => ApprovalError::AlreadyDecided {
+                    id,
+                    state: state.as_str(),
+                },
+            });
         }
         Ok(policy)
     }
@@ -594,39 +604,68 @@ impl Approvals {
         let policy = self.claim(&record, who, now).await?;
         let ttl = ttl.unwrap_or(policy.ttl).max(Duration::from_secs(1));
         let fp = record.fingerprint.clone();
+        let pending = record.clone();
         record.state = ApprovalState::Approved;
         record.decided_by = Some(actor(who));
         record.decided_at = Some(now);
         record.uses = policy.uses;
         record.grant_expires_at = Some(now.saturating_add(secs(ttl)));
-        let written = async {
-            self.state.set(&key_grant_id(&fp), &record.id, ttl).await?;
-            self.state
-                .set(&key_grant(&fp), &policy.uses.to_string(), ttl)
-                .await?;
-            self.store_record(&record, ttl + RECORD_GRACE, now).await
-        }
-        .await;
-        if let Err(e) = written {
-            // No usable grant without its record and its audit event: undo (best effort)
-            // and release the decision, so the approver can try again.
-            let _ = self.state.delete(&key_grant(&fp)).await;
-            let _ = self.state.delete(&key_grant_id(&fp)).await;
-            let _ = self.state.delete(&key_decided(&record.id)).await;
+        // INVARIANT: the record first, the usable grant last. Until the grant is written,
+        // nothing allows; a step that fails is undone (best effort) back to a pending request
+        // whose decision is released, so the approver (or another) can decide it again.
+        if let Err(e) = self.store_record(&record, ttl + RECORD_GRACE, now).await {
+            self.undo_approval(&pending, now).await;
             return Err(e.into());
         }
-        let mut event = ApprovalEvent::new("approved", &record);
+        if let Err(e) = self.state.set(&key_grant_id(&fp), &record.id, ttl).await {
+            let _ = self.state.delete(&key_grant_id(&fp)).await;
+            self.undo_approval(&pending, now).await;
+            return Err(e.into());
+        }
+        if let Err(e) = self
+            .state
+            .set(&key_grant(&fp), &policy.uses.to_string(), ttl)
+            .await
+        {
+            // The write may have landed all the same (a timeout after Redis applied it).
+            if self.state.delete(&key_grant(&fp)).await.is_err() {
+                // It may be usable and cannot be taken back: leave the request approved,
+                // as its record says, and log the approval, so nothing that may be used
+                // goes unlisted or unaudited.
+                self.approved(&record, policy.uses).await;
+                return Err(e.into());
+            }
+            let _ = self.state.delete(&key_grant_id(&fp)).await;
+            self.undo_approval(&pending, now).await;
+            return Err(e.into());
+        }
+        self.approved(&record, policy.uses).await;
+        Ok(record)
+    }
+
+    /// The approval `record` is in force: its `approved` event, and its action's pending
+    /// slot released, so the next request after the uses are spent asks anew (best effort:
+    /// the approval is in force and logged whatever this answers).
+    async fn approved(&self, record: &Record, uses: u32) {
+        let mut event = ApprovalEvent::new("approved", record);
         event.actor = record.decided_by.clone();
-        event.uses_left = Some(i64::from(policy.uses));
+        event.uses_left = Some(i64::from(uses));
         self.audit.record_approval(event);
-        // The next request after the uses are spent asks anew (best effort: the approval
-        // is in force and logged whatever this answers).
-        if let Ok(Some(pending)) = self.state.get(&key_req(&fp)).await
+        let fp = &record.fingerprint;
+        if let Ok(Some(pending)) = self.state.get(&key_req(fp)).await
             && pending == record.id
         {
-            let _ = self.state.delete(&key_req(&fp)).await;
+            let _ = self.state.delete(&key_req(fp)).await;
         }
-        Ok(record)
+    }
+
+    /// Best effort, after an approval failed before its grant was written: `pending` is
+    /// stored again (the approved record may have been written) and the decision is
+    /// released, so the request can be decided again.
+    async fn undo_approval(&self, pending: &Record, now: i64) {
+        let left = Duration::from_secs(u64::try_from(pending.expires_at - now).unwrap_or(0).max(1));
+        let _ = self.store_record(pending, left + RECORD_GRACE, now).await;
+        let _ = self.state.delete(&key_decided(&pending.id)).await;
     }
 
     /// Rejects a pending request: retries are refused (naming the rejection) until the
@@ -647,7 +686,12 @@ impl Approvals {
             .map(|r| r.chars().filter(|c| !c.is_control()).take(500).collect())
             .filter(|r: &String| !r.trim().is_empty());
         let left = Duration::from_secs(u64::try_from(record.expires_at - now).unwrap_or(1));
-        self.store_record(&record, left + RECORD_GRACE, now).await?;
+        if let Err(e) = self.store_record(&record, left + RECORD_GRACE, now).await {
+            // Release the decision (best effort), so the request is not left claimed by a
+            // rejection that never happened: it can be rejected again, or approved.
+            let _ = self.state.delete(&key_decided(&record.id)).await;
+            return Err(e.into());
+        }
         let mut event = ApprovalEvent::new("rejected", &record);
         event.actor = record.decided_by.clone();
         event.reason = record.reason.clone();

@@ -84,10 +84,28 @@ impl Req {
 }
 
 fn granted(who: &Arc<Identity>) -> Decision {
-    Decision::new(ReasonCode::Allowed, "granted by rule `dba`")
+    granted_by(who, "dba")
+}
+
+fn granted_by(who: &Arc<Identity>, rule: &str) -> Decision {
+    Decision::new(ReasonCode::Allowed, format!("granted by rule `{rule}`"))
         .with_route(Some(Arc::from("drop-db")))
-        .with_rule(Some(Arc::from("dba")))
+        .with_rule(Some(Arc::from(rule)))
         .with_identity(Some(who.clone()))
+}
+
+/// A second rule on `drop-db`, after `dba`: role `support` asks, role `support-lead` approves,
+/// five uses.
+const SUPPORT_RULE: &str = r#"      - id: support
+        roles: [support]
+        approval:
+          approvers: { roles: [support-lead] }
+          uses: 5
+"#;
+
+/// The compiled approval policy of `rule` on `drop-db`.
+fn policy_of(config: &crate::config::Config, rule: &str) -> Arc<ApprovalPolicy> {
+    compile(&config.file.routes)[&("drop-db".to_string(), rule.to_string())].clone()
 }
 
 fn approvals(store: Arc<dyn StateStore>) -> Approvals {
@@ -112,15 +130,26 @@ fn approval_id(d: &Decision) -> String {
 }
 
 #[test]
-fn fingerprints_differ_by_subject_method_host_path_query_and_body() {
+fn fingerprints_differ_by_subject_rule_method_host_path_query_and_body() {
+    let config = config(SUPPORT_RULE);
+    let (dba, support) = (policy_of(&config, "dba"), policy_of(&config, "support"));
     let alice = identity("alice", &[]);
     let base = Req::new("DELETE", "db.example.com", "/databases/orders");
-    let fp = fingerprint(&alice, &base.view(), None);
+    let fp = fingerprint(&alice, &dba, &base.view(), None);
     assert_eq!(fp.len(), 64);
-    assert_eq!(fp, fingerprint(&alice, &base.view(), None), "deterministic");
+    assert_eq!(
+        fp,
+        fingerprint(&alice, &dba, &base.view(), None),
+        "deterministic"
+    );
     // The host is compared as routes match it.
     let same = Req::new("DELETE", "DB.example.com.:443", "/databases/orders");
-    assert_eq!(fp, fingerprint(&alice, &same.view(), None));
+    assert_eq!(fp, fingerprint(&alice, &dba, &same.view(), None));
+    // Another rule (or route) is another request: it has other approvers.
+    assert_ne!(fp, fingerprint(&alice, &support, &base.view(), None));
+    let mut other_route = (*dba).clone();
+    other_route.route = Arc::from("drop-db-2");
+    assert_ne!(fp, fingerprint(&alice, &other_route, &base.view(), None));
     for other in [
         Req::new("GET", "db.example.com", "/databases/orders"),
         Req::new("DELETE", "db2.example.com", "/databases/orders"),
@@ -129,13 +158,16 @@ fn fingerprints_differ_by_subject_method_host_path_query_and_body() {
     ] {
         assert_ne!(
             fp,
-            fingerprint(&alice, &other.view(), None),
+            fingerprint(&alice, &dba, &other.view(), None),
             "{}",
             other.path
         );
     }
-    assert_ne!(fp, fingerprint(&identity("bob", &[]), &base.view(), None));
-    assert_ne!(fp, fingerprint(&alice, &base.view(), Some("abc")));
+    assert_ne!(
+        fp,
+        fingerprint(&identity("bob", &[]), &dba, &base.view(), None)
+    );
+    assert_ne!(fp, fingerprint(&alice, &dba, &base.view(), Some("abc")));
 }
 
 #[test]
@@ -155,7 +187,7 @@ fn records_round_trip_as_json() {
     let record = Record {
         id: new_id(),
         state: ApprovalState::Pending,
-        fingerprint: fingerprint(&alice, &r.view(), None),
+        fingerprint: fingerprint(&alice, &policy_of(&config(""), "dba"), &r.view(), None),
         issuer_name: "corp".into(),
         issuer: alice.issuer.clone(),
         subject: "alice".into(),
@@ -676,4 +708,285 @@ async fn an_approval_that_cannot_be_recorded_grants_nothing_and_can_be_retried()
     assert_eq!(approved.state, ApprovalState::Approved);
     let d = a.gate(&r.view(), granted(&alice), NOW + 4).await;
     assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+}
+
+/// An approval is spent only by the rule it was asked and approved under: the same caller's
+/// same action granted by another rule (another token) needs that rule's approvers.
+#[tokio::test]
+async fn an_approval_under_one_rule_never_satisfies_another_rules_approval() {
+    let a = Approvals::new(&config(SUPPORT_RULE), Arc::new(MemoryStore::new()));
+    let alice_support = identity("alice", &["support"]);
+    let alice_dba = identity("alice", &["dba"]);
+    let sam = identity("sam", &["support-lead"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+
+    let asked = a
+        .gate(&r.view(), granted_by(&alice_support, "support"), NOW)
+        .await;
+    let support_id = approval_id(&asked);
+    let approved = a.approve(&sam, &support_id, None, NOW).await.unwrap();
+    assert_eq!((approved.rule.as_str(), approved.uses), ("support", 5));
+
+    // The same request with her dba token is granted by rule `dba`: Sam's approval is not
+    // a dba-lead's, so it asks anew, as a request of its own that dba approvers decide.
+    for t in 1..=5 {
+        let d = a.gate(&r.view(), granted(&alice_dba), NOW + t).await;
+        assert_eq!(d.code, ReasonCode::ApprovalRequired, "{}", d.detail);
+        assert_ne!(approval_id(&d), support_id);
+    }
+    let dba_id = approval_id(&a.gate(&r.view(), granted(&alice_dba), NOW + 6).await);
+    assert!(a.list(&sam, false, NOW + 6).await.unwrap().is_empty());
+    let for_bob = a.list(&bob, false, NOW + 6).await.unwrap();
+    assert_eq!(
+        for_bob
+            .iter()
+            .map(|r| (r.id.as_str(), r.rule.as_str()))
+            .collect::<Vec<_>>(),
+        [(dba_id.as_str(), "dba")]
+    );
+    assert!(matches!(
+        a.approve(&sam, &dba_id, None, NOW + 6).await,
+        Err(ApprovalError::NotApprover(_))
+    ));
+
+    // Sam's approval is untouched by those attempts: its five uses are still there for
+    // rule `support`, and none more.
+    for t in 7..12 {
+        let d = a
+            .gate(&r.view(), granted_by(&alice_support, "support"), NOW + t)
+            .await;
+        assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+    }
+    let spent = a
+        .gate(&r.view(), granted_by(&alice_support, "support"), NOW + 12)
+        .await;
+    assert_eq!(spent.code, ReasonCode::ApprovalRequired);
+
+    // Bob's approval of the dba request allows rule `dba` once.
+    a.approve(&bob, &dba_id, None, NOW + 13).await.unwrap();
+    let d = a.gate(&r.view(), granted(&alice_dba), NOW + 14).await;
+    assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+}
+
+/// The audit lines an `AuditSink` wrote, for tests that look at approval events.
+#[derive(Clone, Default)]
+struct AuditLines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for AuditLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AuditLines {
+    /// An `Approvals` on `store` whose events go to the returned lines.
+    fn approvals(store: Arc<dyn StateStore>) -> (Approvals, crate::audit::AuditSink, AuditLines) {
+        let lines = AuditLines::default();
+        let writer = lines.clone();
+        let sink = crate::audit::AuditSink::to_writer(move || writer).unwrap();
+        let mut a = approvals(store);
+        a.set_audit(sink.clone());
+        (a, sink, lines)
+    }
+
+    /// The `event` of every approval line written so far.
+    fn events(&self, sink: &crate::audit::AuditSink) -> Vec<String> {
+        assert!(sink.flush(Duration::from_secs(5)), "audit flush timed out");
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| v["event"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+}
+
+/// An approval whose record cannot be written, and whose cleanup cannot delete anything of
+/// the grant's either, leaves nothing usable: the grant is written only after the record.
+/// The request stays pending and listed, another approver can still decide it, and no
+/// `approved` or `used` event is written.
+#[tokio::test]
+async fn a_failed_approval_whose_cleanup_fails_too_grants_nothing() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let (a, sink, lines) = AuditLines::approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    let bob = identity("bob", &["dba-lead"]);
+    store
+        .fail_index_add
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    *store.fail_delete.lock().unwrap() = vec!["approval:grant".into()];
+    assert!(matches!(
+        a.approve(&bob, &id, None, NOW + 1).await,
+        Err(ApprovalError::State(_))
+    ));
+    store
+        .fail_index_add
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+
+    let d = a.gate(&r.view(), granted(&alice), NOW + 2).await;
+    assert_eq!(d.code, ReasonCode::ApprovalRequired, "{}", d.detail);
+    assert_eq!(approval_id(&d), id);
+    let carol = identity("carol", &[]);
+    let listed = a.list(&carol, false, NOW + 2).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|r| (r.id.as_str(), r.state))
+            .collect::<Vec<_>>(),
+        [(id.as_str(), ApprovalState::Pending)]
+    );
+    let rejected = a.reject(&carol, &id, None, NOW + 3).await.unwrap();
+    assert_eq!(rejected.state, ApprovalState::Rejected);
+    let d = a.gate(&r.view(), granted(&alice), NOW + 4).await;
+    assert_eq!(d.code, ReasonCode::ApprovalRequired, "{}", d.detail);
+    assert!(
+        d.detail.contains("rejected by `corp:carol`"),
+        "{}",
+        d.detail
+    );
+    assert_eq!(lines.events(&sink), ["requested", "rejected"]);
+}
+
+/// The grant is the last write: when it fails, the approved record written before it is
+/// put back to pending and the decision released, so the approval can be retried.
+#[tokio::test]
+async fn a_failed_grant_write_leaves_the_request_pending_and_retryable() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let (a, sink, lines) = AuditLines::approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    let bob = identity("bob", &["dba-lead"]);
+    *store.fail_set.lock().unwrap() = vec!["approval:grant:".into()];
+    assert!(matches!(
+        a.approve(&bob, &id, None, NOW + 1).await,
+        Err(ApprovalError::State(_))
+    ));
+    let d = a.gate(&r.view(), granted(&alice), NOW + 2).await;
+    assert_eq!(d.code, ReasonCode::ApprovalRequired, "{}", d.detail);
+    let listed = a.list(&bob, false, NOW + 2).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.state).collect::<Vec<_>>(),
+        [ApprovalState::Pending]
+    );
+    store.fail_set.lock().unwrap().clear();
+    a.approve(&bob, &id, None, NOW + 3).await.unwrap();
+    let d = a.gate(&r.view(), granted(&alice), NOW + 4).await;
+    assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+    assert_eq!(lines.events(&sink), ["requested", "approved", "used"]);
+}
+
+/// A grant write that fails and cannot be taken back either may have landed (a timeout
+/// after Redis applied it): the request is then left approved, as its record says, and the
+/// approval is logged, so nothing that may be used is unlisted or unaudited.
+#[tokio::test]
+async fn a_grant_that_cannot_be_taken_back_is_recorded_and_audited_as_approved() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let (a, sink, lines) = AuditLines::approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    let bob = identity("bob", &["dba-lead"]);
+    *store.fail_set.lock().unwrap() = vec!["approval:grant:".into()];
+    *store.fail_delete.lock().unwrap() = vec!["approval:grant:".into()];
+    assert!(matches!(
+        a.approve(&bob, &id, None, NOW + 1).await,
+        Err(ApprovalError::State(_))
+    ));
+    let listed = a.list(&bob, true, NOW + 2).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.state).collect::<Vec<_>>(),
+        [ApprovalState::Approved]
+    );
+    assert!(matches!(
+        a.reject(&bob, &id, None, NOW + 2).await,
+        Err(ApprovalError::AlreadyDecided {
+            state: "approved",
+            ..
+        })
+    ));
+    assert_eq!(lines.events(&sink), ["requested", "approved"]);
+    // Here the grant never landed: the next request asks anew.
+    let d = a.gate(&r.view(), granted(&alice), NOW + 3).await;
+    assert_eq!(d.code, ReasonCode::ApprovalRequired, "{}", d.detail);
+    assert_ne!(approval_id(&d), id);
+}
+
+/// A rejection whose record cannot be written releases the decision it claimed: the request
+/// stays pending, and can be rejected again (or approved), rather than being locked and
+/// reported as "already approved".
+#[tokio::test]
+async fn a_failed_rejection_can_be_retried() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let (a, sink, lines) = AuditLines::approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    store
+        .fail_index_add
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(
+        a.reject(&bob, &id, Some("no".into()), NOW + 1).await,
+        Err(ApprovalError::State(_))
+    ));
+    store
+        .fail_index_add
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let listed = a.list(&bob, false, NOW + 2).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.state).collect::<Vec<_>>(),
+        [ApprovalState::Pending]
+    );
+    let rejected = a.reject(&bob, &id, Some("no".into()), NOW + 2).await;
+    assert_eq!(rejected.map(|r| r.state), Ok(ApprovalState::Rejected));
+    let d = a.gate(&r.view(), granted(&alice), NOW + 3).await;
+    assert!(d.detail.contains("rejected by `corp:bob`"), "{}", d.detail);
+    assert_eq!(lines.events(&sink), ["requested", "rejected"]);
+}
+
+/// A request whose decision is claimed but whose record still reads pending (another
+/// approver's decision has not finished) is reported as such, never as "already approved";
+/// a decided one is named by its state.
+#[tokio::test]
+async fn a_lost_claim_names_the_state_truthfully() {
+    let store = Arc::new(MemoryStore::new());
+    let a = approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let carol = identity("carol", &[]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    // Carol's decision, on another replica, has claimed it and not written it yet.
+    let key = format!("approval:decided:{id}");
+    assert!(
+        store
+            .insert_if_absent(&key, "corp:carol", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    for e in [
+        a.reject(&bob, &id, None, NOW + 1).await.unwrap_err(),
+        a.approve(&bob, &id, None, NOW + 1).await.unwrap_err(),
+    ] {
+        assert_eq!(e, ApprovalError::BeingDecided(id.clone()));
+        assert!(!e.to_string().contains("approved"), "{e}");
+        assert!(e.to_string().contains("being decided"), "{e}");
+    }
+    // Once decided, the state is named.
+    store.delete(&key).await.unwrap();
+    a.reject(&carol, &id, None, NOW + 2).await.unwrap();
+    assert_eq!(
+        a.approve(&bob, &id, None, NOW + 3).await,
+        Err(ApprovalError::AlreadyDecided {
+            id: id.clone(),
+            state: "rejected"
+        })
+    );
 }

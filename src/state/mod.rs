@@ -609,8 +609,9 @@ pub fn gcra(tat: Option<Instant>, now: Instant, limit: RateLimit) -> (Instant, R
     )
 }
 
-/// A memory store with faults and pauses for tests of callers: `index_add` can fail, and
-/// `index_list` and `rate_check` can be held at a gate until the test lets them go.
+/// A memory store with faults and pauses for tests of callers: `index_add` can fail, `set`
+/// and `delete` can fail for keys with given prefixes, and `index_list` and `rate_check` can
+/// be held at a gate until the test lets them go.
 #[cfg(test)]
 pub mod testing {
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -652,6 +653,10 @@ pub mod testing {
     pub struct TestStore {
         pub inner: MemoryStore,
         pub fail_index_add: AtomicBool,
+        /// `set` fails for keys starting with any of these.
+        pub fail_set: Mutex<Vec<String>>,
+        /// `delete` fails for keys starting with any of these.
+        pub fail_delete: Mutex<Vec<String>>,
         pub index_list: Gate,
         pub rate_check: Gate,
     }
@@ -661,9 +666,19 @@ pub mod testing {
             Self {
                 inner: MemoryStore::new(),
                 fail_index_add: AtomicBool::new(false),
+                fail_set: Mutex::default(),
+                fail_delete: Mutex::default(),
                 index_list: Gate::open(),
                 rate_check: Gate::open(),
             }
+        }
+    }
+
+    fn fails(prefixes: &Mutex<Vec<String>>, op: &str, key: &str) -> Result<(), StateError> {
+        let prefixes = prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        match prefixes.iter().any(|p| key.starts_with(p.as_str())) {
+            true => Err(StateError::Unavailable(format!("{op} fails"))),
+            false => Ok(()),
         }
     }
 
@@ -681,9 +696,11 @@ pub mod testing {
             self.inner.get(k).await
         }
         async fn set(&self, k: &str, v: &str, t: Duration) -> Result<(), StateError> {
+            fails(&self.fail_set, "set", k)?;
             self.inner.set(k, v, t).await
         }
         async fn delete(&self, k: &str) -> Result<bool, StateError> {
+            fails(&self.fail_delete, "delete", k)?;
             self.inner.delete(k).await
         }
         async fn get_many(&self, k: &[String]) -> Result<Vec<Option<String>>, StateError> {
