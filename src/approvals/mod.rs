@@ -305,12 +305,31 @@ pub fn valid_id(id: &str) -> bool {
         .is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// The client's justification: trimmed, control characters dropped, at most 500 characters.
+/// Whether a character of client-written text (a justification, a rejection reason) is
+/// shown to approvers as it is: not a control character, not a bidirectional override or
+/// isolate (U+202A-202E, U+2066-2069, the marks U+200E, U+200F, U+061C: they reorder what
+/// the CLI listing or a chat webhook shows), not a line or paragraph separator.
+pub fn displayable(c: char) -> bool {
+    !c.is_control()
+        && !matches!(
+            c,
+            '\u{202A}'..='\u{202E}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{200E}'
+                | '\u{200F}'
+                | '\u{061C}'
+                | '\u{2028}'
+                | '\u{2029}'
+        )
+}
+
+/// The client's justification: trimmed, characters that are not `displayable` dropped, at
+/// most 500 characters.
 pub fn justification(req: &RequestView<'_>) -> Option<String> {
     let text: String = req
         .header(JUSTIFICATION_HEADER)?
         .chars()
-        .filter(|c| !c.is_control())
+        .filter(|&c| displayable(c))
         .take(MAX_JUSTIFICATION)
         .collect();
     let text = text.trim();

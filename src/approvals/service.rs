@@ -16,7 +16,8 @@ use crate::state::{RateLimit, StateError, StateStore};
 
 use super::{
     APPROVAL_ID_HEADER, ApprovalPolicy, ApprovalState, BODY_SHA256_HEADER, Policies, Record,
-    display_path, fingerprint, is_self, justification, new_id, normal_host, sha256_hex, valid_id,
+    display_path, displayable, fingerprint, is_self, justification, new_id, normal_host,
+    sha256_hex, valid_id,
 };
 
 /// Decided records are kept this long past their last relevant time, for listings and for
@@ -683,7 +684,7 @@ impl Approvals {
         record.decided_by = Some(actor(who));
         record.decided_at = Some(now);
         record.reason = reason
-            .map(|r| r.chars().filter(|c| !c.is_control()).take(500).collect())
+            .map(|r| r.chars().filter(|&c| displayable(c)).take(500).collect())
             .filter(|r: &String| !r.trim().is_empty());
         let left = Duration::from_secs(u64::try_from(record.expires_at - now).unwrap_or(1));
         if let Err(e) = self.store_record(&record, left + RECORD_GRACE, now).await {

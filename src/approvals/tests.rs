@@ -268,6 +268,13 @@ fn justification_is_trimmed_cleaned_and_capped() {
     let j = justification(&r.view()).unwrap();
     assert!(j.starts_with("INC-7 x"));
     assert!(j.chars().count() <= 500);
+    // Bidirectional overrides and line separators would reorder or split what approvers
+    // read in the listing or the webhook's chat message.
+    r.headers.insert(
+        JUSTIFICATION_HEADER.into(),
+        "fix \u{202E}fdp.exe\u{2066}x\u{2069}\u{2028}INC-8\u{200F}".into(),
+    );
+    assert_eq!(justification(&r.view()).unwrap(), "fix fdp.exexINC-8");
 }
 
 #[test]
