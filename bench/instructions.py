@@ -76,12 +76,35 @@ def summary_line(path):
     raise RuntimeError(f"no summary in {path}")
 
 
-def measure(name, cmd, port, tokens, count, ll, ready):
-    """One authorizer, one token set: warm, then count `count` Checks. Per-Check figures."""
+def last_dump(name):
+    """The event totals of the newest callgrind dump of `name` (after `callgrind_control -d`)."""
+    time.sleep(1)
+    dumps = sorted(f for f in os.listdir(h.WORK) if f.startswith(f"callgrind.{name}.out."))
+    return summary_line(os.path.join(h.WORK, dumps[-1]))
+
+
+def clear_dumps(name):
+    """Removes `name`'s earlier dumps; returns the path callgrind writes them to."""
     out = os.path.join(h.WORK, f"callgrind.{name}.out")
     for f in os.listdir(h.WORK):
         if f.startswith(f"callgrind.{name}.out"):
             os.remove(os.path.join(h.WORK, f))
+    return out
+
+
+def per_unit(ev, n, **extra):
+    """Per-request figures from event totals over `n` requests, with the usual cachegrind
+    cost model (an L1 miss ~10 instructions, an LL miss ~100) as `est_cycles`."""
+    per = {k: v / n for k, v in ev.items()}
+    r = {"Ir": round(per["Ir"]), "L1_misses": round(per["I1mr"] + per["D1mr"] + per["D1mw"], 1),
+         "LL_misses": round(per["ILmr"] + per["DLmr"] + per["DLmw"], 1), **extra}
+    r["est_cycles"] = round(per["Ir"] + 10 * r["L1_misses"] + 100 * r["LL_misses"])
+    return r
+
+
+def measure(name, cmd, port, tokens, count, ll, ready):
+    """One authorizer, one token set: warm, then count `count` Checks. Per-Check figures."""
+    out = clear_dumps(name)
     proc = callgrind(f"callgrind-{name}", cmd, out, ll)
     try:
         ready()
@@ -94,17 +117,11 @@ def measure(name, cmd, port, tokens, count, ll, ready):
         control(proc.pid, "-d")
         sent = replay(port, tokens, count)
         control(proc.pid, "-d")
-        time.sleep(1)
-        dumps = sorted(f for f in os.listdir(h.WORK) if f.startswith(f"callgrind.{name}.out."))
-        ev = summary_line(os.path.join(h.WORK, dumps[-1]))
+        ev = last_dump(name)
     finally:
         proc.stop()
-    per = {k: v / count for k, v in ev.items()}
-    r = {"Ir": round(per["Ir"]), "L1_misses": round(per["I1mr"] + per["D1mr"] + per["D1mw"], 1),
-         "LL_misses": round(per["ILmr"] + per["DLmr"] + per["DLmw"], 1),
-         "allowed": sent["allowed"], "denied": sent["denied"], "warm_allowed": warm["allowed"]}
-    # The usual cachegrind cost model: an L1 miss ~10 instructions, an LL miss ~100.
-    r["est_cycles"] = round(per["Ir"] + 10 * r["L1_misses"] + 100 * r["LL_misses"])
+    r = per_unit(ev, count, allowed=sent["allowed"], denied=sent["denied"],
+                 warm_allowed=warm["allowed"])
     h.log(f"{name}: {r}")
     return r
 
@@ -112,10 +129,7 @@ def measure(name, cmd, port, tokens, count, ll, ready):
 def measure_envoy(name, cfg, tokens, requests, rate, ll):
     """Envoy (`--concurrency 1`) under callgrind: warmed with every token, then `requests`
     requests at `rate`/s counted. Per-request figures."""
-    out = os.path.join(h.WORK, f"callgrind.{name}.out")
-    for f in os.listdir(h.WORK):
-        if f.startswith(f"callgrind.{name}.out"):
-            os.remove(os.path.join(h.WORK, f))
+    out = clear_dumps(name)
     listen = cfg["listen"]
     proc = callgrind(f"callgrind-{name}", [h.envoy_bin(), "-c", cfg["path"], "--concurrency", "1",
                                            "--log-level", "warn", "--base-id", str(listen)],
@@ -136,17 +150,11 @@ def measure_envoy(name, cfg, tokens, requests, rate, ll):
         control(proc.pid, "-d")
         got = load(rate, requests / rate)
         control(proc.pid, "-d")
-        time.sleep(1)
-        dumps = sorted(f for f in os.listdir(h.WORK) if f.startswith(f"callgrind.{name}.out."))
-        ev = summary_line(os.path.join(h.WORK, dumps[-1]))
+        ev = last_dump(name)
     finally:
         proc.stop()
-    n = max(1, got["ok"] + got["non2xx"])
-    per = {k: v / n for k, v in ev.items()}
-    r = {"Ir": round(per["Ir"]), "L1_misses": round(per["I1mr"] + per["D1mr"] + per["D1mw"], 1),
-         "LL_misses": round(per["ILmr"] + per["DLmr"] + per["DLmw"], 1),
-         "allowed": got["ok"], "denied": got["non2xx"], "errors": got["errors"]}
-    r["est_cycles"] = round(per["Ir"] + 10 * r["L1_misses"] + 100 * r["LL_misses"])
+    r = per_unit(ev, max(1, got["ok"] + got["non2xx"]), allowed=got["ok"],
+                 denied=got["non2xx"], errors=got["errors"])
     h.log(f"{name}: {r}")
     return r
 
