@@ -261,6 +261,13 @@ fn parse_hint(message: &str) -> Option<String> {
         let name = message.split('`').nth(1).unwrap_or_default();
         return Some(format!("add `{name}:`"));
     }
+    if message.starts_with(schema::EMPTY_LIST) {
+        return Some(
+            "an absent key means no restriction here: remove the key for that, or list at \
+             least one item"
+                .to_string(),
+        );
+    }
     if message.contains("expected a sequence") {
         return Some("write a list, e.g. `[a, b]`".to_string());
     }

@@ -993,3 +993,84 @@ fn an_approver_subject_with_a_colon_names_an_issuer() {
         "`x` is not an issuer name",
     );
 }
+
+/// A list key whose items are all commented out is YAML null. For a list whose absence means
+/// "any" (or lifts a restriction), reading that as the empty list would widen access in
+/// silence: it is an error naming the field, while the absent key keeps its meaning.
+#[test]
+fn a_restricting_list_with_every_item_commented_out_is_an_error() {
+    let rule = |lines: &str| {
+        format!(
+            "issuers:\n  - {{ {DEV} }}\nroutes:\n  - id: r\n    methods: [GET]\n    path: /u/{{user}}\n    rules:\n      - id: p\n{lines}"
+        )
+    };
+    let commented = |key: &str| format!("        {key}:\n          # - x\n");
+    for key in [
+        "issuers",
+        "scopes",
+        "roles",
+        "claims",
+        "bind",
+        "api_keys",
+        "posture",
+        "principals",
+    ] {
+        let other = if key == "scopes" { "roles" } else { "scopes" };
+        let e = fails(
+            &rule(&format!("        {other}: [x]\n{}", commented(key))),
+            &format!("routes[0].rules[0].{key}"),
+            "is empty (every item commented out?)",
+        );
+        assert!(e.hint.unwrap().contains("remove the key"), "{key}");
+    }
+    for (key, field) in [
+        ("source: { cidrs: }", "source.cidrs"),
+        ("source: { not_cidrs: }", "source.not_cidrs"),
+        ("time_window: { days: }", "time_window.days"),
+    ] {
+        fails(
+            &rule(&format!("        scopes: [x]\n        {key}\n")),
+            &format!("routes[0].rules[0].{field}"),
+            "is empty",
+        );
+    }
+    let route = "routes:\n  - id: r\n    hosts:\n      # - a.example.com\n    methods: [GET]\n    path: /\n    public: true\n";
+    fails(route, "routes[0].hosts", "is empty");
+    fails(
+        &format!("{ROUTE}rate_limits:\n  # - {{ id: l, by: route, requests: 1, per: 1s }}\n"),
+        "rate_limits",
+        "is empty",
+    );
+    fails(
+        &format!(
+            "{ROUTE}rate_limits:\n  - {{ id: l, by: route, requests: 1, per: 1s, routes: }}\n"
+        ),
+        "rate_limits[0].routes",
+        "is empty",
+    );
+    fails(
+        &with_issuer(&format!("{DEV}, algorithms: ")),
+        "issuers[0].algorithms",
+        "is empty",
+    );
+    fails(
+        &with_issuer(&format!("{DEV}, dpop_algorithms: ")),
+        "issuers[0].dpop_algorithms",
+        "is empty",
+    );
+    fails(
+        &format!(
+            "server:\n  tls: {{ cert: c.pem, key: k.pem, allowed_client_principals: }}\n{ROUTE}"
+        ),
+        "server.tls.allowed_client_principals",
+        "is empty",
+    );
+
+    // The absent key keeps its meaning: any configured issuer, any host.
+    let c = compile(&rule("        scopes: [x]\n")).unwrap();
+    assert!(c.policy.routes()[0].rules[0].issuers.is_empty());
+    assert!(c.policy.routes()[0].hosts.is_empty());
+    // So does an explicit `[]`, written on purpose.
+    let c = compile(&rule("        scopes: [x]\n        issuers: []\n")).unwrap();
+    assert!(c.policy.routes()[0].rules[0].issuers.is_empty());
+}
