@@ -519,6 +519,20 @@ impl Compiler {
         if keys.discovery {
             self.check_url(&f("issuer"), &ic.issuer, keys.allow_http)?;
         }
+        // Past `max_stale` (a day by default) keys not refreshed fail closed anyway; a longer
+        // interval is a typo, and an enormous one overflowed the refresh schedule.
+        for (name, d) in [
+            ("min_refresh", keys.min_refresh),
+            ("max_refresh", keys.max_refresh),
+        ] {
+            if d.get() > crate::keys::MAX_REFRESH {
+                return Err(self.hint(
+                    f(&format!("keys.{name}")),
+                    format!("`{d}` is too long: use at most 24h"),
+                    "the defaults are `min_refresh: 1m` and `max_refresh: 1h`",
+                ));
+            }
+        }
         if keys.min_refresh > keys.max_refresh {
             return Err(self.err(
                 f("keys.min_refresh"),

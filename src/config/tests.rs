@@ -313,6 +313,21 @@ fn key_urls_must_be_https_unless_loopback_or_allowed() {
         "issuers[0].keys.min_refresh",
         "greater than max_refresh",
     );
+    // An enormous interval overflowed the refresh schedule (a panic on every key load).
+    fails(
+        &iss("url: \"https://a.test/k\", min_refresh: 300000000000y, max_refresh: 300000000000y"),
+        "issuers[0].keys.min_refresh",
+        "too long: use at most 24h",
+    );
+    fails(
+        &iss("url: \"https://a.test/k\", max_refresh: 25h"),
+        "issuers[0].keys.max_refresh",
+        "too long",
+    );
+    compile(&iss(
+        "url: \"https://a.test/k\", min_refresh: 24h, max_refresh: 24h",
+    ))
+    .unwrap();
     fails(
         &iss("url: \"https://a.test/k\", min_refresh: 0s"),
         "issuers[0].keys.min_refresh",
