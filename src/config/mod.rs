@@ -120,6 +120,11 @@ pub const DEFAULT_ALGORITHMS: &[Algorithm] = &[
 /// Smallest `tokens.cache.max_bytes` for an enabled cache.
 const CACHE_BYTES_MIN: u64 = 1 << 20;
 
+/// Longest `tokens.cache.max_ttl`: a revocation or a key rotation already takes effect on
+/// cached tokens, but a cache holding a verification for longer than a day is a typo (and an
+/// enormous value overflowed the per-token expiry arithmetic).
+const CACHE_TTL_MAX: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Bounds of `tokens.max_bytes`.
 const TOKEN_BYTES_MIN: usize = 256;
 const TOKEN_BYTES_MAX: usize = 65_536;
@@ -364,6 +369,14 @@ impl Compiler {
                     cache.max_bytes
                 ),
                 "to turn the cache off, set `tokens.cache.capacity: 0`",
+            ));
+        }
+
+        if cache.max_ttl.get() > CACHE_TTL_MAX {
+            return Err(self.hint(
+                "tokens.cache.max_ttl",
+                format!("`{}` is too long: use at most 24h", cache.max_ttl),
+                "a cached token is never kept past its `exp` anyway; the default is `5m`",
             ));
         }
 

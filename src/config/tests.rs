@@ -1089,3 +1089,18 @@ fn a_restricting_list_with_every_item_commented_out_is_an_error() {
     let c = compile(&rule("        scopes: [x]\n        issuers: []\n")).unwrap();
     assert!(c.policy.routes()[0].rules[0].issuers.is_empty());
 }
+
+/// An enormous `max_ttl` loaded and then panicked inside Check (the per-token expiry
+/// overflowed `Duration`).
+#[test]
+fn the_token_cache_ttl_is_at_most_a_day() {
+    let cache = |ttl: &str| format!("tokens: {{ cache: {{ max_ttl: {ttl} }} }}\n{ROUTE}");
+    let e = fails(
+        &cache("10000000000y"),
+        "tokens.cache.max_ttl",
+        "too long: use at most 24h",
+    );
+    assert!(e.hint.is_some());
+    fails(&cache("24h 1s"), "tokens.cache.max_ttl", "too long");
+    compile(&cache("24h")).unwrap();
+}
