@@ -1254,7 +1254,7 @@ impl Compiler {
             ));
         }
         let context = self.context(&f, rule)?;
-        Ok(CompiledRule {
+        let compiled = CompiledRule {
             context,
             id: Arc::from(rule.id.as_str()),
             issuers: rule.issuers.iter().map(|s| Arc::from(s.as_str())).collect(),
@@ -1264,7 +1264,20 @@ impl Compiler {
             bind,
             api_keys,
             principals,
-        })
+        };
+        // A service grant lets a token-less caller in on its peer identity alone, and an
+        // approval is asked for and given to a subject: such a caller could never pass the
+        // approval (every call a 403 `internal_error`).
+        if rule.approval.is_some() && compiled.is_peer_only() {
+            return Err(self.hint(
+                f("approval"),
+                "a rule with only `principals` grants callers without a token, and an \
+                 approval needs the caller's subject: a token-less call could never be approved",
+                "require a token too (`issuers`, `scopes`, `roles` or `claims`), or move \
+                 `approval` to a rule for tokens",
+            ));
+        }
+        Ok(compiled)
     }
 }
 

@@ -1104,3 +1104,23 @@ fn the_token_cache_ttl_is_at_most_a_day() {
     fails(&cache("24h 1s"), "tokens.cache.max_ttl", "too long");
     compile(&cache("24h")).unwrap();
 }
+
+/// A service grant (only `principals`) lets a caller in without a token, and an approval
+/// needs a subject: with both, every token-less call was a 403 `internal_error`.
+#[test]
+fn a_service_grant_cannot_require_an_approval() {
+    let rule = |conditions: &str| {
+        format!(
+            "issuers:\n  - {{ {DEV} }}\nroutes:\n  - id: r\n    methods: [POST]\n    path: /x\n    rules:\n      - {{ id: svc, principals: [\"spiffe://example.org/ns/a/sa/b\"], {conditions}approval: {{ approvers: {{ roles: [lead] }} }} }}\n"
+        )
+    };
+    let e = fails(
+        &rule(""),
+        "routes[0].rules[0].approval",
+        "could never be approved",
+    );
+    assert!(e.hint.unwrap().contains("require a token"));
+    // The same rule with a token condition needs a token, whose subject is approved.
+    compile(&rule("issuers: [dev], ")).unwrap();
+    compile(&rule("scopes: [x], ")).unwrap();
+}
