@@ -649,7 +649,8 @@ pub struct ApiKeysConfig {
     #[serde(default = "default_api_key_header")]
     pub header: String,
     /// Optional separate key file (YAML `keys: [...]`, same entries as below), relative to
-    /// the config file. Read once when the config is loaded.
+    /// the config file. Read when the config is loaded, and watched with it. An empty file is
+    /// an error (`keys: []` holds no keys).
     #[serde(default)]
     pub file: Option<PathBuf>,
     /// Keys stored inline.
