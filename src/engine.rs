@@ -150,7 +150,9 @@ fn entry_ttl(max_ttl: Duration, token: &str, seconds_left: u64) -> Duration {
     use std::hash::BuildHasher;
     const STEPS: u32 = 1024;
     let step = (foldhash::fast::FixedState::default().hash_one(token) % u64::from(STEPS)) as u32;
-    let cap = max_ttl.saturating_sub(max_ttl / 10 * step / STEPS);
+    // Saturating: the config bounds `max_ttl` to a day, but a tenth of an enormous one times
+    // `step` overflowed `Duration` and panicked inside Check.
+    let cap = max_ttl.saturating_sub((max_ttl / 10).saturating_mul(step) / STEPS);
     cap.min(Duration::from_secs(seconds_left))
 }
 
@@ -779,6 +781,18 @@ pub(crate) mod tests {
             "only {} distinct lifetimes",
             distinct.len()
         );
+    }
+
+    #[test]
+    fn an_enormous_max_ttl_does_not_panic() {
+        for i in 0..200 {
+            let token = format!("t{i}");
+            assert_eq!(
+                entry_ttl(Duration::MAX, &token, 3600),
+                Duration::from_secs(3600)
+            );
+            assert!(entry_ttl(Duration::MAX, &token, u64::MAX) >= Duration::MAX / 10 * 9);
+        }
     }
 
     #[test]

@@ -286,6 +286,27 @@ async fn file_source_loads_at_start_and_is_reread() {
     .await;
 }
 
+/// An enormous refresh interval (the config refuses one past 24h; `KeyStore` takes any)
+/// used to overflow `Instant + delay`: every load panicked after publishing, the next one
+/// was due at once, and the refresh loop spun at thousands of loads a second.
+#[tokio::test]
+async fn an_enormous_refresh_interval_neither_panics_nor_spins() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    std::fs::write(&path, SET_A).unwrap();
+    let (store, metrics) = store_for(
+        "https://idp.test",
+        source(
+            &format!("file: {}", path.display()),
+            "min_refresh: 300000000000y\nmax_refresh: 300000000000y",
+        ),
+    );
+    store.start().await;
+    assert!(store.ready());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fetches(&metrics, "ok"), 1);
+}
+
 #[tokio::test]
 async fn missing_file_is_not_loaded_with_reason() {
     let (store, metrics) = store_for(

@@ -327,6 +327,56 @@ async fn a_rotated_key_file_is_reloaded() {
     server.shutdown().await;
 }
 
+/// An API key file truncated on disk (an editor saving in place) is refused like an empty
+/// config: the keys in force stay, instead of every API key being refused until the file is
+/// written again.
+#[tokio::test]
+async fn a_truncated_api_key_file_keeps_the_keys_in_force() {
+    let s = Setup::new();
+    let start = s.shipped.find("    - id: reporting-e0dd28\n").unwrap();
+    let end = s.shipped[start..]
+        .find("      routes: [\"GET /orders/{id}\"]\n")
+        .map(|i| start + i + "      routes: [\"GET /orders/{id}\"]\n".len())
+        .unwrap();
+    let entry = &s.shipped[start..end];
+    let file = s.dir.path().join("keys.yaml");
+    std::fs::write(&file, format!("keys:\n{entry}")).unwrap();
+    let inline = s.shipped.replace(entry, "").replace(
+        "  keys:\n    # DEVELOPMENT ONLY",
+        "  file: keys.yaml\n    # DEVELOPMENT ONLY",
+    );
+    assert!(inline.contains("file: keys.yaml") && !inline.contains("- id: reporting-e0dd28"));
+    s.write(&inline);
+    let (server, mut reloader) = s.serve().await;
+    let key = async |server: &Server| {
+        let headers = std::collections::HashMap::from([(
+            "x-api-key".to_string(),
+            "pck_5AEWWjqRmg8M1focDlwcCo0V_eMw631tr23y0JSA0bM".to_string(),
+        )]);
+        let view = RequestView {
+            method: "GET",
+            host: "api.example.com",
+            path: "/orders/1",
+            headers: &headers,
+            source_ip: None,
+            source_principal: "",
+            scheme: "http",
+            peer_certificate: None,
+        };
+        server.engine.load_full().check(&view).await.http_status()
+    };
+    assert_eq!(key(&server).await, 200);
+
+    std::fs::write(&file, "").unwrap();
+    let reason = rejected(reloader.poll(false).await);
+    assert!(
+        reason.contains("api_keys.file") && reason.contains("is empty"),
+        "{reason}"
+    );
+    assert_eq!(key(&server).await, 200);
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_edits_under_load_never_fail_a_request() {
     let s = Setup::new();

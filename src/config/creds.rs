@@ -178,8 +178,15 @@ impl Compiler {
                 "relative paths are resolved against the config file's folder",
             )
         })?;
+        // Like the config file: an empty file (or only comments) is more likely a write caught
+        // halfway (an editor truncating it, a copy in progress) than a decision to refuse every
+        // key, so it is an error and, on a reload, the keys in force stay.
         if serde_yaml::from_str::<serde_yaml::Value>(&text).is_ok_and(|v| v.is_null()) {
-            return Ok(ApiKeyFileConfig { keys: Vec::new() });
+            return Err(self.hint(
+                "api_keys.file",
+                format!("the API key file `{}` is empty", path.display()),
+                "write `keys: []` for a file that holds no keys yet",
+            ));
         }
         serde_yaml::from_str(&text).map_err(|e| {
             self.hint(
@@ -626,5 +633,26 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.field, "api_keys.file");
+    }
+
+    /// An empty key file was read as "no keys": on a hot reload, an editor truncating the
+    /// file had every API key refused until the next poll. It is now refused, like an empty
+    /// config file, so the last good keys stay in force; `keys: []` still means none.
+    #[test]
+    fn an_empty_key_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys.yaml");
+        let config = dir.path().join("portcullis.yaml");
+        let text = "api_keys:\n  file: keys.yaml\nroutes:\n  - {id: o, methods: [GET], path: /o, public: true}\n";
+        for empty in ["", "\n", "# keys: []\n", "---\n"] {
+            std::fs::write(&file, empty).unwrap();
+            let e = from_str(text, &config).unwrap_err();
+            assert_eq!(e.field, "api_keys.file", "{e}");
+            assert!(e.message.contains("is empty"), "{e}");
+            assert!(e.message.contains("keys.yaml"), "{e}");
+        }
+        std::fs::write(&file, "keys: []\n").unwrap();
+        let c = from_str(text, &config).unwrap();
+        assert!(c.api_keys.is_some());
     }
 }

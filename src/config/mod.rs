@@ -120,6 +120,11 @@ pub const DEFAULT_ALGORITHMS: &[Algorithm] = &[
 /// Smallest `tokens.cache.max_bytes` for an enabled cache.
 const CACHE_BYTES_MIN: u64 = 1 << 20;
 
+/// Longest `tokens.cache.max_ttl`: a revocation or a key rotation already takes effect on
+/// cached tokens, but a cache holding a verification for longer than a day is a typo (and an
+/// enormous value overflowed the per-token expiry arithmetic).
+const CACHE_TTL_MAX: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Bounds of `tokens.max_bytes`.
 const TOKEN_BYTES_MIN: usize = 256;
 const TOKEN_BYTES_MAX: usize = 65_536;
@@ -261,6 +266,13 @@ fn parse_hint(message: &str) -> Option<String> {
         let name = message.split('`').nth(1).unwrap_or_default();
         return Some(format!("add `{name}:`"));
     }
+    if message.starts_with(schema::EMPTY_LIST) {
+        return Some(
+            "an absent key means no restriction here: remove the key for that, or list at \
+             least one item"
+                .to_string(),
+        );
+    }
     if message.contains("expected a sequence") {
         return Some("write a list, e.g. `[a, b]`".to_string());
     }
@@ -357,6 +369,14 @@ impl Compiler {
                     cache.max_bytes
                 ),
                 "to turn the cache off, set `tokens.cache.capacity: 0`",
+            ));
+        }
+
+        if cache.max_ttl.get() > CACHE_TTL_MAX {
+            return Err(self.hint(
+                "tokens.cache.max_ttl",
+                format!("`{}` is too long: use at most 24h", cache.max_ttl),
+                "a cached token is never kept past its `exp` anyway; the default is `5m`",
             ));
         }
 
@@ -511,6 +531,20 @@ impl Compiler {
         }
         if keys.discovery {
             self.check_url(&f("issuer"), &ic.issuer, keys.allow_http)?;
+        }
+        // Past `max_stale` (a day by default) keys not refreshed fail closed anyway; a longer
+        // interval is a typo, and an enormous one overflowed the refresh schedule.
+        for (name, d) in [
+            ("min_refresh", keys.min_refresh),
+            ("max_refresh", keys.max_refresh),
+        ] {
+            if d.get() > crate::keys::MAX_REFRESH {
+                return Err(self.hint(
+                    f(&format!("keys.{name}")),
+                    format!("`{d}` is too long: use at most 24h"),
+                    "the defaults are `min_refresh: 1m` and `max_refresh: 1h`",
+                ));
+            }
         }
         if keys.min_refresh > keys.max_refresh {
             return Err(self.err(
@@ -1220,7 +1254,7 @@ impl Compiler {
             ));
         }
         let context = self.context(&f, rule)?;
-        Ok(CompiledRule {
+        let compiled = CompiledRule {
             context,
             id: Arc::from(rule.id.as_str()),
             issuers: rule.issuers.iter().map(|s| Arc::from(s.as_str())).collect(),
@@ -1230,7 +1264,20 @@ impl Compiler {
             bind,
             api_keys,
             principals,
-        })
+        };
+        // A service grant lets a token-less caller in on its peer identity alone, and an
+        // approval is asked for and given to a subject: such a caller could never pass the
+        // approval (every call a 403 `internal_error`).
+        if rule.approval.is_some() && compiled.is_peer_only() {
+            return Err(self.hint(
+                f("approval"),
+                "a rule with only `principals` grants callers without a token, and an \
+                 approval needs the caller's subject: a token-less call could never be approved",
+                "require a token too (`issuers`, `scopes`, `roles` or `claims`), or move \
+                 `approval` to a rule for tokens",
+            ));
+        }
+        Ok(compiled)
     }
 }
 

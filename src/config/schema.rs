@@ -7,10 +7,35 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use super::bytes::ByteSize;
 use super::duration::HumanDuration;
+
+/// The message of a list key written with nothing under it; `parse` adds the hint.
+pub(super) const EMPTY_LIST: &str = "is empty (every item commented out?)";
+
+/// A list whose absence means "any" or otherwise lifts a restriction (a rule's `issuers`,
+/// a route's `hosts`, ...). YAML reads the key with nothing under it (every item commented
+/// out) as null, which would otherwise be the same empty list and widen access in silence:
+/// it is an error instead. An absent key keeps its meaning (`#[serde(default)]`), and so
+/// does an explicit `[]`.
+fn restricting<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<Vec<T>>::deserialize(d)?.ok_or_else(|| serde::de::Error::custom(EMPTY_LIST))
+}
+
+/// `restricting` for a list whose absence means a default (`algorithms`).
+fn restricting_opt<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    restricting(d).map(Some)
+}
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -48,7 +73,7 @@ pub struct ConfigFile {
     #[serde(default)]
     pub api_keys: Option<ApiKeysConfig>,
     /// Token-bucket rate limits, all of which apply to every request they select.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub rate_limits: Vec<RateLimitConfig>,
     /// Revoked tokens (`jti`), sessions (`sid`) and subjects (`sub`).
     #[serde(default)]
@@ -102,7 +127,7 @@ pub struct TlsConfig {
     pub require_client_cert: bool,
     /// When set, the client certificate must also carry one of these URI SANs (exact, or
     /// `prefix/*` / `prefix/**`), e.g. Envoy's SPIFFE ID.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub allowed_client_principals: Vec<String>,
 }
 
@@ -206,7 +231,7 @@ pub struct IssuerConfig {
     /// The token's `aud` (string or list) must contain one of these.
     pub audiences: Vec<String>,
     /// Allowed `alg` values. Default: every asymmetric algorithm.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting_opt")]
     pub algorithms: Option<Vec<String>>,
     /// Where the verification keys come from: exactly one of `file`, `url`, `discovery`.
     pub keys: KeySourceConfig,
@@ -229,7 +254,7 @@ pub struct IssuerConfig {
     #[serde(default)]
     pub dpop: crate::identity::dpop::DpopMode,
     /// Allowed DPoP proof algorithms. Default: ES256, ES384, EdDSA, RS256, PS256.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting_opt")]
     pub dpop_algorithms: Option<Vec<String>>,
     /// How far a proof's `iat` may be from now, either way; `jti`s are remembered twice as long.
     #[serde(default = "default_dpop_window")]
@@ -444,7 +469,7 @@ pub struct RouteConfig {
     pub id: String,
     /// Hosts this route applies to (case-insensitive, port and trailing dot ignored).
     /// Absent or empty: any host. `*.example.com` matches one or more labels below.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub hosts: Vec<String>,
     /// Methods, case-sensitive. HEAD is not implied by GET.
     pub methods: Vec<String>,
@@ -464,24 +489,24 @@ pub struct RouteConfig {
 pub struct RuleConfig {
     pub id: String,
     /// Restrict to these issuer names (default: any configured issuer).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub issuers: Vec<String>,
     /// All of these scopes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub scopes: Vec<String>,
     /// Any of these roles.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub roles: Vec<String>,
     /// All of these claim conditions.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub claims: Vec<ClaimConditionConfig>,
     /// Resource binding: path parameters tied to claims.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub bind: Vec<BindingConfig>,
     /// API keys this rule grants, by id (`"*"`: any configured key). A rule with `api_keys`
     /// is for API keys only (it never holds for a bearer token, and may not also name
     /// issuers, scopes, roles or claims); a rule without it never holds for an API key.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub api_keys: Vec<String>,
     /// The client address must be in `cidrs` (when given) and in none of `not_cidrs`.
     #[serde(default)]
@@ -496,13 +521,13 @@ pub struct RuleConfig {
     #[serde(default)]
     pub time_window: Option<TimeWindowConfig>,
     /// Device posture signals, all of which must hold.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub posture: Vec<PostureConfig>,
     /// Any of these peer principals (SPIFFE IDs from Envoy's `source.principal` or the
     /// forwarded client certificate's URI SANs): exact, `prefix/*` (one segment) or
     /// `prefix/**` (any depth). A rule with ONLY `principals` is a service grant: the peer
     /// identity alone satisfies it, no token needed.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub principals: Vec<String>,
     /// Just-in-time approval: a granted request is still refused until an approver approves
     /// this one action for this subject.
@@ -514,9 +539,9 @@ pub struct RuleConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub cidrs: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub not_cidrs: Vec<String>,
 }
 
@@ -525,7 +550,7 @@ pub struct SourceConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TimeWindowConfig {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub days: Vec<String>,
     #[serde(default)]
     pub hours: Option<String>,
@@ -624,7 +649,8 @@ pub struct ApiKeysConfig {
     #[serde(default = "default_api_key_header")]
     pub header: String,
     /// Optional separate key file (YAML `keys: [...]`, same entries as below), relative to
-    /// the config file. Read once when the config is loaded.
+    /// the config file. Read when the config is loaded, and watched with it. An empty file is
+    /// an error (`keys: []` holds no keys).
     #[serde(default)]
     pub file: Option<PathBuf>,
     /// Keys stored inline.
@@ -676,7 +702,7 @@ pub struct RateLimitConfig {
     #[serde(default)]
     pub burst: Option<u32>,
     /// Route ids this limit applies to. Empty (default): every route.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "restricting")]
     pub routes: Vec<String>,
     /// `by: client_ip` only: how many leading bits of an IPv6 client address one bucket
     /// covers (32 to 128). Default: 64, one subnet, every address of which a single host can

@@ -313,6 +313,21 @@ fn key_urls_must_be_https_unless_loopback_or_allowed() {
         "issuers[0].keys.min_refresh",
         "greater than max_refresh",
     );
+    // An enormous interval overflowed the refresh schedule (a panic on every key load).
+    fails(
+        &iss("url: \"https://a.test/k\", min_refresh: 300000000000y, max_refresh: 300000000000y"),
+        "issuers[0].keys.min_refresh",
+        "too long: use at most 24h",
+    );
+    fails(
+        &iss("url: \"https://a.test/k\", max_refresh: 25h"),
+        "issuers[0].keys.max_refresh",
+        "too long",
+    );
+    compile(&iss(
+        "url: \"https://a.test/k\", min_refresh: 24h, max_refresh: 24h",
+    ))
+    .unwrap();
     fails(
         &iss("url: \"https://a.test/k\", min_refresh: 0s"),
         "issuers[0].keys.min_refresh",
@@ -992,4 +1007,120 @@ fn an_approver_subject_with_a_colon_names_an_issuer() {
         "routes[0].rules[0].approval.pre_approve[0].subjects[1]",
         "`x` is not an issuer name",
     );
+}
+
+/// A list key whose items are all commented out is YAML null. For a list whose absence means
+/// "any" (or lifts a restriction), reading that as the empty list would widen access in
+/// silence: it is an error naming the field, while the absent key keeps its meaning.
+#[test]
+fn a_restricting_list_with_every_item_commented_out_is_an_error() {
+    let rule = |lines: &str| {
+        format!(
+            "issuers:\n  - {{ {DEV} }}\nroutes:\n  - id: r\n    methods: [GET]\n    path: /u/{{user}}\n    rules:\n      - id: p\n{lines}"
+        )
+    };
+    let commented = |key: &str| format!("        {key}:\n          # - x\n");
+    for key in [
+        "issuers",
+        "scopes",
+        "roles",
+        "claims",
+        "bind",
+        "api_keys",
+        "posture",
+        "principals",
+    ] {
+        let other = if key == "scopes" { "roles" } else { "scopes" };
+        let e = fails(
+            &rule(&format!("        {other}: [x]\n{}", commented(key))),
+            &format!("routes[0].rules[0].{key}"),
+            "is empty (every item commented out?)",
+        );
+        assert!(e.hint.unwrap().contains("remove the key"), "{key}");
+    }
+    for (key, field) in [
+        ("source: { cidrs: }", "source.cidrs"),
+        ("source: { not_cidrs: }", "source.not_cidrs"),
+        ("time_window: { days: }", "time_window.days"),
+    ] {
+        fails(
+            &rule(&format!("        scopes: [x]\n        {key}\n")),
+            &format!("routes[0].rules[0].{field}"),
+            "is empty",
+        );
+    }
+    let route = "routes:\n  - id: r\n    hosts:\n      # - a.example.com\n    methods: [GET]\n    path: /\n    public: true\n";
+    fails(route, "routes[0].hosts", "is empty");
+    fails(
+        &format!("{ROUTE}rate_limits:\n  # - {{ id: l, by: route, requests: 1, per: 1s }}\n"),
+        "rate_limits",
+        "is empty",
+    );
+    fails(
+        &format!(
+            "{ROUTE}rate_limits:\n  - {{ id: l, by: route, requests: 1, per: 1s, routes: }}\n"
+        ),
+        "rate_limits[0].routes",
+        "is empty",
+    );
+    fails(
+        &with_issuer(&format!("{DEV}, algorithms: ")),
+        "issuers[0].algorithms",
+        "is empty",
+    );
+    fails(
+        &with_issuer(&format!("{DEV}, dpop_algorithms: ")),
+        "issuers[0].dpop_algorithms",
+        "is empty",
+    );
+    fails(
+        &format!(
+            "server:\n  tls: {{ cert: c.pem, key: k.pem, allowed_client_principals: }}\n{ROUTE}"
+        ),
+        "server.tls.allowed_client_principals",
+        "is empty",
+    );
+
+    // The absent key keeps its meaning: any configured issuer, any host.
+    let c = compile(&rule("        scopes: [x]\n")).unwrap();
+    assert!(c.policy.routes()[0].rules[0].issuers.is_empty());
+    assert!(c.policy.routes()[0].hosts.is_empty());
+    // So does an explicit `[]`, written on purpose.
+    let c = compile(&rule("        scopes: [x]\n        issuers: []\n")).unwrap();
+    assert!(c.policy.routes()[0].rules[0].issuers.is_empty());
+}
+
+/// An enormous `max_ttl` loaded and then panicked inside Check (the per-token expiry
+/// overflowed `Duration`).
+#[test]
+fn the_token_cache_ttl_is_at_most_a_day() {
+    let cache = |ttl: &str| format!("tokens: {{ cache: {{ max_ttl: {ttl} }} }}\n{ROUTE}");
+    let e = fails(
+        &cache("10000000000y"),
+        "tokens.cache.max_ttl",
+        "too long: use at most 24h",
+    );
+    assert!(e.hint.is_some());
+    fails(&cache("24h 1s"), "tokens.cache.max_ttl", "too long");
+    compile(&cache("24h")).unwrap();
+}
+
+/// A service grant (only `principals`) lets a caller in without a token, and an approval
+/// needs a subject: with both, every token-less call was a 403 `internal_error`.
+#[test]
+fn a_service_grant_cannot_require_an_approval() {
+    let rule = |conditions: &str| {
+        format!(
+            "issuers:\n  - {{ {DEV} }}\nroutes:\n  - id: r\n    methods: [POST]\n    path: /x\n    rules:\n      - {{ id: svc, principals: [\"spiffe://example.org/ns/a/sa/b\"], {conditions}approval: {{ approvers: {{ roles: [lead] }} }} }}\n"
+        )
+    };
+    let e = fails(
+        &rule(""),
+        "routes[0].rules[0].approval",
+        "could never be approved",
+    );
+    assert!(e.hint.unwrap().contains("require a token"));
+    // The same rule with a token condition needs a token, whose subject is approved.
+    compile(&rule("issuers: [dev], ")).unwrap();
+    compile(&rule("scopes: [x], ")).unwrap();
 }

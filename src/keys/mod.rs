@@ -11,7 +11,9 @@
 //! Policy, per issuer:
 //! - Refresh: after a good fetch, at 90% of the response's Cache-Control `max-age` (`no-cache`
 //!   and `no-store` count as 0; no header counts as 5 minutes), clamped into
-//!   `[min_refresh, max_refresh]`, minus up to 10% jitter (never below `min_refresh`). Key files are re-read every `min_refresh`.
+//!   `[min_refresh, max_refresh]`, minus up to 10% jitter (never below `min_refresh`). Key
+//!   files are re-read every `min_refresh`. A load is never scheduled more than `MAX_REFRESH`
+//!   (a day) ahead; the config refuses longer intervals.
 //! - Retry: after a failed load, 1 s, doubling, capped at `min_refresh`; the last good set stays
 //!   in use until `max_stale` after the last good load, then `get` fails with `Stale`.
 //! - Single flight: at most one load per issuer at a time; everyone else joins it.
@@ -25,6 +27,8 @@
 
 mod fetch;
 mod schedule;
+
+pub use schedule::MAX_REFRESH;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -373,7 +377,7 @@ async fn load_once(slot: &Slot, shared: &Shared) {
             }));
             let mut f = slot.flight();
             f.failures = 0;
-            f.next_due = Instant::now() + delay;
+            f.next_due = schedule::due_after(Instant::now(), delay);
         }
         Err(failure) => {
             let code = failure.error.code();
@@ -382,7 +386,7 @@ async fn load_once(slot: &Slot, shared: &Shared) {
                 let mut f = slot.flight();
                 f.failures = f.failures.saturating_add(1);
                 let delay = schedule::after_failure(f.failures, slot.cfg.min_refresh.get());
-                f.next_due = Instant::now() + delay;
+                f.next_due = schedule::due_after(Instant::now(), delay);
                 delay
             };
             let stale = old

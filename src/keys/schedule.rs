@@ -8,6 +8,19 @@ use std::time::Duration;
 /// `[min_refresh, max_refresh]` like any other lifetime.
 pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(300);
 
+/// The longest `min_refresh`/`max_refresh` the config accepts, and the longest any delay
+/// until the next load is taken to be: past `max_stale` (a day by default) a key set that
+/// was not refreshed fails closed anyway, and a day keeps `Instant` arithmetic far from its
+/// limits.
+pub const MAX_REFRESH: Duration = Duration::from_secs(24 * 3600);
+
+/// When the next load is due, `delay` after `now`. The delay is capped at `MAX_REFRESH` and
+/// the addition checked, so no duration (the config bounds it, but not every caller goes
+/// through the config) can panic the load task and leave the refresh loop spinning.
+pub(crate) fn due_after(now: std::time::Instant, delay: Duration) -> std::time::Instant {
+    now.checked_add(delay.min(MAX_REFRESH)).unwrap_or(now)
+}
+
 /// The first retry after a failed fetch; each further failure doubles it, up to `min_refresh`.
 pub(crate) const FIRST_RETRY: Duration = Duration::from_secs(1);
 
@@ -46,6 +59,13 @@ mod tests {
 
     const fn s(n: u64) -> Duration {
         Duration::from_secs(n)
+    }
+
+    #[test]
+    fn the_next_load_is_never_more_than_a_day_away_and_never_panics() {
+        let now = std::time::Instant::now();
+        assert_eq!(due_after(now, s(60)), now + s(60));
+        assert_eq!(due_after(now, Duration::MAX), now + MAX_REFRESH);
     }
 
     #[test]
