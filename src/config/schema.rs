@@ -28,6 +28,22 @@ where
     Option::<Vec<T>>::deserialize(d)?.ok_or_else(|| serde::de::Error::custom(EMPTY_LIST))
 }
 
+/// `upstream.identity_headers` written with every entry commented out (YAML null): an error,
+/// where it would otherwise be an empty map, so that nothing sets or strips the identity
+/// headers and a client-sent `x-portcullis-subject` reaches the upstream. An absent key means
+/// the default headers, and an explicit `{}` means none.
+fn identity_headers<'de, D>(d: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    Option::<BTreeMap<String, String>>::deserialize(d)?.ok_or_else(|| {
+        serde::de::Error::custom(
+            "is empty (every entry commented out?): remove the key for the default identity \
+             headers, or write `{}` for none (then nothing sets or strips them)",
+        )
+    })
+}
+
 /// `restricting` for a list whose absence means a default (`algorithms`).
 fn restricting_opt<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
 where
@@ -406,7 +422,10 @@ fn default_roles_claim() -> String {
 pub struct UpstreamConfig {
     /// Header name -> claim path. Each is set on allowed requests and always removed from the
     /// client's request first, so the upstream can trust them.
-    #[serde(default = "default_identity_headers")]
+    #[serde(
+        default = "default_identity_headers",
+        deserialize_with = "identity_headers"
+    )]
     pub identity_headers: BTreeMap<String, String>,
     /// Remove the credential header before the request reaches the upstream.
     #[serde(default)]

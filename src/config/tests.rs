@@ -1013,6 +1013,21 @@ fn an_approver_subject_with_a_colon_names_an_issuer() {
 /// "any" (or lifts a restriction), reading that as the empty list would widen access in
 /// silence: it is an error naming the field, while the absent key keeps its meaning.
 #[test]
+fn identity_headers_with_every_entry_commented_out_are_an_error_not_none() {
+    let e = fails(
+        &format!("{ROUTE}upstream:\n  identity_headers:\n    # x-portcullis-subject: sub\n"),
+        "upstream.identity_headers",
+        "every entry commented out",
+    );
+    assert!(e.message.contains("`{}`"), "{}", e.message);
+    // Absent: the defaults; `{}`: none, on purpose.
+    let absent = compile(ROUTE).unwrap();
+    assert!(!absent.file.upstream.identity_headers.is_empty());
+    let none = compile(&format!("{ROUTE}upstream:\n  identity_headers: {{}}\n")).unwrap();
+    assert!(none.file.upstream.identity_headers.is_empty());
+}
+
+#[test]
 fn a_restricting_list_with_every_item_commented_out_is_an_error() {
     let rule = |lines: &str| {
         format!(
