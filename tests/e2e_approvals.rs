@@ -112,8 +112,15 @@ impl Replica {
 
 /// The shipped Envoy config with its one listener and its `portcullis` cluster doubled: the
 /// listener `ingress_a` asks cluster `portcullis_a` (replica A), `ingress_b` asks
-/// `portcullis_b` (replica B).
-fn envoy_config(admin: u16, listen: [u16; 2], replicas: [u16; 2], upstream: u16) -> String {
+/// `portcullis_b` (replica B). `with_body`, when given, is the ext_authz filter's
+/// `with_request_body` on both listeners.
+fn envoy_config(
+    admin: u16,
+    listen: [u16; 2],
+    replicas: [u16; 2],
+    upstream: u16,
+    with_body: Option<&str>,
+) -> String {
     let shipped = std::fs::read_to_string(support::repo_root().join("envoy/envoy.yaml")).unwrap();
     let shipped = support::rewrite_envoy_config(
         &shipped,
@@ -155,6 +162,9 @@ fn envoy_config(admin: u16, listen: [u16; 2], replicas: [u16; 2], upstream: u16)
             .find(|f| f["name"] == "envoy.filters.http.ext_authz")
             .unwrap();
         authz["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = name.clone().into();
+        if let Some(body) = with_body {
+            authz["typed_config"]["with_request_body"] = serde_yaml::from_str(body).unwrap();
+        }
         listeners.push(l);
         let mut c = cluster.clone();
         c["name"] = name.clone().into();
@@ -214,6 +224,11 @@ impl Answer {
 
 impl Stack {
     async fn start() -> Stack {
+        Stack::start_with_body(None).await
+    }
+
+    /// A stack whose Envoy sends request bodies (`with_request_body`) to the replicas.
+    async fn start_with_body(with_body: Option<&str>) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         write_jwks(dir.path(), &[Key::A]);
         let redis = RedisServer::start();
@@ -225,7 +240,7 @@ impl Stack {
         let path = dir.path().join("envoy.yaml");
         std::fs::write(
             &path,
-            envoy_config(admin, listen, [a.grpc, b.grpc], upstream.port),
+            envoy_config(admin, listen, [a.grpc, b.grpc], upstream.port, with_body),
         )
         .unwrap();
         let envoy = support::start_envoy(&path, loopback(admin));
@@ -251,6 +266,17 @@ impl Stack {
     }
 
     async fn send(&self, via: Via, method: &str, path: &str, token: &str) -> Answer {
+        self.send_body(via, method, path, token, "").await
+    }
+
+    async fn send_body(
+        &self,
+        via: Via,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: &str,
+    ) -> Answer {
         let addr = match via {
             Via::A => self.listen[0],
             Via::B => self.listen[1],
@@ -260,6 +286,7 @@ impl Stack {
             .request(method.parse().unwrap(), format!("http://{addr}{path}"))
             .bearer_auth(token)
             .header("x-portcullis-justification", "INC-1234 cleanup")
+            .body(body.to_string())
             .send()
             .await
             .unwrap_or_else(|e| panic!("{method} {path} via {via:?}: {e}\n{}", self.logs()));
@@ -591,4 +618,65 @@ async fn redis_down_refuses_the_gated_route_with_a_clear_reason_and_ordinary_rou
         assert!(started.elapsed() < Duration::from_secs(10), "no recovery");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_approval_covers_exactly_its_body_and_a_body_cut_short_is_refused() {
+    // Envoy sends at most 64 bytes of a body and, past that, the first 64 marked partial.
+    let stack = Stack::start_with_body(Some(
+        "{ max_request_bytes: 64, allow_partial_message: true, pack_as_bytes: true }",
+    ))
+    .await;
+    let alice = mint("alice", &["dba"], "");
+    let bob = mint("bob", &["dba-lead"], "");
+    let path = "/exports/customers";
+    let body = r#"{"format":"csv","rows":10}"#;
+
+    let first = stack.send_body(Via::A, "POST", path, &alice, body).await;
+    assert_approval_required(&first, "first request");
+    let id = first.approval_id();
+    let (ok, listed, err) = stack.cli(Via::B, &bob, &["list"]);
+    assert!(ok, "{listed}{err}");
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body.as_bytes());
+    let body_sha256: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert!(
+        listed.contains(&format!("body sha256: {body_sha256}")),
+        "the listing names the body's digest: {listed}"
+    );
+    stack.approve(Via::B, &bob, &id, &[]);
+
+    let allowed = stack.send_body(Via::B, "POST", path, &alice, body).await;
+    assert_eq!(allowed.status, 200, "{allowed:?}\n{}", stack.logs());
+    // Another body is another action.
+    let other = r#"{"format":"csv","rows":99}"#;
+    let refused = stack.send_body(Via::A, "POST", path, &alice, other).await;
+    assert_approval_required(&refused, "another body");
+    assert_ne!(refused.approval_id(), id);
+
+    // A body longer than Envoy forwards, starting with the approved one: only its first 64
+    // bytes reach the replica, so no approval may cover it, and none is asked for.
+    let long = format!("{body}{}", " ".repeat(100));
+    for via in [Via::A, Via::B] {
+        let cut = stack.send_body(via, "POST", path, &alice, &long).await;
+        assert_approval_required(&cut, "a body cut short");
+        assert!(
+            cut.json()["reason"]
+                .as_str()
+                .unwrap()
+                .contains("only part of it"),
+            "{cut:?}"
+        );
+        assert!(cut.json().get("approval_id").is_none(), "{cut:?}");
+        assert!(
+            cut.headers.get("x-portcullis-approval-id").is_none(),
+            "{cut:?}"
+        );
+    }
+    let (ok, listed, err) = stack.cli(Via::A, &bob, &["list"]);
+    assert!(ok, "{listed}{err}");
+    assert_eq!(
+        listed.matches("apr_").count(),
+        1,
+        "only the other body's request: {listed}"
+    );
 }

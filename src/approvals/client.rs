@@ -160,6 +160,9 @@ fn line(a: &pb::Approval) -> String {
         a.uses,
         time(a.expires_at)
     );
+    if !a.body_sha256.is_empty() {
+        out.push_str(&format!("\n    body sha256: {}", a.body_sha256));
+    }
     if !a.justification.is_empty() {
         out.push_str(&format!("\n    justification: {}", a.justification));
     }

@@ -39,6 +39,9 @@ pub const APPROVAL_ID_HEADER: &str = "x-portcullis-approval-id";
 /// Internal pseudo-header (set by `grpc` only, from the body Envoy sent) with the hex
 /// SHA-256 of the request body.
 pub const BODY_SHA256_HEADER: &str = ":portcullis-body-sha256";
+/// Envoy's mark on a Check whose body it cut at `max_request_bytes`
+/// (`with_request_body.allow_partial_message: true`): `true` when the body is partial.
+pub const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
 /// Longest justification kept (characters).
 const MAX_JUSTIFICATION: usize = 500;
 

@@ -15,9 +15,9 @@ use crate::identity::Identity;
 use crate::state::{RateLimit, StateError, StateStore};
 
 use super::{
-    APPROVAL_ID_HEADER, ApprovalPolicy, ApprovalState, BODY_SHA256_HEADER, Policies, Record,
-    display_path, displayable, fingerprint, is_self, justification, new_id, normal_host,
-    sha256_hex, valid_id,
+    APPROVAL_ID_HEADER, ApprovalPolicy, ApprovalState, BODY_SHA256_HEADER, PARTIAL_BODY_HEADER,
+    Policies, Record, display_path, displayable, fingerprint, is_self, justification, new_id,
+    normal_host, sha256_hex, valid_id,
 };
 
 /// Decided records are kept this long past their last relevant time, for listings and for
@@ -262,6 +262,18 @@ impl Approvals {
             self.record_pre_approval(&policy, &identity, req, &fp, index, now)
                 .await;
             return allowed_by_pre_approval(decision, index);
+        }
+        // An approval binds the body's digest. Of a body cut short, it would bind only the
+        // part Envoy sent, and cover every body that starts the same way: nothing is opened.
+        // (A client sending the header itself only refuses its own request.)
+        if req
+            .header(PARTIAL_BODY_HEADER)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        {
+            let detail = "this action needs approval, and an approval covers the whole request \
+                          body, but only part of it reached the authorizer (the body is larger \
+                          than the gateway forwards)";
+            return refused(decision, ReasonCode::ApprovalRequired, detail);
         }
 
         match self.state.take_one(&key_grant(&fp)).await {

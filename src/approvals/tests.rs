@@ -458,6 +458,51 @@ async fn pre_approval_allows_without_a_request() {
 }
 
 #[tokio::test]
+async fn a_body_envoy_cut_short_opens_no_request_and_is_refused() {
+    let store = Arc::new(MemoryStore::new());
+    let a = approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let mut r = Req::new("DELETE", "db", "/databases/orders");
+    r.headers
+        .insert(BODY_SHA256_HEADER.to_string(), sha256_hex(b"{\"force\":"));
+    for partial in ["true", "TRUE", " true"] {
+        r.headers
+            .insert(PARTIAL_BODY_HEADER.to_string(), partial.to_string());
+        let d = a.gate(&r.view(), granted(&alice), NOW).await;
+        assert_eq!(d.code, ReasonCode::ApprovalRequired, "{partial}");
+        assert_eq!(d.http_status(), 403);
+        assert!(d.detail.contains("only part of it"), "{}", d.detail);
+        assert!(
+            d.response_headers
+                .iter()
+                .all(|(n, _)| n != APPROVAL_ID_HEADER),
+            "a request was opened for a partial body"
+        );
+    }
+    assert!(a.list(&bob, false, NOW).await.unwrap().is_empty());
+    // The whole body (Envoy says so, or says nothing) asks for an approval as before.
+    for whole in [Some("false"), None] {
+        match whole {
+            Some(v) => r
+                .headers
+                .insert(PARTIAL_BODY_HEADER.to_string(), v.to_string()),
+            None => r.headers.remove(PARTIAL_BODY_HEADER),
+        };
+        let d = a.gate(&r.view(), granted(&alice), NOW).await;
+        assert!(approval_id(&d).starts_with("apr_"), "{whole:?}");
+    }
+    // A pre-approval is not bound to a body: it still allows.
+    let p = a.policy("drop-db", "dba").unwrap().clone();
+    let from = p.pre_approve[0].from.unwrap();
+    r.headers
+        .insert(PARTIAL_BODY_HEADER.to_string(), "true".to_string());
+    let on_call = identity("dave", &["dba", "on-call"]);
+    let d = a.gate(&r.view(), granted(&on_call), from + 10).await;
+    assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+}
+
+#[tokio::test]
 async fn unreachable_state_fails_closed_with_a_clear_reason() {
     let a = approvals(Arc::new(crate::state::UnavailableStore::new(
         "redis is unreachable",
