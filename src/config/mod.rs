@@ -555,6 +555,25 @@ impl Compiler {
                 ),
             ));
         }
+        // Keys not loaded again within `max_stale` fail closed: an interval between loads as
+        // long as that refuses every token for part of each interval, the issuer healthy.
+        // Files are re-read every `min_refresh`; fetched sets are due at most `max_refresh`
+        // after the last load.
+        let (interval, longest) = match keys.file {
+            Some(_) => ("min_refresh", keys.min_refresh),
+            None => ("max_refresh", keys.max_refresh),
+        };
+        if longest >= keys.max_stale {
+            return Err(self.hint(
+                f("keys.max_stale"),
+                format!(
+                    "max_stale ({}) is not longer than {interval} ({longest}): the keys would turn \
+                     stale before they are loaded again, refusing every token until then",
+                    keys.max_stale
+                ),
+                "keep max_stale well above it (the default is 24h, with max_refresh 1h)",
+            ));
+        }
         // Zero intervals would let a flood of unknown `kid`s (or a zero max-age) turn every
         // request into a fetch against the identity provider.
         for (name, d) in [

@@ -325,9 +325,26 @@ fn key_urls_must_be_https_unless_loopback_or_allowed() {
         "too long",
     );
     compile(&iss(
-        "url: \"https://a.test/k\", min_refresh: 24h, max_refresh: 24h",
+        "url: \"https://a.test/k\", min_refresh: 24h, max_refresh: 24h, max_stale: 48h",
     ))
     .unwrap();
+    // Keys must be loaded again before they turn stale.
+    fails(
+        &iss("url: \"https://a.test/k\", max_refresh: 2h, max_stale: 1h"),
+        "issuers[0].keys.max_stale",
+        "not longer than max_refresh (2h)",
+    );
+    fails(
+        &iss("url: \"https://a.test/k\", max_stale: 1h"),
+        "issuers[0].keys.max_stale",
+        "not longer than max_refresh (1h)",
+    );
+    fails(
+        &iss("file: jwks.json, min_refresh: 10m, max_stale: 5m"),
+        "issuers[0].keys.max_stale",
+        "not longer than min_refresh (10m)",
+    );
+    compile(&iss("url: \"https://a.test/k\", max_stale: 61m")).unwrap();
     fails(
         &iss("url: \"https://a.test/k\", min_refresh: 0s"),
         "issuers[0].keys.min_refresh",
