@@ -365,6 +365,12 @@ impl Stack {
     }
 }
 
+/// Lower-case hex SHA-256, as approvals list body and query digests.
+fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn assert_approval_required(answer: &Answer, context: &str) {
     assert_eq!(answer.status, 403, "{context}: {answer:?}");
     assert!(!answer.upstream(), "{context}: reached the upstream");
@@ -629,7 +635,7 @@ async fn an_approval_covers_exactly_its_body_and_a_body_cut_short_is_refused() {
     .await;
     let alice = mint("alice", &["dba"], "");
     let bob = mint("bob", &["dba-lead"], "");
-    let path = "/exports/customers";
+    let path = "/exports/customers?region=eu-west&limit=10";
     let body = r#"{"format":"csv","rows":10}"#;
 
     let first = stack.send_body(Via::A, "POST", path, &alice, body).await;
@@ -637,11 +643,20 @@ async fn an_approval_covers_exactly_its_body_and_a_body_cut_short_is_refused() {
     let id = first.approval_id();
     let (ok, listed, err) = stack.cli(Via::B, &bob, &["list"]);
     assert!(ok, "{listed}{err}");
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body.as_bytes());
-    let body_sha256: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let body_sha256 = sha256_hex(body.as_bytes());
     assert!(
         listed.contains(&format!("body sha256: {body_sha256}")),
         "the listing names the body's digest: {listed}"
+    );
+    // And the query's parameter names and digest, never its values.
+    let query_sha256 = sha256_hex(b"region=eu-west&limit=10");
+    assert!(
+        listed.contains("query: ?region=…&limit=…") && listed.contains(&query_sha256),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains("eu-west"),
+        "a query value was shown: {listed}"
     );
     stack.approve(Via::B, &bob, &id, &[]);
 

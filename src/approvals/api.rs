@@ -101,6 +101,8 @@ pub fn to_pb(r: &Record) -> pb::Approval {
         host: r.host.clone(),
         path: r.path.clone(),
         body_sha256: r.body_sha256.clone().unwrap_or_default(),
+        query: r.query.clone().unwrap_or_default(),
+        query_sha256: r.query_sha256.clone().unwrap_or_default(),
         justification: r.justification.clone().unwrap_or_default(),
         route: r.route.clone(),
         rule: r.rule.clone(),

@@ -160,6 +160,12 @@ fn line(a: &pb::Approval) -> String {
         a.uses,
         time(a.expires_at)
     );
+    if !a.query.is_empty() {
+        out.push_str(&format!(
+            "\n    query: ?{}  (values hidden; sha256 of the query: {})",
+            a.query, a.query_sha256
+        ));
+    }
     if !a.body_sha256.is_empty() {
         out.push_str(&format!("\n    body sha256: {}", a.body_sha256));
     }
@@ -186,6 +192,7 @@ fn to_json(a: &pb::Approval) -> serde_json::Value {
     serde_json::json!({
         "id": a.id, "state": a.state, "subject": a.subject, "issuer": a.issuer,
         "method": a.method, "host": a.host, "path": a.path, "body_sha256": a.body_sha256,
+        "query": a.query, "query_sha256": a.query_sha256,
         "justification": a.justification, "route": a.route, "rule": a.rule,
         "requested_at": a.requested_at, "expires_at": a.expires_at,
         "decided_by": a.decided_by, "decided_at": a.decided_at, "reason": a.reason,

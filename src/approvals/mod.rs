@@ -211,6 +211,12 @@ pub struct Record {
     pub path: String,
     #[serde(default)]
     pub body_sha256: Option<String>,
+    /// The query's parameter names, values hidden (`query_shape`), when it has a query.
+    #[serde(default)]
+    pub query: Option<String>,
+    /// Hex SHA-256 of the query string as sent (after `?`), when it has one.
+    #[serde(default)]
+    pub query_sha256: Option<String>,
     #[serde(default)]
     pub justification: Option<String>,
     pub route: String,
@@ -342,6 +348,33 @@ pub fn justification(req: &RequestView<'_>) -> Option<String> {
 /// The path without query or fragment (queries may carry secrets).
 pub fn display_path(path: &str) -> &str {
     path.split(['?', '#']).next().unwrap_or_default()
+}
+
+/// The query string of a path (after `?`, before any `#`), when it has one.
+pub fn query_of(path: &str) -> Option<&str> {
+    let (_, query) = path.split_once('?')?;
+    let query = query.split('#').next().unwrap_or_default();
+    (!query.is_empty()).then_some(query)
+}
+
+/// What approvers are shown of a query: the parameter names with their values hidden
+/// (values may carry secrets), e.g. `force=…&dry_run=…`, characters that are not
+/// `displayable` dropped, at most 500 characters. The fingerprint covers the whole query;
+/// its SHA-256 (`query_sha256`) lets an approver check the values a requester states.
+pub fn query_shape(query: &str) -> String {
+    let shape = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) => format!("{name}=…"),
+            None => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    shape
+        .chars()
+        .filter(|&c| displayable(c))
+        .take(MAX_JUSTIFICATION)
+        .collect()
 }
 
 #[cfg(test)]

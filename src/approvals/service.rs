@@ -17,7 +17,7 @@ use crate::state::{RateLimit, StateError, StateStore};
 use super::{
     APPROVAL_ID_HEADER, ApprovalPolicy, ApprovalState, BODY_SHA256_HEADER, PARTIAL_BODY_HEADER,
     Policies, Record, display_path, displayable, fingerprint, is_self, justification, new_id,
-    normal_host, sha256_hex, valid_id,
+    normal_host, query_of, query_shape, sha256_hex, valid_id,
 };
 
 /// Decided records are kept this long past their last relevant time, for listings and for
@@ -439,6 +439,8 @@ impl Approvals {
             host: normal_host(req.host),
             path: display_path(req.path).to_string(),
             body_sha256: req.header(BODY_SHA256_HEADER).map(str::to_string),
+            query: query_of(req.path).map(query_shape),
+            query_sha256: query_of(req.path).map(|q| sha256_hex(q.as_bytes())),
             justification: justification(req),
             route: policy.route.to_string(),
             rule: policy.rule.to_string(),

@@ -195,6 +195,8 @@ fn records_round_trip_as_json() {
         host: "db.example.com".into(),
         path: display_path(r.path).into(),
         body_sha256: None,
+        query: query_of(r.path).map(query_shape),
+        query_sha256: query_of(r.path).map(|q| sha256_hex(q.as_bytes())),
         justification: Some("ticket 42".into()),
         route: "drop-db".into(),
         rule: "dba".into(),
@@ -211,8 +213,61 @@ fn records_round_trip_as_json() {
         !json.contains("secret"),
         "the query string is never stored: {json}"
     );
+    assert!(json.contains(r#""query":"x=…""#), "{json}");
     assert_eq!(Record::from_json(&json), Some(record));
     assert_eq!(Record::from_json("{not json"), None);
+}
+
+#[test]
+fn approvers_see_a_querys_names_and_digest_never_its_values() {
+    assert_eq!(query_of("/a"), None);
+    assert_eq!(query_of("/a?"), None);
+    assert_eq!(query_of("/a?x=1&y#frag"), Some("x=1&y"));
+    assert_eq!(
+        query_shape("force=true&dry_run&token=abc=def&"),
+        "force=…&dry_run&token=…&"
+    );
+    assert_eq!(query_shape("a\u{202E}b=1\n"), "ab=…");
+    assert_eq!(query_shape(&"n".repeat(2000)).chars().count(), 500);
+}
+
+#[tokio::test]
+async fn a_requests_record_shows_its_query_shape_and_digest() {
+    let a = approvals(Arc::new(MemoryStore::new()));
+    let (alice, bob) = (identity("alice", &["dba"]), identity("bob", &["dba-lead"]));
+    let r = Req::new("DELETE", "db", "/databases/orders?force=true&token=s3cr3t");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    let listed = a.list(&bob, false, NOW).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, id);
+    assert_eq!(listed[0].path, "/databases/orders");
+    assert_eq!(listed[0].query.as_deref(), Some("force=…&token=…"));
+    assert_eq!(
+        listed[0].query_sha256.as_deref(),
+        Some(sha256_hex(b"force=true&token=s3cr3t").as_str())
+    );
+    let shown = format!("{:?}", listed[0]);
+    assert!(
+        !shown.contains("s3cr3t") && !shown.contains("true"),
+        "{shown}"
+    );
+    // The webhook tells the same, never the values.
+    let hook = super::webhook::Webhook::new(
+        &crate::config::schema::WebhookConfig {
+            url: "http://127.0.0.1:9/hook".into(),
+            timeout: crate::config::duration::HumanDuration::from_secs(1),
+            retries: 0,
+        },
+        None,
+    );
+    let payload = hook.payload(&listed[0]);
+    assert_eq!(payload["query"], "force=…&token=…");
+    assert_eq!(
+        payload["query_sha256"],
+        listed[0].query_sha256.as_deref().unwrap()
+    );
+    assert!(payload["body_sha256"].is_null(), "{payload}");
+    assert!(!payload.to_string().contains("s3cr3t"), "{payload}");
 }
 
 #[test]
