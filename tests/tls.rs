@@ -318,3 +318,94 @@ async fn replaced_certificate_files_are_served_to_new_connections_and_broken_one
     assert!(health(&grpc_client(Some("envoy")), &server).await.is_ok());
     server.shutdown().await;
 }
+
+/// `portcullis approvals list` against `server` with `args`; (success, stdout + stderr).
+async fn approvals_cli(server: &Server, args: &[String]) -> (bool, String) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bin = env!("CARGO_BIN_EXE_portcullis");
+    let token = std::process::Command::new(bin)
+        .current_dir(&root)
+        .args(["token", "--sub", "bob", "--role", "dba-lead"])
+        .output()
+        .unwrap();
+    assert!(token.status.success(), "{token:?}");
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let mut command = std::process::Command::new(bin);
+    command
+        .current_dir(&root)
+        .args(["approvals", "list", "--server"])
+        .arg(format!("127.0.0.1:{}", server.grpc_addr.port()))
+        .args(args)
+        .env("PORTCULLIS_TOKEN", &token);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains(&token), "the token was printed: {text}");
+    (out.status.success(), text)
+}
+
+/// The approvals CLI reaches a listener with `server.tls`: it trusts `--ca-cert` and shows
+/// `--cert`/`--key` when the listener verifies clients; without them it is refused, and says
+/// why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_approvals_cli_speaks_tls_with_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), "").await;
+    let file = |name: &str| fixture(name).display().to_string();
+    let ca = ["--ca-cert".to_string(), file("ca.crt")];
+    let identity = [
+        "--cert".to_string(),
+        file("envoy.crt"),
+        "--key".to_string(),
+        file("envoy.key"),
+    ];
+
+    let (ok, text) = approvals_cli(&server, &[ca.to_vec(), identity.to_vec()].concat()).await;
+    assert!(ok, "{text}");
+    assert!(text.contains("no approval requests"), "{text}");
+
+    // Plain HTTP/2 to the TLS listener.
+    let (ok, text) = approvals_cli(&server, &[]).await;
+    assert!(!ok && text.contains("cannot reach portcullis"), "{text}");
+    assert!(text.contains("needs --ca-cert"), "{text}");
+    // TLS, but no client certificate: the listener refuses the handshake.
+    let (ok, text) = approvals_cli(&server, &ca).await;
+    assert!(!ok && text.contains("cannot reach portcullis"), "{text}");
+    assert!(text.contains("needs --cert and --key"), "{text}");
+    // A certificate the CA did not sign is not trusted.
+    let other = ["--ca-cert".to_string(), file("other-ca.crt")];
+    let (ok, text) = approvals_cli(&server, &[other.to_vec(), identity.to_vec()].concat()).await;
+    assert!(!ok && text.contains("cannot reach portcullis"), "{text}");
+    // The name checked is the one asked for.
+    let wrong_name = [
+        "--tls-server-name".to_string(),
+        "elsewhere.example".to_string(),
+    ];
+    let args = [ca.to_vec(), identity.to_vec(), wrong_name.to_vec()].concat();
+    let (ok, text) = approvals_cli(&server, &args).await;
+    assert!(!ok && text.contains("cannot reach portcullis"), "{text}");
+    // A key file that is missing is named, its contents never shown.
+    let missing = [
+        "--cert".to_string(),
+        file("envoy.crt"),
+        "--key".to_string(),
+        "/nonexistent/approver.key".to_string(),
+    ];
+    let (ok, text) = approvals_cli(&server, &[ca.to_vec(), missing.to_vec()].concat()).await;
+    assert!(
+        !ok && text.contains("--key `/nonexistent/approver.key`"),
+        "{text}"
+    );
+    let key = String::from_utf8(read("envoy.key")).unwrap();
+    let (_, text) = approvals_cli(&server, &[ca.to_vec(), identity.to_vec()].concat()).await;
+    assert!(
+        !text.contains(key.lines().nth(1).unwrap()),
+        "key material printed"
+    );
+    server.shutdown().await;
+}

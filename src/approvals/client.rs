@@ -1,5 +1,9 @@
 //! `portcullis approvals list|approve|reject`: a gRPC client of the approvals API. The
-//! token is sent as `authorization: Bearer` metadata and never printed.
+//! token is sent as `authorization: Bearer` metadata and never printed. Over TLS
+//! (`--ca-cert`, and `--cert`/`--key` for a listener that verifies clients) when the
+//! listener has `server.tls`.
+
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 
@@ -16,6 +20,20 @@ pub struct ApprovalsArgs {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// CA certificate(s), PEM, that sign the listener's certificate: connect with TLS (for a
+    /// listener with `server.tls`). Implied by an `https://` server.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate chain, PEM, for a listener that verifies clients
+    /// (`server.tls.client_ca`); with `--key`.
+    #[arg(long, global = true, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key, PEM.
+    #[arg(long, global = true, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// The name the listener's certificate must carry (default: the host of `--server`).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
     #[command(subcommand)]
     pub action: ApprovalsAction,
 }
@@ -52,6 +70,82 @@ pub enum ClientError {
     Refused { code: String, message: String },
 }
 
+/// Reads a PEM file the user named; the error names the file, never its contents.
+fn read_pem(flag: &str, file: &Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(file)
+        .map_err(|e| ClientError::Usage(format!("--{flag} `{}`: {e}", file.display())))
+}
+
+fn uses_tls(args: &ApprovalsArgs) -> bool {
+    args.ca_cert.is_some() || args.cert.is_some() || args.server.starts_with("https://")
+}
+
+/// The channel to `--server`: plain HTTP/2, or TLS when a CA is given or the URL says
+/// `https://`.
+async fn connect(args: &ApprovalsArgs) -> Result<tonic::transport::Channel, ClientError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let tls = uses_tls(args);
+    let url = match args.server.split_once("://") {
+        Some(("http", _)) if tls => {
+            return Err(ClientError::Usage(
+                "TLS options were given for an `http://` server: use `https://` or leave the \
+                 scheme out"
+                    .to_string(),
+            ));
+        }
+        Some(_) => args.server.clone(),
+        None if tls => format!("https://{}", args.server),
+        None => format!("http://{}", args.server),
+    };
+    let unreachable = |message: String| ClientError::Connect {
+        server: args.server.clone(),
+        message,
+    };
+    let mut endpoint =
+        Endpoint::from_shared(url).map_err(|e| ClientError::Usage(format!("--server: {e}")))?;
+    if tls {
+        let Some(ca) = &args.ca_cert else {
+            return Err(ClientError::Usage(
+                "TLS needs --ca-cert FILE: the CA that signs the listener's certificate"
+                    .to_string(),
+            ));
+        };
+        let mut config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem("ca-cert", ca)?));
+        if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+            config = config.identity(Identity::from_pem(
+                read_pem("cert", cert)?,
+                read_pem("key", key)?,
+            ));
+        }
+        if let Some(name) = &args.tls_server_name {
+            config = config.domain_name(name.clone());
+        }
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| unreachable(e.to_string()))?;
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| unreachable(with_causes(&e.to_string(), &e)))
+}
+
+/// `message` followed by the error's causes: tonic's transport errors alone say only
+/// "transport error".
+fn with_causes(message: &str, error: &dyn std::error::Error) -> String {
+    let mut out = message.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(&format!(": {text}"));
+        }
+        source = cause.source();
+    }
+    out
+}
+
 /// Runs one approvals command and returns what to print.
 pub async fn run(args: &ApprovalsArgs) -> Result<String, ClientError> {
     let token = args
@@ -60,17 +154,8 @@ pub async fn run(args: &ApprovalsArgs) -> Result<String, ClientError> {
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ClientError::Usage("pass --token (or set PORTCULLIS_TOKEN)".to_string()))?;
-    let url = if args.server.contains("://") {
-        args.server.clone()
-    } else {
-        format!("http://{}", args.server)
-    };
-    let mut client = ApprovalsClient::connect(url)
-        .await
-        .map_err(|e| ClientError::Connect {
-            server: args.server.clone(),
-            message: e.to_string(),
-        })?;
+    let channel = connect(args).await?;
+    let mut client = ApprovalsClient::new(channel);
     let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
         .parse()
         .map_err(|_| ClientError::Usage("the token is not valid metadata text".to_string()))?;
@@ -82,9 +167,36 @@ pub async fn run(args: &ApprovalsArgs) -> Result<String, ClientError> {
         r.metadata_mut().insert("authorization", auth.clone());
         r
     }
-    let refused = |s: tonic::Status| ClientError::Refused {
-        code: format!("{:?}", s.code()),
-        message: s.message().to_string(),
+    let plain = !uses_tls(args);
+    let refused = |s: tonic::Status| {
+        // A status made by the client's transport (the connection failed or was refused
+        // during the call, e.g. a TLS alert), not by Portcullis: name its causes.
+        if std::error::Error::source(&s).is_some() || s.message().contains("h2 protocol error") {
+            let mut message = with_causes(s.message(), &s);
+            if plain {
+                // A TLS listener answers plain HTTP/2 with a TLS alert, which the HTTP/2
+                // client reads as a protocol error.
+                message.push_str(
+                    " (a listener with `server.tls` needs --ca-cert, and --cert/--key when it \
+                     verifies clients)",
+                );
+            } else if args.cert.is_none() {
+                // With TLS 1.3 a listener refusing a client without a certificate does so
+                // after the handshake, so the client only sees the connection close.
+                message.push_str(
+                    " (a listener that verifies clients needs --cert and --key, from a CA in \
+                     its `client_ca`)",
+                );
+            }
+            return ClientError::Connect {
+                server: args.server.clone(),
+                message,
+            };
+        }
+        ClientError::Refused {
+            code: format!("{:?}", s.code()),
+            message: s.message().to_string(),
+        }
     };
     match &args.action {
         ApprovalsAction::List { all } => {
