@@ -1272,6 +1272,20 @@ impl Compiler {
                 rule.id
             ));
         }
+        // Subjects are only unique within an issuer: bound to a claim with several issuers
+        // trusted, another issuer's `sub: 42` owns this issuer's `/users/42`.
+        if !bind.is_empty() && rule.issuers.is_empty() && issuers.len() > 1 {
+            let params: Vec<String> = bind.iter().map(|b| format!("`{{{}}}`", b.param)).collect();
+            self.warnings.push(format!(
+                "{at}.rules[{j}]: rule `{}` binds {} to a claim but names no `issuers`, and {} \
+                 issuers are configured: a token of any of them whose claim matches is granted \
+                 the resource (claims such as `sub` are unique only within one issuer); add \
+                 `issuers: [name]`",
+                rule.id,
+                params.join(", "),
+                issuers.len()
+            ));
+        }
         let context = self.context(&f, rule)?;
         let compiled = CompiledRule {
             context,

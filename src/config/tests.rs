@@ -1156,3 +1156,32 @@ fn a_service_grant_cannot_require_an_approval() {
     compile(&rule("issuers: [dev], ")).unwrap();
     compile(&rule("scopes: [x], ")).unwrap();
 }
+
+#[test]
+fn a_binding_without_issuers_warns_only_when_several_issuers_are_trusted() {
+    let route = |rule_extra: &str| {
+        format!(
+            "routes:\n  - id: user\n    methods: [GET]\n    path: /users/{{id}}\n    rules:\n      - {{ id: self, bind: [{{ param: id, equals_claim: sub }}]{rule_extra} }}\n"
+        )
+    };
+    let two = format!(
+        "issuers:\n  - {{ {DEV} }}\n  - {{ {} }}\n",
+        DEV.replace("name: dev", "name: dev2")
+            .replace("https://dev.test", "https://dev2.test")
+    );
+    let c = compile(&format!("{two}{}", route(""))).unwrap();
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].contains("rule `self` binds `{id}`")
+            && c.warnings[0].contains("2 issuers")
+            && c.warnings[0].contains("issuers: [name]"),
+        "{}",
+        c.warnings[0]
+    );
+    // Restricted to one issuer, or only one trusted: nothing to warn about.
+    let c = compile(&format!("{two}{}", route(", issuers: [dev]"))).unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let one = format!("issuers:\n  - {{ {DEV} }}\n");
+    let c = compile(&format!("{one}{}", route(""))).unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
