@@ -408,6 +408,11 @@ async fn approval_through_one_replica_allows_one_retry_through_the_other() {
         listed.contains(&id) && listed.contains("INC-1234"),
         "{listed}"
     );
+    // TLS options against this plain listener: refused, saying so.
+    let ca = support::repo_root().join("tests/fixtures/mtls/ca.crt");
+    let (ok, out, err) = stack.cli(Via::B, &bob, &["list", "--ca-cert", ca.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("does not speak TLS"), "{err}");
     // The requester is no approver.
     let (ok, out, err) = stack.cli(Via::A, &alice, &["approve", &id]);
     assert!(!ok, "alice approved her own request: {out}");

@@ -125,10 +125,15 @@ async fn connect(args: &ApprovalsArgs) -> Result<tonic::transport::Channel, Clie
             .tls_config(config)
             .map_err(|e| unreachable(e.to_string()))?;
     }
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| unreachable(with_causes(&e.to_string(), &e)))
+    endpoint.connect().await.map_err(|e| {
+        let mut message = with_causes(&e.to_string(), &e);
+        // A plain listener answers a TLS hello with HTTP/2 bytes.
+        if tls && message.contains("InvalidContentType") {
+            message
+                .push_str(" (the listener does not speak TLS: leave out --ca-cert, --cert, --key)");
+        }
+        unreachable(message)
+    })
 }
 
 /// `message` followed by the error's causes: tonic's transport errors alone say only
