@@ -381,6 +381,7 @@ async fn the_approvals_cli_speaks_tls_with_a_client_certificate() {
     let other = ["--ca-cert".to_string(), file("other-ca.crt")];
     let (ok, text) = approvals_cli(&server, &[other.to_vec(), identity.to_vec()].concat()).await;
     assert!(!ok && text.contains("cannot reach portcullis"), "{text}");
+    assert!(text.contains("UnknownIssuer"), "{text}");
     // The name checked is the one asked for.
     let wrong_name = [
         "--tls-server-name".to_string(),
@@ -389,6 +390,10 @@ async fn the_approvals_cli_speaks_tls_with_a_client_certificate() {
     let args = [ca.to_vec(), identity.to_vec(), wrong_name.to_vec()].concat();
     let (ok, text) = approvals_cli(&server, &args).await;
     assert!(!ok && text.contains("cannot reach portcullis"), "{text}");
+    assert!(
+        text.contains("not valid for name \"elsewhere.example\""),
+        "{text}"
+    );
     // A key file that is missing is named, its contents never shown.
     let missing = [
         "--cert".to_string(),
@@ -401,11 +406,14 @@ async fn the_approvals_cli_speaks_tls_with_a_client_certificate() {
         !ok && text.contains("--key `/nonexistent/approver.key`"),
         "{text}"
     );
+    // A private key given where a certificate belongs is refused without echoing it.
     let key = String::from_utf8(read("envoy.key")).unwrap();
-    let (_, text) = approvals_cli(&server, &[ca.to_vec(), identity.to_vec()].concat()).await;
+    let swapped = ["--ca-cert".to_string(), file("envoy.key")];
+    let (ok, text) = approvals_cli(&server, &[swapped.to_vec(), identity.to_vec()].concat()).await;
+    assert!(!ok, "{text}");
     assert!(
         !text.contains(key.lines().nth(1).unwrap()),
-        "key material printed"
+        "key material printed: {text}"
     );
     server.shutdown().await;
 }

@@ -428,6 +428,7 @@ impl Approvals {
         fp: &str,
         now: i64,
     ) -> Record {
+        let query = query_of(req.path);
         Record {
             id: String::new(),
             state: ApprovalState::Pending,
@@ -439,8 +440,8 @@ impl Approvals {
             host: normal_host(req.host),
             path: display_path(req.path).to_string(),
             body_sha256: req.header(BODY_SHA256_HEADER).map(str::to_string),
-            query: query_of(req.path).map(query_shape),
-            query_sha256: query_of(req.path).map(|q| sha256_hex(q.as_bytes())),
+            query: query.map(query_shape),
+            query_sha256: query.map(|q| sha256_hex(q.as_bytes())),
             justification: justification(req),
             route: policy.route.to_string(),
             rule: policy.rule.to_string(),
