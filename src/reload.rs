@@ -178,6 +178,7 @@ impl Reloader {
         if new.file.server.listen != old.config.file.server.listen
             || new.file.server.admin_listen != old.config.file.server.admin_listen
             || new.file.server.http_listen != old.config.file.server.http_listen
+            || new.file.server.approvals_listen != old.config.file.server.approvals_listen
         {
             tracing::warn!(
                 config = %self.path.display(),
@@ -200,14 +201,28 @@ impl Reloader {
         // the files' contents). Taking a changed allow-list as reloaded would keep admitting
         // a principal the operator just removed: refuse, so the error says a restart is
         // needed.
-        if new.file.server.tls != old.config.file.server.tls {
-            return Err(format!(
-                "{}: server.tls: the gRPC listener's TLS settings (files, client_ca, \
-                 require_client_cert, allowed_client_principals) changed; they take effect \
-                 only after a restart, and the config in force stays until then (the files' \
-                 contents are reloaded without one)",
-                self.path.display()
-            ));
+        let tls_sections = [
+            (
+                "server.tls",
+                &new.file.server.tls,
+                &old.config.file.server.tls,
+            ),
+            (
+                "server.approvals_tls",
+                &new.file.server.approvals_tls,
+                &old.config.file.server.approvals_tls,
+            ),
+        ];
+        for (section, new_tls, old_tls) in tls_sections {
+            if new_tls != old_tls {
+                return Err(format!(
+                    "{}: {section}: the gRPC listener's TLS settings (files, client_ca, \
+                     require_client_cert, allowed_client_principals) changed; they take \
+                     effect only after a restart, and the config in force stays until then \
+                     (the files' contents are reloaded without one)",
+                    self.path.display()
+                ));
+            }
         }
         let keys = if !reload_keys && same_key_sources(&old.config, &new) {
             old.keys.clone()

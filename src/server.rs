@@ -50,11 +50,14 @@ pub struct Server {
     pub admin_addr: SocketAddr,
     /// The HTTP ext_authz listener's address, when `server.http_listen` is set.
     pub http_addr: Option<SocketAddr>,
+    /// The approvals API's own listener, when `server.approvals_listen` is set.
+    pub approvals_addr: Option<SocketAddr>,
     pub engine: Arc<ArcSwap<Engine>>,
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     grpc_task: JoinHandle<()>,
     http_task: Option<JoinHandle<()>>,
+    approvals_task: Option<JoinHandle<()>>,
     admin_task: JoinHandle<std::io::Result<()>>,
     grace: Duration,
     /// Set by `leave_rotation`: `/readyz` and gRPC health report not ready.
@@ -114,12 +117,27 @@ impl Server {
             None => None,
         };
         let http_addr = http_listener.as_ref().map(|(_, a)| *a);
-
-        let tls_files = match &config.file.server.tls {
-            Some(tls) => {
-                let base = config.source.parent().unwrap_or(std::path::Path::new(""));
-                Some(crate::tls::TlsFiles::from_config(tls, base)?)
+        let approvals_listener = match &config.file.server.approvals_listen {
+            Some(addr) => {
+                let listener = bind(addr).await?;
+                let local = local_addr(&listener, addr)?;
+                Some((listener, local))
             }
+            None => None,
+        };
+        let approvals_addr = approvals_listener.as_ref().map(|(_, a)| *a);
+
+        let base = config.source.parent().unwrap_or(std::path::Path::new(""));
+        let tls_files = match &config.file.server.tls {
+            Some(tls) => Some(crate::tls::TlsFiles::from_config("server.tls", tls, base)?),
+            None => None,
+        };
+        let approvals_tls_files = match &config.file.server.approvals_tls {
+            Some(tls) => Some(crate::tls::TlsFiles::from_config(
+                "server.approvals_tls",
+                tls,
+                base,
+            )?),
             None => None,
         };
 
@@ -188,20 +206,32 @@ impl Server {
             }
         });
         let http_task = http_task.transpose()?;
-        let routes = Routes::new(health_service)
+        // The approvals API (and reflection, which lists it) is on `approvals_listen` when
+        // that is set, else beside ext_authz; gRPC health is on both.
+        let approvals_routes = Routes::new(health_service.clone())
             .add_service(approvals)
             .add_service(reflection);
-        let grpc_task = match tls_files {
-            // mTLS: only clients with a certificate from `client_ca` (Envoy) get decisions.
-            Some(files) => {
-                let incoming = crate::tls::incoming(grpc_listener, files, shutdown_rx.clone())?;
-                tokio::spawn(serve(incoming, check, routes, shutdown_rx.clone()))
+        let (routes, approvals_task) = match approvals_listener {
+            Some((listener, _)) => {
+                let task = spawn_grpc(
+                    listener,
+                    approvals_tls_files,
+                    None,
+                    approvals_routes,
+                    shutdown_rx.clone(),
+                )?;
+                (Routes::new(health_service), Some(task))
             }
-            None => {
-                let incoming = tcp_incoming(grpc_listener);
-                tokio::spawn(serve(incoming, check, routes, shutdown_rx.clone()))
-            }
+            None => (approvals_routes, None),
         };
+        // mTLS: only clients with a certificate from `client_ca` (Envoy) get decisions.
+        let grpc_task = spawn_grpc(
+            grpc_listener,
+            tls_files,
+            Some(check),
+            routes,
+            shutdown_rx.clone(),
+        )?;
 
         let app = admin::router(AdminState {
             engine: engine.clone(),
@@ -222,17 +252,20 @@ impl Server {
             grpc.addr = %grpc_addr,
             admin.addr = %admin_addr,
             http.addr = http_addr.map(|a| a.to_string()),
+            approvals.addr = approvals_addr.map(|a| a.to_string()),
             "portcullis listening"
         );
         Ok(Server {
             grpc_addr,
             admin_addr,
             http_addr,
+            approvals_addr,
             engine,
             metrics,
             shutdown,
             grpc_task,
             http_task,
+            approvals_task,
             admin_task,
             grace,
             leaving,
@@ -266,7 +299,7 @@ impl Server {
         let _ = self.shutdown.send(true);
         let drain = async {
             let _ = self.grpc_task.await;
-            if let Some(task) = self.http_task {
+            for task in [self.http_task, self.approvals_task].into_iter().flatten() {
                 let _ = task.await;
             }
             let _ = self.admin_task.await;
@@ -294,6 +327,24 @@ async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
             addr: addr.to_string(),
             cause,
         })
+}
+
+/// Serves gRPC on `listener` (over TLS with `tls`) until `stop`: Checks with `check` when
+/// given, everything else with `routes`.
+fn spawn_grpc(
+    listener: TcpListener,
+    tls: Option<crate::tls::TlsFiles>,
+    check: Option<AuthorizationServer>,
+    routes: Routes,
+    stop: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, ServeError> {
+    Ok(match tls {
+        Some(files) => {
+            let incoming = crate::tls::incoming(listener, files, stop.clone())?;
+            tokio::spawn(serve(incoming, check, routes, stop))
+        }
+        None => tokio::spawn(serve(tcp_incoming(listener), check, routes, stop)),
+    })
 }
 
 fn local_addr(listener: &TcpListener, addr: &str) -> Result<SocketAddr, ServeError> {

@@ -56,6 +56,8 @@ pub enum TlsError {
 /// The listener's TLS settings with paths resolved.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
+    /// The config section these come from (`server.tls`, `server.approvals_tls`), for logs.
+    pub section: &'static str,
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
@@ -64,9 +66,13 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// From the config section; relative paths are resolved against `base` (the config
-    /// file's folder).
-    pub fn from_config(tls: &TlsConfig, base: &Path) -> Result<Self, TlsError> {
+    /// From the config section named `section`; relative paths are resolved against `base`
+    /// (the config file's folder).
+    pub fn from_config(
+        section: &'static str,
+        tls: &TlsConfig,
+        base: &Path,
+    ) -> Result<Self, TlsError> {
         let resolve = |p: &Path| crate::keys::resolve_path(base, p);
         let allowed = tls
             .allowed_client_principals
@@ -74,6 +80,7 @@ impl TlsFiles {
             .map(|p| PrincipalPattern::parse(p).map_err(|_| TlsError::BadPrincipal(p.clone())))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(TlsFiles {
+            section,
             cert: resolve(&tls.cert),
             key: resolve(&tls.key),
             client_ca: tls.client_ca.as_deref().map(resolve),
@@ -277,7 +284,8 @@ async fn accept_loop(
             if !client_allowed(&files, &stream) {
                 tracing::warn!(
                     client.addr = %peer,
-                    "gRPC client certificate carries none of `server.tls.allowed_client_principals`; connection closed"
+                    "gRPC client certificate carries none of `{}.allowed_client_principals`; connection closed",
+                    files.section
                 );
                 return;
             }

@@ -241,6 +241,29 @@ async fn changed_tls_settings_are_refused_until_a_restart() {
     // The policy in force is the one before the edit.
     assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
     assert_eq!(reloads(&server, "error"), 1);
+
+    // The same for the approvals listener's TLS (`approvals_listen` itself, an address,
+    // only warns).
+    let approvals = format!(
+        "  approvals_listen: 127.0.0.1:0\n{}",
+        tls.replace("  tls:", "  approvals_tls:")
+    );
+    let moved = s.orders_read_needs("orders:audit").replace(
+        "  listen: 127.0.0.1:0",
+        &format!("{approvals}  listen: 127.0.0.1:0"),
+    );
+    s.write(&moved);
+    match reloader.poll(false).await {
+        ReloadOutcome::Rejected(reason) => {
+            assert!(
+                reason.contains("server.approvals_tls:") && reason.contains("restart"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
+    assert_eq!(reloads(&server, "error"), 2);
     server.shutdown().await;
 }
 

@@ -28,6 +28,11 @@ fn read(name: &str) -> Vec<u8> {
 
 /// A config in `dir` serving TLS with copies of the fixture files (so tests can replace them).
 fn write_config(dir: &Path, tls_extra: &str) -> PathBuf {
+    write_config_with(dir, tls_extra, "")
+}
+
+/// `write_config` with `server_extra` (indented lines) added to the `server` section.
+fn write_config_with(dir: &Path, tls_extra: &str, server_extra: &str) -> PathBuf {
     for f in ["server.crt", "server.key", "ca.crt"] {
         std::fs::copy(fixture(f), dir.join(f)).unwrap();
     }
@@ -37,7 +42,7 @@ fn write_config(dir: &Path, tls_extra: &str) -> PathBuf {
   listen: 127.0.0.1:0
   admin_listen: 127.0.0.1:0
   tls: {{cert: server.crt, key: server.key, client_ca: ca.crt{tls_extra}}}
-audit: {{enabled: false}}
+{server_extra}audit: {{enabled: false}}
 issuers:
   - name: dev
     issuer: https://dev.portcullis.invalid
@@ -86,10 +91,21 @@ async fn grpc_call(
     method: &str,
     message: Vec<u8>,
 ) -> Result<Vec<u8>, String> {
+    grpc_call_at(client, server.grpc_addr.port(), method, message).await
+}
+
+/// `grpc_call` to the listener on `port`; a reply that is not a message names its
+/// `grpc-status`.
+async fn grpc_call_at(
+    client: &reqwest::Client,
+    port: u16,
+    method: &str,
+    message: Vec<u8>,
+) -> Result<Vec<u8>, String> {
     let mut body = vec![0u8];
     body.extend((message.len() as u32).to_be_bytes());
     body.extend(message);
-    let url = format!("https://localhost:{}{method}", server.grpc_addr.port());
+    let url = format!("https://localhost:{port}{method}");
     let response = client
         .post(url)
         .header("content-type", "application/grpc")
@@ -100,6 +116,12 @@ async fn grpc_call(
         .map_err(|e| format!("{e:?}"))?;
     if response.status() != 200 {
         return Err(format!("HTTP {}", response.status()));
+    }
+    // A trailers-only answer (an error) carries its status in the headers.
+    if let Some(status) = response.headers().get("grpc-status")
+        && status != "0"
+    {
+        return Err(format!("grpc-status {}", status.to_str().unwrap_or("?")));
     }
     let bytes = response.bytes().await.map_err(|e| format!("{e:?}"))?;
     if bytes.len() < 5 {
@@ -321,6 +343,11 @@ async fn replaced_certificate_files_are_served_to_new_connections_and_broken_one
 
 /// `portcullis approvals list` against `server` with `args`; (success, stdout + stderr).
 async fn approvals_cli(server: &Server, args: &[String]) -> (bool, String) {
+    approvals_cli_at(server.grpc_addr.port(), args).await
+}
+
+/// `portcullis approvals list` against the listener on `port`.
+async fn approvals_cli_at(port: u16, args: &[String]) -> (bool, String) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let bin = env!("CARGO_BIN_EXE_portcullis");
     let token = std::process::Command::new(bin)
@@ -334,7 +361,7 @@ async fn approvals_cli(server: &Server, args: &[String]) -> (bool, String) {
     command
         .current_dir(&root)
         .args(["approvals", "list", "--server"])
-        .arg(format!("127.0.0.1:{}", server.grpc_addr.port()))
+        .arg(format!("127.0.0.1:{port}"))
         .args(args)
         .env("PORTCULLIS_TOKEN", &token);
     let out = tokio::task::spawn_blocking(move || command.output().unwrap())
@@ -415,5 +442,82 @@ async fn the_approvals_cli_speaks_tls_with_a_client_certificate() {
         !text.contains(key.lines().nth(1).unwrap()),
         "key material printed: {text}"
     );
+    server.shutdown().await;
+}
+
+/// With `approvals_listen`, the approvals API has a listener of its own with its own
+/// client-certificate allow-list: an approver's certificate reaches the approvals API and
+/// not ext_authz, Envoy's reaches ext_authz and not the approvals API, and neither
+/// listener answers the other's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_approvals_api_can_have_a_listener_and_an_allow_list_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config_with(
+        dir.path(),
+        ", allowed_client_principals: ['spiffe://example.org/ns/edge/sa/envoy']",
+        "  approvals_listen: 127.0.0.1:0
+  approvals_tls: {cert: server.crt, key: server.key, client_ca: ca.crt, allowed_client_principals: ['spiffe://example.org/ns/shop/sa/checkout']}
+",
+    );
+    let server = Server::start(portcullis::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let approvals_port = server.approvals_addr.expect("approvals listener").port();
+    assert_ne!(approvals_port, server.grpc_addr.port());
+    let file = |name: &str| fixture(name).display().to_string();
+    let as_client = |name: &str| {
+        vec![
+            "--ca-cert".to_string(),
+            file("ca.crt"),
+            "--cert".to_string(),
+            file(&format!("{name}.crt")),
+            "--key".to_string(),
+            file(&format!("{name}.key")),
+        ]
+    };
+
+    // The approver (here the `checkout` certificate) on the approvals listener: answered.
+    let (ok, text) = approvals_cli_at(approvals_port, &as_client("checkout")).await;
+    assert!(ok, "{text}");
+    assert!(text.contains("no approval requests"), "{text}");
+    // Envoy's certificate is not on the approvals listener's allow-list.
+    let (ok, text) = approvals_cli_at(approvals_port, &as_client("envoy")).await;
+    assert!(!ok && text.contains("cannot reach portcullis"), "{text}");
+    // The approver's certificate is not on the Check listener's.
+    let (ok, text) = approvals_cli(&server, &as_client("checkout")).await;
+    assert!(!ok && text.contains("cannot reach portcullis"), "{text}");
+    // Envoy reaches the Check listener, which no longer serves the approvals API.
+    let (ok, text) = approvals_cli(&server, &as_client("envoy")).await;
+    assert!(!ok && text.contains("Unimplemented"), "{text}");
+    assert!(text.contains("server.approvals_listen"), "{text}");
+
+    // Envoy gets decisions and health on its listener.
+    let envoy = grpc_client(Some("envoy"));
+    assert_eq!(
+        http_status(&check_stock(&envoy, &server, Some("checkout")).await),
+        200
+    );
+    assert!(health(&envoy, &server).await.unwrap());
+    // The approvals listener answers health, and no Check.
+    let approver = grpc_client(Some("checkout"));
+    let reply = grpc_call_at(
+        &approver,
+        approvals_port,
+        "/grpc.health.v1.Health/Check",
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    let status = tonic_health::pb::HealthCheckResponse::decode(&reply[..]).unwrap();
+    assert_eq!(status.status, 1);
+    let check = grpc_call_at(
+        &approver,
+        approvals_port,
+        "/envoy.service.auth.v3.Authorization/Check",
+        CheckRequest::default().encode_to_vec(),
+    )
+    .await;
+    // 12 = UNIMPLEMENTED.
+    assert_eq!(check, Err("grpc-status 12".to_string()));
     server.shutdown().await;
 }

@@ -198,9 +198,19 @@ pub async fn run(args: &ApprovalsArgs) -> Result<String, ClientError> {
                 message,
             };
         }
+        let mut message = s.message().to_string();
+        if s.code() == tonic::Code::Unimplemented {
+            if !message.is_empty() {
+                message.push(' ');
+            }
+            message.push_str(
+                "(this listener does not serve the approvals API: when the config sets \
+                 `server.approvals_listen`, point --server there)",
+            );
+        }
         ClientError::Refused {
             code: format!("{:?}", s.code()),
-            message: s.message().to_string(),
+            message,
         }
     };
     match &args.action {

@@ -35,7 +35,7 @@ use crate::identity::{ClaimPaths, JwtRules};
 
 pub use creds::CompiledRateLimit;
 pub use schema::ConfigFile;
-use schema::{IssuerConfig, RouteConfig, RuleConfig};
+use schema::{IssuerConfig, RouteConfig, RuleConfig, TlsConfig};
 
 /// A config error: file, field path (e.g. `routes[2].rules[0].scopes`), message and a hint.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -829,11 +829,54 @@ impl Compiler {
         Ok(Some(NonceRules::new(&secret, name, lifetime, source)))
     }
 
-    /// The gRPC listener's TLS files exist, and client verification is coherent.
+    /// The gRPC listeners' TLS files exist, client verification is coherent, and the
+    /// approvals listener is a listener of its own (with TLS when the Check listener has it).
     fn tls(&self, file: &ConfigFile) -> Res<()> {
-        let Some(tls) = &file.server.tls else {
+        let server = &file.server;
+        if let Some(tls) = &server.tls {
+            self.tls_section("server.tls", tls)?;
+        }
+        if let Some(tls) = &server.approvals_tls {
+            if server.approvals_listen.is_none() {
+                return Err(self.hint(
+                    "server.approvals_tls",
+                    "is set but `approvals_listen` is not, so no listener would use it",
+                    "add `approvals_listen: 0.0.0.0:9194` (the approvals API moves there), or use `server.tls` for the shared listener",
+                ));
+            }
+            self.tls_section("server.approvals_tls", tls)?;
+        }
+        let Some(addr) = &server.approvals_listen else {
             return Ok(());
         };
+        let others = [
+            ("listen", Some(&server.listen)),
+            ("admin_listen", Some(&server.admin_listen)),
+            ("http_listen", server.http_listen.as_ref()),
+        ];
+        for (name, other) in others {
+            // Port 0 (any free port) never clashes.
+            if other == Some(addr) && !addr.ends_with(":0") {
+                return Err(self.hint(
+                    "server.approvals_listen",
+                    format!("`{addr}` is also `server.{name}`"),
+                    "give the approvals API an address of its own, or remove `approvals_listen` to serve it on `listen`",
+                ));
+            }
+        }
+        if server.tls.is_some() && server.approvals_tls.is_none() {
+            return Err(self.hint(
+                "server.approvals_tls",
+                "`server.tls` protects the Check listener but `approvals_listen` would be plaintext",
+                "add `approvals_tls` with the certificate and key, and a `client_ca` (and `allowed_client_principals`) for your approvers",
+            ));
+        }
+        Ok(())
+    }
+
+    /// One listener's TLS section (`field`): its files exist and client verification is
+    /// coherent.
+    fn tls_section(&self, field: &str, tls: &TlsConfig) -> Res<()> {
         let mut files = vec![("cert", &tls.cert), ("key", &tls.key)];
         if let Some(ca) = &tls.client_ca {
             files.push(("client_ca", ca));
@@ -842,7 +885,7 @@ impl Compiler {
             let resolved = crate::keys::resolve_path(&self.dir, path);
             if !resolved.is_file() {
                 return Err(self.hint(
-                    format!("server.tls.{name}"),
+                    format!("{field}.{name}"),
                     format!("file `{}` does not exist", resolved.display()),
                     "relative paths are resolved against the config file's folder",
                 ));
@@ -852,7 +895,7 @@ impl Compiler {
             && (tls.require_client_cert || !tls.allowed_client_principals.is_empty())
         {
             return Err(self.hint(
-                "server.tls.client_ca",
+                format!("{field}.client_ca"),
                 "client certificates are required but no `client_ca` verifies them",
                 "add `client_ca: envoy-ca.pem`, or `require_client_cert: false` for TLS without client certificates",
             ));
@@ -860,7 +903,7 @@ impl Compiler {
         for (j, p) in tls.allowed_client_principals.iter().enumerate() {
             PrincipalPattern::parse(p).map_err(|e| {
                 self.err(
-                    format!("server.tls.allowed_client_principals[{j}]"),
+                    format!("{field}.allowed_client_principals[{j}]"),
                     format!("invalid principal `{p}`: {e}"),
                 )
             })?;

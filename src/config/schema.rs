@@ -123,6 +123,15 @@ pub struct ServerConfig {
     /// TLS (and client-certificate verification) on the gRPC listener. Absent: plaintext.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// A gRPC listener of its own for the approvals API (and health, reflection). Set: the
+    /// approvals API is served here and no longer on `listen`, so approvers and Envoy need
+    /// not share one listener (nor one client-certificate allow-list). Absent: on `listen`.
+    #[serde(default)]
+    pub approvals_listen: Option<String>,
+    /// TLS for `approvals_listen`, with its own client CA and allowed principals (your
+    /// approvers'). Required there when `tls` is set. Absent: plaintext.
+    #[serde(default)]
+    pub approvals_tls: Option<TlsConfig>,
 }
 
 /// TLS for the gRPC listener, so only a client with a certificate from `client_ca` (your
@@ -157,6 +166,8 @@ impl Default for ServerConfig {
             shutdown_delay: default_shutdown_delay(),
             key_fetch_wait: default_key_wait(),
             tls: None,
+            approvals_listen: None,
+            approvals_tls: None,
         }
     }
 }

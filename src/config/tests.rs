@@ -1185,3 +1185,92 @@ fn a_binding_without_issuers_warns_only_when_several_issuers_are_trusted() {
     let c = compile(&format!("{one}{}", route(""))).unwrap();
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 }
+
+/// `approvals_listen` moves the approvals API to a listener of its own: it must not reuse
+/// another listener's address, `approvals_tls` needs it, and with `server.tls` on the Check
+/// listener it must have TLS too (an approver's token would otherwise cross in the clear).
+#[test]
+fn the_approvals_listener_is_its_own_and_keeps_tls_when_the_check_listener_has_it() {
+    let pki = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mtls");
+    let tls = |ca: &str| {
+        format!(
+            "{{ cert: \"{}\", key: \"{}\", client_ca: \"{}\" }}",
+            pki.join("server.crt").display(),
+            pki.join("server.key").display(),
+            pki.join(ca).display()
+        )
+    };
+    let server = |lines: &str| format!("server:\n{lines}{ROUTE}");
+
+    let c = compile(&server("  approvals_listen: 127.0.0.1:9194\n")).unwrap();
+    assert_eq!(
+        c.file.server.approvals_listen.as_deref(),
+        Some("127.0.0.1:9194")
+    );
+    assert!(
+        compile(ROUTE)
+            .unwrap()
+            .file
+            .server
+            .approvals_listen
+            .is_none()
+    );
+    let c = compile(&server(&format!(
+        "  tls: {}\n  approvals_listen: 127.0.0.1:9194\n  approvals_tls: {}\n",
+        tls("ca.crt"),
+        tls("other-ca.crt")
+    )))
+    .unwrap();
+    let approvals_tls = c.file.server.approvals_tls.unwrap();
+    assert!(approvals_tls.client_ca.unwrap().ends_with("other-ca.crt"));
+
+    fails(
+        &server("  listen: 127.0.0.1:9191\n  approvals_listen: 127.0.0.1:9191\n"),
+        "server.approvals_listen",
+        "is also `server.listen`",
+    );
+    fails(
+        &server("  approvals_listen: 127.0.0.1:9192\n"),
+        "server.approvals_listen",
+        "is also `server.admin_listen`",
+    );
+    fails(
+        &server("  http_listen: 127.0.0.1:9193\n  approvals_listen: 127.0.0.1:9193\n"),
+        "server.approvals_listen",
+        "is also `server.http_listen`",
+    );
+    // Port 0 picks a free port for each listener, so it never clashes.
+    compile(&server(
+        "  listen: 127.0.0.1:0\n  admin_listen: 127.0.0.1:0\n  approvals_listen: 127.0.0.1:0\n",
+    ))
+    .unwrap();
+    fails(
+        &server(&format!("  approvals_tls: {}\n", tls("ca.crt"))),
+        "server.approvals_tls",
+        "`approvals_listen` is not",
+    );
+    fails(
+        &server(&format!(
+            "  tls: {}\n  approvals_listen: 127.0.0.1:9194\n",
+            tls("ca.crt")
+        )),
+        "server.approvals_tls",
+        "would be plaintext",
+    );
+    // Its section is checked like `server.tls`, and errors name it.
+    fails(
+        &server(&format!(
+            "  approvals_listen: 127.0.0.1:9194\n  approvals_tls: {}\n",
+            tls("no-such-ca.crt")
+        )),
+        "server.approvals_tls.client_ca",
+        "does not exist",
+    );
+    fails(
+        &server(
+            "  approvals_listen: 127.0.0.1:9194\n  approvals_tls: { cert: c.pem, key: k.pem, allowed_client_principals: }\n",
+        ),
+        "server.approvals_tls.allowed_client_principals",
+        "is empty",
+    );
+}

@@ -26,10 +26,11 @@ use super::service::CHECK_PATH;
 
 type Response = http::Response<tonic::body::Body>;
 
-/// One connection's request router.
+/// One connection's request router. Without `check` (the approvals listener), a Check is
+/// routed to `routes` like any other path, which answers UNIMPLEMENTED.
 #[derive(Clone)]
 struct Dispatch {
-    check: AuthorizationServer,
+    check: Option<AuthorizationServer>,
     routes: Routes,
 }
 
@@ -39,8 +40,10 @@ impl hyper::service::Service<http::Request<Incoming>> for Dispatch {
     type Future = BoxFuture<Response, Infallible>;
 
     fn call(&self, req: http::Request<Incoming>) -> Self::Future {
-        if req.uri().path() == CHECK_PATH {
-            self.check.clone().call(req)
+        if let Some(check) = &self.check
+            && req.uri().path() == CHECK_PATH
+        {
+            check.clone().call(req)
         } else {
             // `Routes` (an axum router) is always ready; no `poll_ready` needed first.
             let mut routes = self.routes.clone();
@@ -50,10 +53,11 @@ impl hyper::service::Service<http::Request<Incoming>> for Dispatch {
 }
 
 /// Serves HTTP/2 (gRPC) on each connection `incoming` yields until `stop` turns true, then
-/// drains. A failed accept is logged and retried after a pause (e.g. out of descriptors).
+/// drains: Checks with `check` when given, everything else with `routes`. A failed accept
+/// is logged and retried after a pause (e.g. out of descriptors).
 pub async fn serve<S, IO>(
     incoming: S,
-    check: AuthorizationServer,
+    check: Option<AuthorizationServer>,
     routes: Routes,
     stop: watch::Receiver<bool>,
 ) where
