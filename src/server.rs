@@ -108,23 +108,10 @@ impl Server {
         let admin_listener = bind(&config.file.server.admin_listen).await?;
         let grpc_addr = local_addr(&grpc_listener, &config.file.server.listen)?;
         let admin_addr = local_addr(&admin_listener, &config.file.server.admin_listen)?;
-        let http_listener = match &config.file.server.http_listen {
-            Some(addr) => {
-                let listener = bind(addr).await?;
-                let local = local_addr(&listener, addr)?;
-                Some((listener, local))
-            }
-            None => None,
-        };
+        let http_listener = bind_optional(config.file.server.http_listen.as_deref()).await?;
         let http_addr = http_listener.as_ref().map(|(_, a)| *a);
-        let approvals_listener = match &config.file.server.approvals_listen {
-            Some(addr) => {
-                let listener = bind(addr).await?;
-                let local = local_addr(&listener, addr)?;
-                Some((listener, local))
-            }
-            None => None,
-        };
+        let approvals_listener =
+            bind_optional(config.file.server.approvals_listen.as_deref()).await?;
         let approvals_addr = approvals_listener.as_ref().map(|(_, a)| *a);
 
         let base = config.source.parent().unwrap_or(std::path::Path::new(""));
@@ -327,6 +314,18 @@ async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
             addr: addr.to_string(),
             cause,
         })
+}
+
+/// Binds `addr` when it is set; the listener and its local address.
+async fn bind_optional(
+    addr: Option<&str>,
+) -> Result<Option<(TcpListener, SocketAddr)>, ServeError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = bind(addr).await?;
+    let local = local_addr(&listener, addr)?;
+    Ok(Some((listener, local)))
 }
 
 /// Serves gRPC on `listener` (over TLS with `tls`) until `stop`: Checks with `check` when
