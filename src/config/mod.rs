@@ -273,6 +273,12 @@ fn parse_hint(message: &str) -> Option<String> {
                 .to_string(),
         );
     }
+    if message.starts_with(schema::EMPTY_SECTION) {
+        return Some(
+            "an absent key means no such restriction: remove the key for that, or fill it in"
+                .to_string(),
+        );
+    }
     if message.contains("expected a sequence") {
         return Some("write a list, e.g. `[a, b]`".to_string());
     }

@@ -44,6 +44,24 @@ where
     })
 }
 
+/// The message of a restricting section written with nothing under it; `parse` adds the
+/// hint.
+pub(super) const EMPTY_SECTION: &str = "has no value (everything under it commented out?)";
+
+/// A section or value that adds a restriction (a rule's `source`, `time_window`,
+/// `approval`, an issuer's `max_lifetime`, `server.tls`, ...). YAML reads the key with
+/// nothing under it as null, which would otherwise read as absent and drop the restriction
+/// in silence: it is an error instead. An absent key keeps its meaning.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d)?
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(EMPTY_SECTION))
+}
+
 /// `restricting` for a list whose absence means a default (`algorithms`).
 fn restricting_opt<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
 where
@@ -121,7 +139,7 @@ pub struct ServerConfig {
     #[serde(default = "default_key_wait")]
     pub key_fetch_wait: HumanDuration,
     /// TLS (and client-certificate verification) on the gRPC listener. Absent: plaintext.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub tls: Option<TlsConfig>,
     /// A gRPC listener of its own for the approvals API (and health, reflection). Set: the
     /// approvals API is served here and no longer on `listen`, so approvers and Envoy need
@@ -130,7 +148,7 @@ pub struct ServerConfig {
     pub approvals_listen: Option<String>,
     /// TLS for `approvals_listen`, with its own client CA and allowed principals (your
     /// approvers'). Required there when `tls` is set. Absent: plaintext.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub approvals_tls: Option<TlsConfig>,
 }
 
@@ -269,10 +287,10 @@ pub struct IssuerConfig {
     #[serde(default = "default_leeway")]
     pub leeway: HumanDuration,
     /// Optional maximum for `exp - iat`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub max_lifetime: Option<HumanDuration>,
     /// Optional required `typ` header, e.g. `at+jwt` (RFC 9068).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub required_typ: Option<String>,
     /// Which claims carry scopes and roles.
     #[serde(default)]
@@ -287,7 +305,7 @@ pub struct IssuerConfig {
     #[serde(default = "default_dpop_window")]
     pub dpop_window: HumanDuration,
     /// Server-provided DPoP nonces (RFC 9449 9): proofs must carry a recent one.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub dpop_nonce: Option<DpopNonceConfig>,
     /// Certificate-bound tokens (RFC 8705): every token must carry `cnf.x5t#S256` matching the
     /// client certificate Envoy forwards. (A token that carries it is always checked.)
@@ -539,16 +557,16 @@ pub struct RuleConfig {
     #[serde(default, deserialize_with = "restricting")]
     pub api_keys: Vec<String>,
     /// The client address must be in `cidrs` (when given) and in none of `not_cidrs`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub source: Option<SourceConfig>,
     /// `now - auth_time` (or `iat` when there is no `auth_time`) at most this.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub max_session_age: Option<HumanDuration>,
     /// `exp - iat` at most this (short-lived credentials for this rule).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub max_token_lifetime: Option<HumanDuration>,
     /// Local days and hours in a time zone.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub time_window: Option<TimeWindowConfig>,
     /// Device posture signals, all of which must hold.
     #[serde(default, deserialize_with = "restricting")]
@@ -561,7 +579,7 @@ pub struct RuleConfig {
     pub principals: Vec<String>,
     /// Just-in-time approval: a granted request is still refused until an approver approves
     /// this one action for this subject.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub approval: Option<ApprovalRuleConfig>,
 }
 
@@ -607,7 +625,7 @@ pub struct PostureConfig {
 #[serde(deny_unknown_fields)]
 pub struct RevocationConfig {
     /// A YAML file of revoked `jti`/`sid`/`sub` values, reloaded on change and on SIGHUP.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub file: Option<PathBuf>,
     /// How often the file is checked for changes.
     #[serde(default = "default_revocation_reload")]

@@ -1274,3 +1274,53 @@ fn the_approvals_listener_is_its_own_and_keeps_tls_when_the_check_listener_has_i
         "is empty",
     );
 }
+
+/// The same for a section or value that adds a restriction: a key with everything under it
+/// commented out (YAML null) would read as absent and drop the restriction in silence, so a
+/// DBA's `DELETE` needed no approval and an internal-only rule took any network. An error;
+/// the absent key keeps its meaning.
+#[test]
+fn a_restricting_section_with_everything_commented_out_is_an_error() {
+    let rule = |lines: &str| {
+        format!(
+            "issuers:\n  - {{ {DEV} }}\nroutes:\n  - id: drop\n    methods: [DELETE]\n    path: /databases/{{db}}\n    rules:\n      - id: dba\n        roles: [dba]\n{lines}"
+        )
+    };
+    for key in [
+        "approval",
+        "source",
+        "time_window",
+        "max_session_age",
+        "max_token_lifetime",
+    ] {
+        let e = fails(
+            &rule(&format!("        {key}:\n          # something: here\n")),
+            &format!("routes[0].rules[0].{key}"),
+            "has no value (everything under it commented out?)",
+        );
+        assert!(e.hint.unwrap().contains("remove the key"), "{key}");
+    }
+    for key in ["max_lifetime", "required_typ", "dpop_nonce"] {
+        fails(
+            &format!(
+                "issuers:\n  - name: dev\n    issuer: \"https://dev.test\"\n    audiences: [api]\n    keys: {{ file: dev/jwks.json }}\n    {key}:\n{ROUTE}"
+            ),
+            &format!("issuers[0].{key}"),
+            "has no value",
+        );
+    }
+    for (text, field) in [
+        ("server:\n  tls:\n", "server.tls"),
+        (
+            "server:\n  approvals_listen: 127.0.0.1:9194\n  approvals_tls:\n",
+            "server.approvals_tls",
+        ),
+        ("revocation:\n  file:\n", "revocation.file"),
+    ] {
+        fails(&format!("{text}{ROUTE}"), field, "has no value");
+    }
+    // Absent, each keeps its meaning (no such restriction).
+    let c = compile(&rule("")).unwrap();
+    assert!(c.policy.routes()[0].rules[0].context.is_empty());
+    assert!(crate::approvals::compile(&c.file.routes).is_empty());
+}
