@@ -139,8 +139,9 @@ pub enum JwtError {
     IssuerNotString,
     #[error("token `aud` claim must be a string or a list of strings")]
     AudienceNotStrings,
-    #[error("token `sub` claim is not a string")]
-    SubjectNotString,
+    /// `sub`, `jti` or `sid` that is not a string.
+    #[error("token `{0}` claim is not a string")]
+    ClaimNotString(&'static str),
     #[error("token `iss` is not this issuer")]
     WrongIssuer,
     #[error("token `aud` does not name an accepted audience")]
@@ -322,10 +323,14 @@ impl<'t> Unverified<'t> {
         let claims = parsed.claims;
         check_issuer(&claims, rules)?;
         check_audience(&claims, rules)?;
-        // RFC 7519 4.1.2: `sub` is a string. Identity and resource bindings read it as one, so
-        // a list or number there must not quietly become an empty subject.
-        if claims.get("sub").is_some_and(|sub| !sub.is_string()) {
-            return Err(JwtError::SubjectNotString);
+        // RFC 7519 4.1.2, 4.1.7 and OIDC: `sub`, `jti` and `sid` are strings. Identity and
+        // resource bindings read `sub` as one, so a list or number there must not quietly
+        // become an empty subject; revocation matches `jti` and `sid` as strings, so a
+        // numeric one could never be revoked.
+        for name in ["sub", "jti", "sid"] {
+            if claims.get(name).is_some_and(|v| !v.is_string()) {
+                return Err(JwtError::ClaimNotString(name));
+            }
         }
         let exp = time_claim(&claims, "exp")?.ok_or(JwtError::MissingClaim("exp"))?;
         let nbf = time_claim(&claims, "nbf")?;
