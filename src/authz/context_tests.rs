@@ -427,3 +427,33 @@ fn config_validation_of_revocation() {
     assert!(err("revocation: {admin_token_sha256: abc}").contains("64 hex digits"));
     assert_eq!(err(""), "ok None");
 }
+
+/// A network written in IPv4-mapped form (as a dual-stack listener logs its clients) is its
+/// IPv4 network: client addresses are compared in IPv4 form, so kept as IPv6 it would hold
+/// nobody, and a `not_cidrs` entry would block nobody.
+#[test]
+fn ipv4_mapped_networks_in_the_config_hold_their_ipv4_clients() {
+    let text = "routes:\n  - id: admin\n    methods: [GET]\n    path: /admin\n    rules:\n      - id: r\n        scopes: [admin]\n        source: {cidrs: [\"::ffff:10.0.0.0/104\"], not_cidrs: [\"::ffff:10.66.0.0/112\", \"::ffff:10.1.2.3\"]}\n";
+    let cfg = config::from_str(text, Path::new("t.yaml")).unwrap();
+    let src = cfg.policy.routes()[0].rules[0]
+        .context
+        .source
+        .clone()
+        .unwrap();
+    assert!(src.holds(ip("10.9.9.9")));
+    assert!(src.holds(ip("::ffff:10.9.9.9")));
+    assert!(!src.holds(ip("10.66.1.1")), "an excluded network let in");
+    assert!(!src.holds(ip("::ffff:10.66.1.1")));
+    assert!(!src.holds(ip("10.1.2.3")), "an excluded address let in");
+    assert!(!src.holds(ip("192.0.2.1")));
+    // Other IPv6 networks stay IPv6.
+    let text = text.replace("::ffff:10.0.0.0/104", "2001:db8::/32");
+    let cfg = config::from_str(&text, Path::new("t.yaml")).unwrap();
+    let src = cfg.policy.routes()[0].rules[0]
+        .context
+        .source
+        .clone()
+        .unwrap();
+    assert!(src.holds(ip("2001:db8::1")));
+    assert!(!src.holds(ip("10.9.9.9")));
+}

@@ -1570,14 +1570,27 @@ fn process_nonce_secret() -> Result<&'static [u8; MIN_SECRET_BYTES], aws_lc_rs::
 /// A CIDR, or a single address as its host network.
 fn parse_cidr(text: &str) -> Option<ipnet::IpNet> {
     let text = text.trim();
-    text.parse::<ipnet::IpNet>()
+    let net = text
+        .parse::<ipnet::IpNet>()
         .ok()
         .or_else(|| {
             text.parse::<std::net::IpAddr>()
                 .ok()
                 .map(ipnet::IpNet::from)
-        })
-        .map(|n| n.trunc())
+        })?
+        .trunc();
+    // Client addresses are compared in their IPv4 form (`::ffff:10.1.2.3` is 10.1.2.3), so an
+    // IPv4-mapped network, as a dual-stack listener logs it, is its IPv4 network: kept as
+    // IPv6 it could never hold a client, and a `not_cidrs` entry would block nobody.
+    if let ipnet::IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+    {
+        return ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+            .ok()
+            .map(ipnet::IpNet::V4);
+    }
+    Some(net)
 }
 
 impl Compiler {
