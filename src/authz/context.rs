@@ -68,15 +68,19 @@ impl<'a> Context<'a> {
 ///
 /// Fail closed: a missing header, too few entries, or an unparsable entry among those read gives
 /// `None`, and every source condition fails. The source address is NOT used as a fallback: with
-/// trusted proxies in front, it is a proxy's address, which a CIDR list may well allow.
+/// trusted proxies in front, it is a proxy's address, which a CIDR list may well allow. Nor is
+/// the header read without a source address (the HTTP API without
+/// `x-portcullis-source-address`): whether Envoy appended its entry is then unknown, and
+/// counting from the right would take that entry, a trusted proxy, for the client.
 pub fn client_ip(req: &RequestView<'_>, trusted_hops: u32) -> Option<IpAddr> {
     if trusted_hops == 0 {
         return req.source_ip;
     }
+    let src = req.source_ip?.to_canonical();
     let xff = req.header("x-forwarded-for")?;
     // Walk from the right without allocating: this runs for every request with a token.
     let mut entries = xff.rsplit(',').map(str::trim).peekable();
-    if let (Some(last), Some(src)) = (entries.peek(), req.source_ip.map(|s| s.to_canonical())) {
+    if let Some(last) = entries.peek() {
         if src.is_loopback() || parse_xff_entry(last) == Some(src) {
             entries.next();
         } else if xff

@@ -101,6 +101,21 @@ fn client_ip_is_unknown_when_envoy_took_the_source_from_the_header() {
 }
 
 #[test]
+fn client_ip_is_unknown_without_a_source_address_behind_trusted_proxies() {
+    // The HTTP API without `x-portcullis-source-address`: whether Envoy appended its peer
+    // (the proxy 10.0.0.5) is unknown, and counting from the right would take the proxy,
+    // which an internal-only CIDR list allows, for the client.
+    let h = xff("198.51.100.7, 10.0.0.5");
+    assert_eq!(
+        client_ip(&view(&h, Some("10.0.0.5")), 1),
+        ip("198.51.100.7")
+    );
+    assert_eq!(client_ip(&view(&h, None), 1), None);
+    assert_eq!(client_ip(&view(&h, None), 2), None);
+    assert!(!source(&["10.0.0.0/8"], &[]).holds(client_ip(&view(&h, None), 1)));
+}
+
+#[test]
 fn client_ip_fails_closed_on_short_missing_or_malformed_xff() {
     let none = HashMap::new();
     assert_eq!(client_ip(&view(&none, Some("10.0.0.5")), 1), None);
