@@ -1403,6 +1403,15 @@ impl Compiler {
         if r.default_ttl.get().as_secs() == 0 {
             return Err(self.err("revocation.default_ttl", "must be at least 1s"));
         }
+        // The admin API refuses an entry that lasts longer (`MAX_TTL_SECS`): above it every
+        // call without `expires_at` would be a 400.
+        if r.default_ttl.get() > std::time::Duration::from_secs(400 * 24 * 3600) {
+            return Err(self.hint(
+                "revocation.default_ttl",
+                "must be at most 400d",
+                "revoke for as long as the tokens live",
+            ));
+        }
         if let Some(h) = &r.admin_token_sha256
             && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
         {
@@ -1699,6 +1708,13 @@ impl Compiler {
         }
         if a.ttl.get().as_secs() == 0 {
             return Err(self.err(f("ttl"), "must be at least 1s"));
+        }
+        if a.ttl.get() > std::time::Duration::from_secs(30 * 24 * 3600) {
+            return Err(self.hint(
+                f("ttl"),
+                "must be at most 30d",
+                "an approval is for one action soon; standing access belongs in a grant",
+            ));
         }
         if a.uses == 0 {
             return Err(self.hint(f("uses"), "`0` uses would approve nothing", "use 1 or more"));

@@ -1324,3 +1324,34 @@ fn a_restricting_section_with_everything_commented_out_is_an_error() {
     assert!(c.policy.routes()[0].rules[0].context.is_empty());
     assert!(crate::approvals::compile(&c.file.routes).is_empty());
 }
+
+/// Lifetimes that end up in the state store are bounded: an unbounded `approval.ttl`
+/// overflowed the in-memory store's clock on every approve (a panic) and Redis's `PX`, and a
+/// `revocation.default_ttl` past the admin API's 400 days turned every call without
+/// `expires_at` into a 400.
+#[test]
+fn approval_and_default_revocation_lifetimes_are_bounded() {
+    let gated = |ttl: &str| {
+        format!(
+            "issuers:\n  - {{ {DEV} }}\nroutes:\n  - {{ id: g, methods: [DELETE], path: /g, rules: [{{ id: gated, roles: [r], approval: {{ approvers: {{ roles: [lead] }}, ttl: {ttl} }} }}] }}\n"
+        )
+    };
+    compile(&gated("30d")).unwrap();
+    let e = fails(
+        &gated("500000000000y"),
+        "routes[0].rules[0].approval.ttl",
+        "must be at most 30d",
+    );
+    assert!(e.hint.is_some());
+    fails(
+        &gated("31d"),
+        "routes[0].rules[0].approval.ttl",
+        "must be at most 30d",
+    );
+    compile(&format!("revocation:\n  default_ttl: 400d\n{ROUTE}")).unwrap();
+    fails(
+        &format!("revocation:\n  default_ttl: 401d\n{ROUTE}"),
+        "revocation.default_ttl",
+        "must be at most 400d",
+    );
+}

@@ -261,6 +261,8 @@ pub const MAX_MEMORY_ENTRIES: usize = 1_000_000;
 
 /// What a write of a new key meets when the records are at their cap. It names no key.
 const ENTRIES_FULL: &str = "the in-memory state records are at their cap";
+/// The lifetime of an entry whose own one does not fit an `Instant` (about 31 years).
+const FOREVER: Duration = Duration::from_secs(1 << 30);
 
 /// The records of a `MemoryStore`, at most `cap`.
 ///
@@ -305,7 +307,8 @@ impl Entries {
             key.to_string(),
             Entry {
                 value: value.to_string(),
-                expires: now + ttl,
+                // Far beyond any bounded lifetime: never a panic on an overflowing instant.
+                expires: now.checked_add(ttl).unwrap_or(now + FOREVER),
             },
         );
         Ok(())
@@ -749,6 +752,17 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(s.get("k").await.unwrap().as_deref(), Some("v"));
+    }
+
+    /// A lifetime beyond what `Instant` holds is a long-lived entry, not a panic (the config
+    /// bounds every lifetime; this is the store's own guard).
+    #[tokio::test]
+    async fn an_enormous_lifetime_is_kept_not_a_panic() {
+        let s = MemoryStore::new();
+        s.set("k", "v", Duration::MAX).await.unwrap();
+        assert!(s.insert_if_absent("j", "w", Duration::MAX).await.unwrap());
+        assert_eq!(s.get("k").await.unwrap().as_deref(), Some("v"));
+        assert_eq!(s.get("j").await.unwrap().as_deref(), Some("w"));
     }
 
     #[tokio::test]
