@@ -200,6 +200,48 @@ async fn allowed_request_gets_identity_headers_and_removes_unset_ones() {
     }
 }
 
+/// A claim value the upstream's HTTP parser would change is removed, not sent: edge spaces
+/// are trimmed there (`" alice "` would arrive as another user, `alice`), control characters
+/// are refused.
+#[tokio::test]
+async fn identity_values_the_upstream_would_read_differently_are_removed() {
+    let h = Harness::start().await;
+    for sub in [" alice ", "alice ", " alice", "al\u{7}ice"] {
+        let token = mint(json!({"sub": sub, "scope": "orders:read"}));
+        let resp = h
+            .check("GET", "/orders/42", &[("authorization", &bearer(&token))])
+            .await;
+        let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
+            panic!("expected an OK response: {resp:?}");
+        };
+        let set: Vec<_> = ok
+            .headers
+            .iter()
+            .map(|h| h.header.as_ref().unwrap().key.as_str())
+            .collect();
+        assert!(!set.contains(&"x-portcullis-subject"), "{sub:?}: {set:?}");
+        assert!(
+            ok.headers_to_remove
+                .iter()
+                .any(|r| r == "x-portcullis-subject"),
+            "{sub:?}"
+        );
+        assert!(set.contains(&"x-portcullis-scopes"), "{sub:?}");
+    }
+    // Inner spaces are kept: the parser leaves them.
+    let token = mint(json!({"sub": "alice smith", "scope": "orders:read"}));
+    let resp = h
+        .check("GET", "/orders/42", &[("authorization", &bearer(&token))])
+        .await;
+    let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
+        panic!("expected an OK response: {resp:?}");
+    };
+    assert!(ok.headers.iter().any(|h| {
+        let hv = h.header.as_ref().unwrap();
+        hv.key == "x-portcullis-subject" && hv.value == "alice smith"
+    }));
+}
+
 #[tokio::test]
 async fn public_route_removes_all_identity_headers() {
     let h = Harness::start().await;

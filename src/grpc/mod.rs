@@ -381,7 +381,9 @@ fn allow_response(decision: &Decision, engine: &Engine) -> CheckResponse {
 }
 
 /// The header value for a claim: strings as they are, lists joined with a space (the `scope`
-/// convention), numbers and booleans as JSON. Values with control characters are dropped.
+/// convention), numbers and booleans as JSON. Values with control characters, or with a
+/// space at either end, are dropped (the header is removed): HTTP parsers trim edge spaces
+/// (RFC 9110 5.5), so `" alice "`, granted as itself, would reach the upstream as `alice`.
 fn identity_header_value(identity: &Identity, claim: &str) -> Option<String> {
     let value = identity.claim(claim)?;
     let text = match value {
@@ -391,7 +393,11 @@ fn identity_header_value(identity: &Identity, claim: &str) -> Option<String> {
         serde_json::Value::Bool(b) => b.to_string(),
         _ => return None,
     };
-    (!text.is_empty() && !text.chars().any(|c| c.is_control())).then_some(text)
+    let faithful = !text.is_empty()
+        && !text.starts_with(' ')
+        && !text.ends_with(' ')
+        && !text.chars().any(|c| c.is_control());
+    faithful.then_some(text)
 }
 
 /// A header Envoy sets, overwriting any copy of it.
