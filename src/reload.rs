@@ -127,9 +127,24 @@ impl Reloader {
         let keys_changed = force || self.issuer_key_files_changed(&now);
         // Remember this state even when it is rejected: a bad file is reported once, not
         // every second, and the next edit is tried again.
-        self.seen = now;
+        self.seen = now.clone();
         let outcome = self.reload(keys_changed).await;
-        self.seen = self.snapshot();
+        // The files as read BEFORE the load, not again now: an edit saved while the load ran
+        // (it may wait on key fetches) then differs from them and is loaded at the next poll,
+        // where a fresh read would mark it seen without ever loading it. A file the new
+        // config watches for the first time is recorded as unread, so the next poll reads it
+        // (at worst one more reload of the same content).
+        self.seen = self
+            .watched()
+            .into_iter()
+            .map(|p| {
+                let bytes = now
+                    .iter()
+                    .find(|(q, _)| *q == p)
+                    .and_then(|(_, b)| b.clone());
+                (p, bytes)
+            })
+            .collect();
         outcome
     }
 
@@ -194,6 +209,15 @@ impl Reloader {
                 "{}: state: the shared-state settings (backend, redis_url, key_prefix, \
                  timeout) changed; they take effect only after a restart, and the config in \
                  force stays until then",
+                self.path.display()
+            ));
+        }
+        // The audit sink is chosen at start; a reload keeps it. Taking `audit.enabled: true` as
+        // reloaded would leave every decision unlogged while the operator believes it is.
+        if new.file.audit != old.config.file.audit {
+            return Err(format!(
+                "{}: audit: the audit settings (enabled) changed; they take effect only after \
+                 a restart, and the config in force stays until then",
                 self.path.display()
             ));
         }

@@ -59,7 +59,6 @@ pub struct Server {
     http_task: Option<JoinHandle<()>>,
     approvals_task: Option<JoinHandle<()>>,
     admin_task: JoinHandle<std::io::Result<()>>,
-    grace: Duration,
     /// Set by `leave_rotation`: `/readyz` and gRPC health report not ready.
     leaving: Arc<AtomicBool>,
 }
@@ -103,7 +102,6 @@ impl Server {
         } else {
             AuditSink::disabled()
         };
-        let grace = config.file.server.shutdown_grace.get();
         let grpc_listener = bind(&config.file.server.listen).await?;
         let admin_listener = bind(&config.file.server.admin_listen).await?;
         let grpc_addr = local_addr(&grpc_listener, &config.file.server.listen)?;
@@ -254,7 +252,6 @@ impl Server {
             http_task,
             approvals_task,
             admin_task,
-            grace,
             leaving,
         })
     }
@@ -281,8 +278,10 @@ impl Server {
         self.engine.load().config.file.server.shutdown_delay.get()
     }
 
-    /// Stops accepting, lets in-flight checks finish (up to `shutdown_grace`), then returns.
+    /// Stops accepting, lets in-flight checks finish (up to the loaded config's
+    /// `shutdown_grace`, read now so that a reload changes it), then returns.
     pub async fn shutdown(self) {
+        let grace = self.engine.load().config.file.server.shutdown_grace.get();
         let _ = self.shutdown.send(true);
         let drain = async {
             let _ = self.grpc_task.await;
@@ -291,9 +290,9 @@ impl Server {
             }
             let _ = self.admin_task.await;
         };
-        if tokio::time::timeout(self.grace, drain).await.is_err() {
+        if tokio::time::timeout(grace, drain).await.is_err() {
             tracing::warn!(
-                grace = %humantime::format_duration(self.grace),
+                grace = %humantime::format_duration(grace),
                 "shutdown grace period over; dropping remaining connections"
             );
         }

@@ -548,3 +548,81 @@ fn sighup_reloads_the_running_binary() {
     }
     child.assert_running();
 }
+
+/// A JWKS server on loopback that answers every request `delay` late with `body`.
+async fn slow_jwks(body: String, delay: Duration) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                tokio::time::sleep(delay).await;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An edit saved while a reload runs (here it waits on a slow key fetch) is loaded at the
+/// next poll. Before, the files were read again after the load and the edit was taken as
+/// seen without ever being loaded: a tightened policy never came into force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_saved_while_a_reload_runs_is_loaded_next() {
+    let s = Setup::new();
+    let addr = slow_jwks(support::jwt::dev_jwks(), Duration::from_millis(1500)).await;
+    let with_idp = s.shipped.replace(
+        "upstream:\n",
+        &format!(
+            "  - name: idp\n    issuer: https://idp.example\n    audiences: [api]\n    keys:\n      url: http://{addr}/jwks\n\nupstream:\n"
+        ),
+    );
+    assert_ne!(with_idp, s.shipped);
+    s.write(&with_idp);
+    let (server, mut reloader) = s.serve().await;
+    let alice = mint_dev(json!({"sub": "alice", "scope": "orders:read"}));
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
+
+    let tightened = with_idp.replace("scopes: [orders:read]", "scopes: [orders:audit]");
+    assert_ne!(tightened, with_idp);
+    // A forced reload (SIGHUP) fetches the keys again, slowly; the edit lands meanwhile.
+    let (outcome, ()) = tokio::join!(reloader.poll(true), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write(&tightened);
+    });
+    assert_eq!(outcome, ReloadOutcome::Applied);
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 403);
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Unchanged);
+    server.shutdown().await;
+}
+
+/// The audit sink is chosen at start: a reload that turns auditing on (or off) is refused
+/// until a restart, instead of reported as applied while nothing is logged.
+#[tokio::test]
+async fn a_changed_audit_setting_is_refused_until_a_restart() {
+    let s = Setup::new();
+    let (server, mut reloader) = s.serve().await;
+    let on = s.shipped.replace("  enabled: false ", "  enabled: true ");
+    assert_ne!(on, s.shipped);
+    s.write(&on);
+    match reloader.poll(false).await {
+        ReloadOutcome::Rejected(reason) => {
+            assert!(
+                reason.contains("audit:") && reason.contains("restart"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(reloads(&server, "error"), 1);
+    server.shutdown().await;
+}

@@ -491,7 +491,7 @@ pub struct NetworkConfig {
     pub trusted_headers: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// One JSON line per decision on stdout.
