@@ -280,6 +280,24 @@ impl Reloader {
         // Runtime revocations scoped to an issuer this config no longer has would stop
         // matching (its tokens now carry another name): refuse until they are deleted.
         let names = crate::revocation::issuer_names(&new);
+        // When an issuer goes, read the shared entries first: one another replica added a
+        // moment ago is not in this replica's copy until its next sync, and would otherwise
+        // be orphaned by a reload that looked only at the copy.
+        if crate::revocation::issuer_names(&old.config)
+            .iter()
+            .any(|n| !names.contains(n))
+            && let Err(e) = old
+                .runtime_revoked
+                .sync(&*old.state, crate::engine::unix_now())
+                .await
+        {
+            return Err(format!(
+                "{}: an issuer is removed or renamed, and the runtime revocations that could \
+                 name it cannot be read from shared state ({e}); the config in force stays \
+                 until they can",
+                self.path.display()
+            ));
+        }
         let orphaned: Vec<String> = old
             .runtime_revoked
             .scoped_issuers()

@@ -303,7 +303,15 @@ async fn a_reload_that_orphans_a_runtime_revocation_is_refused() {
     let (server, mut reloader) = s.serve().await;
     let mallory = mint_dev(json!({"sub": "mallory", "scope": "orders:read"}));
     let member = RevokedKind::Sub.member(Some("dev"), "mallory");
-    server.engine.load().runtime_revoked.apply(&member, true);
+    // As the admin API adds it: to shared state, then this replica's copy.
+    let engine = server.engine.load_full();
+    let expires = support::jwt::now() + 3600;
+    engine
+        .state
+        .index_add(portcullis::revocation::RUNTIME_INDEX, &member, expires)
+        .await
+        .unwrap();
+    engine.runtime_revoked.apply(&member, true);
     assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
     s.write(&s.shipped.replace("  - name: dev\n", "  - name: dev2\n"));
     let reason = rejected(reloader.poll(false).await);
@@ -312,8 +320,43 @@ async fn a_reload_that_orphans_a_runtime_revocation_is_refused() {
         "{reason}"
     );
     assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
-    server.engine.load().runtime_revoked.apply(&member, false);
+    engine
+        .state
+        .index_remove(
+            portcullis::revocation::RUNTIME_INDEX,
+            &member,
+            support::jwt::now(),
+        )
+        .await
+        .unwrap();
+    engine.runtime_revoked.apply(&member, false);
     assert_eq!(reloader.poll(true).await, ReloadOutcome::Applied);
+    server.shutdown().await;
+}
+
+/// An entry another replica just wrote to shared state, not yet in this replica's copy: a
+/// reload that removes its issuer reads the shared entries first, and is refused.
+#[tokio::test]
+async fn a_reload_that_orphans_another_replicas_fresh_revocation_is_refused() {
+    use portcullis::revocation::{RUNTIME_INDEX, RevokedKind};
+    let s = Setup::new();
+    let (server, mut reloader) = s.serve().await;
+    let member = RevokedKind::Sub.member(Some("dev"), "mallory");
+    let engine = server.engine.load_full();
+    let expires = support::jwt::now() + 3600;
+    // Written as another replica's admin API does, before this replica's next sync.
+    engine
+        .state
+        .index_add(RUNTIME_INDEX, &member, expires)
+        .await
+        .unwrap();
+    assert!(engine.runtime_revoked.scoped_issuers().is_empty());
+    s.write(&s.shipped.replace("  - name: dev\n", "  - name: dev2\n"));
+    let reason = rejected(reloader.poll(false).await);
+    assert!(
+        reason.contains("runtime revocations") && reason.contains("`dev`"),
+        "{reason}"
+    );
     server.shutdown().await;
 }
 

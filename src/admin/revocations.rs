@@ -263,6 +263,24 @@ pub async fn add(
     }
     // In force on this replica at once; other replicas pick it up at their next sync.
     engine.runtime_revoked.apply(&member, true);
+    // A reload that removed the issuer while this was written checked for entries naming
+    // it before this one existed: take the entry back (it would match nothing) and say so.
+    if let Some(name) = issuer.as_deref()
+        && !known_issuer(&state.engine.load(), name)
+    {
+        let _ = engine
+            .state
+            .index_remove(RUNTIME_INDEX, &member, unix_now())
+            .await;
+        engine.runtime_revoked.apply(&member, false);
+        return error(
+            StatusCode::CONFLICT,
+            &format!(
+                "the config was reloaded meanwhile and has no issuer `{name}` any more: \
+                 nothing was revoked; revoke again with the issuer's current name"
+            ),
+        );
+    }
     tracing::info!(
         revocation.kind = kind.as_str(),
         revocation.issuer = issuer.as_deref(),
