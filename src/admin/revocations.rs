@@ -372,6 +372,58 @@ mod tests {
         assert_eq!(refusal.map(|r| r.status()), Some(StatusCode::FORBIDDEN));
     }
 
+    /// A reload that renames the issuer while an entry scoped to it is being written checked
+    /// for such entries before it existed: the entry is taken back and the caller told, so
+    /// no entry names an issuer the config in force lacks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_whose_issuer_a_reload_removed_meanwhile_is_taken_back() {
+        use crate::state::StateStore as _;
+        use crate::state::testing::{Gate, TestStore};
+        let metrics = Arc::new(Metrics::new());
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/portcullis.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let store = Arc::new(TestStore {
+            index_add: Gate::after(0),
+            ..TestStore::default()
+        });
+        let engine = |text: &str| {
+            let config = Arc::new(crate::config::from_str(text, &path).unwrap());
+            let keys = Arc::new(crate::server::key_store(&config, metrics.clone()));
+            Engine::new(config, keys, store.clone(), metrics.clone())
+        };
+        let first = engine(&text);
+        let mirror = first.runtime_revoked.clone();
+        let state = AdminState {
+            engine: Arc::new(arc_swap::ArcSwap::from_pointee(first)),
+            metrics: metrics.clone(),
+            leaving: Arc::default(),
+            bound: "127.0.0.1:9192".parse().unwrap(),
+        };
+        let body: AddBody =
+            serde_json::from_value(serde_json::json!({"sub": "mallory", "issuer": "dev"})).unwrap();
+        let adding = tokio::spawn(add(
+            State(state.clone()),
+            headers(Some("127.0.0.1:9192")),
+            Ok(Json(body)),
+        ));
+        store.index_add.reached.notified().await;
+        let renamed = text.replace("  - name: dev\n", "  - name: corp\n");
+        assert_ne!(renamed, text);
+        state.engine.store(Arc::new(
+            engine(&renamed).with_runtime_revocations(mirror.clone()),
+        ));
+        store.index_add.release.notify_one();
+        let answer = adding.await.unwrap();
+        assert_eq!(answer.status(), StatusCode::CONFLICT);
+        let listed = store
+            .inner
+            .index_list(RUNTIME_INDEX, unix_now())
+            .await
+            .unwrap();
+        assert!(listed.is_empty(), "{listed:?}");
+        assert!(mirror.scoped_issuers().is_empty());
+    }
+
     #[test]
     fn on_loopback_only_requests_addressed_to_loopback_are_served() {
         let engine = crate::engine::tests::shipped_engine("", &Arc::new(Metrics::new()));

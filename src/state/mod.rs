@@ -613,8 +613,8 @@ pub fn gcra(tat: Option<Instant>, now: Instant, limit: RateLimit) -> (Instant, R
 }
 
 /// A memory store with faults and pauses for tests of callers: `index_add` can fail, `set`
-/// and `delete` can fail for keys with given prefixes, and `index_list` and `rate_check` can
-/// be held at a gate until the test lets them go.
+/// and `delete` can fail for keys with given prefixes, and `index_list`, `rate_check` and
+/// `index_add` can be held at a gate until the test lets them go.
 #[cfg(test)]
 pub mod testing {
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -662,6 +662,8 @@ pub mod testing {
         pub fail_delete: Mutex<Vec<String>>,
         pub index_list: Gate,
         pub rate_check: Gate,
+        /// Held after the write, before `index_add` returns.
+        pub index_add: Gate,
     }
 
     impl Default for TestStore {
@@ -673,6 +675,7 @@ pub mod testing {
                 fail_delete: Mutex::default(),
                 index_list: Gate::open(),
                 rate_check: Gate::open(),
+                index_add: Gate::open(),
             }
         }
     }
@@ -713,7 +716,9 @@ pub mod testing {
             if self.fail_index_add.load(Ordering::SeqCst) {
                 return Err(StateError::Unavailable("index_add fails".into()));
             }
-            self.inner.index_add(i, m, e).await
+            let added = self.inner.index_add(i, m, e).await;
+            self.index_add.pass().await;
+            added
         }
         async fn index_remove(&self, i: &str, m: &str, now: i64) -> Result<bool, StateError> {
             self.inner.index_remove(i, m, now).await
