@@ -335,6 +335,7 @@ async fn client_sent_identity_headers_never_reach_the_upstream() {
             ("forwarded", "host=admin.internal;proto=https"),
             ("x-forwarded-prefix", "/admin"),
             ("x-forwarded-port", "8443"),
+            ("x-portcullis-source-address", "10.0.0.1"),
         ];
         let answer = stack
             .send(

@@ -58,8 +58,9 @@ fn envoy_validate(file: &Path) {
 }
 
 /// Headers some frameworks honour in place of the request's method, path or host, or to
-/// build the URL they hand the application.
-const OVERRIDE_HEADERS: [&str; 9] = [
+/// build the URL they hand the application; and Portcullis's own client-address header,
+/// which an upstream reading it must not get from the client.
+const OVERRIDE_HEADERS: [&str; 10] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
@@ -69,6 +70,7 @@ const OVERRIDE_HEADERS: [&str; 9] = [
     "forwarded",
     "x-forwarded-prefix",
     "x-forwarded-port",
+    "x-portcullis-source-address",
 ];
 
 /// The listener settings every shipped wiring (gRPC and HTTP API, and the module) must keep:
