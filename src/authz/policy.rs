@@ -265,7 +265,11 @@ impl HostPattern {
                     return None;
                 }
                 let (prefix, end) = hb.split_at(hb.len() - sb.len());
-                let ok = end.eq_ignore_ascii_case(sb) && !prefix.ends_with(b".");
+                // What the `*` covers must be DNS labels: Envoy joins two `Host` lines into
+                // `admin.example.com,www.example.com`, which `*.example.com` must not match
+                // (an upstream may serve the first name).
+                let ok = end.eq_ignore_ascii_case(sb)
+                    && std::str::from_utf8(prefix).is_ok_and(valid_dns_name);
                 ok.then_some((1, usize::MAX - sb.len()))
             }
         }

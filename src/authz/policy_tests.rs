@@ -190,6 +190,23 @@ fn host_specificity_and_normalization() {
     assert_eq!(route(&p, "GET", "other.test", "/only"), "no_matching_route");
     assert_eq!(route(&p, "GET", "", "/only"), "no_matching_route");
     assert_eq!(route(&p, "GET", "api.example.com:443", "/only"), "only");
+    // What a wildcard covers must be DNS labels: two `Host` lines that Envoy joined, or
+    // other garbage in front of the suffix, match no wildcard (nor an exact host).
+    for garbage in [
+        "admin.example.com,www.example.com",
+        "admin.example.com, www.example.com",
+        "user@www.example.com",
+        "a b.example.com",
+        "a..example.com",
+        ".example.com",
+    ] {
+        assert_eq!(route(&p, "GET", garbage, "/x"), "any", "{garbage}");
+        assert_eq!(
+            route(&p, "GET", garbage, "/only"),
+            "no_matching_route",
+            "{garbage}"
+        );
+    }
 }
 
 #[test]
