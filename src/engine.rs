@@ -244,6 +244,12 @@ impl Engine {
         self
     }
 
+    /// Tells no approver of the requests it opens (no webhook): for policy tests.
+    pub fn without_approval_webhook(mut self) -> Self {
+        self.approvals.without_webhook();
+        self
+    }
+
     /// Sends approval events (requested, used, ...) to the audit log.
     pub fn with_audit(mut self, audit: crate::audit::AuditSink) -> Self {
         self.approvals.set_audit(audit.clone());

@@ -400,10 +400,13 @@ async fn decide_case(config: &Arc<Config>, case: &Case, now: i64) -> Result<Deci
         Some(caller) => Some(identity(config, caller, now)?),
         None => None,
     };
-    // A fresh engine per case: empty state, and keys that are never fetched.
+    // A fresh engine per case: empty state, keys that are never fetched, and no approvals
+    // webhook (a case on a gated route must not notify real approvers of a request that
+    // exists nowhere).
     let metrics = Arc::new(crate::admin::metrics::Metrics::new());
     let keys = Arc::new(crate::server::key_store(config, metrics.clone()));
-    let engine = Engine::new(config.clone(), keys, Arc::new(MemoryStore::new()), metrics);
+    let engine = Engine::new(config.clone(), keys, Arc::new(MemoryStore::new()), metrics)
+        .without_approval_webhook();
     Ok(engine.check_verified(&req, caller.as_ref(), now).await)
 }
 

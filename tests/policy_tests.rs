@@ -286,3 +286,42 @@ dry_run:
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("4 cases, 4 passed, 0 failed"), "{out}");
 }
+
+/// A case on a gated route opens an approval request in the test's own state: the configured
+/// webhook (real approvers' chat) is never told of it.
+#[test]
+fn policy_tests_never_call_the_approvals_webhook() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(
+        dir.path(),
+        "config: portcullis.yaml
+now: 2026-12-01T09:00:00Z
+cases:
+  - name: a DBA asks to drop a database
+    request: {method: DELETE, path: /databases/staging}
+    as: {claims: {sub: alice, roles: [dba]}}
+    expect: {status: 403, reason: approval_required}
+",
+    );
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    hook.set_nonblocking(true).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("portcullis.yaml")).unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/hook",
+        hook.local_addr().unwrap().port()
+    );
+    let with_hook = text.replace(
+        "  # webhook: {url: https://chat.example.com/hooks/approvals, timeout: 5s, retries: 3}",
+        &format!("  webhook: {{url: \"{url}\", timeout: 5s, retries: 0}}"),
+    );
+    assert_ne!(with_hook, text);
+    std::fs::write(dir.path().join("portcullis.yaml"), with_hook).unwrap();
+
+    let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
+    assert_eq!(code, Some(0), "{out}");
+    // The process has exited: any notification would have connected by now.
+    match hook.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the webhook was called: {other:?}"),
+    }
+}
