@@ -342,6 +342,16 @@ impl AuditSink {
         self.append(|line| event.write_json(line))
     }
 
+    /// True while records are refused (the output fails, or the writer is stuck): a step
+    /// that spends something only an allow should spend (a single-use approval) asks first,
+    /// since the allow's own record would then be refused and the request denied.
+    pub fn refusing(&self) -> bool {
+        self.handle.as_ref().is_some_and(|handle| {
+            let pending = handle.shared.lock();
+            pending.failing || pending.stuck
+        })
+    }
+
     /// Records one approval step (lost, and logged as such, while the writer is stuck).
     pub fn record_approval(&self, event: ApprovalEvent) {
         let kept = self.append(|line| {

@@ -281,6 +281,17 @@ impl Approvals {
             return refused(decision, ReasonCode::ApprovalRequired, detail);
         }
 
+        // An approval is spent only on a request that can be allowed: while the audit log
+        // refuses records, the allow would become an `audit_unavailable` deny after the use
+        // was taken, and the approver would have to approve again.
+        if self.audit.refusing() {
+            return refused(
+                decision,
+                ReasonCode::AuditUnavailable,
+                "the audit log takes no records, so no approval is spent on this request; \
+                 retry once it does",
+            );
+        }
         match self.state.take_one(&key_grant(&fp)).await {
             Ok(Some(left)) => {
                 let id = self

@@ -1097,3 +1097,62 @@ async fn a_lost_claim_names_the_state_truthfully() {
         })
     );
 }
+
+/// An output that refuses writes while `fail` is set.
+struct Flaky(Arc<std::sync::atomic::AtomicBool>);
+
+impl std::io::Write for Flaky {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Waits (at most 10 s) until the audit log's refusing state is `want`.
+async fn until_refusing(sink: &crate::audit::AuditSink, want: bool) {
+    let started = std::time::Instant::now();
+    while sink.refusing() != want {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// While the audit log refuses records, an approved request is refused (503) without
+/// spending its approval: the allow would have been turned into an `audit_unavailable` deny
+/// after the use was taken. Once the log takes records again, the approval still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_is_not_spent_while_the_audit_log_refuses_records() {
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let output = Flaky(fail.clone());
+    let sink = crate::audit::AuditSink::to_writer(move || output).unwrap();
+    let mut a = approvals(Arc::new(MemoryStore::new()));
+    a.set_audit(sink.clone());
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+
+    // The output starts failing; the approval's own event is the write that finds out.
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    a.approve(&bob, &id, None, NOW).await.unwrap();
+    until_refusing(&sink, true).await;
+    let refused = a.gate(&r.view(), granted(&alice), NOW + 1).await;
+    assert_eq!(
+        refused.code,
+        ReasonCode::AuditUnavailable,
+        "{}",
+        refused.detail
+    );
+    assert_eq!(refused.http_status(), 503);
+
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    until_refusing(&sink, false).await;
+    let used = a.gate(&r.view(), granted(&alice), NOW + 2).await;
+    assert_eq!(used.code, ReasonCode::Allowed, "{}", used.detail);
+    assert!(used.detail.contains(&id), "{}", used.detail);
+}
