@@ -451,10 +451,18 @@ fn identity(config: &Config, caller: &Caller, now: i64) -> Result<Arc<Identity>,
                 .entry("exp")
                 .or_insert_with(|| Value::from(now + 600));
             let time = |name: &str| claims.get(name).and_then(Value::as_i64);
+            let (exp, nbf, iat) = (time("exp").unwrap_or(now + 600), time("nbf"), time("iat"));
+            // The server checks a token's times before any rule: a caller whose claims it
+            // would refuse is not one a case can be decided for.
+            if let Err(e) = crate::identity::jwt::check_times(exp, nbf, iat, &issuer.rules, now) {
+                return Err(format!(
+                    "the caller's claims are refused at that time: {e} (the server answers 401)"
+                ));
+            }
             let jwt = VerifiedJwt {
-                exp: time("exp").unwrap_or(now + 600),
-                nbf: time("nbf"),
-                iat: time("iat"),
+                exp,
+                nbf,
+                iat,
                 kid: None,
                 alg: jsonwebtoken::Algorithm::RS256,
                 key_fingerprint: Arc::from("policy-test"),

@@ -325,3 +325,34 @@ cases:
         other => panic!("the webhook was called: {other:?}"),
     }
 }
+
+/// A caller whose `exp` or `nbf` the server would refuse at the case's `now` cannot pass as
+/// allowed: the case cannot run, and says the server answers 401.
+#[test]
+fn a_caller_the_server_would_refuse_for_its_times_fails_the_case() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(
+        dir.path(),
+        "config: portcullis.yaml
+now: 2026-12-01T09:00:00Z
+cases:
+  - name: an expired token reads an order
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, scope: orders:read, exp: 1700000000}}
+    expect: {decision: allow}
+  - name: a token not valid yet reads an order
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, scope: orders:read, nbf: 1900000000}}
+    expect: {decision: allow}
+  - name: a current token reads an order
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, scope: orders:read, exp: 1900000000}}
+    expect: {decision: allow}
+",
+    );
+    let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("3 cases, 1 passed, 2 failed"), "{out}");
+    assert!(out.contains("token has expired"), "{out}");
+    assert!(out.contains("the server answers 401"), "{out}");
+}
