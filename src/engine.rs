@@ -328,7 +328,7 @@ impl Engine {
             #[cfg(test)]
             tests::FAIL_DRY_RUN.with(|fail| assert!(!fail.get(), "dry run made to fail"));
             let would = decide::dry_run(&self.config, candidate, req, now, caller);
-            self.dry_run_after_grant(&live, would, now)
+            self.dry_run_after_grant(req, &live, would, now)
         }));
         match would {
             Ok(would) => live.with_dry_run(would),
@@ -425,23 +425,39 @@ impl Engine {
         };
         let caller = || caller.cloned().ok_or_else(missing);
         let would = decide::dry_run(&self.config, candidate, req, now, caller);
-        let would = self.dry_run_after_grant(&live, would, now);
+        let would = self.dry_run_after_grant(req, &live, would, now);
         live.with_dry_run(would)
     }
 
     /// The stateful steps after a grant, for an allow of the `dry_run` candidate. They are
     /// never run for it (they spend shared state), so it meets them as the `live` request
-    /// did where that says how they would go: a request the live routes rate-limited is
-    /// rate-limited on the same route whatever the rule (limits count per route and
-    /// caller), and an approval goes as the live one went on the same route and rule
-    /// (`Approvals::dry_run_gate`). A candidate allow on another route is not rate-limited.
-    fn dry_run_after_grant(&self, live: &Decision, would: Decision, now: i64) -> Decision {
+    /// did where that says how they would go: a request a configured limit refused (its
+    /// answer names the limit, `rate_limit`) is rate-limited on the same route whatever the
+    /// rule (limits count per route and caller); a live `state_unavailable` is the
+    /// candidate's too where a limit selects its route (the store it would count in is the
+    /// one that failed); and an approval goes as the live one went on the same route, rule
+    /// and approval policy (`Approvals::dry_run_gate`, which also owns the approvals' own
+    /// 429). A candidate allow on another route is not rate-limited.
+    fn dry_run_after_grant(
+        &self,
+        req: &RequestView<'_>,
+        live: &Decision,
+        would: Decision,
+        now: i64,
+    ) -> Decision {
         if !would.is_allow() {
             return would;
         }
-        if live.code == ReasonCode::RateLimited && live.route == would.route {
+        let by_limit = live.code == ReasonCode::RateLimited
+            && live.body_fields.iter().any(|(n, _)| *n == "rate_limit");
+        let store_down = live.code == ReasonCode::StateUnavailable
+            && would.route.as_deref().is_some_and(|route| {
+                !crate::ratelimit::applicable(&self.config, req, route, would.identity.as_deref())
+                    .is_empty()
+            });
+        if (by_limit && live.route == would.route) || store_down {
             return Decision {
-                code: ReasonCode::RateLimited,
+                code: live.code,
                 detail: live.detail.clone(),
                 ..would
             };
@@ -814,5 +830,116 @@ pub(crate) mod tests {
             entry_ttl(max, "same", 86_400),
             entry_ttl(max, "same", 86_400)
         );
+    }
+
+    /// A dev token for `sub` with `roles` and `scopes`, valid an hour.
+    fn dev_token(engine: &Engine, sub: &str, roles: &[&str], scopes: &[&str]) -> String {
+        let args = crate::cli::TokenArgs {
+            config: "config/portcullis.yaml".into(),
+            sub: sub.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            claims: vec![],
+            ttl: "1h".into(),
+        };
+        crate::cli::mint_dev_token(&engine.config, &args, unix_now(), 3600).unwrap()
+    }
+
+    fn request<'a>(
+        method: &'a str,
+        path: &'a str,
+        headers: &'a std::collections::HashMap<String, String>,
+    ) -> RequestView<'a> {
+        RequestView {
+            method,
+            host: "localhost",
+            path,
+            headers,
+            source_ip: None,
+            source_principal: "",
+            scheme: "https",
+            peer_certificate: None,
+        }
+    }
+
+    fn bearer(token: &str) -> std::collections::HashMap<String, String> {
+        [("authorization".to_string(), format!("Bearer {token}"))].into()
+    }
+
+    /// The approvals' cap on new requests (a 429 without `rate_limit`) belongs to the
+    /// approval: a candidate that drops the approval from the rule still allows once the
+    /// caller reaches the cap, as it did before.
+    #[tokio::test]
+    async fn a_dry_run_without_the_approval_is_not_held_to_the_approvals_cap() {
+        let metrics = Arc::new(Metrics::new());
+        let candidate = "dry_run:\n  routes:\n    - {id: drop-database, methods: [DELETE], path: '/databases/{db}', rules: [{id: dba, roles: [dba]}]}\n";
+        let engine = shipped_engine(candidate, &metrics);
+        engine.keys.start().await;
+        let headers = bearer(&dev_token(&engine, "alice", &["dba"], &[]));
+        let now = unix_now();
+        let n = engine.config.file.approvals.max_new_requests;
+        for i in 0..=n {
+            let path = format!("/databases/db{i}");
+            let d = engine
+                .check_at(&request("DELETE", &path, &headers), now)
+                .await;
+            let would = d.dry_run.as_deref().unwrap();
+            let live = if i < n {
+                ReasonCode::ApprovalRequired
+            } else {
+                ReasonCode::RateLimited
+            };
+            assert_eq!(d.code, live, "{i}: {}", d.detail);
+            assert_eq!(would.code, ReasonCode::Allowed, "{i}: {}", would.detail);
+        }
+    }
+
+    /// A candidate that adds a pre-approval holding for the caller reports the allow it
+    /// would give; one that keeps the live approval reports the live outcome.
+    #[tokio::test]
+    async fn a_dry_run_reports_its_own_pre_approval() {
+        let metrics = Arc::new(Metrics::new());
+        let candidate = "dry_run:\n  routes:\n    - {id: drop-database, methods: [DELETE], path: '/databases/{db}', rules: [{id: dba, roles: [dba], approval: {approvers: {roles: [dba-lead]}, pre_approve: [{roles: [dba]}]}}]}\n";
+        let engine = shipped_engine(candidate, &metrics);
+        engine.keys.start().await;
+        let headers = bearer(&dev_token(&engine, "alice", &["dba"], &[]));
+        let d = engine
+            .check_at(&request("DELETE", "/databases/x", &headers), unix_now())
+            .await;
+        assert_eq!(d.code, ReasonCode::ApprovalRequired);
+        let would = d.dry_run.as_deref().unwrap();
+        assert_eq!(would.code, ReasonCode::Allowed, "{}", would.detail);
+        assert!(would.detail.contains("pre-approved"), "{}", would.detail);
+    }
+
+    /// While the store is down, a route with a rate limit is `state_unavailable` live; a
+    /// candidate that leaves that route alone meets the same store and says the same,
+    /// instead of reporting an allow for the whole outage.
+    #[tokio::test]
+    async fn a_dry_run_meets_the_store_the_live_request_found_down() {
+        let metrics = Arc::new(Metrics::new());
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/portcullis.yaml");
+        let text = format!(
+            "{}\ndry_run: {{remove: [healthz]}}\n",
+            std::fs::read_to_string(&path).unwrap()
+        );
+        let config = Arc::new(crate::config::from_str(&text, &path).unwrap());
+        assert!(!config.rate_limits.is_empty());
+        let keys = Arc::new(crate::server::key_store(&config, metrics.clone()));
+        let dead = crate::state::RedisStore::new(
+            "redis://127.0.0.1:1/0",
+            "p:",
+            Duration::from_millis(100),
+        )
+        .unwrap();
+        let engine = Engine::new(config, keys, Arc::new(dead), metrics.clone());
+        engine.keys.start().await;
+        let headers = bearer(&dev_token(&engine, "alice", &[], &["orders:write"]));
+        let d = engine
+            .check_at(&request("POST", "/orders", &headers), unix_now())
+            .await;
+        assert_eq!(d.code, ReasonCode::StateUnavailable, "{}", d.detail);
+        let would = d.dry_run.as_deref().unwrap();
+        assert_eq!(would.code, ReasonCode::StateUnavailable, "{}", would.detail);
     }
 }

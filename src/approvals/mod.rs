@@ -46,7 +46,7 @@ pub const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
 const MAX_JUSTIFICATION: usize = 500;
 
 /// One rule's approval requirement, compiled.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ApprovalPolicy {
     pub route: Arc<str>,
     pub rule: Arc<str>,
@@ -58,7 +58,7 @@ pub struct ApprovalPolicy {
 }
 
 /// An automatic approval: role or subject, inside an optional time window (Unix seconds).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PreApproval {
     pub roles: Vec<String>,
     pub subjects: Vec<String>,

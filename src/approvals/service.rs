@@ -209,27 +209,33 @@ impl Approvals {
         let Some(policy) = candidate.cloned() else {
             return would;
         };
-        let same = live.route == would.route
-            && live.rule == would.rule
-            && self.policy(route, rule).is_some();
-        if same
-            && matches!(
-                live.code,
-                ReasonCode::Allowed | ReasonCode::ApprovalRequired
-            )
-        {
-            return Decision {
-                code: live.code,
-                detail: live.detail.clone(),
-                ..would
-            };
-        }
         let pre_approved = would
             .identity
             .as_deref()
             .and_then(|who| policy.pre_approved(who, now));
         if let Some(index) = pre_approved {
             return allowed_by_pre_approval(would, index);
+        }
+        // The live request met the same requirement (same route, rule and approval policy,
+        // whose pre-approvals then did not hold for this caller either): the candidate
+        // meets it as the live request did, an approval used, a request opened, or the cap
+        // on new requests (a 429 without a configured limit's `rate_limit`).
+        let same = live.route == would.route
+            && live.rule == would.rule
+            && self.policy(route, rule).is_some_and(|p| **p == *policy);
+        let live_cap = live.code == ReasonCode::RateLimited
+            && !live.body_fields.iter().any(|(n, _)| *n == "rate_limit");
+        if same
+            && (matches!(
+                live.code,
+                ReasonCode::Allowed | ReasonCode::ApprovalRequired
+            ) || live_cap)
+        {
+            return Decision {
+                code: live.code,
+                detail: live.detail.clone(),
+                ..would
+            };
         }
         let detail = format!(
             "this action needs approval by {} (a dry run requests none)",
