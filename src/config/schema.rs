@@ -600,9 +600,9 @@ pub struct SourceConfig {
 pub struct TimeWindowConfig {
     #[serde(default, deserialize_with = "restricting")]
     pub days: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub hours: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub timezone: Option<String>,
 }
 
@@ -948,10 +948,10 @@ pub struct PreApproveConfig {
     #[serde(default)]
     pub subjects: Vec<String>,
     /// RFC 3339 start of the window, e.g. `2026-11-23T06:00:00Z`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub from: Option<String>,
     /// RFC 3339 end of the window (exclusive).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub until: Option<String>,
 }
 

@@ -1319,6 +1319,27 @@ fn a_restricting_section_with_everything_commented_out_is_an_error() {
     ] {
         fails(&format!("{text}{ROUTE}"), field, "has no value");
     }
+    for (key, field) in [
+        ("time_window: {days: [mon], hours: }", "time_window.hours"),
+        (
+            "time_window: {days: [mon], timezone: }",
+            "time_window.timezone",
+        ),
+        (
+            "approval: {approvers: {roles: [lead]}, pre_approve: [{roles: [dba], from: \"2026-01-01T00:00:00Z\", until: }]}",
+            "approval.pre_approve[0].until",
+        ),
+        (
+            "approval: {approvers: {roles: [lead]}, pre_approve: [{roles: [dba], from: }]}",
+            "approval.pre_approve[0].from",
+        ),
+    ] {
+        fails(
+            &rule(&format!("        {key}\n")),
+            &format!("routes[0].rules[0].{field}"),
+            "has no value",
+        );
+    }
     // Absent, each keeps its meaning (no such restriction).
     let c = compile(&rule("")).unwrap();
     assert!(c.policy.routes()[0].rules[0].context.is_empty());
