@@ -446,10 +446,23 @@ fn identity(config: &Config, caller: &Caller, now: i64) -> Result<Arc<Identity>,
             claims
                 .entry("iss")
                 .or_insert_with(|| Value::String(issuer.rules.issuer.clone()));
-            claims.entry("iat").or_insert_with(|| Value::from(now - 60));
+            // Default times a current token of this issuer has: issued a minute ago (or half
+            // its `max_lifetime`, if shorter), expiring in ten minutes or at its
+            // `max_lifetime`, whichever is sooner.
+            let max = issuer
+                .rules
+                .max_lifetime_secs
+                .map(|m| i64::try_from(m).unwrap_or(i64::MAX));
+            let age = max.map_or(60, |m| (m / 2).min(60));
+            let iat = claims
+                .entry("iat")
+                .or_insert_with(|| Value::from(now - age))
+                .as_i64()
+                .unwrap_or(now - age);
+            let default_exp = max.map_or(now + 600, |m| (now + 600).min(iat.saturating_add(m)));
             claims
                 .entry("exp")
-                .or_insert_with(|| Value::from(now + 600));
+                .or_insert_with(|| Value::from(default_exp));
             let time = |name: &str| claims.get(name).and_then(Value::as_i64);
             let (exp, nbf, iat) = (time("exp").unwrap_or(now + 600), time("nbf"), time("iat"));
             // The server checks a token's times before any rule: a caller whose claims it

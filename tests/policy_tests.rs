@@ -355,4 +355,36 @@ cases:
     assert!(out.contains("3 cases, 1 passed, 2 failed"), "{out}");
     assert!(out.contains("token has expired"), "{out}");
     assert!(out.contains("the server answers 401"), "{out}");
+
+    // The default times fit the issuer's `max_lifetime`: a case that writes none passes
+    // under a short one, and one that writes a longer lifetime fails.
+    let config = dir.path().join("portcullis.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let short = text.replace(
+        "    audiences: [portcullis-sample-api]\n",
+        "    audiences: [portcullis-sample-api]\n    max_lifetime: 5m\n",
+    );
+    assert_ne!(short, text);
+    std::fs::write(&config, short).unwrap();
+    std::fs::write(
+        dir.path().join("tests.yaml"),
+        "config: portcullis.yaml
+now: 2026-12-01T09:00:00Z
+cases:
+  - name: default times
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, scope: orders:read}}
+    expect: {decision: allow}
+  - name: an hour-long token
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, scope: orders:read, iat: 1796115000, exp: 1796118600}}
+    expect: {decision: allow}
+",
+    )
+    .unwrap();
+    let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("2 cases, 1 passed, 1 failed"), "{out}");
+    assert!(out.contains("ok   default times"), "{out}");
+    assert!(out.contains("longer than 300 seconds"), "{out}");
 }
