@@ -941,5 +941,13 @@ pub(crate) mod tests {
         assert_eq!(d.code, ReasonCode::StateUnavailable, "{}", d.detail);
         let would = d.dry_run.as_deref().unwrap();
         assert_eq!(would.code, ReasonCode::StateUnavailable, "{}", would.detail);
+        // The same on a gated route without a limit: the approval gate found it down.
+        let headers = bearer(&dev_token(&engine, "alice", &["dba"], &[]));
+        let d = engine
+            .check_at(&request("DELETE", "/databases/x", &headers), unix_now())
+            .await;
+        assert_eq!(d.code, ReasonCode::StateUnavailable, "{}", d.detail);
+        let would = d.dry_run.as_deref().unwrap();
+        assert_eq!(would.code, ReasonCode::StateUnavailable, "{}", would.detail);
     }
 }

@@ -225,10 +225,14 @@ impl Approvals {
             && self.policy(route, rule).is_some_and(|p| **p == *policy);
         let live_cap = live.code == ReasonCode::RateLimited
             && !live.body_fields.iter().any(|(n, _)| *n == "rate_limit");
+        // A store or audit log the live gate found refusing refuses the candidate too.
         if same
             && (matches!(
                 live.code,
-                ReasonCode::Allowed | ReasonCode::ApprovalRequired
+                ReasonCode::Allowed
+                    | ReasonCode::ApprovalRequired
+                    | ReasonCode::StateUnavailable
+                    | ReasonCode::AuditUnavailable
             ) || live_cap)
         {
             return Decision {
