@@ -132,17 +132,17 @@ impl Reloader {
         // The files as read BEFORE the load, not again now: an edit saved while the load ran
         // (it may wait on key fetches) then differs from them and is loaded at the next poll,
         // where a fresh read would mark it seen without ever loading it. A file the new
-        // config watches for the first time is recorded as unread, so the next poll reads it
-        // (at worst one more reload of the same content).
+        // config watches for the first time is read now (recording it as unread would make
+        // the next poll reload, and refetch every issuer's keys, for nothing).
         self.seen = self
             .watched()
             .into_iter()
-            .map(|p| {
-                let bytes = now
-                    .iter()
-                    .find(|(q, _)| *q == p)
-                    .and_then(|(_, b)| b.clone());
-                (p, bytes)
+            .map(|p| match now.iter().find(|(q, _)| *q == p) {
+                Some((_, bytes)) => (p, bytes.clone()),
+                None => {
+                    let bytes = std::fs::read(&p).ok();
+                    (p, bytes)
+                }
             })
             .collect();
         outcome

@@ -669,3 +669,27 @@ async fn a_changed_audit_setting_is_refused_until_a_restart() {
     assert_eq!(reloads(&server, "error"), 1);
     server.shutdown().await;
 }
+
+/// A reload that adds an issuer with a key file of its own is followed by quiet polls: the
+/// new file is recorded as read, not as unread (which made the next poll reload and refetch
+/// every issuer's keys for nothing).
+#[tokio::test]
+async fn a_newly_watched_key_file_is_not_reloaded_again_unchanged() {
+    let s = Setup::new();
+    let (server, mut reloader) = s.serve().await;
+    std::fs::copy(
+        root().join("tests/fixtures/keys/rsa2048.jwks.json"),
+        s.dir.path().join("idp.jwks.json"),
+    )
+    .unwrap();
+    let with_idp = s.shipped.replace(
+        "upstream:\n",
+        "  - name: idp\n    issuer: https://idp.example\n    audiences: [api]\n    keys:\n      file: idp.jwks.json\n\nupstream:\n",
+    );
+    assert_ne!(with_idp, s.shipped);
+    s.write(&with_idp);
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Unchanged);
+    assert_eq!(reloads(&server, "ok"), 1);
+    server.shutdown().await;
+}
