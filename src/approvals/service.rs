@@ -304,13 +304,22 @@ impl Approvals {
         }
         match self.state.take_one(&key_grant(&fp)).await {
             Ok(Some(left)) => {
-                let id = self
-                    .state
-                    .get(&key_grant_id(&fp))
-                    .await
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default();
+                // The use is spent and the request allowed whatever this read answers; only
+                // the approval's name for the audit log is at stake. Never an empty one.
+                let id = match self.state.get(&key_grant_id(&fp)).await {
+                    Ok(Some(id)) => id,
+                    outcome => {
+                        let why = match outcome {
+                            Err(e) => e.to_string(),
+                            Ok(_) => "no id is recorded for the grant".to_string(),
+                        };
+                        tracing::warn!(
+                            error = %why,
+                            "an approval was used but its id could not be read; audited as `unknown`"
+                        );
+                        "unknown".to_string()
+                    }
+                };
                 let mut record = self.record_for(&policy, &identity, req, &fp, now);
                 record.id = id.clone();
                 let mut event = ApprovalEvent::new("used", &record);

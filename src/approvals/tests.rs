@@ -721,6 +721,31 @@ async fn a_failed_record_write_leaves_no_request_nobody_can_see() {
     assert!(listed.iter().any(|rec| rec.id == id), "{id} is not listed");
 }
 
+/// An approval used while its id cannot be read still allows (the use is spent), and is
+/// named `unknown` rather than by an empty string in the detail and the audit event.
+#[tokio::test]
+async fn an_approval_used_while_its_id_cannot_be_read_is_named_unknown() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let a = approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    a.approve(&bob, &id, None, NOW).await.unwrap();
+    store
+        .fail_get
+        .lock()
+        .unwrap()
+        .push("approval:grantid:".to_string());
+    let used = a.gate(&r.view(), granted(&alice), NOW + 1).await;
+    assert_eq!(used.code, ReasonCode::Allowed, "{}", used.detail);
+    assert!(
+        used.detail.contains("approved (`unknown`"),
+        "{}",
+        used.detail
+    );
+}
+
 /// A pre-approval record whose listing failed is not kept unlisted: the next request
 /// writes both.
 #[tokio::test]

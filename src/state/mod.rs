@@ -612,8 +612,8 @@ pub fn gcra(tat: Option<Instant>, now: Instant, limit: RateLimit) -> (Instant, R
     )
 }
 
-/// A memory store with faults and pauses for tests of callers: `index_add` can fail, `set`
-/// and `delete` can fail for keys with given prefixes, and `index_list`, `rate_check` and
+/// A memory store with faults and pauses for tests of callers: `index_add` can fail, `set`,
+/// `delete` and `get` can fail for keys with given prefixes, and `index_list`, `rate_check` and
 /// `index_add` can be held at a gate until the test lets them go.
 #[cfg(test)]
 pub mod testing {
@@ -660,6 +660,8 @@ pub mod testing {
         pub fail_set: Mutex<Vec<String>>,
         /// `delete` fails for keys starting with any of these.
         pub fail_delete: Mutex<Vec<String>>,
+        /// `get` fails for keys starting with any of these.
+        pub fail_get: Mutex<Vec<String>>,
         pub index_list: Gate,
         pub rate_check: Gate,
         /// Held after the write, before `index_add` returns.
@@ -673,6 +675,7 @@ pub mod testing {
                 fail_index_add: AtomicBool::new(false),
                 fail_set: Mutex::default(),
                 fail_delete: Mutex::default(),
+                fail_get: Mutex::default(),
                 index_list: Gate::open(),
                 rate_check: Gate::open(),
                 index_add: Gate::open(),
@@ -699,6 +702,7 @@ pub mod testing {
             self.inner.insert_if_absent(k, v, t).await
         }
         async fn get(&self, k: &str) -> Result<Option<String>, StateError> {
+            fails(&self.fail_get, "get", k)?;
             self.inner.get(k).await
         }
         async fn set(&self, k: &str, v: &str, t: Duration) -> Result<(), StateError> {
