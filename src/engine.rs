@@ -448,8 +448,7 @@ impl Engine {
         if !would.is_allow() {
             return would;
         }
-        let by_limit = live.code == ReasonCode::RateLimited
-            && live.body_fields.iter().any(|(n, _)| *n == "rate_limit");
+        let by_limit = live.is_configured_rate_limit();
         let store_down = live.code == ReasonCode::StateUnavailable
             && would.route.as_deref().is_some_and(|route| {
                 !crate::ratelimit::applicable(&self.config, req, route, would.identity.as_deref())

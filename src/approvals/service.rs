@@ -223,8 +223,7 @@ impl Approvals {
         let same = live.route == would.route
             && live.rule == would.rule
             && self.policy(route, rule).is_some_and(|p| **p == *policy);
-        let live_cap = live.code == ReasonCode::RateLimited
-            && !live.body_fields.iter().any(|(n, _)| *n == "rate_limit");
+        let live_cap = live.code == ReasonCode::RateLimited && !live.is_configured_rate_limit();
         // A store or audit log the live gate found refusing refuses the candidate too.
         if same
             && (matches!(

@@ -236,6 +236,13 @@ impl Decision {
         self.code.is_allow()
     }
 
+    /// A 429 from a configured rate limit (its answer names the limit, `rate_limit`), not
+    /// from the approvals' cap on new requests.
+    pub fn is_configured_rate_limit(&self) -> bool {
+        self.code == ReasonCode::RateLimited
+            && self.body_fields.iter().any(|(n, _)| *n == "rate_limit")
+    }
+
     pub fn http_status(&self) -> u16 {
         self.code.http_status()
     }
