@@ -606,6 +606,15 @@ impl RuntimeRevocations {
     pub fn is_empty(&self) -> bool {
         self.members.load().is_empty()
     }
+
+    /// The issuers that scoped entries name but `issuers` (this config's) lacks: such entries
+    /// revoke nothing here. Another replica may have added them under an issuer this one
+    /// no longer has (a rolling rename), so they are reported, not refused.
+    pub fn unknown_issuers(&self, issuers: &[String]) -> std::collections::BTreeSet<String> {
+        let mut named = self.scoped_issuers();
+        named.retain(|n| !issuers.contains(n));
+        named
+    }
 }
 
 /// Records and logs one reload outcome.
@@ -650,6 +659,8 @@ pub fn spawn_watcher(
     };
     tokio::spawn(async move {
         let mut sync_failing = false;
+        // Issuers runtime entries name that this config lacks, as last warned about.
+        let mut warned_unknown = std::collections::BTreeSet::new();
         loop {
             let interval = engine.load().config.file.revocation.reload.get();
             let hangup = async {
@@ -668,6 +679,21 @@ pub fn spawn_watcher(
                 .runtime_revoked
                 .sync(&*current.state, crate::engine::unix_now())
                 .await;
+            if synced.is_ok() {
+                let unknown = current
+                    .runtime_revoked
+                    .unknown_issuers(current.revocations.issuers());
+                if unknown != warned_unknown {
+                    if !unknown.is_empty() {
+                        let names = unknown.iter().cloned().collect::<Vec<_>>().join(", ");
+                        tracing::warn!(
+                            issuers = %names,
+                            "runtime revocations in shared state name issuers this config does not have, so they revoke nothing here (added by a replica on another config?); revoke again under the current issuer name, or remove them"
+                        );
+                    }
+                    warned_unknown = unknown;
+                }
+            }
             let result = if synced.is_ok() { "ok" } else { "error" };
             metrics
                 .revocation_syncs
@@ -955,6 +981,23 @@ revoked:
         assert_eq!(mirror.check(&who).unwrap_err().code, ReasonCode::Revoked);
         mirror.apply(&RevokedKind::Sub.member(None, "bob"), false);
         assert!(mirror.check(&who).is_ok());
+    }
+
+    #[test]
+    fn entries_naming_an_issuer_the_config_lacks_are_reported() {
+        let mirror = RuntimeRevocations::default();
+        mirror.apply(&RevokedKind::Sub.member(Some("corp"), "bob"), true);
+        mirror.apply(&RevokedKind::Sub.member(Some("corp-old"), "bob"), true);
+        mirror.apply(&RevokedKind::Jti.member(None, "j-1"), true);
+        let issuers = ["corp".to_string(), "partners".to_string()];
+        let unknown: Vec<String> = mirror.unknown_issuers(&issuers).into_iter().collect();
+        assert_eq!(
+            unknown,
+            ["corp-old"],
+            "unscoped entries and known issuers are fine"
+        );
+        mirror.apply(&RevokedKind::Sub.member(Some("corp-old"), "bob"), false);
+        assert!(mirror.unknown_issuers(&issuers).is_empty());
     }
 
     #[tokio::test]
