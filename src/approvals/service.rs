@@ -324,6 +324,15 @@ impl Approvals {
                 let mut event = ApprovalEvent::new("used", &record);
                 event.uses_left = Some(left);
                 self.audit.record_approval(event);
+                if left == 0 {
+                    // Spent, so it ends here: the sweep must not also log it as `expired`
+                    // when its time is up (best effort: at worst that event is written).
+                    // Outlives the record, which the sweep reads until it is gone.
+                    let _ = self
+                        .state
+                        .insert_if_absent(&key_expired(&id), "1", policy.ttl + RECORD_GRACE * 2)
+                        .await;
+                }
                 let detail = format!("{}; approved (`{id}`, {left} use(s) left)", decision.detail);
                 return Decision {
                     detail: detail.into(),
@@ -774,7 +783,7 @@ impl Approvals {
     }
 
     /// Writes an `expired` audit event, once across replicas, for each pending request and
-    /// each approval whose time is up. Run periodically by the server.
+    /// each approval whose time is up with uses left. Run periodically by the server.
     pub async fn sweep(&self, now: i64) -> Result<usize, StateError> {
         let mut n = 0;
         for r in self.records(now).await? {

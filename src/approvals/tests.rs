@@ -985,6 +985,43 @@ async fn a_failed_approval_whose_cleanup_fails_too_grants_nothing() {
     assert_eq!(lines.events(&sink), ["requested", "rejected"]);
 }
 
+/// An approval ends either by its last use or by its time: the audit log says which, once.
+#[tokio::test]
+async fn a_spent_approval_is_not_also_logged_as_expired() {
+    let store = Arc::new(crate::state::MemoryStore::new());
+    let (a, sink, lines) = AuditLines::approvals(store.clone());
+    let bob = identity("bob", &["dba-lead"]);
+    let alice = identity("alice", &["dba"]);
+    let spent = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&spent.view(), granted(&alice), NOW).await);
+    a.approve(&bob, &id, None, NOW + 1).await.unwrap();
+    let d = a.gate(&spent.view(), granted(&alice), NOW + 2).await;
+    assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+    // Another approval, never used, for comparison.
+    let unused = Req::new("DELETE", "db", "/databases/staging");
+    let other = approval_id(&a.gate(&unused.view(), granted(&alice), NOW + 3).await);
+    a.approve(&bob, &other, None, NOW + 4).await.unwrap();
+
+    let later = NOW + 16 * 60;
+    assert_eq!(
+        a.sweep(later).await.unwrap(),
+        1,
+        "only the unused one expires"
+    );
+    assert_eq!(a.sweep(later + 1).await.unwrap(), 0, "once");
+    assert_eq!(
+        lines.events(&sink),
+        [
+            "requested",
+            "approved",
+            "used",
+            "requested",
+            "approved",
+            "expired"
+        ]
+    );
+}
+
 /// The grant is the last write: when it fails, the approved record written before it is
 /// put back to pending and the decision released, so the approval can be retried.
 #[tokio::test]
