@@ -113,6 +113,15 @@ impl RevokedKind {
 /// costs what the revocations hold, however many other keys share the store.
 pub const RUNTIME_INDEX: &str = "revoked:index";
 
+/// The prefix of the index's generation marker: one member, `epoch:<random>`, that never
+/// expires. It lives in the same set as the entries, so it is lost with them: a replica that
+/// finds a marker other than the one it last saw knows the store lost the set (a Redis
+/// restarted without persistence, flushed, or evicting) and writes back the entries it holds.
+const EPOCH_PREFIX: &str = "epoch:";
+
+/// The marker's score: 9999-12-31T23:59:59Z, beyond every entry's expiry (400 days at most).
+const EPOCH_EXPIRES_AT: i64 = 253_402_300_799;
+
 impl RevokedKind {}
 
 /// Why a revocation file or entry is unusable.
@@ -465,8 +474,8 @@ pub fn revoked(kind: RevokedKind) -> Decision {
 /// of failing every request. The watcher re-syncs it every `revocation.reload`; the admin
 /// API updates it at once on the replica that took the call.
 pub struct RuntimeRevocations {
-    /// Members (`<kind>:<value>`, see `RUNTIME_INDEX`) of live entries.
-    members: ArcSwap<std::collections::HashSet<String>>,
+    /// Members (`<kind>:<value>`, see `RUNTIME_INDEX`) of live entries, with their expiry.
+    members: ArcSwap<std::collections::HashMap<String, i64>>,
     /// The snapshot holds the store's entries: it was synced at least once (or nothing
     /// needs syncing). Until then every identity is refused: a replica that starts while an
     /// entry is in Redis must not accept the token it names.
@@ -480,8 +489,11 @@ pub struct RuntimeRevocations {
 struct LocalChanges {
     /// The number the next change gets.
     next: u64,
-    /// (number, member, revoked) of changes newer than the last sync's read.
-    changes: Vec<(u64, String, bool)>,
+    /// (number, member, expiry; `None` when removed) of changes newer than the last sync's
+    /// read.
+    changes: Vec<(u64, String, Option<i64>)>,
+    /// The index's generation marker as last read (see `EPOCH_PREFIX`).
+    epoch: Option<String>,
 }
 
 /// Complete and empty: for engines no store feeds (policy tests, `explain`).
@@ -537,7 +549,7 @@ impl RuntimeRevocations {
             };
             for issuer in [None, Some(&*id.issuer_name)] {
                 kind.write_member(&mut member, issuer, value);
-                if members.contains(&member) {
+                if members.contains_key(&member) {
                     return Err(revoked(kind));
                 }
             }
@@ -551,22 +563,73 @@ impl RuntimeRevocations {
     /// INVARIANT: a change `apply`'d after this sync began survives it. The read may predate
     /// the change (an admin call on this replica landing mid-sync), so the changes made since
     /// the read started are replayed onto what it found; older ones are in what it found.
+    ///
+    /// INVARIANT: a revocation outlives a store that loses its data. When the index's
+    /// generation marker is not the one this replica last saw, the set was lost (or never
+    /// existed): the live entries this replica holds are written back before the snapshot
+    /// is replaced, so no revoked token is accepted again because Redis restarted empty.
     pub async fn sync(
         &self,
         state: &dyn StateStore,
         now: i64,
     ) -> Result<usize, crate::state::StateError> {
         let started = self.local().next;
-        let listed = state.index_list(RUNTIME_INDEX, now).await?;
-        let mut members: std::collections::HashSet<String> =
-            listed.into_iter().map(|(m, _)| m).collect();
+        let mut listed = state.index_list(RUNTIME_INDEX, now).await?;
+        let mut markers: Vec<String> = Vec::new();
+        listed.retain(|(m, _)| {
+            let marker = m.starts_with(EPOCH_PREFIX);
+            if marker {
+                markers.push(m.clone());
+            }
+            !marker
+        });
+        markers.sort();
+        let epoch = match markers.first() {
+            Some(e) => e.clone(),
+            None => {
+                let fresh = format!("{EPOCH_PREFIX}{}", crate::approvals::new_id());
+                state
+                    .index_add(RUNTIME_INDEX, &fresh, EPOCH_EXPIRES_AT)
+                    .await?;
+                fresh
+            }
+        };
+        // Two replicas that found no marker at once each wrote one: keep the first.
+        for extra in markers.iter().skip(1) {
+            let _ = state.index_remove(RUNTIME_INDEX, extra, now).await;
+        }
+        let known = self.local().epoch.clone();
+        if known.as_ref().is_some_and(|k| *k != epoch) {
+            let present: std::collections::HashSet<String> =
+                listed.iter().map(|(m, _)| m.clone()).collect();
+            let held = self.members.load_full();
+            let mut restored = 0usize;
+            for (member, expires_at) in held.iter() {
+                if *expires_at > now && !present.contains(member) {
+                    let kept = state.index_add(RUNTIME_INDEX, member, *expires_at).await?;
+                    listed.push((member.clone(), kept));
+                    restored += 1;
+                }
+            }
+            if restored > 0 {
+                tracing::warn!(
+                    restored,
+                    "shared state lost the runtime revocations (Redis restarted without persistence, flushed, or evicted them): wrote back the entries this replica held; run Redis with persistence (appendonly yes) and without eviction of these keys"
+                );
+            }
+        }
+        let mut members: std::collections::HashMap<String, i64> = listed.into_iter().collect();
         let mut local = self.local();
+        local.epoch = Some(epoch);
         local.changes.retain(|(n, _, _)| *n >= started);
-        for (_, member, revoked) in &local.changes {
-            if *revoked {
-                members.insert(member.clone());
-            } else {
-                members.remove(member);
+        for (_, member, expires_at) in &local.changes {
+            match expires_at {
+                Some(e) => {
+                    members.insert(member.clone(), *e);
+                }
+                None => {
+                    members.remove(member);
+                }
             }
         }
         let n = members.len();
@@ -575,17 +638,21 @@ impl RuntimeRevocations {
         Ok(n)
     }
 
-    /// Adds (or removes) one member locally, right after the store accepted the change.
-    pub fn apply(&self, member: &str, revoked: bool) {
+    /// Adds `member` until `expires_at` (`Some`), or removes it (`None`), locally, right
+    /// after the store accepted the change.
+    pub fn apply(&self, member: &str, expires_at: Option<i64>) {
         let mut local = self.local();
         let n = local.next;
         local.next += 1;
-        local.changes.push((n, member.to_string(), revoked));
+        local.changes.push((n, member.to_string(), expires_at));
         let mut next = (**self.members.load()).clone();
-        if revoked {
-            next.insert(member.to_string());
-        } else {
-            next.remove(member);
+        match expires_at {
+            Some(e) => {
+                next.insert(member.to_string(), e);
+            }
+            None => {
+                next.remove(member);
+            }
         }
         self.members.store(std::sync::Arc::new(next));
     }
@@ -598,7 +665,7 @@ impl RuntimeRevocations {
     pub fn scoped_issuers(&self) -> std::collections::BTreeSet<String> {
         self.members
             .load()
-            .iter()
+            .keys()
             .filter_map(|m| RevokedKind::parse_member(m)?.1.map(str::to_string))
             .collect()
     }
@@ -855,7 +922,10 @@ revoked:
 
         // The runtime mirror scopes the same way.
         let mirror = RuntimeRevocations::default();
-        mirror.apply(&RevokedKind::Sub.member(Some("partner"), "alice"), true);
+        mirror.apply(
+            &RevokedKind::Sub.member(Some("partner"), "alice"),
+            Some(i64::MAX),
+        );
         assert!(mirror.check(&id(json!({"sub": "alice"}))).is_ok());
         assert_eq!(
             mirror.check(&partner).map_err(|d| d.code),
@@ -977,18 +1047,24 @@ revoked:
         // An expired entry disappears at the next sync; `apply` works at once.
         mirror.sync(&store, 160).await.unwrap();
         assert!(mirror.check(&who).is_ok());
-        mirror.apply(&RevokedKind::Sub.member(None, "bob"), true);
+        mirror.apply(&RevokedKind::Sub.member(None, "bob"), Some(i64::MAX));
         assert_eq!(mirror.check(&who).unwrap_err().code, ReasonCode::Revoked);
-        mirror.apply(&RevokedKind::Sub.member(None, "bob"), false);
+        mirror.apply(&RevokedKind::Sub.member(None, "bob"), None);
         assert!(mirror.check(&who).is_ok());
     }
 
     #[test]
     fn entries_naming_an_issuer_the_config_lacks_are_reported() {
         let mirror = RuntimeRevocations::default();
-        mirror.apply(&RevokedKind::Sub.member(Some("corp"), "bob"), true);
-        mirror.apply(&RevokedKind::Sub.member(Some("corp-old"), "bob"), true);
-        mirror.apply(&RevokedKind::Jti.member(None, "j-1"), true);
+        mirror.apply(
+            &RevokedKind::Sub.member(Some("corp"), "bob"),
+            Some(i64::MAX),
+        );
+        mirror.apply(
+            &RevokedKind::Sub.member(Some("corp-old"), "bob"),
+            Some(i64::MAX),
+        );
+        mirror.apply(&RevokedKind::Jti.member(None, "j-1"), Some(i64::MAX));
         let issuers = ["corp".to_string(), "partners".to_string()];
         let unknown: Vec<String> = mirror.unknown_issuers(&issuers).into_iter().collect();
         assert_eq!(
@@ -996,7 +1072,7 @@ revoked:
             ["corp-old"],
             "unscoped entries and known issuers are fine"
         );
-        mirror.apply(&RevokedKind::Sub.member(Some("corp-old"), "bob"), false);
+        mirror.apply(&RevokedKind::Sub.member(Some("corp-old"), "bob"), None);
         assert!(mirror.unknown_issuers(&issuers).is_empty());
     }
 
@@ -1019,7 +1095,7 @@ revoked:
             .index_add(RUNTIME_INDEX, "jti:j-1", 500)
             .await
             .unwrap();
-        mirror.apply("jti:j-1", true);
+        mirror.apply("jti:j-1", Some(i64::MAX));
         let sync = tokio::spawn({
             let (mirror, store) = (mirror.clone(), store.clone());
             async move { mirror.sync(&*store, 100).await }
@@ -1032,7 +1108,7 @@ revoked:
             .index_add(RUNTIME_INDEX, "sub:bob", 500)
             .await
             .unwrap();
-        mirror.apply("sub:bob", true);
+        mirror.apply("sub:bob", Some(i64::MAX));
         assert!(
             store
                 .inner
@@ -1040,7 +1116,7 @@ revoked:
                 .await
                 .unwrap()
         );
-        mirror.apply("jti:j-1", false);
+        mirror.apply("jti:j-1", None);
         store.index_list.release.notify_one();
         assert_eq!(sync.await.unwrap().unwrap(), 1);
         assert_eq!(

@@ -311,7 +311,7 @@ async fn a_reload_that_orphans_a_runtime_revocation_is_refused() {
         .index_add(portcullis::revocation::RUNTIME_INDEX, &member, expires)
         .await
         .unwrap();
-    engine.runtime_revoked.apply(&member, true);
+    engine.runtime_revoked.apply(&member, Some(expires));
     assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
     s.write(&s.shipped.replace("  - name: dev\n", "  - name: dev2\n"));
     let reason = rejected(reloader.poll(false).await);
@@ -329,7 +329,7 @@ async fn a_reload_that_orphans_a_runtime_revocation_is_refused() {
         )
         .await
         .unwrap();
-    engine.runtime_revoked.apply(&member, false);
+    engine.runtime_revoked.apply(&member, None);
     assert_eq!(reloader.poll(true).await, ReloadOutcome::Applied);
     server.shutdown().await;
 }

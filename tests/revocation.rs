@@ -504,3 +504,80 @@ async fn a_sync_reads_only_the_revocations_however_many_other_keys_share_redis()
     assert_eq!(h.check(&mint(json!({"sub": "bob"}))).await, 200);
     h.server.shutdown().await;
 }
+
+/// Runtime revocations outlive a Redis that loses its data (restarted without persistence,
+/// flushed): the replica that held them writes them back, so the revoked token stays
+/// refused. Without that, the next sync read the empty set and the token was accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_survives_a_redis_that_restarts_empty() {
+    let mut redis = support::redis::RedisServer::start();
+    let state = format!(
+        "state: {{backend: redis, redis_url: '{}', key_prefix: 'p:', timeout: 200ms}}",
+        redis.url()
+    );
+    let h = Harness::start("100ms", &state, "revoked: []\n").await;
+    let http = reqwest::Client::new();
+    let alice = mint(json!({"sub": "alice", "scope": "orders:read"}));
+    assert_eq!(h.check(&alice).await, 200);
+    let expires_at = now() + 600;
+    let resp = h
+        .post_revocation(&http, &json!({"sub": "alice", "expires_at": expires_at}))
+        .await;
+    assert_eq!(resp.status(), 201);
+    assert_eq!(h.check(&alice).await, 401);
+
+    redis.restart();
+    // Written back within a few syncs, with its expiry, and refused all along.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(
+            h.check(&alice).await,
+            401,
+            "accepted again after the restart"
+        );
+        let list = h.revocations(&http).await;
+        if list["runtime"]
+            .as_array()
+            .is_some_and(|r| r.len() == 1 && r[0]["value"] == "alice")
+        {
+            assert_eq!(list["runtime"][0]["expires_at"], expires_at, "{list}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never written back: {list}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And a deletion after that is one: nothing writes it back.
+    assert_eq!(h.delete_revocation(&http, "sub=alice").await, 204);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.check(&alice).await, 200);
+    assert_eq!(h.revocations(&http).await["runtime"], json!([]));
+    h.server.shutdown().await;
+}
+
+/// A second revocation of the same subject never cuts the first one short: the later
+/// expiry is kept, and the answer says so.
+#[tokio::test]
+async fn revoking_again_keeps_the_later_expiry() {
+    let h = Harness::start("1h", "", "revoked: []").await;
+    let http = reqwest::Client::new();
+    let long = now() + 30 * 86_400;
+    let resp = h
+        .post_revocation(&http, &json!({"sub": "carol", "expires_at": long}))
+        .await;
+    assert_eq!(resp.status(), 201);
+    let resp = h
+        .post_revocation(&http, &json!({"sub": "carol", "expires_at": now() + 2}))
+        .await;
+    assert_eq!(resp.status(), 201);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["expires_at"], long, "{body}");
+    assert!(
+        body["note"].as_str().unwrap().contains("never shortened"),
+        "{body}"
+    );
+    let list = h.revocations(&http).await;
+    assert_eq!(list["runtime"][0]["expires_at"], long, "{list}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let carol = mint(json!({"sub": "carol", "scope": "orders:read"}));
+    assert_eq!(h.check(&carol).await, 401);
+}

@@ -312,6 +312,34 @@ async fn gcra_on_redis_is_shared_by_two_stores() {
     assert!(!b.rate_check("k", limit).await.unwrap().allowed);
 }
 
+/// A replica whose clock runs an hour fast lists an entry as expired, but does not delete it
+/// for the replicas whose clocks are right: Redis prunes by the earlier of the two clocks.
+/// It used to prune by the caller's clock alone, wiping live revocations for everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fast_clock_does_not_prune_live_members_for_the_others() {
+    let server = RedisServer::start();
+    let s = redis_store(&server, "skew:");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert_eq!(
+        s.index_add("i", "sub:carol", now + 600).await.unwrap(),
+        now + 600
+    );
+    assert_eq!(s.index_list("i", now + 3600).await.unwrap(), vec![]);
+    assert_eq!(
+        s.index_list("i", now).await.unwrap(),
+        vec![("sub:carol".to_string(), now + 600)],
+        "the fast replica's listing deleted a live member"
+    );
+    // A second add keeps the later expiry.
+    assert_eq!(
+        s.index_add("i", "sub:carol", now + 60).await.unwrap(),
+        now + 600
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn prefixes_keep_deployments_apart() {
     let server = RedisServer::start();

@@ -254,15 +254,18 @@ pub async fn add(
         );
     }
     let member = kind.member(issuer.as_deref(), &value);
-    if let Err(e) = engine
+    // An entry that is there already keeps its later expiry: a second revocation never
+    // cuts a first one short (DELETE, then add, to shorten one).
+    let kept = match engine
         .state
         .index_add(RUNTIME_INDEX, &member, expires_at)
         .await
     {
-        return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
-    }
+        Ok(kept) => kept,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
     // In force on this replica at once; other replicas pick it up at their next sync.
-    engine.runtime_revoked.apply(&member, true);
+    engine.runtime_revoked.apply(&member, Some(kept));
     // A reload that removed the issuer while this was written checked for entries naming
     // it before this one existed: take the entry back (it would match nothing) and say so.
     if let Some(name) = issuer.as_deref()
@@ -272,7 +275,7 @@ pub async fn add(
             .state
             .index_remove(RUNTIME_INDEX, &member, unix_now())
             .await;
-        engine.runtime_revoked.apply(&member, false);
+        engine.runtime_revoked.apply(&member, None);
         return error(
             StatusCode::CONFLICT,
             &format!(
@@ -284,15 +287,21 @@ pub async fn add(
     tracing::info!(
         revocation.kind = kind.as_str(),
         revocation.issuer = issuer.as_deref(),
-        revocation.expires_at = expires_at,
+        revocation.expires_at = kept,
         "revocation added"
     );
-    let added = json!({
+    let mut added = json!({
         "kind": kind.as_str(),
         "issuer": issuer,
         "value": value,
-        "expires_at": expires_at,
+        "expires_at": kept,
     });
+    if kept > expires_at {
+        added["note"] = json!(
+            "already revoked until `expires_at`, which is kept: an entry is extended, never \
+             shortened (DELETE it first to shorten it)"
+        );
+    }
     (StatusCode::CREATED, Json(added)).into_response()
 }
 
@@ -324,7 +333,7 @@ pub async fn remove(
         .index_remove(RUNTIME_INDEX, &member, unix_now())
         .await;
     if matches!(deleted, Ok(true)) {
-        engine.runtime_revoked.apply(&member, false);
+        engine.runtime_revoked.apply(&member, None);
     }
     match deleted {
         Ok(true) => {

@@ -636,7 +636,10 @@ mod tests {
             "{found:?}"
         );
         // A valid key whose owner was revoked.
-        engine.load().runtime_revoked.apply("sub:reporting", true);
+        engine
+            .load()
+            .runtime_revoked
+            .apply("sub:reporting", Some(i64::MAX));
         let (code, status, found) =
             challenge("pck_5AEWWjqRmg8M1focDlwcCo0V_eMw631tr23y0JSA0bM").await;
         assert_eq!((code, status), (ReasonCode::Revoked, 401));

@@ -109,20 +109,26 @@ pub trait StateStore: Send + Sync {
     /// The values of `keys`, in order (`None` for a missing or expired key). For listings.
     async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StateError>;
 
-    /// Puts `member` in the set `index` until `expires_at` (Unix seconds), replacing its
-    /// previous expiry. Indexes are how listings find their entries: reading one costs what
-    /// the set holds, never what the rest of the store holds.
-    async fn index_add(&self, index: &str, member: &str, expires_at: i64)
-    -> Result<(), StateError>;
+    /// Puts `member` in the set `index` until `expires_at` (Unix seconds), or leaves it until
+    /// its later expiry when it is there already (an entry is extended, never cut short, by
+    /// a second add); returns the expiry it has now. Indexes are how listings find their
+    /// entries: reading one costs what the set holds, never what the rest of the store holds.
+    async fn index_add(
+        &self,
+        index: &str,
+        member: &str,
+        expires_at: i64,
+    ) -> Result<i64, StateError>;
 
     /// Takes `member` out of `index`; true when it was there and expires after `now`.
     async fn index_remove(&self, index: &str, member: &str, now: i64) -> Result<bool, StateError>;
 
     /// The members of `index` that expire after `now` (Unix seconds), with their expiry,
     /// sorted by member; members expired for more than `INDEX_PRUNE_AFTER` seconds are
-    /// dropped from the store on the way (not at once: `now` is the caller's clock, and a
-    /// replica whose clock runs fast must not cut entries short for the others). For
-    /// listings and background syncs, never per request.
+    /// dropped from the store on the way (not at once, and by the earlier of `now` and the
+    /// store's own clock: `now` is the caller's clock, and a replica whose clock runs fast
+    /// must not cut entries short for the others). For listings and background syncs,
+    /// never per request.
     async fn index_list(&self, index: &str, now: i64) -> Result<Vec<(String, i64)>, StateError>;
 
     /// Atomically decrements the integer stored at `key` when it is above zero and returns
@@ -467,12 +473,15 @@ impl StateStore for MemoryStore {
         index: &str,
         member: &str,
         expires_at: i64,
-    ) -> Result<(), StateError> {
-        self.indexes()
+    ) -> Result<i64, StateError> {
+        let mut indexes = self.indexes();
+        let kept = indexes
             .entry(index.to_string())
             .or_default()
-            .insert(member.to_string(), expires_at);
-        Ok(())
+            .entry(member.to_string())
+            .and_modify(|e| *e = (*e).max(expires_at))
+            .or_insert(expires_at);
+        Ok(*kept)
     }
 
     async fn index_remove(&self, index: &str, member: &str, now: i64) -> Result<bool, StateError> {
@@ -560,7 +569,7 @@ impl StateStore for UnavailableStore {
     async fn get_many(&self, _: &[String]) -> Result<Vec<Option<String>>, StateError> {
         self.fail()
     }
-    async fn index_add(&self, _: &str, _: &str, _: i64) -> Result<(), StateError> {
+    async fn index_add(&self, _: &str, _: &str, _: i64) -> Result<i64, StateError> {
         self.fail()
     }
     async fn index_remove(&self, _: &str, _: &str, _: i64) -> Result<bool, StateError> {
@@ -716,7 +725,7 @@ pub mod testing {
         async fn get_many(&self, k: &[String]) -> Result<Vec<Option<String>>, StateError> {
             self.inner.get_many(k).await
         }
-        async fn index_add(&self, i: &str, m: &str, e: i64) -> Result<(), StateError> {
+        async fn index_add(&self, i: &str, m: &str, e: i64) -> Result<i64, StateError> {
             if self.fail_index_add.load(Ordering::SeqCst) {
                 return Err(StateError::Unavailable("index_add fails".into()));
             }
@@ -819,8 +828,10 @@ mod tests {
             s.index_list("i", 100).await.unwrap(),
             vec![("a".to_string(), 150), ("b".to_string(), 200)]
         );
-        // A later add replaces the expiry; an expired member is gone for good.
-        s.index_add("i", "a", 300).await.unwrap();
+        // A later add extends the expiry, an earlier one keeps it; an expired member is gone
+        // for good.
+        assert_eq!(s.index_add("i", "a", 300).await.unwrap(), 300);
+        assert_eq!(s.index_add("i", "a", 250).await.unwrap(), 300);
         assert_eq!(
             s.index_list("i", 160).await.unwrap(),
             vec![("a".to_string(), 300), ("b".to_string(), 200)]

@@ -67,6 +67,29 @@ if score and tonumber(score) > tonumber(ARGV[2]) then return 1 end
 return 0
 ";
 
+/// Drops the members of the sorted set expired for over ARGV[2] seconds, then lists those
+/// expiring after ARGV[1] (the caller's clock). Prunes by the earlier of the caller's clock
+/// and the Redis server's, so a replica whose clock runs fast cannot delete entries still in
+/// force for the others. Returns {server time in seconds, flat member/score list}.
+const INDEX_LIST: &str = r"
+local t = redis.call('TIME')
+local server = tonumber(t[1])
+local cut = math.min(tonumber(ARGV[1]), server) - tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', cut))
+return {server, redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'WITHSCORES')}
+";
+
+/// Sets the member's score to ARGV[1] unless it already has a later one; returns the score
+/// it has after.
+const INDEX_ADD: &str = r"
+redis.call('ZADD', KEYS[1], 'GT', ARGV[1], ARGV[2])
+return redis.call('ZSCORE', KEYS[1], ARGV[2])
+";
+
+/// How far this replica's clock may be from the Redis server's before it is logged: expiries
+/// of approvals and runtime revocations are read on each replica's own clock.
+const CLOCK_SKEW_WARN_SECS: i64 = 30;
+
 /// Shared state in Redis.
 pub struct RedisStore {
     client: ::redis::Client,
@@ -76,6 +99,10 @@ pub struct RedisStore {
     take_one: Script,
     gcra: Script,
     index_remove: Script,
+    index_list: Script,
+    index_add: Script,
+    /// True while the last listing found this replica's clock off the server's.
+    skewed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -99,6 +126,9 @@ impl RedisStore {
             take_one: Script::new(TAKE_ONE),
             gcra: Script::new(GCRA),
             index_remove: Script::new(INDEX_REMOVE),
+            index_list: Script::new(INDEX_LIST),
+            index_add: Script::new(INDEX_ADD),
+            skewed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -154,6 +184,25 @@ impl RedisStore {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(redis_error(&e)),
             Err(_) => Err(unavailable("redis did not answer in time")),
+        }
+    }
+
+    /// Logs when this replica's clock (`now`) strays from the Redis server's (`server`), and
+    /// when it is back, not at every listing.
+    fn note_clock(&self, now: i64, server: i64) {
+        use std::sync::atomic::Ordering;
+        let skew = now.saturating_sub(server);
+        let off = skew.abs() > CLOCK_SKEW_WARN_SECS;
+        if self.skewed.swap(off, Ordering::Relaxed) == off {
+            return;
+        }
+        if off {
+            tracing::warn!(
+                skew_seconds = skew,
+                "this replica's clock differs from the Redis server's: approvals and runtime revocations expire by each replica's own clock, so replicas disagree on them; synchronize the clocks (NTP)"
+            );
+        } else {
+            tracing::info!("this replica's clock agrees with the Redis server's again");
         }
     }
 
@@ -268,18 +317,21 @@ impl StateStore for RedisStore {
         index: &str,
         member: &str,
         expires_at: i64,
-    ) -> Result<(), StateError> {
+    ) -> Result<i64, StateError> {
         let key = self.key(index);
-        self.run(|mut c| async move {
-            ::redis::cmd("ZADD")
-                .arg(&key)
-                .arg(expires_at)
-                .arg(member)
-                .query_async::<i64>(&mut c)
-                .await
-        })
-        .await
-        .map(drop)
+        let script = &self.index_add;
+        let score: f64 = self
+            .run(|mut c| async move {
+                script
+                    .key(&key)
+                    .arg(expires_at)
+                    .arg(member)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        // Scores are whole seconds written here.
+        Ok(score as i64)
     }
 
     async fn index_remove(&self, index: &str, member: &str, now: i64) -> Result<bool, StateError> {
@@ -301,26 +353,19 @@ impl StateStore for RedisStore {
     async fn index_list(&self, index: &str, now: i64) -> Result<Vec<(String, i64)>, StateError> {
         let key = self.key(index);
         let conn = self.connection().await?;
+        let script = &self.index_list;
         let work = async move {
             let mut c = conn;
-            let (_, members): (i64, Vec<(String, f64)>) = ::redis::pipe()
-                .atomic()
-                .cmd("ZREMRANGEBYSCORE")
-                .arg(&key)
-                .arg("-inf")
-                .arg(now.saturating_sub(super::INDEX_PRUNE_AFTER))
-                .cmd("ZRANGEBYSCORE")
-                .arg(&key)
-                .arg(format!("({now}"))
-                .arg("+inf")
-                .arg("WITHSCORES")
-                .query_async(&mut c)
-                .await?;
-            Ok::<_, ::redis::RedisError>(members)
+            script
+                .key(&key)
+                .arg(now)
+                .arg(super::INDEX_PRUNE_AFTER)
+                .invoke_async::<(i64, Vec<(String, f64)>)>(&mut c)
+                .await
         };
-        let mut members: Vec<(String, i64)> = self
-            .listing(work)
-            .await?
+        let (server, listed) = self.listing(work).await?;
+        self.note_clock(now, server);
+        let mut members: Vec<(String, i64)> = listed
             .into_iter()
             // Scores are whole seconds written by `index_add`.
             .map(|(m, score)| (m, score as i64))
