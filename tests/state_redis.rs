@@ -427,3 +427,24 @@ async fn redis_never_started_is_a_state_error_not_a_hang() {
     ));
     assert!(started.elapsed() < Duration::from_secs(2));
 }
+
+/// A wrong password is reported as one (an error category, never the password), not as a
+/// timeout that sends the operator after the network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_password_is_named_not_reported_as_a_timeout() {
+    let server = RedisServer::start();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("right-s3cret")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let url = format!("redis://:wrong-s3cret@127.0.0.1:{}/0", server.port);
+    let store = RedisStore::new(&url, "pw:", OP_TIMEOUT).unwrap();
+    let err = store.get("k").await.unwrap_err().to_string();
+    assert!(err.contains("authentication"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+}

@@ -151,7 +151,10 @@ impl RedisStore {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(self.timeout)
             .set_response_timeout(self.timeout)
-            .set_number_of_retries(1)
+            // No retry inside the connect: a retry pushed an authentication failure past the
+            // timeout below, reported as "timed out". The next operation after
+            // `RECONNECT_PAUSE` tries again; the manager reconnects by itself later.
+            .set_number_of_retries(0)
             .set_max_delay(200);
         let made = tokio::time::timeout(
             self.timeout,
