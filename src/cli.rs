@@ -1,5 +1,6 @@
-//! The command line: `serve` (default), `check`, `explain`, `token`, `apikey`. Argument types and the
-//! logic of each command live here so they can be tested; `main.rs` only dispatches.
+//! The command line: `serve` (default), `check`, `explain`, `test`, `token`, `approvals`,
+//! `apikey`. Argument types and the logic of each command live here so they can be tested
+//! (`serve` runs in `main.rs`, `approvals` in `approvals::client`); `main.rs` dispatches.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
