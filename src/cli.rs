@@ -182,6 +182,15 @@ pub fn check(path: &Path, strict: bool) -> Result<String, CliError> {
             })?;
         }
     }
+    // So are the files serve loads at start: the revocation list and the TLS material.
+    config::check_revocation_file(&config)?;
+    let server = &config.file.server;
+    if let Some(tls) = &server.tls {
+        crate::tls::check_section(path, "server.tls", tls)?;
+    }
+    if let Some(tls) = &server.approvals_tls {
+        crate::tls::check_section(path, "server.approvals_tls", tls)?;
+    }
     let dry_run = match &config.file.dry_run {
         Some(d) => {
             let live = |id: &str| config.file.routes.iter().any(|r| r.id == id);
@@ -202,16 +211,17 @@ pub fn check(path: &Path, strict: bool) -> Result<String, CliError> {
     );
     let mut warnings = config.warnings.clone();
     warnings.extend(key_expiry_warnings(&config, unix_now()));
-    for w in &warnings {
-        out.push_str(&format!("warning: {w}\n"));
-    }
+    let listed: String = warnings.iter().map(|w| format!("warning: {w}\n")).collect();
     if strict && !warnings.is_empty() {
+        // Never "ok" on the line main prefixes with "error: ".
         return Err(CliError::Usage(format!(
-            "{out}{}: {} warning(s) with --strict",
+            "{}: fails because of {} warning(s) (--strict treats warnings as errors):\n{}",
             path.display(),
-            warnings.len()
+            warnings.len(),
+            listed.trim_end()
         )));
     }
+    out.push_str(&listed);
     Ok(out)
 }
 
@@ -248,6 +258,8 @@ pub struct NewApiKey {
     pub key: String,
     /// The YAML entry for `api_keys.keys` (or the key file): id, owner, hash, expiry, routes.
     pub entry: String,
+    /// What `check` will warn about in the entry (a method not in upper case).
+    pub warnings: Vec<String>,
 }
 
 /// `apikey new`: generates 32 random bytes from the system CSPRNG.
@@ -307,9 +319,18 @@ pub fn build_api_key(
         )));
     }
     let mut routes = Vec::with_capacity(args.routes.len());
+    let mut warnings = Vec::new();
     for r in &args.routes {
         let ep = apikey::KeyEndpoint::parse(r)
             .map_err(|e| CliError::Usage(format!("--route: {e} (e.g. `GET /orders/{{id}}`)")))?;
+        let m = &*ep.method;
+        if m.bytes().any(|b| b.is_ascii_lowercase()) {
+            warnings.push(format!(
+                "--route `{ep}`: `{m}` is not upper-case; methods are case-sensitive, so it \
+                 will not match `{}`",
+                m.to_ascii_uppercase()
+            ));
+        }
         routes.push(ep.to_string());
     }
     let key = apikey::encode_key(random);
@@ -325,7 +346,11 @@ pub fn build_api_key(
         humantime::format_rfc3339_seconds(expires),
         routes.iter().map(|r| q(r)).collect::<Vec<_>>().join(", ")
     );
-    Ok(NewApiKey { key, entry })
+    Ok(NewApiKey {
+        key,
+        entry,
+        warnings,
+    })
 }
 
 /// The result of `explain`, printable as text or JSON.
@@ -471,7 +496,10 @@ pub async fn test(args: &TestArgs) -> Result<Vec<crate::policytest::Report>, Cli
             .or(named)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
         let config = Arc::new(config::load(&path)?);
-        reports.push(crate::policytest::run(&config, &cases, file, unix_now()).await);
+        let report = crate::policytest::run(&config, &cases, file, unix_now())
+            .await
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        reports.push(report);
     }
     Ok(reports)
 }
@@ -607,6 +635,17 @@ mod apikey_tests {
 
     #[test]
     fn bad_arguments_are_usage_errors() {
+        let lower = build_api_key(&args(&["get /o"], None), &[0; 32], "x", 0, 60).unwrap();
+        assert_eq!(
+            lower.warnings,
+            vec![
+                "--route `get /o`: `get` is not upper-case; methods are case-sensitive, so it \
+                 will not match `GET`"
+                    .to_string()
+            ]
+        );
+        let upper = build_api_key(&args(&["GET /o"], None), &[0; 32], "x", 0, 60).unwrap();
+        assert!(upper.warnings.is_empty(), "{:?}", upper.warnings);
         let r = |a: &ApikeyNewArgs| build_api_key(a, &[0; 32], "x", 0, 60).map(|_| ());
         assert!(r(&args(&["GET orders"], None)).is_err());
         assert!(r(&args(&["* /orders"], None)).is_err());

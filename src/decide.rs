@@ -438,6 +438,8 @@ pub fn extract_credential<'r>(
 ) -> Result<Credential<'r>, Decision> {
     let mut found: Option<Credential<'r>> = None;
     let mut count = 0usize;
+    // How many of them are API keys (header or query).
+    let mut keys = 0usize;
     let mut scheme_mismatch = false;
 
     // Each distinct header once, even when several issuers share it.
@@ -472,9 +474,15 @@ pub fn extract_credential<'r>(
         && let Some((header, value)) = req.headers.entry(ak.header.as_str())
     {
         if value.contains(',') {
-            return Err(multiple());
+            // Two keys and no token: the client uses API keys, so is answered as one.
+            return Err(if count == 0 && !query_has_token(req.path) {
+                with_api_key_challenge(multiple())
+            } else {
+                multiple()
+            });
         }
         count += 1;
+        keys += 1;
         found = Some(Credential {
             token: value.trim(),
             header,
@@ -492,18 +500,24 @@ pub fn extract_credential<'r>(
         .is_some_and(|ak| query_has_api_key(req.path, &ak.header));
     if query_key {
         count += 1;
+        keys += 1;
     }
     if count > 1 {
-        return Err(multiple());
+        // Only API keys (in the header and the query): an `ApiKey` challenge.
+        return Err(if count == keys {
+            with_api_key_challenge(multiple())
+        } else {
+            multiple()
+        });
     }
     if query_key {
         let header = config.api_keys.as_ref().map_or("", |ak| ak.header.as_str());
-        return Err(Decision::new(
+        return Err(with_api_key_challenge(Decision::new(
             ReasonCode::InvalidToken,
             format!(
                 "API keys in the URL query are not accepted; send them in the `{header}` header"
             ),
-        ));
+        )));
     }
     if query_token {
         return Err(Decision::new(
@@ -518,10 +532,11 @@ pub fn extract_credential<'r>(
         ));
     }
     match found {
-        Some(c) if c.token.is_empty() => Err(Decision::new(
-            ReasonCode::InvalidToken,
-            "the credential is empty",
-        )),
+        Some(c) if c.token.is_empty() => {
+            let d = Decision::new(ReasonCode::InvalidToken, "the credential is empty");
+            let is_key = config.api_keys.as_ref().is_some_and(|k| k.header == c.header);
+            Err(if is_key { with_api_key_challenge(d) } else { d })
+        }
         Some(c) => Ok(c),
         // Both schemes are offered, bare (RFC 6750 3.1: no error without a credential).
         None if config.api_keys.is_some() => Err(Decision::new(
@@ -540,6 +555,13 @@ pub fn extract_credential<'r>(
             "this route requires a bearer token",
         )),
     }
+}
+
+/// `d` with the `ApiKey` challenge: for a client that presented API keys only, which a
+/// Bearer challenge would tell to fetch a token it never used.
+fn with_api_key_challenge(d: Decision) -> Decision {
+    let challenge = crate::authz::decision::api_key_challenge(&d.detail);
+    d.with_header("www-authenticate", challenge)
 }
 
 fn multiple() -> Decision {

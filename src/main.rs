@@ -25,6 +25,9 @@ fn main() -> ExitCode {
         Some(Command::Test(args)) => return policy_test(&args),
         Some(Command::Apikey(cli::ApikeyCommand::New(args))) => cli::apikey_new(&args)
             .map(|k| {
+                for w in &k.warnings {
+                    eprintln!("warning: {w}");
+                }
                 eprintln!(
                     "# API key (shown once: store it now, only its hash is kept in the config):"
                 );

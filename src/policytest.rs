@@ -349,14 +349,39 @@ pub fn load(path: &Path) -> Result<(TestFile, Option<PathBuf>), TestFileError> {
     Ok((file, config))
 }
 
+/// Why a case has no decision.
+enum Unrun {
+    /// The test file names what the config lacks (an API key or issuer): a mistake in the
+    /// file, not a policy failure.
+    File(String),
+    /// The server would refuse the caller before any rule (expired at the case's time).
+    Case(String),
+}
+
 /// Runs every case of `file` against `config`. `now` is the time for cases that set none.
-pub async fn run(config: &Arc<Config>, file: &TestFile, path: &Path, now: i64) -> Report {
+/// A case whose caller names an API key or issuer the config lacks makes the file unusable.
+pub async fn run(
+    config: &Arc<Config>,
+    file: &TestFile,
+    path: &Path,
+    now: i64,
+) -> Result<Report, TestFileError> {
     let mut outcomes = Vec::with_capacity(file.cases.len());
-    for case in &file.cases {
+    for (i, case) in file.cases.iter().enumerate() {
         let at = case.now.or(file.now).map_or(now, |m| m.0);
         let decision = match decide_case(config, case, at).await {
             Ok(d) => d,
-            Err(problem) => {
+            Err(Unrun::File(problem)) => {
+                return Err(TestFileError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "cases[{i}] `{}`: `as`: {problem} (`{}`)",
+                        case.name,
+                        config.source.display()
+                    ),
+                });
+            }
+            Err(Unrun::Case(problem)) => {
                 outcomes.push(Outcome {
                     name: case.name.clone(),
                     decision: Decision::new(ReasonCode::Internal, problem.clone()),
@@ -371,15 +396,15 @@ pub async fn run(config: &Arc<Config>, file: &TestFile, path: &Path, now: i64) -
             decision,
         });
     }
-    Report {
+    Ok(Report {
         file: path.to_path_buf(),
         outcomes,
-    }
+    })
 }
 
 /// The server's decision for the case's request from the case's caller, taken as verified
 /// (`Engine::check_verified`), on fresh in-memory state.
-async fn decide_case(config: &Arc<Config>, case: &Case, now: i64) -> Result<Decision, String> {
+async fn decide_case(config: &Arc<Config>, case: &Case, now: i64) -> Result<Decision, Unrun> {
     let r = &case.request;
     let headers: HashMap<String, String> = r
         .headers
@@ -411,18 +436,18 @@ async fn decide_case(config: &Arc<Config>, case: &Case, now: i64) -> Result<Deci
 }
 
 /// The verified identity a caller stands for.
-fn identity(config: &Config, caller: &Caller, now: i64) -> Result<Arc<Identity>, String> {
+fn identity(config: &Config, caller: &Caller, now: i64) -> Result<Arc<Identity>, Unrun> {
     match caller {
         Caller::ApiKey { api_key } => {
             let key = config
                 .api_keys
                 .as_ref()
                 .and_then(|keys| keys.get(api_key))
-                .ok_or_else(|| format!("no API key `{api_key}` in the config"))?;
+                .ok_or_else(|| Unrun::File(format!("no API key `{api_key}` in the config")))?;
             if now >= key.expires_at {
-                return Err(format!(
+                return Err(Unrun::Case(format!(
                     "the API key `{api_key}` has expired at that time (the server answers 401)"
-                ));
+                )));
             }
             Ok(key.identity.clone())
         }
@@ -430,17 +455,20 @@ fn identity(config: &Config, caller: &Caller, now: i64) -> Result<Arc<Identity>,
             let issuer = match issuer {
                 Some(name) => config.issuers.iter().find(|i| &*i.name == name),
                 None if config.issuers.len() == 1 => config.issuers.first(),
+                None if config.issuers.is_empty() => {
+                    return Err(Unrun::File("the config has no issuers".into()));
+                }
                 None => {
-                    return Err(
+                    return Err(Unrun::File(
                         "the config has several issuers: name one (`as: {issuer: ...}`)".into(),
-                    );
+                    ));
                 }
             }
             .ok_or_else(|| {
-                format!(
+                Unrun::File(format!(
                     "no issuer named `{}` in the config",
                     issuer.as_deref().unwrap_or_default()
-                )
+                ))
             })?;
             let mut claims = claims.clone();
             claims
@@ -468,9 +496,9 @@ fn identity(config: &Config, caller: &Caller, now: i64) -> Result<Arc<Identity>,
             // The server checks a token's times before any rule: a caller whose claims it
             // would refuse is not one a case can be decided for.
             if let Err(e) = crate::identity::jwt::check_times(exp, nbf, iat, &issuer.rules, now) {
-                return Err(format!(
+                return Err(Unrun::Case(format!(
                     "the caller's claims are refused at that time: {e} (the server answers 401)"
-                ));
+                )));
             }
             let jwt = VerifiedJwt {
                 exp,

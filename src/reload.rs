@@ -328,7 +328,7 @@ impl Reloader {
             engine = engine.with_revocations(old.revocations.clone());
         } else if let Some(e) = engine.revocations.startup_error() {
             // A new revocation file that does not load would deny every token: refuse.
-            return Err(format!("{}: revocation.file: {e}", self.path.display()));
+            return Err(crate::config::revocation_error(&engine.config, e).to_string());
         }
         self.engine.store(Arc::new(engine));
         tracing::info!(config = %self.path.display(), routes, "config reloaded");

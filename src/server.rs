@@ -34,14 +34,23 @@ pub enum ServeError {
     Bind { addr: String, cause: std::io::Error },
     #[error("cannot start the audit log writer: {0}")]
     Audit(std::io::Error),
-    #[error("{0}")]
-    Revocation(crate::revocation::RevocationError),
+    /// A file the config names does not load (revocation list, TLS material): names the
+    /// config file and field.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// No `#[source]`: the message already holds it (`{e:#}` would print it twice).
     #[error("gRPC listener TLS: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(crate::tls::TlsError),
     #[error("cannot set up shared state: {0}")]
     State(crate::state::StateError),
     #[error("cannot set up gRPC reflection: {0}")]
     Reflection(String),
+}
+
+impl From<crate::tls::TlsError> for ServeError {
+    fn from(e: crate::tls::TlsError) -> Self {
+        ServeError::Tls(e)
+    }
 }
 
 /// A running Portcullis.
@@ -126,6 +135,11 @@ impl Server {
             None => None,
         };
 
+        // The TLS files load now, or the start fails naming the field (as `check` does).
+        for files in tls_files.iter().chain(&approvals_tls_files) {
+            crate::tls::server_config(files).map_err(|e| files.config_error(&config.source, &e))?;
+        }
+
         let keys = Arc::new(key_store(&config, metrics.clone()));
         keys.start().await;
         let state: Arc<dyn StateStore> =
@@ -145,7 +159,10 @@ impl Server {
         // A configured revocation list that cannot be read must stop the start: serving
         // without it would allow revoked tokens (and serving with it would deny everyone).
         if let Some(e) = first.revocations.startup_error() {
-            return Err(ServeError::Revocation(e.clone()));
+            return Err(ServeError::Config(crate::config::revocation_error(
+                &first.config,
+                e,
+            )));
         }
         if first.revocations.path().is_some() {
             crate::revocation::report(

@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::server::TlsStream;
 
+use crate::config::ConfigError;
 use crate::config::schema::TlsConfig;
 use crate::identity::peer::{PeerCertificate, PrincipalPattern};
 
@@ -49,8 +50,65 @@ pub enum TlsError {
     BadCa { file: PathBuf, reason: String },
     #[error("invalid client principal `{0}`")]
     BadPrincipal(String),
+    #[error("the private key `{key}` is not the key of the certificate `{cert}`")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
     #[error("the certificate and key do not make a TLS configuration: {0}")]
     Rustls(String),
+}
+
+impl TlsFiles {
+    /// The config field an error about these files concerns: the file's own field
+    /// (`server.tls.cert`, `.key`, `.client_ca`), else the section.
+    pub fn field_of(&self, e: &TlsError) -> String {
+        let file = match e {
+            TlsError::Read { file, .. }
+            | TlsError::NoCertificate { file }
+            | TlsError::NoKey { file }
+            | TlsError::BadCa { file, .. } => Some(file),
+            TlsError::KeyMismatch { key, .. } => Some(key),
+            TlsError::BadPrincipal(_) => {
+                return format!("{}.allowed_client_principals", self.section);
+            }
+            TlsError::Rustls(_) => None,
+        };
+        let name = match file {
+            Some(f) if *f == self.cert => "cert",
+            Some(f) if *f == self.key => "key",
+            Some(f) if self.client_ca.as_ref() == Some(f) => "client_ca",
+            _ => return self.section.to_string(),
+        };
+        format!("{}.{name}", self.section)
+    }
+
+    /// `e` as a config error of `config_file`, naming the field.
+    pub fn config_error(&self, config_file: &Path, e: &TlsError) -> ConfigError {
+        ConfigError {
+            file: config_file.to_path_buf(),
+            field: self.field_of(e),
+            message: e.to_string(),
+            hint: None,
+        }
+    }
+}
+
+/// Loads a config section's TLS files the way its listener does at start (`portcullis
+/// check`): unreadable files, a file that is not PEM, a key that is not the certificate's or
+/// an unusable client CA is an error naming the config file and the field.
+pub fn check_section(
+    config_file: &Path,
+    section: &'static str,
+    tls: &TlsConfig,
+) -> Result<(), ConfigError> {
+    let base = config_file.parent().unwrap_or(Path::new(""));
+    let files = TlsFiles::from_config(section, tls, base).map_err(|e| ConfigError {
+        file: config_file.to_path_buf(),
+        field: format!("{section}.allowed_client_principals"),
+        message: e.to_string(),
+        hint: None,
+    })?;
+    server_config(&files)
+        .map(|_| ())
+        .map_err(|e| files.config_error(config_file, &e))
 }
 
 /// The listener's TLS settings with paths resolved.
@@ -159,9 +217,15 @@ fn build(files: &TlsFiles, contents: &[Vec<u8>]) -> Result<Arc<ServerConfig>, Tl
         }
         _ => builder.with_no_client_auth(),
     };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            TlsError::KeyMismatch {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+            }
+        }
+        e => TlsError::Rustls(e.to_string()),
+    })?;
     // gRPC is HTTP/2 only.
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))

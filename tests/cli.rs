@@ -118,3 +118,176 @@ fn explain_shows_the_challenge_the_server_would_send() {
         "{out}"
     );
 }
+
+/// A config for `check` and `serve` in `dir`: one dev issuer, one route, ephemeral ports,
+/// plus `extra` YAML.
+fn small_config(dir: &Path, extra: &str) {
+    let jwks = support::repo_root().join("config/dev/jwks.json");
+    let text = format!(
+        "server: {{listen: '127.0.0.1:0', admin_listen: '127.0.0.1:0'}}\naudit: {{enabled: false}}\nissuers: [{{name: dev, issuer: https://dev.test, audiences: [a], keys: {{file: '{}'}}}}]\nroutes: [{{id: r, methods: [GET], path: /r, rules: [{{id: x, scopes: [s]}}]}}]\n{extra}",
+        jwks.display()
+    );
+    std::fs::write(dir.join("p.yaml"), text).unwrap();
+}
+
+/// `serve`'s verdict on the config in `dir`: its exit code and output when it exits within
+/// a few seconds (`None` when it started serving: it is stopped then).
+fn serve_fails(dir: &Path) -> Option<(Option<i32>, String)> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["serve", "--config", "p.yaml"])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            return Some((out.status.code(), String::from_utf8_lossy(&out.stderr).into()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// `check` reads the revocation file as `serve` does at start: the docs' example (an entry
+/// scoped to an issuer `partner` this config lacks), invalid YAML and a document of the
+/// wrong shape fail both, and both name the field and the file. `check` used to print ok.
+#[test]
+fn check_and_serve_refuse_a_revocation_file_serve_cannot_load_naming_field_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    small_config(dir.path(), "revocation: {file: revoked.yaml}\n");
+    let revoked = dir.path().join("revoked.yaml");
+    std::fs::write(&revoked, "revoked:\n  - {sub: mallory}\n").unwrap();
+    let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
+    assert_eq!(code, Some(0), "{out}");
+
+    for (content, says) in [
+        (
+            "revoked:\n  - {sub: mallory}\n  - {sub: \"12345\", issuer: partner}\n",
+            "entry 1: `issuer` `partner` names no issuer of the config",
+        ),
+        ("revoked: [\n", "invalid revocation file"),
+        ("{foo: bar}\n", "invalid revocation file"),
+    ] {
+        std::fs::write(&revoked, content).unwrap();
+        let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
+        assert_eq!(code, Some(2), "{content}: {out}");
+        assert!(out.contains("p.yaml: revocation.file: "), "{out}");
+        assert!(out.contains("revoked.yaml"), "{out}");
+        assert!(out.contains(says), "{out}");
+        let (code, out) = serve_fails(dir.path()).expect("serve must refuse it");
+        assert_eq!(code, Some(2), "{out}");
+        assert!(out.contains("p.yaml: revocation.file: "), "{out}");
+        assert!(out.contains("revoked.yaml") && out.contains(says), "{out}");
+    }
+}
+
+/// `check` loads the TLS certificate and key as the listener does: a key that is not the
+/// certificate's, or a certificate file that is not PEM, fails `check` and `serve` alike,
+/// naming the field, said once (serve used to repeat rustls's message).
+#[test]
+fn check_and_serve_refuse_tls_material_the_listener_cannot_use_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = support::repo_root().join("tests/fixtures/mtls");
+    let tls = |cert: &Path, key: &str| {
+        format!(
+            "  tls: {{cert: '{}', key: '{}', client_ca: '{}'}}\n",
+            cert.display(),
+            pki.join(key).display(),
+            pki.join("ca.crt").display()
+        )
+    };
+    let with = |tls: String| {
+        let jwks = support::repo_root().join("config/dev/jwks.json");
+        let text = format!(
+            "server:\n  listen: '127.0.0.1:0'\n  admin_listen: '127.0.0.1:0'\n{tls}audit: {{enabled: false}}\nissuers: [{{name: dev, issuer: https://dev.test, audiences: [a], keys: {{file: '{}'}}}}]\nroutes: [{{id: r, methods: [GET], path: /r, rules: [{{id: x, scopes: [s]}}]}}]\n",
+            jwks.display()
+        );
+        std::fs::write(dir.path().join("p.yaml"), text).unwrap();
+    };
+    with(tls(&pki.join("server.crt"), "server.key"));
+    let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
+    assert_eq!(code, Some(0), "{out}");
+
+    let not_pem = dir.path().join("not-pem.crt");
+    std::fs::write(&not_pem, "this is not a certificate\n").unwrap();
+    for (cert, key, field, says) in [
+        (
+            pki.join("server.crt"),
+            "server2.key",
+            "server.tls.key",
+            "is not the key of the certificate",
+        ),
+        (
+            not_pem.clone(),
+            "server.key",
+            "server.tls.cert",
+            "holds no PEM certificate",
+        ),
+    ] {
+        with(tls(&cert, key));
+        let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
+        assert_eq!(code, Some(2), "{out}");
+        assert!(out.contains(&format!("p.yaml: {field}: ")), "{out}");
+        assert!(out.contains(says), "{out}");
+        let (code, out) = serve_fails(dir.path()).expect("serve must refuse it");
+        assert_eq!(code, Some(2), "{out}");
+        assert!(out.contains(&format!("p.yaml: {field}: ")), "{out}");
+        assert_eq!(out.matches(says).count(), 1, "said once: {out}");
+    }
+}
+
+/// Listener addresses fail `check` (and so `serve`) naming the field, not only when binding.
+#[test]
+fn check_refuses_listener_addresses_serve_cannot_bind() {
+    let dir = tempfile::tempdir().unwrap();
+    for (server, field) in [
+        ("{listen: localhost}", "server.listen"),
+        ("{listen: '127.0.0.1:99999'}", "server.listen"),
+        ("{admin_listen: '999.1.1.1:20191'}", "server.admin_listen"),
+        (
+            "{listen: '127.0.0.1:9191', admin_listen: '127.0.0.1:9191'}",
+            "server.admin_listen",
+        ),
+    ] {
+        let text = format!(
+            "server: {server}\nroutes: [{{id: r, methods: [GET], path: /r, public: true}}]\n"
+        );
+        std::fs::write(dir.path().join("p.yaml"), text).unwrap();
+        let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
+        assert_eq!(code, Some(2), "{out}");
+        assert!(out.contains(&format!("p.yaml: {field}: ")), "{out}");
+        let (code, out) = serve_fails(dir.path()).expect("serve must refuse it");
+        assert_eq!(code, Some(2), "{out}");
+        assert!(out.contains(&format!("p.yaml: {field}: ")), "{out}");
+    }
+}
+
+/// `check --strict` with only warnings fails saying why, never "error: ...: ok".
+#[test]
+fn check_strict_says_it_fails_because_of_the_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        "routes: [{id: orders, methods: [GET], path: /orders, rules: [{id: r, scopes: [s]}]}]\n",
+    )
+    .unwrap();
+    let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("p.yaml: ok ("), "{out}");
+    assert!(
+        out.contains("warning: no issuers are configured: route(s) `orders`"),
+        "{out}"
+    );
+    let (code, out) = portcullis(&["check", "--strict", "--config", "p.yaml"], dir.path());
+    assert_eq!(code, Some(2), "{out}");
+    assert!(!out.contains("ok ("), "{out}");
+    assert!(
+        out.contains("error: p.yaml: fails because of 1 warning(s) (--strict treats warnings as errors):\nwarning: no issuers are configured"),
+        "{out}"
+    );
+}

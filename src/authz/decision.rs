@@ -266,8 +266,14 @@ pub const REALM: &str = "portcullis";
 /// The challenge of a 401 for an API key (RFC 7235 allows any scheme; RFC 6750's Bearer
 /// would tell the client to fetch a token it never used).
 pub fn api_key_challenge(detail: &str) -> String {
+    api_key_challenge_with("invalid_key", detail)
+}
+
+/// The `ApiKey` challenge with `error` (`invalid_key` on a 401, `insufficient_scope` on a
+/// 403 for a key outside its grants, as RFC 6750 says it for a Bearer token).
+pub fn api_key_challenge_with(error: &str, detail: &str) -> String {
     format!(
-        "ApiKey realm=\"{REALM}\", error=\"invalid_key\", error_description=\"{}\"",
+        "ApiKey realm=\"{REALM}\", error=\"{error}\", error_description=\"{}\"",
         challenge_text(detail)
     )
 }

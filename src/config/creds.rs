@@ -10,8 +10,28 @@ use std::sync::Arc;
 
 use super::schema::{ApiKeyConfig, ApiKeyFileConfig, ConfigFile, RateLimitBy};
 use super::{CompiledIssuer, Compiler, FORBIDDEN_IDENTITY_HEADERS, Res, valid_header_name};
+use crate::authz::policy::{Seg, Template};
 use crate::identity::apikey::{self, ApiKey, ApiKeys, KeyEndpoint};
 use crate::state::RateLimit;
+
+/// True when some path matches both templates.
+fn templates_overlap(a: &Template, b: &Template) -> bool {
+    let n = a.segs.len().min(b.segs.len());
+    let same_prefix = a.segs[..n]
+        .iter()
+        .zip(&b.segs[..n])
+        .all(|pair| match pair {
+            (Seg::Literal(x), Seg::Literal(y)) => x == y,
+            _ => true,
+        });
+    let lengths = match (a.tail, b.tail) {
+        (false, false) => a.segs.len() == b.segs.len(),
+        (true, false) => b.segs.len() >= a.segs.len(),
+        (false, true) => a.segs.len() >= b.segs.len(),
+        (true, true) => true,
+    };
+    same_prefix && lengths
+}
 
 /// One compiled rate limit.
 #[derive(Debug, Clone)]
@@ -334,6 +354,41 @@ impl Compiler {
             });
         }
         Ok(out)
+    }
+
+    /// Warns about key endpoints that can never be used: a method not in upper case (methods
+    /// are case-sensitive, as in routes), or a method and path no route (live or `dry_run`)
+    /// could match.
+    pub(super) fn key_endpoint_warnings(&mut self, file: &ConfigFile, keys: Option<&ApiKeys>) {
+        let Some(keys) = keys else { return };
+        let candidates = file.dry_run.iter().flat_map(|d| &d.routes);
+        let routes: Vec<(&[String], Template)> = (file.routes.iter().chain(candidates))
+            .filter_map(|r| Some((r.methods.as_slice(), Template::parse(&r.path).ok()?)))
+            .collect();
+        for k in keys.keys() {
+            for ep in &k.endpoints {
+                let m = &*ep.method;
+                if m.bytes().any(|b| b.is_ascii_lowercase()) {
+                    self.warnings.push(format!(
+                        "api_keys: key `{}`: `{ep}`: `{m}` is not upper-case; methods are \
+                         case-sensitive, so it will not match `{}`",
+                        k.id,
+                        m.to_ascii_uppercase()
+                    ));
+                    continue;
+                }
+                let reachable = routes.iter().any(|(methods, template)| {
+                    methods.iter().any(|x| x == m) && templates_overlap(template, &ep.path)
+                });
+                if !reachable {
+                    self.warnings.push(format!(
+                        "api_keys: key `{}`: `{ep}` matches no route's method and path: the key \
+                         can never be used there",
+                        k.id
+                    ));
+                }
+            }
+        }
     }
 
     /// Warns about keys no rule grants (they can never be used).

@@ -164,6 +164,42 @@ pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
     Compiler::new(path).compile(file)
 }
 
+/// `e`, an error of the config's `revocation.file`, as a config error naming the config
+/// file, the field and the revocation file.
+pub fn revocation_error(config: &Config, e: &crate::revocation::RevocationError) -> ConfigError {
+    use crate::revocation::RevocationError as E;
+    let message = match (e, &config.revocation_file) {
+        // These name the revocation file already.
+        (E::Read { .. } | E::Empty(_) | E::Parse { .. }, _) | (_, None) => e.to_string(),
+        (_, Some(file)) => format!("`{}`: {e}", file.display()),
+    };
+    ConfigError {
+        file: config.source.clone(),
+        field: "revocation.file".to_string(),
+        message,
+        hint: None,
+    }
+}
+
+/// Reads `revocation.file` as the server does at start (`portcullis check`): a file that is
+/// unreadable, empty, not a revocation list, or scopes an entry to an issuer the config lacks
+/// is an error naming the field and the file. Compiling never reads it: the file is watched
+/// on its own, and a bad version keeps the last good list in force rather than refusing the
+/// config.
+pub fn check_revocation_file(config: &Config) -> Result<(), ConfigError> {
+    let Some(path) = &config.revocation_file else {
+        return Ok(());
+    };
+    let list = crate::revocation::Revocations::load(
+        Some(path.clone()),
+        crate::revocation::issuer_names(config),
+    );
+    match list.startup_error() {
+        Some(e) => Err(revocation_error(config, e)),
+        None => Ok(()),
+    }
+}
+
 /// YAML -> `ConfigFile`, with the field path of any error.
 fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
     let err = |field: &str, message: String, hint: Option<String>| ConfigError {
@@ -386,6 +422,8 @@ impl Compiler {
             ));
         }
 
+        self.listeners(&file)?;
+
         let mut issuers: Vec<Arc<CompiledIssuer>> = Vec::with_capacity(file.issuers.len());
         let shared_state = file.state.backend == schema::StateBackend::Redis;
         for (i, ic) in file.issuers.iter().enumerate() {
@@ -439,9 +477,14 @@ impl Compiler {
         }
         let issuer_names: HashSet<&str> = issuers.iter().map(|i| &*i.name).collect();
         let routes = self.routes("routes", &file.routes, &issuer_names)?;
-        if issuers.is_empty() && self.api_keys.is_none() && routes.iter().any(|r| !r.public) {
-            self.warnings
-                .push("no issuers are configured: every non-public route answers 401".to_string());
+        let shut = closed_without_identity(&routes);
+        if issuers.is_empty() && self.api_keys.is_none() && !shut.is_empty() {
+            self.warnings.push(format!(
+                "no issuers are configured: route(s) {} answer 401 to every request (without \
+                 issuers or API keys only public routes and service grants by `principals` \
+                 can allow)",
+                shut.join(", ")
+            ));
         }
 
         let dry_run = self.dry_run(&file, &issuer_names, &routes)?;
@@ -459,6 +502,7 @@ impl Compiler {
         let api_keys = self.api_keys.take();
         let rate_limits = self.rate_limits(&file, api_keys.as_deref())?;
         self.unused_key_warnings(&file, api_keys.as_deref());
+        self.key_endpoint_warnings(&file, api_keys.as_deref());
         let mut credential_headers: Vec<String> = issuers
             .iter()
             .map(|i| i.header.clone())
@@ -835,8 +879,52 @@ impl Compiler {
         Ok(Some(NonceRules::new(&secret, name, lifetime, source)))
     }
 
+    /// Every `server.*listen` is an IP address and port (what the listeners bind: a host
+    /// name or a port out of range is refused here, naming the field, not when serving), and
+    /// no two listeners share an address (port 0, any free port, never clashes).
+    fn listeners(&self, file: &ConfigFile) -> Res<()> {
+        let server = &file.server;
+        let all = [
+            ("listen", Some(&server.listen)),
+            ("admin_listen", Some(&server.admin_listen)),
+            ("http_listen", server.http_listen.as_ref()),
+            ("approvals_listen", server.approvals_listen.as_ref()),
+        ];
+        let mut bound: Vec<(&str, &str, std::net::SocketAddr)> = Vec::new();
+        for (name, text) in all {
+            let Some(text) = text else { continue };
+            let field = format!("server.{name}");
+            let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+                self.hint(
+                    field.clone(),
+                    format!("`{text}` is not an IP address and port"),
+                    "e.g. `127.0.0.1:9191`, `0.0.0.0:9191` or `[::]:9191` (host names are not \
+                     resolved; ports go up to 65535)",
+                )
+            })?;
+            for (other, other_text, other_addr) in &bound {
+                if listeners_clash(*other_addr, addr) {
+                    let message = if addr == *other_addr {
+                        format!("`{text}` is also `server.{other}`")
+                    } else {
+                        format!("`{text}` overlaps `server.{other}` (`{other_text}`)")
+                    };
+                    let hint = if name == "approvals_listen" {
+                        "give the approvals API an address of its own, or remove \
+                         `approvals_listen` to serve it on `listen`"
+                    } else {
+                        "give each listener an address of its own"
+                    };
+                    return Err(self.hint(field, message, hint));
+                }
+            }
+            bound.push((name, text, addr));
+        }
+        Ok(())
+    }
+
     /// The gRPC listeners' TLS files exist, client verification is coherent, and the
-    /// approvals listener is a listener of its own (with TLS when the Check listener has it).
+    /// approvals listener has TLS when the Check listener has it.
     fn tls(&self, file: &ConfigFile) -> Res<()> {
         let server = &file.server;
         if let Some(tls) = &server.tls {
@@ -852,25 +940,10 @@ impl Compiler {
             }
             self.tls_section("server.approvals_tls", tls)?;
         }
-        let Some(addr) = &server.approvals_listen else {
-            return Ok(());
-        };
-        let others = [
-            ("listen", Some(&server.listen)),
-            ("admin_listen", Some(&server.admin_listen)),
-            ("http_listen", server.http_listen.as_ref()),
-        ];
-        for (name, other) in others {
-            // Port 0 (any free port) never clashes.
-            if other == Some(addr) && !addr.ends_with(":0") {
-                return Err(self.hint(
-                    "server.approvals_listen",
-                    format!("`{addr}` is also `server.{name}`"),
-                    "give the approvals API an address of its own, or remove `approvals_listen` to serve it on `listen`",
-                ));
-            }
-        }
-        if server.tls.is_some() && server.approvals_tls.is_none() {
+        if server.approvals_listen.is_some()
+            && server.tls.is_some()
+            && server.approvals_tls.is_none()
+        {
             return Err(self.hint(
                 "server.approvals_tls",
                 "`server.tls` protects the Check listener but `approvals_listen` would be plaintext",
@@ -1069,7 +1142,7 @@ impl Compiler {
                 ));
             }
         }
-        let protected = |rs: &[CompiledRoute]| rs.iter().any(|r| !r.public);
+        let protected = |rs: &[CompiledRoute]| !closed_without_identity(rs).is_empty();
         if issuers.is_empty() && self.api_keys.is_none() && !protected(live) && protected(&routes) {
             self.warnings.push(
                 "dry_run: no issuers are configured: every non-public candidate route would answer 401"
@@ -1381,6 +1454,7 @@ impl Compiler {
             if FORBIDDEN_IDENTITY_HEADERS.contains(&name.as_str())
                 || name == "x-forwarded-for"
                 || issuers.iter().any(|i| i.header == *name)
+                || self.api_keys.as_ref().is_some_and(|k| k.header == *name)
                 || file.upstream.identity_headers.contains_key(name)
             {
                 return Err(self.err(
@@ -1616,6 +1690,21 @@ impl Compiler {
                     "e.g. `redis://127.0.0.1:6379/0`",
                 ));
             }
+            // What the store will open (it connects later): a URL it cannot parse must fail
+            // here, naming the field. Neither the URL nor the parser's message (which may
+            // quote it) is shown: it may hold a password.
+            if let Err(e) = ::redis::Client::open(state.redis_url.as_str()) {
+                return Err(self.hint(
+                    "state.redis_url",
+                    format!(
+                        "the Redis client cannot use this URL ({}); it is not shown, as it may \
+                         hold a password",
+                        e.category()
+                    ),
+                    "check the host (an IPv6 address in `[...]`), a port up to 65535 and the \
+                     database number, e.g. `redis://:PASSWORD@10.0.0.5:6379/0`",
+                ));
+            }
         }
         if state.timeout.get().is_zero() {
             return Err(self.err("state.timeout", "must be greater than 0"));
@@ -1754,6 +1843,15 @@ impl Compiler {
     }
 }
 
+/// Whether two listeners could not both bind: the same port (not 0) on the same address,
+/// or on a wildcard address that covers the other (`[::]` covers IPv4 too, as Linux binds it).
+fn listeners_clash(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    let covers = |w: std::net::SocketAddr, o: std::net::SocketAddr| {
+        w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4())
+    };
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
 /// A lower-case RFC 9110 field name.
 fn valid_header_name(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(|b| is_tchar(b) && !b.is_ascii_uppercase())
@@ -1766,6 +1864,16 @@ fn is_loopback(host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     bare.parse::<std::net::IpAddr>()
         .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The routes (as `` `id` ``) that can allow nobody without an issuer or API keys: neither
+/// public nor with a service grant (a rule of `principals` alone).
+fn closed_without_identity(routes: &[CompiledRoute]) -> Vec<String> {
+    routes
+        .iter()
+        .filter(|r| !r.public && !r.rules.iter().any(|rule| rule.is_peer_only()))
+        .map(|r| format!("`{}`", r.id))
+        .collect()
 }
 
 #[cfg(test)]

@@ -1376,3 +1376,169 @@ fn approval_and_default_revocation_lifetimes_are_bounded() {
         "must be at most 400d",
     );
 }
+
+/// Every listener address is what the server binds: an IP address and a port. A host name, a
+/// port out of range or an invalid address used to pass `check` and fail only when serving,
+/// with an error that named no field.
+#[test]
+fn listener_addresses_are_socket_addresses_named_by_field() {
+    let server = |lines: &str| format!("server:\n{lines}{ROUTE}");
+    for (line, field) in [
+        ("  listen: localhost\n", "server.listen"),
+        ("  listen: 127.0.0.1:99999\n", "server.listen"),
+        ("  listen: 999.1.1.1:20191\n", "server.listen"),
+        ("  admin_listen: localhost:9192\n", "server.admin_listen"),
+        ("  http_listen: 127.0.0.1\n", "server.http_listen"),
+        ("  approvals_listen: ':9194'\n", "server.approvals_listen"),
+    ] {
+        let e = fails(&server(line), field, "is not an IP address and port");
+        assert!(e.hint.is_some(), "{e}");
+    }
+    compile(&server(
+        "  listen: '[::]:9191'\n  admin_listen: '[::1]:9192'\n  http_listen: 0.0.0.0:9193\n",
+    ))
+    .unwrap();
+}
+
+/// Two listeners on one address cannot both bind: the later one is refused, naming both.
+#[test]
+fn two_listeners_on_one_address_are_an_error_naming_both() {
+    let server = |lines: &str| format!("server:\n{lines}{ROUTE}");
+    fails(
+        &server("  listen: 127.0.0.1:9191\n  admin_listen: 127.0.0.1:9191\n"),
+        "server.admin_listen",
+        "`127.0.0.1:9191` is also `server.listen`",
+    );
+    fails(
+        &server("  http_listen: 127.0.0.1:9192\n"),
+        "server.http_listen",
+        "is also `server.admin_listen`",
+    );
+    // A wildcard address covers the others on its port.
+    fails(
+        &server("  listen: 0.0.0.0:9191\n  http_listen: 127.0.0.1:9191\n"),
+        "server.http_listen",
+        "overlaps `server.listen` (`0.0.0.0:9191`)",
+    );
+    fails(
+        &server("  listen: '[::]:9191'\n  admin_listen: 10.0.0.1:9191\n"),
+        "server.admin_listen",
+        "overlaps `server.listen`",
+    );
+    // Other ports, an IPv4 wildcard beside an IPv6 address, and port 0 do not clash.
+    compile(&server(
+        "  listen: 0.0.0.0:9191\n  admin_listen: '[::1]:9191'\n  http_listen: 127.0.0.1:0\n  approvals_listen: 127.0.0.1:0\n",
+    ))
+    .unwrap();
+}
+
+/// A Redis URL the client cannot parse fails at compile time, naming `state.redis_url`,
+/// and the error never repeats the URL or its password.
+#[test]
+fn an_unusable_redis_url_is_an_error_without_the_password() {
+    let state = |url: &str| format!("state:\n  backend: redis\n  redis_url: \"{url}\"\n{ROUTE}");
+    compile(&state("redis://:s3cretPW@127.0.0.1:6379/0")).unwrap();
+    compile(&state("redis://[::1]:6379/0")).unwrap();
+    for url in [
+        "redis://:s3cretPW@[bad:21370/0",
+        "redis://:s3cretPW@127.0.0.1:99999/0",
+    ] {
+        let e = fails(
+            &state(url),
+            "state.redis_url",
+            "the Redis client cannot use this URL",
+        );
+        let shown = format!("{e} {e:?}");
+        assert!(!shown.contains("s3cretPW"), "{shown}");
+        assert!(!shown.contains("21370") && !shown.contains("99999"), "{shown}");
+    }
+}
+
+/// Without issuers or API keys, only routes that cannot grant anyone are reported: a
+/// service grant by `principals` (the mTLS walkthrough's config) needs neither.
+#[test]
+fn the_no_issuers_warning_names_only_routes_nobody_can_pass() {
+    let c = compile(
+        "routes:\n  - { id: stock, methods: [GET], path: /internal/stock, rules: [{ id: checkout, principals: [\"spiffe://example.org/ns/shop/sa/checkout\"] }] }\n  - { id: h, methods: [GET], path: /h, public: true }\n",
+    )
+    .unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let c = compile(
+        "routes:\n  - { id: stock, methods: [GET], path: /internal/stock, rules: [{ id: checkout, principals: [\"spiffe://example.org/ns/shop/sa/checkout\"] }] }\n  - { id: orders, methods: [GET], path: /orders, rules: [{ id: readers, scopes: [orders:read] }] }\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.warnings,
+        vec![
+            "no issuers are configured: route(s) `orders` answer 401 to every request (without \
+             issuers or API keys only public routes and service grants by `principals` can allow)"
+                .to_string()
+        ]
+    );
+}
+
+/// A credential header is never a trusted posture header: the configured API key header
+/// (it was accepted) and each issuer's token header, as `authorization` and `cookie` are.
+#[test]
+fn credential_headers_cannot_be_trusted_posture_headers() {
+    let keys = "api_keys:\n  header: x-service-key\n  keys: []\n";
+    let issuer = format!(
+        "issuers:\n  - {{ {DEV}, token: {{ header: x-id-token, scheme: \"\" }} }}\n"
+    );
+    for header in ["x-service-key", "x-id-token", "authorization", "cookie"] {
+        fails(
+            &format!("{keys}{issuer}network:\n  trusted_headers: [{header}]\n{ROUTE}"),
+            "network.trusted_headers[0]",
+            "cannot be a trusted posture header",
+        );
+    }
+    // The default API key header, when `api_keys` is configured.
+    fails(
+        &format!("api_keys:\n  keys: []\nnetwork:\n  trusted_headers: [x-api-key]\n{ROUTE}"),
+        "network.trusted_headers[0]",
+        "cannot be a trusted posture header",
+    );
+    compile(&format!(
+        "{keys}{issuer}network:\n  trusted_headers: [x-device-posture]\n{ROUTE}"
+    ))
+    .unwrap();
+}
+
+/// An API key endpoint that can never be used is reported: a lower-case method (methods
+/// are case-sensitive, as a route's `methods` are) or a method and path no route matches.
+#[test]
+fn api_key_endpoints_no_route_can_match_warn() {
+    const HASH: &str = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    let text = |routes: &str| {
+        format!(
+            "api_keys:\n  keys:\n    - {{id: k, owner: o, hash: \"{HASH}\", expires: 2030-01-01T00:00:00Z, routes: {routes}}}\nroutes:\n  - {{id: orders, methods: [GET], path: \"/orders/{{id}}\", rules: [{{id: r, api_keys: [k]}}]}}\n  - {{id: files, methods: [GET], path: \"/files/**\", rules: [{{id: f, api_keys: [k]}}]}}\ndry_run:\n  routes: [{{id: reports, methods: [GET], path: /reports, rules: [{{id: x, api_keys: [k]}}]}}]\n"
+        )
+    };
+    // Exact, overlapping, under a `/**` route, and a dry-run candidate's route: no warning.
+    let c = compile(&text(
+        "[\"GET /orders/{id}\", \"GET /orders/42\", \"GET /files/a/{x}\", \"GET /reports\"]",
+    ))
+    .unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let c = compile(&text(
+        "[\"get /orders/{id}\", \"POST /orders/{id}\", \"GET /orderz/{id}\", \"GET /orders\"]",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.warnings,
+        vec![
+            "api_keys: key `k`: `get /orders/{id}`: `get` is not upper-case; methods are \
+             case-sensitive, so it will not match `GET`"
+                .to_string(),
+            "api_keys: key `k`: `POST /orders/{id}` matches no route's method and path: the key \
+             can never be used there"
+                .to_string(),
+            "api_keys: key `k`: `GET /orderz/{id}` matches no route's method and path: the key \
+             can never be used there"
+                .to_string(),
+            "api_keys: key `k`: `GET /orders` matches no route's method and path: the key can \
+             never be used there"
+                .to_string(),
+        ]
+    );
+}

@@ -500,15 +500,22 @@ pub fn www_authenticate(decision: &Decision) -> Option<String> {
     if decision.code == ReasonCode::CredentialMissing {
         return Some(format!("Bearer realm=\"{REALM}\""));
     }
-    // A caller known by an API key (revoked, say) is not asked for a Bearer token; a 403
-    // needs no challenge.
+    // A caller known by an API key (revoked, say, or outside its endpoints) is not asked for
+    // a Bearer token: its challenge is `ApiKey`, with RFC 6750's error codes.
     if decision
         .identity
         .as_deref()
         .is_some_and(|i| i.api_key_id().is_some())
     {
-        return (decision.http_status() == 401)
-            .then(|| crate::authz::decision::api_key_challenge(&decision.detail));
+        let error = match decision.code {
+            _ if decision.http_status() == 401 => "invalid_key",
+            ReasonCode::InsufficientScope | ReasonCode::ResourceMismatch => "insufficient_scope",
+            _ => return None,
+        };
+        return Some(crate::authz::decision::api_key_challenge_with(
+            error,
+            &decision.detail,
+        ));
     }
     let error = match decision.http_status() {
         401 => "invalid_token",
@@ -590,6 +597,96 @@ mod tests {
             })
             .get();
         assert_eq!(counted, 2);
+    }
+
+    /// The README's answer contract for API keys: a client that presented only API keys is
+    /// challenged with `ApiKey` (a key outside its endpoints with `insufficient_scope`, a
+    /// key in the query or two keys with `invalid_key`), one that also sent a token with
+    /// `Bearer`. These got no challenge (the 403) or a Bearer one.
+    #[tokio::test]
+    async fn api_key_answers_carry_the_challenges_of_the_answer_contract() {
+        const KEY: &str = "pck_5AEWWjqRmg8M1focDlwcCo0V_eMw631tr23y0JSA0bM";
+        let metrics = Arc::new(Metrics::new());
+        let engine = crate::engine::tests::shipped_engine("", &metrics);
+        let engine = Arc::new(ArcSwap::from_pointee(engine));
+        let service = AuthzService::new(engine.clone(), metrics, AuditSink::disabled());
+        let answer = |method: &'static str, path: &'static str, headers: &[(&str, &str)]| {
+            let headers: std::collections::HashMap<String, String> = headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect();
+            let service = &service;
+            async move {
+                let view = RequestView {
+                    method,
+                    path,
+                    ..crate::engine::tests::healthz(&headers)
+                };
+                let (d, _) = service.decide_view(&view, "req").await;
+                let answer = DenyAnswer::of(&d, "req");
+                let found: Vec<String> = answer
+                    .headers
+                    .into_iter()
+                    .filter(|(n, _)| n == "www-authenticate")
+                    .map(|(_, v)| v)
+                    .collect();
+                (d.code, answer.status, found)
+            }
+        };
+        // The key works on its own endpoint.
+        let (code, ..) = answer("GET", "/orders/42", &[("x-api-key", KEY)]).await;
+        assert_eq!(code, ReasonCode::Allowed);
+        // Outside its endpoints: 403 with the key's own challenge.
+        let (code, status, found) = answer("POST", "/orders", &[("x-api-key", KEY)]).await;
+        assert_eq!((code, status), (ReasonCode::InsufficientScope, 403));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("ApiKey realm=\"portcullis\", error=\"insufficient_scope\""),
+            "{found:?}"
+        );
+        // A key in the URL query.
+        let url_key = Box::leak(format!("/orders/42?api_key={KEY}").into_boxed_str());
+        let (code, status, found) = answer("GET", url_key, &[]).await;
+        assert_eq!((code, status), (ReasonCode::InvalidToken, 401));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("ApiKey realm=\"portcullis\", error=\"invalid_key\""),
+            "{found:?}"
+        );
+        // Two keys: in two headers (joined by Envoy), or in the header and the query.
+        let two = Box::leak(format!("{KEY}, {KEY}").into_boxed_str());
+        let in_query = Box::leak(format!("/orders/42?api_key={KEY}").into_boxed_str());
+        for (path, headers) in [
+            ("/orders/42", vec![("x-api-key", &*two)]),
+            (&*in_query, vec![("x-api-key", KEY)]),
+        ] {
+            let (code, status, found) = answer("GET", path, &headers).await;
+            assert_eq!((code, status), (ReasonCode::MultipleCredentials, 401));
+            assert_eq!(found.len(), 1, "{found:?}");
+            assert!(
+                found[0].starts_with("ApiKey realm=\"portcullis\", error=\"invalid_key\""),
+                "{found:?}"
+            );
+        }
+        // An empty key header.
+        let (code, status, found) = answer("GET", "/orders/42", &[("x-api-key", "")]).await;
+        assert_eq!((code, status), (ReasonCode::InvalidToken, 401));
+        assert!(
+            found[0].starts_with("ApiKey realm=\"portcullis\", error=\"invalid_key\""),
+            "{found:?}"
+        );
+        // A key and a bearer token: the token's challenge, as before.
+        let (code, status, found) = answer(
+            "GET",
+            "/orders/42",
+            &[("x-api-key", KEY), ("authorization", "Bearer x.y.z")],
+        )
+        .await;
+        assert_eq!((code, status), (ReasonCode::MultipleCredentials, 401));
+        assert!(
+            found[0].starts_with("Bearer realm=\"portcullis\", error=\"invalid_token\""),
+            "{found:?}"
+        );
     }
 
     #[tokio::test]
