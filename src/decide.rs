@@ -534,7 +534,10 @@ pub fn extract_credential<'r>(
     match found {
         Some(c) if c.token.is_empty() => {
             let d = Decision::new(ReasonCode::InvalidToken, "the credential is empty");
-            let is_key = config.api_keys.as_ref().is_some_and(|k| k.header == c.header);
+            let is_key = config
+                .api_keys
+                .as_ref()
+                .is_some_and(|k| k.header == c.header);
             Err(if is_key { with_api_key_challenge(d) } else { d })
         }
         Some(c) => Ok(c),

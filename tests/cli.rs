@@ -144,7 +144,10 @@ fn serve_fails(dir: &Path) -> Option<(Option<i32>, String)> {
     while std::time::Instant::now() < deadline {
         if child.try_wait().unwrap().is_some() {
             let out = child.wait_with_output().unwrap();
-            return Some((out.status.code(), String::from_utf8_lossy(&out.stderr).into()));
+            return Some((
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into(),
+            ));
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

@@ -17,13 +17,10 @@ use crate::state::RateLimit;
 /// True when some path matches both templates.
 fn templates_overlap(a: &Template, b: &Template) -> bool {
     let n = a.segs.len().min(b.segs.len());
-    let same_prefix = a.segs[..n]
-        .iter()
-        .zip(&b.segs[..n])
-        .all(|pair| match pair {
-            (Seg::Literal(x), Seg::Literal(y)) => x == y,
-            _ => true,
-        });
+    let same_prefix = a.segs[..n].iter().zip(&b.segs[..n]).all(|pair| match pair {
+        (Seg::Literal(x), Seg::Literal(y)) => x == y,
+        _ => true,
+    });
     let lengths = match (a.tail, b.tail) {
         (false, false) => a.segs.len() == b.segs.len(),
         (true, false) => b.segs.len() >= a.segs.len(),

@@ -1450,7 +1450,10 @@ fn an_unusable_redis_url_is_an_error_without_the_password() {
         );
         let shown = format!("{e} {e:?}");
         assert!(!shown.contains("s3cretPW"), "{shown}");
-        assert!(!shown.contains("21370") && !shown.contains("99999"), "{shown}");
+        assert!(
+            !shown.contains("21370") && !shown.contains("99999"),
+            "{shown}"
+        );
     }
 }
 
@@ -1482,9 +1485,8 @@ fn the_no_issuers_warning_names_only_routes_nobody_can_pass() {
 #[test]
 fn credential_headers_cannot_be_trusted_posture_headers() {
     let keys = "api_keys:\n  header: x-service-key\n  keys: []\n";
-    let issuer = format!(
-        "issuers:\n  - {{ {DEV}, token: {{ header: x-id-token, scheme: \"\" }} }}\n"
-    );
+    let issuer =
+        format!("issuers:\n  - {{ {DEV}, token: {{ header: x-id-token, scheme: \"\" }} }}\n");
     for header in ["x-service-key", "x-id-token", "authorization", "cookie"] {
         fails(
             &format!("{keys}{issuer}network:\n  trusted_headers: [{header}]\n{ROUTE}"),
