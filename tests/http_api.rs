@@ -420,3 +420,28 @@ async fn requests_with_large_headers_are_decided_not_refused() {
         assert_eq!(answer.json()["error"], "credential_missing", "h2: {h2}");
     }
 }
+
+/// A request with more headers than Portcullis reads (`MAX_REQUEST_HEADERS`) is refused,
+/// with the same 431 and reason on both APIs, before its headers are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_too_many_headers_is_refused_the_same_on_both_apis() {
+    let h = Harness::start(|_| {}).await;
+    let names: Vec<String> = (0..=portcullis::grpc::wire::MAX_REQUEST_HEADERS)
+        .map(|i| format!("h{i:04}"))
+        .collect();
+    let headers: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    let grpc = h.grpc("GET", "/healthz", &headers, "10.0.0.7").await;
+    let (status, _, grpc_body) = denied(&grpc);
+    assert_eq!(status, 431, "{grpc_body}");
+    assert_eq!(grpc_body["error"], "request_header_fields_too_large");
+    assert_eq!(grpc_body["request_id"], "req-1");
+    let http = h.http(true, "GET", "/healthz", &headers, "").await;
+    assert_eq!(http.status, 431, "{http:?}");
+    let body = http.json();
+    assert_eq!(body["error"], "request_header_fields_too_large");
+    assert_eq!(body["request_id"], "req-1");
+    // A request under the cap is decided as usual.
+    let fewer = &headers[..100];
+    assert!(allowed(&h.grpc("GET", "/healthz", fewer, "10.0.0.7").await).is_some());
+    assert_eq!(h.http(true, "GET", "/healthz", fewer, "").await.status, 200);
+}

@@ -51,6 +51,8 @@ pub enum ReasonCode {
     StateUnavailable,
     /// The audit log is stuck and the decision could not be recorded: fail closed.
     AuditUnavailable,
+    /// The request carries more headers than Portcullis reads (`grpc::wire::MAX_REQUEST_HEADERS`).
+    RequestHeadersTooLarge,
 }
 
 impl ReasonCode {
@@ -76,6 +78,7 @@ impl ReasonCode {
             ReasonCode::ApprovalRequired => "approval_required",
             ReasonCode::StateUnavailable => "state_unavailable",
             ReasonCode::AuditUnavailable => "audit_unavailable",
+            ReasonCode::RequestHeadersTooLarge => "request_header_fields_too_large",
         }
     }
 
@@ -98,6 +101,7 @@ impl ReasonCode {
             | ReasonCode::ContextDenied
             | ReasonCode::ApprovalRequired => 403,
             ReasonCode::RateLimited => 429,
+            ReasonCode::RequestHeadersTooLarge => 431,
             // Temporary and not the client's fault; never an allow.
             ReasonCode::StateUnavailable | ReasonCode::AuditUnavailable => 503,
             // Internal failures are still a deny, never an allow; 403 keeps Envoy from retrying

@@ -40,7 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tonic::codegen::{BoxFuture, http};
 
-use super::wire::HeaderList;
+use super::wire::{HeaderList, TooManyHeaders};
 use super::{AuthzService, DenyAnswer, RequestParts, UpstreamMutation, set_body_digest};
 use crate::authz::Decision;
 use crate::engine::Engine;
@@ -90,7 +90,18 @@ impl HttpAuthorizer {
                 return deny(&decision, "");
             }
         };
-        let parts = request_parts(&head, &body);
+        let parts = match request_parts(&head, &body) {
+            Ok(parts) => parts,
+            Err(too_many) => {
+                let request_id = head
+                    .headers
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                let decision = self.inner.too_many_headers(too_many, request_id);
+                return deny(&decision, request_id);
+            }
+        };
         let (decision, engine, parts) = self.inner.decide_parts(parts).await;
         if decision.is_allow() {
             allow(&decision, &engine)
@@ -128,9 +139,14 @@ impl hyper::service::Service<http::Request<Incoming>> for HttpAuthorizer {
     }
 }
 
-/// The request Envoy asked about, borrowed from the HTTP request that carries it.
-fn request_parts<'a>(head: &'a http::request::Parts, body: &[u8]) -> RequestParts<'a> {
-    let mut headers = HeaderList::default();
+/// The request Envoy asked about, borrowed from the HTTP request that carries it; `Err` when
+/// it carries more headers than a request may.
+fn request_parts<'a>(
+    head: &'a http::request::Parts,
+    body: &[u8],
+) -> Result<RequestParts<'a>, TooManyHeaders> {
+    TooManyHeaders::check(head.headers.len())?;
+    let mut pairs = Vec::with_capacity(head.headers.len());
     for (name, value) in &head.headers {
         let bytes = value.as_bytes();
         let value = match std::str::from_utf8(bytes) {
@@ -139,8 +155,9 @@ fn request_parts<'a>(head: &'a http::request::Parts, body: &[u8]) -> RequestPart
             // characters keep it from matching by accident.
             Err(_) => String::from_utf8_lossy(bytes),
         };
-        headers.add(name.as_str(), value);
+        pairs.push((name.as_str(), value));
     }
+    let mut headers = HeaderList::from_pairs(pairs);
     set_body_digest(&mut headers, body);
     let header = |name: &str| head.headers.get(name).and_then(|v| v.to_str().ok());
     // HTTP/2 carries the original `:authority`; HTTP/1.1 the `Host` header.
@@ -162,7 +179,7 @@ fn request_parts<'a>(head: &'a http::request::Parts, body: &[u8]) -> RequestPart
     // One value only: two copies (joined by `,`) parse as no address, and network
     // conditions deny.
     let source_ip = source_address(&headers);
-    RequestParts {
+    Ok(RequestParts {
         method: head.method.as_str(),
         host,
         path,
@@ -172,7 +189,7 @@ fn request_parts<'a>(head: &'a http::request::Parts, body: &[u8]) -> RequestPart
         source_ip,
         principal: "",
         certificate: None,
-    }
+    })
 }
 
 fn source_address(headers: &HeaderList<'_>) -> Option<IpAddr> {

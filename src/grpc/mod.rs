@@ -27,7 +27,7 @@ use envoy_types::ext_authz::v3::pb::{
 use envoy_types::pb::google::rpc;
 
 pub use service::AuthorizationServer;
-use wire::{CheckRequest, HeaderList, NotUtf8, text};
+use wire::{CheckRequest, HeaderList, TooManyHeaders, Unreadable, text};
 
 use crate::admin::metrics::{ApiKeyLabels, DecisionLabels, DryRunLabels, Metrics, RouteLabel};
 use crate::audit::{AuditEvent, AuditSink};
@@ -64,7 +64,14 @@ impl AuthzService {
     pub async fn decide(&self, req: &CheckRequest) -> CheckResponse {
         let parts = match RequestParts::from_check(req) {
             Ok(parts) => parts,
-            Err(e) => return self.malformed(&format!("unreadable CheckRequest: {e}")),
+            Err(Unreadable::TooManyHeaders(e)) => {
+                let request_id = wire::request_id_of(req);
+                let decision = self.too_many_headers(e, request_id);
+                return deny_response(&decision, request_id);
+            }
+            Err(Unreadable::NotUtf8(e)) => {
+                return self.malformed(&format!("unreadable CheckRequest: {e}"));
+            }
         };
         let (decision, engine, parts) = self.decide_parts(parts).await;
         to_response(&decision, &engine, parts.request_id())
@@ -134,6 +141,24 @@ impl AuthzService {
     pub fn malformed(&self, detail: &str) -> CheckResponse {
         let (decision, engine) = self.record_malformed(detail);
         to_response(&decision, &engine, "")
+    }
+
+    /// Logs, counts and audits the refusal of a request with more headers than Portcullis
+    /// reads (any front end), and answers the deny (431 `request_header_fields_too_large`).
+    /// Its headers are never read, so the audit line names no route or path.
+    pub fn too_many_headers(&self, too_many: TooManyHeaders, request_id: &str) -> Decision {
+        tracing::warn!(
+            headers = too_many.0,
+            "refusing a request with too many headers"
+        );
+        let decision = Decision::new(ReasonCode::RequestHeadersTooLarge, too_many.to_string());
+        let parts = RequestParts::default();
+        self.record(
+            decision,
+            &parts.view(),
+            request_id,
+            std::time::Duration::ZERO,
+        )
     }
 
     /// Logs, counts and audits a request that could not be read (either API).
@@ -207,7 +232,7 @@ impl AuthzService {
 /// The request headers, plus, when Envoy sent the request body (`with_request_body`), the
 /// body's SHA-256 under an internal pseudo-header (approvals bind to it). A client can never
 /// send a header starting with `:`, and any such entry is replaced or removed anyway.
-fn request_headers(http: &wire::HttpRequest) -> Result<HeaderList<'_>, NotUtf8> {
+fn request_headers(http: &wire::HttpRequest) -> Result<HeaderList<'_>, Unreadable> {
     let mut headers = HeaderList::from_http(http)?;
     // The body is only hashed: its bytes as Envoy sent them, UTF-8 or not.
     let body: &[u8] = if http.raw_body.is_empty() {
@@ -248,8 +273,8 @@ struct RequestParts<'a> {
 
 impl<'a> RequestParts<'a> {
     /// The parts of a decoded CheckRequest; a text field the decision reads that is not
-    /// UTF-8 makes it unreadable.
-    fn from_check(req: &'a CheckRequest) -> Result<Self, NotUtf8> {
+    /// UTF-8, or more headers than a request may carry, makes it unreadable.
+    fn from_check(req: &'a CheckRequest) -> Result<Self, Unreadable> {
         let attrs = req.attributes.as_ref();
         let http = attrs
             .and_then(|a| a.request.as_ref())
@@ -745,5 +770,80 @@ mod tests {
             found[0].starts_with("ApiKey realm=\"portcullis\""),
             "{found:?}"
         );
+    }
+
+    /// A CheckRequest whose headers are `h0000`.. (`n` of them) and `x-request-id: rid`.
+    fn check_with_headers(n: usize) -> CheckRequest {
+        let mut headers: Vec<wire::MapEntry> = (0..n)
+            .map(|i| wire::MapEntry {
+                key: format!("h{i:04}").into(),
+                value: "v".into(),
+            })
+            .collect();
+        headers.push(wire::MapEntry {
+            key: "x-request-id".into(),
+            value: "rid".into(),
+        });
+        CheckRequest {
+            attributes: Some(wire::AttributeContext {
+                request: Some(wire::Request {
+                    http: Some(wire::HttpRequest {
+                        method: "GET".into(),
+                        path: "/healthz".into(),
+                        host: "localhost".into(),
+                        headers,
+                        ..Default::default()
+                    }),
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_check_with_more_headers_than_a_request_may_carry_is_refused_with_431() {
+        let metrics = Arc::new(Metrics::new());
+        let engine = crate::engine::tests::shipped_engine("", &metrics);
+        let engine = Arc::new(ArcSwap::from_pointee(engine));
+        let service = AuthzService::new(engine, metrics.clone(), AuditSink::disabled());
+        // As many as a request may carry: decided as usual (the public health route).
+        let at_cap = service
+            .decide(&check_with_headers(wire::MAX_REQUEST_HEADERS - 1))
+            .await;
+        assert_eq!(
+            at_cap.status.unwrap().code,
+            RPC_OK,
+            "{:?}",
+            at_cap.http_response
+        );
+        // One more: an explicit deny that says why, with the request id.
+        let over = service
+            .decide(&check_with_headers(wire::MAX_REQUEST_HEADERS))
+            .await;
+        let status = over.status.unwrap();
+        assert_eq!(status.code, RPC_PERMISSION_DENIED);
+        assert_eq!(status.message, "request_header_fields_too_large");
+        let Some(HttpResponse::DeniedResponse(denied)) = over.http_response else {
+            panic!("not a denied response");
+        };
+        assert_eq!(denied.status.unwrap().code, 431);
+        let body: serde_json::Value = serde_json::from_str(&denied.body).unwrap();
+        assert_eq!(body["error"], "request_header_fields_too_large");
+        assert_eq!(body["request_id"], "rid");
+        let reason = body["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("1001 headers, more than the 1000"),
+            "{reason}"
+        );
+        let counted = metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                result: "deny",
+                status: 431,
+                reason: "request_header_fields_too_large",
+                route: RouteLabel(None),
+            })
+            .get();
+        assert_eq!(counted, 1);
     }
 }
