@@ -382,3 +382,55 @@ async fn an_approval_binds_to_the_body_envoy_sent() {
     let allowed = h.check_with_body(&alice, r#"{"cascade":false}"#).await;
     assert_eq!(allowed.status.as_ref().unwrap().code, 0, "{allowed:?}");
 }
+
+/// An id or ttl of any length is refused with its reason, quoting it cut short: the reason
+/// travels in the `grpc-message` header, and a 100 KB one made the answer unreadable to the
+/// client (a transport error instead of "no approval request").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overlong_id_or_ttl_is_refused_with_a_short_reason() {
+    let h = Harness::start().await;
+    let bob = mint("bob", &["dba-lead"]);
+    let mut api = h.api().await;
+    let long_id = format!("apr_{}", "a".repeat(100 * 1024));
+    let err = api
+        .approve(authed(
+            ApproveRequest {
+                id: long_id.clone(),
+                ttl: String::new(),
+            },
+            &bob,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(
+        err.message().starts_with("no approval request `apr_aaa"),
+        "{err:?}"
+    );
+    assert!(err.message().len() < 200, "{}", err.message().len());
+    let err = api
+        .reject(authed(
+            RejectRequest {
+                id: long_id,
+                reason: String::new(),
+            },
+            &bob,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(err.message().len() < 200, "{}", err.message().len());
+    let err = api
+        .approve(authed(
+            ApproveRequest {
+                id: format!("apr_{}", "0".repeat(32)),
+                ttl: "x".repeat(100 * 1024),
+            },
+            &bob,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("invalid ttl `xxx"), "{err:?}");
+    assert!(err.message().len() < 200, "{}", err.message().len());
+}

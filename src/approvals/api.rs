@@ -76,8 +76,51 @@ impl ApprovalsApi {
     }
 }
 
+/// The longest client-supplied text (an id, a ttl) echoed in an error: longer text is cut,
+/// with `…`. A status message travels as the `grpc-message` header, and one echoing a
+/// 100 KB id made the answer a header list over any client's limit: the caller saw a
+/// transport error (`cannot reach portcullis`) instead of the reason.
+const MAX_ECHOED_CHARS: usize = 80;
+
+/// The longest status message sent, whatever it quotes (a backstop to `echoed`).
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `text` as quoted in an error message: cut after `MAX_ECHOED_CHARS` characters.
+fn echoed(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(MAX_ECHOED_CHARS) {
+        None => text.into(),
+        Some((end, _)) => format!("{}…", &text[..end]).into(),
+    }
+}
+
+/// `message` cut to at most `MAX_MESSAGE_BYTES` bytes (on a character boundary).
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES - '…'.len_utf8();
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
+}
+
+/// An id the caller sent that cannot name an approval (not `apr_` and 32 hex digits):
+/// answered as unknown without asking the service, quoting the id cut short.
+fn known_id(id: &str) -> Result<&str, Status> {
+    if crate::approvals::valid_id(id) {
+        Ok(id)
+    } else {
+        Err(Status::not_found(format!(
+            "no approval request `{}`",
+            echoed(id)
+        )))
+    }
+}
+
 fn status(e: ApprovalError) -> Status {
-    let message = e.to_string();
+    let message = bounded(e.to_string());
     match e {
         ApprovalError::NotFound(_) => Status::not_found(message),
         ApprovalError::NotApprover(_) | ApprovalError::SelfApproval(_) => {
@@ -143,12 +186,12 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
         let ttl: Option<Duration> = match body.ttl.trim() {
             "" => None,
             t => Some(humantime::parse_duration(t).map_err(|_| {
-                Status::invalid_argument(format!("invalid ttl `{t}`: write e.g. `5m`"))
+                Status::invalid_argument(format!("invalid ttl `{}`: write e.g. `5m`", echoed(t)))
             })?),
         };
         let record = engine
             .approvals
-            .approve(&who, body.id.trim(), ttl, unix_now())
+            .approve(&who, known_id(body.id.trim())?, ttl, unix_now())
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ApprovalReply {
@@ -166,7 +209,7 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
         let reason = Some(body.reason.clone()).filter(|r| !r.trim().is_empty());
         let record = engine
             .approvals
-            .reject(&who, body.id.trim(), reason, unix_now())
+            .reject(&who, known_id(body.id.trim())?, reason, unix_now())
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ApprovalReply {
