@@ -20,8 +20,9 @@ impl Filter {
     /// Every request header, in Envoy's order (repeated names as separate entries), copied
     /// out of Envoy's map into one buffer: `text` holds each name followed by its value, and
     /// each entry of the list says where a name starts, where its value starts and where it
-    /// ends. Names are lower-case. `Err` names a header that is not UTF-8: the request is
-    /// then refused, as the gRPC service refuses such a CheckRequest.
+    /// ends. Names are lower-case. A value that is not UTF-8 is copied with replacement
+    /// characters; `Err` when a name is not UTF-8 (Envoy's codecs allow none) or Envoy
+    /// hands over no headers: the request is then refused.
     pub fn copy_request_headers(&self) -> Result<CopiedHeaders, String> {
         // SAFETY: `self.0` is the live filter of the running hook (see `Hook::new`).
         let size = unsafe {
@@ -60,12 +61,15 @@ impl Filter {
             };
             let name = std::str::from_utf8(k)
                 .map_err(|_| "a request header name is not UTF-8".to_string())?;
-            let value = std::str::from_utf8(v)
-                .map_err(|_| format!("request header `{name}` is not UTF-8"))?;
+            // A value that is not UTF-8 (Envoy passes obs-text through) is read with
+            // replacement characters, as the HTTP API and Envoy's raw ext_authz headers are:
+            // it can match nothing a policy names, and the request is decided like on those
+            // wirings (a `user-agent` with a Latin-1 byte does not deny a public route).
+            let value = String::from_utf8_lossy(v);
             let start = text.len();
             text.push_str(name);
             let middle = text.len();
-            text.push_str(value);
+            text.push_str(&value);
             spans.push((start, middle, text.len()));
         }
         Ok((text, spans))

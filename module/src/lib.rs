@@ -40,6 +40,7 @@ use std::task::{Context, Poll, Waker};
 
 use portcullis::authz::{Decision, Headers, ReasonCode, RequestView};
 use portcullis::engine::Engine;
+use portcullis::grpc::wire::TooManyHeaders;
 use portcullis::grpc::{AuthzService, DenyAnswer, UpstreamMutation};
 use portcullis::identity::peer::PeerCertificate;
 use portcullis::server::Server;
@@ -199,6 +200,12 @@ impl Stream {
                 return Verdict::Deny(DenyAnswer::of(&decision, ""));
             }
         };
+        if let Err(too_many) = TooManyHeaders::check(request.spans.len()) {
+            // Refused as the other front ends refuse it, before any header is read.
+            let request_id = request.value("x-request-id");
+            let decision = module.service.too_many_headers(too_many, request_id);
+            return Verdict::Deny(DenyAnswer::of(&decision, request_id));
+        }
         let service = &module.service;
         let mut decision: Deciding = Box::pin(async move {
             let (decision, engine) = service
