@@ -279,6 +279,8 @@ pub enum ContextFailure {
     Source,
     SessionAge(u64),
     SessionAgeUnknown,
+    /// `auth_time` is there but not a whole number of seconds.
+    SessionAgeInvalid,
     Lifetime(u64),
     LifetimeUnknown,
     TimeWindow(String),
@@ -294,6 +296,10 @@ impl fmt::Display for ContextFailure {
             }
             ContextFailure::SessionAgeUnknown => f.write_str(
                 "the token carries neither `auth_time` nor `iat`: its session age is unknown",
+            ),
+            ContextFailure::SessionAgeInvalid => f.write_str(
+                "the token's `auth_time` is not a whole number of seconds: its session age is \
+                 unknown",
             ),
             ContextFailure::Lifetime(s) => {
                 write!(f, "token lifetime longer than {} for this route", human(*s))
@@ -334,13 +340,13 @@ impl ContextConditions {
             let started = match id.claims.get("auth_time") {
                 // INVARIANT: a present but non-integer `auth_time` never falls back to `iat`,
                 // so a malformed claim cannot make a session look fresher.
-                Some(v) => v.as_i64(),
-                None => id.issued_at,
+                Some(v) => v.as_i64().ok_or(ContextFailure::SessionAgeInvalid),
+                None => id.issued_at.ok_or(ContextFailure::SessionAgeUnknown),
             };
             match started {
-                Some(t) if now_minus(ctx.now, t) <= max => {}
-                Some(_) => out.push(ContextFailure::SessionAge(max)),
-                None => out.push(ContextFailure::SessionAgeUnknown),
+                Ok(t) if now_minus(ctx.now, t) <= max => {}
+                Ok(_) => out.push(ContextFailure::SessionAge(max)),
+                Err(why) => out.push(why),
             }
         }
         if let Some(max) = self.max_token_lifetime {
@@ -368,8 +374,9 @@ impl ContextConditions {
     }
 }
 
-/// `a - b` in seconds, clamped at zero (a time in the future is age zero: `iat` in the future is
-/// already refused by the token checks).
+/// `a - b` in seconds, clamped at zero. A time in the future is age zero: the token checks
+/// (`jwt::check_claims`, also applied to policy-test callers) refuse an `iat` or `auth_time`
+/// later than now by more than the issuer's leeway, so only clock skew within it is clamped.
 fn now_minus(a: i64, b: i64) -> u64 {
     u64::try_from(a.saturating_sub(b)).unwrap_or(0)
 }

@@ -202,7 +202,16 @@ fn session_age_uses_auth_time_then_iat_and_denies_without_either() {
     // A malformed auth_time never falls back to a fresh iat.
     assert_eq!(
         c.evaluate(&id(json!({"iat": now, "auth_time": "yesterday"})), &ctx),
-        vec![ContextFailure::SessionAgeUnknown]
+        vec![ContextFailure::SessionAgeInvalid]
+    );
+    // Nor does a fractional one, and the answer says what is wrong with it (not that the
+    // token carries no `auth_time`).
+    let fractional = c.evaluate(&id(json!({"iat": now, "auth_time": 1_796_299_000.5})), &ctx);
+    assert_eq!(fractional, vec![ContextFailure::SessionAgeInvalid]);
+    let text = fractional[0].to_string();
+    assert!(
+        text.contains("`auth_time` is not a whole number") && !text.contains("neither"),
+        "{text}"
     );
     let text = ContextFailure::SessionAge(600).to_string();
     assert_eq!(text, "token older than 10m for this route");

@@ -152,6 +152,8 @@ pub enum JwtError {
     NotYetValid,
     #[error("token was issued in the future (`iat`)")]
     IssuedInFuture,
+    #[error("token login time (`auth_time`) is in the future")]
+    AuthTimeInFuture,
     #[error("token has no `iat` claim, which the issuer's `max_lifetime` requires")]
     LifetimeNeedsIat,
     #[error("token lifetime (`exp` - `iat`) is longer than {max} seconds")]
@@ -321,21 +323,7 @@ impl<'t> Unverified<'t> {
         let kid = kid.map(str::to_string);
 
         let claims = parsed.claims;
-        check_issuer(&claims, rules)?;
-        check_audience(&claims, rules)?;
-        // RFC 7519 4.1.2, 4.1.7 and OIDC: `sub`, `jti` and `sid` are strings. Identity and
-        // resource bindings read `sub` as one, so a list or number there must not quietly
-        // become an empty subject; revocation matches `jti` and `sid` as strings, so a
-        // numeric one could never be revoked.
-        for name in ["sub", "jti", "sid"] {
-            if claims.get(name).is_some_and(|v| !v.is_string()) {
-                return Err(JwtError::ClaimNotString(name));
-            }
-        }
-        let exp = time_claim(&claims, "exp")?.ok_or(JwtError::MissingClaim("exp"))?;
-        let nbf = time_claim(&claims, "nbf")?;
-        let iat = time_claim(&claims, "iat")?;
-        check_times(exp, nbf, iat, rules, now)?;
+        let ClaimTimes { exp, nbf, iat } = check_claims(&claims, rules, now)?;
 
         Ok(VerifiedJwt {
             kid,
@@ -346,6 +334,60 @@ impl<'t> Unverified<'t> {
             iat,
             claims,
         })
+    }
+}
+
+/// The time claims of a token whose claims passed `check_claims`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimTimes {
+    pub exp: i64,
+    pub nbf: Option<i64>,
+    pub iat: Option<i64>,
+}
+
+/// Every check on a token's claims (`iss`, `aud`, the types of `sub`/`jti`/`sid`, the time
+/// claims and `auth_time`) at `now`, as `Unverified::verify` runs them once the signature
+/// holds. Public so that policy tests hold the claims of a caller they take as verified to
+/// exactly these rules.
+pub fn check_claims(
+    claims: &Map<String, Value>,
+    rules: &JwtRules,
+    now: i64,
+) -> Result<ClaimTimes, JwtError> {
+    check_issuer(claims, rules)?;
+    check_audience(claims, rules)?;
+    // RFC 7519 4.1.2, 4.1.7 and OIDC: `sub`, `jti` and `sid` are strings. Identity and
+    // resource bindings read `sub` as one, so a list or number there must not quietly
+    // become an empty subject; revocation matches `jti` and `sid` as strings, so a
+    // numeric one could never be revoked.
+    for name in ["sub", "jti", "sid"] {
+        if claims.get(name).is_some_and(|v| !v.is_string()) {
+            return Err(JwtError::ClaimNotString(name));
+        }
+    }
+    let exp = time_claim(claims, "exp")?.ok_or(JwtError::MissingClaim("exp"))?;
+    let nbf = time_claim(claims, "nbf")?;
+    let iat = time_claim(claims, "iat")?;
+    check_times(exp, nbf, iat, rules, now)?;
+    check_auth_time(claims, rules, now)?;
+    Ok(ClaimTimes { exp, nbf, iat })
+}
+
+/// OIDC `auth_time`, when it is a whole number of seconds, must not lie in the future (beyond
+/// the issuer's leeway), like `iat`: a login that has not happened yet is a broken or forged
+/// claim, and `max_session_age` would otherwise read it as a session of age zero. Not
+/// re-checked on token-cache hits: only a token that passed is cached, and `now` only grows.
+/// An `auth_time` of another type is left to `max_session_age`, which refuses it (it is not
+/// otherwise read).
+fn check_auth_time(
+    claims: &Map<String, Value>,
+    rules: &JwtRules,
+    now: i64,
+) -> Result<(), JwtError> {
+    let leeway = i64::try_from(rules.leeway_secs).unwrap_or(i64::MAX);
+    match claims.get("auth_time").and_then(Value::as_i64) {
+        Some(t) if t.saturating_sub(leeway) > now => Err(JwtError::AuthTimeInFuture),
+        _ => Ok(()),
     }
 }
 

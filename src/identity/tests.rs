@@ -916,6 +916,33 @@ fn tokens_issued_in_the_future_are_rejected_with_leeway() {
     assert!(verify(&with_claims(claims_with("iat", json!(NOW + 30)))).is_ok());
 }
 
+/// A login in the future is refused like an `iat` in the future: `max_session_age` would
+/// otherwise count it as a session of age zero, forever fresh.
+#[test]
+fn auth_time_in_the_future_is_rejected_with_leeway() {
+    assert_eq!(
+        err(&with_claims(claims_with("auth_time", json!(NOW + 31)))),
+        JwtError::AuthTimeInFuture
+    );
+    assert_eq!(
+        err(&with_claims(claims_with(
+            "auth_time",
+            json!(4_102_444_800_i64)
+        ))),
+        JwtError::AuthTimeInFuture
+    );
+    assert!(verify(&with_claims(claims_with("auth_time", json!(NOW + 30)))).is_ok());
+    assert!(verify(&with_claims(claims_with("auth_time", json!(NOW - 3600)))).is_ok());
+    // Another type is left to `max_session_age`, the only reader of the claim.
+    assert!(
+        verify(&with_claims(claims_with(
+            "auth_time",
+            json!(1_796_299_000.5)
+        )))
+        .is_ok()
+    );
+}
+
 #[test]
 fn max_lifetime_needs_iat_and_bounds_the_lifetime() {
     let mut r = rules();
