@@ -243,13 +243,14 @@ pub struct PostureCondition {
 }
 
 impl PostureCondition {
-    fn holds(&self, id: &Identity, ctx: &Context<'_>) -> bool {
+    /// `id` is `None` for a caller without a token: a claim condition then does not hold.
+    fn holds(&self, id: Option<&Identity>, ctx: &Context<'_>) -> bool {
         let test = |v: &Value| match &self.test {
             PostureTest::Equals(w) => v == w,
             PostureTest::OneOf(ws) => ws.iter().any(|w| w == v),
         };
         match &self.source {
-            PostureSource::Claim(c) => id.claim(c).is_some_and(test),
+            PostureSource::Claim(c) => id.and_then(|id| id.claim(c)).is_some_and(test),
             PostureSource::Header(h) => {
                 // A repeated header arrives joined with `,` and never matches a single value.
                 let Some((_, v)) = ctx.headers.and_then(|hs| hs.entry(h)) else {
@@ -328,8 +329,30 @@ impl ContextConditions {
             && self.posture.is_empty()
     }
 
-    /// Every unmet condition, in a fixed order.
+    /// True when a condition reads the token (`max_session_age`, `max_token_lifetime`, a
+    /// posture claim): a caller without one never meets it. Source, time window and posture
+    /// headers are about the request, and hold for a token-less peer too.
+    pub fn needs_token(&self) -> bool {
+        self.max_session_age.is_some()
+            || self.max_token_lifetime.is_some()
+            || self
+                .posture
+                .iter()
+                .any(|p| matches!(p.source, PostureSource::Claim(_)))
+    }
+
+    /// Every unmet condition for a verified identity, in a fixed order.
     pub fn evaluate(&self, id: &Identity, ctx: &Context<'_>) -> Vec<ContextFailure> {
+        self.evaluate_for(Some(id), ctx)
+    }
+
+    /// Every unmet condition for a caller without a token (a service granted on its peer
+    /// identity). Fails closed: a condition that reads the token does not hold.
+    pub fn evaluate_without_token(&self, ctx: &Context<'_>) -> Vec<ContextFailure> {
+        self.evaluate_for(None, ctx)
+    }
+
+    fn evaluate_for(&self, id: Option<&Identity>, ctx: &Context<'_>) -> Vec<ContextFailure> {
         let mut out = Vec::new();
         if let Some(s) = &self.source
             && !s.holds(ctx.client_ip)
@@ -337,11 +360,12 @@ impl ContextConditions {
             out.push(ContextFailure::Source);
         }
         if let Some(max) = self.max_session_age {
-            let started = match id.claims.get("auth_time") {
+            let started = match id.map(|id| (id.claims.get("auth_time"), id.issued_at)) {
                 // INVARIANT: a present but non-integer `auth_time` never falls back to `iat`,
                 // so a malformed claim cannot make a session look fresher.
-                Some(v) => v.as_i64().ok_or(ContextFailure::SessionAgeInvalid),
-                None => id.issued_at.ok_or(ContextFailure::SessionAgeUnknown),
+                Some((Some(v), _)) => v.as_i64().ok_or(ContextFailure::SessionAgeInvalid),
+                Some((None, iat)) => iat.ok_or(ContextFailure::SessionAgeUnknown),
+                None => Err(ContextFailure::SessionAgeUnknown),
             };
             match started {
                 Ok(t) if now_minus(ctx.now, t) <= max => {}
@@ -350,8 +374,8 @@ impl ContextConditions {
             }
         }
         if let Some(max) = self.max_token_lifetime {
-            match id.issued_at {
-                Some(iat) if now_minus(id.expires_at, iat) <= max => {}
+            match id.and_then(|id| id.issued_at.map(|iat| (iat, id.expires_at))) {
+                Some((iat, exp)) if now_minus(exp, iat) <= max => {}
                 Some(_) => out.push(ContextFailure::Lifetime(max)),
                 None => out.push(ContextFailure::LifetimeUnknown),
             }

@@ -368,7 +368,7 @@ pub struct CompiledRule {
 
 impl CompiledRule {
     /// True when the peer identity alone satisfies the rule (it has principals and no
-    /// condition on a token).
+    /// condition on a token; its other context conditions must still hold).
     pub fn is_peer_only(&self) -> bool {
         !self.principals.is_empty()
             && self.issuers.is_empty()
@@ -377,9 +377,10 @@ impl CompiledRule {
             && self.claims.is_empty()
             && self.bind.is_empty()
             && self.api_keys.is_empty()
-            // A service grant is the peer identity alone: context conditions (source network,
-            // time window, ...) are not evaluated without a token, so such a rule needs one.
-            && self.context.is_empty()
+            // Source network, time window and posture headers are about the request and are
+            // evaluated for a token-less peer too; session age, token lifetime and posture
+            // claims read the token, so a rule with them needs one.
+            && !self.context.needs_token()
     }
 }
 
@@ -789,6 +790,13 @@ fn evaluate<'r>(
         // INVARIANT: without a token, only a rule with no token condition can hold.
         if !rule.is_peer_only() {
             failures.push(Failure::Token);
+        } else if !rule.context.is_empty() {
+            failures.extend(
+                rule.context
+                    .evaluate_without_token(ctx)
+                    .into_iter()
+                    .map(Failure::Context),
+            );
         }
         return failures;
     };
