@@ -168,6 +168,27 @@ impl Template {
         r
     }
 
+    /// True when some path matches both templates.
+    pub fn overlaps(&self, other: &Template) -> bool {
+        let (a, b) = (self.segs.len(), other.segs.len());
+        // A `/**` tail matches any further segments (one or more of them, or none at its root).
+        let lengths = match (self.tail, other.tail) {
+            (false, false) => a == b,
+            (true, false) => b >= a,
+            (false, true) => a >= b,
+            (true, true) => true,
+        };
+        lengths
+            && self
+                .segs
+                .iter()
+                .zip(&other.segs)
+                .all(|(x, y)| match (x, y) {
+                    (Seg::Literal(x), Seg::Literal(y)) => x == y,
+                    _ => true,
+                })
+    }
+
     /// Two templates with the same shape match exactly the same requests.
     fn same_shape(&self, other: &Template) -> bool {
         self.tail == other.tail

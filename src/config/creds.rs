@@ -8,8 +8,11 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::schema::{ApiKeyConfig, ApiKeyFileConfig, ConfigFile, RateLimitBy};
+use super::schema::{
+    ApiKeyConfig, ApiKeyFileConfig, ConfigFile, RateLimitBy, RouteConfig, RuleConfig,
+};
 use super::{CompiledIssuer, Compiler, FORBIDDEN_IDENTITY_HEADERS, Res, valid_header_name};
+use crate::authz::context::ContextConditions;
 use crate::authz::policy::{Seg, Template};
 use crate::identity::apikey::{self, ApiKey, ApiKeys, KeyEndpoint};
 use crate::state::RateLimit;
@@ -253,6 +256,58 @@ impl Compiler {
             }
         }
         Ok(out)
+    }
+
+    /// Warnings for a rule naming API keys that can never grant them: a key whose own
+    /// `routes` never cover the rule's route (the key is refused there before any rule), and
+    /// `max_session_age`/`max_token_lifetime`, which read a token's `iat`/`auth_time` that a
+    /// key does not have (always 403 `context_denied`).
+    pub(super) fn api_key_rule_warnings(
+        &mut self,
+        at: &str,
+        rule: &RuleConfig,
+        rc: &RouteConfig,
+        template: &Template,
+        names: &[Arc<str>],
+        context: &ContextConditions,
+    ) {
+        if names.is_empty() {
+            return;
+        }
+        if let Some(keys) = self.api_keys.clone() {
+            for name in names.iter().filter(|k| &***k != "*") {
+                let Some(key) = keys.get(name) else { continue };
+                let covered = key.endpoints.iter().any(|e| {
+                    rc.methods.iter().any(|m| *m == *e.method) && e.path.overlaps(template)
+                });
+                if !covered {
+                    self.warnings.push(format!(
+                        "{at}: rule `{}` names API key `{name}`, whose own `routes` never \
+                         cover this route ({} {}): the key is refused here (403); add the \
+                         endpoint to the key's `routes`, or drop the key from the rule",
+                        rule.id,
+                        rc.methods.join(", "),
+                        rc.path
+                    ));
+                }
+            }
+        }
+        let needs: Vec<&str> = [
+            ("max_session_age", context.max_session_age.is_some()),
+            ("max_token_lifetime", context.max_token_lifetime.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect();
+        if !needs.is_empty() {
+            self.warnings.push(format!(
+                "{at}: rule `{}` grants API keys and sets `{}`, which reads a token's \
+                 `iat`/`auth_time`: an API key has neither, so the rule never grants (403 \
+                 `context_denied`); move the condition to a rule for tokens",
+                rule.id,
+                needs.join("` and `")
+            ));
+        }
     }
 
     /// Compiles `rate_limits` against the route ids.

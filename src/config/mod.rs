@@ -1408,7 +1408,29 @@ impl Compiler {
                 issuers.len()
             ));
         }
+        // Claims such as `sub` are unique only within one issuer: with several issuers named,
+        // another issuer's `sub: 42` owns this issuer's `/users/42` just the same.
+        let named: HashSet<&str> = rule.issuers.iter().map(String::as_str).collect();
+        if !bind.is_empty() && named.len() > 1 {
+            let params: Vec<String> = bind.iter().map(|b| format!("`{{{}}}`", b.param)).collect();
+            self.warnings.push(format!(
+                "{at}.rules[{j}]: rule `{}` binds {} to a claim and names {} issuers: a token of \
+                 any of them whose claim matches is granted the resource (claims such as `sub` \
+                 are unique only within one issuer); write one rule per issuer",
+                rule.id,
+                params.join(", "),
+                named.len()
+            ));
+        }
         let context = self.context(&f, rule)?;
+        self.api_key_rule_warnings(
+            &format!("{at}.rules[{j}]"),
+            rule,
+            rc,
+            template,
+            &api_keys,
+            &context,
+        );
         let compiled = CompiledRule {
             context,
             id: Arc::from(rule.id.as_str()),

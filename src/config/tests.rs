@@ -1184,6 +1184,73 @@ fn a_binding_without_issuers_warns_only_when_several_issuers_are_trusted() {
     let one = format!("issuers:\n  - {{ {DEV} }}\n");
     let c = compile(&format!("{one}{}", route(""))).unwrap();
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    // Several issuers named explicitly: the same hole as none named.
+    let c = compile(&format!("{two}{}", route(", issuers: [dev, dev2]"))).unwrap();
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].contains("rule `self` binds `{id}`")
+            && c.warnings[0].contains("names 2 issuers")
+            && c.warnings[0].contains("unique only within one issuer"),
+        "{}",
+        c.warnings[0]
+    );
+}
+
+/// A rule for API keys that can never grant one warns: a key whose own `routes` never cover
+/// the route, or a condition that reads a token's `iat`/`auth_time`, which keys lack.
+#[test]
+fn an_api_key_rule_that_can_never_grant_warns() {
+    let config = |route: &str, rule_extra: &str| {
+        format!(
+            "issuers:\n  - {{ {DEV} }}\napi_keys:\n  keys:\n    - {{ id: k1, owner: o, hash: \"sha256:{}\", expires: 2099-01-01T00:00:00Z, routes: [\"GET /orders/{{id}}\", \"POST /reports/**\"] }}\nroutes:\n  - {{ {route}, rules: [{{ id: keys, api_keys: [k1]{rule_extra} }}] }}\n",
+            "0".repeat(64)
+        )
+    };
+    let orders = "id: orders, methods: [GET], path: '/orders/{id}'";
+    let c = compile(&config(orders, "")).unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    // Covered through another template of the same shape, or a tail.
+    for covered in [
+        "id: o, methods: [GET, PUT], path: '/orders/*'",
+        "id: r, methods: [POST], path: '/reports/{year}/q1'",
+        "id: r, methods: [POST], path: '/reports/**'",
+    ] {
+        let c = compile(&config(covered, "")).unwrap();
+        assert!(c.warnings.is_empty(), "{covered}: {:?}", c.warnings);
+    }
+    for never in [
+        "id: other, methods: [POST], path: '/other'",
+        "id: o, methods: [DELETE], path: '/orders/{id}'",
+        "id: o, methods: [GET], path: '/orders/{id}/items'",
+        "id: r, methods: [GET], path: '/reports/**'",
+    ] {
+        let c = compile(&config(never, "")).unwrap();
+        assert_eq!(c.warnings.len(), 1, "{never}: {:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("routes[0].rules[0]: rule `keys` names API key `k1`")
+                && c.warnings[0].contains("never cover this route"),
+            "{}",
+            c.warnings[0]
+        );
+    }
+    // `*` names no key in particular.
+    let c = compile(
+        &config("id: other, methods: [POST], path: '/other'", "").replace("[k1] }", "['*'] }"),
+    )
+    .unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    for (extra, what) in [
+        (", max_session_age: 10m", "`max_session_age`"),
+        (", max_token_lifetime: 10m", "`max_token_lifetime`"),
+    ] {
+        let c = compile(&config(orders, extra)).unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains(what) && c.warnings[0].contains("context_denied"),
+            "{}",
+            c.warnings[0]
+        );
+    }
 }
 
 /// `approvals_listen` moves the approvals API to a listener of its own: it must not reuse
