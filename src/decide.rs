@@ -268,7 +268,9 @@ pub fn binding_checks(
 /// The token's `cnf` claim (RFC 7800), read once for both bindings. It says the token needs
 /// proof of possession: one this server cannot check (`jwk`, `kid`, `jku`, a SHA-1 `x5t`,
 /// ...) refuses the token rather than letting it pass as a plain bearer token.
-fn confirmation(identity: &Identity) -> Result<Option<&serde_json::Map<String, Value>>, Decision> {
+pub fn confirmation(
+    identity: &Identity,
+) -> Result<Option<&serde_json::Map<String, Value>>, Decision> {
     let Some(cnf) = identity.claims.get("cnf") else {
         return Ok(None);
     };

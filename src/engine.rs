@@ -156,6 +156,24 @@ fn entry_ttl(max_ttl: Duration, token: &str, seconds_left: u64) -> Duration {
     cap.min(Duration::from_secs(seconds_left))
 }
 
+/// A request's headers with one more credential header (`check_verified`'s caller).
+#[derive(Debug)]
+struct WithCredential<'a> {
+    inner: &'a dyn crate::authz::request::Headers,
+    name: &'a str,
+    value: String,
+}
+
+impl crate::authz::request::Headers for WithCredential<'_> {
+    fn entry(&self, name: &str) -> Option<(&str, &str)> {
+        if name == self.name {
+            Some((self.name, &self.value))
+        } else {
+            self.inner.entry(name)
+        }
+    }
+}
+
 /// One loaded configuration with its keys and token cache. A config reload builds a new one.
 pub struct Engine {
     pub config: Arc<Config>,
@@ -415,18 +433,81 @@ impl Engine {
             let missing = decide::extract_credential(&self.config, req).err();
             missing.unwrap_or_else(|| Decision::new(ReasonCode::CredentialMissing, "no credential"))
         };
-        let live = match (self.matched(req).await, caller) {
+        let checked = caller.map(|identity| self.given_caller(req, identity, now));
+        let live = match (self.matched(req).await, &checked) {
             (Err(answer), _) => answer,
-            (Ok(m), Some(identity)) => self.grant(req, &m, identity, now).await,
+            (Ok(m), Some(Ok(identity))) => self.grant(req, &m, identity, now).await,
+            (Ok(m), Some(Err(deny))) => deny.clone().with_route(Some(m.route_id.clone())),
             (Ok(m), None) => self.without_credential(req, &m, missing(), now).await,
         };
         let Some(candidate) = &self.config.dry_run else {
             return live;
         };
-        let caller = || caller.cloned().ok_or_else(missing);
+        let caller = || checked.unwrap_or_else(|| Err(missing()));
         let would = decide::dry_run(&self.config, candidate, req, now, caller);
         let would = self.dry_run_after_grant(req, &live, would, now);
         live.with_dry_run(would)
+    }
+
+    /// The checks a Check runs on the credential of a caller `check_verified` is given as
+    /// verified. The caller stands for a credential sent where its issuer's tokens (or API
+    /// keys) are read, beside what the request itself carries, and is extracted as a Check
+    /// extracts it: a second credential (another credential header, the same header again,
+    /// a token or key in the query) is refused just the same. Then the revocation lists.
+    /// The request's DPoP proof and client certificate are not checked: a caller given as
+    /// verified has no token to bind them to.
+    fn given_caller(
+        &self,
+        req: &RequestView<'_>,
+        identity: &Arc<Identity>,
+        now: i64,
+    ) -> decide::Caller {
+        const GIVEN: &str = "verified-caller";
+        let (header, value) = match identity.api_key_id() {
+            Some(_) => match &self.config.api_keys {
+                Some(keys) => (keys.header.as_str(), GIVEN.to_string()),
+                None => {
+                    return Err(Decision::new(
+                        ReasonCode::Internal,
+                        "no `api_keys` configured",
+                    ));
+                }
+            },
+            None => match self
+                .config
+                .issuers
+                .iter()
+                .find(|i| i.name == identity.issuer_name)
+            {
+                Some(i) if i.scheme.is_empty() => (i.header.as_str(), GIVEN.to_string()),
+                Some(i) => (i.header.as_str(), format!("{} {GIVEN}", i.scheme)),
+                None => {
+                    return Err(Decision::new(
+                        ReasonCode::Internal,
+                        "the caller's issuer is not part of this configuration",
+                    ));
+                }
+            },
+        };
+        // Repeated headers reach a Check joined with `,`.
+        let value = match req.headers.entry(header) {
+            Some((_, sent)) => format!("{sent},{value}"),
+            None => value,
+        };
+        let headers = WithCredential {
+            inner: req.headers,
+            name: header,
+            value,
+        };
+        let view = RequestView {
+            headers: &headers,
+            ..*req
+        };
+        decide::extract_credential(&self.config, &view)?;
+        let revoked = |deny: Decision| deny.with_identity(Some(identity.clone()));
+        self.revocations.check(identity, now).map_err(revoked)?;
+        self.runtime_revoked.check(identity).map_err(revoked)?;
+        Ok(identity.clone())
     }
 
     /// The stateful steps after a grant, for an allow of the `dry_run` candidate. They are

@@ -6,7 +6,10 @@
 //! a first request meets from rate limits and approvals. The caller is given as already
 //! verified (an issuer and its claims, or an API key id, or nobody), so no token or key is
 //! needed and the issuers' key sources are never contacted: proving that tokens verify is
-//! the job of `check` and of the running server, not of a policy test. Every case starts
+//! the job of `check` and of the running server, not of a policy test. Its claims are held
+//! to the server's checks (`jwt::check_claims`, the `cnf` it can check), it stands for the
+//! request's credential (a second one in the request is refused, as by the server), and
+//! the config's revocation file applies to it. Every case starts
 //! from empty state (no earlier request counted, no approval granted).
 //!
 //! # File format
@@ -25,7 +28,7 @@
 //!       principal: spiffe://example.org/ns/shop/sa/checkout   # optional: mTLS peer
 //!     as:                              # optional: who is calling (absent: no credential)
 //!       issuer: corp                   # an issuer's `name` (default: the only issuer)
-//!       claims: {sub: alice, scope: orders:read}   # `iss`, `iat` and `exp` default sensibly
+//!       claims: {sub: alice, scope: orders:read}   # `iss`, `aud`, `iat`, `exp` default sensibly
 //!     # or: as: {api_key: reporting-e0dd28}       # a configured API key, by id
 //!     now: 2026-12-01T20:00:00Z        # optional, this case only
 //!     expect:                          # at least one of:
@@ -474,6 +477,11 @@ fn identity(config: &Config, caller: &Caller, now: i64) -> Result<Arc<Identity>,
             claims
                 .entry("iss")
                 .or_insert_with(|| Value::String(issuer.rules.issuer.clone()));
+            if let Some(aud) = issuer.rules.audiences.first() {
+                claims
+                    .entry("aud")
+                    .or_insert_with(|| Value::String(aud.clone()));
+            }
             // Default times a current token of this issuer has: issued a minute ago (or half
             // its `max_lifetime`, if shorter), expiring in ten minutes or at its
             // `max_lifetime`, whichever is sooner.
@@ -491,15 +499,17 @@ fn identity(config: &Config, caller: &Caller, now: i64) -> Result<Arc<Identity>,
             claims
                 .entry("exp")
                 .or_insert_with(|| Value::from(default_exp));
-            let time = |name: &str| claims.get(name).and_then(Value::as_i64);
-            let (exp, nbf, iat) = (time("exp").unwrap_or(now + 600), time("nbf"), time("iat"));
-            // The server checks a token's times before any rule: a caller whose claims it
-            // would refuse is not one a case can be decided for.
-            if let Err(e) = crate::identity::jwt::check_times(exp, nbf, iat, &issuer.rules, now) {
-                return Err(Unrun::Case(format!(
+            // The server checks a token's claims (issuer, audience, the types of `sub`,
+            // `jti` and `sid`, the times) before any rule: a caller whose claims it would
+            // refuse is not one a case can be decided for.
+            let refused = |e: &dyn std::fmt::Display| {
+                format!(
                     "the caller's claims are refused at that time: {e} (the server answers 401)"
-                )));
-            }
+                )
+            };
+            let crate::identity::jwt::ClaimTimes { exp, nbf, iat } =
+                crate::identity::jwt::check_claims(&claims, &issuer.rules, now)
+                    .map_err(|e| Unrun::Case(refused(&e)))?;
             let jwt = VerifiedJwt {
                 exp,
                 nbf,
@@ -509,11 +519,11 @@ fn identity(config: &Config, caller: &Caller, now: i64) -> Result<Arc<Identity>,
                 key_fingerprint: Arc::from("policy-test"),
                 claims,
             };
-            Ok(Arc::new(Identity::from_verified(
-                issuer.name.clone(),
-                jwt,
-                &issuer.claims,
-            )))
+            let identity = Identity::from_verified(issuer.name.clone(), jwt, &issuer.claims);
+            // A `cnf` asking for a proof of possession the server cannot check refuses the
+            // token whatever the request carries.
+            crate::decide::confirmation(&identity).map_err(|d| Unrun::Case(refused(&d.detail)))?;
+            Ok(Arc::new(identity))
         }
     }
 }

@@ -390,3 +390,126 @@ cases:
     assert!(out.contains("ok   default times"), "{out}");
     assert!(out.contains("longer than 300 seconds"), "{out}");
 }
+
+/// The caller given by `as:` stands for the request's credential: a request that carries
+/// another one (a token or key in the query, an API key header, a repeated `authorization`)
+/// is refused as the server refuses it.
+#[test]
+fn a_request_with_a_second_credential_is_refused_as_the_server_refuses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(
+        dir.path(),
+        "config: portcullis.yaml
+cases:
+  - name: a token in the query
+    request: {path: /orders/42?access_token=abc}
+    as: {claims: {sub: alice, scope: orders:read}}
+    expect: {decision: deny, status: 401, reason: multiple_credentials}
+  - name: a key in the query
+    request: {path: /orders/42?api_key=abc}
+    as: {claims: {sub: alice, scope: orders:read}}
+    expect: {decision: deny, status: 401, reason: multiple_credentials}
+  - name: an API key header too
+    request: {path: /orders/42, headers: {x-api-key: pck_something}}
+    as: {claims: {sub: alice, scope: orders:read}}
+    expect: {decision: deny, status: 401, reason: multiple_credentials, route: orders-read}
+  - name: two bearer tokens
+    request: {path: /orders/42, headers: {authorization: 'Bearer a, Bearer b'}}
+    as: {claims: {sub: alice, scope: orders:read}}
+    expect: {decision: deny, status: 401, reason: multiple_credentials}
+  - name: a key and an authorization header
+    request: {path: /orders/42, headers: {authorization: 'Bearer a'}}
+    as: {api_key: reporting-e0dd28}
+    expect: {decision: deny, status: 401, reason: multiple_credentials}
+  - name: the caller alone is fine
+    request: {path: /orders/42?page=2}
+    as: {claims: {sub: alice, scope: orders:read}}
+    expect: {decision: allow, status: 200}
+  - name: the key alone is fine
+    request: {path: /orders/42}
+    as: {api_key: reporting-e0dd28}
+    now: 2026-12-01T09:00:00Z
+    expect: {decision: allow, status: 200}
+",
+    );
+    let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("7 cases, 7 passed, 0 failed"), "{out}");
+}
+
+/// Claims the server's token checks refuse (a number for `sub`, a list for `jti`, a `cnf`
+/// this server cannot check, a login in the future) cannot pass as a caller either.
+#[test]
+fn a_caller_the_server_would_refuse_for_its_claims_fails_the_case() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(
+        dir.path(),
+        "config: portcullis.yaml
+now: 2026-12-01T09:00:00Z
+cases:
+  - name: numeric sub
+    request: {path: /orders/1}
+    as: {claims: {sub: 123, scope: orders:read}}
+    expect: {decision: allow}
+  - name: list jti
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, jti: [1], scope: orders:read}}
+    expect: {decision: allow}
+  - name: unusable cnf
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, cnf: {jwk: {}}, scope: orders:read}}
+    expect: {decision: allow}
+  - name: login in the future
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, auth_time: 4102444800, scope: orders:read}}
+    expect: {decision: allow}
+  - name: another audience
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, aud: someone-else, scope: orders:read}}
+    expect: {decision: allow}
+  - name: a good caller
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, scope: orders:read}}
+    expect: {decision: allow}
+",
+    );
+    let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("6 cases, 1 passed, 5 failed"), "{out}");
+    for why in [
+        "token `sub` claim is not a string",
+        "token `jti` claim is not a string",
+        "`cnf` asks for a proof of possession",
+        "`auth_time`) is in the future",
+        "token `aud` does not name an accepted audience",
+    ] {
+        assert!(out.contains(why), "{why}: {out}");
+    }
+}
+
+/// A caller revoked in the config's revocation file is refused, 401 `revoked`.
+#[test]
+fn a_revoked_caller_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(
+        dir.path(),
+        "config: portcullis.yaml
+cases:
+  - name: mallory is revoked
+    request: {path: /orders/1}
+    as: {claims: {sub: mallory, scope: orders:read}}
+    expect: {decision: deny, status: 401, reason: revoked}
+",
+    );
+    let config = std::fs::read_to_string(dir.path().join("portcullis.yaml")).unwrap();
+    let revocations = dir.path().join("revocations.yaml");
+    std::fs::write(&revocations, "revoked:\n  - {sub: mallory}\n").unwrap();
+    let root_file = support::repo_root().join("config/revocations.yaml");
+    let config = config.replace(
+        &format!("file: {}", root_file.display()),
+        &format!("file: {}", revocations.display()),
+    );
+    std::fs::write(dir.path().join("portcullis.yaml"), config).unwrap();
+    let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
+    assert_eq!(code, Some(0), "{out}");
+}
