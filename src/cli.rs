@@ -12,11 +12,9 @@ use serde_json::{Map, Value, json};
 
 use crate::authz::{Decision, RequestView};
 use crate::config::{self, Config};
-use crate::decide;
 use crate::engine::unix_now;
 use crate::grpc::challenge;
 use crate::identity::{KeyOrigin, KeySet};
-use crate::keys::KeyError;
 
 /// The issuer of the checked-in development key. `token` signs only for this issuer.
 pub const DEV_ISSUER: &str = "https://dev.portcullis.invalid";
@@ -453,9 +451,12 @@ pub async fn explain(args: &ExplainArgs) -> Result<Explanation, CliError> {
     if let Some(token) = &args.token {
         headers.insert("authorization".into(), format!("Bearer {token}"));
     }
-    let metrics = Arc::new(crate::admin::metrics::Metrics::new());
-    let store = Arc::new(crate::server::key_store(&config, metrics));
-    store.start().await;
+    // The live server's own steps on an engine of its own: the revocation file is checked,
+    // and a rule with `approval:` answers `approval_required` (unless a pre-approval holds),
+    // on in-memory state that is thrown away, with no webhook, so nothing is spent or asked.
+    let config = Arc::new(config);
+    let engine = crate::engine::Engine::offline(config.clone());
+    engine.keys.start().await;
     let view = RequestView {
         method: &args.method,
         host: &args.host,
@@ -466,8 +467,16 @@ pub async fn explain(args: &ExplainArgs) -> Result<Explanation, CliError> {
         scheme: "http",
         peer_certificate: None,
     };
-    let keys = |name: &str| -> Result<Arc<KeySet>, KeyError> { store.get(name) };
-    let decision = decide::decide(&config, &view, &keys, unix_now());
+    let decision = engine.check_at(&view, unix_now()).await;
+    let decision = match decision
+        .body_fields
+        .iter()
+        .any(|(k, _)| *k == "approval_id")
+    {
+        // The approval request just opened exists nowhere else: name no id.
+        true => unopened_approval(&engine, decision),
+        false => decision,
+    };
     let rate_limits = match (&decision.route, decision.is_allow()) {
         (Some(route), true) => {
             crate::ratelimit::applicable(&config, &view, route, decision.identity.as_deref())
@@ -481,6 +490,26 @@ pub async fn explain(args: &ExplainArgs) -> Result<Explanation, CliError> {
         decision,
         rate_limits,
     })
+}
+
+/// An `approval_required` deny of `explain` without the approval request the engine opened
+/// on its throw-away state: the detail says who must approve, and no id is named.
+fn unopened_approval(engine: &crate::engine::Engine, decision: Decision) -> Decision {
+    let policy = match (&decision.route, &decision.rule) {
+        (Some(route), Some(rule)) => engine.approvals.policy(route, rule),
+        _ => None,
+    };
+    let who = policy.map_or_else(|| "an approver".to_string(), |p| p.approvers_text());
+    Decision {
+        detail: format!(
+            "this action needs approval by {who}: the server opens an approval request (explain \
+             opens none)"
+        )
+        .into(),
+        response_headers: Vec::new(),
+        body_fields: Box::default(),
+        ..decision
+    }
 }
 
 /// `test`: every file's report, in order. A failing case is in its report; `Err` is a file

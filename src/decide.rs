@@ -8,7 +8,7 @@
 //!    rules against the identity).
 //!
 //! No I/O, no clock, no async. Keys are looked up through a closure so callers decide where
-//! they come from (the live `KeyStore`, or fixed sets in tests and `explain`).
+//! they come from (the live `KeyStore`, or fixed sets in tests).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,8 +54,9 @@ pub const DPOP_HEADER: &str = "dpop";
 /// The response header that hands a client a DPoP nonce (RFC 9449 section 9).
 pub const DPOP_NONCE_HEADER: &str = "dpop-nonce";
 
-/// Decides a request without a token cache. Used by `explain`, the corpus and as the
-/// reference the cached path in `engine` must agree with.
+/// Decides a request without a token cache, revocation lists, rate limits or approvals
+/// (the engine's). Used by the corpus and as the reference the cached path in `engine` must
+/// agree with; `explain` goes through the engine (`Engine::offline`).
 pub fn decide(
     config: &Config,
     req: &RequestView<'_>,

@@ -420,9 +420,20 @@ impl Engine {
         }
     }
 
+    /// An engine for one-off decisions outside the server (`explain`, policy tests): fresh
+    /// in-memory state, the config's key sources (not started), the revocation file read as
+    /// the server reads it, no runtime revocations (they live in the shared store) and no
+    /// approvals webhook (no approver is told of a request that exists nowhere else).
+    pub fn offline(config: Arc<Config>) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let keys = Arc::new(crate::server::key_store(&config, metrics.clone()));
+        let state = Arc::new(crate::state::MemoryStore::new());
+        Engine::new(config, keys, state, metrics).without_approval_webhook()
+    }
+
     /// Decides `req` at `now` for a caller taken as verified (`None`: no credential): the
-    /// steps of `check_at` once a token and its bindings have been checked. Policy tests
-    /// (`policytest`) run their cases through it.
+    /// steps of `check_at` once a token has been verified. Policy tests (`policytest`) run
+    /// their cases through it.
     pub async fn check_verified(
         &self,
         req: &RequestView<'_>,

@@ -55,7 +55,6 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::identity::Identity;
 use crate::identity::jwt::VerifiedJwt;
-use crate::state::MemoryStore;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -431,10 +430,7 @@ async fn decide_case(config: &Arc<Config>, case: &Case, now: i64) -> Result<Deci
     // A fresh engine per case: empty state, keys that are never fetched, and no approvals
     // webhook (a case on a gated route must not notify real approvers of a request that
     // exists nowhere).
-    let metrics = Arc::new(crate::admin::metrics::Metrics::new());
-    let keys = Arc::new(crate::server::key_store(config, metrics.clone()));
-    let engine = Engine::new(config.clone(), keys, Arc::new(MemoryStore::new()), metrics)
-        .without_approval_webhook();
+    let engine = Engine::offline(config.clone());
     Ok(engine.check_verified(&req, caller.as_ref(), now).await)
 }
 

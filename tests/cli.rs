@@ -294,3 +294,80 @@ fn check_strict_says_it_fails_because_of_the_warnings() {
         "{out}"
     );
 }
+
+/// A development token for the shipped config's dev issuer.
+fn dev_token(args: &[&str]) -> String {
+    let minted = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("token")
+        .args(args)
+        .current_dir(support::repo_root())
+        .output()
+        .unwrap();
+    assert!(minted.status.success(), "{minted:?}");
+    String::from_utf8(minted.stdout).unwrap().trim().to_string()
+}
+
+/// `explain` answers what the live server answers: a token revoked in the config's
+/// revocation file is a 401 `revoked`, and a rule with `approval:` an `approval_required`
+/// (no webhook called, no Redis needed, no approval id named that exists nowhere).
+#[test]
+fn explain_applies_the_revocation_file_and_the_approvals_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = support::repo_root();
+    let shipped = std::fs::read_to_string(root.join("config/portcullis.yaml")).unwrap();
+    let config = shipped
+        .replace(
+            "dev/jwks.json",
+            root.join("config/dev/jwks.json").to_str().unwrap(),
+        )
+        // A webhook nobody listens on: explain must never call it.
+        .replace(
+            "  # webhook: {url: https://chat.example.com/hooks/approvals, timeout: 5s, retries: 3}",
+            "  webhook: {url: http://127.0.0.1:9/hooks, timeout: 1s, retries: 0}",
+        );
+    std::fs::write(dir.path().join("p.yaml"), config).unwrap();
+    std::fs::write(
+        dir.path().join("revocations.yaml"),
+        "revoked:\n  - {sub: mallory}\n",
+    )
+    .unwrap();
+    let explain = |token: &str, method: &str, path: &str| {
+        let args = [
+            "explain", "--config", "p.yaml", "--method", method, "--path", path, "--token", token,
+            "--json",
+        ];
+        let (code, out) = portcullis(&args, dir.path());
+        assert_eq!(code, Some(0), "{out}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        v
+    };
+
+    let mallory = dev_token(&["--sub", "mallory", "--scope", "orders:read"]);
+    let v = explain(&mallory, "GET", "/orders/42");
+    assert_eq!(
+        (&v["decision"], &v["status"], &v["reason"]),
+        (&"deny".into(), &401.into(), &"revoked".into()),
+        "{v}"
+    );
+    let alice = dev_token(&["--sub", "alice", "--scope", "orders:read"]);
+    assert_eq!(explain(&alice, "GET", "/orders/42")["decision"], "allow");
+
+    let dba = dev_token(&["--sub", "alice", "--role", "dba"]);
+    let v = explain(&dba, "DELETE", "/databases/staging");
+    assert_eq!(
+        (&v["decision"], &v["status"], &v["reason"], &v["rule"]),
+        (
+            &"deny".into(),
+            &403.into(),
+            &"approval_required".into(),
+            &"dba".into()
+        ),
+        "{v}"
+    );
+    let detail = v["detail"].as_str().unwrap();
+    assert!(detail.contains("role `dba-lead`"), "{detail}");
+    assert!(
+        !detail.contains("pending"),
+        "names an approval that exists nowhere: {detail}"
+    );
+}
