@@ -721,6 +721,9 @@ pub fn keys_unavailable(e: KeyError) -> Decision {
         KeyError::Stale {
             issuer, age_secs, ..
         } => format!("keys for issuer `{issuer}` are stale (last good fetch {age_secs}s ago)"),
+        KeyError::NoUsableKeys { issuer, .. } => {
+            format!("issuer `{issuer}` publishes no usable key")
+        }
     };
     Decision::new(ReasonCode::KeysUnavailable, detail)
 }
@@ -740,6 +743,10 @@ mod tests {
             KeyError::Stale {
                 issuer: "corp".into(),
                 age_secs: 301,
+                reason: why.into(),
+            },
+            KeyError::NoUsableKeys {
+                issuer: "corp".into(),
                 reason: why.into(),
             },
         ] {

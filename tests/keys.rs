@@ -25,6 +25,19 @@ const SET_B: &str = include_str!("fixtures/keys/ec-p256.jwks.json");
 /// Only a 1024-bit RSA key, which the parser drops: valid JSON, no usable keys.
 const WEAK_ONLY: &str = include_str!("fixtures/keys/rsa1024.jwks.json");
 
+/// A well-formed key set listing no key.
+const EMPTY: &str = r#"{"keys":[]}"#;
+
+/// Set A's key marked for encryption (`use: enc`): well-formed, nothing to verify with.
+fn enc_only() -> String {
+    let mut doc: serde_json::Value = serde_json::from_str(SET_A).unwrap();
+    doc["keys"][0]["use"] = "enc".into();
+    doc.to_string()
+}
+
+/// A P-521 key, a curve Portcullis does not support: well-formed, nothing usable.
+const P521_ONLY: &str = r#"{"keys":[{"kty":"EC","crv":"P-521","kid":"p521","x":"AQ","y":"Ag"}]}"#;
+
 /// What the test server answers on `/jwks`; switchable while the store runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -35,6 +48,12 @@ enum Mode {
     SlowThenB,
     Garbage,
     WeakOnly,
+    /// `{"keys":[]}`.
+    Empty,
+    /// Set A's key with `use: enc`.
+    EncOnly,
+    /// One key on an unsupported curve.
+    P521Only,
     /// An endless chunked body without Content-Length.
     Endless,
     /// A 302 to `/jwks-final` on the same origin (which serves set A).
@@ -107,14 +126,14 @@ impl TestServer {
     }
 }
 
-fn json_response(body: &'static str, cache_control: Option<String>) -> Response {
+fn json_response(body: impl Into<Body>, cache_control: Option<String>) -> Response {
     let mut b = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json");
     if let Some(cc) = cache_control {
         b = b.header(header::CACHE_CONTROL, cc);
     }
-    b.body(Body::from(body)).unwrap()
+    b.body(body.into()).unwrap()
 }
 
 async fn jwks(State(s): State<Arc<ServerState>>) -> Response {
@@ -125,6 +144,9 @@ async fn jwks(State(s): State<Arc<ServerState>>) -> Response {
         Mode::SetA => json_response(SET_A, cc),
         Mode::SetB => json_response(SET_B, cc),
         Mode::WeakOnly => json_response(WEAK_ONLY, cc),
+        Mode::Empty => json_response(EMPTY, cc),
+        Mode::EncOnly => json_response(enc_only(), cc),
+        Mode::P521Only => json_response(P521_ONLY, cc),
         Mode::Status500 => Response::builder()
             .status(StatusCode::INTERNAL_SERVER_ERROR)
             .body(Body::from("oops"))
@@ -398,7 +420,8 @@ async fn each_failure_class_fails_closed_with_its_code() {
     let cases = [
         (Mode::Status500, "http_status", "500"),
         (Mode::Garbage, "not_json", "not valid JSON"),
-        (Mode::WeakOnly, "no_keys", "no usable keys"),
+        (Mode::WeakOnly, "no_keys", "no usable key"),
+        (Mode::Empty, "no_keys", "no usable key"),
         (Mode::Endless, "too_large", "byte limit"),
         (Mode::RedirectOtherHost, "redirect", "redirect"),
         (Mode::SlowThenB, "timeout", "timed out"),
@@ -734,6 +757,146 @@ async fn failures_keep_last_good_set_until_max_stale_then_fail_closed() {
     eventually("recovery", Duration::from_secs(5), || store.ready()).await;
     assert_eq!(kids(&store.get("dev").unwrap()), vec!["ec-p256"]);
     assert_eq!(store.status()[0].last_error, None);
+}
+
+/// Withdrawing every published key (or publishing only keys Portcullis cannot use) is how an
+/// issuer withdraws a compromised key. Such an answer used to count as a failed fetch, and the
+/// withdrawn key stayed trusted until `max_stale` (a day by default): now it replaces the set
+/// at the next load, and a usable set published again is picked up as fast.
+#[tokio::test]
+async fn a_key_set_without_usable_keys_withdraws_the_keys_in_force() {
+    for mode in [Mode::Empty, Mode::EncOnly, Mode::P521Only, Mode::WeakOnly] {
+        let server = TestServer::start(Mode::SetA).await;
+        let (store, metrics) = url_store(&server, "max_stale: 1h");
+        store.start().await;
+        assert_eq!(kids(&store.get("dev").unwrap()), vec!["rsa2048"]);
+
+        server.set_mode(mode);
+        eventually("the keys are withdrawn", Duration::from_secs(5), || {
+            store.get("dev").is_err()
+        })
+        .await;
+        match store.get("dev") {
+            Err(KeyError::NoUsableKeys { issuer, reason }) => {
+                assert_eq!(issuer, "dev");
+                assert!(reason.contains("no usable key"), "{mode:?}: {reason}");
+            }
+            other => panic!("{mode:?}: expected NoUsableKeys, got {other:?}"),
+        }
+        assert!(!store.ready(), "{mode:?}");
+        let status = &store.status()[0];
+        assert!(
+            !status.usable && status.key_count == 0,
+            "{mode:?}: {status:?}"
+        );
+        assert!(
+            status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("no usable key")),
+            "{mode:?}: {status:?}"
+        );
+        assert!(fetches(&metrics, "no_keys") >= 1, "{mode:?}");
+
+        // Once the issuer publishes a usable key again, it is in force within min_refresh.
+        server.set_mode(Mode::SetB);
+        eventually("the new key is loaded", Duration::from_secs(5), || {
+            store.get("dev").is_ok_and(|s| kids(&s) == ["ec-p256"])
+        })
+        .await;
+        assert!(store.ready());
+        assert_eq!(store.status()[0].last_error, None);
+        store.shutdown();
+    }
+}
+
+/// A genuine failure (not JSON) after the withdrawal keeps the issuer without keys: the
+/// withdrawn set does not come back, nor does a failure turn into "stale" before `max_stale`.
+#[tokio::test]
+async fn a_failure_after_a_withdrawal_keeps_the_issuer_without_keys() {
+    let server = TestServer::start(Mode::SetA).await;
+    let (store, metrics) = url_store(&server, "");
+    store.start().await;
+    server.set_mode(Mode::Empty);
+    eventually("the keys are withdrawn", Duration::from_secs(5), || {
+        matches!(store.get("dev"), Err(KeyError::NoUsableKeys { .. }))
+    })
+    .await;
+    server.set_mode(Mode::Garbage);
+    eventually("a failed load", Duration::from_secs(5), || {
+        fetches(&metrics, "not_json") >= 1
+    })
+    .await;
+    assert!(matches!(
+        store.get("dev"),
+        Err(KeyError::NoUsableKeys { .. })
+    ));
+    assert_eq!(store.status()[0].key_count, 0);
+}
+
+/// Genuine failures of every class keep the last good set (until `max_stale`): only a
+/// well-formed answer withdraws keys.
+#[tokio::test]
+async fn genuine_failures_keep_the_last_good_set() {
+    for (mode, code) in [
+        (Mode::Garbage, "not_json"),
+        (Mode::Status500, "http_status"),
+        (Mode::Endless, "too_large"),
+    ] {
+        let server = TestServer::start(Mode::SetA).await;
+        let (store, metrics) = url_store(&server, "");
+        store.start().await;
+        server.set_mode(mode);
+        eventually("a failed load", Duration::from_secs(5), || {
+            fetches(&metrics, code) >= 1
+        })
+        .await;
+        assert_eq!(
+            kids(&store.get("dev").unwrap()),
+            vec!["rsa2048"],
+            "{mode:?}"
+        );
+        assert!(store.ready(), "{mode:?}");
+        store.shutdown();
+    }
+}
+
+/// A local key file emptied to `{"keys":[]}` withdraws its keys at the next re-read (every
+/// `min_refresh`); it used to keep them until `max_stale`.
+#[tokio::test]
+async fn an_emptied_key_file_withdraws_its_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    std::fs::write(&path, SET_A).unwrap();
+    let (store, metrics) = store_for(
+        "https://idp.test",
+        source(&format!("file: {}", path.display()), "max_stale: 1h"),
+    );
+    store.start().await;
+    assert!(store.ready());
+
+    let tmp = dir.path().join("keys.json.new");
+    std::fs::write(&tmp, EMPTY).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    eventually(
+        "the file's keys are withdrawn",
+        Duration::from_secs(5),
+        || matches!(store.get("dev"), Err(KeyError::NoUsableKeys { .. })),
+    )
+    .await;
+    assert!(!store.ready());
+    assert!(fetches(&metrics, "no_keys") >= 1);
+
+    // A file that cannot be read is a failure, not an answer: the (empty) set stays.
+    std::fs::remove_file(&path).unwrap();
+    eventually("a failed re-read", Duration::from_secs(5), || {
+        fetches(&metrics, "io") >= 1
+    })
+    .await;
+    assert!(matches!(
+        store.get("dev"),
+        Err(KeyError::NoUsableKeys { .. })
+    ));
 }
 
 #[tokio::test]

@@ -71,8 +71,10 @@ pub enum FetchError {
     HttpStatus(u16),
     #[error("{0}")]
     NotJson(String),
-    #[error("key set has no usable keys")]
-    NoKeys,
+    /// A well-formed key set in which every key was dropped (the count), or none was listed.
+    /// Not a failed fetch: the issuer's answer, which withdraws every key it published before.
+    #[error("the issuer publishes no usable key ({})", no_key_detail(*.0))]
+    NoKeys(usize),
     #[error("response is larger than the {0} byte limit")]
     TooLarge(usize),
     #[error("redirect refused (only up to 3 redirects to the same origin are followed)")]
@@ -99,7 +101,7 @@ impl FetchError {
             Self::Timeout(_) => "timeout",
             Self::HttpStatus(_) => "http_status",
             Self::NotJson(_) => "not_json",
-            Self::NoKeys => "no_keys",
+            Self::NoKeys(_) => "no_keys",
             Self::TooLarge(_) => "too_large",
             Self::Redirect => "redirect",
             Self::Tls(_) => "tls",
@@ -110,6 +112,14 @@ impl FetchError {
     }
 }
 
+fn no_key_detail(dropped: usize) -> String {
+    match dropped {
+        0 => "its key set lists no key".to_string(),
+        1 => "the one key in its key set cannot be used; the log says why".to_string(),
+        n => format!("none of the {n} keys in its key set can be used; the log says why"),
+    }
+}
+
 /// A failed attempt and where it was going (redacted URL or file path), for the log line.
 #[derive(Debug)]
 pub(crate) struct Failure {
@@ -117,7 +127,8 @@ pub(crate) struct Failure {
     pub target: String,
 }
 
-/// A successful attempt.
+/// A successful attempt: a well-formed key set, read or fetched. `keys.set` may be empty
+/// (every key dropped, or none listed); the store decides what that means.
 pub(crate) struct Loaded {
     pub keys: LoadedKeys,
     /// The JWKS response's Cache-Control lifetime (`max-age`; 0 for `no-cache`/`no-store`).
@@ -355,14 +366,17 @@ async fn get_capped(
         .map_err(|_| FetchError::Timeout(timeout))?
 }
 
+/// A well-formed key set, possibly with no usable key (an answer, not a failure: see
+/// `FetchError::NoKeys`); an error only when the document itself is not a key set.
 fn parse(body: &[u8], origin: KeyOrigin) -> Result<LoadedKeys, FetchError> {
-    KeySet::from_jwks(body, origin).map_err(|e| match e {
+    KeySet::parse_jwks(body, origin).map_err(|e| match e {
         // The parser's JSON message may quote document bytes; keep only the class.
         JwkError::NotJson(_) => FetchError::NotJson("key set is not valid JSON".into()),
         JwkError::NotAKeySet(why) => {
             FetchError::NotJson(format!("key set is not a JWKS document: {why}"))
         }
-        JwkError::NoUsableKeys => FetchError::NoKeys,
+        // `parse_jwks` reports an empty set as a set; kept for the exhaustive match.
+        JwkError::NoUsableKeys => FetchError::NoKeys(0),
     })
 }
 

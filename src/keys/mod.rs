@@ -5,8 +5,8 @@
 //! The hot path (`KeyStore::get`) is one hash lookup, one `ArcSwap` load and one `Arc` clone:
 //! no lock, no allocation. Everything slow (fetching, scheduling, rate limiting) happens in
 //! spawned tasks that write a new snapshot when a fetch ends. Fails closed: past `max_stale`
-//! after the last good fetch, or before the first one, `get` returns an error and `ready()` is
-//! false. Never logs key material; metrics go only through `Metrics::record_jwks_fetch`.
+//! after the last good fetch, before the first one, or while the issuer publishes no usable
+//! key, `get` returns an error and `ready()` is false. Never logs key material; metrics go only through `Metrics::record_jwks_fetch`.
 //!
 //! Policy, per issuer:
 //! - Refresh: after a good fetch, at 90% of the response's Cache-Control `max-age` (`no-cache`
@@ -16,6 +16,11 @@
 //!   (a day) ahead; the config refuses longer intervals.
 //! - Retry: after a failed load, 1 s, doubling, capped at `min_refresh`; the last good set stays
 //!   in use until `max_stale` after the last good load, then `get` fails with `Stale`.
+//! - No usable key: a well-formed key set in which every key is dropped (or none is listed) is
+//!   the issuer's answer, not a failure: it replaces the set in force with an empty one (`get`
+//!   fails with `NoUsableKeys`, `ready()` is false), because that is how an issuer withdraws a
+//!   compromised key. Before a first good load it leaves the issuer not loaded. Retried like a
+//!   failure, so keys published again arrive within `min_refresh`.
 //! - Single flight: at most one load per issuer at a time; everyone else joins it.
 //! - Unknown `kid`: at most one load *started* for it per `unknown_kid_interval`; joining a load
 //!   already running is free.
@@ -68,6 +73,10 @@ pub enum KeyError {
         age_secs: u64,
         reason: String,
     },
+    /// The issuer's last answer was a well-formed key set without a usable key: the keys it
+    /// published before are withdrawn.
+    #[error("keys for issuer `{issuer}` are unusable: {reason}")]
+    NoUsableKeys { issuer: String, reason: String },
 }
 
 /// Per-issuer status for readiness and metrics.
@@ -229,14 +238,19 @@ impl KeyStore {
         match (&snap.set, snap.last_good_at) {
             (Some(set), Some(at)) => {
                 let age = at.elapsed();
-                if age < slot.max_stale() {
-                    Ok(set.clone())
-                } else {
+                if age >= slot.max_stale() {
                     Err(KeyError::Stale {
                         issuer: slot.name.to_string(),
                         age_secs: age.as_secs(),
                         reason: reason(&snap),
                     })
+                } else if set.is_empty() {
+                    Err(KeyError::NoUsableKeys {
+                        issuer: slot.name.to_string(),
+                        reason: reason(&snap),
+                    })
+                } else {
+                    Ok(set.clone())
                 }
             }
             _ => Err(KeyError::NotLoaded {
@@ -353,6 +367,7 @@ async fn load_once(slot: &Slot, shared: &Shared) {
     let result = fetch::load(&slot.kind, &slot.issuer, &slot.cfg, &shared.client).await;
     let old = slot.state.load_full();
     match result {
+        Ok(loaded) if loaded.keys.set.is_empty() => no_usable_key(slot, shared, &old, loaded),
         Ok(loaded) => {
             shared.metrics.record_jwks_fetch(&slot.name, "ok");
             let delay = match slot.kind {
@@ -382,13 +397,7 @@ async fn load_once(slot: &Slot, shared: &Shared) {
         Err(failure) => {
             let code = failure.error.code();
             shared.metrics.record_jwks_fetch(&slot.name, code);
-            let delay = {
-                let mut f = slot.flight();
-                f.failures = f.failures.saturating_add(1);
-                let delay = schedule::after_failure(f.failures, slot.cfg.min_refresh.get());
-                f.next_due = schedule::due_after(Instant::now(), delay);
-                delay
-            };
+            let delay = schedule_retry(slot);
             let stale = old
                 .last_good_at
                 .is_some_and(|at| at.elapsed() >= slot.max_stale());
@@ -407,7 +416,7 @@ async fn load_once(slot: &Slot, shared: &Shared) {
                     error.class = code,
                     error = %failure.error,
                     retry_in_ms = delay.as_millis() as u64,
-                    has_keys = old.set.is_some(),
+                    has_keys = old.set.as_ref().is_some_and(|s| !s.is_empty()),
                     "key load failed"
                 );
             }
@@ -419,6 +428,73 @@ async fn load_once(slot: &Slot, shared: &Shared) {
             }));
         }
     }
+}
+
+/// Counts a failed load and schedules the retry (1 s, doubling, capped at `min_refresh`).
+fn schedule_retry(slot: &Slot) -> Duration {
+    let mut f = slot.flight();
+    f.failures = f.failures.saturating_add(1);
+    let delay = schedule::after_failure(f.failures, slot.cfg.min_refresh.get());
+    f.next_due = schedule::due_after(Instant::now(), delay);
+    delay
+}
+
+/// A well-formed key set (file, URL or discovery) in which no key is usable: every key was
+/// dropped, or none is listed. This is the issuer's answer, not a failed fetch, and it is how an
+/// issuer withdraws a compromised key, so it replaces the keys in force with none: the issuer's
+/// tokens are refused (`KeyError::NoUsableKeys`) instead of the withdrawn keys being trusted
+/// until `max_stale`. The first load of an issuer stays "not loaded" as for any failure. Either
+/// way the next load comes as after a failure (within `min_refresh`), so keys the issuer
+/// publishes again are picked up soon.
+fn no_usable_key(slot: &Slot, shared: &Shared, old: &Snapshot, loaded: Loaded) {
+    let Loaded { keys, target, .. } = loaded;
+    let error = fetch::FetchError::NoKeys(keys.dropped.len());
+    shared.metrics.record_jwks_fetch(&slot.name, error.code());
+    let delay = schedule_retry(slot);
+    // Each reason names the key by index and (shortened) kid, never its material; `?` quotes
+    // and escapes what the issuer wrote.
+    let dropped = &keys.dropped;
+    let Some(previous) = &old.set else {
+        tracing::error!(
+            issuer = %slot.name,
+            url = %target,
+            error.class = error.code(),
+            error = %error,
+            dropped = ?dropped,
+            retry_in_ms = delay.as_millis() as u64,
+            "the issuer's key set has no usable key: none is loaded, its tokens are refused"
+        );
+        slot.state.store(Arc::new(Snapshot {
+            set: None,
+            last_good: old.last_good,
+            last_good_at: old.last_good_at,
+            last_error: Some(error.to_string().into()),
+        }));
+        return;
+    };
+    tracing::error!(
+        issuer = %slot.name,
+        url = %target,
+        error.class = error.code(),
+        error = %error,
+        dropped = ?dropped,
+        withdrawn_keys = previous.len(),
+        retry_in_ms = delay.as_millis() as u64,
+        "the issuer's key set has no usable key: the keys it published before are withdrawn, \
+         its tokens are refused until it publishes a usable one"
+    );
+    // The same (empty) `Arc` while nothing changes, so an unknown-`kid` refetch sees "unchanged".
+    let set = if previous.is_empty() {
+        previous.clone()
+    } else {
+        Arc::new(keys.set)
+    };
+    slot.state.store(Arc::new(Snapshot {
+        set: Some(set),
+        last_good: Some(SystemTime::now()),
+        last_good_at: Some(Instant::now()),
+        last_error: Some(error.to_string().into()),
+    }));
 }
 
 /// The set to publish after a good load: the current `Arc` when the keys are the same (so
