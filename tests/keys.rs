@@ -1012,3 +1012,143 @@ async fn an_empty_store_is_ready() {
     assert!(store.ready());
     assert!(store.status().is_empty());
 }
+
+/// A fake HTTP proxy on loopback answering every request (a CONNECT too) with set B, as an
+/// attacker's proxy would serve its own keys. Returns its address and the request lines seen.
+fn fake_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut first = String::new();
+                if reader.read_line(&mut first).is_err() {
+                    return;
+                }
+                log.lock().unwrap().push(first.trim_end().to_string());
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{SET_B}",
+                    SET_B.len()
+                );
+                let _ = conn.write_all(answer.as_bytes());
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Loopback key URLs may be plain HTTP; they used to go through the environment's
+/// `HTTP_PROXY`/`ALL_PROXY` like any other, in cleartext, and a proxy serving its own keys had
+/// its tokens accepted. They now never use a proxy; remote URLs still do, and through it an
+/// HTTPS URL is a tunnel whose certificate is checked, so the proxy cannot answer for it.
+///
+/// The proxy settings are read from the environment when the store's clients are built, and
+/// the environment is shared by every test of this process, so the checks run in a child
+/// process (this test binary, running only this test) given the proxy variables; the proxy
+/// runs here and tells which requests reached it.
+#[test]
+fn loopback_key_urls_never_go_through_a_proxy() {
+    const CHILD: &str = "PORTCULLIS_TEST_PROXY_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        return proxy_child();
+    }
+    let (proxy, seen) = fake_proxy();
+    let proxy = format!("http://{proxy}");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args([
+            "--exact",
+            "loopback_key_urls_never_go_through_a_proxy",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("REQUEST_METHOD");
+    for var in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+        child.env(var, &proxy);
+    }
+    let out = child.output().unwrap();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "child failed:\n{output}");
+    assert!(
+        output.contains("1 passed"),
+        "the child ran no test:\n{output}"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        !seen
+            .iter()
+            .any(|l| l.contains("127.0.0.1") || l.contains("localhost")),
+        "a loopback fetch went through the proxy: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("GET http://keys.example.test/jwks")),
+        "the remote plain-HTTP fetch did not use the proxy: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("CONNECT keys.example.test:443")),
+        "the remote HTTPS fetch did not tunnel through the proxy: {seen:?}"
+    );
+}
+
+/// The child's half: the same server answers by address and by `localhost`.
+fn proxy_child() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let server = TestServer::start(Mode::SetA).await;
+        let port = server.state.addr.port();
+        for url in [server.url(), format!("http://localhost:{port}/jwks")] {
+            let (store, _m) = store_for("https://idp.test", source(&format!("url: {url}"), ""));
+            store.start().await;
+            assert_eq!(
+                kids(&store.get("dev").unwrap()),
+                vec!["rsa2048"],
+                "{url}: keys from the proxy, not the issuer"
+            );
+            store.shutdown();
+        }
+
+        // A remote plain-HTTP URL (allowed by `allow_http`) still goes through the proxy.
+        let (store, _m) = store_for(
+            "https://idp.test",
+            source("url: http://keys.example.test/jwks", "allow_http: true"),
+        );
+        store.start().await;
+        assert_eq!(kids(&store.get("dev").unwrap()), vec!["ec-p256"]);
+        store.shutdown();
+
+        // A remote HTTPS URL tunnels through it; the proxy's own answer is no TLS server.
+        let (store, metrics) = store_for(
+            "https://idp.test",
+            source("url: https://keys.example.test/jwks", ""),
+        );
+        store.start().await;
+        assert!(store.get("dev").is_err());
+        assert_eq!(fetches(&metrics, "ok"), 0);
+        store.shutdown();
+    });
+}

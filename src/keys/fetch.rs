@@ -1,7 +1,8 @@
 //! One attempt to load an issuer's key set: read a file, or GET a JWKS URL (directly or after
 //! OIDC discovery), with the transport rules that keep a fetch from being turned against us:
 //! HTTPS unless loopback or `allow_http`, a hard byte cap read as a stream, a timeout on the
-//! whole exchange, and redirects only within the same origin.
+//! whole exchange, redirects only within the same origin, and never a proxy for a loopback
+//! host.
 //!
 //! Knows nothing about caching or scheduling (that is `keys::store`); never logs key material.
 
@@ -137,10 +138,42 @@ pub(crate) struct Loaded {
     pub target: String,
 }
 
-/// The shared HTTP client: no idle connection pool (fetches are minutes apart, and a fresh
+/// The shared HTTP clients, one per kind of host. `remote` honours the environment's proxy
+/// settings (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`), which an HTTPS URL crosses
+/// in a tunnel, the certificate still checked end to end. `loopback` never uses a proxy: a
+/// loopback URL may be plain HTTP (see `check_url`), and through a proxy the request and the
+/// keys that come back would travel in cleartext to whatever host the environment names, which
+/// could answer with keys of its own. Redirects stay within one origin, so a fetch never moves
+/// from one kind of host to the other.
+pub(crate) struct Clients {
+    remote: reqwest::Client,
+    loopback: reqwest::Client,
+}
+
+impl Clients {
+    fn for_url(&self, url: &Url) -> &reqwest::Client {
+        if is_loopback(url) {
+            &self.loopback
+        } else {
+            &self.remote
+        }
+    }
+}
+
+pub(crate) fn build_clients() -> Result<Clients, String> {
+    Ok(Clients {
+        remote: client_builder().build().map_err(|e| innermost(&e))?,
+        loopback: client_builder()
+            .no_proxy()
+            .build()
+            .map_err(|e| innermost(&e))?,
+    })
+}
+
+/// An HTTP client's settings: no idle connection pool (fetches are minutes apart, and a fresh
 /// connection each time means a moved or dead server is noticed at once), same-origin redirects
 /// only, no automatic decompression (so `max_bytes` bounds what the issuer can make us hold).
-pub(crate) fn build_client() -> Result<reqwest::Client, String> {
+fn client_builder() -> reqwest::ClientBuilder {
     let policy = reqwest::redirect::Policy::custom(|attempt| {
         let previous = attempt.previous();
         let same_origin = previous
@@ -156,8 +189,6 @@ pub(crate) fn build_client() -> Result<reqwest::Client, String> {
         .redirect(policy)
         .pool_max_idle_per_host(0)
         .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| innermost(&e))
 }
 
 fn same_origin(a: &Url, b: &Url) -> bool {
@@ -171,7 +202,7 @@ pub(crate) async fn load(
     kind: &SourceKind,
     issuer: &str,
     cfg: &KeySourceConfig,
-    client: &Result<reqwest::Client, String>,
+    client: &Result<Clients, String>,
 ) -> Result<Loaded, Failure> {
     match kind {
         SourceKind::Invalid(why) => Err(Failure {
@@ -207,9 +238,9 @@ pub(crate) async fn load(
 }
 
 fn client_or_fail<'c>(
-    client: &'c Result<reqwest::Client, String>,
+    client: &'c Result<Clients, String>,
     target: &str,
-) -> Result<&'c reqwest::Client, Failure> {
+) -> Result<&'c Clients, Failure> {
     client.as_ref().map_err(|e| Failure {
         error: FetchError::Other(format!("http client unavailable: {e}")),
         target: redact_str(target),
@@ -239,11 +270,7 @@ async fn read_file(path: &PathBuf, cfg: &KeySourceConfig) -> Result<Vec<u8>, Fet
         .map_err(|_| FetchError::Timeout(timeout))?
 }
 
-async fn fetch_jwks(
-    client: &reqwest::Client,
-    url: &str,
-    cfg: &KeySourceConfig,
-) -> Result<Loaded, Failure> {
+async fn fetch_jwks(client: &Clients, url: &str, cfg: &KeySourceConfig) -> Result<Loaded, Failure> {
     let target = redact_str(url);
     let fail = |error| Failure {
         error,
@@ -269,7 +296,7 @@ struct DiscoveryDocument {
 /// checking that the document speaks for the configured issuer (OpenID Connect Discovery 1.0
 /// section 4.3: the `issuer` value must be identical).
 async fn discover(
-    client: &reqwest::Client,
+    client: &Clients,
     issuer: &str,
     cfg: &KeySourceConfig,
 ) -> Result<String, Failure> {
@@ -332,14 +359,15 @@ pub(crate) fn discovered_jwks_url(
 /// it passes `max_bytes` (Content-Length is only used to fail early, never trusted to bound the
 /// read). The timeout covers connect, headers and body.
 async fn get_capped(
-    client: &reqwest::Client,
+    clients: &Clients,
     url: &Url,
     cfg: &KeySourceConfig,
 ) -> Result<(Vec<u8>, HeaderMap), FetchError> {
     let max = cfg.max_bytes;
     let timeout = cfg.fetch_timeout.get();
     let exchange = async {
-        let mut resp = client
+        let mut resp = clients
+            .for_url(url)
             .get(url.clone())
             .header(ACCEPT, "application/jwk-set+json, application/json")
             .send()

@@ -26,7 +26,9 @@
 //!   already running is free.
 //! - Transport: HTTPS unless the host is loopback or `allow_http` is set (also checked for a
 //!   discovered `jwks_uri`), at most 3 redirects and only within the same origin, `max_bytes`
-//!   enforced while streaming, `fetch_timeout` per GET (discovery is two GETs).
+//!   enforced while streaming, `fetch_timeout` per GET (discovery is two GETs). Remote hosts
+//!   go through the environment's proxy (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, minus
+//!   `NO_PROXY`), loopback hosts never do.
 //!
 //! Must never touch: token verification (`identity`), decisions (`authz`, `decide`).
 
@@ -140,7 +142,7 @@ impl Slot {
 
 /// What spawned tasks share with the store.
 struct Shared {
-    client: Result<reqwest::Client, String>,
+    client: Result<fetch::Clients, String>,
     metrics: Arc<Metrics>,
 }
 
@@ -186,7 +188,7 @@ impl KeyStore {
             slots,
             order,
             shared: Arc::new(Shared {
-                client: fetch::build_client(),
+                client: fetch::build_clients(),
                 metrics,
             }),
             started: AtomicBool::new(false),
