@@ -16,7 +16,7 @@ use axum::response::Response;
 use axum::routing::get;
 use portcullis::admin::metrics::{IssuerResultLabels, Metrics};
 use portcullis::config::schema::KeySourceConfig;
-use portcullis::identity::KeySet;
+use portcullis::identity::{JwtError, KeySet};
 use portcullis::keys::{IssuerKeySource, KeyError, KeyStore};
 use tokio::task::JoinHandle;
 
@@ -1151,4 +1151,15 @@ fn proxy_child() {
         assert_eq!(fetches(&metrics, "ok"), 0);
         store.shutdown();
     });
+}
+
+/// Too many keys could have signed a token: the issuer's key set lists more than
+/// `MAX_CANDIDATE_KEYS` under the token's `kid`, or the token has none. The message used to
+/// say the token "needs a `kid` naming one" even when it named one; it now fits both, and
+/// repeats nothing from the token.
+#[test]
+fn too_many_candidate_keys_is_explained_with_or_without_a_kid() {
+    let e = JwtError::TooManyCandidateKeys(9).to_string();
+    assert!(e.contains("a token without a `kid` needs a `kid`"), "{e}");
+    assert!(e.contains("a `kid` the issuer gives to more keys"), "{e}");
 }

@@ -128,7 +128,7 @@ pub enum JwtError {
     #[error("token signature is invalid")]
     BadSignature,
     #[error(
-        "{0} keys in the issuer's key set could have signed this token, more than the {MAX_CANDIDATE_KEYS} tried: the token needs a `kid` naming one"
+        "{0} keys in the issuer's key set could have signed this token, more than the {MAX_CANDIDATE_KEYS} tried: a token without a `kid` needs a `kid` naming one key, and a `kid` the issuer gives to more keys than that cannot be checked"
     )]
     TooManyCandidateKeys(usize),
     #[error("token has no `{0}` claim")]
