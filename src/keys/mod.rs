@@ -474,17 +474,30 @@ fn no_usable_key(slot: &Slot, shared: &Shared, old: &Snapshot, loaded: Loaded) {
         }));
         return;
     };
-    tracing::error!(
-        issuer = %slot.name,
-        url = %target,
-        error.class = error.code(),
-        error = %error,
-        dropped = ?dropped,
-        withdrawn_keys = previous.len(),
-        retry_in_ms = delay.as_millis() as u64,
-        "the issuer's key set has no usable key: the keys it published before are withdrawn, \
-         its tokens are refused until it publishes a usable one"
-    );
+    if previous.is_empty() {
+        tracing::error!(
+            issuer = %slot.name,
+            url = %target,
+            error.class = error.code(),
+            error = %error,
+            dropped = ?dropped,
+            retry_in_ms = delay.as_millis() as u64,
+            "the issuer's key set still has no usable key: its tokens are refused until it \
+             publishes a usable one"
+        );
+    } else {
+        tracing::error!(
+            issuer = %slot.name,
+            url = %target,
+            error.class = error.code(),
+            error = %error,
+            dropped = ?dropped,
+            withdrawn_keys = previous.len(),
+            retry_in_ms = delay.as_millis() as u64,
+            "the issuer's key set has no usable key: the keys it published before are \
+             withdrawn, its tokens are refused until it publishes a usable one"
+        );
+    }
     // The same (empty) `Arc` while nothing changes, so an unknown-`kid` refetch sees "unchanged".
     let set = if previous.is_empty() {
         previous.clone()
