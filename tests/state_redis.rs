@@ -64,6 +64,50 @@ async fn get_set_delete_round_trip() {
     .await;
 }
 
+/// A compare-and-delete removes a key only while it holds the value given: a caller
+/// releasing its own slot never removes one another caller wrote since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delete_if_removes_only_the_value_given() {
+    both(|s, name| async move {
+        let ttl = Duration::from_secs(60);
+        assert!(!s.delete_if("k", "mine").await.unwrap(), "{name}: missing");
+        s.set("k", "theirs", ttl).await.unwrap();
+        assert!(!s.delete_if("k", "mine").await.unwrap(), "{name}");
+        assert_eq!(
+            s.get("k").await.unwrap().as_deref(),
+            Some("theirs"),
+            "{name}"
+        );
+        s.set("k", "mine", ttl).await.unwrap();
+        assert!(s.delete_if("k", "mine").await.unwrap(), "{name}");
+        assert_eq!(s.get("k").await.unwrap(), None, "{name}");
+        assert!(!s.delete_if("k", "mine").await.unwrap(), "{name}: gone");
+    })
+    .await;
+}
+
+/// `ttl_left` reads a key's remaining lifetime; a missing key has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ttl_left_reads_the_remaining_lifetime() {
+    both(|s, name| async move {
+        assert_eq!(s.ttl_left("missing").await.unwrap(), None, "{name}");
+        s.set("k", "v", Duration::from_secs(60)).await.unwrap();
+        let left = s.ttl_left("k").await.unwrap().expect("a lifetime");
+        assert!(
+            left <= Duration::from_secs(60) && left > Duration::from_secs(55),
+            "{name}: {left:?}"
+        );
+        assert!(
+            s.insert_if_absent("j", "v", Duration::from_secs(5))
+                .await
+                .unwrap()
+        );
+        let left = s.ttl_left("j").await.unwrap().expect("a lifetime");
+        assert!(left <= Duration::from_secs(5), "{name}: {left:?}");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn entries_expire_after_their_ttl() {
     both(|s, name| async move {
@@ -372,6 +416,8 @@ async fn every_op(s: &Arc<dyn StateStore>) -> Vec<Result<(), StateError>> {
         s.index_list("i", 0).await.map(drop),
         s.take_one("x").await.map(drop),
         s.rate_check("x", limit).await.map(drop),
+        s.delete_if("x", "1").await.map(drop),
+        s.ttl_left("x").await.map(drop),
     ]
 }
 
@@ -393,9 +439,11 @@ async fn redis_down_fails_every_operation_quickly_and_recovers_after_restart() {
             assert!(matches!(e, StateError::Unavailable(_)), "{e:?}");
             assert!(!e.to_string().contains("127.0.0.1"), "{e}");
         }
-        // Seven operations, each bounded by the 200ms timeout.
+        // Each operation bounded by the 200ms timeout (and one reconnect attempt, as long):
+        // 400ms each, what the ten operations before `delete_if` and `ttl_left` had.
+        let ops = u32::try_from(results.len()).unwrap();
         assert!(
-            took < Duration::from_secs(4),
+            took < OP_TIMEOUT * 2 * ops,
             "attempt {attempt}: failing took {took:?}"
         );
     }

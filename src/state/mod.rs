@@ -138,6 +138,16 @@ pub trait StateStore: Send + Sync {
 
     /// Spends one request from the token bucket at `key` (GCRA).
     async fn rate_check(&self, key: &str, limit: RateLimit) -> Result<RateOutcome, StateError>;
+
+    /// Removes `key` only while it holds `value` (compare and delete, atomic); true when it
+    /// did. For releasing what this caller wrote (a slot, a claim) without ever removing what
+    /// another caller wrote since: after a timeout, a late write of this caller's lands first
+    /// (writes on one connection are applied in order).
+    async fn delete_if(&self, key: &str, value: &str) -> Result<bool, StateError>;
+
+    /// How long `key` has left to live; `None` when it is missing or expired (a key stored
+    /// without a lifetime reads as `Duration::MAX`).
+    async fn ttl_left(&self, key: &str) -> Result<Option<Duration>, StateError>;
 }
 
 struct Entry {
@@ -523,6 +533,30 @@ impl StateStore for MemoryStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .check(key, limit, Instant::now())
     }
+
+    async fn delete_if(&self, key: &str, value: &str) -> Result<bool, StateError> {
+        let now = Instant::now();
+        let mut entries = self.entries();
+        if !entries
+            .map
+            .get(key)
+            .is_some_and(|e| e.expires > now && e.value == value)
+        {
+            return Ok(false);
+        }
+        entries.map.remove(key);
+        Ok(true)
+    }
+
+    async fn ttl_left(&self, key: &str) -> Result<Option<Duration>, StateError> {
+        let now = Instant::now();
+        let entries = self.entries();
+        Ok(entries
+            .map
+            .get(key)
+            .filter(|e| e.expires > now)
+            .map(|e| e.expires - now))
+    }
 }
 
 /// A store that is down: every operation fails with `StateError::Unavailable`, as an
@@ -584,6 +618,12 @@ impl StateStore for UnavailableStore {
     async fn rate_check(&self, _: &str, _: RateLimit) -> Result<RateOutcome, StateError> {
         self.fail()
     }
+    async fn delete_if(&self, _: &str, _: &str) -> Result<bool, StateError> {
+        self.fail()
+    }
+    async fn ttl_left(&self, _: &str) -> Result<Option<Duration>, StateError> {
+        self.fail()
+    }
 }
 
 /// Generic cell rate algorithm: returns the new theoretical arrival time and the outcome.
@@ -622,7 +662,8 @@ pub fn gcra(tat: Option<Instant>, now: Instant, limit: RateLimit) -> (Instant, R
 }
 
 /// A memory store with faults and pauses for tests of callers: `index_add` can fail, `set`,
-/// `delete` and `get` can fail for keys with given prefixes, and `index_list`, `rate_check` and
+/// `delete` (and `delete_if`) and `get` can fail for keys with given prefixes, writes to
+/// keys with given prefixes can land and then fail (a timeout), and `index_list`, `rate_check` and
 /// `index_add` can be held at a gate until the test lets them go.
 #[cfg(test)]
 pub mod testing {
@@ -671,6 +712,9 @@ pub mod testing {
         pub fail_delete: Mutex<Vec<String>>,
         /// `get` fails for keys starting with any of these.
         pub fail_get: Mutex<Vec<String>>,
+        /// `insert_if_absent` and `set` to keys starting with any of these land, then report
+        /// a failure: a Redis timeout after Redis applied the write.
+        pub land_then_fail: Mutex<Vec<String>>,
         pub index_list: Gate,
         pub rate_check: Gate,
         /// Held after the write, before `index_add` returns.
@@ -685,6 +729,7 @@ pub mod testing {
                 fail_set: Mutex::default(),
                 fail_delete: Mutex::default(),
                 fail_get: Mutex::default(),
+                land_then_fail: Mutex::default(),
                 index_list: Gate::open(),
                 rate_check: Gate::open(),
                 index_add: Gate::open(),
@@ -708,7 +753,9 @@ pub mod testing {
             v: &str,
             t: Duration,
         ) -> Result<bool, StateError> {
-            self.inner.insert_if_absent(k, v, t).await
+            let inserted = self.inner.insert_if_absent(k, v, t).await;
+            fails(&self.land_then_fail, "insert_if_absent", k)?;
+            inserted
         }
         async fn get(&self, k: &str) -> Result<Option<String>, StateError> {
             fails(&self.fail_get, "get", k)?;
@@ -716,7 +763,9 @@ pub mod testing {
         }
         async fn set(&self, k: &str, v: &str, t: Duration) -> Result<(), StateError> {
             fails(&self.fail_set, "set", k)?;
-            self.inner.set(k, v, t).await
+            let stored = self.inner.set(k, v, t).await;
+            fails(&self.land_then_fail, "set", k)?;
+            stored
         }
         async fn delete(&self, k: &str) -> Result<bool, StateError> {
             fails(&self.fail_delete, "delete", k)?;
@@ -748,6 +797,13 @@ pub mod testing {
             let outcome = self.inner.rate_check(k, l).await;
             self.rate_check.pass().await;
             outcome
+        }
+        async fn delete_if(&self, k: &str, v: &str) -> Result<bool, StateError> {
+            fails(&self.fail_delete, "delete_if", k)?;
+            self.inner.delete_if(k, v).await
+        }
+        async fn ttl_left(&self, k: &str) -> Result<Option<Duration>, StateError> {
+            self.inner.ttl_left(k).await
         }
     }
 }

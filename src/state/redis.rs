@@ -431,6 +431,32 @@ impl StateStore for RedisStore {
             _ => Err(StateError::corrupt(key)),
         }
     }
+
+    async fn delete_if(&self, key: &str, value: &str) -> Result<bool, StateError> {
+        /// Deletes KEYS[1] when it holds ARGV[1]; returns 1 when it did, else 0.
+        const DELETE_IF: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+        let full = self.key(key);
+        let script = Script::new(DELETE_IF);
+        let n: i64 = self
+            .run(|mut c| async move { script.key(&full).arg(value).invoke_async(&mut c).await })
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn ttl_left(&self, key: &str) -> Result<Option<Duration>, StateError> {
+        let full = self.key(key);
+        let ms: i64 = self
+            .run(|mut c| async move { ::redis::cmd("PTTL").arg(&full).query_async(&mut c).await })
+            .await?;
+        // -2: no such key; -1: a key without a lifetime.
+        Ok(match ms {
+            -1 => Some(Duration::MAX),
+            ms => u64::try_from(ms).ok().map(Duration::from_millis),
+        })
+    }
 }
 
 #[cfg(test)]
