@@ -24,6 +24,11 @@ use super::{
 /// the expiry sweep.
 const RECORD_GRACE: Duration = Duration::from_secs(3600);
 
+/// A request slot whose record is still missing this long after it was taken is adopted by
+/// the next retry (at least this, and ten store timeouts: longer than any opener takes from
+/// its slot to its record).
+const ADOPT_AFTER: Duration = Duration::from_secs(10);
+
 /// Why an approve / reject / list call failed. Messages are safe to return to the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApprovalError {
@@ -60,6 +65,9 @@ pub struct Approvals {
     request_ttl: Duration,
     /// New requests one caller may open per `request_ttl` (a GCRA bucket in shared state).
     max_new_requests: u32,
+    /// A slot without its record for this long was left by an opener that failed after it
+    /// landed (a timeout): a retry adopts it (see `gate`).
+    adopt_after: Duration,
     audit: AuditSink,
     webhook: Option<super::webhook::Webhook>,
 }
@@ -159,6 +167,9 @@ impl Approvals {
                 .collect(),
             request_ttl: config.file.approvals.request_ttl.get(),
             max_new_requests: config.file.approvals.max_new_requests,
+            adopt_after: ADOPT_AFTER
+                .max(config.file.state.timeout.get().saturating_mul(10))
+                .min(config.file.approvals.request_ttl.get() / 2),
             audit: AuditSink::disabled(),
             webhook: config
                 .file
@@ -352,33 +363,30 @@ impl Approvals {
                 .await
             {
                 Ok(true) => {
-                    if let Some(refusal) =
-                        self.over_new_request_cap(&decision, &identity, &fp).await
+                    if let Some(refusal) = self
+                        .over_new_request_cap(&decision, &identity, &fp, &fresh)
+                        .await
                     {
                         return refusal;
                     }
                     let mut record = self.record_for(&policy, &identity, req, &fp, now);
                     record.id = fresh.clone();
-                    let ttl = self.request_ttl + RECORD_GRACE;
-                    if let Err(e) = self.store_record(&record, ttl, now).await {
-                        // Best effort: a slot left behind would name a request no approver
-                        // can see until `request_ttl`.
-                        let _ = self.state.delete(&key_req(&fp)).await;
-                        return state_deny(decision, &e);
+                    match self
+                        .open(&decision, &policy, &record, self.request_ttl, now)
+                        .await
+                    {
+                        Some(answer) => return answer,
+                        None => continue,
                     }
-                    self.audit
-                        .record_approval(ApprovalEvent::new("requested", &record));
-                    if let Some(hook) = &self.webhook {
-                        hook.notify(&record);
-                    }
-                    let detail = format!(
-                        "this action needs approval by {}; request `{fresh}` is pending",
-                        policy.approvers_text()
-                    );
-                    return approval_deny(decision, &fresh, detail);
                 }
                 Ok(false) => {}
-                Err(e) => return state_deny(decision, &e),
+                Err(e) => {
+                    // The slot may have been taken all the same (a timeout after Redis wrote
+                    // it): released if it still holds this id (best effort: a write on the
+                    // same connection lands after the late one), else adopted by a retry.
+                    let _ = self.state.delete_if(&key_req(&fp), &fresh).await;
+                    return state_deny(decision, &e);
+                }
             }
             let id = match self.state.get(&key_req(&fp)).await {
                 Ok(Some(id)) => id,
@@ -391,10 +399,33 @@ impl Approvals {
                 Err(e) => return state_deny(decision, &e),
             };
             let Some(record) = record else {
-                // The slot is taken but its record is not written yet (it is written right
-                // after the slot, and outlives it): another request for this action is
-                // opening it, and may still be refused (the cap, a store error). Name no id
-                // that may never exist.
+                // The slot is taken but its record is not written: either another request
+                // for this action is opening it (the record is written right after the slot,
+                // and outlives it), and may still be refused (the cap, a store error), or
+                // its opener failed after the slot landed (a timeout) and will never write
+                // it. The first is short: name no id that may never exist. A slot older
+                // than any opening takes is the second: adopt it, or the action would be
+                // refused, with no request anyone can approve, until the slot expires.
+                let left = match self.state.ttl_left(&key_req(&fp)).await {
+                    Ok(Some(left)) => left,
+                    Ok(None) => continue,
+                    Err(e) => return state_deny(decision, &e),
+                };
+                if self.request_ttl.saturating_sub(left) >= self.adopt_after {
+                    if let Some(refusal) = self
+                        .over_new_request_cap(&decision, &identity, &fp, &id)
+                        .await
+                    {
+                        return refusal;
+                    }
+                    let mut record = self.record_for(&policy, &identity, req, &fp, now);
+                    record.id = id.clone();
+                    record.expires_at = now.saturating_add(secs(left));
+                    match self.open(&decision, &policy, &record, left, now).await {
+                        Some(answer) => return answer,
+                        None => continue,
+                    }
+                }
                 let detail = format!(
                     "this action needs approval by {}; a request for it is being opened, retry \
                      in a moment for its id",
@@ -425,12 +456,14 @@ impl Approvals {
     }
 
     /// Spends one of the caller's new requests; `Some` refusal (a 429, or a 503 when the
-    /// store fails) when none is left, after releasing the request slot `fp` reserved.
+    /// store fails) when none is left, after releasing the request slot of `fp` (when it
+    /// still holds `id`).
     async fn over_new_request_cap(
         &self,
         decision: &Decision,
         identity: &Identity,
         fp: &str,
+        id: &str,
     ) -> Option<Decision> {
         let n = self.max_new_requests.max(1);
         let limit = RateLimit {
@@ -458,9 +491,70 @@ impl Approvals {
             }
             Err(e) => state_deny(decision.clone(), &e),
         };
-        // Best effort: a slot left behind only expires with `request_ttl`.
-        let _ = self.state.delete(&key_req(fp)).await;
+        // Best effort: a slot left behind is adopted by a later retry.
+        let _ = self.state.delete_if(&key_req(fp), id).await;
         Some(refusal)
+    }
+
+    /// Writes the pending `record` of a request whose slot this caller holds (just taken, or
+    /// adopted), for `left` (what its slot has left) and then `RECORD_GRACE`, and answers with
+    /// its id. Its `requested` event and the webhook come once: from the caller whose write
+    /// stored the record. `None` when another caller stored it first (look again: it may be
+    /// decided by now).
+    async fn open(
+        &self,
+        decision: &Decision,
+        policy: &ApprovalPolicy,
+        record: &Record,
+        left: Duration,
+        now: i64,
+    ) -> Option<Decision> {
+        let ttl = left + RECORD_GRACE;
+        let json = record.to_json();
+        // Listed first, so a record is never stored unlisted.
+        let stored = match self
+            .state
+            .index_add(
+                APPROVAL_INDEX,
+                &record.id,
+                now.saturating_add(secs(ttl)).saturating_add(1),
+            )
+            .await
+        {
+            Ok(()) => {
+                self.state
+                    .insert_if_absent(&key_rec(&record.id), &json, ttl)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match stored {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                // Best effort, each only if it is still this caller's write (a late one lands
+                // first): a record that landed would be a request nobody was told of, a slot
+                // left behind would name a request no approver can see (until a retry
+                // adopts it).
+                let _ = self.state.delete_if(&key_rec(&record.id), &json).await;
+                let _ = self
+                    .state
+                    .delete_if(&key_req(&record.fingerprint), &record.id)
+                    .await;
+                return Some(state_deny(decision.clone(), &e));
+            }
+        }
+        self.audit
+            .record_approval(ApprovalEvent::new("requested", record));
+        if let Some(hook) = &self.webhook {
+            hook.notify(record);
+        }
+        let detail = format!(
+            "this action needs approval by {}; request `{}` is pending",
+            policy.approvers_text(),
+            record.id
+        );
+        Some(approval_deny(decision.clone(), &record.id, detail))
     }
 
     fn record_for(
@@ -710,12 +804,10 @@ impl Approvals {
         event.actor = record.decided_by.clone();
         event.uses_left = Some(i64::from(uses));
         self.audit.record_approval(event);
-        let fp = &record.fingerprint;
-        if let Ok(Some(pending)) = self.state.get(&key_req(fp)).await
-            && pending == record.id
-        {
-            let _ = self.state.delete(&key_req(fp)).await;
-        }
+        let _ = self
+            .state
+            .delete_if(&key_req(&record.fingerprint), &record.id)
+            .await;
     }
 
     /// Best effort, after an approval failed before its grant was written: `pending` is

@@ -1218,3 +1218,103 @@ async fn an_approval_is_not_spent_while_the_audit_log_refuses_records() {
     assert_eq!(used.code, ReasonCode::Allowed, "{}", used.detail);
     assert!(used.detail.contains(&id), "{}", used.detail);
 }
+
+/// The key of `who`'s request slot for `r` under rule `dba`.
+fn slot_key(who: &Arc<Identity>, r: &Req) -> String {
+    let fp = fingerprint(who, &policy_of(&config(""), "dba"), &r.view(), None);
+    format!("approval:req:{fp}")
+}
+
+/// A slot whose write timed out but landed (Redis applied it late) is released by the
+/// opener that wrote it: the next retry opens a request approvers can see, instead of
+/// being told for `request_ttl` that one "is being opened".
+#[tokio::test]
+async fn a_request_slot_that_lands_after_a_timeout_blocks_nothing() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let (a, sink, lines) = AuditLines::approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    *store.land_then_fail.lock().unwrap() = vec!["approval:req:".into()];
+    let first = a.gate(&r.view(), granted(&alice), NOW).await;
+    assert_eq!(first.code, ReasonCode::StateUnavailable, "{}", first.detail);
+    store.land_then_fail.lock().unwrap().clear();
+
+    let retry = a.gate(&r.view(), granted(&alice), NOW + 1).await;
+    assert_eq!(retry.code, ReasonCode::ApprovalRequired, "{}", retry.detail);
+    let id = approval_id(&retry);
+    let listed = a.list(&bob, false, NOW + 1).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [id.as_str()]
+    );
+    a.approve(&bob, &id, None, NOW + 2).await.unwrap();
+    let d = a.gate(&r.view(), granted(&alice), NOW + 3).await;
+    assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+    assert_eq!(lines.events(&sink), ["requested", "approved", "used"]);
+}
+
+/// A slot left without its record (its opener's write timed out but landed, and releasing
+/// it failed too) is adopted by a retry once it is older than any opening takes: the retry
+/// gets its id, pending and listed, audited `requested` once, and nothing is allowed until
+/// it is approved. A younger one is still "being opened".
+#[tokio::test]
+async fn a_slot_left_without_its_record_is_adopted_by_a_retry() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let (a, sink, lines) = AuditLines::approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    *store.land_then_fail.lock().unwrap() = vec!["approval:req:".into()];
+    *store.fail_delete.lock().unwrap() = vec!["approval:req:".into()];
+    let first = a.gate(&r.view(), granted(&alice), NOW).await;
+    assert_eq!(first.code, ReasonCode::StateUnavailable, "{}", first.detail);
+    store.land_then_fail.lock().unwrap().clear();
+    store.fail_delete.lock().unwrap().clear();
+
+    // Just taken: its opener may still be writing the record.
+    let young = a.gate(&r.view(), granted(&alice), NOW + 1).await;
+    assert_eq!(young.code, ReasonCode::ApprovalRequired, "{}", young.detail);
+    assert!(young.detail.contains("being opened"), "{}", young.detail);
+    assert!(a.list(&bob, false, NOW + 1).await.unwrap().is_empty());
+
+    // The same slot a minute older (a memory store's clock cannot be moved forward: the
+    // slot is written again with a minute less to live).
+    let key = slot_key(&alice, &r);
+    let orphan = store.get(&key).await.unwrap().expect("the slot landed");
+    let request_ttl = config("").file.approvals.request_ttl.get();
+    store
+        .set(&key, &orphan, request_ttl - Duration::from_secs(60))
+        .await
+        .unwrap();
+    let adopted = a.gate(&r.view(), granted(&alice), NOW + 60).await;
+    assert_eq!(
+        adopted.code,
+        ReasonCode::ApprovalRequired,
+        "{}",
+        adopted.detail
+    );
+    assert_eq!(approval_id(&adopted), orphan);
+    assert!(adopted.detail.contains("is pending"), "{}", adopted.detail);
+    let again = a.gate(&r.view(), granted(&alice), NOW + 61).await;
+    assert_eq!(approval_id(&again), orphan);
+    let listed = a.list(&bob, false, NOW + 61).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|r| (r.id.as_str(), r.state))
+            .collect::<Vec<_>>(),
+        [(orphan.as_str(), ApprovalState::Pending)]
+    );
+    // It ends with its slot, not an hour after the adoption.
+    assert!(
+        listed[0].expires_at <= NOW + 60 + 3600 - 60,
+        "{:?}",
+        listed[0]
+    );
+    a.approve(&bob, &orphan, None, NOW + 62).await.unwrap();
+    let d = a.gate(&r.view(), granted(&alice), NOW + 63).await;
+    assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+    assert_eq!(lines.events(&sink), ["requested", "approved", "used"]);
+}
+
