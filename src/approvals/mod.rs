@@ -11,7 +11,8 @@
 //! Keys in the state store (all under the store's own prefix):
 //! - `approval:req:<fp>` -> id of the pending request for that action (dedupes retries)
 //! - `approval:rec:<id>` -> the `Record` as JSON
-//! - `approval:decided:<id>` -> who decided it first (one decision per request)
+//! - `approval:decided:<id>` -> who decided it first, with a nonce of that attempt (one
+//!   decision per request)
 //! - `approval:grant:<fp>` -> uses left, expiring with the approval (spent with `take_one`)
 //! - `approval:grantid:<fp>` -> the id of the approval behind the grant (for the audit log)
 

@@ -683,12 +683,14 @@ impl Approvals {
     }
 
     /// Checks that `who` may decide `record` now, and claims the one decision it gets.
+    /// Returns the policy and the claim: the value stored for this attempt only, which
+    /// `release` needs to remove it.
     async fn claim(
         &self,
         record: &Record,
         who: &Identity,
         now: i64,
-    ) -> Result<Arc<ApprovalPolicy>, ApprovalError> {
+    ) -> Result<(Arc<ApprovalPolicy>, String), ApprovalError> {
         let id = record.id.clone();
         let policy = self
             .policy(&record.route, &record.rule)
@@ -710,14 +712,21 @@ impl Approvals {
             return Err(ApprovalError::Expired(id));
         }
         // INVARIANT: exactly one approve or reject wins per request, across replicas.
-        let first = self
+        // The claim names its attempt, so releasing it never removes another's.
+        let claim = format!("{} {}", actor(who), new_id());
+        let first = match self
             .state
-            .insert_if_absent(
-                &key_decided(&id),
-                &actor(who),
-                self.request_ttl + RECORD_GRACE,
-            )
-            .await?;
+            .insert_if_absent(&key_decided(&id), &claim, self.request_ttl + RECORD_GRACE)
+            .await
+        {
+            Ok(first) => first,
+            Err(e) => {
+                // The claim may have landed all the same (a timeout after Redis wrote it):
+                // released, or the request would be "being decided" until the claim expires.
+                self.release(&id, &claim).await;
+                return Err(e.into());
+            }
+        };
         if !first {
             // Name the state the record is in: still pending means the other decision has
             // not written it yet.
@@ -729,7 +738,13 @@ impl Approvals {
                 },
             });
         }
-        Ok(policy)
+        Ok((policy, claim))
+    }
+
+    /// Releases the decision of request `id` when `claim` still holds it (best effort; a
+    /// write on the same connection lands after a late claim), so it can be decided again.
+    async fn release(&self, id: &str, claim: &str) {
+        let _ = self.state.delete_if(&key_decided(id), claim).await;
     }
 
     /// Approves a pending request: the requester's same action is allowed `uses` times
@@ -754,7 +769,7 @@ impl Approvals {
                 )));
             }
         }
-        let policy = self.claim(&record, who, now).await?;
+        let (policy, claim) = self.claim(&record, who, now).await?;
         let ttl = ttl.unwrap_or(policy.ttl).max(Duration::from_secs(1));
         let fp = record.fingerprint.clone();
         let pending = record.clone();
@@ -767,12 +782,12 @@ impl Approvals {
         // nothing allows; a step that fails is undone (best effort) back to a pending request
         // whose decision is released, so the approver (or another) can decide it again.
         if let Err(e) = self.store_record(&record, ttl + RECORD_GRACE, now).await {
-            self.undo_approval(&pending, now).await;
+            self.undo_approval(&pending, &claim, now).await;
             return Err(e.into());
         }
         if let Err(e) = self.state.set(&key_grant_id(&fp), &record.id, ttl).await {
             let _ = self.state.delete(&key_grant_id(&fp)).await;
-            self.undo_approval(&pending, now).await;
+            self.undo_approval(&pending, &claim, now).await;
             return Err(e.into());
         }
         if let Err(e) = self
@@ -789,7 +804,7 @@ impl Approvals {
                 return Err(e.into());
             }
             let _ = self.state.delete(&key_grant_id(&fp)).await;
-            self.undo_approval(&pending, now).await;
+            self.undo_approval(&pending, &claim, now).await;
             return Err(e.into());
         }
         self.approved(&record, policy.uses).await;
@@ -811,12 +826,12 @@ impl Approvals {
     }
 
     /// Best effort, after an approval failed before its grant was written: `pending` is
-    /// stored again (the approved record may have been written) and the decision is
+    /// stored again (the approved record may have been written) and the decision `claim` is
     /// released, so the request can be decided again.
-    async fn undo_approval(&self, pending: &Record, now: i64) {
+    async fn undo_approval(&self, pending: &Record, claim: &str, now: i64) {
         let left = Duration::from_secs(u64::try_from(pending.expires_at - now).unwrap_or(0).max(1));
         let _ = self.store_record(pending, left + RECORD_GRACE, now).await;
-        let _ = self.state.delete(&key_decided(&pending.id)).await;
+        self.release(&pending.id, claim).await;
     }
 
     /// Rejects a pending request: retries are refused (naming the rejection) until the
@@ -829,7 +844,7 @@ impl Approvals {
         now: i64,
     ) -> Result<Record, ApprovalError> {
         let mut record = self.load(id).await?;
-        self.claim(&record, who, now).await?;
+        let (_, claim) = self.claim(&record, who, now).await?;
         record.state = ApprovalState::Rejected;
         record.decided_by = Some(actor(who));
         record.decided_at = Some(now);
@@ -840,7 +855,7 @@ impl Approvals {
         if let Err(e) = self.store_record(&record, left + RECORD_GRACE, now).await {
             // Release the decision (best effort), so the request is not left claimed by a
             // rejection that never happened: it can be rejected again, or approved.
-            let _ = self.state.delete(&key_decided(&record.id)).await;
+            self.release(&record.id, &claim).await;
             return Err(e.into());
         }
         let mut event = ApprovalEvent::new("rejected", &record);

@@ -1318,3 +1318,70 @@ async fn a_slot_left_without_its_record_is_adopted_by_a_retry() {
     assert_eq!(lines.events(&sink), ["requested", "approved", "used"]);
 }
 
+/// An approve or reject whose claim timed out but landed releases it: the request stays
+/// pending, listed, and open to be decided again, not "being decided" until the claim
+/// expires.
+#[tokio::test]
+async fn a_claim_that_lands_after_a_timeout_is_released() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let (a, sink, lines) = AuditLines::approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    *store.land_then_fail.lock().unwrap() = vec!["approval:decided:".into()];
+    assert!(matches!(
+        a.approve(&bob, &id, None, NOW + 1).await,
+        Err(ApprovalError::State(_))
+    ));
+    assert!(matches!(
+        a.reject(&bob, &id, None, NOW + 2).await,
+        Err(ApprovalError::State(_))
+    ));
+    store.land_then_fail.lock().unwrap().clear();
+    let listed = a.list(&bob, false, NOW + 3).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.state).collect::<Vec<_>>(),
+        [ApprovalState::Pending]
+    );
+    let approved = a.approve(&bob, &id, None, NOW + 3).await.unwrap();
+    assert_eq!(approved.state, ApprovalState::Approved);
+    let d = a.gate(&r.view(), granted(&alice), NOW + 4).await;
+    assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+    assert_eq!(lines.events(&sink), ["requested", "approved", "used"]);
+}
+
+/// Releasing a claim never releases another decision's: a claim that failed with nothing
+/// written leaves the one held by another replica's decision in place.
+#[tokio::test]
+async fn a_failed_claim_never_releases_another_decisions_claim() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let a = approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    // Carol's decision, on another replica, holds the claim; Bob's fails (a timeout whose
+    // write found the claim taken).
+    let key = format!("approval:decided:{id}");
+    store
+        .inner
+        .insert_if_absent(&key, "corp:carol", Duration::from_secs(60))
+        .await
+        .unwrap();
+    *store.land_then_fail.lock().unwrap() = vec!["approval:decided:".into()];
+    assert!(matches!(
+        a.approve(&bob, &id, None, NOW + 1).await,
+        Err(ApprovalError::State(_))
+    ));
+    store.land_then_fail.lock().unwrap().clear();
+    assert_eq!(
+        store.get(&key).await.unwrap().as_deref(),
+        Some("corp:carol")
+    );
+    assert_eq!(
+        a.approve(&bob, &id, None, NOW + 2).await,
+        Err(ApprovalError::BeingDecided(id.clone()))
+    );
+}
+
