@@ -782,12 +782,12 @@ impl Approvals {
         // nothing allows; a step that fails is undone (best effort) back to a pending request
         // whose decision is released, so the approver (or another) can decide it again.
         if let Err(e) = self.store_record(&record, ttl + RECORD_GRACE, now).await {
-            self.undo_approval(&pending, &claim, now).await;
+            self.undo_decision(&pending, &claim, now).await;
             return Err(e.into());
         }
         if let Err(e) = self.state.set(&key_grant_id(&fp), &record.id, ttl).await {
             let _ = self.state.delete(&key_grant_id(&fp)).await;
-            self.undo_approval(&pending, &claim, now).await;
+            self.undo_decision(&pending, &claim, now).await;
             return Err(e.into());
         }
         if let Err(e) = self
@@ -804,7 +804,7 @@ impl Approvals {
                 return Err(e.into());
             }
             let _ = self.state.delete(&key_grant_id(&fp)).await;
-            self.undo_approval(&pending, &claim, now).await;
+            self.undo_decision(&pending, &claim, now).await;
             return Err(e.into());
         }
         self.approved(&record, policy.uses).await;
@@ -825,10 +825,12 @@ impl Approvals {
             .await;
     }
 
-    /// Best effort, after an approval failed before its grant was written: `pending` is
-    /// stored again (the approved record may have been written) and the decision `claim` is
-    /// released, so the request can be decided again.
-    async fn undo_approval(&self, pending: &Record, claim: &str, now: i64) {
+    /// Best effort, after an approval failed before its grant was written or a rejection
+    /// failed to be stored: `pending` is stored again (the decided record may have been
+    /// written, or land late: writes on one connection are applied in order, so this one
+    /// lands after it) and the decision `claim` is released, so the request can be decided
+    /// again.
+    async fn undo_decision(&self, pending: &Record, claim: &str, now: i64) {
         let left = Duration::from_secs(u64::try_from(pending.expires_at - now).unwrap_or(0).max(1));
         let _ = self.store_record(pending, left + RECORD_GRACE, now).await;
         self.release(&pending.id, claim).await;
@@ -845,6 +847,7 @@ impl Approvals {
     ) -> Result<Record, ApprovalError> {
         let mut record = self.load(id).await?;
         let (_, claim) = self.claim(&record, who, now).await?;
+        let pending = record.clone();
         record.state = ApprovalState::Rejected;
         record.decided_by = Some(actor(who));
         record.decided_at = Some(now);
@@ -853,9 +856,11 @@ impl Approvals {
             .filter(|r: &String| !r.trim().is_empty());
         let left = Duration::from_secs(u64::try_from(record.expires_at - now).unwrap_or(1));
         if let Err(e) = self.store_record(&record, left + RECORD_GRACE, now).await {
-            // Release the decision (best effort), so the request is not left claimed by a
-            // rejection that never happened: it can be rejected again, or approved.
-            self.release(&record.id, &claim).await;
+            // The rejected record may have been written all the same (a timeout after Redis
+            // applied it), and would be in force unaudited: the pending one is written back
+            // and the decision released (best effort), so the request is left pending, as
+            // the caller is told, and can be rejected again, or approved.
+            self.undo_decision(&pending, &claim, now).await;
             return Err(e.into());
         }
         let mut event = ApprovalEvent::new("rejected", &record);

@@ -1385,3 +1385,35 @@ async fn a_failed_claim_never_releases_another_decisions_claim() {
     );
 }
 
+/// A rejection whose record write timed out but landed is not left in force unaudited: the
+/// pending record is written back and the decision released, so the request is pending
+/// (as the approver is told), retries are not told it was rejected, and it can be rejected
+/// again, audited then.
+#[tokio::test]
+async fn a_rejection_that_lands_after_a_timeout_is_undone() {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let (a, sink, lines) = AuditLines::approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    *store.land_then_fail.lock().unwrap() = vec!["approval:rec:".into()];
+    assert!(matches!(
+        a.reject(&bob, &id, Some("no".into()), NOW + 1).await,
+        Err(ApprovalError::State(_))
+    ));
+    store.land_then_fail.lock().unwrap().clear();
+    let listed = a.list(&bob, false, NOW + 2).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.state).collect::<Vec<_>>(),
+        [ApprovalState::Pending]
+    );
+    let d = a.gate(&r.view(), granted(&alice), NOW + 2).await;
+    assert!(d.detail.contains("is pending"), "{}", d.detail);
+    assert_eq!(lines.events(&sink), ["requested"]);
+    let rejected = a.reject(&bob, &id, Some("no".into()), NOW + 3).await;
+    assert_eq!(rejected.map(|r| r.state), Ok(ApprovalState::Rejected));
+    let d = a.gate(&r.view(), granted(&alice), NOW + 4).await;
+    assert!(d.detail.contains("rejected by `corp:bob`"), "{}", d.detail);
+    assert_eq!(lines.events(&sink), ["requested", "rejected"]);
+}
