@@ -521,7 +521,7 @@ impl Approvals {
             )
             .await
         {
-            Ok(()) => {
+            Ok(_) => {
                 self.state
                     .insert_if_absent(&key_rec(&record.id), &json, ttl)
                     .await
