@@ -93,6 +93,22 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        let metrics = Self::empty();
+        // Outcome counters exist at 0 from the start: an alert on `result="error"` sees 0,
+        // not "no data", until the first reload or sync.
+        for family in [
+            &metrics.config_reloads,
+            &metrics.revocation_reloads,
+            &metrics.revocation_syncs,
+        ] {
+            for result in ["ok", "error"] {
+                drop(family.get_or_create(&ResultLabels { result }));
+            }
+        }
+        metrics
+    }
+
+    fn empty() -> Self {
         Self {
             decisions: Family::default(),
             api_key_decisions: Family::default(),
@@ -218,5 +234,26 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_counters_are_exported_at_zero_before_anything_happened() {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &Metrics::new().registry()).unwrap();
+        for name in [
+            "portcullis_config_reloads_total",
+            "portcullis_revocation_reloads_total",
+            "portcullis_revocation_syncs_total",
+        ] {
+            for result in ["ok", "error"] {
+                let line = format!("{name}{{result=\"{result}\"}} 0");
+                assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+            }
+        }
     }
 }
