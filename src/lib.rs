@@ -13,6 +13,7 @@ pub mod engine;
 pub mod grpc;
 pub mod identity;
 pub mod keys;
+pub mod listener;
 pub mod policytest;
 pub mod ratelimit;
 pub mod reload;

@@ -122,12 +122,33 @@ fn approvals(args: portcullis::approvals::client::ApprovalsArgs) -> anyhow::Resu
     Ok(())
 }
 
+/// Raises the open-files soft limit (often 1 024) towards what the listeners' caps may hold:
+/// `max_connections` on each ext_authz listener, the admin and approvals caps, and room for
+/// key fetches, Redis and files. Short of it (the hard limit is lower), a warning names the
+/// setting, because running out of descriptors also stops reloads.
+fn raise_open_files_limit(max_connections: usize) {
+    use portcullis::listener::SMALL_LISTENER_MAX_CONNECTIONS;
+    let want = (2 * max_connections + 2 * SMALL_LISTENER_MAX_CONNECTIONS + 1024) as u64;
+    match rlimit::increase_nofile_limit(want) {
+        Ok(got) if got >= want => {}
+        Ok(got) => tracing::warn!(
+            limit = got,
+            wanted = want,
+            "the open-files limit is below what `server.max_connections` ({max_connections} per \
+             ext_authz listener) may need; raise it (`ulimit -n`, systemd `LimitNOFILE`) or \
+             lower `server.max_connections`"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
+}
+
 fn serve(config_path: std::path::PathBuf) -> anyhow::Result<()> {
     init_logging();
     let config = portcullis::config::load(&config_path)?;
     for warning in &config.warnings {
         tracing::warn!(config = %config_path.display(), "{warning}");
     }
+    raise_open_files_limit(config.file.server.max_connections);
     let rt = runtime()?;
     tracing::info!(
         scheduler = ?rt.handle().runtime_flavor(),

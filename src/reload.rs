@@ -194,10 +194,12 @@ impl Reloader {
             || new.file.server.admin_listen != old.config.file.server.admin_listen
             || new.file.server.http_listen != old.config.file.server.http_listen
             || new.file.server.approvals_listen != old.config.file.server.approvals_listen
+            || new.file.server.max_connections != old.config.file.server.max_connections
         {
             tracing::warn!(
                 config = %self.path.display(),
-                "listener addresses changed; they take effect only after a restart"
+                "listener addresses or `server.max_connections` changed; they take effect \
+                 only after a restart"
             );
         }
         // The store is built once, at start; a reload keeps it. Taking a changed `state` as

@@ -20,9 +20,10 @@ use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::grpc::http::{self, HttpAuthorizer};
-use crate::grpc::serve::{serve, tcp_incoming};
+use crate::grpc::serve::serve;
 use crate::grpc::{AuthorizationServer, AuthzService};
 use crate::keys::{IssuerKeySource, KeyStore};
+use crate::listener::{ConnLimit, SMALL_LISTENER_MAX_CONNECTIONS, tcp_incoming};
 use crate::state::StateStore;
 
 /// The gRPC service name Envoy calls, reported by the health service.
@@ -67,7 +68,7 @@ pub struct Server {
     grpc_task: JoinHandle<()>,
     http_task: Option<JoinHandle<()>>,
     approvals_task: Option<JoinHandle<()>>,
-    admin_task: JoinHandle<std::io::Result<()>>,
+    admin_task: JoinHandle<()>,
     /// Set by `leave_rotation`: `/readyz` and gRPC health report not ready.
     leaving: Arc<AtomicBool>,
 }
@@ -194,14 +195,16 @@ impl Server {
         spawn_approval_sweeper(engine.clone(), shutdown_rx.clone());
         let authz = Arc::new(authz);
         let check = AuthorizationServer::new(authz.clone());
+        let max_connections = engine.load().config.file.server.max_connections;
         let http_task = http_listener.map(|(listener, _)| {
             let authorizer = HttpAuthorizer::new(authz);
             let stop = shutdown_rx.clone();
+            let limit = ConnLimit::new("http", max_connections, &metrics);
             match &tls_files {
-                Some(files) => crate::tls::incoming(listener, files.clone(), stop.clone())
+                Some(files) => crate::tls::incoming(listener, files.clone(), limit, stop.clone())
                     .map(|incoming| tokio::spawn(http::serve(incoming, authorizer, stop))),
                 None => Ok(tokio::spawn(http::serve(
-                    tcp_incoming(listener),
+                    tcp_incoming(listener, limit),
                     authorizer,
                     stop,
                 ))),
@@ -220,6 +223,7 @@ impl Server {
                     approvals_tls_files,
                     None,
                     approvals_routes,
+                    ConnLimit::new("approvals", SMALL_LISTENER_MAX_CONNECTIONS, &metrics),
                     shutdown_rx.clone(),
                 )?;
                 (Routes::new(health_service), Some(task))
@@ -232,6 +236,7 @@ impl Server {
             tls_files,
             Some(check),
             routes,
+            ConnLimit::new("grpc", max_connections, &metrics),
             shutdown_rx.clone(),
         )?;
 
@@ -241,14 +246,12 @@ impl Server {
             leaving: leaving.clone(),
             bound: admin_addr,
         });
-        let mut admin_stop = shutdown_rx;
-        let admin_task = tokio::spawn(async move {
-            axum::serve(admin_listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = admin_stop.wait_for(|stop| *stop).await;
-                })
-                .await
-        });
+        let admin_limit = ConnLimit::new("admin", SMALL_LISTENER_MAX_CONNECTIONS, &metrics);
+        let admin_task = tokio::spawn(admin::serve(
+            tcp_incoming(admin_listener, admin_limit),
+            app,
+            shutdown_rx,
+        ));
 
         tracing::info!(
             grpc.addr = %grpc_addr,
@@ -344,21 +347,29 @@ async fn bind_optional(
     Ok(Some((listener, local)))
 }
 
-/// Serves gRPC on `listener` (over TLS with `tls`) until `stop`: Checks with `check` when
-/// given, everything else with `routes`.
+/// Serves gRPC on `listener` (over TLS with `tls`) until `stop`, at most `limit`'s
+/// connections at once: Checks with `check` when given, everything else with `routes`.
 fn spawn_grpc(
     listener: TcpListener,
     tls: Option<crate::tls::TlsFiles>,
     check: Option<AuthorizationServer>,
     routes: Routes,
+    limit: Arc<ConnLimit>,
     stop: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, ServeError> {
+    let name = limit.listener();
     Ok(match tls {
         Some(files) => {
-            let incoming = crate::tls::incoming(listener, files, stop.clone())?;
-            tokio::spawn(serve(incoming, check, routes, stop))
+            let incoming = crate::tls::incoming(listener, files, limit, stop.clone())?;
+            tokio::spawn(serve(incoming, check, routes, stop, name))
         }
-        None => tokio::spawn(serve(tcp_incoming(listener), check, routes, stop)),
+        None => tokio::spawn(serve(
+            tcp_incoming(listener, limit),
+            check,
+            routes,
+            stop,
+            name,
+        )),
     })
 }
 

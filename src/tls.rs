@@ -29,6 +29,7 @@ use tokio_rustls::server::TlsStream;
 use crate::config::ConfigError;
 use crate::config::schema::TlsConfig;
 use crate::identity::peer::{PeerCertificate, PrincipalPattern};
+use crate::listener::{ConnLimit, ConnPermit};
 
 /// How long a client may take to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -281,11 +282,12 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// The stream of handshaken connections handed to the gRPC server.
-pub struct Incoming(mpsc::Receiver<io::Result<TlsConn>>);
+/// The stream of handshaken connections handed to the gRPC server, each with its place
+/// under the listener's connection cap.
+pub struct Incoming(mpsc::Receiver<io::Result<(TlsConn, ConnPermit)>>);
 
 impl Stream for Incoming {
-    type Item = io::Result<TlsConn>;
+    type Item = io::Result<(TlsConn, ConnPermit)>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.0.poll_recv(cx)
@@ -294,10 +296,13 @@ impl Stream for Incoming {
 
 /// Serves TLS on `listener`: handshakes run concurrently (a slow client never blocks the
 /// others), refused handshakes are logged at debug level and dropped, and the files are
-/// watched for changes until `stop` turns true. Fails when the initial files do not load.
+/// watched for changes until `stop` turns true. A connection takes its place under `limit`
+/// before its handshake (past the cap it is closed at once). Fails when the initial files
+/// do not load.
 pub fn incoming(
     listener: TcpListener,
     files: TlsFiles,
+    limit: Arc<ConnLimit>,
     stop: watch::Receiver<bool>,
 ) -> Result<Incoming, TlsError> {
     let contents = files.read_all()?;
@@ -305,7 +310,7 @@ pub fn incoming(
     let files = Arc::new(files);
     spawn_reloader(files.clone(), contents, current.clone(), stop.clone());
     let (tx, rx) = mpsc::channel(BACKLOG);
-    tokio::spawn(accept_loop(listener, files, current, tx, stop));
+    tokio::spawn(accept_loop(listener, files, current, limit, tx, stop));
     Ok(Incoming(rx))
 }
 
@@ -313,7 +318,8 @@ async fn accept_loop(
     listener: TcpListener,
     files: Arc<TlsFiles>,
     current: Arc<ArcSwap<ServerConfig>>,
-    tx: mpsc::Sender<io::Result<TlsConn>>,
+    limit: Arc<ConnLimit>,
+    tx: mpsc::Sender<io::Result<(TlsConn, ConnPermit)>>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -329,6 +335,9 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let Some(permit) = limit.admit() else {
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(current.load_full());
@@ -353,7 +362,7 @@ async fn accept_loop(
                 );
                 return;
             }
-            let _ = tx.send(Ok(stream)).await;
+            let _ = tx.send(Ok((stream, permit))).await;
         });
     }
 }

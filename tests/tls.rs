@@ -521,3 +521,54 @@ async fn the_approvals_api_can_have_a_listener_and_an_allow_list_of_its_own() {
     assert_eq!(check, Err("grpc-status 12".to_string()));
     server.shutdown().await;
 }
+
+/// A connection still in its TLS handshake holds its place under `server.max_connections`:
+/// a flood of connections that never finish the handshake is capped like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_in_their_handshake_count_against_the_cap() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config_with(dir.path(), "", "  max_connections: 1\n");
+    let server = Server::start(portcullis::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    // Connected, no ClientHello: the only place is taken.
+    let _silent = tokio::net::TcpStream::connect(server.grpc_addr)
+        .await
+        .unwrap();
+    let mut refused = false;
+    for _ in 0..50 {
+        let mut next = tokio::net::TcpStream::connect(server.grpc_addr)
+            .await
+            .unwrap();
+        let mut buf = [0u8; 16];
+        // Closed on arrival: EOF (or a reset) at once, before any handshake.
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(500), next.read(&mut buf)).await
+        {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "a second connection was kept while the first held the only place");
+    let client = grpc_client(Some("envoy"));
+    assert!(
+        health(&client, &server).await.is_err(),
+        "a TLS client was served past the cap"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", server.admin_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("portcullis_connections_refused_total{listener=\"grpc\"} "),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_connections_open{listener=\"grpc\"} 1\n"),
+        "{metrics}"
+    );
+    server.shutdown().await;
+}

@@ -59,6 +59,12 @@ pub struct IssuerLabels {
     pub issuer: String,
 }
 
+/// A listener by name (`grpc`, `http`, `approvals`, `admin`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -89,6 +95,10 @@ pub struct Metrics {
     pub revocation_syncs: Family<ResultLabels, Counter>,
     /// Entries in the revocation file in force.
     pub revocation_entries: Gauge,
+    /// Connections open per listener (`crate::listener`).
+    pub connections_open: Family<ListenerLabels, Gauge>,
+    /// Connections closed on arrival because their listener had its maximum open.
+    pub connections_refused: Family<ListenerLabels, Counter>,
 }
 
 impl Metrics {
@@ -129,6 +139,8 @@ impl Metrics {
             revocation_reloads: Family::default(),
             revocation_syncs: Family::default(),
             revocation_entries: Gauge::default(),
+            connections_open: Family::default(),
+            connections_refused: Family::default(),
         }
     }
 
@@ -226,6 +238,17 @@ impl Metrics {
             "revocation_entries",
             "Entries in the revocation file in force",
             self.revocation_entries.clone(),
+        );
+        r.register(
+            "connections_open",
+            "Connections open, by listener",
+            self.connections_open.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed on arrival because their listener had its maximum open \
+             (server.max_connections for grpc and http), by listener",
+            self.connections_refused.clone(),
         );
         r
     }

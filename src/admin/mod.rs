@@ -17,7 +17,14 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use futures_util::Stream;
+use hyper_util::rt::TokioTimer;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
 use crate::engine::Engine;
+use crate::listener::{ConnPermit, H1_HEADER_READ_TIMEOUT, Marked, accept_loop};
 use metrics::{IssuerLabels, Metrics};
 
 #[derive(Clone)]
@@ -30,6 +37,23 @@ pub struct AdminState {
     /// a reloaded config's `server.admin_listen` says, so it alone tells whether the listener
     /// is on loopback.
     pub bound: std::net::SocketAddr,
+}
+
+/// Serves `app` over HTTP/1.1 on each connection `incoming` yields until `stop` turns true,
+/// then drains; connections are capped and timed like every listener's (`crate::listener`).
+pub async fn serve<S>(incoming: S, app: Router, stop: watch::Receiver<bool>)
+where
+    S: Stream<Item = std::io::Result<(TcpStream, ConnPermit)>>,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(H1_HEADER_READ_TIMEOUT);
+    accept_loop(incoming, stop, "admin", |io, first| {
+        let service = Marked::new(TowerToHyperService::new(app.clone()), first);
+        builder.serve_connection(io, service)
+    })
+    .await;
 }
 
 pub fn router(state: AdminState) -> Router {

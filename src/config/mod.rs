@@ -884,6 +884,14 @@ impl Compiler {
     /// no two listeners share an address (port 0, any free port, never clashes).
     fn listeners(&self, file: &ConfigFile) -> Res<()> {
         let server = &file.server;
+        if server.max_connections == 0 {
+            return Err(self.hint(
+                "server.max_connections",
+                "is 0, so no connection (not even Envoy's) would be served",
+                "leave it out for 4096, or give the most connections each ext_authz listener \
+                 may hold open (Envoy needs a handful per worker thread)",
+            ));
+        }
         let all = [
             ("listen", Some(&server.listen)),
             ("admin_listen", Some(&server.admin_listen)),

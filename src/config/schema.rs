@@ -127,6 +127,11 @@ pub struct ServerConfig {
     /// Absent: not served. Uses `tls` too when that is set.
     #[serde(default)]
     pub http_listen: Option<String>,
+    /// The most connections each ext_authz listener (`listen`, `http_listen`) holds open at
+    /// once; past it a new connection is closed on arrival (counted in
+    /// `portcullis_connections_refused_total`). Envoy needs a handful per worker thread.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     /// How long in-flight checks may take to finish after SIGTERM/SIGINT.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: HumanDuration,
@@ -180,6 +185,7 @@ impl Default for ServerConfig {
             listen: default_listen(),
             admin_listen: default_admin_listen(),
             http_listen: None,
+            max_connections: default_max_connections(),
             shutdown_grace: default_shutdown_grace(),
             shutdown_delay: default_shutdown_delay(),
             key_fetch_wait: default_key_wait(),
@@ -195,6 +201,9 @@ fn default_listen() -> String {
 }
 fn default_admin_listen() -> String {
     "127.0.0.1:9192".to_string()
+}
+fn default_max_connections() -> usize {
+    4096
 }
 fn default_shutdown_grace() -> HumanDuration {
     HumanDuration::from_secs(10)

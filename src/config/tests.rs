@@ -135,6 +135,17 @@ fn type_errors_name_the_field() {
         "invalid",
     );
     fails(
+        &format!("server: {{ max_connections: 0 }}\n{ROUTE}"),
+        "server.max_connections",
+        "is 0, so no connection",
+    );
+    fails(
+        &format!("server: {{ max_connections: many }}\n{ROUTE}"),
+        "server.max_connections",
+        "invalid type",
+    );
+    assert_eq!(compile(ROUTE).unwrap().file.server.max_connections, 4096);
+    fails(
         &format!("tokens: {{ max_bytes: -1 }}\n{ROUTE}"),
         "tokens.max_bytes",
         "invalid type: integer `-1`",

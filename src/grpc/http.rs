@@ -35,9 +35,14 @@ use bytes::Bytes;
 use futures_util::{FutureExt, Stream};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
+
+use crate::listener::{
+    ConnPermit, H1_HEADER_READ_TIMEOUT, H2_KEEPALIVE_INTERVAL, H2_KEEPALIVE_TIMEOUT, Marked,
+    accept_loop,
+};
 use tonic::codegen::{BoxFuture, http};
 
 use super::wire::{HeaderList, TooManyHeaders};
@@ -262,7 +267,7 @@ fn deny(decision: &Decision, request_id: &str) -> Response {
 /// yields until `stop` turns true, then drains.
 pub async fn serve<S, IO>(incoming: S, authorizer: HttpAuthorizer, stop: watch::Receiver<bool>)
 where
-    S: Stream<Item = io::Result<IO>>,
+    S: Stream<Item = io::Result<(IO, ConnPermit)>>,
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -273,9 +278,19 @@ where
     // `max_request_headers_kb`); hyper's own default of 16 KiB would refuse a long query plus a
     // large token at the HTTP/2 layer, before any decision (no JSON body, no audit line).
     builder.http2().max_header_list_size(MAX_HEADER_LIST_BYTES);
-    super::serve::accept_loop(incoming, stop, "HTTP ext_authz", |io| {
+    // Dead peers and idle or slow HTTP/1 connections are closed (see `crate::listener`).
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(H1_HEADER_READ_TIMEOUT);
+    accept_loop(incoming, stop, "http", |io, first| {
         builder
-            .serve_connection(io, authorizer.clone())
+            .serve_connection(io, Marked::new(authorizer.clone(), first))
             .into_owned()
     })
     .await;

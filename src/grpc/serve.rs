@@ -6,16 +6,14 @@
 //!
 //! Shutdown is graceful: when `stop` turns true the listener closes, every connection gets
 //! a GOAWAY, and `serve` returns once the in-flight requests are answered (the caller bounds
-//! the wait with `server.shutdown_grace`).
+//! the wait with `server.shutdown_grace`). Connection caps and deadlines: `crate::listener`.
 
 use std::convert::Infallible;
 use std::io;
-use std::time::Duration;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tonic::codegen::{BoxFuture, Service, http};
@@ -23,6 +21,9 @@ use tonic::service::Routes;
 
 use super::AuthorizationServer;
 use super::service::CHECK_PATH;
+use crate::listener::{
+    ConnPermit, H2_KEEPALIVE_INTERVAL, H2_KEEPALIVE_TIMEOUT, Marked, accept_loop,
+};
 
 type Response = http::Response<tonic::body::Body>;
 
@@ -53,15 +54,16 @@ impl hyper::service::Service<http::Request<Incoming>> for Dispatch {
 }
 
 /// Serves HTTP/2 (gRPC) on each connection `incoming` yields until `stop` turns true, then
-/// drains: Checks with `check` when given, everything else with `routes`. A failed accept
-/// is logged and retried after a pause (e.g. out of descriptors).
+/// drains: Checks with `check` when given, everything else with `routes`. `listener` names
+/// it in logs. Connections are capped, timed and drained by `crate::listener::accept_loop`.
 pub async fn serve<S, IO>(
     incoming: S,
     check: Option<AuthorizationServer>,
     routes: Routes,
     stop: watch::Receiver<bool>,
+    listener: &'static str,
 ) where
-    S: Stream<Item = io::Result<IO>>,
+    S: Stream<Item = io::Result<(IO, ConnPermit)>>,
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let dispatch = Dispatch {
@@ -71,63 +73,13 @@ pub async fn serve<S, IO>(
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     // gRPC answers carry no `Date`: one header less to build here and to decode in Envoy.
     builder.auto_date_header(false);
-    accept_loop(incoming, stop, "gRPC", |io| {
-        builder.serve_connection(io, dispatch.clone())
+    // Pings find peers that are gone (see `crate::listener`).
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+    accept_loop(incoming, stop, listener, |io, first| {
+        builder.serve_connection(io, Marked::new(dispatch.clone(), first))
     })
     .await;
-}
-
-/// The accept loop shared by the gRPC and HTTP ext_authz listeners: each connection is
-/// served by `connect` until `stop` turns true, then every connection is drained
-/// gracefully. A failed accept is logged and retried after a pause.
-pub(super) async fn accept_loop<S, IO, C>(
-    incoming: S,
-    mut stop: watch::Receiver<bool>,
-    listener: &'static str,
-    mut connect: impl FnMut(TokioIo<IO>) -> C,
-) where
-    S: Stream<Item = io::Result<IO>>,
-    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    C: GracefulConnection + Send + 'static,
-    C::Error: std::fmt::Display,
-{
-    let graceful = GracefulShutdown::new();
-    let mut incoming = std::pin::pin!(incoming);
-    loop {
-        let next = tokio::select! {
-            next = incoming.next() => next,
-            // A dropped sender also means stop.
-            _ = stop.wait_for(|s| *s) => None,
-        };
-        match next {
-            Some(Ok(io)) => {
-                let conn = graceful.watch(connect(TokioIo::new(io)));
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, listener, "connection ended with an error");
-                    }
-                });
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, listener, "accept failed; retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            None => break,
-        }
-    }
-    graceful.shutdown().await;
-}
-
-/// The plain-TCP connection stream of a listener, with `TCP_NODELAY` (a Check answer must
-/// not wait for Nagle).
-pub fn tcp_incoming(
-    listener: tokio::net::TcpListener,
-) -> impl Stream<Item = io::Result<tokio::net::TcpStream>> {
-    futures_util::stream::unfold(listener, |listener| async move {
-        let next = listener.accept().await.and_then(|(stream, _)| {
-            stream.set_nodelay(true)?;
-            Ok(stream)
-        });
-        Some((next, listener))
-    })
 }

@@ -1,0 +1,265 @@
+//! What every listener shares (ext_authz over gRPC and HTTP, the approvals API, admin): the
+//! accept loop with its graceful drain, a cap on open connections, and deadlines that close
+//! connections nobody uses. Without them, thousands of idle or half-open connections used up
+//! the process's file descriptors: new connections from Envoy timed out, config and
+//! revocation-file reloads failed, and inside Envoy (the module) Envoy's own listeners stopped
+//! accepting.
+//!
+//! - **Cap**: at most `max` connections open at once per listener, TLS handshakes included
+//!   (`server.max_connections` for the ext_authz listeners, `SMALL_LISTENER_MAX_CONNECTIONS`
+//!   for admin and approvals). Past it a new connection is closed at once, counted in
+//!   `portcullis_connections_refused_total{listener}` and logged (at most every 10 s);
+//!   `portcullis_connections_open{listener}` shows how many are open.
+//! - **First request**: a connection that sends no request within `FIRST_REQUEST_TIMEOUT` of
+//!   being accepted is closed.
+//! - **HTTP/2**: keep-alive pings every `H2_KEEPALIVE_INTERVAL` of silence; a peer that does
+//!   not answer within `H2_KEEPALIVE_TIMEOUT` is gone and its connection closed (Envoy answers
+//!   pings, so its pooled connections stay open however idle).
+//! - **HTTP/1**: a request's headers must arrive within `H1_HEADER_READ_TIMEOUT`, and a
+//!   keep-alive connection idle that long is closed.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{Stream, StreamExt};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+use crate::admin::metrics::{ListenerLabels, Metrics};
+
+/// A connection must send its first request within this long of being accepted.
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2: a ping after this long without a frame from the peer...
+pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// ...and the connection is closed when the ping is not answered within this long.
+pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// HTTP/1: the longest a request's headers may take to arrive, and the longest a keep-alive
+/// connection may wait idle for its next request.
+pub const H1_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The cap of the admin and approvals listeners (a scraper, probes, a few approvers).
+pub const SMALL_LISTENER_MAX_CONNECTIONS: usize = 256;
+/// The refused-connection warning is logged at most this often per listener.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The cap on one listener's open connections.
+pub struct ConnLimit {
+    listener: &'static str,
+    max: usize,
+    permits: Arc<Semaphore>,
+    open: Gauge,
+    refused: Counter,
+    last_warning: Mutex<Option<Instant>>,
+}
+
+/// One open connection's place under its listener's cap; dropping it frees the place.
+pub struct ConnPermit {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+impl ConnLimit {
+    /// At most `max` (at least 1) connections open at once on `listener` (the name in logs
+    /// and in the metrics' `listener` label).
+    pub fn new(listener: &'static str, max: usize, metrics: &Metrics) -> Arc<Self> {
+        let labels = ListenerLabels { listener };
+        let max = max.max(1);
+        Arc::new(Self {
+            listener,
+            max,
+            permits: Arc::new(Semaphore::new(max)),
+            open: metrics.connections_open.get_or_create(&labels).clone(),
+            refused: metrics.connections_refused.get_or_create(&labels).clone(),
+            last_warning: Mutex::new(None),
+        })
+    }
+
+    /// The listener's name, as logs and metrics give it.
+    pub fn listener(&self) -> &'static str {
+        self.listener
+    }
+
+    /// A place for one more connection, or `None` (counted, and logged at most every 10 s)
+    /// when `max` are open.
+    pub fn admit(&self) -> Option<ConnPermit> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.open.inc();
+                Some(ConnPermit {
+                    _permit: permit,
+                    open: self.open.clone(),
+                })
+            }
+            Err(_) => {
+                self.refused.inc();
+                self.warn_refused(Instant::now());
+                None
+            }
+        }
+    }
+
+    fn warn_refused(&self, now: Instant) {
+        let mut last = self
+            .last_warning
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
+            return;
+        }
+        *last = Some(now);
+        drop(last);
+        tracing::warn!(
+            listener = self.listener,
+            max_connections = self.max,
+            "connection limit reached: new connections are closed until open ones end \
+             (counted in portcullis_connections_refused_total; idle connections close after \
+             {}s without a request, and dead HTTP/2 peers after an unanswered ping)",
+            FIRST_REQUEST_TIMEOUT.as_secs()
+        );
+    }
+}
+
+/// The plain-TCP connection stream of a listener, each connection under `limit` and with
+/// `TCP_NODELAY` (a Check answer must not wait for Nagle). A connection past the cap is
+/// closed as soon as it is accepted.
+pub fn tcp_incoming(
+    listener: TcpListener,
+    limit: Arc<ConnLimit>,
+) -> impl Stream<Item = io::Result<(TcpStream, ConnPermit)>> {
+    futures_util::stream::unfold((listener, limit), |(listener, limit)| async move {
+        let next = loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let Some(permit) = limit.admit() else {
+                        continue;
+                    };
+                    break stream.set_nodelay(true).map(|()| (stream, permit));
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        Some((next, (listener, limit)))
+    })
+}
+
+/// Whether a connection has had a request: set by `Marked` when the connection's service is
+/// first called.
+#[derive(Clone, Default)]
+pub struct FirstRequest(Arc<AtomicBool>);
+
+impl FirstRequest {
+    fn seen(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection's service that notes its first request in a `FirstRequest`.
+#[derive(Clone)]
+pub struct Marked<S> {
+    inner: S,
+    first: FirstRequest,
+}
+
+impl<S> Marked<S> {
+    pub fn new(inner: S, first: FirstRequest) -> Self {
+        Self { inner, first }
+    }
+}
+
+impl<S, R> hyper::service::Service<R> for Marked<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, req: R) -> Self::Future {
+        if !self.first.seen() {
+            self.first.0.store(true, Ordering::Relaxed);
+        }
+        self.inner.call(req)
+    }
+}
+
+/// The accept loop every listener runs: each connection `incoming` yields is served by
+/// `connect` (which wraps its service in `Marked` with the given `FirstRequest`) until `stop`
+/// turns true, then every connection is drained gracefully. A connection with no request
+/// within `FIRST_REQUEST_TIMEOUT` is closed; a failed accept is logged and retried after a
+/// pause (e.g. out of descriptors).
+pub async fn accept_loop<S, IO, C>(
+    incoming: S,
+    mut stop: watch::Receiver<bool>,
+    listener: &'static str,
+    mut connect: impl FnMut(TokioIo<IO>, FirstRequest) -> C,
+) where
+    S: Stream<Item = io::Result<(IO, ConnPermit)>>,
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    C: GracefulConnection + Send + 'static,
+    C::Error: std::fmt::Display + Send,
+{
+    let graceful = GracefulShutdown::new();
+    let mut incoming = std::pin::pin!(incoming);
+    loop {
+        let next = tokio::select! {
+            next = incoming.next() => next,
+            // A dropped sender also means stop.
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        match next {
+            Some(Ok((io, permit))) => {
+                let first = FirstRequest::default();
+                let conn = graceful.watch(connect(TokioIo::new(io), first.clone()));
+                tokio::spawn(serve_connection(conn, first, permit, listener));
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, listener, "accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            None => break,
+        }
+    }
+    graceful.shutdown().await;
+}
+
+/// Serves one connection to its end, holding its place under the cap; closes it when no
+/// request came within `FIRST_REQUEST_TIMEOUT`.
+async fn serve_connection<C, E>(
+    conn: C,
+    first: FirstRequest,
+    permit: ConnPermit,
+    listener: &'static str,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let _permit = permit;
+    let mut conn = std::pin::pin!(conn);
+    let result = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, conn.as_mut()).await {
+        Ok(result) => result,
+        Err(_) if !first.seen() => {
+            tracing::debug!(
+                listener,
+                "no request within {}s of connecting; connection closed",
+                FIRST_REQUEST_TIMEOUT.as_secs()
+            );
+            return;
+        }
+        Err(_) => conn.await,
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, listener, "connection ended with an error");
+    }
+}

@@ -1,0 +1,323 @@
+//! Connection hygiene on every listener (`src/listener.rs`), against the real server on
+//! loopback with raw TCP, HTTP/1.1 and HTTP/2 clients: the per-listener cap, the first-request
+//! deadline, HTTP/1 idle keep-alive connections, and HTTP/2 peers that stop answering pings.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use portcullis::server::Server;
+use support::inproc::{
+    channel, check_request, denied, scrape_metrics, shipped_config, start_server,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tonic::codegen::http;
+
+/// The shipped config on free loopback ports, its issuer's keys read from the repository,
+/// audit off, then `edit`.
+async fn start(edit: impl FnOnce(&mut serde_yaml::Value)) -> (Server, tempfile::TempDir) {
+    let text = shipped_config(|doc| {
+        doc["server"]["listen"] = "127.0.0.1:0".into();
+        doc["server"]["admin_listen"] = "127.0.0.1:0".into();
+        doc["audit"]["enabled"] = false.into();
+        doc["issuers"][0]["keys"]["file"] = support::jwt::dev_jwks_path()
+            .to_string_lossy()
+            .into_owned()
+            .into();
+        edit(doc);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), "portcullis.yaml", &text).await;
+    (server, dir)
+}
+
+/// The value of the sample `name{listener="<listener>"}` in the admin's `/metrics` text.
+async fn listener_metric(server: &Server, name: &str, listener: &str) -> f64 {
+    let text = scrape_metrics(server.admin_addr).await;
+    let prefix = format!("{name}{{listener=\"{listener}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Waits (up to `within`) until the open-connection gauge of `listener` reads `want`.
+async fn wait_open(server: &Server, listener: &str, want: f64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let open = listener_metric(server, "portcullis_connections_open", listener).await;
+        if open == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{listener}: {open} connections open after {within:?}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads until the server closes `stream` (EOF or reset); panics after `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) {
+    let mut buf = [0u8; 4096];
+    let result = tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        result.is_ok(),
+        "the server kept the connection open for {within:?}"
+    );
+}
+
+/// Whether the server still holds `stream` open: no EOF within a short wait.
+async fn still_open(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
+            Err(_) => return true,
+            Ok(Ok(0)) | Ok(Err(_)) => return false,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+async fn no_token_check(addr: SocketAddr) -> u16 {
+    let mut client = AuthorizationClient::new(channel(addr).await);
+    let response = client
+        .check(check_request(
+            "GET",
+            "/orders/1",
+            "api.example.com",
+            None,
+            Default::default(),
+            "",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    denied(&response).0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_closed_on_arrival_and_counted_per_listener() {
+    let (server, _dir) = start(|doc| doc["server"]["max_connections"] = 3.into()).await;
+    let addr = server.grpc_addr;
+    // Three clients that made a request (so the first-request deadline leaves them be).
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(h2_client(addr).await.0);
+    }
+    wait_open(&server, "grpc", 3.0, Duration::from_secs(5)).await;
+
+    // The fourth is accepted by the kernel and closed by Portcullis at once.
+    let mut extra = TcpStream::connect(addr).await.unwrap();
+    closed_within(&mut extra, Duration::from_secs(3)).await;
+    assert_eq!(
+        listener_metric(&server, "portcullis_connections_refused_total", "grpc").await,
+        1.0
+    );
+    // The held ones are still served, and the other listeners have caps of their own: admin
+    // answered the scrapes above, and the HTTP ext_authz listener takes connections.
+    let first = held.remove(0);
+    held.push(health_check(first, addr).await);
+    let http = server
+        .http_addr
+        .expect("the shipped config serves HTTP ext_authz");
+    let mut http_conn = TcpStream::connect(http).await.unwrap();
+    wait_open(&server, "http", 1.0, Duration::from_secs(5)).await;
+    assert!(still_open(&mut http_conn).await);
+
+    // A place freed is a place for Envoy: the next connection is served.
+    held.pop();
+    wait_open(&server, "grpc", 2.0, Duration::from_secs(5)).await;
+    assert_eq!(no_token_check(addr).await, 401);
+    assert_eq!(
+        listener_metric(&server, "portcullis_connections_refused_total", "grpc").await,
+        1.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_no_request_is_closed_after_ten_seconds() {
+    let (server, _dir) = start(|_| {}).await;
+    let started = Instant::now();
+    let mut grpc_idle = TcpStream::connect(server.grpc_addr).await.unwrap();
+    let mut admin_idle = TcpStream::connect(server.admin_addr).await.unwrap();
+    // Half an HTTP/2 preface, then nothing: still no request.
+    grpc_idle.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // A client that made a request keeps its connection past the deadline.
+    let mut used = AuthorizationClient::new(channel(server.grpc_addr).await);
+    let request = || {
+        check_request(
+            "GET",
+            "/orders/1",
+            "api.example.com",
+            None,
+            Default::default(),
+            "",
+        )
+    };
+    let first = used.check(request()).await.unwrap().into_inner();
+    assert_eq!(denied(&first).0, 401);
+
+    closed_within(&mut grpc_idle, Duration::from_secs(15)).await;
+    closed_within(&mut admin_idle, Duration::from_secs(15)).await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(9),
+        "closed after {elapsed:?}, before the ten-second deadline"
+    );
+    // Only the used connection is left on the gRPC listener, and it still answers.
+    wait_open(&server, "grpc", 1.0, Duration::from_secs(3)).await;
+    let again = used.check(request()).await.unwrap().into_inner();
+    assert_eq!(denied(&again).0, 401);
+    wait_open(&server, "grpc", 1.0, Duration::from_secs(3)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http1_keep_alive_connection_is_closed_after_thirty_seconds() {
+    let (server, _dir) = start(|_| {}).await;
+    let mut conn = TcpStream::connect(server.admin_addr).await.unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 1024];
+    let n = conn.read(&mut answer).await.unwrap();
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        &answer[..n]
+    );
+    let idle_since = Instant::now();
+    closed_within(&mut conn, Duration::from_secs(40)).await;
+    let idle = idle_since.elapsed();
+    assert!(
+        idle >= Duration::from_secs(25),
+        "an idle keep-alive connection was closed after {idle:?}"
+    );
+    wait_open(&server, "admin", 1.0, Duration::from_secs(3)).await; // the scrape's own
+    server.shutdown().await;
+}
+
+/// A socket that, once frozen, neither reads nor writes: a peer that vanished without
+/// closing (a node gone, a cable pulled).
+struct Freezable {
+    inner: TcpStream,
+    frozen: Arc<AtomicBool>,
+}
+
+impl AsyncRead for Freezable {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.frozen.load(Ordering::Relaxed) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Freezable {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.frozen.load(Ordering::Relaxed) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.frozen.load(Ordering::Relaxed) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An HTTP/2 client on `addr` that has made one gRPC health check, and its freeze switch.
+async fn h2_client(addr: SocketAddr) -> (h2::client::SendRequest<bytes::Bytes>, Arc<AtomicBool>) {
+    let frozen = Arc::new(AtomicBool::new(false));
+    let io = Freezable {
+        inner: TcpStream::connect(addr).await.unwrap(),
+        frozen: frozen.clone(),
+    };
+    let (client, conn) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let client = health_check(client, addr).await;
+    (client, frozen)
+}
+
+/// One gRPC health check on `client`'s connection; its 200 asserted.
+async fn health_check(
+    client: h2::client::SendRequest<bytes::Bytes>,
+    addr: SocketAddr,
+) -> h2::client::SendRequest<bytes::Bytes> {
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    // An empty HealthCheckRequest: the overall status.
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_peer_that_stops_answering_pings_is_closed_and_a_live_one_kept() {
+    let (server, _dir) = start(|_| {}).await;
+    let addr = server.grpc_addr;
+    let (live, _) = h2_client(addr).await;
+    let (_dead, freeze) = h2_client(addr).await;
+    wait_open(&server, "grpc", 2.0, Duration::from_secs(5)).await;
+    freeze.store(true, Ordering::Relaxed);
+    let frozen_at = Instant::now();
+
+    // A ping after 30 s of silence, 20 s for its answer: the frozen peer's connection goes.
+    wait_open(&server, "grpc", 1.0, Duration::from_secs(75)).await;
+    let after = frozen_at.elapsed();
+    assert!(
+        after >= Duration::from_secs(40),
+        "closed after {after:?}, before a ping could go unanswered"
+    );
+    // The live client answered its pings: its connection is the one left, and it still
+    // carries requests (an h2 client never reconnects by itself).
+    let _live = health_check(live, addr).await;
+    assert_eq!(
+        listener_metric(&server, "portcullis_connections_open", "grpc").await,
+        1.0
+    );
+    server.shutdown().await;
+}
