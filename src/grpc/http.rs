@@ -287,7 +287,11 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(H1_HEADER_READ_TIMEOUT);
+        .header_read_timeout(H1_HEADER_READ_TIMEOUT)
+        // hyper refuses more than 100 HTTP/1 headers with a bare 431 (no body, no audit
+        // line); room past our own limit (a client's own headers come on top) lets the
+        // decision refuse them as every front end does.
+        .max_headers(2 * super::wire::MAX_REQUEST_HEADERS);
     accept_loop(incoming, stop, "http", |io, first| {
         builder
             .serve_connection(io, Marked::new(authorizer.clone(), first))
