@@ -339,7 +339,7 @@ async fn accept_loop(
         let Some(permit) = limit.admit() else {
             continue;
         };
-        let _ = tcp.set_nodelay(true);
+        let _ = crate::listener::tune_accepted(&tcp);
         let acceptor = tokio_rustls::TlsAcceptor::from(current.load_full());
         let (tx, files) = (tx.clone(), files.clone());
         tokio::spawn(async move {

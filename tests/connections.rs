@@ -1,15 +1,11 @@
 //! Connection hygiene on every listener (`src/listener.rs`), against the real server on
 //! loopback with raw TCP, HTTP/1.1 and HTTP/2 clients: the per-listener cap, the first-request
-//! deadline, HTTP/1 idle keep-alive connections, and HTTP/2 peers that stop answering pings.
+//! deadline, HTTP/1 idle keep-alive connections, and TCP keep-alive for vanished peers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
@@ -17,7 +13,7 @@ use portcullis::server::Server;
 use support::inproc::{
     channel, check_request, denied, scrape_metrics, shipped_config, start_server,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::codegen::http;
 
@@ -120,7 +116,7 @@ async fn connections_past_the_cap_are_closed_on_arrival_and_counted_per_listener
     // Three clients that made a request (so the first-request deadline leaves them be).
     let mut held = Vec::new();
     for _ in 0..3 {
-        held.push(h2_client(addr).await.0);
+        held.push(h2_client(addr).await);
     }
     wait_open(&server, "grpc", 3.0, Duration::from_secs(5)).await;
 
@@ -216,63 +212,15 @@ async fn an_idle_http1_keep_alive_connection_is_closed_after_thirty_seconds() {
     server.shutdown().await;
 }
 
-/// A socket that, once frozen, neither reads nor writes: a peer that vanished without
-/// closing (a node gone, a cable pulled).
-struct Freezable {
-    inner: TcpStream,
-    frozen: Arc<AtomicBool>,
-}
-
-impl AsyncRead for Freezable {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if self.frozen.load(Ordering::Relaxed) {
-            return Poll::Pending;
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Freezable {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        if self.frozen.load(Ordering::Relaxed) {
-            return Poll::Pending;
-        }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        if self.frozen.load(Ordering::Relaxed) {
-            return Poll::Pending;
-        }
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// An HTTP/2 client on `addr` that has made one gRPC health check, and its freeze switch.
-async fn h2_client(addr: SocketAddr) -> (h2::client::SendRequest<bytes::Bytes>, Arc<AtomicBool>) {
-    let frozen = Arc::new(AtomicBool::new(false));
-    let io = Freezable {
-        inner: TcpStream::connect(addr).await.unwrap(),
-        frozen: frozen.clone(),
-    };
-    let (client, conn) = h2::client::handshake(io).await.unwrap();
+/// An HTTP/2 client on `addr` that has made one gRPC health check.
+async fn h2_client(addr: SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let (client, conn) = h2::client::handshake(TcpStream::connect(addr).await.unwrap())
+        .await
+        .unwrap();
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let client = health_check(client, addr).await;
-    (client, frozen)
+    health_check(client, addr).await
 }
 
 /// One gRPC health check on `client`'s connection; its 200 asserted.
@@ -295,29 +243,53 @@ async fn health_check(
     client
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http2_peer_that_stops_answering_pings_is_closed_and_a_live_one_kept() {
-    let (server, _dir) = start(|_| {}).await;
-    let addr = server.grpc_addr;
-    let (live, _) = h2_client(addr).await;
-    let (_dead, freeze) = h2_client(addr).await;
-    wait_open(&server, "grpc", 2.0, Duration::from_secs(5)).await;
-    freeze.store(true, Ordering::Relaxed);
-    let frozen_at = Instant::now();
+/// The kernel's timer on the server's side of the connection from `client` to `server`, from
+/// `/proc/net/tcp`: (timer kind, seconds until it fires). Kind 2 is TCP keep-alive.
+fn server_side_timer(server: SocketAddr, client: SocketAddr) -> Option<(u8, f64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |field: &str| u16::from_str_radix(field.rsplit(':').next().unwrap(), 16).unwrap();
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if port(f[1]) != server.port() || port(f[2]) != client.port() {
+            return None;
+        }
+        let (kind, when) = f[5].split_once(':').unwrap();
+        let ticks = u64::from_str_radix(when, 16).unwrap();
+        // USER_HZ is 100 on Linux.
+        Some((u8::from_str_radix(kind, 16).unwrap(), ticks as f64 / 100.0))
+    })
+}
 
-    // A ping after 30 s of silence, 20 s for its answer: the frozen peer's connection goes.
-    wait_open(&server, "grpc", 1.0, Duration::from_secs(75)).await;
-    let after = frozen_at.elapsed();
-    assert!(
-        after >= Duration::from_secs(40),
-        "closed after {after:?}, before a ping could go unanswered"
-    );
-    // The live client answered its pings: its connection is the one left, and it still
-    // carries requests (an h2 client never reconnects by itself).
-    let _live = health_check(live, addr).await;
-    assert_eq!(
-        listener_metric(&server, "portcullis_connections_open", "grpc").await,
-        1.0
-    );
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_connections_have_tcp_keepalive_so_vanished_peers_are_closed() {
+    let (server, _dir) = start(|_| {}).await;
+    for addr in [
+        server.grpc_addr,
+        server.admin_addr,
+        server
+            .http_addr
+            .expect("the shipped config serves HTTP ext_authz"),
+    ] {
+        let conn = TcpStream::connect(addr).await.unwrap();
+        let client = conn.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let timer = loop {
+            match server_side_timer(addr, client) {
+                Some((2, when)) => break when,
+                other => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{addr}: timer {other:?}, no keep-alive"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        // The first probe after 30 s without traffic.
+        assert!(
+            timer > 20.0 && timer <= 30.0,
+            "{addr}: first probe in {timer}s"
+        );
+    }
     server.shutdown().await;
 }

@@ -550,7 +550,10 @@ async fn connections_in_their_handshake_count_against_the_cap() {
             break;
         }
     }
-    assert!(refused, "a second connection was kept while the first held the only place");
+    assert!(
+        refused,
+        "a second connection was kept while the first held the only place"
+    );
     let client = grpc_client(Some("envoy"));
     assert!(
         health(&client, &server).await.is_err(),

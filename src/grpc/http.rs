@@ -39,10 +39,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-use crate::listener::{
-    ConnPermit, H1_HEADER_READ_TIMEOUT, H2_KEEPALIVE_INTERVAL, H2_KEEPALIVE_TIMEOUT, Marked,
-    accept_loop,
-};
+use crate::listener::{ConnPermit, H1_HEADER_READ_TIMEOUT, Marked, accept_loop};
 use tonic::codegen::{BoxFuture, http};
 
 use super::wire::{HeaderList, TooManyHeaders};
@@ -278,12 +275,7 @@ where
     // `max_request_headers_kb`); hyper's own default of 16 KiB would refuse a long query plus a
     // large token at the HTTP/2 layer, before any decision (no JSON body, no audit line).
     builder.http2().max_header_list_size(MAX_HEADER_LIST_BYTES);
-    // Dead peers and idle or slow HTTP/1 connections are closed (see `crate::listener`).
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+    // Idle or slow HTTP/1 connections are closed (see `crate::listener`).
     builder
         .http1()
         .timer(TokioTimer::new())

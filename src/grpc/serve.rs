@@ -13,7 +13,7 @@ use std::io;
 
 use futures_util::Stream;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tonic::codegen::{BoxFuture, Service, http};
@@ -21,9 +21,7 @@ use tonic::service::Routes;
 
 use super::AuthorizationServer;
 use super::service::CHECK_PATH;
-use crate::listener::{
-    ConnPermit, H2_KEEPALIVE_INTERVAL, H2_KEEPALIVE_TIMEOUT, Marked, accept_loop,
-};
+use crate::listener::{ConnPermit, Marked, accept_loop};
 
 type Response = http::Response<tonic::body::Body>;
 
@@ -73,11 +71,6 @@ pub async fn serve<S, IO>(
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     // gRPC answers carry no `Date`: one header less to build here and to decode in Envoy.
     builder.auto_date_header(false);
-    // Pings find peers that are gone (see `crate::listener`).
-    builder
-        .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
     accept_loop(incoming, stop, listener, |io, first| {
         builder.serve_connection(io, Marked::new(dispatch.clone(), first))
     })
