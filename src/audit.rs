@@ -33,7 +33,11 @@ pub struct AuditEvent<'a> {
     pub route: Option<&'a str>,
     pub rule: Option<&'a str>,
     pub subject: Option<&'a str>,
+    /// The configured issuer name (`issuers[].name`, or `api-key`): the name rules use.
     pub issuer: Option<&'a str>,
+    /// The token's `iss` claim, for a JWT caller; the field is left out otherwise (an API
+    /// key, a peer principal, nobody).
+    pub iss: Option<&'a str>,
     /// The API key id (never the key) when the caller used one; the field is left out
     /// otherwise.
     pub api_key: Option<&'a str>,
@@ -67,7 +71,8 @@ impl<'a> AuditEvent<'a> {
             route: decision.route.as_deref(),
             rule: decision.rule.as_deref(),
             subject: identity.map(|i| i.subject.as_str()),
-            issuer: identity.map(|i| i.issuer.as_str()),
+            issuer: identity.map(|i| &*i.issuer_name),
+            iss: identity.and_then(|i| i.token_iss()),
             api_key: identity.and_then(|i| i.api_key_id()),
             client_ip: view.source_ip,
             method: view.method,
@@ -103,6 +108,9 @@ impl AuditEvent<'_> {
             ("issuer", self.issuer),
         ];
         write_fields(out, &text);
+        if let Some(iss) = self.iss {
+            write_fields(out, &[("iss", Some(iss))]);
+        }
         if let Some(key) = self.api_key {
             write_fields(out, &[("api_key", Some(key))]);
         }
@@ -136,9 +144,12 @@ impl AuditEvent<'_> {
             if let Some(who) = would.identity.as_deref().filter(|_| self.subject.is_none()) {
                 let text = [
                     ("subject", Some(who.subject.as_str())),
-                    ("issuer", Some(who.issuer.as_str())),
+                    ("issuer", Some(&*who.issuer_name)),
                 ];
                 write_fields(out, &text);
+                if let Some(iss) = who.token_iss() {
+                    write_fields(out, &[("iss", Some(iss))]);
+                }
                 if let Some(key) = who.api_key_id() {
                     write_fields(out, &[("api_key", Some(key))]);
                 }
@@ -606,6 +617,7 @@ mod tests {
             rule: None,
             subject: Some("alice"),
             issuer: Some("dev"),
+            iss: Some("https://dev.portcullis.invalid"),
             api_key: None,
             client_ip: Some(IpAddr::from([192, 0, 2, 7])),
             method: "POST",
@@ -637,6 +649,7 @@ mod tests {
             "rule": null,
             "subject": "alice",
             "issuer": "dev",
+            "iss": "https://dev.portcullis.invalid",
             "client_ip": "192.0.2.7",
             "method": "POST",
             "host": "api.example.com",
@@ -666,6 +679,9 @@ mod tests {
             "path": e.path,
             "decision_us": e.decision_us,
         });
+        if let Some(iss) = e.iss {
+            v["iss"] = iss.into();
+        }
         if let Some(key) = e.api_key {
             v["api_key"] = key.into();
         }
@@ -680,7 +696,10 @@ mod tests {
             });
             if let Some(who) = would.identity.as_deref().filter(|_| e.subject.is_none()) {
                 v["dry_run"]["subject"] = who.subject.as_str().into();
-                v["dry_run"]["issuer"] = who.issuer.as_str().into();
+                v["dry_run"]["issuer"] = (&*who.issuer_name).into();
+                if let Some(iss) = who.token_iss() {
+                    v["dry_run"]["iss"] = iss.into();
+                }
                 if let Some(key) = who.api_key_id() {
                     v["dry_run"]["api_key"] = key.into();
                 }
@@ -716,6 +735,7 @@ mod tests {
                 rule: Some(tricky),
                 subject: None,
                 issuer: None,
+                iss: Some(tricky),
                 api_key: Some("ci-deployer"),
                 client_ip: Some("2001:db8::1".parse().unwrap()),
                 host: tricky,
@@ -746,6 +766,50 @@ mod tests {
         }
     }
 
+    /// `issuer` is the configured issuer name for every caller (what rules, `explain`, the
+    /// approvals and the metrics name); the token's `iss` claim is beside it, for JWT callers
+    /// only.
+    #[test]
+    fn issuer_is_the_configured_name_and_iss_the_tokens_claim() {
+        let line = |identity: Option<crate::identity::Identity>| {
+            let decision = Decision::new(crate::authz::ReasonCode::Allowed, "granted")
+                .with_identity(identity.map(Arc::new));
+            let headers = std::collections::HashMap::new();
+            let view = RequestView {
+                method: "GET",
+                host: "api.example.com",
+                path: "/orders/42",
+                headers: &headers,
+                source_ip: None,
+                source_principal: "spiffe://example.org/ns/shop/sa/checkout",
+                scheme: "https",
+                peer_certificate: None,
+            };
+            let mut out = Vec::new();
+            AuditEvent::new(&decision, &view, "r", Duration::ZERO).write_json(&mut out);
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap()
+        };
+        // A token: the issuer's name, and its `iss`.
+        let jwt = line(Some(caller("https://dev.portcullis.invalid", "alice")));
+        assert_eq!(jwt["issuer"], "dev", "{jwt}");
+        assert_eq!(jwt["iss"], "https://dev.portcullis.invalid", "{jwt}");
+        // An API key: `api-key`, and no `iss` (a key has no token).
+        let mut key = caller(crate::identity::apikey::API_KEY_ISSUER, "reporting");
+        key.issuer_name = crate::identity::apikey::API_KEY_ISSUER.into();
+        key.claims.insert(
+            crate::identity::apikey::KEY_ID_CLAIM.into(),
+            "reporting-bot".into(),
+        );
+        let key = line(Some(key));
+        assert_eq!(key["issuer"], "api-key", "{key}");
+        assert_eq!(key["api_key"], "reporting-bot", "{key}");
+        assert!(key.get("iss").is_none(), "{key}");
+        // A peer principal (or nobody): neither.
+        let peer = line(None);
+        assert_eq!(peer["issuer"], serde_json::Value::Null, "{peer}");
+        assert!(peer.get("iss").is_none(), "{peer}");
+    }
+
     #[test]
     fn a_dry_run_names_its_caller_when_the_line_has_none() {
         let carol = caller("https://dev.test", "carol");
@@ -768,12 +832,14 @@ mod tests {
             reason: "public_route",
             subject: None,
             issuer: None,
+            iss: None,
             dry_run: Some(&would),
             ..event("r1")
         });
         assert_eq!(public["subject"], serde_json::Value::Null, "{public}");
         assert_eq!(public["dry_run"]["subject"], "carol", "{public}");
-        assert_eq!(public["dry_run"]["issuer"], "https://dev.test", "{public}");
+        assert_eq!(public["dry_run"]["issuer"], "dev", "{public}");
+        assert_eq!(public["dry_run"]["iss"], "https://dev.test", "{public}");
         // The live decision named the caller: the dry run does not repeat it.
         let named = line(AuditEvent {
             dry_run: Some(&would),

@@ -1311,7 +1311,8 @@ remove: [admin]",
     for line in [&lines[3], &lines[5]] {
         assert_eq!(line["subject"], Value::Null, "{line}");
         assert_eq!(line["dry_run"]["subject"], ops_claims["sub"], "{line}");
-        assert_eq!(line["dry_run"]["issuer"], ops_claims["iss"], "{line}");
+        assert_eq!(line["dry_run"]["issuer"], "e2e", "{line}");
+        assert_eq!(line["dry_run"]["iss"], ops_claims["iss"], "{line}");
     }
     // Where the live line names the caller, the dry run does not repeat it.
     assert_eq!(lines[0]["subject"], claims(reader)["sub"], "{}", lines[0]);

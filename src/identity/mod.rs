@@ -97,6 +97,12 @@ impl Identity {
             .and_then(Value::as_str)
     }
 
+    /// The token's `iss` claim, for a caller a token issuer verified; `None` for an API key
+    /// (its identity carries the issuer name `api-key` in place of a claim).
+    pub fn token_iss(&self) -> Option<&str> {
+        (&*self.issuer_name != apikey::API_KEY_ISSUER).then_some(self.issuer.as_str())
+    }
+
     /// Approximate heap bytes this identity holds, for the token cache's byte budget: every
     /// string and JSON node it owns, plus allocator and map bookkeeping.
     pub fn approx_bytes(&self) -> usize {
