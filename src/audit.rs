@@ -186,7 +186,11 @@ pub struct ApprovalEvent {
     pub approval_id: String,
     /// The requester.
     pub subject: String,
+    /// The requester's configured issuer name (`issuers[].name`), as in a decision line.
     pub issuer: String,
+    /// The requester's token `iss` claim; left out for an API key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
     /// Who approved or rejected (`policy:pre_approve[N]` for a pre-approval).
     pub actor: Option<String>,
     pub method: String,
@@ -207,7 +211,9 @@ impl ApprovalEvent {
             event,
             approval_id: record.id.clone(),
             subject: record.subject.clone(),
-            issuer: record.issuer.clone(),
+            issuer: record.issuer_name.clone(),
+            iss: (record.issuer_name != crate::identity::apikey::API_KEY_ISSUER)
+                .then(|| record.issuer.clone()),
             actor: None,
             method: record.method.clone(),
             host: record.host.clone(),

@@ -926,15 +926,42 @@ impl AuditLines {
         (a, sink, lines)
     }
 
-    /// The `event` of every approval line written so far.
-    fn events(&self, sink: &crate::audit::AuditSink) -> Vec<String> {
+    /// Every approval line written so far.
+    fn lines(&self, sink: &crate::audit::AuditSink) -> Vec<serde_json::Value> {
         assert!(sink.flush(Duration::from_secs(5)), "audit flush timed out");
         let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
         text.lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect()
+    }
+
+    /// The `event` of every approval line written so far.
+    fn events(&self, sink: &crate::audit::AuditSink) -> Vec<String> {
+        self.lines(sink)
+            .iter()
             .map(|v| v["event"].as_str().unwrap_or_default().to_string())
             .collect()
     }
+}
+
+/// An approval line names the requester's issuer as a decision line does: `issuer` is the
+/// configured name (the one `actor` and rules use), the token's `iss` is beside it.
+#[tokio::test]
+async fn approval_events_name_the_issuer_by_its_configured_name() {
+    let (a, sink, lines) = AuditLines::approvals(Arc::new(MemoryStore::new()));
+    let alice = identity("alice", &["dba"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    a.approve(&identity("bob", &["dba-lead"]), &id, None, NOW + 1)
+        .await
+        .unwrap();
+    let lines = lines.lines(&sink);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["issuer"], "corp", "{line}");
+        assert_eq!(line["iss"], "https://login.example.com", "{line}");
+    }
+    assert_eq!(lines[1]["actor"], "corp:bob", "{}", lines[1]);
 }
 
 /// An approval whose record cannot be written, and whose cleanup cannot delete anything of
