@@ -187,6 +187,7 @@ async fn check_deny_carries_the_approval_id_and_an_approval_allows_one_check() {
     assert_eq!(listed.approvals[0].id, id);
     assert_eq!(listed.approvals[0].subject, "alice");
     assert_eq!(listed.approvals[0].path, "/databases/orders");
+    assert_eq!(listed.approvals[0].uses_left, None, "a pending request");
 
     let err = api
         .approve(authed(
@@ -226,14 +227,30 @@ async fn check_deny_carries_the_approval_id_and_an_approval_allows_one_check() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
 
+    // `list --all` says what the approval has left: its one use, then none.
+    let uses_left = |api: &mut ApprovalsClient<Channel>| {
+        let (mut api, bob, id) = (api.clone(), bob.clone(), id.clone());
+        async move {
+            let all = ListRequest {
+                include_decided: true,
+            };
+            let listed = api.list(authed(all, &bob)).await.unwrap().into_inner();
+            let a = listed.approvals.iter().find(|a| a.id == id).unwrap();
+            (a.state.clone(), a.uses, a.uses_left)
+        }
+    };
+    assert_eq!(uses_left(&mut api).await, ("approved".into(), 1, Some(1)));
     let allowed = h.check(&alice).await;
     assert_eq!(allowed.status.as_ref().unwrap().code, 0, "{allowed:?}");
+    assert_eq!(uses_left(&mut api).await, ("approved".into(), 1, Some(0)));
     let (status, _, body) = denied(&h.check(&alice).await);
     assert_eq!(
         (status, body["error"].as_str()),
         (403, Some("approval_required"))
     );
     assert_ne!(body["approval_id"].as_str(), Some(id.as_str()));
+    // Spent, still, once a newer request for the same action took its place.
+    assert_eq!(uses_left(&mut api).await, ("approved".into(), 1, Some(0)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

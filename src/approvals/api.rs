@@ -134,7 +134,8 @@ fn status(e: ApprovalError) -> Status {
     }
 }
 
-pub fn to_pb(r: &Record) -> pb::Approval {
+/// `r` as the API answers it; `uses_left` as `Approvals::uses_left` found it (listings).
+pub fn to_pb(r: &Record, uses_left: Option<u32>) -> pb::Approval {
     pb::Approval {
         id: r.id.clone(),
         state: r.state.as_str().to_string(),
@@ -155,6 +156,7 @@ pub fn to_pb(r: &Record) -> pb::Approval {
         decided_at: r.decided_at.unwrap_or_default(),
         reason: r.reason.clone().unwrap_or_default(),
         uses: r.uses,
+        uses_left,
     }
 }
 
@@ -166,13 +168,19 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
     ) -> Result<Response<pb::ListResponse>, Status> {
         let engine = self.engine.load_full();
         let who = self.caller(&engine, &request).await?;
+        let now = unix_now();
         let records = engine
             .approvals
-            .list(&who, request.get_ref().include_decided, unix_now())
+            .list(&who, request.get_ref().include_decided, now)
+            .await
+            .map_err(status)?;
+        let left = engine
+            .approvals
+            .uses_left(&records, now)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ListResponse {
-            approvals: records.iter().map(to_pb).collect(),
+            approvals: records.iter().zip(left).map(|(r, l)| to_pb(r, l)).collect(),
         }))
     }
 
@@ -195,7 +203,7 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ApprovalReply {
-            approval: Some(to_pb(&record)),
+            approval: Some(to_pb(&record, None)),
         }))
     }
 
@@ -213,7 +221,7 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ApprovalReply {
-            approval: Some(to_pb(&record)),
+            approval: Some(to_pb(&record, None)),
         }))
     }
 }

@@ -42,6 +42,9 @@ pub struct ApprovalsArgs {
 pub enum ApprovalsAction {
     /// Requests you may decide (pending ones; `--all` for decided ones too).
     List {
+        /// Also list what is no longer pending: expired requests, approvals (in force,
+        /// spent or expired), rejections and pre-approvals. A record is kept until about an
+        /// hour after its request or approval expired; your own requests are never listed.
         #[arg(long)]
         all: bool,
     },
@@ -275,7 +278,7 @@ fn show(json: bool, verb: &str, approval: Option<pb::Approval>) -> String {
 
 fn line(a: &pb::Approval) -> String {
     let mut out = format!(
-        "{}  {:<12} {} {} {}{}  (route {}, rule {}, uses {}, until {})",
+        "{}  {:<12} {} {} {}{}  (route {}, rule {}{}, until {})",
         a.id,
         a.state,
         a.subject,
@@ -284,7 +287,7 @@ fn line(a: &pb::Approval) -> String {
         a.path,
         a.route,
         a.rule,
-        a.uses,
+        uses(a),
         time(a.expires_at)
     );
     if !a.query.is_empty() {
@@ -309,6 +312,19 @@ fn line(a: &pb::Approval) -> String {
     out
 }
 
+/// The uses part of a line: what a pending request would grant, what an approval has left
+/// (when the server said: an approval in force), else what it granted. Nothing for a
+/// rejection or a pre-approval (neither grants counted uses).
+fn uses(a: &pb::Approval) -> String {
+    match (a.state.as_str(), a.uses_left) {
+        ("pending", _) => format!(", uses {}", a.uses),
+        ("approved", Some(0)) => format!(", uses 0/{} left: spent", a.uses),
+        ("approved", Some(left)) => format!(", uses {left}/{} left", a.uses),
+        ("approved", None) => format!(", {} use(s) granted", a.uses),
+        _ => String::new(),
+    }
+}
+
 fn time(unix: i64) -> String {
     let t =
         std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(unix).unwrap_or(0));
@@ -323,6 +339,49 @@ fn to_json(a: &pb::Approval) -> serde_json::Value {
         "justification": a.justification, "route": a.route, "rule": a.rule,
         "requested_at": a.requested_at, "expires_at": a.expires_at,
         "decided_by": a.decided_by, "decided_at": a.decided_at, "reason": a.reason,
-        "uses": a.uses,
+        "uses": a.uses, "uses_left": a.uses_left,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn approval(state: &str, uses: u32, uses_left: Option<u32>) -> pb::Approval {
+        pb::Approval {
+            id: "apr_1".into(),
+            state: state.into(),
+            subject: "alice".into(),
+            method: "DELETE".into(),
+            host: "localhost".into(),
+            path: "/databases/staging".into(),
+            route: "drop-database".into(),
+            rule: "dba".into(),
+            uses,
+            uses_left,
+            ..Default::default()
+        }
+    }
+
+    /// A spent approval reads differently from an unused one; where the server did not say
+    /// what is left, the line says only what was granted.
+    #[test]
+    fn a_line_says_what_an_approval_has_left() {
+        let uses = |state, n, left| {
+            let text = line(&approval(state, n, left));
+            let inside = text.split_once("rule dba").unwrap().1;
+            inside.split_once(", until").unwrap().0.to_string()
+        };
+        assert_eq!(uses("pending", 1, None), ", uses 1");
+        assert_eq!(uses("approved", 2, Some(2)), ", uses 2/2 left");
+        assert_eq!(uses("approved", 1, Some(0)), ", uses 0/1 left: spent");
+        assert_eq!(uses("approved", 1, None), ", 1 use(s) granted");
+        assert_eq!(uses("rejected", 1, None), "");
+        assert_eq!(uses("pre_approved", 1, None), "");
+        let json = to_json(&approval("approved", 1, Some(0)));
+        assert_eq!(
+            (json["uses"].clone(), json["uses_left"].clone()),
+            (1.into(), 0.into())
+        );
+    }
 }

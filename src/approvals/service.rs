@@ -894,6 +894,44 @@ impl Approvals {
         Ok(out)
     }
 
+    /// The uses each of `records` has left, for an approval whose grant is in force (its
+    /// time not up): what its grant counter holds, 0 once a newer approval of the same action
+    /// took the counter (one opens only after this one's uses are spent). `None` for any
+    /// other record, and where the counter is gone while the record says it is in force (a
+    /// store that lost it; an approval being written). One read of shared state for all.
+    pub async fn uses_left(
+        &self,
+        records: &[Record],
+        now: i64,
+    ) -> Result<Vec<Option<u32>>, ApprovalError> {
+        let in_force = |r: &Record| {
+            r.state == ApprovalState::Approved && r.grant_expires_at.is_some_and(|t| t > now)
+        };
+        let keys: Vec<String> = records
+            .iter()
+            .filter(|r| in_force(r))
+            .flat_map(|r| [key_grant_id(&r.fingerprint), key_grant(&r.fingerprint)])
+            .collect();
+        if keys.is_empty() {
+            return Ok(vec![None; records.len()]);
+        }
+        let mut values = self.state.get_many(&keys).await?.into_iter();
+        Ok(records
+            .iter()
+            .map(|r| {
+                if !in_force(r) {
+                    return None;
+                }
+                let (id, left) = (values.next().flatten(), values.next().flatten());
+                match id {
+                    Some(id) if id == r.id => left.and_then(|l| l.parse().ok()),
+                    Some(_) => Some(0),
+                    None => None,
+                }
+            })
+            .collect())
+    }
+
     /// Writes an `expired` audit event, once across replicas, for each pending request and
     /// each approval whose time is up with uses left. Run periodically by the server.
     pub async fn sweep(&self, now: i64) -> Result<usize, StateError> {

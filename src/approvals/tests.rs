@@ -1444,3 +1444,46 @@ async fn a_rejection_that_lands_after_a_timeout_is_undone() {
     assert!(d.detail.contains("rejected by `corp:bob`"), "{}", d.detail);
     assert_eq!(lines.events(&sink), ["requested", "rejected"]);
 }
+
+/// `list --all` shows what an approval has left: its uses while in force, 0 once spent
+/// (also after a newer approval of the same action took its counter), nothing for a record
+/// that grants no counted uses now (pending, rejected, expired).
+#[tokio::test]
+async fn uses_left_is_known_for_approvals_in_force_only() {
+    let a = approvals(Arc::new(MemoryStore::new()));
+    let (alice, bob) = (identity("alice", &["dba"]), identity("bob", &["dba-lead"]));
+    let left = |ids: &[&str], now: i64| {
+        let a = &a;
+        let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        let bob = bob.clone();
+        async move {
+            let listed = a.list(&bob, true, now).await.unwrap();
+            let found: Vec<Record> = ids
+                .iter()
+                .map(|id| listed.iter().find(|r| &r.id == id).unwrap().clone())
+                .collect();
+            a.uses_left(&found, now).await.unwrap()
+        }
+    };
+    let orders = Req::new("DELETE", "db", "/databases/orders");
+    let first = approval_id(&a.gate(&orders.view(), granted(&alice), NOW).await);
+    let staging = Req::new("DELETE", "db", "/databases/staging");
+    let rejected = approval_id(&a.gate(&staging.view(), granted(&alice), NOW).await);
+    a.reject(&bob, &rejected, None, NOW + 1).await.unwrap();
+    assert_eq!(left(&[&first, &rejected], NOW + 1).await, [None, None]);
+
+    a.approve(&bob, &first, None, NOW + 1).await.unwrap();
+    assert_eq!(left(&[&first], NOW + 2).await, [Some(1)]);
+    let d = a.gate(&orders.view(), granted(&alice), NOW + 2).await;
+    assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+    assert_eq!(left(&[&first], NOW + 3).await, [Some(0)]);
+
+    // The next request for the same action, approved: the first stays spent.
+    let second = approval_id(&a.gate(&orders.view(), granted(&alice), NOW + 3).await);
+    assert_ne!(second, first);
+    a.approve(&bob, &second, None, NOW + 4).await.unwrap();
+    assert_eq!(left(&[&first, &second], NOW + 5).await, [Some(0), Some(1)]);
+
+    // Past the rule's ttl (15m) the approval is over: nothing is claimed about its uses.
+    assert_eq!(left(&[&second], NOW + 4 + 15 * 60).await, [None]);
+}
