@@ -679,6 +679,12 @@ mod tests {
             "rate_limits[0].per",
             "out of range",
         );
+        // Echoed as written: humantime would print `25h` as `1day 1h`.
+        fails(
+            &with("{id: a, by: route, requests: 1, per: 25h}"),
+            "rate_limits[0].per",
+            "`25h` is out of range",
+        );
         fails(
             &with("{id: a, by: route, requests: 1, per: 1m, burst: 0}"),
             "rate_limits[0].burst",

@@ -585,8 +585,8 @@ impl Compiler {
         // Past `max_stale` (a day by default) keys not refreshed fail closed anyway; a longer
         // interval is a typo, and an enormous one overflowed the refresh schedule.
         for (name, d) in [
-            ("min_refresh", keys.min_refresh),
-            ("max_refresh", keys.max_refresh),
+            ("min_refresh", &keys.min_refresh),
+            ("max_refresh", &keys.max_refresh),
         ] {
             if d.get() > crate::keys::MAX_REFRESH {
                 return Err(self.hint(
@@ -610,10 +610,10 @@ impl Compiler {
         // Files are re-read every `min_refresh`; fetched sets are due at most `max_refresh`
         // after the last load.
         let (interval, longest) = match keys.file {
-            Some(_) => ("min_refresh", keys.min_refresh),
-            None => ("max_refresh", keys.max_refresh),
+            Some(_) => ("min_refresh", &keys.min_refresh),
+            None => ("max_refresh", &keys.max_refresh),
         };
-        if longest >= keys.max_stale {
+        if *longest >= keys.max_stale {
             return Err(self.hint(
                 f("keys.max_stale"),
                 format!(
@@ -627,8 +627,8 @@ impl Compiler {
         // Zero intervals would let a flood of unknown `kid`s (or a zero max-age) turn every
         // request into a fetch against the identity provider.
         for (name, d) in [
-            ("min_refresh", keys.min_refresh),
-            ("unknown_kid_interval", keys.unknown_kid_interval),
+            ("min_refresh", &keys.min_refresh),
+            ("unknown_kid_interval", &keys.unknown_kid_interval),
         ] {
             if d.get().as_secs() == 0 {
                 return Err(self.err(f(&format!("keys.{name}")), "must be at least 1s"));
@@ -728,7 +728,7 @@ impl Compiler {
                 "e.g. `at+jwt`, or omit the field",
             ));
         }
-        if let Some(l) = ic.max_lifetime
+        if let Some(l) = &ic.max_lifetime
             && l.get().as_secs() == 0
         {
             return Err(self.err(f("max_lifetime"), "must be at least 1s"));
@@ -751,7 +751,7 @@ impl Compiler {
                 audiences: ic.audiences.clone(),
                 algorithms,
                 leeway_secs: ic.leeway.get().as_secs(),
-                max_lifetime_secs: ic.max_lifetime.map(|d| d.get().as_secs()),
+                max_lifetime_secs: ic.max_lifetime.as_ref().map(|d| d.get().as_secs()),
                 required_typ: ic.required_typ.clone(),
                 max_token_bytes: max_bytes,
             },
@@ -1568,12 +1568,12 @@ impl Compiler {
         for (name, d, slot) in [
             (
                 "max_session_age",
-                rule.max_session_age,
+                &rule.max_session_age,
                 &mut out.max_session_age,
             ),
             (
                 "max_token_lifetime",
-                rule.max_token_lifetime,
+                &rule.max_token_lifetime,
                 &mut out.max_token_lifetime,
             ),
         ] {

@@ -330,10 +330,16 @@ fn key_urls_must_be_https_unless_loopback_or_allowed() {
         "issuers[0].keys.min_refresh",
         "too long: use at most 24h",
     );
+    // The value is echoed as written, not as humantime formats it (`1day 1h`).
     fails(
         &iss("url: \"https://a.test/k\", max_refresh: 25h"),
         "issuers[0].keys.max_refresh",
-        "too long",
+        "`25h` is too long",
+    );
+    fails(
+        &iss("url: \"https://a.test/k\", max_refresh: 90m, max_stale: 1h"),
+        "issuers[0].keys.max_stale",
+        "max_stale (1h) is not longer than max_refresh (90m)",
     );
     compile(&iss(
         "url: \"https://a.test/k\", min_refresh: 24h, max_refresh: 24h, max_stale: 48h",
