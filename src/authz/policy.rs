@@ -437,6 +437,9 @@ pub struct Policy {
     by_first: HashMap<Box<str>, Vec<usize>>,
     /// Candidates for any other first segment (and for `/`), most specific first.
     generic: Vec<usize>,
+    /// Some route names `hosts`: a request can miss every route by its host alone, so the
+    /// `no_matching_route` detail names the host too.
+    host_scoped: bool,
 }
 
 /// A matched route with its captured path parameters.
@@ -495,11 +498,13 @@ impl Policy {
                 None => true,
             }));
         }
+        let host_scoped = routes.iter().any(|r| !r.hosts.is_empty());
         Policy {
             routes,
             group,
             by_first,
             generic,
+            host_scoped,
         }
     }
 
@@ -538,7 +543,7 @@ impl Policy {
             }
         }
         let Some((i, _)) = best else {
-            return Err(no_route(req));
+            return Err(no_route(req, self.host_scoped.then_some(host)));
         };
         let route = &self.routes[i];
         Ok(RouteMatch {
@@ -702,7 +707,9 @@ fn sorted(hosts: &[HostPattern]) -> Vec<&HostPattern> {
     v
 }
 
-fn no_route(req: &RequestView<'_>) -> Decision {
+/// The `no_matching_route` deny: method and path, and the (normalized) host when routes are
+/// host-scoped (`host`).
+fn no_route(req: &RequestView<'_>, host: Option<&str>) -> Decision {
     let (p, _query) = path::split_query(req.path);
     // The query is never echoed (it may carry secrets); method and path are cut short so a
     // hostile request cannot inflate logs.
@@ -718,7 +725,25 @@ fn no_route(req: &RequestView<'_>) -> Decision {
     } else {
         p
     };
-    Decision::new(ReasonCode::NoRoute, format!("no route for `{method} {p}`"))
+    let Some(host) = host else {
+        return Decision::new(ReasonCode::NoRoute, format!("no route for `{method} {p}`"));
+    };
+    // The host comes from the client too: echoed only when it is a host name or address.
+    let host = match host {
+        "" => "(no host)",
+        h if h.len() <= 255 && (valid_dns_name(h) || is_bracketed_ipv6(h)) => h,
+        _ => "(invalid host)",
+    };
+    Decision::new(
+        ReasonCode::NoRoute,
+        format!("no route for `{method} {p}` on host `{host}`"),
+    )
+}
+
+fn is_bracketed_ipv6(host: &str) -> bool {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
 }
 
 /// An RFC 9110 token character.

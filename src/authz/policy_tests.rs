@@ -138,6 +138,40 @@ fn nothing_matches_is_denied_with_method_and_path() {
     assert_eq!(route(&p, "GET", "h", "/"), "no_matching_route");
 }
 
+/// With host-scoped routes, a request can miss every route by its host alone: the detail
+/// names the host (normalized, never the query), and only a host that is a name or address.
+#[test]
+fn nothing_matches_names_the_host_when_routes_are_host_scoped() {
+    let p =
+        policy("  - { id: a, hosts: [api.example.com], methods: [GET], path: /a, public: true }\n");
+    let h = HashMap::new();
+    let detail = |host: &str, path: &str| p.match_route(&req("GET", host, path, &h)).unwrap_err();
+    let d = detail("www.example.com:8443", "/a?secret=1");
+    assert_eq!(d.code, ReasonCode::NoRoute);
+    assert_eq!(d.detail, "no route for `GET /a` on host `www.example.com`");
+    assert_eq!(
+        detail("[::1]:80", "/b").detail,
+        "no route for `GET /b` on host `[::1]`"
+    );
+    assert_eq!(
+        detail("", "/a").detail,
+        "no route for `GET /a` on host `(no host)`"
+    );
+    for hostile in [
+        "a.example.com,b.example.com",
+        "x`y",
+        "a\nb",
+        "[::1",
+        "*.example.com",
+    ] {
+        assert_eq!(
+            detail(hostile, "/a").detail,
+            "no route for `GET /a` on host `(invalid host)`",
+            "{hostile}"
+        );
+    }
+}
+
 #[test]
 fn root_and_tail_only_templates() {
     let p = policy(
