@@ -207,6 +207,30 @@ const HOSTS: &str = r#"
   - { id: only, methods: [GET], path: /only, hosts: [api.example.com], public: true }
 "#;
 
+/// What the README says of `*.example.com`: any number of labels below it, never the bare
+/// domain; and `*` only as the whole first label.
+#[test]
+fn a_wildcard_host_covers_every_depth_below_its_domain_only() {
+    let p = policy(
+        "  - { id: wild, methods: [GET], path: /x, hosts: [\"*.example.com\"], public: true }\n",
+    );
+    for host in ["a.example.com", "a.b.example.com", "x.y.z.example.com"] {
+        assert_eq!(route(&p, "GET", host, "/x"), "wild", "{host}");
+    }
+    for host in ["example.com", "example.com.evil.test", "aexample.com"] {
+        assert_eq!(route(&p, "GET", host, "/x"), "no_matching_route", "{host}");
+    }
+    for pattern in [
+        "*",
+        "*example.com",
+        "a*.example.com",
+        "api.*.example.com",
+        "*.*.example.com",
+    ] {
+        assert!(HostPattern::parse(pattern).is_err(), "{pattern}");
+    }
+}
+
 #[test]
 fn host_specificity_and_normalization() {
     let p = policy(HOSTS);
