@@ -624,6 +624,23 @@ mod tests {
         assert_eq!(counted, 2);
     }
 
+    /// Decides `view` through `service` and answers its reason code, HTTP status and every
+    /// `www-authenticate` header value of the deny answer.
+    async fn challenges(
+        service: &AuthzService,
+        view: &RequestView<'_>,
+    ) -> (ReasonCode, u16, Vec<String>) {
+        let (d, _) = service.decide_view(view, "req").await;
+        let answer = DenyAnswer::of(&d, "req");
+        let found = answer
+            .headers
+            .into_iter()
+            .filter(|(n, _)| n == "www-authenticate")
+            .map(|(_, v)| v)
+            .collect();
+        (d.code, answer.status, found)
+    }
+
     /// The README's answer contract for API keys: a client that presented only API keys is
     /// challenged with `ApiKey` (a key outside its endpoints with `insufficient_scope`, a
     /// key in the query or two keys with `invalid_key`), one that also sent a token with
@@ -647,15 +664,7 @@ mod tests {
                     path,
                     ..crate::engine::tests::healthz(&headers)
                 };
-                let (d, _) = service.decide_view(&view, "req").await;
-                let answer = DenyAnswer::of(&d, "req");
-                let found: Vec<String> = answer
-                    .headers
-                    .into_iter()
-                    .filter(|(n, _)| n == "www-authenticate")
-                    .map(|(_, v)| v)
-                    .collect();
-                (d.code, answer.status, found)
+                challenges(service, &view).await
             }
         };
         // The key works on its own endpoint.
@@ -731,15 +740,7 @@ mod tests {
                     path: "/orders/42",
                     ..crate::engine::tests::healthz(&headers)
                 };
-                let (d, _) = service.decide_view(&view, "req").await;
-                let answer = DenyAnswer::of(&d, "req");
-                let found: Vec<String> = answer
-                    .headers
-                    .into_iter()
-                    .filter(|(n, _)| n == "www-authenticate")
-                    .map(|(_, v)| v)
-                    .collect();
-                (d.code, answer.status, found)
+                challenges(service, &view).await
             }
         };
         // No credential where API keys are configured: both schemes are offered, bare.
