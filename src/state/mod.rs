@@ -418,8 +418,9 @@ impl MemoryStore {
     }
 }
 
-fn live(map: &HashMap<String, Entry>, key: &str, now: Instant) -> bool {
-    map.get(key).is_some_and(|e| e.expires > now)
+/// The entry under `key` while it lives (present and not expired at `now`).
+fn live_entry<'m>(map: &'m HashMap<String, Entry>, key: &str, now: Instant) -> Option<&'m Entry> {
+    map.get(key).filter(|e| e.expires > now)
 }
 
 #[tonic::async_trait]
@@ -433,7 +434,7 @@ impl StateStore for MemoryStore {
         let now = Instant::now();
         let mut entries = self.entries();
         self.maybe_sweep(&mut entries, now);
-        if live(&entries.map, key, now) {
+        if live_entry(&entries.map, key, now).is_some() {
             return Ok(false);
         }
         entries.put(key, value, ttl, now)?;
@@ -443,11 +444,7 @@ impl StateStore for MemoryStore {
     async fn get(&self, key: &str) -> Result<Option<String>, StateError> {
         let now = Instant::now();
         let entries = self.entries();
-        Ok(entries
-            .map
-            .get(key)
-            .filter(|e| e.expires > now)
-            .map(|e| e.value.clone()))
+        Ok(live_entry(&entries.map, key, now).map(|e| e.value.clone()))
     }
 
     async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StateError> {
@@ -468,13 +465,7 @@ impl StateStore for MemoryStore {
         let entries = self.entries();
         Ok(keys
             .iter()
-            .map(|k| {
-                entries
-                    .map
-                    .get(k)
-                    .filter(|e| e.expires > now)
-                    .map(|e| e.value.clone())
-            })
+            .map(|k| live_entry(&entries.map, k, now).map(|e| e.value.clone()))
             .collect())
     }
 
@@ -537,11 +528,7 @@ impl StateStore for MemoryStore {
     async fn delete_if(&self, key: &str, value: &str) -> Result<bool, StateError> {
         let now = Instant::now();
         let mut entries = self.entries();
-        if !entries
-            .map
-            .get(key)
-            .is_some_and(|e| e.expires > now && e.value == value)
-        {
+        if live_entry(&entries.map, key, now).is_none_or(|e| e.value != value) {
             return Ok(false);
         }
         entries.map.remove(key);
@@ -551,11 +538,7 @@ impl StateStore for MemoryStore {
     async fn ttl_left(&self, key: &str) -> Result<Option<Duration>, StateError> {
         let now = Instant::now();
         let entries = self.entries();
-        Ok(entries
-            .map
-            .get(key)
-            .filter(|e| e.expires > now)
-            .map(|e| e.expires - now))
+        Ok(live_entry(&entries.map, key, now).map(|e| e.expires - now))
     }
 }
 
