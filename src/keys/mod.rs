@@ -456,16 +456,29 @@ fn no_usable_key(slot: &Slot, shared: &Shared, old: &Snapshot, loaded: Loaded) {
     // Each reason names the key by index and (shortened) kid, never its material; `?` quotes
     // and escapes what the issuer wrote.
     let dropped = &keys.dropped;
+    let withdrawn = old.set.as_ref().map(|previous| previous.len());
+    let message = match withdrawn {
+        None => "the issuer's key set has no usable key: none is loaded, its tokens are refused",
+        Some(0) => {
+            "the issuer's key set still has no usable key: its tokens are refused until it \
+             publishes a usable one"
+        }
+        Some(_) => {
+            "the issuer's key set has no usable key: the keys it published before are \
+             withdrawn, its tokens are refused until it publishes a usable one"
+        }
+    };
+    tracing::error!(
+        issuer = %slot.name,
+        url = %target,
+        error.class = error.code(),
+        error = %error,
+        dropped = ?dropped,
+        withdrawn_keys = withdrawn.unwrap_or(0),
+        retry_in_ms = delay.as_millis() as u64,
+        "{message}"
+    );
     let Some(previous) = &old.set else {
-        tracing::error!(
-            issuer = %slot.name,
-            url = %target,
-            error.class = error.code(),
-            error = %error,
-            dropped = ?dropped,
-            retry_in_ms = delay.as_millis() as u64,
-            "the issuer's key set has no usable key: none is loaded, its tokens are refused"
-        );
         slot.state.store(Arc::new(Snapshot {
             set: None,
             last_good: old.last_good,
@@ -474,30 +487,6 @@ fn no_usable_key(slot: &Slot, shared: &Shared, old: &Snapshot, loaded: Loaded) {
         }));
         return;
     };
-    if previous.is_empty() {
-        tracing::error!(
-            issuer = %slot.name,
-            url = %target,
-            error.class = error.code(),
-            error = %error,
-            dropped = ?dropped,
-            retry_in_ms = delay.as_millis() as u64,
-            "the issuer's key set still has no usable key: its tokens are refused until it \
-             publishes a usable one"
-        );
-    } else {
-        tracing::error!(
-            issuer = %slot.name,
-            url = %target,
-            error.class = error.code(),
-            error = %error,
-            dropped = ?dropped,
-            withdrawn_keys = previous.len(),
-            retry_in_ms = delay.as_millis() as u64,
-            "the issuer's key set has no usable key: the keys it published before are \
-             withdrawn, its tokens are refused until it publishes a usable one"
-        );
-    }
     // The same (empty) `Arc` while nothing changes, so an unknown-`kid` refetch sees "unchanged".
     let set = if previous.is_empty() {
         previous.clone()
