@@ -782,14 +782,9 @@ mod tests {
                 .with_identity(identity.map(Arc::new));
             let headers = std::collections::HashMap::new();
             let view = RequestView {
-                method: "GET",
-                host: "api.example.com",
                 path: "/orders/42",
-                headers: &headers,
-                source_ip: None,
                 source_principal: "spiffe://example.org/ns/shop/sa/checkout",
-                scheme: "https",
-                peer_certificate: None,
+                ..crate::engine::tests::healthz(&headers)
             };
             let mut out = Vec::new();
             AuditEvent::new(&decision, &view, "r", Duration::ZERO).write_json(&mut out);
