@@ -130,7 +130,7 @@ impl ConnLimit {
             max_connections = self.max,
             "connection limit reached: new connections are closed until open ones end \
              (counted in portcullis_connections_refused_total; idle connections close after \
-             {}s without a request, and dead HTTP/2 peers after an unanswered ping)",
+             {}s without a request, and vanished peers after unanswered TCP keep-alive probes)",
             FIRST_REQUEST_TIMEOUT.as_secs()
         );
     }
