@@ -676,10 +676,18 @@ impl Engine {
         }
 
         let (issuer, token) = decide::select_issuer(&self.config, cred)?;
-        let set = self
-            .keys
-            .get(&issuer.name)
-            .map_err(decide::keys_unavailable)?;
+        let set = match self.keys.get(&issuer.name) {
+            Ok(set) => set,
+            // No usable keys (withdrawn, never loaded, stale): a token for this issuer asks
+            // for a load now, as an unknown `kid` does (same single flight, same
+            // `unknown_kid_interval`), so keys published again are in force at the first
+            // token rather than at the next scheduled refresh.
+            Err(e) => self
+                .keys
+                .refresh_for_unknown_kid(&issuer.name, self.key_wait)
+                .await
+                .ok_or_else(|| decide::keys_unavailable(e))?,
+        };
         let jwt = match token.verify(&issuer.rules, &set, now) {
             Ok(v) => v,
             Err(e) if e.is_unknown_kid() => {
@@ -793,10 +801,11 @@ impl Engine {
             now,
         )
         .map_err(decide::invalid_token)?;
-        let set = self
-            .keys
-            .get(&issuer.name)
-            .map_err(decide::keys_unavailable)?;
+        // Without usable keys the miss path decides: it asks for a load first, and answers
+        // `keys_unavailable` when none comes.
+        let Ok(set) = self.keys.get(&issuer.name) else {
+            return Ok(None);
+        };
         // As a verification would pick it: among at most MAX_CANDIDATE_KEYS candidates.
         let still_picked = match hit.key_alg {
             Some(alg) => {

@@ -945,3 +945,59 @@ remove: [admin, orders-create]",
         assert!(seen.contains(&expected), "{expected:?} not among {seen:?}");
     }
 }
+
+/// After an issuer withdrew every key, keys it publishes again are in force at the first
+/// token that needs them (a load as for an unknown `kid`, within `unknown_kid_interval`),
+/// not at the next scheduled refresh (here an hour away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_published_again_after_a_withdrawal_are_used_at_the_first_token() {
+    use base64::Engine as _;
+    let h = Harness::start_with(|doc| {
+        let keys = &mut doc["issuers"][0]["keys"];
+        keys["min_refresh"] = "1h".into();
+        keys["max_refresh"] = "1h".into();
+        keys["max_stale"] = "24h".into();
+    })
+    .await;
+    let token = mint(json!({"sub": "alice", "scope": "orders:read"}));
+    let auth = bearer(&token);
+    let headers = [("authorization", auth.as_str())];
+    let get = || h.check("GET", "/orders/1", &headers);
+    assert_eq!(status(&get().await), 0);
+
+    // The issuer withdraws its keys; a token naming a `kid` the set lacks loads that now.
+    h.jwks.set(json!({"keys": []}).to_string());
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(br#"{"alg":"RS256","kid":"gone","typ":"JWT"}"#);
+    let (_, rest) = token.split_once('.').unwrap();
+    let unknown_kid = bearer(&format!("{header}.{rest}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.server.engine.load_full().keys.get("dev").is_ok() {
+        let _ = h
+            .check("GET", "/orders/1", &[("authorization", &unknown_kid)])
+            .await;
+        assert!(Instant::now() < deadline, "the withdrawal was never loaded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let refused = get().await;
+    assert_eq!(denied(&refused).0, 401);
+    assert_eq!(denied(&refused).2["error"], "keys_unavailable");
+
+    // The store retries an issuer without keys on a backoff (1 s, 2 s, 4 s, 8 s, ... up to
+    // `min_refresh`): after the fourth empty answer the next retry is 8 s away.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric_value(
+        &h.metrics().await,
+        "portcullis_jwks_fetches_total{issuer=\"dev\",result=\"no_keys\"}",
+    ) < 4.0
+    {
+        assert!(Instant::now() < deadline, "no retries of the empty key set");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Published again: once `unknown_kid_interval` (1 s) has passed since the last load, the
+    // first token loads the keys and is allowed, seconds before the scheduled retry.
+    h.jwks.set(dev_jwks());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let first = get().await;
+    assert_eq!(status(&first), 0, "{:?}", denied(&first));
+}
