@@ -188,8 +188,17 @@ impl Server {
 
         let authz = AuthzService::new(engine.clone(), metrics.clone(), audit);
         let approvals = crate::approvals::api::ApprovalsApi::new(engine.clone()).into_server();
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::approvals::api::DESCRIPTOR_SET)
+        // Reflection lists the approvals API and gRPC health, in both versions of the
+        // protocol (grpcurl and older tools still ask `v1alpha`).
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::approvals::api::DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let reflection = reflection()
             .build_v1()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
         spawn_approval_sweeper(engine.clone(), shutdown_rx.clone());
@@ -215,7 +224,8 @@ impl Server {
         // that is set, else beside ext_authz; gRPC health is on both.
         let approvals_routes = Routes::new(health_service.clone())
             .add_service(approvals)
-            .add_service(reflection);
+            .add_service(reflection)
+            .add_service(reflection_v1alpha);
         let (routes, approvals_task) = match approvals_listener {
             Some((listener, _)) => {
                 let task = spawn_grpc(

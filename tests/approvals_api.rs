@@ -96,36 +96,48 @@ fn authed<T>(body: T, token: &str) -> tonic::Request<T> {
     r
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reflection_lists_the_approvals_service() {
-    use tokio_stream::StreamExt;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+/// The services a reflection `ListServices` call over `channel` names, asked in protocol
+/// version `$v` (`v1`, or `v1alpha`, which older grpcurl and some GUIs still speak).
+macro_rules! listed_services {
+    ($v:ident, $channel:expr) => {{
+        use tokio_stream::StreamExt;
+        use tonic_reflection::pb::$v::ServerReflectionRequest;
+        use tonic_reflection::pb::$v::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$v::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$v::server_reflection_response::MessageResponse;
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = ServerReflectionClient::new($channel)
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let reply = stream.next().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+            panic!("unexpected reflection reply: {reply:?}");
+        };
+        list.service
+            .into_iter()
+            .map(|s| s.name)
+            .collect::<Vec<String>>()
+    }};
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_approvals_service_and_health_in_both_versions() {
     let h = Harness::start().await;
-    let mut client = ServerReflectionClient::new(h.channel().await);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter(vec![request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let reply = stream.next().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
-        panic!("unexpected reflection reply: {reply:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names
-            .iter()
-            .any(|n| n == portcullis::approvals::api::SERVICE_NAME),
-        "{names:?}"
-    );
+    let v1 = listed_services!(v1, h.channel().await);
+    let v1alpha = listed_services!(v1alpha, h.channel().await);
+    for names in [&v1, &v1alpha] {
+        for service in [
+            portcullis::approvals::api::SERVICE_NAME,
+            "grpc.health.v1.Health",
+        ] {
+            assert!(names.iter().any(|n| n == service), "{service}: {names:?}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
