@@ -92,20 +92,21 @@ async fn still_open(stream: &mut TcpStream) -> bool {
     }
 }
 
-async fn no_token_check(addr: SocketAddr) -> u16 {
-    let mut client = AuthorizationClient::new(channel(addr).await);
-    let response = client
-        .check(check_request(
-            "GET",
-            "/orders/1",
-            "api.example.com",
-            None,
-            Default::default(),
-            "",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+/// `GET /orders/1` without a token, as Envoy asks about it.
+fn no_token_request() -> envoy_types::ext_authz::v3::pb::CheckRequest {
+    check_request(
+        "GET",
+        "/orders/1",
+        "api.example.com",
+        None,
+        Default::default(),
+        "",
+    )
+}
+
+/// The status of the deny `client` gets for `no_token_request` (a 401 expected).
+async fn no_token_check(client: &mut AuthorizationClient<tonic::transport::Channel>) -> u16 {
+    let response = client.check(no_token_request()).await.unwrap().into_inner();
     denied(&response).0
 }
 
@@ -141,7 +142,8 @@ async fn connections_past_the_cap_are_closed_on_arrival_and_counted_per_listener
     // A place freed is a place for Envoy: the next connection is served.
     held.pop();
     wait_open(&server, "grpc", 2.0, Duration::from_secs(5)).await;
-    assert_eq!(no_token_check(addr).await, 401);
+    let mut client = AuthorizationClient::new(channel(addr).await);
+    assert_eq!(no_token_check(&mut client).await, 401);
     assert_eq!(
         listener_metric(&server, "portcullis_connections_refused_total", "grpc").await,
         1.0
@@ -159,18 +161,7 @@ async fn a_connection_that_sends_no_request_is_closed_after_ten_seconds() {
     grpc_idle.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
     // A client that made a request keeps its connection past the deadline.
     let mut used = AuthorizationClient::new(channel(server.grpc_addr).await);
-    let request = || {
-        check_request(
-            "GET",
-            "/orders/1",
-            "api.example.com",
-            None,
-            Default::default(),
-            "",
-        )
-    };
-    let first = used.check(request()).await.unwrap().into_inner();
-    assert_eq!(denied(&first).0, 401);
+    assert_eq!(no_token_check(&mut used).await, 401);
 
     closed_within(&mut grpc_idle, Duration::from_secs(15)).await;
     closed_within(&mut admin_idle, Duration::from_secs(15)).await;
@@ -181,8 +172,7 @@ async fn a_connection_that_sends_no_request_is_closed_after_ten_seconds() {
     );
     // Only the used connection is left on the gRPC listener, and it still answers.
     wait_open(&server, "grpc", 1.0, Duration::from_secs(3)).await;
-    let again = used.check(request()).await.unwrap().into_inner();
-    assert_eq!(denied(&again).0, 401);
+    assert_eq!(no_token_check(&mut used).await, 401);
     wait_open(&server, "grpc", 1.0, Duration::from_secs(3)).await;
     server.shutdown().await;
 }
