@@ -255,13 +255,19 @@ impl Reloader {
         } else {
             let store = Arc::new(crate::server::key_store(&new, self.metrics.clone()));
             store.start().await;
-            // Never trade usable keys for unusable ones: a reload that would leave an issuer
-            // without keys is refused while the config in force still has them.
-            if !store.ready() && old.keys.ready() {
-                let missing: Vec<String> = store
-                    .status()
+            // Never trade usable keys for keys that failed to load: a reload that would leave
+            // an issuer without keys is refused while the config in force still has them.
+            // A key set that loaded with no usable key (`{"keys":[]}` in a key file) is the
+            // operator's or the issuer's withdrawal, not a failure: it is taken, as the
+            // running store takes it, so a compromised key stops working at once.
+            let failed: Vec<_> = store
+                .status()
+                .into_iter()
+                .filter(|s| !s.usable && !s.withdrawn)
+                .collect();
+            if !failed.is_empty() && old.keys.ready() {
+                let missing: Vec<String> = failed
                     .into_iter()
-                    .filter(|s| !s.usable)
                     .map(|s| {
                         format!(
                             "`{}`: {}",

@@ -383,13 +383,23 @@ async fn a_rotated_key_file_is_reloaded() {
     assert_eq!(decide(&server, "GET", "/orders/1", &new).await, 200);
     assert_eq!(decide(&server, "GET", "/orders/1", &old).await, 401);
 
-    // A key file that stops parsing is refused; the rotated key keeps working.
-    std::fs::write(s.dir.path().join("dev/jwks.json"), "{\"keys\": []}").unwrap();
-    assert!(matches!(
-        reloader.poll(false).await,
-        ReloadOutcome::Rejected(_)
-    ));
+    // A key file that stops parsing (saved half-written) is refused; the rotated key keeps
+    // working.
+    std::fs::write(s.dir.path().join("dev/jwks.json"), "{\"keys\": [").unwrap();
+    let reason = rejected(reloader.poll(false).await);
+    assert!(
+        reason.contains("keys unavailable for issuer(s) `dev`"),
+        "{reason}"
+    );
     assert_eq!(decide(&server, "GET", "/orders/1", &new).await, 200);
+
+    // A key file emptied on purpose (`{"keys": []}`) withdraws its keys at once: a
+    // compromised key stops working at the reload, not at the next re-read of the file.
+    std::fs::write(s.dir.path().join("dev/jwks.json"), "{\"keys\": []}").unwrap();
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
+    assert_eq!(decide(&server, "GET", "/orders/1", &new).await, 401);
+    let status = &server.engine.load_full().keys.status()[0];
+    assert!(status.withdrawn && !status.usable, "{status:?}");
     server.shutdown().await;
 }
 

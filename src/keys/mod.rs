@@ -89,6 +89,9 @@ pub struct IssuerKeyStatus {
     pub key_count: usize,
     pub last_good: Option<SystemTime>,
     pub last_error: Option<String>,
+    /// The latest answer was a well-formed key set with no usable key: the issuer's (or the
+    /// key file's) own withdrawal of its keys, not a failure to load them.
+    pub withdrawn: bool,
 }
 
 /// What `get` reads: replaced as a whole after every load attempt.
@@ -101,6 +104,8 @@ struct Snapshot {
     last_good_at: Option<Instant>,
     /// The error of the most recent attempt; `None` when it succeeded or none finished yet.
     last_error: Option<Arc<str>>,
+    /// The most recent answer was a key set with no usable key (see `IssuerKeyStatus`).
+    withdrawn: bool,
 }
 
 /// Fetch bookkeeping, touched only off the hot path.
@@ -320,6 +325,7 @@ impl KeyStore {
                     key_count: snap.set.as_ref().map_or(0, |s| s.len()),
                     last_good: snap.last_good,
                     last_error: snap.last_error.as_deref().map(str::to_string),
+                    withdrawn: snap.withdrawn,
                 }
             })
             .collect()
@@ -391,6 +397,7 @@ async fn load_once(slot: &Slot, shared: &Shared) {
                 last_good: Some(SystemTime::now()),
                 last_good_at: Some(Instant::now()),
                 last_error: None,
+                withdrawn: false,
             }));
             let mut f = slot.flight();
             f.failures = 0;
@@ -427,6 +434,7 @@ async fn load_once(slot: &Slot, shared: &Shared) {
                 last_good: old.last_good,
                 last_good_at: old.last_good_at,
                 last_error: Some(failure.error.to_string().into()),
+                withdrawn: old.withdrawn,
             }));
         }
     }
@@ -484,6 +492,7 @@ fn no_usable_key(slot: &Slot, shared: &Shared, old: &Snapshot, loaded: Loaded) {
             last_good: old.last_good,
             last_good_at: old.last_good_at,
             last_error: Some(error.to_string().into()),
+            withdrawn: true,
         }));
         return;
     };
@@ -498,6 +507,7 @@ fn no_usable_key(slot: &Slot, shared: &Shared, old: &Snapshot, loaded: Loaded) {
         last_good: Some(SystemTime::now()),
         last_good_at: Some(Instant::now()),
         last_error: Some(error.to_string().into()),
+        withdrawn: true,
     }));
 }
 
