@@ -227,6 +227,8 @@ async fn check_deny_carries_the_approval_id_and_an_approval_allows_one_check() {
         .unwrap();
     assert_eq!(approved.state, "approved");
     assert_eq!(approved.decided_by, "dev:bob");
+    // Nothing is used yet: the approver is told every granted use is left.
+    assert_eq!(approved.uses_left, Some(approved.uses));
     let err = api
         .reject(authed(
             RejectRequest {

@@ -134,7 +134,8 @@ fn status(e: ApprovalError) -> Status {
     }
 }
 
-/// `r` as the API answers it; `uses_left` as `Approvals::uses_left` found it (listings).
+/// `r` as the API answers it; `uses_left` as `Approvals::uses_left` found it (listings), or
+/// every use granted (an approval just given).
 pub fn to_pb(r: &Record, uses_left: Option<u32>) -> pb::Approval {
     pb::Approval {
         id: r.id.clone(),
@@ -202,8 +203,9 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
             .approve(&who, known_id(body.id.trim())?, ttl, unix_now())
             .await
             .map_err(status)?;
+        // Just granted: no use of it can have been taken yet.
         Ok(Response::new(pb::ApprovalReply {
-            approval: Some(to_pb(&record, None)),
+            approval: Some(to_pb(&record, Some(record.uses))),
         }))
     }
 
