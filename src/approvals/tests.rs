@@ -901,6 +901,26 @@ async fn an_approval_under_one_rule_never_satisfies_another_rules_approval() {
     assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
 }
 
+/// The cast of the shared-state fault tests: approvals on a `TestStore` (faults injected per
+/// key prefix) with their sink and audit lines, alice (a dba) asking to drop `orders`, bob (a
+/// dba lead) deciding.
+fn fault_case() -> (
+    Arc<crate::state::testing::TestStore>,
+    Approvals,
+    crate::audit::AuditSink,
+    AuditLines,
+    Arc<Identity>,
+    Arc<Identity>,
+    Req,
+) {
+    let store = Arc::new(crate::state::testing::TestStore::default());
+    let (a, sink, lines) = AuditLines::approvals(store.clone());
+    let alice = identity("alice", &["dba"]);
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/orders");
+    (store, a, sink, lines, alice, bob, r)
+}
+
 /// The audit lines an `AuditSink` wrote, for tests that look at approval events.
 #[derive(Clone, Default)]
 struct AuditLines(Arc<std::sync::Mutex<Vec<u8>>>);
@@ -970,12 +990,8 @@ async fn approval_events_name_the_issuer_by_its_configured_name() {
 /// `approved` or `used` event is written.
 #[tokio::test]
 async fn a_failed_approval_whose_cleanup_fails_too_grants_nothing() {
-    let store = Arc::new(crate::state::testing::TestStore::default());
-    let (a, sink, lines) = AuditLines::approvals(store.clone());
-    let alice = identity("alice", &["dba"]);
-    let r = Req::new("DELETE", "db", "/databases/orders");
+    let (store, a, sink, lines, alice, bob, r) = fault_case();
     let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
-    let bob = identity("bob", &["dba-lead"]);
     store
         .fail_index_add
         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1053,12 +1069,8 @@ async fn a_spent_approval_is_not_also_logged_as_expired() {
 /// put back to pending and the decision released, so the approval can be retried.
 #[tokio::test]
 async fn a_failed_grant_write_leaves_the_request_pending_and_retryable() {
-    let store = Arc::new(crate::state::testing::TestStore::default());
-    let (a, sink, lines) = AuditLines::approvals(store.clone());
-    let alice = identity("alice", &["dba"]);
-    let r = Req::new("DELETE", "db", "/databases/orders");
+    let (store, a, sink, lines, alice, bob, r) = fault_case();
     let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
-    let bob = identity("bob", &["dba-lead"]);
     *store.fail_set.lock().unwrap() = vec!["approval:grant:".into()];
     assert!(matches!(
         a.approve(&bob, &id, None, NOW + 1).await,
@@ -1083,12 +1095,8 @@ async fn a_failed_grant_write_leaves_the_request_pending_and_retryable() {
 /// approval is logged, so nothing that may be used is unlisted or unaudited.
 #[tokio::test]
 async fn a_grant_that_cannot_be_taken_back_is_recorded_and_audited_as_approved() {
-    let store = Arc::new(crate::state::testing::TestStore::default());
-    let (a, sink, lines) = AuditLines::approvals(store.clone());
-    let alice = identity("alice", &["dba"]);
-    let r = Req::new("DELETE", "db", "/databases/orders");
+    let (store, a, sink, lines, alice, bob, r) = fault_case();
     let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
-    let bob = identity("bob", &["dba-lead"]);
     *store.fail_set.lock().unwrap() = vec!["approval:grant:".into()];
     *store.fail_delete.lock().unwrap() = vec!["approval:grant:".into()];
     assert!(matches!(
@@ -1119,11 +1127,7 @@ async fn a_grant_that_cannot_be_taken_back_is_recorded_and_audited_as_approved()
 /// reported as "already approved".
 #[tokio::test]
 async fn a_failed_rejection_can_be_retried() {
-    let store = Arc::new(crate::state::testing::TestStore::default());
-    let (a, sink, lines) = AuditLines::approvals(store.clone());
-    let alice = identity("alice", &["dba"]);
-    let bob = identity("bob", &["dba-lead"]);
-    let r = Req::new("DELETE", "db", "/databases/orders");
+    let (store, a, sink, lines, alice, bob, r) = fault_case();
     let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
     store
         .fail_index_add
@@ -1257,11 +1261,7 @@ fn slot_key(who: &Arc<Identity>, r: &Req) -> String {
 /// being told for `request_ttl` that one "is being opened".
 #[tokio::test]
 async fn a_request_slot_that_lands_after_a_timeout_blocks_nothing() {
-    let store = Arc::new(crate::state::testing::TestStore::default());
-    let (a, sink, lines) = AuditLines::approvals(store.clone());
-    let alice = identity("alice", &["dba"]);
-    let bob = identity("bob", &["dba-lead"]);
-    let r = Req::new("DELETE", "db", "/databases/orders");
+    let (store, a, sink, lines, alice, bob, r) = fault_case();
     *store.land_then_fail.lock().unwrap() = vec!["approval:req:".into()];
     let first = a.gate(&r.view(), granted(&alice), NOW).await;
     assert_eq!(first.code, ReasonCode::StateUnavailable, "{}", first.detail);
@@ -1287,11 +1287,7 @@ async fn a_request_slot_that_lands_after_a_timeout_blocks_nothing() {
 /// it is approved. A younger one is still "being opened".
 #[tokio::test]
 async fn a_slot_left_without_its_record_is_adopted_by_a_retry() {
-    let store = Arc::new(crate::state::testing::TestStore::default());
-    let (a, sink, lines) = AuditLines::approvals(store.clone());
-    let alice = identity("alice", &["dba"]);
-    let bob = identity("bob", &["dba-lead"]);
-    let r = Req::new("DELETE", "db", "/databases/orders");
+    let (store, a, sink, lines, alice, bob, r) = fault_case();
     *store.land_then_fail.lock().unwrap() = vec!["approval:req:".into()];
     *store.fail_delete.lock().unwrap() = vec!["approval:req:".into()];
     let first = a.gate(&r.view(), granted(&alice), NOW).await;
@@ -1350,11 +1346,7 @@ async fn a_slot_left_without_its_record_is_adopted_by_a_retry() {
 /// expires.
 #[tokio::test]
 async fn a_claim_that_lands_after_a_timeout_is_released() {
-    let store = Arc::new(crate::state::testing::TestStore::default());
-    let (a, sink, lines) = AuditLines::approvals(store.clone());
-    let alice = identity("alice", &["dba"]);
-    let bob = identity("bob", &["dba-lead"]);
-    let r = Req::new("DELETE", "db", "/databases/orders");
+    let (store, a, sink, lines, alice, bob, r) = fault_case();
     let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
     *store.land_then_fail.lock().unwrap() = vec!["approval:decided:".into()];
     assert!(matches!(
@@ -1418,11 +1410,7 @@ async fn a_failed_claim_never_releases_another_decisions_claim() {
 /// again, audited then.
 #[tokio::test]
 async fn a_rejection_that_lands_after_a_timeout_is_undone() {
-    let store = Arc::new(crate::state::testing::TestStore::default());
-    let (a, sink, lines) = AuditLines::approvals(store.clone());
-    let alice = identity("alice", &["dba"]);
-    let bob = identity("bob", &["dba-lead"]);
-    let r = Req::new("DELETE", "db", "/databases/orders");
+    let (store, a, sink, lines, alice, bob, r) = fault_case();
     let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
     *store.land_then_fail.lock().unwrap() = vec!["approval:rec:".into()];
     assert!(matches!(
