@@ -212,8 +212,7 @@ impl ApprovalEvent {
             approval_id: record.id.clone(),
             subject: record.subject.clone(),
             issuer: record.issuer_name.clone(),
-            iss: (record.issuer_name != crate::identity::apikey::API_KEY_ISSUER)
-                .then(|| record.issuer.clone()),
+            iss: record.token_iss().map(str::to_string),
             actor: None,
             method: record.method.clone(),
             host: record.host.clone(),

@@ -198,6 +198,9 @@ async fn check_deny_carries_the_approval_id_and_an_approval_allows_one_check() {
     assert_eq!(listed.approvals.len(), 1);
     assert_eq!(listed.approvals[0].id, id);
     assert_eq!(listed.approvals[0].subject, "alice");
+    // The issuer by its configured name, as in audit lines and `decided_by`; the claim beside.
+    assert_eq!(listed.approvals[0].issuer, "dev");
+    assert_eq!(listed.approvals[0].iss, DEV_ISSUER);
     assert_eq!(listed.approvals[0].path, "/databases/orders");
     assert_eq!(listed.approvals[0].uses_left, None, "a pending request");
 

@@ -281,7 +281,7 @@ fn line(a: &pb::Approval) -> String {
         "{}  {:<12} {} {} {}{}  (route {}, rule {}{}, until {})",
         a.id,
         a.state,
-        a.subject,
+        requester(a),
         a.method,
         a.host,
         a.path,
@@ -312,6 +312,17 @@ fn line(a: &pb::Approval) -> String {
     out
 }
 
+/// Who asked, as `decided_by` and the config's `issuer:sub` entries name people: the same
+/// `sub` from two issuers is two people. A server older than the `issuer` name sends the
+/// `iss` URL there, so only a name is put in front.
+fn requester(a: &pb::Approval) -> String {
+    if a.issuer.is_empty() || a.issuer.contains('/') {
+        a.subject.clone()
+    } else {
+        format!("{}:{}", a.issuer, a.subject)
+    }
+}
+
 /// The uses part of a line: what a pending request would grant, what an approval has left
 /// (when the server said: an approval in force), else what it granted. Nothing for a
 /// rejection or a pre-approval (neither grants counted uses).
@@ -334,6 +345,7 @@ fn time(unix: i64) -> String {
 fn to_json(a: &pb::Approval) -> serde_json::Value {
     serde_json::json!({
         "id": a.id, "state": a.state, "subject": a.subject, "issuer": a.issuer,
+        "iss": a.iss,
         "method": a.method, "host": a.host, "path": a.path, "body_sha256": a.body_sha256,
         "query": a.query, "query_sha256": a.query_sha256,
         "justification": a.justification, "route": a.route, "rule": a.rule,
@@ -352,6 +364,7 @@ mod tests {
             id: "apr_1".into(),
             state: state.into(),
             subject: "alice".into(),
+            issuer: "corp".into(),
             method: "DELETE".into(),
             host: "localhost".into(),
             path: "/databases/staging".into(),
@@ -378,6 +391,10 @@ mod tests {
         assert_eq!(uses("approved", 1, None), ", 1 use(s) granted");
         assert_eq!(uses("rejected", 1, None), "");
         assert_eq!(uses("pre_approved", 1, None), "");
+        assert!(
+            line(&approval("pending", 1, None)).contains(" pending      corp:alice DELETE "),
+            "the requester is named with their issuer"
+        );
         let json = to_json(&approval("approved", 1, Some(0)));
         assert_eq!(
             (json["uses"].clone(), json["uses_left"].clone()),

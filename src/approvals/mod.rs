@@ -238,6 +238,13 @@ pub struct Record {
 }
 
 impl Record {
+    /// The requester's token's `iss` claim; `None` for an API key (its record carries the
+    /// issuer name `api-key` in place of a claim).
+    pub fn token_iss(&self) -> Option<&str> {
+        (self.issuer_name != crate::identity::apikey::API_KEY_ISSUER)
+            .then_some(self.issuer.as_str())
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }

@@ -261,6 +261,23 @@ async fn a_requests_record_shows_its_query_shape_and_digest() {
         None,
     );
     let payload = hook.payload(&listed[0]);
+    // The requester as audit lines and listings name them: the configured issuer name, with
+    // the token's `iss` beside it.
+    assert_eq!(
+        (&payload["issuer"], &payload["iss"], &payload["subject"]),
+        (
+            &"corp".into(),
+            &"https://login.example.com".into(),
+            &"alice".into()
+        )
+    );
+    assert!(
+        payload["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("corp:alice asks to "),
+        "{payload}"
+    );
     assert_eq!(payload["query"], "force=…&token=…");
     assert_eq!(
         payload["query_sha256"],

@@ -47,11 +47,12 @@ impl Webhook {
             "event": "approval_requested",
             "approval_id": record.id,
             "summary": format!(
-                "{} asks to {} {}{} (route `{}`, rule `{}`)",
-                record.subject, record.method, record.host, record.path, record.route, record.rule
+                "{}:{} asks to {} {}{} (route `{}`, rule `{}`)",
+                record.issuer_name, record.subject, record.method, record.host, record.path, record.route, record.rule
             ),
             "subject": record.subject,
-            "issuer": record.issuer,
+            "issuer": record.issuer_name,
+            "iss": record.token_iss(),
             "method": record.method,
             "host": record.host,
             "path": record.path,
