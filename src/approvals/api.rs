@@ -11,7 +11,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tonic::{Request, Response, Status};
 
-use super::{ApprovalError, Record};
+use super::{ApprovalError, ApprovalState, Record};
 use crate::engine::{Engine, unix_now};
 use crate::identity::Identity;
 
@@ -153,7 +153,11 @@ pub fn to_pb(r: &Record, uses_left: Option<u32>) -> pb::Approval {
         route: r.route.clone(),
         rule: r.rule.clone(),
         requested_at: r.requested_at,
-        expires_at: r.grant_expires_at.unwrap_or(r.expires_at),
+        expires_at: match r.state {
+            // 0: the pre-approval has no end (its record lapses on its own after an hour).
+            ApprovalState::PreApproved => r.grant_expires_at.unwrap_or(0),
+            _ => r.grant_expires_at.unwrap_or(r.expires_at),
+        },
         decided_by: r.decided_by.clone().unwrap_or_default(),
         decided_at: r.decided_at.unwrap_or_default(),
         reason: r.reason.clone().unwrap_or_default(),

@@ -278,7 +278,7 @@ fn show(json: bool, verb: &str, approval: Option<pb::Approval>) -> String {
 
 fn line(a: &pb::Approval) -> String {
     let mut out = format!(
-        "{}  {:<12} {} {} {}{}  (route {}, rule {}{}, until {})",
+        "{}  {:<12} {} {} {}{}  (route {}, rule {}{}, {})",
         a.id,
         a.state,
         requester(a),
@@ -288,7 +288,7 @@ fn line(a: &pb::Approval) -> String {
         a.route,
         a.rule,
         uses(a),
-        time(a.expires_at)
+        until(a)
     );
     if !a.query.is_empty() {
         out.push_str(&format!(
@@ -336,6 +336,16 @@ fn uses(a: &pb::Approval) -> String {
     }
 }
 
+/// When a line's record stops counting: a pre-approval without an end says so, rather than
+/// showing the epoch.
+fn until(a: &pb::Approval) -> String {
+    if a.state == "pre_approved" && a.expires_at == 0 {
+        "no end".to_string()
+    } else {
+        format!("until {}", time(a.expires_at))
+    }
+}
+
 fn time(unix: i64) -> String {
     let t =
         std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(unix).unwrap_or(0));
@@ -372,6 +382,7 @@ mod tests {
             rule: "dba".into(),
             uses,
             uses_left,
+            expires_at: 1_800_000_000,
             ..Default::default()
         }
     }
@@ -391,6 +402,20 @@ mod tests {
         assert_eq!(uses("approved", 1, None), ", 1 use(s) granted");
         assert_eq!(uses("rejected", 1, None), "");
         assert_eq!(uses("pre_approved", 1, None), "");
+        // An open-ended pre-approval (expires_at 0) says so instead of showing 1970.
+        let open_ended = pb::Approval {
+            expires_at: 0,
+            ..approval("pre_approved", 1, None)
+        };
+        assert!(
+            line(&open_ended).contains("rule dba, no end)"),
+            "{}",
+            line(&open_ended)
+        );
+        assert!(
+            line(&approval("pre_approved", 1, None))
+                .contains("rule dba, until 2027-01-15T08:00:00Z)")
+        );
         assert!(
             line(&approval("pending", 1, None)).contains(" pending      corp:alice DELETE "),
             "the requester is named with their issuer"

@@ -232,7 +232,7 @@ pub struct Record {
     #[serde(default)]
     pub reason: Option<String>,
     pub uses: u32,
-    /// An approval stops granting then.
+    /// An approval stops granting then; a pre-approval's window ends then (`None`: no end).
     #[serde(default)]
     pub grant_expires_at: Option<i64>,
 }

@@ -610,7 +610,9 @@ impl Approvals {
         record.state = ApprovalState::PreApproved;
         record.decided_by = Some(format!("policy:pre_approve[{index}]"));
         record.decided_at = Some(now);
-        record.grant_expires_at = Some(now);
+        // What a listing shows as "until": when the pre-approval stops allowing this action
+        // (its window's end; none when open-ended). It was `now`, a past time in any listing.
+        record.grant_expires_at = policy.pre_approve.get(index).and_then(|p| p.until);
         let mut event = ApprovalEvent::new("pre_approved", &record);
         event.actor = record.decided_by.clone();
         self.audit.record_approval(event);

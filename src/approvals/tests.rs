@@ -703,6 +703,14 @@ async fn steady_pre_approved_traffic_keeps_one_record_per_action() {
             .iter()
             .all(|r| r.state == ApprovalState::PreApproved && valid_id(&r.id))
     );
+    // A listing says until when the pre-approval allows the action: its window's end, never
+    // the (past) moment it was recorded.
+    let until = a.policy("drop-db", "dba").unwrap().pre_approve[0].until;
+    assert!(until.is_some_and(|u| u > from + 10));
+    for r in &listed {
+        assert_eq!(r.grant_expires_at, until, "{r:?}");
+        assert_eq!(super::api::to_pb(r, None).expires_at, until.unwrap());
+    }
 }
 
 #[test]
