@@ -27,7 +27,12 @@ const RECORD_GRACE: Duration = Duration::from_secs(3600);
 /// A request slot whose record is still missing this long after it was taken is adopted by
 /// the next retry (at least this, and ten store timeouts: longer than any opener takes from
 /// its slot to its record).
-const ADOPT_AFTER: Duration = Duration::from_secs(10);
+/// The `reason` of a `requested` line whose record the store may or may not hold.
+const UNCONFIRMED_REQUEST: &str = "unconfirmed: the store failed while this request was \
+     written and again when it was withdrawn, so it may be listed; the requester was refused \
+     with 503";
+
+pub(super) const ADOPT_AFTER: Duration = Duration::from_secs(10);
 
 /// Why an approve / reject / list call failed. Messages are safe to return to the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,7 +48,8 @@ pub enum ApprovalError {
     /// Another decision of the request has claimed it and not written its outcome yet.
     #[error(
         "approval `{0}` is being decided (another decision of it has not finished); list it \
-         again for the outcome"
+         again for the outcome (a decision that never finishes is taken over after a few \
+         seconds)"
     )]
     BeingDecided(String),
     #[error("approval request `{0}` has expired")]
@@ -536,7 +542,20 @@ impl Approvals {
                 // first): a record that landed would be a request nobody was told of, a slot
                 // left behind would name a request no approver can see (until a retry
                 // adopts it).
-                let _ = self.state.delete_if(&key_rec(&record.id), &json).await;
+                if self
+                    .state
+                    .delete_if(&key_rec(&record.id), &json)
+                    .await
+                    .is_err()
+                {
+                    // Neither written for sure nor withdrawn: the record may be listed and
+                    // approved, so it gets its `requested` line, saying what is known. An
+                    // extra line for a request that never landed beats an approval of one
+                    // the log never saw requested.
+                    let mut event = ApprovalEvent::new("requested", record);
+                    event.reason = Some(UNCONFIRMED_REQUEST.to_string());
+                    self.audit.record_approval(event);
+                }
                 let _ = self
                     .state
                     .delete_if(&key_req(&record.fingerprint), &record.id)
@@ -714,33 +733,65 @@ impl Approvals {
             return Err(ApprovalError::Expired(id));
         }
         // INVARIANT: exactly one approve or reject wins per request, across replicas.
-        // The claim names its attempt, so releasing it never removes another's.
-        let claim = format!("{} {}", actor(who), new_id());
-        let first = match self
-            .state
-            .insert_if_absent(&key_decided(&id), &claim, self.request_ttl + RECORD_GRACE)
-            .await
-        {
-            Ok(first) => first,
-            Err(e) => {
-                // The claim may have landed all the same (a timeout after Redis wrote it):
-                // released, or the request would be "being decided" until the claim expires.
-                self.release(&id, &claim).await;
-                return Err(e.into());
-            }
-        };
-        if !first {
-            // Name the state the record is in: still pending means the other decision has
-            // not written it yet.
-            return Err(match self.load(&id).await?.state {
-                ApprovalState::Pending => ApprovalError::BeingDecided(id),
-                state => ApprovalError::AlreadyDecided {
+        // The claim names its attempt, so releasing it never removes another's, and when it
+        // was made, so one whose decision never finished can be taken over.
+        let claim = format!("{} {} {now}", actor(who), new_id());
+        if self.take_claim(&id, &claim).await? {
+            return Ok((policy, claim));
+        }
+        // Name the state the record is in: still pending means the other decision has not
+        // written it yet, or never will.
+        match self.load(&id).await?.state {
+            ApprovalState::Pending => {}
+            state => {
+                return Err(ApprovalError::AlreadyDecided {
                     id,
                     state: state.as_str(),
-                },
-            });
+                });
+            }
         }
-        Ok((policy, claim))
+        // A decision whose claim is older than `adopt_after` with the request still pending
+        // never finished (its process died or its call was cancelled, or it failed and could
+        // not release the claim while the store was down): a decision takes a few store
+        // operations, each bounded by the store's timeout. Taken over, or the request could
+        // be decided by nobody until it expired. Only the claim read here is removed, so of
+        // several approvers taking over at once one wins.
+        let held = self.state.get(&key_decided(&id)).await?;
+        let stale = held
+            .as_deref()
+            .and_then(claimed_at)
+            .is_some_and(|at| at.saturating_add(secs(self.adopt_after)) <= now);
+        if let Some(held) = held.filter(|_| stale)
+            && self.state.delete_if(&key_decided(&id), &held).await?
+        {
+            let holder = held.rsplitn(3, ' ').nth(2).unwrap_or_default();
+            tracing::warn!(
+                approval.id = %id,
+                holder,
+                "took over the decision of a pending approval request whose earlier decision never finished"
+            );
+            if self.take_claim(&id, &claim).await? {
+                return Ok((policy, claim));
+            }
+        }
+        Err(ApprovalError::BeingDecided(id))
+    }
+
+    /// Claims the decision of request `id` with `claim`: `true` when this call got it.
+    async fn take_claim(&self, id: &str, claim: &str) -> Result<bool, ApprovalError> {
+        match self
+            .state
+            .insert_if_absent(&key_decided(id), claim, self.request_ttl + RECORD_GRACE)
+            .await
+        {
+            Ok(first) => Ok(first),
+            Err(e) => {
+                // The claim may have landed all the same (a timeout after Redis wrote it):
+                // released, or the request would be "being decided" until it is taken over.
+                self.release(id, claim).await;
+                Err(e.into())
+            }
+        }
     }
 
     /// Releases the decision of request `id` when `claim` still holds it (best effort; a
@@ -960,6 +1011,12 @@ impl Approvals {
 }
 
 /// How an approver is named in records: `issuer-name:sub`.
+/// When a decision claim (`actor id unix-seconds`) was made; `None` for a claim written
+/// without its time (by an older release), which is never taken over.
+fn claimed_at(claim: &str) -> Option<i64> {
+    claim.rsplit_once(' ')?.1.parse().ok()
+}
+
 fn actor(who: &Identity) -> String {
     format!("{}:{}", who.issuer_name, who.subject)
 }

@@ -1366,6 +1366,36 @@ async fn a_slot_left_without_its_record_is_adopted_by_a_retry() {
     assert_eq!(lines.events(&sink), ["requested", "approved", "used"]);
 }
 
+/// A request record whose write timed out but landed, and which could not be withdrawn
+/// either (the store still down), may be listed and approved: it gets its `requested`
+/// line, marked unconfirmed, so no approval in the log lacks its request. The requester was
+/// refused with a 503.
+#[tokio::test]
+async fn a_request_record_that_may_have_landed_is_audited_as_unconfirmed() {
+    let (store, a, sink, lines, alice, bob, r) = fault_case();
+    *store.land_then_fail.lock().unwrap() = vec!["approval:rec:".into()];
+    *store.fail_delete.lock().unwrap() = vec!["approval:rec:".into()];
+    let first = a.gate(&r.view(), granted(&alice), NOW).await;
+    assert_eq!(first.code, ReasonCode::StateUnavailable, "{}", first.detail);
+    store.land_then_fail.lock().unwrap().clear();
+    store.fail_delete.lock().unwrap().clear();
+    let logged = lines.lines(&sink);
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0]["event"], "requested");
+    assert!(
+        logged[0]["reason"]
+            .as_str()
+            .is_some_and(|why| why.starts_with("unconfirmed")),
+        "{}",
+        logged[0]
+    );
+    let listed = a.list(&bob, false, NOW + 1).await.unwrap();
+    assert_eq!(listed.len(), 1, "the record landed: {listed:?}");
+    assert_eq!(listed[0].id, logged[0]["approval_id"]);
+    a.approve(&bob, &listed[0].id, None, NOW + 2).await.unwrap();
+    assert_eq!(lines.events(&sink), ["requested", "approved"]);
+}
+
 /// An approve or reject whose claim timed out but landed releases it: the request stays
 /// pending, listed, and open to be decided again, not "being decided" until the claim
 /// expires.
@@ -1393,6 +1423,42 @@ async fn a_claim_that_lands_after_a_timeout_is_released() {
     let d = a.gate(&r.view(), granted(&alice), NOW + 4).await;
     assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
     assert_eq!(lines.events(&sink), ["requested", "approved", "used"]);
+}
+
+/// A decision claim that landed late and could not be released (the store still down) is
+/// taken over once it is older than any decision takes, with the request still pending: the
+/// request is decided, not stuck "being decided" until it expires. Before that, it is not.
+#[tokio::test]
+async fn a_claim_nobody_could_release_is_taken_over_once_stale() {
+    let (store, a, sink, lines, alice, bob, r) = fault_case();
+    let carol = identity("carol", &[]);
+    let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
+    *store.land_then_fail.lock().unwrap() = vec!["approval:decided:".into()];
+    *store.fail_delete.lock().unwrap() = vec!["approval:decided:".into()];
+    assert!(matches!(
+        a.approve(&bob, &id, None, NOW + 1).await,
+        Err(ApprovalError::State(_))
+    ));
+    store.land_then_fail.lock().unwrap().clear();
+    store.fail_delete.lock().unwrap().clear();
+    let key = format!("approval:decided:{id}");
+    assert!(store.get(&key).await.unwrap().is_some(), "the claim stayed");
+    // Soon after: another decision may still be under way.
+    assert_eq!(
+        a.reject(&carol, &id, None, NOW + 2).await,
+        Err(ApprovalError::BeingDecided(id.clone()))
+    );
+    let after = NOW + 1 + super::service::ADOPT_AFTER.as_secs() as i64;
+    let approved = a.approve(&carol, &id, None, after).await.unwrap();
+    assert_eq!(approved.decided_by.as_deref(), Some("corp:carol"));
+    let d = a.gate(&r.view(), granted(&alice), after + 1).await;
+    assert_eq!(d.code, ReasonCode::Allowed, "{}", d.detail);
+    assert_eq!(lines.events(&sink), ["requested", "approved", "used"]);
+    // A decided request's claim is never taken over.
+    assert!(matches!(
+        a.reject(&bob, &id, None, after + 600).await,
+        Err(ApprovalError::AlreadyDecided { .. })
+    ));
 }
 
 /// Releasing a claim never releases another decision's: a claim that failed with nothing
