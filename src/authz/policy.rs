@@ -263,7 +263,9 @@ impl HostPattern {
                     "invalid IPv6 host `{text}` (write it as `[::1]`, without a port)"
                 ));
             }
-            return Ok(HostPattern::Exact(Box::from(lower)));
+            return Ok(HostPattern::Exact(Box::from(
+                canonical_ipv6(lower).unwrap_or_else(|| lower.to_string()),
+            )));
         }
         if lower.contains(':') {
             return Err(format!(
@@ -308,8 +310,27 @@ fn valid_dns_name(name: &str) -> bool {
         })
 }
 
-/// The request's host without port or trailing dot. `[::1]:8080` -> `[::1]`.
-pub fn normalize_host(raw: &str) -> &str {
+/// The request's host without port or trailing dot, an IPv6 literal in its canonical form
+/// (RFC 5952). `[::1]:8080` -> `[::1]`, `[0:0::1]` -> `[::1]`.
+pub fn normalize_host(raw: &str) -> std::borrow::Cow<'_, str> {
+    let host = without_port(raw);
+    match canonical_ipv6(host) {
+        Some(canonical) if canonical != host => std::borrow::Cow::Owned(canonical),
+        _ => std::borrow::Cow::Borrowed(host),
+    }
+}
+
+/// `[addr]` written as Rust (and RFC 5952) writes the address: one spelling per address, so
+/// `[0::1]` cannot slip past a route for `[::1]` to a less specific one. `None` when `host`
+/// is no bracketed IPv6 address (a zone id included), which then matches no IPv6 route.
+fn canonical_ipv6(host: &str) -> Option<String> {
+    let inside = host.strip_prefix('[')?.strip_suffix(']')?;
+    let addr = inside.parse::<std::net::Ipv6Addr>().ok()?;
+    Some(format!("[{addr}]"))
+}
+
+/// The host without port or trailing dot.
+fn without_port(raw: &str) -> &str {
     let host = if raw.starts_with('[') {
         match raw.find(']') {
             Some(end) => {
@@ -519,6 +540,7 @@ impl Policy {
         let segs = path::clean(req.path)
             .map_err(|e| Decision::new(ReasonCode::PathRejected, format!("path rejected: {e}")))?;
         let host = normalize_host(req.host);
+        let host = &*host;
         let candidates = segs
             .first()
             .and_then(|s| self.by_first.get(s.as_ref()))

@@ -245,6 +245,21 @@ fn host_specificity_and_normalization() {
     assert_eq!(route(&p, "GET", "[::1]:8080", "/x"), "v6");
     assert_eq!(route(&p, "GET", "[::1]", "/x"), "v6");
     assert_eq!(route(&p, "GET", "[::1]evil", "/x"), "any");
+    // Every spelling of the address is the address: none falls through to `any`.
+    for spelled in [
+        "[0::1]",
+        "[0:0:0:0:0:0:0:1]:80",
+        "[0000::0001]",
+        "[::0.0.0.1]",
+    ] {
+        assert_eq!(route(&p, "GET", spelled, "/x"), "v6", "{spelled}");
+    }
+    assert_eq!(route(&p, "GET", "[::1%25lo]", "/x"), "any");
+    assert_eq!(route(&p, "GET", "[::2]", "/x"), "any");
+    // ... and so is a configured one written another way.
+    let spelled =
+        policy("  - { id: v6, methods: [GET], path: /x, hosts: [\"[0:0::1]\"], public: true }\n");
+    assert_eq!(route(&spelled, "GET", "[::1]", "/x"), "v6");
     assert_eq!(route(&p, "GET", "other.test", "/only"), "no_matching_route");
     assert_eq!(route(&p, "GET", "", "/only"), "no_matching_route");
     assert_eq!(route(&p, "GET", "api.example.com:443", "/only"), "only");
@@ -273,6 +288,8 @@ fn normalize_host_strips_port_and_dot() {
     assert_eq!(normalize_host("a.b."), "a.b");
     assert_eq!(normalize_host("[::1]:8080"), "[::1]");
     assert_eq!(normalize_host("[::1]"), "[::1]");
+    assert_eq!(normalize_host("[0::1]:8080"), "[::1]");
+    assert_eq!(normalize_host("[2001:DB8::A]"), "[2001:db8::a]");
     assert_eq!(normalize_host("::1"), "::1");
     assert_eq!(normalize_host("a.b:x"), "a.b:x");
 }

@@ -1013,6 +1013,7 @@ impl Compiler {
             return Err(self.err(field, "the URL must not contain user credentials"));
         }
         let host = crate::authz::policy::normalize_host(authority);
+        let host = &*host;
         if host.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(self.err(field, format!("`{url}` is not a valid URL")));
         }
