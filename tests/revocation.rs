@@ -216,6 +216,42 @@ async fn admin_api_rejects_bad_requests() {
     assert_eq!(list["runtime"], json!([]));
 }
 
+/// `curl -d '{"sub": "alice"}'` sends `application/x-www-form-urlencoded`: the answer says
+/// the content type is missing, not that a JSON object is not one.
+#[tokio::test]
+async fn a_json_body_without_the_json_content_type_is_told_what_is_missing() {
+    let h = Harness::start("1h", "", "revoked: []").await;
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(h.admin("/revocations"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"sub": "alice"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 415);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("content-type: application/json"),
+        "{body}"
+    );
+    let long = json!({"jti": "a".repeat(1025)});
+    let resp = h.post_revocation(&http, &long).await;
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("at most 1024 bytes"),
+        "{body}"
+    );
+    assert_eq!(h.revocations(&http).await["runtime"], json!([]));
+}
+
 #[tokio::test]
 async fn admin_api_requires_the_configured_bearer_secret() {
     let real = {

@@ -141,7 +141,10 @@ fn bad_issuer(engine: &Engine) -> Response {
 fn bad_kind() -> Response {
     error(
         StatusCode::BAD_REQUEST,
-        "give exactly one of `jti`, `sid` or `sub` as a non-empty string",
+        &format!(
+            "give exactly one of `jti`, `sid` or `sub` as a non-empty string of at most \
+             {MAX_VALUE_BYTES} bytes"
+        ),
     )
 }
 
@@ -197,8 +200,18 @@ pub async fn add(
     if let Some(refusal) = authorize(&engine, state.bound, &headers) {
         return refusal;
     }
-    let Ok(Json(mut body)) = body else {
-        return error(StatusCode::BAD_REQUEST, "the body must be a JSON object");
+    let mut body = match body {
+        Ok(Json(body)) => body,
+        // `curl -d` sends a form content type: say what is missing rather than blaming a
+        // body that may well be a JSON object. (Requiring the JSON content type also keeps a
+        // browser's cross-site form post, which cannot set it without a preflight, out.)
+        Err(axum::extract::rejection::JsonRejection::MissingJsonContentType(_)) => {
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send the body as JSON with `content-type: application/json`",
+            );
+        }
+        Err(_) => return error(StatusCode::BAD_REQUEST, "the body must be a JSON object"),
     };
     let expires = body.ids.remove("expires_at");
     let issuer = match body.ids.remove("issuer") {
