@@ -405,9 +405,11 @@ async fn a_rotated_key_file_is_reloaded() {
 
 /// An API key file truncated on disk (an editor saving in place) is refused like an empty
 /// config: the keys in force stay, instead of every API key being refused until the file is
-/// written again.
+/// written again. A key whose entry is deleted (its revocation) is gone at that reload,
+/// though the shipped rule still names it: that reload used to be refused, and the key kept
+/// working.
 #[tokio::test]
-async fn a_truncated_api_key_file_keeps_the_keys_in_force() {
+async fn a_truncated_api_key_file_keeps_the_keys_in_force_and_a_deleted_key_is_revoked() {
     let s = Setup::new();
     let start = s.shipped.find("    - id: reporting-e0dd28\n").unwrap();
     let end = s.shipped[start..]
@@ -450,6 +452,10 @@ async fn a_truncated_api_key_file_keeps_the_keys_in_force() {
         "{reason}"
     );
     assert_eq!(key(&server).await, 200);
+
+    std::fs::write(&file, "keys: []\n").unwrap();
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
+    assert_eq!(key(&server).await, 401);
     server.shutdown().await;
 }
 

@@ -219,7 +219,7 @@ impl Compiler {
 
     /// Checks a rule's `api_keys` against the known key ids.
     pub(super) fn rule_api_keys(
-        &self,
+        &mut self,
         field: &str,
         names: &[String],
         keys: Option<&ApiKeys>,
@@ -244,11 +244,15 @@ impl Compiler {
         }
         let mut out: Vec<Arc<str>> = Vec::with_capacity(names.len());
         for (k, name) in names.iter().enumerate() {
+            // A warning, not an error: deleting a key's entry (or its line in the key file)
+            // is how a key is revoked, and refusing that reload kept the key working. The
+            // name stays in the rule, which grants it nothing while no key has that id (a
+            // rule naming only such keys stays a rule for API keys: never one for tokens).
             if name != "*" && keys.get(name).is_none() {
-                return Err(self.hint(
-                    format!("{field}[{k}]"),
-                    format!("unknown API key `{name}`"),
-                    "name a key id from `api_keys`, or `*` for any key",
+                self.warnings.push(format!(
+                    "{field}[{k}]: API key `{name}` is not configured, so this rule grants it \
+                     nothing: drop the id from the rule if the key was removed, or name a key \
+                     id from `api_keys` (or `*` for any key)"
                 ));
             }
             if !out.iter().any(|o| **o == **name) {
@@ -562,14 +566,35 @@ mod tests {
         );
     }
 
+    /// Deleting a key's entry is how a key is revoked: a rule still naming it loads (with a
+    /// warning naming the field) and grants that name nothing, and stays a rule for API keys
+    /// only, so it never turns into a rule any token meets.
     #[test]
-    fn rules_name_only_known_keys_and_never_mix_with_token_conditions() {
-        let keys = [key("k1", HASH)];
-        fails(
-            &config(&keys, "{id: r, api_keys: [k2]}", ""),
-            "routes[0].rules[0].api_keys[0]",
-            "unknown API key `k2`",
+    fn a_rule_naming_a_key_that_is_gone_loads_with_a_warning_and_grants_nothing() {
+        let c = compile(&config(&[key("k1", HASH)], "{id: r, api_keys: [k2]}", "")).unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w
+                    .starts_with("routes[0].rules[0].api_keys[0]: API key `k2` is not configured")),
+            "{:?}",
+            c.warnings
         );
+        let rule = &c.policy.routes()[0].rules[0];
+        assert_eq!(
+            rule.api_keys.iter().map(|k| &**k).collect::<Vec<_>>(),
+            ["k2"]
+        );
+        assert!(
+            !c.warnings.iter().any(|w| w.contains("has no conditions")),
+            "{:?}",
+            c.warnings
+        );
+    }
+
+    #[test]
+    fn rules_never_mix_api_keys_with_token_conditions() {
+        let keys = [key("k1", HASH)];
         fails(
             &config(&keys, "{id: r, api_keys: [k1], scopes: [a]}", ""),
             "routes[0].rules[0].api_keys",

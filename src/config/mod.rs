@@ -1370,10 +1370,11 @@ impl Compiler {
             || !rule.scopes.is_empty()
             || !rule.roles.is_empty()
             || !claims.is_empty();
+        let keys = self.api_keys.clone();
         let api_keys = self.rule_api_keys(
             &f("api_keys"),
             &rule.api_keys,
-            self.api_keys.as_deref(),
+            keys.as_deref(),
             token_conditions,
         )?;
         if let Some(approval) = &rule.approval {
