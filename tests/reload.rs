@@ -17,7 +17,7 @@ use portcullis::reload::{ReloadOutcome, Reloader};
 use portcullis::server::Server;
 use serde_json::{Value, json};
 use support::inproc::bearer_headers;
-use support::jwt::{dev_claims, mint_dev, sign};
+use support::jwt::{dev_claims, mint_dev, sign, sign_dev};
 
 fn root() -> PathBuf {
     support::repo_root()
@@ -456,6 +456,42 @@ async fn a_truncated_api_key_file_keeps_the_keys_in_force_and_a_deleted_key_is_r
     std::fs::write(&file, "keys: []\n").unwrap();
     assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
     assert_eq!(key(&server).await, 401);
+    server.shutdown().await;
+}
+
+/// Removing an identity provider from `issuers` stops trusting it at that reload, though a
+/// rule still names it (the rule then grants its name nothing, with a warning). That
+/// reload used to be refused ("unknown issuer"), and the removed issuer stayed trusted.
+#[tokio::test]
+async fn removing_an_issuer_a_rule_names_stops_trusting_it() {
+    let s = Setup::new();
+    let dev = "  - name: dev\n    issuer: https://dev.portcullis.invalid\n";
+    let partner = format!(
+        "  - name: partner\n    issuer: https://partner.example\n    audiences: [portcullis-sample-api]\n    keys: {{ file: dev/jwks.json }}\n    claims: {{ scopes: scope }}\n{dev}"
+    );
+    let both = s.shipped.replace(dev, &partner).replace(
+        "        scopes: [orders:read]",
+        "        issuers: [dev, partner]\n        scopes: [orders:read]",
+    );
+    assert!(both.contains("issuers: [dev, partner]") && both.contains("name: partner"));
+    s.write(&both);
+    let (server, mut reloader) = s.serve().await;
+    let claims = json!({"sub": "eve", "scope": "orders:read", "iss": "https://partner.example"});
+    let from_partner = sign_dev(&dev_claims(claims));
+    let alice = mint_dev(json!({"sub": "alice", "scope": "orders:read"}));
+    assert_eq!(
+        decide(&server, "GET", "/orders/1", &from_partner).await,
+        200
+    );
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
+
+    s.write(&both.replace(&partner, dev));
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
+    assert_eq!(
+        decide(&server, "GET", "/orders/1", &from_partner).await,
+        401
+    );
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
     server.shutdown().await;
 }
 

@@ -1277,16 +1277,19 @@ impl Compiler {
             return Err(self.err(f("id"), "the rule id must not be empty"));
         }
         for (k, name) in rule.issuers.iter().enumerate() {
+            // A warning, not an error: removing an issuer from `issuers` is how an identity
+            // provider stops being trusted, and refusing that reload kept it trusted. The
+            // name stays in the rule, where it matches no caller.
             if !issuers.contains(name.as_str()) {
                 let known: Vec<&str> = issuers.iter().copied().collect();
                 let hint = match closest(name, &known) {
                     Some(c) => format!("did you mean `{c}`?"),
                     None => "use an issuer's `name` (it defaults to its `issuer` URL)".to_string(),
                 };
-                return Err(self.hint(
-                    f(&format!("issuers[{k}]")),
-                    format!("unknown issuer `{name}`"),
-                    hint,
+                self.warnings.push(format!(
+                    "{}: issuer `{name}` is not configured, so this rule grants its callers \
+                     nothing: drop it from the rule if the issuer was removed, else {hint}",
+                    f(&format!("issuers[{k}]"))
                 ));
             }
         }
@@ -1786,7 +1789,7 @@ impl Compiler {
 
     /// A rule's `approval:`: someone can approve, the grant lasts and can be used.
     fn approval(
-        &self,
+        &mut self,
         field: &str,
         a: &schema::ApprovalRuleConfig,
         issuers: &HashSet<&str>,
@@ -1800,18 +1803,22 @@ impl Compiler {
             (p.subjects.iter().enumerate())
                 .map(move |(j, s)| (format!("{field}.pre_approve[{k}].subjects[{j}]"), s))
         });
-        for (at, subject) in approvers.chain(pre) {
-            if let Some((prefix, _)) = subject.split_once(':')
-                && !issuers.contains(prefix)
-            {
-                return Err(self.hint(
-                    at,
-                    format!("`{subject}`: `{prefix}` is not an issuer name"),
-                    "a subject with `:` is `issuer-name:sub` (for a `sub` that holds `:`, name \
-                     its issuer first: `corp:urn:x`)",
-                ));
-            }
-        }
+        // A warning, not an error, for the same reason as a rule's `issuers`: the entry
+        // then names nobody (its prefix matches no caller's issuer).
+        let unknown: Vec<String> = approvers
+            .chain(pre)
+            .filter_map(|(at, subject)| {
+                let (prefix, _) = subject.split_once(':')?;
+                (!issuers.contains(prefix)).then(|| {
+                    format!(
+                        "{at}: `{subject}`: `{prefix}` is not a configured issuer, so this entry \
+                         names nobody (a subject with `:` is `issuer-name:sub`; for a `sub` that \
+                         holds `:`, name its issuer first: `corp:urn:x`)"
+                    )
+                })
+            })
+            .collect();
+        self.warnings.extend(unknown);
         if a.approvers.roles.is_empty() && a.approvers.subjects.is_empty() {
             return Err(self.hint(
                 f("approvers"),
