@@ -285,24 +285,27 @@ impl Reloader {
             }
             store
         };
-        // Runtime revocations scoped to an issuer this config no longer has would stop
-        // matching (its tokens now carry another name): refuse until they are deleted.
+        // Runtime revocations scoped to an issuer renamed by this config would stop matching
+        // (its tokens now carry another name): refuse until they are deleted. An issuer
+        // removed outright (no issuer of the new config takes its `iss`) is not refused:
+        // its tokens are refused now, so entries scoped to it revoke nothing either way, and
+        // refusing kept a removed (perhaps compromised) identity provider trusted, also
+        // whenever shared state was down.
         let names = crate::revocation::issuer_names(&new);
-        // When an issuer goes, read the shared entries first: one another replica added a
-        // moment ago is not in this replica's copy until its next sync, and would otherwise
-        // be orphaned by a reload that looked only at the copy.
-        if crate::revocation::issuer_names(&old.config)
-            .iter()
-            .any(|n| !names.contains(n))
+        let renamed = renamed_issuers(&old.config, &new);
+        // When an issuer is renamed, read the shared entries first: one another replica
+        // added a moment ago is not in this replica's copy until its next sync, and would
+        // otherwise be orphaned by a reload that looked only at the copy.
+        if !renamed.is_empty()
             && let Err(e) = old
                 .runtime_revoked
                 .sync(&*old.state, crate::engine::unix_now())
                 .await
         {
             return Err(format!(
-                "{}: an issuer is removed or renamed, and the runtime revocations that could \
-                 name it cannot be read from shared state ({e}); the config in force stays \
-                 until they can",
+                "{}: an issuer is renamed, and the runtime revocations that could name it \
+                 cannot be read from shared state ({e}); the config in force stays until they \
+                 can",
                 self.path.display()
             ));
         }
@@ -310,7 +313,7 @@ impl Reloader {
             .runtime_revoked
             .scoped_issuers()
             .into_iter()
-            .filter(|i| !names.contains(i))
+            .filter(|i| !names.contains(i) && renamed.contains(i))
             .map(|i| format!("`{i}`"))
             .collect();
         if !orphaned.is_empty() {
@@ -398,4 +401,17 @@ async fn recv_hangup(h: &mut Hangup) {
 #[cfg(not(unix))]
 async fn recv_hangup(_: &mut Hangup) {
     std::future::pending().await
+}
+
+/// The issuer names `old` has and `new` lacks while `new` still has an issuer with the same
+/// `iss`: renamed, so their tokens now verify under another name.
+fn renamed_issuers(old: &crate::config::Config, new: &crate::config::Config) -> Vec<String> {
+    old.issuers
+        .iter()
+        .filter(|o| {
+            !new.issuers.iter().any(|n| n.name == o.name)
+                && new.issuers.iter().any(|n| n.rules.issuer == o.rules.issuer)
+        })
+        .map(|o| o.name.to_string())
+        .collect()
 }

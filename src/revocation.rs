@@ -136,7 +136,7 @@ pub enum RevocationError {
     #[error("entry {index}: exactly one of `jti`, `sid` or `sub` is required")]
     EntryKind { index: usize },
     #[error(
-        "entry {index}: `issuer` `{name}` names no issuer of the config (use an `issuers[].name`, or `api-key` for API keys, or leave it out for every issuer)"
+        "entry {index}: `issuer` `{name}` names no issuer of the config (use an `issuers[].name`, or `api-key` for API keys, or leave it out for every issuer; delete the entry if its issuer was removed, rename it with its issuer)"
     )]
     UnknownIssuer { index: usize, name: String },
     #[error(

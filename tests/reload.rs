@@ -460,10 +460,13 @@ async fn a_truncated_api_key_file_keeps_the_keys_in_force_and_a_deleted_key_is_r
 }
 
 /// Removing an identity provider from `issuers` stops trusting it at that reload, though a
-/// rule still names it (the rule then grants its name nothing, with a warning). That
-/// reload used to be refused ("unknown issuer"), and the removed issuer stayed trusted.
+/// rule still names it (the rule then grants its name nothing, with a warning) and a
+/// runtime revocation is scoped to it (it revokes nothing once the issuer's tokens are
+/// refused; only a rename, which would void it, is refused). That reload used to be
+/// refused, and the removed issuer stayed trusted.
 #[tokio::test]
 async fn removing_an_issuer_a_rule_names_stops_trusting_it() {
+    use portcullis::revocation::{RUNTIME_INDEX, RevokedKind};
     let s = Setup::new();
     let dev = "  - name: dev\n    issuer: https://dev.portcullis.invalid\n";
     let partner = format!(
@@ -484,6 +487,16 @@ async fn removing_an_issuer_a_rule_names_stops_trusting_it() {
         200
     );
     assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
+    // An entry scoped to the issuer, as the admin API adds it.
+    let member = RevokedKind::Sub.member(Some("partner"), "mallory");
+    let engine = server.engine.load_full();
+    let expires = support::jwt::now() + 3600;
+    engine
+        .state
+        .index_add(RUNTIME_INDEX, &member, expires)
+        .await
+        .unwrap();
+    engine.runtime_revoked.apply(&member, Some(expires));
 
     s.write(&both.replace(&partner, dev));
     assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
