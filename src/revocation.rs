@@ -454,17 +454,22 @@ impl Revocations {
             ));
         }
         match self.list.load().lookup(id, now) {
-            Some(kind) => Err(revoked(kind)),
+            Some(kind) => Err(revoked(kind, id)),
             None => Ok(()),
         }
     }
 }
 
-/// The deny for a revoked identity. Names the kind, never the value.
-pub fn revoked(kind: RevokedKind) -> Decision {
+/// The deny for a revoked identity. Names the credential and the kind, never the value.
+pub fn revoked(kind: RevokedKind, id: &Identity) -> Decision {
+    let what = if id.api_key_id().is_some() {
+        "API key"
+    } else {
+        "token"
+    };
     Decision::new(
         ReasonCode::Revoked,
-        format!("the token has been revoked (by `{}`)", kind.as_str()),
+        format!("the {what} has been revoked (by `{}`)", kind.as_str()),
     )
 }
 
@@ -550,7 +555,7 @@ impl RuntimeRevocations {
             for issuer in [None, Some(&*id.issuer_name)] {
                 kind.write_member(&mut member, issuer, value);
                 if members.contains_key(&member) {
-                    return Err(revoked(kind));
+                    return Err(revoked(kind, id));
                 }
             }
         }
@@ -662,6 +667,21 @@ impl RuntimeRevocations {
     }
 
     /// The issuers that scoped entries name.
+    /// The scopes (`None`: every issuer) of this replica's entries for `kind` and `value`.
+    pub fn scopes_of(&self, kind: RevokedKind, value: &str) -> Vec<Option<String>> {
+        let mut scopes: Vec<Option<String>> = self
+            .members
+            .load()
+            .keys()
+            .filter_map(|m| {
+                let (k, issuer, v) = RevokedKind::parse_member(m)?;
+                (k == kind && v == value).then(|| issuer.map(str::to_string))
+            })
+            .collect();
+        scopes.sort();
+        scopes
+    }
+
     pub fn scoped_issuers(&self) -> std::collections::BTreeSet<String> {
         self.members
             .load()
@@ -827,6 +847,22 @@ revoked:
   - {sid: s-1, expires: "2027-01-15T08:00:00Z"}
   - {sub: mallory, expires: "2027-01-15T08:00:00+01:00"}
 "#;
+
+    /// A revoked API key's owner is told about their key, not about a token.
+    #[test]
+    fn the_deny_names_the_credential_revoked() {
+        let token = id(json!({"sub": "alice"}));
+        let mut key = id(json!({"sub": "alice", "api_key_id": "reporting"}));
+        key.issuer_name = Arc::from(crate::identity::apikey::API_KEY_ISSUER);
+        assert_eq!(
+            revoked(RevokedKind::Sub, &token).detail,
+            "the token has been revoked (by `sub`)"
+        );
+        assert_eq!(
+            revoked(RevokedKind::Sub, &key).detail,
+            "the API key has been revoked (by `sub`)"
+        );
+    }
 
     #[test]
     fn lookup_by_each_kind_until_expiry() {

@@ -267,6 +267,11 @@ async fn admin_api_requires_the_configured_bearer_secret() {
     let body = json!({"jti": "x"});
     let none = h.post_revocation(&http, &body).await;
     assert_eq!(none.status(), 401);
+    // The challenge a 401 must carry (RFC 9110 11.6.1).
+    assert_eq!(
+        none.headers()["www-authenticate"],
+        "Bearer realm=\"portcullis-admin\""
+    );
     let wrong = http
         .post(h.admin("/revocations"))
         .bearer_auth("guess")
@@ -275,6 +280,7 @@ async fn admin_api_requires_the_configured_bearer_secret() {
         .await
         .unwrap();
     assert_eq!(wrong.status(), 401);
+    assert!(wrong.headers().contains_key("www-authenticate"));
     let list = http.get(h.admin("/revocations")).send().await.unwrap();
     assert_eq!(list.status(), 401, "listing needs the secret too");
     let ok = http
@@ -342,8 +348,21 @@ async fn an_entry_scoped_to_an_issuer_names_only_that_issuers_tokens() {
     let text = resp.text().await.unwrap();
     assert!(text.contains("`dev`"), "{text}");
 
-    // Removing the scoped entry needs its issuer; the unscoped one was never there.
+    // Removing the scoped entry needs its issuer; the unscoped one was never there. The
+    // refusal says which scope the value is revoked under.
     assert_eq!(h.delete_revocation(&http, "sub=alice").await, 404);
+    let missed = http
+        .delete(h.admin("/revocations?sub=alice"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        missed.contains("for every issuer") && missed.contains("`issuer=dev`"),
+        "{missed}"
+    );
     // Any issuer name is accepted for removal (an entry may outlive its issuer's name).
     assert_eq!(
         h.delete_revocation(&http, "sub=alice&issuer=renamed").await,

@@ -37,6 +37,16 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
+/// A 401 of this API, with the challenge RFC 9110 requires: the admin bearer secret.
+fn unauthorized(message: &str) -> Response {
+    let mut response = error(StatusCode::UNAUTHORIZED, message);
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
+    );
+    response
+}
+
 /// `None` when the caller may use the API; else the refusal.
 ///
 /// Without `revocation.admin_token_sha256`, only a listener bound to loopback serves the API
@@ -59,8 +69,7 @@ fn authorize(
                 .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
                 .map(|(_, secret)| secret.trim());
             let Some(secret) = given else {
-                return Some(error(
-                    StatusCode::UNAUTHORIZED,
+                return Some(unauthorized(
                     "this endpoint requires the revocation admin bearer secret",
                 ));
             };
@@ -70,10 +79,7 @@ fn authorize(
             if hex.eq_ignore_ascii_case(want) {
                 None
             } else {
-                Some(error(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid revocation admin bearer secret",
-                ))
+                Some(unauthorized("invalid revocation admin bearer secret"))
             }
         }
         None if !bound.ip().is_loopback() => Some(error(
@@ -353,10 +359,37 @@ pub async fn remove(
             tracing::info!(revocation.kind = kind.as_str(), "revocation removed");
             StatusCode::NO_CONTENT.into_response()
         }
-        Ok(false) => error(
-            StatusCode::NOT_FOUND,
-            "no runtime revocation for this value (file entries change only in the file)",
-        ),
+        Ok(false) => {
+            // The same value revoked under another scope: say how to name that entry.
+            let scopes: Vec<String> = engine
+                .runtime_revoked
+                .scopes_of(kind, &value)
+                .into_iter()
+                .map(|s| match s {
+                    Some(issuer) => format!("`issuer={issuer}`"),
+                    None => "no `issuer` (every issuer)".to_string(),
+                })
+                .collect();
+            let hint = if scopes.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; this value is revoked with {}: name that scope to delete it",
+                    scopes.join(", ")
+                )
+            };
+            error(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "no runtime revocation for this value{} (file entries change only in the \
+                     file){hint}",
+                    match &issuer {
+                        Some(_) => " scoped to that issuer",
+                        None => " for every issuer",
+                    }
+                ),
+            )
+        }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
 }
