@@ -95,6 +95,23 @@ impl Compiler {
                 format!("`{header}` is where an issuer's token is read from"),
             ));
         }
+        // Headers that mean something else to Envoy or to Portcullis: a key there would be
+        // rewritten by Envoy (`x-forwarded-for` gets the client address appended) or read
+        // as something else, and every request would fail in a way hard to trace back here.
+        let taken = matches!(header.as_str(), "dpop" | "forwarded" | "x-request-id")
+            || header.starts_with("x-forwarded-")
+            || header.starts_with("x-envoy-")
+            || header == crate::grpc::http::SOURCE_ADDRESS_HEADER;
+        if taken {
+            return Err(self.hint(
+                "api_keys.header",
+                format!(
+                    "`{header}` already means something to Envoy or Portcullis (a DPoP proof, \
+                     forwarding, Envoy's own, the client address)"
+                ),
+                "use a dedicated header such as `x-api-key`",
+            ));
+        }
         if file.upstream.identity_headers.contains_key(&header) {
             return Err(self.err(
                 "api_keys.header",
@@ -631,6 +648,21 @@ mod tests {
             "api_keys.header",
             "not a valid header",
         );
+        for taken in [
+            "dpop",
+            "X-Forwarded-For",
+            "x-forwarded-proto",
+            "x-envoy-original-path",
+            "x-portcullis-source-address",
+            "forwarded",
+        ] {
+            fails(
+                &with_header(taken),
+                "api_keys.header",
+                "already means something",
+            );
+        }
+        assert!(compile(&with_header("x-reporting-key")).is_ok());
     }
 
     #[test]
