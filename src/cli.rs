@@ -296,20 +296,7 @@ pub fn build_api_key(
     }
     let id = match &args.id {
         Some(id) => id.clone(),
-        None => {
-            let base: String = owner
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                        c
-                    } else {
-                        '-'
-                    }
-                })
-                .take(40)
-                .collect();
-            format!("{base}-{suffix}")
-        }
+        None => format!("{}-{suffix}", id_base(owner)),
     };
     if !apikey::valid_id(&id) {
         return Err(CliError::Usage(format!(
@@ -618,9 +605,51 @@ pub fn mint_dev_token(
         .map_err(|e| CliError::Keys(format!("cannot sign the token: {e}")))
 }
 
+/// The readable start of a generated key id: the owner's letters and digits (`.`, `_` and
+/// `-` kept), every other run of characters one `-`, no `-` at either end; `key` when
+/// nothing is left (`élan` gives `lan`, `!!!` gives `key`).
+fn id_base(owner: &str) -> String {
+    let mut base = String::new();
+    for c in owner.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
+            base.push(c);
+        } else if !base.is_empty() && !base.ends_with('-') {
+            base.push('-');
+        }
+        if base.len() >= 40 {
+            break;
+        }
+    }
+    let base = base.trim_end_matches('-');
+    if base.is_empty() {
+        "key".to_string()
+    } else {
+        base.to_string()
+    }
+}
+
 #[cfg(test)]
 mod apikey_tests {
     use super::*;
+
+    /// A generated id reads as its owner: no `-` at the start or doubled, never empty.
+    #[test]
+    fn generated_ids_start_with_the_owners_name() {
+        for (owner, base) in [
+            ("team orders", "team-orders"),
+            ("élan", "lan"),
+            ("!!!", "key"),
+            ("  a -- b  ", "a-b"),
+            ("ops.team_1", "ops.team_1"),
+        ] {
+            assert_eq!(id_base(owner), base, "{owner}");
+            assert!(crate::identity::apikey::valid_id(&format!(
+                "{}-abc123",
+                id_base(owner)
+            )));
+        }
+        assert!(id_base(&"x".repeat(100)).len() <= 40);
+    }
 
     fn args(routes: &[&str], id: Option<&str>) -> ApikeyNewArgs {
         ApikeyNewArgs {
