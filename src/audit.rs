@@ -41,7 +41,13 @@ pub struct AuditEvent<'a> {
     /// The API key id (never the key) when the caller used one; the field is left out
     /// otherwise.
     pub api_key: Option<&'a str>,
+    /// The client address the decision used (source conditions, `client_ip` limits): the TCP
+    /// peer Envoy reports, or with `network.trusted_proxy_hops` the address the trusted
+    /// proxies wrote (`None` when that chain is unreadable).
     pub client_ip: Option<IpAddr>,
+    /// The TCP peer Envoy reports, when it is not the client by definition (trusted proxies
+    /// in front); the field is left out otherwise.
+    pub peer_ip: Option<IpAddr>,
     pub method: &'a str,
     pub host: &'a str,
     /// The path without its query string (queries may carry secrets).
@@ -52,11 +58,13 @@ pub struct AuditEvent<'a> {
 }
 
 impl<'a> AuditEvent<'a> {
+    /// The line for `decision` on `view`; `trusted_hops` is `network.trusted_proxy_hops`.
     pub fn new(
         decision: &'a Decision,
         view: &'a RequestView<'_>,
         request_id: &'a str,
         elapsed: Duration,
+        trusted_hops: u32,
     ) -> Self {
         let path = view.path.split(['?', '#']).next().unwrap_or_default();
         let identity = decision.identity.as_deref();
@@ -74,7 +82,8 @@ impl<'a> AuditEvent<'a> {
             issuer: identity.map(|i| &*i.issuer_name),
             iss: identity.and_then(|i| i.token_iss()),
             api_key: identity.and_then(|i| i.api_key_id()),
-            client_ip: view.source_ip,
+            client_ip: crate::authz::context::client_ip(view, trusted_hops),
+            peer_ip: view.source_ip.filter(|_| trusted_hops > 0),
             method: view.method,
             host: view.host,
             path,
@@ -120,6 +129,9 @@ impl AuditEvent<'_> {
                 let _ = write!(out, ",\"client_ip\":\"{ip}\"");
             }
             None => out.extend_from_slice(b",\"client_ip\":null"),
+        }
+        if let Some(ip) = self.peer_ip {
+            let _ = write!(out, ",\"peer_ip\":\"{ip}\"");
         }
         let text = [
             ("method", Some(self.method)),
@@ -625,6 +637,7 @@ mod tests {
             iss: Some("https://dev.portcullis.invalid"),
             api_key: None,
             client_ip: Some(IpAddr::from([192, 0, 2, 7])),
+            peer_ip: None,
             method: "POST",
             host: "api.example.com",
             path: "/orders",
@@ -687,6 +700,9 @@ mod tests {
         if let Some(iss) = e.iss {
             v["iss"] = iss.into();
         }
+        if let Some(peer) = e.peer_ip {
+            v["peer_ip"] = peer.to_string().into();
+        }
         if let Some(key) = e.api_key {
             v["api_key"] = key.into();
         }
@@ -743,6 +759,7 @@ mod tests {
                 iss: Some(tricky),
                 api_key: Some("ci-deployer"),
                 client_ip: Some("2001:db8::1".parse().unwrap()),
+                peer_ip: Some("2001:db8::2".parse().unwrap()),
                 host: tricky,
                 path: "/a%20b/\"c\"",
                 status: 200,
@@ -771,6 +788,38 @@ mod tests {
         }
     }
 
+    /// Behind trusted proxies, `client_ip` is the client the decision saw (what source
+    /// conditions and `client_ip` limits used), not the proxy Envoy's TCP peer is; the proxy
+    /// is `peer_ip`. Without them the line is as it was: `client_ip` is the peer, and no
+    /// `peer_ip`.
+    #[test]
+    fn client_ip_is_the_address_the_decision_used() {
+        let headers = std::collections::HashMap::from([(
+            "x-forwarded-for".to_string(),
+            "203.0.113.9, 198.51.100.7, 10.0.0.5".to_string(),
+        )]);
+        let view = RequestView {
+            source_ip: Some(IpAddr::from([10, 0, 0, 5])),
+            ..crate::engine::tests::healthz(&headers)
+        };
+        let decision = Decision::new(crate::authz::ReasonCode::Public, "route is public");
+        let line = |hops: u32| {
+            let mut out = Vec::new();
+            AuditEvent::new(&decision, &view, "r", Duration::ZERO, hops).write_json(&mut out);
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap()
+        };
+        let behind = line(1);
+        assert_eq!(behind["client_ip"], "198.51.100.7", "{behind}");
+        assert_eq!(behind["peer_ip"], "10.0.0.5", "{behind}");
+        let direct = line(0);
+        assert_eq!(direct["client_ip"], "10.0.0.5", "{direct}");
+        assert!(direct.get("peer_ip").is_none(), "{direct}");
+        // A chain the trusted proxies did not write as configured: no client address.
+        let unreadable = line(3);
+        assert!(unreadable["client_ip"].is_null(), "{unreadable}");
+        assert_eq!(unreadable["peer_ip"], "10.0.0.5", "{unreadable}");
+    }
+
     /// `issuer` is the configured issuer name for every caller (what rules, `explain`, the
     /// approvals and the metrics name); the token's `iss` claim is beside it, for JWT callers
     /// only.
@@ -786,7 +835,7 @@ mod tests {
                 ..crate::engine::tests::healthz(&headers)
             };
             let mut out = Vec::new();
-            AuditEvent::new(&decision, &view, "r", Duration::ZERO).write_json(&mut out);
+            AuditEvent::new(&decision, &view, "r", Duration::ZERO, 0).write_json(&mut out);
             serde_json::from_slice::<serde_json::Value>(&out).unwrap()
         };
         // A token: the issuer's name, and its `iss`.

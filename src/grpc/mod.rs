@@ -131,7 +131,8 @@ impl AuthzService {
                 Err(_) => Decision::new(ReasonCode::Internal, "internal error while deciding"),
             }
         };
-        let decision = self.record(decision, view, request_id, started.elapsed());
+        let hops = engine.config.file.network.trusted_proxy_hops;
+        let decision = self.record(decision, view, request_id, started.elapsed(), hops);
         (decision, engine)
     }
 
@@ -153,11 +154,13 @@ impl AuthzService {
         );
         let decision = Decision::new(ReasonCode::RequestHeadersTooLarge, too_many.to_string());
         let parts = RequestParts::default();
+        // No address was read: `trusted_hops` 0 writes `client_ip: null` and no `peer_ip`.
         self.record(
             decision,
             &parts.view(),
             request_id,
             std::time::Duration::ZERO,
+            0,
         )
     }
 
@@ -167,7 +170,7 @@ impl AuthzService {
         let engine = self.engine.load_full();
         let decision = Decision::new(ReasonCode::Internal, detail.to_string());
         let parts = RequestParts::default();
-        let decision = self.record(decision, &parts.view(), "", std::time::Duration::ZERO);
+        let decision = self.record(decision, &parts.view(), "", std::time::Duration::ZERO, 0);
         (decision, engine)
     }
 
@@ -180,10 +183,15 @@ impl AuthzService {
         view: &RequestView<'_>,
         request_id: &str,
         elapsed: std::time::Duration,
+        trusted_hops: u32,
     ) -> Decision {
-        let recorded = self
-            .audit
-            .record(AuditEvent::new(&decision, view, request_id, elapsed));
+        let recorded = self.audit.record(AuditEvent::new(
+            &decision,
+            view,
+            request_id,
+            elapsed,
+            trusted_hops,
+        ));
         let decision = if recorded {
             decision
         } else {
