@@ -257,6 +257,12 @@ fn mtls_and_dpop_settings_are_validated() {
             "server: {tls: {cert: server.crt, key: server.key}}\n",
             "server.tls.client_ca: client certificates are required",
         ),
+        // `require_client_cert: false` was told to set `require_client_cert: false`: the CA is
+        // missing for the allow-list, which the message now says.
+        (
+            "server: {tls: {cert: server.crt, key: server.key, require_client_cert: false, allowed_client_principals: ['spiffe://a/b']}}\n",
+            "server.tls.client_ca: `allowed_client_principals` is read from verified client certificates",
+        ),
         (
             "server: {tls: {cert: server.crt, key: server.key, client_ca: ca.crt, allowed_client_principals: ['spiffe://*']}}\n",
             "allowed_client_principals[0]",

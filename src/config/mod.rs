@@ -978,13 +978,22 @@ impl Compiler {
                 ));
             }
         }
-        if tls.client_ca.is_none()
-            && (tls.require_client_cert || !tls.allowed_client_principals.is_empty())
-        {
+        if tls.client_ca.is_none() && tls.require_client_cert {
             return Err(self.hint(
                 format!("{field}.client_ca"),
                 "client certificates are required but no `client_ca` verifies them",
                 "add `client_ca: envoy-ca.pem`, or `require_client_cert: false` for TLS without client certificates",
+            ));
+        }
+        // With `require_client_cert: false` the hint above is already followed: say what
+        // still needs the CA.
+        if tls.client_ca.is_none() && !tls.allowed_client_principals.is_empty() {
+            return Err(self.hint(
+                format!("{field}.client_ca"),
+                "`allowed_client_principals` is read from verified client certificates, and \
+                 no `client_ca` verifies them",
+                "add `client_ca: envoy-ca.pem`, or remove `allowed_client_principals` for TLS \
+                 without client certificates",
             ));
         }
         for (j, p) in tls.allowed_client_principals.iter().enumerate() {
