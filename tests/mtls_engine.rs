@@ -304,7 +304,19 @@ routes:
             "dpop: optional\n    token: {header: x-token}",
             "issuers[0].dpop: DPoP needs",
         ),
-        ("dpop_algorithms: [HS256]", "issuers[0].dpop_algorithms[0]"),
+        (
+            "dpop_algorithms: [HS256]",
+            "issuers[0].dpop_algorithms[0]: `HS256` is not an asymmetric algorithm",
+        ),
+        // Asymmetric, but not one Portcullis verifies (or misspelt): it was called symmetric.
+        (
+            "dpop_algorithms: [ES512]",
+            "issuers[0].dpop_algorithms[0]: unknown algorithm `ES512`",
+        ),
+        (
+            "dpop_algorithms: [es256]",
+            "issuers[0].dpop_algorithms[0]: unknown algorithm `es256`",
+        ),
         ("dpop_algorithms: []", "issuers[0].dpop_algorithms"),
         ("dpop_window: 0s", "issuers[0].dpop_window"),
         ("dpop_window: 1h", "issuers[0].dpop_window"),

@@ -787,15 +787,24 @@ impl Compiler {
             Some(list) => {
                 let mut out = Vec::with_capacity(list.len());
                 for (j, a) in list.iter().enumerate() {
-                    let alg = Algorithm::from_str(a).ok().filter(|alg| {
-                        !matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
-                    });
-                    let Some(alg) = alg else {
-                        return Err(self.hint(
-                            f(&format!("dpop_algorithms[{j}]")),
-                            format!("`{a}` is not an asymmetric algorithm"),
-                            "use ES256, ES384, EdDSA, RS256, RS384, RS512, PS256, PS384 or PS512",
-                        ));
+                    // An unknown name (`ES512`, `es256`) is not called symmetric: that would
+                    // send the user looking for another reason than the spelling.
+                    let problem = match Algorithm::from_str(a) {
+                        Ok(Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => {
+                            Err(format!("`{a}` is not an asymmetric algorithm"))
+                        }
+                        Ok(alg) => Ok(alg),
+                        Err(_) => Err(format!("unknown algorithm `{a}`")),
+                    };
+                    let alg = match problem {
+                        Ok(alg) => alg,
+                        Err(message) => {
+                            return Err(self.hint(
+                                f(&format!("dpop_algorithms[{j}]")),
+                                message,
+                                "use ES256, ES384, EdDSA, RS256, RS384, RS512, PS256, PS384 or PS512",
+                            ));
+                        }
                     };
                     if !out.contains(&alg) {
                         out.push(alg);
