@@ -92,13 +92,7 @@ fn policy(route: &str, rule: &str, a: &ApprovalRuleConfig) -> ApprovalPolicy {
     let parse = |v: &Option<String>| -> Result<Option<i64>, ()> {
         match v {
             None => Ok(None),
-            Some(t) => humantime::parse_rfc3339_weak(t.trim())
-                .map_err(|_| ())
-                .and_then(|t| {
-                    t.duration_since(std::time::UNIX_EPOCH)
-                        .map_err(|_| ())
-                        .map(|d| Some(d.as_secs() as i64))
-                }),
+            Some(t) => crate::config::parse_bound(t).map(Some).ok_or(()),
         }
     };
     ApprovalPolicy {

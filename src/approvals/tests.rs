@@ -329,6 +329,36 @@ fn pre_approval_holds_only_for_the_role_inside_the_window() {
     assert_eq!(p.pre_approved(&identity("alice", &["dba"]), from), None);
 }
 
+/// `from`/`until` are RFC 3339, which allows a numeric offset: `+01:00` was refused as "not an
+/// RFC 3339 time", so a window could only be written in UTC. The same instant in any offset
+/// is the same bound; a time without an offset is still read as UTC.
+#[test]
+fn pre_approval_windows_take_rfc3339_offsets() {
+    let window = |from: &str, until: &str| {
+        let text = format!(
+            "issuers:\n  - {{ name: corp, issuer: \"https://login.example.com\", audiences: [api], keys: {{ file: config/dev/jwks.json }} }}\nroutes:\n  - id: r\n    methods: [GET]\n    path: /x\n    rules:\n      - id: a\n        roles: [dba]\n        approval:\n          approvers: {{ roles: [lead] }}\n          pre_approve: [{{ roles: [x], from: '{from}', until: '{until}' }}]\n"
+        );
+        let config = crate::config::from_str(&text, std::path::Path::new("t.yaml"))
+            .unwrap_or_else(|e| panic!("{from} .. {until}: {e}"));
+        let p = compile(&config.file.routes)[&("r".to_string(), "a".to_string())].clone();
+        assert!(!p.pre_approve[0].invalid);
+        (
+            p.pre_approve[0].from.unwrap(),
+            p.pre_approve[0].until.unwrap(),
+        )
+    };
+    let utc = window("2027-01-15T08:00:00Z", "2027-01-15T09:00:00Z");
+    assert_eq!(
+        window("2027-01-15T09:00:00+01:00", "2027-01-15T04:00:00-05:00"),
+        utc
+    );
+    assert_eq!(window("2027-01-15T08:00:00", "2027-01-15 09:00:00"), utc);
+    // Offsets count in the order check too: 10:00+05:00 is 05:00Z, before 08:00Z.
+    let text = "issuers:\n  - { name: corp, issuer: \"https://login.example.com\", audiences: [api], keys: { file: config/dev/jwks.json } }\nroutes:\n  - id: r\n    methods: [GET]\n    path: /x\n    rules:\n      - id: a\n        roles: [dba]\n        approval:\n          approvers: { roles: [lead] }\n          pre_approve: [{ roles: [x], from: '2027-01-15T08:00:00Z', until: '2027-01-15T10:00:00+05:00' }]\n";
+    let e = crate::config::from_str(text, std::path::Path::new("t.yaml")).unwrap_err();
+    assert!(e.to_string().contains("ends before it starts"), "{e}");
+}
+
 #[test]
 fn justification_is_trimmed_cleaned_and_capped() {
     let mut r = Req::new("DELETE", "h", "/databases/x");

@@ -1880,11 +1880,11 @@ impl Compiler {
                 .enumerate()
             {
                 if let Some(v) = value {
-                    let t = humantime::parse_rfc3339_weak(v.trim()).map_err(|_| {
+                    let t = parse_bound(v).ok_or_else(|| {
                         self.hint(
                             format!("{pf}.{name}"),
                             format!("`{v}` is not an RFC 3339 time"),
-                            "e.g. `2026-11-23T06:00:00Z`",
+                            "e.g. `2026-11-23T06:00:00Z` or `2026-11-23T07:00:00+01:00`",
                         )
                     })?;
                     bounds[slot] = Some(t);
@@ -1898,6 +1898,19 @@ impl Compiler {
         }
         Ok(())
     }
+}
+
+/// A pre-approval bound (`from`, `until`) as Unix seconds: an RFC 3339 time, with `Z` or a
+/// numeric offset (`2026-11-23T07:00:00+01:00`); one without an offset is read as UTC.
+/// `None` when it is not a time. Validation here and `approvals::compile` both read bounds with it.
+pub fn parse_bound(text: &str) -> Option<i64> {
+    let text = text.trim();
+    if let Ok(t) = text.parse::<jiff::Timestamp>() {
+        return Some(t.as_second());
+    }
+    let t = humantime::parse_rfc3339_weak(text).ok()?;
+    let secs = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    i64::try_from(secs).ok()
 }
 
 /// Whether two listeners could not both bind: the same port (not 0) on the same address,
