@@ -151,10 +151,12 @@ pub enum CliError {
     Config(#[from] config::ConfigError),
     #[error("{0}")]
     Usage(String),
-    #[error("cannot read `{path}`: {source}")]
+    // Not named `source`: that would make it the error's cause too, which `main` prints
+    // after the message, so the reason was said twice.
+    #[error("cannot read `{path}`: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0}")]
     Keys(String),
@@ -166,9 +168,9 @@ pub fn check(path: &Path, strict: bool) -> Result<String, CliError> {
     // Local key files are part of the config: load them now rather than at first request.
     for issuer in &config.issuers {
         if let Some(file) = &issuer.keys.file {
-            let bytes = std::fs::read(file).map_err(|source| CliError::Read {
+            let bytes = std::fs::read(file).map_err(|error| CliError::Read {
                 path: file.clone(),
-                source,
+                error,
             })?;
             KeySet::from_jwks(&bytes, KeyOrigin::LocalFile).map_err(|e| {
                 CliError::Keys(format!(
@@ -551,9 +553,9 @@ pub fn mint_dev_token(
         CliError::Usage("the dev issuer must use a local key file (keys.file)".into())
     })?;
     let key_path = jwks_path.with_file_name("signing-key.pem");
-    let pem = std::fs::read(&key_path).map_err(|source| CliError::Read {
+    let pem = std::fs::read(&key_path).map_err(|error| CliError::Read {
         path: key_path.clone(),
-        source,
+        error,
     })?;
     let jwks: Value = std::fs::read(jwks_path)
         .ok()

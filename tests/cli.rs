@@ -371,3 +371,29 @@ fn explain_applies_the_revocation_file_and_the_approvals_gate() {
         "names an approval that exists nowhere: {detail}"
     );
 }
+
+/// A file `token` cannot read is named with the reason once: the reason was also the error's
+/// cause, which `main` prints after the message, so it read "No such file or directory
+/// (os error 2): No such file or directory (os error 2)".
+#[test]
+fn token_names_an_unreadable_signing_key_with_its_reason_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // The dev key set without the signing key beside it.
+    std::fs::copy(
+        support::repo_root().join("config/dev/jwks.json"),
+        dir.path().join("jwks.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        "issuers: [{name: dev, issuer: https://dev.portcullis.invalid, audiences: [a], keys: {file: jwks.json}}]\nroutes: [{id: r, methods: [GET], path: /r, rules: [{id: x, scopes: [s]}]}]\n",
+    )
+    .unwrap();
+    let (code, out) = portcullis(
+        &["token", "--config", "p.yaml", "--sub", "alice"],
+        dir.path(),
+    );
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("signing-key.pem`: "), "{out}");
+    assert_eq!(out.matches("os error 2").count(), 1, "said once: {out}");
+}
