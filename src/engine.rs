@@ -301,7 +301,22 @@ impl Engine {
             scheme: "",
             peer_certificate: None,
         };
-        decide::binding_checks(&self.config, &req, &cred, &identity, now)?;
+        decide::binding_checks(&self.config, &req, &cred, &identity, now).map_err(|deny| {
+            // The Check's reason ("send it with the DPoP scheme", "the request has no client
+            // certificate") would send an approver after a proof or a certificate this API
+            // never reads, even when the CLI did present a client certificate.
+            if deny.code == ReasonCode::InvalidToken {
+                Decision::new(
+                    ReasonCode::InvalidToken,
+                    "this token is bound to a key (`cnf`), or its issuer requires that \
+                     (`cert_bound: true`, `dpop: required`), and the approvals API checks no \
+                     binding: it takes no DPoP proof and does not bind tokens to the client \
+                     certificate; approve with an unbound token",
+                )
+            } else {
+                deny
+            }
+        })?;
         Ok(identity)
     }
 

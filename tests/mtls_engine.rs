@@ -340,21 +340,34 @@ async fn the_approvals_api_holds_a_bound_token_to_its_binding() {
         let refused = plain
             .verify_bearer(&token_with(json!({"cnf": cnf})), NOW)
             .await;
-        assert_eq!(
-            refused.err().map(|d| d.code.as_str()),
-            Some("invalid_token"),
-            "{cnf}"
-        );
+        let refused = refused.expect_err("a bound token is refused");
+        assert_eq!(refused.code.as_str(), "invalid_token", "{cnf}");
+        says_the_api_checks_no_binding(&refused.detail);
     }
     let strict = "required\n    cert_bound: true";
     let (strict, _) = engine_for(strict, Arc::new(MemoryStore::new())).await;
     let bound = token_with(json!({"cnf": {"jkt": jkt, "x5t#S256": "AAAA"}}));
     assert!(strict.verify_bearer(&bound, NOW).await.is_err());
+    let unbound_of_strict = strict.verify_bearer(&token_with(json!({})), NOW).await;
+    says_the_api_checks_no_binding(&unbound_of_strict.expect_err("dpop: required").detail);
     // An unbound token of an issuer that requires nothing is an approver's credential.
     let unbound = token_with(json!({}));
     let who = plain.verify_bearer(&unbound, NOW).await.unwrap();
     assert_eq!(who.subject, "bob");
     assert!(strict.verify_bearer(&unbound, NOW).await.is_err());
+}
+
+/// The approvals API refuses a bound token saying that it checks no binding, not the Check's
+/// reason: "the request has no client certificate" was false for an approver whose CLI
+/// presented one, and "send it with the DPoP scheme" pointed at a proof this API never reads.
+fn says_the_api_checks_no_binding(detail: &str) {
+    assert!(
+        detail.contains("the approvals API checks no binding"),
+        "{detail}"
+    );
+    assert!(detail.contains("approve with an unbound token"), "{detail}");
+    assert!(!detail.contains("no client certificate"), "{detail}");
+    assert!(!detail.contains("DPoP scheme"), "{detail}");
 }
 
 /// RFC 7800: a `cnf` asks for a proof of possession. One this server cannot check refuses
