@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::api::pb::{self, approvals_client::ApprovalsClient};
 
@@ -79,6 +81,50 @@ fn read_pem(flag: &str, file: &Path) -> Result<Vec<u8>, ClientError> {
         .map_err(|e| ClientError::Usage(format!("--{flag} `{}`: {e}", file.display())))
 }
 
+/// The certificates of a PEM file the user named, refused here naming the flag: handed to
+/// the TLS client as they are, an unusable file only made the connection fail with
+/// "transport error" (or, for the CA, with the server's certificate called untrusted).
+fn check_certificates(
+    flag: &str,
+    file: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, ClientError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .unwrap_or_default();
+    if certs.is_empty() {
+        return Err(ClientError::Usage(format!(
+            "--{flag} `{}` holds no PEM certificate",
+            file.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// `--cert` and `--key`: a certificate chain, a private key, and the key is the
+/// certificate's. Errors name the flag and the file, never key material.
+fn check_identity(cert: (&Path, &[u8]), key: (&Path, &[u8])) -> Result<(), ClientError> {
+    let certs = check_certificates("cert", cert.0, cert.1)?;
+    let der = PrivateKeyDer::from_pem_slice(key.1).map_err(|_| {
+        ClientError::Usage(format!(
+            "--key `{}` holds no PEM private key",
+            key.0.display()
+        ))
+    })?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    rustls::sign::CertifiedKey::from_der(certs, der, &provider).map_err(|e| {
+        ClientError::Usage(match e {
+            rustls::Error::InconsistentKeys(_) => format!(
+                "--key `{}` is not the private key of the certificate in --cert `{}`",
+                key.0.display(),
+                cert.0.display()
+            ),
+            _ => format!("--key `{}`: an unusable private key", key.0.display()),
+        })
+    })?;
+    Ok(())
+}
+
 fn uses_tls(args: &ApprovalsArgs) -> bool {
     args.ca_cert.is_some() || args.cert.is_some() || args.server.starts_with("https://")
 }
@@ -113,13 +159,13 @@ async fn connect(args: &ApprovalsArgs) -> Result<tonic::transport::Channel, Clie
                     .to_string(),
             ));
         };
-        let mut config =
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem("ca-cert", ca)?));
+        let ca_pem = read_pem("ca-cert", ca)?;
+        check_certificates("ca-cert", ca, &ca_pem)?;
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
         if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
-            config = config.identity(Identity::from_pem(
-                read_pem("cert", cert)?,
-                read_pem("key", key)?,
-            ));
+            let (cert_pem, key_pem) = (read_pem("cert", cert)?, read_pem("key", key)?);
+            check_identity((cert, &cert_pem), (key, &key_pem))?;
+            config = config.identity(Identity::from_pem(cert_pem, key_pem));
         }
         if let Some(name) = &args.tls_server_name {
             config = config.domain_name(name.clone());
@@ -368,6 +414,53 @@ fn to_json(a: &pb::Approval) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `--ca-cert`, `--cert` or `--key` file the CLI cannot use is refused naming the flag
+    /// and the file, before connecting. It used to reach the TLS client as it was, and the
+    /// user read "cannot reach portcullis: transport error" (or, for a CA file that holds no
+    /// certificate, that the server's certificate has an unknown issuer).
+    #[tokio::test]
+    async fn unusable_tls_files_are_refused_naming_the_flag() {
+        let pki = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mtls");
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a PEM file\n").unwrap();
+        let args = |ca: &Path, cert: &Path, key: &Path| ApprovalsArgs {
+            // Nothing listens there: every case must fail before connecting.
+            server: "127.0.0.1:1".into(),
+            token: Some("t".into()),
+            json: false,
+            ca_cert: Some(ca.to_path_buf()),
+            cert: Some(cert.to_path_buf()),
+            key: Some(key.to_path_buf()),
+            tls_server_name: None,
+            action: ApprovalsAction::List { all: false },
+        };
+        let (ca, cert, key) = (
+            pki.join("ca.crt"),
+            pki.join("envoy.crt"),
+            pki.join("envoy.key"),
+        );
+        for (args, says) in [
+            (args(&junk, &cert, &key), "--ca-cert `"),
+            (args(&ca, &junk, &key), "--cert `"),
+            (args(&ca, &key, &key), "--cert `"),
+            (args(&ca, &cert, &junk), "--key `"),
+            (args(&ca, &cert, &cert), "--key `"),
+            (
+                args(&ca, &cert, &pki.join("checkout.key")),
+                "is not the private key of the certificate in --cert `",
+            ),
+        ] {
+            let got = match connect(&args).await {
+                Ok(_) => panic!("connected with {args:?}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(got.contains(says), "{args:?}: {got}");
+            assert!(!got.contains("transport error"), "{args:?}: {got}");
+            assert!(!got.contains("BEGIN"), "no file contents: {got}");
+        }
+    }
 
     fn approval(state: &str, uses: u32, uses_left: Option<u32>) -> pb::Approval {
         pb::Approval {
