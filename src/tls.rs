@@ -61,22 +61,19 @@ impl TlsFiles {
     /// The config field an error about these files concerns: the file's own field
     /// (`server.tls.cert`, `.key`, `.client_ca`), else the section.
     pub fn field_of(&self, e: &TlsError) -> String {
-        let file = match e {
-            TlsError::Read { file, .. }
-            | TlsError::NoCertificate { file }
-            | TlsError::NoKey { file }
-            | TlsError::BadCa { file, .. } => Some(file),
-            TlsError::KeyMismatch { key, .. } => Some(key),
-            TlsError::BadPrincipal(_) => {
-                return format!("{}.allowed_client_principals", self.section);
-            }
-            TlsError::Rustls(_) => None,
-        };
-        let name = match file {
-            Some(f) if *f == self.cert => "cert",
-            Some(f) if *f == self.key => "key",
-            Some(f) if self.client_ca.as_ref() == Some(f) => "client_ca",
-            _ => return self.section.to_string(),
+        // By what went wrong, not by which file: one PEM file may be named by several fields
+        // (a bundle holding the certificate and its key), and a key missing from it is the
+        // `key` field's fault, not the `cert` field's.
+        let name = match e {
+            TlsError::NoCertificate { .. } => "cert",
+            TlsError::NoKey { .. } | TlsError::KeyMismatch { .. } => "key",
+            TlsError::BadCa { .. } => "client_ca",
+            TlsError::BadPrincipal(_) => "allowed_client_principals",
+            // A file that cannot be read is the first field naming it, in the order read.
+            TlsError::Read { file, .. } if *file == self.cert => "cert",
+            TlsError::Read { file, .. } if *file == self.key => "key",
+            TlsError::Read { file, .. } if self.client_ca.as_ref() == Some(file) => "client_ca",
+            TlsError::Read { .. } | TlsError::Rustls(_) => return self.section.to_string(),
         };
         format!("{}.{name}", self.section)
     }

@@ -191,7 +191,8 @@ fn check_and_serve_refuse_a_revocation_file_serve_cannot_load_naming_field_and_f
 
 /// `check` loads the TLS certificate and key as the listener does: a key that is not the
 /// certificate's, or a certificate file that is not PEM, fails `check` and `serve` alike,
-/// naming the field, said once (serve used to repeat rustls's message).
+/// naming the field, said once (serve used to repeat rustls's message); the field is the one
+/// at fault even when one file is named by both `cert` and `key`.
 #[test]
 fn check_and_serve_refuse_tls_material_the_listener_cannot_use_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
@@ -230,6 +231,14 @@ fn check_and_serve_refuse_tls_material_the_listener_cannot_use_naming_the_field(
             "server.key",
             "server.tls.cert",
             "holds no PEM certificate",
+        ),
+        // One file named as both (a bundle missing its key): the key is what is missing,
+        // and the error named `cert` because the file was also the certificate's.
+        (
+            pki.join("server.crt"),
+            "server.crt",
+            "server.tls.key",
+            "holds no PEM private key",
         ),
     ] {
         with(tls(&cert, key));
