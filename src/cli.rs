@@ -101,7 +101,8 @@ pub struct ExplainArgs {
     /// A bearer token, sent as `authorization: Bearer <token>`.
     #[arg(long)]
     pub token: Option<String>,
-    /// Extra request header, `name: value` (repeatable).
+    /// Extra request header, `name: value` (repeatable). `x-forwarded-proto: https` makes
+    /// the request's scheme `https` (what a DPoP proof's `htu` must name; default `http`).
     #[arg(long = "header", value_name = "NAME: VALUE")]
     pub headers: Vec<String>,
     /// The client address Envoy would report.
@@ -446,6 +447,12 @@ pub async fn explain(args: &ExplainArgs) -> Result<Explanation, CliError> {
     let config = Arc::new(config);
     let engine = crate::engine::Engine::offline(config.clone());
     engine.keys.start().await;
+    // The scheme a DPoP proof's `htu` names, stated as Envoy's HTTP ext_authz API states it:
+    // always `http` made every proof for an `https` URL a 401 `htu` mismatch here.
+    let scheme = match headers.get("x-forwarded-proto").map(String::as_str) {
+        Some("https") => "https",
+        _ => "http",
+    };
     let view = RequestView {
         method: &args.method,
         host: &args.host,
@@ -453,7 +460,7 @@ pub async fn explain(args: &ExplainArgs) -> Result<Explanation, CliError> {
         headers: &headers,
         source_ip: args.source_ip,
         source_principal: "",
-        scheme: "http",
+        scheme,
         peer_certificate: None,
     };
     let decision = engine.check_at(&view, unix_now()).await;

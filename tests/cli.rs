@@ -406,3 +406,52 @@ fn token_names_an_unreadable_signing_key_with_its_reason_once() {
     assert!(out.contains("signing-key.pem`: "), "{out}");
     assert_eq!(out.matches("os error 2").count(), 1, "said once: {out}");
 }
+
+/// `explain` takes the scheme from `x-forwarded-proto`, as Envoy's HTTP ext_authz API does:
+/// it was always `http`, so a DPoP request to an `https` URL (a proof whose `htu` names it)
+/// could only be explained as a 401 `htu` mismatch.
+#[test]
+fn explain_checks_a_dpop_proof_for_an_https_url() {
+    use support::jwt::{E2E_AUDIENCE, E2E_ISSUER, Key, dpop_proof, dpop_proof_key, dpop_token};
+    let dir = tempfile::tempdir().unwrap();
+    support::jwt::write_jwks(dir.path(), &[Key::A]);
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        format!(
+            "issuers: [{{name: e2e, issuer: '{E2E_ISSUER}', audiences: [{E2E_AUDIENCE}], keys: {{file: jwks.json}}, dpop: required}}]\nroutes: [{{id: orders, methods: [GET], path: /orders/**, rules: [{{id: read, scopes: ['orders:read']}}]}}]\n"
+        ),
+    )
+    .unwrap();
+    let (jwk, jkt) = dpop_proof_key();
+    let token = dpop_token(&jkt);
+    let explain = |htu: &str, proto: Option<&str>| {
+        let authorization = format!("authorization: DPoP {token}");
+        let proof = format!("dpop: {}", dpop_proof(&jwk, &token, htu));
+        let mut args = vec![
+            "explain",
+            "--config",
+            "p.yaml",
+            "--host",
+            "api.example.com",
+            "--path",
+            "/orders/1",
+            "--header",
+            &authorization,
+            "--header",
+            &proof,
+        ];
+        let forwarded = proto.map(|p| format!("x-forwarded-proto: {p}"));
+        if let Some(h) = &forwarded {
+            args.extend(["--header", h.as_str()]);
+        }
+        portcullis(&args, dir.path())
+    };
+    let (code, out) = explain("https://api.example.com/orders/1", Some("https"));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("decision: ALLOW"), "{out}");
+    // Without it the request is plain `http`, as before: an `https` proof does not match it.
+    let (_, out) = explain("https://api.example.com/orders/1", None);
+    assert!(out.contains("`htu` does not match"), "{out}");
+    let (_, out) = explain("http://api.example.com/orders/1", None);
+    assert!(out.contains("decision: ALLOW"), "{out}");
+}
