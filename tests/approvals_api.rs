@@ -153,6 +153,21 @@ async fn the_api_needs_a_valid_token_and_never_echoes_it() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert!(!err.message().contains(&forged[..40]), "{}", err.message());
+    // The scheme in any case, as on a Check (RFC 9110): a valid token is let in.
+    let bob = mint("bob", &["dba-lead"]);
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let mut r = tonic::Request::new(ListRequest::default());
+        let value = format!("{scheme} {bob}").parse().unwrap();
+        r.metadata_mut().insert("authorization", value);
+        assert!(api.list(r).await.is_ok(), "{scheme}");
+    }
+    let mut r = tonic::Request::new(ListRequest::default());
+    let value = format!("Basic {bob}").parse().unwrap();
+    r.metadata_mut().insert("authorization", value);
+    assert_eq!(
+        api.list(r).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

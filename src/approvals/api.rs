@@ -62,11 +62,12 @@ impl ApprovalsApi {
         let value = value
             .to_str()
             .map_err(|_| Status::unauthenticated("the authorization metadata is not text"))?;
+        // The scheme is case-insensitive (RFC 9110 11.1), as on a Check.
         let token = value
             .trim()
-            .strip_prefix("Bearer ")
-            .or_else(|| value.trim().strip_prefix("bearer "))
-            .map(str::trim)
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Status::unauthenticated("expected `authorization: Bearer <token>`"))?;
         engine
