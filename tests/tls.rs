@@ -490,6 +490,11 @@ async fn the_approvals_api_can_have_a_listener_and_an_allow_list_of_its_own() {
     let (ok, text) = approvals_cli(&server, &as_client("envoy")).await;
     assert!(!ok && text.contains("Unimplemented"), "{text}");
     assert!(text.contains("server.approvals_listen"), "{text}");
+    // Said plainly: no parentheses around an empty server message.
+    assert!(
+        text.contains("Unimplemented: this listener does not serve"),
+        "{text}"
+    );
 
     // Envoy gets decisions and health on its listener.
     let envoy = grpc_client(Some("envoy"));

@@ -249,13 +249,13 @@ pub async fn run(args: &ApprovalsArgs) -> Result<String, ClientError> {
         }
         let mut message = s.message().to_string();
         if s.code() == tonic::Code::Unimplemented {
-            if !message.is_empty() {
-                message.push(' ');
-            }
-            message.push_str(
-                "(this listener does not serve the approvals API: when the config sets \
-                 `server.approvals_listen`, point --server there)",
-            );
+            let hint = "this listener does not serve the approvals API: when the config sets \
+                        `server.approvals_listen`, point --server there";
+            message = if message.is_empty() {
+                hint.to_string()
+            } else {
+                format!("{message} ({hint})")
+            };
         }
         ClientError::Refused {
             code: format!("{:?}", s.code()),
