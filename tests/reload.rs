@@ -101,6 +101,22 @@ async fn decide(server: &Server, method: &str, path: &str, token: &str) -> u16 {
     server.engine.load_full().check(&view).await.http_status()
 }
 
+/// Revokes `sub` of `issuer` for an hour as the admin API does: in shared state, then in
+/// this replica's copy. Returns the entry's index member.
+async fn revoke_at_runtime(server: &Server, issuer: &str, sub: &str) -> String {
+    use portcullis::revocation::{RUNTIME_INDEX, RevokedKind};
+    let member = RevokedKind::Sub.member(Some(issuer), sub);
+    let engine = server.engine.load_full();
+    let expires = support::jwt::now() + 3600;
+    engine
+        .state
+        .index_add(RUNTIME_INDEX, &member, expires)
+        .await
+        .unwrap();
+    engine.runtime_revoked.apply(&member, Some(expires));
+    member
+}
+
 /// The reason of a refused reload (any other outcome fails the test).
 fn rejected(outcome: ReloadOutcome) -> String {
     match outcome {
@@ -298,20 +314,11 @@ async fn a_reload_that_orphans_a_scoped_revocation_is_refused() {
 /// the reload is refused until the entry is deleted.
 #[tokio::test]
 async fn a_reload_that_orphans_a_runtime_revocation_is_refused() {
-    use portcullis::revocation::RevokedKind;
     let s = Setup::new();
     let (server, mut reloader) = s.serve().await;
     let mallory = mint_dev(json!({"sub": "mallory", "scope": "orders:read"}));
-    let member = RevokedKind::Sub.member(Some("dev"), "mallory");
-    // As the admin API adds it: to shared state, then this replica's copy.
+    let member = revoke_at_runtime(&server, "dev", "mallory").await;
     let engine = server.engine.load_full();
-    let expires = support::jwt::now() + 3600;
-    engine
-        .state
-        .index_add(portcullis::revocation::RUNTIME_INDEX, &member, expires)
-        .await
-        .unwrap();
-    engine.runtime_revoked.apply(&member, Some(expires));
     assert_eq!(decide(&server, "GET", "/orders/1", &mallory).await, 401);
     s.write(&s.shipped.replace("  - name: dev\n", "  - name: dev2\n"));
     let reason = rejected(reloader.poll(false).await);
@@ -466,7 +473,6 @@ async fn a_truncated_api_key_file_keeps_the_keys_in_force_and_a_deleted_key_is_r
 /// refused, and the removed issuer stayed trusted.
 #[tokio::test]
 async fn removing_an_issuer_a_rule_names_stops_trusting_it() {
-    use portcullis::revocation::{RUNTIME_INDEX, RevokedKind};
     let s = Setup::new();
     let dev = "  - name: dev\n    issuer: https://dev.portcullis.invalid\n";
     let partner = format!(
@@ -487,16 +493,7 @@ async fn removing_an_issuer_a_rule_names_stops_trusting_it() {
         200
     );
     assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
-    // An entry scoped to the issuer, as the admin API adds it.
-    let member = RevokedKind::Sub.member(Some("partner"), "mallory");
-    let engine = server.engine.load_full();
-    let expires = support::jwt::now() + 3600;
-    engine
-        .state
-        .index_add(RUNTIME_INDEX, &member, expires)
-        .await
-        .unwrap();
-    engine.runtime_revoked.apply(&member, Some(expires));
+    revoke_at_runtime(&server, "partner", "mallory").await;
 
     s.write(&both.replace(&partner, dev));
     assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
