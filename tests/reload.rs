@@ -104,17 +104,25 @@ async fn decide(server: &Server, method: &str, path: &str, token: &str) -> u16 {
 /// Revokes `sub` of `issuer` for an hour as the admin API does: in shared state, then in
 /// this replica's copy. Returns the entry's index member.
 async fn revoke_at_runtime(server: &Server, issuer: &str, sub: &str) -> String {
+    let (member, expires) = revoke_in_shared_state(server, issuer, sub).await;
+    let engine = server.engine.load_full();
+    engine.runtime_revoked.apply(&member, Some(expires));
+    member
+}
+
+/// The shared-state half of `revoke_at_runtime` (another replica's admin call, before this
+/// replica syncs): the entry's index member and expiry.
+async fn revoke_in_shared_state(server: &Server, issuer: &str, sub: &str) -> (String, i64) {
     use portcullis::revocation::{RUNTIME_INDEX, RevokedKind};
     let member = RevokedKind::Sub.member(Some(issuer), sub);
-    let engine = server.engine.load_full();
     let expires = support::jwt::now() + 3600;
+    let engine = server.engine.load_full();
     engine
         .state
         .index_add(RUNTIME_INDEX, &member, expires)
         .await
         .unwrap();
-    engine.runtime_revoked.apply(&member, Some(expires));
-    member
+    (member, expires)
 }
 
 /// The reason of a refused reload (any other outcome fails the test).
@@ -342,21 +350,14 @@ async fn a_reload_that_orphans_a_runtime_revocation_is_refused() {
 }
 
 /// An entry another replica just wrote to shared state, not yet in this replica's copy: a
-/// reload that removes its issuer reads the shared entries first, and is refused.
+/// reload that renames its issuer reads the shared entries first, and is refused.
 #[tokio::test]
 async fn a_reload_that_orphans_another_replicas_fresh_revocation_is_refused() {
-    use portcullis::revocation::{RUNTIME_INDEX, RevokedKind};
     let s = Setup::new();
     let (server, mut reloader) = s.serve().await;
-    let member = RevokedKind::Sub.member(Some("dev"), "mallory");
-    let engine = server.engine.load_full();
-    let expires = support::jwt::now() + 3600;
     // Written as another replica's admin API does, before this replica's next sync.
-    engine
-        .state
-        .index_add(RUNTIME_INDEX, &member, expires)
-        .await
-        .unwrap();
+    revoke_in_shared_state(&server, "dev", "mallory").await;
+    let engine = server.engine.load_full();
     assert!(engine.runtime_revoked.scoped_issuers().is_empty());
     s.write(&s.shipped.replace("  - name: dev\n", "  - name: dev2\n"));
     let reason = rejected(reloader.poll(false).await);
