@@ -22,7 +22,7 @@ use super::{
 
 /// Decided records are kept this long past their last relevant time, for listings and for
 /// the expiry sweep.
-const RECORD_GRACE: Duration = Duration::from_secs(3600);
+pub(super) const RECORD_GRACE: Duration = Duration::from_secs(3600);
 
 /// A request slot whose record is still missing this long after it was taken is adopted by
 /// the next retry (at least this, and ten store timeouts: longer than any opener takes from
@@ -733,9 +733,8 @@ impl Approvals {
             return Err(ApprovalError::Expired(id));
         }
         // INVARIANT: exactly one approve or reject wins per request, across replicas.
-        // The claim names its attempt, so releasing it never removes another's, and when it
-        // was made, so one whose decision never finished can be taken over.
-        let claim = format!("{} {} {now}", actor(who), new_id());
+        // The claim names its attempt, so releasing it never removes another's.
+        let claim = format!("{} {}", actor(who), new_id());
         if self.take_claim(&id, &claim).await? {
             return Ok((policy, claim));
         }
@@ -755,16 +754,20 @@ impl Approvals {
         // not release the claim while the store was down): a decision takes a few store
         // operations, each bounded by the store's timeout. Taken over, or the request could
         // be decided by nobody until it expired. Only the claim read here is removed, so of
-        // several approvers taking over at once one wins.
-        let held = self.state.get(&key_decided(&id)).await?;
-        let stale = held
-            .as_deref()
-            .and_then(claimed_at)
-            .is_some_and(|at| at.saturating_add(secs(self.adopt_after)) <= now);
+        // several approvers taking over at once one wins. The claim's age is read from the
+        // store's clock (what its lifetime has left), as for an orphaned request slot: a
+        // replica whose clock runs ahead must never find a fresh claim stale.
+        let key = key_decided(&id);
+        let held = self.state.get(&key).await?;
+        let lifetime = self.request_ttl + RECORD_GRACE;
+        let stale = match self.state.ttl_left(&key).await? {
+            Some(left) => lifetime.saturating_sub(left) >= self.adopt_after,
+            None => false,
+        };
         if let Some(held) = held.filter(|_| stale)
-            && self.state.delete_if(&key_decided(&id), &held).await?
+            && self.state.delete_if(&key, &held).await?
         {
-            let holder = held.rsplitn(3, ' ').nth(2).unwrap_or_default();
+            let holder = held.rsplit_once(' ').map_or("", |(actor, _)| actor);
             tracing::warn!(
                 approval.id = %id,
                 holder,
@@ -1011,12 +1014,6 @@ impl Approvals {
 }
 
 /// How an approver is named in records: `issuer-name:sub`.
-/// When a decision claim (`actor id unix-seconds`) was made; `None` for a claim written
-/// without its time (by an older release), which is never taken over.
-fn claimed_at(claim: &str) -> Option<i64> {
-    claim.rsplit_once(' ')?.1.parse().ok()
-}
-
 fn actor(who: &Identity) -> String {
     format!("{}:{}", who.issuer_name, who.subject)
 }

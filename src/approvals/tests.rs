@@ -1219,13 +1219,7 @@ async fn a_lost_claim_names_the_state_truthfully() {
     let r = Req::new("DELETE", "db", "/databases/orders");
     let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
     // Carol's decision, on another replica, has claimed it and not written it yet.
-    let key = format!("approval:decided:{id}");
-    assert!(
-        store
-            .insert_if_absent(&key, "corp:carol", Duration::from_secs(60))
-            .await
-            .unwrap()
-    );
+    let key = claimed_elsewhere(&store, &id).await;
     for e in [
         a.reject(&bob, &id, None, NOW + 1).await.unwrap_err(),
         a.approve(&bob, &id, None, NOW + 1).await.unwrap_err(),
@@ -1303,6 +1297,20 @@ async fn an_approval_is_not_spent_while_the_audit_log_refuses_records() {
     let used = a.gate(&r.view(), granted(&alice), NOW + 2).await;
     assert_eq!(used.code, ReasonCode::Allowed, "{}", used.detail);
     assert!(used.detail.contains(&id), "{}", used.detail);
+}
+
+/// Claims the decision of request `id` as carol's approve on another replica just did (the
+/// claim's whole lifetime left, so it is not stale); returns the claim's key.
+async fn claimed_elsewhere(store: &MemoryStore, id: &str) -> String {
+    let key = format!("approval:decided:{id}");
+    let lifetime = config("").file.approvals.request_ttl.get() + super::service::RECORD_GRACE;
+    assert!(
+        store
+            .insert_if_absent(&key, "corp:carol", lifetime)
+            .await
+            .unwrap()
+    );
+    key
 }
 
 /// The key of `who`'s request slot for `r` under rule `dba`.
@@ -1472,13 +1480,25 @@ async fn a_claim_nobody_could_release_is_taken_over_once_stale() {
     store.land_then_fail.lock().unwrap().clear();
     store.fail_delete.lock().unwrap().clear();
     let key = format!("approval:decided:{id}");
-    assert!(store.get(&key).await.unwrap().is_some(), "the claim stayed");
+    let held = store.get(&key).await.unwrap().expect("the claim stayed");
     // Soon after: another decision may still be under way.
     assert_eq!(
         a.reject(&carol, &id, None, NOW + 2).await,
         Err(ApprovalError::BeingDecided(id.clone()))
     );
-    let after = NOW + 1 + super::service::ADOPT_AFTER.as_secs() as i64;
+    // Whatever the approver's clock says: the claim's age is the store's.
+    assert_eq!(
+        a.reject(&carol, &id, None, NOW + 600).await,
+        Err(ApprovalError::BeingDecided(id.clone()))
+    );
+    // The same claim, as old as `ADOPT_AFTER` by the store's clock (a memory store's clock
+    // cannot be moved forward: the claim is written again with that much less to live).
+    let left = store.ttl_left(&key).await.unwrap().unwrap();
+    store
+        .set(&key, &held, left - super::service::ADOPT_AFTER)
+        .await
+        .unwrap();
+    let after = NOW + 2;
     let approved = a.approve(&carol, &id, None, after).await.unwrap();
     assert_eq!(approved.decided_by.as_deref(), Some("corp:carol"));
     let d = a.gate(&r.view(), granted(&alice), after + 1).await;
@@ -1503,12 +1523,7 @@ async fn a_failed_claim_never_releases_another_decisions_claim() {
     let id = approval_id(&a.gate(&r.view(), granted(&alice), NOW).await);
     // Carol's decision, on another replica, holds the claim; Bob's fails (a timeout whose
     // write found the claim taken).
-    let key = format!("approval:decided:{id}");
-    store
-        .inner
-        .insert_if_absent(&key, "corp:carol", Duration::from_secs(60))
-        .await
-        .unwrap();
+    let key = claimed_elsewhere(&store.inner, &id).await;
     *store.land_then_fail.lock().unwrap() = vec!["approval:decided:".into()];
     assert!(matches!(
         a.approve(&bob, &id, None, NOW + 1).await,
