@@ -449,10 +449,9 @@ pub async fn explain(args: &ExplainArgs) -> Result<Explanation, CliError> {
     engine.keys.start().await;
     // The scheme a DPoP proof's `htu` names, stated as Envoy's HTTP ext_authz API states it:
     // always `http` made every proof for an `https` URL a 401 `htu` mismatch here.
-    let scheme = match headers.get("x-forwarded-proto").map(String::as_str) {
-        Some("https") => "https",
-        _ => "http",
-    };
+    let scheme =
+        crate::grpc::http::forwarded_scheme(headers.get("x-forwarded-proto").map(String::as_str))
+            .unwrap_or("http");
     let view = RequestView {
         method: &args.method,
         host: &args.host,

@@ -168,18 +168,20 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     build(files, &contents)
 }
 
+/// The certificates of a PEM file, in order; `None` when it holds none or is not PEM. The
+/// server's `cert` and the approvals CLI's `--ca-cert` and `--cert` are read by it.
+pub fn pem_certificates(pem: &[u8]) -> Option<Vec<CertificateDer<'static>>> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    (!certs.is_empty()).then_some(certs)
+}
+
 fn build(files: &TlsFiles, contents: &[Vec<u8>]) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&contents[0])
-        .collect::<Result<_, _>>()
-        .map_err(|_| TlsError::NoCertificate {
-            file: files.cert.clone(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            file: files.cert.clone(),
-        });
-    }
+    let certs = pem_certificates(&contents[0]).ok_or_else(|| TlsError::NoCertificate {
+        file: files.cert.clone(),
+    })?;
     let key = PrivateKeyDer::from_pem_slice(&contents[1]).map_err(|_| TlsError::NoKey {
         file: files.key.clone(),
     })?;

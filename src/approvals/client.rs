@@ -89,16 +89,12 @@ fn check_certificates(
     file: &Path,
     pem: &[u8],
 ) -> Result<Vec<CertificateDer<'static>>, ClientError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<_, _>>()
-        .unwrap_or_default();
-    if certs.is_empty() {
-        return Err(ClientError::Usage(format!(
+    crate::tls::pem_certificates(pem).ok_or_else(|| {
+        ClientError::Usage(format!(
             "--{flag} `{}` holds no PEM certificate",
             file.display()
-        )));
-    }
-    Ok(certs)
+        ))
+    })
 }
 
 /// `--cert` and `--key`: a certificate chain, a private key, and the key is the

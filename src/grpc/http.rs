@@ -173,11 +173,7 @@ fn request_parts<'a>(
         .uri
         .path_and_query()
         .map_or_else(|| head.uri.path(), |p| p.as_str());
-    let scheme = match header("x-forwarded-proto") {
-        Some("https") => "https",
-        Some("http") => "http",
-        _ => "",
-    };
+    let scheme = forwarded_scheme(header("x-forwarded-proto")).unwrap_or_default();
     // One value only: two copies (joined by `,`) parse as no address, and network
     // conditions deny.
     let source_ip = source_address(&headers);
@@ -290,4 +286,14 @@ where
             .into_owned()
     })
     .await;
+}
+
+/// The request's scheme as Envoy states it in `x-forwarded-proto` (what a DPoP proof's `htu`
+/// names): `https` or `http`, `None` for anything else. `explain` reads it the same way.
+pub fn forwarded_scheme(value: Option<&str>) -> Option<&'static str> {
+    match value {
+        Some("https") => Some("https"),
+        Some("http") => Some("http"),
+        _ => None,
+    }
 }
