@@ -9,6 +9,8 @@ Scenarios (same route, grants and token sets; Envoy --concurrency 1; direct_resp
   P    Envoy ext_authz (same wiring) to Portcullis with a realistic policy
   Pd   P with the pre-bench wiring (no allowed_headers): measures the allowed_headers lever
   Fu   F over a Unix domain socket instead of loopback TCP: measures the UDS lever
+  Fx   F whose allow carries the identity headers P's allow carries (subject, scopes): the
+       floor of the hop for an authorizer that tells the upstream who is calling
   Fh   Envoy's HTTP ext_authz API (the wiring shipped in envoy/envoy-http.yaml) to a no-op
        HTTP server: the floor of the HTTP hop
   Ph   the same HTTP wiring to Portcullis's HTTP ext_authz listener (`server.http_listen`)
@@ -51,7 +53,7 @@ ADDED_P99 = (("P", "added_p99_us_at_50"), ("Ph", "added_p99_us_at_50_http"),
              ("M", "added_p99_us_at_50_module"), ("Mb", "added_p99_us_at_50_module_b"),
              ("Pb", "added_p99_us_at_50_b"))
 # Ratios reported (computed within each round).
-PAIRS = [("P", "F"), ("P", "S2"), ("P", "S2c"), ("F", "S2"), ("F", "S2c"), ("P", "S1"), ("S2", "S1"),
+PAIRS = [("P", "F"), ("P", "Fx"), ("Fx", "F"), ("P", "S2"), ("P", "S2c"), ("F", "S2"), ("F", "S2c"), ("P", "S1"), ("S2", "S1"),
          ("P", "Pd"), ("Fu", "F"), ("Fh", "F"), ("Fh", "S2"),
          ("Ph", "Fh"), ("Ph", "S2"), ("Ph", "S2c"), ("Ph", "P"),
          ("M", "S2"), ("M", "S2c"), ("M", "P"), ("M", "S1"), ("M", "Mb"), ("P", "Pb")]
@@ -508,6 +510,10 @@ def main():
         procs.append(Proc("noop", [BENCH, "noop", "--listen", f"127.0.0.1:{noop_port}"]))
         noop_sock = os.path.join(WORK, "noop.sock")
         procs.append(Proc("noop-uds", [BENCH, "noop", "--listen", f"unix:{noop_sock}"]))
+        noopx_port = free_port()
+        noopx = Proc("noop-x", [BENCH, "noop", "--listen", f"127.0.0.1:{noopx_port}",
+                                "--identity-headers"])
+        procs.append(noopx)
         pc = Proc("portcullis", [os.path.abspath(a.portcullis_a or PORTCULLIS), "serve", "--config",
                                  portcullis_config("p", p_port, p_admin, http_port=p_http)])
         procs.append(pc)
@@ -523,6 +529,7 @@ def main():
                 "S2c": ([jwt_filter(a.tokens), rbac_filter()], None),
                 "F": ([authz_filter], noop_port), "P": ([authz_filter], p_port),
                 "Pd": ([legacy], p_port), "Fu": ([authz_filter], noop_port),
+                "Fx": ([authz_filter], noopx_port),
                 "Fh": ([http_authz_filter], hp), "Ph": ([http_authz_filter], p_http),
                 "M": ([module_filter(m_config, a.module_a and os.path.abspath(a.module_a))], None)}
         if a.module_b or a.dry_run_b:
@@ -556,11 +563,11 @@ def main():
         deny_tok = open(sets["mix"]).read().splitlines()[9]
         for name, lp in ports.items():
             got = (http_status(lp, allow_tok), http_status(lp, deny_tok))
-            want = {"S1": (200, 200), "F": (200, 200), "Fu": (200, 200),
+            want = {"S1": (200, 200), "F": (200, 200), "Fu": (200, 200), "Fx": (200, 200),
                     "Fh": (200, 200)}.get(name, (200, 403))
             if got != want:
                 raise RuntimeError(f"{name}: allow/deny answered {got}, expected {want}")
-        authz_pid = {"F": procs[0], "Fu": procs[1], "P": pc, "Pd": pc, "Fh": noop_http, "Ph": pc}
+        authz_pid = {"F": procs[0], "Fu": procs[1], "Fx": noopx, "P": pc, "Pd": pc, "Fh": noop_http, "Ph": pc}
         if pbc:
             authz_pid["Pb"] = pbc
         results = {"meta": {
@@ -767,7 +774,7 @@ def render(res):
     L += ["### Closed loop (wrk, 1 thread, %d connections): requests/s, median of rounds" % m["args"]["conns"], "",
           "| scenario | 1 token | 10k tokens | 10k, 10% denied | Envoy CPU us/req (10k) | authz CPU us/req (10k) |",
           "|---|---:|---:|---:|---:|---:|"]
-    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu", "Fh", "Ph", "M", *AB_SCENARIOS):
+    for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu", "Fx", "Fh", "Ph", "M", *AB_SCENARIOS):
         row = [s["closed"].get(f"{n}/{t}", {}).get("rps") for t in SETS]
         if not any(row):
             continue

@@ -210,3 +210,77 @@ fn the_cache_decay_probe_reports_every_working_set_and_gap() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("`ten` is not a number"));
 }
+
+/// The floors: `bench noop` (scenario F) allows with no header mutation at all, and with
+/// `--identity-headers` (scenario Fx) with the two identity headers P's allow carries, set
+/// as Portcullis sets them. Both deny a request without an Authorization header.
+#[tokio::test]
+async fn the_noop_floors_answer_with_the_headers_their_scenario_says() {
+    use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    use support::inproc::{bearer_headers, check_request};
+
+    let identity = [
+        "x-portcullis-subject".to_string(),
+        "x-portcullis-scopes".to_string(),
+    ];
+    for (flag, want) in [
+        (None, vec![]),
+        (Some("--identity-headers"), identity.to_vec()),
+    ] {
+        let port = support::free_port();
+        let mut noop = support::ChildGuard::spawn("bench-noop", {
+            let mut c = Command::new(bench_example());
+            c.args(["noop", "--listen", &format!("127.0.0.1:{port}")]);
+            c.args(flag);
+            c
+        });
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let channel = loop {
+            match endpoint.connect().await {
+                Ok(channel) => break channel,
+                Err(e) if std::time::Instant::now() > deadline => panic!("noop {flag:?}: {e}"),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        };
+        let mut client = AuthorizationClient::new(channel);
+        let check = |headers| check_request("GET", "/orders/42", "api", None, headers, "");
+        let allow = client
+            .check(check(bearer_headers("aaa.bbb.ccc")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(allow.status.unwrap().code, 0, "noop {flag:?}");
+        let set: Vec<String> = match allow.http_response {
+            None => vec![],
+            Some(HttpResponse::OkResponse(ok)) => {
+                assert!(ok.headers_to_remove.is_empty(), "noop {flag:?}: {ok:?}");
+                ok.headers
+                    .into_iter()
+                    .map(|h| {
+                        assert_eq!(
+                            h.append_action,
+                            HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                            "noop {flag:?}: {h:?}"
+                        );
+                        let header = h.header.unwrap();
+                        assert!(!header.value.is_empty(), "noop {flag:?}: {header:?}");
+                        header.key
+                    })
+                    .collect()
+            }
+            Some(other) => panic!("noop {flag:?} allowed with {other:?}"),
+        };
+        assert_eq!(set, want, "noop {flag:?}");
+        let deny = client
+            .check(check(Default::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(deny.status.unwrap().code, 16, "noop {flag:?}");
+        noop.assert_running();
+    }
+}

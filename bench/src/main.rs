@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use envoy_types::ext_authz::v3::pb::{
     Authorization, AuthorizationServer, CheckRequest, CheckResponse, DeniedHttpResponse,
-    HttpResponse, HttpStatus,
+    HeaderAppendAction, HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
 };
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
@@ -104,6 +104,11 @@ enum Cmd {
         /// `HOST:PORT`, or `unix:/path` for a Unix domain socket.
         #[arg(long)]
         listen: String,
+        /// Allow with the identity headers the benchmark's Portcullis config sets (subject
+        /// and scopes, fixed values of the same length), so that Envoy's cost of applying
+        /// an allow's header mutations is in the floor (scenario Fx).
+        #[arg(long)]
+        identity_headers: bool,
     },
     /// The no-op for Envoy's HTTP ext_authz API (`http_service`, HTTP/2 without TLS): 200
     /// for any request with an Authorization header, else 401. The floor of the HTTP hop,
@@ -227,9 +232,12 @@ fn main() -> anyhow::Result<()> {
             println!("{}", resp.status.map_or(-1, |s| s.code));
             Ok(())
         }),
-        Cmd::Noop { listen } => runtime()?.block_on(async move {
-            let server =
-                tonic::transport::Server::builder().add_service(AuthorizationServer::new(Noop));
+        Cmd::Noop {
+            listen,
+            identity_headers,
+        } => runtime()?.block_on(async move {
+            let server = tonic::transport::Server::builder()
+                .add_service(AuthorizationServer::new(Noop { identity_headers }));
             if let Some(path) = listen.strip_prefix("unix:") {
                 let _ = std::fs::remove_file(path);
                 let uds = tokio::net::UnixListener::bind(path)
@@ -413,8 +421,13 @@ fn check_request(token: &str, path: &str) -> CheckRequest {
 }
 
 /// Allows any request carrying an Authorization header, denies the rest: the cheapest
-/// possible ext_authz server, so a scenario behind it measures only the hop.
-struct Noop;
+/// possible ext_authz server, so a scenario behind it measures only the hop. With
+/// `identity_headers`, an allow carries the two headers Portcullis's allow carries in the
+/// benchmark (`x-portcullis-subject`, `x-portcullis-scopes`), fixed values of the same
+/// length, so the floor includes what Envoy spends applying them.
+struct Noop {
+    identity_headers: bool,
+}
 
 #[tonic::async_trait]
 impl Authorization for Noop {
@@ -430,8 +443,29 @@ impl Authorization for Noop {
             .and_then(|r| r.http.as_ref())
             .is_some_and(|h| h.headers.contains_key("authorization"));
         let resp = if has_auth {
+            let identity = || OkHttpResponse {
+                headers: [
+                    ("x-portcullis-subject", "user-4242"),
+                    ("x-portcullis-scopes", "orders:read profile"),
+                ]
+                .into_iter()
+                .map(|(key, value)| HeaderValueOption {
+                    header: Some(HeaderValue {
+                        key: key.into(),
+                        value: value.into(),
+                        ..Default::default()
+                    }),
+                    append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                    ..Default::default()
+                })
+                .collect(),
+                ..Default::default()
+            };
             CheckResponse {
                 status: Some(rpc::Status::default()),
+                http_response: self
+                    .identity_headers
+                    .then(|| HttpResponse::OkResponse(identity())),
                 ..Default::default()
             }
         } else {
