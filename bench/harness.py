@@ -27,6 +27,7 @@ Token sets: 1 token, 10 000 distinct (rotated per request), 10 000 with 10% deni
 Load generator on CPU 0, system under test (Envoy + authz server) on CPU 1.
 """
 import argparse, json, os, random, re, shutil, socket, statistics, subprocess, sys, time
+import urllib.request
 from datetime import datetime, timezone
 
 # PyYAML (bench/run.sh installs it) is imported where configs are read or written, so that
@@ -465,6 +466,40 @@ def median(xs):
     return round(statistics.median(xs), 3) if xs else None
 
 
+DECISION_METRIC = "portcullis_decision_duration_seconds"
+
+
+def decision_histogram(admin_port):
+    """The authorizer's own decision-time histogram, from its /metrics: cumulative counts by
+    upper bound in us (None for +Inf), and the sum in seconds. It times the decision alone,
+    from the request's arrival in the authorizer to its answer: no hop, no queue before it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    buckets, total = [], None
+    for line in text.splitlines():
+        m = re.match(DECISION_METRIC + r'_bucket\{le="([^"]+)"\} (\S+)$', line)
+        if m:
+            le = None if m.group(1) == "+Inf" else round(float(m.group(1)) * 1e6)
+            buckets.append((le, int(float(m.group(2)))))
+        elif line.startswith(DECISION_METRIC + "_sum "):
+            total = float(line.split()[-1])
+    if not buckets or total is None:
+        raise RuntimeError(f"no {DECISION_METRIC} histogram on admin port {admin_port}")
+    return {"buckets": buckets, "sum_s": total}
+
+
+def decision_delta(before, after):
+    """What the histogram gained between two reads: the decisions of one open-loop run.
+    Quantiles are bucket bounds ("at most this many us"); None past the last finite bound."""
+    counts = [(le, a - b) for (le, a), (_, b) in zip(after["buckets"], before["buckets"])]
+    n = counts[-1][1]
+    out = {"n": n, "mean_us": round((after["sum_s"] - before["sum_s"]) * 1e6 / n, 1) if n else None,
+           "over_us": {str(le): n - c for le, c in counts if le is not None}}
+    for q, key in ((0.5, "p50_le_us"), (0.99, "p99_le_us"), (0.999, "p999_le_us")):
+        out[key] = next((le for le, c in counts if n and c >= q * n), None)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -524,7 +559,10 @@ def main():
         legacy = {k: v for k, v in authz_filter.items()}
         legacy["typed_config"] = {k: v for k, v in authz_filter["typed_config"].items()
                                   if k != "allowed_headers"}
-        m_config = portcullis_config("m", free_port(), free_port())
+        m_admin = free_port()
+        m_config = portcullis_config("m", free_port(), m_admin)
+        # Where each authorizer's /metrics is: the open loop reads its decision-time histogram.
+        admin_of = {"P": p_admin, "Ph": p_admin, "M": m_admin}
         scen = {"S1": ([], None), "S2": ([jwt_filter(), rbac_filter()], None),
                 "S2c": ([jwt_filter(a.tokens), rbac_filter()], None),
                 "F": ([authz_filter], noop_port), "P": ([authz_filter], p_port),
@@ -534,7 +572,9 @@ def main():
                 "M": ([module_filter(m_config, a.module_a and os.path.abspath(a.module_a))], None)}
         if a.module_b or a.dry_run_b:
             # Its own config copy: a module that runs the config's server binds its ports.
-            mb_config = portcullis_config("mb", free_port(), free_port(), dry_run=a.dry_run_b)
+            mb_admin = free_port()
+            mb_config = portcullis_config("mb", free_port(), mb_admin, dry_run=a.dry_run_b)
+            admin_of["Mb"] = mb_admin
             scen["Mb"] = ([module_filter(mb_config, a.module_b and os.path.abspath(a.module_b))], None)
         pbc = None
         if a.portcullis_b or a.dry_run_b:
@@ -545,6 +585,7 @@ def main():
             procs.append(pbc)
             wait_http(pb_admin, "/readyz", ["200"])
             scen["Pb"] = ([authz_filter], pb_port)
+            admin_of["Pb"] = pb_admin
         envoys, ports = {}, {}
         for name, (filters, authz_port) in scen.items():
             lp, ap_ = free_port(), free_port()
@@ -611,12 +652,15 @@ def main():
                 random.shuffle(order)
                 for name, frac in order:
                     ps = [envoys[name]] + ([authz_pid[name]] if name in authz_pid else [])
+                    hist = decision_histogram(admin_of[name]) if name in admin_of else None
                     before = [p.cpu_ticks() for p in ps]
                     out = run(["taskset", "-c", LOAD_CPU, BENCH, "open-loop", "--addr",
                                f"127.0.0.1:{ports[name]}", "--path", PATH, "--tokens", sets["10k"],
                                "--rate", str(s2max * frac), "--duration", str(a.open_secs)])
                     after = [p.cpu_ticks() for p in ps]
                     r = json.loads(out)
+                    if hist:
+                        r["decision"] = decision_delta(hist, decision_histogram(admin_of[name]))
                     # CPU per request at this load, and how busy the core under test was: at
                     # partial load each process wakes per request instead of draining a batch,
                     # so this is not the closed-loop figure (see README, Performance).
@@ -626,7 +670,8 @@ def main():
                              sut_cpu_us_per_req=round(secs * 1e6 / n, 1),
                              sut_busy_pct=round(100 * secs / a.open_secs, 1))
                     log(f"open r{rnd} {name:4} {frac:.2f} p50 {r['p50_us']} p99 {r['p99_us']} p99.9 {r['p999_us']} us"
-                        f"  SUT CPU {r['sut_cpu_us_per_req']} us/req, core {r['sut_busy_pct']}% busy")
+                        f"  SUT CPU {r['sut_cpu_us_per_req']} us/req, core {r['sut_busy_pct']}% busy"
+                        + (f"  decision {r['decision']}" if hist else ""))
                     results["open"].append(r)
 
         if "alone" not in skip:
@@ -738,6 +783,21 @@ def summarize(res):
     for k, v in s["open"].items():
         for q in ("p50", "p99", "p999", "cpu", "busy"):
             v[q] = median(v[q])
+    # The decision's own time (runs recorded before it was read have none).
+    decisions = {}
+    for r in res["open"]:
+        if r.get("decision"):
+            decisions.setdefault(f"{r['scenario']}@{int(r['load'] * 100)}%", []).append(r["decision"])
+    if decisions:
+        s["decision"] = {}
+        for k, ds in decisions.items():
+            n = sum(d["n"] for d in ds)
+            # A quantile past the last finite bound reads as "over" it.
+            bound = lambda key: median([d[key] if d[key] is not None else float("inf") for d in ds])
+            s["decision"][k] = {"n": n, "mean_us": median([d["mean_us"] for d in ds if d["mean_us"] is not None]),
+                                "p50_le_us": bound("p50_le_us"), "p99_le_us": bound("p99_le_us"),
+                                "p999_le_us": bound("p999_le_us"),
+                                "over_250us": sum(d["over_us"].get("250", 0) for d in ds)}
     for name, key in ADDED_P99:
         added = []
         for rnd in {r["round"] for r in res["open"]}:
@@ -804,6 +864,20 @@ def render(res):
         for name, key in ADDED_P99:
             if s.get(key) is not None:
                 L += ["", f"Added p99 at 50% ({name} minus S1, per round, median): {s[key]} us"]
+    if s.get("decision"):
+        def le(v):
+            return "over the last bound" if v == float("inf") else f"{v:.0f}"
+        L += ["", "### The decision's own time in the open loop: the authorizer's "
+              f"`{DECISION_METRIC}` histogram read before and after each run (from the "
+              "request's arrival in the authorizer to its answer; not the hop, not the queue "
+              "before it). Quantiles are the histogram's bucket bounds, median of rounds", "",
+              "| scenario | load (of S2 max) | decisions | mean us | p50 <= us | p99 <= us | p99.9 <= us "
+              "| over 250 us | request p99 us (same runs) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for k in sorted(s["decision"], key=lambda k: ((OPEN_SCENARIOS + AB_SCENARIOS).index(k.split("@")[0]), k)):
+            d, n, load = s["decision"][k], *k.split("@")
+            L.append(f"| {n} | {load} | {d['n']} | {d['mean_us']} | {le(d['p50_le_us'])} | {le(d['p99_le_us'])} | "
+                     f"{le(d['p999_le_us'])} | {d['over_250us']} | {s['open'][k]['p99']:.0f} |")
     if s["alone"]:
         L += ["", "### Portcullis alone (h2load, pre-encoded CheckRequests, 1 core)", "",
               "| algorithm | cache hit: decisions/s | CPU us | cache off (verify every time): decisions/s | CPU us |",

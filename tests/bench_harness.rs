@@ -284,3 +284,76 @@ async fn the_noop_floors_answer_with_the_headers_their_scenario_says() {
         noop.assert_running();
     }
 }
+
+/// The open loop reads the authorizer's own decision-time histogram before and after each
+/// run (`harness.decision_histogram`, `decision_delta`): against a real Portcullis, it finds
+/// the histogram under the name the server exports and counts exactly the decisions made in
+/// between, with their time.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_open_loop_counts_the_decisions_it_caused_from_the_authorizers_histogram() {
+    use support::inproc::{
+        bearer_headers, check_request, send_check, shipped_config, start_server,
+    };
+
+    let text = shipped_config(|doc| {
+        doc["server"]["listen"] = "127.0.0.1:0".into();
+        doc["server"]["admin_listen"] = "127.0.0.1:0".into();
+        doc["audit"]["enabled"] = false.into();
+        doc["issuers"][0]["keys"]["file"] = support::jwt::dev_jwks_path()
+            .to_string_lossy()
+            .into_owned()
+            .into();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), "portcullis.yaml", &text).await;
+    let python = |code: &str, args: &[String]| -> String {
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import json, sys; sys.path.insert(0, 'bench'); import harness; {code}"
+            ))
+            .args(args)
+            .current_dir(support::repo_root())
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "{code}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let read = || {
+        python(
+            "print(json.dumps(harness.decision_histogram(int(sys.argv[1]))))",
+            &[server.admin_addr.port().to_string()],
+        )
+    };
+    let before = read();
+    let token = support::jwt::mint_dev(serde_json::json!({}));
+    for headers in [
+        bearer_headers(&token),
+        Default::default(),
+        bearer_headers("x.y.z"),
+    ] {
+        send_check(
+            server.grpc_addr,
+            check_request("GET", "/orders/42", "api", None, headers, ""),
+        )
+        .await;
+    }
+    let after = read();
+    let delta: serde_json::Value = serde_json::from_str(&python(
+        "print(json.dumps(harness.decision_delta(json.loads(sys.argv[1]), json.loads(sys.argv[2]))))",
+        &[before, after],
+    ))
+    .unwrap();
+    assert_eq!(delta["n"], 3, "{delta}");
+    assert!(delta["mean_us"].as_f64().unwrap() > 0.0, "{delta}");
+    // Three decisions on an idle server: every quantile falls in a finite bucket (the last
+    // is 250 ms), so none reads as "over the last bound".
+    for key in ["p50_le_us", "p99_le_us", "p999_le_us"] {
+        assert!(delta[key].as_u64().is_some(), "{key}: {delta}");
+    }
+    assert!(delta["over_us"]["250000"].as_u64().unwrap() == 0, "{delta}");
+}
