@@ -472,7 +472,8 @@ DECISION_METRIC = "portcullis_decision_duration_seconds"
 def decision_histogram(admin_port):
     """The authorizer's own decision-time histogram, from its /metrics: cumulative counts by
     upper bound in us (None for +Inf), and the sum in seconds. It times the decision alone,
-    from the request's arrival in the authorizer to its answer: no hop, no queue before it."""
+    from the request as the authorizer read it to its decision: no hop, no queue before it,
+    no encoding of the answer."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     buckets, total = [], None
@@ -868,9 +869,10 @@ def render(res):
         def le(v):
             return "over the last bound" if v == float("inf") else f"{v:.0f}"
         L += ["", "### The decision's own time in the open loop: the authorizer's "
-              f"`{DECISION_METRIC}` histogram read before and after each run (from the "
-              "request's arrival in the authorizer to its answer; not the hop, not the queue "
-              "before it). Quantiles are the histogram's bucket bounds, median of rounds", "",
+              f"`{DECISION_METRIC}` histogram read before and after each run (the decision "
+              "itself, from the request as the authorizer read it to its decision: not the hop, "
+              "the queue before it or encoding the answer). Quantiles are the histogram's bucket "
+              "bounds, median of rounds", "",
               "| scenario | load (of S2 max) | decisions | mean us | p50 <= us | p99 <= us | p99.9 <= us "
               "| over 250 us | request p99 us (same runs) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
