@@ -394,16 +394,21 @@ fn time(unix: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// An approval as `--json` prints it. What the record does not have is `null`, as in the
+/// webhook's payload (the gRPC message can only say `""` or `0`): no query, body or
+/// justification, no `iss` (an API key), not decided yet, a pre-approval with no end.
 fn to_json(a: &pb::Approval) -> serde_json::Value {
+    let text = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let time = |t: i64| (t != 0).then_some(t);
     serde_json::json!({
         "id": a.id, "state": a.state, "subject": a.subject, "issuer": a.issuer,
-        "iss": a.iss,
-        "method": a.method, "host": a.host, "path": a.path, "body_sha256": a.body_sha256,
-        "query": a.query, "query_sha256": a.query_sha256,
-        "justification": a.justification, "route": a.route, "rule": a.rule,
-        "requested_at": a.requested_at, "expires_at": a.expires_at,
-        "decided_by": a.decided_by, "decided_at": a.decided_at, "reason": a.reason,
-        "uses": a.uses, "uses_left": a.uses_left,
+        "iss": text(&a.iss),
+        "method": a.method, "host": a.host, "path": a.path, "body_sha256": text(&a.body_sha256),
+        "query": text(&a.query), "query_sha256": text(&a.query_sha256),
+        "justification": text(&a.justification), "route": a.route, "rule": a.rule,
+        "requested_at": a.requested_at, "expires_at": time(a.expires_at),
+        "decided_by": text(&a.decided_by), "decided_at": time(a.decided_at),
+        "reason": text(&a.reason), "uses": a.uses, "uses_left": a.uses_left,
     })
 }
 
@@ -514,5 +519,51 @@ mod tests {
             (json["uses"].clone(), json["uses_left"].clone()),
             (1.into(), 0.into())
         );
+    }
+
+    /// `--json` says `null` for what a record does not have, as the webhook does, where it
+    /// printed the gRPC message's `""` and `0` (a pre-approval with no end read as expiring
+    /// in 1970); what it has is printed as it is.
+    #[test]
+    fn json_says_null_for_what_the_record_lacks() {
+        let absent = [
+            "iss",
+            "body_sha256",
+            "query",
+            "query_sha256",
+            "justification",
+            "decided_by",
+            "decided_at",
+            "reason",
+            "uses_left",
+        ];
+        let mut open_ended = approval("pre_approved", 1, None);
+        open_ended.expires_at = 0;
+        let json = to_json(&open_ended);
+        for key in absent.iter().chain(&["expires_at"]) {
+            assert_eq!(json[key], serde_json::Value::Null, "{key}: {json}");
+        }
+        assert_eq!(json["subject"], "alice");
+
+        let full = pb::Approval {
+            iss: "https://idp.example".into(),
+            body_sha256: "ab".into(),
+            query: "force=…".into(),
+            query_sha256: "cd".into(),
+            justification: "INC-1".into(),
+            decided_by: "corp:bob".into(),
+            decided_at: 1_800_000_100,
+            reason: "freeze".into(),
+            ..approval("approved", 1, Some(1))
+        };
+        let json = to_json(&full);
+        for key in absent {
+            assert!(
+                !json[key].is_null() && json[key] != "" && json[key] != 0,
+                "{key}: {json}"
+            );
+        }
+        assert_eq!(json["decided_at"], 1_800_000_100);
+        assert_eq!(json["expires_at"], 1_800_000_000);
     }
 }
