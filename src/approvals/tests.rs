@@ -331,7 +331,7 @@ fn pre_approval_holds_only_for_the_role_inside_the_window() {
 
 /// `from`/`until` are RFC 3339, which allows a numeric offset: `+01:00` was refused as "not an
 /// RFC 3339 time", so a window could only be written in UTC. The same instant in any offset
-/// is the same bound; a time without an offset is still read as UTC.
+/// is the same bound; a time without an offset is still read as UTC, with a warning.
 #[test]
 fn pre_approval_windows_take_rfc3339_offsets() {
     let window = |from: &str, until: &str| {
@@ -353,6 +353,27 @@ fn pre_approval_windows_take_rfc3339_offsets() {
         utc
     );
     assert_eq!(window("2027-01-15T08:00:00", "2027-01-15 09:00:00"), utc);
+    // ... and said so: a local time written without its offset moves the window.
+    let warnings = |from: &str, until: &str| {
+        let text = format!(
+            "issuers:\n  - {{ name: corp, issuer: \"https://login.example.com\", audiences: [api], keys: {{ file: config/dev/jwks.json }} }}\nroutes:\n  - id: r\n    methods: [GET]\n    path: /x\n    rules:\n      - id: a\n        roles: [dba]\n        approval:\n          approvers: {{ roles: [lead] }}\n          pre_approve: [{{ roles: [x], from: '{from}', until: '{until}' }}]\n"
+        );
+        crate::config::from_str(&text, std::path::Path::new("t.yaml"))
+            .unwrap()
+            .warnings
+    };
+    assert_eq!(
+        warnings("2027-01-15T08:00:00Z", "2027-01-15T10:00:00+01:00"),
+        Vec::<String>::new()
+    );
+    let w = warnings("2027-01-15T08:00:00Z", "2027-01-15 09:00:00");
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("pre_approve[0].until")
+            && w[0].contains("no UTC offset")
+            && w[0].contains("(2027-01-15T09:00:00Z)"),
+        "{w:?}"
+    );
     // Offsets count in the order check too: 10:00+05:00 is 05:00Z, before 08:00Z.
     let text = "issuers:\n  - { name: corp, issuer: \"https://login.example.com\", audiences: [api], keys: { file: config/dev/jwks.json } }\nroutes:\n  - id: r\n    methods: [GET]\n    path: /x\n    rules:\n      - id: a\n        roles: [dba]\n        approval:\n          approvers: { roles: [lead] }\n          pre_approve: [{ roles: [x], from: '2027-01-15T08:00:00Z', until: '2027-01-15T10:00:00+05:00' }]\n";
     let e = crate::config::from_str(text, std::path::Path::new("t.yaml")).unwrap_err();

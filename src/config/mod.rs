@@ -1887,6 +1887,19 @@ impl Compiler {
                             "e.g. `2026-11-23T06:00:00Z` or `2026-11-23T07:00:00+01:00`",
                         )
                     })?;
+                    // Read as UTC, as before offsets were accepted; but a local time written
+                    // without one moves the window by the local offset, widening a grant in
+                    // time where it was meant to be narrow.
+                    if v.trim().parse::<jiff::Timestamp>().is_err() {
+                        let utc = jiff::Timestamp::from_second(t).map_or_else(
+                            |_| t.to_string(),
+                            |ts| ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                        );
+                        self.warnings.push(format!(
+                            "{pf}.{name}: `{v}` has no UTC offset and is read as UTC ({utc}); \
+                             write `Z` or the offset you mean (e.g. `+01:00`)"
+                        ));
+                    }
                     bounds[slot] = Some(t);
                 }
             }
