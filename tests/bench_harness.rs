@@ -291,21 +291,9 @@ async fn the_noop_floors_answer_with_the_headers_their_scenario_says() {
 /// between, with their time.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_open_loop_counts_the_decisions_it_caused_from_the_authorizers_histogram() {
-    use support::inproc::{
-        bearer_headers, check_request, send_check, shipped_config, start_server,
-    };
+    use support::inproc::{bearer_headers, check_request, send_check, start_shipped};
 
-    let text = shipped_config(|doc| {
-        doc["server"]["listen"] = "127.0.0.1:0".into();
-        doc["server"]["admin_listen"] = "127.0.0.1:0".into();
-        doc["audit"]["enabled"] = false.into();
-        doc["issuers"][0]["keys"]["file"] = support::jwt::dev_jwks_path()
-            .to_string_lossy()
-            .into_owned()
-            .into();
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path(), "portcullis.yaml", &text).await;
+    let (server, _dir) = start_shipped(|_| {}).await;
     let python = |code: &str, args: &[String]| -> String {
         let out = Command::new("python3")
             .arg("-c")

@@ -10,30 +10,10 @@ use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use portcullis::server::Server;
-use support::inproc::{
-    channel, check_request, denied, scrape_metrics, shipped_config, start_server,
-};
+use support::inproc::{channel, check_request, denied, scrape_metrics, start_shipped};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::codegen::http;
-
-/// The shipped config on free loopback ports, its issuer's keys read from the repository,
-/// audit off, then `edit`.
-async fn start(edit: impl FnOnce(&mut serde_yaml::Value)) -> (Server, tempfile::TempDir) {
-    let text = shipped_config(|doc| {
-        doc["server"]["listen"] = "127.0.0.1:0".into();
-        doc["server"]["admin_listen"] = "127.0.0.1:0".into();
-        doc["audit"]["enabled"] = false.into();
-        doc["issuers"][0]["keys"]["file"] = support::jwt::dev_jwks_path()
-            .to_string_lossy()
-            .into_owned()
-            .into();
-        edit(doc);
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path(), "portcullis.yaml", &text).await;
-    (server, dir)
-}
 
 /// The value of the sample `name{listener="<listener>"}` in the admin's `/metrics` text.
 async fn listener_metric(server: &Server, name: &str, listener: &str) -> f64 {
@@ -112,7 +92,7 @@ async fn no_token_check(client: &mut AuthorizationClient<tonic::transport::Chann
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_cap_are_closed_on_arrival_and_counted_per_listener() {
-    let (server, _dir) = start(|doc| doc["server"]["max_connections"] = 3.into()).await;
+    let (server, _dir) = start_shipped(|doc| doc["server"]["max_connections"] = 3.into()).await;
     let addr = server.grpc_addr;
     // Three clients that made a request (so the first-request deadline leaves them be).
     let mut held = Vec::new();
@@ -153,7 +133,7 @@ async fn connections_past_the_cap_are_closed_on_arrival_and_counted_per_listener
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_sends_no_request_is_closed_after_ten_seconds() {
-    let (server, _dir) = start(|_| {}).await;
+    let (server, _dir) = start_shipped(|_| {}).await;
     let started = Instant::now();
     let mut grpc_idle = TcpStream::connect(server.grpc_addr).await.unwrap();
     let mut admin_idle = TcpStream::connect(server.admin_addr).await.unwrap();
@@ -179,7 +159,7 @@ async fn a_connection_that_sends_no_request_is_closed_after_ten_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http1_keep_alive_connection_is_closed_after_thirty_seconds() {
-    let (server, _dir) = start(|_| {}).await;
+    let (server, _dir) = start_shipped(|_| {}).await;
     let mut conn = TcpStream::connect(server.admin_addr).await.unwrap();
     conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: admin\r\n\r\n")
         .await
@@ -252,7 +232,7 @@ fn server_side_timer(server: SocketAddr, client: SocketAddr) -> Option<(u8, f64)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_connections_have_tcp_keepalive_so_vanished_peers_are_closed() {
-    let (server, _dir) = start(|_| {}).await;
+    let (server, _dir) = start_shipped(|_| {}).await;
     for addr in [
         server.grpc_addr,
         server.admin_addr,

@@ -74,6 +74,26 @@ pub async fn start_server(dir: &Path, name: &str, text: &str) -> Server {
         .unwrap()
 }
 
+/// The shipped config on free loopback ports, its issuer's keys read from the repository,
+/// audit off, then `edit`; started. The directory holds the config while the server runs.
+pub async fn start_shipped(
+    edit: impl FnOnce(&mut serde_yaml::Value),
+) -> (Server, tempfile::TempDir) {
+    let text = shipped_config(|doc| {
+        doc["server"]["listen"] = "127.0.0.1:0".into();
+        doc["server"]["admin_listen"] = "127.0.0.1:0".into();
+        doc["audit"]["enabled"] = false.into();
+        doc["issuers"][0]["keys"]["file"] = super::jwt::dev_jwks_path()
+            .to_string_lossy()
+            .into_owned()
+            .into();
+        edit(doc);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), "portcullis.yaml", &text).await;
+    (server, dir)
+}
+
 /// A connected gRPC channel to `addr`.
 pub async fn channel(addr: SocketAddr) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
