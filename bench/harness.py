@@ -50,6 +50,8 @@ OPEN_SCENARIOS = ["S1", "S2", "S2c", "F", "P", "Ph", "M"]
 # Same-run A/B sides (--module-b, --portcullis-b): run closed and open loop when present.
 AB_SCENARIOS = ["Mb", "Pb"]
 # Added p99 at 50% of S2's rate (scenario minus S1), by summary key.
+# Scenarios whose added p99 is also measured interleaved with S1 (phase `paired`).
+PAIRED = ["P", "M", "Pb", "Mb"]
 ADDED_P99 = (("P", "added_p99_us_at_50"), ("Ph", "added_p99_us_at_50_http"),
              ("M", "added_p99_us_at_50_module"), ("Mb", "added_p99_us_at_50_module_b"),
              ("Pb", "added_p99_us_at_50_b"))
@@ -523,7 +525,8 @@ def main():
     ap.add_argument("--dry-run-b", action="store_true", help="give scenarios Pb and Mb a dry_run "
                     "candidate policy (this tree's builds unless --portcullis-b/--module-b say "
                     "otherwise): the cost of a dry run (ratios P/Pb, M/Mb)")
-    ap.add_argument("--skip", default="", help="comma list of phases to skip: closed,open,alone,memory")
+    ap.add_argument("--skip", default="", help="comma list of phases to skip: closed,open,paired,alone,memory "
+                    "(paired: the added p99 at 50%% measured with the load taking turns with S1; part of open)")
     ap.add_argument("--only", default="", help="comma list of scenarios to run, closed and open loop (default: all)")
     ap.add_argument("--render", help="re-summarize and print an earlier results JSON, run nothing")
     a = ap.parse_args()
@@ -674,6 +677,25 @@ def main():
                         f"  SUT CPU {r['sut_cpu_us_per_req']} us/req, core {r['sut_busy_pct']}% busy"
                         + (f"  decision {r['decision']}" if hist else ""))
                     results["open"].append(r)
+                # The added p99 again, with the noise shared: the load takes turns of a second
+                # between S1 and the scenario for twice the run, so the machine's stalls fall
+                # on both alike instead of on whichever ran in a bad 10 s.
+                if "paired" in skip or "S1" not in scen:
+                    continue
+                for name in [n for n in PAIRED if n in scen]:
+                    pair = ["S1", name] if rnd % 2 == 0 else [name, "S1"]
+                    cmd = ["taskset", "-c", LOAD_CPU, BENCH, "open-loop", "--slice", "1"]
+                    for n in pair:
+                        cmd += ["--addr", f"127.0.0.1:{ports[n]}"]
+                    out = json.loads(run(cmd + ["--path", PATH, "--tokens", sets["10k"],
+                                                "--rate", str(s2max * 0.5),
+                                                "--duration", str(2 * a.open_secs)]))
+                    by = dict(zip(pair, out["targets"]))
+                    r = {"round": rnd, "scenario": name, "load": 0.5, "slice": 1, "first": pair[0],
+                         "s1": by["S1"], "x": by[name]}
+                    log(f"paired r{rnd} {name:4} 0.50 p99 {by[name]['p99_us']} us, S1 {by['S1']['p99_us']} us: "
+                        f"added {by[name]['p99_us'] - by['S1']['p99_us']} us")
+                    results.setdefault("paired", []).append(r)
 
         if "alone" not in skip:
             # Portcullis alone: a second instance without a token cache for the miss path.
@@ -807,6 +829,14 @@ def summarize(res):
             if p and b:
                 added.append(p[0]["p99_us"] - b[0]["p99_us"])
         s[key] = median(added) if added else None
+    for r in res.get("paired", []):
+        v = s.setdefault("paired", {}).setdefault(r["scenario"], {"added": [], "x": [], "s1": []})
+        v["added"].append(r["x"]["p99_us"] - r["s1"]["p99_us"])
+        v["x"].append(r["x"]["p99_us"])
+        v["s1"].append(r["s1"]["p99_us"])
+    for v in s.get("paired", {}).values():
+        v["per_round"] = v["added"]
+        v["added"], v["x"], v["s1"] = median(v["added"]), median(v["x"]), median(v["s1"])
     for r in res["alone"]:
         k = f"{r['alg']}/{r['cache']}"
         s["alone"].setdefault(k, {"rps": [], "cpu": []})
@@ -865,6 +895,14 @@ def render(res):
         for name, key in ADDED_P99:
             if s.get(key) is not None:
                 L += ["", f"Added p99 at 50% ({name} minus S1, per round, median): {s[key]} us"]
+    if s.get("paired"):
+        L += ["", "### Added p99 at 50% of S2's rate, interleaved: the load takes turns of 1 s between S1 "
+              "and the scenario (twice the open-loop seconds per round), so the machine's stalls fall on both", "",
+              "| scenario | added p99 per round (us) | median | its p99 (median) | S1's p99 (median) |",
+              "|---|---|---:|---:|---:|"]
+        for n in sorted(s["paired"], key=lambda n: (OPEN_SCENARIOS + AB_SCENARIOS).index(n)):
+            v = s["paired"][n]
+            L.append(f"| {n} | {', '.join(str(x) for x in v['per_round'])} | {v['added']:.0f} | {v['x']:.0f} | {v['s1']:.0f} |")
     if s.get("decision"):
         def le(v):
             return "over the last bound" if v == float("inf") else f"{v:.0f}"

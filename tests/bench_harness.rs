@@ -345,3 +345,92 @@ async fn the_open_loop_counts_the_decisions_it_caused_from_the_authorizers_histo
     }
     assert!(delta["over_us"]["250000"].as_u64().unwrap() == 0, "{delta}");
 }
+
+/// `bench open-loop` with several `--addr` moves the load from one to the next every
+/// `--slice` seconds and reports each address on its own (the interleaved comparison of
+/// the added p99); with one `--addr` it reports as it always did. Two loopback servers
+/// that answer 200 and 403 tell which requests went where.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_open_loop_takes_turns_between_addresses_and_reports_each() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn serve(status: &'static str) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let mut held = Vec::new();
+                    loop {
+                        let Ok(n) = conn.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        held.extend_from_slice(&buf[..n]);
+                        // One answer per complete request (a GET has no body).
+                        while let Some(end) = held.windows(4).position(|w| w == b"\r\n\r\n") {
+                            held.drain(..end + 4);
+                            let answer =
+                                format!("HTTP/1.1 {status}\r\ncontent-length: 2\r\n\r\nok");
+                            if conn.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+    let (allow, deny) = (serve("200 OK").await, serve("403 Forbidden").await);
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.txt");
+    std::fs::write(&tokens, "aaa.bbb.ccc\nddd.eee.fff\n").unwrap();
+    let open_loop = move |addrs: &[std::net::SocketAddr]| {
+        let mut c = Command::new(bench_example());
+        c.arg("open-loop");
+        for a in addrs {
+            c.args(["--addr", &a.to_string()]);
+        }
+        c.args(["--slice", "0.2", "--rate", "200", "--duration", "1"]);
+        c.args(["--connections", "4", "--tokens"]).arg(&tokens);
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    tokio::task::spawn_blocking(move || {
+        // 200 requests meant for instants n/200 s: turns of 0.2 s give the first address
+        // requests 0-39, 80-119 and 160-199, the second 40-79 and 120-159.
+        let both = open_loop(&[allow, deny]);
+        let t = &both["targets"];
+        assert_eq!(t.as_array().unwrap().len(), 2, "{both}");
+        assert_eq!(
+            (&t[0]["addr"], &t[0]["ok"], &t[0]["non2xx"], &t[0]["errors"]),
+            (&allow.to_string().into(), &120.into(), &0.into(), &0.into()),
+            "{both}"
+        );
+        assert_eq!(
+            (&t[1]["addr"], &t[1]["ok"], &t[1]["non2xx"], &t[1]["errors"]),
+            (&deny.to_string().into(), &0.into(), &80.into(), &0.into()),
+            "{both}"
+        );
+        assert!(t[1]["p99_us"].as_u64().unwrap() > 0, "{both}");
+        let one = open_loop(&[allow]);
+        assert_eq!(
+            (&one["ok"], &one["errors"]),
+            (&200.into(), &0.into()),
+            "{one}"
+        );
+        assert!(one["p99_us"].as_u64().unwrap() > 0, "{one}");
+        assert!(one.get("targets").is_none(), "{one}");
+    })
+    .await
+    .unwrap();
+}

@@ -134,10 +134,16 @@ enum Cmd {
         #[arg(long, default_value_t = 1500)]
         passes: usize,
     },
-    /// Open-loop HTTP/1.1 GETs at a constant rate; prints one JSON line of results.
+    /// Open-loop HTTP/1.1 GETs at a constant rate; prints one JSON line of results. With
+    /// several `--addr`, the load moves from one to the next every `--slice` seconds (each
+    /// connection keeps one keep-alive connection per address), and each address gets its
+    /// own latencies: systems compared side by side meet the machine's stalls alike.
     OpenLoop {
-        #[arg(long)]
-        addr: SocketAddr,
+        #[arg(long, required = true)]
+        addr: Vec<SocketAddr>,
+        /// Seconds the load stays on one address before moving to the next (several `--addr`).
+        #[arg(long, default_value_t = 1.0)]
+        slice: f64,
         #[arg(long, default_value = "/orders/42")]
         path: String,
         #[arg(long)]
@@ -262,6 +268,7 @@ fn main() -> anyhow::Result<()> {
         } => cache_decay(&parse_list(&kib)?, &parse_list(&gaps_us)?, passes),
         Cmd::OpenLoop {
             addr,
+            slice,
             path,
             tokens,
             rate,
@@ -269,9 +276,12 @@ fn main() -> anyhow::Result<()> {
             connections,
             timer_only,
         } => {
+            if !slice.is_finite() || slice <= 0.0 {
+                bail!("--slice must be a positive number of seconds");
+            }
             let tokens = read_tokens(&tokens)?;
             runtime()?.block_on(open_loop(
-                addr,
+                OpenLoopTargets { addrs: addr, slice },
                 path,
                 tokens,
                 rate,
@@ -582,13 +592,30 @@ fn cache_decay(kibs: &[u64], gaps_us: &[u64], passes: usize) -> anyhow::Result<(
     Ok(())
 }
 
+/// Where an open loop sends: one address, or several taking turns of `slice` seconds.
+struct OpenLoopTargets {
+    addrs: Vec<SocketAddr>,
+    slice: f64,
+}
+
+impl OpenLoopTargets {
+    /// The address a request meant to be sent `secs` after the start goes to. (The nudge
+    /// keeps a request due exactly at a turn's start in that turn: 120/200 s is
+    /// 2.9999999999999996 turns of 0.2 s in floating point.)
+    fn at(&self, secs: f64) -> usize {
+        (secs / self.slice + 1e-9) as usize % self.addrs.len()
+    }
+}
+
 /// Constant-rate load in the manner of wrk2: connection `k` of `C` sends request `i` at
 /// `start + (i*C + k) / rate`. Latency counts from the intended send time when the previous
 /// response on that connection came back late (the system was behind: no coordinated
 /// omission), and from the actual send otherwise (so the load generator's own scheduling
-/// slack is not blamed on the system under test).
+/// slack is not blamed on the system under test). With several targets, each request goes
+/// to the one whose turn its intended send time falls in, and "came back late" compares
+/// with the previous response from that same target.
 async fn open_loop(
-    addr: SocketAddr,
+    targets: OpenLoopTargets,
     path: String,
     tokens: Vec<String>,
     rate: f64,
@@ -607,20 +634,28 @@ async fn open_loop(
             })
             .collect(),
     );
+    let targets = Arc::new(targets);
+    let n_targets = targets.addrs.len();
     let start = Instant::now() + Duration::from_millis(50);
     let end = start + Duration::from_secs_f64(duration);
     let mut tasks = Vec::new();
     for k in 0..connections {
         let requests = requests.clone();
+        let targets = targets.clone();
         tasks.push(tokio::spawn(async move {
-            let mut res = ConnResult::default();
-            let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-                res.errors += 1;
-                return res;
-            };
-            let _ = stream.set_nodelay(true);
+            let mut results: Vec<ConnResult> =
+                (0..n_targets).map(|_| ConnResult::default()).collect();
+            let mut streams = Vec::with_capacity(n_targets);
+            for (t, addr) in targets.addrs.iter().enumerate() {
+                let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+                    results[t].errors += 1;
+                    return results;
+                };
+                let _ = stream.set_nodelay(true);
+                streams.push(stream);
+            }
             let mut buf = vec![0u8; 16 * 1024];
-            let mut prev_done = start;
+            let mut prev_done = vec![start; n_targets];
             let mut i: u64 = 0;
             loop {
                 let n = i * connections as u64 + k as u64;
@@ -628,6 +663,8 @@ async fn open_loop(
                 if intended >= end {
                     break;
                 }
+                let t = targets.at(n as f64 / rate);
+                let (stream, res) = (&mut streams[t], &mut results[t]);
                 // The timer wheel has millisecond resolution and wakes every connection due in
                 // the same millisecond together: a burst the system under test would have to
                 // queue. Sleep to within a millisecond, then yield until the exact instant
@@ -645,12 +682,16 @@ async fn open_loop(
                     }
                 }
                 let sent = Instant::now();
-                let from = if prev_done > intended { intended } else { sent };
+                let from = if prev_done[t] > intended {
+                    intended
+                } else {
+                    sent
+                };
                 let req = &requests[(n % requests.len() as u64) as usize];
-                match roundtrip(&mut stream, req, &mut buf).await {
+                match roundtrip(stream, req, &mut buf).await {
                     Ok(status) => {
                         let done = Instant::now();
-                        prev_done = done;
+                        prev_done[t] = done;
                         res.latencies_us
                             .push(u32::try_from((done - from).as_micros()).unwrap_or(u32::MAX));
                         if (200..300).contains(&status) {
@@ -666,17 +707,40 @@ async fn open_loop(
                 }
                 i += 1;
             }
-            res
+            results
         }));
     }
-    let mut all = ConnResult::default();
-    for t in tasks {
-        let r = t.await?;
-        all.latencies_us.extend(r.latencies_us);
-        all.ok += r.ok;
-        all.non2xx += r.non2xx;
-        all.errors += r.errors;
+    let mut all: Vec<ConnResult> = (0..n_targets).map(|_| ConnResult::default()).collect();
+    for task in tasks {
+        for (all, r) in all.iter_mut().zip(task.await?) {
+            all.latencies_us.extend(r.latencies_us);
+            all.ok += r.ok;
+            all.non2xx += r.non2xx;
+            all.errors += r.errors;
+        }
     }
+    // Each target had the load for its share of the turns.
+    let seconds = duration / n_targets as f64;
+    let mut reports: Vec<serde_json::Value> = all
+        .iter_mut()
+        .map(|all| open_loop_report(all, rate, seconds))
+        .collect();
+    if let [one] = reports.as_mut_slice() {
+        println!("{}", one.take());
+    } else {
+        for (report, addr) in reports.iter_mut().zip(&targets.addrs) {
+            report["addr"] = addr.to_string().into();
+        }
+        println!(
+            "{}",
+            serde_json::json!({ "rate": rate, "slice": targets.slice, "targets": reports })
+        );
+    }
+    Ok(())
+}
+
+/// One target's latencies and answers as the open loop reports them.
+fn open_loop_report(all: &mut ConnResult, rate: f64, seconds: f64) -> serde_json::Value {
     all.latencies_us.sort_unstable();
     let pct = |p: f64| -> u32 {
         let l = &all.latencies_us;
@@ -687,21 +751,17 @@ async fn open_loop(
         l[idx.min(l.len() - 1)]
     };
     let done = all.ok + all.non2xx;
-    println!(
-        "{}",
-        serde_json::json!({
-            "rate": rate,
-            "achieved_rps": done as f64 / duration,
-            "ok": all.ok,
-            "non2xx": all.non2xx,
-            "errors": all.errors,
-            "p50_us": pct(50.0),
-            "p99_us": pct(99.0),
-            "p999_us": pct(99.9),
-            "max_us": all.latencies_us.last().copied().unwrap_or(0),
-        })
-    );
-    Ok(())
+    serde_json::json!({
+        "rate": rate,
+        "achieved_rps": done as f64 / seconds,
+        "ok": all.ok,
+        "non2xx": all.non2xx,
+        "errors": all.errors,
+        "p50_us": pct(50.0),
+        "p99_us": pct(99.0),
+        "p999_us": pct(99.9),
+        "max_us": all.latencies_us.last().copied().unwrap_or(0),
+    })
 }
 
 /// One HTTP/1.1 request/response on a keep-alive connection; returns the status code.
