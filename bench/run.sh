@@ -3,7 +3,7 @@
 # ext_authz floor. One command: installs the load tools, builds in release mode, runs every
 # scenario (bench/harness.py documents them), and writes bench/results/<time>.{json,md}.
 #
-#   bench/run.sh                     # the full run: 5 rounds, 10 s per run (about 50 min)
+#   bench/run.sh                     # the full run: 5 rounds, 10 s per run (about 55 min)
 #   bench/run.sh --rounds 1 --secs 3 --open-secs 3 --alone-secs 3 --fill 100000   # smoke
 #   bench/run.sh soak --minutes 30   # the module under load, every decision waiting on
 #                                    # Redis (bench/soak.py); exits 1 when a check fails
