@@ -49,9 +49,9 @@ SETS = ["1", "10k", "mix"]
 OPEN_SCENARIOS = ["S1", "S2", "S2c", "F", "P", "Ph", "M"]
 # Same-run A/B sides (--module-b, --portcullis-b): run closed and open loop when present.
 AB_SCENARIOS = ["Mb", "Pb"]
-# Added p99 at 50% of S2's rate (scenario minus S1), by summary key.
 # Scenarios whose added p99 is also measured interleaved with S1 (phase `paired`).
 PAIRED = ["P", "M", "Pb", "Mb"]
+# Added p99 at 50% of S2's rate (scenario minus S1), by summary key.
 ADDED_P99 = (("P", "added_p99_us_at_50"), ("Ph", "added_p99_us_at_50_http"),
              ("M", "added_p99_us_at_50_module"), ("Mb", "added_p99_us_at_50_module_b"),
              ("Pb", "added_p99_us_at_50_b"))

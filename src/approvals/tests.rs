@@ -334,12 +334,14 @@ fn pre_approval_holds_only_for_the_role_inside_the_window() {
 /// is the same bound; a time without an offset is still read as UTC, with a warning.
 #[test]
 fn pre_approval_windows_take_rfc3339_offsets() {
-    let window = |from: &str, until: &str| {
+    let load = |from: &str, until: &str| {
         let text = format!(
             "issuers:\n  - {{ name: corp, issuer: \"https://login.example.com\", audiences: [api], keys: {{ file: config/dev/jwks.json }} }}\nroutes:\n  - id: r\n    methods: [GET]\n    path: /x\n    rules:\n      - id: a\n        roles: [dba]\n        approval:\n          approvers: {{ roles: [lead] }}\n          pre_approve: [{{ roles: [x], from: '{from}', until: '{until}' }}]\n"
         );
-        let config = crate::config::from_str(&text, std::path::Path::new("t.yaml"))
-            .unwrap_or_else(|e| panic!("{from} .. {until}: {e}"));
+        crate::config::from_str(&text, std::path::Path::new("t.yaml"))
+    };
+    let window = |from: &str, until: &str| {
+        let config = load(from, until).unwrap_or_else(|e| panic!("{from} .. {until}: {e}"));
         let p = compile(&config.file.routes)[&("r".to_string(), "a".to_string())].clone();
         assert!(!p.pre_approve[0].invalid);
         (
@@ -354,14 +356,7 @@ fn pre_approval_windows_take_rfc3339_offsets() {
     );
     assert_eq!(window("2027-01-15T08:00:00", "2027-01-15 09:00:00"), utc);
     // ... and said so: a local time written without its offset moves the window.
-    let warnings = |from: &str, until: &str| {
-        let text = format!(
-            "issuers:\n  - {{ name: corp, issuer: \"https://login.example.com\", audiences: [api], keys: {{ file: config/dev/jwks.json }} }}\nroutes:\n  - id: r\n    methods: [GET]\n    path: /x\n    rules:\n      - id: a\n        roles: [dba]\n        approval:\n          approvers: {{ roles: [lead] }}\n          pre_approve: [{{ roles: [x], from: '{from}', until: '{until}' }}]\n"
-        );
-        crate::config::from_str(&text, std::path::Path::new("t.yaml"))
-            .unwrap()
-            .warnings
-    };
+    let warnings = |from: &str, until: &str| load(from, until).unwrap().warnings;
     assert_eq!(
         warnings("2027-01-15T08:00:00Z", "2027-01-15T10:00:00+01:00"),
         Vec::<String>::new()
@@ -375,8 +370,7 @@ fn pre_approval_windows_take_rfc3339_offsets() {
         "{w:?}"
     );
     // Offsets count in the order check too: 10:00+05:00 is 05:00Z, before 08:00Z.
-    let text = "issuers:\n  - { name: corp, issuer: \"https://login.example.com\", audiences: [api], keys: { file: config/dev/jwks.json } }\nroutes:\n  - id: r\n    methods: [GET]\n    path: /x\n    rules:\n      - id: a\n        roles: [dba]\n        approval:\n          approvers: { roles: [lead] }\n          pre_approve: [{ roles: [x], from: '2027-01-15T08:00:00Z', until: '2027-01-15T10:00:00+05:00' }]\n";
-    let e = crate::config::from_str(text, std::path::Path::new("t.yaml")).unwrap_err();
+    let e = load("2027-01-15T08:00:00Z", "2027-01-15T10:00:00+05:00").unwrap_err();
     assert!(e.to_string().contains("ends before it starts"), "{e}");
 }
 

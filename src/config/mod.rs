@@ -1880,7 +1880,7 @@ impl Compiler {
                 .enumerate()
             {
                 if let Some(v) = value {
-                    let t = parse_bound(v).ok_or_else(|| {
+                    let (t, offset) = parse_bound_offset(v).ok_or_else(|| {
                         self.hint(
                             format!("{pf}.{name}"),
                             format!("`{v}` is not an RFC 3339 time"),
@@ -1890,7 +1890,7 @@ impl Compiler {
                     // Read as UTC, as before offsets were accepted; but a local time written
                     // without one moves the window by the local offset, widening a grant in
                     // time where it was meant to be narrow.
-                    if v.trim().parse::<jiff::Timestamp>().is_err() {
+                    if !offset {
                         let utc = jiff::Timestamp::from_second(t).map_or_else(
                             |_| t.to_string(),
                             |ts| ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
@@ -1917,13 +1917,18 @@ impl Compiler {
 /// numeric offset (`2026-11-23T07:00:00+01:00`); one without an offset is read as UTC.
 /// `None` when it is not a time. Validation here and `approvals::compile` both read bounds with it.
 pub fn parse_bound(text: &str) -> Option<i64> {
+    parse_bound_offset(text).map(|(t, _)| t)
+}
+
+/// `parse_bound`, and whether the text gave its UTC offset (`Z` or `+01:00`).
+fn parse_bound_offset(text: &str) -> Option<(i64, bool)> {
     let text = text.trim();
     if let Ok(t) = text.parse::<jiff::Timestamp>() {
-        return Some(t.as_second());
+        return Some((t.as_second(), true));
     }
     let t = humantime::parse_rfc3339_weak(text).ok()?;
     let secs = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
-    i64::try_from(secs).ok()
+    Some((i64::try_from(secs).ok()?, false))
 }
 
 /// Whether two listeners could not both bind: the same port (not 0) on the same address,
