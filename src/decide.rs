@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::authz::{Decision, Policy, ReasonCode, RequestView, RouteMatch};
 use crate::config::{CompiledIssuer, Config};
+use crate::identity::apikey::ApiKeyError;
 use crate::identity::dpop::{self, DpopError, DpopMode, ProofRequest};
 use crate::identity::{Identity, KeySet, jwt};
 use crate::keys::KeyError;
@@ -652,12 +653,15 @@ pub fn verify_api_key(
     Some(
         keys.verify(cred.token, now)
             .map(|k| k.identity.clone())
-            .map_err(|e| {
-                let d = Decision::new(ReasonCode::InvalidToken, e.to_string());
-                let challenge = crate::authz::decision::api_key_challenge(&d.detail);
-                d.with_header("www-authenticate", challenge)
-            }),
+            .map_err(api_key_refused),
     )
+}
+
+/// The 401 for an API key the server does not accept (unknown, expired, too long).
+pub fn api_key_refused(e: ApiKeyError) -> Decision {
+    let d = Decision::new(ReasonCode::InvalidToken, e.to_string());
+    let challenge = crate::authz::decision::api_key_challenge(&d.detail);
+    d.with_header("www-authenticate", challenge)
 }
 
 /// Picks the issuer by the token's `iss` and the header it came in, then verifies it.

@@ -156,6 +156,19 @@ fn entry_ttl(max_ttl: Duration, token: &str, seconds_left: u64) -> Duration {
     cap.min(Duration::from_secs(seconds_left))
 }
 
+/// Who `check_verified` decides for.
+pub enum GivenCaller {
+    /// A caller taken as verified.
+    Verified(Arc<Identity>),
+    /// A credential the server refuses when it verifies it (claims, or an API key, that it
+    /// does not accept at that time), with the server's 401; sent where `issuer`'s tokens
+    /// are read (`None`: where API keys are read).
+    Refused {
+        issuer: Option<Arc<str>>,
+        deny: Decision,
+    },
+}
+
 /// A request's headers with one more credential header (`check_verified`'s caller).
 #[derive(Debug)]
 struct WithCredential<'a> {
@@ -446,20 +459,20 @@ impl Engine {
         Engine::new(config, keys, state, metrics).without_approval_webhook()
     }
 
-    /// Decides `req` at `now` for a caller taken as verified (`None`: no credential): the
-    /// steps of `check_at` once a token has been verified. Policy tests (`policytest`) run
-    /// their cases through it.
+    /// Decides `req` at `now` for a given caller (`None`: no credential): the steps of
+    /// `check_at` with the token's verification taken as done. Policy tests (`policytest`)
+    /// run their cases through it.
     pub async fn check_verified(
         &self,
         req: &RequestView<'_>,
-        caller: Option<&Arc<Identity>>,
+        caller: Option<&GivenCaller>,
         now: i64,
     ) -> Decision {
         let missing = || {
             let missing = decide::extract_credential(&self.config, req).err();
             missing.unwrap_or_else(|| Decision::new(ReasonCode::CredentialMissing, "no credential"))
         };
-        let checked = caller.map(|identity| self.given_caller(req, identity, now));
+        let checked = caller.map(|given| self.given_caller(req, given, now));
         let live = match (self.matched(req).await, &checked) {
             (Err(answer), _) => answer,
             (Ok(m), Some(Ok(identity))) => self.grant(req, &m, identity, now).await,
@@ -475,22 +488,28 @@ impl Engine {
         live.with_dry_run(would)
     }
 
-    /// The checks a Check runs on the credential of a caller `check_verified` is given as
-    /// verified. The caller stands for a credential sent where its issuer's tokens (or API
-    /// keys) are read, beside what the request itself carries, and is extracted as a Check
-    /// extracts it: a second credential (another credential header, the same header again,
-    /// a token or key in the query) is refused just the same. Then the revocation lists.
-    /// The request's DPoP proof and client certificate are not checked: a caller given as
-    /// verified has no token to bind them to.
+    /// The checks a Check runs on the credential of a caller `check_verified` is given, in
+    /// the server's order. The caller stands for a credential sent where its issuer's tokens
+    /// (or API keys) are read, beside what the request itself carries, and is extracted as a
+    /// Check extracts it: a second credential (another credential header, the same header
+    /// again, a token or key in the query) is refused just the same. Then a refused caller
+    /// gets its 401, as verification would answer; then the revocation lists, and a `cnf`
+    /// the server cannot check. The request's DPoP proof and client certificate are not
+    /// checked: a caller given as verified has no token to bind them to.
     fn given_caller(
         &self,
         req: &RequestView<'_>,
-        identity: &Arc<Identity>,
+        caller: &GivenCaller,
         now: i64,
     ) -> decide::Caller {
         const GIVEN: &str = "verified-caller";
-        let (header, value) = match identity.api_key_id() {
-            Some(_) => match &self.config.api_keys {
+        let issuer = match caller {
+            GivenCaller::Verified(identity) if identity.api_key_id().is_some() => None,
+            GivenCaller::Verified(identity) => Some(&identity.issuer_name),
+            GivenCaller::Refused { issuer, .. } => issuer.as_ref(),
+        };
+        let (header, value) = match issuer {
+            None => match &self.config.api_keys {
                 Some(keys) => (keys.header.as_str(), GIVEN.to_string()),
                 None => {
                     return Err(Decision::new(
@@ -499,12 +518,7 @@ impl Engine {
                     ));
                 }
             },
-            None => match self
-                .config
-                .issuers
-                .iter()
-                .find(|i| i.name == identity.issuer_name)
-            {
+            Some(name) => match self.config.issuers.iter().find(|i| i.name == *name) {
                 Some(i) if i.scheme.is_empty() => (i.header.as_str(), GIVEN.to_string()),
                 Some(i) => (i.header.as_str(), format!("{} {GIVEN}", i.scheme)),
                 None => {
@@ -530,9 +544,16 @@ impl Engine {
             ..*req
         };
         decide::extract_credential(&self.config, &view)?;
-        let revoked = |deny: Decision| deny.with_identity(Some(identity.clone()));
-        self.revocations.check(identity, now).map_err(revoked)?;
-        self.runtime_revoked.check(identity).map_err(revoked)?;
+        let identity = match caller {
+            GivenCaller::Verified(identity) => identity,
+            GivenCaller::Refused { deny, .. } => return Err(deny.clone()),
+        };
+        let refused = |deny: Decision| deny.with_identity(Some(identity.clone()));
+        self.revocations.check(identity, now).map_err(refused)?;
+        self.runtime_revoked.check(identity).map_err(refused)?;
+        if identity.api_key_id().is_none() {
+            decide::confirmation(identity).map_err(refused)?;
+        }
         Ok(identity.clone())
     }
 

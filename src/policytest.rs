@@ -7,9 +7,10 @@
 //! verified (an issuer and its claims, or an API key id, or nobody), so no token or key is
 //! needed and the issuers' key sources are never contacted: proving that tokens verify is
 //! the job of `check` and of the running server, not of a policy test. Its claims are held
-//! to the server's checks (`jwt::check_claims`, the `cnf` it can check), it stands for the
-//! request's credential (a second one in the request is refused, as by the server), and
-//! the config's revocation file applies to it. Every case starts
+//! to the server's checks (`jwt::check_claims`, the `cnf` it can check) and an API key to
+//! its expiry: a caller the server refuses gets the server's 401 (`invalid_token`), so a
+//! case can expect it. It stands for the request's credential (a second one in the request
+//! is refused, as by the server), and the config's revocation file applies to it. Every case starts
 //! from empty state (no earlier request counted, no approval granted).
 //!
 //! # File format
@@ -50,10 +51,11 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::authz::{Decision, DryRun, ReasonCode, RequestView};
+use crate::authz::{Decision, DryRun, RequestView};
 use crate::config::Config;
-use crate::engine::Engine;
+use crate::engine::{Engine, GivenCaller};
 use crate::identity::Identity;
+use crate::identity::apikey::ApiKeyError;
 use crate::identity::jwt::VerifiedJwt;
 
 #[derive(Debug, Deserialize)]
@@ -351,15 +353,6 @@ pub fn load(path: &Path) -> Result<(TestFile, Option<PathBuf>), TestFileError> {
     Ok((file, config))
 }
 
-/// Why a case has no decision.
-enum Unrun {
-    /// The test file names what the config lacks (an API key or issuer): a mistake in the
-    /// file, not a policy failure.
-    File(String),
-    /// The server would refuse the caller before any rule (expired at the case's time).
-    Case(String),
-}
-
 /// Runs every case of `file` against `config`. `now` is the time for cases that set none.
 /// A case whose caller names an API key or issuer the config lacks makes the file unusable.
 pub async fn run(
@@ -373,7 +366,9 @@ pub async fn run(
         let at = case.now.or(file.now).map_or(now, |m| m.0);
         let decision = match decide_case(config, case, at).await {
             Ok(d) => d,
-            Err(Unrun::File(problem)) => {
+            // The test file names what the config lacks (an API key or issuer): a mistake
+            // in the file, not a policy failure.
+            Err(problem) => {
                 return Err(TestFileError::Invalid {
                     path: path.to_path_buf(),
                     message: format!(
@@ -382,14 +377,6 @@ pub async fn run(
                         config.source.display()
                     ),
                 });
-            }
-            Err(Unrun::Case(problem)) => {
-                outcomes.push(Outcome {
-                    name: case.name.clone(),
-                    decision: Decision::new(ReasonCode::Internal, problem.clone()),
-                    mismatches: vec![format!("cannot run: {problem}")],
-                });
-                continue;
             }
         };
         outcomes.push(Outcome {
@@ -405,8 +392,8 @@ pub async fn run(
 }
 
 /// The server's decision for the case's request from the case's caller, taken as verified
-/// (`Engine::check_verified`), on fresh in-memory state.
-async fn decide_case(config: &Arc<Config>, case: &Case, now: i64) -> Result<Decision, Unrun> {
+/// (`Engine::check_verified`), on fresh in-memory state. `Err` names what the config lacks.
+async fn decide_case(config: &Arc<Config>, case: &Case, now: i64) -> Result<Decision, String> {
     let r = &case.request;
     let headers: HashMap<String, String> = r
         .headers
@@ -424,7 +411,7 @@ async fn decide_case(config: &Arc<Config>, case: &Case, now: i64) -> Result<Deci
         peer_certificate: None,
     };
     let caller = match &case.caller {
-        Some(caller) => Some(identity(config, caller, now)?),
+        Some(caller) => Some(given(config, caller, now)?),
         None => None,
     };
     // A fresh engine per case: empty state, keys that are never fetched, and no approvals
@@ -434,40 +421,43 @@ async fn decide_case(config: &Arc<Config>, case: &Case, now: i64) -> Result<Deci
     Ok(engine.check_verified(&req, caller.as_ref(), now).await)
 }
 
-/// The verified identity a caller stands for.
-fn identity(config: &Config, caller: &Caller, now: i64) -> Result<Arc<Identity>, Unrun> {
+/// Who a caller stands for: a verified identity, or, when the server would refuse its
+/// credential at that time (claims it does not accept, an expired API key), the server's
+/// 401. `Err` names what the config lacks.
+fn given(config: &Config, caller: &Caller, now: i64) -> Result<GivenCaller, String> {
     match caller {
         Caller::ApiKey { api_key } => {
             let key = config
                 .api_keys
                 .as_ref()
                 .and_then(|keys| keys.get(api_key))
-                .ok_or_else(|| Unrun::File(format!("no API key `{api_key}` in the config")))?;
+                .ok_or_else(|| format!("no API key `{api_key}` in the config"))?;
             if now >= key.expires_at {
-                return Err(Unrun::Case(format!(
-                    "the API key `{api_key}` has expired at that time (the server answers 401)"
-                )));
+                return Ok(GivenCaller::Refused {
+                    issuer: None,
+                    deny: crate::decide::api_key_refused(ApiKeyError::Expired(key.id.clone())),
+                });
             }
-            Ok(key.identity.clone())
+            Ok(GivenCaller::Verified(key.identity.clone()))
         }
         Caller::Token { issuer, claims } => {
             let issuer = match issuer {
                 Some(name) => config.issuers.iter().find(|i| &*i.name == name),
                 None if config.issuers.len() == 1 => config.issuers.first(),
                 None if config.issuers.is_empty() => {
-                    return Err(Unrun::File("the config has no issuers".into()));
+                    return Err("the config has no issuers".into());
                 }
                 None => {
-                    return Err(Unrun::File(
+                    return Err(
                         "the config has several issuers: name one (`as: {issuer: ...}`)".into(),
-                    ));
+                    );
                 }
             }
             .ok_or_else(|| {
-                Unrun::File(format!(
+                format!(
                     "no issuer named `{}` in the config",
                     issuer.as_deref().unwrap_or_default()
-                ))
+                )
             })?;
             let mut claims = claims.clone();
             claims
@@ -496,16 +486,18 @@ fn identity(config: &Config, caller: &Caller, now: i64) -> Result<Arc<Identity>,
                 .entry("exp")
                 .or_insert_with(|| Value::from(default_exp));
             // The server checks a token's claims (issuer, audience, the types of `sub`,
-            // `jti` and `sid`, the times) before any rule: a caller whose claims it would
-            // refuse is not one a case can be decided for.
-            let refused = |e: &dyn std::fmt::Display| {
-                format!(
-                    "the caller's claims are refused at that time: {e} (the server answers 401)"
-                )
+            // `jti` and `sid`, the times) when it verifies the token, before any rule: a
+            // caller whose claims it would refuse gets its 401.
+            let times = crate::identity::jwt::check_claims(&claims, &issuer.rules, now);
+            let crate::identity::jwt::ClaimTimes { exp, nbf, iat } = match times {
+                Ok(times) => times,
+                Err(e) => {
+                    return Ok(GivenCaller::Refused {
+                        issuer: Some(issuer.name.clone()),
+                        deny: crate::decide::invalid_token(e),
+                    });
+                }
             };
-            let crate::identity::jwt::ClaimTimes { exp, nbf, iat } =
-                crate::identity::jwt::check_claims(&claims, &issuer.rules, now)
-                    .map_err(|e| Unrun::Case(refused(&e)))?;
             let jwt = VerifiedJwt {
                 exp,
                 nbf,
@@ -515,11 +507,10 @@ fn identity(config: &Config, caller: &Caller, now: i64) -> Result<Arc<Identity>,
                 key_fingerprint: Arc::from("policy-test"),
                 claims,
             };
+            // A `cnf` asking for a proof of possession the server cannot check is refused
+            // by `check_verified`, after the revocation lists, as by the server.
             let identity = Identity::from_verified(issuer.name.clone(), jwt, &issuer.claims);
-            // A `cnf` asking for a proof of possession the server cannot check refuses the
-            // token whatever the request carries.
-            crate::decide::confirmation(&identity).map_err(|d| Unrun::Case(refused(&d.detail)))?;
-            Ok(Arc::new(identity))
+            Ok(GivenCaller::Verified(Arc::new(identity)))
         }
     }
 }
@@ -582,6 +573,7 @@ fn mismatches(expect: &Expect, got: &Decision) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authz::ReasonCode;
 
     fn expect(yaml: &str) -> Expect {
         serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"))

@@ -328,10 +328,11 @@ cases:
     }
 }
 
-/// A caller whose `exp` or `nbf` the server would refuse at the case's `now` cannot pass as
-/// allowed: the case cannot run, and says the server answers 401.
+/// A caller the server would refuse at the case's `now` (its `exp` or `nbf`, a `cnf` it
+/// cannot check, an expired API key) gets the server's 401 on the route: a case expecting
+/// an allow fails, and one expecting the 401 passes. A public route never reads it.
 #[test]
-fn a_caller_the_server_would_refuse_for_its_times_fails_the_case() {
+fn a_caller_the_server_would_refuse_gets_its_401() {
     let dir = tempfile::tempdir().unwrap();
     setup(
         dir.path(),
@@ -342,9 +343,31 @@ cases:
     request: {path: /orders/1}
     as: {claims: {sub: alice, scope: orders:read, exp: 1700000000}}
     expect: {decision: allow}
-  - name: a token not valid yet reads an order
+  - name: an expired token is refused
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, scope: orders:read, exp: 1700000000}}
+    expect: {decision: deny, status: 401, reason: invalid_token, route: orders-read}
+  - name: a token not valid yet is refused
     request: {path: /orders/1}
     as: {claims: {sub: alice, scope: orders:read, nbf: 1900000000}}
+    expect: {status: 401, reason: invalid_token}
+  - name: a cnf the server cannot check is refused
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, scope: orders:read, cnf: {x5u: 'https://example.com/c'}}}
+    expect: {status: 401, reason: invalid_token}
+  - name: an expired token on a public route
+    request: {path: /healthz}
+    as: {claims: {sub: alice, exp: 1700000000}}
+    expect: {decision: allow}
+  - name: an expired API key is refused
+    now: 2028-01-01T00:00:00Z
+    request: {path: /orders/1}
+    as: {api_key: reporting-e0dd28}
+    expect: {status: 401, reason: invalid_token, route: orders-read}
+  - name: the same key the day before it expires
+    now: 2027-11-22T06:48:42Z
+    request: {path: /orders/1}
+    as: {api_key: reporting-e0dd28}
     expect: {decision: allow}
   - name: a current token reads an order
     request: {path: /orders/1}
@@ -354,9 +377,18 @@ cases:
     );
     let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("3 cases, 1 passed, 2 failed"), "{out}");
-    assert!(out.contains("token has expired"), "{out}");
-    assert!(out.contains("the server answers 401"), "{out}");
+    assert!(out.contains("8 cases, 7 passed, 1 failed"), "{out}");
+    assert!(
+        out.contains(
+            "FAIL an expired token reads an order: deny 401 invalid_token (route orders-read): token has expired"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("expected decision allow, got deny"), "{out}");
+    assert!(
+        out.contains("API key `reporting-e0dd28` has expired"),
+        "{out}"
+    );
 
     // The default times fit the issuer's `max_lifetime`: a case that writes none passes
     // under a short one, and one that writes a longer lifetime fails.
@@ -438,9 +470,9 @@ cases:
 }
 
 /// Claims the server's token checks refuse (a number for `sub`, a list for `jti`, a `cnf`
-/// this server cannot check, a login in the future) cannot pass as a caller either.
+/// this server cannot check, a login in the future) get its 401 too: no allow.
 #[test]
-fn a_caller_the_server_would_refuse_for_its_claims_fails_the_case() {
+fn a_caller_the_server_would_refuse_for_its_claims_gets_its_401() {
     let dir = tempfile::tempdir().unwrap();
     setup(
         dir.path(),
@@ -476,6 +508,12 @@ cases:
     let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("6 cases, 1 passed, 5 failed"), "{out}");
+    assert_eq!(
+        out.matches(": deny 401 invalid_token (route orders-read): ")
+            .count(),
+        5,
+        "{out}"
+    );
     for why in [
         "token `sub` claim is not a string",
         "token `jti` claim is not a string",
