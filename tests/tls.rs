@@ -480,12 +480,22 @@ async fn the_approvals_api_can_have_a_listener_and_an_allow_list_of_its_own() {
     let (ok, text) = approvals_cli_at(approvals_port, &as_client("checkout")).await;
     assert!(ok, "{text}");
     assert!(text.contains("no approval requests"), "{text}");
-    // Envoy's certificate is not on the approvals listener's allow-list.
+    // Envoy's certificate is not on the approvals listener's allow-list; the CLI says
+    // what the listener may have refused.
     let (ok, text) = approvals_cli_at(approvals_port, &as_client("envoy")).await;
     assert!(!ok && text.contains("cannot reach portcullis"), "{text}");
+    assert!(
+        text.contains("the listener refused this client certificate")
+            && text.contains("`allowed_client_principals`"),
+        "{text}"
+    );
     // The approver's certificate is not on the Check listener's.
     let (ok, text) = approvals_cli(&server, &as_client("checkout")).await;
     assert!(!ok && text.contains("cannot reach portcullis"), "{text}");
+    assert!(
+        text.contains("the listener refused this client certificate"),
+        "{text}"
+    );
     // Envoy reaches the Check listener, which no longer serves the approvals API.
     let (ok, text) = approvals_cli(&server, &as_client("envoy")).await;
     assert!(!ok && text.contains("Unimplemented"), "{text}");

@@ -237,6 +237,14 @@ pub async fn run(args: &ApprovalsArgs) -> Result<String, ClientError> {
                     " (a listener that verifies clients needs --cert and --key, from a CA in \
                      its `client_ca`)",
                 );
+            } else {
+                // The same for a certificate the listener refuses: signed by a CA not in its
+                // `client_ca`, or carrying none of its `allowed_client_principals`.
+                message.push_str(
+                    " (the listener refused this client certificate: it takes one from a CA in \
+                     its `client_ca` whose URI SAN matches one of its \
+                     `allowed_client_principals`, when it lists any; its log says which)",
+                );
             }
             return ClientError::Connect {
                 server: args.server.clone(),
