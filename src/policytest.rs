@@ -10,8 +10,8 @@
 //! to the server's checks (`jwt::check_claims`, the `cnf` it can check) and an API key to
 //! its expiry: a caller the server refuses gets the server's 401 (`invalid_token`), so a
 //! case can expect it. It stands for the request's credential (a second one in the request
-//! is refused, as by the server), and the config's revocation file applies to it. Every case starts
-//! from empty state (no earlier request counted, no approval granted).
+//! is refused, as by the server), and the config's revocation file applies to it. Every
+//! case starts from empty state (no earlier request counted, no approval granted).
 //!
 //! # File format
 //!
@@ -55,7 +55,6 @@ use crate::authz::{Decision, DryRun, RequestView};
 use crate::config::Config;
 use crate::engine::{Engine, GivenCaller};
 use crate::identity::Identity;
-use crate::identity::apikey::ApiKeyError;
 use crate::identity::jwt::VerifiedJwt;
 
 #[derive(Debug, Deserialize)]
@@ -432,13 +431,13 @@ fn given(config: &Config, caller: &Caller, now: i64) -> Result<GivenCaller, Stri
                 .as_ref()
                 .and_then(|keys| keys.get(api_key))
                 .ok_or_else(|| format!("no API key `{api_key}` in the config"))?;
-            if now >= key.expires_at {
-                return Ok(GivenCaller::Refused {
+            Ok(match key.valid_at(now) {
+                Ok(key) => GivenCaller::Verified(key.identity.clone()),
+                Err(e) => GivenCaller::Refused {
                     issuer: None,
-                    deny: crate::decide::api_key_refused(ApiKeyError::Expired(key.id.clone())),
-                });
-            }
-            Ok(GivenCaller::Verified(key.identity.clone()))
+                    deny: crate::decide::api_key_refused(e),
+                },
+            })
         }
         Caller::Token { issuer, claims } => {
             let issuer = match issuer {

@@ -109,6 +109,14 @@ impl ApiKey {
         }
     }
 
+    /// The key as the server takes it at `now`: refused from its expiry on.
+    pub fn valid_at(&self, now: i64) -> Result<&ApiKey, ApiKeyError> {
+        if now >= self.expires_at {
+            return Err(ApiKeyError::Expired(self.id.clone()));
+        }
+        Ok(self)
+    }
+
     /// True when one of the key's endpoints covers this method and cleaned path.
     pub fn allows(&self, method: &str, segs: &[std::borrow::Cow<'_, str>]) -> bool {
         self.endpoints
@@ -164,10 +172,7 @@ impl ApiKeys {
             .and_then(|&i| self.keys.get(i))
             .filter(|k| aws_lc_rs::constant_time::verify_slices_are_equal(&k.hash, &digest).is_ok())
             .ok_or(ApiKeyError::Unknown)?;
-        if now >= key.expires_at {
-            return Err(ApiKeyError::Expired(key.id.clone()));
-        }
-        Ok(key)
+        key.valid_at(now)
     }
 }
 
