@@ -144,7 +144,7 @@ impl moka::Expiry<Arc<str>, Arc<Identity>> for TokenExpiry {
 /// (a burst of new clients, a restart under load) would otherwise all expire in the same
 /// instant and all be verified again at once (10 000 RS256 tokens: ~250 ms of CPU falling
 /// due together on the thread that answers Checks). The latency effect could not be told
-/// apart from the benchmark VM's own stalls (README, Performance). The spread only ever
+/// apart from the benchmark VM's own stalls (docs/performance.md). The spread only ever
 /// shortens an entry's life.
 fn entry_ttl(max_ttl: Duration, token: &str, seconds_left: u64) -> Duration {
     use std::hash::BuildHasher;
