@@ -510,7 +510,8 @@ def main():
     ap.add_argument("--open-secs", type=int, default=10)
     ap.add_argument("--open-rounds", type=int, help="open-loop rounds (default: --rounds)")
     ap.add_argument("--alone-secs", type=int, default=10)
-    ap.add_argument("--tokens", type=int, default=10000)
+    ap.add_argument("--tokens", type=int, default=10000,
+                    help="distinct tokens in the '10k' and mix sets (at least 10: the mix denies every 10th)")
     ap.add_argument("--fill", type=int, default=1000000, help="distinct tokens for the RSS run")
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--label", default="")
@@ -536,6 +537,8 @@ def main():
         res["summary"] = summarize(res)
         print(render(res))
         return
+    if a.tokens < 10:
+        ap.error(f"--tokens {a.tokens}: at least 10 (the mix set denies every 10th token)")
     skip = set(filter(None, a.skip.split(",")))
     os.makedirs(WORK, exist_ok=True)
     sets, reqs = setup(a.tokens)
