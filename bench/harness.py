@@ -852,6 +852,9 @@ def summarize(res):
 
 def render(res):
     m, s = res["meta"], res["summary"]
+    # The many-token sets keep their key "10k" in the raw results; the tables name their size.
+    nt = m["args"].get("tokens", 10000)
+    many = f"{nt // 1000}k" if nt >= 10000 and nt % 1000 == 0 else str(nt)
     L = [f"Machine: {m['cpu']}, {m['nproc']} cores, Linux {m['kernel']}; Envoy {m['envoy']}; {m['date']}",
          f"Arguments: {json.dumps(m['args'])}", ""]
     if m.get("cache_decay"):
@@ -866,7 +869,7 @@ def render(res):
                 f"{p['ns_per_read']} ({p['ns_per_read'] / base:.1f}x)" for p in ws["points"]) + " |")
         L.append("")
     L += ["### Closed loop (wrk, 1 thread, %d connections): requests/s, median of rounds" % m["args"]["conns"], "",
-          "| scenario | 1 token | 10k tokens | 10k, 10% denied | Envoy CPU us/req (10k) | authz CPU us/req (10k) |",
+          f"| scenario | 1 token | {many} tokens | {many}, 10% denied | Envoy CPU us/req ({many}) | authz CPU us/req ({many}) |",
           "|---|---:|---:|---:|---:|---:|"]
     for n in ("S1", "S2", "S2c", "F", "P", "Pd", "Fu", "Fx", "Fh", "Ph", "M", *AB_SCENARIOS):
         row = [s["closed"].get(f"{n}/{t}", {}).get("rps") for t in SETS]
@@ -876,18 +879,18 @@ def render(res):
         ecpu = next((v for k, v in cpu.items() if k.startswith("envoy")), "")
         acpu = next((v for k, v in cpu.items() if not k.startswith("envoy")), "")
         L.append(f"| {n} | " + " | ".join(f"{v:.0f}" if v else "" for v in row) + f" | {ecpu} | {acpu} |")
-    L += ["", "### Ratios (computed within each round, median)", "", "| ratio | 1 token | 10k tokens | 10k, 10% denied |", "|---|---:|---:|---:|"]
+    L += ["", "### Ratios (computed within each round, median)", "", f"| ratio | 1 token | {many} tokens | {many}, 10% denied |", "|---|---:|---:|---:|"]
     order = ["/".join(p) for p in PAIRS]
     names = sorted({k.split(" ")[0] for k in s["ratios"]}, key=order.index)
     for n in names:
         L.append(f"| {n} | " + " | ".join(f"{s['ratios'].get(f'{n} {t}', '')}" for t in SETS) + " |")
     if s.get("cpu_ratios"):
         L += ["", "### Ratios from CPU time per request (SUT core: Envoy + authorizer; capacity = 1/CPU)", "",
-              "| ratio | 1 token | 10k tokens | 10k, 10% denied |", "|---|---:|---:|---:|"]
+              f"| ratio | 1 token | {many} tokens | {many}, 10% denied |", "|---|---:|---:|---:|"]
         for n in names:
             L.append(f"| {n} | " + " | ".join(f"{s['cpu_ratios'].get(f'{n} {t}', '')}" for t in SETS) + " |")
     if s["open"]:
-        L += ["", "### Open loop (10k tokens), latency in us, median of rounds", "",
+        L += ["", f"### Open loop ({many} tokens), latency in us, median of rounds", "",
               "| scenario | load (of S2 max) | rate/s | p50 | p99 | p99.9 | SUT CPU us/req | SUT core busy % |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for k in sorted(s["open"], key=lambda k: ((OPEN_SCENARIOS + AB_SCENARIOS).index(k.split("@")[0]), k)):
