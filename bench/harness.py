@@ -23,7 +23,8 @@ A/B ratios are only as good as an A/A: the same build as both sides measured M/M
 and P/Pb 0.978-0.989, B ahead in all six (bench/results/20261201T235045Z-aa.*). Rerun an A/B
 with the roles swapped (--portcullis-a OLD --portcullis-b NEW) and take the geometric mean of
 A/B and 1/(swapped A/B); differences of a few percent stay within the noise even then.
-Token sets: 1 token, 10 000 distinct (rotated per request), 10 000 with 10% denials.
+Token sets: 1 token, 10 000 distinct (rotated per request), 10 000 with 10% denials
+(`--tokens N` for another count; the raw results keep the key "10k", the tables name N).
 Load generator on CPU 0, system under test (Envoy + authz server) on CPU 1.
 """
 import argparse, json, os, random, re, shutil, socket, statistics, subprocess, sys, time

@@ -134,6 +134,21 @@ fn the_committed_instruction_counts_are_what_instructions_py_renders() {
     }
 }
 
+/// A run with `--tokens N` other than 10 000 (the token-count sweep that docs/performance.md
+/// quotes) names its set's size in the tables, so a 100-token run does not read as "10k", and
+/// a full run still reads "10k tokens".
+#[test]
+fn a_report_names_the_size_of_its_many_token_set() {
+    let sweep = renders_as_committed("bench/harness.py", &newest_run("sweep-100"));
+    assert!(
+        sweep.contains("| scenario | 1 token | 100 tokens | 100, 10% denied |"),
+        "{sweep}"
+    );
+    assert!(!sweep.contains("10k"), "{sweep}");
+    let full = renders_as_committed("bench/harness.py", &newest_run("full"));
+    assert!(full.contains("| 1 token | 10k tokens | 10k, 10% denied |"));
+}
+
 /// `bench replay`, which drives an authorizer under callgrind, sends exactly the Checks it
 /// is asked for and counts the answers: against the no-op (which allows any request with an
 /// Authorization header), every one allowed.
