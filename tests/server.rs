@@ -242,6 +242,50 @@ async fn identity_values_the_upstream_would_read_differently_are_removed() {
     }));
 }
 
+/// A list claim is sent joined with spaces only when that can be read back as the same list:
+/// `["orders:read", "orders:write admin"]` is granted entry by entry (no `orders:write`), and
+/// joined it would read as three scopes upstream, `orders:write` among them.
+#[tokio::test]
+async fn a_list_claim_that_spaces_cannot_join_faithfully_is_removed() {
+    let h = Harness::start().await;
+    let scopes_header = |resp: &CheckResponse| {
+        let Some(HttpResponse::OkResponse(ok)) = &resp.http_response else {
+            panic!("expected an OK response: {resp:?}");
+        };
+        let value = ok
+            .headers
+            .iter()
+            .map(|h| h.header.as_ref().unwrap())
+            .find(|h| h.key == "x-portcullis-scopes")
+            .map(|h| h.value.clone());
+        let removed = ok
+            .headers_to_remove
+            .iter()
+            .any(|r| r == "x-portcullis-scopes");
+        (value, removed)
+    };
+    for scope in [
+        json!(["orders:read", "orders:write admin"]),
+        json!(["orders:read", "orders:write\tadmin"]),
+        json!(["orders:read", ""]),
+        json!(["orders:read", 7]),
+    ] {
+        let token = mint(json!({"sub": "alice", "scope": scope}));
+        let resp = h
+            .check("GET", "/orders/42", &[("authorization", &bearer(&token))])
+            .await;
+        assert_eq!(scopes_header(&resp), (None, true), "{scope}");
+    }
+    let token = mint(json!({"sub": "alice", "scope": ["orders:read", "orders:write"]}));
+    let resp = h
+        .check("GET", "/orders/42", &[("authorization", &bearer(&token))])
+        .await;
+    assert_eq!(
+        scopes_header(&resp),
+        (Some("orders:read orders:write".to_string()), false)
+    );
+}
+
 #[tokio::test]
 async fn public_route_removes_all_identity_headers() {
     let h = Harness::start().await;

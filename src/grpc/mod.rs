@@ -417,11 +417,23 @@ fn allow_response(decision: &Decision, engine: &Engine) -> CheckResponse {
 /// convention), numbers and booleans as JSON. Values with control characters, or with a
 /// space at either end, are dropped (the header is removed): HTTP parsers trim edge spaces
 /// (RFC 9110 5.5), so `" alice "`, granted as itself, would reach the upstream as `alice`.
+/// So is a list that a space cannot join faithfully: an entry with whitespace in it
+/// (`["orders:read", "orders:write admin"]`, whose entries are decided on whole, would read
+/// as three scopes upstream), an empty entry, or one that is not a string.
 fn identity_header_value(identity: &Identity, claim: &str) -> Option<String> {
     let value = identity.claim(claim)?;
     let text = match value {
         serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Array(_) => string_list(Some(value), false).join(" "),
+        serde_json::Value::Array(items) => {
+            let joinable = items.iter().all(|item| {
+                item.as_str()
+                    .is_some_and(|s| !s.is_empty() && !s.chars().any(char::is_whitespace))
+            });
+            if !joinable {
+                return None;
+            }
+            string_list(Some(value), false).join(" ")
+        }
         serde_json::Value::Number(n) => n.to_string(),
         serde_json::Value::Bool(b) => b.to_string(),
         _ => return None,
