@@ -322,6 +322,14 @@ fn dpop_binding(
 ) -> Result<Option<ReplayGuard>, Decision> {
     let jkt = cnf.and_then(|c| c.get("jkt"));
     if !cred.dpop {
+        if jkt.is_some() && issuer.dpop.mode == DpopMode::Disabled {
+            // No DPoP challenge: sent with the DPoP scheme it would be refused as well.
+            return Err(Decision::new(
+                ReasonCode::InvalidToken,
+                "the token is DPoP-bound (`cnf.jkt`) and this issuer does not accept DPoP \
+                 (`dpop: disabled`), so it cannot be used here",
+            ));
+        }
         if jkt.is_some() {
             return Err(dpop_deny(
                 issuer,
@@ -598,13 +606,15 @@ fn strip_scheme<'r>(config: &Config, header: &str, value: &'r str) -> Option<(&'
     None
 }
 
-/// The rest of `value` after `scheme` and whitespace, compared case-insensitively.
+/// The rest of `value` after `scheme` and whitespace, compared case-insensitively. The
+/// scheme alone (`value` is trimmed: `Bearer ` with an empty variable) is that scheme with
+/// an empty credential, refused as such rather than as an unknown scheme.
 fn after_scheme<'r>(value: &'r str, scheme: &str) -> Option<&'r str> {
     let n = scheme.len();
-    (value.len() > n
+    (value.len() >= n
         && value.is_char_boundary(n)
         && value[..n].eq_ignore_ascii_case(scheme)
-        && value.as_bytes()[n].is_ascii_whitespace())
+        && value.as_bytes().get(n).is_none_or(u8::is_ascii_whitespace))
     .then(|| value[n..].trim_start())
 }
 

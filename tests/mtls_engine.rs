@@ -393,6 +393,39 @@ async fn a_confirmation_method_this_server_cannot_check_refuses_the_token() {
     assert!(d.detail.contains("DPoP scheme"), "{d:?}");
 }
 
+/// An issuer with DPoP disabled refuses a DPoP-bound token whichever scheme it comes with,
+/// and says why once: told to "send it with the DPoP scheme" (and challenged to), a client
+/// that did so was then refused because the issuer does not accept that scheme.
+#[tokio::test]
+async fn an_issuer_without_dpop_refuses_a_bound_token_without_pointing_at_dpop() {
+    let (e, _) = engine_for("disabled", Arc::new(MemoryStore::new())).await;
+    let (jwk, jkt) = ec_jwk();
+    let t = token(&jkt);
+    let bearer = check(&e, &format!("Bearer {t}"), None).await;
+    assert_eq!(bearer.code.as_str(), "invalid_token", "{bearer:?}");
+    assert!(
+        bearer.detail.contains("this issuer does not accept DPoP"),
+        "{bearer:?}"
+    );
+    assert!(!bearer.detail.contains("DPoP scheme"), "{bearer:?}");
+    let challenges: Vec<_> = bearer
+        .response_headers
+        .iter()
+        .filter(|(n, _)| n == "www-authenticate")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert!(
+        challenges.iter().all(|c| !c.starts_with("DPoP")),
+        "{challenges:?}"
+    );
+    let dpop = check(&e, &format!("DPoP {t}"), Some(&proof(&jwk, &t, "one"))).await;
+    assert_eq!(dpop.code.as_str(), "invalid_token", "{dpop:?}");
+    // The same issuer with DPoP optional still asks for the DPoP scheme.
+    let (optional, _) = engine_for("optional", Arc::new(MemoryStore::new())).await;
+    let d = check(&optional, &format!("Bearer {t}"), None).await;
+    assert!(d.detail.contains("DPoP scheme"), "{d:?}");
+}
+
 /// A proof stamped a whole window ahead (a client clock running fast) is acceptable until
 /// `iat + window`; its replay record must outlive that.
 #[tokio::test]

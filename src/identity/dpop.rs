@@ -104,6 +104,8 @@ pub enum DpopError {
     BadSignature,
     #[error("the DPoP proof claim `{0}` is missing or not a string")]
     MissingClaim(&'static str),
+    #[error("the DPoP proof claim `iat` is missing or not a whole number of seconds")]
+    BadIat,
     #[error("the DPoP proof `htm` does not match the request method")]
     WrongMethod,
     #[error("the DPoP proof `htu` does not match the request URL")]
@@ -202,8 +204,8 @@ pub fn verify_proof(
         return Err(DpopError::WrongUri);
     }
     let iat = match claims.get("iat") {
-        Some(Value::Number(n)) => n.as_i64().ok_or(DpopError::MissingClaim("iat"))?,
-        _ => return Err(DpopError::MissingClaim("iat")),
+        Some(Value::Number(n)) => n.as_i64().ok_or(DpopError::BadIat)?,
+        _ => return Err(DpopError::BadIat),
     };
     let window = i64::try_from(rules.window_secs).unwrap_or(i64::MAX);
     if iat < now.saturating_sub(window) || iat > now.saturating_add(window) {

@@ -364,11 +364,20 @@ fn iat_must_be_within_the_window() {
     );
     assert_eq!(
         check(&proof_with(json!({}), json!({"iat": "1800000000"}))),
-        Err(DpopError::MissingClaim("iat"))
+        Err(DpopError::BadIat)
     );
     assert_eq!(
         check(&proof_with(json!({}), json!({"iat": null}))),
-        Err(DpopError::MissingClaim("iat"))
+        Err(DpopError::BadIat)
+    );
+    assert_eq!(
+        check(&proof_with(json!({}), json!({"iat": NOW as f64 + 0.5}))),
+        Err(DpopError::BadIat)
+    );
+    assert!(
+        DpopError::BadIat.to_string().contains("whole number"),
+        "{}",
+        DpopError::BadIat
     );
 }
 
