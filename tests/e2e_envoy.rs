@@ -898,6 +898,82 @@ async fn envoy_authorizes_the_canonical_path_the_upstream_receives() {
     }
 }
 
+/// Portcullis matches a route's `hosts` with the port ignored; the shipped Envoy must pick
+/// its virtual host the same way. With a second virtual host added (as a deployment serving
+/// several sites would), `Host: www.example.com:80` was allowed by the public route of
+/// `www.example.com` and then served by the catch-all API virtual host, unauthenticated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_picks_the_virtual_host_portcullis_authorized_whatever_the_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = JwksServer::start(&[Key::A]).await;
+    let upstream = Upstream::start().await;
+    let mut portcullis = Portcullis::start(dir.path(), "portcullis", |grpc, admin| {
+        e2e_config(grpc, admin, &jwks.url(), |doc| {
+            let site: serde_yaml::Value = serde_yaml::from_str(
+                "{id: www-site, hosts: [www.example.com], methods: [GET], path: '/**', public: true}",
+            )
+            .unwrap();
+            doc["routes"].as_sequence_mut().unwrap().insert(0, site);
+        })
+    });
+    let api_vhost = "                  virtual_hosts:\n                    - name: sample_api\n";
+    let envoy = Envoy::start_shipped(
+        dir.path(),
+        "envoy/envoy.yaml",
+        10000,
+        portcullis.grpc,
+        upstream.port,
+        |text| {
+            assert!(text.contains(api_vhost), "the shipped virtual host moved");
+            text.replace(
+                api_vhost,
+                "                  virtual_hosts:
+                    - name: www_site
+                      domains: [www.example.com]
+                      request_headers_to_add: [{header: {key: x-vhost, value: www}}]
+                      routes: [{match: {prefix: /}, route: {cluster: sample_upstream}}]
+                    - name: sample_api
+",
+            )
+        },
+    );
+    for host in [
+        "www.example.com",
+        "www.example.com:80",
+        "WWW.example.com:8443",
+    ] {
+        let before = upstream.count();
+        let response = raw_http(
+            envoy.addr,
+            &format!("GET /site/index.html HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            response.status,
+            200,
+            "{host}: {response:?}\n{}",
+            portcullis.logs()
+        );
+        let seen = upstream.since(before);
+        assert_eq!(seen.len(), 1, "{host}");
+        assert_eq!(
+            seen[0].values("x-vhost"),
+            ["www"],
+            "{host}: served by another virtual host than the one authorized"
+        );
+    }
+    // Any other host is the API's, where no route covers the site: denied, never served.
+    let before = upstream.count();
+    let response = raw_http(
+        envoy.addr,
+        "GET /site/index.html HTTP/1.1\r\nHost: api.example.com:80\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(response.status, 403, "{response:?}");
+    assert_eq!(upstream.count(), before);
+    portcullis.stop();
+}
+
 /// Issue 5, hot reload: the policy is edited while many requests are in flight through
 /// Envoy. No request fails, none is wrongly allowed (a route denied by every version of the
 /// policy is never allowed), every edit takes effect without a restart, and a broken edit is

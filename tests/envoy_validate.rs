@@ -81,6 +81,16 @@ fn hygienic_listener(file: &str, first: &str) -> (serde_yaml::Value, serde_yaml:
     hygienic_listener_in(file, &text, first)
 }
 
+/// Portcullis matches `hosts` with the port ignored, so Envoy must choose virtual hosts the
+/// same way (`tests/e2e_envoy.rs` shows the request that otherwise reaches another one).
+fn assert_port_blind_virtual_hosts(file: &str, hcm: &serde_yaml::Value) {
+    assert_eq!(
+        hcm["route_config"]["ignore_port_in_host_matching"].as_bool(),
+        Some(true),
+        "{file}"
+    );
+}
+
 /// `hygienic_listener` on the Envoy config `text`, found in `file`.
 fn hygienic_listener_in(
     file: &str,
@@ -104,6 +114,7 @@ fn hygienic_listener_in(
         "{file}"
     );
     assert_eq!(hcm["use_remote_address"].as_bool(), Some(true), "{file}");
+    assert_port_blind_virtual_hosts(file, hcm);
     // Method, path and host overrides never reach ext_authz or the upstream (the decision is
     // on the real method, path and host); removed before any filter runs.
     let removed: Vec<&str> =
@@ -261,6 +272,7 @@ fn mtls_envoy_example_requires_client_certificates_and_talks_tls_to_portcullis()
     );
     let hcm = &chain["filters"][0]["typed_config"];
     assert_eq!(hcm["normalize_path"].as_bool(), Some(true));
+    assert_port_blind_virtual_hosts("envoy/envoy-mtls.yaml", hcm);
     assert_eq!(
         hcm["forward_client_cert_details"].as_str(),
         Some("SANITIZE")
