@@ -60,16 +60,20 @@ fn envoy_validate(file: &Path) {
 /// Headers some frameworks honour in place of the request's method, path or host, or to
 /// build the URL they hand the application; and Portcullis's own client-address header,
 /// which an upstream reading it must not get from the client.
-const OVERRIDE_HEADERS: [&str; 10] = [
+const OVERRIDE_HEADERS: [&str; 14] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
     "x-original-url",
     "x-rewrite-url",
+    "x-original-method",
+    "x-forwarded-method",
+    "x-forwarded-uri",
     "x-forwarded-host",
     "forwarded",
     "x-forwarded-prefix",
     "x-forwarded-port",
+    "x-real-ip",
     "x-portcullis-source-address",
 ];
 
