@@ -28,6 +28,9 @@ pub enum ReloadOutcome {
     Applied,
     /// The files did not change (nothing to do).
     Unchanged,
+    /// The files changed since the last read: loaded once a read finds them the same again
+    /// (`Reloader::tick`).
+    Settling,
     /// The new config was refused; the reason names file and field.
     Rejected(String),
 }
@@ -46,6 +49,8 @@ pub struct Reloader {
     /// content then. A refusal can be fixed in that file (an entry naming an issuer the new
     /// config renamed), which is not otherwise watched: its edit alone retries the config.
     retry_on: Option<(PathBuf, Option<Vec<u8>>)>,
+    /// The watched files as the last tick read them, when they differed from `seen`.
+    settling: Option<Vec<(PathBuf, Option<Vec<u8>>)>>,
 }
 
 impl Reloader {
@@ -57,6 +62,7 @@ impl Reloader {
             seen: Vec::new(),
             hangup: hangup_signal(),
             retry_on: None,
+            settling: None,
         };
         r.seen = r.snapshot();
         r
@@ -114,9 +120,34 @@ impl Reloader {
             .collect()
     }
 
+    /// The periodic check: reloads a change only once two reads a tick apart find the same
+    /// contents. A config written in place and slowly (a pause mid-write, a copy over a slow
+    /// link) can be valid YAML halfway through: a policy cut short before a rule's
+    /// `approval:` or its conditions loaded as a rule that grants more, until the rest
+    /// arrived. Costs a change one more tick before it is in force; SIGHUP (`poll(true)`)
+    /// still loads at once.
+    pub async fn tick(&mut self) -> ReloadOutcome {
+        let now = self.snapshot();
+        if now != self.seen && self.settling.as_ref() != Some(&now) {
+            self.settling = Some(now);
+            return ReloadOutcome::Settling;
+        }
+        self.settling = None;
+        self.poll_with(now, false).await
+    }
+
     /// Reloads when a watched file changed since the last attempt, or always with `force`.
     pub async fn poll(&mut self, force: bool) -> ReloadOutcome {
         let now = self.snapshot();
+        self.poll_with(now, force).await
+    }
+
+    /// `poll` on the watched files' contents `now`.
+    async fn poll_with(
+        &mut self,
+        now: Vec<(PathBuf, Option<Vec<u8>>)>,
+        force: bool,
+    ) -> ReloadOutcome {
         let retry = self
             .retry_on
             .as_ref()
@@ -360,7 +391,12 @@ impl Reloader {
                 }
                 _ = stop.wait_for(|s| *s) => return,
             };
-            self.poll(force).await;
+            if force {
+                self.settling = None;
+                self.poll(true).await;
+            } else {
+                self.tick().await;
+            }
         }
     }
 }

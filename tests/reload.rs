@@ -143,6 +143,38 @@ fn reloads(server: &Server, result: &'static str) -> u64 {
         .unwrap_or(0.0) as u64
 }
 
+/// The periodic check loads a change only once two reads a tick apart agree: a config being
+/// written (valid YAML halfway through, a rule cut short before its `approval:`) is never
+/// put in force in between.
+#[tokio::test]
+async fn the_periodic_check_loads_only_contents_read_twice() {
+    let s = Setup::new();
+    let (server, mut reloader) = s.serve().await;
+    let alice = mint_dev(json!({"sub": "alice", "scope": "orders:read"}));
+    assert_eq!(reloader.tick().await, ReloadOutcome::Unchanged);
+
+    // A first version, read once, then another: neither is loaded yet.
+    std::fs::write(s.path(), s.orders_read_needs("orders:audit")).unwrap();
+    assert_eq!(reloader.tick().await, ReloadOutcome::Settling);
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
+    std::fs::write(s.path(), s.orders_read_needs("orders:write")).unwrap();
+    assert_eq!(reloader.tick().await, ReloadOutcome::Settling);
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
+    assert_eq!(reloads(&server, "ok") + reloads(&server, "error"), 0);
+
+    // Read the same a tick later: in force.
+    assert_eq!(reloader.tick().await, ReloadOutcome::Applied);
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 403);
+    assert_eq!(reloader.tick().await, ReloadOutcome::Unchanged);
+    assert_eq!(reloads(&server, "ok"), 1);
+
+    // SIGHUP's forced reload does not wait.
+    s.write(&s.shipped);
+    assert_eq!(reloader.poll(true).await, ReloadOutcome::Applied);
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_policy_edit_takes_effect_and_is_counted() {
     let s = Setup::new();
