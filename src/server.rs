@@ -141,8 +141,9 @@ impl Server {
             crate::tls::server_config(files).map_err(|e| files.config_error(&config.source, &e))?;
         }
 
+        // Started below, once the admin listener serves: the first load may wait on slow
+        // identity providers for up to `fetch_timeout`.
         let keys = Arc::new(key_store(&config, metrics.clone()));
-        keys.start().await;
         let state: Arc<dyn StateStore> =
             crate::state::from_config(&config.file.state).map_err(ServeError::State)?;
         let first = Engine::new(Arc::new(config), keys, state, metrics.clone())
@@ -175,14 +176,34 @@ impl Server {
         let engine = Arc::new(ArcSwap::from_pointee(first));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
+        // Registers the SIGHUP handler before anything is served.
+        let reloader =
+            watch.map(|path| crate::reload::Reloader::new(path, engine.clone(), metrics.clone()));
 
-        crate::revocation::spawn_watcher(engine.clone(), metrics.clone(), shutdown_rx.clone());
-
+        // The admin listener serves from now on: `/healthz` answers while the first key
+        // load runs (a slow identity provider held every listener, liveness probes
+        // included, for up to `fetch_timeout`), and `/readyz` says 503 until keys are in.
         let leaving = Arc::new(AtomicBool::new(false));
         let (health, health_service) = tonic_health::server::health_reporter();
         spawn_health_updater(engine.clone(), leaving.clone(), health, shutdown_rx.clone());
-        if let Some(path) = watch {
-            let reloader = crate::reload::Reloader::new(path, engine.clone(), metrics.clone());
+        let app = admin::router(AdminState {
+            engine: engine.clone(),
+            metrics: metrics.clone(),
+            leaving: leaving.clone(),
+            bound: admin_addr,
+        });
+        let admin_limit = ConnLimit::new("admin", SMALL_LISTENER_MAX_CONNECTIONS, &metrics);
+        let admin_task = tokio::spawn(admin::serve(
+            tcp_incoming(admin_listener, admin_limit),
+            app,
+            shutdown_rx.clone(),
+        ));
+        // The decision listeners wait for the first load (bounded by `fetch_timeout`), so
+        // the first Checks find the keys.
+        engine.load().keys.start().await;
+
+        crate::revocation::spawn_watcher(engine.clone(), metrics.clone(), shutdown_rx.clone());
+        if let Some(reloader) = reloader {
             tokio::spawn(reloader.run(crate::reload::POLL_INTERVAL, shutdown_rx.clone()));
         }
 
@@ -249,19 +270,6 @@ impl Server {
             ConnLimit::new("grpc", max_connections, &metrics),
             shutdown_rx.clone(),
         )?;
-
-        let app = admin::router(AdminState {
-            engine: engine.clone(),
-            metrics: metrics.clone(),
-            leaving: leaving.clone(),
-            bound: admin_addr,
-        });
-        let admin_limit = ConnLimit::new("admin", SMALL_LISTENER_MAX_CONNECTIONS, &metrics);
-        let admin_task = tokio::spawn(admin::serve(
-            tcp_incoming(admin_listener, admin_limit),
-            app,
-            shutdown_rx,
-        ));
 
         tracing::info!(
             grpc.addr = %grpc_addr,

@@ -1045,3 +1045,67 @@ async fn keys_published_again_after_a_withdrawal_are_used_at_the_first_token() {
     let first = get().await;
     assert_eq!(status(&first), 0, "{:?}", denied(&first));
 }
+
+/// The first key load waits on every issuer's provider (up to `fetch_timeout`) before the
+/// decision listeners serve; the admin listener must not wait with them: a liveness probe
+/// failing for that long restarts the pod, again and again while the provider is slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_while_the_first_key_load_waits_on_a_slow_provider() {
+    // A JWKS server that accepts and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks = format!("http://{}/jwks", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let admin = support::free_port();
+    let text = format!(
+        r#"
+server: {{listen: "127.0.0.1:0", admin_listen: "127.0.0.1:{admin}"}}
+audit: {{enabled: false}}
+issuers:
+  - name: slow
+    issuer: https://slow.example
+    audiences: [api]
+    keys: {{url: "{jwks}", fetch_timeout: 3s}}
+routes:
+  - {{id: things, methods: [GET], path: /things, rules: [{{id: any, issuers: [slow]}}]}}
+"#
+    );
+    let config = portcullis::config::from_str(&text, std::path::Path::new("mem.yaml")).unwrap();
+    let started = Instant::now();
+    let starting = tokio::spawn(Server::start(config));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let get = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            let url = format!("http://127.0.0.1:{admin}{path}");
+            for _ in 0..20 {
+                if let Ok(resp) = client.get(&url).send().await {
+                    return Some(resp.status().as_u16());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            None
+        }
+    };
+    assert_eq!(get("/healthz").await, Some(200));
+    assert_eq!(get("/readyz").await, Some(503), "no keys yet: not ready");
+    assert!(
+        !starting.is_finished() && started.elapsed() < Duration::from_secs(3),
+        "answered only after the key load gave up ({:?})",
+        started.elapsed()
+    );
+    let server = starting.await.unwrap().unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the load waited"
+    );
+    server.shutdown().await;
+    held.abort();
+}
