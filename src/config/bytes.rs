@@ -63,16 +63,29 @@ impl fmt::Display for ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
+        /// A visitor rather than an untagged enum: a list or a map in a size's place was
+        /// refused as "data did not match any variant of untagged enum Raw".
+        struct Size;
+        impl serde::de::Visitor<'_> for Size {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a size: a number of bytes, or a number with a unit (`64MiB`, `512KiB`)",
+                )
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<ByteSize, E> {
+                u64::try_from(n)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("invalid size `{n}`: it cannot be negative")))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(text).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Text(t) => ByteSize::parse(&t).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(Size)
     }
 }
 
@@ -102,6 +115,29 @@ mod tests {
             let e = ByteSize::parse(bad).expect_err(bad);
             assert!(e.contains("invalid size"), "{bad}: {e}");
         }
+    }
+
+    /// serde_yaml hands a size over as a number or a string; anything else is refused saying
+    /// what a size is.
+    #[test]
+    fn a_value_that_is_not_a_size_says_what_a_size_is() {
+        for (yaml, want) in [
+            ("123", Ok(ByteSize(123))),
+            ("64MiB", Ok(ByteSize::mib(64))),
+            ("'1KiB'", Ok(ByteSize(1024))),
+        ] {
+            assert_eq!(serde_yaml::from_str::<ByteSize>(yaml).map_err(|_| ()), want);
+        }
+        for yaml in ["[1]", "{a: 1}", "true", "1.5"] {
+            let e = serde_yaml::from_str::<ByteSize>(yaml)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("expected a size"), "{yaml}: {e}");
+        }
+        let e = serde_yaml::from_str::<ByteSize>("-1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot be negative"), "{e}");
     }
 
     #[test]
