@@ -195,10 +195,21 @@ pub fn check(path: &Path, strict: bool) -> Result<String, CliError> {
     let dry_run = match &config.file.dry_run {
         Some(d) => {
             let live = |id: &str| config.file.routes.iter().any(|r| r.id == id);
-            let changed = d.routes.iter().filter(|r| live(&r.id)).count();
+            let replacing = d.routes.iter().filter(|r| live(&r.id)).count();
+            let same = d
+                .routes
+                .iter()
+                .filter(|r| config.file.routes.iter().any(|l| config::same_route(l, r)))
+                .count();
+            let unchanged = if same > 0 {
+                format!(", {same} unchanged")
+            } else {
+                String::new()
+            };
             format!(
-                ", dry run: {changed} route(s) changed, {} added, {} removed",
-                d.routes.len() - changed,
+                ", dry run: {} route(s) changed, {} added, {} removed{unchanged}",
+                replacing - same,
+                d.routes.len() - replacing,
                 d.remove.len()
             )
         }

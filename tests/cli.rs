@@ -20,6 +20,40 @@ fn portcullis(args: &[&str], dir: &Path) -> (Option<i32>, String) {
     (out.status.code(), text)
 }
 
+/// A dry-run route identical to its live route changes nothing: `check` counts it apart (it
+/// was counted as changed, beside the warning that it changes nothing).
+#[test]
+fn check_counts_a_dry_run_copy_of_a_live_route_as_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = support::repo_root();
+    let shipped = std::fs::read_to_string(root.join("config/portcullis.yaml")).unwrap();
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&shipped).unwrap();
+    let first_route = doc["routes"][0].clone();
+    doc["issuers"][0]["keys"]["file"] = root.join("config/dev/jwks.json").to_str().unwrap().into();
+    doc["revocation"]["file"] = root
+        .join("config/revocations.yaml")
+        .to_str()
+        .unwrap()
+        .into();
+    doc["dry_run"] = serde_yaml::from_str("{routes: []}").unwrap();
+    doc["dry_run"]["routes"]
+        .as_sequence_mut()
+        .unwrap()
+        .push(first_route);
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        serde_yaml::to_string(&doc).unwrap(),
+    )
+    .unwrap();
+    let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("dry run: 0 route(s) changed, 0 added, 0 removed, 1 unchanged)"),
+        "{out}"
+    );
+    assert!(out.contains("is the same as the live route"), "{out}");
+}
+
 #[test]
 fn check_counts_and_explain_shows_the_dry_run_routes() {
     let dir = tempfile::tempdir().unwrap();

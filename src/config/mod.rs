@@ -1159,10 +1159,7 @@ impl Compiler {
         let added = changed.iter().filter(|r| !live_ids.contains(&&*r.id));
         routes.extend(added.cloned());
         for (i, rc) in dry_run.routes.iter().enumerate() {
-            // Same text as the live route's (the schema types derive `Debug`, not `Eq`).
-            let same =
-                |live: &&RouteConfig| live.id == rc.id && format!("{live:?}") == format!("{rc:?}");
-            if file.routes.iter().any(|live| same(&live)) {
+            if file.routes.iter().any(|live| same_route(live, rc)) {
                 self.warnings.push(format!(
                     "dry_run.routes[{i}]: `{}` is the same as the live route: the dry run changes nothing there",
                     rc.id
@@ -1962,6 +1959,12 @@ fn closed_without_identity(routes: &[CompiledRoute]) -> Vec<String> {
         .filter(|r| !r.public && !r.rules.iter().any(|rule| rule.is_peer_only()))
         .map(|r| format!("`{}`", r.id))
         .collect()
+}
+
+/// True when a dry-run route is the live route of its id, unchanged (the same text: the
+/// schema types derive `Debug`, not `Eq`).
+pub fn same_route(live: &RouteConfig, candidate: &RouteConfig) -> bool {
+    live.id == candidate.id && format!("{live:?}") == format!("{candidate:?}")
 }
 
 #[cfg(test)]
