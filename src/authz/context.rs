@@ -293,7 +293,11 @@ impl fmt::Display for ContextFailure {
         match self {
             ContextFailure::Source => f.write_str("source address not allowed for this route"),
             ContextFailure::SessionAge(s) => {
-                write!(f, "token older than {} for this route", human(*s))
+                write!(
+                    f,
+                    "login older than {} for this route (its `auth_time`, else the token's `iat`)",
+                    human(*s)
+                )
             }
             ContextFailure::SessionAgeUnknown => f.write_str(
                 "the token carries neither `auth_time` nor `iat`: its session age is unknown",

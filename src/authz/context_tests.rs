@@ -214,7 +214,10 @@ fn session_age_uses_auth_time_then_iat_and_denies_without_either() {
         "{text}"
     );
     let text = ContextFailure::SessionAge(600).to_string();
-    assert_eq!(text, "token older than 10m for this route");
+    assert_eq!(
+        text,
+        "login older than 10m for this route (its `auth_time`, else the token's `iat`)"
+    );
 }
 
 #[test]
@@ -377,12 +380,15 @@ fn a_rule_failing_only_on_context_is_context_denied() {
     assert_eq!(old.code, ReasonCode::ContextDenied);
     assert_eq!(old.http_status(), 403);
     assert_eq!(old.rule.as_deref(), Some("fresh-admin"));
-    assert_eq!(old.detail, "token older than 10m for this route");
+    assert_eq!(
+        old.detail,
+        "login older than 10m for this route (its `auth_time`, else the token's `iat`)"
+    );
     let outside = check(json!({"iat": now - 601}), "192.0.2.1");
     assert_eq!(outside.code, ReasonCode::ContextDenied);
     assert_eq!(
         outside.detail,
-        "source address not allowed for this route; token older than 10m for this route"
+        "source address not allowed for this route; login older than 10m for this route (its `auth_time`, else the token's `iat`)"
     );
 }
 
