@@ -413,8 +413,8 @@ async fn two_sources_for_one_issuer_are_refused() {
     assert_eq!(fetches(&metrics, "config"), 1);
 }
 
-/// Every failure class on a never-loaded issuer: not ready, `NotLoaded` naming the error, and
-/// the result code counted.
+/// Every failure class on a never-loaded issuer: not ready, `NotLoaded` (`NoUsableKeys` for a
+/// set with no usable key) naming the error, and the result code counted.
 #[tokio::test]
 async fn each_failure_class_fails_closed_with_its_code() {
     let cases = [
@@ -436,12 +436,14 @@ async fn each_failure_class_fails_closed_with_its_code() {
             "{mode:?}: the first attempt must be bounded by fetch_timeout"
         );
         assert!(!store.ready(), "{mode:?}");
-        match store.get("dev") {
-            Err(KeyError::NotLoaded { reason, .. }) => {
-                assert!(reason.contains(text), "{mode:?}: {reason}")
-            }
-            other => panic!("{mode:?}: expected NotLoaded, got {other:?}"),
-        }
+        // A well-formed set with no usable key is the issuer's answer: "publishes no usable
+        // key", even on the first load; every other failure leaves it not loaded.
+        let reason = match (store.get("dev"), code) {
+            (Err(KeyError::NoUsableKeys { reason, .. }), "no_keys") => reason,
+            (Err(KeyError::NotLoaded { reason, .. }), c) if c != "no_keys" => reason,
+            (other, _) => panic!("{mode:?}: got {other:?}"),
+        };
+        assert!(reason.contains(text), "{mode:?}: {reason}");
         assert_eq!(fetches(&metrics, code), 1, "{mode:?}");
         assert_eq!(fetches(&metrics, "ok"), 0, "{mode:?}");
         let status = &store.status()[0];

@@ -87,6 +87,15 @@ impl Setup {
 }
 
 async fn decide(server: &Server, method: &str, path: &str, token: &str) -> u16 {
+    decision(server, method, path, token).await.http_status()
+}
+
+async fn decision(
+    server: &Server,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> portcullis::authz::Decision {
     let headers = bearer_headers(token);
     let view = RequestView {
         method,
@@ -98,7 +107,7 @@ async fn decide(server: &Server, method: &str, path: &str, token: &str) -> u16 {
         scheme: "http",
         peer_certificate: None,
     };
-    server.engine.load_full().check(&view).await.http_status()
+    server.engine.load_full().check(&view).await
 }
 
 /// Revokes `sub` of `issuer` for an hour as the admin API does: in shared state, then in
@@ -437,7 +446,13 @@ async fn a_rotated_key_file_is_reloaded() {
     // compromised key stops working at the reload, not at the next re-read of the file.
     std::fs::write(s.dir.path().join("dev/jwks.json"), "{\"keys\": []}").unwrap();
     assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
-    assert_eq!(decide(&server, "GET", "/orders/1", &new).await, 401);
+    let refused = decision(&server, "GET", "/orders/1", &new).await;
+    assert_eq!(refused.http_status(), 401);
+    // The reason says what happened, not "not loaded yet" (the reload's key store is new).
+    assert_eq!(
+        refused.detail, "issuer `dev` publishes no usable key",
+        "{refused:?}"
+    );
     let status = &server.engine.load_full().keys.status()[0];
     assert!(status.withdrawn && !status.usable, "{status:?}");
     server.shutdown().await;

@@ -260,6 +260,12 @@ impl KeyStore {
                     Ok(set.clone())
                 }
             }
+            // Never loaded, and its answer was a well-formed set with no usable key (a key
+            // file emptied to `{"keys":[]}` and reloaded): say so, not "not loaded yet".
+            _ if snap.withdrawn => Err(KeyError::NoUsableKeys {
+                issuer: slot.name.to_string(),
+                reason: reason(&snap),
+            }),
             _ => Err(KeyError::NotLoaded {
                 issuer: slot.name.to_string(),
                 reason: reason(&snap),
