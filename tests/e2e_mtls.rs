@@ -321,6 +321,15 @@ async fn principals(authorizer: Authorizer) {
     assert!(!intruder.upstream);
     assert_eq!(intruder.error(), "insufficient_scope", "{intruder:?}");
 
+    // The checkout SPIFFE ID as a DNS SAN (no URI SAN), from the trusted CA: Envoy names it
+    // as the connection's principal, but a DNS name is no SPIFFE ID and grants nothing.
+    let dnsname = stack
+        .get(&Stack::client(Some("dnsname")), "/internal/stock", &[])
+        .await;
+    assert_eq!(dnsname.status, 403, "{dnsname:?}\n{}", stack.logs());
+    assert!(!dnsname.upstream);
+    assert_eq!(dnsname.error(), "insufficient_scope", "{dnsname:?}");
+
     // A certificate whose granted URI SAN is its second: every SAN counts, not only the
     // first (the one Envoy names as the connection's principal).
     let migrating = stack

@@ -100,8 +100,6 @@ pub const TRAILERS_CONTINUE: u32 = 0;
 pub const TRAILERS_STOP_ITERATION: u32 = 1;
 /// `source.address` (`ip:port`), an `envoy_dynamic_module_type_attribute_id`.
 pub const ATTRIBUTE_SOURCE_ADDRESS: u32 = 24;
-/// `connection.subject_peer_certificate`: the client certificate's subject (mTLS).
-pub const ATTRIBUTE_SUBJECT_PEER_CERTIFICATE: u32 = 33;
 /// `connection.uri_san_peer_certificate`: its first URI SAN (a SPIFFE ID).
 pub const ATTRIBUTE_URI_SAN_PEER_CERTIFICATE: u32 = 37;
 /// `connection.sha256_peer_certificate_digest`: hex SHA-256 of its DER.

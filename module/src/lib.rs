@@ -418,10 +418,9 @@ fn peer<'a>(
         return (String::new(), None);
     };
     let uri_san = filter.attribute(abi::ATTRIBUTE_URI_SAN_PEER_CERTIFICATE);
-    let principal = uri_san
-        .or_else(|| filter.attribute(abi::ATTRIBUTE_SUBJECT_PEER_CERTIFICATE))
-        .unwrap_or_default()
-        .to_string();
+    // A principal is a URI SAN, never the subject (nor a DNS SAN): a certificate without
+    // one has no principal (see `RequestView::principals`).
+    let principal = uri_san.unwrap_or_default().to_string();
     let whole = match PeerCertificate::from_forwarded_client_cert(forwarded(), digest) {
         Ok(whole) => whole,
         Err(error) => {

@@ -49,20 +49,73 @@ impl<'a> RequestView<'a> {
         self.headers.entry(name).map(|(_, value)| value)
     }
 
-    /// The peer's principals: Envoy's `source.principal` and the URI SANs of the forwarded
-    /// client certificate. Both come from Envoy's connection, never from a request header.
+    /// The peer's principals, from Envoy's connection, never from a request header: the URI
+    /// SANs of the forwarded client certificate, every one of them. Without a forwarded
+    /// certificate, Envoy's `source.principal`. Not both: Envoy derives `source.principal`
+    /// from the same certificate, from its first URI SAN but, when it has none, from a DNS
+    /// SAN or the subject, so a certificate with `DNS:spiffe://...` (which any CA signing
+    /// requested DNS names may issue) would pass for that SPIFFE ID.
     pub fn principals(&self) -> Vec<&'a str> {
-        let mut out: Vec<&'a str> = Vec::new();
-        if !self.source_principal.is_empty() {
-            out.push(self.source_principal);
-        }
-        if let Some(cert) = self.peer_certificate {
-            for san in &cert.uri_sans {
-                if !out.contains(&san.as_str()) {
-                    out.push(san);
+        match self.peer_certificate {
+            Some(cert) => {
+                let mut out: Vec<&'a str> = Vec::with_capacity(cert.uri_sans.len());
+                for san in &cert.uri_sans {
+                    if !out.contains(&san.as_str()) {
+                        out.push(san);
+                    }
                 }
+                out
             }
+            None if self.source_principal.is_empty() => Vec::new(),
+            None => vec![self.source_principal],
         }
-        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view<'a>(principal: &'a str, cert: Option<&'a PeerCertificate>) -> RequestView<'a> {
+        static NO_HEADERS: std::sync::LazyLock<HashMap<String, String>> =
+            std::sync::LazyLock::new(HashMap::new);
+        RequestView {
+            method: "GET",
+            host: "api.example.com",
+            path: "/",
+            headers: &*NO_HEADERS,
+            source_ip: None,
+            source_principal: principal,
+            scheme: "https",
+            peer_certificate: cert,
+        }
+    }
+
+    const CHECKOUT: &str = "spiffe://example.org/ns/shop/sa/checkout";
+    const DIGEST: &str = "4ab1b9a3a8a9c0c3d1e2f30415263748596a7b8c9dae0f112233445566778899";
+
+    #[test]
+    fn with_a_certificate_only_its_uri_sans_are_principals() {
+        // Envoy names a DNS SAN as the principal of a certificate without URI SAN.
+        let none = PeerCertificate::from_digest(DIGEST, Vec::new()).unwrap();
+        assert!(view(CHECKOUT, Some(&none)).principals().is_empty());
+        let two = PeerCertificate::from_digest(
+            DIGEST,
+            vec![
+                "spiffe://example.org/ns/legacy/sa/batch".into(),
+                CHECKOUT.into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            view("spiffe://example.org/ns/legacy/sa/batch", Some(&two)).principals(),
+            ["spiffe://example.org/ns/legacy/sa/batch", CHECKOUT]
+        );
+    }
+
+    #[test]
+    fn without_a_certificate_envoys_principal_stands() {
+        assert_eq!(view(CHECKOUT, None).principals(), [CHECKOUT]);
+        assert!(view("", None).principals().is_empty());
     }
 }

@@ -98,6 +98,11 @@ impl AuthzService {
         });
         let mut view = parts.view();
         view.peer_certificate = peer_certificate.as_ref();
+        if view.peer_certificate.is_none() && parts.certificate.is_some_and(|c| !c.is_empty()) {
+            // Envoy's principal came from that certificate, and may be a DNS SAN or the
+            // subject (see `RequestView::principals`): no principal either.
+            view.source_principal = "";
+        }
         let (decision, engine) = self
             .decide_view_since(&view, parts.request_id(), started)
             .await;
