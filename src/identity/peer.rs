@@ -218,6 +218,11 @@ pub enum PrincipalPatternError {
     MisplacedWildcard,
     #[error("a wildcard needs a prefix ending in `/`, e.g. `spiffe://example.org/ns/shop/*`")]
     BarePrefix,
+    #[error(
+        "a principal is a URI SAN (`scheme://authority/...`, e.g. a SPIFFE ID): a DNS name or a \
+         certificate subject never is one"
+    )]
+    NotAUri,
 }
 
 impl PrincipalPattern {
@@ -235,6 +240,15 @@ impl PrincipalPattern {
         } else {
             if text.contains('*') {
                 return Err(PrincipalPatternError::MisplacedWildcard);
+            }
+            // Only URI SANs are principals (`RequestView::principals`): a pattern for a DNS
+            // name or a subject could match nothing, or, where Envoy forwards no
+            // certificate, its `source.principal` fallback.
+            if text
+                .split_once("://")
+                .is_none_or(|(scheme, rest)| scheme.is_empty() || rest.is_empty())
+            {
+                return Err(PrincipalPatternError::NotAUri);
             }
             return Ok(PrincipalPattern::Exact(text.to_string()));
         };
@@ -512,6 +526,18 @@ mod tests {
         assert_eq!(PrincipalPattern::parse("spiffe://*"), Err(E::BarePrefix));
         assert_eq!(PrincipalPattern::parse("/**"), Err(E::BarePrefix));
         assert_eq!(PrincipalPattern::parse("*"), Err(E::MisplacedWildcard));
+        for not_a_uri in [
+            "checkout.shop.example.org",
+            "CN=checkout,O=shop",
+            "://x",
+            "spiffe://",
+        ] {
+            assert_eq!(
+                PrincipalPattern::parse(not_a_uri),
+                Err(E::NotAUri),
+                "{not_a_uri}"
+            );
+        }
         assert_eq!(
             PrincipalPattern::parse("spiffe://a/**")
                 .unwrap()
