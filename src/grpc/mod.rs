@@ -34,7 +34,7 @@ use crate::audit::{AuditEvent, AuditSink};
 use crate::authz::{Decision, ReasonCode, RequestView};
 use crate::engine::Engine;
 use crate::identity::peer::PeerCertificate;
-use crate::identity::{Identity, string_list};
+use crate::identity::Identity;
 
 /// gRPC status codes (google.rpc.Code) used in responses.
 const RPC_OK: i32 = 0;
@@ -429,16 +429,14 @@ fn identity_header_value(identity: &Identity, claim: &str) -> Option<String> {
     let value = identity.claim(claim)?;
     let text = match value {
         serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Array(items) => {
-            let joinable = items.iter().all(|item| {
+        serde_json::Value::Array(items) => items
+            .iter()
+            .map(|item| {
                 item.as_str()
-                    .is_some_and(|s| !s.is_empty() && !s.chars().any(char::is_whitespace))
-            });
-            if !joinable {
-                return None;
-            }
-            string_list(Some(value), false).join(" ")
-        }
+                    .filter(|s| !s.is_empty() && !s.chars().any(char::is_whitespace))
+            })
+            .collect::<Option<Vec<&str>>>()?
+            .join(" "),
         serde_json::Value::Number(n) => n.to_string(),
         serde_json::Value::Bool(b) => b.to_string(),
         _ => return None,
