@@ -33,8 +33,8 @@ use crate::admin::metrics::{ApiKeyLabels, DecisionLabels, DryRunLabels, Metrics,
 use crate::audit::{AuditEvent, AuditSink};
 use crate::authz::{Decision, ReasonCode, RequestView};
 use crate::engine::Engine;
-use crate::identity::peer::PeerCertificate;
 use crate::identity::Identity;
+use crate::identity::peer::PeerCertificate;
 
 /// gRPC status codes (google.rpc.Code) used in responses.
 const RPC_OK: i32 = 0;
