@@ -385,6 +385,14 @@ async fn dpop_nonces_reach_the_client_on_denies_and_allows() {
             stack.send(false, "GET", "/orders/42", &headers).await
         }
     };
+    let period = |t: i64| t / LIFETIME;
+    // Start early in a period, so the nonce is issued in the period read below: issued at
+    // the end of one and read as the next, it was two periods old after the wait (a 401
+    // that failed CI on a loaded machine).
+    while support::jwt::now() % LIFETIME > LIFETIME - 3 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let issued = period(support::jwt::now());
     let first = send(None).await;
     assert_eq!(first.status, 401, "{first:?}\n{}", stack.logs());
     assert_eq!(first.error(), "use_dpop_nonce");
@@ -396,8 +404,11 @@ async fn dpop_nonces_reach_the_client_on_denies_and_allows() {
     assert_eq!(retry.status, 200, "{retry:?}\n{}", stack.logs());
     assert!(retry.answered_by_upstream());
 
-    let period = |t: i64| t / LIFETIME;
-    let issued = period(support::jwt::now());
+    assert_eq!(
+        period(support::jwt::now()),
+        issued,
+        "the exchange outlasted the margin; the test cannot tell the nonce's period"
+    );
     while period(support::jwt::now()) == issued {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
