@@ -4,7 +4,8 @@
 //!
 //! The buckets live in the shared `StateStore` (GCRA); this module only chooses keys and
 //! shapes answers. It never changes a deny and never counts a request the grant refused
-//! (limits before the one that answers 429 have counted it, and approvals run after them);
+//! or a limit refused (the limits that select a request count it together or not at all,
+//! and approvals run after them);
 //! it fails closed: a store error is a 503 `state_unavailable`, never an allow.
 //!
 //! Headers, per limit: `RateLimit-Policy: "<id>";q=<burst>;w=<seconds to refill the burst>`
@@ -96,9 +97,10 @@ pub fn applicable<'c>(
         .collect()
 }
 
-/// Spends one request from every limit that selects an allowed `decision`; the first limit
-/// over its budget turns it into a 429. An allow comes back carrying what is left of every
-/// limit that counted it. Denies pass through unchanged and uncounted.
+/// Spends one request from every limit that selects an allowed `decision`, all at once: a
+/// limit over its budget turns it into a 429, and then no limit counts it (a client over
+/// its own limit does not drain a shared one). An allow comes back carrying what is left of
+/// every limit that counted it. Denies pass through unchanged and uncounted.
 pub async fn enforce(
     store: &dyn StateStore,
     config: &Config,
@@ -110,23 +112,49 @@ pub async fn enforce(
         return decision;
     }
     let identity: Option<Arc<Identity>> = decision.identity.clone();
-    let mut counted = Vec::new();
-    for (limit, key) in applicable(config, req, m.route_id, identity.as_deref()) {
-        match store.rate_check(&key, limit.limit).await {
-            Ok(outcome) if outcome.allowed => counted.push((limit, outcome)),
-            Ok(outcome) => {
-                return limited(limit, &outcome)
-                    .with_route(decision.route.clone())
-                    .with_rule(decision.rule.clone())
-                    .with_identity(identity);
-            }
-            Err(e) => {
-                return Decision::new(ReasonCode::StateUnavailable, e.to_string())
-                    .with_route(decision.route.clone())
-                    .with_identity(identity);
-            }
-        }
+    let limits = applicable(config, req, m.route_id, identity.as_deref());
+    if limits.is_empty() {
+        return decision;
     }
+    let buckets: Vec<(&str, crate::state::RateLimit)> = limits
+        .iter()
+        .map(|(l, key)| (key.as_str(), l.limit))
+        .collect();
+    let outcomes = match store.rate_check_all(&buckets).await {
+        Ok(o) if o.len() == limits.len() => o,
+        Ok(_) => {
+            return Decision::new(
+                ReasonCode::StateUnavailable,
+                "the rate limits' buckets could not be read",
+            )
+            .with_route(decision.route.clone())
+            .with_rule(decision.rule.clone())
+            .with_identity(identity);
+        }
+        Err(e) => {
+            return Decision::new(
+                ReasonCode::StateUnavailable,
+                format!("rate limits need shared state: {e}"),
+            )
+            .with_route(decision.route.clone())
+            .with_rule(decision.rule.clone())
+            .with_identity(identity);
+        }
+    };
+    // Over one limit or more: none counted it; the client is told the longest wait.
+    let refusing = limits
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| !o.allowed)
+        .max_by_key(|(_, o)| o.retry_after);
+    if let Some(((limit, _), outcome)) = refusing {
+        return limited(limit, outcome)
+            .with_route(decision.route.clone())
+            .with_rule(decision.rule.clone())
+            .with_identity(identity);
+    }
+    let counted: Vec<(&CompiledRateLimit, RateOutcome)> =
+        limits.iter().map(|(l, _)| *l).zip(outcomes).collect();
     with_quota(decision, &counted)
 }
 

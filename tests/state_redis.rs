@@ -340,6 +340,75 @@ async fn gcra_allows_the_burst_then_denies_with_retry_after_then_refills() {
     .await;
 }
 
+/// The limits that select a request count it together or not at all: a client over its own
+/// limit does not drain a shared one listed before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_one_limit_refuses_counts_against_none() {
+    both(|s, name| async move {
+        let shared = RateLimit {
+            requests: 1,
+            per: Duration::from_secs(3600),
+            burst: 3,
+        };
+        let own = RateLimit {
+            requests: 1,
+            per: Duration::from_secs(3600),
+            burst: 1,
+        };
+        let first = s
+            .rate_check_all(&[("shared", shared), ("own", own)])
+            .await
+            .unwrap();
+        assert!(first.iter().all(|o| o.allowed), "{name}: {first:?}");
+        for _ in 0..5 {
+            let over = s
+                .rate_check_all(&[("shared", shared), ("own", own)])
+                .await
+                .unwrap();
+            assert!(over[0].allowed && !over[1].allowed, "{name}: {over:?}");
+        }
+        // Five refusals later the shared bucket has spent only the one allowed request.
+        let after = s.rate_check("shared", shared).await.unwrap();
+        assert!(after.allowed, "{name}");
+        assert_eq!(after.remaining, 1, "{name}: {after:?}");
+    })
+    .await;
+}
+
+/// A limit raised in place (same bucket key) holds a client the old limit refused for at
+/// most one refill of the new limit, not the old limit's remaining wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_raised_limit_frees_clients_within_its_own_refill() {
+    both(|s, name| async move {
+        let old = RateLimit {
+            requests: 1,
+            per: Duration::from_secs(86_400),
+            burst: 2,
+        };
+        assert!(s.rate_check("k", old).await.unwrap().allowed, "{name}");
+        assert!(s.rate_check("k", old).await.unwrap().allowed, "{name}");
+        let held = s.rate_check("k", old).await.unwrap();
+        assert!(
+            held.retry_after.unwrap() > Duration::from_secs(80_000),
+            "{name}"
+        );
+        let raised = RateLimit {
+            requests: 100,
+            per: Duration::from_secs(60),
+            burst: 100,
+        };
+        let first = s.rate_check("k", raised).await.unwrap();
+        assert!(
+            !first.allowed && first.retry_after.unwrap() <= Duration::from_millis(600),
+            "{name}: {first:?}"
+        );
+        assert!(first.reset <= Duration::from_secs(60), "{name}: {first:?}");
+        tokio::time::sleep(first.retry_after.unwrap() + Duration::from_millis(20)).await;
+        assert!(s.rate_check("k", raised).await.unwrap().allowed, "{name}");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gcra_on_redis_is_shared_by_two_stores() {
     let server = RedisServer::start();

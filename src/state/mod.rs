@@ -136,8 +136,26 @@ pub trait StateStore: Send + Sync {
     /// concurrent callers can never both take the last use.
     async fn take_one(&self, key: &str) -> Result<Option<i64>, StateError>;
 
-    /// Spends one request from the token bucket at `key` (GCRA).
-    async fn rate_check(&self, key: &str, limit: RateLimit) -> Result<RateOutcome, StateError>;
+    /// Spends one request from each of the token buckets (GCRA) at once, atomically: when
+    /// every bucket has room, each counts the request; when one is full, none does, so a
+    /// request refused by one limit never drains another. Outcomes in the order given (the
+    /// ones with room say so even when another refused and nothing was spent).
+    ///
+    /// A bucket whose arrival time lies further ahead than its limit can reach (left by a
+    /// stricter or slower limit under the same id) is read as full under the limit given:
+    /// raising a limit frees the clients the old one held within its new refill time.
+    async fn rate_check_all(
+        &self,
+        buckets: &[(&str, RateLimit)],
+    ) -> Result<Vec<RateOutcome>, StateError>;
+
+    /// `rate_check_all` for one bucket.
+    async fn rate_check(&self, key: &str, limit: RateLimit) -> Result<RateOutcome, StateError> {
+        self.rate_check_all(&[(key, limit)])
+            .await?
+            .pop()
+            .ok_or_else(|| StateError::corrupt(key))
+    }
 
     /// Removes `key` only while it holds `value` (compare and delete, atomic); true when it
     /// did. For releasing what this caller wrote (a slot, a claim) without ever removing what
@@ -210,29 +228,57 @@ impl Buckets {
         }
     }
 
-    /// Spends one request from the bucket at `key` at `now`. A key without a bucket fails
-    /// closed (`StateError::Unavailable`) when the map is at its cap and nothing has expired;
-    /// keys that have one keep being counted.
+    /// Spends one request from the bucket at `key` at `now`.
+    #[cfg(test)]
     fn check(
         &mut self,
         key: &str,
         limit: RateLimit,
         now: Instant,
     ) -> Result<RateOutcome, StateError> {
-        let tat = self.tats.get(key).copied();
-        if tat.is_none() && !self.room_for_one(now) {
-            return Err(StateError::Unavailable(BUCKETS_FULL.to_string()));
-        }
-        let (new_tat, outcome) = gcra(tat, now, limit);
-        if outcome.allowed {
-            self.tats.insert(key.to_string(), new_tat);
-        }
-        Ok(outcome)
+        let mut outcomes = self.check_all(&[(key, limit)], now)?;
+        Ok(outcomes.remove(0))
     }
 
-    /// True when one more bucket fits, sweeping the expired ones first when it is time to.
-    fn room_for_one(&mut self, now: Instant) -> bool {
-        if self.tats.len() < self.sweep_at {
+    /// Spends one request from every bucket at `now`, or from none when one is full (see
+    /// `StateStore::rate_check_all`). New keys fail closed (`StateError::Unavailable`) when
+    /// they do not fit under the cap and nothing has expired; keys that have a bucket keep
+    /// being counted.
+    fn check_all(
+        &mut self,
+        buckets: &[(&str, RateLimit)],
+        now: Instant,
+    ) -> Result<Vec<RateOutcome>, StateError> {
+        let new_keys = buckets
+            .iter()
+            .filter(|(key, _)| !self.tats.contains_key(*key))
+            .count();
+        if new_keys > 0 && !self.room_for(new_keys, now) {
+            return Err(StateError::Unavailable(BUCKETS_FULL.to_string()));
+        }
+        let (tats, outcomes): (Vec<Instant>, Vec<RateOutcome>) = buckets
+            .iter()
+            .map(|(key, limit)| gcra(self.tats.get(*key).copied(), now, *limit))
+            .unzip();
+        let all = outcomes.iter().all(|o| o.allowed);
+        for ((key, _), tat) in buckets.iter().zip(tats) {
+            // Refused, a bucket changes only when its limit cut its arrival time short (see
+            // `gcra`), so the next check starts from there.
+            match self.tats.get_mut(*key) {
+                Some(stored) if !all => *stored = (*stored).min(tat),
+                _ if !all => {}
+                Some(stored) => *stored = tat,
+                None => {
+                    self.tats.insert((*key).to_string(), tat);
+                }
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// True when `n` more buckets fit, sweeping the expired ones first when it is time to.
+    fn room_for(&mut self, n: usize, now: Instant) -> bool {
+        if self.tats.len() + n <= self.sweep_at {
             return true;
         }
         if self.tats.len() >= self.cap && self.no_sweep_before.is_some_and(|t| now < t) {
@@ -518,11 +564,14 @@ impl StateStore for MemoryStore {
         Ok(Some(n - 1))
     }
 
-    async fn rate_check(&self, key: &str, limit: RateLimit) -> Result<RateOutcome, StateError> {
+    async fn rate_check_all(
+        &self,
+        buckets: &[(&str, RateLimit)],
+    ) -> Result<Vec<RateOutcome>, StateError> {
         self.buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .check(key, limit, Instant::now())
+            .check_all(buckets, Instant::now())
     }
 
     async fn delete_if(&self, key: &str, value: &str) -> Result<bool, StateError> {
@@ -598,7 +647,10 @@ impl StateStore for UnavailableStore {
     async fn take_one(&self, _: &str) -> Result<Option<i64>, StateError> {
         self.fail()
     }
-    async fn rate_check(&self, _: &str, _: RateLimit) -> Result<RateOutcome, StateError> {
+    async fn rate_check_all(
+        &self,
+        _: &[(&str, RateLimit)],
+    ) -> Result<Vec<RateOutcome>, StateError> {
         self.fail()
     }
     async fn delete_if(&self, _: &str, _: &str) -> Result<bool, StateError> {
@@ -614,7 +666,12 @@ pub fn gcra(tat: Option<Instant>, now: Instant, limit: RateLimit) -> (Instant, R
     let interval = limit.emission_interval();
     let burst = limit.burst.max(1);
     let tolerance = interval * (burst - 1);
-    let tat = tat.filter(|t| *t > now).unwrap_or(now);
+    // Never further ahead than this limit can put it: an arrival time left by a stricter
+    // limit under the same id holds a client at most one refill of the current one.
+    let tat = tat
+        .filter(|t| *t > now)
+        .unwrap_or(now)
+        .min(now + interval * burst);
     let new_tat = tat + interval;
     let allow_at = new_tat.checked_sub(interval + tolerance).unwrap_or(now);
     if allow_at > now {
@@ -776,8 +833,11 @@ pub mod testing {
         async fn take_one(&self, k: &str) -> Result<Option<i64>, StateError> {
             self.inner.take_one(k).await
         }
-        async fn rate_check(&self, k: &str, l: RateLimit) -> Result<RateOutcome, StateError> {
-            let outcome = self.inner.rate_check(k, l).await;
+        async fn rate_check_all(
+            &self,
+            b: &[(&str, RateLimit)],
+        ) -> Result<Vec<RateOutcome>, StateError> {
+            let outcome = self.inner.rate_check_all(b).await;
             self.rate_check.pass().await;
             outcome
         }

@@ -34,28 +34,56 @@ if n <= 0 then return -1 end
 return redis.call('DECR', KEYS[1])
 ";
 
-/// GCRA on the server's clock, in microseconds. ARGV: emission interval, burst.
-/// Returns {allowed (0/1), reset_us, retry_after_us}.
+/// GCRA on the server's clock, in microseconds, over every bucket of KEYS at once: each
+/// counts the request only when all of them have room. ARGV: an emission interval and a
+/// burst per key. Returns {0, then allowed (0/1), reset_us, retry_after_us per key}, or
+/// {-2, i} when the value at KEYS[i] is not a number. A stored arrival time further ahead
+/// than the limit can reach (left by a stricter limit under the same id) is read as full,
+/// and kept so even when the request is refused.
 const GCRA: &str = r"
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local stored = redis.call('GET', KEYS[1])
-local tat = now
-if stored then
-  local parsed = tonumber(stored)
-  if not parsed then return {-2, 0, 0} end
-  if parsed > now then tat = parsed end
+local out = {0}
+local tats = {}
+local clamped = {}
+local all = true
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local burst = tonumber(ARGV[2 * i])
+  local stored = redis.call('GET', KEYS[i])
+  local tat = now
+  if stored then
+    local parsed = tonumber(stored)
+    if not parsed then return {-2, i} end
+    if parsed > now then tat = parsed end
+  end
+  local cap = now + interval * burst
+  if tat > cap then
+    tat = cap
+    clamped[i] = cap
+  end
+  local allow_at = tat - interval * (burst - 1)
+  if allow_at > now then
+    all = false
+    table.insert(out, 0)
+    table.insert(out, tat - now)
+    table.insert(out, allow_at - now)
+  else
+    tats[i] = tat + interval
+    table.insert(out, 1)
+    table.insert(out, tat + interval - now)
+    table.insert(out, 0)
+  end
 end
-local tolerance = interval * (burst - 1)
-local allow_at = tat - tolerance
-if allow_at > now then
-  return {0, tat - now, allow_at - now}
+local function store(i, tat)
+  redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
 end
-local new_tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
-return {1, new_tat - now, 0}
+if all then
+  for i = 1, #KEYS do store(i, tats[i]) end
+else
+  for i, cap in pairs(clamped) do store(i, cap) end
+end
+return out
 ";
 
 /// Removes ARGV[1] from the sorted set; returns 1 when it was there with an expiry (score)
@@ -236,8 +264,19 @@ fn redis_error(e: &::redis::RedisError) -> StateError {
         "redis did not answer in time"
     } else if e.is_connection_refusal() || e.is_io_error() || e.is_connection_dropped() {
         "redis is unreachable"
+    } else if e.code() == Some("WRONGTYPE") {
+        // A Lua script's error carries the same code inside its message.
+        "a key under `state.key_prefix` holds a value of another type (is something else writing under the prefix?)"
+    } else if e.detail().is_some_and(|d| d.contains("WRONGTYPE")) {
+        "a key under `state.key_prefix` holds a value of another type (is something else writing under the prefix?)"
     } else {
-        return StateError::Unavailable(format!("redis error ({})", e.category()));
+        // The error code (a fixed word such as NOAUTH or READONLY) names no argument.
+        return StateError::Unavailable(match e.code() {
+            Some(code) if code.bytes().all(|b| b.is_ascii_uppercase()) => {
+                format!("redis refused the operation ({code})")
+            }
+            _ => format!("redis error ({})", e.category()),
+        });
     };
     unavailable(what)
 }
@@ -390,46 +429,62 @@ impl StateStore for RedisStore {
         }
     }
 
-    async fn rate_check(&self, key: &str, limit: RateLimit) -> Result<RateOutcome, StateError> {
-        let full = self.key(key);
-        let interval = limit.emission_interval();
-        let interval_us = u64::try_from(interval.as_micros())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let burst = limit.burst.max(1);
-        let script = &self.gcra;
-        let (allowed, reset_us, retry_us): (i64, i64, i64) = self
-            .run(|mut c| async move {
-                script
-                    .key(&full)
-                    .arg(interval_us)
-                    .arg(burst)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
-        let us = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
-        match allowed {
-            1 => {
-                let used = us(reset_us);
-                let used_units = used.as_micros().div_ceil(u128::from(interval_us)) as u32;
-                Ok(RateOutcome {
-                    allowed: true,
-                    limit: burst,
-                    remaining: burst.saturating_sub(used_units),
-                    reset: used,
-                    retry_after: None,
-                })
-            }
-            0 => Ok(RateOutcome {
-                allowed: false,
-                limit: burst,
-                remaining: 0,
-                reset: us(reset_us),
-                retry_after: Some(us(retry_us)),
-            }),
-            _ => Err(StateError::corrupt(key)),
+    async fn rate_check_all(
+        &self,
+        buckets: &[(&str, RateLimit)],
+    ) -> Result<Vec<RateOutcome>, StateError> {
+        if buckets.is_empty() {
+            return Ok(Vec::new());
         }
+        let mut invocation = self.gcra.prepare_invoke();
+        let mut limits = Vec::with_capacity(buckets.len());
+        for (key, limit) in buckets {
+            let interval_us = u64::try_from(limit.emission_interval().as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            let burst = limit.burst.max(1);
+            invocation.key(self.key(key)).arg(interval_us).arg(burst);
+            limits.push((interval_us, burst));
+        }
+        let invocation = &invocation;
+        let reply: Vec<i64> = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        let corrupt = |i: i64| {
+            let at = usize::try_from(i - 1).ok();
+            StateError::corrupt(at.and_then(|i| buckets.get(i)).map_or("?", |b| b.0))
+        };
+        match reply.first() {
+            Some(0) if reply.len() == 1 + 3 * buckets.len() => {}
+            Some(-2) => return Err(corrupt(reply.get(1).copied().unwrap_or(0))),
+            _ => return Err(corrupt(0)),
+        }
+        let us = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+        Ok(reply[1..]
+            .chunks_exact(3)
+            .zip(limits)
+            .map(|(r, (interval_us, burst))| {
+                if r[0] == 1 {
+                    let used = us(r[1]);
+                    let used_units = used.as_micros().div_ceil(u128::from(interval_us)) as u32;
+                    RateOutcome {
+                        allowed: true,
+                        limit: burst,
+                        remaining: burst.saturating_sub(used_units),
+                        reset: used,
+                        retry_after: None,
+                    }
+                } else {
+                    RateOutcome {
+                        allowed: false,
+                        limit: burst,
+                        remaining: 0,
+                        reset: us(r[1]),
+                        retry_after: Some(us(r[2])),
+                    }
+                }
+            })
+            .collect())
     }
 
     async fn delete_if(&self, key: &str, value: &str) -> Result<bool, StateError> {
