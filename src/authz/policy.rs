@@ -320,6 +320,30 @@ pub fn normalize_host(raw: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Whether `raw` (port and trailing dot aside) is a host both Envoy and Portcullis read
+/// the same way: DNS labels, or a bracketed IPv6 address in its canonical form. Envoy picks
+/// a virtual host by plain string matching: its `*.internal.example.com` takes
+/// `x..internal.example.com` or `a@b.internal.example.com`, which are no DNS names and so
+/// match no wildcard route here, and `[0::1]` is not its `[::1]`, which is the same address
+/// here. Deciding such a host against another route than the one Envoy serves it from could
+/// let a request reach a protected virtual host through a public route, so a policy with
+/// host-scoped routes refuses it (the reason, never the host, is told).
+fn plain_host(raw: &str) -> Result<(), &'static str> {
+    let host = without_port(raw);
+    if host.starts_with('[') {
+        return match canonical_ipv6(host) {
+            Some(c) if c.eq_ignore_ascii_case(host) => Ok(()),
+            Some(_) => Err("an IPv6 address not in its canonical form (RFC 5952, e.g. `[::1]`)"),
+            None => Err("not a DNS name or an IP address"),
+        };
+    }
+    if host.len() <= 253 && valid_dns_name(host) {
+        Ok(())
+    } else {
+        Err("not a DNS name or an IP address")
+    }
+}
+
 /// `[addr]` written as Rust (and RFC 5952) writes the address: one spelling per address, so
 /// `[0::1]` cannot slip past a route for `[::1]` to a less specific one. `None` when `host`
 /// is no bracketed IPv6 address (a zone id included), which then matches no IPv6 route.
@@ -541,6 +565,14 @@ impl Policy {
             .map_err(|e| Decision::new(ReasonCode::PathRejected, format!("path rejected: {e}")))?;
         let host = normalize_host(req.host);
         let host = &*host;
+        if self.host_scoped
+            && let Err(why) = plain_host(req.host)
+        {
+            return Err(Decision::new(
+                ReasonCode::PathRejected,
+                format!("host rejected: {why}"),
+            ));
+        }
         let candidates = segs
             .first()
             .and_then(|s| self.by_first.get(s.as_ref()))

@@ -153,20 +153,19 @@ fn nothing_matches_names_the_host_when_routes_are_host_scoped() {
         detail("[::1]:80", "/b").detail,
         "no route for `GET /b` on host `[::1]`"
     );
-    assert_eq!(
-        detail("", "/a").detail,
-        "no route for `GET /a` on host `(no host)`"
-    );
+    // A host that is no name or address is refused before matching, and never echoed.
     for hostile in [
+        "",
         "a.example.com,b.example.com",
         "x`y",
         "a\nb",
         "[::1",
         "*.example.com",
     ] {
+        let d = detail(hostile, "/a");
+        assert_eq!(d.code, ReasonCode::PathRejected, "{hostile}");
         assert_eq!(
-            detail(hostile, "/a").detail,
-            "no route for `GET /a` on host `(invalid host)`",
+            d.detail, "host rejected: not a DNS name or an IP address",
             "{hostile}"
         );
     }
@@ -244,27 +243,37 @@ fn host_specificity_and_normalization() {
     assert_eq!(route(&p, "GET", "evilexample.com", "/x"), "any");
     assert_eq!(route(&p, "GET", "[::1]:8080", "/x"), "v6");
     assert_eq!(route(&p, "GET", "[::1]", "/x"), "v6");
-    assert_eq!(route(&p, "GET", "[::1]evil", "/x"), "any");
-    // Every spelling of the address is the address: none falls through to `any`.
+    assert_eq!(route(&p, "GET", "[::1]evil", "/x"), "path_rejected");
+    assert_eq!(route(&p, "GET", "[2001:DB8::1]", "/x"), "any");
+    // Envoy's `[::1]` virtual host takes no other spelling of the address: another one is
+    // refused rather than decided against the `[::1]` route (or falling through to `any`)
+    // while Envoy serves it from another virtual host.
     for spelled in [
         "[0::1]",
         "[0:0:0:0:0:0:0:1]:80",
         "[0000::0001]",
         "[::0.0.0.1]",
+        "[::1%25lo]",
     ] {
-        assert_eq!(route(&p, "GET", spelled, "/x"), "v6", "{spelled}");
+        assert_eq!(
+            route(&p, "GET", spelled, "/x"),
+            "path_rejected",
+            "{spelled}"
+        );
     }
-    assert_eq!(route(&p, "GET", "[::1%25lo]", "/x"), "any");
     assert_eq!(route(&p, "GET", "[::2]", "/x"), "any");
     // ... and so is a configured one written another way.
     let spelled =
         policy("  - { id: v6, methods: [GET], path: /x, hosts: [\"[0:0::1]\"], public: true }\n");
     assert_eq!(route(&spelled, "GET", "[::1]", "/x"), "v6");
     assert_eq!(route(&p, "GET", "other.test", "/only"), "no_matching_route");
-    assert_eq!(route(&p, "GET", "", "/only"), "no_matching_route");
+    assert_eq!(route(&p, "GET", "", "/only"), "path_rejected");
     assert_eq!(route(&p, "GET", "api.example.com:443", "/only"), "only");
-    // What a wildcard covers must be DNS labels: two `Host` lines that Envoy joined, or
-    // other garbage in front of the suffix, match no wildcard (nor an exact host).
+    // Envoy's `*.example.com` takes any text in front of the suffix; here what a wildcard
+    // covers must be DNS labels. So two `Host` lines that Envoy joined, or other garbage,
+    // are refused: decided against a less specific route (`any`) they would be allowed
+    // while Envoy serves them from the wildcard's virtual host.
+    let long_label = format!("{}.example.com", "a".repeat(64));
     for garbage in [
         "admin.example.com,www.example.com",
         "admin.example.com, www.example.com",
@@ -272,14 +281,23 @@ fn host_specificity_and_normalization() {
         "a b.example.com",
         "a..example.com",
         ".example.com",
+        "a!b.example.com",
+        &long_label,
     ] {
-        assert_eq!(route(&p, "GET", garbage, "/x"), "any", "{garbage}");
+        assert_eq!(
+            route(&p, "GET", garbage, "/x"),
+            "path_rejected",
+            "{garbage}"
+        );
         assert_eq!(
             route(&p, "GET", garbage, "/only"),
-            "no_matching_route",
+            "path_rejected",
             "{garbage}"
         );
     }
+    // A policy without host-scoped routes decides the same whatever the host.
+    let hostless = policy("  - { id: any, methods: [GET], path: /x, public: true }\n");
+    assert_eq!(route(&hostless, "GET", "a..example.com", "/x"), "any");
 }
 
 #[test]
