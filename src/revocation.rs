@@ -122,6 +122,23 @@ const EPOCH_PREFIX: &str = "epoch:";
 /// The marker's score: 9999-12-31T23:59:59Z, beyond every entry's expiry (400 days at most).
 const EPOCH_EXPIRES_AT: i64 = 253_402_300_799;
 
+/// How far apart replicas' clocks may be when one reads the creation time another wrote
+/// into a marker (replicas log a warning past 30 s from Redis's clock).
+const MARKER_CLOCK_SLACK: i64 = 60;
+
+/// A new marker, `epoch:<Unix seconds>:<random>`: its time tells a replica that starts how
+/// long ago the set was (re)created, so it knows whether the others have had the time to
+/// write back what a store lost. Markers of the same age sort by time.
+fn new_marker(now: i64) -> String {
+    format!("{EPOCH_PREFIX}{now}:{}", crate::approvals::new_id())
+}
+
+/// When `marker` was made; `None` for a marker of an older release (no time: taken as old).
+fn marker_time(marker: &str) -> Option<i64> {
+    let (secs, _) = marker.strip_prefix(EPOCH_PREFIX)?.split_once(':')?;
+    secs.parse().ok()
+}
+
 impl RevokedKind {}
 
 /// Why a revocation file or entry is unusable.
@@ -488,6 +505,11 @@ pub struct RuntimeRevocations {
     /// Changes this replica made, numbered, that a sync which read the store before them
     /// must not undo (see `sync`). Writers of `members` hold this lock.
     local: Mutex<LocalChanges>,
+    /// How long a replica that has never synced waits, after it first sees a marker made
+    /// less than this long ago (it may have made it itself), before it trusts the set: the
+    /// time the replicas holding entries a store lost need to notice and write them back.
+    /// Zero for a store no other replica shares.
+    writeback_wait: Duration,
 }
 
 #[derive(Default)]
@@ -499,6 +521,8 @@ struct LocalChanges {
     changes: Vec<(u64, String, Option<i64>)>,
     /// The index's generation marker as last read (see `EPOCH_PREFIX`).
     epoch: Option<String>,
+    /// A young marker this replica, never synced, waits on, and when it first saw it.
+    waiting: Option<(String, std::time::Instant)>,
 }
 
 /// Complete and empty: for engines no store feeds (policy tests, `explain`).
@@ -508,6 +532,7 @@ impl Default for RuntimeRevocations {
             members: ArcSwap::default(),
             synced: AtomicBool::new(true),
             local: Mutex::default(),
+            writeback_wait: Duration::ZERO,
         }
     }
 }
@@ -519,6 +544,17 @@ impl RuntimeRevocations {
         Self {
             synced: AtomicBool::new(false),
             ..Self::default()
+        }
+    }
+
+    /// `unsynced`, for a store other replicas share, polled every `interval`: a set found
+    /// new (the store lost it, or this is the first replica) is trusted only once the
+    /// replicas polling at that interval have had two polls to write back what they hold
+    /// (polls over 15 s apart are counted as 15 s: a replica is not kept out for hours).
+    pub fn unsynced_shared(interval: Duration) -> Self {
+        Self {
+            writeback_wait: interval.min(Duration::from_secs(15)) * 2 + Duration::from_secs(1),
+            ..Self::unsynced()
         }
     }
 
@@ -573,6 +609,12 @@ impl RuntimeRevocations {
     /// generation marker is not the one this replica last saw, the set was lost (or never
     /// existed): the live entries this replica holds are written back before the snapshot
     /// is replaced, so no revoked token is accepted again because Redis restarted empty.
+    ///
+    /// INVARIANT: a replica that has never synced does not trust a set the store lost until
+    /// the others have written it back. It cannot tell a set that never existed from one
+    /// lost with its marker (restarted together with a Redis that came back empty), so a
+    /// marker younger than `writeback_wait` (plus clock slack) keeps it unsynced until that
+    /// long after it first saw the marker; the watcher's next syncs then find the entries.
     pub async fn sync(
         &self,
         state: &dyn StateStore,
@@ -592,7 +634,7 @@ impl RuntimeRevocations {
         let epoch = match markers.first() {
             Some(e) => e.clone(),
             None => {
-                let fresh = format!("{EPOCH_PREFIX}{}", crate::approvals::new_id());
+                let fresh = new_marker(now);
                 state
                     .index_add(RUNTIME_INDEX, &fresh, EPOCH_EXPIRES_AT)
                     .await?;
@@ -625,6 +667,27 @@ impl RuntimeRevocations {
         }
         let mut members: std::collections::HashMap<String, i64> = listed.into_iter().collect();
         let mut local = self.local();
+        let young = !self.writeback_wait.is_zero()
+            && !self.synced()
+            && marker_time(&epoch).is_some_and(|made| {
+                now - made < self.writeback_wait.as_secs() as i64 + 1 + MARKER_CLOCK_SLACK
+            });
+        let hold = young
+            && {
+                let first_seen = match &local.waiting {
+                    Some((marker, seen)) if *marker == epoch => *seen,
+                    _ => {
+                        tracing::info!(
+                            wait = %humantime::format_duration(self.writeback_wait),
+                            "the runtime revocations in shared state are new (a first replica, or Redis lost them): requests with a credential are refused until the other replicas have had the time to write back the entries they hold"
+                        );
+                        let seen = std::time::Instant::now();
+                        local.waiting = Some((epoch.clone(), seen));
+                        seen
+                    }
+                };
+                first_seen.elapsed() < self.writeback_wait
+            };
         local.epoch = Some(epoch);
         local.changes.retain(|(n, _, _)| *n >= started);
         for (_, member, expires_at) in &local.changes {
@@ -639,7 +702,10 @@ impl RuntimeRevocations {
         }
         let n = members.len();
         self.members.store(std::sync::Arc::new(members));
-        self.synced.store(true, Ordering::Release);
+        if !hold {
+            local.waiting = None;
+            self.synced.store(true, Ordering::Release);
+        }
         Ok(n)
     }
 
@@ -749,7 +815,12 @@ pub fn spawn_watcher(
         // Issuers runtime entries name that this config lacks, as last warned about.
         let mut warned_unknown = std::collections::BTreeSet::new();
         loop {
-            let interval = engine.load().config.file.revocation.reload.get();
+            let mut interval = engine.load().config.file.revocation.reload.get();
+            // Not synced yet (the store down, or a new set waited on): try again soon, so
+            // the replica serves once it can rather than one whole interval later.
+            if !engine.load().runtime_revoked.synced() {
+                interval = interval.min(Duration::from_millis(250));
+            }
             let hangup = async {
                 match hup.as_mut() {
                     Some(s) => s.recv().await,
@@ -1087,6 +1158,53 @@ revoked:
         assert_eq!(mirror.check(&who).unwrap_err().code, ReasonCode::Revoked);
         mirror.apply(&RevokedKind::Sub.member(None, "bob"), None);
         assert!(mirror.check(&who).is_ok());
+    }
+
+    /// Redis came back empty and a replica restarted with it: the restarted one must not
+    /// take the empty set as the truth before the replica that still holds the entries has
+    /// written them back.
+    #[tokio::test]
+    async fn a_replica_starting_on_a_set_the_store_lost_waits_for_the_write_back() {
+        let who = id(json!({"sub": "mallory"}));
+        let member = RevokedKind::Sub.member(None, "mallory");
+        let before = crate::state::MemoryStore::new();
+        let holder = RuntimeRevocations::default();
+        before
+            .index_add(RUNTIME_INDEX, &member, i64::MAX / 2)
+            .await
+            .unwrap();
+        holder.sync(&before, 100).await.unwrap();
+        assert_eq!(holder.check(&who).unwrap_err().code, ReasonCode::Revoked);
+
+        // The store lost everything; a replica starts on it before the holder's next poll.
+        let emptied = crate::state::MemoryStore::new();
+        let wait = Duration::from_millis(300);
+        let restarted = RuntimeRevocations {
+            writeback_wait: wait,
+            ..RuntimeRevocations::unsynced()
+        };
+        assert_eq!(restarted.sync(&emptied, 200).await.unwrap(), 0);
+        let d = restarted.check(&who).unwrap_err();
+        assert_eq!(d.code, ReasonCode::StateUnavailable, "{d:?}");
+        // The holder's poll writes the entry back; the restarted replica still waits out
+        // the time the others may need.
+        holder.sync(&emptied, 200).await.unwrap();
+        restarted.sync(&emptied, 200).await.unwrap();
+        assert_eq!(
+            restarted.check(&who).unwrap_err().code,
+            ReasonCode::StateUnavailable
+        );
+        tokio::time::sleep(wait).await;
+        restarted.sync(&emptied, 200).await.unwrap();
+        assert_eq!(restarted.check(&who).unwrap_err().code, ReasonCode::Revoked);
+
+        // A replica that starts long after the set was made trusts it at once.
+        let later = RuntimeRevocations {
+            writeback_wait: wait,
+            ..RuntimeRevocations::unsynced()
+        };
+        later.sync(&emptied, 200 + 3_600).await.unwrap();
+        assert_eq!(later.check(&who).unwrap_err().code, ReasonCode::Revoked);
     }
 
     #[test]

@@ -146,9 +146,20 @@ impl Server {
         let keys = Arc::new(key_store(&config, metrics.clone()));
         let state: Arc<dyn StateStore> =
             crate::state::from_config(&config.file.state).map_err(ServeError::State)?;
+        // Other replicas may share Redis: a list found new there waits for their write-back.
+        let mirror = match config.file.state.backend {
+            crate::config::schema::StateBackend::Redis => {
+                crate::revocation::RuntimeRevocations::unsynced_shared(
+                    config.file.revocation.reload.get(),
+                )
+            }
+            crate::config::schema::StateBackend::Memory => {
+                crate::revocation::RuntimeRevocations::unsynced()
+            }
+        };
         let first = Engine::new(Arc::new(config), keys, state, metrics.clone())
             .with_audit(audit.clone())
-            .with_runtime_revocations(Arc::new(crate::revocation::RuntimeRevocations::unsynced()));
+            .with_runtime_revocations(Arc::new(mirror));
         // Read the runtime revocations before serving: until they are, every credential is
         // refused (503), and the watcher keeps trying (a store down at start is not fatal).
         if let Err(e) = first
