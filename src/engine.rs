@@ -969,7 +969,7 @@ pub(crate) mod tests {
     }
 
     /// A dev token for `sub` with `roles` and `scopes`, valid an hour.
-    fn dev_token(engine: &Engine, sub: &str, roles: &[&str], scopes: &[&str]) -> String {
+    pub(crate) fn dev_token(engine: &Engine, sub: &str, roles: &[&str], scopes: &[&str]) -> String {
         let args = crate::cli::TokenArgs {
             config: "config/portcullis.yaml".into(),
             sub: sub.into(),
@@ -981,7 +981,7 @@ pub(crate) mod tests {
         crate::cli::mint_dev_token(&engine.config, &args, unix_now(), 3600).unwrap()
     }
 
-    fn request<'a>(
+    pub(crate) fn request<'a>(
         method: &'a str,
         path: &'a str,
         headers: &'a std::collections::HashMap<String, String>,
@@ -998,7 +998,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn bearer(token: &str) -> std::collections::HashMap<String, String> {
+    pub(crate) fn bearer(token: &str) -> std::collections::HashMap<String, String> {
         [("authorization".to_string(), format!("Bearer {token}"))].into()
     }
 

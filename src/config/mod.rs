@@ -1759,6 +1759,15 @@ impl Compiler {
         if state.timeout.get().is_zero() {
             return Err(self.err("state.timeout", "must be greater than 0"));
         }
+        let decision_timeout = file.server.decision_timeout.get();
+        if decision_timeout < std::time::Duration::from_millis(10)
+            || decision_timeout > std::time::Duration::from_secs(60)
+        {
+            return Err(self.err(
+                "server.decision_timeout",
+                "must be between 10ms and 60s, and below Envoy's ext_authz `timeout` (0.25s in envoy/)",
+            ));
+        }
         if state
             .key_prefix
             .chars()

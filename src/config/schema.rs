@@ -143,6 +143,11 @@ pub struct ServerConfig {
     /// The longest a Check waits for a key fetch triggered by an unknown `kid`.
     #[serde(default = "default_key_wait")]
     pub key_fetch_wait: HumanDuration,
+    /// The longest a decision may wait in all (shared state, key fetches) before it is a
+    /// 503 deny. Keep it below Envoy's ext_authz `timeout`, so that Envoy always gets an
+    /// explained answer (and the decision its audit line) rather than timing out itself.
+    #[serde(default = "default_decision_timeout")]
+    pub decision_timeout: HumanDuration,
     /// TLS (and client-certificate verification) on the gRPC listener. Absent: plaintext.
     #[serde(default, deserialize_with = "present")]
     pub tls: Option<TlsConfig>,
@@ -189,6 +194,7 @@ impl Default for ServerConfig {
             shutdown_grace: default_shutdown_grace(),
             shutdown_delay: default_shutdown_delay(),
             key_fetch_wait: default_key_wait(),
+            decision_timeout: default_decision_timeout(),
             tls: None,
             approvals_listen: None,
             approvals_tls: None,
@@ -213,6 +219,10 @@ fn default_shutdown_delay() -> HumanDuration {
 }
 fn default_key_wait() -> HumanDuration {
     HumanDuration::from_millis(100)
+}
+
+fn default_decision_timeout() -> HumanDuration {
+    HumanDuration::from_millis(200)
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -130,10 +130,38 @@ impl AuthzService {
         let engine = self.engine.load_full();
         // A panic anywhere below must still produce a deny, never a dropped stream.
         let decision = {
-            let fut = engine.check(view);
-            match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(fut)).await {
-                Ok(d) => d,
-                Err(_) => Decision::new(ReasonCode::Internal, "internal error while deciding"),
+            let fut = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+                engine.check(view),
+            ));
+            let mut fut = std::pin::pin!(fut);
+            // Most decisions are ready at the first poll (no timer is set up for them); one
+            // that waits (shared state, a key fetch) is cut at `decision_timeout`, so Envoy
+            // gets an explained deny, and the audit its line, before its own timeout.
+            let first =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
+            let outcome = match first {
+                std::task::Poll::Ready(outcome) => Some(outcome),
+                std::task::Poll::Pending => {
+                    let limit = engine.config.file.server.decision_timeout.get();
+                    let deadline = tokio::time::Instant::from_std(started) + limit;
+                    tokio::time::timeout_at(deadline, fut).await.ok()
+                }
+            };
+            match outcome {
+                Some(Ok(d)) => d,
+                Some(Err(_)) => {
+                    Decision::new(ReasonCode::Internal, "internal error while deciding")
+                }
+                None => Decision::new(
+                    ReasonCode::StateUnavailable,
+                    format!(
+                        "the decision waited longer than `server.decision_timeout` ({}) on \
+                         shared state or a key fetch",
+                        humantime::format_duration(
+                            engine.config.file.server.decision_timeout.get()
+                        )
+                    ),
+                ),
             }
         };
         let hops = engine.config.file.network.trusted_proxy_hops;
@@ -645,6 +673,61 @@ mod tests {
             })
             .get();
         assert_eq!(counted, 2);
+    }
+
+    /// A decision stuck on shared state (here a rate-limit bucket that never answers) is cut
+    /// at `server.decision_timeout`: an explained 503, counted (and audited) like any other,
+    /// before Envoy's own timeout would have answered a bare 403 with no audit line.
+    #[tokio::test]
+    async fn a_decision_waiting_past_decision_timeout_is_an_explained_503() {
+        let metrics = Arc::new(Metrics::new());
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/portcullis.yaml");
+        let text = std::fs::read_to_string(&path).unwrap().replacen(
+            "server:\n",
+            "server:\n  decision_timeout: 50ms\n",
+            1,
+        );
+        let config = Arc::new(crate::config::from_str(&text, &path).unwrap());
+        let keys = Arc::new(crate::server::key_store(&config, metrics.clone()));
+        let store = Arc::new(crate::state::testing::TestStore {
+            rate_check: crate::state::testing::Gate::after(0),
+            ..crate::state::testing::TestStore::default()
+        });
+        let engine = Engine::new(config, keys, store, metrics.clone());
+        engine.keys.start().await;
+        let token = crate::engine::tests::dev_token(&engine, "alice", &[], &["orders:write"]);
+        let service = AuthzService::new(
+            Arc::new(ArcSwap::from_pointee(engine)),
+            metrics.clone(),
+            AuditSink::to_writer(std::io::sink).unwrap(),
+        );
+        let headers = crate::engine::tests::bearer(&token);
+        let view = crate::engine::tests::request("POST", "/orders", &headers);
+        let started = Instant::now();
+        let (d, _) = service.decide_view(&view, "req-1").await;
+        let took = started.elapsed();
+        assert_eq!(d.code, ReasonCode::StateUnavailable, "{d:?}");
+        assert_eq!(d.http_status(), 503);
+        assert!(
+            d.detail.contains("`server.decision_timeout` (50ms)"),
+            "{}",
+            d.detail
+        );
+        assert!(
+            took >= std::time::Duration::from_millis(50)
+                && took < std::time::Duration::from_secs(2),
+            "{took:?}"
+        );
+        let counted = metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                result: "deny",
+                status: 503,
+                reason: "state_unavailable",
+                route: RouteLabel(None),
+            })
+            .get();
+        assert_eq!(counted, 1);
     }
 
     /// Decides `view` through `service` and answers its reason code, HTTP status and every
