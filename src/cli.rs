@@ -173,6 +173,18 @@ pub fn check(path: &Path, strict: bool) -> Result<String, CliError> {
                 path: file.clone(),
                 error,
             })?;
+            // `serve` reads it under the same cap, and would never be ready.
+            let max = issuer.keys.max_bytes.get();
+            if bytes.len() as u64 > max {
+                return Err(CliError::Keys(format!(
+                    "{}: issuers[{}].keys.file: `{}` is {} bytes, over `keys.max_bytes` ({max}); \
+                     raise `max_bytes` (e.g. `1MiB`)",
+                    path.display(),
+                    issuer.name,
+                    file.display(),
+                    bytes.len()
+                )));
+            }
             KeySet::from_jwks(&bytes, KeyOrigin::LocalFile).map_err(|e| {
                 CliError::Keys(format!(
                     "{}: issuers[{}].keys.file: `{}`: {e}",

@@ -489,3 +489,27 @@ fn explain_checks_a_dpop_proof_for_an_https_url() {
     let (_, out) = explain("http://api.example.com/orders/1", None);
     assert!(out.contains("decision: ALLOW"), "{out}");
 }
+
+/// A local key file over `keys.max_bytes` fails `check` naming the field: `serve` reads it
+/// under that cap and would never be ready. Sizes take units there, as elsewhere.
+#[test]
+fn check_refuses_a_key_file_over_its_max_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev/jwks.json");
+    let write = |max: &str| {
+        let text = format!(
+            "issuers: [{{name: dev, issuer: https://dev.test, audiences: [a], keys: {{file: '{jwks}', max_bytes: {max}}}}}]\nroutes: [{{id: r, methods: [GET], path: /r, rules: [{{id: x, scopes: [s]}}]}}]\n"
+        );
+        std::fs::write(dir.path().join("p.yaml"), text).unwrap();
+    };
+    write("10");
+    let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("issuers[dev].keys.file") && out.contains("over `keys.max_bytes` (10)"),
+        "{out}"
+    );
+    write("512KiB");
+    let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
+    assert_eq!(code, Some(0), "{out}");
+}

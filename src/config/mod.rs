@@ -634,7 +634,7 @@ impl Compiler {
                 return Err(self.err(f(&format!("keys.{name}")), "must be at least 1s"));
             }
         }
-        if keys.max_bytes == 0 {
+        if keys.max_bytes.get() == 0 {
             return Err(self.err(f("keys.max_bytes"), "must be greater than 0"));
         }
         if keys.fetch_timeout.get().is_zero() {

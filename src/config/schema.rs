@@ -387,9 +387,9 @@ pub struct KeySourceConfig {
     /// Timeout of one fetch.
     #[serde(default = "default_fetch_timeout")]
     pub fetch_timeout: HumanDuration,
-    /// Largest accepted JWKS document.
+    /// Largest accepted JWKS document (fetched or read from `file`).
     #[serde(default = "default_max_jwks_bytes")]
-    pub max_bytes: usize,
+    pub max_bytes: ByteSize,
 }
 
 fn default_min_refresh() -> HumanDuration {
@@ -407,8 +407,8 @@ fn default_unknown_kid_interval() -> HumanDuration {
 fn default_fetch_timeout() -> HumanDuration {
     HumanDuration::from_secs(5)
 }
-fn default_max_jwks_bytes() -> usize {
-    256 * 1024
+fn default_max_jwks_bytes() -> ByteSize {
+    ByteSize(256 * 1024)
 }
 
 #[derive(Debug, Clone, Deserialize)]

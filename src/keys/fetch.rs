@@ -76,7 +76,7 @@ pub enum FetchError {
     /// Not a failed fetch: the issuer's answer, which withdraws every key it published before.
     #[error("the issuer publishes no usable key ({})", no_key_detail(*.0))]
     NoKeys(usize),
-    #[error("response is larger than the {0} byte limit")]
+    #[error("the key set is larger than the {0} byte limit (`keys.max_bytes`)")]
     TooLarge(usize),
     #[error("redirect refused (only up to 3 redirects to the same origin are followed)")]
     Redirect,
@@ -248,7 +248,7 @@ fn client_or_fail<'c>(
 }
 
 async fn read_file(path: &PathBuf, cfg: &KeySourceConfig) -> Result<Vec<u8>, FetchError> {
-    let max = cfg.max_bytes;
+    let max = usize::try_from(cfg.max_bytes.get()).unwrap_or(usize::MAX);
     let read = async {
         let file = tokio::fs::File::open(path)
             .await
@@ -363,7 +363,7 @@ async fn get_capped(
     url: &Url,
     cfg: &KeySourceConfig,
 ) -> Result<(Vec<u8>, HeaderMap), FetchError> {
-    let max = cfg.max_bytes;
+    let max = usize::try_from(cfg.max_bytes.get()).unwrap_or(usize::MAX);
     let timeout = cfg.fetch_timeout.get();
     let exchange = async {
         let mut resp = clients
