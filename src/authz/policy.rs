@@ -239,6 +239,15 @@ pub enum HostPattern {
     Suffix(Box<str>),
 }
 
+impl std::fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Suffix(s) => write!(f, "*{s}"),
+        }
+    }
+}
+
 impl HostPattern {
     /// Parses a configured host: `api.example.com`, `*.example.com`, `[::1]`.
     pub fn parse(text: &str) -> Result<HostPattern, String> {
@@ -725,9 +734,18 @@ impl Policy {
         let mut out = Vec::new();
         for (j, later) in self.routes.iter().enumerate() {
             for earlier in &self.routes[..j] {
-                if !earlier.template.same_shape(&later.template)
-                    || sorted(&earlier.hosts) != sorted(&later.hosts)
-                {
+                if !earlier.template.same_shape(&later.template) {
+                    continue;
+                }
+                // A host pattern both list ranks them alike for that host: the earlier wins
+                // there, whatever other hosts either lists.
+                let same_hosts = sorted(&earlier.hosts) == sorted(&later.hosts);
+                let overlap: Vec<String> = sorted(&later.hosts)
+                    .into_iter()
+                    .filter(|h| earlier.hosts.contains(h))
+                    .map(HostPattern::to_string)
+                    .collect();
+                if !same_hosts && overlap.is_empty() {
                     continue;
                 }
                 let shared: Vec<&str> = later
@@ -739,15 +757,28 @@ impl Policy {
                 if shared.is_empty() {
                     continue;
                 }
-                let what = if shared.len() == later.methods.len() {
-                    "can never be chosen".to_string()
+                if same_hosts {
+                    let what = if shared.len() == later.methods.len() {
+                        "can never be chosen".to_string()
+                    } else {
+                        format!("is never chosen for {}", shared.join(", "))
+                    };
+                    out.push(format!(
+                        "route `{}` {what}: route `{}` has the same hosts and path shape `{}` and comes first",
+                        later.id, earlier.id, earlier.template
+                    ));
                 } else {
-                    format!("is never chosen for {}", shared.join(", "))
-                };
-                out.push(format!(
-                    "route `{}` {what}: route `{}` has the same hosts and path shape `{}` and comes first",
-                    later.id, earlier.id, earlier.template
-                ));
+                    out.push(format!(
+                        "route `{}` is never chosen for {} on host{} {}: route `{}` also lists {}, has the same path shape `{}` and comes first",
+                        later.id,
+                        shared.join(", "),
+                        if overlap.len() == 1 { "" } else { "s" },
+                        overlap.join(", "),
+                        earlier.id,
+                        if overlap.len() == 1 { "it" } else { "them" },
+                        earlier.template
+                    ));
+                }
             }
         }
         out

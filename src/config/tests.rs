@@ -733,6 +733,16 @@ fn risky_but_valid_setups_warn() {
     assert_eq!(c.warnings, vec!["route `b` can never be chosen: route `a` has the same hosts and path shape `/a` and comes first".to_string()]);
     let other_host = "routes:\n  - { id: a, methods: [GET], path: /a, public: true }\n  - { id: b, methods: [GET], path: /a, hosts: [x.test], public: true }\n";
     assert!(compile(other_host).unwrap().warnings.is_empty());
+    // Host lists that overlap: for the shared host, the route listed first always wins
+    // (both rank alike there), so the stricter second route is never applied on it.
+    let overlap = "routes:\n  - { id: all-sites, hosts: [www.example.com, admin.example.com, \"*.corp.test\"], methods: [GET], path: \"/reports/{id}\", public: true }\n  - { id: admin-site, hosts: [admin.example.com, \"*.corp.test\"], methods: [GET, POST], path: \"/reports/{n}\", public: true }\n";
+    assert_eq!(
+        compile(overlap).unwrap().warnings,
+        vec![
+            "route `admin-site` is never chosen for GET on hosts admin.example.com, *.corp.test: route `all-sites` also lists them, has the same path shape `/reports/{id}` and comes first"
+                .to_string()
+        ]
+    );
 }
 
 #[test]
