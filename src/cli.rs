@@ -93,7 +93,9 @@ pub struct ExplainArgs {
     pub config: PathBuf,
     #[arg(long, default_value = "GET")]
     pub method: String,
-    /// The request path, with any query string, exactly as the client sends it.
+    /// The request path, with any query string, as Portcullis receives it: after Envoy's
+    /// normalization (the shipped configs resolve `.`/`..` and merge slashes first, so a
+    /// path explain refuses may reach Portcullis already cleaned, and `%2F` never arrives).
     #[arg(long)]
     pub path: String,
     #[arg(long, default_value = "localhost")]
