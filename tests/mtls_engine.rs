@@ -299,7 +299,10 @@ routes:
     };
     assert_eq!(config_error(&issuer("dpop: required")), "");
     for (extra, want) in [
-        ("dpop: always", "unknown variant `always`"),
+        (
+            "dpop: always",
+            "issuers[0].dpop: unknown variant (value not shown), expected",
+        ),
         (
             "dpop: optional\n    token: {header: x-token}",
             "issuers[0].dpop: DPoP needs",

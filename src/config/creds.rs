@@ -11,7 +11,10 @@ use std::sync::Arc;
 use super::schema::{
     ApiKeyConfig, ApiKeyFileConfig, ConfigFile, RateLimitBy, RouteConfig, RuleConfig,
 };
-use super::{CompiledIssuer, Compiler, FORBIDDEN_IDENTITY_HEADERS, Res, valid_header_name};
+use super::{
+    CompiledIssuer, Compiler, FORBIDDEN_IDENTITY_HEADERS, Names, Res, hide_values,
+    valid_header_name,
+};
 use crate::authz::context::ContextConditions;
 use crate::authz::policy::{Seg, Template};
 use crate::identity::apikey::{self, ApiKey, ApiKeys, KeyEndpoint};
@@ -226,9 +229,15 @@ impl Compiler {
             ));
         }
         serde_yaml::from_str(&text).map_err(|e| {
+            // Never the file's text: a plain key written where an entry belongs would be
+            // quoted by serde (see `hide_values`), and here even a field name may be a key.
             self.hint(
                 "api_keys.file",
-                format!("invalid API key file `{}`: {e}", path.display()),
+                format!(
+                    "invalid API key file `{}`: {}",
+                    path.display(),
+                    hide_values(&e.to_string(), Names::Hidden)
+                ),
                 "the file holds `keys: [{id, owner, hash, expires, routes}, ...]`",
             )
         })
@@ -824,5 +833,55 @@ mod tests {
         std::fs::write(&file, "keys: []\n").unwrap();
         let c = from_str(text, &config).unwrap();
         assert!(c.api_keys.is_some());
+    }
+
+    /// A plain key pasted into the key file (in place of an entry or the list, alone in the
+    /// file, as a field name) was quoted in the error, and so printed by `portcullis
+    /// check` and logged by a refused reload. The error names the file and what is wrong
+    /// with it, never its text.
+    #[test]
+    fn a_key_file_error_never_echoes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys.yaml");
+        let config = dir.path().join("portcullis.yaml");
+        let text = "api_keys:\n  file: keys.yaml\nroutes:\n  - {id: o, methods: [GET], path: /o, public: true}\n";
+        let entry = key("a", HASH);
+        for (body, message) in [
+            (
+                "keys:\n  - pck_hunter2\n".to_string(),
+                "keys[0]: invalid type: string (value not shown), expected struct ApiKeyConfig at line 2",
+            ),
+            (
+                "keys: [pck_hunter2]\n".to_string(),
+                "expected struct ApiKeyConfig",
+            ),
+            (
+                "pck_hunter2\n".to_string(),
+                "invalid type: string (value not shown), expected struct ApiKeyFileConfig",
+            ),
+            (
+                format!(
+                    "keys: [{}]\n",
+                    entry.replace("owner: team", "pck_hunter2: team")
+                ),
+                "keys[0]: unknown field (value not shown), expected one of `id`",
+            ),
+            (
+                "pck_hunter2: 1\n".to_string(),
+                "unknown field (value not shown), expected `keys`",
+            ),
+            (
+                "keys: pck_hunter2\n".to_string(),
+                "keys: invalid type: string (value not shown), expected a sequence",
+            ),
+        ] {
+            std::fs::write(&file, &body).unwrap();
+            let e = from_str(text, &config).unwrap_err();
+            assert_eq!(e.field, "api_keys.file", "{e}");
+            assert!(e.message.contains("keys.yaml"), "{e}");
+            assert!(e.message.contains(message), "{e}");
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
     }
 }

@@ -211,7 +211,7 @@ fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
     // A first, shape-free parse tells an empty file (which must never mean "allow all" or
     // silently "no routes") from a real one.
     let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
-        let message = e.to_string();
+        let message = hide_values(&e.to_string(), Names::Shown);
         let (field, message) = split_yaml_path(&message);
         err(field, format!("invalid YAML: {message}"), None)
     })?;
@@ -249,7 +249,7 @@ fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
             p if p == "." => String::new(),
             p => p,
         };
-        let message = e.into_inner().to_string();
+        let message = hide_values(&e.into_inner().to_string(), Names::Shown);
         // serde_yaml repeats (a shorter form of) the path in front of its message.
         let (_, message) = split_yaml_path(&message);
         if let Some(missing) = message
@@ -264,6 +264,101 @@ fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
         let hint = parse_hint(message);
         err(&field, message.to_string(), hint)
     })
+}
+
+/// What [`hide_values`] shows of the names serde quotes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Names {
+    /// Unknown field names and duplicate keys stay: they are keys, and naming a typo is the
+    /// point of the message.
+    Shown,
+    /// Hidden as well: in the API key file any text may be a key pasted in the wrong place.
+    Hidden,
+}
+
+/// Shown in place of a value serde would have quoted.
+pub(super) const NOT_SHOWN: &str = "(value not shown)";
+
+/// `message`, a serde or serde_yaml error, without the values it quotes from the file.
+///
+/// serde quotes the offending value (`invalid type: string "redis://:pw@host/0", expected
+/// struct StateConfig`, `unknown variant `redis://:pw@host``), so a secret written in the
+/// wrong shape (a Redis URL in place of the `state` section, a webhook URL in place of
+/// `approvals.webhook`, a plain API key in place of an entry) would otherwise be printed by
+/// `portcullis check` and logged by a refused reload. The kind of value, the expected shape
+/// and the line stay; the field path is the caller's and stays too.
+pub(super) fn hide_values(message: &str, names: Names) -> String {
+    let mut out = message.to_string();
+    // `invalid type: <unexpected>, expected <what>` and `invalid value: ...`: the quoted
+    // value may hold anything, `, expected ` included, so the last one ends it.
+    for marker in ["invalid type: ", "invalid value: "] {
+        if let Some(at) = out.find(marker) {
+            let start = at + marker.len();
+            let end = out[start..]
+                .rfind(", expected ")
+                .map_or(out.len(), |e| start + e);
+            let shown = hide_unexpected(&out[start..end]);
+            out.replace_range(start..end, &shown);
+        }
+    }
+    // `unknown variant `<value>`, expected ...`: a variant is a value written in the file.
+    let mut quoted = vec!["unknown variant `"];
+    if names == Names::Hidden {
+        quoted.push("unknown field `");
+    }
+    for marker in quoted {
+        if let Some(at) = out.find(marker) {
+            let start = at + marker.len() - 1;
+            let end = ["`, expected ", "`, there are no "]
+                .iter()
+                .find_map(|tail| out[start + 1..].rfind(tail))
+                .map_or(out.len(), |e| start + 1 + e + 1);
+            out.replace_range(start..end, NOT_SHOWN);
+        }
+    }
+    if names == Names::Hidden {
+        // serde_yaml's `duplicate entry with key "<key>"`, the key quoted as Rust does.
+        let marker = "duplicate entry with key ";
+        if let Some(at) = out.find(marker) {
+            let start = at + marker.len();
+            let end = debug_quoted_len(&out[start..]).map_or(out.len(), |n| start + n);
+            out.replace_range(start..end, NOT_SHOWN);
+        }
+    }
+    out
+}
+
+/// The length of the string quoted as `{:?}` does at the start of `text` (quotes included),
+/// `None` when it does not start with one or it is not closed.
+fn debug_quoted_len(text: &str) -> Option<usize> {
+    let mut chars = text.char_indices();
+    if chars.next()?.1 != '"' {
+        return None;
+    }
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '"' => return Some(i + 1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// serde's description of an unexpected value (`string "x"`, `integer `5``, `map`) with the
+/// value replaced by [`NOT_SHOWN`]; kinds that quote nothing (`map`, `sequence`) and booleans
+/// (no secret in `true`) stay.
+fn hide_unexpected(unexpected: &str) -> String {
+    match unexpected.find(['`', '"']) {
+        None => unexpected.to_string(),
+        Some(_) if matches!(unexpected, "boolean `true`" | "boolean `false`") => {
+            unexpected.to_string()
+        }
+        Some(0) => NOT_SHOWN.to_string(),
+        Some(q) => format!("{} {NOT_SHOWN}", unexpected[..q].trim_end()),
+    }
 }
 
 /// Splits serde_yaml's `path: message` into its parts (`""` when there is no path).

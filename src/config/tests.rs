@@ -162,7 +162,7 @@ fn type_errors_name_the_field() {
     fails(
         &format!("tokens: {{ max_bytes: -1 }}\n{ROUTE}"),
         "tokens.max_bytes",
-        "invalid type: integer `-1`",
+        "invalid type: integer (value not shown), expected usize",
     );
     fails(
         "routes:\n  - { id: a, id: b, methods: [GET], path: /a, public: true }\n",
@@ -1587,6 +1587,131 @@ fn an_unusable_redis_url_is_an_error_without_the_password() {
             !shown.contains("21370") && !shown.contains("99999"),
             "{shown}"
         );
+    }
+}
+
+/// A secret written in the wrong shape (a Redis URL for the whole `state` section, a webhook
+/// URL for `approvals.webhook`, a plain key for an API key entry) was quoted by serde's
+/// message, and so printed by `portcullis check` and logged by a refused reload. The message
+/// names the field, the kind of value, what was expected and the line, never the value.
+#[test]
+fn a_value_in_the_wrong_shape_is_never_echoed() {
+    let cases = [
+        (
+            "state: \"redis://:hunter2@10.0.0.5:6379/0\"\n".to_string(),
+            "state",
+            "invalid type: string (value not shown), expected struct StateConfig at line 1",
+        ),
+        (
+            "state:\n  backend: redis://:hunter2@10.0.0.5:6379/0\n".to_string(),
+            "state.backend",
+            "unknown variant (value not shown), expected `memory` or `redis` at line 2",
+        ),
+        (
+            "approvals:\n  webhook: https://hooks.slack.com/services/T0/B0/hunter2\n".to_string(),
+            "approvals.webhook",
+            "invalid type: string (value not shown), expected struct WebhookConfig",
+        ),
+        (
+            "api_keys:\n  keys:\n    - pck_hunter2\n".to_string(),
+            "api_keys.keys[0]",
+            "invalid type: string (value not shown), expected struct ApiKeyConfig at line 3",
+        ),
+        (
+            "api_keys:\n  keys: [pck_hunter2]\n".to_string(),
+            "api_keys.keys[0]",
+            "expected struct ApiKeyConfig",
+        ),
+        (
+            "issuers:\n  - { name: dev, issuer: \"https://dev.test\", audiences: [api], keys: { file: dev/jwks.json }, dpop: optional, dpop_nonce: \"hunter2\" }\n".to_string(),
+            "issuers[0].dpop_nonce",
+            "invalid type: string (value not shown), expected struct DpopNonceConfig",
+        ),
+        (
+            "state: 4242424242\n".to_string(),
+            "state",
+            "invalid type: integer (value not shown)",
+        ),
+    ];
+    for (text, field, message) in cases {
+        let e = fails(&format!("{text}{ROUTE}"), field, message);
+        let shown = format!("{e} {e:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("10.0.0.5") && !shown.contains("4242"),
+            "{shown}"
+        );
+    }
+}
+
+/// Only values are hidden: a quoted value may hold `, expected ` or escaped quotes, kinds
+/// without a value and booleans stay, and field names stay unless names are hidden too.
+#[test]
+fn hide_values_hides_only_the_quoted_value() {
+    let cases = [
+        (
+            r#"invalid type: string "a\", expected x", expected struct S at line 1 column 2"#,
+            Names::Shown,
+            "invalid type: string (value not shown), expected struct S at line 1 column 2",
+        ),
+        (
+            "invalid value: floating point `1.5`, expected a u32",
+            Names::Shown,
+            "invalid value: floating point (value not shown), expected a u32",
+        ),
+        (
+            "invalid type: map, expected a string",
+            Names::Shown,
+            "invalid type: map, expected a string",
+        ),
+        (
+            "invalid type: boolean `true`, expected usize",
+            Names::Shown,
+            "invalid type: boolean `true`, expected usize",
+        ),
+        (
+            "unknown variant `a`, expected `b`, expected `memory` or `redis` at line 2",
+            Names::Shown,
+            "unknown variant (value not shown), expected `memory` or `redis` at line 2",
+        ),
+        (
+            "unknown variant `secret`, there are no variants",
+            Names::Shown,
+            "unknown variant (value not shown), there are no variants",
+        ),
+        (
+            "unknown field `scope`, expected one of `id`, `scopes`",
+            Names::Shown,
+            "unknown field `scope`, expected one of `id`, `scopes`",
+        ),
+        (
+            "keys[0]: unknown field `pck_x`, expected one of `id`, `owner` at line 1",
+            Names::Hidden,
+            "keys[0]: unknown field (value not shown), expected one of `id`, `owner` at line 1",
+        ),
+        (
+            r#"duplicate entry with key "pck_\"x" at line 3"#,
+            Names::Hidden,
+            "duplicate entry with key (value not shown) at line 3",
+        ),
+        (
+            r#"duplicate entry with key "routes""#,
+            Names::Shown,
+            r#"duplicate entry with key "routes""#,
+        ),
+        // Without the end serde writes, the rest is hidden rather than guessed.
+        (
+            "invalid type: string \"pck_x",
+            Names::Shown,
+            "invalid type: string (value not shown)",
+        ),
+        (
+            "unknown variant `pck_x",
+            Names::Shown,
+            "unknown variant (value not shown)",
+        ),
+    ];
+    for (message, names, want) in cases {
+        assert_eq!(hide_values(message, names), want, "{message}");
     }
 }
 
