@@ -360,15 +360,29 @@ pub fn query_of(path: &str) -> Option<&str> {
 }
 
 /// What approvers are shown of a query: the parameter names with their values hidden
-/// (values may carry secrets), e.g. `force=…&dry_run=…`, characters that are not
-/// `displayable` dropped, at most 500 characters. The fingerprint covers the whole query;
-/// its SHA-256 (`query_sha256`) lets an approver check the values a requester states.
+/// (values may carry secrets), e.g. `force=…&db=…`, characters that are not `displayable`
+/// dropped, at most 500 characters. The fingerprint covers the whole query; its SHA-256
+/// (`query_sha256`) lets an approver check the values a requester states.
+///
+/// Only a plain name is shown. A parameter without `=` is all value as far as the shape can
+/// tell (`?SECRET`, a bare token), so it is `…` whole; a percent-encoded `=` (`%3D`, any
+/// case) separates like `=`, and a name that still holds a `%` (it may encode anything) or a
+/// `;` (a separator to some servers) is `…` too.
 pub fn query_shape(query: &str) -> String {
     let shape = query
         .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((name, _)) => format!("{name}=…"),
-            None => pair.to_string(),
+        .map(|item| {
+            if item.is_empty() {
+                return String::new();
+            }
+            let Some((name, sep)) = query_separator(item) else {
+                return "…".to_string();
+            };
+            if name.contains(['%', ';']) {
+                format!("…{sep}…")
+            } else {
+                format!("{name}{sep}…")
+            }
         })
         .collect::<Vec<_>>()
         .join("&");
@@ -377,6 +391,18 @@ pub fn query_shape(query: &str) -> String {
         .filter(|&c| displayable(c))
         .take(MAX_JUSTIFICATION)
         .collect()
+}
+
+/// The name before the first `=` or `%3D` (any case) of a query item, and that separator.
+fn query_separator(item: &str) -> Option<(&str, &str)> {
+    let plain = item.find('=');
+    let encoded = item.to_ascii_lowercase().find("%3d");
+    match (plain, encoded) {
+        (Some(p), Some(e)) if e < p => Some((&item[..e], &item[e..e + 3])),
+        (Some(p), _) => Some((&item[..p], "=")),
+        (None, Some(e)) => Some((&item[..e], &item[e..e + 3])),
+        (None, None) => None,
+    }
 }
 
 #[cfg(test)]

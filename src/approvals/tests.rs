@@ -225,10 +225,32 @@ fn approvers_see_a_querys_names_and_digest_never_its_values() {
     assert_eq!(query_of("/a?x=1&y#frag"), Some("x=1&y"));
     assert_eq!(
         query_shape("force=true&dry_run&token=abc=def&"),
-        "force=…&dry_run&token=…&"
+        "force=…&…&token=…&"
     );
     assert_eq!(query_shape("a\u{202E}b=1\n"), "ab=…");
-    assert_eq!(query_shape(&"n".repeat(2000)).chars().count(), 500);
+    // A bare parameter is all value, and `%3D` is an `=`: shown before, only the text after
+    // a literal `=` was hidden.
+    assert_eq!(
+        query_shape("force=1&SECRETBARE&token%3DSECRETENC&t%3dLOW=x"),
+        "force=…&…&token%3D…&t%3d…"
+    );
+    // A name that still holds a `%` or a `;` is not plain: it is hidden with its value.
+    assert_eq!(
+        query_shape("SECRET%26a=1&SECRET;a=1&%3Dx&=y"),
+        "…=…&…=…&%3D…&=…"
+    );
+    for shape in [
+        query_shape("force=1&SECRETBARE&token%3DSECRETENC"),
+        query_shape("SECRET%26a=1&SECRET;b=1&%53ECRET"),
+    ] {
+        assert!(!shape.contains("SECRET"), "{shape}");
+    }
+    assert_eq!(
+        query_shape(&format!("{}=1", "n".repeat(2000)))
+            .chars()
+            .count(),
+        500
+    );
 }
 
 #[tokio::test]
