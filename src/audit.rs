@@ -1,6 +1,7 @@
 //! The audit log: one JSON line per decision on stdout, written by a dedicated thread so a
-//! Check never blocks on the terminal or a pipe. Never contains a token, a query string or a
-//! header value other than the request id.
+//! Check never blocks on the terminal or a pipe. Never contains a token, a query string, a
+//! path parameter or a header value other than the request id; the fields the client writes
+//! (request id, method, host, path) are capped in length.
 //!
 //! A Check serializes its event straight from the decision (borrowed fields, no per-event
 //! allocation) and appends the line to a shared byte buffer; the writer thread swaps the
@@ -50,7 +51,8 @@ pub struct AuditEvent<'a> {
     pub peer_ip: Option<IpAddr>,
     pub method: &'a str,
     pub host: &'a str,
-    /// The path without its query string (queries may carry secrets).
+    /// The path without its query string (queries may carry secrets) and path parameters
+    /// (`;jsessionid=...`: they carry session ids).
     pub path: &'a str,
     pub decision_us: u64,
     /// What the `dry_run` routes would have answered; the field is left out without them.
@@ -66,7 +68,9 @@ impl<'a> AuditEvent<'a> {
         elapsed: Duration,
         trusted_hops: u32,
     ) -> Self {
-        let path = view.path.split(['?', '#']).next().unwrap_or_default();
+        // A path with `;` is always refused (path hygiene), but its deny is audited: cut
+        // there too, or `/x;jsessionid=...` logs the session.
+        let path = view.path.split(['?', '#', ';']).next().unwrap_or_default();
         let identity = decision.identity.as_deref();
         Self {
             time: SystemTime::now(),
@@ -103,7 +107,10 @@ impl AuditEvent<'_> {
         out.push(b'"');
         let text = [
             ("kind", Some(self.kind)),
-            ("request_id", Some(self.request_id)),
+            (
+                "request_id",
+                Some(&*capped(self.request_id, MAX_SHORT_FIELD)),
+            ),
             ("decision", Some(self.decision)),
         ];
         write_fields(out, &text);
@@ -134,9 +141,9 @@ impl AuditEvent<'_> {
             let _ = write!(out, ",\"peer_ip\":\"{ip}\"");
         }
         let text = [
-            ("method", Some(self.method)),
-            ("host", Some(self.host)),
-            ("path", Some(self.path)),
+            ("method", Some(&*capped(self.method, MAX_SHORT_FIELD))),
+            ("host", Some(&*capped(self.host, MAX_SHORT_FIELD))),
+            ("path", Some(&*capped(self.path, MAX_PATH_FIELD))),
         ];
         write_fields(out, &text);
         let _ = write!(out, ",\"decision_us\":{}", self.decision_us);
@@ -170,6 +177,28 @@ impl AuditEvent<'_> {
         }
         out.push(b'}');
     }
+}
+
+/// Most bytes of the request's path an audit line holds, `CUT` included.
+pub const MAX_PATH_FIELD: usize = 1024;
+/// Most bytes of the request id, method and host an audit line holds, `CUT` included.
+pub const MAX_SHORT_FIELD: usize = 256;
+/// Ends a field that was cut, so a reader sees it is not whole.
+pub const CUT: &str = "…";
+
+/// `text`, or when it is longer than `max` bytes its start (cut on a character boundary)
+/// and `CUT`, `max` bytes at most. These fields come from the client: a 40 KB request id or
+/// a 20 KB path made a line that container runtimes split (at 16 KiB), and so unreadable as
+/// JSON, besides filling the log. Allocates only for a field that is cut.
+fn capped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max - CUT.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{CUT}", &text[..end]).into()
 }
 
 /// `,"key":"value"` for each pair (`null` for `None`). Keys are plain identifiers.
@@ -785,6 +814,78 @@ mod tests {
             assert!(!text.contains('\n'), "a line break inside the line: {text}");
             let back: serde_json::Value = serde_json::from_str(&text).unwrap();
             assert_eq!(back, expected(&case), "{text}");
+        }
+    }
+
+    /// The request id, method, host and path come from the client: a 40 KB request id or a
+    /// 20 KB path was logged whole, and container runtimes split such a line (at 16 KiB)
+    /// into pieces no JSON reader takes. Each is cut on a character boundary and ends with
+    /// `…`; a field within its limit is untouched.
+    #[test]
+    fn client_fields_are_cut_to_their_limit_with_a_marker() {
+        let request_id = "r".repeat(40_000);
+        // Two-byte characters after an odd start: the limit falls inside one.
+        let path = format!("/x{}", "é".repeat(10_000));
+        let host = format!("{}.example.com", "h".repeat(5_000));
+        let method = "M".repeat(1_000);
+        let long = AuditEvent {
+            request_id: &request_id,
+            method: &method,
+            host: &host,
+            path: &path,
+            ..event("req-1")
+        };
+        let mut out = Vec::new();
+        long.write_json(&mut out);
+        assert!(out.len() < 4096, "a {} byte line", out.len());
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        for (field, whole, max) in [
+            ("request_id", &request_id, MAX_SHORT_FIELD),
+            ("method", &method, MAX_SHORT_FIELD),
+            ("host", &host, MAX_SHORT_FIELD),
+            ("path", &path, MAX_PATH_FIELD),
+        ] {
+            let shown = line[field].as_str().unwrap();
+            assert!(shown.len() <= max, "{field}: {} bytes", shown.len());
+            assert!(shown.len() > max - 8, "{field}: only {} bytes", shown.len());
+            let kept = shown
+                .strip_suffix(CUT)
+                .unwrap_or_else(|| panic!("{field}: {shown}"));
+            assert!(whole.starts_with(kept), "{field}: {shown}");
+        }
+        // At the limit exactly, nothing is cut.
+        let exact = "x".repeat(MAX_SHORT_FIELD);
+        let mut out = Vec::new();
+        AuditEvent {
+            request_id: &exact,
+            ..event("req-1")
+        }
+        .write_json(&mut out);
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(line["request_id"], exact.as_str());
+    }
+
+    /// The audited path stops at the query, the fragment and the first path parameter: a
+    /// path with `;` is refused, and its deny logged `/x;jsessionid=...` whole.
+    #[test]
+    fn the_path_is_logged_without_query_fragment_or_path_parameters() {
+        let decision = Decision::new(crate::authz::ReasonCode::PathRejected, "path rejected");
+        let headers = std::collections::HashMap::new();
+        for (sent, logged) in [
+            ("/x;jsessionid=SECRET", "/x"),
+            ("/a/b;v=SECRET/c?q=SECRET", "/a/b"),
+            ("/a?q=SECRET;x", "/a"),
+            ("/a#SECRET", "/a"),
+            ("/orders/42", "/orders/42"),
+        ] {
+            let view = RequestView {
+                path: sent,
+                ..crate::engine::tests::healthz(&headers)
+            };
+            let mut out = Vec::new();
+            AuditEvent::new(&decision, &view, "r", Duration::ZERO, 0).write_json(&mut out);
+            let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(line["path"], logged, "{sent}");
         }
     }
 

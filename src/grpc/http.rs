@@ -80,26 +80,31 @@ impl HttpAuthorizer {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (head, body) = req.into_parts();
+        // Read from the head only where the request itself cannot be: the headers are there
+        // before the body.
+        let readable_request_id = || {
+            head.headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+        };
         let body = match http_body_util::Limited::new(body, MAX_BODY_BYTES)
             .collect()
             .await
         {
             Ok(collected) => collected.to_bytes(),
             Err(_) => {
+                let request_id = readable_request_id();
                 let (decision, _) = self
                     .inner
-                    .record_malformed("request body unreadable or over 4 MiB");
-                return deny(&decision, "");
+                    .record_malformed("request body unreadable or over 4 MiB", request_id);
+                return deny(&decision, request_id);
             }
         };
         let parts = match request_parts(&head, &body) {
             Ok(parts) => parts,
             Err(too_many) => {
-                let request_id = head
-                    .headers
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
+                let request_id = readable_request_id();
                 let decision = self.inner.too_many_headers(too_many, request_id);
                 return deny(&decision, request_id);
             }
@@ -134,7 +139,7 @@ impl hyper::service::Service<http::Request<Incoming>> for HttpAuthorizer {
             Ok(answer.unwrap_or_else(|_| {
                 let (decision, _) = this
                     .inner
-                    .record_malformed("internal error while answering the request");
+                    .record_malformed("internal error while answering the request", "");
                 deny(&decision, "")
             }))
         })

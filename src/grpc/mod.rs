@@ -173,7 +173,8 @@ impl AuthzService {
     /// error would be an allow under `failure_mode_allow`). Logged, counted and audited
     /// like any other decision.
     pub fn malformed(&self, detail: &str) -> CheckResponse {
-        let (decision, engine) = self.record_malformed(detail);
+        // Nothing of the request could be read: no request id either.
+        let (decision, engine) = self.record_malformed(detail, "");
         to_response(&decision, &engine, "")
     }
 
@@ -197,13 +198,21 @@ impl AuthzService {
         )
     }
 
-    /// Logs, counts and audits a request that could not be read (either API).
-    fn record_malformed(&self, detail: &str) -> (Decision, Arc<Engine>) {
+    /// Logs, counts and audits a request that could not be read (either API); `request_id`
+    /// is its `x-request-id` when that much was readable (the HTTP API's headers arrive
+    /// before its body), so the audit line can be matched with Envoy's access log.
+    fn record_malformed(&self, detail: &str, request_id: &str) -> (Decision, Arc<Engine>) {
         tracing::warn!(detail, "refusing a malformed authorization request");
         let engine = self.engine.load_full();
         let decision = Decision::new(ReasonCode::Internal, detail.to_string());
         let parts = RequestParts::default();
-        let decision = self.record(decision, &parts.view(), "", std::time::Duration::ZERO, 0);
+        let decision = self.record(
+            decision,
+            &parts.view(),
+            request_id,
+            std::time::Duration::ZERO,
+            0,
+        );
         (decision, engine)
     }
 
@@ -728,6 +737,53 @@ mod tests {
             })
             .get();
         assert_eq!(counted, 1);
+    }
+
+    /// An audit output that keeps what it is given.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A request of the HTTP API whose body cannot be read is an explicit deny, audited with
+    /// the `x-request-id` its headers carried (the line said `request_id: ""`, so it could not
+    /// be matched with Envoy's access log).
+    #[tokio::test]
+    async fn an_unreadable_http_request_is_audited_with_its_request_id() {
+        let metrics = Arc::new(Metrics::new());
+        let engine = crate::engine::tests::shipped_engine("", &metrics);
+        let engine = Arc::new(ArcSwap::from_pointee(engine));
+        let out = Capture::default();
+        let writer = out.clone();
+        let audit = AuditSink::to_writer(move || writer.clone()).unwrap();
+        let service = Arc::new(AuthzService::new(engine, metrics, audit.clone()));
+        let authorizer = http::HttpAuthorizer::new(service);
+        let body = http_body_util::Full::new(bytes::Bytes::from(vec![b'x'; 5 << 20]));
+        let request = hyper::Request::post("/healthz")
+            .header("x-request-id", "req-too-big")
+            .body(body)
+            .unwrap();
+        let answer = authorizer.answer(request).await;
+        assert_eq!(answer.status(), hyper::StatusCode::FORBIDDEN);
+        assert!(
+            audit.flush(std::time::Duration::from_secs(5)),
+            "flush timed out"
+        );
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(line["request_id"], "req-too-big", "{line}");
+        assert_eq!(
+            line["detail"], "request body unreadable or over 4 MiB",
+            "{line}"
+        );
     }
 
     /// Decides `view` through `service` and answers its reason code, HTTP status and every
