@@ -192,6 +192,25 @@ async fn decisions_that_wait_are_resumed_and_the_server_runs_inside_envoy() {
         async move { Answer::read(request.send().await.unwrap()).await }
     };
 
+    // A first replica on a new Redis waits for other replicas' revocation write-back
+    // (`revocation.reload`-bound) before it serves credentials: wait until it is ready.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let ready = client
+            .get(format!("http://127.0.0.1:{admin}/readyz"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16());
+        if ready.as_ref().is_ok_and(|s| *s == 200) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready: {ready:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
     // Rate limits on Redis: each decision waits on a round trip. The allowed POSTs reach the
     // upstream with their bodies (held while the decision waited) and the quota headers.
     let writer = format!("Bearer {}", mint(json!({ "scope": "orders:write" })));
