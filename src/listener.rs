@@ -53,6 +53,121 @@ pub const SMALL_LISTENER_MAX_CONNECTIONS: usize = 256;
 /// The refused-connection warning is logged at most this often per listener.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
+/// A request body must arrive within this long once the handler starts reading it.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most bytes of request bodies the whole process holds while reading them, in KiB:
+/// 64 MiB. Without it, one client could open hundreds of HTTP/2 streams per connection and
+/// hold a partial 4 MiB body on each (about 1 GB per connection, measured), far past a
+/// pod's memory limit. A Check body is a kilobyte or two, so legitimate traffic never
+/// comes near it.
+const BODY_BUDGET_KIB: usize = 64 * 1024;
+
+static BODY_BUDGET: Semaphore = Semaphore::const_new(BODY_BUDGET_KIB);
+
+/// Why a request body could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// Over the handler's limit.
+    TooLarge,
+    /// The connection failed or reset mid-body.
+    Unreadable,
+    /// It did not arrive within `BODY_READ_TIMEOUT`.
+    TimedOut,
+    /// Bodies being read already hold the process's budget.
+    Busy,
+}
+
+impl BodyError {
+    pub const fn describe(self) -> &'static str {
+        match self {
+            BodyError::TooLarge => "request body over its size limit",
+            BodyError::Unreadable => "request body unreadable",
+            BodyError::TimedOut => "request body did not arrive within 10s",
+            BodyError::Busy => {
+                "request bodies being read hold the server's memory budget (64 MiB); try again"
+            }
+        }
+    }
+}
+
+/// Gives the budget back when a read ends, however it ends.
+struct Held<'b>(&'b Semaphore, usize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.add_permits(self.1);
+    }
+}
+
+/// Reads a whole request body of at most `max` bytes, within `BODY_READ_TIMEOUT`, counting
+/// what it holds against the process-wide budget (a body that would go past it is refused,
+/// never waited for). One chunk (the usual Check) is handed back without a copy.
+pub async fn read_body<B>(body: B, max: usize) -> Result<bytes::Bytes, BodyError>
+where
+    B: http_body::Body,
+{
+    read_body_under(body, max, &BODY_BUDGET, BODY_READ_TIMEOUT).await
+}
+
+async fn read_body_under<B>(
+    body: B,
+    max: usize,
+    budget: &Semaphore,
+    timeout: Duration,
+) -> Result<bytes::Bytes, BodyError>
+where
+    B: http_body::Body,
+{
+    use http_body_util::BodyExt as _;
+    let read = async {
+        let mut body = std::pin::pin!(body);
+        let mut held = Held(budget, 0);
+        let mut chunks: Vec<bytes::Bytes> = Vec::new();
+        let mut len = 0usize;
+        while let Some(frame) = body.frame().await {
+            let Ok(mut data) = frame.map_err(|_| BodyError::Unreadable)?.into_data() else {
+                continue;
+            };
+            // `Bytes` (what hyper hands out) is taken as it is, without a copy.
+            let n = bytes::Buf::remaining(&data);
+            let data = bytes::Buf::copy_to_bytes(&mut data, n);
+            len += data.len();
+            if len > max {
+                return Err(BodyError::TooLarge);
+            }
+            let kib = len.div_ceil(1024);
+            if kib > held.1 {
+                let more = u32::try_from(kib - held.1).map_err(|_| BodyError::TooLarge)?;
+                budget
+                    .try_acquire_many(more)
+                    .map_err(|_| BodyError::Busy)?
+                    .forget();
+                held.1 = kib;
+            }
+            chunks.push(data);
+        }
+        Ok(match chunks.len() {
+            0 => bytes::Bytes::new(),
+            1 => chunks.pop().unwrap_or_default(),
+            _ => chunks.concat().into(),
+        })
+    };
+    within(read, timeout)
+        .await
+        .unwrap_or(Err(BodyError::TimedOut))
+}
+
+/// `fut`'s output, or `None` past `limit`. A future ready at its first poll (a body that
+/// came with its headers) sets up no timer.
+pub async fn within<F: std::future::Future>(fut: F, limit: Duration) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    match std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => tokio::time::timeout(limit, fut).await.ok(),
+    }
+}
+
 /// The cap on one listener's open connections.
 pub struct ConnLimit {
     listener: &'static str,
@@ -271,6 +386,71 @@ async fn close_unless_used(
             listener,
             "no request within {}s of connecting; connection closed",
             FIRST_REQUEST_TIMEOUT.as_secs()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use futures_util::StreamExt as _;
+    use http_body::Frame;
+    use http_body_util::{Full, StreamBody};
+
+    use super::*;
+
+    /// A body that sends `chunks` and then never ends (a client holding its stream open).
+    fn held_open(chunks: Vec<Bytes>) -> impl http_body::Body<Data = Bytes, Error = io::Error> {
+        let frames = futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, io::Error>(Frame::data(c))),
+        )
+        .chain(futures_util::stream::pending());
+        StreamBody::new(frames)
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_whole_and_gives_its_budget_back() {
+        let budget = Semaphore::new(8);
+        let body = Full::new(Bytes::from(vec![7u8; 3000]));
+        let read = read_body_under(body, 4096, &budget, Duration::from_secs(1)).await;
+        assert_eq!(read.map(|b| b.len()), Ok(3000));
+        assert_eq!(budget.available_permits(), 8);
+        let body = Full::new(Bytes::from(vec![7u8; 5000]));
+        let read = read_body_under(body, 4096, &budget, Duration::from_secs(1)).await;
+        assert_eq!(read, Err(BodyError::TooLarge));
+    }
+
+    /// Partial bodies held open are cut at the deadline, and while they are held, they
+    /// count against the budget: a body that would pass it is refused at once, never
+    /// buffered (hundreds of such streams took ~1 GB per connection).
+    #[tokio::test]
+    async fn bodies_held_open_are_bounded_in_memory_and_time() {
+        let budget = Semaphore::new(8);
+        let slow = read_body_under(
+            held_open(vec![Bytes::from(vec![1u8; 6 * 1024])]),
+            1 << 20,
+            &budget,
+            Duration::from_millis(300),
+        );
+        let over = async {
+            // Let the slow body take its 6 KiB first.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let started = Instant::now();
+            let body = Full::new(Bytes::from(vec![2u8; 4 * 1024]));
+            let r = read_body_under(body, 1 << 20, &budget, Duration::from_secs(5)).await;
+            (r, started.elapsed(), budget.available_permits())
+        };
+        let (slow, (over, took, left)) = tokio::join!(slow, over);
+        assert_eq!(over, Err(BodyError::Busy));
+        assert!(took < Duration::from_millis(100), "{took:?}");
+        assert_eq!(left, 2, "the slow body holds 6 of 8 KiB");
+        assert_eq!(slow, Err(BodyError::TimedOut));
+        assert_eq!(
+            budget.available_permits(),
+            8,
+            "given back when the read ended"
         );
     }
 }

@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{FutureExt, Stream};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -88,16 +88,18 @@ impl HttpAuthorizer {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
         };
-        let body = match http_body_util::Limited::new(body, MAX_BODY_BYTES)
-            .collect()
-            .await
-        {
-            Ok(collected) => collected.to_bytes(),
-            Err(_) => {
+        let body = match crate::listener::read_body(body, MAX_BODY_BYTES).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let detail = match e {
+                    crate::listener::BodyError::TooLarge
+                    | crate::listener::BodyError::Unreadable => {
+                        "request body unreadable or over 4 MiB"
+                    }
+                    other => other.describe(),
+                };
                 let request_id = readable_request_id();
-                let (decision, _) = self
-                    .inner
-                    .record_malformed("request body unreadable or over 4 MiB", request_id);
+                let (decision, _) = self.inner.record_malformed(detail, request_id);
                 return deny(&decision, request_id);
             }
         };

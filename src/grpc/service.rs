@@ -19,7 +19,6 @@ use bytes::{Buf, Bytes};
 use envoy_types::ext_authz::v3::pb::CheckResponse;
 use futures_util::FutureExt;
 use http_body::Frame;
-use http_body_util::BodyExt;
 use prost::Message;
 use tonic::codegen::{Body, BoxFuture, StdError, http};
 
@@ -99,11 +98,14 @@ where
     {
         return Err("compressed CheckRequest not supported");
     }
-    let body = http_body_util::Limited::new(req.into_body(), FRAME_HEADER + MAX_REQUEST_BYTES);
-    let mut bytes = match body.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => return Err("CheckRequest body unreadable or over 4 MiB"),
-    };
+    let mut bytes =
+        match crate::listener::read_body(req.into_body(), FRAME_HEADER + MAX_REQUEST_BYTES).await {
+            Ok(bytes) => bytes,
+            Err(crate::listener::BodyError::TooLarge | crate::listener::BodyError::Unreadable) => {
+                return Err("CheckRequest body unreadable or over 4 MiB");
+            }
+            Err(e) => return Err(e.describe()),
+        };
     if bytes.len() < FRAME_HEADER {
         return Err("CheckRequest body shorter than a gRPC frame");
     }
