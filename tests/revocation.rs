@@ -297,6 +297,25 @@ async fn admin_api_requires_the_configured_bearer_secret() {
         .unwrap();
     assert_eq!(ok.status(), 201);
     assert_eq!(h.check(&mint(json!({"jti": "x"}))).await, 401);
+
+    // A caller without the secret is refused before its body is read: one that sends a body
+    // slowly (or never) cannot hold the admin listener's connections, which `/healthz`
+    // shares. The refusal came only once the whole body was in.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(h.server.admin_addr)
+        .await
+        .unwrap();
+    conn.write_all(
+        b"POST /revocations HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{\"sub\":",
+    )
+    .await
+    .unwrap();
+    let mut answer = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(2), conn.read_exact(&mut answer))
+        .await
+        .expect("refused without waiting for the body")
+        .unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 401");
 }
 
 /// `issuer` narrows an entry to one issuer's tokens: `sub` values are only unique within
