@@ -39,6 +39,9 @@ pub struct ApprovalsApi {
     engine: Arc<ArcSwap<Engine>>,
 }
 
+/// The largest approvals API request accepted.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
 impl ApprovalsApi {
     pub fn new(engine: Arc<ArcSwap<Engine>>) -> Self {
         Self { engine }
@@ -46,7 +49,10 @@ impl ApprovalsApi {
 
     /// The gRPC server for this service.
     pub fn into_server(self) -> pb::approvals_server::ApprovalsServer<Self> {
+        // Its requests are ids, reasons and a token in metadata: a few KiB at most. tonic's
+        // default (4 MiB per message) let each of a few hundred streams buffer that much.
         pb::approvals_server::ApprovalsServer::new(self)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
     async fn caller<T>(

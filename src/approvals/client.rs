@@ -205,7 +205,8 @@ pub async fn run(args: &ApprovalsArgs) -> Result<String, ClientError> {
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ClientError::Usage("pass --token (or set PORTCULLIS_TOKEN)".to_string()))?;
     let channel = connect(args).await?;
-    let mut client = ApprovalsClient::new(channel);
+    // A listing holds every live record (each at most a few KiB): room for thousands.
+    let mut client = ApprovalsClient::new(channel).max_decoding_message_size(64 << 20);
     let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
         .parse()
         .map_err(|_| ClientError::Usage("the token is not valid metadata text".to_string()))?;

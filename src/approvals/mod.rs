@@ -347,9 +347,28 @@ pub fn justification(req: &RequestView<'_>) -> Option<String> {
     (!text.is_empty()).then(|| text.to_string())
 }
 
-/// The path without query or fragment (queries may carry secrets).
-pub fn display_path(path: &str) -> &str {
-    path.split(['?', '#']).next().unwrap_or_default()
+/// What records keep of a path shown to approvers: at most this many bytes. A record holds
+/// one per request, and `approvals list` sends them all in one answer: one caller's requests
+/// with 300 KB paths made that answer too large for the client, for every approver.
+pub const DISPLAY_PATH_MAX: usize = 2048;
+
+/// The path without query or fragment (queries may carry secrets), cut at
+/// `DISPLAY_PATH_MAX` bytes with a note of its full length (the fingerprint still covers it
+/// all, so an approval is for exactly the request made).
+pub fn display_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    if path.len() <= DISPLAY_PATH_MAX {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut cut = DISPLAY_PATH_MAX;
+    while !path.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{}… (cut: {} bytes in all)",
+        &path[..cut],
+        path.len()
+    ))
 }
 
 /// The query string of a path (after `?`, before any `#`), when it has one.

@@ -193,7 +193,7 @@ fn records_round_trip_as_json() {
         subject: "alice".into(),
         method: "DELETE".into(),
         host: "db.example.com".into(),
-        path: display_path(r.path).into(),
+        path: display_path(r.path).into_owned(),
         body_sha256: None,
         query: query_of(r.path).map(query_shape),
         query_sha256: query_of(r.path).map(|q| sha256_hex(q.as_bytes())),
@@ -1647,4 +1647,17 @@ async fn uses_left_is_known_for_approvals_in_force_only() {
 
     // Past the rule's ttl (15m) the approval is over: nothing is claimed about its uses.
     assert_eq!(left(&[&second], NOW + 4 + 15 * 60).await, [None]);
+}
+
+/// A record keeps at most `DISPLAY_PATH_MAX` bytes of the path, saying how long it was:
+/// one caller's requests with 300 KB paths made `approvals list` too large for every
+/// approver's client.
+#[test]
+fn a_record_keeps_a_long_path_cut_and_says_so() {
+    assert_eq!(display_path("/databases/x?force=1"), "/databases/x");
+    let long = format!("/databases/{}", "x".repeat(300_000));
+    let shown = display_path(&long);
+    assert!(shown.len() < DISPLAY_PATH_MAX + 64, "{}", shown.len());
+    assert!(shown.starts_with("/databases/xxx"));
+    assert!(shown.ends_with("… (cut: 300011 bytes in all)"), "{shown}");
 }
