@@ -266,6 +266,44 @@ impl ApprovalEvent {
     }
 }
 
+/// A change made, or refused, through an administrative API (`kind: "admin"`): a runtime
+/// revocation added or removed on the admin listener (`api: "revocations"`), a caller the
+/// admin listener or the approvals API turned away (`event: "refused"`). Decisions on
+/// traffic are `AuditEvent`s; approval steps are `ApprovalEvent`s.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminEvent {
+    pub time: String,
+    pub kind: &'static str,
+    /// `revocation_added`, `revocation_removed`, `refused`.
+    pub event: &'static str,
+    /// `revocations` or `approvals`.
+    pub api: &'static str,
+    /// Who made the call as far as it was established (the approvals API's verified caller,
+    /// `issuer:subject`; `admin-secret` or `loopback` for the revocations API), never a
+    /// credential.
+    pub actor: Option<String>,
+    /// The revocation's kind (`jti`, `sid`, `sub`), value, issuer scope and expiry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<serde_json::Value>,
+    /// Why a call was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl AdminEvent {
+    pub fn new(event: &'static str, api: &'static str, actor: Option<String>) -> Self {
+        Self {
+            time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            kind: "admin",
+            event,
+            api,
+            actor,
+            revocation: None,
+            detail: None,
+        }
+    }
+}
+
 /// Where audit events go. Cloning shares the writer thread; when the last clone is dropped
 /// the writer writes what is left and ends.
 #[derive(Clone)]
@@ -417,6 +455,22 @@ impl AuditSink {
         });
         if !kept {
             tracing::error!(approval.event = event.event, approval.id = %event.approval_id, "approval event not audited: the audit log is stuck");
+        }
+    }
+
+    /// Records one administrative change or refusal (lost, and logged as such, while the
+    /// writer is stuck).
+    pub fn record_admin(&self, event: AdminEvent) {
+        let kept = self.append(|line| {
+            // Plain strings and a JSON value: it always serializes.
+            let _ = serde_json::to_writer(&mut *line, &event);
+        });
+        if !kept {
+            tracing::error!(
+                admin.event = event.event,
+                admin.api = event.api,
+                "admin event not audited: the audit log is stuck"
+            );
         }
     }
 

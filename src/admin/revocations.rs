@@ -54,11 +54,36 @@ fn unauthorized(message: &str) -> Response {
 /// reload cannot apply), and only to requests whose `Host` names loopback: a web page on this
 /// machine whose name is rebound to 127.0.0.1 reaches the listener from the browser with its
 /// own name as `Host`.
+/// A refusal is audited (`kind: "admin"`, `event: "refused"`) with its reason.
 fn authorize(
     engine: &Engine,
     bound: std::net::SocketAddr,
     headers: &HeaderMap,
 ) -> Option<Response> {
+    let (status, message) = refusal(engine, bound, headers)?;
+    let mut event = crate::audit::AdminEvent::new("refused", "revocations", None);
+    event.detail = Some(message.to_string());
+    engine.audit.record_admin(event);
+    Some(if status == StatusCode::UNAUTHORIZED {
+        unauthorized(message)
+    } else {
+        error(status, message)
+    })
+}
+
+/// Who called, as far as `authorize` established it (never the secret itself).
+fn actor(engine: &Engine) -> Option<String> {
+    Some(match engine.config.file.revocation.admin_token_sha256 {
+        Some(_) => "admin-secret".to_string(),
+        None => "loopback".to_string(),
+    })
+}
+
+fn refusal(
+    engine: &Engine,
+    bound: std::net::SocketAddr,
+    headers: &HeaderMap,
+) -> Option<(StatusCode, &'static str)> {
     let cfg = &engine.config.file;
     match &cfg.revocation.admin_token_sha256 {
         Some(want) => {
@@ -69,7 +94,8 @@ fn authorize(
                 .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
                 .map(|(_, secret)| secret.trim());
             let Some(secret) = given else {
-                return Some(unauthorized(
+                return Some((
+                    StatusCode::UNAUTHORIZED,
                     "this endpoint requires the revocation admin bearer secret",
                 ));
             };
@@ -79,14 +105,17 @@ fn authorize(
             if hex.eq_ignore_ascii_case(want) {
                 None
             } else {
-                Some(unauthorized("invalid revocation admin bearer secret"))
+                Some((
+                    StatusCode::UNAUTHORIZED,
+                    "invalid revocation admin bearer secret",
+                ))
             }
         }
-        None if !bound.ip().is_loopback() => Some(error(
+        None if !bound.ip().is_loopback() => Some((
             StatusCode::FORBIDDEN,
             "the admin listener is not on loopback: set `revocation.admin_token_sha256` to use this endpoint",
         )),
-        None if !headers.get(header::HOST).is_none_or(loopback_host) => Some(error(
+        None if !headers.get(header::HOST).is_none_or(loopback_host) => Some((
             StatusCode::FORBIDDEN,
             "without `revocation.admin_token_sha256` this endpoint answers only requests addressed to loopback (`Host: localhost` or a loopback address)",
         )),
@@ -337,6 +366,10 @@ pub async fn add(
         "value": value,
         "expires_at": kept,
     });
+    let mut event =
+        crate::audit::AdminEvent::new("revocation_added", "revocations", actor(&engine));
+    event.revocation = Some(added.clone());
+    engine.audit.record_admin(event);
     if kept > expires_at {
         added["note"] = json!(
             "already revoked until `expires_at`, which is kept: an entry is extended, never \
@@ -379,6 +412,11 @@ pub async fn remove(
     match deleted {
         Ok(true) => {
             tracing::info!(revocation.kind = kind.as_str(), "revocation removed");
+            let mut event =
+                crate::audit::AdminEvent::new("revocation_removed", "revocations", actor(&engine));
+            event.revocation =
+                Some(json!({"kind": kind.as_str(), "issuer": issuer, "value": value}));
+            engine.audit.record_admin(event);
             StatusCode::NO_CONTENT.into_response()
         }
         Ok(false) => {
@@ -428,6 +466,88 @@ mod tests {
             h.insert(header::HOST, host.parse().unwrap());
         }
         h
+    }
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The audit log says who changed the runtime revocations, what they changed (the
+    /// value too, so a lifted revocation can be told apart), and who was turned away (a
+    /// refusal was not logged at all).
+    #[tokio::test]
+    async fn revocations_added_removed_and_refused_are_audited() {
+        let metrics = Arc::new(Metrics::new());
+        let out = Capture::default();
+        let sink = {
+            let out = out.clone();
+            crate::audit::AuditSink::to_writer(move || out).unwrap()
+        };
+        let engine = crate::engine::tests::shipped_engine("", &metrics).with_audit(sink.clone());
+        let state = AdminState {
+            engine: Arc::new(arc_swap::ArcSwap::from_pointee(engine)),
+            metrics,
+            leaving: Arc::default(),
+            bound: "127.0.0.1:9192".parse().unwrap(),
+        };
+        let mut json = headers(Some("localhost:9192"));
+        json.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        let added = add(
+            State(state.clone()),
+            json.clone(),
+            axum::body::Body::from(r#"{"sub": "mallory"}"#),
+        )
+        .await;
+        assert_eq!(added.status(), StatusCode::CREATED);
+        let removed = remove(
+            State(state.clone()),
+            headers(Some("localhost:9192")),
+            Query(HashMap::from([("sub".to_string(), "mallory".to_string())])),
+        )
+        .await;
+        assert_eq!(removed.status(), StatusCode::NO_CONTENT);
+        let refused = add(
+            State(state.clone()),
+            headers(Some("evil.example:9192")),
+            axum::body::Body::from(r#"{"sub": "alice"}"#),
+        )
+        .await;
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        assert!(sink.flush(std::time::Duration::from_secs(5)));
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines
+                .iter()
+                .all(|l| l["kind"] == "admin" && l["api"] == "revocations")
+        );
+        assert_eq!(lines[0]["event"], "revocation_added");
+        assert_eq!(lines[0]["actor"], "loopback");
+        assert_eq!(lines[0]["revocation"]["value"], "mallory");
+        assert_eq!(lines[1]["event"], "revocation_removed");
+        assert_eq!(lines[1]["revocation"]["value"], "mallory");
+        assert_eq!(lines[2]["event"], "refused");
+        assert!(
+            lines[2]["detail"].as_str().unwrap().contains("loopback"),
+            "{}",
+            lines[2]
+        );
     }
 
     /// The shipped config says `admin_listen: 127.0.0.1:9192`; what counts is where the

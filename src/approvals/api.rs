@@ -81,6 +81,32 @@ impl ApprovalsApi {
             .await
             .map_err(|deny| Status::unauthenticated(deny.detail.to_string()))
     }
+
+    /// `caller`, with a refusal audited (`kind: "admin"`, `event: "refused"`).
+    async fn audited_caller<T>(
+        &self,
+        engine: &Engine,
+        request: &Request<T>,
+    ) -> Result<Arc<Identity>, Status> {
+        self.caller(engine, request)
+            .await
+            .map_err(|refused| audit_refusal(engine, None, refused))
+    }
+}
+
+/// Audits a refusal of who may act (a caller not verified, not an approver, approving their
+/// own request) and hands the status back; other errors are not refusals.
+fn audit_refusal(engine: &Engine, who: Option<&Identity>, refused: Status) -> Status {
+    if matches!(
+        refused.code(),
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+    ) {
+        let actor = who.map(|w| format!("{}:{}", w.issuer_name, w.subject));
+        let mut event = crate::audit::AdminEvent::new("refused", "approvals", actor);
+        event.detail = Some(refused.message().to_string());
+        engine.audit.record_admin(event);
+    }
+    refused
 }
 
 /// The longest client-supplied text (an id, a ttl) echoed in an error: longer text is cut,
@@ -180,7 +206,7 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         let engine = self.engine.load_full();
-        let who = self.caller(&engine, &request).await?;
+        let who = self.audited_caller(&engine, &request).await?;
         let now = unix_now();
         let records = engine
             .approvals
@@ -202,7 +228,7 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
         request: Request<pb::ApproveRequest>,
     ) -> Result<Response<pb::ApprovalReply>, Status> {
         let engine = self.engine.load_full();
-        let who = self.caller(&engine, &request).await?;
+        let who = self.audited_caller(&engine, &request).await?;
         let body = request.get_ref();
         let ttl: Option<Duration> = match body.ttl.trim() {
             "" => None,
@@ -214,7 +240,7 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
             .approvals
             .approve(&who, known_id(body.id.trim())?, ttl, unix_now())
             .await
-            .map_err(status)?;
+            .map_err(|e| audit_refusal(&engine, Some(&who), status(e)))?;
         // Just granted: no use of it can have been taken yet.
         Ok(Response::new(pb::ApprovalReply {
             approval: Some(to_pb(&record, Some(record.uses))),
@@ -226,16 +252,93 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
         request: Request<pb::RejectRequest>,
     ) -> Result<Response<pb::ApprovalReply>, Status> {
         let engine = self.engine.load_full();
-        let who = self.caller(&engine, &request).await?;
+        let who = self.audited_caller(&engine, &request).await?;
         let body = request.get_ref();
         let reason = Some(body.reason.clone()).filter(|r| !r.trim().is_empty());
         let record = engine
             .approvals
             .reject(&who, known_id(body.id.trim())?, reason, unix_now())
             .await
-            .map_err(status)?;
+            .map_err(|e| audit_refusal(&engine, Some(&who), status(e)))?;
         Ok(Response::new(pb::ApprovalReply {
             approval: Some(to_pb(&record, None)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::metrics::Metrics;
+    use pb::approvals_server::Approvals as _;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A caller the approvals API turns away (a token that does not verify, a requester
+    /// approving their own request) is audited: it was answered with a gRPC error and
+    /// nothing else, so a probe of the approvals listener left no trace.
+    #[tokio::test]
+    async fn callers_turned_away_are_audited() {
+        let out = Capture::default();
+        let sink = {
+            let out = out.clone();
+            crate::audit::AuditSink::to_writer(move || out).unwrap()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let engine = crate::engine::tests::shipped_engine("", &metrics).with_audit(sink.clone());
+        engine.keys.start().await;
+        let alice = crate::engine::tests::dev_token(&engine, "alice", &["dba"], &[]);
+        let api = ApprovalsApi::new(Arc::new(ArcSwap::from_pointee(engine)));
+        let mut bad = Request::new(pb::ListRequest::default());
+        bad.metadata_mut()
+            .insert("authorization", "Bearer garbage".parse().unwrap());
+        let refused = api.list(bad).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        // alice's own request, which she may not approve.
+        let headers = crate::engine::tests::bearer(&alice);
+        let view = crate::engine::tests::request("DELETE", "/databases/prod", &headers);
+        let d = api.engine.load().check(&view).await;
+        assert_eq!(d.code, crate::authz::ReasonCode::ApprovalRequired, "{d:?}");
+        let id = d
+            .body_fields
+            .iter()
+            .find(|(k, _)| *k == "approval_id")
+            .map(|(_, v)| v.to_string())
+            .expect("an approval id");
+        let mut own = Request::new(pb::ApproveRequest {
+            id,
+            ..Default::default()
+        });
+        own.metadata_mut()
+            .insert("authorization", format!("Bearer {alice}").parse().unwrap());
+        let refused = api.approve(own).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(sink.flush(std::time::Duration::from_secs(5)));
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let admin: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l["kind"] == "admin")
+            .collect();
+        assert_eq!(admin.len(), 2, "{text}");
+        assert!(
+            admin
+                .iter()
+                .all(|l| l["event"] == "refused" && l["api"] == "approvals")
+        );
+        assert_eq!(admin[0]["actor"], serde_json::Value::Null);
+        assert_eq!(admin[1]["actor"], "dev:alice");
+        assert!(!text.contains(&alice), "no token in the audit log");
     }
 }
