@@ -785,6 +785,38 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// Warnings for protected routes that grant `GET` but not `HEAD` on paths a public
+    /// catch-all (`/**`) route answers `HEAD` for: a `HEAD` there is decided by the public
+    /// route, allowed without a token, and most frameworks answer `HEAD` with the `GET`
+    /// handler (status and headers of the protected resource).
+    pub fn head_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let catch_alls = self.routes.iter().filter(|p| {
+            p.public
+                && p.template.segs.is_empty()
+                && p.template.tail
+                && p.methods.iter().any(|m| &**m == "HEAD")
+        });
+        for public in catch_alls {
+            for route in &self.routes {
+                let protected = !route.public
+                    && route.methods.iter().any(|m| &**m == "GET")
+                    && !route.methods.iter().any(|m| &**m == "HEAD");
+                let same_hosts =
+                    public.hosts.is_empty() || route.hosts.iter().any(|h| public.hosts.contains(h));
+                if protected && same_hosts {
+                    out.push(format!(
+                        "route `{}` grants GET but not HEAD on `{}`: a HEAD there goes to public route `{}` (`/**`) and is allowed without a token, and most frameworks answer HEAD with the GET handler; add HEAD to its methods",
+                        route.id, route.template, public.id
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
 fn sorted(hosts: &[HostPattern]) -> Vec<&HostPattern> {
     let mut v: Vec<&HostPattern> = hosts.iter().collect();
     v.sort();

@@ -584,10 +584,17 @@ impl Compiler {
 
         let dry_run = self.dry_run(&file, &issuer_names, &routes)?;
         let policy = Policy::new(routes);
-        let live_warnings = policy.shadow_warnings();
+        let live_warnings: Vec<String> = policy
+            .shadow_warnings()
+            .into_iter()
+            .chain(policy.head_warnings())
+            .collect();
         if let Some(candidate) = &dry_run {
             // Only what the changes bring: the live routes' own findings are reported once.
-            let new = candidate.shadow_warnings().into_iter();
+            let new = candidate
+                .shadow_warnings()
+                .into_iter()
+                .chain(candidate.head_warnings());
             self.warnings.extend(
                 new.filter(|w| !live_warnings.contains(w))
                     .map(|w| format!("dry_run: {w}")),

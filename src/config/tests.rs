@@ -735,6 +735,21 @@ fn risky_but_valid_setups_warn() {
     assert!(compile(other_host).unwrap().warnings.is_empty());
     // Host lists that overlap: for the shared host, the route listed first always wins
     // (both rank alike there), so the stricter second route is never applied on it.
+    // A protected GET route whose HEAD a public catch-all answers.
+    let head = "issuers: [{name: dev, issuer: https://dev.test, audiences: [a], keys: {file: dev/jwks.json}}]\nroutes:\n  - { id: static, methods: [GET, HEAD, OPTIONS], path: \"/**\", public: true }\n  - { id: admin, methods: [GET, POST], path: \"/admin/**\", rules: [{id: admins, roles: [admin]}] }\n  - { id: both, methods: [GET, HEAD], path: \"/orders/**\", rules: [{id: any, scopes: [a]}] }\n";
+    let warned: Vec<String> = compile(head)
+        .unwrap()
+        .warnings
+        .into_iter()
+        .filter(|w| w.contains("HEAD"))
+        .collect();
+    assert_eq!(
+        warned,
+        vec![
+            "route `admin` grants GET but not HEAD on `/admin/**`: a HEAD there goes to public route `static` (`/**`) and is allowed without a token, and most frameworks answer HEAD with the GET handler; add HEAD to its methods"
+                .to_string()
+        ]
+    );
     let overlap = "routes:\n  - { id: all-sites, hosts: [www.example.com, admin.example.com, \"*.corp.test\"], methods: [GET], path: \"/reports/{id}\", public: true }\n  - { id: admin-site, hosts: [admin.example.com, \"*.corp.test\"], methods: [GET, POST], path: \"/reports/{n}\", public: true }\n";
     assert_eq!(
         compile(overlap).unwrap().warnings,
