@@ -31,8 +31,16 @@ pub const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on `{addr}`: {cause}")]
-    Bind { addr: String, cause: std::io::Error },
+    #[error(
+        "{config}: {field}: cannot listen on `{addr}`: {cause} (hint: {})",
+        bind_hint(cause)
+    )]
+    Bind {
+        config: String,
+        field: &'static str,
+        addr: String,
+        cause: std::io::Error,
+    },
     #[error("cannot start the audit log writer: {0}")]
     Audit(std::io::Error),
     /// A file the config names does not load (revocation list, TLS material): names the
@@ -112,14 +120,38 @@ impl Server {
         } else {
             AuditSink::disabled()
         };
-        let grpc_listener = bind(&config.file.server.listen).await?;
-        let admin_listener = bind(&config.file.server.admin_listen).await?;
-        let grpc_addr = local_addr(&grpc_listener, &config.file.server.listen)?;
-        let admin_addr = local_addr(&admin_listener, &config.file.server.admin_listen)?;
-        let http_listener = bind_optional(config.file.server.http_listen.as_deref()).await?;
+        let grpc_listener = bind(&config, "server.listen", &config.file.server.listen).await?;
+        let admin_listener = bind(
+            &config,
+            "server.admin_listen",
+            &config.file.server.admin_listen,
+        )
+        .await?;
+        let grpc_addr = local_addr(
+            &config,
+            "server.listen",
+            &grpc_listener,
+            &config.file.server.listen,
+        )?;
+        let admin_addr = local_addr(
+            &config,
+            "server.admin_listen",
+            &admin_listener,
+            &config.file.server.admin_listen,
+        )?;
+        let http_listener = bind_optional(
+            &config,
+            "server.http_listen",
+            config.file.server.http_listen.as_deref(),
+        )
+        .await?;
         let http_addr = http_listener.as_ref().map(|(_, a)| *a);
-        let approvals_listener =
-            bind_optional(config.file.server.approvals_listen.as_deref()).await?;
+        let approvals_listener = bind_optional(
+            &config,
+            "server.approvals_listen",
+            config.file.server.approvals_listen.as_deref(),
+        )
+        .await?;
         let approvals_addr = approvals_listener.as_ref().map(|(_, a)| *a);
 
         let base = config.source.parent().unwrap_or(std::path::Path::new(""));
@@ -355,10 +387,28 @@ impl Server {
     }
 }
 
-async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
+/// What to do about a listener that cannot bind.
+fn bind_hint(cause: &std::io::Error) -> &'static str {
+    match cause.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "another process holds the port (a Portcullis still running?): stop it or pick another port"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            "the address is not one of this machine's: use one it has, `127.0.0.1` or `0.0.0.0`"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "ports below 1024 need privileges: use a higher port"
+        }
+        _ => "check the address and port",
+    }
+}
+
+async fn bind(config: &Config, field: &'static str, addr: &str) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr)
         .await
         .map_err(|cause| ServeError::Bind {
+            config: config.source.display().to_string(),
+            field,
             addr: addr.to_string(),
             cause,
         })
@@ -366,13 +416,15 @@ async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
 
 /// Binds `addr` when it is set; the listener and its local address.
 async fn bind_optional(
+    config: &Config,
+    field: &'static str,
     addr: Option<&str>,
 ) -> Result<Option<(TcpListener, SocketAddr)>, ServeError> {
     let Some(addr) = addr else {
         return Ok(None);
     };
-    let listener = bind(addr).await?;
-    let local = local_addr(&listener, addr)?;
+    let listener = bind(config, field, addr).await?;
+    let local = local_addr(config, field, &listener, addr)?;
     Ok(Some((listener, local)))
 }
 
@@ -402,8 +454,15 @@ fn spawn_grpc(
     })
 }
 
-fn local_addr(listener: &TcpListener, addr: &str) -> Result<SocketAddr, ServeError> {
+fn local_addr(
+    config: &Config,
+    field: &'static str,
+    listener: &TcpListener,
+    addr: &str,
+) -> Result<SocketAddr, ServeError> {
     listener.local_addr().map_err(|cause| ServeError::Bind {
+        config: config.source.display().to_string(),
+        field,
         addr: addr.to_string(),
         cause,
     })

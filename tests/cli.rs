@@ -513,3 +513,25 @@ fn check_refuses_a_key_file_over_its_max_bytes() {
     let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
     assert_eq!(code, Some(0), "{out}");
 }
+
+/// A port another process holds stops `serve` naming the config file, the field and what
+/// to do (it said only "cannot listen on `addr`: Address already in use").
+#[test]
+fn serve_names_the_listener_whose_port_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let text = format!(
+        "server: {{listen: '127.0.0.1:0', admin_listen: '127.0.0.1:{port}'}}\nroutes: [{{id: r, methods: [GET], path: /r, public: true}}]\n"
+    );
+    std::fs::write(dir.path().join("p.yaml"), text).unwrap();
+    let (code, out) = serve_fails(dir.path()).expect("serve must stop");
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains(&format!(
+            "p.yaml: server.admin_listen: cannot listen on `127.0.0.1:{port}`"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("another process holds the port"), "{out}");
+}
