@@ -741,7 +741,19 @@ impl Engine {
                             jwt::verify(cred.token, &issuer.rules, &current, now)
                                 .map_err(decide::invalid_token)?
                         }
-                        _ => return Err(decide::invalid_token(e)),
+                        _ => {
+                            let mut deny = decide::invalid_token(e);
+                            // Not necessarily a forged `kid`: the refetch that could have
+                            // found it failed. Why is for operators (`/readyz`), not clients.
+                            if self.keys.refresh_failing(&issuer.name) {
+                                deny.detail = format!(
+                                    "{} (the key set could not be refreshed just now)",
+                                    deny.detail
+                                )
+                                .into();
+                            }
+                            return Err(deny);
+                        }
                     },
                 }
             }

@@ -776,6 +776,16 @@ async fn jwks_outage_keeps_cached_keys_until_max_stale_then_fails_closed() {
         "cached keys must survive a failed fetch: {answer:?}\n{}",
         stack.logs()
     );
+    // A key the set in force lacks: refused, and the answer says the set could not be
+    // refreshed (it read as a forged `kid`), never why (that is for `/readyz`).
+    let unknown = stack
+        .get(Proto::H2c, "/orders/1", Some(&reader_token(Key::B)))
+        .await;
+    assert_eq!(unknown.status, 401, "{unknown:?}");
+    assert!(
+        unknown.body.contains("could not be refreshed just now"),
+        "{unknown:?}"
+    );
 
     // Past max_stale (5s after the last good fetch), every token is refused.
     stack

@@ -319,6 +319,13 @@ impl KeyStore {
         self.order.iter().all(|s| self.get(&s.name).is_ok())
     }
 
+    /// True when the issuer's most recent key load failed (the keys in force are older).
+    pub fn refresh_failing(&self, issuer: &str) -> bool {
+        self.slots
+            .get(issuer)
+            .is_some_and(|slot| slot.state.load().last_error.is_some())
+    }
+
     /// Per-issuer status, in configuration order.
     pub fn status(&self) -> Vec<IssuerKeyStatus> {
         self.order
