@@ -852,6 +852,9 @@ pub fn spawn_watcher(
                     warned_unknown = unknown;
                 }
             }
+            metrics
+                .runtime_revocation_entries
+                .set(i64::try_from(current.runtime_revoked.len()).unwrap_or(i64::MAX));
             let result = if synced.is_ok() { "ok" } else { "error" };
             metrics
                 .revocation_syncs

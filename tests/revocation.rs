@@ -608,6 +608,16 @@ async fn a_revocation_survives_a_redis_that_restarts_empty() {
         .await;
     assert_eq!(resp.status(), 201);
     assert_eq!(h.check(&alice).await, 401);
+    // The mirror's size is a metric (the file's entries have their own).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.server.metrics.runtime_revocation_entries.get() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "runtime_revocation_entries never 1"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.server.metrics.revocation_entries.get(), 0);
 
     redis.restart();
     // Written back within a few syncs, with its expiry, and refused all along.

@@ -95,6 +95,8 @@ pub struct Metrics {
     pub revocation_syncs: Family<ResultLabels, Counter>,
     /// Entries in the revocation file in force.
     pub revocation_entries: Gauge,
+    /// Runtime revocations (added through `/revocations`) in this replica's mirror.
+    pub runtime_revocation_entries: Gauge,
     /// Connections open per listener (`crate::listener`).
     pub connections_open: Family<ListenerLabels, Gauge>,
     /// Connections closed on arrival because their listener had its maximum open.
@@ -139,6 +141,7 @@ impl Metrics {
             revocation_reloads: Family::default(),
             revocation_syncs: Family::default(),
             revocation_entries: Gauge::default(),
+            runtime_revocation_entries: Gauge::default(),
             connections_open: Family::default(),
             connections_refused: Family::default(),
         }
@@ -238,6 +241,11 @@ impl Metrics {
             "revocation_entries",
             "Entries in the revocation file in force",
             self.revocation_entries.clone(),
+        );
+        r.register(
+            "runtime_revocation_entries",
+            "Runtime revocations (added through the admin API) in this replica's mirror of shared state",
+            self.runtime_revocation_entries.clone(),
         );
         r.register(
             "connections_open",
