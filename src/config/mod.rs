@@ -1519,10 +1519,23 @@ impl Compiler {
             && bind.is_empty()
             && api_keys.is_empty()
         {
-            self.warnings.push(format!(
-                "{at}.rules[{j}]: rule `{}` has no conditions: any valid token from any configured issuer is allowed",
-                rule.id
-            ));
+            let context = rule.source.is_some()
+                || rule.max_session_age.is_some()
+                || rule.max_token_lifetime.is_some()
+                || rule.time_window.is_some()
+                || !rule.posture.is_empty()
+                || rule.approval.is_some();
+            self.warnings.push(if context {
+                format!(
+                    "{at}.rules[{j}]: rule `{}` has no conditions on the caller (issuers, scopes, roles, claims, bind): any valid token from any configured issuer that meets its context conditions is allowed",
+                    rule.id
+                )
+            } else {
+                format!(
+                    "{at}.rules[{j}]: rule `{}` has no conditions: any valid token from any configured issuer is allowed",
+                    rule.id
+                )
+            });
         }
         // Subjects are only unique within an issuer: bound to a claim with several issuers
         // trusted, another issuer's `sub: 42` owns this issuer's `/users/42`.

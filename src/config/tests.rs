@@ -735,6 +735,15 @@ fn risky_but_valid_setups_warn() {
     assert!(compile(other_host).unwrap().warnings.is_empty());
     // Host lists that overlap: for the shared host, the route listed first always wins
     // (both rank alike there), so the stricter second route is never applied on it.
+    // A rule with only a context condition says so: it does have a condition.
+    let context_only = "issuers: [{name: dev, issuer: https://dev.test, audiences: [a], keys: {file: dev/jwks.json}}]\nroutes:\n  - { id: r, methods: [GET], path: /r, rules: [{id: fresh, max_session_age: 5m}] }\n";
+    let warned = compile(context_only).unwrap().warnings;
+    assert!(
+        warned.iter().any(|w| w.contains(
+            "rule `fresh` has no conditions on the caller (issuers, scopes, roles, claims, bind): any valid token from any configured issuer that meets its context conditions is allowed"
+        )),
+        "{warned:?}"
+    );
     // A protected GET route whose HEAD a public catch-all answers.
     let head = "issuers: [{name: dev, issuer: https://dev.test, audiences: [a], keys: {file: dev/jwks.json}}]\nroutes:\n  - { id: static, methods: [GET, HEAD, OPTIONS], path: \"/**\", public: true }\n  - { id: admin, methods: [GET, POST], path: \"/admin/**\", rules: [{id: admins, roles: [admin]}] }\n  - { id: both, methods: [GET, HEAD], path: \"/orders/**\", rules: [{id: any, scopes: [a]}] }\n";
     let warned: Vec<String> = compile(head)
