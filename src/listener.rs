@@ -50,6 +50,8 @@ const TCP_KEEPALIVE_RETRIES: u32 = 3;
 pub const H1_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The cap of the admin and approvals listeners (a scraper, probes, a few approvers).
 pub const SMALL_LISTENER_MAX_CONNECTIONS: usize = 256;
+/// An approvals-only listener closes a connection idle this long (see `accept_loop`).
+pub const APPROVALS_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The refused-connection warning is logged at most this often per listener.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -329,10 +331,16 @@ where
 /// turns true, then every connection is drained gracefully. A connection with no request
 /// within `FIRST_REQUEST_TIMEOUT` is closed; a failed accept is logged and retried after a
 /// pause (e.g. out of descriptors).
+///
+/// With `idle`, a connection is also closed once a whole `idle` passes without a request
+/// (listeners whose clients are people and scripts, not Envoy's pooled connections: an
+/// HTTP/2 connection that made one request and then sat idle held its place under the cap
+/// forever, and 256 of them shut the approvals listener).
 pub async fn accept_loop<S, IO, C>(
     incoming: S,
     mut stop: watch::Receiver<bool>,
     listener: &'static str,
+    idle: Option<Duration>,
     mut connect: impl FnMut(TokioIo<IO>, FirstRequest) -> C,
 ) where
     S: Stream<Item = io::Result<(IO, ConnPermit)>>,
@@ -359,7 +367,12 @@ pub async fn accept_loop<S, IO, C>(
                         tracing::debug!(error = %e, listener, "connection ended with an error");
                     }
                 });
-                tokio::spawn(close_unless_used(served.abort_handle(), first, listener));
+                tokio::spawn(close_unless_used(
+                    served.abort_handle(),
+                    first,
+                    listener,
+                    idle,
+                ));
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, listener, "accept failed; retrying");
@@ -378,6 +391,7 @@ async fn close_unless_used(
     served: tokio::task::AbortHandle,
     first: FirstRequest,
     listener: &'static str,
+    idle: Option<Duration>,
 ) {
     tokio::time::sleep(FIRST_REQUEST_TIMEOUT).await;
     if !first.seen() && !served.is_finished() {
@@ -387,6 +401,27 @@ async fn close_unless_used(
             "no request within {}s of connecting; connection closed",
             FIRST_REQUEST_TIMEOUT.as_secs()
         );
+        return;
+    }
+    let Some(idle) = idle else {
+        return;
+    };
+    loop {
+        // `Marked` sets the flag again at the next request.
+        first.0.store(false, Ordering::Relaxed);
+        tokio::time::sleep(idle).await;
+        if served.is_finished() {
+            return;
+        }
+        if !first.seen() {
+            served.abort();
+            tracing::debug!(
+                listener,
+                "no request for {}s; connection closed",
+                idle.as_secs()
+            );
+            return;
+        }
     }
 }
 
@@ -452,5 +487,57 @@ mod tests {
             8,
             "given back when the read ended"
         );
+    }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use super::*;
+
+    /// On a listener with an idle limit, a connection that made a request and then sat idle
+    /// for a whole window is closed; one that keeps making requests is not. Without a limit
+    /// (Envoy's pooled connections) only the first-request deadline applies.
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_closed_only_where_the_listener_says() {
+        let idle = Duration::from_secs(60);
+        let spawn_conn = || tokio::spawn(std::future::pending::<()>());
+
+        let busy = spawn_conn();
+        let busy_flag = FirstRequest::default();
+        busy_flag.0.store(true, Ordering::Relaxed);
+        let watch = tokio::spawn(close_unless_used(
+            busy.abort_handle(),
+            busy_flag.clone(),
+            "approvals",
+            Some(idle),
+        ));
+        let quiet = spawn_conn();
+        let quiet_flag = FirstRequest::default();
+        quiet_flag.0.store(true, Ordering::Relaxed);
+        tokio::spawn(close_unless_used(
+            quiet.abort_handle(),
+            quiet_flag,
+            "approvals",
+            Some(idle),
+        ));
+        let pooled = spawn_conn();
+        let pooled_flag = FirstRequest::default();
+        pooled_flag.0.store(true, Ordering::Relaxed);
+        tokio::spawn(close_unless_used(
+            pooled.abort_handle(),
+            pooled_flag,
+            "check",
+            None,
+        ));
+        // A request every 30 s keeps `busy` open.
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            busy_flag.0.store(true, Ordering::Relaxed);
+        }
+        assert!(quiet.is_finished(), "idle for a whole window: closed");
+        assert!(!busy.is_finished());
+        assert!(!pooled.is_finished());
+        busy.abort();
+        watch.await.unwrap();
     }
 }

@@ -49,7 +49,7 @@ where
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(H1_HEADER_READ_TIMEOUT);
-    accept_loop(incoming, stop, "admin", |io, first| {
+    accept_loop(incoming, stop, "admin", None, |io, first| {
         let service = Marked::new(TowerToHyperService::new(app.clone()), first);
         builder.serve_connection(io, service)
     })

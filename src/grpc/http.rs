@@ -287,7 +287,7 @@ where
         // line); room past our own limit (a client's own headers come on top) lets the
         // decision refuse them as every front end does.
         .max_headers(2 * super::wire::MAX_REQUEST_HEADERS);
-    accept_loop(incoming, stop, "http", |io, first| {
+    accept_loop(incoming, stop, "http", None, |io, first| {
         builder
             .serve_connection(io, Marked::new(authorizer.clone(), first))
             .into_owned()

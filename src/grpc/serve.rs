@@ -71,7 +71,13 @@ pub async fn serve<S, IO>(
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     // gRPC answers carry no `Date`: one header less to build here and to decode in Envoy.
     builder.auto_date_header(false);
-    accept_loop(incoming, stop, listener, |io, first| {
+    // Envoy keeps its connections to the Check listener however idle; the approvals API's
+    // own listener serves people and scripts, so an idle connection there is closed.
+    let idle = dispatch
+        .check
+        .is_none()
+        .then_some(crate::listener::APPROVALS_IDLE_TIMEOUT);
+    accept_loop(incoming, stop, listener, idle, |io, first| {
         builder.serve_connection(io, Marked::new(dispatch.clone(), first))
     })
     .await;
