@@ -22,7 +22,7 @@
 //!   keep-alive connection idle that long is closed.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,14 +58,15 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// A request body must arrive within this long once the handler starts reading it.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The most bytes of request bodies the whole process holds while reading them, in KiB:
-/// 64 MiB. Without it, one client could open hundreds of HTTP/2 streams per connection and
-/// hold a partial 4 MiB body on each (about 1 GB per connection, measured), far past a
-/// pod's memory limit. A Check body is a kilobyte or two, so legitimate traffic never
-/// comes near it.
-const BODY_BUDGET_KIB: usize = 64 * 1024;
+/// The most bytes of request bodies the whole process holds while reading them: 64 MiB.
+/// Without it, one client could open hundreds of HTTP/2 streams per connection and hold a
+/// partial 4 MiB body on each (about 1 GB per connection, measured), far past a pod's
+/// memory limit. A Check body is a kilobyte or two, so legitimate traffic never comes near
+/// it.
+const BODY_BUDGET: usize = 64 << 20;
 
-static BODY_BUDGET: Semaphore = Semaphore::const_new(BODY_BUDGET_KIB);
+/// The bytes of request bodies being read right now, process-wide.
+static BODY_BYTES_HELD: AtomicUsize = AtomicUsize::new(0);
 
 /// Why a request body could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,12 +94,30 @@ impl BodyError {
     }
 }
 
-/// Gives the budget back when a read ends, however it ends.
-struct Held<'b>(&'b Semaphore, usize);
+/// What one read holds of the budget, given back when the read ends, however it ends.
+struct Held<'b> {
+    held: &'b AtomicUsize,
+    bytes: usize,
+}
+
+impl Held<'_> {
+    /// Takes `n` more bytes of a budget of `budget`, or none when they do not fit.
+    fn take(&mut self, n: usize, budget: usize) -> Result<(), BodyError> {
+        let before = self.held.fetch_add(n, Ordering::Relaxed);
+        if before.saturating_add(n) > budget {
+            self.held.fetch_sub(n, Ordering::Relaxed);
+            return Err(BodyError::Busy);
+        }
+        self.bytes += n;
+        Ok(())
+    }
+}
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.add_permits(self.1);
+        if self.bytes > 0 {
+            self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
     }
 }
 
@@ -109,13 +128,14 @@ pub async fn read_body<B>(body: B, max: usize) -> Result<bytes::Bytes, BodyError
 where
     B: http_body::Body,
 {
-    read_body_under(body, max, &BODY_BUDGET, BODY_READ_TIMEOUT).await
+    read_body_under(body, max, &BODY_BYTES_HELD, BODY_BUDGET, BODY_READ_TIMEOUT).await
 }
 
 async fn read_body_under<B>(
     body: B,
     max: usize,
-    budget: &Semaphore,
+    held: &AtomicUsize,
+    budget: usize,
     timeout: Duration,
 ) -> Result<bytes::Bytes, BodyError>
 where
@@ -124,9 +144,10 @@ where
     use http_body_util::BodyExt as _;
     let read = async {
         let mut body = std::pin::pin!(body);
-        let mut held = Held(budget, 0);
-        let mut chunks: Vec<bytes::Bytes> = Vec::new();
-        let mut len = 0usize;
+        let mut taken = Held { held, bytes: 0 };
+        let mut whole = bytes::Bytes::new();
+        // From a second chunk on, the chunks are copied together here.
+        let mut joined: Option<Vec<u8>> = None;
         while let Some(frame) = body.frame().await {
             let Ok(mut data) = frame.map_err(|_| BodyError::Unreadable)?.into_data() else {
                 continue;
@@ -134,26 +155,22 @@ where
             // `Bytes` (what hyper hands out) is taken as it is, without a copy.
             let n = bytes::Buf::remaining(&data);
             let data = bytes::Buf::copy_to_bytes(&mut data, n);
-            len += data.len();
-            if len > max {
+            if taken.bytes + n > max {
                 return Err(BodyError::TooLarge);
             }
-            let kib = len.div_ceil(1024);
-            if kib > held.1 {
-                let more = u32::try_from(kib - held.1).map_err(|_| BodyError::TooLarge)?;
-                budget
-                    .try_acquire_many(more)
-                    .map_err(|_| BodyError::Busy)?
-                    .forget();
-                held.1 = kib;
+            taken.take(n, budget)?;
+            match &mut joined {
+                None if whole.is_empty() => whole = data,
+                None => {
+                    let mut both = Vec::with_capacity(whole.len() + n);
+                    both.extend_from_slice(&whole);
+                    both.extend_from_slice(&data);
+                    joined = Some(both);
+                }
+                Some(all) => all.extend_from_slice(&data),
             }
-            chunks.push(data);
         }
-        Ok(match chunks.len() {
-            0 => bytes::Bytes::new(),
-            1 => chunks.pop().unwrap_or_default(),
-            _ => chunks.concat().into(),
-        })
+        Ok(joined.map_or(whole, bytes::Bytes::from))
     };
     within(read, timeout)
         .await
@@ -447,14 +464,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_is_read_whole_and_gives_its_budget_back() {
-        let budget = Semaphore::new(8);
+        let held = AtomicUsize::new(0);
         let body = Full::new(Bytes::from(vec![7u8; 3000]));
-        let read = read_body_under(body, 4096, &budget, Duration::from_secs(1)).await;
+        let read = read_body_under(body, 4096, &held, 8192, Duration::from_secs(1)).await;
         assert_eq!(read.map(|b| b.len()), Ok(3000));
-        assert_eq!(budget.available_permits(), 8);
+        assert_eq!(held.load(Ordering::Relaxed), 0);
         let body = Full::new(Bytes::from(vec![7u8; 5000]));
-        let read = read_body_under(body, 4096, &budget, Duration::from_secs(1)).await;
+        let read = read_body_under(body, 4096, &held, 8192, Duration::from_secs(1)).await;
         assert_eq!(read, Err(BodyError::TooLarge));
+        // Chunks are joined in order.
+        let chunks = StreamBody::new(futures_util::stream::iter(
+            [&b"ab"[..], b"cd", b"e"].map(|c| Ok::<_, io::Error>(Frame::data(Bytes::from(c)))),
+        ));
+        let read = read_body_under(chunks, 4096, &held, 8192, Duration::from_secs(1)).await;
+        assert_eq!(read, Ok(Bytes::from_static(b"abcde")));
+        assert_eq!(held.load(Ordering::Relaxed), 0);
     }
 
     /// Partial bodies held open are cut at the deadline, and while they are held, they
@@ -462,11 +486,13 @@ mod tests {
     /// buffered (hundreds of such streams took ~1 GB per connection).
     #[tokio::test]
     async fn bodies_held_open_are_bounded_in_memory_and_time() {
-        let budget = Semaphore::new(8);
+        let held = AtomicUsize::new(0);
+        let budget = 8 * 1024;
         let slow = read_body_under(
             held_open(vec![Bytes::from(vec![1u8; 6 * 1024])]),
             1 << 20,
-            &budget,
+            &held,
+            budget,
             Duration::from_millis(300),
         );
         let over = async {
@@ -474,17 +500,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let started = Instant::now();
             let body = Full::new(Bytes::from(vec![2u8; 4 * 1024]));
-            let r = read_body_under(body, 1 << 20, &budget, Duration::from_secs(5)).await;
-            (r, started.elapsed(), budget.available_permits())
+            let r = read_body_under(body, 1 << 20, &held, budget, Duration::from_secs(5)).await;
+            (r, started.elapsed(), held.load(Ordering::Relaxed))
         };
-        let (slow, (over, took, left)) = tokio::join!(slow, over);
+        let (slow, (over, took, holding)) = tokio::join!(slow, over);
         assert_eq!(over, Err(BodyError::Busy));
         assert!(took < Duration::from_millis(100), "{took:?}");
-        assert_eq!(left, 2, "the slow body holds 6 of 8 KiB");
+        assert_eq!(holding, 6 * 1024, "the slow body holds 6 of 8 KiB");
         assert_eq!(slow, Err(BodyError::TimedOut));
         assert_eq!(
-            budget.available_permits(),
-            8,
+            held.load(Ordering::Relaxed),
+            0,
             "given back when the read ended"
         );
     }
