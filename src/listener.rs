@@ -126,7 +126,7 @@ impl Drop for Held<'_> {
 /// never waited for). One chunk (the usual Check) is handed back without a copy.
 pub async fn read_body<B>(body: B, max: usize) -> Result<bytes::Bytes, BodyError>
 where
-    B: http_body::Body,
+    B: http_body::Body<Data = bytes::Bytes>,
 {
     read_body_under(body, max, &BODY_BYTES_HELD, BODY_BUDGET, BODY_READ_TIMEOUT).await
 }
@@ -139,7 +139,7 @@ async fn read_body_under<B>(
     timeout: Duration,
 ) -> Result<bytes::Bytes, BodyError>
 where
-    B: http_body::Body,
+    B: http_body::Body<Data = bytes::Bytes>,
 {
     use http_body_util::BodyExt as _;
     let read = async {
@@ -149,12 +149,12 @@ where
         // From a second chunk on, the chunks are copied together here.
         let mut joined: Option<Vec<u8>> = None;
         while let Some(frame) = body.frame().await {
-            let Ok(mut data) = frame.map_err(|_| BodyError::Unreadable)?.into_data() else {
+            let Ok(data) = frame.map_err(|_| BodyError::Unreadable)?.into_data() else {
                 continue;
             };
-            // `Bytes` (what hyper hands out) is taken as it is, without a copy.
-            let n = bytes::Buf::remaining(&data);
-            let data = bytes::Buf::copy_to_bytes(&mut data, n);
+            // Taken as hyper hands it out: `copy_to_bytes` would make it shared (an
+            // allocation and a reference count per Check).
+            let n = data.len();
             if taken.bytes + n > max {
                 return Err(BodyError::TooLarge);
             }

@@ -76,7 +76,7 @@ impl HttpAuthorizer {
     /// Decides one request of Envoy's HTTP API.
     pub async fn answer<B>(&self, req: http::Request<B>) -> Response
     where
-        B: http_body::Body,
+        B: http_body::Body<Data = bytes::Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (head, body) = req.into_parts();

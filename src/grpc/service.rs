@@ -50,8 +50,7 @@ impl AuthorizationServer {
 
 impl<B> tonic::codegen::Service<http::Request<B>> for AuthorizationServer
 where
-    B: Body + Send + 'static,
-    B::Data: Send,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
@@ -87,7 +86,7 @@ where
 /// The one length-prefixed message of a unary request's body.
 async fn read_message<B>(req: http::Request<B>) -> Result<Bytes, &'static str>
 where
-    B: Body,
+    B: Body<Data = Bytes>,
     B::Error: Into<StdError>,
 {
     // Envoy never compresses a Check; a compressed one is refused, not guessed at.
