@@ -155,6 +155,10 @@ where
             // Taken as hyper hands it out: `copy_to_bytes` would make it shared (an
             // allocation and a reference count per Check).
             let n = data.len();
+            // An empty frame (a client may end the stream with one) joins nothing.
+            if n == 0 {
+                continue;
+            }
             if taken.bytes + n > max {
                 return Err(BodyError::TooLarge);
             }
@@ -472,13 +476,21 @@ mod tests {
         let body = Full::new(Bytes::from(vec![7u8; 5000]));
         let read = read_body_under(body, 4096, &held, 8192, Duration::from_secs(1)).await;
         assert_eq!(read, Err(BodyError::TooLarge));
-        // Chunks are joined in order.
+        // Chunks are joined in order; an empty one is skipped.
         let chunks = StreamBody::new(futures_util::stream::iter(
-            [&b"ab"[..], b"cd", b"e"].map(|c| Ok::<_, io::Error>(Frame::data(Bytes::from(c)))),
+            [&b"ab"[..], b"", b"cd", b"e"].map(|c| Ok::<_, io::Error>(Frame::data(Bytes::from(c)))),
         ));
         let read = read_body_under(chunks, 4096, &held, 8192, Duration::from_secs(1)).await;
         assert_eq!(read, Ok(Bytes::from_static(b"abcde")));
         assert_eq!(held.load(Ordering::Relaxed), 0);
+        // A body and the empty frame that ends its stream: the body itself, not a copy.
+        let body = Bytes::from(vec![9u8; 100]);
+        let at = body.as_ptr();
+        let ended = StreamBody::new(futures_util::stream::iter(
+            [body, Bytes::new()].map(|c| Ok::<_, io::Error>(Frame::data(c))),
+        ));
+        let read = read_body_under(ended, 4096, &held, 8192, Duration::from_secs(1)).await;
+        assert_eq!(read.map(|b| b.as_ptr()), Ok(at));
     }
 
     /// Partial bodies held open are cut at the deadline, and while they are held, they
