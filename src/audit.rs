@@ -304,6 +304,40 @@ impl AdminEvent {
     }
 }
 
+/// An audit sink whose output tests read back.
+#[cfg(test)]
+pub(crate) struct Captured {
+    pub sink: AuditSink,
+    out: Arc<Mutex<Vec<u8>>>,
+}
+
+#[cfg(test)]
+impl Captured {
+    pub fn new() -> Self {
+        #[derive(Clone)]
+        struct Into(Arc<Mutex<Vec<u8>>>);
+        impl Write for Into {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let writer = Into(out.clone());
+        let sink = AuditSink::to_writer(move || writer).unwrap();
+        Self { sink, out }
+    }
+
+    /// Everything recorded so far, once written.
+    pub fn text(&self) -> String {
+        assert!(self.sink.flush(Duration::from_secs(5)), "flush timed out");
+        String::from_utf8(self.out.lock().unwrap().clone()).unwrap()
+    }
+}
+
 /// Where audit events go. Cloning shares the writer thread; when the last clone is dropped
 /// the writer writes what is left and ends.
 #[derive(Clone)]

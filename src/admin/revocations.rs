@@ -468,30 +468,14 @@ mod tests {
         h
     }
 
-    #[derive(Clone, Default)]
-    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// The audit log says who changed the runtime revocations, what they changed (the
     /// value too, so a lifted revocation can be told apart), and who was turned away (a
     /// refusal was not logged at all).
     #[tokio::test]
     async fn revocations_added_removed_and_refused_are_audited() {
         let metrics = Arc::new(Metrics::new());
-        let out = Capture::default();
-        let sink = {
-            let out = out.clone();
-            crate::audit::AuditSink::to_writer(move || out).unwrap()
-        };
+        let captured = crate::audit::Captured::new();
+        let sink = captured.sink.clone();
         let engine = crate::engine::tests::shipped_engine("", &metrics).with_audit(sink.clone());
         let state = AdminState {
             engine: Arc::new(arc_swap::ArcSwap::from_pointee(engine)),
@@ -525,8 +509,7 @@ mod tests {
         )
         .await;
         assert_eq!(refused.status(), StatusCode::FORBIDDEN);
-        assert!(sink.flush(std::time::Duration::from_secs(5)));
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = captured.text();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())

@@ -272,29 +272,13 @@ mod tests {
     use crate::admin::metrics::Metrics;
     use pb::approvals_server::Approvals as _;
 
-    #[derive(Clone, Default)]
-    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// A caller the approvals API turns away (a token that does not verify, a requester
     /// approving their own request) is audited: it was answered with a gRPC error and
     /// nothing else, so a probe of the approvals listener left no trace.
     #[tokio::test]
     async fn callers_turned_away_are_audited() {
-        let out = Capture::default();
-        let sink = {
-            let out = out.clone();
-            crate::audit::AuditSink::to_writer(move || out).unwrap()
-        };
+        let captured = crate::audit::Captured::new();
+        let sink = captured.sink.clone();
         let metrics = Arc::new(Metrics::new());
         let engine = crate::engine::tests::shipped_engine("", &metrics).with_audit(sink.clone());
         engine.keys.start().await;
@@ -324,8 +308,7 @@ mod tests {
             .insert("authorization", format!("Bearer {alice}").parse().unwrap());
         let refused = api.approve(own).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::PermissionDenied);
-        assert!(sink.flush(std::time::Duration::from_secs(5)));
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = captured.text();
         let admin: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())

@@ -739,20 +739,6 @@ mod tests {
         assert_eq!(counted, 1);
     }
 
-    /// An audit output that keeps what it is given.
-    #[derive(Clone, Default)]
-    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// A request of the HTTP API whose body cannot be read is an explicit deny, audited with
     /// the `x-request-id` its headers carried (the line said `request_id: ""`, so it could not
     /// be matched with Envoy's access log).
@@ -761,9 +747,8 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let engine = crate::engine::tests::shipped_engine("", &metrics);
         let engine = Arc::new(ArcSwap::from_pointee(engine));
-        let out = Capture::default();
-        let writer = out.clone();
-        let audit = AuditSink::to_writer(move || writer.clone()).unwrap();
+        let captured = crate::audit::Captured::new();
+        let audit = captured.sink.clone();
         let service = Arc::new(AuthzService::new(engine, metrics, audit.clone()));
         let authorizer = http::HttpAuthorizer::new(service);
         let body = http_body_util::Full::new(bytes::Bytes::from(vec![b'x'; 5 << 20]));
@@ -773,11 +758,7 @@ mod tests {
             .unwrap();
         let answer = authorizer.answer(request).await;
         assert_eq!(answer.status(), hyper::StatusCode::FORBIDDEN);
-        assert!(
-            audit.flush(std::time::Duration::from_secs(5)),
-            "flush timed out"
-        );
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = captured.text();
         let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
         assert_eq!(line["request_id"], "req-too-big", "{line}");
         assert_eq!(
