@@ -732,6 +732,19 @@ impl RuntimeRevocations {
         self.members.load().len()
     }
 
+    /// The members in force here (`<kind>:<value>`, see `RUNTIME_INDEX`) with their expiry,
+    /// sorted: what `/revocations` shows when shared state cannot be read.
+    pub fn snapshot(&self) -> Vec<(String, i64)> {
+        let mut members: Vec<(String, i64)> = self
+            .members
+            .load()
+            .iter()
+            .map(|(m, e)| (m.clone(), *e))
+            .collect();
+        members.sort();
+        members
+    }
+
     /// The issuers that scoped entries name.
     /// The scopes (`None`: every issuer) of this replica's entries for `kind` and `value`.
     pub fn scopes_of(&self, kind: RevokedKind, value: &str) -> Vec<Option<String>> {

@@ -507,10 +507,24 @@ async fn a_replica_never_serves_before_it_has_read_the_runtime_revocations() {
     let h = Harness::start("1h", &state, "revoked: []\n").await;
     assert_eq!(h.check(&alice).await, 401);
     assert_eq!(h.check(&bob).await, 200);
+    // Redis gone: the listing says so, and still shows what is in force here.
+    redis.stop();
+    let listed = reqwest::Client::new()
+        .get(h.admin("/revocations"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 503);
+    let body: Value = listed.json().await.unwrap();
+    assert_eq!(body["runtime"][0]["value"], "alice", "{body}");
+    assert!(
+        body["runtime_from"].as_str().unwrap().contains("mirror"),
+        "{body}"
+    );
+    assert_eq!(body["file"], json!([]), "{body}");
     h.server.shutdown().await;
 
     // Redis down at start: refused and not ready, then served once Redis is back.
-    redis.stop();
     let h = Harness::start("200ms", &state, "revoked: []\n").await;
     let http = reqwest::Client::new();
     let ready = http.get(h.admin("/readyz")).send().await.unwrap();

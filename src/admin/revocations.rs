@@ -197,8 +197,8 @@ pub async fn list(State(state): State<AdminState>, headers: HeaderMap) -> Respon
             json!({ "kind": k.as_str(), "issuer": issuer, "value": v, "expires_at": e })
         })
         .collect();
-    let runtime: Vec<_> = match engine.state.index_list(RUNTIME_INDEX, unix_now()).await {
-        Ok(members) => members
+    let listed = |members: &[(String, i64)]| -> Vec<serde_json::Value> {
+        members
             .iter()
             .filter_map(|(member, expires_at)| {
                 let (kind, issuer, value) = RevokedKind::parse_member(member)?;
@@ -209,15 +209,30 @@ pub async fn list(State(state): State<AdminState>, headers: HeaderMap) -> Respon
                     "expires_at": expires_at,
                 }))
             })
-            .collect(),
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+            .collect()
     };
-    Json(json!({
-        "file": file,
-        "file_path": engine.revocations.path().map(|p| p.display().to_string()),
-        "runtime": runtime,
-    }))
-    .into_response()
+    let file_path = engine.revocations.path().map(|p| p.display().to_string());
+    match engine.state.index_list(RUNTIME_INDEX, unix_now()).await {
+        Ok(members) => Json(json!({
+            "file": file,
+            "file_path": file_path,
+            "runtime": listed(&members),
+        }))
+        .into_response(),
+        // Still a 503 (the shared list cannot be read), but with what is in force here: the
+        // file's entries and this replica's mirror of the runtime ones.
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "error": e.to_string(),
+                "file": file,
+                "file_path": file_path,
+                "runtime": listed(&engine.runtime_revoked.snapshot()),
+                "runtime_from": "this replica's mirror, as last synced (shared state unavailable)",
+            })),
+        )
+            .into_response(),
+    }
 }
 
 /// An entry is a few short fields; anything longer is not one.
