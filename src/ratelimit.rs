@@ -15,7 +15,6 @@
 //! that bucket is full again; Envoy adds them to the response the client gets.
 
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::authz::{Decision, ReasonCode, RequestView, RouteMatch};
@@ -111,11 +110,16 @@ pub async fn enforce(
     if !decision.is_allow() || config.rate_limits.is_empty() {
         return decision;
     }
-    let identity: Option<Arc<Identity>> = decision.identity.clone();
-    let limits = applicable(config, req, m.route_id, identity.as_deref());
+    let limits = applicable(config, req, m.route_id, decision.identity.as_deref());
     if limits.is_empty() {
         return decision;
     }
+    // A deny in the granted decision's place keeps its route, rule and caller.
+    let instead = |deny: Decision| {
+        deny.with_route(decision.route.clone())
+            .with_rule(decision.rule.clone())
+            .with_identity(decision.identity.clone())
+    };
     let buckets: Vec<(&str, crate::state::RateLimit)> = limits
         .iter()
         .map(|(l, key)| (key.as_str(), l.limit))
@@ -123,22 +127,16 @@ pub async fn enforce(
     let outcomes = match store.rate_check_all(&buckets).await {
         Ok(o) if o.len() == limits.len() => o,
         Ok(_) => {
-            return Decision::new(
+            return instead(Decision::new(
                 ReasonCode::StateUnavailable,
                 "the rate limits' buckets could not be read",
-            )
-            .with_route(decision.route.clone())
-            .with_rule(decision.rule.clone())
-            .with_identity(identity);
+            ));
         }
         Err(e) => {
-            return Decision::new(
+            return instead(Decision::new(
                 ReasonCode::StateUnavailable,
                 format!("rate limits need shared state: {e}"),
-            )
-            .with_route(decision.route.clone())
-            .with_rule(decision.rule.clone())
-            .with_identity(identity);
+            ));
         }
     };
     // Over one limit or more: none counted it; the client is told the longest wait.
@@ -148,10 +146,7 @@ pub async fn enforce(
         .filter(|(_, o)| !o.allowed)
         .max_by_key(|(_, o)| o.retry_after);
     if let Some(((limit, _), outcome)) = refusing {
-        return limited(limit, outcome)
-            .with_route(decision.route.clone())
-            .with_rule(decision.rule.clone())
-            .with_identity(identity);
+        return instead(limited(limit, outcome));
     }
     let counted: Vec<(&CompiledRateLimit, RateOutcome)> =
         limits.iter().map(|(l, _)| *l).zip(outcomes).collect();
@@ -211,6 +206,7 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+    use std::sync::Arc;
 
     use super::*;
     use crate::state::{MemoryStore, RateLimit};

@@ -661,6 +661,31 @@ impl StateStore for UnavailableStore {
     }
 }
 
+impl RateOutcome {
+    /// Counted: `used` of the bucket's time is taken, one request per `interval` of it.
+    pub fn counted(limit: u32, used: Duration, interval: Duration) -> Self {
+        let used_units = used.as_nanos().div_ceil(interval.as_nanos().max(1)) as u32;
+        Self {
+            allowed: true,
+            limit,
+            remaining: limit.saturating_sub(used_units),
+            reset: used,
+            retry_after: None,
+        }
+    }
+
+    /// Refused: full for `reset`, one more request fits after `retry_after`.
+    pub fn refused(limit: u32, reset: Duration, retry_after: Duration) -> Self {
+        Self {
+            allowed: false,
+            limit,
+            remaining: 0,
+            reset,
+            retry_after: Some(retry_after),
+        }
+    }
+}
+
 /// Generic cell rate algorithm: returns the new theoretical arrival time and the outcome.
 pub fn gcra(tat: Option<Instant>, now: Instant, limit: RateLimit) -> (Instant, RateOutcome) {
     let interval = limit.emission_interval();
@@ -675,30 +700,11 @@ pub fn gcra(tat: Option<Instant>, now: Instant, limit: RateLimit) -> (Instant, R
     let new_tat = tat + interval;
     let allow_at = new_tat.checked_sub(interval + tolerance).unwrap_or(now);
     if allow_at > now {
-        let retry = allow_at - now;
-        return (
-            tat,
-            RateOutcome {
-                allowed: false,
-                limit: burst,
-                remaining: 0,
-                reset: tat.saturating_duration_since(now),
-                retry_after: Some(retry),
-            },
-        );
+        let reset = tat.saturating_duration_since(now);
+        return (tat, RateOutcome::refused(burst, reset, allow_at - now));
     }
     let used = new_tat.saturating_duration_since(now);
-    let used_units = used.as_nanos().div_ceil(interval.as_nanos().max(1)) as u32;
-    (
-        new_tat,
-        RateOutcome {
-            allowed: true,
-            limit: burst,
-            remaining: burst.saturating_sub(used_units),
-            reset: used,
-            retry_after: None,
-        },
-    )
+    (new_tat, RateOutcome::counted(burst, used, interval))
 }
 
 /// A memory store with faults and pauses for tests of callers: `index_add` can fail, `set`,

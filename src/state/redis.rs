@@ -465,23 +465,9 @@ impl StateStore for RedisStore {
             .zip(limits)
             .map(|(r, (interval_us, burst))| {
                 if r[0] == 1 {
-                    let used = us(r[1]);
-                    let used_units = used.as_micros().div_ceil(u128::from(interval_us)) as u32;
-                    RateOutcome {
-                        allowed: true,
-                        limit: burst,
-                        remaining: burst.saturating_sub(used_units),
-                        reset: used,
-                        retry_after: None,
-                    }
+                    RateOutcome::counted(burst, us(r[1]), Duration::from_micros(interval_us))
                 } else {
-                    RateOutcome {
-                        allowed: false,
-                        limit: burst,
-                        remaining: 0,
-                        reset: us(r[1]),
-                        retry_after: Some(us(r[2])),
-                    }
+                    RateOutcome::refused(burst, us(r[1]), us(r[2]))
                 }
             })
             .collect())
