@@ -176,18 +176,22 @@ where
         }
         Ok(joined.map_or(whole, bytes::Bytes::from))
     };
-    within(read, timeout)
+    within(read, || tokio::time::Instant::now() + timeout)
         .await
         .unwrap_or(Err(BodyError::TimedOut))
 }
 
-/// `fut`'s output, or `None` past `limit`. A future ready at its first poll (a body that
-/// came with its headers) sets up no timer.
-pub async fn within<F: std::future::Future>(fut: F, limit: Duration) -> Option<F::Output> {
+/// `fut`'s output, or `None` once `deadline` (asked for only if needed) has passed. A
+/// future ready at its first poll (a body that came with its headers, a decision from
+/// memory) sets up no timer and reads no clock.
+pub async fn within<F: std::future::Future>(
+    fut: F,
+    deadline: impl FnOnce() -> tokio::time::Instant,
+) -> Option<F::Output> {
     let mut fut = std::pin::pin!(fut);
     match std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await {
         std::task::Poll::Ready(out) => Some(out),
-        std::task::Poll::Pending => tokio::time::timeout(limit, fut).await.ok(),
+        std::task::Poll::Pending => tokio::time::timeout_at(deadline(), fut).await.ok(),
     }
 }
 

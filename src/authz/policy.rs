@@ -337,17 +337,20 @@ pub fn normalize_host(raw: &str) -> std::borrow::Cow<'_, str> {
 /// here. Deciding such a host against another route than the one Envoy serves it from could
 /// let a request reach a protected virtual host through a public route, so a policy with
 /// host-scoped routes refuses it (the reason, never the host, is told).
-fn plain_host(raw: &str) -> Result<(), &'static str> {
+///
+/// On success, the host as `normalize_host` gives it.
+fn plain_host(raw: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
     let host = without_port(raw);
     if host.starts_with('[') {
         return match canonical_ipv6(host) {
-            Some(c) if c.eq_ignore_ascii_case(host) => Ok(()),
+            Some(c) if c == host => Ok(std::borrow::Cow::Borrowed(host)),
+            Some(c) if c.eq_ignore_ascii_case(host) => Ok(std::borrow::Cow::Owned(c)),
             Some(_) => Err("an IPv6 address not in its canonical form (RFC 5952, e.g. `[::1]`)"),
             None => Err("not a DNS name or an IP address"),
         };
     }
     if host.len() <= 253 && valid_dns_name(host) {
-        Ok(())
+        Ok(std::borrow::Cow::Borrowed(host))
     } else {
         Err("not a DNS name or an IP address")
     }
@@ -572,16 +575,14 @@ impl Policy {
     pub fn match_route<'p>(&'p self, req: &RequestView<'_>) -> Result<RouteMatch<'p>, Decision> {
         let segs = path::clean(req.path)
             .map_err(|e| Decision::new(ReasonCode::PathRejected, format!("path rejected: {e}")))?;
-        let host = normalize_host(req.host);
+        let host = if self.host_scoped {
+            plain_host(req.host).map_err(|why| {
+                Decision::new(ReasonCode::PathRejected, format!("host rejected: {why}"))
+            })?
+        } else {
+            normalize_host(req.host)
+        };
         let host = &*host;
-        if self.host_scoped
-            && let Err(why) = plain_host(req.host)
-        {
-            return Err(Decision::new(
-                ReasonCode::PathRejected,
-                format!("host rejected: {why}"),
-            ));
-        }
         let candidates = segs
             .first()
             .and_then(|s| self.by_first.get(s.as_ref()))

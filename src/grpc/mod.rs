@@ -133,21 +133,12 @@ impl AuthzService {
             let fut = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
                 engine.check(view),
             ));
-            let mut fut = std::pin::pin!(fut);
-            // Most decisions are ready at the first poll (no timer is set up for them); one
-            // that waits (shared state, a key fetch) is cut at `decision_timeout`, so Envoy
-            // gets an explained deny, and the audit its line, before its own timeout.
-            let first =
-                std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
-            let outcome = match first {
-                std::task::Poll::Ready(outcome) => Some(outcome),
-                std::task::Poll::Pending => {
-                    let limit = engine.config.file.server.decision_timeout.get();
-                    let deadline = tokio::time::Instant::from_std(started) + limit;
-                    tokio::time::timeout_at(deadline, fut).await.ok()
-                }
-            };
-            match outcome {
+            // One that waits (shared state, a key fetch) is cut at `decision_timeout` from
+            // the request's arrival, so Envoy gets an explained deny, and the audit its
+            // line, before its own timeout.
+            let limit = engine.config.file.server.decision_timeout.get();
+            let deadline = || tokio::time::Instant::from_std(started) + limit;
+            match crate::listener::within(fut, deadline).await {
                 Some(Ok(d)) => d,
                 Some(Err(_)) => {
                     Decision::new(ReasonCode::Internal, "internal error while deciding")
@@ -157,9 +148,7 @@ impl AuthzService {
                     format!(
                         "the decision waited longer than `server.decision_timeout` ({}) on \
                          shared state or a key fetch",
-                        humantime::format_duration(
-                            engine.config.file.server.decision_timeout.get()
-                        )
+                        humantime::format_duration(limit)
                     ),
                 ),
             }
@@ -713,7 +702,13 @@ mod tests {
         let headers = crate::engine::tests::bearer(&token);
         let view = crate::engine::tests::request("POST", "/orders", &headers);
         let started = Instant::now();
-        let (d, _) = service.decide_view(&view, "req-1").await;
+        // Without the deadline the decision waits on the bucket for good.
+        let (d, _) = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            service.decide_view(&view, "req-1"),
+        )
+        .await
+        .expect("answered within decision_timeout, not left waiting");
         let took = started.elapsed();
         assert_eq!(d.code, ReasonCode::StateUnavailable, "{d:?}");
         assert_eq!(d.http_status(), 503);
