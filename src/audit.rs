@@ -382,6 +382,8 @@ impl Shared {
 /// Held by the sinks only: its drop tells the writer that no more events will come.
 struct Handle {
     shared: Arc<Shared>,
+    /// Events refused (`append` returned false): never written.
+    lost: prometheus_client::metrics::counter::Counter,
 }
 
 impl Drop for Handle {
@@ -459,7 +461,10 @@ impl AuditSink {
             .name("portcullis-audit".into())
             .spawn(move || write_lines(&writer, &mut open()))?;
         Ok(Self {
-            handle: Some(Arc::new(Handle { shared })),
+            handle: Some(Arc::new(Handle {
+                shared,
+                lost: Default::default(),
+            })),
         })
     }
 
@@ -479,6 +484,12 @@ impl AuditSink {
             let pending = handle.shared.lock();
             pending.failing || pending.stuck
         })
+    }
+
+    /// The count of events this sink refused (never written), for `/metrics`; `None` for a
+    /// disabled sink.
+    pub fn lost_events(&self) -> Option<prometheus_client::metrics::counter::Counter> {
+        self.handle.as_ref().map(|h| h.lost.clone())
     }
 
     /// Records one approval step (lost, and logged as such, while the writer is stuck).
@@ -536,41 +547,49 @@ impl AuditSink {
             line.clear();
             write(line);
             line.push(b'\n');
-            let shared = &handle.shared;
-            let mut pending = shared.lock();
-            if pending.failing {
+            let kept = Self::push(&handle.shared, line);
+            if !kept {
+                handle.lost.inc();
+            }
+            kept
+        })
+    }
+
+    /// Appends `line` to the pending batch, waiting for room (see `append`).
+    fn push(shared: &Shared, line: &[u8]) -> bool {
+        let mut pending = shared.lock();
+        if pending.failing {
+            return false;
+        }
+        // Read the clock only once the buffer is full, not on every record.
+        let mut deadline = None;
+        while pending.lines.len() >= AUDIT_MAX_PENDING && !pending.closed {
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + AUDIT_FULL_WAIT);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if pending.stuck || left.is_zero() {
+                if !pending.stuck {
+                    pending.stuck = true;
+                    tracing::error!(
+                        "the audit log is stuck (its output takes no writes): decisions are denied (audit_unavailable) until it moves again"
+                    );
+                }
                 return false;
             }
-            // Read the clock only once the buffer is full, not on every record.
-            let mut deadline = None;
-            while pending.lines.len() >= AUDIT_MAX_PENDING && !pending.closed {
-                let deadline = *deadline.get_or_insert_with(|| Instant::now() + AUDIT_FULL_WAIT);
-                let left = deadline.saturating_duration_since(Instant::now());
-                if pending.stuck || left.is_zero() {
-                    if !pending.stuck {
-                        pending.stuck = true;
-                        tracing::error!(
-                            "the audit log is stuck (its output takes no writes): decisions are denied (audit_unavailable) until it moves again"
-                        );
-                    }
-                    return false;
-                }
-                pending.full_waiters += 1;
-                pending = shared
-                    .room
-                    .wait_timeout(pending, left)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
-                pending.full_waiters -= 1;
-            }
-            let wake = pending.writer_idle && pending.lines.is_empty();
-            pending.lines.extend_from_slice(line);
-            drop(pending);
-            if wake {
-                shared.work.notify_one();
-            }
-            true
-        })
+            pending.full_waiters += 1;
+            pending = shared
+                .room
+                .wait_timeout(pending, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            pending.full_waiters -= 1;
+        }
+        let wake = pending.writer_idle && pending.lines.is_empty();
+        pending.lines.extend_from_slice(line);
+        drop(pending);
+        if wake {
+            shared.work.notify_one();
+        }
+        true
     }
 }
 
@@ -1245,10 +1264,14 @@ mod tests {
             assert!(Instant::now() < deadline, "never noticed the refusal");
             std::thread::sleep(Duration::from_millis(5));
         }
+        let lost = sink.lost_events().unwrap();
+        assert_eq!(lost.get(), 0);
         let t = Instant::now();
         for i in 0..100 {
             assert!(!sink.record(event(&format!("refused-{i}"))));
         }
+        // Every refused record is counted for `/metrics`; the one in flight is not lost.
+        assert_eq!(lost.get(), 100);
         assert!(
             t.elapsed() < Duration::from_millis(500),
             "{:?}",

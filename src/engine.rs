@@ -244,7 +244,8 @@ impl Engine {
             config.revocation_file.clone(),
             crate::revocation::issuer_names(&config),
         ));
-        let approvals = crate::approvals::Approvals::new(&config, state.clone());
+        let mut approvals = crate::approvals::Approvals::new(&config, state.clone());
+        approvals.count_webhook_in(&metrics);
         Self {
             revocations,
             runtime_revoked: Arc::default(),

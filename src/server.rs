@@ -114,12 +114,16 @@ impl Server {
         config: Config,
         watch: Option<std::path::PathBuf>,
     ) -> Result<Server, ServeError> {
-        let metrics = Arc::new(Metrics::new());
         let audit = if config.file.audit.enabled {
             AuditSink::stdout().map_err(ServeError::Audit)?
         } else {
             AuditSink::disabled()
         };
+        let mut metrics = Metrics::new();
+        if let Some(lost) = audit.lost_events() {
+            metrics.audit_events_lost = lost;
+        }
+        let metrics = Arc::new(metrics);
         let grpc_listener = bind(&config, "server.listen", &config.file.server.listen).await?;
         let admin_listener = bind(
             &config,

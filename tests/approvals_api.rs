@@ -12,7 +12,9 @@ use portcullis::approvals::api::pb::{
 };
 use portcullis::server::Server;
 use serde_json::{Value, json};
-use support::inproc::{bearer_headers, channel, check_request, denied, start_server};
+use support::inproc::{
+    bearer_headers, channel, check_request, denied, scrape_metrics, start_server,
+};
 use support::jwt::{DEV_ISSUER, mint_dev};
 use tonic::transport::Channel;
 
@@ -342,6 +344,17 @@ async fn a_new_request_is_posted_to_the_webhook_with_retries() {
         "{hook}"
     );
     assert_eq!(hook["method"], "DELETE");
+    // Delivered on its retry: one notification, delivered, none failed.
+    let metrics = scrape_metrics(h.server.admin_addr).await;
+    for line in [
+        "portcullis_approval_webhook_notifications_total{result=\"delivered\"} 1",
+        "portcullis_approval_webhook_notifications_total{result=\"failed\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
+    }
 }
 
 /// The webhook's answer cannot send the notification elsewhere: a redirect is a failed
@@ -395,6 +408,17 @@ async fn the_webhook_never_follows_a_redirect() {
         "the redirect was followed"
     );
     assert_eq!(hooked.load(Ordering::SeqCst), 2);
+    // Both attempts redirected: the notification failed, and `/metrics` says so.
+    let metrics = scrape_metrics(h.server.admin_addr).await;
+    for line in [
+        "portcullis_approval_webhook_notifications_total{result=\"delivered\"} 0",
+        "portcullis_approval_webhook_notifications_total{result=\"failed\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

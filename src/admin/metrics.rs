@@ -101,6 +101,14 @@ pub struct Metrics {
     pub connections_open: Family<ListenerLabels, Gauge>,
     /// Connections closed on arrival because their listener had its maximum open.
     pub connections_refused: Family<ListenerLabels, Counter>,
+    /// Audit events that were never written: the output refused writes or the writer was
+    /// stuck (`crate::audit`). Shared with the audit sink, which counts them.
+    pub audit_events_lost: Counter,
+    /// 1 while the audit log refuses records (decisions are then denied `audit_unavailable`).
+    pub audit_refusing: Gauge,
+    /// New approval requests told to the webhook, by final result (`delivered`, `failed`:
+    /// every attempt refused or unreachable).
+    pub approval_webhook_notifications: Family<ResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -116,6 +124,13 @@ impl Metrics {
             for result in ["ok", "error"] {
                 drop(family.get_or_create(&ResultLabels { result }));
             }
+        }
+        for result in ["delivered", "failed"] {
+            drop(
+                metrics
+                    .approval_webhook_notifications
+                    .get_or_create(&ResultLabels { result }),
+            );
         }
         metrics
     }
@@ -144,6 +159,9 @@ impl Metrics {
             runtime_revocation_entries: Gauge::default(),
             connections_open: Family::default(),
             connections_refused: Family::default(),
+            audit_events_lost: Counter::default(),
+            audit_refusing: Gauge::default(),
+            approval_webhook_notifications: Family::default(),
         }
     }
 
@@ -258,6 +276,23 @@ impl Metrics {
              (server.max_connections for grpc and http), by listener",
             self.connections_refused.clone(),
         );
+        r.register(
+            "audit_events_lost",
+            "Audit events never written because the audit output refused writes or its writer \
+             was stuck (a decision among them was denied as audit_unavailable)",
+            self.audit_events_lost.clone(),
+        );
+        r.register(
+            "audit_refusing",
+            "1 while the audit log refuses records: every decision is then denied (audit_unavailable)",
+            self.audit_refusing.clone(),
+        );
+        r.register(
+            "approval_webhook_notifications",
+            "New approval requests told to the approvals webhook, by final result (delivered, or \
+             failed after every retry)",
+            self.approval_webhook_notifications.clone(),
+        );
         r
     }
 }
@@ -285,6 +320,14 @@ mod tests {
                 let line = format!("{name}{{result=\"{result}\"}} 0");
                 assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
             }
+        }
+        for line in [
+            "portcullis_approval_webhook_notifications_total{result=\"delivered\"} 0",
+            "portcullis_approval_webhook_notifications_total{result=\"failed\"} 0",
+            "portcullis_audit_events_lost_total 0",
+            "portcullis_audit_refusing 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
         }
     }
 }

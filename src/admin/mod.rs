@@ -134,6 +134,9 @@ fn refresh_gauges(engine: &Engine, metrics: &Metrics) {
     metrics
         .token_cache_bytes
         .set(i64::try_from(engine.cached_bytes()).unwrap_or(i64::MAX));
+    metrics
+        .audit_refusing
+        .set(i64::from(engine.audit.refusing()));
     let now = SystemTime::now();
     for s in engine.keys.status() {
         let age = s

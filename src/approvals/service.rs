@@ -186,12 +186,19 @@ impl Approvals {
         }
     }
 
-    /// Sends approval events to `audit`.
+    /// Counts the webhook's notifications in `metrics`.
+    pub fn count_webhook_in(&mut self, metrics: &crate::admin::metrics::Metrics) {
+        if let Some(hook) = &mut self.webhook {
+            hook.count_in(metrics);
+        }
+    }
+
     /// Never notify the webhook (policy tests open requests that nobody should be told of).
     pub fn without_webhook(&mut self) {
         self.webhook = None;
     }
 
+    /// Sends approval events to `audit`.
     pub fn set_audit(&mut self, audit: AuditSink) {
         self.audit = audit;
     }

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
 
 use super::Record;
@@ -17,6 +18,9 @@ pub struct Webhook {
     retries: u32,
     link_base: Option<String>,
     client: Option<reqwest::Client>,
+    /// Notifications delivered, and failed after every attempt (`count_in`).
+    delivered: Counter,
+    failed: Counter,
 }
 
 impl Webhook {
@@ -34,7 +38,21 @@ impl Webhook {
             retries: config.retries,
             link_base,
             client,
+            delivered: Counter::default(),
+            failed: Counter::default(),
         }
+    }
+
+    /// Counts this webhook's outcomes in `metrics` (`approval_webhook_notifications`).
+    pub fn count_in(&mut self, metrics: &crate::admin::metrics::Metrics) {
+        let family = &metrics.approval_webhook_notifications;
+        let counter = |result| {
+            family
+                .get_or_create(&crate::admin::metrics::ResultLabels { result })
+                .clone()
+        };
+        self.delivered = counter("delivered");
+        self.failed = counter("failed");
     }
 
     /// The JSON sent for a new request.
@@ -74,6 +92,7 @@ impl Webhook {
     pub fn notify(&self, record: &Record) {
         let Some(client) = self.client.clone() else {
             tracing::warn!(approval.id = %record.id, "approval webhook client unavailable");
+            self.failed.inc();
             return;
         };
         let body = self.payload(record).to_string();
@@ -81,7 +100,9 @@ impl Webhook {
         let retries = self.retries;
         let timeout = self.timeout;
         let id = record.id.clone();
+        let (delivered, failed) = (self.delivered.clone(), self.failed.clone());
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            failed.inc();
             return;
         };
         handle.spawn(async move {
@@ -95,7 +116,10 @@ impl Webhook {
                     .send()
                     .await;
                 match sent {
-                    Ok(r) if r.status().is_success() => return,
+                    Ok(r) if r.status().is_success() => {
+                        delivered.inc();
+                        return;
+                    }
                     Ok(r) => tracing::warn!(
                         approval.id = %id,
                         attempt,
@@ -114,6 +138,12 @@ impl Webhook {
                     pause = (pause * 2).min(Duration::from_secs(30));
                 }
             }
+            failed.inc();
+            tracing::warn!(
+                approval.id = %id,
+                attempts = retries + 1,
+                "approval webhook notification failed after every attempt: approvers were not told"
+            );
         });
     }
 }
