@@ -206,6 +206,7 @@ pub fn check(path: &Path, strict: bool) -> Result<String, CliError> {
     if let Some(tls) = &server.approvals_tls {
         crate::tls::check_section(path, "server.approvals_tls", tls)?;
     }
+    crate::state::redis::load_tls(path, &config.file.state)?;
     let dry_run = match &config.file.dry_run {
         Some(d) => {
             let live = |id: &str| config.file.routes.iter().any(|r| r.id == id);

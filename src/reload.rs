@@ -239,7 +239,7 @@ impl Reloader {
         // refuse, so the error says a restart is needed.
         if new.file.state != old.config.file.state {
             return Err(format!(
-                "{}: state: the shared-state settings (backend, redis_url, key_prefix, \
+                "{}: state: the shared-state settings (backend, redis_url, tls, key_prefix, \
                  timeout) changed; they take effect only after a restart, and the config in \
                  force stays until then",
                 self.path.display()

@@ -180,8 +180,11 @@ impl Server {
         // Started below, once the admin listener serves: the first load may wait on slow
         // identity providers for up to `fetch_timeout`.
         let keys = Arc::new(key_store(&config, metrics.clone()));
+        // `state.tls`'s files load now, or the start fails naming the field (as `check` does).
+        let redis_tls = crate::state::redis::load_tls(&config.source, &config.file.state)?;
         let state: Arc<dyn StateStore> =
-            crate::state::from_config(&config.file.state).map_err(ServeError::State)?;
+            crate::state::from_config(&config.file.state, redis_tls.as_ref())
+                .map_err(ServeError::State)?;
         // Other replicas may share Redis: a list found new there waits for their write-back.
         let mirror = match config.file.state.backend {
             crate::config::schema::StateBackend::Redis => {

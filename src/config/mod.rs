@@ -1072,6 +1072,45 @@ impl Compiler {
         Ok(())
     }
 
+    /// `state.tls`: a client certificate comes with its key, and the files exist. Their
+    /// contents are read by `crate::state::redis::load_tls` (at start, and by `check`).
+    fn state_tls(&self, tls: &schema::StateTlsConfig) -> Res<()> {
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) => {
+                return Err(self.hint(
+                    "state.tls.key_file",
+                    "`cert_file` is set without its private key",
+                    "set both `cert_file` and `key_file` (mutual TLS), or neither",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(self.hint(
+                    "state.tls.cert_file",
+                    "`key_file` is set without its certificate",
+                    "set both `cert_file` and `key_file` (mutual TLS), or neither",
+                ));
+            }
+            _ => {}
+        }
+        let files = [
+            ("ca_file", &tls.ca_file),
+            ("cert_file", &tls.cert_file),
+            ("key_file", &tls.key_file),
+        ];
+        for (name, path) in files {
+            let Some(path) = path else { continue };
+            let resolved = crate::keys::resolve_path(&self.dir, path);
+            if !resolved.is_file() {
+                return Err(self.hint(
+                    format!("state.tls.{name}"),
+                    format!("file `{}` does not exist", resolved.display()),
+                    "relative paths are resolved against the config file's folder",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// One listener's TLS section (`field`): its files exist and client verification is
     /// coherent.
     fn tls_section(&self, field: &str, tls: &TlsConfig) -> Res<()> {
@@ -1848,12 +1887,40 @@ impl Compiler {
         let state = &file.state;
         if state.backend == schema::StateBackend::Redis {
             let url = state.redis_url.trim();
-            if !(url.starts_with("redis://") || url.starts_with("unix://")) {
+            let tls = url.starts_with("rediss://");
+            if !(tls || url.starts_with("redis://") || url.starts_with("unix://")) {
                 return Err(self.hint(
                     "state.redis_url",
-                    "the URL must start with `redis://` or `unix://`",
-                    "e.g. `redis://127.0.0.1:6379/0`",
+                    "the URL must start with `redis://`, `rediss://` (TLS) or `unix://`",
+                    "e.g. `redis://127.0.0.1:6379/0`, or `rediss://redis.example.com:6380/0`",
                 ));
+            }
+            // The Redis client reads `#insecure` as "accept any certificate": anyone on the
+            // path could then answer for Redis (and so for rate limits and single-use
+            // records). Refused whatever the scheme, without echoing the URL.
+            if url
+                .split_once('#')
+                .is_some_and(|(_, f)| f.trim().eq_ignore_ascii_case("insecure"))
+            {
+                return Err(self.hint(
+                    "state.redis_url",
+                    "`#insecure` would turn off the verification of the Redis server's \
+                     certificate; Portcullis does not connect without it (the URL is not \
+                     shown, as it may hold a password)",
+                    "remove `#insecure`; for a server certificate from a private CA, set \
+                     `state.tls.ca_file` to that CA's PEM file",
+                ));
+            }
+            if let Some(tls_config) = &state.tls {
+                if !tls {
+                    return Err(self.hint(
+                        "state.tls",
+                        "TLS settings are set but `state.redis_url` is not a `rediss://` URL: \
+                         they would not be used",
+                        "use `rediss://host:port/db` for TLS, or remove `state.tls`",
+                    ));
+                }
+                self.state_tls(tls_config)?;
             }
             // What the store will open (it connects later): a URL it cannot parse must fail
             // here, naming the field. Neither the URL nor the parser's message (which may

@@ -810,9 +810,13 @@ pub enum StateBackend {
 pub struct StateConfig {
     #[serde(default)]
     pub backend: StateBackend,
-    /// `redis://[:password@]host:port/db`. Never logged (it may hold a password).
+    /// `redis://[:password@]host:port/db`, or `rediss://...` for TLS. Never logged (it may
+    /// hold a password).
     #[serde(default = "default_redis_url")]
     pub redis_url: String,
+    /// TLS settings of a `rediss://` URL: a private CA, a client certificate.
+    #[serde(default)]
+    pub tls: Option<StateTlsConfig>,
     /// Prefix of every key this Portcullis writes, so several deployments can share a Redis.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
@@ -827,10 +831,28 @@ impl std::fmt::Debug for StateConfig {
         f.debug_struct("StateConfig")
             .field("backend", &self.backend)
             .field("redis_url", &"<redacted>")
+            .field("tls", &self.tls)
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .finish()
     }
+}
+
+/// `state.tls`: how a `rediss://` connection is verified and authenticated. Without it the
+/// server certificate is verified against the system's trusted roots.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateTlsConfig {
+    /// PEM CA bundle the Redis server's certificate must chain to, instead of the system's
+    /// roots (a private CA, e.g. GCP Memorystore's server CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM, leaf first) for a Redis that requires mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for StateConfig {
@@ -838,6 +860,7 @@ impl Default for StateConfig {
         Self {
             backend: StateBackend::Memory,
             redis_url: default_redis_url(),
+            tls: None,
             key_prefix: default_key_prefix(),
             timeout: default_state_timeout(),
         }

@@ -1614,6 +1614,222 @@ fn an_unusable_redis_url_is_an_error_without_the_password() {
     }
 }
 
+/// The test PKI (tests/fixtures/mtls): a CA, a server and client certificates.
+fn mtls_fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/mtls")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// `state:` with the Redis backend at `url` and `tls` (YAML flow mapping body, or empty).
+fn redis_state(url: &str, tls: &str) -> String {
+    let tls = if tls.is_empty() {
+        String::new()
+    } else {
+        format!("  tls: {{ {tls} }}\n")
+    };
+    format!("state:\n  backend: redis\n  redis_url: \"{url}\"\n{tls}{ROUTE}")
+}
+
+/// `rediss://` (TLS) URLs compile, with or without `state.tls`; the files are resolved
+/// against the config file's folder.
+#[test]
+fn a_rediss_url_compiles_with_or_without_tls_files() {
+    compile(&redis_state(
+        "rediss://:s3cretPW@redis.example.com:6380/0",
+        "",
+    ))
+    .unwrap();
+    let ca = mtls_fixture("ca.crt");
+    compile(&redis_state(
+        "rediss://10.0.0.5:6380/0",
+        &format!("ca_file: '{ca}'"),
+    ))
+    .unwrap();
+    let both = format!(
+        "ca_file: '{ca}', cert_file: '{}', key_file: '{}'",
+        mtls_fixture("envoy.crt"),
+        mtls_fixture("envoy.key")
+    );
+    compile(&redis_state("rediss://10.0.0.5:6380/0", &both)).unwrap();
+    // Relative to the config's folder (`config/`): `dev/jwks.json` is there, `ca.crt` is not.
+    compile(&redis_state(
+        "rediss://10.0.0.5:6380/0",
+        "ca_file: dev/jwks.json",
+    ))
+    .unwrap();
+    fails(
+        &redis_state("rediss://10.0.0.5:6380/0", "ca_file: ca.crt"),
+        "state.tls.ca_file",
+        "does not exist",
+    );
+}
+
+/// `#insecure` (the Redis client's "accept any certificate") is refused, whatever the
+/// scheme, naming the field and never the URL or its password.
+#[test]
+fn an_insecure_redis_url_is_refused_without_the_password() {
+    for url in [
+        "rediss://:s3cretPW@10.0.0.5:6380/0#insecure",
+        "rediss://:s3cretPW@10.0.0.5:6380/0#INSECURE",
+        "redis://:s3cretPW@10.0.0.5:6379/0#insecure",
+    ] {
+        let e = fails(&redis_state(url, ""), "state.redis_url", "`#insecure`");
+        let shown = format!("{e} {e:?}");
+        assert!(
+            !shown.contains("s3cretPW") && !shown.contains("10.0.0.5"),
+            "{shown}"
+        );
+        assert!(
+            e.hint
+                .as_deref()
+                .is_some_and(|h| h.contains("state.tls.ca_file"))
+        );
+    }
+    // With a CA file too: the fragment still turns verification off, so still refused.
+    let ca = format!("ca_file: '{}'", mtls_fixture("ca.crt"));
+    fails(
+        &redis_state("rediss://10.0.0.5:6380/0#insecure", &ca),
+        "state.redis_url",
+        "`#insecure`",
+    );
+}
+
+/// `state.tls` with a URL that is not `rediss://` would be ignored: refused.
+#[test]
+fn tls_settings_without_a_rediss_url_are_refused() {
+    let ca = format!("ca_file: '{}'", mtls_fixture("ca.crt"));
+    for url in [
+        "redis://:s3cretPW@10.0.0.5:6379/0",
+        "unix:///run/redis.sock",
+    ] {
+        let e = fails(&redis_state(url, &ca), "state.tls", "not a `rediss://` URL");
+        assert!(!format!("{e}").contains("s3cretPW"), "{e}");
+    }
+    // An unknown scheme names the TLS one among those accepted.
+    fails(
+        &redis_state("tls://10.0.0.5:6379/0", ""),
+        "state.redis_url",
+        "`rediss://` (TLS)",
+    );
+}
+
+/// A client certificate without its key (or a key without its certificate), a missing
+/// file and an unknown field are errors naming the field.
+#[test]
+fn state_tls_files_come_in_pairs_and_must_exist() {
+    let url = "rediss://10.0.0.5:6380/0";
+    let cert = mtls_fixture("envoy.crt");
+    let key = mtls_fixture("envoy.key");
+    fails(
+        &redis_state(url, &format!("cert_file: '{cert}'")),
+        "state.tls.key_file",
+        "without its private key",
+    );
+    fails(
+        &redis_state(url, &format!("key_file: '{key}'")),
+        "state.tls.cert_file",
+        "without its certificate",
+    );
+    fails(
+        &redis_state(
+            url,
+            &format!("cert_file: '{cert}', key_file: /nonexistent/client.key"),
+        ),
+        "state.tls.key_file",
+        "file `/nonexistent/client.key` does not exist",
+    );
+    fails(
+        &redis_state(url, "ca_file: /nonexistent/ca.pem"),
+        "state.tls.ca_file",
+        "does not exist",
+    );
+    let e = compile(&redis_state(url, "insecure: true")).unwrap_err();
+    assert_eq!(e.field, "state.tls.insecure", "{e}");
+    assert!(e.message.contains("unknown field"), "{e}");
+}
+
+/// What the store loads at start (and `portcullis check`): files that exist but are no PEM
+/// CA, certificate or key, or a key that is not the certificate's, name the field and the
+/// file, never their contents.
+#[test]
+fn state_tls_files_that_do_not_load_name_the_field() {
+    let load = |tls: &str| {
+        let c = compile(&redis_state("rediss://10.0.0.5:6380/0", tls)).unwrap();
+        crate::state::redis::load_tls(&c.source, &c.file.state)
+    };
+    let ca = mtls_fixture("ca.crt");
+    let (cert, key) = (mtls_fixture("envoy.crt"), mtls_fixture("envoy.key"));
+    let good = format!("ca_file: '{ca}', cert_file: '{cert}', key_file: '{key}'");
+    assert!(load(&good).unwrap().is_some());
+    assert!(load(&format!("ca_file: '{ca}'")).unwrap().is_some());
+    let jwks = "dev/jwks.json";
+    for (tls, field, says) in [
+        (
+            format!("ca_file: {jwks}"),
+            "state.tls.ca_file",
+            "holds no PEM certificate",
+        ),
+        (
+            format!("ca_file: '{key}'"),
+            "state.tls.ca_file",
+            "holds no PEM certificate",
+        ),
+        (
+            format!("cert_file: {jwks}, key_file: '{key}'"),
+            "state.tls.cert_file",
+            "holds no PEM certificate",
+        ),
+        (
+            format!("cert_file: '{cert}', key_file: '{cert}'"),
+            "state.tls.key_file",
+            "holds no PEM private key",
+        ),
+        (
+            format!(
+                "cert_file: '{cert}', key_file: '{}'",
+                mtls_fixture("checkout.key")
+            ),
+            "state.tls.key_file",
+            "is not the key of the certificate",
+        ),
+    ] {
+        let e = match load(&tls) {
+            Ok(_) => panic!("{tls}: loaded, expected an error at `{field}`"),
+            Err(e) => e,
+        };
+        assert_eq!(e.field, field, "{tls}: {e}");
+        assert!(e.message.contains(says), "{tls}: {e}");
+        assert_eq!(e.file, beside_shipped());
+        assert!(!e.message.contains("PRIVATE KEY"), "{e}");
+    }
+}
+
+/// Reload refuses any change of `state` (src/reload.rs compares the section): a changed TLS
+/// file is part of it.
+#[test]
+fn the_state_tls_settings_are_part_of_the_state_section() {
+    let with = |ca: &str| {
+        compile(&redis_state(
+            "rediss://10.0.0.5:6380/0",
+            &format!("ca_file: '{}'", mtls_fixture(ca)),
+        ))
+        .unwrap()
+        .file
+        .state
+    };
+    assert_eq!(with("ca.crt"), with("ca.crt"));
+    assert_ne!(with("ca.crt"), with("other-ca.crt"));
+    // Debug shows the TLS paths (not secret), never the URL.
+    let shown = format!("{:?}", with("ca.crt"));
+    assert!(
+        shown.contains("ca.crt") && !shown.contains("10.0.0.5"),
+        "{shown}"
+    );
+}
+
 /// A secret written in the wrong shape (a Redis URL for the whole `state` section, a webhook
 /// URL for `approvals.webhook`, a plain key for an API key entry) was quoted by serde's
 /// message, and so printed by `portcullis check` and logged by a refused reload. The message

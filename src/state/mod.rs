@@ -20,14 +20,17 @@ use std::time::{Duration, Instant};
 pub use self::redis::RedisStore;
 
 /// The store a config asks for: in memory (one replica) or Redis (shared by replicas).
+/// `tls`: `state.tls`'s files, from `redis::load_tls`.
 pub fn from_config(
     config: &crate::config::schema::StateConfig,
+    tls: Option<&redis::RedisTls>,
 ) -> Result<Arc<dyn StateStore>, StateError> {
     use crate::config::schema::StateBackend;
     Ok(match config.backend {
         StateBackend::Memory => Arc::new(MemoryStore::new()),
-        StateBackend::Redis => Arc::new(RedisStore::new(
+        StateBackend::Redis => Arc::new(RedisStore::with_tls(
             &config.redis_url,
+            tls,
             &config.key_prefix,
             config.timeout.get(),
         )?),

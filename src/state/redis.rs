@@ -8,9 +8,16 @@
 //! within that time, and callers fail closed. The connection is made lazily and remade
 //! automatically, so Portcullis starts while Redis is down and recovers when it returns.
 //!
+//! TLS (`rediss://`): rustls with the aws-lc-rs provider. The server certificate is verified
+//! against `state.tls.ca_file` when set, else the system's trusted roots; never skipped
+//! (`#insecure` is refused by the config, and the client is built without the feature that
+//! would honour it). A handshake that fails is an outage like any other: operations fail
+//! with a `StateError` (so decisions needing state fail closed) and the next one tries again.
+//!
 //! INVARIANT: the Redis URL (which may hold a password) never appears in an error or a log
 //! line; errors name only what failed.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -143,9 +150,23 @@ impl RedisStore {
     /// A store for `url` (not connected yet: the first operation connects). `prefix` is put
     /// in front of every key. Errors never contain the URL.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StateError> {
-        let client = ::redis::Client::open(url).map_err(|e| {
-            StateError::Unavailable(format!("invalid redis url ({})", e.category()))
-        })?;
+        Self::with_tls(url, None, prefix, timeout)
+    }
+
+    /// As `new`, for a `rediss://` URL with `state.tls`'s files (from `load_tls`): the
+    /// server is verified against their CA instead of the system's roots, and the client
+    /// certificate is presented. `None`: the system's roots, no client certificate.
+    pub fn with_tls(
+        url: &str,
+        tls: Option<&RedisTls>,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Self, StateError> {
+        let client = match tls {
+            None => ::redis::Client::open(url),
+            Some(tls) => ::redis::Client::build_with_tls(url, tls.certificates()),
+        }
+        .map_err(|e| StateError::Unavailable(format!("invalid redis url ({})", e.category())))?;
         Ok(Self {
             client,
             prefix: prefix.to_string(),
@@ -258,8 +279,46 @@ fn unavailable(what: &str) -> StateError {
     StateError::Unavailable(what.to_string())
 }
 
+/// A TLS failure, in fixed words: what to check, never the error's text (rustls names the
+/// host it expected, and the certificate's names). `None` when `e` is no TLS failure.
+///
+/// The redis crate keeps the rustls error inside a private `io::Error`, reachable only as
+/// text: that text is classified here, never shown.
+fn tls_failure(e: &::redis::RedisError) -> Option<&'static str> {
+    let text = e.to_string();
+    let has = |s: &str| text.contains(s);
+    Some(if has("invalid peer certificate") {
+        if has("UnknownIssuer") {
+            "redis TLS: the server's certificate is not signed by a trusted CA (`state.tls.ca_file`, or the system's roots without it)"
+        } else if has("not valid for name") {
+            "redis TLS: the server's certificate is not valid for the host in `state.redis_url`"
+        } else if has("expired") || has("Expired") {
+            "redis TLS: the server's certificate has expired"
+        } else {
+            "redis TLS: the server's certificate was refused"
+        }
+    } else if has("received fatal alert") {
+        if has("CertificateRequired") {
+            "redis TLS: the server requires a client certificate (`state.tls.cert_file`)"
+        } else if has("BadCertificate") || has("UnknownCA") || has("CertificateUnknown") {
+            "redis TLS: the server refused the client certificate (`state.tls.cert_file`)"
+        } else {
+            "redis TLS: the server ended the handshake"
+        }
+    } else if has("Fetch certs Error") {
+        "redis TLS: the system's trusted roots could not be read (or set `state.tls.ca_file`)"
+    } else if has("TLS error") || has("TLS Error") || has("peer is incompatible") {
+        "redis TLS: the TLS connection could not be set up"
+    } else {
+        return None;
+    })
+}
+
 /// A Redis error without its details (which can echo addresses or arguments).
 fn redis_error(e: &::redis::RedisError) -> StateError {
+    if let Some(what) = tls_failure(e) {
+        return unavailable(what);
+    }
     let what = if e.is_timeout() {
         "redis did not answer in time"
     } else if e.is_connection_refusal() || e.is_io_error() || e.is_connection_dropped() {
@@ -279,6 +338,117 @@ fn redis_error(e: &::redis::RedisError) -> StateError {
         });
     };
     unavailable(what)
+}
+
+/// `state.tls`'s files, read and checked (`load_tls`): what the Redis client is built with.
+pub struct RedisTls {
+    ca: Option<Vec<u8>>,
+    /// Certificate chain and key, both PEM.
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RedisTls {
+    fn certificates(&self) -> ::redis::TlsCertificates {
+        ::redis::TlsCertificates {
+            client_tls: self
+                .client
+                .as_ref()
+                .map(|(cert, key)| ::redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.ca.clone(),
+        }
+    }
+}
+
+/// Reads `state.tls`'s files as the server does at start (and `portcullis check`): a file
+/// that cannot be read, holds no PEM certificate or key, a CA that rustls cannot use, or a
+/// key that is not the certificate's is an error naming `config_file` and the field. `None`
+/// without `state.tls` (or without the Redis backend). Never shows key material.
+pub fn load_tls(
+    config_file: &Path,
+    state: &crate::config::schema::StateConfig,
+) -> Result<Option<RedisTls>, crate::config::ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let Some(tls) = &state.tls else {
+        return Ok(None);
+    };
+    if state.backend != crate::config::schema::StateBackend::Redis {
+        return Ok(None);
+    }
+    let base = config_file.parent().unwrap_or(Path::new(""));
+    let err = |name: &str, message: String| crate::config::ConfigError {
+        file: config_file.to_path_buf(),
+        field: format!("state.tls.{name}"),
+        message,
+        hint: None,
+    };
+    let read = |name: &str, path: &Path| {
+        let path = crate::keys::resolve_path(base, path);
+        std::fs::read(&path)
+            .map(|bytes| (path.clone(), bytes))
+            .map_err(|e| err(name, format!("cannot read `{}`: {e}", path.display())))
+    };
+    let ca = match &tls.ca_file {
+        None => None,
+        Some(file) => {
+            let (path, pem) = read("ca_file", file)?;
+            let bad = |reason: &str| err("ca_file", format!("`{}` {reason}", path.display()));
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|_| bad("is not a PEM certificate list"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| bad(&format!("holds an unusable CA certificate: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(bad("holds no PEM certificate"));
+            }
+            Some(pem)
+        }
+    };
+    let client = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert_file), Some(key_file)) => {
+            let (cert_path, cert_pem) = read("cert_file", cert_file)?;
+            let (key_path, key_pem) = read("key_file", key_file)?;
+            let certs = crate::tls::pem_certificates(&cert_pem).ok_or_else(|| {
+                err(
+                    "cert_file",
+                    format!("`{}` holds no PEM certificate", cert_path.display()),
+                )
+            })?;
+            let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
+                err(
+                    "key_file",
+                    format!("`{}` holds no PEM private key", key_path.display()),
+                )
+            })?;
+            let provider = rustls::crypto::aws_lc_rs::default_provider();
+            rustls::sign::CertifiedKey::from_der(certs, key, &provider).map_err(|e| match e {
+                rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => err(
+                    "key_file",
+                    format!(
+                        "the private key `{}` is not the key of the certificate `{}`",
+                        key_path.display(),
+                        cert_path.display()
+                    ),
+                ),
+                e => err(
+                    "cert_file",
+                    format!(
+                        "`{}` and its key make no client certificate: {e}",
+                        cert_path.display()
+                    ),
+                ),
+            })?;
+            Some((cert_pem, key_pem))
+        }
+        // The config refuses one without the other.
+        _ => None,
+    };
+    Ok(Some(RedisTls { ca, client }))
 }
 
 fn millis(ttl: Duration) -> u64 {
