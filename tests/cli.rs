@@ -287,6 +287,55 @@ fn check_and_serve_refuse_tls_material_the_listener_cannot_use_naming_the_field(
     }
 }
 
+/// `check` reads `state.tls`'s files as `serve` does at start (the Redis store is built
+/// from them): a CA file that is no PEM certificate, or a client key that is not the
+/// certificate's, fails both naming the field; a good set passes `check`.
+#[test]
+fn check_and_serve_refuse_redis_tls_files_the_store_cannot_use_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = support::repo_root().join("tests/fixtures/mtls");
+    let not_pem = dir.path().join("not-pem.crt");
+    std::fs::write(&not_pem, "this is not a certificate\n").unwrap();
+    let state = |ca: &Path, key: &str| {
+        format!(
+            "state: {{backend: redis, redis_url: 'rediss://:s3cretPW@127.0.0.1:1/0', tls: {{ca_file: '{}', cert_file: '{}', key_file: '{}'}}}}\n",
+            ca.display(),
+            pki.join("envoy.crt").display(),
+            pki.join(key).display()
+        )
+    };
+    small_config(dir.path(), &state(&pki.join("ca.crt"), "envoy.key"));
+    let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
+    assert_eq!(code, Some(0), "{out}");
+
+    for (ca, key, field, says) in [
+        (
+            not_pem.clone(),
+            "envoy.key",
+            "state.tls.ca_file",
+            "holds no PEM certificate",
+        ),
+        (
+            pki.join("ca.crt"),
+            "checkout.key",
+            "state.tls.key_file",
+            "is not the key of the certificate",
+        ),
+    ] {
+        small_config(dir.path(), &state(&ca, key));
+        let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
+        assert_eq!(code, Some(2), "{out}");
+        assert!(out.contains(&format!("p.yaml: {field}: ")), "{out}");
+        assert!(out.contains(says), "{out}");
+        assert!(!out.contains("s3cretPW"), "{out}");
+        let (code, out) = serve_fails(dir.path()).expect("serve must refuse it");
+        assert_eq!(code, Some(2), "{out}");
+        assert!(out.contains(&format!("p.yaml: {field}: ")), "{out}");
+        assert!(out.contains(says), "{out}");
+        assert!(!out.contains("s3cretPW"), "{out}");
+    }
+}
+
 /// Listener addresses fail `check` (and so `serve`) naming the field, not only when binding.
 #[test]
 fn check_refuses_listener_addresses_serve_cannot_bind() {

@@ -272,6 +272,43 @@ async fn a_changed_state_store_is_refused_until_a_restart() {
     server.shutdown().await;
 }
 
+/// `state.tls` is part of the shared-state settings: with the same URL, a reload that only
+/// points `ca_file` at another CA is refused until a restart (the store keeps the CA it
+/// started with), while a policy edit beside an unchanged `state` applies.
+#[tokio::test]
+async fn a_changed_redis_tls_file_is_refused_until_a_restart() {
+    let s = Setup::new();
+    let pki = root().join("tests/fixtures/mtls");
+    // Nothing listens on port 1: the store is lazy, and the start does not need it.
+    let state = |ca: &str| {
+        format!(
+            "\nstate: {{backend: redis, redis_url: 'rediss://:hunter2@127.0.0.1:1/0', timeout: 50ms, tls: {{ca_file: '{}'}}}}\n",
+            pki.join(ca).display()
+        )
+    };
+    s.write(&(s.shipped.clone() + &state("ca.crt")));
+    let (server, mut reloader) = s.serve().await;
+    s.write(&(s.orders_read_needs("orders:audit") + &state("ca.crt")));
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
+    s.write(&(s.shipped.clone() + &state("other-ca.crt")));
+    match reloader.poll(false).await {
+        ReloadOutcome::Rejected(reason) => {
+            assert!(
+                reason.contains("state:") && reason.contains("tls") && reason.contains("restart"),
+                "{reason}"
+            );
+            assert!(
+                !reason.contains("hunter2"),
+                "the Redis password leaked: {reason}"
+            );
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(reloads(&server, "ok"), 1);
+    assert_eq!(reloads(&server, "error"), 1);
+    server.shutdown().await;
+}
+
 /// The gRPC listener's TLS settings are read at start: a reload that changes them (here it
 /// adds TLS to the plaintext listener; removing a principal from the allow-list is the same
 /// comparison) is refused until a restart, instead of reported as applied while the listener

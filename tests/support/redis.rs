@@ -9,14 +9,57 @@ use std::time::{Duration, Instant};
 use super::{ChildGuard, free_port};
 
 pub struct RedisServer {
+    /// The plaintext port (also open on a TLS server: the harness's PING and a test's look
+    /// at the keys use it).
     pub port: u16,
+    /// The TLS port (`start_tls`), else 0.
+    pub tls_port: u16,
+    /// `--tls-*` arguments (`start_tls`).
+    tls_args: Vec<String>,
     process: Option<ChildGuard>,
+}
+
+/// The TLS side of a test Redis: its certificate and key, the CA its clients' certificates
+/// must chain to, and whether a client certificate is required.
+pub struct RedisTls<'a> {
+    pub cert: &'a std::path::Path,
+    pub key: &'a std::path::Path,
+    pub client_ca: &'a std::path::Path,
+    pub require_client_cert: bool,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
         let mut server = RedisServer {
             port: free_port(),
+            tls_port: 0,
+            tls_args: Vec::new(),
+            process: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// A server that also takes TLS connections on `tls_port` (`rediss_url`).
+    pub fn start_tls(tls: RedisTls<'_>) -> RedisServer {
+        let tls_port = free_port();
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        let auth = if tls.require_client_cert { "yes" } else { "no" };
+        let mut server = RedisServer {
+            port: free_port(),
+            tls_port,
+            tls_args: vec![
+                "--tls-port".into(),
+                tls_port.to_string(),
+                "--tls-cert-file".into(),
+                path(tls.cert),
+                "--tls-key-file".into(),
+                path(tls.key),
+                "--tls-ca-cert-file".into(),
+                path(tls.client_ca),
+                "--tls-auth-clients".into(),
+                auth.into(),
+            ],
             process: None,
         };
         server.restart();
@@ -25,6 +68,12 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The TLS port's URL (`start_tls`).
+    pub fn rediss_url(&self) -> String {
+        assert_ne!(self.tls_port, 0, "started without TLS");
+        format!("rediss://127.0.0.1:{}/0", self.tls_port)
     }
 
     /// Starts (again) on the same port and waits until it answers PING.
@@ -43,7 +92,8 @@ impl RedisServer {
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
-            .args(["--protected-mode", "yes"]);
+            .args(["--protected-mode", "yes"])
+            .args(&self.tls_args);
         let mut child = ChildGuard::spawn("redis-server", command);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
