@@ -285,6 +285,10 @@ fn unavailable(what: &str) -> StateError {
 /// The redis crate keeps the rustls error inside a private `io::Error`, reachable only as
 /// text: that text is classified here, never shown.
 fn tls_failure(e: &::redis::RedisError) -> Option<&'static str> {
+    // TLS failures are I/O errors; a server's reply (which can quote keys) is never read here.
+    if !e.is_io_error() {
+        return None;
+    }
     let text = e.to_string();
     let has = |s: &str| text.contains(s);
     Some(if has("invalid peer certificate") {
@@ -681,6 +685,57 @@ mod tests {
             panic!("an invalid url was accepted");
         };
         assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    /// A rustls error as the redis crate reports a failed handshake: inside an I/O error.
+    fn handshake_error(e: rustls::Error) -> ::redis::RedisError {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e).into()
+    }
+
+    /// TLS failures are named in fixed words: rustls's text names the host expected and the
+    /// certificate's names, which are not shown.
+    #[test]
+    fn a_tls_failure_is_named_without_the_hosts() {
+        use rustls::CertificateError;
+        let name = rustls::pki_types::ServerName::try_from("redis.internal.example")
+            .expect("a DNS name")
+            .to_owned();
+        let cases = [
+            (
+                rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
+                    expected: name,
+                    presented: vec!["DnsName(\"other.example\")".to_string()],
+                }),
+                "not valid for the host in `state.redis_url`",
+            ),
+            (
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+                "not signed by a trusted CA",
+            ),
+            (
+                rustls::Error::InvalidCertificate(CertificateError::Expired),
+                "has expired",
+            ),
+            (
+                rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+                "requires a client certificate",
+            ),
+            (
+                rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA),
+                "refused the client certificate",
+            ),
+        ];
+        for (e, says) in cases {
+            let StateError::Unavailable(m) = redis_error(&handshake_error(e)) else {
+                panic!("not an outage");
+            };
+            assert!(m.contains(says), "{m}");
+            assert!(!m.contains("example"), "{m}");
+        }
+        // Not TLS: as before.
+        let refused: ::redis::RedisError =
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into();
+        assert_eq!(redis_error(&refused), unavailable("redis is unreachable"));
     }
 
     #[test]
