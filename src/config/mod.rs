@@ -9,6 +9,7 @@
 pub mod bytes;
 pub mod creds;
 pub mod duration;
+mod locate;
 pub mod schema;
 
 use std::collections::{HashMap, HashSet};
@@ -249,7 +250,9 @@ fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
             p if p == "." => String::new(),
             p => p,
         };
+        let written_at = locate::locate(text, e.path());
         let message = hide_values(&e.into_inner().to_string(), Names::Shown);
+        let message = closer_location(message, written_at);
         // serde_yaml repeats (a shorter form of) the path in front of its message.
         let (_, message) = split_yaml_path(&message);
         if let Some(missing) = message
@@ -264,6 +267,29 @@ fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
         let hint = parse_hint(message);
         err(&field, message.to_string(), hint)
     })
+}
+
+/// `message` with its ` at line L column C` moved to `written_at` (where the field's path
+/// leads in the file) when that is further down: serde_yaml places an error a value's own
+/// parser raises (a duration, a size, an empty value) at the start of the mapping around it.
+/// Both point at or before the mistake, so the later one is the closer.
+fn closer_location(message: String, written_at: Option<(usize, usize)>) -> String {
+    let Some((line, column)) = written_at else {
+        return message;
+    };
+    let Some(at) = message.rfind(" at line ") else {
+        return message;
+    };
+    let place = &message[at + " at line ".len()..];
+    let reported = place
+        .split_once(" column ")
+        .and_then(|(l, c)| Some((l.parse::<usize>().ok()?, c.parse::<usize>().ok()?)));
+    match reported {
+        Some(reported) if (line, column) > reported => {
+            format!("{} at line {line} column {column}", &message[..at])
+        }
+        _ => message,
+    }
 }
 
 /// What [`hide_values`] shows of the names serde quotes.

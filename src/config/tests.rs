@@ -2048,3 +2048,20 @@ fn api_key_endpoints_no_route_can_match_warn() {
         ]
     );
 }
+
+/// An error a value's own parser raises (a duration, a size, an empty value) names the line
+/// the value is on, not the line where the mapping around it starts (serde_yaml's place).
+#[test]
+fn a_bad_duration_or_empty_value_names_its_own_line() {
+    let text = format!(
+        "issuers:\n  - name: dev\n    issuer: \"https://dev.test\"\n    audiences: [api]\n    keys: {{ file: dev/jwks.json }}\n    # skew\n    leeway: 30 parsecs\n{ROUTE}"
+    );
+    fails(&text, "issuers[0].leeway", "at line 7 column 5");
+    let text = format!("tokens:\n  cache:\n    capacity: 10\n    max_ttl:\n{ROUTE}");
+    fails(&text, "tokens.cache.max_ttl", "at line 4 column 5");
+    // Where serde_yaml's place is already the closer one (the value itself), it stays.
+    let text = format!("tokens:\n  cache:\n    capacity: 10\n    max_bytes: 64 potatoes\n{ROUTE}");
+    fails(&text, "tokens.cache.max_bytes", "at line 4 column 16");
+    let text = format!("server:\n  listen: 127.0.0.1:1\n  leeway: 1s\n{ROUTE}");
+    fails(&text, "server.leeway", "unknown field `leeway`");
+}
