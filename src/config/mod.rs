@@ -154,9 +154,22 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         file: path.to_path_buf(),
         field: String::new(),
         message: format!("cannot read the config file: {e}"),
-        hint: None,
+        hint: (e.kind() == std::io::ErrorKind::NotFound).then(|| missing_file_hint(path)),
     })?;
     from_str(&text, path)
+}
+
+/// Where a config file that does not exist was looked for, and how to name another: run
+/// from another folder, the default `config/portcullis.yaml` is not found.
+fn missing_file_hint(path: &Path) -> String {
+    match std::env::current_dir() {
+        Ok(cwd) if path.is_relative() => format!(
+            "looked for it in `{}`; run from the folder that holds it, or name it with \
+             `--config PATH`",
+            cwd.display()
+        ),
+        _ => "name the config file with `--config PATH`".to_string(),
+    }
 }
 
 /// Compiles config text. `path` is used for messages and to resolve relative key files.

@@ -88,6 +88,18 @@ fn load_names_a_missing_file() {
             .starts_with("/nonexistent/portcullis.yaml: cannot read"),
         "{e}"
     );
+    assert_eq!(
+        e.hint.as_deref(),
+        Some("name the config file with `--config PATH`")
+    );
+    // A relative path (the default `config/portcullis.yaml`) says where it was looked for.
+    let e = load(Path::new("no-such-dir/portcullis.yaml")).unwrap_err();
+    let hint = e.hint.unwrap_or_default();
+    let cwd = std::env::current_dir().unwrap();
+    assert!(
+        hint.contains(&cwd.display().to_string()) && hint.contains("--config PATH"),
+        "{hint}"
+    );
 }
 
 #[test]
