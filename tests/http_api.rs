@@ -443,6 +443,21 @@ async fn a_request_with_too_many_headers_is_refused_the_same_on_both_apis() {
         assert_eq!(body["error"], "request_header_fields_too_large", "h2: {h2}");
         assert_eq!(body["request_id"], "req-1", "h2: {h2}");
     }
+    // Counted, but not timed: nothing was decided (a 0 s would pull the quantiles down).
+    let metrics = support::inproc::scrape_metrics(h.server.admin_addr).await;
+    let reason = "reason=\"request_header_fields_too_large\"";
+    let refused: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("portcullis_decisions_total") && l.contains(reason))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(refused, 3.0, "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "portcullis_decision_duration_seconds_count 0"),
+        "{metrics}"
+    );
     // A request under the cap is decided as usual, past hyper's HTTP/1 default too.
     let fewer = &headers[..150];
     assert!(allowed(&h.grpc("GET", "/healthz", fewer, "10.0.0.7").await).is_some());

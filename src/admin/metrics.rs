@@ -202,7 +202,8 @@ impl Metrics {
         );
         r.register(
             "decision_duration_seconds",
-            "Time to decide one Check request",
+            "Time to decide one request (gRPC Check, HTTP API or the Envoy module), from the \
+             request read to the decision recorded; requests refused unread are not timed",
             self.decision_seconds.clone(),
         );
         r.register(

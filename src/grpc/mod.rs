@@ -154,7 +154,7 @@ impl AuthzService {
             }
         };
         let hops = engine.config.file.network.trusted_proxy_hops;
-        let decision = self.record(decision, view, request_id, started.elapsed(), hops);
+        let decision = self.record(decision, view, request_id, Some(started.elapsed()), hops);
         (decision, engine)
     }
 
@@ -178,13 +178,7 @@ impl AuthzService {
         let decision = Decision::new(ReasonCode::RequestHeadersTooLarge, too_many.to_string());
         let parts = RequestParts::default();
         // No address was read: `trusted_hops` 0 writes `client_ip: null` and no `peer_ip`.
-        self.record(
-            decision,
-            &parts.view(),
-            request_id,
-            std::time::Duration::ZERO,
-            0,
-        )
+        self.record(decision, &parts.view(), request_id, None, 0)
     }
 
     /// Logs, counts and audits a request that could not be read (either API); `request_id`
@@ -195,13 +189,7 @@ impl AuthzService {
         let engine = self.engine.load_full();
         let decision = Decision::new(ReasonCode::Internal, detail.to_string());
         let parts = RequestParts::default();
-        let decision = self.record(
-            decision,
-            &parts.view(),
-            request_id,
-            std::time::Duration::ZERO,
-            0,
-        );
+        let decision = self.record(decision, &parts.view(), request_id, None, 0);
         (decision, engine)
     }
 
@@ -213,14 +201,14 @@ impl AuthzService {
         decision: Decision,
         view: &RequestView<'_>,
         request_id: &str,
-        elapsed: std::time::Duration,
+        elapsed: Option<std::time::Duration>,
         trusted_hops: u32,
     ) -> Decision {
         let recorded = self.audit.record(AuditEvent::new(
             &decision,
             view,
             request_id,
-            elapsed,
+            elapsed.unwrap_or_default(),
             trusted_hops,
         ));
         let decision = if recorded {
@@ -263,7 +251,11 @@ impl AuthzService {
                 })
                 .inc();
         }
-        self.metrics.decision_seconds.observe(elapsed.as_secs_f64());
+        // A request refused before anything was decided (unreadable, too many headers) is
+        // counted above but not timed: a 0 would pull the histogram's quantiles down.
+        if let Some(elapsed) = elapsed {
+            self.metrics.decision_seconds.observe(elapsed.as_secs_f64());
+        }
         decision
     }
 }
