@@ -345,16 +345,7 @@ async fn a_new_request_is_posted_to_the_webhook_with_retries() {
     );
     assert_eq!(hook["method"], "DELETE");
     // Delivered on its retry: one notification, delivered, none failed.
-    let metrics = scrape_metrics(h.server.admin_addr).await;
-    for line in [
-        "portcullis_approval_webhook_notifications_total{result=\"delivered\"} 1",
-        "portcullis_approval_webhook_notifications_total{result=\"failed\"} 0",
-    ] {
-        assert!(
-            metrics.lines().any(|l| l == line),
-            "no `{line}` in\n{metrics}"
-        );
-    }
+    assert_webhook_notifications(&h, 1, 0).await;
 }
 
 /// The webhook's answer cannot send the notification elsewhere: a redirect is a failed
@@ -409,16 +400,7 @@ async fn the_webhook_never_follows_a_redirect() {
     );
     assert_eq!(hooked.load(Ordering::SeqCst), 2);
     // Both attempts redirected: the notification failed, and `/metrics` says so.
-    let metrics = scrape_metrics(h.server.admin_addr).await;
-    for line in [
-        "portcullis_approval_webhook_notifications_total{result=\"delivered\"} 0",
-        "portcullis_approval_webhook_notifications_total{result=\"failed\"} 1",
-    ] {
-        assert!(
-            metrics.lines().any(|l| l == line),
-            "no `{line}` in\n{metrics}"
-        );
-    }
+    assert_webhook_notifications(&h, 0, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,4 +501,19 @@ async fn an_overlong_id_or_ttl_is_refused_with_a_short_reason() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().starts_with("invalid ttl `xxx"), "{err:?}");
     assert!(err.message().len() < 200, "{}", err.message().len());
+}
+
+/// `/metrics` counts `delivered` and `failed` approval webhook notifications.
+async fn assert_webhook_notifications(h: &Harness, delivered: u32, failed: u32) {
+    let metrics = scrape_metrics(h.server.admin_addr).await;
+    let name = "portcullis_approval_webhook_notifications_total";
+    for line in [
+        format!("{name}{{result=\"delivered\"}} {delivered}"),
+        format!("{name}{{result=\"failed\"}} {failed}"),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
+    }
 }
