@@ -302,11 +302,7 @@ async fn take_one_keeps_the_expiry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gcra_allows_the_burst_then_denies_with_retry_after_then_refills() {
     both(|s, name| async move {
-        let limit = RateLimit {
-            requests: 10,
-            per: Duration::from_secs(1),
-            burst: 3,
-        };
+        let limit = limit(10, 1, 3);
         let mut remaining = Vec::new();
         for _ in 0..3 {
             let o = s.rate_check("bucket", limit).await.unwrap();
@@ -345,16 +341,8 @@ async fn gcra_allows_the_burst_then_denies_with_retry_after_then_refills() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_one_limit_refuses_counts_against_none() {
     both(|s, name| async move {
-        let shared = RateLimit {
-            requests: 1,
-            per: Duration::from_secs(3600),
-            burst: 3,
-        };
-        let own = RateLimit {
-            requests: 1,
-            per: Duration::from_secs(3600),
-            burst: 1,
-        };
+        let shared = limit(1, 3600, 3);
+        let own = limit(1, 3600, 1);
         let first = s
             .rate_check_all(&[("shared", shared), ("own", own)])
             .await
@@ -380,11 +368,7 @@ async fn a_request_one_limit_refuses_counts_against_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_raised_limit_frees_clients_within_its_own_refill() {
     both(|s, name| async move {
-        let old = RateLimit {
-            requests: 1,
-            per: Duration::from_secs(86_400),
-            burst: 2,
-        };
+        let old = limit(1, 86_400, 2);
         assert!(s.rate_check("k", old).await.unwrap().allowed, "{name}");
         assert!(s.rate_check("k", old).await.unwrap().allowed, "{name}");
         let held = s.rate_check("k", old).await.unwrap();
@@ -392,11 +376,7 @@ async fn a_raised_limit_frees_clients_within_its_own_refill() {
             held.retry_after.unwrap() > Duration::from_secs(80_000),
             "{name}"
         );
-        let raised = RateLimit {
-            requests: 100,
-            per: Duration::from_secs(60),
-            burst: 100,
-        };
+        let raised = limit(100, 60, 100);
         let first = s.rate_check("k", raised).await.unwrap();
         assert!(
             !first.allowed && first.retry_after.unwrap() <= Duration::from_millis(600),
@@ -414,11 +394,7 @@ async fn gcra_on_redis_is_shared_by_two_stores() {
     let server = RedisServer::start();
     let a = redis_store(&server, "shared:");
     let b = redis_store(&server, "shared:");
-    let limit = RateLimit {
-        requests: 1,
-        per: Duration::from_secs(60),
-        burst: 2,
-    };
+    let limit = limit(1, 60, 2);
     assert!(a.rate_check("k", limit).await.unwrap().allowed);
     assert!(b.rate_check("k", limit).await.unwrap().allowed);
     assert!(!a.rate_check("k", limit).await.unwrap().allowed);
@@ -469,11 +445,7 @@ async fn prefixes_keep_deployments_apart() {
 /// Every operation, for the outage checks.
 async fn every_op(s: &Arc<dyn StateStore>) -> Vec<Result<(), StateError>> {
     let ttl = Duration::from_secs(60);
-    let limit = RateLimit {
-        requests: 1,
-        per: Duration::from_secs(1),
-        burst: 1,
-    };
+    let limit = limit(1, 1, 1);
     vec![
         s.insert_if_absent("x", "1", ttl).await.map(drop),
         s.get("x").await.map(drop),
@@ -564,4 +536,13 @@ async fn a_wrong_password_is_named_not_reported_as_a_timeout() {
     let err = store.get("k").await.unwrap_err().to_string();
     assert!(err.contains("authentication"), "{err}");
     assert!(!err.contains("s3cret"), "{err}");
+}
+
+/// `requests` per `per_secs` seconds, bursting to `burst`.
+fn limit(requests: u32, per_secs: u64, burst: u32) -> RateLimit {
+    RateLimit {
+        requests,
+        per: Duration::from_secs(per_secs),
+        burst,
+    }
 }
