@@ -1137,17 +1137,24 @@ impl Compiler {
             ("key_file", &tls.key_file),
         ];
         for (name, path) in files {
-            let Some(path) = path else { continue };
-            let resolved = crate::keys::resolve_path(&self.dir, path);
-            if !resolved.is_file() {
-                return Err(self.hint(
-                    format!("state.tls.{name}"),
-                    format!("file `{}` does not exist", resolved.display()),
-                    "relative paths are resolved against the config file's folder",
-                ));
+            if let Some(path) = path {
+                self.existing_file(&format!("state.tls.{name}"), path)?;
             }
         }
         Ok(())
+    }
+
+    /// `field`'s file, resolved against the config file's folder, exists.
+    fn existing_file(&self, field: &str, path: &Path) -> Res<()> {
+        let resolved = crate::keys::resolve_path(&self.dir, path);
+        if resolved.is_file() {
+            return Ok(());
+        }
+        Err(self.hint(
+            field,
+            format!("file `{}` does not exist", resolved.display()),
+            "relative paths are resolved against the config file's folder",
+        ))
     }
 
     /// One listener's TLS section (`field`): its files exist and client verification is
@@ -1158,14 +1165,7 @@ impl Compiler {
             files.push(("client_ca", ca));
         }
         for (name, path) in files {
-            let resolved = crate::keys::resolve_path(&self.dir, path);
-            if !resolved.is_file() {
-                return Err(self.hint(
-                    format!("{field}.{name}"),
-                    format!("file `{}` does not exist", resolved.display()),
-                    "relative paths are resolved against the config file's folder",
-                ));
-            }
+            self.existing_file(&format!("{field}.{name}"), path)?;
         }
         if tls.client_ca.is_none() && tls.require_client_cert {
             return Err(self.hint(
