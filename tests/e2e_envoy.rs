@@ -1263,7 +1263,7 @@ async fn a_second_signal_cuts_the_shutdown_delay_short() {
     let dir = tempfile::tempdir().unwrap();
     let jwks = JwksServer::start(&[Key::A]).await;
     let mut portcullis = Portcullis::start(dir.path(), "portcullis", |grpc, admin| {
-        delayed_config(grpc, admin, &jwks.url(), "10m")
+        delayed_config(grpc, admin, &jwks.url(), "5m")
     });
     let pid = portcullis.id().unwrap();
     let client = reqwest::Client::new();

@@ -597,6 +597,7 @@ impl Compiler {
 
         self.identity_headers(&file, &issuers)?;
         self.state_and_approvals(&file)?;
+        self.shutdown(&file)?;
         self.api_keys = self.api_keys(&file, &issuers)?;
         self.trusted_headers(&file, &issuers)?;
         let revocation_file = self.revocation(&file)?;
@@ -1920,6 +1921,47 @@ fn parse_cidr(text: &str) -> Option<ipnet::IpNet> {
 }
 
 impl Compiler {
+    /// `server.shutdown_delay` and `server.shutdown_grace`: bounded, so that a SIGTERMed
+    /// instance stops within minutes (and within the orchestrator's grace period), and long
+    /// enough to let a check in flight finish (it may wait up to `decision_timeout`, checked
+    /// before this).
+    fn shutdown(&self, file: &ConfigFile) -> Res<()> {
+        const MOST: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+        let server = &file.server;
+        let pod_grace = "Kubernetes' `terminationGracePeriodSeconds` must exceed \
+                         `shutdown_delay` plus `shutdown_grace`, or the pod is killed mid-drain";
+        if server.shutdown_delay.get() > MOST {
+            return Err(self.hint(
+                "server.shutdown_delay",
+                "must be at most 5m: meanwhile the instance serves on, reported not ready \
+                 (load balancers take seconds to stop sending work: `5s` is typical)",
+                pod_grace,
+            ));
+        }
+        let (grace, decision) = (server.shutdown_grace.get(), server.decision_timeout.get());
+        if grace < decision {
+            return Err(self.hint(
+                "server.shutdown_grace",
+                format!(
+                    "must be at least `server.decision_timeout` ({}): a check in flight may \
+                     wait that long, and one cut at shutdown is answered with no decision and \
+                     no audit line",
+                    humantime::format_duration(decision)
+                ),
+                "leave it out for 10s",
+            ));
+        }
+        if grace > MOST {
+            return Err(self.hint(
+                "server.shutdown_grace",
+                "must be at most 5m: in-flight checks end within `server.decision_timeout` \
+                 (at most 60s)",
+                pod_grace,
+            ));
+        }
+        Ok(())
+    }
+
     /// `state:` and `approvals:`: a usable Redis URL (never echoed: it may hold a password),
     /// non-zero timeouts, an http(s) webhook.
     fn state_and_approvals(&self, file: &ConfigFile) -> Res<()> {

@@ -2077,3 +2077,49 @@ fn a_bad_duration_or_empty_value_names_its_own_line() {
     let text = format!("server:\n  listen: 127.0.0.1:1\n  leeway: 1s\n{ROUTE}");
     fails(&text, "server.leeway", "unknown field `leeway`");
 }
+
+/// A SIGTERMed instance stops within minutes: `shutdown_delay` (serving on, not ready) and
+/// `shutdown_grace` (in-flight checks finishing) are at most 5m each, and the grace covers
+/// the longest a check may wait, `decision_timeout`. `0s` of delay is the default.
+#[test]
+fn shutdown_delay_and_grace_are_bounded() {
+    let server = |s: &str| format!("server: {{ {s} }}\n{ROUTE}");
+    let e = fails(
+        &server("shutdown_delay: 400d"),
+        "server.shutdown_delay",
+        "must be at most 5m",
+    );
+    assert!(
+        e.hint
+            .as_deref()
+            .is_some_and(|h| h.contains("terminationGracePeriodSeconds")),
+        "{e}"
+    );
+    fails(
+        &server("shutdown_delay: 5m 1s"),
+        "server.shutdown_delay",
+        "at most 5m",
+    );
+    fails(
+        &server("shutdown_grace: 400d"),
+        "server.shutdown_grace",
+        "must be at most 5m",
+    );
+    fails(
+        &server("shutdown_grace: 0s"),
+        "server.shutdown_grace",
+        "at least `server.decision_timeout` (200ms)",
+    );
+    fails(
+        &server("shutdown_grace: 1s, decision_timeout: 2s"),
+        "server.shutdown_grace",
+        "at least `server.decision_timeout` (2s)",
+    );
+    for ok in [
+        "shutdown_delay: 0s, shutdown_grace: 5m",
+        "shutdown_delay: 5m, shutdown_grace: 200ms",
+        "shutdown_grace: 2s, decision_timeout: 2s",
+    ] {
+        compile(&server(ok)).unwrap_or_else(|e| panic!("`{ok}` refused: {e}"));
+    }
+}
