@@ -126,6 +126,11 @@ const CACHE_BYTES_MIN: u64 = 1 << 20;
 /// enormous value overflowed the per-token expiry arithmetic).
 const CACHE_TTL_MAX: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
+/// Most `approvals.webhook.retries`: the pauses between attempts double from 250ms and stop
+/// growing at 30s (`approvals::webhook`), so 10 retries wait about 2 minutes in all; more
+/// would keep a task per notification retrying for long after anyone cares.
+const WEBHOOK_RETRIES_MAX: u32 = 10;
+
 /// Bounds of `tokens.max_bytes`.
 const TOKEN_BYTES_MIN: usize = 256;
 const TOKEN_BYTES_MAX: usize = 65_536;
@@ -2067,8 +2072,26 @@ impl Compiler {
                     "e.g. `https://chat.example.com/hooks/approvals`",
                 ));
             }
-            if hook.timeout.get().is_zero() {
-                return Err(self.err("approvals.webhook.timeout", "must be greater than 0"));
+            let timeout = hook.timeout.get();
+            if timeout < std::time::Duration::from_millis(100)
+                || timeout > std::time::Duration::from_secs(60)
+            {
+                return Err(self.hint(
+                    "approvals.webhook.timeout",
+                    "must be between 100ms and 60s (per attempt)",
+                    "leave it out for 5s",
+                ));
+            }
+            if hook.retries > WEBHOOK_RETRIES_MAX {
+                return Err(self.hint(
+                    "approvals.webhook.retries",
+                    format!(
+                        "must be at most {WEBHOOK_RETRIES_MAX}: the pauses between attempts \
+                         double from 250ms up to 30s, so {WEBHOOK_RETRIES_MAX} retries already \
+                         wait about 2 minutes in all"
+                    ),
+                    "leave it out for 3 (about 2s of pauses)",
+                ));
             }
         }
         Ok(())

@@ -2123,3 +2123,45 @@ fn shutdown_delay_and_grace_are_bounded() {
         compile(&server(ok)).unwrap_or_else(|e| panic!("`{ok}` refused: {e}"));
     }
 }
+
+/// `approvals.webhook` with `settings` next to its (secret-bearing) URL.
+fn webhook(settings: &str) -> String {
+    format!(
+        "approvals:\n  webhook: {{ url: 'https://chat.example.com/hooks/s3cr3t', {settings} }}\n{ROUTE}"
+    )
+}
+
+/// The webhook's retries double their pauses up to 30s each: at most 10 (about 2 minutes
+/// of pauses), and each attempt's timeout is 100ms to 60s. The URL is never echoed.
+#[test]
+fn webhook_retries_and_timeout_are_bounded() {
+    for (settings, field, message) in [
+        ("retries: 11", "approvals.webhook.retries", "at most 10"),
+        (
+            "retries: 4294967295",
+            "approvals.webhook.retries",
+            "at most 10",
+        ),
+        (
+            "timeout: 0s",
+            "approvals.webhook.timeout",
+            "between 100ms and 60s",
+        ),
+        (
+            "timeout: 99ms",
+            "approvals.webhook.timeout",
+            "between 100ms and 60s",
+        ),
+        (
+            "timeout: 61s",
+            "approvals.webhook.timeout",
+            "between 100ms and 60s",
+        ),
+    ] {
+        let e = fails(&webhook(settings), field, message);
+        assert!(!e.to_string().contains("s3cr3t"), "{e}");
+    }
+    for ok in ["retries: 0, timeout: 100ms", "retries: 10, timeout: 60s"] {
+        compile(&webhook(ok)).unwrap_or_else(|e| panic!("`{ok}` refused: {e}"));
+    }
+}
