@@ -2094,6 +2094,44 @@ impl Compiler {
                 ));
             }
         }
+        if let Some(base) = &approvals.link_base {
+            self.link_base(base)?;
+        }
+        Ok(())
+    }
+
+    /// `approvals.link_base`: approvers are sent `<link_base>/<id>` as a link, so it must be
+    /// an absolute http(s) URL to which a path can be appended (no query, no fragment).
+    fn link_base(&self, base: &str) -> Res<()> {
+        const FIELD: &str = "approvals.link_base";
+        let example = "e.g. `https://approvals.example.com/requests`";
+        // Not echoed: the message names what is wrong, and the field points at the value.
+        if base.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(self.hint(
+                FIELD,
+                "must not contain spaces or control characters (it is sent as a link)",
+                example,
+            ));
+        }
+        let lower = base.get(..8).unwrap_or(base).to_ascii_lowercase();
+        // The URL parser requires a host for http(s), and reads `https:host` as absolute:
+        // the prefix check refuses that.
+        let absolute = lower.starts_with("https://") || lower.starts_with("http://");
+        if !(absolute && reqwest::Url::parse(base).is_ok()) {
+            return Err(self.hint(
+                FIELD,
+                "must be an absolute `http://` or `https://` URL (approvers are sent \
+                 `<link_base>/<id>` as a link)",
+                example,
+            ));
+        }
+        if base.contains('?') || base.contains('#') {
+            return Err(self.hint(
+                FIELD,
+                "must not have a query (`?`) or fragment (`#`): `/<id>` is appended to it",
+                example,
+            ));
+        }
         Ok(())
     }
 

@@ -2165,3 +2165,51 @@ fn webhook_retries_and_timeout_are_bounded() {
         compile(&webhook(ok)).unwrap_or_else(|e| panic!("`{ok}` refused: {e}"));
     }
 }
+
+/// Approvers are sent `<link_base>/<id>` as a link: an absolute http(s) URL without query
+/// or fragment, so neither a `javascript:` link nor `?x=1/<id>` reaches them.
+#[test]
+fn link_base_is_an_http_url_a_path_can_follow() {
+    let base = |b: &str| format!("approvals:\n  link_base: '{b}'\n{ROUTE}");
+    for (bad, message) in [
+        (
+            "javascript:alert(1)",
+            "absolute `http://` or `https://` URL",
+        ),
+        (
+            "ftp://files.example.com/r",
+            "absolute `http://` or `https://` URL",
+        ),
+        ("/requests", "absolute `http://` or `https://` URL"),
+        (
+            "approvals.example.com/r",
+            "absolute `http://` or `https://` URL",
+        ),
+        (
+            "https:approvals.example.com/r",
+            "absolute `http://` or `https://` URL",
+        ),
+        ("https://", "absolute `http://` or `https://` URL"),
+        (
+            "https://approvals.example.com/r?id=",
+            "query (`?`) or fragment (`#`)",
+        ),
+        (
+            "https://approvals.example.com/r#",
+            "query (`?`) or fragment (`#`)",
+        ),
+        (
+            "https://approvals.example.com/my requests",
+            "spaces or control characters",
+        ),
+    ] {
+        fails(&base(bad), "approvals.link_base", message);
+    }
+    for ok in [
+        "https://approvals.example.com/requests",
+        "http://127.0.0.1:8080/",
+        "HTTPS://approvals.example.com",
+    ] {
+        compile(&base(ok)).unwrap_or_else(|e| panic!("`{ok}` refused: {e}"));
+    }
+}
