@@ -1968,7 +1968,7 @@ impl Compiler {
     }
 
     /// `state:` and `approvals:`: a usable Redis URL (never echoed: it may hold a password),
-    /// non-zero timeouts, an http(s) webhook.
+    /// a non-empty key prefix, bounded timeouts and retries, an http(s) webhook and link base.
     fn state_and_approvals(&self, file: &ConfigFile) -> Res<()> {
         let state = &file.state;
         if state.backend == schema::StateBackend::Redis {
@@ -2034,6 +2034,15 @@ impl Compiler {
             return Err(self.err(
                 "server.decision_timeout",
                 "must be between 10ms and 60s, and below Envoy's ext_authz `timeout` (0.25s in envoy/)",
+            ));
+        }
+        if state.key_prefix.is_empty() {
+            return Err(self.hint(
+                "state.key_prefix",
+                "must not be empty: keys would land in the Redis database's root namespace, \
+                 where another application's keys can collide with them",
+                "leave it out for `portcullis:`, or give each deployment sharing a Redis its own \
+                 prefix",
             ));
         }
         if state

@@ -2213,3 +2213,21 @@ fn link_base_is_an_http_url_a_path_can_follow() {
         compile(&base(ok)).unwrap_or_else(|e| panic!("`{ok}` refused: {e}"));
     }
 }
+
+/// An empty `state.key_prefix` would put every key in the Redis database's root namespace,
+/// among other applications' keys.
+#[test]
+fn key_prefix_must_not_be_empty() {
+    for backend in ["memory", "redis"] {
+        let e = fails(
+            &format!("state: {{ backend: {backend}, key_prefix: '' }}\n{ROUTE}"),
+            "state.key_prefix",
+            "must not be empty",
+        );
+        assert!(
+            e.hint.as_deref().is_some_and(|h| h.contains("portcullis:")),
+            "{e}"
+        );
+    }
+    compile(&format!("state: {{ key_prefix: 'a:' }}\n{ROUTE}")).unwrap();
+}
