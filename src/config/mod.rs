@@ -1925,6 +1925,18 @@ fn parse_cidr(text: &str) -> Option<ipnet::IpNet> {
     Some(net)
 }
 
+/// `text` as an absolute `http://` or `https://` URL with a host (the scheme in any case).
+/// The prefix check refuses `https:host`, which the URL parser reads as absolute.
+fn http_url(text: &str) -> Option<reqwest::Url> {
+    let scheme = text.get(..8).unwrap_or(text).to_ascii_lowercase();
+    if !(scheme.starts_with("https://") || scheme.starts_with("http://")) {
+        return None;
+    }
+    reqwest::Url::parse(text)
+        .ok()
+        .filter(|url| url.host_str().is_some_and(|h| !h.is_empty()))
+}
+
 impl Compiler {
     /// `server.shutdown_delay` and `server.shutdown_grace`: bounded, so that a SIGTERMed
     /// instance stops within minutes (and within the orchestrator's grace period), and long
@@ -1969,7 +1981,7 @@ impl Compiler {
 
     /// `state:` and `approvals:`: a usable Redis URL (never echoed: it may hold a password),
     /// a non-empty key prefix, bounded timeouts and retries, an http(s) webhook and link base.
-    fn state_and_approvals(&self, file: &ConfigFile) -> Res<()> {
+    fn state_and_approvals(&mut self, file: &ConfigFile) -> Res<()> {
         let state = &file.state;
         if state.backend == schema::StateBackend::Redis {
             let url = state.redis_url.trim();
@@ -2074,10 +2086,11 @@ impl Compiler {
             ));
         }
         if let Some(hook) = &approvals.webhook {
-            if !(hook.url.starts_with("https://") || hook.url.starts_with("http://")) {
+            // Never echoed: chat webhooks carry their secret in the URL.
+            if http_url(&hook.url).is_none() {
                 return Err(self.hint(
                     "approvals.webhook.url",
-                    "the webhook URL must be http(s)",
+                    "the webhook URL must be an absolute `http://` or `https://` URL with a host",
                     "e.g. `https://chat.example.com/hooks/approvals`",
                 ));
             }
@@ -2104,14 +2117,15 @@ impl Compiler {
             }
         }
         if let Some(base) = &approvals.link_base {
-            self.link_base(base)?;
+            self.link_base(base, approvals.webhook.is_some())?;
         }
         Ok(())
     }
 
     /// `approvals.link_base`: approvers are sent `<link_base>/<id>` as a link, so it must be
-    /// an absolute http(s) URL to which a path can be appended (no query, no fragment).
-    fn link_base(&self, base: &str) -> Res<()> {
+    /// an absolute http(s) URL to which a path can be appended (no query, no fragment), and
+    /// hold no credentials (the link is posted where every approver reads it).
+    fn link_base(&mut self, base: &str, webhook: bool) -> Res<()> {
         const FIELD: &str = "approvals.link_base";
         let example = "e.g. `https://approvals.example.com/requests`";
         // Not echoed: the message names what is wrong, and the field points at the value.
@@ -2122,23 +2136,32 @@ impl Compiler {
                 example,
             ));
         }
-        let lower = base.get(..8).unwrap_or(base).to_ascii_lowercase();
-        // The URL parser requires a host for http(s), and reads `https:host` as absolute:
-        // the prefix check refuses that.
-        let absolute = lower.starts_with("https://") || lower.starts_with("http://");
-        if !(absolute && reqwest::Url::parse(base).is_ok()) {
+        let Some(url) = http_url(base) else {
             return Err(self.hint(
                 FIELD,
                 "must be an absolute `http://` or `https://` URL (approvers are sent \
                  `<link_base>/<id>` as a link)",
                 example,
             ));
-        }
+        };
         if base.contains('?') || base.contains('#') {
             return Err(self.hint(
                 FIELD,
                 "must not have a query (`?`) or fragment (`#`): `/<id>` is appended to it",
                 example,
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(self.hint(
+                FIELD,
+                "must not carry a user name or password: the link is sent to every approver",
+                example,
+            ));
+        }
+        if !webhook {
+            self.warnings.push(format!(
+                "{FIELD}: unused without `approvals.webhook` (only the webhook's message \
+                 carries the link)"
             ));
         }
         Ok(())

@@ -2202,6 +2202,14 @@ fn link_base_is_an_http_url_a_path_can_follow() {
             "https://approvals.example.com/my requests",
             "spaces or control characters",
         ),
+        (
+            "https://approver:hunter2@approvals.example.com/r",
+            "user name or password",
+        ),
+        (
+            "https://approver@approvals.example.com/r",
+            "user name or password",
+        ),
     ] {
         fails(&base(bad), "approvals.link_base", message);
     }
@@ -2211,6 +2219,44 @@ fn link_base_is_an_http_url_a_path_can_follow() {
         "HTTPS://approvals.example.com",
     ] {
         compile(&base(ok)).unwrap_or_else(|e| panic!("`{ok}` refused: {e}"));
+    }
+    // Only the webhook's message carries the link: without one it is unused.
+    warns(
+        &base("https://a.example.com/r"),
+        "approvals.link_base",
+        "unused",
+    );
+    let with_hook = format!(
+        "approvals:\n  link_base: https://a.example.com/r\n  webhook: {{ url: 'https://chat.example.com/h' }}\n{ROUTE}"
+    );
+    let c = compile(&with_hook).unwrap();
+    assert!(
+        !c.warnings.iter().any(|w| w.contains("link_base")),
+        "{:?}",
+        c.warnings
+    );
+}
+
+/// The webhook URL is an absolute http(s) URL with a host, its scheme in any case; the
+/// URL (which holds the chat's secret) is never echoed.
+#[test]
+fn webhook_url_is_an_absolute_http_url() {
+    let hook = |url: &str| format!("approvals:\n  webhook: {{ url: '{url}' }}\n{ROUTE}");
+    for bad in [
+        "https://",
+        "https:chat.example.com/s3cr3t",
+        "ftp://chat.example.com/s3cr3t",
+        "chat.example.com/s3cr3t",
+    ] {
+        let e = fails(
+            &hook(bad),
+            "approvals.webhook.url",
+            "absolute `http://` or `https://`",
+        );
+        assert!(!e.to_string().contains("s3cr3t"), "{e}");
+    }
+    for ok in ["HTTPS://chat.example.com/s3cr3t", "http://127.0.0.1:9/h"] {
+        compile(&hook(ok)).unwrap_or_else(|e| panic!("`{ok}` refused: {e}"));
     }
 }
 
