@@ -620,10 +620,10 @@ fn after_scheme<'r>(value: &'r str, scheme: &str) -> Option<&'r str> {
 
 /// True when the query string carries a token parameter (any case of its name, encoded or not).
 fn query_has_token(path: &str) -> bool {
-    query_names(path).any(|name| {
+    any_query_name(path, |name| {
         QUERY_TOKEN_PARAMS
             .iter()
-            .any(|p| name.trim().eq_ignore_ascii_case(p))
+            .any(|p| name.eq_ignore_ascii_case(p))
     })
 }
 
@@ -631,21 +631,28 @@ fn query_has_token(path: &str) -> bool {
 /// not), including one named like the key header.
 fn query_has_api_key(path: &str, header: &str) -> bool {
     let header = header.replace('_', "-");
-    query_names(path).any(|name| {
-        let name = name.trim().to_ascii_lowercase().replace('_', "-");
+    any_query_name(path, |name| {
+        let name = name.to_ascii_lowercase().replace('_', "-");
         name == header || QUERY_API_KEY_PARAMS.contains(&name.as_str())
     })
 }
 
-/// The percent-decoded parameter names of the query string.
-fn query_names(path: &str) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
+/// True when `pred` holds for a parameter name of the query string, read as the most lenient
+/// upstream would: pairs split on `&` and on `;` (Rack 2, Go before 1.17, older Python), the
+/// name percent-decoded (and split again, for a parser that decodes first), trimmed, and cut
+/// at `[` (`api_key[]`, `access_token[0]`: PHP's and Rack's arrays).
+fn any_query_name(path: &str, mut pred: impl FnMut(&str) -> bool) -> bool {
     let query = path
         .split_once('?')
         .map(|(_, q)| q.split('#').next().unwrap_or_default())
         .unwrap_or_default();
-    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
+    query.split(['&', ';']).any(|pair| {
         let name = pair.split('=').next().unwrap_or_default();
-        percent_encoding::percent_decode_str(name).decode_utf8_lossy()
+        let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+        decoded.split(['&', ';']).any(|part| {
+            let name = part.split('[').next().unwrap_or_default().trim();
+            !name.is_empty() && pred(name)
+        })
     })
 }
 
