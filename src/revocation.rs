@@ -165,7 +165,23 @@ pub enum RevocationError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileDoc {
+    /// `revoked:` with nothing under it (every entry commented out, or a write caught half
+    /// done) reads as null in YAML: refused like an empty file, so the last good list stays
+    /// in force. No entries at all is written `revoked: []`.
+    #[serde(deserialize_with = "written_out")]
     revoked: Vec<FileEntry>,
+}
+
+fn written_out<'de, D>(d: D) -> Result<Vec<FileEntry>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Option::<Vec<FileEntry>>::deserialize(d)?.ok_or_else(|| {
+        serde::de::Error::custom(
+            "`revoked` has nothing under it (every entry commented out?): no entries at all is \
+             written `revoked: []`",
+        )
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -1075,6 +1091,20 @@ revoked:
             RevocationList::parse("revokd: []", p, &[]),
             Err(RevocationError::Parse { .. })
         ));
+        // The key with every entry commented out (or a write that got no further) is not
+        // an empty list: that would lift every revocation.
+        for text in [
+            "revoked:\n",
+            "revoked:\n  # - {sub: mallory}\n",
+            "revoked: ~",
+        ] {
+            match RevocationList::parse(text, p, &[]) {
+                Err(RevocationError::Parse { message, .. }) => {
+                    assert!(message.contains("revoked: []"), "{text:?}: {message}")
+                }
+                other => panic!("{text:?}: {other:?}"),
+            }
+        }
         assert!(matches!(
             RevocationList::parse("revoked: [{jti: a, sub: b}]", p, &[]),
             Err(RevocationError::EntryKind { index: 0 })

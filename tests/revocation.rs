@@ -217,6 +217,20 @@ async fn admin_api_rejects_bad_requests() {
         let resp = h.post_revocation(&http, &body).await;
         assert_eq!(resp.status(), 400, "{body}");
     }
+    // A member given twice is refused, not resolved to whichever one the parser keeps.
+    let resp = http
+        .post(h.admin("/revocations"))
+        .header("content-type", "application/json")
+        .body(r#"{"sub": "alice", "sub": "bob"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("`sub` twice"),
+        "{body}"
+    );
     let list = h.revocations(&http).await;
     assert_eq!(list["runtime"], json!([]));
 }
@@ -407,16 +421,23 @@ async fn file_revocation_reloads_and_a_broken_or_deleted_file_keeps_it() {
     std::fs::write(&h.revoked, "revoked:\n  - {sid: sess-7}\n").unwrap();
     h.wait_status(&token, 401).await;
 
-    for (n, broken) in ["", "revoked: [", "revoked: [{sid: a, sub: b}]"]
-        .into_iter()
-        .enumerate()
+    // `revoked:` alone is what every entry commented out, or a write caught after its
+    // first line, reads as: not an empty list.
+    for (n, broken) in [
+        "",
+        "revoked: [",
+        "revoked: [{sid: a, sub: b}]",
+        "revoked:\n",
+    ]
+    .into_iter()
+    .enumerate()
     {
         std::fs::write(&h.revoked, broken).unwrap();
         h.wait_reloads("error", n as u64 + 1).await;
         assert_eq!(h.check(&token).await, 401, "after {broken:?}");
     }
     std::fs::remove_file(&h.revoked).unwrap();
-    h.wait_reloads("error", 4).await;
+    h.wait_reloads("error", 5).await;
     assert_eq!(
         h.check(&token).await,
         401,
@@ -431,7 +452,7 @@ async fn file_revocation_reloads_and_a_broken_or_deleted_file_keeps_it() {
         .text()
         .await
         .unwrap();
-    // A poll can also catch a file half-written, so count at least the four broken states.
+    // A poll can also catch a file half-written, so count at least the five broken states.
     let errors: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("portcullis_revocation_reloads_total{result=\"error\"} "))
@@ -439,7 +460,7 @@ async fn file_revocation_reloads_and_a_broken_or_deleted_file_keeps_it() {
         .trim()
         .parse()
         .unwrap();
-    assert!(errors >= 4, "{metrics}");
+    assert!(errors >= 5, "{metrics}");
 }
 
 #[tokio::test]
