@@ -21,11 +21,11 @@ use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 use serde_json::json;
 
 use super::AdminState;
 use crate::engine::{Engine, unix_now};
+use crate::identity::strict_json::{self, StrictJsonError};
 use crate::revocation::{RUNTIME_INDEX, RevokedKind, parse_time};
 
 /// The longest a runtime entry may live: far past any sane token lifetime.
@@ -250,12 +250,6 @@ fn json_content_type(headers: &HeaderMap) -> bool {
         })
 }
 
-#[derive(Deserialize)]
-pub struct AddBody {
-    #[serde(flatten)]
-    ids: HashMap<String, serde_json::Value>,
-}
-
 pub async fn add(
     State(state): State<AdminState>,
     headers: HeaderMap,
@@ -281,18 +275,26 @@ pub async fn add(
         Ok(bytes) => bytes,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.describe()),
     };
-    let mut body: AddBody = match serde_json::from_slice(&bytes) {
-        Ok(body) => body,
+    // Duplicate members are refused, as in tokens: `{"sub":"alice","sub":"bob"}` must not
+    // revoke whichever one a parser happens to keep.
+    let mut ids: HashMap<String, serde_json::Value> = match strict_json::parse_object(&bytes) {
+        Ok(map) => map.into_iter().collect(),
+        Err(StrictJsonError::DuplicateKey(k)) => {
+            let k = k.chars().take(64).collect::<String>();
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("the body names `{k}` twice: give each field once"),
+            );
+        }
         Err(_) => return error(StatusCode::BAD_REQUEST, "the body must be a JSON object"),
     };
-    let expires = body.ids.remove("expires_at");
-    let issuer = match body.ids.remove("issuer") {
+    let expires = ids.remove("expires_at");
+    let issuer = match ids.remove("issuer") {
         None => None,
         Some(serde_json::Value::String(name)) => Some(name),
         Some(_) => return bad_issuer(&engine),
     };
-    if let Some(k) = body
-        .ids
+    if let Some(k) = ids
         .keys()
         .find(|k| !RevokedKind::ALL.iter().any(|r| r.as_str() == k.as_str()))
     {
@@ -302,7 +304,7 @@ pub async fn add(
             &format!("unknown field `{k}`: use `jti`, `sid` or `sub`, and `issuer`, `expires_at`"),
         );
     }
-    let Some((kind, value)) = one_kind(&body.ids) else {
+    let Some((kind, value)) = one_kind(&ids) else {
         return bad_kind();
     };
     if issuer
