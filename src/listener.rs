@@ -271,9 +271,18 @@ impl ConnLimit {
             listener = self.listener,
             max_connections = self.max,
             "connection limit reached: new connections are closed until open ones end \
-             (counted in portcullis_connections_refused_total; idle connections close after \
-             {}s without a request, and vanished peers after unanswered TCP keep-alive probes)",
-            FIRST_REQUEST_TIMEOUT.as_secs()
+             (counted in portcullis_connections_refused_total; a connection that sends no \
+             request within {}s of connecting is closed, and a vanished peer's after \
+             unanswered TCP keep-alive probes{})",
+            FIRST_REQUEST_TIMEOUT.as_secs(),
+            if matches!(self.listener, "grpc" | "http") {
+                // Envoy's pooled connections: kept however idle once they have made a request.
+                "; one that has made a request stays open however idle, as Envoy's pool \
+                 needs: if these are not Envoy's, keep the port where only Envoy reaches it, \
+                 or require client certificates (`server.tls`)"
+            } else {
+                "; an idle one after at most a minute"
+            }
         );
     }
 }
