@@ -449,10 +449,16 @@ impl Explanation {
 pub async fn explain(args: &ExplainArgs) -> Result<Explanation, CliError> {
     let config = config::load(&args.config)?;
     let mut headers: HashMap<String, String> = HashMap::new();
-    for raw in &args.headers {
-        let (name, value) = raw
-            .split_once(':')
-            .ok_or_else(|| CliError::Usage(format!("--header `{raw}`: expected `name: value`")))?;
+    for (n, raw) in args.headers.iter().enumerate() {
+        // Not echoed: a header written without its `:` is likely `authorization Bearer ...`.
+        let (name, value) = raw.split_once(':').ok_or_else(|| {
+            CliError::Usage(format!(
+                "--header number {} (of {}) has no `:`: write it `name: value` (it is not \
+                 shown: it may hold a credential)",
+                n + 1,
+                args.headers.len()
+            ))
+        })?;
         let name = name.trim().to_ascii_lowercase();
         let value = value.trim().to_string();
         // Repeated headers reach Portcullis joined with `,`, exactly as Envoy sends them.

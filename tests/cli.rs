@@ -153,6 +153,28 @@ fn explain_shows_the_challenge_the_server_would_send() {
     );
 }
 
+/// A `--header` written without its `:` is refused without echoing it: it is most likely
+/// `authorization Bearer <token>`, and stderr ends up in CI logs.
+#[test]
+fn explain_never_echoes_a_malformed_header() {
+    let root = support::repo_root();
+    let (code, out) = portcullis(
+        &[
+            "explain",
+            "--path",
+            "/orders/42",
+            "--header",
+            "accept: application/json",
+            "--header",
+            "authorization Bearer s3cr3t-token-value",
+        ],
+        &root,
+    );
+    assert_ne!(code, Some(0), "{out}");
+    assert!(out.contains("--header number 2 (of 2) has no `:`"), "{out}");
+    assert!(!out.contains("s3cr3t"), "the credential echoed: {out}");
+}
+
 /// A config for `check` and `serve` in `dir`: one dev issuer, one route, ephemeral ports,
 /// plus `extra` YAML.
 fn small_config(dir: &Path, extra: &str) {
