@@ -27,7 +27,8 @@
 //!       headers: {x-device: managed}   # optional, lower-case names
 //!       source_ip: 10.1.2.3            # optional: the client address Envoy reports
 //!       principal: spiffe://example.org/ns/shop/sa/checkout   # optional: mTLS peer
-//!     as:                              # optional: who is calling (absent: no credential)
+//!     as:                              # optional: who is calling (absent: no credential;
+//!                                      # then a credential header is an error)
 //!       issuer: corp                   # an issuer's `name` (default: the only issuer)
 //!       claims: {sub: alice, scope: orders:read}   # `iss`, `aud`, `iat`, `exp` default sensibly
 //!     # or: as: {api_key: reporting-e0dd28}       # a configured API key, by id
@@ -353,7 +354,8 @@ pub fn load(path: &Path) -> Result<(TestFile, Option<PathBuf>), TestFileError> {
 }
 
 /// Runs every case of `file` against `config`. `now` is the time for cases that set none.
-/// A case whose caller names an API key or issuer the config lacks makes the file unusable.
+/// A case whose caller names an API key or issuer the config lacks, or whose request carries
+/// a credential without `as:`, makes the file unusable.
 pub async fn run(
     config: &Arc<Config>,
     file: &TestFile,
@@ -365,13 +367,13 @@ pub async fn run(
         let at = case.now.or(file.now).map_or(now, |m| m.0);
         let decision = match decide_case(config, case, at).await {
             Ok(d) => d,
-            // The test file names what the config lacks (an API key or issuer): a mistake
-            // in the file, not a policy failure.
+            // The test file names what the config lacks (an API key or issuer), or puts a
+            // credential in the request: a mistake in the file, not a policy failure.
             Err(problem) => {
                 return Err(TestFileError::Invalid {
                     path: path.to_path_buf(),
                     message: format!(
-                        "cases[{i}] `{}`: `as`: {problem} (`{}`)",
+                        "cases[{i}] `{}`: {problem} (`{}`)",
                         case.name,
                         config.source.display()
                     ),
@@ -391,7 +393,8 @@ pub async fn run(
 }
 
 /// The server's decision for the case's request from the case's caller, taken as verified
-/// (`Engine::check_verified`), on fresh in-memory state. `Err` names what the config lacks.
+/// (`Engine::check_verified`), on fresh in-memory state. `Err` names what the config lacks,
+/// or the credential a case sends without `as:` (it would be verified, which a test cannot).
 async fn decide_case(config: &Arc<Config>, case: &Case, now: i64) -> Result<Decision, String> {
     let r = &case.request;
     let headers: HashMap<String, String> = r
@@ -410,8 +413,21 @@ async fn decide_case(config: &Arc<Config>, case: &Case, now: i64) -> Result<Deci
         peer_certificate: None,
     };
     let caller = match &case.caller {
-        Some(caller) => Some(given(config, caller, now)?),
-        None => None,
+        Some(caller) => Some(given(config, caller, now).map_err(|e| format!("`as`: {e}"))?),
+        None => {
+            // A credential in the request with no `as:` would be verified by the server,
+            // which a policy test never does: answering `credential_missing` for it (as
+            // if the header were not there) would pass a case the server decides otherwise.
+            if let Ok(cred) = crate::decide::extract_credential(config, &req) {
+                return Err(format!(
+                    "`request.headers.{}` carries a credential, and a policy test never \
+                     verifies one: say who calls with `as:` (claims, or an `api_key` id) and \
+                     drop the header, which would be a second credential",
+                    cred.header
+                ));
+            }
+            None
+        }
     };
     // A fresh engine per case: empty state, keys that are never fetched, and no approvals
     // webhook (a case on a gated route must not notify real approvers of a request that

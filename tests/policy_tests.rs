@@ -163,6 +163,16 @@ fn a_file_that_cannot_be_used_is_an_error_naming_it() {
             "config: portcullis.yaml\ncases:\n  - {name: a, request: {path: /orders/1}, as: {issuer: partner, claims: {sub: a}}, expect: {status: 200}}\n",
             "cases[0] `a`: `as`: no issuer named `partner` in the config",
         ),
+        // A credential in the request without `as:` would be verified by the server; a
+        // test cannot, and answering `credential_missing` would pass a wrong expectation.
+        (
+            "config: portcullis.yaml\ncases:\n  - {name: a, request: {path: /orders/1, headers: {x-api-key: pck_s3cr3t}}, expect: {decision: deny}}\n",
+            "cases[0] `a`: `request.headers.x-api-key` carries a credential",
+        ),
+        (
+            "config: portcullis.yaml\ncases:\n  - {name: a, request: {path: /orders/1, headers: {authorization: Bearer s3cr3t}}, expect: {decision: deny}}\n",
+            "cases[0] `a`: `request.headers.authorization` carries a credential",
+        ),
         (
             "config: no-such.yaml\ncases:\n  - {name: a, request: {path: /}, expect: {status: 200}}\n",
             "no-such.yaml",
@@ -172,6 +182,7 @@ fn a_file_that_cannot_be_used_is_an_error_naming_it() {
         let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
         assert_eq!(code, Some(2), "{tests}\n{out}");
         assert!(out.contains(says), "{tests}\n{out}");
+        assert!(!out.contains("s3cr3t"), "a credential echoed: {out}");
     }
     let (code, out) = portcullis_test(&["missing.yaml"], dir.path());
     assert_eq!(code, Some(2), "{out}");
