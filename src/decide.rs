@@ -277,7 +277,9 @@ pub fn confirmation(
         return Ok(None);
     };
     match cnf.as_object() {
-        Some(c) if c.keys().all(|k| k == "jkt" || k == "x5t#S256") => Ok(Some(c)),
+        // An empty `cnf` names no confirmation method (RFC 7800 requires one): a token
+        // that claims a binding it does not describe is refused, not taken as a bearer one.
+        Some(c) if !c.is_empty() && c.keys().all(|k| k == "jkt" || k == "x5t#S256") => Ok(Some(c)),
         _ => Err(Decision::new(
             ReasonCode::InvalidToken,
             "the token's `cnf` asks for a proof of possession this server cannot check \
