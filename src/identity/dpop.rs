@@ -276,7 +276,7 @@ fn request_uri(req: &ProofRequest<'_>) -> Option<String> {
 
 /// RFC 9449 4.3 with RFC 3986 6.2.2/6.2.3 normalization: lower-case scheme and host, default
 /// port removed, empty path as `/`, percent-encodings upper-cased and unreserved ones decoded,
-/// query and fragment dropped. `None` for anything that is not an absolute http(s) URI
+/// dot segments removed, query and fragment dropped. `None` for anything that is not an absolute http(s) URI
 /// without user info.
 pub fn normalize_uri(uri: &str) -> Option<String> {
     let (scheme, rest) = uri.split_once("://")?;
@@ -329,9 +329,38 @@ pub fn normalize_uri(uri: &str) -> Option<String> {
     if path.is_empty() {
         out.push('/');
     } else {
-        out.push_str(&normalize_percent(path)?);
+        out.push_str(&remove_dot_segments(&normalize_percent(path)?));
     }
     Some(out)
+}
+
+/// RFC 3986 5.2.4 on an absolute path (after percent-encoding normalization, so `%2E` is a
+/// dot): `.` segments dropped, `..` drops the segment before it, a path ending in either
+/// keeps its trailing `/`. A client's proof names the URL it sent (`/a/../b`), while Envoy
+/// hands on the path it normalized (`/b`).
+fn remove_dot_segments(path: &str) -> String {
+    if !path.split('/').any(|s| s == "." || s == "..") {
+        return path.to_string();
+    }
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match *segment {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => {
+                out.push(s);
+                continue;
+            }
+        }
+        if last {
+            out.push("");
+        }
+    }
+    format!("/{}", out.join("/"))
 }
 
 /// Upper-cases percent-encodings and decodes the ones of unreserved characters.

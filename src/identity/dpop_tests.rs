@@ -303,6 +303,9 @@ fn htu_must_name_the_request_url_after_normalization() {
         "https://api.example.com/orders/42?other=query",
         "https://api.example.com/orders/42#frag",
         "https://api.example.com/%6Frders/42",
+        // The URL as the client sent it, before Envoy removed its dot segments.
+        "https://api.example.com/x/../orders/42",
+        "https://api.example.com/orders/./42",
     ] {
         assert!(
             check(&proof_with(json!({}), json!({ "htu": ok }))).is_ok(),
@@ -313,6 +316,8 @@ fn htu_must_name_the_request_url_after_normalization() {
         "http://api.example.com/orders/42",
         "https://api.example.com/orders/43",
         "https://api.example.com/orders/42/",
+        "https://api.example.com/orders/42/..",
+        "https://api.example.com/orders/42/x/..",
         "https://evil.example.com/orders/42",
         "https://api.example.com:8443/orders/42",
         "https://user@api.example.com/orders/42",
@@ -345,6 +350,19 @@ fn normalize_uri_examples() {
         normalize_uri("https://h/a%2fb").as_deref(),
         Some("https://h/a%2Fb")
     );
+    // Dot segments (RFC 3986 5.2.4), after `%2E` is decoded to a dot.
+    for (uri, want) in [
+        ("https://h/a/b/../c/./d", "https://h/a/c/d"),
+        ("https://h/a/b/..", "https://h/a/"),
+        ("https://h/a/.", "https://h/a/"),
+        ("https://h/..", "https://h/"),
+        ("https://h/../../a", "https://h/a"),
+        ("https://h/a/%2E%2E/b", "https://h/b"),
+        ("https://h/a//b/", "https://h/a//b/"),
+        ("https://h/a..b/.c/", "https://h/a..b/.c/"),
+    ] {
+        assert_eq!(normalize_uri(uri).as_deref(), Some(want), "{uri}");
+    }
     assert_eq!(normalize_uri("ftp://h/"), None);
     assert_eq!(normalize_uri("https://h:x/"), None);
     assert_eq!(normalize_uri("https://h/%zz"), None);
