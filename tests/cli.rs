@@ -128,20 +128,19 @@ dry_run:
     );
 }
 
+/// `explain --path /orders/42` on the shipped config, with each of `headers` as a `--header`.
+fn explain_orders(headers: &[&str]) -> (Option<i32>, String) {
+    let mut args = vec!["explain", "--path", "/orders/42"];
+    for h in headers {
+        args.extend(["--header", h]);
+    }
+    portcullis(&args, &support::repo_root())
+}
+
 /// `explain` shows the challenge the server sends: an API key's own, not the Bearer one.
 #[test]
 fn explain_shows_the_challenge_the_server_would_send() {
-    let root = support::repo_root();
-    let (code, out) = portcullis(
-        &[
-            "explain",
-            "--path",
-            "/orders/42",
-            "--header",
-            "x-api-key: pck_not-a-key-000000000000000000000000000000",
-        ],
-        &root,
-    );
+    let (code, out) = explain_orders(&["x-api-key: pck_not-a-key-000000000000000000000000000000"]);
     assert_eq!(
         code,
         Some(0),
@@ -157,19 +156,10 @@ fn explain_shows_the_challenge_the_server_would_send() {
 /// `authorization Bearer <token>`, and stderr ends up in CI logs.
 #[test]
 fn explain_never_echoes_a_malformed_header() {
-    let root = support::repo_root();
-    let (code, out) = portcullis(
-        &[
-            "explain",
-            "--path",
-            "/orders/42",
-            "--header",
-            "accept: application/json",
-            "--header",
-            "authorization Bearer s3cr3t-token-value",
-        ],
-        &root,
-    );
+    let (code, out) = explain_orders(&[
+        "accept: application/json",
+        "authorization Bearer s3cr3t-token-value",
+    ]);
     assert_ne!(code, Some(0), "{out}");
     assert!(out.contains("--header number 2 (of 2) has no `:`"), "{out}");
     assert!(!out.contains("s3cr3t"), "the credential echoed: {out}");
