@@ -644,10 +644,10 @@ fn query_has_api_key(path: &str, header: &str) -> bool {
 /// name percent-decoded (and split again, for a parser that decodes first), trimmed, and cut
 /// at `[` (`api_key[]`, `access_token[0]`: PHP's and Rack's arrays).
 fn any_query_name(path: &str, mut pred: impl FnMut(&str) -> bool) -> bool {
-    let query = path
-        .split_once('?')
-        .map(|(_, q)| q.split('#').next().unwrap_or_default())
-        .unwrap_or_default();
+    let Some((_, query)) = path.split_once('?') else {
+        return false;
+    };
+    let query = query.split('#').next().unwrap_or_default();
     query.split(['&', ';']).any(|pair| {
         let name = pair.split('=').next().unwrap_or_default();
         let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
