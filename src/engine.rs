@@ -300,7 +300,8 @@ impl Engine {
         let identity = self.identity(&cred, now).await?;
         // A revoked approver must not approve anything.
         self.revocations.check(&identity, now)?;
-        self.runtime_revoked.check(&identity)?;
+        self.runtime_revoked
+            .check(&identity, self.revocations.issuers())?;
         // Held to its bindings as on a Check: this API has no client certificate and takes
         // no DPoP proof, so a certificate- or DPoP-bound token (or one from an issuer that
         // requires either) is refused, never taken as a plain bearer token.
@@ -396,7 +397,8 @@ impl Engine {
         let keys = |issuer: &str| self.keys.get(issuer);
         let identity = decide::verify_credential(&self.config, &cred, &keys, now)?;
         self.revocations.check(&identity, now)?;
-        self.runtime_revoked.check(&identity)?;
+        self.runtime_revoked
+            .check(&identity, self.revocations.issuers())?;
         decide::binding_checks(&self.config, req, &cred, &identity, now)?;
         Ok(identity)
     }
@@ -551,7 +553,9 @@ impl Engine {
         };
         let refused = |deny: Decision| deny.with_identity(Some(identity.clone()));
         self.revocations.check(identity, now).map_err(refused)?;
-        self.runtime_revoked.check(identity).map_err(refused)?;
+        self.runtime_revoked
+            .check(identity, self.revocations.issuers())
+            .map_err(refused)?;
         if identity.api_key_id().is_none() {
             decide::confirmation(identity).map_err(refused)?;
         }
@@ -658,7 +662,8 @@ impl Engine {
         now: i64,
     ) -> Result<Option<String>, Decision> {
         self.revocations.check(identity, now)?;
-        self.runtime_revoked.check(identity)?;
+        self.runtime_revoked
+            .check(identity, self.revocations.issuers())?;
         let guard = decide::binding_checks(&self.config, req, cred, identity, now)?;
         if let Some(guard) = guard {
             // A DPoP proof is single-use: the first request to record its `jti` wins, every

@@ -316,12 +316,13 @@ impl Reloader {
             }
             store
         };
-        // Runtime revocations scoped to an issuer renamed by this config would stop matching
-        // (its tokens now carry another name): refuse until they are deleted. An issuer
-        // removed outright (no issuer of the new config takes its `iss`) is not refused:
-        // its tokens are refused now, so entries scoped to it revoke nothing either way, and
-        // refusing kept a removed (perhaps compromised) identity provider trusted, also
-        // whenever shared state was down.
+        // Runtime revocations scoped to an issuer renamed by this config would no longer be
+        // scoped to it (its tokens now carry another name; such entries name every issuer's
+        // tokens, see `RuntimeRevocations::check`): refuse until they are deleted. An issuer
+        // removed outright (no issuer of the new config takes its `iss`) is not refused: its
+        // tokens are refused now, entries scoped to it then name every issuer's tokens (fail
+        // closed, warned about at each sync), and refusing kept a removed (perhaps
+        // compromised) identity provider trusted, also whenever shared state was down.
         let names = crate::revocation::issuer_names(&new);
         let renamed = renamed_issuers(&old.config, &new);
         // When an issuer is renamed, read the shared entries first: one another replica

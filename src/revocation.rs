@@ -11,7 +11,10 @@
 //!   makes every replica see them; each replica checks a local mirror of it.
 //!
 //! An entry names any issuer's tokens, or with `issuer` (a name from `issuers`) only that
-//! issuer's: `sub` values in particular are only unique within one issuer.
+//! issuer's: `sub` values in particular are only unique within one issuer. A runtime entry
+//! whose `issuer` names no issuer of the config in force (the issuer was renamed or removed
+//! after it was added) names every issuer's tokens until it is deleted: a rename must never
+//! make a revoked token valid again (fail closed).
 //!
 //! This is shell code (file I/O, tokio tasks, logging); the decision core never sees it.
 
@@ -512,8 +515,9 @@ pub fn revoked(kind: RevokedKind, id: &Identity) -> Decision {
 /// of failing every request. The watcher re-syncs it every `revocation.reload`; the admin
 /// API updates it at once on the replica that took the call.
 pub struct RuntimeRevocations {
-    /// Members (`<kind>:<value>`, see `RUNTIME_INDEX`) of live entries, with their expiry.
-    members: ArcSwap<std::collections::HashMap<String, i64>>,
+    /// Members (`<kind>:<value>`, see `RUNTIME_INDEX`) of live entries, with their expiry,
+    /// and the scopes of scoped entries by value.
+    members: ArcSwap<Mirror>,
     /// The snapshot holds the store's entries: it was synced at least once (or nothing
     /// needs syncing). Until then every identity is refused: a replica that starts while an
     /// entry is in Redis must not accept the token it names.
@@ -526,6 +530,32 @@ pub struct RuntimeRevocations {
     /// time the replicas holding entries a store lost need to notice and write them back.
     /// Zero for a store no other replica shares.
     writeback_wait: Duration,
+}
+
+/// One snapshot of the runtime entries.
+#[derive(Default)]
+struct Mirror {
+    /// Member -> expiry.
+    members: HashMap<String, i64>,
+    /// For each value that scoped entries name, by its unscoped member (`<kind>:<value>`):
+    /// the issuers they are scoped to. A check looks here for an entry scoped to an issuer
+    /// the engine's config lacks, which then names every issuer's tokens.
+    scoped: HashMap<String, Vec<String>>,
+}
+
+impl Mirror {
+    fn new(members: HashMap<String, i64>) -> Self {
+        let mut scoped: HashMap<String, Vec<String>> = HashMap::new();
+        for member in members.keys() {
+            if let Some((kind, Some(issuer), value)) = RevokedKind::parse_member(member) {
+                scoped
+                    .entry(kind.member(None, value))
+                    .or_default()
+                    .push(issuer.to_string());
+            }
+        }
+        Self { members, scoped }
+    }
 }
 
 #[derive(Default)]
@@ -587,16 +617,23 @@ impl RuntimeRevocations {
     }
 
     /// The kind under which the identity is revoked, if any; a refusal while the store was
-    /// never read.
-    pub fn check(&self, id: &Identity) -> Result<(), Decision> {
+    /// never read. `issuers` are the issuer names of the config the check runs under (see
+    /// `issuer_names`).
+    ///
+    /// INVARIANT: an entry scoped to an issuer name that `issuers` lacks matches every
+    /// issuer's tokens. A config that renamed the issuer (a restart on it, or a reload that
+    /// removed the issuer and one that added it back under a new name) gives its tokens
+    /// another name: matching none would accept a revoked token again. The entry stays
+    /// that broad until it is deleted or its issuer's name is back.
+    pub fn check(&self, id: &Identity, issuers: &[String]) -> Result<(), Decision> {
         if !self.synced() {
             return Err(Decision::new(
                 ReasonCode::StateUnavailable,
                 "the runtime revocation list has not been read from shared state yet",
             ));
         }
-        let members = self.members.load();
-        if members.is_empty() {
+        let mirror = self.members.load();
+        if mirror.members.is_empty() {
             return Ok(());
         }
         let mut member = String::with_capacity(64);
@@ -604,11 +641,21 @@ impl RuntimeRevocations {
             let Some(value) = kind.of(id) else {
                 continue;
             };
-            for issuer in [None, Some(&*id.issuer_name)] {
-                kind.write_member(&mut member, issuer, value);
-                if members.contains_key(&member) {
-                    return Err(revoked(kind, id));
-                }
+            kind.write_member(&mut member, Some(&*id.issuer_name), value);
+            if mirror.members.contains_key(&member) {
+                return Err(revoked(kind, id));
+            }
+            kind.write_member(&mut member, None, value);
+            if mirror.members.contains_key(&member) {
+                return Err(revoked(kind, id));
+            }
+            // Scoped to an issuer this config does not have: every issuer's (see above).
+            if mirror
+                .scoped
+                .get(&member)
+                .is_some_and(|names| names.iter().any(|n| !issuers.contains(n)))
+            {
+                return Err(revoked(kind, id));
             }
         }
         Ok(())
@@ -667,7 +714,7 @@ impl RuntimeRevocations {
                 listed.iter().map(|(m, _)| m.clone()).collect();
             let held = self.members.load_full();
             let mut restored = 0usize;
-            for (member, expires_at) in held.iter() {
+            for (member, expires_at) in held.members.iter() {
                 if *expires_at > now && !present.contains(member) {
                     let kept = state.index_add(RUNTIME_INDEX, member, *expires_at).await?;
                     listed.push((member.clone(), kept));
@@ -717,7 +764,8 @@ impl RuntimeRevocations {
             }
         }
         let n = members.len();
-        self.members.store(std::sync::Arc::new(members));
+        self.members
+            .store(std::sync::Arc::new(Mirror::new(members)));
         if !hold {
             local.waiting = None;
             self.synced.store(true, Ordering::Release);
@@ -732,7 +780,7 @@ impl RuntimeRevocations {
         let n = local.next;
         local.next += 1;
         local.changes.push((n, member.to_string(), expires_at));
-        let mut next = (**self.members.load()).clone();
+        let mut next = self.members.load().members.clone();
         match expires_at {
             Some(e) => {
                 next.insert(member.to_string(), e);
@@ -741,11 +789,11 @@ impl RuntimeRevocations {
                 next.remove(member);
             }
         }
-        self.members.store(std::sync::Arc::new(next));
+        self.members.store(std::sync::Arc::new(Mirror::new(next)));
     }
 
     pub fn len(&self) -> usize {
-        self.members.load().len()
+        self.members.load().members.len()
     }
 
     /// The members in force here (`<kind>:<value>`, see `RUNTIME_INDEX`) with their expiry,
@@ -754,6 +802,7 @@ impl RuntimeRevocations {
         let mut members: Vec<(String, i64)> = self
             .members
             .load()
+            .members
             .iter()
             .map(|(m, e)| (m.clone(), *e))
             .collect();
@@ -761,12 +810,12 @@ impl RuntimeRevocations {
         members
     }
 
-    /// The issuers that scoped entries name.
     /// The scopes (`None`: every issuer) of this replica's entries for `kind` and `value`.
     pub fn scopes_of(&self, kind: RevokedKind, value: &str) -> Vec<Option<String>> {
         let mut scopes: Vec<Option<String>> = self
             .members
             .load()
+            .members
             .keys()
             .filter_map(|m| {
                 let (k, issuer, v) = RevokedKind::parse_member(m)?;
@@ -777,21 +826,24 @@ impl RuntimeRevocations {
         scopes
     }
 
+    /// The issuers that scoped entries name.
     pub fn scoped_issuers(&self) -> std::collections::BTreeSet<String> {
         self.members
             .load()
+            .members
             .keys()
             .filter_map(|m| RevokedKind::parse_member(m)?.1.map(str::to_string))
             .collect()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.members.load().is_empty()
+        self.members.load().members.is_empty()
     }
 
     /// The issuers that scoped entries name but `issuers` (this config's) lacks: such entries
-    /// revoke nothing here. Another replica may have added them under an issuer this one
-    /// no longer has (a rolling rename), so they are reported, not refused.
+    /// name every issuer's tokens here (see `check`). Another replica may have added them
+    /// under an issuer this one no longer has (a rolling rename), so they are reported, not
+    /// refused.
     pub fn unknown_issuers(&self, issuers: &[String]) -> std::collections::BTreeSet<String> {
         let mut named = self.scoped_issuers();
         named.retain(|n| !issuers.contains(n));
@@ -875,7 +927,7 @@ pub fn spawn_watcher(
                         let names = unknown.iter().cloned().collect::<Vec<_>>().join(", ");
                         tracing::warn!(
                             issuers = %names,
-                            "runtime revocations in shared state name issuers this config does not have, so they revoke nothing here (added by a replica on another config?); revoke again under the current issuer name, or remove them"
+                            "runtime revocations in shared state name issuers this config does not have (renamed or removed, or added by a replica on another config): until they are deleted they apply to every issuer's tokens here (fail closed); delete them (`DELETE /revocations?sub=...&issuer=<old name>`), after revoking again under the issuer's current name if still needed"
                         );
                     }
                     warned_unknown = unknown;
@@ -942,6 +994,12 @@ mod tests {
             key_alg: None,
             claims,
         }
+    }
+
+    /// The issuer names of the config the tests' mirrors check under (`id` makes tokens of
+    /// `dev`).
+    fn known() -> Vec<String> {
+        ["dev", "partner", "api-key"].map(String::from).to_vec()
     }
 
     const FILE: &str = r#"
@@ -1065,9 +1123,95 @@ revoked:
             &RevokedKind::Sub.member(Some("partner"), "alice"),
             Some(i64::MAX),
         );
-        assert!(mirror.check(&id(json!({"sub": "alice"}))).is_ok());
+        assert!(mirror.check(&id(json!({"sub": "alice"})), &known()).is_ok());
         assert_eq!(
-            mirror.check(&partner).map_err(|d| d.code),
+            mirror.check(&partner, &known()).map_err(|d| d.code),
+            Err(ReasonCode::Revoked)
+        );
+    }
+
+    /// An entry scoped to an issuer the config no longer has (renamed: a restart on the new
+    /// config, or a reload that removed it and one that added it back under another name)
+    /// names every issuer's tokens, not none: the revoked token must stay refused.
+    #[test]
+    fn a_runtime_entry_scoped_to_an_issuer_the_config_lacks_names_every_issuer() {
+        let mirror = RuntimeRevocations::default();
+        mirror.apply(
+            &RevokedKind::Sub.member(Some("dev"), "hank"),
+            Some(i64::MAX),
+        );
+        mirror.apply(
+            &RevokedKind::Jti.member(Some("gone"), "j-7"),
+            Some(i64::MAX),
+        );
+        let renamed = |claims| Identity {
+            issuer_name: Arc::from("dev-renamed"),
+            ..id(claims)
+        };
+        let now_named = ["dev-renamed".to_string(), "api-key".to_string()];
+        // `dev` is known: the entry names only `dev`'s tokens.
+        let with_dev = ["dev".to_string(), "dev-renamed".to_string()];
+        assert!(
+            mirror
+                .check(&renamed(json!({"sub": "hank"})), &with_dev)
+                .is_ok()
+        );
+        assert_eq!(
+            mirror
+                .check(&id(json!({"sub": "hank"})), &with_dev)
+                .map_err(|d| d.code),
+            Err(ReasonCode::Revoked)
+        );
+        // `dev` is gone: the renamed issuer's token of the same subject is refused.
+        assert_eq!(
+            mirror
+                .check(&renamed(json!({"sub": "hank"})), &now_named)
+                .map_err(|d| d.code),
+            Err(ReasonCode::Revoked)
+        );
+        assert_eq!(
+            mirror
+                .check(&renamed(json!({"sub": "ivy", "jti": "j-7"})), &now_named)
+                .map_err(|d| d.code),
+            Err(ReasonCode::Revoked),
+            "every kind"
+        );
+        assert!(
+            mirror
+                .check(&renamed(json!({"sub": "ivy", "jti": "j-8"})), &now_named)
+                .is_ok(),
+            "other values are not affected"
+        );
+        // Until deleted.
+        mirror.apply(&RevokedKind::Sub.member(Some("dev"), "hank"), None);
+        assert!(
+            mirror
+                .check(&renamed(json!({"sub": "hank"})), &now_named)
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_synced_entry_scoped_to_an_issuer_the_config_lacks_names_every_issuer() {
+        let store = crate::state::MemoryStore::new();
+        store
+            .index_add(
+                RUNTIME_INDEX,
+                &RevokedKind::Sub.member(Some("dev"), "hank"),
+                500,
+            )
+            .await
+            .unwrap();
+        let mirror = RuntimeRevocations::unsynced();
+        mirror.sync(&store, 100).await.unwrap();
+        let renamed = Identity {
+            issuer_name: Arc::from("dev-renamed"),
+            ..id(json!({"sub": "hank"}))
+        };
+        assert_eq!(
+            mirror
+                .check(&renamed, &["dev-renamed".to_string()])
+                .map_err(|d| d.code),
             Err(ReasonCode::Revoked)
         );
     }
@@ -1176,15 +1320,15 @@ revoked:
         let store = crate::state::MemoryStore::new();
         let mirror = RuntimeRevocations::default();
         let who = id(json!({"sub": "bob", "sid": "s-9"}));
-        assert!(mirror.check(&who).is_ok());
+        assert!(mirror.check(&who, &known()).is_ok());
         store
             .index_add(RUNTIME_INDEX, "sid:s-9", 160)
             .await
             .unwrap();
         // Not in force until synced (or applied by the admin API on this replica).
-        assert!(mirror.check(&who).is_ok());
+        assert!(mirror.check(&who, &known()).is_ok());
         assert_eq!(mirror.sync(&store, 100).await.unwrap(), 1);
-        let d = mirror.check(&who).unwrap_err();
+        let d = mirror.check(&who, &known()).unwrap_err();
         assert_eq!((d.code, d.http_status()), (ReasonCode::Revoked, 401));
         assert!(!d.detail.contains("s-9"), "the value is never echoed");
 
@@ -1195,15 +1339,21 @@ revoked:
                 .await
                 .is_err()
         );
-        assert_eq!(mirror.check(&who).unwrap_err().code, ReasonCode::Revoked);
+        assert_eq!(
+            mirror.check(&who, &known()).unwrap_err().code,
+            ReasonCode::Revoked
+        );
 
         // An expired entry disappears at the next sync; `apply` works at once.
         mirror.sync(&store, 160).await.unwrap();
-        assert!(mirror.check(&who).is_ok());
+        assert!(mirror.check(&who, &known()).is_ok());
         mirror.apply(&RevokedKind::Sub.member(None, "bob"), Some(i64::MAX));
-        assert_eq!(mirror.check(&who).unwrap_err().code, ReasonCode::Revoked);
+        assert_eq!(
+            mirror.check(&who, &known()).unwrap_err().code,
+            ReasonCode::Revoked
+        );
         mirror.apply(&RevokedKind::Sub.member(None, "bob"), None);
-        assert!(mirror.check(&who).is_ok());
+        assert!(mirror.check(&who, &known()).is_ok());
     }
 
     /// Redis came back empty and a replica restarted with it: the restarted one must not
@@ -1220,7 +1370,10 @@ revoked:
             .await
             .unwrap();
         holder.sync(&before, 100).await.unwrap();
-        assert_eq!(holder.check(&who).unwrap_err().code, ReasonCode::Revoked);
+        assert_eq!(
+            holder.check(&who, &known()).unwrap_err().code,
+            ReasonCode::Revoked
+        );
 
         // The store lost everything; a replica starts on it before the holder's next poll.
         let emptied = crate::state::MemoryStore::new();
@@ -1230,19 +1383,22 @@ revoked:
             ..RuntimeRevocations::unsynced()
         };
         assert_eq!(restarted.sync(&emptied, 200).await.unwrap(), 0);
-        let d = restarted.check(&who).unwrap_err();
+        let d = restarted.check(&who, &known()).unwrap_err();
         assert_eq!(d.code, ReasonCode::StateUnavailable, "{d:?}");
         // The holder's poll writes the entry back; the restarted replica still waits out
         // the time the others may need.
         holder.sync(&emptied, 200).await.unwrap();
         restarted.sync(&emptied, 200).await.unwrap();
         assert_eq!(
-            restarted.check(&who).unwrap_err().code,
+            restarted.check(&who, &known()).unwrap_err().code,
             ReasonCode::StateUnavailable
         );
         tokio::time::sleep(wait).await;
         restarted.sync(&emptied, 200).await.unwrap();
-        assert_eq!(restarted.check(&who).unwrap_err().code, ReasonCode::Revoked);
+        assert_eq!(
+            restarted.check(&who, &known()).unwrap_err().code,
+            ReasonCode::Revoked
+        );
 
         // A replica that starts long after the set was made trusts it at once.
         let later = RuntimeRevocations {
@@ -1250,7 +1406,10 @@ revoked:
             ..RuntimeRevocations::unsynced()
         };
         later.sync(&emptied, 200 + 3_600).await.unwrap();
-        assert_eq!(later.check(&who).unwrap_err().code, ReasonCode::Revoked);
+        assert_eq!(
+            later.check(&who, &known()).unwrap_err().code,
+            ReasonCode::Revoked
+        );
     }
 
     #[test]
@@ -1320,12 +1479,12 @@ revoked:
         store.index_list.release.notify_one();
         assert_eq!(sync.await.unwrap().unwrap(), 1);
         assert_eq!(
-            mirror.check(&bob).map_err(|d| d.code),
+            mirror.check(&bob, &known()).map_err(|d| d.code),
             Err(ReasonCode::Revoked),
             "the sync's older read undid a revocation made during it"
         );
         assert!(
-            mirror.check(&carol).is_ok(),
+            mirror.check(&carol, &known()).is_ok(),
             "the sync's older read undid a removal made during it"
         );
         // The next sync reads both changes from the store, and the local log is spent.
@@ -1337,7 +1496,10 @@ revoked:
         store.index_list.release.notify_one();
         assert_eq!(again.await.unwrap().unwrap(), 1);
         assert!(mirror.local().changes.is_empty());
-        assert_eq!(mirror.check(&bob).unwrap_err().code, ReasonCode::Revoked);
-        assert!(mirror.check(&carol).is_ok());
+        assert_eq!(
+            mirror.check(&bob, &known()).unwrap_err().code,
+            ReasonCode::Revoked
+        );
+        assert!(mirror.check(&carol, &known()).is_ok());
     }
 }

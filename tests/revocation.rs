@@ -711,3 +711,42 @@ async fn revoking_again_keeps_the_later_expiry() {
     let carol = mint(json!({"sub": "carol", "scope": "orders:read"}));
     assert_eq!(h.check(&carol).await, 401);
 }
+
+/// A runtime entry scoped to an issuer by a name the config no longer has (a restart with the
+/// issuer renamed, same Redis, same `iss`) names every issuer's tokens: the revoked token
+/// stays refused. It used to name none, and the token was accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_scoped_to_an_issuer_renamed_since_still_refuses_its_tokens() {
+    use portcullis::revocation::RevokedKind;
+    use portcullis::state::StateStore as _;
+    let redis = support::redis::RedisServer::start();
+    let store =
+        portcullis::state::RedisStore::new(&redis.url(), "p:", Duration::from_secs(1)).unwrap();
+    // Revoked with `{"sub": "hank", "issuer": "dev-old"}` while the issuer had that name;
+    // the config this replica starts on calls it `dev`.
+    let member = RevokedKind::Sub.member(Some("dev-old"), "hank");
+    store
+        .index_add("revoked:index", &member, now() + 600)
+        .await
+        .unwrap();
+    store
+        .index_add("revoked:index", OLD_MARKER, 253_402_300_799)
+        .await
+        .unwrap();
+    let state = format!(
+        "state: {{backend: redis, redis_url: '{}', key_prefix: 'p:', timeout: 200ms}}",
+        redis.url()
+    );
+    let h = Harness::start("100ms", &state, "revoked: []\n").await;
+    let (hank, ivy) = (mint(json!({"sub": "hank"})), mint(json!({"sub": "ivy"})));
+    assert_eq!(h.check(&hank).await, 401, "accepted again after the rename");
+    assert_eq!(h.check(&ivy).await, 200);
+    // Deleting the entry under the old name lifts it.
+    let http = reqwest::Client::new();
+    assert_eq!(
+        h.delete_revocation(&http, "sub=hank&issuer=dev-old").await,
+        204
+    );
+    assert_eq!(h.check(&hank).await, 200);
+    h.server.shutdown().await;
+}

@@ -354,7 +354,8 @@ pub async fn add(
     // In force on this replica at once; other replicas pick it up at their next sync.
     engine.runtime_revoked.apply(&member, Some(kept));
     // A reload that removed the issuer while this was written checked for entries naming
-    // it before this one existed: take the entry back (it would match nothing) and say so.
+    // it before this one existed: take the entry back (it would name every issuer's tokens,
+    // see `RuntimeRevocations::check`) and say so.
     if let Some(name) = issuer.as_deref()
         && !known_issuer(&state.engine.load(), name)
     {
