@@ -274,7 +274,9 @@ impl ApprovalEvent {
 pub struct AdminEvent {
     pub time: String,
     pub kind: &'static str,
-    /// `revocation_added`, `revocation_removed`, `refused`.
+    /// `revocation_added`, `revocation_removed`, `refused`; `revocation_add_unconfirmed`
+    /// and `revocation_remove_unconfirmed` for a change shared state did not confirm (a
+    /// timeout: it may have been applied, or be applied later), with `detail` saying so.
     pub event: &'static str,
     /// `revocations` or `approvals`.
     pub api: &'static str,

@@ -750,3 +750,76 @@ async fn a_revocation_scoped_to_an_issuer_renamed_since_still_refuses_its_tokens
     assert_eq!(h.check(&hank).await, 200);
     h.server.shutdown().await;
 }
+
+/// A DELETE (or POST) that Redis takes but answers too late (here paused by `CLIENT PAUSE`,
+/// which runs the queued command when it resumes) is answered 503 saying the outcome is
+/// unknown and how to find it out, not a plain "unavailable": the removal does land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_redis_answers_too_late_is_reported_as_unknown() {
+    let redis = support::redis::RedisServer::start();
+    let state = format!(
+        "state: {{backend: redis, redis_url: '{}', key_prefix: 'p:', timeout: 200ms}}",
+        redis.url()
+    );
+    let h = Harness::start("100ms", &state, "revoked: []\n").await;
+    let http = reqwest::Client::new();
+    let resp = h.post_revocation(&http, &json!({"sub": "pete"})).await;
+    assert_eq!(resp.status(), 201);
+    // Redis now holds the removal script (a first call sends only its digest, and would be
+    // answered "no such script" once Redis resumes).
+    assert_eq!(h.delete_revocation(&http, "sub=nobody").await, 404);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let paused: String = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(paused, "OK");
+    let (status, body) = h.delete_revocation_answer(&http, "sub=pete").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("outcome is unknown") && body.contains("GET /revocations"),
+        "{body}"
+    );
+    // Redis runs the queued removal when it resumes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = h.revocations(&http).await;
+        if list["runtime_from"].is_null() && list["runtime"] == json!([]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the removal never landed: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The same for an add.
+    let _: String = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let resp = h.post_revocation(&http, &json!({"sub": "quinn"})).await;
+    assert_eq!(resp.status(), 503);
+    let body = resp.text().await.unwrap();
+    assert!(
+        body.contains("outcome is unknown") && body.contains("POST again"),
+        "{body}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = h.revocations(&http).await;
+        if list["runtime_from"].is_null() && list["runtime"][0]["value"] == "quinn" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the add never landed: {list}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.server.shutdown().await;
+}

@@ -349,6 +349,17 @@ pub async fn add(
         .await
     {
         Ok(kept) => kept,
+        Err(e) if e.outcome_unknown() => {
+            // Fail closed here at once; the next sync takes the store's word for it.
+            engine.runtime_revoked.apply(&member, Some(expires_at));
+            let entry = json!({
+                "kind": kind.as_str(),
+                "issuer": issuer,
+                "value": value,
+                "expires_at": expires_at,
+            });
+            return unconfirmed(&engine, Change::Add, entry, &e);
+        }
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
     // In force on this replica at once; other replicas pick it up at their next sync.
@@ -468,8 +479,65 @@ pub async fn remove(
                 ),
             )
         }
+        // Not applied here: the entry stays in force on this replica until a sync reads
+        // that the store removed it.
+        Err(e) if e.outcome_unknown() => {
+            let entry = json!({"kind": kind.as_str(), "issuer": issuer, "value": value});
+            unconfirmed(&engine, Change::Remove, entry, &e)
+        }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
+}
+
+/// A change to the runtime revocations.
+#[derive(Clone, Copy)]
+enum Change {
+    Add,
+    Remove,
+}
+
+/// The answer to an add or remove that shared state did not confirm (a timeout: the command
+/// may still run, e.g. when a paused Redis resumes): 503 saying the outcome is unknown, and
+/// an audit line of the attempt (`event`: `revocation_add_unconfirmed` or
+/// `revocation_remove_unconfirmed`), since it may take effect on every replica. Both calls
+/// are idempotent, so repeating one is safe: an add keeps the later expiry, a remove of an
+/// entry already gone answers 404.
+fn unconfirmed(
+    engine: &Engine,
+    change: Change,
+    entry: serde_json::Value,
+    e: &crate::state::StateError,
+) -> Response {
+    let (event, what, retry) = match change {
+        Change::Add => (
+            "revocation_add_unconfirmed",
+            "added",
+            "send the same POST again (adding is idempotent: the later expiry is kept)",
+        ),
+        Change::Remove => (
+            "revocation_remove_unconfirmed",
+            "removed",
+            "send the same DELETE again (removing is idempotent: a 404 then means it is gone)",
+        ),
+    };
+    let detail = format!(
+        "{e}; the entry may have been {what} (now, or once shared state answers): the outcome \
+         is unknown"
+    );
+    tracing::warn!(
+        revocation.kind = entry["kind"].as_str(),
+        revocation.issuer = entry["issuer"].as_str(),
+        error = %e,
+        "revocation change sent to shared state but not confirmed: outcome unknown"
+    );
+    let mut audited = crate::audit::AdminEvent::new(event, "revocations", actor(engine));
+    audited.revocation = Some(entry);
+    audited.detail = Some(detail.clone());
+    engine.audit.record_admin(audited);
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("{detail}; check `GET /revocations`, or {retry}"),
+    )
 }
 
 #[cfg(test)]
@@ -620,6 +688,100 @@ mod tests {
             .unwrap();
         assert!(listed.is_empty(), "{listed:?}");
         assert!(mirror.scoped_issuers().is_empty());
+    }
+
+    /// A store that gets the change but answers too late (Redis paused by `CLIENT PAUSE`,
+    /// which runs the queued command when it resumes): the answer says the outcome is
+    /// unknown and how to find it out, and the attempt is audited. It used to answer a plain
+    /// 503 and audit nothing, while the change landed on every replica.
+    #[tokio::test]
+    async fn a_change_the_store_does_not_confirm_is_answered_unknown_and_audited() {
+        use crate::state::StateStore as _;
+        use crate::state::testing::TestStore;
+        let metrics = Arc::new(Metrics::new());
+        let captured = crate::audit::Captured::new();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/portcullis.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = Arc::new(crate::config::from_str(&text, &path).unwrap());
+        let keys = Arc::new(crate::server::key_store(&config, metrics.clone()));
+        let store = Arc::new(TestStore::default());
+        store
+            .index_land_then_time_out
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let engine = Engine::new(config, keys, store.clone(), metrics.clone())
+            .with_audit(captured.sink.clone());
+        let state = AdminState {
+            engine: Arc::new(arc_swap::ArcSwap::from_pointee(engine)),
+            metrics,
+            leaving: Arc::default(),
+            bound: "127.0.0.1:9192".parse().unwrap(),
+        };
+        let mut json = headers(Some("localhost:9192"));
+        json.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        let body_of = |r: Response| async move {
+            let bytes = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["error"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let added = add(
+            State(state.clone()),
+            json,
+            axum::body::Body::from(r#"{"sub": "pete"}"#),
+        )
+        .await;
+        assert_eq!(added.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let message = body_of(added).await;
+        assert!(
+            message.contains("outcome is unknown") && message.contains("GET /revocations"),
+            "{message}"
+        );
+        // It landed (as a paused Redis runs it later), and this replica refuses at once.
+        let listed = store
+            .inner
+            .index_list(RUNTIME_INDEX, unix_now())
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let mirror = state.engine.load().runtime_revoked.clone();
+        assert_eq!(mirror.len(), 1);
+        let removed = remove(
+            State(state.clone()),
+            headers(Some("localhost:9192")),
+            Query(HashMap::from([("sub".to_string(), "pete".to_string())])),
+        )
+        .await;
+        assert_eq!(removed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let message = body_of(removed).await;
+        assert!(
+            message.contains("outcome is unknown") && message.contains("DELETE again"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("pete"),
+            "the value is in the audit line, not the answer: {message}"
+        );
+        let text = captured.text();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["event"], "revocation_add_unconfirmed");
+        assert_eq!(lines[1]["event"], "revocation_remove_unconfirmed");
+        for line in &lines {
+            assert_eq!(line["kind"], "admin");
+            assert_eq!(line["actor"], "loopback");
+            assert_eq!(line["revocation"]["value"], "pete");
+            assert!(
+                line["detail"].as_str().unwrap().contains("unknown"),
+                "{line}"
+            );
+        }
     }
 
     #[test]

@@ -42,6 +42,12 @@ pub fn from_config(
 pub enum StateError {
     #[error("shared state is unavailable: {0}")]
     Unavailable(String),
+    /// The operation was sent, and no answer came (a timeout, or the connection dropped
+    /// while waiting): the store may still have applied it, or apply it later (a paused
+    /// Redis runs the queued command when it resumes). Reads and refusals treat it as
+    /// `Unavailable`; a write's caller must not report the write as not done.
+    #[error("shared state is unavailable: {0}")]
+    Unconfirmed(String),
     /// The key is for the operator's log (`StateError::corrupt` logs it), never for the
     /// message a client reads: it can hold a caller's issuer and subject.
     #[error("shared state holds an unexpected value")]
@@ -49,6 +55,12 @@ pub enum StateError {
 }
 
 impl StateError {
+    /// True when a write that failed with this error may still have been applied (see
+    /// `Unconfirmed`); false when the store surely did not apply it.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, StateError::Unconfirmed(_))
+    }
+
     /// A corrupt value at `key`, logged here with the key the client is never told.
     pub fn corrupt(key: &str) -> Self {
         tracing::error!(state.key = key, "shared state holds an unexpected value");
@@ -768,6 +780,9 @@ pub mod testing {
         pub rate_check: Gate,
         /// Held after the write, before `index_add` returns.
         pub index_add: Gate,
+        /// `index_add` and `index_remove` land, then report a timeout (`Unconfirmed`): a
+        /// paused Redis that runs the command after the caller gave up.
+        pub index_land_then_time_out: AtomicBool,
     }
 
     impl Default for TestStore {
@@ -782,6 +797,7 @@ pub mod testing {
                 index_list: Gate::open(),
                 rate_check: Gate::open(),
                 index_add: Gate::open(),
+                index_land_then_time_out: AtomicBool::new(false),
             }
         }
     }
@@ -791,6 +807,17 @@ pub mod testing {
         match prefixes.iter().any(|p| key.starts_with(p.as_str())) {
             true => Err(StateError::Unavailable(format!("{op} fails"))),
             false => Ok(()),
+        }
+    }
+
+    impl TestStore {
+        fn timed_out(&self) -> Result<(), StateError> {
+            match self.index_land_then_time_out.load(Ordering::SeqCst) {
+                true => Err(StateError::Unconfirmed(
+                    "redis did not answer in time".into(),
+                )),
+                false => Ok(()),
+            }
         }
     }
 
@@ -829,10 +856,13 @@ pub mod testing {
             }
             let added = self.inner.index_add(i, m, e).await;
             self.index_add.pass().await;
+            self.timed_out()?;
             added
         }
         async fn index_remove(&self, i: &str, m: &str, now: i64) -> Result<bool, StateError> {
-            self.inner.index_remove(i, m, now).await
+            let removed = self.inner.index_remove(i, m, now).await;
+            self.timed_out()?;
+            removed
         }
         async fn index_list(&self, i: &str, now: i64) -> Result<Vec<(String, i64)>, StateError> {
             let listed = self.inner.index_list(i, now).await;

@@ -267,10 +267,21 @@ impl RedisStore {
         Fut: std::future::Future<Output = Result<T, ::redis::RedisError>>,
     {
         let conn = self.connection().await?;
+        // Once sent, an operation that gets no answer may still run: a paused or slow Redis
+        // runs it when it gets to it. Such failures are `Unconfirmed`, so that a write's
+        // caller does not report it as not done.
         match tokio::time::timeout(self.timeout, op(conn)).await {
             Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.is_timeout() || e.is_connection_dropped() => {
+                Err(match redis_error(&e) {
+                    StateError::Unavailable(what) => StateError::Unconfirmed(what),
+                    other => other,
+                })
+            }
             Ok(Err(e)) => Err(redis_error(&e)),
-            Err(_) => Err(unavailable("redis did not answer in time")),
+            Err(_) => Err(StateError::Unconfirmed(
+                "redis did not answer in time".to_string(),
+            )),
         }
     }
 }
