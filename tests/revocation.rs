@@ -499,29 +499,41 @@ async fn a_broken_revocation_file_stops_the_start() {
 /// A generation marker of the revocation index made long ago (see `revocation.rs`).
 const OLD_MARKER: &str = "epoch:1000000000:test";
 
+/// The `state:` section for a Redis test server, keys under `p:`.
+fn redis_state(redis: &support::redis::RedisServer) -> String {
+    format!(
+        "state: {{backend: redis, redis_url: '{}', key_prefix: 'p:', timeout: 200ms}}",
+        redis.url()
+    )
+}
+
+/// Puts `entries` (member, expiry) in the runtime revocation index under a generation
+/// marker made long ago: the set did not just appear, so a replica need not wait for
+/// others to write back what a store lost.
+async fn seed(store: &portcullis::state::RedisStore, entries: &[(&str, i64)]) {
+    use portcullis::state::StateStore as _;
+    for (member, expires_at) in entries {
+        store
+            .index_add("revoked:index", member, *expires_at)
+            .await
+            .unwrap();
+    }
+    store
+        .index_add("revoked:index", OLD_MARKER, 253_402_300_799)
+        .await
+        .unwrap();
+}
+
 /// A replica that starts while a runtime revocation is in Redis refuses the token from its
 /// first request (it reads the entries before serving). One that starts while Redis is
 /// down refuses every credential (503) and reports not ready, until it has read them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_never_serves_before_it_has_read_the_runtime_revocations() {
-    use portcullis::state::StateStore as _;
     let mut redis = support::redis::RedisServer::start();
     let store =
         portcullis::state::RedisStore::new(&redis.url(), "p:", Duration::from_secs(1)).unwrap();
-    store
-        .index_add("revoked:index", "sub:alice", 9_999_999_999)
-        .await
-        .unwrap();
-    // The set's generation marker, made long ago: the set did not just appear, so the
-    // replica need not wait for others to write back what a store lost.
-    store
-        .index_add("revoked:index", OLD_MARKER, 253_402_300_799)
-        .await
-        .unwrap();
-    let state = format!(
-        "state: {{backend: redis, redis_url: '{}', key_prefix: 'p:', timeout: 200ms}}",
-        redis.url()
-    );
+    seed(&store, &[("sub:alice", 9_999_999_999)]).await;
+    let state = redis_state(&redis);
     let (alice, bob) = (mint(json!({"sub": "alice"})), mint(json!({"sub": "bob"})));
 
     // No sync for an hour but the one before serving: the first answer already knows.
@@ -611,10 +623,7 @@ async fn a_sync_reads_only_the_revocations_however_many_other_keys_share_redis()
     assert_eq!(mirror.sync(&store, now()).await, Ok(3));
     assert!(mirror.synced());
     // And a replica starting on that Redis reads them before its first answer.
-    let state = format!(
-        "state: {{backend: redis, redis_url: '{}', key_prefix: 'p:', timeout: 200ms}}",
-        redis.url()
-    );
+    let state = redis_state(&redis);
     let h = Harness::start("1h", &state, "revoked: []\n").await;
     assert_eq!(h.check(&mint(json!({"sub": "alice"}))).await, 401);
     assert_eq!(h.check(&mint(json!({"sub": "bob"}))).await, 200);
@@ -627,10 +636,7 @@ async fn a_sync_reads_only_the_revocations_however_many_other_keys_share_redis()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_survives_a_redis_that_restarts_empty() {
     let mut redis = support::redis::RedisServer::start();
-    let state = format!(
-        "state: {{backend: redis, redis_url: '{}', key_prefix: 'p:', timeout: 200ms}}",
-        redis.url()
-    );
+    let state = redis_state(&redis);
     let h = Harness::start("100ms", &state, "revoked: []\n").await;
     let http = reqwest::Client::new();
     let alice = mint(json!({"sub": "alice", "scope": "orders:read"}));
@@ -718,25 +724,14 @@ async fn revoking_again_keeps_the_later_expiry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_scoped_to_an_issuer_renamed_since_still_refuses_its_tokens() {
     use portcullis::revocation::RevokedKind;
-    use portcullis::state::StateStore as _;
     let redis = support::redis::RedisServer::start();
     let store =
         portcullis::state::RedisStore::new(&redis.url(), "p:", Duration::from_secs(1)).unwrap();
     // Revoked with `{"sub": "hank", "issuer": "dev-old"}` while the issuer had that name;
     // the config this replica starts on calls it `dev`.
     let member = RevokedKind::Sub.member(Some("dev-old"), "hank");
-    store
-        .index_add("revoked:index", &member, now() + 600)
-        .await
-        .unwrap();
-    store
-        .index_add("revoked:index", OLD_MARKER, 253_402_300_799)
-        .await
-        .unwrap();
-    let state = format!(
-        "state: {{backend: redis, redis_url: '{}', key_prefix: 'p:', timeout: 200ms}}",
-        redis.url()
-    );
+    seed(&store, &[(&member, now() + 600)]).await;
+    let state = redis_state(&redis);
     let h = Harness::start("100ms", &state, "revoked: []\n").await;
     let (hank, ivy) = (mint(json!({"sub": "hank"})), mint(json!({"sub": "ivy"})));
     assert_eq!(h.check(&hank).await, 401, "accepted again after the rename");
@@ -757,10 +752,7 @@ async fn a_revocation_scoped_to_an_issuer_renamed_since_still_refuses_its_tokens
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_redis_answers_too_late_is_reported_as_unknown() {
     let redis = support::redis::RedisServer::start();
-    let state = format!(
-        "state: {{backend: redis, redis_url: '{}', key_prefix: 'p:', timeout: 200ms}}",
-        redis.url()
-    );
+    let state = redis_state(&redis);
     let h = Harness::start("100ms", &state, "revoked: []\n").await;
     let http = reqwest::Client::new();
     let resp = h.post_revocation(&http, &json!({"sub": "pete"})).await;
