@@ -554,6 +554,26 @@ mod tests {
         h
     }
 
+    /// The admin API's state around `engine`, bound on loopback.
+    fn admin_state(engine: Engine, metrics: Arc<Metrics>) -> AdminState {
+        AdminState {
+            engine: Arc::new(arc_swap::ArcSwap::from_pointee(engine)),
+            metrics,
+            leaving: Arc::default(),
+            bound: "127.0.0.1:9192".parse().unwrap(),
+        }
+    }
+
+    /// A loopback `Host` and the JSON content type: what a POST needs to be served.
+    fn json_headers() -> HeaderMap {
+        let mut json = headers(Some("localhost:9192"));
+        json.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        json
+    }
+
     /// The audit log says who changed the runtime revocations, what they changed (the
     /// value too, so a lifted revocation can be told apart), and who was turned away (a
     /// refusal was not logged at all).
@@ -563,17 +583,8 @@ mod tests {
         let captured = crate::audit::Captured::new();
         let sink = captured.sink.clone();
         let engine = crate::engine::tests::shipped_engine("", &metrics).with_audit(sink.clone());
-        let state = AdminState {
-            engine: Arc::new(arc_swap::ArcSwap::from_pointee(engine)),
-            metrics,
-            leaving: Arc::default(),
-            bound: "127.0.0.1:9192".parse().unwrap(),
-        };
-        let mut json = headers(Some("localhost:9192"));
-        json.insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        );
+        let state = admin_state(engine, metrics);
+        let json = json_headers();
         let added = add(
             State(state.clone()),
             json.clone(),
@@ -659,19 +670,9 @@ mod tests {
         };
         let first = engine(&text);
         let mirror = first.runtime_revoked.clone();
-        let state = AdminState {
-            engine: Arc::new(arc_swap::ArcSwap::from_pointee(first)),
-            metrics: metrics.clone(),
-            leaving: Arc::default(),
-            bound: "127.0.0.1:9192".parse().unwrap(),
-        };
+        let state = admin_state(first, metrics.clone());
         let body = axum::body::Body::from(r#"{"sub": "mallory", "issuer": "dev"}"#);
-        let mut json = headers(Some("127.0.0.1:9192"));
-        json.insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        );
-        let adding = tokio::spawn(add(State(state.clone()), json, body));
+        let adding = tokio::spawn(add(State(state.clone()), json_headers(), body));
         store.index_add.reached.notified().await;
         let renamed = text.replace("  - name: dev\n", "  - name: corp\n");
         assert_ne!(renamed, text);
@@ -710,17 +711,8 @@ mod tests {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let engine = Engine::new(config, keys, store.clone(), metrics.clone())
             .with_audit(captured.sink.clone());
-        let state = AdminState {
-            engine: Arc::new(arc_swap::ArcSwap::from_pointee(engine)),
-            metrics,
-            leaving: Arc::default(),
-            bound: "127.0.0.1:9192".parse().unwrap(),
-        };
-        let mut json = headers(Some("localhost:9192"));
-        json.insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        );
+        let state = admin_state(engine, metrics);
+        let json = json_headers();
         let body_of = |r: Response| async move {
             let bytes = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
             serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["error"]
