@@ -113,6 +113,25 @@ routes:
         (resp.status().as_u16(), resp.text().await.unwrap())
     }
 
+    /// Waits (up to 10 s) until `GET /revocations` answers from shared state (no
+    /// `runtime_from` fallback) with a listing `done` accepts; `what` names the change.
+    async fn wait_listing(
+        &self,
+        http: &reqwest::Client,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let list = self.revocations(http).await;
+            if list["runtime_from"].is_null() && done(&list) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what} never landed: {list}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `GET /revocations` (no credential) as JSON.
     async fn revocations(&self, http: &reqwest::Client) -> Value {
         http.get(self.admin("/revocations"))
@@ -507,6 +526,19 @@ fn redis_state(redis: &support::redis::RedisServer) -> String {
     )
 }
 
+/// Pauses every client of the Redis behind `conn` for 1.5 s (`CLIENT PAUSE ... ALL`):
+/// commands sent meanwhile are queued and run when it resumes.
+async fn pause(conn: &mut redis::aio::MultiplexedConnection) {
+    let paused: String = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(conn)
+        .await
+        .unwrap();
+    assert_eq!(paused, "OK");
+}
+
 /// Puts `entries` (member, expiry) in the runtime revocation index under a generation
 /// marker made long ago: the set did not just appear, so a replica need not wait for
 /// others to write back what a store lost.
@@ -762,14 +794,7 @@ async fn a_change_redis_answers_too_late_is_reported_as_unknown() {
     assert_eq!(h.delete_revocation(&http, "sub=nobody").await, 404);
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let paused: String = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1500)
-        .arg("ALL")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(paused, "OK");
+    pause(&mut conn).await;
     let (status, body) = h.delete_revocation_answer(&http, "sub=pete").await;
     assert_eq!(status, 503, "{body}");
     assert!(
@@ -777,26 +802,10 @@ async fn a_change_redis_answers_too_late_is_reported_as_unknown() {
         "{body}"
     );
     // Redis runs the queued removal when it resumes.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let list = h.revocations(&http).await;
-        if list["runtime_from"].is_null() && list["runtime"] == json!([]) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the removal never landed: {list}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    h.wait_listing(&http, "the removal", |list| list["runtime"] == json!([]))
+        .await;
     // The same for an add.
-    let _: String = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1500)
-        .arg("ALL")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    pause(&mut conn).await;
     let resp = h.post_revocation(&http, &json!({"sub": "quinn"})).await;
     assert_eq!(resp.status(), 503);
     let body = resp.text().await.unwrap();
@@ -804,14 +813,9 @@ async fn a_change_redis_answers_too_late_is_reported_as_unknown() {
         body.contains("outcome is unknown") && body.contains("POST again"),
         "{body}"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let list = h.revocations(&http).await;
-        if list["runtime_from"].is_null() && list["runtime"][0]["value"] == "quinn" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the add never landed: {list}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    h.wait_listing(&http, "the add", |list| {
+        list["runtime"][0]["value"] == "quinn"
+    })
+    .await;
     h.server.shutdown().await;
 }
