@@ -299,9 +299,7 @@ impl Engine {
         };
         let identity = self.identity(&cred, now).await?;
         // A revoked approver must not approve anything.
-        self.revocations.check(&identity, now)?;
-        self.runtime_revoked
-            .check(&identity, self.revocations.issuers())?;
+        self.not_revoked(&identity, now)?;
         // Held to its bindings as on a Check: this API has no client certificate and takes
         // no DPoP proof, so a certificate- or DPoP-bound token (or one from an issuer that
         // requires either) is refused, never taken as a plain bearer token.
@@ -396,9 +394,7 @@ impl Engine {
         let cred = decide::extract_credential(&self.config, req)?;
         let keys = |issuer: &str| self.keys.get(issuer);
         let identity = decide::verify_credential(&self.config, &cred, &keys, now)?;
-        self.revocations.check(&identity, now)?;
-        self.runtime_revoked
-            .check(&identity, self.revocations.issuers())?;
+        self.not_revoked(&identity, now)?;
         decide::binding_checks(&self.config, req, &cred, &identity, now)?;
         Ok(identity)
     }
@@ -460,6 +456,15 @@ impl Engine {
         let keys = Arc::new(crate::server::key_store(&config, metrics.clone()));
         let state = Arc::new(crate::state::MemoryStore::new());
         Engine::new(config, keys, state, metrics).without_approval_webhook()
+    }
+
+    /// The revocation file's and the runtime list's refusal of `identity`, if any. Both
+    /// judge issuer scopes by this config's issuer names (`Revocations::issuers`): a runtime
+    /// entry scoped to a name the config lacks names every issuer's tokens.
+    fn not_revoked(&self, identity: &Identity, now: i64) -> Result<(), Decision> {
+        self.revocations.check(identity, now)?;
+        self.runtime_revoked
+            .check(identity, self.revocations.issuers())
     }
 
     /// Decides `req` at `now` for a given caller (`None`: no credential): the steps of
@@ -552,10 +557,7 @@ impl Engine {
             GivenCaller::Refused { deny, .. } => return Err(deny.clone()),
         };
         let refused = |deny: Decision| deny.with_identity(Some(identity.clone()));
-        self.revocations.check(identity, now).map_err(refused)?;
-        self.runtime_revoked
-            .check(identity, self.revocations.issuers())
-            .map_err(refused)?;
+        self.not_revoked(identity, now).map_err(refused)?;
         if identity.api_key_id().is_none() {
             decide::confirmation(identity).map_err(refused)?;
         }
@@ -661,9 +663,7 @@ impl Engine {
         identity: &Arc<Identity>,
         now: i64,
     ) -> Result<Option<String>, Decision> {
-        self.revocations.check(identity, now)?;
-        self.runtime_revoked
-            .check(identity, self.revocations.issuers())?;
+        self.not_revoked(identity, now)?;
         let guard = decide::binding_checks(&self.config, req, cred, identity, now)?;
         if let Some(guard) = guard {
             // A DPoP proof is single-use: the first request to record its `jti` wins, every

@@ -830,9 +830,10 @@ impl RuntimeRevocations {
     pub fn scoped_issuers(&self) -> std::collections::BTreeSet<String> {
         self.members
             .load()
-            .members
-            .keys()
-            .filter_map(|m| RevokedKind::parse_member(m)?.1.map(str::to_string))
+            .scoped
+            .values()
+            .flatten()
+            .cloned()
             .collect()
     }
 
