@@ -194,7 +194,14 @@ pub async fn list(State(state): State<AdminState>, headers: HeaderMap) -> Respon
         .entries()
         .into_iter()
         .map(|(k, issuer, v, e)| {
-            json!({ "kind": k.as_str(), "issuer": issuer, "value": v, "expires_at": e })
+            let every_issuer = issuer.is_none();
+            json!({
+                "kind": k.as_str(),
+                "issuer": issuer,
+                "value": v,
+                "expires_at": e,
+                "every_issuer": every_issuer,
+            })
         })
         .collect();
     let listed = |members: &[(String, i64)]| -> Vec<serde_json::Value> {
@@ -202,12 +209,23 @@ pub async fn list(State(state): State<AdminState>, headers: HeaderMap) -> Respon
             .iter()
             .filter_map(|(member, expires_at)| {
                 let (kind, issuer, value) = RevokedKind::parse_member(member)?;
-                Some(json!({
+                // An entry scoped to an issuer this config lacks names every issuer's tokens
+                // here (fail closed, see `Mirror`): the listing says so.
+                let unknown = issuer.is_some_and(|name| !known_issuer(&engine, name));
+                let mut entry = json!({
                     "kind": kind.as_str(),
                     "issuer": issuer,
                     "value": value,
                     "expires_at": expires_at,
-                }))
+                    "every_issuer": issuer.is_none() || unknown,
+                });
+                if unknown {
+                    entry["note"] = json!(
+                        "this config has no issuer of that name, so the entry applies to every \
+                         issuer's tokens until it is deleted"
+                    );
+                }
+                Some(entry)
             })
             .collect()
     };
@@ -627,6 +645,52 @@ mod tests {
             lines[2]["detail"].as_str().unwrap().contains("loopback"),
             "{}",
             lines[2]
+        );
+    }
+
+    /// An entry scoped to an issuer the config lacks names every issuer's tokens here: the
+    /// listing says which entries apply to every issuer, and why for that one (it used to
+    /// look like an entry scoped to a single issuer).
+    #[tokio::test]
+    async fn the_listing_marks_entries_that_apply_to_every_issuer() {
+        let metrics = Arc::new(Metrics::new());
+        let engine = crate::engine::tests::shipped_engine("", &metrics);
+        let far = unix_now() + 3600;
+        for member in [
+            RevokedKind::Sub.member(None, "ann"),
+            RevokedKind::Sub.member(Some("dev"), "bob"),
+            RevokedKind::Sub.member(Some("corp-old"), "cy"),
+        ] {
+            engine
+                .state
+                .index_add(RUNTIME_INDEX, &member, far)
+                .await
+                .unwrap();
+        }
+        let state = admin_state(engine, metrics);
+        let response = list(State(state), headers(Some("127.0.0.1:9192"))).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let runtime = body["runtime"].as_array().unwrap();
+        let by_value = |v: &str| {
+            runtime
+                .iter()
+                .find(|e| e["value"] == v)
+                .unwrap_or_else(|| panic!("{v} not listed: {body}"))
+        };
+        assert_eq!(by_value("ann")["every_issuer"], true);
+        assert!(by_value("ann").get("note").is_none());
+        assert_eq!(by_value("bob")["every_issuer"], false);
+        assert!(by_value("bob").get("note").is_none());
+        let cy = by_value("cy");
+        assert_eq!(cy["issuer"], "corp-old");
+        assert_eq!(cy["every_issuer"], true);
+        assert!(
+            cy["note"].as_str().unwrap().contains("every issuer"),
+            "{cy}"
         );
     }
 
