@@ -169,7 +169,7 @@ pub enum CliError {
 pub fn check(path: &Path, strict: bool) -> Result<String, CliError> {
     let config = config::load(path)?;
     // Local key files are part of the config: load them now rather than at first request.
-    for issuer in &config.issuers {
+    for (i, issuer) in config.issuers.iter().enumerate() {
         if let Some(file) = &issuer.keys.file {
             let bytes = std::fs::read(file).map_err(|error| CliError::Read {
                 path: file.clone(),
@@ -179,19 +179,17 @@ pub fn check(path: &Path, strict: bool) -> Result<String, CliError> {
             let max = issuer.keys.max_bytes.get();
             if bytes.len() as u64 > max {
                 return Err(CliError::Keys(format!(
-                    "{}: issuers[{}].keys.file: `{}` is {} bytes, over `keys.max_bytes` ({max}); \
+                    "{}: issuers[{i}].keys.file: `{}` is {} bytes, over `keys.max_bytes` ({max}); \
                      raise `max_bytes` (e.g. `1MiB`)",
                     path.display(),
-                    issuer.name,
                     file.display(),
                     bytes.len()
                 )));
             }
             KeySet::from_jwks(&bytes, KeyOrigin::LocalFile).map_err(|e| {
                 CliError::Keys(format!(
-                    "{}: issuers[{}].keys.file: `{}`: {e}",
+                    "{}: issuers[{i}].keys.file: `{}`: {e}",
                     path.display(),
-                    issuer.name,
                     file.display()
                 ))
             })?;

@@ -567,7 +567,7 @@ fn check_refuses_a_key_file_over_its_max_bytes() {
     let (code, out) = portcullis(&["check", "--config", "p.yaml"], dir.path());
     assert_eq!(code, Some(2), "{out}");
     assert!(
-        out.contains("issuers[dev].keys.file") && out.contains("over `keys.max_bytes` (10)"),
+        out.contains("issuers[0].keys.file") && out.contains("over `keys.max_bytes` (10)"),
         "{out}"
     );
     write("512KiB");
