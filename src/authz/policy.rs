@@ -5,8 +5,9 @@
 //! path's segment list and the captured parameter values. Pure: no I/O, no clock, no logging.
 //!
 //! Matching, and why:
-//! - Hosts: case-insensitive, port and trailing dot ignored; `*.example.com` matches one or more
-//!   labels below `example.com` (never `example.com` itself); no hosts = any host.
+//! - Hosts: case-insensitive, port ignored; `*.example.com` matches one or more labels below
+//!   `example.com` (never `example.com` itself); no hosts = any host. Once a route has hosts, a
+//!   request host ending in a dot is refused: Envoy strips one, then routes by what is left.
 //! - Methods: exact and case-sensitive (`get` is not `GET`); HEAD is not implied by GET.
 //! - Templates: literal segments, `{name}` (one non-empty segment, captured), `*` (one non-empty
 //!   segment), and a trailing `/**` matching zero or more further segments. `/admin/**` DOES
@@ -329,7 +330,7 @@ pub fn normalize_host(raw: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Whether `raw` (port and trailing dot aside) is a host both Envoy and Portcullis read
+/// Whether `raw` (port aside) is a host both Envoy and Portcullis read
 /// the same way: DNS labels, or a bracketed IPv6 address in its canonical form. Envoy picks
 /// a virtual host by plain string matching: its `*.internal.example.com` takes
 /// `x..internal.example.com` or `a@b.internal.example.com`, which are no DNS names and so
@@ -340,7 +341,17 @@ pub fn normalize_host(raw: &str) -> std::borrow::Cow<'_, str> {
 ///
 /// On success, the host as `normalize_host` gives it.
 fn plain_host(raw: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
-    let host = without_port(raw);
+    let host = strip_port(raw);
+    // Envoy picks the virtual host by the spelling it forwards, after its own
+    // `strip_trailing_host_dot` (one dot). A host still ending in a dot (`a.example.com..`
+    // sent, or no strip configured) is no virtual host's `a.example.com`: Envoy serves it
+    // from another one, so it cannot be decided as `a.example.com` here.
+    if host.ends_with('.') {
+        return Err(
+            "it ends in a dot (set Envoy's `strip_trailing_host_dot: true`, which \
+                    removes one; a host that still ends in one is refused)",
+        );
+    }
     if host.starts_with('[') {
         return match canonical_ipv6(host) {
             Some(c) if c == host => Ok(std::borrow::Cow::Borrowed(host)),
@@ -367,7 +378,14 @@ fn canonical_ipv6(host: &str) -> Option<String> {
 
 /// The host without port or trailing dot.
 fn without_port(raw: &str) -> &str {
-    let host = if raw.starts_with('[') {
+    let host = strip_port(raw);
+    host.strip_suffix('.').unwrap_or(host)
+}
+
+/// The host without its port (`a.b:80` -> `a.b`, `[::1]:80` -> `[::1]`); anything that is not
+/// a port after the host is kept, so the result matches no host.
+fn strip_port(raw: &str) -> &str {
+    if raw.starts_with('[') {
         match raw.find(']') {
             Some(end) => {
                 let rest = &raw[end + 1..];
@@ -385,8 +403,7 @@ fn without_port(raw: &str) -> &str {
             Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
             _ => raw,
         }
-    };
-    host.strip_suffix('.').unwrap_or(host)
+    }
 }
 
 /// A claim test of a rule.
