@@ -622,7 +622,7 @@ fn after_scheme<'r>(value: &'r str, scheme: &str) -> Option<&'r str> {
 
 /// True when the query string carries a token parameter (any case of its name, encoded or not).
 fn query_has_token(path: &str) -> bool {
-    any_query_name(path, |name| {
+    crate::authz::path::any_query_name(path, |name| {
         QUERY_TOKEN_PARAMS
             .iter()
             .any(|p| name.eq_ignore_ascii_case(p))
@@ -633,54 +633,10 @@ fn query_has_token(path: &str) -> bool {
 /// not), including one named like the key header.
 fn query_has_api_key(path: &str, header: &str) -> bool {
     let header = header.replace('_', "-");
-    any_query_name(path, |name| {
+    crate::authz::path::any_query_name(path, |name| {
         let name = name.to_ascii_lowercase().replace('_', "-");
         name == header || QUERY_API_KEY_PARAMS.contains(&name.as_str())
     })
-}
-
-/// True when `pred` holds for a parameter name of the query string, read as the most lenient
-/// upstream would: pairs split on `&` and on `;` (Rack 2, Go before 1.17, older Python), the
-/// name percent-decoded (and split again, for a parser that decodes first), then both trimmed
-/// and cut at `[` (`api_key[]`, `access_token[0]`: PHP's and Rack's arrays), and as PHP
-/// spells it (`php_name`: `access.token` and `access token` are its `access_token`).
-fn any_query_name(path: &str, mut pred: impl FnMut(&str) -> bool) -> bool {
-    let Some((_, query)) = path.split_once('?') else {
-        return false;
-    };
-    let query = query.split('#').next().unwrap_or_default();
-    query.split(['&', ';']).any(|pair| {
-        let name = pair.split('=').next().unwrap_or_default();
-        let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
-        decoded.split(['&', ';']).any(|part| {
-            let name = part.split('[').next().unwrap_or_default().trim();
-            if !name.is_empty() && pred(name) {
-                return true;
-            }
-            let php = php_name(part);
-            !php.is_empty() && php != name && pred(&php)
-        })
-    })
-}
-
-/// A query parameter's name as PHP reads it into `$_GET`: leading spaces dropped, `.` and
-/// spaces (a `+` in the query is one) made `_`, a `[` with a `]` after it the start of an
-/// array index (cut there), a `[` without one made `_` (and the rest kept as it is). So
-/// `access.token`, `access+token` and `access[token` all reach a PHP upstream as
-/// `access_token`. Also made `_` here, to err towards refusing: every `.`, space and `+`
-/// after that `[`, which PHP keeps.
-fn php_name(raw: &str) -> String {
-    let raw = raw.trim_start_matches([' ', '+']);
-    let mut out = String::with_capacity(raw.len());
-    for (i, c) in raw.char_indices() {
-        match c {
-            '.' | ' ' | '+' => out.push('_'),
-            '[' if raw[i..].contains(']') => break,
-            '[' => out.push('_'),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// Verifies a credential found in the API key header. `None` when the credential came from

@@ -70,6 +70,11 @@ pub enum PathError {
     NonAscii,
     #[error("the path contains a character that must be percent-encoded")]
     Unencoded,
+    #[error(
+        "the query names `_method`, which frameworks (Laravel, Symfony) take as the request's \
+         method: send the method itself"
+    )]
+    MethodOverride,
 }
 
 /// The cleaned path: decoded segments. `/` is no segments; a trailing `/` adds one final
@@ -96,6 +101,11 @@ pub fn clean(raw: &str) -> Result<Segments<'_>, PathError> {
         return Err(PathError::Fragment);
     }
     let (path, _query) = split_query(raw);
+    // Authorized as the request's own method, a `POST` must not become the `DELETE` its
+    // query asks an upstream framework for (its header forms are removed by Envoy).
+    if raw.contains('?') && any_query_name(raw, |name| name.eq_ignore_ascii_case("_method")) {
+        return Err(PathError::MethodOverride);
+    }
     let Some(rest) = path.strip_prefix('/') else {
         return Err(PathError::NotAbsolute);
     };
@@ -201,6 +211,50 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
+/// True when `pred` holds for a parameter name of the query string, read as the most lenient
+/// upstream would: pairs split on `&` and on `;` (Rack 2, Go before 1.17, older Python), the
+/// name percent-decoded (and split again, for a parser that decodes first), then both trimmed
+/// and cut at `[` (`api_key[]`, `access_token[0]`: PHP's and Rack's arrays), and as PHP
+/// spells it (`php_name`: `access.token` and `access token` are its `access_token`).
+pub fn any_query_name(path: &str, mut pred: impl FnMut(&str) -> bool) -> bool {
+    let Some((_, query)) = path.split_once('?') else {
+        return false;
+    };
+    let query = query.split('#').next().unwrap_or_default();
+    query.split(['&', ';']).any(|pair| {
+        let name = pair.split('=').next().unwrap_or_default();
+        let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+        decoded.split(['&', ';']).any(|part| {
+            let name = part.split('[').next().unwrap_or_default().trim();
+            if !name.is_empty() && pred(name) {
+                return true;
+            }
+            let php = php_name(part);
+            !php.is_empty() && php != name && pred(&php)
+        })
+    })
+}
+
+/// A query parameter's name as PHP reads it into `$_GET`: leading spaces dropped, `.` and
+/// spaces (a `+` in the query is one) made `_`, a `[` with a `]` after it the start of an
+/// array index (cut there), a `[` without one made `_` (and the rest kept as it is). So
+/// `access.token`, `access+token` and `access[token` all reach a PHP upstream as
+/// `access_token`. Also made `_` here, to err towards refusing: every `.`, space and `+`
+/// after that `[`, which PHP keeps.
+fn php_name(raw: &str) -> String {
+    let raw = raw.trim_start_matches([' ', '+']);
+    let mut out = String::with_capacity(raw.len());
+    for (i, c) in raw.char_indices() {
+        match c {
+            '.' | ' ' | '+' => out.push('_'),
+            '[' if raw[i..].contains(']') => break,
+            '[' => out.push('_'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +324,17 @@ mod tests {
         bad("/admin\u{0}", PathError::ControlChar);
         bad("/admin\t", PathError::ControlChar);
         bad("/adm\u{e9}n", PathError::NonAscii);
+    }
+
+    #[test]
+    fn a_method_override_in_the_query_is_rejected() {
+        bad("/orders?_method=DELETE", PathError::MethodOverride);
+        bad("/orders?a=1;_METHOD=PUT", PathError::MethodOverride);
+        bad("/orders?%5fmethod=PUT", PathError::MethodOverride);
+        bad("/orders?_method[]=PUT", PathError::MethodOverride);
+        bad("/orders?+_method=PUT", PathError::MethodOverride);
+        assert!(clean("/orders?http_method=x&filter[_method]=y&method=z").is_ok());
+        assert!(clean("/orders").is_ok());
     }
 
     #[test]

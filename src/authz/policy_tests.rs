@@ -239,7 +239,11 @@ fn host_specificity_and_normalization() {
     // and serves it from the virtual host of that spelling, not `api.example.com`'s: a host
     // still ending in a dot is refused, never decided as `api.example.com` (a public route
     // there let it reach another virtual host's upstream).
-    for dotted in ["api.example.com.", "API.example.com.:80", "web.example.com."] {
+    for dotted in [
+        "api.example.com.",
+        "API.example.com.:80",
+        "web.example.com.",
+    ] {
         assert_eq!(route(&p, "GET", dotted, "/x"), "path_rejected", "{dotted}");
     }
     assert_eq!(route(&p, "GET", "web.example.com", "/x"), "wild");
