@@ -340,6 +340,19 @@ async fn client_sent_identity_headers_never_reach_the_upstream() {
             ("x-forwarded-prefix", "/admin"),
             ("x-forwarded-port", "8443"),
             ("x-portcullis-source-address", "10.0.0.1"),
+            ("x-override-method", "DELETE"),
+            ("x-original-uri", "/admin/users"),
+            ("x-forwarded-path", "/admin/users"),
+            ("x-forwarded-scheme", "https"),
+            ("x-forwarded-ssl", "on"),
+            ("x-original-host", "admin.internal"),
+            ("x-host", "admin.internal"),
+            ("x-forwarded-server", "admin.internal"),
+            ("true-client-ip", "10.0.0.1"),
+            ("x-client-ip", "10.0.0.1"),
+            ("cf-connecting-ip", "10.0.0.1"),
+            ("fastly-client-ip", "10.0.0.1"),
+            ("x-cluster-client-ip", "10.0.0.1"),
         ];
         let answer = stack
             .send(

@@ -60,20 +60,33 @@ fn envoy_validate(file: &Path) {
 /// Headers some frameworks honour in place of the request's method, path or host, or to
 /// build the URL they hand the application; and Portcullis's own client-address header,
 /// which an upstream reading it must not get from the client.
-const OVERRIDE_HEADERS: [&str; 14] = [
+const OVERRIDE_HEADERS: [&str; 27] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+    "x-override-method",
     "x-original-url",
     "x-rewrite-url",
     "x-original-method",
     "x-forwarded-method",
     "x-forwarded-uri",
+    "x-original-uri",
+    "x-forwarded-path",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-original-host",
+    "x-host",
+    "x-forwarded-server",
     "x-forwarded-host",
     "forwarded",
     "x-forwarded-prefix",
     "x-forwarded-port",
     "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
     "x-portcullis-source-address",
 ];
 
