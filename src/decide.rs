@@ -416,22 +416,66 @@ fn dpop_deny(
     detail: impl Into<std::borrow::Cow<'static, str>>,
 ) -> Decision {
     let d = Decision::new(code, detail);
+    let error = match code {
+        ReasonCode::InvalidDpopProof => "invalid_dpop_proof",
+        ReasonCode::UseDpopNonce => "use_dpop_nonce",
+        _ => "invalid_token",
+    };
+    let challenge = dpop_challenge(issuer, error, &d.detail);
+    d.with_header("www-authenticate", challenge)
+}
+
+/// The `DPoP` challenge (RFC 9449 7.1) with `issuer`'s proof algorithms.
+fn dpop_challenge(issuer: &CompiledIssuer, error: &str, detail: &str) -> String {
     let algs: Vec<String> = issuer
         .dpop
         .algorithms
         .iter()
         .map(|a| format!("{a:?}"))
         .collect();
-    let error = match code {
-        ReasonCode::InvalidDpopProof => "invalid_dpop_proof",
-        ReasonCode::UseDpopNonce => "use_dpop_nonce",
-        _ => "invalid_token",
-    };
-    let challenge = format!(
+    format!(
         "DPoP algs=\"{}\", error=\"{error}\", error_description=\"{}\"",
         algs.join(" "),
-        crate::authz::decision::challenge_text(&d.detail)
-    );
+        crate::authz::decision::challenge_text(detail)
+    )
+}
+
+/// A deny of a request whose token came with the `DPoP` scheme, challenged in that scheme
+/// (RFC 9449 7.1) rather than as `Bearer`, which the client did not use: an invalid or
+/// expired token is `invalid_token`, a grant it lacks `insufficient_scope`. Denies that carry
+/// their own challenge (a proof's, a binding's) keep it; others (429, 503) get none. The
+/// algorithms are those of the verifying issuer, else of the first issuer taking DPoP on
+/// the credential's header.
+pub fn dpop_scheme_challenge(config: &Config, cred: &Credential<'_>, d: Decision) -> Decision {
+    if !cred.dpop
+        || d.is_allow()
+        || d.response_headers
+            .iter()
+            .any(|(name, _)| name == "www-authenticate")
+    {
+        return d;
+    }
+    let error = match d.code {
+        _ if d.http_status() == 401 => "invalid_token",
+        ReasonCode::InsufficientScope | ReasonCode::ResourceMismatch => "insufficient_scope",
+        _ => return d,
+    };
+    let verifying = d
+        .identity
+        .as_deref()
+        .and_then(|id| config.issuers.iter().find(|i| i.name == id.issuer_name));
+    let issuer = verifying
+        .or_else(|| {
+            config
+                .issuers
+                .iter()
+                .find(|i| i.header == cred.header && i.dpop.mode != DpopMode::Disabled)
+        })
+        .filter(|i| i.dpop.mode != DpopMode::Disabled);
+    let Some(issuer) = issuer else {
+        return d;
+    };
+    let challenge = dpop_challenge(issuer, error, &d.detail);
     d.with_header("www-authenticate", challenge)
 }
 

@@ -424,22 +424,24 @@ impl Engine {
                 return self.without_credential(req, &m, deny, now).await;
             }
         };
+        // A client that sent its token with the DPoP scheme is challenged in that scheme.
+        let challenged = |d: Decision| decide::dpop_scheme_challenge(&self.config, &cred, d);
         let identity = match self.identity(&cred, now).await {
             Ok(id) => id,
             Err(deny) => {
                 note(&|| Err(deny.clone()));
-                return deny.with_route(route);
+                return challenged(deny.with_route(route));
             }
         };
         let next_nonce = match self.identity_checks(req, &cred, &identity, now).await {
             Ok(next_nonce) => next_nonce,
             Err(deny) => {
                 note(&|| Err(deny.clone()));
-                return deny.with_route(route).with_identity(Some(identity.clone()));
+                return challenged(deny.with_route(route).with_identity(Some(identity.clone())));
             }
         };
         note(&|| Ok(identity.clone()));
-        let decision = self.grant(req, &m, &identity, now).await;
+        let decision = challenged(self.grant(req, &m, &identity, now).await);
         // The client's DPoP nonce is about to expire: hand it the next one, allowed or not.
         match next_nonce {
             Some(nonce) => decision.with_header(decide::DPOP_NONCE_HEADER, nonce),

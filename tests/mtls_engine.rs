@@ -457,3 +457,82 @@ async fn a_dpop_proof_cannot_be_replayed_at_the_edge_of_its_window() {
     let replay = check_at(&e, &auth, Some(&ahead), NOW + 2).await;
     assert_eq!(replay.code.as_str(), "invalid_dpop_proof", "{replay:?}");
 }
+
+/// The `WWW-Authenticate` values a decision carries itself.
+fn own_challenges(d: &Decision) -> Vec<String> {
+    d.response_headers
+        .iter()
+        .filter(|(n, _)| n == "www-authenticate")
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// A client that sent its token with the DPoP scheme is challenged in that scheme (RFC 9449
+/// 7.1) when the token itself is refused (expired, unreadable) or grants too little: it was
+/// told `Bearer ...`, a scheme it did not use, while proof errors already said `DPoP`.
+#[tokio::test]
+async fn a_dpop_client_is_challenged_in_the_dpop_scheme() {
+    let (e, _) = engine_for("optional", Arc::new(MemoryStore::new())).await;
+    let (jwk, jkt) = ec_jwk();
+    let t = token(&jkt);
+    let auth = format!("DPoP {t}");
+
+    let expired = check_at(&e, &auth, Some(&proof(&jwk, &t, "late")), NOW + 3600).await;
+    assert_eq!(
+        (expired.code.as_str(), expired.http_status()),
+        ("invalid_token", 401)
+    );
+    let found = own_challenges(&expired);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("DPoP algs=\"") && found[0].contains("error=\"invalid_token\""),
+        "{found:?}"
+    );
+
+    let garbage = check(&e, "DPoP not.a.token", None).await;
+    assert_eq!(garbage.http_status(), 401, "{garbage:?}");
+    let found = own_challenges(&garbage);
+    assert!(
+        found.len() == 1 && found[0].starts_with("DPoP ") && found[0].contains("invalid_token"),
+        "{found:?}"
+    );
+
+    // A route whose rule needs a scope the token lacks: 403, `insufficient_scope`, in DPoP.
+    let text = config_text("optional").replace(
+        "rules: [{id: any, issuers: [fixtures]}]",
+        "rules: [{id: readers, scopes: [things:read]}]",
+    );
+    let config = portcullis::config::from_str(&text, Path::new("mem.yaml")).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let keys = Arc::new(portcullis::server::key_store(&config, metrics.clone()));
+    keys.start().await;
+    let scoped = Engine::new(
+        Arc::new(config),
+        keys,
+        Arc::new(MemoryStore::new()),
+        metrics,
+    );
+    let narrow = check(&scoped, &auth, Some(&proof(&jwk, &t, "scope"))).await;
+    assert_eq!(
+        (narrow.code.as_str(), narrow.http_status()),
+        ("insufficient_scope", 403)
+    );
+    let found = own_challenges(&narrow);
+    assert!(
+        found.len() == 1
+            && found[0].starts_with("DPoP ")
+            && found[0].contains("error=\"insufficient_scope\""),
+        "{found:?}"
+    );
+
+    // A deny of a token sent as a Bearer one gets no DPoP challenge added (the server's
+    // default `Bearer` one is its answer).
+    let unbound = token_with(json!({}));
+    let bearer = check_at(&e, &format!("Bearer {unbound}"), None, NOW + 3600).await;
+    assert!(
+        own_challenges(&bearer)
+            .iter()
+            .all(|c| !c.starts_with("DPoP")),
+        "{bearer:?}"
+    );
+}
