@@ -276,7 +276,16 @@ async fn a_json_body_without_the_json_content_type_is_told_what_is_missing() {
             .contains("content-type: application/json"),
         "{body}"
     );
-    let long = json!({"jti": "a".repeat(1025)});
+}
+
+/// A value is refused only past what a token can carry: no claim is longer than the longest
+/// token taken (`tokens.max_bytes`, 8192 here). A 1500-byte `sub` was refused (the cap was
+/// 1024 bytes), so only the file, one replica at a time, could revoke such a token.
+#[tokio::test]
+async fn a_revoked_value_may_be_as_long_as_a_token_allows() {
+    let h = Harness::start("1h", "", "revoked: []").await;
+    let http = reqwest::Client::new();
+    let long = json!({"jti": "a".repeat(8193)});
     let resp = h.post_revocation(&http, &long).await;
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
@@ -284,10 +293,15 @@ async fn a_json_body_without_the_json_content_type_is_told_what_is_missing() {
         body["error"]
             .as_str()
             .unwrap()
-            .contains("at most 1024 bytes"),
+            .contains("at most 8192 bytes (`tokens.max_bytes`)"),
         "{body}"
     );
     assert_eq!(h.revocations(&http).await["runtime"], json!([]));
+    let sub = "L".repeat(1500);
+    let resp = h.post_revocation(&http, &json!({"sub": sub})).await;
+    assert_eq!(resp.status(), 201);
+    let listed = h.revocations(&http).await;
+    assert_eq!(listed["runtime"][0]["value"], sub.as_str(), "{listed}");
 }
 
 #[tokio::test]

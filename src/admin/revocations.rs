@@ -30,8 +30,11 @@ use crate::revocation::{RUNTIME_INDEX, RevokedKind, parse_time};
 
 /// The longest a runtime entry may live: far past any sane token lifetime.
 const MAX_TTL_SECS: i64 = 400 * 24 * 3600;
-/// Bounds of a revoked value.
-const MAX_VALUE_BYTES: usize = 1024;
+/// The longest revoked value: a claim is never longer than the longest token taken
+/// (`tokens.max_bytes`), so any `jti`, `sid` or `sub` a token can carry can be revoked.
+fn max_value_bytes(engine: &Engine) -> usize {
+    engine.config.file.tokens.max_bytes
+}
 
 fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
@@ -140,13 +143,13 @@ fn loopback_host(value: &header::HeaderValue) -> bool {
 }
 
 /// `jti`, `sid` or `sub`: exactly one. `None` is a bad request (see `bad_kind`).
-fn one_kind(map: &HashMap<String, serde_json::Value>) -> Option<(RevokedKind, String)> {
+fn one_kind(map: &HashMap<String, serde_json::Value>, max: usize) -> Option<(RevokedKind, String)> {
     let found: Vec<(RevokedKind, &serde_json::Value)> = RevokedKind::ALL
         .into_iter()
         .filter_map(|k| map.get(k.as_str()).map(|v| (k, v)))
         .collect();
     match found.as_slice() {
-        [(k, serde_json::Value::String(v))] if !v.is_empty() && v.len() <= MAX_VALUE_BYTES => {
+        [(k, serde_json::Value::String(v))] if !v.is_empty() && v.len() <= max => {
             Some((*k, v.clone()))
         }
         _ => None,
@@ -173,12 +176,12 @@ fn bad_issuer(engine: &Engine) -> Response {
     )
 }
 
-fn bad_kind() -> Response {
+fn bad_kind(max: usize) -> Response {
     error(
         StatusCode::BAD_REQUEST,
         &format!(
             "give exactly one of `jti`, `sid` or `sub` as a non-empty string of at most \
-             {MAX_VALUE_BYTES} bytes"
+             {max} bytes (`tokens.max_bytes`)"
         ),
     )
 }
@@ -254,7 +257,7 @@ pub async fn list(State(state): State<AdminState>, headers: HeaderMap) -> Respon
 }
 
 /// An entry is a few short fields; anything longer is not one.
-const MAX_ADD_BODY_BYTES: usize = 64 * 1024;
+const MAX_ADD_BODY_BYTES: usize = 128 * 1024;
 
 /// `application/json`, or a `+json` type, with any parameters.
 fn json_content_type(headers: &HeaderMap) -> bool {
@@ -322,8 +325,8 @@ pub async fn add(
             &format!("unknown field `{k}`: use `jti`, `sid` or `sub`, and `issuer`, `expires_at`"),
         );
     }
-    let Some((kind, value)) = one_kind(&ids) else {
-        return bad_kind();
+    let Some((kind, value)) = one_kind(&ids, max_value_bytes(&engine)) else {
+        return bad_kind(max_value_bytes(&engine));
     };
     if issuer
         .as_ref()
@@ -445,8 +448,8 @@ pub async fn remove(
         Some(_) => return bad_issuer(&engine),
         None => None,
     };
-    let Some((kind, value)) = one_kind(&ids) else {
-        return bad_kind();
+    let Some((kind, value)) = one_kind(&ids, max_value_bytes(&engine)) else {
+        return bad_kind(max_value_bytes(&engine));
     };
     let member = kind.member(issuer.as_deref(), &value);
     let deleted = engine
