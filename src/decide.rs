@@ -618,6 +618,77 @@ pub fn extract_credential<'r>(
     }
 }
 
+/// The `credential_missing` deny for the route `m`, offering the schemes its rules take
+/// (RFC 6750 3.1, RFC 9449 7.1: bare, no error code): `Bearer` for an issuer that takes
+/// bearer tokens, `DPoP algs="..."` for one that takes DPoP (only that for `dpop: required`),
+/// `ApiKey` where a rule takes keys. It was `Bearer`, plus `ApiKey` whenever keys were
+/// configured, whatever the route took. Other denies, and a route whose rules take only
+/// peer identities, keep theirs.
+pub fn missing_credential(config: &Config, m: &RouteMatch<'_>, deny: Decision) -> Decision {
+    if deny.code != ReasonCode::CredentialMissing {
+        return deny;
+    }
+    let Some(route) = config.policy.routes().get(m.route_index) else {
+        return deny;
+    };
+    let (mut bearer, mut keys) = (false, false);
+    let mut dpop_algs: Vec<String> = Vec::new();
+    for rule in &route.rules {
+        if !rule.api_keys.is_empty() {
+            keys = true;
+            continue;
+        }
+        if rule.is_peer_only() {
+            continue;
+        }
+        let taken = config
+            .issuers
+            .iter()
+            .filter(|i| rule.issuers.is_empty() || rule.issuers.contains(&i.name));
+        for issuer in taken {
+            bearer |= issuer.dpop.mode != DpopMode::Required;
+            if issuer.dpop.mode == DpopMode::Disabled {
+                continue;
+            }
+            for alg in &issuer.dpop.algorithms {
+                let alg = format!("{alg:?}");
+                if !dpop_algs.contains(&alg) {
+                    dpop_algs.push(alg);
+                }
+            }
+        }
+    }
+    let realm = crate::authz::decision::REALM;
+    let mut schemes = Vec::new();
+    if bearer {
+        schemes.push(format!("Bearer realm=\"{realm}\""));
+    }
+    if !dpop_algs.is_empty() {
+        schemes.push(format!("DPoP algs=\"{}\"", dpop_algs.join(" ")));
+    }
+    if keys {
+        schemes.push(format!("ApiKey realm=\"{realm}\""));
+    }
+    let token = match (bearer, !dpop_algs.is_empty()) {
+        (true, true) => Some("a bearer or DPoP-bound token"),
+        (true, false) => Some("a bearer token"),
+        (false, true) => Some("a DPoP-bound token"),
+        (false, false) => None,
+    };
+    let wanted: Vec<&str> = token
+        .into_iter()
+        .chain(keys.then_some("an API key"))
+        .collect();
+    if wanted.is_empty() {
+        return deny;
+    }
+    Decision::new(
+        ReasonCode::CredentialMissing,
+        format!("this route requires {}", wanted.join(" or ")),
+    )
+    .with_header("www-authenticate", schemes.join(", "))
+}
+
 /// `d` with the `ApiKey` challenge: for a client that presented API keys only, which a
 /// Bearer challenge would tell to fetch a token it never used.
 fn with_api_key_challenge(d: Decision) -> Decision {

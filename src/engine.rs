@@ -420,6 +420,7 @@ impl Engine {
         let cred = match decide::extract_credential(&self.config, req) {
             Ok(c) => c,
             Err(deny) => {
+                let deny = decide::missing_credential(&self.config, &m, deny);
                 note(&|| Err(deny.clone()));
                 return self.without_credential(req, &m, deny, now).await;
             }

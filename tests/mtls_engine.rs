@@ -536,3 +536,44 @@ async fn a_dpop_client_is_challenged_in_the_dpop_scheme() {
         "{bearer:?}"
     );
 }
+
+/// A request without a credential is offered the schemes its route takes (RFC 9449 7.1: a
+/// DPoP challenge where DPoP is taken, and only that where it is required), no more: it was
+/// told `Bearer` whatever the issuer took, and `ApiKey` wherever keys were configured.
+#[tokio::test]
+async fn a_request_without_a_credential_is_offered_the_schemes_its_route_takes() {
+    let headers = HashMap::new();
+    let view = RequestView {
+        method: "GET",
+        host: "api.example.com",
+        path: "/things/1",
+        headers: &headers,
+        source_ip: None,
+        source_principal: "",
+        scheme: "https",
+        peer_certificate: None,
+    };
+    for (mode, offered, wanted) in [
+        (
+            "optional",
+            "Bearer realm=\"portcullis\", DPoP algs=\"ES256\"",
+            "a bearer or DPoP-bound token",
+        ),
+        ("required", "DPoP algs=\"ES256\"", "a DPoP-bound token"),
+        ("disabled", "Bearer realm=\"portcullis\"", "a bearer token"),
+    ] {
+        let settings = match mode {
+            "disabled" => mode.to_string(),
+            _ => format!("{mode}\n    dpop_algorithms: [ES256]"),
+        };
+        let (e, _) = engine_for(&settings, Arc::new(MemoryStore::new())).await;
+        let d = e.check_at(&view, NOW).await;
+        assert_eq!(
+            (d.code.as_str(), d.http_status()),
+            ("credential_missing", 401),
+            "{mode}"
+        );
+        assert_eq!(own_challenges(&d), vec![offered.to_string()], "{mode}");
+        assert_eq!(d.detail, format!("this route requires {wanted}"), "{mode}");
+    }
+}

@@ -907,6 +907,35 @@ mod tests {
         );
     }
 
+    /// Only the schemes the route's rules take are offered: `POST /orders` takes tokens
+    /// only, so a client is not sent for an API key there (it was, wherever keys were
+    /// configured), while `GET /orders/{id}`, whose rules take both, offers both.
+    #[tokio::test]
+    async fn a_request_without_a_credential_is_offered_what_its_route_takes() {
+        let metrics = Arc::new(Metrics::new());
+        let engine = crate::engine::tests::shipped_engine("", &metrics);
+        let engine = Arc::new(ArcSwap::from_pointee(engine));
+        let service = AuthzService::new(engine, metrics, AuditSink::disabled());
+        let headers = std::collections::HashMap::new();
+        let create = RequestView {
+            method: "POST",
+            path: "/orders",
+            ..crate::engine::tests::healthz(&headers)
+        };
+        let (code, status, found) = challenges(&service, &create).await;
+        assert_eq!((code, status), (ReasonCode::CredentialMissing, 401));
+        assert_eq!(found, vec!["Bearer realm=\"portcullis\"".to_string()]);
+        let read = RequestView {
+            path: "/orders/42",
+            ..crate::engine::tests::healthz(&headers)
+        };
+        let (_, _, found) = challenges(&service, &read).await;
+        assert_eq!(
+            found,
+            vec!["Bearer realm=\"portcullis\", ApiKey realm=\"portcullis\"".to_string()]
+        );
+    }
+
     /// A CheckRequest whose headers are `h0000`.. (`n` of them) and `x-request-id: rid`.
     fn check_with_headers(n: usize) -> CheckRequest {
         let mut headers: Vec<wire::MapEntry> = (0..n)
