@@ -334,8 +334,8 @@ fn line(a: &pb::Approval) -> String {
         a.state,
         requester(a),
         a.method,
-        a.host,
-        a.path,
+        super::shown(&a.host),
+        super::shown(&a.path),
         a.route,
         a.rule,
         uses(a),
@@ -344,7 +344,8 @@ fn line(a: &pb::Approval) -> String {
     if !a.query.is_empty() {
         out.push_str(&format!(
             "\n    query: ?{}  (values hidden; sha256 of the query: {})",
-            a.query, a.query_sha256
+            super::shown(&a.query),
+            a.query_sha256
         ));
     }
     if !a.body_sha256.is_empty() {
@@ -354,7 +355,10 @@ fn line(a: &pb::Approval) -> String {
         out.push_str(&format!("\n    justification: {}", a.justification));
     }
     if !a.decided_by.is_empty() {
-        out.push_str(&format!("\n    decided by: {}", a.decided_by));
+        out.push_str(&format!(
+            "\n    decided by: {}",
+            super::shown(&a.decided_by)
+        ));
     }
     if !a.reason.is_empty() {
         out.push_str(&format!("\n    reason: {}", a.reason));
@@ -367,10 +371,11 @@ fn line(a: &pb::Approval) -> String {
 /// `sub` from two issuers is two people. A server older than the `issuer` name sends the
 /// `iss` URL there, so only a name is put in front.
 fn requester(a: &pb::Approval) -> String {
+    let subject = super::shown(&a.subject);
     if a.issuer.is_empty() || a.issuer.contains('/') {
-        a.subject.clone()
+        subject.into_owned()
     } else {
-        format!("{}:{}", a.issuer, a.subject)
+        format!("{}:{subject}", a.issuer)
     }
 }
 
@@ -522,6 +527,20 @@ mod tests {
         assert!(
             line(&approval("pending", 1, None)).contains(" pending      corp:alice DELETE "),
             "the requester is named with their issuer"
+        );
+        // A subject or approver that is not plain text is quoted and escaped: a newline in
+        // it printed a second, made-up line.
+        let odd = pb::Approval {
+            subject: "mallory\napr_0  approved".into(),
+            decided_by: "corp:bob\u{202e}".into(),
+            ..approval("approved", 1, Some(1))
+        };
+        let text = line(&odd);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(
+            text.contains(" corp:\"mallory\\u{a}apr_0  approved\" DELETE ")
+                && text.contains("decided by: \"corp:bob\\u{202e}\""),
+            "{text}"
         );
         let json = to_json(&approval("approved", 1, Some(0)));
         assert_eq!(

@@ -53,6 +53,9 @@ pub struct ApprovalPolicy {
     pub rule: Arc<str>,
     pub approver_roles: Vec<String>,
     pub approver_subjects: Vec<String>,
+    /// Issuer names whose tokens the roles and unqualified subjects count for (`approvers.
+    /// issuers`, else the rule's `issuers`); empty: any issuer.
+    pub approver_issuers: Vec<String>,
     pub ttl: Duration,
     pub uses: u32,
     pub pre_approve: Vec<PreApproval>,
@@ -78,10 +81,11 @@ pub fn compile(routes: &[RouteConfig]) -> Policies {
     for route in routes {
         for rule in &route.rules {
             if let Some(a) = &rule.approval {
-                out.insert(
-                    (route.id.clone(), rule.id.clone()),
-                    Arc::new(policy(&route.id, &rule.id, a)),
-                );
+                let mut p = policy(&route.id, &rule.id, a);
+                if p.approver_issuers.is_empty() {
+                    p.approver_issuers = rule.issuers.clone();
+                }
+                out.insert((route.id.clone(), rule.id.clone()), Arc::new(p));
             }
         }
     }
@@ -100,6 +104,7 @@ fn policy(route: &str, rule: &str, a: &ApprovalRuleConfig) -> ApprovalPolicy {
         rule: Arc::from(rule),
         approver_roles: a.approvers.roles.clone(),
         approver_subjects: a.approvers.subjects.clone(),
+        approver_issuers: a.approvers.issuers.clone(),
         ttl: a.ttl.get(),
         uses: a.uses.max(1),
         pre_approve: a
@@ -135,9 +140,18 @@ fn names(entry: &str, identity: &Identity) -> bool {
 impl ApprovalPolicy {
     /// May `who` approve requests under this policy (their own excepted, see `is_self`)?
     pub fn is_approver(&self, who: &Identity) -> bool {
-        !who.subject.is_empty()
+        // Roles and bare subjects are claims of the approver's issuer: only the issuers
+        // trusted for approvers say them. `issuer-name:sub` entries name their issuer.
+        let trusted = self.approver_issuers.is_empty()
+            || self
+                .approver_issuers
+                .iter()
+                .any(|i| i.as_str() == &*who.issuer_name);
+        let by_claims = trusted
             && (who.roles.iter().any(|r| self.approver_roles.contains(r))
-                || self.approver_subjects.iter().any(|s| names(s, who)))
+                || (self.approver_subjects.iter()).any(|s| !s.contains(':') && names(s, who)));
+        let by_name = (self.approver_subjects.iter()).any(|s| s.contains(':') && names(s, who));
+        !who.subject.is_empty() && (by_claims || by_name)
     }
 
     /// The index of the first pre-approval that holds for `who` at `now`.
@@ -159,7 +173,18 @@ impl ApprovalPolicy {
             .map(|r| format!("role `{r}`"))
             .collect();
         parts.extend(self.approver_subjects.iter().map(|s| format!("`{s}`")));
-        parts.join(" or ")
+        let text = parts.join(" or ");
+        match self.approver_issuers.as_slice() {
+            [] => text,
+            issuers => format!(
+                "{text} (of issuer {})",
+                issuers
+                    .iter()
+                    .map(|i| format!("`{i}`"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+        }
     }
 }
 
@@ -332,6 +357,35 @@ pub fn displayable(c: char) -> bool {
                 | '\u{2028}'
                 | '\u{2029}'
         )
+}
+
+/// `text` from a token or a request (a `sub`, an approver's `issuer:sub`, a host) as approvers
+/// are shown it: as it is when every character is `displayable` and it neither starts nor
+/// ends with a space; else quoted, with `"`, `\` and each character that is not displayable
+/// escaped (`\u{202e}`). A `sub` holding a newline could otherwise print a made-up request
+/// line in `approvals list` or the webhook's summary, a bidirectional override reorder it,
+/// and `"alice "` would read as `alice`. Nothing is dropped: the oddity stays visible.
+pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    let plain = text.chars().all(displayable)
+        && !text.starts_with(char::is_whitespace)
+        && !text.ends_with(char::is_whitespace);
+    if plain {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if displayable(c) => out.push(c),
+            c => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+        }
+    }
+    out.push('"');
+    std::borrow::Cow::Owned(out)
 }
 
 /// The client's justification: trimmed, characters that are not `displayable` dropped, at

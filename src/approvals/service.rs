@@ -449,7 +449,7 @@ impl Approvals {
             let detail = match record {
                 r if r.state == ApprovalState::Rejected => format!(
                     "approval `{id}` was rejected by `{}`{}; a new request can be made after it expires",
-                    r.decided_by.as_deref().unwrap_or("an approver"),
+                    super::shown(r.decided_by.as_deref().unwrap_or("an approver")),
                     r.reason
                         .as_deref()
                         .map(|why| format!(": {why}"))

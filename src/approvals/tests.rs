@@ -332,6 +332,65 @@ fn approvers_hold_a_role_or_are_named() {
     assert_eq!(p.uses, 1);
 }
 
+/// Approver roles are claims of the approver's issuer: with a second issuer trusted (a
+/// partner's, a test IdP), any token of it carrying `dba-lead` made its holder an approver,
+/// even where the rule takes requesters from one issuer only. Approvers now default to the
+/// rule's `issuers`, `approvers.issuers` names them, and `check` warns where neither does.
+#[test]
+fn approver_roles_count_only_from_the_issuers_trusted_for_approvers() {
+    let rule = |name: &str, issuers: &str, approvers: &str| {
+        format!(
+            "      - id: {name}\n        roles: [dba]\n{issuers}        approval:\n          \
+             approvers: {{ roles: [dba-lead]{approvers} }}\n"
+        )
+    };
+    let text = format!(
+        r#"
+issuers:
+  - {{ name: corp, issuer: "https://login.example.com", audiences: [api], keys: {{ file: config/dev/jwks.json }} }}
+  - {{ name: partner, issuer: "https://partner.example.com", audiences: [api], keys: {{ file: config/dev/jwks.json }} }}
+routes:
+  - id: drop-db
+    methods: [DELETE]
+    path: /databases/{{db}}
+    rules:
+{}{}{}{}"#,
+        rule("by-rule", "        issuers: [corp]\n", ""),
+        rule("named", "", ", issuers: [corp]"),
+        rule(
+            "widened",
+            "        issuers: [corp]\n",
+            ", issuers: [corp, partner]"
+        ),
+        rule("any", "", ""),
+    );
+    let config = crate::config::from_str(&text, std::path::Path::new("test.yaml")).unwrap();
+    let policies = compile(&config.file.routes);
+    let p = |rule: &str| policies[&("drop-db".to_string(), rule.to_string())].clone();
+    let corp_lead = identity("bob", &["dba-lead"]);
+    let mut partner_lead = (*identity("mallory", &["dba-lead"])).clone();
+    partner_lead.issuer_name = Arc::from("partner");
+    for rule in ["by-rule", "named"] {
+        assert!(p(rule).is_approver(&corp_lead), "{rule}");
+        assert!(!p(rule).is_approver(&partner_lead), "{rule}");
+        assert!(
+            p(rule).approvers_text().contains("(of issuer `corp`)"),
+            "{}",
+            p(rule).approvers_text()
+        );
+    }
+    assert!(p("widened").is_approver(&partner_lead));
+    assert!(p("any").is_approver(&partner_lead));
+    let warned: Vec<&String> = (config.warnings.iter())
+        .filter(|w| w.contains("approvers.issuers"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{:?}", config.warnings);
+    assert!(
+        warned[0].contains("rules[3].approval.approvers"),
+        "{warned:?}"
+    );
+}
+
 #[test]
 fn pre_approval_holds_only_for_the_role_inside_the_window() {
     let config = config("");
@@ -1660,4 +1719,49 @@ fn a_record_keeps_a_long_path_cut_and_says_so() {
     assert!(shown.len() < DISPLAY_PATH_MAX + 64, "{}", shown.len());
     assert!(shown.starts_with("/databases/xxx"));
     assert!(shown.ends_with("… (cut: 300011 bytes in all)"), "{shown}");
+}
+
+/// A requester's `sub` is theirs to choose at some issuers: one holding a newline, an escape
+/// sequence or a bidirectional override printed a made-up request line (or reordered one)
+/// in the approver's listing and the webhook's summary, and `"alice "` read as `alice`. The
+/// webhook shows such a subject quoted and escaped; a plain one stays as it is.
+#[tokio::test]
+async fn a_subject_that_is_not_plain_text_is_shown_quoted_and_escaped() {
+    assert_eq!(super::shown("alice"), "alice");
+    assert_eq!(super::shown("a b"), "a b");
+    assert_eq!(super::shown("alice "), "\"alice \"");
+    assert_eq!(
+        super::shown("eve\nfake line\u{1b}[2J\u{202e}\"x\\"),
+        "\"eve\\u{a}fake line\\u{1b}[2J\\u{202e}\\\"x\\\\\""
+    );
+    let a = approvals(Arc::new(MemoryStore::new()));
+    let mallory = identity(
+        "mallory DELETE db/databases/scratch\n\napr_0 approved",
+        &["dba"],
+    );
+    let bob = identity("bob", &["dba-lead"]);
+    let r = Req::new("DELETE", "db", "/databases/prod");
+    approval_id(&a.gate(&r.view(), granted(&mallory), NOW).await);
+    let listed = a.list(&bob, false, NOW).await.unwrap();
+    let hook = super::webhook::Webhook::new(
+        &crate::config::schema::WebhookConfig {
+            url: "http://127.0.0.1:9/hook".into(),
+            timeout: crate::config::duration::HumanDuration::from_secs(1),
+            retries: 0,
+        },
+        None,
+    );
+    let payload = hook.payload(&listed[0]);
+    let summary = payload["summary"].as_str().unwrap();
+    assert!(!summary.contains('\n'), "{summary}");
+    assert!(
+        summary.starts_with(
+            "corp:\"mallory DELETE db/databases/scratch\\u{a}\\u{a}apr_0 approved\" asks to DELETE db/databases/prod"
+        ),
+        "{summary}"
+    );
+    assert!(
+        !payload["subject"].as_str().unwrap().contains('\n'),
+        "{payload}"
+    );
 }

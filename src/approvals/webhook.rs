@@ -64,11 +64,19 @@ impl Webhook {
         json!({
             "event": "approval_requested",
             "approval_id": record.id,
+            // What a chat tool renders: a subject or host that is not plain text is shown
+            // quoted and escaped (`shown`), never as a second line or reordered.
             "summary": format!(
                 "{}:{} asks to {} {}{} (route `{}`, rule `{}`)",
-                record.issuer_name, record.subject, record.method, record.host, record.path, record.route, record.rule
+                record.issuer_name,
+                super::shown(&record.subject),
+                record.method,
+                super::shown(&record.host),
+                record.path,
+                record.route,
+                record.rule
             ),
-            "subject": record.subject,
+            "subject": super::shown(&record.subject),
             "issuer": record.issuer_name,
             "iss": record.token_iss(),
             "method": record.method,

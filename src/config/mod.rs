@@ -1582,7 +1582,7 @@ impl Compiler {
             token_conditions,
         )?;
         if let Some(approval) = &rule.approval {
-            self.approval(&f("approval"), approval, issuers)?;
+            self.approval(&f("approval"), approval, issuers, &rule.issuers)?;
         }
         let mut principals = Vec::with_capacity(rule.principals.len());
         for (k, p) in rule.principals.iter().enumerate() {
@@ -2173,8 +2173,39 @@ impl Compiler {
         field: &str,
         a: &schema::ApprovalRuleConfig,
         issuers: &HashSet<&str>,
+        rule_issuers: &[String],
     ) -> Res<()> {
         let f = |s: &str| format!("{field}.{s}");
+        // A warning, as for a rule's `issuers`: removing an issuer is how it stops being
+        // trusted, and the name then makes nobody an approver.
+        for (k, name) in a.approvers.issuers.iter().enumerate() {
+            if !issuers.contains(name.as_str()) {
+                self.warnings.push(format!(
+                    "{}: issuer `{name}` is not configured, so none of its tokens makes an \
+                     approver: drop it if the issuer was removed, else use an `issuers[].name`",
+                    f(&format!("approvers.issuers[{k}]"))
+                ));
+            }
+        }
+        // Roles and bare subjects are the approver's issuer's claims: any trusted issuer
+        // (a partner's, a test IdP) that puts `dba-lead` in a token would make its holder
+        // an approver.
+        let by_claims =
+            !a.approvers.roles.is_empty() || a.approvers.subjects.iter().any(|s| !s.contains(':'));
+        if by_claims
+            && a.approvers.issuers.is_empty()
+            && rule_issuers.is_empty()
+            && issuers.len() > 1
+        {
+            self.warnings.push(format!(
+                "{}: approver roles and subjects are read from the tokens of any of the {} \
+                 configured issuers, so any of them can make an approver; add \
+                 `approvers.issuers: [name]` (or `issuers` on the rule, which approvers then \
+                 default to)",
+                f("approvers"),
+                issuers.len()
+            ));
+        }
         // `issuer-name:sub` names one issuer's subject: a prefix that names no issuer would
         // otherwise read as a bare subject matching that text from any issuer.
         let approvers = (a.approvers.subjects.iter().enumerate())

@@ -978,6 +978,10 @@ pub struct ApproversConfig {
     /// Subjects (`sub`), optionally `issuer-name:sub`.
     #[serde(default)]
     pub subjects: Vec<String>,
+    /// Issuers (`issuers[].name`) whose tokens `roles` and unqualified `subjects` are read
+    /// from. Empty: the rule's `issuers`, else any configured issuer.
+    #[serde(default)]
+    pub issuers: Vec<String>,
 }
 
 /// Automatic approval: the requester holds one of `roles` (or is one of `subjects`) and
