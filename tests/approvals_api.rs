@@ -287,6 +287,48 @@ async fn check_deny_carries_the_approval_id_and_an_approval_allows_one_check() {
     assert_eq!(uses_left(&mut api).await, ("approved".into(), 1, Some(0)));
 }
 
+/// A request nobody decided in time is listed by `--all` as `expired`: it was listed as
+/// `pending`, with its end in the past, though approving it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_expired_undecided_is_listed_as_expired() {
+    let h = Harness::start_with("approvals: { request_ttl: 1s }").await;
+    let alice = mint("alice", &["dba"]);
+    let bob = mint("bob", &["dba-lead"]);
+    let (_, _, body) = denied(&h.check(&alice).await);
+    let id = body["approval_id"].as_str().unwrap().to_string();
+    let mut api = h.api().await;
+    let state = |include_decided: bool| {
+        let (mut api, bob, id) = (api.clone(), bob.clone(), id.clone());
+        async move {
+            let listed = api
+                .list(authed(ListRequest { include_decided }, &bob))
+                .await
+                .unwrap()
+                .into_inner();
+            listed
+                .approvals
+                .iter()
+                .find(|a| a.id == id)
+                .map(|a| a.state.clone())
+        }
+    };
+    assert_eq!(state(false).await.as_deref(), Some("pending"));
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert_eq!(state(false).await, None, "no longer pending");
+    assert_eq!(state(true).await.as_deref(), Some("expired"));
+    let err = api
+        .approve(authed(
+            ApproveRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+            &bob,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_request_is_posted_to_the_webhook_with_retries() {
     use std::sync::{Arc, Mutex};

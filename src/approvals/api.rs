@@ -218,8 +218,17 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
             .uses_left(&records, now)
             .await
             .map_err(status)?;
+        // A request never decided is kept for a while after it expired (`--all` shows it):
+        // listed as `expired`, not as `pending` it can no longer be.
+        let listed = |(r, l): (&Record, Option<u32>)| {
+            let mut a = to_pb(r, l);
+            if r.state == ApprovalState::Pending && r.expires_at <= now {
+                a.state = "expired".to_string();
+            }
+            a
+        };
         Ok(Response::new(pb::ListResponse {
-            approvals: records.iter().zip(left).map(|(r, l)| to_pb(r, l)).collect(),
+            approvals: records.iter().zip(left).map(listed).collect(),
         }))
     }
 
