@@ -147,17 +147,21 @@ async fn check_at(engine: &Engine, authorization: &str, proof: Option<&str>, now
     if let Some(p) = proof {
         headers.insert("dpop".into(), p.to_string());
     }
-    let view = RequestView {
+    engine.check_at(&things(&headers), now).await
+}
+
+/// `GET https://api.example.com/things/1` with `headers`.
+fn things(headers: &HashMap<String, String>) -> RequestView<'_> {
+    RequestView {
         method: "GET",
         host: "api.example.com",
         path: "/things/1",
-        headers: &headers,
+        headers,
         source_ip: None,
         source_principal: "",
         scheme: "https",
         peer_certificate: None,
-    };
-    engine.check_at(&view, now).await
+    }
 }
 
 #[tokio::test]
@@ -543,16 +547,7 @@ async fn a_dpop_client_is_challenged_in_the_dpop_scheme() {
 #[tokio::test]
 async fn a_request_without_a_credential_is_offered_the_schemes_its_route_takes() {
     let headers = HashMap::new();
-    let view = RequestView {
-        method: "GET",
-        host: "api.example.com",
-        path: "/things/1",
-        headers: &headers,
-        source_ip: None,
-        source_principal: "",
-        scheme: "https",
-        peer_certificate: None,
-    };
+    let view = things(&headers);
     for (mode, offered, wanted) in [
         (
             "optional",

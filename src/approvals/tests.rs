@@ -53,6 +53,18 @@ routes:
     crate::config::from_str(&text, std::path::Path::new("test.yaml")).unwrap()
 }
 
+/// A webhook (to a closed port) whose payloads the tests read; nothing is sent.
+fn test_webhook() -> super::webhook::Webhook {
+    super::webhook::Webhook::new(
+        &crate::config::schema::WebhookConfig {
+            url: "http://127.0.0.1:9/hook".into(),
+            timeout: crate::config::duration::HumanDuration::from_secs(1),
+            retries: 0,
+        },
+        None,
+    )
+}
+
 struct Req {
     headers: HashMap<String, String>,
     method: &'static str,
@@ -274,14 +286,7 @@ async fn a_requests_record_shows_its_query_shape_and_digest() {
         "{shown}"
     );
     // The webhook tells the same, never the values.
-    let hook = super::webhook::Webhook::new(
-        &crate::config::schema::WebhookConfig {
-            url: "http://127.0.0.1:9/hook".into(),
-            timeout: crate::config::duration::HumanDuration::from_secs(1),
-            retries: 0,
-        },
-        None,
-    );
+    let hook = test_webhook();
     let payload = hook.payload(&listed[0]);
     // The requester as audit lines and listings name them: the configured issuer name, with
     // the token's `iss` beside it.
@@ -1743,14 +1748,7 @@ async fn a_subject_that_is_not_plain_text_is_shown_quoted_and_escaped() {
     let r = Req::new("DELETE", "db", "/databases/prod");
     approval_id(&a.gate(&r.view(), granted(&mallory), NOW).await);
     let listed = a.list(&bob, false, NOW).await.unwrap();
-    let hook = super::webhook::Webhook::new(
-        &crate::config::schema::WebhookConfig {
-            url: "http://127.0.0.1:9/hook".into(),
-            timeout: crate::config::duration::HumanDuration::from_secs(1),
-            retries: 0,
-        },
-        None,
-    );
+    let hook = test_webhook();
     let payload = hook.payload(&listed[0]);
     let summary = payload["summary"].as_str().unwrap();
     assert!(!summary.contains('\n'), "{summary}");
