@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -20,6 +20,11 @@ use crate::engine::Engine;
 
 /// How often the watched files are compared with what was last loaded.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often a refused config is tried again with nothing watched changed: what it lacked
+/// may have come since (a key or API key file it names, which only the config in force has
+/// watched; a runtime revocation it waited on deleted; keys at a URL reachable again).
+pub const RETRY_REFUSED_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What a reload attempt did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +56,10 @@ pub struct Reloader {
     retry_on: Option<(PathBuf, Option<Vec<u8>>)>,
     /// The watched files as the last tick read them, when they differed from `seen`.
     settling: Option<Vec<(PathBuf, Option<Vec<u8>>)>>,
+    /// The last attempt's refusal and when it was made: tried again every `retry_every`,
+    /// and reported again only when the reason changes.
+    refused: Option<(String, Instant)>,
+    retry_every: Duration,
 }
 
 impl Reloader {
@@ -63,9 +72,17 @@ impl Reloader {
             hangup: hangup_signal(),
             retry_on: None,
             settling: None,
+            refused: None,
+            retry_every: RETRY_REFUSED_INTERVAL,
         };
         r.seen = r.snapshot();
         r
+    }
+
+    /// Tries a refused config again this often (default `RETRY_REFUSED_INTERVAL`).
+    pub fn retry_refused_every(mut self, every: Duration) -> Self {
+        self.retry_every = every;
+        self
     }
 
     /// The config file plus every local key file of the config in force.
@@ -152,14 +169,17 @@ impl Reloader {
             .retry_on
             .as_ref()
             .is_some_and(|(path, then)| std::fs::read(path).ok() != *then);
-        if !force && !retry && now == self.seen {
+        let changed = force || retry || now != self.seen;
+        let due = (self.refused.as_ref()).is_some_and(|(_, at)| at.elapsed() >= self.retry_every);
+        if !changed && !due {
             return ReloadOutcome::Unchanged;
         }
         let keys_changed = force || self.issuer_key_files_changed(&now);
         // Remember this state even when it is rejected: a bad file is reported once, not
         // every second, and the next edit is tried again.
         self.seen = now.clone();
-        let outcome = self.reload(keys_changed).await;
+        // Nothing changed: only the refusal's retry, reported only if it now goes otherwise.
+        let outcome = self.reload(keys_changed, !changed).await;
         // The files as read BEFORE the load, not again now: an edit saved while the load ran
         // (it may wait on key fetches) then differs from them and is loaded at the next poll,
         // where a fresh read would mark it seen without ever loading it. A file the new
@@ -179,12 +199,14 @@ impl Reloader {
         outcome
     }
 
-    async fn reload(&mut self, reload_keys: bool) -> ReloadOutcome {
+    /// Loads and applies the config. A `quiet` attempt (a refused config's periodic retry)
+    /// that is refused for the same reason as before says nothing and counts nothing.
+    async fn reload(&mut self, reload_keys: bool, quiet: bool) -> ReloadOutcome {
         self.retry_on = None;
         let result = match config::load(&self.path) {
             Ok(new) => {
                 let revocations = new.revocation_file.clone();
-                let result = self.apply(new, reload_keys).await;
+                let result = self.apply(new, reload_keys, !quiet).await;
                 if result.is_err() {
                     self.retry_on = revocations.map(|p| {
                         let bytes = std::fs::read(&p).ok();
@@ -195,6 +217,16 @@ impl Reloader {
             }
             Err(e) => Err(e.to_string()),
         };
+        let before = match &result {
+            Ok(()) => self.refused.take(),
+            Err(reason) => self.refused.replace((reason.clone(), Instant::now())),
+        };
+        if let Err(reason) = &result
+            && quiet
+            && before.is_some_and(|(was, _)| was == *reason)
+        {
+            return ReloadOutcome::Unchanged;
+        }
         let label = match &result {
             Ok(()) => "ok",
             Err(_) => "error",
@@ -216,22 +248,33 @@ impl Reloader {
         }
     }
 
-    async fn apply(&self, new: Config, reload_keys: bool) -> Result<(), String> {
+    /// Swaps in `new` unless it is refused; its warnings are logged when `announce`.
+    async fn apply(&self, new: Config, reload_keys: bool, announce: bool) -> Result<(), String> {
         let old = self.engine.load_full();
-        for warning in &new.warnings {
-            tracing::warn!(config = %self.path.display(), "{warning}");
+        // A quiet retry tells its warnings only if it is applied.
+        let warnings = new.warnings.clone();
+        let warn = |warnings: &[String]| {
+            for warning in warnings {
+                tracing::warn!(config = %self.path.display(), "{warning}");
+            }
+        };
+        if announce {
+            warn(&warnings);
         }
-        if new.file.server.listen != old.config.file.server.listen
+        let listeners_changed = new.file.server.listen != old.config.file.server.listen
             || new.file.server.admin_listen != old.config.file.server.admin_listen
             || new.file.server.http_listen != old.config.file.server.http_listen
             || new.file.server.approvals_listen != old.config.file.server.approvals_listen
-            || new.file.server.max_connections != old.config.file.server.max_connections
-        {
+            || new.file.server.max_connections != old.config.file.server.max_connections;
+        let tell_listeners = || {
             tracing::warn!(
                 config = %self.path.display(),
                 "listener addresses or `server.max_connections` changed; they take effect \
                  only after a restart"
             );
+        };
+        if listeners_changed && announce {
+            tell_listeners();
         }
         // The store is built once, at start; a reload keeps it. Taking a changed `state` as
         // reloaded would leave each replica on a store it was told to leave (on separate
@@ -374,6 +417,12 @@ impl Reloader {
             return Err(crate::config::revocation_error(&engine.config, e).to_string());
         }
         self.engine.store(Arc::new(engine));
+        if !announce {
+            warn(&warnings);
+            if listeners_changed {
+                tell_listeners();
+            }
+        }
         tracing::info!(config = %self.path.display(), routes, "config reloaded");
         Ok(())
     }

@@ -242,6 +242,42 @@ async fn invalid_empty_and_deleted_configs_are_refused_and_the_last_good_one_sta
     server.shutdown().await;
 }
 
+/// A config refused for a file it names that is not there yet (a new key file, written
+/// after the config) is applied once the file comes: only the config in force's files were
+/// watched, so the refused one waited for a SIGHUP while the grant it removed stayed in
+/// force. It is tried again every `retry_refused_every`, and a refusal for the same reason
+/// is told once.
+#[tokio::test]
+async fn a_config_refused_for_a_missing_file_is_applied_once_the_file_comes() {
+    let s = Setup::new();
+    let (server, reloader) = s.serve().await;
+    let mut reloader = reloader.retry_refused_every(Duration::ZERO);
+    let alice = mint_dev(json!({"sub": "alice", "scope": "orders:read"}));
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
+    let edited = s
+        .orders_read_needs("orders:audit")
+        .replace("file: dev/jwks.json", "file: dev/jwks-2026.json");
+    assert!(edited.contains("dev/jwks-2026.json"));
+    s.write(&edited);
+    let reason = rejected(reloader.poll(false).await);
+    assert!(reason.contains("jwks-2026.json"), "{reason}");
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 200);
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Unchanged);
+    assert_eq!(
+        reloads(&server, "error"),
+        1,
+        "the same refusal is told once"
+    );
+    std::fs::copy(
+        s.dir.path().join("dev/jwks.json"),
+        s.dir.path().join("dev/jwks-2026.json"),
+    )
+    .unwrap();
+    assert_eq!(reloader.poll(false).await, ReloadOutcome::Applied);
+    assert_eq!(decide(&server, "GET", "/orders/1", &alice).await, 403);
+    server.shutdown().await;
+}
+
 /// The shared-state store is built at start: a reload that changes `state` is refused
 /// (a restart applies it), and the policy in force stays, instead of a reload reported as
 /// done while the replica keeps the store it was told to leave.
