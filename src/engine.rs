@@ -461,6 +461,14 @@ impl Engine {
         Engine::new(config, keys, state, metrics).without_approval_webhook()
     }
 
+    /// Ready to decide as configured: every issuer's keys usable, the runtime revocations
+    /// read from shared state, and the audit log taking records (while it refuses them,
+    /// every decision is a 503 `audit_unavailable`, so a replica in that state is taken out
+    /// of rotation rather than kept in it denying everything). `/readyz` and gRPC health.
+    pub fn ready(&self) -> bool {
+        self.keys.ready() && self.runtime_revoked.synced() && !self.audit.refusing()
+    }
+
     /// The revocation file's and the runtime list's refusal of `identity`, if any. Both
     /// judge issuer scopes by this config's issuer names (`Revocations::issuers`): a runtime
     /// entry scoped to a name the config lacks names every issuer's tokens.

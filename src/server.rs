@@ -487,9 +487,7 @@ fn spawn_health_updater(
         let mut last: Option<bool> = None;
         loop {
             let current = engine.load();
-            let ready = current.keys.ready()
-                && current.runtime_revoked.synced()
-                && !leaving.load(Ordering::Relaxed);
+            let ready = current.ready() && !leaving.load(Ordering::Relaxed);
             if last != Some(ready) {
                 let status = if ready {
                     ServingStatus::Serving

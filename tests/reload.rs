@@ -716,6 +716,57 @@ fn check_request(method: &str, path: &str, token: &str) -> CheckRequest {
     )
 }
 
+/// A replica whose audit log refuses records (stdout a closed pipe: `serve | head -n 3`
+/// after `head` exited) answers every request 503 `audit_unavailable`, for good; it said
+/// ready all the same, so it stayed in rotation denying everything. `/readyz` is now 503
+/// while the audit log refuses records, and says why.
+#[test]
+fn a_replica_whose_audit_log_refuses_records_is_not_ready() {
+    let s = Setup::new();
+    let (http, admin) = (support::free_port(), support::free_port());
+    s.write(
+        &s.shipped
+            .replace("  enabled: false ", "  enabled: true ")
+            .replace(
+                "admin_listen: 127.0.0.1:0",
+                &format!("admin_listen: 127.0.0.1:{admin}"),
+            )
+            .replace(
+                "http_listen: 127.0.0.1:0",
+                &format!("http_listen: 127.0.0.1:{http}"),
+            ),
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    cmd.args(["serve", "--config"]).arg(s.path());
+    let mut child = support::ChildGuard::spawn_with_closed_stdout("portcullis", cmd);
+    let (http, admin) = (
+        format!("127.0.0.1:{http}").parse().unwrap(),
+        format!("127.0.0.1:{admin}").parse().unwrap(),
+    );
+    support::wait_for_status(&mut child, admin, "/readyz", 200, Duration::from_secs(20));
+    // A decision to audit (Envoy's HTTP ext_authz API: the public /healthz).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let readyz = loop {
+        let _ = support::raw_http(
+            http,
+            "GET /healthz HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n",
+        );
+        let readyz = support::raw_http(
+            admin,
+            "GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        if readyz.status != 200 || Instant::now() > deadline {
+            break readyz;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(readyz.status, 503, "{readyz:?}\n{}", child.logs());
+    let body: Value = serde_json::from_str(&readyz.body).unwrap();
+    assert_eq!(body["audit_writing"], false, "{body}");
+    assert_eq!(body["ready"], false, "{body}");
+}
+
 #[test]
 fn sighup_reloads_the_running_binary() {
     let s = Setup::new();

@@ -91,11 +91,12 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         .collect();
     let leaving = state.leaving.load(Ordering::Relaxed);
     let revocations = engine.runtime_revoked.synced();
-    let ready = engine.keys.ready() && revocations && !leaving;
+    let ready = engine.ready() && !leaving;
     let mut body = serde_json::json!({
         "ready": ready,
         "issuers": issuers,
         "runtime_revocations_loaded": revocations,
+        "audit_writing": !engine.audit.refusing(),
     });
     if leaving {
         body["shutting_down"] = true.into();

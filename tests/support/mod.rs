@@ -199,6 +199,29 @@ impl ChildGuard {
         }
     }
 
+    /// Spawns `command` with its stdout a pipe whose reading end is closed at once (a
+    /// `| head -n 3` that has exited): every write to it fails. stderr goes to a file.
+    pub fn spawn_with_closed_stdout(name: &str, mut command: Command) -> ChildGuard {
+        let dir = tempfile::tempdir().unwrap();
+        let stdout = dir.path().join("stdout.log");
+        let stderr = dir.path().join("stderr.log");
+        std::fs::write(&stdout, "(stdout was a closed pipe)\n").unwrap();
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({command:?}): {e}"));
+        drop(child.stdout.take());
+        ChildGuard {
+            name: name.to_string(),
+            child: Some(child),
+            stdout,
+            stderr,
+            _dir: dir,
+        }
+    }
+
     /// Panics (with the logs) if the process has exited.
     /// The child's process id (e.g. to send it a signal).
     pub fn pid(&self) -> u32 {
