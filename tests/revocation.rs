@@ -188,6 +188,15 @@ async fn admin_revocation_refuses_a_cached_token_and_can_be_lifted() {
         .post_revocation(&http, &json!({"jti": "tok-1", "expires_at": now() + 600}))
         .await;
     assert_eq!(resp.status(), 201);
+    // In memory the entry is this process's alone: the answer says a restart forgets it.
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["note"]
+            .as_str()
+            .unwrap()
+            .contains("a restart forgets it"),
+        "{body}"
+    );
     let hits = h.server.metrics.token_cache_hits.get();
     assert_eq!(h.check(&token).await, 401);
     assert!(
@@ -694,6 +703,11 @@ async fn a_revocation_survives_a_redis_that_restarts_empty() {
         .post_revocation(&http, &json!({"sub": "alice", "expires_at": expires_at}))
         .await;
     assert_eq!(resp.status(), 201);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["note"].is_null(),
+        "shared and lasting on Redis: {body}"
+    );
     assert_eq!(h.check(&alice).await, 401);
     // The mirror's size is a metric (the file's entries have their own).
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -420,11 +420,24 @@ pub async fn add(
         crate::audit::AdminEvent::new("revocation_added", "revocations", actor(&engine));
     event.revocation = Some(added.clone());
     engine.audit.record_admin(event);
+    let mut notes = Vec::new();
     if kept > expires_at {
-        added["note"] = json!(
+        notes.push(
             "already revoked until `expires_at`, which is kept: an entry is extended, never \
-             shortened (DELETE it first to shorten it)"
+             shortened (DELETE it first to shorten it)",
         );
+    }
+    // Runtime entries live in the state store: in memory they are this process's alone, and
+    // a restart forgets them (the revoked token is accepted again). Say so where it is done.
+    if engine.config.file.state.backend == crate::config::schema::StateBackend::Memory {
+        notes.push(
+            "kept in this process's memory only (`state.backend: memory`): a restart forgets \
+             it and other replicas never see it; for a lasting revocation add it to the \
+             revocation file too, or use `state.backend: redis`",
+        );
+    }
+    if !notes.is_empty() {
+        added["note"] = json!(notes.join("; "));
     }
     (StatusCode::CREATED, Json(added)).into_response()
 }
