@@ -158,8 +158,13 @@ fn entry_ttl(max_ttl: Duration, token: &str, seconds_left: u64) -> Duration {
 
 /// Who `check_verified` decides for.
 pub enum GivenCaller {
-    /// A caller taken as verified.
+    /// A caller taken as verified, sending its token as a plain bearer token without a
+    /// client certificate: a token that must be bound (DPoP, certificate) gets the 401 the
+    /// server gives such a request.
     Verified(Arc<Identity>),
+    /// A caller taken as verified whose request also proves the token's binding (its DPoP
+    /// proof, its client certificate).
+    Proven(Arc<Identity>),
     /// A credential the server refuses when it verifies it (claims, or an API key, that it
     /// does not accept at that time), with the server's 401; sent where `issuer`'s tokens
     /// are read (`None`: where API keys are read).
@@ -523,8 +528,14 @@ impl Engine {
     ) -> decide::Caller {
         const GIVEN: &str = "verified-caller";
         let issuer = match caller {
-            GivenCaller::Verified(identity) if identity.api_key_id().is_some() => None,
-            GivenCaller::Verified(identity) => Some(&identity.issuer_name),
+            GivenCaller::Verified(identity) | GivenCaller::Proven(identity)
+                if identity.api_key_id().is_some() =>
+            {
+                None
+            }
+            GivenCaller::Verified(identity) | GivenCaller::Proven(identity) => {
+                Some(&identity.issuer_name)
+            }
             GivenCaller::Refused { issuer, .. } => issuer.as_ref(),
         };
         let (header, value) = match issuer {
@@ -562,15 +573,22 @@ impl Engine {
             headers: &headers,
             ..*req
         };
-        decide::extract_credential(&self.config, &view)?;
-        let identity = match caller {
-            GivenCaller::Verified(identity) => identity,
+        let cred = decide::extract_credential(&self.config, &view)?;
+        let (identity, proven) = match caller {
+            GivenCaller::Verified(identity) => (identity, false),
+            GivenCaller::Proven(identity) => (identity, true),
             GivenCaller::Refused { deny, .. } => return Err(deny.clone()),
         };
         let refused = |deny: Decision| deny.with_identity(Some(identity.clone()));
         self.not_revoked(identity, now).map_err(refused)?;
         if identity.api_key_id().is_none() {
             decide::confirmation(identity).map_err(refused)?;
+            // As the server checks a bearer request without a client certificate (no DPoP
+            // proof's single use is spent: a bearer request has none).
+            if !proven {
+                decide::binding_checks(&self.config, &view, &cred, identity, now)
+                    .map_err(refused)?;
+            }
         }
         Ok(identity.clone())
     }

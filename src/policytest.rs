@@ -31,6 +31,9 @@
 //!                                      # then a credential header is an error)
 //!       issuer: corp                   # an issuer's `name` (default: the only issuer)
 //!       claims: {sub: alice, scope: orders:read}   # `iss`, `aud`, `iat`, `exp` default sensibly
+//!       proven: true                   # optional: the request proves the token's binding
+//!                                      # (DPoP proof, client certificate); default: a plain
+//!                                      # bearer request, so a bound token gets the 401
 //!     # or: as: {api_key: reporting-e0dd28}       # a configured API key, by id
 //!     now: 2026-12-01T20:00:00Z        # optional, this case only
 //!     expect:                          # at least one of:
@@ -109,9 +112,13 @@ pub enum Caller {
     /// A configured API key, by id.
     ApiKey { api_key: String },
     /// A token of `issuer` (its `name`; default: the only issuer) with these claims.
+    /// `proven`: the request also proves possession of the key the token is bound to (its
+    /// DPoP proof, its client certificate), which a test cannot send; without it the caller
+    /// is a plain bearer request without a client certificate, as the server would see one.
     Token {
         issuer: Option<String>,
         claims: Map<String, Value>,
+        proven: bool,
     },
 }
 
@@ -140,12 +147,22 @@ impl<'de> Deserialize<'de> for Caller {
             Some(Value::Object(claims)) => claims,
             Some(_) => return Err(D::Error::custom("`as.claims` must be a mapping")),
         };
+        let proven = match map.remove("proven") {
+            None => false,
+            Some(Value::Bool(b)) => b,
+            Some(_) => return Err(D::Error::custom("`as.proven` must be true or false")),
+        };
         if let Some(other) = map.keys().next() {
             return Err(D::Error::custom(format!(
-                "unknown field `{other}` in `as`, expected `issuer`, `claims` or `api_key`"
+                "unknown field `{other}` in `as`, expected `issuer`, `claims`, `proven` or \
+                 `api_key`"
             )));
         }
-        Ok(Caller::Token { issuer, claims })
+        Ok(Caller::Token {
+            issuer,
+            claims,
+            proven,
+        })
     }
 }
 
@@ -455,7 +472,11 @@ fn given(config: &Config, caller: &Caller, now: i64) -> Result<GivenCaller, Stri
                 },
             })
         }
-        Caller::Token { issuer, claims } => {
+        Caller::Token {
+            issuer,
+            claims,
+            proven,
+        } => {
             let issuer = match issuer {
                 Some(name) => config.issuers.iter().find(|i| &*i.name == name),
                 None if config.issuers.len() == 1 => config.issuers.first(),
@@ -523,9 +544,19 @@ fn given(config: &Config, caller: &Caller, now: i64) -> Result<GivenCaller, Stri
                 claims,
             };
             // A `cnf` asking for a proof of possession the server cannot check is refused
-            // by `check_verified`, after the revocation lists, as by the server.
-            let identity = Identity::from_verified(issuer.name.clone(), jwt, &issuer.claims);
-            Ok(GivenCaller::Verified(Arc::new(identity)))
+            // by `check_verified`, after the revocation lists, as by the server; so is a
+            // token that must be bound (a `cnf`, `cert_bound`, `dpop: required`) unless
+            // the case says the request proves it.
+            let identity = Arc::new(Identity::from_verified(
+                issuer.name.clone(),
+                jwt,
+                &issuer.claims,
+            ));
+            Ok(if *proven {
+                GivenCaller::Proven(identity)
+            } else {
+                GivenCaller::Verified(identity)
+            })
         }
     }
 }

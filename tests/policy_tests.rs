@@ -536,6 +536,70 @@ cases:
     }
 }
 
+/// A token that must be bound (a `cnf`, an issuer with `dpop: required` or `cert_bound`)
+/// gets the 401 the server gives a plain bearer request without a client certificate: the
+/// test predicted an allow where the server refuses. `proven: true` says the request proves
+/// the binding (a DPoP proof, a client certificate), which a test cannot send.
+#[test]
+fn a_caller_whose_token_must_be_bound_gets_the_servers_401_unless_proven() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(
+        dir.path(),
+        "config: portcullis.yaml
+now: 2026-12-01T09:00:00Z
+cases:
+  - name: a DPoP-bound token sent as a bearer one
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, cnf: {jkt: abc}, scope: orders:read}}
+    expect: {decision: allow}
+  - name: a certificate-bound token without the certificate
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, cnf: {x5t#S256: abc}, scope: orders:read}}
+    expect: {decision: allow}
+  - name: a certificate-bound token with its certificate
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, cnf: {x5t#S256: abc}, scope: orders:read}, proven: true}
+    expect: {decision: allow}
+  - name: a plain caller
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, scope: orders:read}}
+    expect: {decision: allow}
+",
+    );
+    let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("4 cases, 2 passed, 2 failed"), "{out}");
+    for why in [
+        "the token is DPoP-bound (`cnf.jkt`) and this issuer does not accept DPoP",
+        "the token is certificate-bound and the request has no client certificate",
+    ] {
+        assert!(out.contains(why), "{why}: {out}");
+    }
+    // An issuer that requires DPoP: every plain caller is refused, a proven one is not.
+    let config = std::fs::read_to_string(dir.path().join("portcullis.yaml"))
+        .unwrap()
+        .replace("    leeway: 30s", "    leeway: 30s\n    dpop: required");
+    assert!(config.contains("dpop: required"));
+    std::fs::write(dir.path().join("portcullis.yaml"), config).unwrap();
+    std::fs::write(
+        dir.path().join("tests.yaml"),
+        "config: portcullis.yaml
+cases:
+  - name: bearer
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, scope: orders:read}}
+    expect: {decision: deny, status: 401, reason: invalid_token}
+  - name: with its proof
+    request: {path: /orders/1}
+    as: {claims: {sub: alice, scope: orders:read}, proven: true}
+    expect: {decision: allow}
+",
+    )
+    .unwrap();
+    let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
+    assert_eq!(code, Some(0), "{out}");
+}
+
 /// A caller revoked in the config's revocation file is refused, 401 `revoked`.
 #[test]
 fn a_revoked_caller_is_refused() {
