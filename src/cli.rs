@@ -469,7 +469,16 @@ pub async fn explain(args: &ExplainArgs) -> Result<Explanation, CliError> {
             .or_insert(value);
     }
     if let Some(token) = &args.token {
-        headers.insert("authorization".into(), format!("Bearer {token}"));
+        // Beside an `authorization` given with `--header`: two credentials, joined as Envoy
+        // joins repeated headers (the server answers `multiple_credentials`). It replaced it.
+        let bearer = format!("Bearer {token}");
+        headers
+            .entry("authorization".into())
+            .and_modify(|v| {
+                v.push(',');
+                v.push_str(&bearer);
+            })
+            .or_insert(bearer);
     }
     // The live server's own steps on an engine of its own: the revocation file is checked,
     // and a rule with `approval:` answers `approval_required` (unless a pre-approval holds),

@@ -399,6 +399,32 @@ fn check_strict_says_it_fails_because_of_the_warnings() {
     );
 }
 
+/// `--token` beside an `authorization` given with `--header` is a second credential, as the
+/// server sees one: `--token` replaced the header, and a request the server refuses
+/// (`multiple_credentials`) was explained as allowed.
+#[test]
+fn explain_with_a_token_and_an_authorization_header_sees_two_credentials() {
+    let token = dev_token(&["--sub", "alice", "--scope", "orders:read"]);
+    let (code, out) = portcullis(
+        &[
+            "explain",
+            "--path",
+            "/orders/42",
+            "--token",
+            &token,
+            "--header",
+            "authorization: Bearer garbage",
+        ],
+        &support::repo_root(),
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("status:   401") && out.contains("reason:   multiple_credentials"),
+        "{out}"
+    );
+    assert!(!out.contains(&token), "the token in explain's output");
+}
+
 /// A development token for the shipped config's dev issuer.
 fn dev_token(args: &[&str]) -> String {
     let minted = Command::new(env!("CARGO_BIN_EXE_portcullis"))
