@@ -364,6 +364,10 @@ struct Pending {
     /// The output refuses writes (a closed stdout, a full disk): records are refused at once
     /// until a retried write goes through.
     failing: bool,
+    /// Records taken, and records written out whole: the difference is what an output
+    /// that stopped taking writes holds back (pending, or in the writer's batch).
+    taken: u64,
+    written: u64,
 }
 
 struct Shared {
@@ -454,6 +458,8 @@ impl AuditSink {
                 closed: false,
                 stuck: false,
                 failing: false,
+                taken: 0,
+                written: 0,
             }),
             work: Condvar::new(),
             room: Condvar::new(),
@@ -535,6 +541,15 @@ impl AuditSink {
         done.recv_timeout(timeout).is_ok()
     }
 
+    /// Records taken but not yet written out (pending, or in a write the output has not
+    /// taken): at shutdown, what an output that stopped taking writes loses.
+    pub fn unwritten(&self) -> u64 {
+        self.handle.as_ref().map_or(0, |handle| {
+            let pending = handle.shared.lock();
+            pending.taken.saturating_sub(pending.written)
+        })
+    }
+
     /// Appends the line that `write` writes (plus the newline) to the pending batch. False
     /// when the buffer is full and the writer stuck (see `AUDIT_FULL_WAIT`).
     fn append(&self, write: impl FnOnce(&mut Vec<u8>)) -> bool {
@@ -587,6 +602,7 @@ impl AuditSink {
         }
         let wake = pending.writer_idle && pending.lines.is_empty();
         pending.lines.extend_from_slice(line);
+        pending.taken += 1;
         drop(pending);
         if wake {
             shared.work.notify_one();
@@ -660,6 +676,7 @@ fn write_lines(shared: &Shared, out: &mut impl Write) {
             shared.room.notify_all();
         }
         let (written, error) = write_some(out, &batch);
+        let lines = batch[..written].iter().filter(|&&b| b == b'\n').count();
         batch.drain(..written);
         match error {
             None if failing => {
@@ -681,6 +698,7 @@ fn write_lines(shared: &Shared, out: &mut impl Write) {
             Some(_) => {}
         }
         pending = shared.lock();
+        pending.written += lines as u64;
         if failing {
             // Not written yet: whoever waits for a flush keeps waiting (or times out).
             pending.flushes.extend(flushes);
@@ -1174,6 +1192,31 @@ mod tests {
         producer.join().unwrap();
         assert!(sink.flush(Duration::from_secs(10)), "flush timed out");
         assert_eq!(out.lines().len(), count);
+    }
+
+    /// What an output that takes no writes holds back is counted, in the writer's batch as
+    /// in the pending buffer, so a shutdown that cannot flush says how many records it
+    /// loses (it said only "not fully flushed").
+    #[test]
+    fn records_an_output_holds_back_are_counted_until_written() {
+        let gate = Arc::new(Mutex::new(()));
+        let out = Capture(Arc::default(), Some(gate.clone()));
+        let writer = out.clone();
+        let held = gate.lock().unwrap();
+        let sink = AuditSink::to_writer(move || writer).unwrap();
+        for i in 0..3 {
+            assert!(sink.record(event(&format!("first-{i}"))));
+        }
+        // The writer takes that batch and blocks in the write.
+        assert!(!sink.flush(Duration::from_millis(300)));
+        for i in 0..2 {
+            assert!(sink.record(event(&format!("then-{i}"))));
+        }
+        assert_eq!(sink.unwritten(), 5);
+        drop(held);
+        assert!(sink.flush(Duration::from_secs(10)), "flush timed out");
+        assert_eq!(sink.unwritten(), 0);
+        assert_eq!(out.lines().len(), 5);
     }
 
     #[test]

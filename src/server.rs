@@ -386,10 +386,17 @@ impl Server {
         }
         // Every decision made is in the audit log before the process exits.
         let audit = self.engine.load().audit.clone();
+        let flushing = audit.clone();
         let flushed =
-            tokio::task::spawn_blocking(move || audit.flush(Duration::from_secs(2))).await;
+            tokio::task::spawn_blocking(move || flushing.flush(Duration::from_secs(2))).await;
         if !matches!(flushed, Ok(true)) {
-            tracing::warn!("audit log not fully flushed at shutdown");
+            // The output took no write for 2 s (a stuck or closed stdout): say what is lost.
+            tracing::error!(
+                lost = audit.unwritten(),
+                "audit log not fully flushed at shutdown: its output took no writes for 2s, \
+                 and this many decision records (allowed requests among them) were never \
+                 written"
+            );
         }
     }
 }
