@@ -368,6 +368,8 @@ struct Pending {
     /// that stopped taking writes holds back (pending, or in the writer's batch).
     taken: u64,
     written: u64,
+    /// Records in `lines`.
+    in_lines: u64,
 }
 
 struct Shared {
@@ -460,6 +462,7 @@ impl AuditSink {
                 failing: false,
                 taken: 0,
                 written: 0,
+                in_lines: 0,
             }),
             work: Condvar::new(),
             room: Condvar::new(),
@@ -603,6 +606,7 @@ impl AuditSink {
         let wake = pending.writer_idle && pending.lines.is_empty();
         pending.lines.extend_from_slice(line);
         pending.taken += 1;
+        pending.in_lines += 1;
         drop(pending);
         if wake {
             shared.work.notify_one();
@@ -620,6 +624,8 @@ impl AuditSink {
 /// not acknowledged. The first successful retry ends it.
 fn write_lines(shared: &Shared, out: &mut impl Write) {
     let mut batch = Vec::with_capacity(64 * 1024);
+    // Records in `batch` (a write the output cut short leaves some behind).
+    let mut in_batch = 0u64;
     let mut failing = false;
     let mut pending = shared.lock();
     loop {
@@ -665,6 +671,7 @@ fn write_lines(shared: &Shared, out: &mut impl Write) {
             batch.extend_from_slice(&pending.lines);
             pending.lines.clear();
         }
+        in_batch += std::mem::take(&mut pending.in_lines);
         let flushes = std::mem::take(&mut pending.flushes);
         let wake_full = pending.full_waiters > 0;
         let unstuck = std::mem::replace(&mut pending.stuck, false);
@@ -676,7 +683,13 @@ fn write_lines(shared: &Shared, out: &mut impl Write) {
             shared.room.notify_all();
         }
         let (written, error) = write_some(out, &batch);
-        let lines = batch[..written].iter().filter(|&&b| b == b'\n').count();
+        // Whole records written: all of them, or (a write cut short) those it finished.
+        let lines = if written == batch.len() {
+            in_batch
+        } else {
+            batch[..written].iter().filter(|&&b| b == b'\n').count() as u64
+        };
+        in_batch -= lines;
         batch.drain(..written);
         match error {
             None if failing => {
@@ -698,7 +711,7 @@ fn write_lines(shared: &Shared, out: &mut impl Write) {
             Some(_) => {}
         }
         pending = shared.lock();
-        pending.written += lines as u64;
+        pending.written += lines;
         if failing {
             // Not written yet: whoever waits for a flush keeps waiting (or times out).
             pending.flushes.extend(flushes);
