@@ -747,10 +747,16 @@ fn query_has_token(path: &str) -> bool {
 /// True when the query string carries an API key parameter (any case, `_` or `-`, encoded or
 /// not), including one named like the key header.
 fn query_has_api_key(path: &str, header: &str) -> bool {
-    let header = header.replace('_', "-");
+    // Compared folded (ASCII case, `_` as `-`) in place: nothing is allocated per Check.
+    let fold = |b: u8| match b.to_ascii_lowercase() {
+        b'_' => b'-',
+        b => b,
+    };
+    let same = |a: &str, b: &str| {
+        a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
+    };
     crate::authz::path::any_query_name(path, |name| {
-        let name = name.to_ascii_lowercase().replace('_', "-");
-        name == header || QUERY_API_KEY_PARAMS.contains(&name.as_str())
+        same(name, header) || QUERY_API_KEY_PARAMS.iter().any(|p| same(name, p))
     })
 }
 

@@ -431,7 +431,13 @@ impl Engine {
             }
         };
         // A client that sent its token with the DPoP scheme is challenged in that scheme.
-        let challenged = |d: Decision| decide::dpop_scheme_challenge(&self.config, &cred, d);
+        let challenged = |d: Decision| {
+            if cred.dpop {
+                decide::dpop_scheme_challenge(&self.config, &cred, d)
+            } else {
+                d
+            }
+        };
         let identity = match self.identity(&cred, now).await {
             Ok(id) => id,
             Err(deny) => {

@@ -100,10 +100,10 @@ pub fn clean(raw: &str) -> Result<Segments<'_>, PathError> {
     if raw.contains('#') {
         return Err(PathError::Fragment);
     }
-    let (path, _query) = split_query(raw);
+    let (path, query) = split_query(raw);
     // Authorized as the request's own method, a `POST` must not become the `DELETE` its
     // query asks an upstream framework for (its header forms are removed by Envoy).
-    if raw.contains('?') && any_query_name(raw, |name| name.eq_ignore_ascii_case("_method")) {
+    if query.is_some() && any_query_name(raw, |name| name.eq_ignore_ascii_case("_method")) {
         return Err(PathError::MethodOverride);
     }
     let Some(rest) = path.strip_prefix('/') else {
