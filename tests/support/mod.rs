@@ -180,35 +180,29 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     /// Spawns `command` with stdout/stderr captured to files.
-    pub fn spawn(name: &str, mut command: Command) -> ChildGuard {
-        let dir = tempfile::tempdir().unwrap();
-        let stdout = dir.path().join("stdout.log");
-        let stderr = dir.path().join("stderr.log");
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({command:?}): {e}"));
-        ChildGuard {
-            name: name.to_string(),
-            child: Some(child),
-            stdout,
-            stderr,
-            _dir: dir,
-        }
+    pub fn spawn(name: &str, command: Command) -> ChildGuard {
+        Self::spawn_with(name, command, false)
     }
 
     /// Spawns `command` with its stdout a pipe whose reading end is closed at once (a
     /// `| head -n 3` that has exited): every write to it fails. stderr goes to a file.
-    pub fn spawn_with_closed_stdout(name: &str, mut command: Command) -> ChildGuard {
+    pub fn spawn_with_closed_stdout(name: &str, command: Command) -> ChildGuard {
+        Self::spawn_with(name, command, true)
+    }
+
+    fn spawn_with(name: &str, mut command: Command, closed_stdout: bool) -> ChildGuard {
         let dir = tempfile::tempdir().unwrap();
         let stdout = dir.path().join("stdout.log");
         let stderr = dir.path().join("stderr.log");
-        std::fs::write(&stdout, "(stdout was a closed pipe)\n").unwrap();
+        let out = if closed_stdout {
+            std::fs::write(&stdout, "(stdout was a closed pipe)\n").unwrap();
+            Stdio::piped()
+        } else {
+            std::fs::File::create(&stdout).unwrap().into()
+        };
         let mut child = command
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(out)
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({command:?}): {e}"));
