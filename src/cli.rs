@@ -573,6 +573,13 @@ pub fn token(args: &TokenArgs) -> Result<String, CliError> {
     let ttl = humantime::parse_duration(&args.ttl).map_err(|e| {
         CliError::Usage(format!("--ttl `{}`: {e} (use e.g. `15m`, `1h`)", args.ttl))
     })?;
+    // `0s` (or `500ms`) minted a token expired at its issue: refused at its first use.
+    if ttl.as_secs() == 0 {
+        return Err(CliError::Usage(format!(
+            "--ttl `{}`: a token must live at least 1s (for an expired one, `--claim exp=...`)",
+            args.ttl
+        )));
+    }
     mint_dev_token(&config, args, unix_now(), ttl.as_secs() as i64)
 }
 
@@ -632,6 +639,22 @@ pub fn mint_dev_token(
         let (name, value) = raw
             .split_once('=')
             .ok_or_else(|| CliError::Usage(format!("--claim `{raw}`: expected `name=value`")))?;
+        // The token is the dev issuer's, for the `--sub` subject: a claim replacing either
+        // made a token other than the one announced (and `iss` one no issuer takes).
+        match name {
+            "iss" => {
+                return Err(CliError::Usage(format!(
+                    "--claim `iss`: `portcullis token` signs for `{DEV_ISSUER}` only, and the \
+                     token says so"
+                )));
+            }
+            "sub" => {
+                return Err(CliError::Usage(
+                    "--claim `sub`: the subject is `--sub`'s".into(),
+                ));
+            }
+            _ => {}
+        }
         let value = serde_json::from_str(value).unwrap_or_else(|_| json!(value));
         claims.insert(name.to_string(), value);
     }

@@ -502,6 +502,47 @@ fn explain_applies_the_revocation_file_and_the_approvals_gate() {
     );
 }
 
+/// `token` refuses what would make another token than the one it announces: `--ttl 0s`
+/// minted one expired at its issue, `--claim iss=...` one for an issuer it does not sign
+/// for (under the dev issuer's banner), `--claim sub=...` one for another subject than
+/// `--sub`. Each is a usage error naming the argument; no token is printed.
+#[test]
+fn token_refuses_what_would_make_another_token_than_announced() {
+    let root = support::repo_root();
+    for (args, said) in [
+        (
+            &["--ttl", "0s"][..],
+            "--ttl `0s`: a token must live at least 1s",
+        ),
+        (
+            &["--claim", "iss=https://evil.example"][..],
+            "--claim `iss`",
+        ),
+        (&["--claim", "sub=bob"][..], "--claim `sub`"),
+    ] {
+        let mut all = vec!["token", "--sub", "alice"];
+        all.extend(args);
+        let (code, out) = portcullis(&all, &root);
+        assert_eq!(code, Some(2), "{args:?}: {out}");
+        assert!(out.contains(said), "{args:?}: {out}");
+        assert!(!out.contains("eyJ"), "a token was printed: {out}");
+    }
+    let (code, out) = portcullis(
+        &[
+            "token",
+            "--sub",
+            "alice",
+            "--ttl",
+            "1s",
+            "--claim",
+            "tenants=[\"acme\"]",
+        ],
+        &root,
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("eyJ"), "{out}");
+}
+
 /// A file `token` cannot read is named with the reason once: the reason was also the error's
 /// cause, which `main` prints after the message, so it read "No such file or directory
 /// (os error 2): No such file or directory (os error 2)".
