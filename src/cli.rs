@@ -285,6 +285,8 @@ pub struct NewApiKey {
     pub entry: String,
     /// What `check` will warn about in the entry (a method not in upper case).
     pub warnings: Vec<String>,
+    /// What else the config needs before the key is of any use.
+    pub next: String,
 }
 
 /// `apikey new`: generates 32 random bytes from the system CSPRNG.
@@ -358,10 +360,18 @@ pub fn build_api_key(
         humantime::format_rfc3339_seconds(expires),
         routes.iter().map(|r| q(r)).collect::<Vec<_>>().join(", ")
     );
+    // A key works only where a rule of the route names it too: without that step it is
+    // refused everywhere, which the entry alone did not say.
+    let next = format!(
+        "# Then name it in a rule of each route it may call (`api_keys: [{}]`): a key is \
+         refused where no rule names it. Run `portcullis check` after.",
+        q(&id)
+    );
     Ok(NewApiKey {
         key,
         entry,
         warnings,
+        next,
     })
 }
 

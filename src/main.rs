@@ -34,6 +34,7 @@ fn main() -> ExitCode {
                 println!("{}", k.key);
                 eprintln!("# Add this entry under `api_keys.keys` (or to the key file):");
                 print!("{}", k.entry);
+                eprintln!("{}", k.next);
             })
             .map_err(anyhow::Error::from),
         Some(Command::Token(args)) => cli::token(&args)

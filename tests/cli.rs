@@ -543,6 +543,39 @@ fn token_refuses_what_would_make_another_token_than_announced() {
     assert!(out.contains("eyJ"), "{out}");
 }
 
+/// `apikey new` prints the key once on stdout, then its config entry, and says on stderr
+/// the step the entry alone does not: a rule of the route must name the key, or it is
+/// refused everywhere (it said only "add this entry").
+#[test]
+fn apikey_new_says_a_rule_must_name_the_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "apikey",
+            "new",
+            "--owner",
+            "reporting",
+            "--route",
+            "GET /orders/{id}",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let key = stdout.lines().next().unwrap();
+    assert!(key.starts_with("pck_"), "{stdout}");
+    assert!(!stderr.contains(key), "the key on stderr: {stderr}");
+    let id = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("- id: "))
+        .unwrap();
+    assert!(id.starts_with("\"reporting-"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("`api_keys: [{id}]`")) && stderr.contains("portcullis check"),
+        "{stderr}"
+    );
+}
+
 /// A file `token` cannot read is named with the reason once: the reason was also the error's
 /// cause, which `main` prints after the message, so it read "No such file or directory
 /// (os error 2): No such file or directory (os error 2)".
