@@ -425,14 +425,14 @@ fn dpop_deny(
     d.with_header("www-authenticate", challenge)
 }
 
+/// `issuer`'s DPoP proof algorithms as a challenge's `algs` names them (`ES256`).
+fn dpop_alg_names(issuer: &CompiledIssuer) -> impl Iterator<Item = String> + '_ {
+    issuer.dpop.algorithms.iter().map(|a| format!("{a:?}"))
+}
+
 /// The `DPoP` challenge (RFC 9449 7.1) with `issuer`'s proof algorithms.
 fn dpop_challenge(issuer: &CompiledIssuer, error: &str, detail: &str) -> String {
-    let algs: Vec<String> = issuer
-        .dpop
-        .algorithms
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect();
+    let algs: Vec<String> = dpop_alg_names(issuer).collect();
     format!(
         "DPoP algs=\"{}\", error=\"{error}\", error_description=\"{}\"",
         algs.join(" "),
@@ -650,8 +650,7 @@ pub fn missing_credential(config: &Config, m: &RouteMatch<'_>, deny: Decision) -
             if issuer.dpop.mode == DpopMode::Disabled {
                 continue;
             }
-            for alg in &issuer.dpop.algorithms {
-                let alg = format!("{alg:?}");
+            for alg in dpop_alg_names(issuer) {
                 if !dpop_algs.contains(&alg) {
                     dpop_algs.push(alg);
                 }

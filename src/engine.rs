@@ -507,7 +507,11 @@ impl Engine {
             (Err(answer), _) => answer,
             (Ok(m), Some(Ok(identity))) => self.grant(req, &m, identity, now).await,
             (Ok(m), Some(Err(deny))) => deny.clone().with_route(Some(m.route_id.clone())),
-            (Ok(m), None) => self.without_credential(req, &m, missing(), now).await,
+            (Ok(m), None) => {
+                // The challenge a live Check answers on this route (`check_live`).
+                let deny = decide::missing_credential(&self.config, &m, missing());
+                self.without_credential(req, &m, deny, now).await
+            }
         };
         let Some(candidate) = &self.config.dry_run else {
             return live;

@@ -600,6 +600,35 @@ cases:
     assert_eq!(code, Some(0), "{out}");
 }
 
+/// A case without a caller is answered as a Check is: told the schemes its route takes
+/// (`POST /orders` takes tokens only), not every scheme the config has.
+#[test]
+fn a_case_without_a_caller_is_told_what_its_route_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(
+        dir.path(),
+        "config: portcullis.yaml
+cases:
+  - name: create
+    request: {method: POST, path: /orders}
+    expect: {decision: deny, status: 401, reason: credential_missing}
+  - name: read
+    request: {path: /orders/1}
+    expect: {decision: deny, status: 401, reason: credential_missing}
+",
+    );
+    let (code, out) = portcullis_test(&["tests.yaml"], dir.path());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("(route orders-create): this route requires a bearer token\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("(route orders-read): this route requires a bearer token or an API key\n"),
+        "{out}"
+    );
+}
+
 /// A caller revoked in the config's revocation file is refused, 401 `revoked`.
 #[test]
 fn a_revoked_caller_is_refused() {
